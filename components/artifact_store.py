@@ -1,0 +1,48 @@
+"""Named volumes that hold everything a stage must not lose: model artifacts, registry metadata, images."""
+from __future__ import annotations
+
+from typing import TypedDict
+
+import pulumi
+import pulumi_docker as docker
+
+from mlops.spec import ArtifactStoreSpec
+
+VOLUMES = ("artifacts", "mlflow-db", "registry-data")
+
+
+class ArtifactStoreArgs(TypedDict):
+    stack: str
+    spec: ArtifactStoreSpec
+    labels: dict[str, str]
+
+
+class ArtifactStore(pulumi.ComponentResource):
+    artifacts_volume: pulumi.Output[str]
+    mlflow_db_volume: pulumi.Output[str]
+    registry_data_volume: pulumi.Output[str]
+
+    def __init__(self, name: str, args: ArtifactStoreArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("mlops:artifact_store:ArtifactStore", name, None, opts)
+        protect = args["spec"].protect
+        labels = [docker.VolumeLabelArgs(label=key, value=value)
+                  for key, value in sorted({**args["labels"], "mlops.component": "artifact-store"}.items())]
+        volumes = {
+            volume: docker.Volume(
+                f"{name}-{volume}",
+                name=f"{args['stack']}-{volume}",
+                labels=labels,
+                # Losing prod volumes loses every model ever trained there: protect blocks deletion in
+                # Pulumi, retain_on_delete keeps the Docker volume even when the stack is destroyed.
+                opts=pulumi.ResourceOptions(parent=self, protect=protect, retain_on_delete=protect),
+            ).name
+            for volume in VOLUMES
+        }
+        self.artifacts_volume = volumes["artifacts"]
+        self.mlflow_db_volume = volumes["mlflow-db"]
+        self.registry_data_volume = volumes["registry-data"]
+        self.register_outputs({
+            "artifacts_volume": self.artifacts_volume,
+            "mlflow_db_volume": self.mlflow_db_volume,
+            "registry_data_volume": self.registry_data_volume,
+        })

@@ -1,0 +1,108 @@
+"""Serving replicas of the pinned model behind a gateway that splits traffic between blue and green."""
+from __future__ import annotations
+
+from typing import Optional, TypedDict
+
+import pulumi
+import pulumi_docker as docker
+
+from components.containers import container_labels, hardened_container, http_healthcheck, published
+from components.images import PushTarget, build_image, image_id
+from mlops.spec import ModelPin, Release, ServingSpec
+
+SERVING_PORT = 8080
+GATEWAY_PORT = 8080
+
+
+class ModelServingArgs(TypedDict):
+    stack: str
+    spec: ServingSpec
+    release: Release
+    base_image: str
+    registry_url: pulumi.Input[str]
+    network: pulumi.Input[str]
+    push: Optional[PushTarget]
+    depends_on: list[pulumi.Resource]
+    labels: dict[str, str]
+
+
+def model_env(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str) -> list[pulumi.Input[str]]:
+    return [
+        f"MODEL_NAME={pin.name}",
+        f"MODEL_VERSION={pin.version}",
+        f"MODEL_SHA256={pin.sha256 or ''}",
+        f"SERVING_RUNTIME={runtime}",
+        pulumi.Output.concat("MLFLOW_TRACKING_URI=", registry_url),
+    ]
+
+
+class ModelServing(pulumi.ComponentResource):
+    endpoint: pulumi.Output[str]
+    host_port: pulumi.Output[int]
+    serving_image_digest: pulumi.Output[str]
+
+    def __init__(self, name: str, args: ModelServingArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("mlops:model_serving:ModelServing", name, None, opts)
+        spec = args["spec"]
+        stack = args["stack"]
+        release = args["release"]
+        if spec.build is not None:
+            built = build_image(f"{name}-image", parent=self, stack=stack, image="serving", context=spec.build,
+                                base_image=args["base_image"], target=spec.runtime, push=args["push"],
+                                depends_on=args["depends_on"])
+            blue_image = built.repo_digest
+        else:
+            blue_image = image_id(f"{name}-image", parent=self, stack=stack, image="serving",
+                                  source=release.images.serving, base_image=args["base_image"])
+        slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (release.model, blue_image)}
+        if spec.green is not None:
+            green_image = blue_image if spec.green.serving_image is None else image_id(
+                f"{name}-green-image", parent=self, stack=stack, image="serving-green",
+                source=spec.green.serving_image, base_image=args["base_image"])
+            slots["green"] = (spec.green.model, green_image)
+
+        upstreams: dict[str, list[str]] = {}
+        replicas: list[docker.Container] = []
+        for slot, (pin, image) in slots.items():
+            labels = container_labels({**args["labels"], "mlops.slot": slot}, "model-serving")
+            upstreams[slot] = []
+            for index in range(spec.replicas):
+                hostname = f"{stack}-serving-{slot}-{index}"
+                replicas.append(hardened_container(
+                    f"{name}-{slot}-{index}",
+                    parent=self,
+                    name=hostname,
+                    image=image,
+                    network=args["network"],
+                    limits=spec.limits,
+                    labels=labels,
+                    healthcheck=http_healthcheck(SERVING_PORT, "/v2/health/ready", spec.health_check),
+                    envs=model_env(pin, args["registry_url"], spec.runtime),
+                    tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
+                ))
+                upstreams[slot].append(f"{hostname}:{SERVING_PORT}")
+
+        gateway = hardened_container(
+            f"{name}-gateway",
+            parent=self,
+            name=f"{stack}-gateway",
+            image=image_id(f"{name}-gateway-image", parent=self, stack=stack, image="gateway",
+                           source=spec.gateway.image, base_image=args["base_image"]),
+            network=args["network"],
+            limits=spec.gateway.limits,
+            labels=container_labels(args["labels"], "serving-gateway"),
+            healthcheck=http_healthcheck(GATEWAY_PORT, "/gateway/health", spec.health_check),
+            envs=[
+                f"UPSTREAM_BLUE={','.join(upstreams['blue'])}",
+                f"UPSTREAM_GREEN={','.join(upstreams.get('green', []))}",
+                f"WEIGHT_BLUE={spec.traffic.blue}",
+                f"WEIGHT_GREEN={spec.traffic.green}",
+            ],
+            ports=published(GATEWAY_PORT, spec.port),
+            depends_on=replicas,
+        )
+        self.host_port = gateway.ports.apply(lambda ports: ports[0].external)
+        self.endpoint = self.host_port.apply(lambda port: f"http://{spec.port.bind_address}:{port}")
+        self.serving_image_digest = pulumi.Output.from_input(blue_image)
+        self.register_outputs({"endpoint": self.endpoint, "host_port": self.host_port,
+                               "serving_image_digest": self.serving_image_digest})

@@ -1,0 +1,113 @@
+"""One stage of the MLOps stack: its Docker host, network, stores, registries, training and serving."""
+from __future__ import annotations
+
+from typing import Optional, TypedDict
+
+import pulumi
+import pulumi_docker as docker
+
+from components.artifact_store import ArtifactStore
+from components.image_registry import ImageRegistry
+from components.images import PushTarget
+from components.model_registry import ModelRegistry
+from components.model_serving import ModelServing
+from components.training_environment import TrainingEnvironment
+from mlops.spec import StageSpec
+
+
+def stage_labels(spec: StageSpec, stack: str) -> dict[str, str]:
+    labels = {
+        "mlops.stage": spec.stage,
+        "mlops.stack": stack,
+        "mlops.owner": spec.labels.owner,
+        "mlops.cost-centre": spec.labels.cost_centre,
+    }
+    if spec.experiment is not None:
+        labels |= {"mlops.experiment": spec.experiment.name, "mlops.owner": spec.experiment.owner,
+                   "mlops.expires-at": spec.experiment.expires_at}
+    return labels
+
+
+class MLOpsStackArgs(TypedDict):
+    spec: StageSpec
+    registry_password: Optional[pulumi.Input[str]]
+
+
+class MLOpsStack(pulumi.ComponentResource):
+    network: pulumi.Output[str]
+    model_registry_url: pulumi.Output[str]
+    image_registry_server: Optional[pulumi.Output[str]]
+    serving_endpoint: Optional[pulumi.Output[str]]
+    training_image: Optional[pulumi.Output[str]]
+    training_image_digest: Optional[pulumi.Output[str]]
+    serving_image_digest: Optional[pulumi.Output[str]]
+
+    def __init__(self, name: str, args: MLOpsStackArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("mlops:stack:MLOpsStack", name, None, opts)
+        spec = args["spec"]
+        stack = name
+        labels = stage_labels(spec, stack)
+        provider = docker.Provider(f"{stack}-docker", host=spec.docker.url, ssh_opts=spec.docker.ssh_opts or None,
+                                   opts=pulumi.ResourceOptions(parent=self))
+        child = pulumi.ResourceOptions(parent=self, providers=[provider])
+
+        network = docker.Network(
+            f"{stack}-network", name=f"{stack}-net", driver="bridge",
+            labels=[docker.NetworkLabelArgs(label=key, value=value) for key, value in sorted(labels.items())],
+            opts=pulumi.ResourceOptions(parent=self, provider=provider))
+        self.network = network.name
+        store = ArtifactStore(f"{stack}-artifact-store",
+                              {"stack": stack, "spec": spec.artifact_store, "labels": labels}, opts=child)
+        model_registry = ModelRegistry(f"{stack}-model-registry", {
+            "stack": stack, "spec": spec.model_registry, "base_image": spec.training.base_image,
+            "network": network.name, "artifacts_volume": store.artifacts_volume,
+            "mlflow_db_volume": store.mlflow_db_volume, "labels": labels}, opts=child)
+        self.model_registry_url = model_registry.host_port.apply(
+            lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
+
+        push: Optional[PushTarget] = None
+        pushes_after: list[pulumi.Resource] = []
+        self.image_registry_server = None
+        if spec.image_registry.enabled:
+            if args["registry_password"] is None:
+                raise ValueError("the image registry needs the Pulumi config secret mlops:registryPassword")
+            image_registry = ImageRegistry(f"{stack}-image-registry", {
+                "stack": stack, "spec": spec.image_registry, "base_image": spec.training.base_image,
+                "network": network.name, "data_volume": store.registry_data_volume,
+                "password": args["registry_password"], "labels": labels}, opts=child)
+            push = PushTarget(server=image_registry.server, username=spec.image_registry.username,
+                              password=pulumi.Output.secret(args["registry_password"]))
+            pushes_after = [image_registry]
+            self.image_registry_server = image_registry.server
+
+        self.training_image = self.training_image_digest = None
+        self.serving_endpoint = self.serving_image_digest = None
+        if spec.release is not None or spec.builds_workloads:
+            training = TrainingEnvironment(f"{stack}-training", {
+                "stack": stack, "spec": spec.training,
+                "promoted_image": spec.release.images.training if spec.release else None,
+                "push": push, "depends_on": pushes_after}, opts=child)
+            self.training_image = training.image_ref
+            self.training_image_digest = training.image_digest
+        if spec.release is not None:
+            serving = ModelServing(f"{stack}-serving", {
+                "stack": stack, "spec": spec.serving, "release": spec.release,
+                "base_image": spec.training.base_image, "registry_url": model_registry.internal_url,
+                "network": network.name, "push": push, "depends_on": pushes_after, "labels": labels}, opts=child)
+            self.serving_endpoint = serving.endpoint
+            self.serving_image_digest = serving.serving_image_digest
+
+        self.register_outputs({key: value for key, value in self.exports().items()})
+
+    def exports(self) -> dict[str, pulumi.Output]:
+        """Stack outputs: endpoints and the image digests promotion copies. Nothing secret."""
+        candidates = {
+            "network": self.network,
+            "model_registry_url": self.model_registry_url,
+            "image_registry": self.image_registry_server,
+            "serving_endpoint": self.serving_endpoint,
+            "training_image": self.training_image,
+            "training_image_digest": self.training_image_digest,
+            "serving_image_digest": self.serving_image_digest,
+        }
+        return {key: value for key, value in candidates.items() if value is not None}

@@ -1,0 +1,23 @@
+"""The `mlops` command: every command is a module under `mlops.commands`."""
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from mlops.commands import specs
+from mlops.errors import SpecError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="The MLOps stack as code: validate, plan, train, diff, promote and run experiments.")
+app.command()(specs.validate)
+app.command()(specs.plan)
+
+
+def main() -> None:
+    try:
+        app()
+    except SpecError as err:
+        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        sys.exit(2)

@@ -1,0 +1,47 @@
+"""`mlops validate` and `mlops plan`: what a stage declares, without any credentials or Pulumi CLI."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mlops import plan as planning
+from mlops.spec import SHIPPED_STAGES, load_stages
+
+console = Console()
+
+
+class OutputFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to check; all shipped stages when none")) -> None:
+    """Validate stage specs: schema, invariants, and ports shared across stages on one Docker host."""
+    for spec in load_stages(stages or list(SHIPPED_STAGES)):
+        serving = (f"serving {spec.release.model.name} v{spec.release.model.version} x{spec.serving.replicas}"
+                   if spec.release else "nothing promoted yet: no serving")
+        console.print(f"[green]ok[/green] {spec.stage}: {serving}")
+
+
+def plan(stage: str = typer.Argument(..., help="dev, staging or prod"),
+         output: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json")) -> None:
+    """Run the stage's Pulumi program under the mock runtime and list every resource it declares."""
+    spec = load_stages([stage])[0]
+    resources = planning.render(stage, spec)
+    if output is OutputFormat.json:
+        typer.echo(json.dumps({"stack": stage, "resources": [r.to_json() for r in resources]}, indent=2))
+        return
+    if spec.release is None:
+        console.print(f"[yellow]{stage}: nothing promoted yet: network, stores and registries only, no serving "
+                      f"(promote a release with `mlops promote --to {stage}`)[/yellow]")
+    table = Table(title=f"{stage}: {len(resources)} resources")
+    for column in ("type", "name", "parent", "protect"):
+        table.add_column(column)
+    for resource in resources:
+        table.add_row(resource.type, resource.name, resource.parent or "", "yes" if resource.protect else "")
+    console.print(table)

@@ -1,0 +1,116 @@
+"""`mlops plan`: the real Pulumi program run under the SDK's mock runtime, as a list of declared resources.
+
+No CLI, engine, credentials or state is involved, so anyone can see what a stage declares, and
+`mlops diff` can compare two renderings field by field.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import pulumi
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import rpc
+
+from mlops.spec import StageSpec
+
+SECRET_PLACEHOLDER = "[secret]"
+PROJECT = "mlops-stack"
+# Any value works for rendering: plans never show secrets, and mocks deploy nothing.
+PLAN_SECRETS = {"mlops:registryPassword": "plan-placeholder-password"}
+
+
+@dataclass(frozen=True)
+class PlannedResource:
+    type: str
+    name: str
+    parent: Optional[str]
+    inputs: dict[str, Any]
+    protect: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def redact(value: Any) -> Any:
+    """Replace every secret-marked value (and anything derived from one) by `[secret]`."""
+    if isinstance(value, dict):
+        if value.get(rpc._special_sig_key) == rpc._special_secret_sig:
+            return SECRET_PLACEHOLDER
+        return {key: redact(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    # The protocol carries every number as a double; ports and limits read better as integers.
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _fake_digest(*parts: str) -> str:
+    return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+class _RecordingMonitor(pulumi_mocks.MockMonitor):
+    """Records each registration with its parent and protect flag, which `Mocks.new_resource` never sees."""
+
+    def __init__(self, mocks: pulumi.runtime.Mocks) -> None:
+        super().__init__(mocks)
+        self.registrations: list[tuple[str, Any]] = []
+
+    def RegisterResource(self, request):  # noqa: N802 - the gRPC method name
+        response = super().RegisterResource(request)
+        self.registrations.append((response.urn, request))
+        return response
+
+    def planned(self) -> list[PlannedResource]:
+        """Resources in tree order (parents first, siblings by name), so renderings compare line by line."""
+        names = {urn: request.name for urn, request in self.registrations}
+        children: dict[Optional[str], list[tuple[str, Any]]] = {}
+        for urn, request in self.registrations:
+            parent = request.parent if request.parent in names else None
+            children.setdefault(parent, []).append((urn, request))
+        ordered: list[PlannedResource] = []
+
+        def visit(parent: Optional[str]) -> None:
+            for urn, request in sorted(children.get(parent, []), key=lambda item: (item[1].name, item[1].type)):
+                ordered.append(PlannedResource(
+                    type=request.type, name=request.name, parent=names.get(request.parent),
+                    inputs=redact(rpc.deserialize_properties(request.object)), protect=bool(request.protect)))
+                visit(urn)
+
+        visit(None)
+        return ordered
+
+
+class _PlanMocks(pulumi.runtime.Mocks):
+    """Resolves what the Docker provider would compute (image digests) and otherwise echoes inputs."""
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs):
+        state = dict(args.inputs)
+        if args.typ == "docker:index/image:Image":
+            state["repoDigest"] = _fake_digest(str(args.inputs.get("imageName")))
+        elif args.typ == "docker:index/remoteImage:RemoteImage":
+            state["repoDigest"] = args.inputs.get("name")
+            state["imageId"] = _fake_digest(str(args.inputs.get("name")))
+        return f"{args.name}-id", state
+
+    def call(self, args: pulumi.runtime.MockCallArgs):
+        return {}
+
+
+def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None) -> list[PlannedResource]:
+    """Run the Pulumi program for `stack` under mocks and return every resource it declares."""
+    from mlops.program import declare_stack
+
+    monitor = _RecordingMonitor(_PlanMocks())
+    pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
+    all_config = {**PLAN_SECRETS, **(config or {})}
+    pulumi.runtime.set_all_config(all_config, secret_keys=list(PLAN_SECRETS))
+
+    @pulumi.runtime.test
+    def program():
+        return declare_stack(stack, spec).urn
+
+    program()
+    return monitor.planned()

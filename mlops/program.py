@@ -1,0 +1,33 @@
+"""The Pulumi program shared by `__main__.py`, `mlops plan` and the tests: spec in, stack and exports out."""
+from __future__ import annotations
+
+import pulumi
+
+from components.stack import MLOpsStack
+from mlops.errors import SpecError
+from mlops.spec import SHIPPED_STAGES, StageSpec, load_stages
+
+EXPERIMENT_CONFIG_KEY = "experiment"
+
+
+def load_stack_spec(stack: str, config: pulumi.Config) -> StageSpec:
+    """Stack `dev` reads `environments/dev.yaml` (and so on); `exp-NAME` stacks carry their settings in config."""
+    if stack in SHIPPED_STAGES:
+        return load_stages([stack])[0]
+    settings = config.get_object(EXPERIMENT_CONFIG_KEY)
+    if not stack.startswith("exp-") or settings is None:
+        raise SpecError(file=f"Pulumi.{stack}.yaml", field=f"mlops:{EXPERIMENT_CONFIG_KEY}",
+                        message=f"stack '{stack}' is none of {', '.join(SHIPPED_STAGES)}; experiment stacks "
+                                "are named exp-NAME and created by `mlops exp up NAME`")
+    from mlops.experiments import experiment_spec
+
+    return experiment_spec(stack, settings)
+
+
+def declare_stack(stack: str, spec: StageSpec) -> MLOpsStack:
+    config = pulumi.Config("mlops")
+    password = config.require_secret("registryPassword") if spec.image_registry.enabled else None
+    mlops_stack = MLOpsStack(stack, {"spec": spec, "registry_password": password})
+    for key, value in mlops_stack.exports().items():
+        pulumi.export(key, value)
+    return mlops_stack

@@ -1,0 +1,381 @@
+"""Typed stage specs: `environments/base.yaml` deep-merged under one stage file, validated by pydantic.
+
+Everything a stage declares is in one `StageSpec`. Loading never half-succeeds: it returns a fully
+validated spec or raises `SpecError` naming the file, the field path, the line and what is allowed.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mlops.errors import SpecError
+from mlops.yamlsource import YamlSource, deep_merge, load_yaml_source
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENVIRONMENTS_DIR = REPO_ROOT / "environments"
+SHIPPED_STAGES = ("dev", "staging", "prod")
+BUILDING_KINDS = ("dev", "experiment")
+
+DIGEST_REF = re.compile(r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+DNS_LABEL = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
+
+StageKind = Literal["dev", "staging", "prod", "experiment"]
+Port = Annotated[int, Field(ge=1024, le=65535)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Limits(StrictModel):
+    cpus: float = Field(gt=0, le=64, description="CPU cores the container may use")
+    memory_mb: int = Field(ge=32, le=262144, description="hard memory limit in MiB")
+
+
+class DockerHost(StrictModel):
+    url: str = "unix:///var/run/docker.sock"
+    ssh_opts: list[str] = Field(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("unix://", "ssh://", "tcp://")):
+            raise ValueError("must start with unix://, ssh:// or tcp://")
+        return url
+
+
+class ImageSource(StrictModel):
+    """An image either built from a folder of this repo (tagged by content hash) or pinned by reference."""
+
+    build: Optional[str] = Field(default=None, description="build context, relative to the repo root")
+    ref: Optional[str] = Field(default=None, description="image reference, name@sha256:<digest>")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ImageSource":
+        if (self.build is None) == (self.ref is None):
+            raise ValueError("set exactly one of 'build' (a folder of this repo) or 'ref' (name@sha256:digest)")
+        if self.build is not None and not (REPO_ROOT / self.build / "Dockerfile").is_file():
+            raise ValueError(f"build context '{self.build}' has no Dockerfile")
+        return self
+
+
+class PublishedPort(StrictModel):
+    host_port: Optional[Port] = Field(default=None, description="None lets Docker choose (experiments)")
+    bind_address: str = "127.0.0.1"
+    public: bool = Field(default=False, description="must be true to bind anything but 127.0.0.1")
+
+    @model_validator(mode="after")
+    def _loopback_unless_public(self) -> "PublishedPort":
+        if self.bind_address != "127.0.0.1" and not self.public:
+            raise ValueError(f"bind_address {self.bind_address} needs 'public: true'; only 127.0.0.1 is allowed otherwise")
+        return self
+
+
+class HealthCheck(StrictModel):
+    interval_s: int = Field(default=5, ge=1, le=300)
+    timeout_s: int = Field(default=3, ge=1, le=60)
+    retries: int = Field(default=3, ge=1, le=20)
+    start_period_s: int = Field(default=20, ge=0, le=600)
+
+
+class Labels(StrictModel):
+    owner: str = Field(min_length=1)
+    cost_centre: str = Field(min_length=1)
+
+
+class ArtifactStoreSpec(StrictModel):
+    protect: bool = Field(default=False, description="protect and retain the data volumes on delete")
+
+
+class ModelRegistrySpec(StrictModel):
+    image: ImageSource
+    port: PublishedPort
+    limits: Limits
+    health_check: HealthCheck = HealthCheck()
+
+
+class ImageRegistrySpec(StrictModel):
+    enabled: bool = True
+    image: ImageSource
+    port: PublishedPort
+    username: str = Field(default="mlops", pattern=r"^[a-z][a-z0-9_-]{0,31}$")
+    limits: Limits
+    health_check: HealthCheck = HealthCheck()
+
+
+class TrainingSpec(StrictModel):
+    build: Optional[str] = Field(default=None, description="build context of the training image; dev and experiments only")
+    base_image: str = Field(description="build argument BASE_IMAGE of the training and serving images")
+    limits: Limits
+    gpu: bool = Field(default=False, description="request all GPUs of the host for training runs")
+
+
+class ModelPin(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+    version: int | Literal["latest"] = Field(description="registry version, or 'latest' (dev and experiments only)")
+    sha256: Optional[str] = None
+
+    @field_validator("version")
+    @classmethod
+    def _positive(cls, version: int | str) -> int | str:
+        if isinstance(version, int) and version < 1:
+            raise ValueError("must be a positive integer or 'latest'")
+        return version
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex(cls, sha256: Optional[str]) -> Optional[str]:
+        if sha256 is not None and not SHA256_HEX.match(sha256):
+            raise ValueError("must be 64 lowercase hex characters")
+        return sha256
+
+    @property
+    def is_pinned(self) -> bool:
+        return isinstance(self.version, int) and self.sha256 is not None
+
+
+class ReleaseImages(StrictModel):
+    training: Optional[str] = None
+    serving: Optional[str] = None
+
+
+class Release(StrictModel):
+    """The pins `mlops promote` copies from stage to stage."""
+
+    model: ModelPin
+    images: ReleaseImages = ReleaseImages()
+
+
+class CanaryRelease(StrictModel):
+    model: ModelPin
+    serving_image: Optional[str] = Field(default=None, description="defaults to the blue serving image")
+
+
+class TrafficSplit(StrictModel):
+    blue: int = Field(default=100, ge=0, le=100)
+    green: int = Field(default=0, ge=0, le=100)
+
+    @model_validator(mode="after")
+    def _adds_up(self) -> "TrafficSplit":
+        if self.blue + self.green != 100:
+            raise ValueError(f"blue ({self.blue}) + green ({self.green}) must add up to 100")
+        return self
+
+
+class GatewaySpec(StrictModel):
+    image: ImageSource
+    limits: Limits
+
+
+class ServingSpec(StrictModel):
+    build: Optional[str] = Field(default=None, description="build context of the serving image; dev and experiments only")
+    runtime: Literal["oip", "mlserver"] = Field(default="oip", description="model server inside the serving image")
+    replicas: int = Field(default=1, ge=1, le=16)
+    limits: Limits
+    port: PublishedPort
+    health_check: HealthCheck = HealthCheck()
+    traffic: TrafficSplit = TrafficSplit()
+    green: Optional[CanaryRelease] = None
+    gateway: GatewaySpec
+
+    @model_validator(mode="after")
+    def _green_declared_when_weighted(self) -> "ServingSpec":
+        if self.traffic.green > 0 and self.green is None:
+            raise ValueError("traffic.green is above 0 but no 'green' release is declared")
+        return self
+
+
+class PromotionGates(StrictModel):
+    min_metrics: dict[str, float] = Field(default_factory=dict, description="metric -> lowest value a promoted model may have")
+
+
+class ParityRules(StrictModel):
+    may_differ: list[str] = Field(default_factory=list, description="dotted spec paths stages may declare differently")
+
+
+class ExperimentInfo(StrictModel):
+    name: str
+    owner: str
+    source_stage: str
+    created_at: str
+    expires_at: str
+
+
+class StageSpec(StrictModel):
+    stage: str
+    kind: StageKind
+    docker: DockerHost = DockerHost()
+    labels: Labels
+    artifact_store: ArtifactStoreSpec = ArtifactStoreSpec()
+    model_registry: ModelRegistrySpec
+    image_registry: ImageRegistrySpec
+    training: TrainingSpec
+    serving: ServingSpec
+    release: Optional[Release] = None
+    gates: PromotionGates = PromotionGates()
+    parity: ParityRules = ParityRules()
+    experiment: Optional[ExperimentInfo] = None
+
+    @property
+    def builds_workloads(self) -> bool:
+        return self.kind in BUILDING_KINDS
+
+    @property
+    def serves(self) -> bool:
+        return self.release is not None
+
+    def published_ports(self) -> dict[str, PublishedPort]:
+        ports = {"model_registry.port": self.model_registry.port, "serving.port": self.serving.port}
+        if self.image_registry.enabled:
+            ports["image_registry.port"] = self.image_registry.port
+        return ports
+
+    def images(self) -> dict[str, ImageSource | str | None]:
+        """Every image this stage runs, by spec path, for the pinning invariant."""
+        found: dict[str, ImageSource | str | None] = {
+            "model_registry.image": self.model_registry.image,
+            "image_registry.image": self.image_registry.image,
+            "serving.gateway.image": self.serving.gateway.image,
+        }
+        if self.release is not None:
+            found["release.images.training"] = self.release.images.training
+            found["release.images.serving"] = self.release.images.serving
+        if self.serving.green is not None and self.serving.green.serving_image is not None:
+            found["serving.green.serving_image"] = self.serving.green.serving_image
+        return found
+
+
+def stage_kind(stage: str) -> StageKind:
+    if stage in ("dev", "staging", "prod"):
+        return stage  # type: ignore[return-value]
+    return "experiment"
+
+
+def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
+    """Rules that span fields; returns (field path, message) for each one broken."""
+    broken: list[tuple[str, str]] = []
+    if spec.builds_workloads:
+        for path, context in (("training.build", spec.training.build), ("serving.build", spec.serving.build)):
+            if context is None:
+                broken.append((path, f"{spec.kind} stages build their workload images: set a build context"))
+            elif not (REPO_ROOT / context / "Dockerfile").is_file():
+                broken.append((path, f"build context '{context}' has no Dockerfile"))
+    else:
+        for path, context in (("training.build", spec.training.build), ("serving.build", spec.serving.build)):
+            if context is not None:
+                broken.append((path, f"{spec.kind} never builds workload images (build once, promote by digest); remove it"))
+        if spec.release is not None:
+            pin = spec.release.model
+            if not pin.is_pinned:
+                broken.append(("release.model", "outside dev, pin the model by an integer version and its sha256"))
+            for role in ("training", "serving"):
+                if getattr(spec.release.images, role) is None:
+                    broken.append((f"release.images.{role}", "promoted stages run the image digest promoted to them: name@sha256:<digest>"))
+        if spec.serving.green is not None and not spec.serving.green.model.is_pinned:
+            broken.append(("serving.green.model", "outside dev, pin the model by an integer version and its sha256"))
+
+    if spec.kind in ("staging", "prod"):
+        for path, image in spec.images().items():
+            ref = image.ref if isinstance(image, ImageSource) else image
+            if ref is not None and not DIGEST_REF.match(ref):
+                broken.append((path, f"'{ref}' is not pinned by digest; use name@sha256:<64 hex> (no 'latest', no bare tag)"))
+    if spec.kind == "prod":
+        if spec.serving.replicas < 2:
+            broken.append(("serving.replicas", f"prod serves with at least 2 replicas, got {spec.serving.replicas}"))
+        if not spec.artifact_store.protect:
+            broken.append(("artifact_store.protect", "prod data volumes must be protected: set true"))
+    if spec.kind == "experiment" and spec.experiment is None:
+        broken.append(("experiment", "experiment stages carry their name, owner and expiry"))
+    return broken
+
+
+def _spec_error_from_validation(err: ValidationError, source: YamlSource) -> SpecError:
+    first = err.errors()[0]
+    path = tuple(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        parent = first["loc"][:-1]
+        message = f"unknown key '{first['loc'][-1]}'; allowed here: {', '.join(_allowed_keys(parent))}"
+    elif first["type"] == "literal_error" or "Input should be" in message:
+        message = f"{message} (got {first.get('input')!r})"
+    file, line = source.locate(path)
+    return SpecError(file=file, field=".".join(path), message=message, line=line)
+
+
+def _allowed_keys(parent_loc: tuple) -> list[str]:
+    model: Any = StageSpec
+    for part in parent_loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        for candidate in getattr(annotation, "__args__", (annotation,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
+    return sorted(model.model_fields)
+
+
+def build_spec(stage: str, data: dict, source: YamlSource) -> StageSpec:
+    """Validate merged spec data; every failure becomes one `SpecError`."""
+    kind = stage_kind(stage)
+    try:
+        spec = StageSpec.model_validate({**data, "stage": stage, "kind": kind})
+    except ValidationError as err:
+        raise _spec_error_from_validation(err, source) from None
+    broken = check_invariants(spec)
+    if broken:
+        path, message = broken[0]
+        file, line = source.locate(tuple(path.split(".")))
+        raise SpecError(file=file, field=path, message=message, line=line)
+    return spec
+
+
+def stage_file(stage: str, environments: Path = ENVIRONMENTS_DIR) -> Path:
+    return environments / f"{stage}.yaml"
+
+
+def load_stage(stage: str, environments: Path = ENVIRONMENTS_DIR, overrides: Optional[dict] = None,
+               source_stage: Optional[str] = None) -> StageSpec:
+    """Load `base.yaml` merged under the stage file (or `source_stage`'s file), plus optional overrides."""
+    base = load_yaml_source(environments / "base.yaml")
+    own = load_yaml_source(stage_file(source_stage or stage, environments))
+    source = base.under(own)
+    data = deep_merge(base.data, own.data)
+    if overrides:
+        data = deep_merge(data, overrides)
+    return build_spec(stage, data, source)
+
+
+def check_shared_host_ports(specs: list[StageSpec], environments: Path = ENVIRONMENTS_DIR) -> None:
+    """Host ports must be unique across every stage that shares a Docker host."""
+    claimed: dict[tuple[str, str, int], str] = {}
+    for spec in specs:
+        for path, port in spec.published_ports().items():
+            if port.host_port is None:
+                continue
+            key = (spec.docker.url, port.bind_address, port.host_port)
+            owner = claimed.get(key)
+            if owner is not None:
+                own = load_yaml_source(stage_file(spec.stage, environments))
+                file, line = own.under(load_yaml_source(environments / "base.yaml")).locate(tuple(path.split(".")) + ("host_port",))
+                raise SpecError(file=file, field=f"{path}.host_port",
+                                message=f"host port {port.host_port} on {spec.docker.url} is already used by {owner}; "
+                                        "ports must be unique across stages sharing a Docker host", line=line)
+            claimed[key] = f"{spec.stage}.{path}"
+
+
+def load_stages(stages: list[str], environments: Path = ENVIRONMENTS_DIR) -> list[StageSpec]:
+    """Load several stages and check the cross-stage invariants among all shipped stages."""
+    specs = {stage: load_stage(stage, environments) for stage in stages}
+    for stage in SHIPPED_STAGES:
+        if stage not in specs and stage_file(stage, environments).is_file():
+            specs[stage] = load_stage(stage, environments)
+    check_shared_host_ports(list(specs.values()), environments)
+    return [specs[stage] for stage in stages]
