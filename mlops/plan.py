@@ -47,6 +47,21 @@ def redact(value: Any) -> Any:
     return value
 
 
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested inputs as `path -> scalar`, e.g. `ports[0].external`, so plans read and diff line by line."""
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key in sorted(value):
+            flat |= flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
+        return flat
+    if isinstance(value, list) and value:
+        flat = {}
+        for index, item in enumerate(value):
+            flat |= flatten(item, f"{prefix}[{index}]")
+        return flat
+    return {prefix: value}
+
+
 def _fake_digest(*parts: str) -> str:
     return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
 

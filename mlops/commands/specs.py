@@ -7,7 +7,6 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from mlops import plan as planning
 from mlops.spec import SHIPPED_STAGES, load_stages
@@ -39,9 +38,10 @@ def plan(stage: str = typer.Argument(..., help="dev, staging or prod"),
     if spec.release is None:
         console.print(f"[yellow]{stage}: nothing promoted yet: network, stores and registries only, no serving "
                       f"(promote a release with `mlops promote --to {stage}`)[/yellow]")
-    table = Table(title=f"{stage}: {len(resources)} resources")
-    for column in ("type", "name", "parent", "protect"):
-        table.add_column(column)
+    console.print(f"[bold]{stage}[/bold]: {len(resources)} resources")
     for resource in resources:
-        table.add_row(resource.type, resource.name, resource.parent or "", "yes" if resource.protect else "")
-    console.print(table)
+        protected = " [magenta]protected[/magenta]" if resource.protect else ""
+        parent = f" (parent {resource.parent})" if resource.parent else ""
+        console.print(f"[cyan]{resource.type}[/cyan] [bold]{resource.name}[/bold]{parent}{protected}", highlight=False)
+        for path, value in planning.flatten(resource.inputs).items():
+            console.print(f"    {path} = {json.dumps(value)}", highlight=False, soft_wrap=True)
