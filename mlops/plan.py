@@ -59,7 +59,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
         for index, item in enumerate(value):
             flat |= flatten(item, f"{prefix}[{index}]")
         return flat
-    return {prefix: value}
+    return {prefix: value} if prefix else {}
 
 
 def _fake_digest(*parts: str) -> str:
