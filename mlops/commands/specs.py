@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
 
 from mlops import plan as planning
-from mlops.spec import SHIPPED_STAGES, load_stages
+from mlops.spec import ENVIRONMENTS_DIR, SHIPPED_STAGES, load_stages
 
 console = Console()
 
@@ -19,18 +20,24 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
-def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to check; all shipped stages when none")) -> None:
+ENVIRONMENTS_OPTION = typer.Option(ENVIRONMENTS_DIR, "--environments", help="folder with base.yaml and the stage files",
+                                   file_okay=False)
+
+
+def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to check; all shipped stages when none"),
+             environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Validate stage specs: schema, invariants, and ports shared across stages on one Docker host."""
-    for spec in load_stages(stages or list(SHIPPED_STAGES)):
+    for spec in load_stages(stages or list(SHIPPED_STAGES), environments):
         serving = (f"serving {spec.release.model.name} v{spec.release.model.version} x{spec.serving.replicas}"
                    if spec.release else "nothing promoted yet: no serving")
         console.print(f"[green]ok[/green] {spec.stage}: {serving}")
 
 
 def plan(stage: str = typer.Argument(..., help="dev, staging or prod"),
-         output: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json")) -> None:
+         output: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json"),
+         environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Run the stage's Pulumi program under the mock runtime and list every resource it declares."""
-    spec = load_stages([stage])[0]
+    spec = load_stages([stage], environments)[0]
     resources = planning.render(stage, spec)
     if output is OutputFormat.json:
         typer.echo(json.dumps({"stack": stage, "resources": [r.to_json() for r in resources]}, indent=2))
