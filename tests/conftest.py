@@ -32,3 +32,38 @@ def docker_engine() -> None:
     if REQUIRE_DOCKER:
         pytest.fail(f"MLOPS_REQUIRE_DOCKER=1 but {reason}", pytrace=False)
     pytest.skip(f"needs a Docker engine: {reason}")
+
+
+# Test-fixture digests only: shipped specs never carry a digest nobody built.
+FIXTURE_TRAINING_IMAGE = "localhost:5001/dev/training@sha256:" + "1" * 64
+FIXTURE_SERVING_IMAGE = "localhost:5001/dev/serving@sha256:" + "2" * 64
+FIXTURE_MODEL_SHA256 = "3" * 64
+FIXTURE_RELEASE = {
+    "model": {"name": "iris-classifier", "version": 4, "sha256": FIXTURE_MODEL_SHA256},
+    "images": {"training": FIXTURE_TRAINING_IMAGE, "serving": FIXTURE_SERVING_IMAGE},
+}
+
+
+@pytest.fixture
+def environments(tmp_path):
+    """A writable copy of environments/ for tests that edit specs."""
+    import shutil
+
+    from mlops.spec import ENVIRONMENTS_DIR
+
+    copy = tmp_path / "environments"
+    shutil.copytree(ENVIRONMENTS_DIR, copy)
+    return copy
+
+
+@pytest.fixture
+def released_environments(environments):
+    """environments/ as it looks after a release was promoted to staging and prod."""
+    import yaml
+
+    for stage in ("staging", "prod"):
+        file = environments / f"{stage}.yaml"
+        data = yaml.safe_load(file.read_text()) or {}
+        data["release"] = FIXTURE_RELEASE
+        file.write_text(yaml.safe_dump(data, sort_keys=False))
+    return environments
