@@ -1,0 +1,215 @@
+"""The real Pulumi program under the SDK's mock runtime: graph, ports, limits, protection and secrets."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pulumi
+import pytest
+
+from mlops import plan
+from mlops.spec import load_stages
+from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE
+
+CONTAINER = "docker:index/container:Container"
+IMAGE = "docker:index/image:Image"
+REMOTE_IMAGE = "docker:index/remoteImage:RemoteImage"
+VOLUME = "docker:index/volume:Volume"
+
+
+def render(stage: str, environments=None) -> list[plan.PlannedResource]:
+    spec = load_stages([stage], *([environments] if environments else []))[0]
+    return plan.render(stage, spec)
+
+
+def by_name(resources: list[plan.PlannedResource]) -> dict[str, plan.PlannedResource]:
+    return {resource.name: resource for resource in resources}
+
+
+def type_counts(resources: list[plan.PlannedResource]) -> Counter:
+    return Counter(resource.type for resource in resources)
+
+
+def containers(resources):
+    return [resource for resource in resources if resource.type == CONTAINER]
+
+
+def label_map(resource: plan.PlannedResource) -> dict[str, str]:
+    return {label["label"]: label["value"] for label in resource.inputs["labels"]}
+
+
+def test_dev_declares_the_whole_stack_and_builds_its_workloads():
+    resources = render("dev")
+    assert type_counts(resources) == Counter({
+        "pulumi:pulumi:Stack": 1, "mlops:stack:MLOpsStack": 1, "pulumi:providers:docker": 1,
+        "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 3,
+        "mlops:model_registry:ModelRegistry": 1, "mlops:image_registry:ImageRegistry": 1,
+        "mlops:training_environment:TrainingEnvironment": 1, "mlops:model_serving:ModelServing": 1,
+        IMAGE: 5, CONTAINER: 4,
+    })
+    named = by_name(resources)
+    assert named["dev-training-image"].parent == "dev-training"
+    assert named["dev-serving-blue-0"].parent == "dev-serving"
+    assert named["dev-serving-gateway"].parent == "dev-serving"
+    assert named["dev-model-registry-server"].parent == "dev-model-registry"
+    assert {r.parent for r in resources if r.type.startswith("mlops:") and r.type != "mlops:stack:MLOpsStack"} == {"dev"}
+    # Workload images are pushed to dev's own registry; the serving image is built for the chosen runtime.
+    assert named["dev-training-image"].inputs["imageName"].startswith("localhost:5001/dev/training:")
+    assert named["dev-serving-image"].inputs["build"]["target"] == "oip"
+    assert named["dev-serving-image"].inputs["build"]["context"] == "images/serving"
+    blue_env = named["dev-serving-blue-0"].inputs["envs"]
+    assert "MODEL_VERSION=latest" in blue_env and "MLFLOW_TRACKING_URI=http://dev-model-registry:5000" in blue_env
+
+
+def test_staging_without_a_release_declares_no_serving_and_builds_nothing():
+    resources = render("staging")
+    counts = type_counts(resources)
+    assert counts[CONTAINER] == 2  # model registry and image registry only
+    assert "mlops:model_serving:ModelServing" not in counts
+    assert "mlops:training_environment:TrainingEnvironment" not in counts
+    built = [r.inputs["build"]["context"] for r in resources if r.type == IMAGE]
+    assert sorted(built) == ["images/mlflow", "images/registry"]
+
+
+def test_promoted_prod_runs_the_promoted_digests_with_three_replicas(released_environments):
+    resources = render("prod", released_environments)
+    named = by_name(resources)
+    remote = {r.name: r.inputs["name"] for r in resources if r.type == REMOTE_IMAGE}
+    assert remote == {"prod-training-image": FIXTURE_TRAINING_IMAGE, "prod-serving-image": FIXTURE_SERVING_IMAGE}
+    assert not [r for r in resources if r.type == IMAGE and r.inputs["build"]["context"] in ("images/training", "images/serving")]
+    replicas = sorted(r.name for r in containers(resources) if r.parent == "prod-serving" and "blue" in r.name)
+    assert replicas == ["prod-serving-blue-0", "prod-serving-blue-1", "prod-serving-blue-2"]
+    env = named["prod-serving-blue-1"].inputs["envs"]
+    assert f"MODEL_SHA256={FIXTURE_MODEL_SHA256}" in env and "MODEL_VERSION=4" in env
+    # Containers run the image ID the RemoteImage resolved, never the mutable name.
+    assert named["prod-serving-blue-0"].inputs["image"].startswith("sha256:")
+    gateway_env = named["prod-serving-gateway"].inputs["envs"]
+    assert "UPSTREAM_BLUE=prod-serving-blue-0:8080,prod-serving-blue-1:8080,prod-serving-blue-2:8080" in gateway_env
+    assert "WEIGHT_BLUE=100" in gateway_env and "WEIGHT_GREEN=0" in gateway_env
+
+
+def test_prod_volumes_are_protected_and_nothing_else_is(released_environments):
+    resources = render("prod", released_environments)
+    protected = sorted(r.name for r in resources if r.protect)
+    assert protected == ["prod-artifact-store-artifacts", "prod-artifact-store-mlflow-db",
+                         "prod-artifact-store-registry-data"]
+    assert not [r for r in render("dev") if r.protect]
+
+
+@pytest.mark.parametrize("stage, ports", [
+    ("dev", {"dev-model-registry-server": 5000, "dev-image-registry-server": 5001, "dev-serving-gateway": 8080}),
+    ("prod", {"prod-model-registry-server": 5200, "prod-image-registry-server": 5201, "prod-serving-gateway": 8280}),
+])
+def test_published_ports_bind_to_loopback(stage, ports, released_environments):
+    resources = render(stage, released_environments)
+    published = {r.name: r.inputs["ports"] for r in containers(resources) if r.inputs.get("ports")}
+    assert {name: value[0]["external"] for name, value in published.items()} == ports
+    assert {value[0]["ip"] for value in published.values()} == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize("stage", ["dev", "staging", "prod"])
+def test_every_container_is_hardened_limited_and_labelled(stage, released_environments):
+    resources = render(stage, released_environments)
+    assert containers(resources)
+    for container in containers(resources):
+        inputs = container.inputs
+        assert inputs["user"] == "10001:10001", container.name
+        assert inputs["readOnly"] is True, container.name
+        assert inputs["securityOpts"] == ["no-new-privileges:true"], container.name
+        assert inputs["capabilities"] == {"drops": ["ALL"]}, container.name
+        assert inputs["memory"] > 0 and float(inputs["cpus"]) > 0, container.name
+        assert inputs["healthcheck"]["tests"][0] == "CMD", container.name
+        assert inputs["restart"] == "unless-stopped", container.name
+        labels = label_map(container)
+        assert labels["mlops.stage"] == stage and labels["mlops.stack"] == stage, container.name
+        assert labels["mlops.component"], container.name
+
+
+@pytest.mark.parametrize("stage", ["dev", "staging", "prod"])
+def test_physical_names_carry_the_stack(stage, released_environments):
+    for resource in render(stage, released_environments):
+        for key in ("name", "imageName"):
+            value = resource.inputs.get(key)
+            if value and resource.type.startswith("docker:index/") and resource.type != REMOTE_IMAGE:
+                assert value.startswith(f"{stage}-") or f"/{stage}/" in value or value.startswith(f"mlops-{stage}/"), \
+                    f"{resource.name}: {key}={value}"
+
+
+def test_the_registry_password_is_secret_everywhere():
+    resources = render("dev")
+    rendered = json.dumps([r.to_json() for r in resources])
+    password = plan.PLAN_SECRETS["mlops:registryPassword"]
+    assert password not in rendered
+    named = by_name(resources)
+    assert named["dev-image-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
+    assert named["dev-training-image"].inputs["registry"] == plan.SECRET_PLACEHOLDER
+    for resource in resources:
+        labels = resource.inputs.get("labels")
+        assert password not in json.dumps(labels)
+
+
+def test_secrets_never_reach_exports_and_derived_values_stay_secret():
+    from components.image_registry import htpasswd_entry
+    from mlops.program import declare_stack
+
+    spec = load_stages(["dev"])[0]
+    password = "correct horse battery staple"
+    pulumi.runtime.set_mocks(plan._PlanMocks(), project=plan.PROJECT, stack="dev", preview=False)
+    pulumi.runtime.set_all_config({"mlops:registryPassword": password}, secret_keys=["mlops:registryPassword"])
+
+    @pulumi.runtime.test
+    def check():
+        stack = declare_stack("dev", spec)
+        exports = stack.exports()
+        secret_flags = pulumi.Output.all(*[value.is_secret() for value in exports.values()])
+        values = pulumi.Output.all(*exports.values())
+
+        def verify(args):
+            flags, resolved = args
+            assert not any(flags), f"{stack.urn}: no export is secret"
+            assert password not in json.dumps(resolved), "the password leaked into an export"
+            assert set(exports) >= {"model_registry_url", "image_registry", "serving_endpoint",
+                                    "training_image_digest", "serving_image_digest"}
+
+        return pulumi.Output.all(secret_flags, values).apply(verify)
+
+    check()
+    entry = htpasswd_entry("mlops", password, "dev")
+    assert entry == htpasswd_entry("mlops", password, "dev"), "a stable salt keeps `pulumi up` from replacing the registry"
+    assert entry.startswith("mlops:$2b$10$") and password not in entry
+    import bcrypt
+
+    assert bcrypt.checkpw(password.encode(), entry.split(":", 1)[1].encode())
+
+
+def test_content_tag_changes_exactly_when_inputs_change(tmp_path, monkeypatch):
+    from components import images
+
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM base\n")
+    (context / "train.py").write_text("print(1)\n")
+    (context / "wheels").mkdir()
+    monkeypatch.setattr(images, "REPO_ROOT", tmp_path)
+    first = images.content_tag("ctx", {"BASE_IMAGE": "b"})
+    (context / "wheels" / "x.whl").write_text("derived from the lock")
+    assert images.content_tag("ctx", {"BASE_IMAGE": "b"}) == first
+    assert images.content_tag("ctx", {"BASE_IMAGE": "other"}) != first
+    assert images.content_tag("ctx", {"BASE_IMAGE": "b"}, target="mlserver") != first
+    (context / "train.py").write_text("print(2)\n")
+    assert images.content_tag("ctx", {"BASE_IMAGE": "b"}) != first
+
+
+def test_green_release_gets_its_share_of_traffic(released_environments):
+    import yaml
+
+    file = released_environments / "staging.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["serving"]["traffic"] = {"blue": 90, "green": 10}
+    data["serving"]["green"] = {"model": {"name": "iris-classifier", "version": 5, "sha256": "4" * 64}}
+    file.write_text(yaml.safe_dump(data))
+    named = by_name(render("staging", released_environments))
+    assert "MODEL_VERSION=5" in named["staging-serving-green-1"].inputs["envs"]
+    gateway_env = named["staging-serving-gateway"].inputs["envs"]
+    assert "WEIGHT_GREEN=10" in gateway_env
+    assert "UPSTREAM_GREEN=staging-serving-green-0:8080,staging-serving-green-1:8080" in gateway_env
