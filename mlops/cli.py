@@ -7,12 +7,14 @@ import typer
 from rich.console import Console
 
 from mlops.commands import specs
+from mlops.commands import diff
 from mlops.errors import SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="The MLOps stack as code: validate, plan, train, diff, promote and run experiments.")
 app.command()(specs.validate)
 app.command()(specs.plan)
+app.command()(diff.diff)
 
 
 def main() -> None:

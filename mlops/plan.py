@@ -12,6 +12,7 @@ from typing import Any, Optional
 import pulumi
 from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
+from pulumi.runtime import settings as pulumi_settings
 
 from mlops.spec import StageSpec
 
@@ -49,6 +50,8 @@ def redact(value: Any) -> Any:
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """Nested inputs as `path -> scalar`, e.g. `ports[0].external`, so plans read and diff line by line."""
+    if not prefix and not value:
+        return {}
     if isinstance(value, dict) and value:
         flat: dict[str, Any] = {}
         for key in sorted(value):
@@ -60,6 +63,29 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
             flat |= flatten(item, f"{prefix}[{index}]")
         return flat
     return {prefix: value} if prefix else {}
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Leaf values by path: `a.b`, list items as `envs[0]`, keys that contain dots as `labels[mlops.stage]`.
+
+    Shared by plan output and `mlops diff`/`mlops parity`, so a changed field is named the same way
+    everywhere. Empty mappings and lists are leaves, so adding or removing one still shows.
+    """
+    if not prefix and not value:
+        return {}
+    if isinstance(value, dict) and value:
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            key = str(key)
+            path = f"{prefix}[{key}]" if "." in key or not key else f"{prefix}.{key}" if prefix else key
+            flat.update(flatten(item, path))
+        return flat
+    if isinstance(value, list) and value:
+        flat = {}
+        for index, item in enumerate(value):
+            flat.update(flatten(item, f"{prefix}[{index}]"))
+        return flat
+    return {prefix: value}
 
 
 def _fake_digest(*parts: str) -> str:
@@ -119,6 +145,9 @@ def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None)
     from mlops.program import declare_stack
 
     monitor = _RecordingMonitor(_PlanMocks())
+    # `set_mocks` keeps the root stack resource of an earlier rendering, which would parent this one's
+    # resources to a stack this monitor never saw; `mlops diff` renders twice per process.
+    pulumi_settings.ROOT.set(None)
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
     all_config = {**PLAN_SECRETS, **(config or {})}
     pulumi.runtime.set_all_config(all_config, secret_keys=list(PLAN_SECRETS))

@@ -182,12 +182,6 @@ class ServingSpec(StrictModel):
     green: Optional[CanaryRelease] = None
     gateway: GatewaySpec
 
-    @model_validator(mode="after")
-    def _green_declared_when_weighted(self) -> "ServingSpec":
-        if self.traffic.green > 0 and self.green is None:
-            raise ValueError("traffic.green is above 0 but no 'green' release is declared")
-        return self
-
 
 class PromotionGates(StrictModel):
     min_metrics: dict[str, float] = Field(default_factory=dict, description="metric -> lowest value a promoted model may have")
@@ -278,6 +272,8 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
         if spec.serving.green is not None and not spec.serving.green.model.is_pinned:
             broken.append(("serving.green.model", "outside dev, pin the model by an integer version and its sha256"))
 
+    if spec.serving.traffic.green > 0 and spec.serving.green is None:
+        broken.append(("serving.traffic.green", "is above 0 but no 'serving.green' release is declared to receive it"))
     if spec.kind in ("staging", "prod"):
         for path, image in spec.images().items():
             ref = image.ref if isinstance(image, ImageSource) else image
@@ -338,7 +334,11 @@ def build_spec(stage: str, data: dict, source: YamlSource) -> StageSpec:
 
 
 def stage_file(stage: str, environments: Path = ENVIRONMENTS_DIR) -> Path:
-    return environments / f"{stage}.yaml"
+    file = environments / f"{stage}.yaml"
+    if not file.is_file():
+        known = sorted(path.stem for path in environments.glob("*.yaml") if path.stem != "base")
+        raise SpecError(file=file, field="", message=f"no stage '{stage}'; stages here: {', '.join(known) or 'none'}")
+    return file
 
 
 def load_stage(stage: str, environments: Path = ENVIRONMENTS_DIR, overrides: Optional[dict] = None,
@@ -363,11 +363,12 @@ def check_shared_host_ports(specs: list[StageSpec], environments: Path = ENVIRON
             key = (spec.docker.url, port.bind_address, port.host_port)
             owner = claimed.get(key)
             if owner is not None:
-                own = load_yaml_source(stage_file(spec.stage, environments))
-                file, line = own.under(load_yaml_source(environments / "base.yaml")).locate(tuple(path.split(".")) + ("host_port",))
-                raise SpecError(file=file, field=f"{path}.host_port",
+                source = load_yaml_source(environments / "base.yaml").under(load_yaml_source(stage_file(spec.stage, environments)))
+                field = f"{path}.host_port"
+                file, line = source.locate(tuple(field.split(".")))
+                raise SpecError(file=file, field=field, line=line,
                                 message=f"host port {port.host_port} on {spec.docker.url} is already used by {owner}; "
-                                        "ports must be unique across stages sharing a Docker host", line=line)
+                                        "ports must be unique across stages sharing a Docker host")
             claimed[key] = f"{spec.stage}.{path}"
 
 

@@ -62,7 +62,9 @@ def load_yaml_source(file: Path) -> YamlSource:
     except MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark is not None else None
-        raise SpecError(file=file, field="", message=f"not valid YAML: {err.problem or err.context}", line=line) from None
+        # ruamel quotes whole mapping values in some problems; the first clause says all a user needs.
+        problem = str(err.problem or err.context).split(" with value ")[0]
+        raise SpecError(file=file, field="", message=f"not valid YAML: {problem}", line=line) from None
     except YAMLError as err:
         raise SpecError(file=file, field="", message=f"not valid YAML: {err}") from None
     if document is None:

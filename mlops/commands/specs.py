@@ -28,8 +28,12 @@ def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to 
              environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Validate stage specs: schema, invariants, and ports shared across stages on one Docker host."""
     for spec in load_stages(stages or list(SHIPPED_STAGES), environments):
-        serving = (f"serving {spec.release.model.name} v{spec.release.model.version} x{spec.serving.replicas}"
-                   if spec.release else "nothing promoted yet: no serving")
+        if spec.release is None:
+            serving = "nothing promoted yet: no serving"
+        else:
+            pin = spec.release.model
+            version = "newest version" if pin.version == "latest" else f"version {pin.version}"
+            serving = f"serving {pin.name}, {version}, {spec.serving.replicas} replica(s)"
         console.print(f"[green]ok[/green] {spec.stage}: {serving}")
 
 

@@ -1,0 +1,52 @@
+"""`mlops diff A B`: the resources two renderings of a stage declare differently, for terminals and PRs."""
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from mlops import diff as diffing
+from mlops.spec import ENVIRONMENTS_DIR
+
+STYLES = {"added": "green", "removed": "red", "changed": "yellow"}
+
+
+class DiffFormat(str, Enum):
+    text = "text"
+    markdown = "markdown"
+    json = "json"
+
+
+def _print_text(result: diffing.StackDiff, console: Console) -> None:
+    console.print(f"[bold]{escape(result.summary())}[/bold]")
+    for change in result.changes:
+        style = STYLES[change.status]
+        console.print(f"[{style}]{diffing.MARKS[change.status]} {escape(change.name)}[/{style}] "
+                      f"[dim]{escape(change.type)} ({change.status})[/dim]")
+        for fc in change.fields:
+            if change.status == "changed":
+                console.print(f"    {escape(fc.path)}: [red]{escape(repr(fc.before))}[/red] → "
+                              f"[green]{escape(repr(fc.after))}[/green]")
+            else:
+                value = fc.after if change.status == "added" else fc.before
+                console.print(f"    [{style}]{escape(fc.path)}: {escape(repr(value))}[/{style}]")
+
+
+def diff(before: str = typer.Argument(..., metavar="A", help="STAGE or STAGE@GITREF, e.g. staging@origin/main"),
+         after: str = typer.Argument(..., metavar="B", help="STAGE or STAGE@GITREF, e.g. staging"),
+         output: DiffFormat = typer.Option(DiffFormat.text, "--format", help="text, markdown (a PR comment) or json"),
+         environments: Path = typer.Option(ENVIRONMENTS_DIR, help="the specs folder (inside a git work tree for @GITREF)")) -> None:
+    """Compare what two stage renderings declare. Exit 0: identical, 1: they differ, 2: bad input."""
+    result = diffing.diff_stages(diffing.StageRef.parse(before), diffing.StageRef.parse(after), environments)
+    if output is DiffFormat.json:
+        typer.echo(json.dumps(result.to_json(), indent=2, default=str))
+    elif output is DiffFormat.markdown:
+        typer.echo(diffing.to_markdown(result), nl=False)
+    else:
+        _print_text(result, Console(highlight=False, soft_wrap=True))
+    if result.differs:
+        raise typer.Exit(1)

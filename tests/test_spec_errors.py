@@ -1,0 +1,119 @@
+"""Bad input ends in one message naming file, line, field and what is allowed; exit 2; nothing declared."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from mlops import cli
+
+DIGEST = "@sha256:" + "b" * 64
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["mlops", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def append(file, text: str) -> None:
+    file.write_text(file.read_text() + text)
+
+
+def replace(file, old: str, new: str) -> None:
+    content = file.read_text()
+    assert old in content
+    file.write_text(content.replace(old, new))
+
+
+BROKEN_SPECS = {
+    "malformed YAML": (lambda env: append(env / "prod.yaml", "extra: [1\n"),
+                       "prod.yaml:24: not valid YAML: expected ',' or ']', but got '<stream end>'"),
+    "duplicate key": (lambda env: append(env / "prod.yaml", "serving:\n  replicas: 4\n"),
+                      "prod.yaml:23: not valid YAML: found duplicate key \"serving\""),
+    "unknown key": (lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replica: 3"),
+                    "prod.yaml:16: serving.replica: unknown key 'replica'; allowed here: build, gateway, green, "
+                    "health_check, limits, port, replicas, runtime, traffic"),
+    "wrong type": (lambda env: replace(env / "prod.yaml", "replicas: 3", "replicas: three"),
+                   "prod.yaml:16: serving.replicas: Input should be a valid integer, unable to parse string as an "
+                   "integer (got 'three')"),
+    "out of range": (lambda env: replace(env / "prod.yaml", "cpus: 1.0", "cpus: -1"),
+                     "prod.yaml:17: serving.limits.cpus: Input should be greater than 0 (got -1)"),
+    "not an allowed value": (lambda env: replace(env / "base.yaml", "runtime: oip", "runtime: tensorflow"),
+                             "base.yaml:32: serving.runtime: Input should be 'oip' or 'mlserver' (got 'tensorflow')"),
+    "unknown top-level key": (lambda env: append(env / "base.yaml", "artifact_store_x: 1\n"),
+                              "base.yaml:57: artifact_store_x: unknown key 'artifact_store_x'; allowed here: "
+                             "artifact_store, docker, experiment, gates, image_registry, kind, labels, model_registry, "
+                             "parity, release, serving, stage, training"),
+    "prod with one replica": (lambda env: replace(env / "prod.yaml", "replicas: 3", "replicas: 1"),
+                              "prod.yaml:16: serving.replicas: prod serves with at least 2 replicas, got 1"),
+    "unprotected prod volumes": (lambda env: replace(env / "prod.yaml", "protect: true", "protect: false"),
+                                 "prod.yaml:7: artifact_store.protect: prod data volumes must be protected: set true"),
+    "public bind without public": (lambda env: replace(env / "prod.yaml", "host_port: 8280}", "host_port: 8280, bind_address: 0.0.0.0}"),
+                                   "prod.yaml:18: serving.port: bind_address 0.0.0.0 needs 'public: true'; only "
+                                   "127.0.0.1 is allowed otherwise"),
+    "bare tag in prod": (lambda env: append(env / "prod.yaml", "release:\n  model: {name: m, version: 1, sha256: "
+                                            + "a" * 64 + "}\n  images: {training: 'x:latest', serving: 'y" + DIGEST + "'}\n"),
+                         "prod.yaml:25: release.images.training: 'x:latest' is not pinned by digest; use "
+                         "name@sha256:<64 hex> (no 'latest', no bare tag)"),
+    "unpinned model in staging": (lambda env: append(env / "staging.yaml", "release:\n  model: {name: m, version: latest}\n"),
+                                  "staging.yaml:17: release.model: outside dev, pin the model by an integer version "
+                                  "and its sha256"),
+    "weights not 100": (lambda env: replace(env / "base.yaml", "traffic: {blue: 100, green: 0}", "traffic: {blue: 60, green: 30}"),
+                        "base.yaml:37: serving.traffic: blue (60) + green (30) must add up to 100"),
+    "green weight without green": (lambda env: replace(env / "base.yaml", "traffic: {blue: 100, green: 0}", "traffic: {blue: 60, green: 40}"),
+                                   "base.yaml:37: serving.traffic.green: is above 0 but no 'serving.green' release is declared to receive it"),
+    "prod builds": (lambda env: append(env / "prod.yaml", "training:\n  build: images/training\n"),
+                    "prod.yaml:24: training.build: prod never builds workload images (build once, promote by "
+                    "digest); remove it"),
+    "shared host port": (lambda env: replace(env / "prod.yaml", "host_port: 8280", "host_port: 8080"),
+                         "prod.yaml:18: serving.port.host_port: host port 8080 on unix:///var/run/docker.sock is "
+                         "already used by dev.serving.port; ports must be unique across stages sharing a Docker host"),
+    "remote host scheme": (lambda env: replace(env / "base.yaml", "url: unix:///var/run/docker.sock", "url: http://host"),
+                           "base.yaml:4: docker.url: must start with unix://, ssh:// or tcp://"),
+    "missing build context": (lambda env: replace(env / "dev.yaml", "build: images/training", "build: images/nothing"),
+                              "dev.yaml:3: training.build: build context 'images/nothing' has no Dockerfile"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_SPECS))
+def test_each_broken_spec_gets_one_exact_message_and_exit_2(case, environments, monkeypatch, capsys):
+    breaks, expected = BROKEN_SPECS[case]
+    breaks(environments)
+    code, out, err = run_cli(monkeypatch, capsys, "validate", "--environments", str(environments))
+    assert code == 2
+    assert err == f"error: {environments}/{expected}\n"
+    assert "Traceback" not in err
+
+
+def test_a_missing_stage_file_names_the_known_stages(environments, monkeypatch, capsys):
+    code, _, err = run_cli(monkeypatch, capsys, "validate", "qa", "--environments", str(environments))
+    assert code == 2
+    assert err == f"error: {environments}/qa.yaml: no stage 'qa'; stages here: dev, prod, staging\n"
+
+
+def test_a_missing_base_file_is_named(environments, monkeypatch, capsys):
+    (environments / "base.yaml").unlink()
+    code, _, err = run_cli(monkeypatch, capsys, "validate", "dev", "--environments", str(environments))
+    assert (code, err) == (2, f"error: {environments}/base.yaml: file not found\n")
+
+
+def test_plan_of_a_broken_spec_declares_nothing(environments):
+    (environments / "prod.yaml").write_text((environments / "prod.yaml").read_text().replace("replicas: 3", "replicas: 1"))
+    result = subprocess.run([sys.executable, "-m", "mlops", "plan", "prod", "--format", "json", "--environments",
+                             str(environments)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"error: {environments}/prod.yaml:16: serving.replicas:")
+    assert "Traceback" not in result.stderr
+
+
+def test_shipped_stages_validate(monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "validate")
+    assert (code, err) == (0, "")
+    assert out.splitlines() == ["ok dev: serving iris-classifier, newest version, 1 replica(s)",
+                                "ok staging: nothing promoted yet: no serving",
+                                "ok prod: nothing promoted yet: no serving"]
