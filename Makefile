@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make up ENV=dev` and `make test`.
+ENV ?= dev
+VENV := .venv
+PY := $(VENV)/bin/python
+IMAGES := training serving mlflow registry gateway
+export PULUMI_BACKEND_URL ?= file://$(CURDIR)/.pulumi-state
+
+.PHONY: venv wheels base-image up test test-unit bench validate
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+wheels:
+	for image in $(IMAGES); do scripts/fetch-wheels.sh images/$$image; done
+
+base-image:
+	scripts/build-base-image.sh
+
+up: venv
+	@command -v pulumi >/dev/null || { echo "The Pulumi CLI is missing: install it with 'curl -fsSL https://get.pulumi.com | sh' (https://www.pulumi.com/docs/install/), then rerun 'make up ENV=$(ENV)'."; exit 1; }
+	$(VENV)/bin/mlops validate $(ENV)
+	$(MAKE) base-image wheels
+	mkdir -p .pulumi-state
+	pulumi stack select --create $(ENV)
+	pulumi config get mlops:registryPassword >/dev/null 2>&1 || pulumi config set --secret mlops:registryPassword "$$(openssl rand -hex 24)"
+	pulumi up --stack $(ENV)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-unit: venv
+	$(PY) -m pytest -q -m "not docker"
+
+validate: venv
+	$(VENV)/bin/mlops validate
