@@ -49,41 +49,24 @@ def redact(value: Any) -> Any:
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested inputs as `path -> scalar`, e.g. `ports[0].external`, so plans read and diff line by line."""
-    if not prefix and not value:
-        return {}
-    if isinstance(value, dict) and value:
-        flat: dict[str, Any] = {}
-        for key in sorted(value):
-            flat |= flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
-        return flat
-    if isinstance(value, list) and value:
-        flat = {}
-        for index, item in enumerate(value):
-            flat |= flatten(item, f"{prefix}[{index}]")
-        return flat
-    return {prefix: value} if prefix else {}
+    """Nested inputs as `path -> leaf`, e.g. `ports[0].external`, so plans read and diff line by line.
 
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Leaf values by path: `a.b`, list items as `envs[0]`, keys that contain dots as `labels[mlops.stage]`.
-
-    Shared by plan output and `mlops diff`/`mlops parity`, so a changed field is named the same way
-    everywhere. Empty mappings and lists are leaves, so adding or removing one still shows.
+    Keys holding dots read as `labels[mlops.stage]`, so every path names one field unambiguously.
+    Empty mappings and lists below the top are leaves, so adding or removing one still shows in a diff.
     """
     if not prefix and not value:
         return {}
     if isinstance(value, dict) and value:
         flat: dict[str, Any] = {}
-        for key, item in value.items():
-            key = str(key)
-            path = f"{prefix}[{key}]" if "." in key or not key else f"{prefix}.{key}" if prefix else key
-            flat.update(flatten(item, path))
+        for key in sorted(value, key=str):
+            name = str(key)
+            path = f"{prefix}[{name}]" if "." in name or not name else f"{prefix}.{name}" if prefix else name
+            flat |= flatten(value[key], path)
         return flat
     if isinstance(value, list) and value:
         flat = {}
         for index, item in enumerate(value):
-            flat.update(flatten(item, f"{prefix}[{index}]"))
+            flat |= flatten(item, f"{prefix}[{index}]")
         return flat
     return {prefix: value}
 
