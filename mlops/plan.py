@@ -34,14 +34,15 @@ class PlannedResource:
         return asdict(self)
 
 
-def redact(value: Any) -> Any:
-    """Replace every secret-marked value (and anything derived from one) by `[secret]`."""
+def redact(value: Any, reveal: bool = False) -> Any:
+    """Replace every secret-marked value (and anything derived from one) by `[secret]`, or unwrap it
+    when `reveal` is set (only the test fixture that starts a stage on a real engine needs that)."""
     if isinstance(value, dict):
         if value.get(rpc._special_sig_key) == rpc._special_secret_sig:
-            return SECRET_PLACEHOLDER
-        return {key: redact(item) for key, item in value.items()}
+            return redact(value["value"], reveal) if reveal else SECRET_PLACEHOLDER
+        return {key: redact(item, reveal) for key, item in value.items()}
     if isinstance(value, list):
-        return [redact(item) for item in value]
+        return [redact(item, reveal) for item in value]
     # The protocol carries every number as a double; ports and limits read better as integers.
     if isinstance(value, float) and value.is_integer():
         return int(value)
@@ -71,7 +72,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _fake_digest(*parts: str) -> str:
+def fake_digest(*parts: str) -> str:
     return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
@@ -87,7 +88,7 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
         self.registrations.append((response.urn, request))
         return response
 
-    def planned(self) -> list[PlannedResource]:
+    def planned(self, reveal_secrets: bool = False) -> list[PlannedResource]:
         """Resources in tree order (parents first, siblings by name), so renderings compare line by line."""
         names = {urn: request.name for urn, request in self.registrations}
         children: dict[Optional[str], list[tuple[str, Any]]] = {}
@@ -100,7 +101,7 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
             for urn, request in sorted(children.get(parent, []), key=lambda item: (item[1].name, item[1].type)):
                 ordered.append(PlannedResource(
                     type=request.type, name=request.name, parent=names.get(request.parent),
-                    inputs=redact(rpc.deserialize_properties(request.object)), protect=bool(request.protect)))
+                    inputs=redact(rpc.deserialize_properties(request.object), reveal_secrets), protect=bool(request.protect)))
                 visit(urn)
 
         visit(None)
@@ -113,17 +114,18 @@ class _PlanMocks(pulumi.runtime.Mocks):
     def new_resource(self, args: pulumi.runtime.MockResourceArgs):
         state = dict(args.inputs)
         if args.typ == "docker:index/image:Image":
-            state["repoDigest"] = _fake_digest(str(args.inputs.get("imageName")))
+            state["repoDigest"] = fake_digest(str(args.inputs.get("imageName")))
         elif args.typ == "docker:index/remoteImage:RemoteImage":
             state["repoDigest"] = args.inputs.get("name")
-            state["imageId"] = _fake_digest(str(args.inputs.get("name")))
+            state["imageId"] = fake_digest(str(args.inputs.get("name")))
         return f"{args.name}-id", state
 
     def call(self, args: pulumi.runtime.MockCallArgs):
         return {}
 
 
-def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None) -> list[PlannedResource]:
+def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None,
+           reveal_secrets: bool = False) -> list[PlannedResource]:
     """Run the Pulumi program for `stack` under mocks and return every resource it declares."""
     from mlops.program import declare_stack
 
@@ -140,4 +142,4 @@ def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None)
         return declare_stack(stack, spec).urn
 
     program()
-    return monitor.planned()
+    return monitor.planned(reveal_secrets)
