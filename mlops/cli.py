@@ -8,6 +8,7 @@ from rich.console import Console
 
 from mlops.commands import specs
 from mlops.commands import diff
+from mlops.commands import parity
 from mlops.errors import SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -15,6 +16,7 @@ app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_comp
 app.command()(specs.validate)
 app.command()(specs.plan)
 app.command()(diff.diff)
+app.command()(parity.parity)
 
 
 def main() -> None:
