@@ -213,3 +213,54 @@ def test_green_release_gets_its_share_of_traffic(released_environments):
     gateway_env = named["staging-serving-gateway"].inputs["envs"]
     assert "WEIGHT_GREEN=10" in gateway_env
     assert "UPSTREAM_GREEN=staging-serving-green-0:8080,staging-serving-green-1:8080" in gateway_env
+
+
+def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp_path, monkeypatch):
+    import shutil
+
+    from components import images
+    from mlops.spec import REPO_ROOT
+
+    shutil.copytree(REPO_ROOT / "images", tmp_path / "images", ignore=shutil.ignore_patterns("wheels"))
+    monkeypatch.setattr(images, "REPO_ROOT", tmp_path)
+    before = {r.name: r.inputs for r in render("dev")}
+    assert before == {r.name: r.inputs for r in render("dev")}, "an unchanged context must change nothing"
+    (tmp_path / "images" / "serving" / "Dockerfile").write_text(
+        (tmp_path / "images" / "serving" / "Dockerfile").read_text() + "\n# a change\n")
+    after = {r.name: r.inputs for r in render("dev")}
+    changed = sorted(name for name in before if before[name] != after[name])
+    assert changed == ["dev-serving-blue-0", "dev-serving-image"]
+    assert before["dev-serving-blue-0"]["image"] != after["dev-serving-blue-0"]["image"]
+
+
+def test_the_pulumi_entry_point_declares_what_plan_renders():
+    import runpy
+
+    from mlops.spec import REPO_ROOT
+
+    monitor = plan._RecordingMonitor(plan._PlanMocks())
+    pulumi.runtime.settings.ROOT.set(None)
+    pulumi.runtime.set_mocks(monitor.mocks, project=plan.PROJECT, stack="staging", preview=False, monitor=monitor)
+    pulumi.runtime.set_all_config({"mlops:registryPassword": "x"}, secret_keys=["mlops:registryPassword"])
+
+    @pulumi.runtime.test
+    def program():
+        runpy.run_path(str(REPO_ROOT / "__main__.py"))
+
+    program()
+    assert [(r.type, r.name) for r in monitor.planned()] == [(r.type, r.name) for r in render("staging")]
+
+
+def test_the_pulumi_entry_point_reports_a_bad_spec_without_a_traceback(environments, monkeypatch):
+    import runpy
+
+    from mlops import spec as spec_module
+    from mlops.spec import REPO_ROOT
+
+    (environments / "prod.yaml").write_text((environments / "prod.yaml").read_text().replace("replicas: 3", "replicas: 1"))
+    # The entry point reads the shipped environments/; point its default at the broken copy.
+    monkeypatch.setattr(spec_module.load_stages, "__defaults__", (environments,))
+    pulumi.runtime.settings.ROOT.set(None)
+    pulumi.runtime.set_mocks(plan._PlanMocks(), project=plan.PROJECT, stack="prod", preview=False)
+    with pytest.raises(pulumi.RunError, match=r"prod.yaml:16: serving.replicas: prod serves with at least 2 replicas"):
+        runpy.run_path(str(REPO_ROOT / "__main__.py"))
