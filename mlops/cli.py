@@ -9,6 +9,7 @@ from rich.console import Console
 from mlops.commands import specs
 from mlops.commands import diff
 from mlops.commands import parity
+from mlops.commands import experiments
 from mlops.errors import SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -17,6 +18,7 @@ app.command()(specs.validate)
 app.command()(specs.plan)
 app.command()(diff.diff)
 app.command()(parity.parity)
+app.add_typer(experiments.app, name="exp")
 
 
 def main() -> None:

@@ -1,0 +1,285 @@
+"""`mlops exp`: short-lived experiment stacks `exp-NAME`, driven through the Pulumi Automation API.
+
+State lives in the backend of PULUMI_BACKEND_URL, by default the file backend `.pulumi-state/` of
+this repository. Self-managed backends (file, s3, ...) encrypt stack secrets (the image registry
+password) with PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE, which must be set.
+`exp up`, `exp list` and `exp down` need the Pulumi CLI; `exp gc` cleans orphaned Docker resources
+without it, for a file backend, by reading the backend's stack list from disk.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import shutil
+import subprocess
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+import typer
+from pulumi import automation as auto
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mlops import orphans
+from mlops.errors import SpecError
+from mlops.experiments import (DEFAULT_SOURCE, DEFAULT_TTL, EXPERIMENT_PREFIX, ExperimentSettings, check_name,
+                               experiment_spec, experiment_stack, format_utc, is_expired, parse_ttl)
+from mlops.plan import PROJECT
+from mlops.program import EXPERIMENT_CONFIG_KEY
+from mlops.spec import REPO_ROOT
+
+app = typer.Typer(no_args_is_help=True, help="Short-lived experiment stacks exp-NAME with a time to live.")
+# Plain text: names, owners and Pulumi output are never read as markup, and lines never wrap mid-name.
+console = Console(markup=False, highlight=False, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DEFAULT_BACKEND_URL = f"file://{REPO_ROOT / '.pulumi-state'}"
+SETTINGS_KEY = f"mlops:{EXPERIMENT_CONFIG_KEY}"
+PASSWORD_KEY = "mlops:registryPassword"
+PASSPHRASE_VARIABLES = ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE")
+ENDPOINT_OUTPUTS = ("serving_endpoint", "model_registry_url", "image_registry")
+INSTALL_HINT = "install it with `curl -fsSL https://get.pulumi.com | sh` (or see https://www.pulumi.com/docs/install/)"
+PULUMI_MISSING = f"the Pulumi CLI is not installed (no `pulumi` on PATH); {INSTALL_HINT}"
+GC_WITHOUT_PULUMI = ("the Pulumi CLI is not installed: cleaning orphaned Docker resources only; to destroy expired "
+                     f"experiments too, {INSTALL_HINT}")
+
+
+class CommandFailed(Exception):
+    """Something outside the user's input went wrong; the message is one line saying what to do."""
+
+
+def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except (CommandFailed, orphans.DockerError) as err:
+            errors.print(f"[red]error:[/red] {escape(str(err))}")
+            raise typer.Exit(1) from None
+        except auto.errors.CommandError as err:
+            errors.print(f"[red]error:[/red] pulumi failed: {escape(_last_stderr_line(err))}")
+            raise typer.Exit(1) from None
+    return run
+
+
+def _last_stderr_line(err: auto.errors.CommandError) -> str:
+    stderr = str(err).rpartition(" stderr: ")[2]
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else "no error output"
+
+
+def backend_url() -> str:
+    return os.environ.get("PULUMI_BACKEND_URL") or DEFAULT_BACKEND_URL
+
+
+def pulumi_installed() -> bool:
+    return shutil.which("pulumi") is not None
+
+
+def _workspace(create_backend: bool = False) -> auto.LocalWorkspace:
+    """The workspace of this repository's Pulumi project (`Pulumi.yaml`, `__main__.py`) on the backend."""
+    if not pulumi_installed():
+        raise CommandFailed(PULUMI_MISSING)
+    url = backend_url()
+    if not url.startswith(("https://", "http://")) and not any(os.environ.get(name) is not None
+                                                                for name in PASSPHRASE_VARIABLES):
+        raise CommandFailed(f"set PULUMI_CONFIG_PASSPHRASE (or PULUMI_CONFIG_PASSPHRASE_FILE): it encrypts the "
+                            f"experiment's secrets in the backend {url}, and the same one is needed to manage it later")
+    backend_dir = orphans.file_backend_dir(url)
+    if create_backend and backend_dir is not None:
+        backend_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return auto.LocalWorkspace(work_dir=str(REPO_ROOT), env_vars={"PULUMI_BACKEND_URL": url})
+    except FileNotFoundError:
+        raise CommandFailed(PULUMI_MISSING) from None
+
+
+def _backend_has_state() -> bool:
+    """False for a file backend folder that was never used, where the Pulumi CLI cannot list anything."""
+    backend_dir = orphans.file_backend_dir(backend_url())
+    return backend_dir is None or (backend_dir / ".pulumi").is_dir()
+
+
+def _stack_names(workspace: auto.LocalWorkspace) -> set[str]:
+    if not _backend_has_state():
+        return set()
+    # Self-managed backends may answer fully qualified names (organization/project/stack).
+    return {summary.name.rpartition("/")[2] for summary in workspace.list_stacks()}
+
+
+def _experiment_stacks(workspace: auto.LocalWorkspace) -> set[str]:
+    return {name for name in _stack_names(workspace) if name.startswith(EXPERIMENT_PREFIX)}
+
+
+def _settings_of(stack: auto.Stack) -> Optional[ExperimentSettings]:
+    """The experiment settings in the stack's config; None for a stack `mlops exp` did not write."""
+    value = stack.get_all_config().get(SETTINGS_KEY)
+    if value is None:
+        return None
+    try:
+        return ExperimentSettings.from_config(stack.name, json.loads(value.value))
+    except (json.JSONDecodeError, SpecError):
+        return None
+
+
+def _endpoints(outputs: dict[str, auto.OutputValue]) -> dict[str, str]:
+    return {key: str(outputs[key].value) for key in ENDPOINT_OUTPUTS if key in outputs}
+
+
+def _default_owner() -> str:
+    owner = os.environ.get("USER", "")
+    if not owner:
+        try:
+            owner = subprocess.run(["git", "config", "user.email"], capture_output=True, text=True,
+                                   check=False).stdout.strip()
+        except FileNotFoundError:
+            owner = ""
+    if not owner:
+        raise SpecError(file="--owner", field="", message="no owner known ($USER and git config user.email are unset); "
+                                                          "pass --owner NAME")
+    return owner
+
+
+def _destroy(stack: auto.Stack, workspace: auto.LocalWorkspace) -> None:
+    try:
+        stack.destroy(on_output=print)
+    except auto.errors.CommandError:
+        raise CommandFailed(f"destroying {stack.name} failed (output above); run `mlops exp down "
+                            f"{stack.name.removeprefix(EXPERIMENT_PREFIX)}` again once the cause is fixed") from None
+    workspace.remove_stack(stack.name)
+
+
+@app.command()
+@_one_line_errors
+def up(
+    name: str = typer.Argument(..., help="experiment name: a DNS label; the stack is exp-NAME"),
+    source: str = typer.Option(DEFAULT_SOURCE, "--from", help="stage whose spec the experiment starts from"),
+    ttl: Optional[str] = typer.Option(None, "--ttl", help=f"time to live, e.g. 30m, 8h, 2d, 1h30m (10m..7d); "
+                                                          f"{DEFAULT_TTL} for a new experiment, an existing "
+                                                          "one keeps its expiry unless given"),
+    assignments: list[str] = typer.Option([], "--set", metavar="KEY.PATH=VALUE",
+                                          help="override a spec value, e.g. serving.replicas=2 (repeatable)"),
+    owner: Optional[str] = typer.Option(None, "--owner", help="defaults to $USER, else git config user.email"),
+) -> None:
+    """Create or update experiment NAME from a stage's spec, deploy it, and print its endpoints."""
+    now = datetime.now(timezone.utc)
+    settings = ExperimentSettings.new(name, owner or _default_owner(), now, ttl or DEFAULT_TTL, source, assignments)
+    stack_name = experiment_stack(name)
+    experiment_spec(stack_name, settings.to_config())
+    workspace = _workspace(create_backend=True)
+    is_new = stack_name not in _experiment_stacks(workspace)
+    stack = (auto.Stack.create if is_new else auto.Stack.select)(stack_name, workspace)
+    try:
+        if not is_new:
+            previous = _settings_of(stack)
+            if previous is not None:
+                kept = {"created_at": previous.created_at}
+                if ttl is None:
+                    kept |= {"ttl": previous.ttl, "expires_at": previous.expires_at}
+                settings = ExperimentSettings(**{**settings.to_config(), **kept})
+        stack.set_config(SETTINGS_KEY, auto.ConfigValue(json.dumps(settings.to_config())), path=False)
+        if PASSWORD_KEY not in stack.get_all_config():
+            stack.set_config(PASSWORD_KEY, auto.ConfigValue(secrets.token_urlsafe(24), secret=True), path=False)
+    except BaseException:
+        # Nothing half-created: a stack that never got its settings is removed again.
+        if is_new:
+            workspace.remove_stack(stack_name)
+        raise
+    console.print(f"{stack_name}: owner {settings.owner}, from {settings.source}, expires {settings.expires_at}")
+    try:
+        result = stack.up(on_output=print)
+    except auto.errors.CommandError:
+        raise CommandFailed(f"deploying {stack_name} failed (output above); fix the cause and run "
+                            f"`mlops exp up {name}` again, or remove it with `mlops exp down {name}`") from None
+    for key, endpoint in _endpoints(result.outputs).items():
+        console.print(f"{key}: {endpoint}")
+
+
+@app.command("list")
+@_one_line_errors
+def list_experiments() -> None:
+    """List experiments: owner, created, expires, endpoints and whether they are active or expired."""
+    workspace = _workspace()
+    now = datetime.now(timezone.utc)
+    table = Table(title=f"experiments in {backend_url()}")
+    for column in ("name", "owner", "created", "expires", "endpoints", "status"):
+        table.add_column(column)
+    for stack_name in sorted(_experiment_stacks(workspace)):
+        stack = auto.Stack.select(stack_name, workspace)
+        settings = _settings_of(stack)
+        endpoints = "\n".join(f"{key}: {url}" for key, url in _endpoints(stack.outputs()).items())
+        if settings is None:
+            table.add_row(stack_name, "", "", "", endpoints, f"unknown: no valid {SETTINGS_KEY} config")
+            continue
+        status = "expired" if is_expired(settings.info(), now) else "active"
+        table.add_row(settings.name, settings.owner, settings.created_at, settings.expires_at, endpoints, status)
+    console.print(table)
+
+
+@app.command()
+@_one_line_errors
+def down(name: str = typer.Argument(..., help="experiment name (the stack is exp-NAME)")) -> None:
+    """Destroy experiment NAME's resources, then remove its stack."""
+    check_name(name)
+    workspace = _workspace()
+    stack_name = experiment_stack(name)
+    if stack_name not in _experiment_stacks(workspace):
+        raise CommandFailed(f"no experiment '{name}' in {backend_url()}; `mlops exp list` shows the experiments")
+    _destroy(auto.Stack.select(stack_name, workspace), workspace)
+    console.print(f"{stack_name}: destroyed and removed")
+
+
+def _existing_stacks(workspace: Optional[auto.LocalWorkspace]) -> set[str]:
+    """Every stack of the backend, read from disk for a file backend so that no Pulumi CLI is needed."""
+    url = backend_url()
+    backend_dir = orphans.file_backend_dir(url)
+    if backend_dir is not None:
+        stacks = orphans.stacks_in_file_backend(backend_dir, PROJECT)
+        if stacks is None:
+            raise CommandFailed(f"{backend_dir} holds no Pulumi state, so which experiments still exist is unknown; "
+                                f"nothing removed (point PULUMI_BACKEND_URL at the backend the experiments were "
+                                f"created in, or remove leftovers with `docker ... rm` after checking their "
+                                f"{orphans.EXPERIMENT_LABEL} label)")
+        return stacks
+    if workspace is None:
+        raise CommandFailed(f"without the Pulumi CLI the stacks of {url} cannot be listed, so nothing was removed; "
+                            f"{INSTALL_HINT}")
+    return _stack_names(workspace)
+
+
+@app.command()
+@_one_line_errors
+def gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="only show what would be destroyed and removed"),
+    docker_host: Optional[str] = typer.Option(None, "--docker-host", help="Docker engine to clean; default: "
+                                                                          "DOCKER_HOST or the current docker context"),
+) -> None:
+    """Destroy expired experiments, then remove Docker resources of experiments whose stack is gone."""
+    verb = "would remove" if dry_run else "removing"
+    workspace = None
+    if pulumi_installed():
+        workspace = _workspace()
+        now = datetime.now(timezone.utc)
+        for stack_name in sorted(_experiment_stacks(workspace)):
+            stack = auto.Stack.select(stack_name, workspace)
+            settings = _settings_of(stack)
+            if settings is not None and is_expired(settings.info(), now):
+                console.print(f"{stack_name}: expired at {settings.expires_at}, "
+                              f"{'would destroy' if dry_run else 'destroying'}")
+                if not dry_run:
+                    _destroy(stack, workspace)
+    else:
+        errors.print(f"[yellow]note:[/yellow] {escape(GC_WITHOUT_PULUMI)}")
+    failed = []
+    for leftover in orphans.find_orphans(_existing_stacks(workspace), docker_host):
+        console.print(f"{verb} {leftover.kind} {leftover.name} of vanished experiment {leftover.experiment}")
+        if not dry_run:
+            try:
+                orphans.remove(leftover, docker_host)
+            except orphans.DockerError as err:
+                failed.append(f"{leftover.kind} {leftover.name}: {err}")
+    if failed:
+        raise CommandFailed(f"{len(failed)} leftover(s) not removed: {'; '.join(failed)}")
