@@ -9,6 +9,7 @@ from rich.console import Console
 from mlops.commands import specs
 from mlops.commands import diff
 from mlops.commands import parity
+from mlops.commands import promote
 from mlops.commands import experiments
 from mlops.errors import SpecError
 
@@ -18,6 +19,7 @@ app.command()(specs.validate)
 app.command()(specs.plan)
 app.command()(diff.diff)
 app.command()(parity.parity)
+app.command()(promote.promote)
 app.add_typer(experiments.app, name="exp")
 
 
