@@ -1,0 +1,1 @@
+"""Serving replica: fetches the pinned model from the MLflow registry, verifies it, and serves it."""

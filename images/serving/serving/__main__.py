@@ -1,0 +1,29 @@
+"""The `oip` runtime: this package's own V2 server under uvicorn."""
+import pickle
+
+import sklearn
+import uvicorn
+
+from serving.app import InferenceApp
+from serving.startup import fetch_pinned_model
+
+PORT = 8080
+# Longer than the gateway's upstream keepalive_timeout (60 s): the gateway, not the replica, closes idle
+# connections, so nginx never sends a request on a connection the replica is closing.
+KEEPALIVE_S = 75
+
+
+def main() -> None:
+    fetched = fetch_pinned_model()
+    # Unpickling runs code: only bytes whose sha256 was just verified get here.
+    model = pickle.loads(fetched.payload)
+    # The app refuses non-finite inputs itself, so the model need not check every request again.
+    sklearn.set_config(assume_finite=True)
+    app = InferenceApp(model, name=fetched.name, version=fetched.version, sha256=fetched.sha256)
+    uvicorn.run(app, host="0.0.0.0", port=PORT, loop="uvloop", http="httptools", lifespan="off",
+                access_log=False, server_header=False, date_header=False, timeout_keep_alive=KEEPALIVE_S,
+                log_level="info")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""What both runtimes do before serving: fetch and verify the pinned model, or exit non-zero saying why."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from serving.registry import FetchedModel, MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable
+
+log = logging.getLogger("serving")
+
+
+def fetch_pinned_model() -> FetchedModel:
+    """The model the environment pins; a refusal exits, and the restart policy keeps the replica unready."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    try:
+        pin = ModelPin.from_env()
+        if not os.environ.get("MLFLOW_TRACKING_URI"):
+            raise ModelRefused("set MLFLOW_TRACKING_URI to the model registry, e.g. http://<stack>-model-registry:5000")
+        fetched = MlflowRegistry(os.environ["MLFLOW_TRACKING_URI"]).fetch(pin)
+    except (ModelRefused, RegistryUnreachable) as refusal:
+        log.error("%s", refusal)
+        sys.exit(1)
+    log.info("serving model %s v%s sha256 %s%s", fetched.name, fetched.version, fetched.sha256,
+             "" if pin.sha256 else " (unpinned: MODEL_SHA256 is empty)")
+    return fetched

@@ -1,0 +1,248 @@
+"""The serving image's logic in-process: the V2 app on a real scikit-learn model, and the registry fetch
+against a stand-in for the MLflow REST endpoints it uses."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import http.server
+import json
+import pickle
+import socket
+import sys
+import threading
+from typing import Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from mlops.spec import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
+from serving.app import InferenceApp  # noqa: E402
+from serving.registry import MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable  # noqa: E402
+from serving.startup import fetch_pinned_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def iris():
+    features, labels = load_iris(return_X_y=True)
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(features, labels), features
+
+
+@pytest.fixture
+def app(iris):
+    return InferenceApp(iris[0], name="iris-classifier", version="3", sha256="ab" * 32)
+
+
+def call(app: InferenceApp, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP exchange with the ASGI app, as uvicorn would drive it."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": method, "path": path}, receive, send))
+    return sent[0]["status"], sent[1]["body"]
+
+
+def infer_body(rows, datatype: str = "FP32", shape=None, **extra) -> bytes:
+    tensor = {"name": "input-0", "datatype": datatype, "shape": shape or [len(rows), len(rows[0])], "data": rows}
+    return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+def test_infer_answers_the_models_predictions(app, iris):
+    model, features = iris
+    rows = features[::10].tolist()
+    status, body = call(app, "POST", "/v2/models/iris-classifier/infer", infer_body(rows, id="req-7"))
+    assert status == 200
+    response = json.loads(body)
+    assert response["model_name"] == "iris-classifier" and response["model_version"] == "3"
+    assert response["id"] == "req-7"
+    [output] = response["outputs"]
+    assert output["datatype"] == "INT64" and output["shape"] == [len(rows)]
+    assert output["data"] == model.predict(np.asarray(rows, dtype=np.float32)).tolist()
+
+
+def test_infer_takes_flat_fp64_data_and_the_versioned_path(app, iris):
+    model, features = iris
+    rows = features[:4]
+    body = infer_body(rows.ravel().tolist(), datatype="FP64", shape=[4, 4])
+    status, answer = call(app, "POST", "/v2/models/iris-classifier/versions/3/infer", body)
+    assert status == 200
+    assert json.loads(answer)["outputs"][0]["data"] == model.predict(rows).tolist()
+
+
+@pytest.mark.parametrize("body, error", [
+    (b"{not json", "request body is not valid JSON"),
+    (b'{"id": "x"}', "request body must be a JSON object with an 'inputs' list"),
+    (json.dumps({"inputs": []}).encode(), "expected exactly one input tensor, got 0"),
+    (json.dumps({"inputs": [{"name": "x", "shape": [1, 4]}]}).encode(),
+     "the input tensor needs 'name', 'shape', 'datatype' and 'data'"),
+    (infer_body([[1, 2, 3, 4]], datatype="INT64"), "input 'input-0' has datatype 'INT64'; this model takes FP32 or FP64"),
+    (infer_body([1, 2, 3, 4], shape=[4]), "input 'input-0' must have shape [N, features], got [4]"),
+    (infer_body([[1, 2, 3]]), "input 'input-0' has 3 features; the model takes 4"),
+    (infer_body([[1, 2, 3, 4]], shape=[2, 4]), "input 'input-0' has 4 values; shape [2, 4] needs 8"),
+    (infer_body([["a", "b", "c", "d"]]), "input 'input-0' data must be FP32 numbers, flat or nested row-major"),
+    (infer_body([[1e39, 2, 3, 4]]), "input 'input-0' has values that are not finite FP32 numbers"),
+])
+def test_bad_requests_get_400_with_a_v2_error_body(app, body, error):
+    status, answer = call(app, "POST", "/v2/models/iris-classifier/infer", body)
+    assert status == 400
+    assert list(json.loads(answer)) == ["error"] and json.loads(answer)["error"].startswith(error)
+
+
+def test_other_models_and_versions_are_404(app):
+    status, answer = call(app, "POST", "/v2/models/iris-classifier/versions/2/infer", infer_body([[1, 2, 3, 4]]))
+    assert status == 404
+    assert json.loads(answer)["error"] == ("model iris-classifier version 2 is not served here; "
+                                           "this replica serves iris-classifier version 3")
+    assert call(app, "GET", "/v2/models/other")[0] == 404
+    assert call(app, "GET", "/v2/models/iris-classifier/infer")[0] == 405
+
+
+def test_health_metadata_and_metrics(app, iris):
+    assert call(app, "GET", "/v2/health/live")[0] == 200
+    assert call(app, "GET", "/v2/health/ready")[0] == 200
+    assert call(app, "GET", "/v2/models/iris-classifier/ready")[0] == 200
+    status, metadata = call(app, "GET", "/v2/models/iris-classifier")
+    assert status == 200
+    assert json.loads(metadata) == {
+        "name": "iris-classifier", "versions": ["3"], "platform": "sklearn",
+        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}],
+        "outputs": [{"name": "predict", "datatype": "INT64", "shape": [-1]}],
+    }
+    call(app, "POST", "/v2/models/iris-classifier/infer", infer_body(iris[1][:5].tolist()))
+    call(app, "POST", "/v2/models/iris-classifier/infer", b"{")
+    status, metrics = call(app, "GET", "/metrics")
+    assert status == 200
+    text = metrics.decode()
+    assert 'oip_infer_requests_total{status="200"} 1.0' in text
+    assert 'oip_infer_requests_total{status="400"} 1.0' in text
+    assert "oip_inferred_rows_total 5.0" in text
+    assert f'oip_model_info{{name="iris-classifier",sha256="{"ab" * 32}",version="3"}} 1.0' in text
+
+
+class FakeMlflow(http.server.ThreadingHTTPServer):
+    """The MLflow REST endpoints serving uses, over registered versions {version: (run_id, payload, tag)}."""
+
+    def __init__(self, name: str, versions: dict[str, tuple[str, bytes, str]]) -> None:
+        self.name = name
+        self.versions = versions
+        super().__init__(("127.0.0.1", 0), FakeMlflowHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def version_json(self, version: str) -> dict:
+        run_id, _, tag = self.versions[version]
+        return {"name": self.name, "version": version, "run_id": run_id,
+                "tags": [{"key": "sha256", "value": tag}] if tag else []}
+
+
+class FakeMlflowHandler(http.server.BaseHTTPRequestHandler):
+    server: FakeMlflow
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        query = {key: values[0] for key, values in parse_qs(url.query).items()}
+        runs = {run_id: payload for run_id, payload, _ in self.server.versions.values()}
+        if url.path == "/api/2.0/mlflow/model-versions/get" and query["version"] in self.server.versions:
+            self.answer(json.dumps({"model_version": self.server.version_json(query["version"])}).encode())
+        elif url.path == "/api/2.0/mlflow/registered-models/get-latest-versions":
+            self.answer(json.dumps({"model_versions": [self.server.version_json(v) for v in self.server.versions]}).encode())
+        elif url.path == "/api/2.0/mlflow/runs/get":
+            self.answer(json.dumps({"run": {"info": {"artifact_uri": f"mlflow-artifacts:/1/{query['run_id']}/artifacts"}}}).encode())
+        elif url.path.startswith("/api/2.0/mlflow-artifacts/artifacts/1/") and url.path.endswith("/artifacts/model/model.pkl"):
+            self.answer(runs[url.path.split("/")[6]])
+        else:
+            self.send_error(404)
+
+    def answer(self, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def registry(iris):
+    payload = pickle.dumps(iris[0])
+    sha256 = hashlib.sha256(payload).hexdigest()
+    server = FakeMlflow("iris-classifier", {"2": ("run2", b"older model", ""), "10": ("run10", payload, sha256)})
+    yield server, payload, sha256
+    server.shutdown()
+    server.server_close()
+
+
+def test_fetch_verifies_the_pinned_sha256(registry):
+    server, payload, sha256 = registry
+    fetched = MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "10", sha256))
+    assert (fetched.version, fetched.sha256, fetched.payload) == ("10", sha256, payload)
+
+
+def test_latest_is_the_highest_version_and_unpinned_fetches_skip_only_the_pin(registry):
+    server, payload, _ = registry
+    assert MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "latest", "")).payload == payload
+
+
+def test_sha256_mismatch_refuses(registry):
+    server, _, sha256 = registry
+    with pytest.raises(ModelRefused) as refusal:
+        MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "10", "0" * 64))
+    assert str(refusal.value) == f"refusing model iris-classifier v10: sha256 {sha256} does not match pinned {'0' * 64}"
+
+
+def test_a_version_whose_bytes_differ_from_its_sha256_tag_is_refused_even_unpinned(registry):
+    server, _, _ = registry
+    server.versions["11"] = ("run11", b"tampered", "f" * 64)
+    with pytest.raises(ModelRefused, match="does not match the registry's sha256 tag"):
+        MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "11", ""))
+
+
+def test_unknown_version_is_refused_without_retrying(registry):
+    server, _, _ = registry
+    with pytest.raises(ModelRefused, match="HTTP 404"):
+        MlflowRegistry(server.url, sleep=pytest.fail).fetch(ModelPin("iris-classifier", "99", ""))
+
+
+def test_unreachable_registry_is_retried_a_bounded_number_of_times(caplog):
+    with socket_without_listener() as url:
+        waits: list[float] = []
+        with pytest.raises(RegistryUnreachable, match="not reachable after 3 attempts"):
+            MlflowRegistry(url, attempts=3, retry_delay_s=2, sleep=waits.append).fetch(ModelPin("m", "1", ""))
+    assert waits == [2, 2]
+    assert "not reachable yet" in caplog.text and "retry 1/2 in 2s" in caplog.text
+
+
+def test_startup_exits_non_zero_with_one_clear_line_on_mismatch(registry, monkeypatch, caplog):
+    server, _, sha256 = registry
+    for key, value in {"MODEL_NAME": "iris-classifier", "MODEL_VERSION": "10", "MODEL_SHA256": "0" * 64,
+                       "MLFLOW_TRACKING_URI": server.url}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_:
+        fetch_pinned_model()
+    assert exit_.value.code != 0
+    assert f"refusing model iris-classifier v10: sha256 {sha256} does not match pinned {'0' * 64}" in caplog.text
+
+
+
+@contextlib.contextmanager
+def socket_without_listener() -> Iterator[str]:
+    """A loopback URL whose port is bound but not listening, so connections are refused at once."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{bound.getsockname()[1]}"
