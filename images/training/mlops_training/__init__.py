@@ -1,0 +1,1 @@
+"""Training code of the training image: `python -m mlops_training --help`."""

@@ -1,0 +1,3 @@
+from mlops_training.cli import main
+
+raise SystemExit(main())
