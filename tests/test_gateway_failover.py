@@ -1,0 +1,324 @@
+"""The serving path on a real engine: the MLflow image as the model's source, serving (oip) replicas in
+blue and green, the gateway in front; and the image registry's authentication.
+
+Every container runs with the hardening of components/containers.py. Everything created is named
+`t-gw-<run>-...` and removed at the end. Load goes to loopback only, bounded in time and count.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import pickle
+import secrets
+import subprocess
+import tarfile
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.tree import DecisionTreeClassifier
+
+from components.image_registry import htpasswd_entry
+from mlops.spec import REPO_ROOT
+
+pytestmark = pytest.mark.docker
+
+HARDENED = ["--user", "10001:10001", "--read-only", "--tmpfs", "/tmp:rw,noexec,nosuid,size=64m",
+            "--security-opt", "no-new-privileges:true", "--cap-drop", "ALL"]
+READY_PROBE = ("import sys,urllib.request\n"
+               "try: urllib.request.urlopen(sys.argv[1], timeout=2)\n"
+               "except Exception: sys.exit(1)")
+INFER_PATH = "/v2/models/iris-classifier/infer"
+INFER_BODY = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [1, 4],
+                                     "data": [[6.7, 3.0, 5.2, 2.3]]}]}).encode()
+
+
+def docker(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    kwargs.setdefault("text", True)
+    return subprocess.run(["docker", *args], capture_output=True, check=check, **kwargs)
+
+
+@dataclass
+class Engine:
+    """What one test run created on the engine, removed by `remove_all`."""
+
+    prefix: str = field(default_factory=lambda: f"t-gw-{secrets.token_hex(3)}")
+    containers: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    networks: list[str] = field(default_factory=list)
+
+    def build(self, context: str, target: str | None = None) -> str:
+        tag = f"{self.prefix}-{Path(context).name}:{target or 'test'}"
+        self.images.append(tag)
+        docker("build", "-q", "-t", tag, *(["--target", target] if target else []), str(REPO_ROOT / context))
+        return tag
+
+    def network(self) -> str:
+        name = f"{self.prefix}-net"
+        self.networks.append(name)
+        docker("network", "create", name)
+        return name
+
+    def volume(self, role: str) -> str:
+        name = f"{self.prefix}-{role}"
+        self.volumes.append(name)
+        docker("volume", "create", name)
+        return name
+
+    def run(self, role: str, image: str, *options: str, ready_path: str | None = None, port: int | None = None) -> str:
+        """Start `image` hardened as `<prefix>-<role>`; with `port`, published on a free loopback port."""
+        name = f"{self.prefix}-{role}"
+        self.containers.append(name)
+        health = ["--health-cmd", f"python3 -c '{READY_PROBE}' http://127.0.0.1:{port}{ready_path}",
+                  "--health-interval", "1s", "--health-retries", "120"] if ready_path else []
+        publish = ["-p", f"127.0.0.1::{port}"] if port else []
+        docker("run", "-d", "--name", name, *HARDENED, *health, *publish, *options, image)
+        return name
+
+    def host_port(self, container: str, port: int) -> int:
+        return int(docker("port", container, f"{port}/tcp").stdout.split(":")[-1])
+
+    def wait_healthy(self, *containers: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        for container in containers:
+            while (status := docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip()) != "healthy":
+                if time.monotonic() > deadline:
+                    logs = docker("logs", "--tail", "20", container, check=False)
+                    pytest.fail(f"{container} is {status} after {timeout_s:.0f}s:\n{logs.stdout}{logs.stderr}")
+                time.sleep(1)
+
+    def remove_all(self) -> None:
+        for command, names in ((["rm", "-f", "-v"], self.containers), (["network", "rm"], self.networks),
+                               (["volume", "rm", "-f"], self.volumes), (["rmi", "-f"], self.images)):
+            if names:
+                docker(*command, *names, check=False)
+
+
+@pytest.fixture(scope="module")
+def engine(docker_engine):
+    created = Engine()
+    yield created
+    created.remove_all()
+
+
+class MlflowRest:
+    """Registers model versions by the training contract over MLflow's REST API (the tests' venv has no
+    MLflow client): `model/model.pkl` and `model/manifest.json` on the run, the version tagged `sha256`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def call(self, method: str, path: str, body: bytes | None) -> dict:
+        request = urllib.request.Request(self.url + path, data=body, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = response.read()
+        return json.loads(answer) if answer else {}
+
+    def post(self, path: str, **fields) -> dict:
+        return self.call("POST", f"/api/2.0/mlflow/{path}", json.dumps(fields).encode())
+
+    def register(self, name: str, payload: bytes) -> tuple[str, str]:
+        """A new version of `name` holding `payload`; returns (version, sha256)."""
+        sha256 = hashlib.sha256(payload).hexdigest()
+        run = self.post("runs/create", experiment_id="0")["run"]["info"]
+        location = run["artifact_uri"].removeprefix("mlflow-artifacts:").strip("/")
+        for artifact, content in (("model.pkl", payload), ("manifest.json", json.dumps({"sha256": sha256}).encode())):
+            self.call("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/model/{artifact}", content)
+        self.post("runs/update", run_id=run["run_id"], status="FINISHED")
+        version = self.post("model-versions/create", name=name, source=f"runs:/{run['run_id']}/model",
+                            run_id=run["run_id"])["model_version"]["version"]
+        self.post("model-versions/set-tag", name=name, version=version, key="sha256", value=sha256)
+        return version, sha256
+
+
+@dataclass(frozen=True)
+class ServingStack:
+    gateway_url: str
+    replicas: dict[str, list[str]]
+    versions: dict[str, str]
+    """Model version served by each pool."""
+
+
+@pytest.fixture(scope="module")
+def serving_stack(engine) -> ServingStack:
+    for image in ("serving", "mlflow"):
+        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), f"images/{image}"], cwd=REPO_ROOT,
+                       check=True, capture_output=True)
+    serving_image = engine.build("images/serving", target="oip")
+    gateway_image = engine.build("images/gateway")
+    mlflow_image = engine.build("images/mlflow")
+    network = engine.network()
+
+    # The MLflow image accepts the Host header `*-model-registry:5000`, as the stack names it.
+    registry = engine.run("model-registry", mlflow_image, "--network", network,
+                          "-v", f"{engine.volume('mlflow-db')}:/data/db",
+                          "-v", f"{engine.volume('artifacts')}:/data/artifacts",
+                          ready_path="/health", port=5000)
+    engine.wait_healthy(registry)
+    mlflow = MlflowRest(f"http://127.0.0.1:{engine.host_port(registry, 5000)}")
+    features, labels = load_iris(return_X_y=True)
+    mlflow.post("registered-models/create", name="iris-classifier")
+    # Two versions so blue and green are told apart by the `model_version` of their answers.
+    pins = {pool: mlflow.register("iris-classifier", pickle.dumps(DecisionTreeClassifier(random_state=seed).fit(features, labels)))
+            for pool, seed in (("blue", 0), ("green", 1))}
+
+    replicas: dict[str, list[str]] = {"blue": [], "green": []}
+    for pool, count in (("blue", 2), ("green", 1)):
+        version, sha256 = pins[pool]
+        for index in range(count):
+            replicas[pool].append(engine.run(
+                f"serving-{pool}-{index}", serving_image, "--network", network, "--cpus", "1", "--memory", "512m",
+                "--restart", "unless-stopped",
+                "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}", "-e", f"MODEL_SHA256={sha256}",
+                "-e", f"MLFLOW_TRACKING_URI=http://{registry}:5000", "-e", "SERVING_RUNTIME=oip",
+                ready_path="/v2/health/ready", port=8080))
+    gateway = engine.run(
+        "gateway", gateway_image, "--network", network, "--cpus", "0.5", "--memory", "128m",
+        "-e", f"UPSTREAM_BLUE={','.join(f'{name}:8080' for name in replicas['blue'])}",
+        "-e", f"UPSTREAM_GREEN={','.join(f'{name}:8080' for name in replicas['green'])}",
+        "-e", "WEIGHT_BLUE=80", "-e", "WEIGHT_GREEN=20",
+        ready_path="/gateway/health", port=8080)
+    engine.wait_healthy(*replicas["blue"], *replicas["green"], gateway)
+    return ServingStack(gateway_url=f"http://127.0.0.1:{engine.host_port(gateway, 8080)}", replicas=replicas,
+                        versions={pool: version for pool, (version, _) in pins.items()})
+
+
+@dataclass
+class LoadOutcome:
+    succeeded: int = 0
+    failed: Counter = field(default_factory=Counter)
+    """Failure kind (HTTP status or exception name) -> count."""
+    versions: Counter = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return self.succeeded + sum(self.failed.values())
+
+
+async def post_load(url: str, body: bytes, *, connections: int, duration_s: float, max_requests: int,
+                    outcome: LoadOutcome) -> None:
+    """Closed-loop keep-alive POSTs from `connections` clients until `duration_s` or `max_requests`.
+    A dropped connection is a failed request (no client-side retry) and is reopened for the next one."""
+    host, port = url.removeprefix("http://").split(":")
+    request = (f"POST {INFER_PATH} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    deadline = time.monotonic() + duration_s
+
+    async def client() -> None:
+        stream = None
+        while time.monotonic() < deadline and outcome.total < max_requests:
+            try:
+                if stream is None:
+                    stream = await asyncio.open_connection(host, int(port))
+                reader, writer = stream
+                writer.write(request)
+                status, headers, answer = await asyncio.wait_for(read_response(reader), timeout=15)
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as error:
+                outcome.failed[type(error).__name__] += 1
+                if stream is not None:
+                    stream[1].close()
+                stream = None
+                continue
+            if status == 200:
+                outcome.succeeded += 1
+                outcome.versions[json.loads(answer)["model_version"]] += 1
+            else:
+                outcome.failed[status] += 1
+            if headers.get("connection") == "close":
+                writer.close()
+                stream = None
+        if stream is not None:
+            stream[1].close()
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+    headers = dict((key.strip().lower(), value.strip()) for key, value in (line.split(":", 1) for line in head[1:] if line))
+    return int(head[0].split()[1]), headers, await reader.readexactly(int(headers.get("content-length", 0)))
+
+
+def test_traffic_splits_by_the_declared_weights(serving_stack):
+    outcome = LoadOutcome()
+    asyncio.run(post_load(serving_stack.gateway_url, INFER_BODY, connections=4, duration_s=60, max_requests=1000,
+                          outcome=outcome))
+    assert outcome.failed == Counter() and outcome.succeeded >= 1000
+    green_share = outcome.versions[serving_stack.versions["green"]] / outcome.succeeded
+    # 1000 draws at p=0.2: the standard deviation is 1.3 points, so 5 points is a ~4 sigma bound.
+    assert abs(green_share - 0.20) <= 0.05, f"green got {green_share:.1%} of {outcome.succeeded} requests, declared 20%"
+    assert set(outcome.versions) == set(serving_stack.versions.values())
+
+
+def test_killing_a_replica_under_load_loses_at_most_a_thousandth(serving_stack):
+    outcome = LoadOutcome()
+    victim = serving_stack.replicas["blue"][1]
+
+    async def load_and_kill() -> None:
+        load = asyncio.create_task(post_load(serving_stack.gateway_url, INFER_BODY, connections=16, duration_s=20,
+                                             max_requests=400_000, outcome=outcome))
+        await asyncio.sleep(10)
+        await asyncio.to_thread(docker, "kill", victim)
+        await load
+
+    asyncio.run(load_and_kill())
+    failed = sum(outcome.failed.values())
+    print(f"\nfailover: {outcome.total} requests in 20 s, {failed} failed ({failed / outcome.total:.3%}) "
+          f"{dict(outcome.failed)}; by model version {dict(outcome.versions)}")
+    assert docker("inspect", "-f", "{{.State.Running}}", victim).stdout.strip() == "false"
+    assert outcome.total >= 2000, "too little load to measure a 0.1% loss rate"
+    assert failed <= outcome.total / 1000, f"{failed} of {outcome.total} requests failed: {dict(outcome.failed)}"
+
+
+def tiny_image_tar() -> bytes:
+    """A one-file root filesystem for `docker import`: something small to push and pull."""
+    content = b"mlops registry test\n"
+    archive = BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        member = tarfile.TarInfo("hello.txt")
+        member.size = len(content)
+        tar.addfile(member, BytesIO(content))
+    return archive.getvalue()
+
+
+def test_image_registry_pushes_and_pulls_by_digest_only_with_the_password(engine, tmp_path):
+    password = secrets.token_hex(12)
+    registry = engine.run("image-registry", engine.build("images/registry"),
+                          "-v", f"{engine.volume('registry-data')}:/var/lib/registry",
+                          "-e", f"REGISTRY_HTPASSWD_ENTRY={htpasswd_entry('mlops', password, engine.prefix)}",
+                          port=5000)
+    server = f"localhost:{engine.host_port(registry, 5000)}"
+    deadline = time.monotonic() + 30
+    while docker("exec", registry, "python3", "-c", READY_PROBE, "http://127.0.0.1:5000/", check=False).returncode:
+        assert time.monotonic() < deadline, "the registry did not answer GET / within 30 s"
+        time.sleep(0.5)
+    # A private client config: the test's logins never touch the user's own credentials.
+    env = {**os.environ, "DOCKER_CONFIG": str(tmp_path)}
+    login = lambda secret: docker("login", "-u", "mlops", "--password-stdin", server, input=secret,  # noqa: E731
+                                  check=False, env=env)
+
+    assert login("not-" + password).returncode != 0
+    assert login(password).returncode == 0
+    local = f"{engine.prefix}-tiny:1"
+    pushed = f"{server}/{engine.prefix}/tiny:1"
+    engine.images.extend([local, pushed])
+    docker("import", "-", local, input=tiny_image_tar(), text=False)
+    docker("tag", local, pushed)
+    docker("push", pushed, env=env)
+    by_digest = docker("inspect", "-f", "{{index .RepoDigests 0}}", pushed).stdout.strip()
+    engine.images.append(by_digest)
+    docker("rmi", pushed, local)
+    assert docker("pull", by_digest, env=env, check=False).returncode == 0
+    docker("rmi", by_digest)
+    docker("logout", server, env=env)
+    refused = docker("pull", by_digest, env=env, check=False)
+    assert refused.returncode != 0 and "no basic auth credentials" in refused.stderr
