@@ -1,0 +1,317 @@
+"""`mlops promote` against two real MLflow tracking servers (the source and the target stage's registry).
+
+The servers run from an `mlflow` executable: $MLOPS_MLFLOW_BIN, `mlflow` on PATH, or a venv these tests
+build once (cached by pytest) from the hermetic wheels of images/mlflow (`make wheels`).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+from typer.testing import CliRunner
+
+from mlops import promote
+from mlops.cli import app
+from mlops.modelstore import MlflowStore, ModelVersion
+from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
+from tests.conftest import FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE
+
+MLFLOW_IMAGE = REPO_ROOT / "images" / "mlflow"
+MODEL_NAME = "iris-classifier"
+SERVER_START_TIMEOUT_S = 180
+
+
+def _mlflow_from_wheels(cache: Path) -> Path | None:
+    """The mlflow of images/mlflow's lock, installed once from its downloaded wheels into a cached venv."""
+    wheels = MLFLOW_IMAGE / "wheels"
+    if not (wheels / "SHA256SUMS").is_file():
+        return None
+    lock = MLFLOW_IMAGE / "requirements.lock"
+    venv = cache / "venv"
+    stamp = venv / "lock.sha"
+    executable = venv / "bin" / "mlflow"
+    import hashlib
+
+    lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest()
+    if executable.is_file() and stamp.is_file() and stamp.read_text() == lock_sha:
+        return executable
+    shutil.rmtree(venv, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--require-hashes",
+                    "--find-links", str(wheels), "-r", str(lock)], check=True)
+    stamp.write_text(lock_sha)
+    return executable
+
+
+@pytest.fixture(scope="session")
+def mlflow_executable(request) -> Path:
+    configured = os.environ.get("MLOPS_MLFLOW_BIN") or shutil.which("mlflow")
+    found = Path(configured) if configured else _mlflow_from_wheels(request.config.cache.mkdir("mlflow-server"))
+    if found is None:
+        pytest.skip("needs an MLflow server: set MLOPS_MLFLOW_BIN, put mlflow on PATH, or run `make wheels` "
+                    "so the tests can install images/mlflow's locked wheels")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_server(executable: Path, folder: Path) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    folder.mkdir(parents=True)
+    log = (folder / "server.log").open("w")
+    server = subprocess.Popen(
+        [str(executable), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
+         "--serve-artifacts"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return server, port
+
+
+def _wait_healthy(server: subprocess.Popen, port: int, folder: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited with {server.returncode}:\n{(folder / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow server on port {port} not healthy after {SERVER_START_TIMEOUT_S}s")
+
+
+@pytest.fixture(scope="session")
+def registries(mlflow_executable, tmp_path_factory):
+    """Ports of two running MLflow servers: the source stage's (staging) and the target's (prod)."""
+    root = tmp_path_factory.mktemp("registries")
+    started = [(*_start_server(mlflow_executable, root / role), root / role) for role in ("source", "target")]
+    try:
+        for server, port, folder in started:
+            _wait_healthy(server, port, folder)
+        yield {"source": started[0][1], "target": started[1][1]}
+    finally:
+        for server, _, _ in started:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+
+def make_repo(tmp_path: Path, *, source_port: int = 5100, target_port: int = 5200, release: str = "") -> Path:
+    """A git repo whose committed environments/ has staging on `source_port` (with `release`) and prod on `target_port`."""
+    environments = tmp_path / "repo" / "environments"
+    shutil.copytree(ENVIRONMENTS_DIR, environments)
+    staging, prod = environments / "staging.yaml", environments / "prod.yaml"
+    staging.write_text(staging.read_text().replace("host_port: 5100", f"host_port: {source_port}") + release)
+    prod.write_text(prod.read_text().replace("host_port: 5200", f"host_port: {target_port}"))
+    git(environments.parent, "init", "-q", "-b", "main")
+    git(environments.parent, "add", "environments")
+    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "stages")
+    return environments
+
+
+def release_yaml(version: int, sha256: str) -> str:
+    return (f"\nrelease:\n  model:\n    name: {MODEL_NAME}\n    version: {version}\n    sha256: {sha256}\n"
+            f"  images:\n    training: {FIXTURE_TRAINING_IMAGE}\n    serving: {FIXTURE_SERVING_IMAGE}\n")
+
+
+def register_source_model(port: int, *, accuracy: float, files: dict[str, bytes] | None = None) -> tuple[int, str]:
+    """Register a version in the source registry the way training does: files under model/, sha256 tag, metrics."""
+    payload = os.urandom(64)  # a distinct model.pkl per test: the servers are shared by the whole session
+    model = ModelVersion(name=MODEL_NAME, version=0, files={"model.pkl": payload, "manifest.json": b'{"features": 4}'}
+                         if files is None else files, metrics={"accuracy": accuracy})
+    sha256 = model.sha256 if "model.pkl" in model.files else "e" * 64
+    return MlflowStore(f"http://127.0.0.1:{port}").publish(model, {"sha256": sha256}), sha256
+
+
+def promote_cli(environments: Path, *args: str):
+    return CliRunner().invoke(app, ["promote", "--from", "staging", "--to", "prod", "--environments", str(environments),
+                                    *args], catch_exceptions=False)
+
+
+@pytest.fixture
+def promotable(tmp_path, registries):
+    version, sha256 = register_source_model(registries["source"], accuracy=0.97)
+    environments = make_repo(tmp_path, source_port=registries["source"], target_port=registries["target"],
+                             release=release_yaml(version, sha256))
+    return environments, sha256
+
+
+def assert_refused(result, environments: Path, before: str, reason: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert reason in result.output
+    assert (environments / "prod.yaml").read_text() == before
+    assert sorted(p.name for p in environments.iterdir()) == ["base.yaml", "dev.yaml", "prod.yaml", "staging.yaml"]
+
+
+def test_promote_pins_release_keeps_comments_and_copies_the_model(promotable, registries):
+    environments, sha256 = promotable
+    prod = environments / "prod.yaml"
+    before = prod.read_text()
+    target = MlflowStore(f"http://127.0.0.1:{registries['target']}")
+    expected_version = target.next_version(MODEL_NAME)
+
+    result = promote_cli(environments)
+
+    assert result.exit_code == 0, result.output
+    after = prod.read_text()
+    changes = [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:1] in "+-?"]
+    assert all(line.startswith("+ ") for line in changes), changes  # nothing removed or altered
+    assert [line[2:] for line in changes] == ["release:", "  model:", f"    name: {MODEL_NAME}",
+                                              f"    version: {expected_version}", f"    sha256: {sha256}",
+                                              "  images:", f"    training: {FIXTURE_TRAINING_IMAGE}",
+                                              f"    serving: {FIXTURE_SERVING_IMAGE}", ""]
+    keys = list(YAML().load(after))
+    assert keys == ["labels", "artifact_store", "model_registry", "image_registry", "serving", "release", "gates"]
+    assert "+release:" in result.output and "promoted iris-classifier" in result.output
+
+    spec = load_stage("prod", environments)
+    assert (spec.release.model.version, spec.release.model.sha256) == (expected_version, sha256)
+    copied = target.fetch(MODEL_NAME, expected_version)
+    assert copied.sha256 == sha256
+    assert copied.metrics["accuracy"] == pytest.approx(0.97)
+    assert copied.files["manifest.json"] == b'{"features": 4}'
+    assert copied.tags["mlops.promoted_from"].startswith("staging v")
+
+
+def test_promoting_again_reuses_the_copied_version(promotable, registries):
+    environments, _ = promotable
+    assert promote_cli(environments).exit_code == 0
+    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "promote")
+    target = MlflowStore(f"http://127.0.0.1:{registries['target']}")
+    versions_before = target.next_version(MODEL_NAME)
+    pinned = (environments / "prod.yaml").read_text()
+
+    assert promote_cli(environments).exit_code == 0
+    assert target.next_version(MODEL_NAME) == versions_before
+    assert (environments / "prod.yaml").read_text() == pinned
+
+
+def test_dry_run_shows_the_diff_and_changes_nothing(promotable, registries):
+    environments, sha256 = promotable
+    before = (environments / "prod.yaml").read_text()
+    target = MlflowStore(f"http://127.0.0.1:{registries['target']}")
+    next_version = target.next_version(MODEL_NAME)
+
+    result = promote_cli(environments, "--dry-run")
+
+    assert result.exit_code == 0, result.output
+    assert f"+    sha256: {sha256}" in result.output and "dry run" in result.output
+    assert (environments / "prod.yaml").read_text() == before
+    assert target.next_version(MODEL_NAME) == next_version
+    assert target.find_version(MODEL_NAME, sha256) is None
+
+
+def test_gate_miss_is_refused(tmp_path, registries):
+    version, sha256 = register_source_model(registries["source"], accuracy=0.6)
+    environments = make_repo(tmp_path, source_port=registries["source"], target_port=registries["target"],
+                             release=release_yaml(version, sha256))
+    before = (environments / "prod.yaml").read_text()
+    result = promote_cli(environments)
+    assert_refused(result, environments, before, f"v{version} misses prod's gates.min_metrics: accuracy 0.6 < 0.9")
+    assert MlflowStore(f"http://127.0.0.1:{registries['target']}").find_version(MODEL_NAME, sha256) is None
+
+
+def test_missing_artifact_is_refused(tmp_path, registries):
+    version, _ = register_source_model(registries["source"], accuracy=0.97, files={"manifest.json": b"{}"})
+    environments = make_repo(tmp_path, source_port=registries["source"], target_port=registries["target"],
+                             release=release_yaml(version, "e" * 64))
+    before = (environments / "prod.yaml").read_text()
+    result = promote_cli(environments)
+    assert_refused(result, environments, before, f"model {MODEL_NAME} v{version} has no artifact model/model.pkl")
+
+
+def test_sha256_mismatch_is_refused(tmp_path, registries):
+    version, sha256 = register_source_model(registries["source"], accuracy=0.97)
+    wrong = "f" * 64
+    environments = make_repo(tmp_path, source_port=registries["source"], target_port=registries["target"],
+                             release=release_yaml(version, wrong))
+    before = (environments / "prod.yaml").read_text()
+    result = promote_cli(environments)
+    assert_refused(result, environments, before, f"has sha256 {sha256}, but staging's pin says {wrong}")
+
+
+def test_uncommitted_target_file_is_refused(tmp_path):
+    # Checked before any registry is asked: no server is needed to refuse.
+    environments = make_repo(tmp_path, release=release_yaml(1, "a" * 64))
+    prod = environments / "prod.yaml"
+    prod.write_text(prod.read_text() + "# a reviewer's note, not committed yet\n")
+    before = prod.read_text()
+    result = promote_cli(environments)
+    assert_refused(result, environments, before, "prod.yaml has uncommitted edits")
+
+
+def test_nothing_to_promote_is_refused(tmp_path):
+    environments = make_repo(tmp_path)
+    before = (environments / "prod.yaml").read_text()
+    assert_refused(promote_cli(environments), environments, before, "staging has no release to promote")
+
+
+@pytest.mark.parametrize("interruption", [OSError("disk full"), KeyboardInterrupt()])
+def test_interrupted_write_leaves_the_original_and_no_temporary_file(tmp_path, monkeypatch, interruption):
+    file = tmp_path / "prod.yaml"
+    file.write_text("serving:\n  replicas: 3   # kept\n")
+
+    def interrupted_rename(source, destination):
+        assert Path(source).read_text() == "new content\n"  # the new content was fully written first
+        raise interruption
+
+    monkeypatch.setattr(promote.os, "replace", interrupted_rename)
+    with pytest.raises(type(interruption)):
+        promote.write_atomically(file, "new content\n")
+    assert file.read_text() == "serving:\n  replicas: 3   # kept\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["prod.yaml"]
+
+
+def test_promote_killed_before_the_rename_leaves_the_original_intact(tmp_path):
+    file = tmp_path / "prod.yaml"
+    file.write_text("serving:\n  replicas: 3\n")
+    script = ("import os, signal, sys\nfrom pathlib import Path\nfrom mlops import promote\n"
+              "promote.os.replace = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "promote.write_atomically(Path(sys.argv[1]), 'serving:\\n  replicas: 4\\n')\n")
+    killed = subprocess.run([sys.executable, "-c", script, str(file)], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert file.read_text() == "serving:\n  replicas: 3\n"
+    # SIGKILL allows no cleanup: what is left is a hidden, fully written file no stage lookup matches.
+    leftovers = [p for p in tmp_path.iterdir() if p != file]
+    assert all(p.name.startswith(".prod.yaml.") and p.suffix == ".tmp" for p in leftovers)
+    assert [p.read_text() for p in leftovers] == ["serving:\n  replicas: 4\n"] * len(leftovers)
+    assert list(tmp_path.glob("*.yaml")) == [file]
+
+
+def test_updated_spec_that_does_not_validate_is_never_written(tmp_path):
+    environments = make_repo(tmp_path)
+    target = load_stage("prod", environments)
+    broken = promote.pinned_text((environments / "prod.yaml").read_text(), {
+        "model": {"name": MODEL_NAME, "version": 1, "sha256": "a" * 64},
+        "images": {"training": "training:latest", "serving": FIXTURE_SERVING_IMAGE}})
+    with pytest.raises(promote.PromotionRefused, match="release.images.training: 'training:latest' is not pinned by digest"):
+        promote.validate_updated(target, environments / "prod.yaml", broken)
+
+
+def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, docker_engine):
+    register_source_model(registries["source"], accuracy=0.97)
+    environments = make_repo(tmp_path, target_port=registries["target"])
+    dev = environments / "dev.yaml"
+    dev.write_text(dev.read_text() + f"\nmodel_registry:\n  port: {{host_port: {registries['source']}}}\n"
+                                     "image_registry:\n  port: {host_port: 5999}\n")
+    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "dev ports")
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "prod", "--environments", str(environments)])
+    assert result.exit_code == 1
+    assert "dev has no pushed training image localhost:5999/dev/training:" in result.output
+    assert "run `pulumi up -s dev`" in result.output
