@@ -1,0 +1,132 @@
+"""End to end on a real Docker engine: build -> train -> register -> serve the pin -> tamper -> refuse.
+
+The stage is a private copy of dev (its own stage file with an `experiment:` block, its own free host
+ports), so the test never touches a real dev, staging or prod stack on the same engine.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.datasets import load_iris
+
+from mlops.spec import REPO_ROOT, load_stages
+from tests.engine import StageOnEngine
+
+pytestmark = pytest.mark.docker
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def http_json(url: str, body: dict | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def write_stage(environments, stage: str, ports: dict[str, int], release: dict | None) -> None:
+    spec = yaml.safe_load((environments / "dev.yaml").read_text())
+    spec |= {
+        "experiment": {"name": stage, "owner": "tests", "source_stage": "dev",
+                       "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T01:00:00Z"},
+        "model_registry": {"port": {"host_port": ports["mlflow"]}},
+        "image_registry": {"port": {"host_port": ports["registry"]}},
+        "serving": {**spec["serving"], "replicas": 2, "port": {"host_port": ports["gateway"]}},
+    }
+    if release is not None:
+        spec["release"] = release
+    else:
+        spec.pop("release", None)
+    (environments / f"{stage}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+@pytest.fixture
+def stage_on_engine(docker_engine, environments):
+    for image in ("training", "serving", "mlflow", "registry", "gateway"):
+        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), f"images/{image}"], cwd=REPO_ROOT, check=True,
+                       capture_output=True)
+    stage = f"t-e2e-{uuid.uuid4().hex[:6]}"
+    ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
+    write_stage(environments, stage, ports, release=None)
+    engines: list[StageOnEngine] = []
+
+    def deploy(release: dict | None) -> StageOnEngine:
+        write_stage(environments, stage, ports, release)
+        engine = StageOnEngine(stack=stage, spec=load_stages([stage], environments)[0],
+                               registry_password=uuid.uuid4().hex)
+        engines.append(engine)
+        engine.deploy()
+        return engine
+
+    yield stage, environments, ports, deploy
+    for engine in engines:
+        engine.teardown()
+
+
+def train(stage: str, environments, *args: str) -> dict[str, str]:
+    result = subprocess.run([sys.executable, "-m", "mlops", "train", "--stage", stage, "--environments",
+                             str(environments), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    registered = result.stdout.strip().splitlines()[-1]
+    assert registered.startswith("REGISTERED "), result.stdout
+    return dict(field.split("=", 1) for field in registered.split()[1:])
+
+
+def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
+    stage, environments, ports, deploy = stage_on_engine
+    engine = deploy(release=None)
+    assert engine.client.containers.get(f"{stage}-model-registry").attrs["State"]["Health"]["Status"] == "healthy"
+
+    first = train(stage, environments, "--subset", "0.5")
+    second = train(stage, environments, "--subset", "0.5")
+    assert first["sha256"] == second["sha256"], "same inputs must give the same model bytes"
+    assert (first["version"], second["version"]) == ("1", "2")
+
+    pin = {"name": second["name"], "version": int(second["version"]), "sha256": second["sha256"]}
+    engine = deploy(release={"model": pin})
+    gateway = f"http://127.0.0.1:{ports['gateway']}"
+    rows = load_iris().data[::10]
+    response = http_json(f"{gateway}/v2/models/{pin['name']}/infer", {"inputs": [
+        {"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}]})
+    served = response["outputs"][0]["data"]
+
+    artifact_url = (f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow/model-versions/get-download-uri"
+                    f"?name={pin['name']}&version={pin['version']}")
+    download_uri = http_json(artifact_url)["artifact_uri"]
+    model_path = download_uri.split("mlflow-artifacts:/", 1)[1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow-artifacts/artifacts/"
+                                f"{model_path}/model.pkl", timeout=30) as artifact:
+        model = pickle.loads(artifact.read())
+    assert served == model.predict(rows).tolist()
+    assert np.asarray(served).shape == (len(rows),)
+
+    # Tamper with the stored artifact, then restart a replica: it must refuse and never become ready.
+    engine.client.containers.run(
+        "mlops-base:bookworm", remove=True, user="0",
+        command=["sh", "-c", f"printf x >> /data/artifacts/{model_path}/model.pkl"],
+        volumes={f"{stage}-artifacts": {"bind": "/data/artifacts", "mode": "rw"}})
+    replica = engine.client.containers.get(f"{stage}-serving-blue-0")
+    replica.update(restart_policy={"Name": "no"})
+    replica.restart()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        replica.reload()
+        if replica.status == "exited":
+            break
+        time.sleep(1)
+    assert replica.status == "exited" and replica.attrs["State"]["ExitCode"] != 0
+    assert f"does not match pinned {pin['sha256']}" in replica.logs().decode()
