@@ -3,8 +3,8 @@
 An experiment's settings live in its stack's Pulumi config `mlops:experiment`, so every `pulumi up`
 rebuilds the same spec: the source stage's files (base + stage) deep-merged with the `--set`
 overrides, every host port left to Docker (experiments never collide with each other or with a
-stage; endpoints come back as stack outputs), and the experiment's name, owner and expiry, which
-label everything it creates. Experiments are validated like stages; prod-only rules do not apply.
+stage; endpoints come back as stack outputs), unprotected volumes (experiments are disposable), and
+the experiment's name, owner and expiry, which label everything it creates. Experiments are validated like stages; prod-only rules do not apply.
 
 Names: physical names are `exp-NAME<suffix>` and the longest suffix is the last green serving
 replica, `-serving-green-15` (16 replicas at most). Container names are also DNS hostnames on the
@@ -33,9 +33,9 @@ DEFAULT_TTL = "8h"
 MIN_TTL = timedelta(minutes=10)
 MAX_TTL = timedelta(days=7)
 TTL_PATTERN = re.compile(r"^(?:(?P<days>\d+)d)?(?:(?P<hours>\d+)h)?(?:(?P<minutes>\d+)m)?$")
-# `mlops exp` owns these: the stage identity, the experiment record, and host ports (always Docker's choice).
-RESERVED_PATHS = ("stage", "kind", "experiment")
+RESERVED_KEYS = ("stage", "kind", "experiment")
 PUBLISHED_PORTS = ("model_registry.port", "image_registry.port", "serving.port")
+UNPROTECTED = "artifact_store.protect"
 
 
 def experiment_stack(name: str) -> str:
@@ -86,18 +86,31 @@ def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
     return None
 
 
+def _why_managed(parts: list[str]) -> Optional[str]:
+    """Why `mlops exp` decides this setting itself, or None when an override may set it."""
+    if parts[0] in RESERVED_KEYS:
+        return "stage, kind and experiment are set by `mlops exp`"
+    if parts[-1] == "host_port":
+        return "experiments let Docker choose host ports, so they never collide"
+    if ".".join(parts) == UNPROTECTED:
+        return "experiment volumes are never protected, so `mlops exp down` and `gc` can always delete them"
+    return None
+
+
 def check_override_path(path: str, value: Any) -> None:
     """`path` must name a setting of the stage spec; groups of settings may only be cleared (null)."""
     where = f"--set {path}"
     parts = path.split(".")
-    if parts[0] in RESERVED_PATHS or parts[-1] == "host_port" or "" in parts:
-        raise SpecError(file=where, field="", message="not settable: experiments let Docker choose host ports, and "
-                                                      "stage, kind and experiment are set by `mlops exp`")
+    if "" in parts:
+        raise SpecError(file=where, field="", message="empty key in the path; use dotted keys like serving.replicas")
+    reason = _why_managed(parts)
+    if reason is not None:
+        raise SpecError(file=where, field="", message=f"not settable: {reason}")
     node: Any = StageSpec
     for depth, part in enumerate(parts):
         here = ".".join(parts[:depth])
         if isinstance(node, type) and issubclass(node, BaseModel):
-            allowed = [key for key in sorted(node.model_fields) if depth or key not in RESERVED_PATHS]
+            allowed = [key for key in sorted(node.model_fields) if depth or key not in RESERVED_KEYS]
             if part not in node.model_fields:
                 under = f" under {here}" if here else ""
                 raise SpecError(file=where, field="", message=f"unknown key '{part}'{under}; allowed: {', '.join(allowed)}")
@@ -233,7 +246,7 @@ def _blame_override(err: SpecError, overrides: Mapping[str, Any]) -> SpecError:
 def experiment_spec(stack: str, settings: Any, environments: Path = ENVIRONMENTS_DIR) -> StageSpec:
     """The validated spec of experiment stack `stack` from its `mlops:experiment` config."""
     parsed = ExperimentSettings.from_config(stack, settings)
-    managed = _nest({f"{port}.host_port": None for port in PUBLISHED_PORTS})
+    managed = _nest({**{f"{port}.host_port": None for port in PUBLISHED_PORTS}, UNPROTECTED: False})
     managed["experiment"] = parsed.info().model_dump()
     try:
         return load_stage(stack, environments, overrides=deep_merge(_nest(parsed.overrides), managed),

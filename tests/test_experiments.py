@@ -136,7 +136,9 @@ def test_overrides_use_yaml_scalar_semantics_and_apply():
     ("serving.replicas=0", "--set serving.replicas: Input should be greater than or equal to 1"),
     ("serving.traffic.green=50", "--set serving.traffic.green: serving.traffic: blue (100) + green (50) must add up"),
     ("serving.port.host_port=9000", "--set serving.port.host_port: not settable: experiments let Docker choose"),
-    ("experiment.owner=x", "--set experiment.owner: not settable"),
+    ("experiment.owner=x", "--set experiment.owner: not settable: stage, kind and experiment are set by"),
+    ("artifact_store.protect=true", "--set artifact_store.protect: not settable: experiment volumes are never"),
+    ("serving..replicas=2", "--set serving..replicas: empty key"),
     ("serving.limits=1", "--set serving.limits: serving.limits is a group of settings; set one of its keys (cpus, memory_mb)"),
     ("serving.replicas.max=1", "--set serving.replicas.max: serving.replicas is a single value"),
     ("serving.replicas=[1, 2]", "--set serving.replicas: '[1, 2]' is not a single value"),
@@ -149,8 +151,11 @@ def test_bad_overrides_are_rejected_naming_the_set_option(assignment, message):
 
 
 def test_prod_only_rules_do_not_apply_but_the_others_do():
-    spec = experiment_spec("exp-p", settings("p", "serving.replicas=1", "artifact_store.protect=false"))
-    assert spec.serving.replicas == 1
+    spec = experiment_spec("exp-p", settings("p", "serving.replicas=1", "training.build=images/training",
+                                             "serving.build=images/serving", source="prod"))
+    assert spec.serving.replicas == 1 and not spec.artifact_store.protect
+    with pytest.raises(SpecError, match=r"\.yaml:\d+: training.build: experiment stages build their workload images"):
+        experiment_spec("exp-p", settings("p", source="prod"))
     with pytest.raises(SpecError, match="serving.build: experiment stages build their workload images"):
         experiment_spec("exp-p", settings("p", "serving.build=null"))
 

@@ -95,6 +95,8 @@ def _workspace(create_backend: bool = False) -> auto.LocalWorkspace:
         return auto.LocalWorkspace(work_dir=str(REPO_ROOT), env_vars={"PULUMI_BACKEND_URL": url})
     except FileNotFoundError:
         raise CommandFailed(PULUMI_MISSING) from None
+    except auto.errors.InvalidVersionError as err:
+        raise CommandFailed(f"{err}; to upgrade, {INSTALL_HINT}") from None
 
 
 def _backend_has_state() -> bool:
@@ -250,6 +252,38 @@ def _existing_stacks(workspace: Optional[auto.LocalWorkspace]) -> set[str]:
     return _stack_names(workspace)
 
 
+def _destroy_expired(workspace: auto.LocalWorkspace, dry_run: bool) -> list[str]:
+    """Destroy and remove every experiment past its expiry; returns what failed."""
+    failed = []
+    now = datetime.now(timezone.utc)
+    for stack_name in sorted(_experiment_stacks(workspace)):
+        stack = auto.Stack.select(stack_name, workspace)
+        settings = _settings_of(stack)
+        if settings is None or not is_expired(settings.info(), now):
+            continue
+        console.print(f"{stack_name}: expired at {settings.expires_at}, {'would destroy' if dry_run else 'destroying'}")
+        if not dry_run:
+            try:
+                _destroy(stack, workspace)
+            except CommandFailed as err:
+                failed.append(str(err))
+    return failed
+
+
+def _remove_orphans(workspace: Optional[auto.LocalWorkspace], docker_host: Optional[str], dry_run: bool) -> list[str]:
+    """Remove the Docker resources of experiments whose stack is gone; returns what failed."""
+    failed = []
+    for leftover in orphans.find_orphans(_existing_stacks(workspace), docker_host):
+        console.print(f"{'would remove' if dry_run else 'removing'} {leftover.kind} {leftover.name} "
+                      f"of vanished experiment {leftover.experiment}")
+        if not dry_run:
+            try:
+                orphans.remove(leftover, docker_host)
+            except orphans.DockerError as err:
+                failed.append(f"{leftover.kind} {leftover.name}: {err}")
+    return failed
+
+
 @app.command()
 @_one_line_errors
 def gc(
@@ -258,28 +292,13 @@ def gc(
                                                                           "DOCKER_HOST or the current docker context"),
 ) -> None:
     """Destroy expired experiments, then remove Docker resources of experiments whose stack is gone."""
-    verb = "would remove" if dry_run else "removing"
     workspace = None
+    failed = []
     if pulumi_installed():
         workspace = _workspace()
-        now = datetime.now(timezone.utc)
-        for stack_name in sorted(_experiment_stacks(workspace)):
-            stack = auto.Stack.select(stack_name, workspace)
-            settings = _settings_of(stack)
-            if settings is not None and is_expired(settings.info(), now):
-                console.print(f"{stack_name}: expired at {settings.expires_at}, "
-                              f"{'would destroy' if dry_run else 'destroying'}")
-                if not dry_run:
-                    _destroy(stack, workspace)
+        failed += _destroy_expired(workspace, dry_run)
     else:
         errors.print(f"[yellow]note:[/yellow] {escape(GC_WITHOUT_PULUMI)}")
-    failed = []
-    for leftover in orphans.find_orphans(_existing_stacks(workspace), docker_host):
-        console.print(f"{verb} {leftover.kind} {leftover.name} of vanished experiment {leftover.experiment}")
-        if not dry_run:
-            try:
-                orphans.remove(leftover, docker_host)
-            except orphans.DockerError as err:
-                failed.append(f"{leftover.kind} {leftover.name}: {err}")
+    failed += _remove_orphans(workspace, docker_host, dry_run)
     if failed:
-        raise CommandFailed(f"{len(failed)} leftover(s) not removed: {'; '.join(failed)}")
+        raise CommandFailed(f"{len(failed)} clean-up(s) failed: {'; '.join(failed)}")
