@@ -254,6 +254,7 @@ def test_traffic_splits_by_the_declared_weights(serving_stack):
                           outcome=outcome))
     assert outcome.failed == Counter() and outcome.succeeded >= 1000
     green_share = outcome.versions[serving_stack.versions["green"]] / outcome.succeeded
+    print(f"\nsplit: green answered {green_share:.1%} of {outcome.succeeded} requests (declared 20%)")
     # 1000 draws at p=0.2: the standard deviation is 1.3 points, so 5 points is a ~4 sigma bound.
     assert abs(green_share - 0.20) <= 0.05, f"green got {green_share:.1%} of {outcome.succeeded} requests, declared 20%"
     assert set(outcome.versions) == set(serving_stack.versions.values())
