@@ -54,8 +54,11 @@ def parse_ttl(text: str) -> timedelta:
     match = TTL_PATTERN.match(text.strip())
     if not text.strip() or match is None:
         raise SpecError(file="--ttl", field="", message=f"'{text}' is not a duration; use e.g. 30m, 8h, 2d or 1h30m")
-    ttl = timedelta(**{unit: int(amount) for unit, amount in match.groupdict().items() if amount})
-    if not MIN_TTL <= ttl <= MAX_TTL:
+    try:
+        ttl = timedelta(**{unit: int(amount) for unit, amount in match.groupdict().items() if amount})
+    except OverflowError:
+        ttl = None
+    if ttl is None or not MIN_TTL <= ttl <= MAX_TTL:
         raise SpecError(file="--ttl", field="", message=f"'{text}' is outside the allowed range of 10m to 7d")
     return ttl
 
