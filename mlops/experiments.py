@@ -13,6 +13,7 @@ stack network, so they must fit a DNS label of 63 characters: 63 - len("exp-") -
 from __future__ import annotations
 
 import re
+import types
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -83,7 +84,7 @@ def is_expired(info: ExperimentInfo, now: datetime) -> bool:
 
 def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
     """The spec model an annotation holds (`Limits`, `Optional[CanaryRelease]`), if any."""
-    for candidate in get_args(annotation) if get_origin(annotation) is Union else (annotation,):
+    for candidate in get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate
     return None

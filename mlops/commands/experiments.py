@@ -26,7 +26,7 @@ from rich.table import Table
 from mlops import orphans
 from mlops.errors import SpecError
 from mlops.experiments import (DEFAULT_SOURCE, DEFAULT_TTL, EXPERIMENT_PREFIX, ExperimentSettings, check_name,
-                               experiment_spec, experiment_stack, format_utc, is_expired, parse_ttl)
+                               experiment_spec, experiment_stack, is_expired)
 from mlops.plan import PROJECT
 from mlops.program import EXPERIMENT_CONFIG_KEY
 from mlops.spec import REPO_ROOT
