@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pulumi
 import pytest
 from pulumi import automation as auto
+from pulumi.automation._cmd import CommandResult
 from typer.testing import CliRunner
 
 from mlops import orphans, plan
@@ -245,7 +246,7 @@ class FakeStack:
     def get_all_config(self) -> dict[str, auto.ConfigValue]:
         return dict(self.config)
 
-    def up(self, on_output):
+    def up(self, on_output, on_error):
         # What __main__.py does with this config: fails on anything the program would reject.
         spec = experiment_spec(self.name, json.loads(self.config["mlops:experiment"].value))
         on_output(f"deploying {spec.stage}")
@@ -258,7 +259,7 @@ class FakeStack:
     def outputs(self) -> dict[str, auto.OutputValue]:
         return self.outputs_after_up
 
-    def destroy(self, on_output) -> None:
+    def destroy(self, on_output, on_error) -> None:
         self.deployed = False
         self.workspace.destroyed.append(self.name)
 
@@ -348,6 +349,33 @@ def test_list_down_and_gc_of_expired_experiments(fake_pulumi):
     assert fake_pulumi.destroyed == ["exp-stale", "exp-fresh"] and not fake_pulumi.stacks
     missing = invoke("down", "fresh")
     assert missing.exit_code == 1 and "no experiment 'fresh'" in missing.output
+
+
+def pulumi_failure(message: str) -> auto.errors.CommandError:
+    return auto.errors.CommandError(CommandResult(stdout="", stderr=f"error: {message}\n", code=255))
+
+
+def test_a_stack_that_never_got_its_settings_is_removed_again(fake_pulumi, monkeypatch):
+    def refuse(self, key, value, *, path=False):
+        raise pulumi_failure("passphrase must be set")
+
+    monkeypatch.setattr(FakeStack, "set_config", refuse)
+    result = invoke("up", "demo")
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: pulumi failed: error: passphrase must be set"
+    assert not fake_pulumi.stacks
+
+
+def test_a_failed_deployment_says_how_to_retry_or_remove(fake_pulumi, monkeypatch):
+    def fail(self, on_output, on_error):
+        raise pulumi_failure("docker: port is already allocated")
+
+    monkeypatch.setattr(FakeStack, "up", fail)
+    result = invoke("up", "demo")
+    assert result.exit_code == 1
+    assert "deploying exp-demo failed (output above); fix the cause and run `mlops exp up demo` again, or " \
+           "remove it with `mlops exp down demo`" in result.output
+    assert "exp-demo" in fake_pulumi.stacks, "a partly deployed experiment stays manageable"
 
 
 def test_up_without_a_passphrase_fails_before_creating_a_stack(fake_pulumi, monkeypatch):

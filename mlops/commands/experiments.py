@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
@@ -145,9 +146,13 @@ def _default_owner() -> str:
     return owner
 
 
+def _print_to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def _destroy(stack: auto.Stack, workspace: auto.LocalWorkspace) -> None:
     try:
-        stack.destroy(on_output=print)
+        stack.destroy(on_output=print, on_error=_print_to_stderr)
     except auto.errors.CommandError:
         raise CommandFailed(f"destroying {stack.name} failed (output above); run `mlops exp down "
                             f"{stack.name.removeprefix(EXPERIMENT_PREFIX)}` again once the cause is fixed") from None
@@ -192,7 +197,7 @@ def up(
         raise
     console.print(f"{stack_name}: owner {settings.owner}, from {settings.source}, expires {settings.expires_at}")
     try:
-        result = stack.up(on_output=print)
+        result = stack.up(on_output=print, on_error=_print_to_stderr)
     except auto.errors.CommandError:
         raise CommandFailed(f"deploying {stack_name} failed (output above); fix the cause and run "
                             f"`mlops exp up {name}` again, or remove it with `mlops exp down {name}`") from None
