@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -18,6 +18,7 @@ from mlops.plan import PlannedResource, flatten, render
 from mlops.spec import ENVIRONMENTS_DIR, load_stage
 
 Status = Literal["added", "removed", "changed"]
+MARKS: dict[Status, str] = {"changed": "~", "added": "+", "removed": "-"}
 
 
 class _Absent:
@@ -77,12 +78,10 @@ class StackDiff:
     after: str
     changes: list[ResourceChange]
     unchanged: int = 0
-    counts: dict[str, int] = field(init=False)
 
-    def __post_init__(self) -> None:
-        counts = {status: sum(change.status == status for change in self.changes)
-                  for status in ("changed", "added", "removed")}
-        object.__setattr__(self, "counts", counts)
+    @property
+    def counts(self) -> dict[str, int]:
+        return {status: sum(change.status == status for change in self.changes) for status in MARKS}
 
     @property
     def differs(self) -> bool:
@@ -163,15 +162,11 @@ def diff_stages(before: StageRef, after: StageRef, environments: Path = ENVIRONM
     return StackDiff(before=str(before), after=str(after), changes=changes, unchanged=unchanged)
 
 
-MARKS = {"added": "+", "removed": "-", "changed": "~"}
-
-
 def _markdown_cell(value: Any) -> str:
     if value is ABSENT:
         return ""
     text = str(value).replace("\n", " ⏎ ").replace("|", "\\|")
-    fence = "``" if "`" in text else "`"
-    return f"{fence} {text} {fence}" if fence == "``" else f"`{text}`"
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
 def to_markdown(diff: StackDiff) -> str:

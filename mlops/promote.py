@@ -118,7 +118,7 @@ def _fetch_source_model(source: StageSpec, store: ModelStore) -> ModelVersion:
     except StoreError as err:
         raise PromotionRefused(f"cannot fetch the model {source.stage} pins: {err}") from None
     tagged = model.tags.get("sha256")
-    for claim, claimed in ((f"{source.stage}'s pin", pin.sha256), (f"the registry's sha256 tag", tagged)):
+    for claim, claimed in ((f"{source.stage}'s pin", pin.sha256), ("the registry's sha256 tag", tagged)):
         if claimed is not None and claimed != model.sha256:
             raise PromotionRefused(f"model {pin.name} v{version}: model.pkl in {store.url} has sha256 {model.sha256}, "
                                    f"but {claim} says {claimed}; the artifact changed since it was registered")

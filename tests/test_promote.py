@@ -6,6 +6,7 @@ build once (cached by pytest) from the hermetic wheels of images/mlflow (`make w
 from __future__ import annotations
 
 import difflib
+import hashlib
 import os
 import shutil
 import signal
@@ -40,8 +41,6 @@ def _mlflow_from_wheels(cache: Path) -> Path | None:
     venv = cache / "venv"
     stamp = venv / "lock.sha"
     executable = venv / "bin" / "mlflow"
-    import hashlib
-
     lock_sha = hashlib.sha256(lock.read_bytes()).hexdigest()
     if executable.is_file() and stamp.is_file() and stamp.read_text() == lock_sha:
         return executable
