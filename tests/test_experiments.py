@@ -400,6 +400,7 @@ def test_gc_removes_exactly_the_leftovers_of_vanished_experiments(docker_engine,
         "gone": {"mlops.experiment": gone, "mlops.stage": f"exp-{gone}"},
         "alive": {"mlops.experiment": alive, "mlops.stage": f"exp-{alive}"},
         "unlabelled": {},
+        "outsider": {"mlops.experiment": f"t-other-{uuid.uuid4().hex[:8]}"},  # orphaned, but not under --only
         **{stage: {"mlops.stage": stage, "mlops.experiment": gone} for stage in ("dev", "staging", "prod")},
     }
     created: list[tuple[str, str]] = []
@@ -422,7 +423,8 @@ def test_gc_removes_exactly_the_leftovers_of_vanished_experiments(docker_engine,
         env = {**os.environ, "PULUMI_BACKEND_URL": f"file://{tmp_path}", "PULUMI_CONFIG_PASSPHRASE": "test",
                "PATH": os.pathsep.join(folder for folder in os.environ["PATH"].split(os.pathsep)
                                        if not (Path(folder) / "pulumi").exists())}
-        result = run_mlops("exp", "gc", env=env)
+        # --only keeps the test to its own resources: other experiments on this engine are not its to remove.
+        result = run_mlops("exp", "gc", "--only", prefix, env=env)
         assert result.returncode == 0, result.stderr
 
         def exists(kind: str, name: str) -> bool:

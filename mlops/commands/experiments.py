@@ -257,11 +257,13 @@ def _existing_stacks(workspace: Optional[auto.LocalWorkspace]) -> set[str]:
     return _stack_names(workspace)
 
 
-def _destroy_expired(workspace: auto.LocalWorkspace, dry_run: bool) -> list[str]:
+def _destroy_expired(workspace: auto.LocalWorkspace, dry_run: bool, name_prefix: str) -> list[str]:
     """Destroy and remove every experiment past its expiry; returns what failed."""
     failed = []
     now = datetime.now(timezone.utc)
     for stack_name in sorted(_experiment_stacks(workspace)):
+        if not stack_name.startswith(f"exp-{name_prefix}"):
+            continue
         stack = auto.Stack.select(stack_name, workspace)
         settings = _settings_of(stack)
         if settings is None or not is_expired(settings.info(), now):
@@ -275,10 +277,13 @@ def _destroy_expired(workspace: auto.LocalWorkspace, dry_run: bool) -> list[str]
     return failed
 
 
-def _remove_orphans(workspace: Optional[auto.LocalWorkspace], docker_host: Optional[str], dry_run: bool) -> list[str]:
+def _remove_orphans(workspace: Optional[auto.LocalWorkspace], docker_host: Optional[str], dry_run: bool,
+                    name_prefix: str) -> list[str]:
     """Remove the Docker resources of experiments whose stack is gone; returns what failed."""
     failed = []
     for leftover in orphans.find_orphans(_existing_stacks(workspace), docker_host):
+        if not leftover.experiment.startswith(name_prefix):
+            continue
         console.print(f"{'would remove' if dry_run else 'removing'} {leftover.kind} {leftover.name} "
                       f"of vanished experiment {leftover.experiment}")
         if not dry_run:
@@ -295,15 +300,16 @@ def gc(
     dry_run: bool = typer.Option(False, "--dry-run", help="only show what would be destroyed and removed"),
     docker_host: Optional[str] = typer.Option(None, "--docker-host", help="Docker engine to clean; default: "
                                                                           "DOCKER_HOST or the current docker context"),
+    name_prefix: str = typer.Option("", "--only", help="only experiments whose name starts with this prefix"),
 ) -> None:
     """Destroy expired experiments, then remove Docker resources of experiments whose stack is gone."""
     workspace = None
     failed = []
     if pulumi_installed():
         workspace = _workspace()
-        failed += _destroy_expired(workspace, dry_run)
+        failed += _destroy_expired(workspace, dry_run, name_prefix)
     else:
         errors.print(f"[yellow]note:[/yellow] {escape(GC_WITHOUT_PULUMI)}")
-    failed += _remove_orphans(workspace, docker_host, dry_run)
+    failed += _remove_orphans(workspace, docker_host, dry_run, name_prefix)
     if failed:
         raise CommandFailed(f"{len(failed)} clean-up(s) failed: {'; '.join(failed)}")
