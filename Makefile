@@ -2,7 +2,7 @@
 ENV ?= dev
 VENV := .venv
 PY := $(VENV)/bin/python
-IMAGES := training serving mlflow registry gateway
+LOCKED_IMAGES := $(patsubst %/requirements.lock,%,$(wildcard images/*/requirements.lock))
 export PULUMI_BACKEND_URL ?= file://$(CURDIR)/.pulumi-state
 
 .PHONY: venv wheels base-image up test test-unit bench validate
@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 wheels:
-	for image in $(IMAGES); do scripts/fetch-wheels.sh images/$$image; done
+	for image in $(LOCKED_IMAGES); do scripts/fetch-wheels.sh $$image; done
 
 base-image:
 	scripts/build-base-image.sh

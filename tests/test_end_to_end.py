@@ -56,9 +56,9 @@ def write_stage(environments, stage: str, ports: dict[str, int], release: dict |
 
 @pytest.fixture
 def stage_on_engine(docker_engine, environments):
-    for image in ("training", "serving", "mlflow", "registry", "gateway"):
-        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), f"images/{image}"], cwd=REPO_ROOT, check=True,
-                       capture_output=True)
+    for lock in sorted(REPO_ROOT.glob("images/*/requirements.lock")):
+        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), str(lock.parent.relative_to(REPO_ROOT))],
+                       cwd=REPO_ROOT, check=True, capture_output=True)
     stage = f"t-e2e-{uuid.uuid4().hex[:6]}"
     ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
     write_stage(environments, stage, ports, release=None)
