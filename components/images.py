@@ -43,14 +43,22 @@ class PushTarget:
     password: pulumi.Input[str]
 
 
+def built_image_name(stack: str, image: str, context: str, base_image: str, registry_server: Optional[str] = None,
+                     target: Optional[str] = None) -> str:
+    """The name `build_image` gives `context`'s image: `<registry server>/<stack>/<image>:<content hash>` when
+    pushed, else `mlops-<stack>/<image>:<content hash>`. `mlops train` finds the image the stack built by it."""
+    repository = f"{stack}/{image}:{content_tag(context, {'BASE_IMAGE': base_image}, target)}"
+    return f"{registry_server}/{repository}" if registry_server else f"mlops-{repository}"
+
+
 def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str, context: str,
                 base_image: str, target: Optional[str] = None, push: Optional[PushTarget] = None,
                 depends_on: Optional[list[pulumi.Resource]] = None) -> docker.Image:
-    """Build `context` as `<registry>/<stack>/<image>:<content hash>`, pushed when a registry is given."""
+    """Build `context` as `built_image_name(...)`, pushed when a registry is given."""
     build_args = {"BASE_IMAGE": base_image}
-    tag = content_tag(context, build_args, target)
-    repository = f"{stack}/{image}:{tag}"
-    image_name = pulumi.Output.concat(push.server, "/", repository) if push else f"mlops-{repository}"
+    image_name = (pulumi.Output.from_input(push.server).apply(
+                      lambda server: built_image_name(stack, image, context, base_image, server, target))
+                  if push else built_image_name(stack, image, context, base_image, target=target))
     return docker.Image(
         resource_name,
         image_name=image_name,

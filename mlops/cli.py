@@ -10,6 +10,7 @@ from mlops.commands import specs
 from mlops.commands import diff
 from mlops.commands import parity
 from mlops.commands import promote
+from mlops.commands import train
 from mlops.commands import experiments
 from mlops.errors import SpecError
 
@@ -20,6 +21,7 @@ app.command()(specs.plan)
 app.command()(diff.diff)
 app.command()(parity.parity)
 app.command()(promote.promote)
+app.command()(train.train)
 app.add_typer(experiments.app, name="exp")
 
 

@@ -1,0 +1,164 @@
+"""`mlops train`: one run of the stage's training image on the stage's network, registered in the stage's MLflow.
+
+The run gets the same hardening as every container of the stack (`components/containers.py`) and the stage's
+training limits; it is removed when it ends, whatever the outcome.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from components.containers import APP_USER, DEFAULT_TMPFS
+from components.image_registry import REGISTRY_PORT
+from components.images import built_image_name
+from components.model_registry import MLFLOW_PORT
+from components.stack import stage_labels
+from mlops.commands.specs import ENVIRONMENTS_OPTION
+from mlops.errors import SpecError
+from mlops.spec import StageSpec, load_stages, stage_file
+
+console = Console()
+errors = Console(stderr=True)
+
+# The training image's contract: exit 2 after one `error:` line on bad inputs, last line on success
+# `REGISTERED name=<name> version=<version> sha256=<sha256>`.
+BAD_INPUT_EXIT = 2
+REGISTERED = re.compile(r"^REGISTERED name=(?P<name>\S+) version=(?P<version>\d+) sha256=(?P<sha256>[0-9a-f]{64})$")
+PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def docker(spec: StageSpec, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, env=docker_env(spec))
+
+
+def docker_env(spec: StageSpec) -> dict[str, str]:
+    return {**os.environ, "DOCKER_HOST": spec.docker.url}
+
+
+def image_registry_server(spec: StageSpec) -> Optional[str]:
+    """Where the stack pushed its images: the engine reaches the registry over loopback on its host port."""
+    if not spec.image_registry.enabled:
+        return None
+    if spec.image_registry.port.host_port is not None:
+        return f"localhost:{spec.image_registry.port.host_port}"
+    # Docker chose the port (experiments): ask it.
+    published = docker(spec, "port", f"{spec.stage}-image-registry", str(REGISTRY_PORT))
+    if published.returncode != 0 or not published.stdout.strip():
+        raise fail(f"image registry {spec.stage}-image-registry is not running; run `make up ENV={spec.stage}`")
+    return "localhost:" + published.stdout.splitlines()[0].rsplit(":", 1)[1]
+
+
+def training_image(spec: StageSpec, environments: Path) -> str:
+    """The image the stack built from `training.build`, or the digest promoted to the stage."""
+    if spec.training.build is not None:
+        return built_image_name(spec.stage, "training", spec.training.build, spec.training.base_image,
+                                image_registry_server(spec))
+    if spec.release is None or spec.release.images.training is None:
+        raise SpecError(file=stage_file(spec.stage, environments), field="release.images.training",
+                        message=f"no training image is promoted to {spec.stage} yet; "
+                                f"promote a release with `mlops promote --to {spec.stage}`")
+    return spec.release.images.training
+
+
+def image_digest(spec: StageSpec, image: str) -> str:
+    """The pushed digest when there is one, else the local image ID: both name the exact image content."""
+    inspected = docker(spec, "image", "inspect", "--format", "{{json .RepoDigests}} {{.Id}}", image)
+    if inspected.returncode != 0:
+        how = "it builds the training image" if spec.training.build else "it pulls the promoted training image"
+        raise fail(f"training image {image} is not on {spec.docker.url}; run `make up ENV={spec.stage}` ({how})")
+    repo_digests, image_id = inspected.stdout.strip().rsplit(" ", 1)
+    return next(iter(json.loads(repo_digests) or []), image_id)
+
+
+def check_stack_is_up(spec: StageSpec) -> None:
+    network = f"{spec.stage}-net"
+    if docker(spec, "network", "inspect", network).returncode != 0:
+        raise fail(f"network {network} does not exist: the {spec.stage} stack is not up; run `make up ENV={spec.stage}`")
+    registry = f"{spec.stage}-model-registry"
+    running = docker(spec, "container", "inspect", "--format", "{{.State.Running}}", registry)
+    if running.stdout.strip() != "true":
+        raise fail(f"model registry {registry} is not running; run `make up ENV={spec.stage}`")
+
+
+def run_arguments(spec: StageSpec, image: str, digest: str, name: str, training_args: list[str]) -> list[str]:
+    limits = spec.training.limits
+    labels = {**stage_labels(spec, spec.stage), "mlops.component": "training-run"}
+    return [
+        "run", "--name", name, "--network", f"{spec.stage}-net",
+        "--cpus", str(limits.cpus), "--memory", f"{limits.memory_mb}m",
+        *(["--gpus", "all"] if spec.training.gpu else []),
+        "--user", APP_USER, "--read-only",
+        *[option for path, mount in DEFAULT_TMPFS.items() for option in ("--tmpfs", f"{path}:{mount}")],
+        "--security-opt", "no-new-privileges:true", "--cap-drop", "ALL",
+        *[option for key, value in sorted(labels.items()) for option in ("--label", f"{key}={value}")],
+        "--env", f"MLFLOW_TRACKING_URI=http://{spec.stage}-model-registry:{MLFLOW_PORT}",
+        "--env", f"TRAINING_IMAGE_DIGEST={digest}",
+        image, *training_args,
+    ]
+
+
+def stream_run(spec: StageSpec, arguments: list[str]) -> tuple[int, Optional[re.Match[str]]]:
+    """Print the run's output as it comes; return its exit code and the `REGISTERED` line."""
+    registered = None
+    with subprocess.Popen(["docker", *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1, env=docker_env(spec)) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            line = line.rstrip("\n")
+            registered = REGISTERED.match(line) or registered
+            if line.startswith("error:"):
+                errors.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
+            else:
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return process.returncode, registered
+
+
+def train(
+    stage: str = typer.Option(..., "--stage", help="dev, staging or prod: whose training image, network and MLflow"),
+    subset: float = typer.Option(1.0, "--subset", help="fraction (0, 1] of the data, stratified and seeded"),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="estimator parameter key=value, repeatable"),
+    seed: int = typer.Option(0, "--seed", help="seeds the subset, the held-out split and the estimator"),
+    environments: Path = ENVIRONMENTS_OPTION,
+) -> None:
+    """Train in the stage's training image and register the model as a new version in the stage's MLflow."""
+    params = param or []
+    if not 0 < subset <= 1:
+        raise fail(f"--subset must be a fraction in (0, 1], got {subset}", BAD_INPUT_EXIT)
+    for assignment in params:
+        if not PARAM.match(assignment):
+            raise fail(f"--param '{assignment}' is not key=value", BAD_INPUT_EXIT)
+    spec = load_stages([stage], environments)[0]
+    image = training_image(spec, environments)
+    if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
+        raise fail(f"no Docker engine answers at {spec.docker.url}")
+    digest = image_digest(spec, image)
+    check_stack_is_up(spec)
+
+    training_args = ["--subset", str(subset), "--seed", str(seed), *[f"--param={p}" for p in params]]
+    if spec.release is not None:
+        training_args += ["--model-name", spec.release.model.name]
+    name = f"{spec.stage}-train-{uuid.uuid4().hex[:8]}"
+    console.print(f"[bold]{name}[/bold]: training in {image}", highlight=False, soft_wrap=True)
+    try:
+        exit_code, registered = stream_run(spec, run_arguments(spec, image, digest, name, training_args))
+    finally:
+        docker(spec, "rm", "--force", name)
+    if exit_code == BAD_INPUT_EXIT:
+        raise typer.Exit(BAD_INPUT_EXIT)
+    if exit_code != 0 or registered is None:
+        killed = " (killed: the memory limit is training.limits.memory_mb)" if exit_code == 137 else ""
+        raise fail(f"training run {name} failed with exit code {exit_code}{killed}")
+    typer.echo(registered.group(0))

@@ -1,0 +1,172 @@
+"""The training and MLflow images on a real Docker engine: hermetic cached builds, and `mlops train` registering
+byte-identical models as consecutive versions in a hardened MLflow server."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.images import built_image_name
+from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT
+
+pytestmark = pytest.mark.docker
+
+BASE_IMAGE = "mlops-base:bookworm"
+MLOPS = str(Path(sys.executable).parent / "mlops")
+HARDENED = ["--read-only", "--tmpfs", "/tmp", "--user", "10001:10001",
+            "--security-opt", "no-new-privileges:true", "--cap-drop", "ALL"]
+
+
+def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+
+
+def build(context: Path, tag: str) -> str:
+    subprocess.run(["docker", "build", "-q", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", tag, str(context)],
+                   check=True, capture_output=True, text=True)
+    return docker("image", "inspect", "--format", "{{.Id}}", tag).stdout.strip()
+
+
+def layers(tag: str) -> list[str]:
+    return json.loads(docker("image", "inspect", "--format", "{{json .RootFS.Layers}}", tag).stdout)
+
+
+def mlops_train(stack: str, environments: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MLOPS, "train", "--stage", stack, "--environments", str(environments), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+def wait_for_health(url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            get(url)
+            return
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
+@dataclass(frozen=True)
+class TrainingStack:
+    name: str
+    environments: Path
+    training_image: str
+    mlflow_url: str
+
+
+@pytest.fixture(scope="module")
+def training_stack(docker_engine, tmp_path_factory):
+    """A test stage whose training image and hardened MLflow server run like the stack's, named t-train-*."""
+    stack = f"t-train-{uuid.uuid4().hex[:6]}"
+    environments = tmp_path_factory.mktemp("training") / "environments"
+    shutil.copytree(ENVIRONMENTS_DIR, environments)
+    (environments / f"{stack}.yaml").write_text(yaml.safe_dump({
+        "model_registry": {"port": {"host_port": None}},
+        "image_registry": {"enabled": False, "port": {"host_port": None}},
+        "serving": {"build": "images/serving", "port": {"host_port": None}},
+        "training": {"build": "images/training", "base_image": BASE_IMAGE},
+        "experiment": {"name": stack, "owner": "tests", "source_stage": "dev",
+                       "created_at": "2026-01-01T00:00:00Z", "expires_at": "2099-01-01T00:00:00Z"},
+    }))
+    images = {name: built_image_name(stack, name, f"images/{name}", BASE_IMAGE) for name in ("training", "mlflow")}
+    labels = ["--label", f"mlops.stack={stack}"]
+    try:
+        for name, tag in images.items():
+            subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), f"images/{name}"], cwd=REPO_ROOT,
+                           check=True, capture_output=True)
+            build(REPO_ROOT / "images" / name, tag)
+        docker("network", "create", *labels, f"{stack}-net")
+        for volume in ("mlflow-db", "artifacts"):
+            docker("volume", "create", *labels, f"{stack}-{volume}")
+        docker("run", "--detach", "--name", f"{stack}-model-registry", "--network", f"{stack}-net", *labels,
+               *HARDENED, "--memory", "1024m", "--publish", "127.0.0.1::5000",
+               "--volume", f"{stack}-mlflow-db:/data/db", "--volume", f"{stack}-artifacts:/data/artifacts",
+               images["mlflow"])
+        host_port = docker("port", f"{stack}-model-registry", "5000").stdout.splitlines()[0].rsplit(":", 1)[1]
+        mlflow_url = f"http://127.0.0.1:{host_port}"
+        wait_for_health(f"{mlflow_url}/health")
+        yield TrainingStack(stack, environments, images["training"], mlflow_url)
+    finally:
+        containers = docker("ps", "--all", "--quiet", "--filter", f"label=mlops.stack={stack}").stdout.split()
+        if containers:
+            docker("rm", "--force", "--volumes", *containers, check=False)
+        docker("network", "rm", f"{stack}-net", check=False)
+        docker("volume", "rm", f"{stack}-mlflow-db", f"{stack}-artifacts", check=False)
+        docker("rmi", *images.values(), check=False)
+
+
+def test_unchanged_inputs_rebuild_nothing(training_stack):
+    first = docker("image", "inspect", "--format", "{{.Id}}", training_stack.training_image).stdout.strip()
+    assert build(REPO_ROOT / "images" / "training", training_stack.training_image) == first
+
+
+def test_code_change_rebuilds_only_the_code_layer(training_stack, tmp_path):
+    context = tmp_path / "training"
+    shutil.copytree(REPO_ROOT / "images" / "training", context)
+    with (context / "mlops_training" / "__init__.py").open("a") as code:
+        code.write("# a code-only change\n")
+    changed = f"{training_stack.name}-code-change:test"
+    try:
+        build(context, changed)
+        original, rebuilt = layers(training_stack.training_image), layers(changed)
+        assert rebuilt[:-1] == original[:-1]
+        assert rebuilt[-1] != original[-1]
+    finally:
+        docker("rmi", changed, check=False)
+
+
+def test_mlflow_answers_the_host_by_loopback(training_stack):
+    assert get(f"{training_stack.mlflow_url}/health") == b"OK"
+
+
+def test_train_registers_identical_models_as_consecutive_versions(training_stack):
+    registered = []
+    for _ in range(2):
+        run = mlops_train(training_stack.name, training_stack.environments, "--subset", "0.5")
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "[training] trained: accuracy=" in run.stdout
+        registered.append(run.stdout.strip().splitlines()[-1].split())
+    first, second = registered
+    assert first[:3] == ["REGISTERED", "name=iris-classifier", "version=1"]
+    assert second[:3] == ["REGISTERED", "name=iris-classifier", "version=2"]
+    assert first[3] == second[3]
+    sha256 = first[3].removeprefix("sha256=")
+
+    version = json.loads(get(f"{training_stack.mlflow_url}/api/2.0/mlflow/model-versions/get"
+                             "?name=iris-classifier&version=2"))["model_version"]
+    tags = {tag["key"]: tag["value"] for tag in version["tags"]}
+    assert tags["sha256"] == sha256 and float(tags["accuracy"]) > 0.5
+    artifact = version["source"].removeprefix("mlflow-artifacts:/")
+    model = get(f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/{artifact}/model.pkl")
+    assert hashlib.sha256(model).hexdigest() == sha256
+    manifest = json.loads(get(f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/{artifact}/manifest.json"))
+    assert manifest["environment"]["image_digest"] and len(manifest["environment"]["lock_sha256"]) == 64
+
+    leftovers = docker("ps", "--all", "--quiet", "--filter", f"label=mlops.stack={training_stack.name}",
+                       "--filter", "label=mlops.component=training-run").stdout
+    assert leftovers == ""
+
+
+def test_bad_param_is_one_error_line(training_stack):
+    run = mlops_train(training_stack.name, training_stack.environments, "--param", "n_trees=3")
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: unknown parameter(s) n_trees for RandomForestClassifier")
+    assert "Traceback" not in run.stdout + run.stderr
