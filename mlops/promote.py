@@ -62,7 +62,7 @@ class Promotion:
     updated: str
 
     def unified_diff(self) -> str:
-        name = self.target_file.name
+        name = f"{self.target_file.parent.name}/{self.target_file.name}"
         return "".join(difflib.unified_diff(self.original.splitlines(keepends=True), self.updated.splitlines(keepends=True),
                                             fromfile=f"a/{name}", tofile=f"b/{name}"))
 
