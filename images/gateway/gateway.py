@@ -97,6 +97,7 @@ class Gateway:
         self.config = runtime_dir / "nginx.conf"
         self.runtime_dir = runtime_dir
         self.addresses: dict[str, str] = {}
+        self.reported_unresolved: set[str] = set()
 
     def refresh_addresses(self) -> bool:
         """Resolve every replica; True when one resolved for the first time or at a new address."""
@@ -105,8 +106,9 @@ class Gateway:
             for replica in pool.replicas:
                 address = resolve(replica)
                 if address is None:
-                    if replica not in self.addresses:
+                    if replica not in self.addresses and replica not in self.reported_unresolved:
                         log.warning("replica %s does not resolve yet; the %s pool goes without it", replica, pool.name)
+                        self.reported_unresolved.add(replica)
                 elif self.addresses.get(replica) != address:
                     log.info("replica %s is at %s", replica, address)
                     self.addresses[replica] = address

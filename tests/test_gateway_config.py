@@ -1,0 +1,51 @@
+"""The gateway's config rendering in-process: weights, pools and replica addresses as nginx gets them."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from mlops.spec import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
+from gateway import GatewayConfigError, Pool, pools_from_env, render  # noqa: E402
+
+CANARY_ENV = {"UPSTREAM_BLUE": "s-serving-blue-0:8080,s-serving-blue-1:8080", "UPSTREAM_GREEN": "s-serving-green-0:8080",
+              "WEIGHT_BLUE": "80", "WEIGHT_GREEN": "20"}
+
+
+def test_pools_come_from_the_environment_the_component_sets():
+    assert pools_from_env(CANARY_ENV) == [
+        Pool("blue", 80, ("s-serving-blue-0:8080", "s-serving-blue-1:8080")),
+        Pool("green", 20, ("s-serving-green-0:8080",)),
+    ]
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"WEIGHT_GREEN": "30"}, "WEIGHT_BLUE + WEIGHT_GREEN must add up to 100, got 80 + 30"),
+    ({"UPSTREAM_GREEN": ""}, "WEIGHT_GREEN is 20 but UPSTREAM_GREEN lists no replica"),
+    ({"WEIGHT_BLUE": "eighty"}, "WEIGHT_BLUE must be an integer 0..100, got 'eighty'"),
+    ({"UPSTREAM_BLUE": "s-serving-blue-0"}, "UPSTREAM_BLUE entry 's-serving-blue-0' is not host:port"),
+])
+def test_inconsistent_environments_are_refused_with_the_reason(change, error):
+    with pytest.raises(GatewayConfigError) as refused:
+        pools_from_env({**CANARY_ENV, **change})
+    assert str(refused.value) == error
+
+
+def test_render_splits_by_weight_and_lists_resolved_replicas_by_address():
+    config = render(pools_from_env(CANARY_ENV), {"s-serving-blue-0:8080": "172.20.0.5:8080",
+                                                 "s-serving-green-0:8080": "172.20.0.7:8080"})
+    assert "@@UPSTREAMS@@" not in config and "@@SPLIT@@" not in config
+    assert "        80% blue;\n        * green;\n" in config
+    blue = config.split("upstream blue {")[1].split("}")[0]
+    assert "server 172.20.0.5:8080 max_fails=1 fail_timeout=5s;" in blue
+    assert "s-serving-blue-1" not in config, "an unresolved replica would stop nginx from starting"
+    assert "keepalive 64;" in blue
+    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in config
+
+
+def test_a_pool_with_no_resolved_replica_answers_502_instead_of_failing_to_start():
+    config = render(pools_from_env({"UPSTREAM_BLUE": "s-serving-blue-0:8080", "WEIGHT_BLUE": "100"}), {})
+    assert "upstream blue {\n        server 127.0.0.1:9 down;" in config
+    assert "        * blue;\n" in config and "% blue" not in config
