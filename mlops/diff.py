@@ -103,16 +103,21 @@ def _stack_neutral(name: str, stack: str) -> str:
     return re.sub(rf"(^|-){re.escape(stack)}(-|$)", r"\1{stack}\2", name, count=1)
 
 
-def resource_fields(resource: PlannedResource, stack: str) -> dict[str, Any]:
+def resource_fields(resource: PlannedResource) -> dict[str, Any]:
     """Every comparable value of a resource by path; resource options sit under `opts.`."""
-    parent = _stack_neutral(resource.parent, stack) if resource.parent else None
-    return {**flatten(resource.inputs), "opts.parent": parent, "opts.protect": resource.protect}
+    return {**flatten(resource.inputs), "opts.parent": resource.parent, "opts.protect": resource.protect}
 
 
-def _field_changes(before: dict[str, Any], after: dict[str, Any]) -> tuple[FieldChange, ...]:
+def _field_changes(before: dict[str, Any], after: dict[str, Any], before_stack: str = "",
+                   after_stack: str = "") -> tuple[FieldChange, ...]:
+    def same(path: str) -> bool:
+        old, new = before.get(path, ABSENT), after.get(path, ABSENT)
+        if path == "opts.parent" and isinstance(old, str) and isinstance(new, str):
+            return _stack_neutral(old, before_stack) == _stack_neutral(new, after_stack)
+        return old == new
+
     paths = list(before) + [path for path in after if path not in before]
-    return tuple(FieldChange(path, before.get(path, ABSENT), after.get(path, ABSENT))
-                 for path in paths if before.get(path, ABSENT) != after.get(path, ABSENT))
+    return tuple(FieldChange(path, before.get(path, ABSENT), after.get(path, ABSENT)) for path in paths if not same(path))
 
 
 def compare(before: list[PlannedResource], after: list[PlannedResource],
@@ -125,9 +130,9 @@ def compare(before: list[PlannedResource], after: list[PlannedResource],
     for key, resource in new.items():
         if key not in old:
             changes.append(ResourceChange("added", resource.type, resource.name,
-                                          _field_changes({}, resource_fields(resource, after_stack))))
+                                          _field_changes({}, resource_fields(resource))))
             continue
-        fields = _field_changes(resource_fields(old[key], before_stack), resource_fields(resource, after_stack))
+        fields = _field_changes(resource_fields(old[key]), resource_fields(resource), before_stack, after_stack)
         if fields:
             changes.append(ResourceChange("changed", resource.type, resource.name, fields))
         else:
@@ -135,7 +140,7 @@ def compare(before: list[PlannedResource], after: list[PlannedResource],
     for key, resource in old.items():
         if key not in new:
             changes.append(ResourceChange("removed", resource.type, resource.name,
-                                          _field_changes(resource_fields(resource, before_stack), {})))
+                                          _field_changes(resource_fields(resource), {})))
     return changes, unchanged
 
 

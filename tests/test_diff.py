@@ -102,3 +102,12 @@ def test_bad_input_is_one_message_and_exit_2(committed, before, message):
     assert cli.returncode == 2
     assert cli.stderr.startswith("error: ") and "Traceback" not in cli.stderr
     assert message in cli.stderr
+
+
+def test_different_stages_match_resources_by_stack_neutral_name(committed):
+    result = diff_stages(StageRef.parse("staging"), StageRef.parse("prod"), committed)
+    assert result.counts["added"] == 1 and result.counts["removed"] == 0  # prod's third serving replica
+    assert [c.name for c in result.changes if c.status == "added"] == ["prod-serving-blue-2"]
+    gateway = next(c for c in result.changes if c.name == "prod-serving-gateway")
+    assert ("ports[0].external", 8180, 8280) in [(f.path, f.before, f.after) for f in gateway.fields]
+    assert "opts.parent" not in [f.path for f in gateway.fields]  # staging-serving and prod-serving are the same parent
