@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -17,15 +18,17 @@ import time
 import urllib.request
 from pathlib import Path
 
+import bcrypt
 import pytest
 from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
+from components.images import content_tag
 from mlops import promote
 from mlops.cli import app
 from mlops.modelstore import MlflowStore, ModelVersion
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
-from tests.conftest import FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE
+from tests.conftest import FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE, REQUIRE_DOCKER
 
 MLFLOW_IMAGE = REPO_ROOT / "images" / "mlflow"
 MODEL_NAME = "iris-classifier"
@@ -111,13 +114,14 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
 
 
-def make_repo(tmp_path: Path, *, source_port: int = 5100, target_port: int = 5200, release: str = "") -> Path:
-    """A git repo whose committed environments/ has staging on `source_port` (with `release`) and prod on `target_port`."""
+def make_repo(tmp_path: Path, *, staging_port: int = 5100, prod_port: int = 5200, release: str = "") -> Path:
+    """A git repo whose committed environments/ has staging's registry on `staging_port` (and `release`),
+    prod's on `prod_port`."""
     environments = tmp_path / "repo" / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     staging, prod = environments / "staging.yaml", environments / "prod.yaml"
-    staging.write_text(staging.read_text().replace("host_port: 5100", f"host_port: {source_port}") + release)
-    prod.write_text(prod.read_text().replace("host_port: 5200", f"host_port: {target_port}"))
+    staging.write_text(staging.read_text().replace("host_port: 5100", f"host_port: {staging_port}") + release)
+    prod.write_text(prod.read_text().replace("host_port: 5200", f"host_port: {prod_port}"))
     git(environments.parent, "init", "-q", "-b", "main")
     git(environments.parent, "add", "environments")
     git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "stages")
@@ -146,7 +150,7 @@ def promote_cli(environments: Path, *args: str):
 @pytest.fixture
 def promotable(tmp_path, registries):
     version, sha256 = register_source_model(registries["source"], accuracy=0.97)
-    environments = make_repo(tmp_path, source_port=registries["source"], target_port=registries["target"],
+    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, sha256))
     return environments, sha256
 
@@ -218,7 +222,7 @@ def test_dry_run_shows_the_diff_and_changes_nothing(promotable, registries):
 
 def test_gate_miss_is_refused(tmp_path, registries):
     version, sha256 = register_source_model(registries["source"], accuracy=0.6)
-    environments = make_repo(tmp_path, source_port=registries["source"], target_port=registries["target"],
+    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, sha256))
     before = (environments / "prod.yaml").read_text()
     result = promote_cli(environments)
@@ -228,7 +232,7 @@ def test_gate_miss_is_refused(tmp_path, registries):
 
 def test_missing_artifact_is_refused(tmp_path, registries):
     version, _ = register_source_model(registries["source"], accuracy=0.97, files={"manifest.json": b"{}"})
-    environments = make_repo(tmp_path, source_port=registries["source"], target_port=registries["target"],
+    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, "e" * 64))
     before = (environments / "prod.yaml").read_text()
     result = promote_cli(environments)
@@ -238,7 +242,7 @@ def test_missing_artifact_is_refused(tmp_path, registries):
 def test_sha256_mismatch_is_refused(tmp_path, registries):
     version, sha256 = register_source_model(registries["source"], accuracy=0.97)
     wrong = "f" * 64
-    environments = make_repo(tmp_path, source_port=registries["source"], target_port=registries["target"],
+    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, wrong))
     before = (environments / "prod.yaml").read_text()
     result = promote_cli(environments)
@@ -303,13 +307,85 @@ def test_updated_spec_that_does_not_validate_is_never_written(tmp_path):
         promote.validate_updated(target, environments / "prod.yaml", broken)
 
 
+def dev_on(environments: Path, *, model_registry_port: int, image_registry_port: int) -> None:
+    """Point dev's registries at the test's servers and commit it."""
+    dev = environments / "dev.yaml"
+    dev.write_text(dev.read_text() + f"\nmodel_registry:\n  port: {{host_port: {model_registry_port}}}\n"
+                                     f"image_registry:\n  port: {{host_port: {image_registry_port}}}\n")
+    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "dev ports")
+
+
+def docker(*args: str, **kwargs) -> str:
+    return subprocess.run(["docker", *args], check=True, capture_output=True, text=True, **kwargs).stdout.strip()
+
+
+@pytest.fixture
+def image_registry(docker_engine, tmp_path):
+    """The project's image registry (images/registry) on a free port, logged in with a private docker config."""
+    if subprocess.run(["docker", "image", "inspect", "mlops-base:bookworm"], capture_output=True).returncode != 0:
+        reason = "the registry image builds on mlops-base:bookworm: run `make base-image`"
+        pytest.fail(reason, pytrace=False) if REQUIRE_DOCKER else pytest.skip(reason)
+    name = f"mlops-test-registry-{os.urandom(4).hex()}"
+    docker("build", "-q", "-t", name, "--build-arg", "BASE_IMAGE=mlops-base:bookworm", str(REPO_ROOT / "images" / "registry"))
+    password = os.urandom(12).hex()
+    entry = f"mlops:{bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}"
+    port = _free_port()
+    docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5000", "-e", f"REGISTRY_HTPASSWD_ENTRY={entry}", name)
+    config = {**os.environ, "DOCKER_CONFIG": str(tmp_path / "docker-config")}
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run(["docker", "login", f"localhost:{port}", "-u", "mlops", "--password-stdin"], input=password,
+                             capture_output=True, text=True, env=config).returncode != 0:
+            assert time.monotonic() < deadline, docker("logs", name)
+            time.sleep(1)
+        yield port, config
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "rmi", name], capture_output=True)
+
+
+def push_stand_in(name: str, config: dict, context: Path) -> tuple[str, str]:
+    """Build a small image as `name`, push it; returns the name and its registry digest reference."""
+    context.mkdir()
+    (context / "marker").write_text(os.urandom(16).hex())
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY marker /marker\n")
+    docker("build", "-q", "-t", name, str(context))
+    docker("push", "-q", name, env=config)
+    repository = name.rsplit(":", 1)[0]
+    digests = json.loads(docker("image", "inspect", "--format", "{{json .RepoDigests}}", name))
+    return name, next(ref for ref in digests if ref.startswith(f"{repository}@sha256:"))
+
+
+def test_promote_from_dev_pins_the_pushed_image_digests(tmp_path, registries, image_registry):
+    port, config = image_registry
+    version, sha256 = register_source_model(registries["source"], accuracy=0.97)
+    environments = make_repo(tmp_path, staging_port=registries["target"], prod_port=_free_port())
+    dev_on(environments, model_registry_port=registries["source"], image_registry_port=port)
+    dev = load_stage("dev", environments)
+    # Stand-ins pushed under the exact names dev's build gives its images (content-hash tags).
+    pushed = {}
+    for role, target in (("training", None), ("serving", dev.serving.runtime)):
+        tag = content_tag(f"images/{role}", {"BASE_IMAGE": dev.training.base_image}, target)
+        pushed[role] = push_stand_in(f"localhost:{port}/dev/{role}:{tag}", config, tmp_path / role)
+    try:
+        result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging",
+                                          "--environments", str(environments)])
+    finally:
+        for role in pushed:
+            subprocess.run(["docker", "rmi", pushed[role][0]], capture_output=True)
+    assert result.exit_code == 0, result.output
+    staging = load_stage("staging", environments)
+    assert staging.release.images.training == pushed["training"][1]
+    assert staging.release.images.serving == pushed["serving"][1]
+    assert staging.release.model.sha256 == sha256
+    copied = MlflowStore(f"http://127.0.0.1:{registries['target']}").fetch(MODEL_NAME, staging.release.model.version)
+    assert copied.sha256 == sha256 and copied.tags["mlops.promoted_from"] == f"dev v{version}"
+
+
 def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, docker_engine):
     register_source_model(registries["source"], accuracy=0.97)
-    environments = make_repo(tmp_path, target_port=registries["target"])
-    dev = environments / "dev.yaml"
-    dev.write_text(dev.read_text() + f"\nmodel_registry:\n  port: {{host_port: {registries['source']}}}\n"
-                                     "image_registry:\n  port: {host_port: 5999}\n")
-    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "dev ports")
+    environments = make_repo(tmp_path, prod_port=registries["target"])
+    dev_on(environments, model_registry_port=registries["source"], image_registry_port=5999)
     result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "prod", "--environments", str(environments)])
     assert result.exit_code == 1
     assert "dev has no pushed training image localhost:5999/dev/training:" in result.output
