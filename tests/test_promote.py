@@ -324,7 +324,9 @@ def image_registry(docker_engine, tmp_path):
     """The project's image registry (images/registry) on a free port, logged in with a private docker config."""
     if subprocess.run(["docker", "image", "inspect", "mlops-base:bookworm"], capture_output=True).returncode != 0:
         reason = "the registry image builds on mlops-base:bookworm: run `make base-image`"
-        pytest.fail(reason, pytrace=False) if REQUIRE_DOCKER else pytest.skip(reason)
+        if REQUIRE_DOCKER:
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
     name = f"mlops-test-registry-{os.urandom(4).hex()}"
     docker("build", "-q", "-t", name, "--build-arg", "BASE_IMAGE=mlops-base:bookworm", str(REPO_ROOT / "images" / "registry"))
     password = os.urandom(12).hex()
@@ -356,6 +358,7 @@ def push_stand_in(name: str, config: dict, context: Path) -> tuple[str, str]:
     return name, next(ref for ref in digests if ref.startswith(f"{repository}@sha256:"))
 
 
+@pytest.mark.docker
 def test_promote_from_dev_pins_the_pushed_image_digests(tmp_path, registries, image_registry):
     port, config = image_registry
     version, sha256 = register_source_model(registries["source"], accuracy=0.97)
@@ -382,6 +385,7 @@ def test_promote_from_dev_pins_the_pushed_image_digests(tmp_path, registries, im
     assert copied.sha256 == sha256 and copied.tags["mlops.promoted_from"] == f"dev v{version}"
 
 
+@pytest.mark.docker
 def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, docker_engine):
     register_source_model(registries["source"], accuracy=0.97)
     environments = make_repo(tmp_path, prod_port=registries["target"])
