@@ -38,19 +38,25 @@ class StageOnEngine:
                            reveal_secrets=True)
 
     def deploy(self, timeout_s: float = 180) -> dict[str, docker.models.containers.Container]:
-        """Networks and volumes, then images, then containers in dependency order; waits for health."""
+        """Networks and volumes, then images, then containers in dependency order; waits for health.
+
+        Deploying again adds what the rendering declares anew and keeps what already exists by name,
+        which is all the tests need to grow a stage (for example: serving once a model is pinned)."""
         resources = self.resources()
         of_type = lambda suffix: [r for r in resources if r.type.endswith(suffix)]  # noqa: E731
+        existing_networks = {network.name for network in self.client.networks.list()}
         for network in of_type("network:Network"):
-            self.client.networks.create(network.inputs["name"], driver=network.inputs.get("driver", "bridge"),
-                                        labels=_labels(network))
+            if network.inputs["name"] not in existing_networks:
+                self.client.networks.create(network.inputs["name"], driver=network.inputs.get("driver", "bridge"),
+                                            labels=_labels(network))
         for volume in of_type("volume:Volume"):
-            self.client.volumes.create(volume.inputs["name"], labels=_labels(volume))
+            self.client.volumes.create(volume.inputs["name"], labels=_labels(volume))  # a no-op when it exists
         for remote in of_type("remoteImage:RemoteImage"):
             self.images[plan.fake_digest(remote.inputs["name"])] = remote.inputs["name"]
 
+        running = {container.name for container in self.client.containers.list(all=True)}
         started: dict[str, docker.models.containers.Container] = {}
-        pending = of_type("container:Container")
+        pending = [c for c in of_type("container:Container") if c.inputs["name"] not in running]
         images = of_type("image:Image")
         # Images pushed to the stage's own registry wait until the first phase has it running.
         for phase in ([i for i in images if i.inputs.get("skipPush")], [i for i in images if not i.inputs.get("skipPush")]):

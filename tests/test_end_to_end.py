@@ -63,11 +63,12 @@ def stage_on_engine(docker_engine, environments):
     ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
     write_stage(environments, stage, ports, release=None)
     engines: list[StageOnEngine] = []
+    registry_password = uuid.uuid4().hex
 
     def deploy(release: dict | None) -> StageOnEngine:
         write_stage(environments, stage, ports, release)
         engine = StageOnEngine(stack=stage, spec=load_stages([stage], environments)[0],
-                               registry_password=uuid.uuid4().hex)
+                               registry_password=registry_password)
         engines.append(engine)
         engine.deploy()
         return engine
