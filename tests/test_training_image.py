@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.containers import http_healthcheck
 from components.images import built_image_name
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT
+from components.model_registry import MLFLOW_PORT
+from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, HealthCheck
 
 pytestmark = pytest.mark.docker
 
@@ -97,10 +99,10 @@ def training_stack(docker_engine, tmp_path_factory):
         for volume in ("mlflow-db", "artifacts"):
             docker("volume", "create", *labels, f"{stack}-{volume}")
         docker("run", "--detach", "--name", f"{stack}-model-registry", "--network", f"{stack}-net", *labels,
-               *HARDENED, "--memory", "1024m", "--publish", "127.0.0.1::5000",
+               *HARDENED, "--memory", "1024m", "--publish", f"127.0.0.1::{MLFLOW_PORT}",
                "--volume", f"{stack}-mlflow-db:/data/db", "--volume", f"{stack}-artifacts:/data/artifacts",
                images["mlflow"])
-        host_port = docker("port", f"{stack}-model-registry", "5000").stdout.splitlines()[0].rsplit(":", 1)[1]
+        host_port = docker("port", f"{stack}-model-registry", str(MLFLOW_PORT)).stdout.splitlines()[0].rsplit(":", 1)[1]
         mlflow_url = f"http://127.0.0.1:{host_port}"
         wait_for_health(f"{mlflow_url}/health")
         yield TrainingStack(stack, environments, images["training"], mlflow_url)
@@ -133,8 +135,22 @@ def test_code_change_rebuilds_only_the_code_layer(training_stack, tmp_path):
         docker("rmi", changed, check=False)
 
 
-def test_mlflow_answers_the_host_by_loopback(training_stack):
-    assert get(f"{training_stack.mlflow_url}/health") == b"OK"
+def test_mlflow_health_check_passes_inside_the_container(training_stack):
+    probe = http_healthcheck(MLFLOW_PORT, "/health", HealthCheck()).tests[1:]
+    docker("exec", f"{training_stack.name}-model-registry", *probe)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_mlflow_answers_the_host_by_loopback(training_stack, host):
+    url = training_stack.mlflow_url.replace("127.0.0.1", host)
+    assert json.loads(get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1"))["experiments"]
+
+
+def test_mlflow_refuses_foreign_host_headers(training_stack):
+    request = urllib.request.Request(f"{training_stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1",
+                                     headers={"Host": "attacker.example:5000"})
+    with pytest.raises(urllib.error.HTTPError, match="403"):
+        urllib.request.urlopen(request, timeout=10)
 
 
 def test_train_registers_identical_models_as_consecutive_versions(training_stack):

@@ -141,9 +141,9 @@ def train(
         if not PARAM.match(assignment):
             raise fail(f"--param '{assignment}' is not key=value", BAD_INPUT_EXIT)
     spec = load_stages([stage], environments)[0]
-    image = training_image(spec, environments)
     if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
         raise fail(f"no Docker engine answers at {spec.docker.url}")
+    image = training_image(spec, environments)
     digest = image_digest(spec, image)
     check_stack_is_up(spec)
 
