@@ -27,10 +27,6 @@ class BadRequest(Exception):
     """A request the client must fix; answered 400 with a V2 error body."""
 
 
-class NotFound(Exception):
-    """Answered 404 with a V2 error body."""
-
-
 def parse_infer_request(body: bytes, n_features: int | None) -> tuple[Any, np.ndarray]:
     """The request id and the one input tensor of a V2 infer request, as an [N, features] array."""
     try:
@@ -76,13 +72,13 @@ def predictions_tensor(predictions: np.ndarray) -> dict:
 class InferenceApp:
     """Serves `model` as `name` version `version` over V2 REST, plus Prometheus metrics at /metrics."""
 
-    def __init__(self, model: Any, *, name: str, version: str, sha256: str,
-                 metrics: CollectorRegistry | None = None) -> None:
+    def __init__(self, model: Any, *, name: str, version: str, sha256: str) -> None:
         self.model = model
         self.name = name
         self.version = version
         self.n_features: int | None = getattr(model, "n_features_in_", None)
-        self.metrics = metrics or CollectorRegistry()
+        # Its own registry, not the process-global one: each app exposes exactly its own series.
+        self.metrics = CollectorRegistry()
         self.requests = Counter("oip_infer_requests", "Infer requests by HTTP status", ["status"], registry=self.metrics)
         self.rows = Counter("oip_inferred_rows", "Rows predicted", registry=self.metrics)
         self.latency = Histogram("oip_infer_duration_seconds", "Infer request handling time, parse to response",
