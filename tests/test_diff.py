@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -97,7 +98,7 @@ def test_secrets_never_appear(committed):
 def test_bad_input_is_one_message_and_exit_2(committed, before, message):
     with pytest.raises(SpecError, match=message.replace("(", r"\(")):
         diff_stages(StageRef.parse(before), StageRef.parse("prod"), committed)
-    cli = subprocess.run(["mlops", "diff", before, "prod", "--environments", str(committed)],
+    cli = subprocess.run([sys.executable, "-m", "mlops", "diff", before, "prod", "--environments", str(committed)],
                          capture_output=True, text=True)
     assert cli.returncode == 2
     assert cli.stderr.startswith("error: ") and "Traceback" not in cli.stderr
