@@ -103,7 +103,7 @@ def built_image_digest(spec: StageSpec, role: str, context: str, target: Optiona
 
 
 def _source_images(source: StageSpec) -> tuple[str, str]:
-    pinned = source.release.images if source.release else None
+    pinned = source.release.images
     if not source.builds_workloads:
         return pinned.training, pinned.serving  # both set: the spec invariants require them outside dev
     return (pinned.training or built_image_digest(source, "training", source.training.build, None),
