@@ -15,11 +15,12 @@ import pulumi_docker as docker
 
 from mlops.spec import REPO_ROOT, ImageSource
 
-IGNORED_PARTS = {"wheels", "__pycache__", ".pytest_cache"}
+IGNORED_PARTS = {"wheels", "wheels.partial", "__pycache__", ".pytest_cache"}
 
 
 def context_files(context: Path) -> list[Path]:
-    """The files of a build context that define the image; `wheels/` is derived from the lock."""
+    """The files of a build context that define the image; `wheels/` is derived from the lock, and
+    `wheels.partial/` is scripts/fetch-wheels.sh's download in progress (hashing it slowed every plan)."""
     return sorted(path for path in context.rglob("*")
                   if path.is_file() and not IGNORED_PARTS.intersection(path.relative_to(context).parts)
                   and path.suffix != ".pyc")
