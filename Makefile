@@ -36,3 +36,8 @@ test-unit: venv
 
 validate: venv
 	$(VENV)/bin/mlops validate
+
+# Writes BENCHMARKS.md (see benchmarks/run.py); wrk, Debian's HTTP load generator, drives the serving figure.
+bench: venv base-image wheels
+	command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+	$(PY) -m benchmarks.run --output BENCHMARKS.md

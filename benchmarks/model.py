@@ -1,0 +1,79 @@
+"""The one model every server in figure 1 serves, and how it gets into a stage's MLflow registry.
+
+A scaled logistic regression on iris predicts in well under a millisecond, so the serving figure
+compares the servers rather than scikit-learn's prediction time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import time
+import urllib.error
+import urllib.request
+
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+MODEL_NAME = "iris-classifier"
+FEATURES = 4
+# The training contract (docs/contracts.md): a version's run holds model/model.pkl, tagged with its sha256.
+MODEL_ARTIFACT = "model/model.pkl"
+
+
+def model_bytes() -> bytes:
+    features, labels = load_iris(return_X_y=True)
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(features, labels)
+    return pickle.dumps(model, protocol=5)
+
+
+def sample_rows(count: int) -> list[list[float]]:
+    features, _ = load_iris(return_X_y=True)
+    return [features[index % len(features)].tolist() for index in range(count)]
+
+
+class MlflowRegistry:
+    """The MLflow REST calls that register a model version the way `mlops train` does."""
+
+    def __init__(self, tracking_uri: str) -> None:
+        self.base = tracking_uri.rstrip("/")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/health", timeout=2):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"MLflow at {self.base} did not answer within {timeout_s:.0f}s") from None
+                time.sleep(0.2)
+
+    def register(self, name: str, payload: bytes) -> str:
+        """Log `payload` as a run's model.pkl, register it as a new version of `name`; returns the version."""
+        try:
+            self._call("POST", "registered-models/create", {"name": name})
+        except urllib.error.HTTPError as error:
+            if error.code != 400:  # RESOURCE_ALREADY_EXISTS: a further version of a known model
+                raise
+        run = self._call("POST", "runs/create", {"experiment_id": "0"})["run"]["info"]
+        location = run["artifact_uri"].split(":", 1)[1].strip("/")
+        self._request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/{MODEL_ARTIFACT}", payload,
+                      "application/octet-stream")
+        version = self._call("POST", "model-versions/create", {
+            "name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"]})["model_version"]["version"]
+        self._call("POST", "model-versions/set-tag", {
+            "name": name, "version": version, "key": "sha256", "value": hashlib.sha256(payload).hexdigest()})
+        return version
+
+    def _call(self, method: str, endpoint: str, body: dict) -> dict:
+        return json.loads(self._request(method, f"/api/2.0/mlflow/{endpoint}", json.dumps(body).encode(),
+                                        "application/json") or b"{}")
+
+    def _request(self, method: str, path: str, body: bytes, content_type: str) -> bytes:
+        request = urllib.request.Request(self.base + path, data=body, method=method,
+                                         headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read()

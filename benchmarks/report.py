@@ -1,0 +1,50 @@
+"""What a figure hands to the report, and the arithmetic every figure shares: alternating rounds, medians, ratios."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+
+@dataclass
+class Figure:
+    title: str
+    goal: str
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """How it was measured and anything the table cannot say: pinning, formats, what was not measured and why."""
+
+    def markdown(self) -> str:
+        lines = [f"## {self.title}", "", f"Goal: {self.goal}", "",
+                 "| " + " | ".join(self.headers) + " |", "|" + "---|" * len(self.headers)]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        if self.notes:
+            lines += [""] + [f"- {note}" for note in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def alternate(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Run every variant once per round, in the same order each round, and collect what each returns.
+
+    Interleaving spreads drift on a shared machine (other builds, thermal limits) over all variants
+    alike, which consecutive batches would not.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, measure in variants.items():
+            samples[name].append(measure())
+    return samples
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(list(values))
+
+
+def spread(values: Sequence[float]) -> str:
+    """Median with the range of the rounds, so a reader sees how noisy the machine was."""
+    return f"{median(values):.3g} ({min(values):.3g}–{max(values):.3g})"
+
+
+def ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}×" if reference else "n/a"

@@ -1,0 +1,218 @@
+"""Figure 1: requests/s and p50/p99 latency of V2 infer requests against one scikit-learn model, served
+by this stack (its gateway and a replica directly), MLServer's scikit-learn runtime and `mlflow models serve`."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+from benchmarks import builds, loadgen, stage as bench_stage
+from benchmarks.model import FEATURES, MODEL_NAME, model_bytes, sample_rows
+from benchmarks.report import Figure, median, ratio, spread
+from mlops.spec import StageSpec
+from tests.engine import StageOnEngine
+
+SERVER_CPU = "1"
+CONCURRENCY = (1, 8, 32)
+ROWS = (1, 100)
+HEADLINE_CONCURRENCY = 8
+MLFLOW_SERVE_DOCKERFILE = Path(__file__).with_name("mlflow_serve") / "Dockerfile"
+V2_INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
+NANOSECONDS = 1_000_000_000
+
+
+def v2_body(rows: list[list[float]]) -> bytes:
+    tensor = {"name": "input-0", "shape": [len(rows), FEATURES], "datatype": "FP64",
+              "data": [value for row in rows for value in row]}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def mlflow_body(rows: list[list[float]]) -> bytes:
+    """MLflow's scoring server has its own format: a tensor input is a nested list under `inputs`."""
+    return json.dumps({"inputs": rows}).encode()
+
+
+@dataclass(frozen=True)
+class Server:
+    label: str
+    url: str
+    body: Callable[[list[list[float]]], bytes]
+    predictions: Callable[[dict], list]
+    competitor: bool
+    """MLServer and MLflow: the reference the stack's numbers are compared against."""
+
+    def predict(self, rows: list[list[float]]) -> list:
+        request = urllib.request.Request(self.url, data=self.body(rows), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return self.predictions(json.loads(response.read()))
+
+
+def v2_predictions(answer: dict) -> list:
+    return answer["outputs"][0]["data"]
+
+
+def mlflow_predictions(answer: dict) -> list:
+    return answer["predictions"]
+
+
+def container_address(container) -> str:
+    container.reload()
+    return next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
+
+
+def wait_answering(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s") from None
+            time.sleep(0.5)
+
+
+class Competitors:
+    """MLServer and `mlflow models serve` on the stage's network, hardened and limited like its replicas."""
+
+    def __init__(self, stage: StageOnEngine, network: str, limits) -> None:
+        self.stage, self.network, self.limits = stage, network, limits
+
+    def start(self, name: str, image: str, environment: dict[str, str]):
+        return self.stage.client.containers.run(
+            image, name=f"{self.stage.stack}-{name}", detach=True, user="10001:10001", read_only=True,
+            tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"}, security_opt=["no-new-privileges:true"],
+            cap_drop=["ALL"], mem_limit=f"{self.limits.memory_mb}m", nano_cpus=int(self.limits.cpus * NANOSECONDS),
+            cpuset_cpus=SERVER_CPU, environment=environment, network=self.network,
+            labels={"mlops.stack": self.stage.stack})
+
+
+def build_competitor_images(spec: StageSpec, payload: bytes) -> dict[str, str]:
+    """MLServer from the serving image's `mlserver` target, and `mlflow models serve` FROM the stack's
+    MLflow image with the model baked in; returns their tags."""
+    stage_images = builds.stage_builds("bench", spec)
+    tags = {"mlserver": "mlops-bench/serving:mlserver", "mlflow": "mlops-bench/mlflow:serving",
+            "mlflow-serve": "mlops-bench/mlflow-serve:latest"}
+    builds.build(dataclasses.replace(stage_images["serving"], target="mlserver"), tags["mlserver"])
+    builds.build(stage_images["mlflow"], tags["mlflow"])
+    with tempfile.TemporaryDirectory(prefix="bench-mlflow-serve-") as context:
+        (Path(context) / "model.pkl").write_bytes(payload)
+        builds.build(builds.ImageBuild(name="mlflow-serve", context=Path(context), args={"MLFLOW_IMAGE": tags["mlflow"]},
+                                       dockerfile=MLFLOW_SERVE_DOCKERFILE), tags["mlflow-serve"])
+    return tags
+
+
+@contextmanager
+def running_servers() -> Iterator[list[Server]]:
+    """The stage (MLflow, one `oip` replica, its gateway) and both competitors, all pinned to SERVER_CPU."""
+    payload = model_bytes()
+    spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+    images = build_competitor_images(spec, payload)
+    stage = StageOnEngine(stack=bench_stage.unique_stack("serving"), spec=spec, registry_password="unused")
+    try:
+        started = bench_stage.deploy_with_model(stage, payload)
+        for container in started.values():
+            container.update(cpuset_cpus=SERVER_CPU)
+        replica = started[f"{stage.stack}-serving-blue-0"]
+        gateway = started[f"{stage.stack}-gateway"]
+        environment = dict(item.split("=", 1) for item in replica.attrs["Config"]["Env"])
+        competitors = Competitors(stage, network=f"{stage.stack}-net", limits=spec.serving.limits)
+        mlserver = competitors.start("mlserver", images["mlserver"], {**environment, "SERVING_RUNTIME": "mlserver"})
+        mlflow_serve = competitors.start("mlflow-serve", images["mlflow-serve"], {})
+        wait_answering(f"http://{container_address(mlserver)}:8080/v2/health/ready", 180)
+        wait_answering(f"http://{container_address(mlflow_serve)}:8080/health", 180)
+        yield [
+            Server("ours: gateway → oip replica", f"http://{container_address(gateway)}:8080{V2_INFER_PATH}",
+                   v2_body, v2_predictions, competitor=False),
+            Server("ours: oip replica directly", f"http://{container_address(replica)}:8080{V2_INFER_PATH}",
+                   v2_body, v2_predictions, competitor=False),
+            Server("MLServer, scikit-learn runtime", f"http://{container_address(mlserver)}:8080{V2_INFER_PATH}",
+                   v2_body, v2_predictions, competitor=True),
+            Server("`mlflow models serve`", f"http://{container_address(mlflow_serve)}:8080/invocations",
+                   mlflow_body, mlflow_predictions, competitor=True),
+        ]
+    finally:
+        stage.teardown()
+
+
+def check_same_predictions(servers: list[Server]) -> None:
+    rows = sample_rows(max(ROWS))
+    answers = {server.label: server.predict(rows) for server in servers}
+    if len({json.dumps(answer) for answer in answers.values()}) != 1:
+        raise RuntimeError(f"the servers disagree on the same rows: {answers}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    server: str
+    rows: int
+    connections: int
+
+
+def measure(rounds: int = 3, duration_s: int = 5, warmup_s: int = 1) -> Figure:
+    samples: dict[Cell, list[loadgen.LoadResult]] = {}
+    with running_servers() as servers:
+        check_same_predictions(servers)
+        bodies = {(server.label, rows): server.body(sample_rows(rows)) for server in servers for rows in ROWS}
+        for server in servers:
+            loadgen.post_load(server.url, bodies[server.label, 1], max(CONCURRENCY), warmup_s)
+        # Innermost loop over servers: each round runs A, B, C, D back to back for every setting.
+        for _ in range(rounds):
+            for rows in ROWS:
+                for connections in CONCURRENCY:
+                    for server in servers:
+                        result = loadgen.post_load(server.url, bodies[server.label, rows], connections, duration_s)
+                        samples.setdefault(Cell(server.label, rows, connections), []).append(result)
+    return _figure(servers, samples, rounds, duration_s)
+
+
+def _figure(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], rounds: int,
+            duration_s: int) -> Figure:
+    figure = Figure(
+        title="Serving: V2 infer requests against one scikit-learn model",
+        goal=f"the stack's default path (gateway → `oip` replica) at least matches the faster of MLServer and "
+             f"`mlflow models serve` in requests/s at concurrency {HEADLINE_CONCURRENCY}; aim 2×.",
+        headers=["rows/request", "concurrency", "server", "requests/s: median (min–max)", "p50 ms", "p99 ms",
+                 "req/s vs fastest competitor"],
+    )
+    for rows in ROWS:
+        for connections in CONCURRENCY:
+            throughput = {server.label: median(r.requests_per_s for r in samples[Cell(server.label, rows, connections)])
+                          for server in servers}
+            fastest = max(throughput[server.label] for server in servers if server.competitor)
+            for server in servers:
+                results = samples[Cell(server.label, rows, connections)]
+                figure.rows.append([
+                    str(rows), str(connections), server.label, spread([r.requests_per_s for r in results]),
+                    f"{median(r.p50_ms for r in results):.2f}", f"{median(r.p99_ms for r in results):.2f}",
+                    ratio(throughput[server.label], fastest)])
+    figure.notes = [
+        f"Load generator: wrk 4 (Debian) with `benchmarks/post_body.lua`, one thread pinned to CPU 0 "
+        f"(`taskset -c 0`), closed loop over N keep-alive connections (N = concurrency), {duration_s} s per cell, "
+        f"{rounds} rounds; within a round the servers run back to back for every setting (A, B, C, D, A, B, …). "
+        "Latency percentiles are wrk's, medians over the rounds.",
+        f"Every server container is pinned to CPU {SERVER_CPU} (`--cpuset-cpus`) with the dev stage's serving "
+        "limits (1 CPU, 512 MB), user 10001, read-only root. The gateway has the stage's own gateway limit "
+        "(0.5 CPU) and shares CPU 1 with the replica.",
+        "Requests go to each container's address on the stage's bridge network (host-local), not through "
+        "docker-proxy, the same way for every server.",
+        "Model: `StandardScaler` + `LogisticRegression` on iris (4 features), pickled once; the stack's replica and "
+        "MLServer fetch it from the stage's MLflow registry, the `mlflow models serve` image holds the same pipeline "
+        "saved with `mlflow.sklearn.save_model`. All servers answered identical predictions for 100 rows before "
+        "the run.",
+        "Request format: V2 (`{\"inputs\": [{\"name\", \"shape\": [N, 4], \"datatype\": \"FP64\", \"data\"}]}`) for the "
+        "stack and MLServer; MLflow's scoring server does not speak V2, so it gets its own `/invocations` format "
+        "with the same rows (`{\"inputs\": [[...], ...]}`).",
+        "MLServer runs from the serving image's `mlserver` target (MLServer and mlserver-sklearn 1.7.1 from the "
+        "same lock, `parallel_workers: 0`); `mlflow models serve` runs MLflow's default scoring server "
+        "(uvicorn, 1 worker) FROM the stack's MLflow image (`benchmarks/mlflow_serve/Dockerfile`).",
+    ]
+    return figure

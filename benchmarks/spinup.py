@@ -1,0 +1,103 @@
+"""Figure 4: from nothing to every container of a dev stage healthy, and the sizes of the images."""
+from __future__ import annotations
+
+import secrets
+import subprocess
+import time
+from datetime import datetime
+
+from benchmarks import builds, stage as bench_stage
+from benchmarks.model import model_bytes
+from benchmarks.report import Figure, median, spread
+from tests.engine import StageOnEngine
+
+GOAL_S = 30
+BASE_IMAGE = "mlops-base:bookworm"
+MIB = 1024**2
+# What "the same packages" means per image, measured inside it: the venv's Python packages, or for the
+# registry the Debian package that is the registry.
+PACKAGE_SIZE_COMMANDS = {
+    "training": "du -sb \"$(python3 -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')\" | cut -f1",
+    "serving": "du -sb \"$(python3 -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])')\" | cut -f1",
+    "registry": "echo $(( $(dpkg-query -W -f '${Installed-Size}' docker-registry) * 1024 ))",
+}
+PACKAGE_DESCRIPTIONS = {"training": "Python packages of its lock (site-packages)",
+                        "serving": "Python packages of the `oip` lock (site-packages)",
+                        "registry": "Debian `docker-registry` (dpkg Installed-Size)"}
+
+
+def prebuild(images: dict[str, builds.ImageBuild]) -> None:
+    """Build every image the stage builds under a tag of our own, so the stage's builds come from the cache
+    and its teardown, which removes the images it tagged, leaves the cache in place for the next round."""
+    for image in images.values():
+        builds.build(image, f"mlops-bench/{image.name}:spinup")
+
+
+def started_after(container, start: float) -> float:
+    container.reload()
+    started_at = container.attrs["State"]["StartedAt"]
+    # Docker writes nanoseconds; datetime reads microseconds.
+    seconds, _, fraction = started_at.rstrip("Z").partition(".")
+    moment = datetime.fromisoformat(f"{seconds}.{fraction[:6] or '0'}+00:00")
+    return moment.timestamp() - start
+
+
+def spin_up_once(payload: bytes) -> tuple[float, float]:
+    """(seconds until every container is healthy, seconds until the serving replica started)."""
+    stack = bench_stage.unique_stack("spinup")
+    stage = StageOnEngine(stack=stack, spec=bench_stage.dev_spec(), registry_password=secrets.token_hex(16))
+    try:
+        start = time.time()
+        started = bench_stage.deploy_with_model(stage, payload)
+        total = time.time() - start
+        return total, started_after(started[f"{stack}-serving-blue-0"], start)
+    finally:
+        stage.teardown()
+
+
+def package_size(image: str, name: str) -> int:
+    measured = subprocess.run(["docker", "run", "--rm", "--entrypoint", "sh", image, "-c", PACKAGE_SIZE_COMMANDS[name]],
+                              capture_output=True, text=True, check=True)
+    return int(measured.stdout.strip())
+
+
+def measure(rounds: int = 3) -> Figure:
+    images = builds.stage_builds("bench", bench_stage.dev_spec())
+    prebuild(images)
+    payload = model_bytes()
+    totals, serving_started = [], []
+    for _ in range(rounds):
+        total, replica = spin_up_once(payload)
+        totals.append(total)
+        serving_started.append(replica)
+    verdict = "met" if median(totals) < GOAL_S else "missed"
+    figure = Figure(
+        title="Spin-up and image sizes",
+        goal=f"a dev stage goes from nothing to every container healthy in under {GOAL_S} s, images already built; "
+             "images no larger than `python:3.11-slim` plus the same packages.",
+        headers=["measurement", "value"],
+        rows=[["dev stage, nothing → every container healthy, s: median (min–max)", spread(totals)],
+              ["… of which until the serving replica started (builds from cache, pushes), s", spread(serving_started)]],
+        notes=[f"Spin-up: goal {verdict}. {rounds} rounds, each a new stack `bench-spinup-…` on free host ports, created "
+               "by `tests/engine.py`'s `StageOnEngine.deploy` from the dev rendering: network and volumes, builds "
+               "(all cached: every image was built just before under a tag of the harness's), MLflow, image "
+               "registry, the training and serving images pushed to the fresh registry, the serving replica and "
+               "its gateway; timed until Docker reports every container healthy (health checks every 5 s, "
+               "so the figure is rounded up to the next check). Torn down after each round, untimed.",
+               "The dev replica serves the newest model version, so the harness registers one (as `mlops train` "
+               "would) through MLflow's REST API as soon as MLflow answers, concurrently with the deploy."],
+    )
+    base_size = builds.image_size(BASE_IMAGE)
+    figure.rows.append([f"base image `{BASE_IMAGE}` (Debian bookworm minbase, python3, nginx-light, docker-registry)",
+                        f"{base_size / MIB:.0f} MiB"])
+    for name, description in PACKAGE_DESCRIPTIONS.items():
+        tag = f"mlops-bench/{name}:spinup"
+        size, packages = builds.image_size(tag), package_size(tag, name)
+        figure.rows.append([f"`{name}` image" + (f" (target `{images[name].target}`)" if images[name].target else ""),
+                            f"{size / MIB:.0f} MiB = base + {(size - base_size) / MIB:.0f} MiB; {description}: "
+                            f"{packages / MIB:.0f} MiB; base + packages = {(base_size + packages) / MIB:.0f} MiB"])
+    figure.notes.append(
+        "`python:3.11-slim` cannot be pulled here (no image registry is reachable), so it was not measured. "
+        "The images start FROM the local base instead; each row shows the image against that base plus the same "
+        "packages measured inside the image, so what the image adds beyond its packages is the difference.")
+    return figure

@@ -1,0 +1,77 @@
+"""A dev stage on the local engine for figures 1 and 4, created by the test fixture from what the
+program renders (`tests/engine.py`), with a unique stack name and host ports of its own."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from typing import Optional
+
+import docker
+
+from benchmarks.model import MODEL_NAME, MlflowRegistry
+from mlops.spec import StageSpec, load_stage
+from tests.engine import StageOnEngine
+
+MLFLOW_PORT = 5000
+PUBLISHED = ("model_registry", "image_registry", "serving")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def unique_stack(purpose: str) -> str:
+    return f"bench-{purpose}-{os.getpid()}-{int(time.time())}"
+
+
+def dev_spec(image_registry: bool = True, docker_chooses_ports: bool = False) -> StageSpec:
+    """dev as shipped, on free host ports (or Docker's choice: only possible without the image registry,
+    whose port is part of the pushed images' names)."""
+    overrides: dict = {part: {"port": {"host_port": None if docker_chooses_ports else free_port()}} for part in PUBLISHED}
+    overrides["image_registry"]["enabled"] = image_registry
+    return load_stage("dev", overrides=overrides)
+
+
+class ModelSeeder(threading.Thread):
+    """Registers the model in the stage's MLflow as soon as it answers, while `deploy` carries on, as
+    `mlops train` would on a fresh stage: dev replicas serve the newest version, so they need one."""
+
+    def __init__(self, stage: StageOnEngine, payload: bytes, timeout_s: float) -> None:
+        super().__init__(name=f"seed-{stage.stack}", daemon=True)
+        self.stage, self.payload, self.timeout_s = stage, payload, timeout_s
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            deadline = time.monotonic() + self.timeout_s
+            registry = MlflowRegistry(f"http://127.0.0.1:{self._mlflow_port(deadline)}")
+            registry.wait_ready(deadline - time.monotonic())
+            registry.register(MODEL_NAME, self.payload)
+        except BaseException as error:  # handed to the deploying thread, which reports it
+            self.error = error
+
+    def _mlflow_port(self, deadline: float) -> int:
+        name = f"{self.stage.stack}-model-registry"
+        while True:
+            try:
+                return self.stage.host_port(name, MLFLOW_PORT)
+            except (docker.errors.NotFound, KeyError, IndexError, TypeError):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name} was not started within {self.timeout_s:.0f}s") from None
+                time.sleep(0.1)
+
+
+def deploy_with_model(stage: StageOnEngine, payload: bytes, timeout_s: float = 300) -> dict:
+    """`stage.deploy()` with the model registered alongside; returns the started containers by name."""
+    seeder = ModelSeeder(stage, payload, timeout_s)
+    seeder.start()
+    try:
+        return stage.deploy(timeout_s)
+    finally:
+        seeder.join(timeout_s)
+        if seeder.error is not None:
+            raise RuntimeError(f"registering the model in {stage.stack} failed: {seeder.error}") from seeder.error
