@@ -5,6 +5,7 @@ build once (cached by pytest) from the hermetic wheels of images/mlflow (`make w
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -78,7 +79,9 @@ def _start_server(executable: Path, folder: Path) -> tuple[subprocess.Popen, int
     server = subprocess.Popen(
         [str(executable), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
-         "--serve-artifacts"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "--serve-artifacts"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        # Promotion needs no server-side jobs; their worker pool would only load the machine.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     return server, port
 
 
@@ -107,7 +110,12 @@ def registries(mlflow_executable, tmp_path_factory):
     finally:
         for server, _, _ in started:
             os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            try:
+                server.wait(timeout=30)
+            finally:
+                # Workers that ignore SIGTERM must not outlive the tests.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.pid, signal.SIGKILL)
 
 
 def git(repo: Path, *args: str) -> str:
