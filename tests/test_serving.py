@@ -234,7 +234,7 @@ def test_startup_exits_non_zero_with_one_clear_line_on_mismatch(registry, monkey
                        "MLFLOW_TRACKING_URI": server.url}.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit) as exit_:
-        fetch_pinned_model()
+        fetch_pinned_model("oip")
     assert exit_.value.code != 0
     assert f"refusing model iris-classifier v10: sha256 {sha256} does not match pinned {'0' * 64}" in caplog.text
 
@@ -246,3 +246,11 @@ def socket_without_listener() -> Iterator[str]:
     with socket.socket() as bound:
         bound.bind(("127.0.0.1", 0))
         yield f"http://127.0.0.1:{bound.getsockname()[1]}"
+
+
+def test_startup_refuses_a_runtime_other_than_the_images_own(monkeypatch, caplog):
+    monkeypatch.setenv("SERVING_RUNTIME", "mlserver")
+    with pytest.raises(SystemExit) as exit_:
+        fetch_pinned_model("oip")
+    assert exit_.value.code != 0
+    assert "SERVING_RUNTIME is mlserver but this image is the oip build target" in caplog.text

@@ -14,7 +14,7 @@ KEEPALIVE_S = 75
 
 
 def main() -> None:
-    fetched = fetch_pinned_model()
+    fetched = fetch_pinned_model("oip")
     # Unpickling runs code: only bytes whose sha256 was just verified get here.
     model = pickle.loads(fetched.payload)
     # The app refuses non-finite inputs itself, so the model need not check every request again.

@@ -35,7 +35,7 @@ def write_repository(repository: Path, name: str, version: str, payload: bytes) 
 
 
 def main() -> None:
-    fetched = fetch_pinned_model()
+    fetched = fetch_pinned_model("mlserver")
     write_repository(REPOSITORY, fetched.name, fetched.version, fetched.payload)
     os.chdir(REPOSITORY)
     os.execvp("mlserver", ["mlserver", "start", str(REPOSITORY)])

@@ -10,10 +10,15 @@ from serving.registry import FetchedModel, MlflowRegistry, ModelPin, ModelRefuse
 log = logging.getLogger("serving")
 
 
-def fetch_pinned_model() -> FetchedModel:
-    """The model the environment pins; a refusal exits, and the restart policy keeps the replica unready."""
+def fetch_pinned_model(runtime: str) -> FetchedModel:
+    """The model the environment pins, for this image's `runtime` (its build target); a refusal exits,
+    and the restart policy keeps the replica unready."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:
+        declared = os.environ.get("SERVING_RUNTIME", runtime)
+        if declared != runtime:
+            raise ModelRefused(f"SERVING_RUNTIME is {declared} but this image is the {runtime} build target; "
+                               f"build the serving image with --target {declared}")
         pin = ModelPin.from_env()
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             raise ModelRefused("set MLFLOW_TRACKING_URI to the model registry, e.g. http://<stack>-model-registry:5000")
