@@ -146,6 +146,9 @@ class ServingStack:
     replicas: dict[str, list[str]]
     versions: dict[str, str]
     """Model version served by each pool."""
+    serving_image: str
+    network: str
+    tracking_uri: str
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +192,8 @@ def serving_stack(engine) -> ServingStack:
         ready_path="/gateway/health", port=8080)
     engine.wait_healthy(*replicas["blue"], *replicas["green"], gateway)
     return ServingStack(gateway_url=f"http://127.0.0.1:{engine.host_port(gateway, 8080)}", replicas=replicas,
-                        versions={pool: version for pool, (version, _) in pins.items()})
+                        versions={pool: version for pool, (version, _) in pins.items()},
+                        serving_image=serving_image, network=network, tracking_uri=f"http://{registry}:5000")
 
 
 @dataclass
@@ -278,6 +282,18 @@ def test_killing_a_replica_under_load_loses_at_most_a_thousandth(serving_stack):
     assert docker("inspect", "-f", "{{.State.Running}}", victim).stdout.strip() == "false"
     assert outcome.total >= 2000, "too little load to measure a 0.1% loss rate"
     assert failed <= outcome.total / 1000, f"{failed} of {outcome.total} requests failed: {dict(outcome.failed)}"
+
+
+def test_a_replica_pinned_to_other_bytes_exits_with_one_clear_line(engine, serving_stack):
+    version = serving_stack.versions["blue"]
+    replica = engine.run("serving-mispinned", serving_stack.serving_image, "--network", serving_stack.network,
+                         "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}",
+                         "-e", f"MODEL_SHA256={'0' * 64}", "-e", f"MLFLOW_TRACKING_URI={serving_stack.tracking_uri}")
+    exit_code = docker("wait", replica, timeout=120).stdout.strip()
+    logs = docker("logs", replica)
+    assert exit_code != "0"
+    assert f"refusing model iris-classifier v{version}: sha256 " in logs.stdout
+    assert f"does not match pinned {'0' * 64}" in logs.stdout
 
 
 def tiny_image_tar() -> bytes:
