@@ -8,7 +8,8 @@ import pytest
 from mlops.spec import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
-from gateway import GatewayConfigError, Pool, pools_from_env, render  # noqa: E402
+import gateway  # noqa: E402
+from gateway import Gateway, GatewayConfigError, Pool, pools_from_env, render  # noqa: E402
 
 CANARY_ENV = {"UPSTREAM_BLUE": "s-serving-blue-0:8080,s-serving-blue-1:8080", "UPSTREAM_GREEN": "s-serving-green-0:8080",
               "WEIGHT_BLUE": "80", "WEIGHT_GREEN": "20"}
@@ -49,3 +50,20 @@ def test_a_pool_with_no_resolved_replica_answers_502_instead_of_failing_to_start
     config = render(pools_from_env({"UPSTREAM_BLUE": "s-serving-blue-0:8080", "WEIGHT_BLUE": "100"}), {})
     assert "upstream blue {\n        server 127.0.0.1:9 down;" in config
     assert "        * blue;\n" in config and "% blue" not in config
+
+
+def test_nginx_is_reloaded_only_when_a_replica_first_resolves_or_moves(monkeypatch, tmp_path):
+    dns = {"s-serving-blue-0:8080": "172.20.0.5:8080"}
+    monkeypatch.setattr(gateway, "resolve", dns.get)
+    running = Gateway(pools_from_env(CANARY_ENV), runtime_dir=tmp_path)
+    assert running.refresh_addresses() is True
+    assert running.refresh_addresses() is False
+    dns["s-serving-blue-1:8080"] = "172.20.0.6:8080"
+    assert running.refresh_addresses() is True
+    del dns["s-serving-blue-0:8080"]  # stopped: nginx's failure handling skips it, no reload needed
+    assert running.refresh_addresses() is False
+    assert running.addresses["s-serving-blue-0:8080"] == "172.20.0.5:8080"
+    dns["s-serving-blue-0:8080"] = "172.20.0.9:8080"  # replaced at a new address
+    assert running.refresh_addresses() is True
+    running.write_config()
+    assert "server 172.20.0.9:8080" in (tmp_path / "nginx.conf").read_text()
