@@ -69,6 +69,11 @@ def test_invalid_param_value_is_a_training_error(tmp_path):
         train(TrainingRequest(params={"max_depth": "deep"}), tmp_path)
 
 
+def test_seed_outside_numpy_range_is_rejected():
+    with pytest.raises(TrainingError, match=r"--seed must be in \[0, 2\*\*32\), got -1"):
+        TrainingRequest(seed=-1)
+
+
 @pytest.mark.parametrize("subset", [0, -0.5, 1.5])
 def test_subset_outside_the_unit_interval_is_rejected(subset):
     with pytest.raises(TrainingError, match=r"--subset must be a fraction in \(0, 1\]"):

@@ -111,15 +111,16 @@ def run_arguments(spec: StageSpec, image: str, digest: str, name: str, training_
 
 
 def stream_run(spec: StageSpec, arguments: list[str]) -> tuple[int, Optional[re.Match[str]]]:
-    """Print the run's output as it comes; return its exit code and the `REGISTERED` line."""
+    """Print the run's output as it comes, except the `REGISTERED` line: return it with the exit code."""
     registered = None
     with subprocess.Popen(["docker", *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1, env=docker_env(spec)) as process:
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip("\n")
-            registered = REGISTERED.match(line) or registered
-            if line.startswith("error:"):
+            if match := REGISTERED.match(line):
+                registered = match
+            elif line.startswith("error:"):
                 errors.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
             else:
                 console.print(line, markup=False, highlight=False, soft_wrap=True)

@@ -26,7 +26,7 @@ DEFAULT_MODEL_NAME = "iris-classifier"
 HELD_OUT_FRACTION = 0.25
 PICKLE_PROTOCOL = 5
 CODE_DIR = Path(__file__).resolve().parent
-# One thread: parallel tree building is nondeterministic in float summation order.
+# n_jobs is pickled with the model: fixed, the model's bytes do not depend on how many cores a run used.
 FIXED_ESTIMATOR_PARAMS = {"n_jobs": 1}
 
 
@@ -43,6 +43,8 @@ class TrainingRequest:
 
     def __post_init__(self) -> None:
         """Reject bad inputs before any work, so a run either fails at once or trains."""
+        if not 0 <= self.seed < 2**32:
+            raise TrainingError(f"--seed must be in [0, 2**32), got {self.seed}")
         if not 0 < self.subset <= 1:
             raise TrainingError(f"--subset must be a fraction in (0, 1], got {self.subset}")
         new_estimator(self)

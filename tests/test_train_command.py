@@ -1,0 +1,57 @@
+"""`mlops train` without a Docker engine: which image it runs, how it runs it, and its input errors."""
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from mlops import plan as planning
+from mlops.cli import app
+from mlops.commands.train import run_arguments, training_image
+from mlops.errors import SpecError
+from mlops.spec import ENVIRONMENTS_DIR, load_stage, load_stages
+
+from tests.conftest import FIXTURE_TRAINING_IMAGE
+
+
+def test_dev_runs_the_training_image_the_program_builds():
+    spec = load_stages(["dev"])[0]
+    built = [resource.inputs["imageName"] for resource in planning.render("dev", spec)
+             if resource.type == "docker:index/image:Image" and "/training:" in resource.inputs["imageName"]]
+    assert built == [training_image(spec, ENVIRONMENTS_DIR)]
+
+
+def test_promoted_stages_run_the_promoted_digest(released_environments):
+    spec = load_stage("staging", released_environments)
+    assert training_image(spec, released_environments) == FIXTURE_TRAINING_IMAGE
+
+
+def test_nothing_promoted_is_a_spec_error():
+    with pytest.raises(SpecError, match="no training image is promoted to staging yet"):
+        training_image(load_stages(["staging"])[0], ENVIRONMENTS_DIR)
+
+
+def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environments):
+    spec = load_stage("dev", environments, overrides={"training": {"gpu": True, "limits": {"cpus": 1.5, "memory_mb": 768}}})
+    arguments = run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", ["--seed", "3"])
+    pairs = set(zip(arguments, arguments[1:]))
+    assert {("--network", "dev-net"), ("--user", "10001:10001"), ("--cpus", "1.5"), ("--memory", "768m"),
+            ("--gpus", "all"), ("--security-opt", "no-new-privileges:true"), ("--cap-drop", "ALL"),
+            ("--label", "mlops.component=training-run"), ("--label", "mlops.stage=dev"),
+            ("--label", "mlops.stack=dev"), ("--env", "MLFLOW_TRACKING_URI=http://dev-model-registry:5000"),
+            ("--env", "TRAINING_IMAGE_DIGEST=sha256:abc")} <= pairs
+    assert "--read-only" in arguments and arguments[-3:] == ["image:tag", "--seed", "3"]
+
+
+def test_no_gpu_unless_asked():
+    assert "--gpus" not in run_arguments(load_stages(["dev"])[0], "image:tag", "sha256:abc", "dev-train-1", [])
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--subset", "0"], "error: --subset must be a fraction in (0, 1], got 0.0"),
+    (["--subset", "1.5"], "error: --subset must be a fraction in (0, 1], got 1.5"),
+    (["--param", "n_estimators"], "error: --param 'n_estimators' is not key=value"),
+])
+def test_bad_input_is_one_line_and_exit_2(arguments, message):
+    result = CliRunner().invoke(app, ["train", "--stage", "dev", *arguments])
+    assert result.exit_code == 2
+    assert result.output.strip() == message
