@@ -50,7 +50,8 @@ def _mlflow_from_wheels(cache: Path) -> Path | None:
         return executable
     shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--require-hashes",
+    # --no-deps as in the image: the lock leaves out flavour-only dependencies mlflow declares.
+    subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--require-hashes", "--no-deps",
                     "--find-links", str(wheels), "-r", str(lock)], check=True)
     stamp.write_text(lock_sha)
     return executable
