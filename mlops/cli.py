@@ -6,12 +6,7 @@ import sys
 import typer
 from rich.console import Console
 
-from mlops.commands import specs
-from mlops.commands import diff
-from mlops.commands import parity
-from mlops.commands import promote
-from mlops.commands import train
-from mlops.commands import experiments
+from mlops.commands import diff, experiments, parity, promote, specs, train
 from mlops.errors import SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
