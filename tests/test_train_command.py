@@ -31,7 +31,8 @@ def test_nothing_promoted_is_a_spec_error():
 
 
 def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environments):
-    spec = load_stage("dev", environments, overrides={"training": {"gpu": True, "limits": {"cpus": 1.5, "memory_mb": 768}}})
+    gpu_training = {"training": {"gpu": True, "limits": {"cpus": 1.5, "memory_mb": 768}}}
+    spec = load_stage("dev", environments, overrides=gpu_training)
     arguments = run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", ["--seed", "3"])
     pairs = set(zip(arguments, arguments[1:]))
     assert {("--network", "dev-net"), ("--user", "10001:10001"), ("--cpus", "1.5"), ("--memory", "768m"),

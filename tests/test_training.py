@@ -60,7 +60,8 @@ def test_manifest_records_inputs_environment_and_outputs(tmp_path, monkeypatch):
 
 
 def test_unknown_param_names_the_allowed_ones():
-    with pytest.raises(TrainingError, match=r"unknown parameter\(s\) n_trees for RandomForestClassifier; allowed: .*n_estimators"):
+    with pytest.raises(TrainingError,
+                       match=r"unknown parameter\(s\) n_trees for RandomForestClassifier; allowed: .*n_estimators"):
         TrainingRequest(params={"n_trees": 5})
 
 

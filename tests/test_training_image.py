@@ -171,9 +171,9 @@ def test_train_registers_identical_models_as_consecutive_versions(training_stack
     tags = {tag["key"]: tag["value"] for tag in version["tags"]}
     assert tags["sha256"] == sha256 and float(tags["accuracy"]) > 0.5
     artifact = version["source"].removeprefix("mlflow-artifacts:/")
-    model = get(f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/{artifact}/model.pkl")
-    assert hashlib.sha256(model).hexdigest() == sha256
-    manifest = json.loads(get(f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/{artifact}/manifest.json"))
+    artifacts = f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/{artifact}"
+    assert hashlib.sha256(get(f"{artifacts}/model.pkl")).hexdigest() == sha256
+    manifest = json.loads(get(f"{artifacts}/manifest.json"))
     assert manifest["environment"]["image_digest"] and len(manifest["environment"]["lock_sha256"]) == 64
 
     leftovers = docker("ps", "--all", "--quiet", "--filter", f"label=mlops.stack={training_stack.name}",

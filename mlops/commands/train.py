@@ -86,7 +86,8 @@ def image_digest(spec: StageSpec, image: str) -> str:
 def check_stack_is_up(spec: StageSpec) -> None:
     network = f"{spec.stage}-net"
     if docker(spec, "network", "inspect", network).returncode != 0:
-        raise fail(f"network {network} does not exist: the {spec.stage} stack is not up; run `make up ENV={spec.stage}`")
+        raise fail(f"network {network} does not exist: the {spec.stage} stack is not up; "
+                   f"run `make up ENV={spec.stage}`")
     registry = f"{spec.stage}-model-registry"
     running = docker(spec, "container", "inspect", "--format", "{{.State.Running}}", registry)
     if running.stdout.strip() != "true":

@@ -16,8 +16,9 @@ REGISTRY_FAILURE_EXIT = 1
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m mlops_training",
-                                     description="Train the iris classifier deterministically and register it in MLflow.")
+    parser = argparse.ArgumentParser(
+        prog="python -m mlops_training",
+        description="Train the iris classifier deterministically and register it in MLflow.")
     parser.add_argument("--subset", type=float, default=1.0, help="fraction (0, 1] of the data, stratified and seeded")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="estimator parameter, repeatable (e.g. n_estimators=50)")
