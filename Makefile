@@ -37,7 +37,9 @@ test-unit: venv
 validate: venv
 	$(VENV)/bin/mlops validate
 
-# Writes BENCHMARKS.md (see benchmarks/run.py); wrk, Debian's HTTP load generator, drives the serving figure.
+# Writes BENCHMARKS.md (see benchmarks/run.py). The serving figure needs wrk, Debian's HTTP load generator,
+# and the wheels of its `mlflow models serve` image.
 bench: venv base-image wheels
 	command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; }
+	scripts/fetch-wheels.sh benchmarks/mlflow_serve
 	$(PY) -m benchmarks.run --output BENCHMARKS.md

@@ -6,9 +6,11 @@ names every step and says `Using cache` for each one it did not run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -41,6 +43,13 @@ class ImageBuild:
     target: Optional[str] = None
     dockerfile: Optional[Path] = None
     """Where the Dockerfile is when it is not the context's own."""
+
+
+def copied(image: ImageBuild, destination: Path) -> ImageBuild:
+    """`image` with its context copied to `destination` as hard links (the wheels are large): replace a file
+    there (unlink, then write) to change it; writing into one would change the original too."""
+    shutil.copytree(image.context, destination, copy_function=os.link)
+    return dataclasses.replace(image, context=destination)
 
 
 def stage_builds(stack: str, spec: StageSpec) -> dict[str, ImageBuild]:
@@ -110,3 +119,9 @@ def _inspect(reference: str) -> dict:
 
 def remove_image(reference: str) -> None:
     subprocess.run(["docker", "image", "rm", reference], capture_output=True, text=True)
+
+
+def remove_if_untagged(image: str) -> None:
+    """Drop an image nothing names any more (removing one by ID would also untag it wherever it is named)."""
+    if image_exists(image) and not _inspect(image)["RepoTags"]:
+        remove_image(image)

@@ -41,9 +41,18 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(list(values))
 
 
+def number(value: float) -> str:
+    """Three significant digits or more, never in exponent notation: 1234, 56.7, 0.89."""
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
 def spread(values: Sequence[float]) -> str:
     """Median with the range of the rounds, so a reader sees how noisy the machine was."""
-    return f"{median(values):.3g} ({min(values):.3g}–{max(values):.3g})"
+    return f"{number(median(values))} ({number(min(values))}–{number(max(values))})"
+
+
+def rounds_text(rounds: int) -> str:
+    return f"{rounds} round" + ("" if rounds == 1 else "s")
 
 
 def ratio(value: float, reference: float) -> str:

@@ -15,14 +15,14 @@ from typing import Callable
 
 from benchmarks import machine, overhead, rebuilds, serving, spinup
 from benchmarks.report import Figure
-from mlops.spec import REPO_ROOT, load_stage
+from mlops.spec import REPO_ROOT
 
 # Report order (the issue's) -> how to measure each; `make bench` runs them in RUN_ORDER.
 FIGURES: dict[str, tuple[str, Callable[[], Figure]]] = {
-    "serving": ("Serving", lambda: serving.measure()),
-    "overhead": ("Program overhead", lambda: overhead.measure()),
-    "rebuilds": ("Rebuilds", lambda: rebuilds.measure(load_stage("dev"))),
-    "spinup": ("Spin-up and image sizes", lambda: spinup.measure()),
+    "serving": ("Serving", serving.measure),
+    "overhead": ("Program overhead", overhead.measure),
+    "rebuilds": ("Rebuilds", rebuilds.measure),
+    "spinup": ("Spin-up and image sizes", spinup.measure),
 }
 # Rebuilds first: its builds leave every image in the cache that spin-up and serving then build from.
 RUN_ORDER = ("overhead", "rebuilds", "spinup", "serving")

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 from benchmarks import builds, loadgen, stage as bench_stage
 from benchmarks.model import FEATURES, MODEL_NAME, model_bytes, sample_rows
-from benchmarks.report import Figure, median, ratio, spread
+from benchmarks.report import Figure, median, ratio, rounds_text, spread
 from mlops.spec import StageSpec
 from tests.engine import StageOnEngine
 
@@ -24,7 +24,7 @@ SERVER_CPU = "1"
 CONCURRENCY = (1, 8, 32)
 ROWS = (1, 100)
 HEADLINE_CONCURRENCY = 8
-MLFLOW_SERVE_DOCKERFILE = Path(__file__).with_name("mlflow_serve") / "Dockerfile"
+MLFLOW_SERVE_CONTEXT = Path(__file__).with_name("mlflow_serve")
 V2_INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
 NANOSECONDS = 1_000_000_000
 
@@ -96,17 +96,16 @@ class Competitors:
 
 
 def build_competitor_images(spec: StageSpec, payload: bytes) -> dict[str, str]:
-    """MLServer from the serving image's `mlserver` target, and `mlflow models serve` FROM the stack's
-    MLflow image with the model baked in; returns their tags."""
-    stage_images = builds.stage_builds("bench", spec)
-    tags = {"mlserver": "mlops-bench/serving:mlserver", "mlflow": "mlops-bench/mlflow:serving",
-            "mlflow-serve": "mlops-bench/mlflow-serve:latest"}
-    builds.build(dataclasses.replace(stage_images["serving"], target="mlserver"), tags["mlserver"])
-    builds.build(stage_images["mlflow"], tags["mlflow"])
-    with tempfile.TemporaryDirectory(prefix="bench-mlflow-serve-") as context:
-        (Path(context) / "model.pkl").write_bytes(payload)
-        builds.build(builds.ImageBuild(name="mlflow-serve", context=Path(context), args={"MLFLOW_IMAGE": tags["mlflow"]},
-                                       dockerfile=MLFLOW_SERVE_DOCKERFILE), tags["mlflow-serve"])
+    """MLServer from the serving image's `mlserver` target, and `mlflow models serve` with the model baked
+    in; returns their tags."""
+    tags = {"mlserver": "mlops-bench/serving:mlserver", "mlflow-serve": "mlops-bench/mlflow-serve:latest"}
+    serving_image = builds.stage_builds("bench", spec)["serving"]
+    builds.build(dataclasses.replace(serving_image, target="mlserver"), tags["mlserver"])
+    mlflow_serve = builds.ImageBuild(name="mlflow-serve", context=MLFLOW_SERVE_CONTEXT, args=serving_image.args)
+    with tempfile.TemporaryDirectory(prefix="bench-mlflow-serve-") as scratch:
+        with_model = builds.copied(mlflow_serve, Path(scratch) / "context")
+        (with_model.context / "model.pkl").write_bytes(payload)
+        builds.build(with_model, tags["mlflow-serve"])
     return tags
 
 
@@ -118,7 +117,7 @@ def running_servers() -> Iterator[list[Server]]:
     images = build_competitor_images(spec, payload)
     stage = StageOnEngine(stack=bench_stage.unique_stack("serving"), spec=spec, registry_password="unused")
     try:
-        started = bench_stage.deploy_with_model(stage, payload)
+        started, _ = bench_stage.deploy_with_model(stage, payload)
         for container in started.values():
             container.update(cpuset_cpus=SERVER_CPU)
         replica = started[f"{stage.stack}-serving-blue-0"]
@@ -171,10 +170,10 @@ def measure(rounds: int = 3, duration_s: int = 5, warmup_s: int = 1) -> Figure:
                     for server in servers:
                         result = loadgen.post_load(server.url, bodies[server.label, rows], connections, duration_s)
                         samples.setdefault(Cell(server.label, rows, connections), []).append(result)
-    return _figure(servers, samples, rounds, duration_s)
+    return table(servers, samples, rounds, duration_s)
 
 
-def _figure(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], rounds: int,
+def table(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], rounds: int,
             duration_s: int) -> Figure:
     figure = Figure(
         title="Serving: V2 infer requests against one scikit-learn model",
@@ -183,21 +182,29 @@ def _figure(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]]
         headers=["rows/request", "concurrency", "server", "requests/s: median (min–max)", "p50 ms", "p99 ms",
                  "req/s vs fastest competitor"],
     )
+    default_path = servers[0]
+    verdicts = []
     for rows in ROWS:
         for connections in CONCURRENCY:
             throughput = {server.label: median(r.requests_per_s for r in samples[Cell(server.label, rows, connections)])
                           for server in servers}
-            fastest = max(throughput[server.label] for server in servers if server.competitor)
+            fastest = max((server for server in servers if server.competitor), key=lambda s: throughput[s.label])
+            if connections == HEADLINE_CONCURRENCY:
+                versus = throughput[default_path.label] / throughput[fastest.label]
+                goal = "aim met" if versus >= 2 else "goal met, aim missed" if versus >= 1 else "goal missed"
+                verdicts.append(f"{rows} row(s): {versus:.2f}× {fastest.label} ({goal})")
             for server in servers:
                 results = samples[Cell(server.label, rows, connections)]
                 figure.rows.append([
                     str(rows), str(connections), server.label, spread([r.requests_per_s for r in results]),
                     f"{median(r.p50_ms for r in results):.2f}", f"{median(r.p99_ms for r in results):.2f}",
-                    ratio(throughput[server.label], fastest)])
+                    ratio(throughput[server.label], throughput[fastest.label])])
     figure.notes = [
+        f"At concurrency {HEADLINE_CONCURRENCY}, {default_path.label} against the fastest competitor: "
+        + "; ".join(verdicts) + ".",
         f"Load generator: wrk 4 (Debian) with `benchmarks/post_body.lua`, one thread pinned to CPU 0 "
         f"(`taskset -c 0`), closed loop over N keep-alive connections (N = concurrency), {duration_s} s per cell, "
-        f"{rounds} rounds; within a round the servers run back to back for every setting (A, B, C, D, A, B, …). "
+        f"{rounds_text(rounds)}; within a round the servers run back to back for every setting (A, B, C, D, A, B, …). "
         "Latency percentiles are wrk's, medians over the rounds.",
         f"Every server container is pinned to CPU {SERVER_CPU} (`--cpuset-cpus`) with the dev stage's serving "
         "limits (1 CPU, 512 MB), user 10001, read-only root. The gateway has the stage's own gateway limit "
@@ -213,6 +220,7 @@ def _figure(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]]
         "with the same rows (`{\"inputs\": [[...], ...]}`).",
         "MLServer runs from the serving image's `mlserver` target (MLServer and mlserver-sklearn 1.7.1 from the "
         "same lock, `parallel_workers: 0`); `mlflow models serve` runs MLflow's default scoring server "
-        "(uvicorn, 1 worker) FROM the stack's MLflow image (`benchmarks/mlflow_serve/Dockerfile`).",
+        "(uvicorn, 1 worker) from `benchmarks/mlflow_serve/` (mlflow-skinny, scikit-learn and pandas from its hashed "
+        "lock, the same versions as the training image, built FROM the same base).",
     ]
     return figure

@@ -44,12 +44,15 @@ class ModelSeeder(threading.Thread):
         super().__init__(name=f"seed-{stage.stack}", daemon=True)
         self.stage, self.payload, self.timeout_s = stage, payload, timeout_s
         self.error: Optional[BaseException] = None
+        self.mlflow_answered_at: Optional[float] = None
+        """`time.time()` when MLflow first answered: the end of the stage's first phase, near enough."""
 
     def run(self) -> None:
         try:
             deadline = time.monotonic() + self.timeout_s
             registry = MlflowRegistry(f"http://127.0.0.1:{self._mlflow_port(deadline)}")
             registry.wait_ready(deadline - time.monotonic())
+            self.mlflow_answered_at = time.time()
             registry.register(MODEL_NAME, self.payload)
         except BaseException as error:  # handed to the deploying thread, which reports it
             self.error = error
@@ -65,13 +68,15 @@ class ModelSeeder(threading.Thread):
                 time.sleep(0.1)
 
 
-def deploy_with_model(stage: StageOnEngine, payload: bytes, timeout_s: float = 300) -> dict:
-    """`stage.deploy()` with the model registered alongside; returns the started containers by name."""
+def deploy_with_model(stage: StageOnEngine, payload: bytes, timeout_s: float = 300) -> tuple[dict, float]:
+    """`stage.deploy()` with the model registered alongside: the started containers by name, and when
+    (`time.time()`) MLflow first answered."""
     seeder = ModelSeeder(stage, payload, timeout_s)
     seeder.start()
     try:
-        return stage.deploy(timeout_s)
+        containers = stage.deploy(timeout_s)
     finally:
         seeder.join(timeout_s)
         if seeder.error is not None:
             raise RuntimeError(f"registering the model in {stage.stack} failed: {seeder.error}") from seeder.error
+    return containers, seeder.mlflow_answered_at

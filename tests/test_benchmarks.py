@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from benchmarks import builds, loadgen, overhead
+from benchmarks import builds, loadgen, overhead, serving
 
 CLASSIC_BUILD_OUTPUT = """\
 Step 1/5 : ARG BASE_IMAGE=mlops-base:bookworm
@@ -66,3 +66,17 @@ def test_load_generator_reports_throughput_and_latency():
     finally:
         server.shutdown()
     assert result.requests_per_s > 0 and 0 < result.p50_ms <= result.p99_ms
+
+
+def test_serving_table_compares_against_the_fastest_competitor():
+    labels = {"gateway": False, "direct": False, "mlserver": True, "mlflow": True}
+    servers = [serving.Server(label, "http://unused", serving.v2_body, serving.v2_predictions, competitor)
+               for label, competitor in labels.items()]
+    rates = {"gateway": 300.0, "direct": 400.0, "mlserver": 100.0, "mlflow": 150.0}
+    samples = {serving.Cell(label, rows, connections): [loadgen.LoadResult(rate, 1.0, 2.0)] * 2
+               for label, rate in rates.items() for rows in serving.ROWS for connections in serving.CONCURRENCY}
+    figure = serving.table(servers, samples, rounds=2, duration_s=1)
+    assert len(figure.rows) == len(samples)
+    assert {row[2]: row[-1] for row in figure.rows[:4]} == {
+        "gateway": "2.00×", "direct": "2.67×", "mlserver": "0.67×", "mlflow": "1.00×"}
+    assert "1 row(s): 2.00× mlflow (aim met)" in figure.notes[0]
