@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.report import Figure, alternate, median, ratio, spread
+from benchmarks.report import Figure, alternate, median, ratio, rounds_text, spread
 from mlops.spec import REPO_ROOT
 
 GOAL_RATIO = 1.5
@@ -59,7 +59,7 @@ def measure(stage: str = "prod", rounds: int = 15) -> Figure:
             f"{medians[OURS] - floor:.2f} s above the floor, importing the stack's code (the `mlops` commands, "
             f"components, the Docker provider SDK) takes {medians[IMPORTS_ONLY] - floor:.2f} s and declaring and "
             f"recording its resources under the mocks {medians[OURS] - medians[IMPORTS_ONLY]:.2f} s.",
-            f"{rounds} rounds, the three commands alternating; each is a fresh process, stdout discarded.",
+            f"{rounds_text(rounds)}, the three commands alternating; each is a fresh process, stdout discarded.",
             "Floor: the same `plan` command function, spec loading and validation, mock runtime and output, with "
             "the stack's program replaced by one that declares nothing and none of the stack's code imported "
             "(`benchmarks/empty_plan.py`).",
