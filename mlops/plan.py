@@ -5,6 +5,7 @@ No CLI, engine, credentials or state is involved, so anyone can see what a stage
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -124,18 +125,26 @@ class _PlanMocks(pulumi.runtime.Mocks):
         return {}
 
 
-def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None,
-           reveal_secrets: bool = False) -> list[PlannedResource]:
-    """Run the Pulumi program for `stack` under mocks and return every resource it declares."""
-    from mlops.program import declare_stack
-
+def mock_runtime(stack: str, config: Optional[dict[str, str]] = None) -> _RecordingMonitor:
+    """Point the Pulumi SDK at a fresh recording mock monitor for `stack`, with `config` over the
+    placeholder secrets; returns the monitor, whose `planned()` lists what the program declared."""
+    # The SDK schedules on the current event loop, and a caller's `asyncio.run` leaves none behind.
+    asyncio.set_event_loop(asyncio.new_event_loop())
     monitor = _RecordingMonitor(_PlanMocks())
     # `set_mocks` keeps the root stack resource of an earlier rendering, which would parent this one's
     # resources to a stack this monitor never saw; `mlops diff` renders twice per process.
     pulumi_settings.ROOT.set(None)
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
-    all_config = {**PLAN_SECRETS, **(config or {})}
-    pulumi.runtime.set_all_config(all_config, secret_keys=list(PLAN_SECRETS))
+    pulumi.runtime.set_all_config({**PLAN_SECRETS, **(config or {})}, secret_keys=list(PLAN_SECRETS))
+    return monitor
+
+
+def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None,
+           reveal_secrets: bool = False) -> list[PlannedResource]:
+    """Run the Pulumi program for `stack` under mocks and return every resource it declares."""
+    from mlops.program import declare_stack
+
+    monitor = mock_runtime(stack, config)
 
     @pulumi.runtime.test
     def program():

@@ -154,8 +154,7 @@ def test_secrets_never_reach_exports_and_derived_values_stay_secret():
 
     spec = load_stages(["dev"])[0]
     password = "correct horse battery staple"
-    pulumi.runtime.set_mocks(plan._PlanMocks(), project=plan.PROJECT, stack="dev", preview=False)
-    pulumi.runtime.set_all_config({"mlops:registryPassword": password}, secret_keys=["mlops:registryPassword"])
+    plan.mock_runtime("dev", {"mlops:registryPassword": password})
 
     @pulumi.runtime.test
     def check():
@@ -238,10 +237,7 @@ def test_the_pulumi_entry_point_declares_what_plan_renders():
 
     from mlops.spec import REPO_ROOT
 
-    monitor = plan._RecordingMonitor(plan._PlanMocks())
-    pulumi.runtime.settings.ROOT.set(None)
-    pulumi.runtime.set_mocks(monitor.mocks, project=plan.PROJECT, stack="staging", preview=False, monitor=monitor)
-    pulumi.runtime.set_all_config({"mlops:registryPassword": "x"}, secret_keys=["mlops:registryPassword"])
+    monitor = plan.mock_runtime("staging")
 
     @pulumi.runtime.test
     def program():
@@ -260,7 +256,6 @@ def test_the_pulumi_entry_point_reports_a_bad_spec_without_a_traceback(environme
     (environments / "prod.yaml").write_text((environments / "prod.yaml").read_text().replace("replicas: 3", "replicas: 1"))
     # The entry point reads the shipped environments/; point its default at the broken copy.
     monkeypatch.setattr(spec_module.load_stages, "__defaults__", (environments,))
-    pulumi.runtime.settings.ROOT.set(None)
-    pulumi.runtime.set_mocks(plan._PlanMocks(), project=plan.PROJECT, stack="prod", preview=False)
+    plan.mock_runtime("prod")
     with pytest.raises(pulumi.RunError, match=r"prod.yaml:16: serving.replicas: prod serves with at least 2 replicas"):
         runpy.run_path(str(REPO_ROOT / "__main__.py"))

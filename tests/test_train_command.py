@@ -1,8 +1,6 @@
 """`mlops train` without a Docker engine: which image it runs, how it runs it, and its input errors."""
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from typer.testing import CliRunner
 
@@ -15,14 +13,7 @@ from mlops.spec import ENVIRONMENTS_DIR, load_stage, load_stages
 from tests.conftest import FIXTURE_TRAINING_IMAGE
 
 
-@pytest.fixture
-def current_event_loop():
-    """Pulumi's mock runtime needs a current event loop, and an earlier test's `asyncio.run` leaves none.
-    It stays installed, as the loop asyncio creates on first use would."""
-    asyncio.set_event_loop(asyncio.new_event_loop())
-
-
-def test_dev_runs_the_training_image_the_program_builds(current_event_loop):
+def test_dev_runs_the_training_image_the_program_builds():
     spec = load_stages(["dev"])[0]
     built = [resource.inputs["imageName"] for resource in planning.render("dev", spec)
              if resource.type == "docker:index/image:Image" and "/training:" in resource.inputs["imageName"]]
