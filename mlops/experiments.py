@@ -12,6 +12,7 @@ stack network, so they must fit a DNS label of 63 characters: 63 - len("exp-") -
 """
 from __future__ import annotations
 
+import json
 import re
 import types
 from dataclasses import asdict, dataclass, field, fields
@@ -24,8 +25,11 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 
 from mlops.errors import SpecError
-from mlops.spec import DNS_LABEL, ENVIRONMENTS_DIR, SHIPPED_STAGES, ExperimentInfo, StageSpec, load_stage
+from mlops.spec import DNS_LABEL, ENVIRONMENTS_DIR, REPO_ROOT, SHIPPED_STAGES, ExperimentInfo, StageSpec, load_stage
 from mlops.yamlsource import deep_merge
+
+EXPERIMENT_CONFIG_KEY = "experiment"
+"""Where an experiment's settings live: the Pulumi config key `mlops:experiment` of its stack."""
 
 EXPERIMENT_PREFIX = "exp-"
 MAX_NAME_LENGTH = 42
@@ -257,3 +261,23 @@ def experiment_spec(stack: str, settings: Any, environments: Path = ENVIRONMENTS
                           source_stage=parsed.source)
     except SpecError as err:
         raise _blame_override(err, parsed.overrides) from None
+
+
+def experiment_spec_from_stack_file(stack: str, project_dir: Path = REPO_ROOT,
+                                    environments: Path = ENVIRONMENTS_DIR) -> StageSpec:
+    """The spec of an experiment from the stack config file `mlops exp up` wrote (`Pulumi.exp-NAME.yaml`),
+    so commands that work beside a running experiment, like `mlops train`, need no Pulumi CLI."""
+    file = project_dir / f"Pulumi.{stack}.yaml"
+    if not file.is_file():
+        raise SpecError(file=file, field="", message=f"no experiment '{stack}' here; create it with "
+                                                     f"`mlops exp up {stack.removeprefix('exp-')}`")
+    try:
+        config = (YAML(typ="safe").load(file.read_text()) or {}).get("config") or {}
+    except YAMLError as err:
+        raise SpecError(file=file, field="", message=f"not valid YAML: {err}") from None
+    settings = config.get(f"mlops:{EXPERIMENT_CONFIG_KEY}")
+    if settings is None:
+        raise SpecError(file=file, field=f"config.mlops:{EXPERIMENT_CONFIG_KEY}",
+                        message="missing: this stack was not created by `mlops exp up`")
+    # `exp up` stores the settings as a JSON string (Pulumi config values are strings).
+    return experiment_spec(stack, json.loads(settings) if isinstance(settings, str) else settings, environments)

@@ -5,9 +5,8 @@ import pulumi
 
 from components.stack import MLOpsStack
 from mlops.errors import SpecError
+from mlops.experiments import EXPERIMENT_CONFIG_KEY, experiment_spec
 from mlops.spec import SHIPPED_STAGES, StageSpec, load_stages
-
-EXPERIMENT_CONFIG_KEY = "experiment"
 
 
 def load_stack_spec(stack: str, config: pulumi.Config) -> StageSpec:
@@ -19,8 +18,6 @@ def load_stack_spec(stack: str, config: pulumi.Config) -> StageSpec:
         raise SpecError(file=f"Pulumi.{stack}.yaml", field=f"mlops:{EXPERIMENT_CONFIG_KEY}",
                         message=f"stack '{stack}' is none of {', '.join(SHIPPED_STAGES)}; experiment stacks "
                                 "are named exp-NAME and created by `mlops exp up NAME`")
-    from mlops.experiments import experiment_spec
-
     return experiment_spec(stack, settings)
 
 

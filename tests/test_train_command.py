@@ -56,3 +56,28 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message):
     result = CliRunner().invoke(app, ["train", "--stage", "dev", *arguments])
     assert result.exit_code == 2
     assert result.output.strip() == message
+
+
+def test_an_experiment_trains_in_its_own_image_network_and_registry(tmp_path):
+    """`mlops exp up` leaves the settings in Pulumi.exp-NAME.yaml; train reads them without the Pulumi CLI."""
+    import json
+
+    from mlops.experiments import ExperimentSettings, experiment_spec_from_stack_file
+
+    settings = ExperimentSettings(name="lr-sweep", owner="alice", created_at="2026-11-25T20:00:00Z",
+                                  expires_at="2026-11-26T04:00:00Z", source="dev",
+                                  overrides={"training.limits.cpus": 1.5})
+    (tmp_path / "Pulumi.exp-lr-sweep.yaml").write_text(
+        "config:\n  mlops:experiment: " + json.dumps(json.dumps(settings.to_config())) + "\n")
+    spec = experiment_spec_from_stack_file("exp-lr-sweep", project_dir=tmp_path)
+    assert (spec.stage, spec.kind, spec.experiment.owner) == ("exp-lr-sweep", "experiment", "alice")
+    assert spec.training.limits.cpus == 1.5
+    arguments = run_arguments(spec, "img", "sha256:" + "0" * 64, "exp-lr-sweep-train-1", [])
+    assert arguments[arguments.index("--network") + 1] == "exp-lr-sweep-net"
+    assert "MLFLOW_TRACKING_URI=http://exp-lr-sweep-model-registry:5000" in arguments
+
+
+def test_training_in_an_experiment_that_does_not_exist_says_how_to_create_it():
+    result = CliRunner().invoke(app, ["train", "--stage", "exp-nothing-here"])
+    assert isinstance(result.exception, SpecError), "cli.main turns a SpecError into one line and exit 2"
+    assert "no experiment 'exp-nothing-here' here; create it with `mlops exp up nothing-here`" in str(result.exception)

@@ -26,10 +26,9 @@ from rich.table import Table
 
 from mlops import orphans
 from mlops.errors import SpecError
-from mlops.experiments import (DEFAULT_SOURCE, DEFAULT_TTL, EXPERIMENT_PREFIX, ExperimentSettings, check_name,
-                               experiment_spec, experiment_stack, is_expired)
+from mlops.experiments import (DEFAULT_SOURCE, DEFAULT_TTL, EXPERIMENT_CONFIG_KEY, EXPERIMENT_PREFIX,
+                               ExperimentSettings, check_name, experiment_spec, experiment_stack, is_expired)
 from mlops.plan import PROJECT
-from mlops.program import EXPERIMENT_CONFIG_KEY
 from mlops.spec import REPO_ROOT
 
 app = typer.Typer(no_args_is_help=True, help="Short-lived experiment stacks exp-NAME with a time to live.")

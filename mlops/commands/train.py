@@ -23,6 +23,7 @@ from components.model_registry import MLFLOW_PORT
 from components.stack import stage_labels
 from mlops.commands.specs import ENVIRONMENTS_OPTION
 from mlops.errors import SpecError
+from mlops.experiments import EXPERIMENT_PREFIX, experiment_spec_from_stack_file
 from mlops.spec import StageSpec, load_stages, stage_file
 
 console = Console()
@@ -129,7 +130,8 @@ def stream_run(spec: StageSpec, arguments: list[str]) -> tuple[int, Optional[re.
 
 
 def train(
-    stage: str = typer.Option(..., "--stage", help="dev, staging or prod: whose training image, network and MLflow"),
+    stage: str = typer.Option(..., "--stage", help="dev, staging, prod or exp-NAME: whose training image, network "
+                                                   "and MLflow"),
     subset: float = typer.Option(1.0, "--subset", help="fraction (0, 1] of the data, stratified and seeded"),
     param: Optional[list[str]] = typer.Option(None, "--param", help="estimator parameter key=value, repeatable"),
     seed: int = typer.Option(0, "--seed", help="seeds the subset, the held-out split and the estimator"),
@@ -142,7 +144,8 @@ def train(
     for assignment in params:
         if not PARAM.match(assignment):
             raise fail(f"--param '{assignment}' is not key=value", BAD_INPUT_EXIT)
-    spec = load_stages([stage], environments)[0]
+    spec = (experiment_spec_from_stack_file(stage, environments=environments) if stage.startswith(EXPERIMENT_PREFIX)
+            else load_stages([stage], environments)[0])
     if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
         raise fail(f"no Docker engine answers at {spec.docker.url}")
     image = training_image(spec, environments)
