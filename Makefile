@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 LOCKED_IMAGES := $(patsubst %/requirements.lock,%,$(wildcard images/*/requirements.lock))
 export PULUMI_BACKEND_URL ?= file://$(CURDIR)/.pulumi-state
 
-.PHONY: venv wheels base-image up test test-unit bench validate
+.PHONY: venv wheels base-image pulumi-cli up test test-unit bench validate
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -19,8 +19,10 @@ wheels:
 base-image:
 	scripts/build-base-image.sh
 
-up: venv
+pulumi-cli:
 	@command -v pulumi >/dev/null || { echo "The Pulumi CLI is missing: install it with 'curl -fsSL https://get.pulumi.com | sh' (https://www.pulumi.com/docs/install/), then rerun 'make up ENV=$(ENV)'."; exit 1; }
+
+up: pulumi-cli venv
 	$(VENV)/bin/mlops validate $(ENV)
 	$(MAKE) base-image wheels
 	mkdir -p .pulumi-state
