@@ -1,8 +1,8 @@
 """`docker build` as the figures use it: timed, with each Dockerfile step classified as cached or executed.
 
 The engine here has no BuildKit (`docker buildx` is not installed), so builds use the classic builder,
-which is also what the stage's Docker provider and the test fixture get from this engine. Its output
-names every step and says `Using cache` for each one it did not run.
+as the test fixture's builds through the Docker SDK do. Its output names every step and says
+`Using cache` for each one it did not run.
 """
 from __future__ import annotations
 
@@ -41,8 +41,6 @@ class ImageBuild:
     context: Path
     args: dict[str, str]
     target: Optional[str] = None
-    dockerfile: Optional[Path] = None
-    """Where the Dockerfile is when it is not the context's own."""
 
 
 def copied(image: ImageBuild, destination: Path) -> ImageBuild:
@@ -65,7 +63,7 @@ def stage_builds(stack: str, spec: StageSpec) -> dict[str, ImageBuild]:
 
 
 def build(image: ImageBuild, tag: str, no_cache: bool = False) -> Build:
-    command = ["docker", "build", "--tag", tag, "--file", str(image.dockerfile or image.context / "Dockerfile")]
+    command = ["docker", "build", "--tag", tag, "--file", str(image.context / "Dockerfile")]
     command += [argument for key, value in sorted(image.args.items()) for argument in ("--build-arg", f"{key}={value}")]
     command += ["--target", image.target] if image.target else []
     command += ["--no-cache"] if no_cache else []

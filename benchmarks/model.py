@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import time
 import urllib.error
 import urllib.request
 
@@ -39,17 +38,6 @@ class MlflowRegistry:
 
     def __init__(self, tracking_uri: str) -> None:
         self.base = tracking_uri.rstrip("/")
-
-    def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.base}/health", timeout=2):
-                    return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"MLflow at {self.base} did not answer within {timeout_s:.0f}s") from None
-                time.sleep(0.2)
 
     def register(self, name: str, payload: bytes) -> str:
         """Log `payload` as a run's model.pkl, register it as a new version of `name`; returns the version."""

@@ -60,13 +60,15 @@ def code_change(image: builds.ImageBuild, code_file: str) -> Rebuild:
     return changed
 
 
-def describe_steps(executed: list[str]) -> str:
-    if not executed:
-        return "none"
-    return f"{len(executed)}: " + ", ".join(f"`{textwrap.shorten(step, width=60, placeholder=' …')}`" for step in executed)
+def describe_steps(build: builds.Build) -> str:
+    cached = f"{build.cached} cached"
+    if not build.executed:
+        return f"none ({cached})"
+    shown = ", ".join(f"`{textwrap.shorten(step, width=60, placeholder=' …')}`" for step in build.executed)
+    return f"{len(build.executed)} ({cached}): {shown}"
 
 
-def measure(rounds: int = 2) -> Figure:
+def measure(rounds: int = 3) -> Figure:
     stage_images = builds.stage_builds("bench", load_stage("dev"))
     figure = Figure(
         title="Rebuilds: no-op and code-only rebuilds against a first build",
@@ -86,16 +88,24 @@ def measure(rounds: int = 2) -> Figure:
                + " in a copy of the build context, built after a cached build of the unchanged copy.",
                "Classic builder (`DOCKER_BUILDKIT=0`): the engine has no BuildKit here (`docker buildx` missing)."],
     )
+    verdicts = []
     for name, code_file in CODE_FILES.items():
         image = stage_images[name]
         first, noop = first_and_noop(image, rounds)
         changed = code_change(image, code_file)
         first_s, noop_s = [b.seconds for b in first], [r.build.seconds for r in noop]
+        noop_verdict = "rebuilt something" if any(r.build.executed or r.layers_changed for r in noop) else "ran nothing"
+        code_verdict = ("rebuilt only the code layer" if changed.layers_changed == 1
+                        else f"changed {changed.layers_changed} layers")
+        verdicts.append(f"{name}: no-op {noop_verdict}, code-only change {code_verdict}")
         figure.rows.append([
             f"{name}" + (f" (target `{image.target}`)" if image.target else ""),
             spread(first_s), spread(noop_s), ratio(median(noop_s), median(first_s)),
             # The worst round: a step that ran in any round is a step that can run.
-            describe_steps(max((r.build.executed for r in noop), key=len)), str(max(r.layers_changed for r in noop)),
-            describe_steps(changed.build.executed), str(changed.layers_changed),
+            describe_steps(max((r.build for r in noop), key=lambda build: len(build.executed))),
+            str(max(r.layers_changed for r in noop)),
+            describe_steps(changed.build), str(changed.layers_changed),
         ])
+    figure.notes.insert(0, "; ".join(verdicts) + ". Steps after a changed one always run again; those that only "
+                           "set metadata (`USER`, `EXPOSE`, `CMD`, `ENTRYPOINT`) add no layer.")
     return figure

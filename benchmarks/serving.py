@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
-import time
-import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +24,6 @@ ROWS = (1, 100)
 HEADLINE_CONCURRENCY = 8
 MLFLOW_SERVE_CONTEXT = Path(__file__).with_name("mlflow_serve")
 V2_INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
-NANOSECONDS = 1_000_000_000
 
 
 def v2_body(rows: list[list[float]]) -> bytes:
@@ -68,31 +65,16 @@ def container_address(container) -> str:
     return next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
 
 
-def wait_answering(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.URLError, OSError):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s") from None
-            time.sleep(0.5)
-
-
-class Competitors:
-    """MLServer and `mlflow models serve` on the stage's network, hardened and limited like its replicas."""
-
-    def __init__(self, stage: StageOnEngine, network: str, limits) -> None:
-        self.stage, self.network, self.limits = stage, network, limits
-
-    def start(self, name: str, image: str, environment: dict[str, str]):
-        return self.stage.client.containers.run(
-            image, name=f"{self.stage.stack}-{name}", detach=True, user="10001:10001", read_only=True,
-            tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"}, security_opt=["no-new-privileges:true"],
-            cap_drop=["ALL"], mem_limit=f"{self.limits.memory_mb}m", nano_cpus=int(self.limits.cpus * NANOSECONDS),
-            cpuset_cpus=SERVER_CPU, environment=environment, network=self.network,
-            labels={"mlops.stack": self.stage.stack})
+def start_like(replica, name: str, image: str, environment: dict[str, str]):
+    """`image` as a sibling of the stack's `replica`: same network, user, hardening and limits, pinned to SERVER_CPU."""
+    host = replica.attrs["HostConfig"]
+    stack = replica.labels["mlops.stack"]
+    return replica.client.containers.run(
+        image, name=f"{stack}-{name}", detach=True, user=replica.attrs["Config"]["User"],
+        read_only=host["ReadonlyRootfs"], tmpfs=host["Tmpfs"], security_opt=host["SecurityOpt"],
+        cap_drop=host["CapDrop"], mem_limit=host["Memory"], nano_cpus=host["NanoCpus"], cpuset_cpus=SERVER_CPU,
+        environment=environment, network=next(iter(replica.attrs["NetworkSettings"]["Networks"])),
+        labels={"mlops.stack": stack})
 
 
 def build_competitor_images(spec: StageSpec, payload: bytes) -> dict[str, str]:
@@ -122,12 +104,12 @@ def running_servers() -> Iterator[list[Server]]:
             container.update(cpuset_cpus=SERVER_CPU)
         replica = started[f"{stage.stack}-serving-blue-0"]
         gateway = started[f"{stage.stack}-gateway"]
+        replica.reload()
         environment = dict(item.split("=", 1) for item in replica.attrs["Config"]["Env"])
-        competitors = Competitors(stage, network=f"{stage.stack}-net", limits=spec.serving.limits)
-        mlserver = competitors.start("mlserver", images["mlserver"], {**environment, "SERVING_RUNTIME": "mlserver"})
-        mlflow_serve = competitors.start("mlflow-serve", images["mlflow-serve"], {})
-        wait_answering(f"http://{container_address(mlserver)}:8080/v2/health/ready", 180)
-        wait_answering(f"http://{container_address(mlflow_serve)}:8080/health", 180)
+        mlserver = start_like(replica, "mlserver", images["mlserver"], {**environment, "SERVING_RUNTIME": "mlserver"})
+        mlflow_serve = start_like(replica, "mlflow-serve", images["mlflow-serve"], {})
+        bench_stage.wait_ready(f"http://{container_address(mlserver)}:8080/v2/health/ready", 180)
+        bench_stage.wait_ready(f"http://{container_address(mlflow_serve)}:8080/health", 180)
         yield [
             Server("ours: gateway → oip replica", f"http://{container_address(gateway)}:8080{V2_INFER_PATH}",
                    v2_body, v2_predictions, competitor=False),

@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 from typing import Optional
 
 import docker
@@ -36,6 +37,19 @@ def dev_spec(image_registry: bool = True, docker_chooses_ports: bool = False) ->
     return load_stage("dev", overrides=overrides)
 
 
+def wait_ready(url: str, timeout_s: float) -> None:
+    """Until `url` answers a success (an HTTP error status counts as not ready yet)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s") from None
+            time.sleep(0.2)
+
+
 class ModelSeeder(threading.Thread):
     """Registers the model in the stage's MLflow as soon as it answers, while `deploy` carries on, as
     `mlops train` would on a fresh stage: dev replicas serve the newest version, so they need one."""
@@ -45,15 +59,15 @@ class ModelSeeder(threading.Thread):
         self.stage, self.payload, self.timeout_s = stage, payload, timeout_s
         self.error: Optional[BaseException] = None
         self.mlflow_answered_at: Optional[float] = None
-        """`time.time()` when MLflow first answered: the end of the stage's first phase, near enough."""
+        """`time.time()` when MLflow first answered its health endpoint."""
 
     def run(self) -> None:
         try:
             deadline = time.monotonic() + self.timeout_s
-            registry = MlflowRegistry(f"http://127.0.0.1:{self._mlflow_port(deadline)}")
-            registry.wait_ready(deadline - time.monotonic())
+            tracking_uri = f"http://127.0.0.1:{self._mlflow_port(deadline)}"
+            wait_ready(f"{tracking_uri}/health", deadline - time.monotonic())
             self.mlflow_answered_at = time.time()
-            registry.register(MODEL_NAME, self.payload)
+            MlflowRegistry(tracking_uri).register(MODEL_NAME, self.payload)
         except BaseException as error:  # handed to the deploying thread, which reports it
             self.error = error
 

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from benchmarks import builds, loadgen, overhead, serving
+from benchmarks import builds, loadgen, overhead, serving, stage
 
 CLASSIC_BUILD_OUTPUT = """\
 Step 1/5 : ARG BASE_IMAGE=mlops-base:bookworm
@@ -31,6 +31,14 @@ def test_build_steps_are_classified_as_cached_or_executed():
     assert executed == ["COPY mlops_training/ /opt/training/mlops_training/",
                         'ENTRYPOINT ["python3", "-m", "mlops_training"]']
     assert cached == 1
+
+
+def test_the_serving_stage_builds_what_dev_builds_and_publishes_nothing_fixed():
+    spec = stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+    assert spec.serving.port.host_port is None and spec.model_registry.port.host_port is None
+    images = builds.stage_builds("bench", spec)
+    assert {"training", "serving", "mlflow", "gateway"} <= images.keys()
+    assert images["serving"].target == spec.serving.runtime
 
 
 def test_overhead_figure_runs_every_command():
