@@ -2,6 +2,7 @@
 program renders (`tests/engine.py`), with a unique stack name and host ports of its own."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -19,10 +20,15 @@ MLFLOW_PORT = 5000
 PUBLISHED = ("model_registry", "image_registry", "serving")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Distinct ports free on the loopback right now: each probe stays bound until all are chosen."""
+    with contextlib.ExitStack() as probes:
+        ports = []
+        for _ in range(count):
+            probe = probes.enter_context(socket.socket())
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+        return ports
 
 
 def unique_stack(purpose: str) -> str:
@@ -32,7 +38,8 @@ def unique_stack(purpose: str) -> str:
 def dev_spec(image_registry: bool = True, docker_chooses_ports: bool = False) -> StageSpec:
     """dev as shipped, on free host ports (or Docker's choice: only possible without the image registry,
     whose port is part of the pushed images' names)."""
-    overrides: dict = {part: {"port": {"host_port": None if docker_chooses_ports else free_port()}} for part in PUBLISHED}
+    ports = [None] * len(PUBLISHED) if docker_chooses_ports else free_ports(len(PUBLISHED))
+    overrides: dict = {part: {"port": {"host_port": port}} for part, port in zip(PUBLISHED, ports)}
     overrides["image_registry"]["enabled"] = image_registry
     return load_stage("dev", overrides=overrides)
 
