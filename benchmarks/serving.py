@@ -200,9 +200,9 @@ def table(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], 
         "Request format: V2 (`{\"inputs\": [{\"name\", \"shape\": [N, 4], \"datatype\": \"FP64\", \"data\"}]}`) for the "
         "stack and MLServer; MLflow's scoring server does not speak V2, so it gets its own `/invocations` format "
         "with the same rows (`{\"inputs\": [[...], ...]}`).",
-        "MLServer runs from the serving image's `mlserver` target (MLServer and mlserver-sklearn 1.7.1 from the "
-        "same lock, `parallel_workers: 0`); `mlflow models serve` runs MLflow's default scoring server "
-        "(uvicorn, 1 worker) from `benchmarks/mlflow_serve/` (mlflow-skinny, scikit-learn and pandas from its hashed "
-        "lock, the same versions as the training image, built FROM the same base).",
+        "MLServer runs from the serving image's `mlserver` target (MLServer and mlserver-sklearn 1.7.1 from "
+        "`requirements-mlserver.lock`, `parallel_workers: 0`); `mlflow models serve` runs MLflow's default "
+        "scoring server (uvicorn, 1 worker) from `benchmarks/mlflow_serve/` (mlflow-skinny, scikit-learn and "
+        "pandas from its hashed lock, the same versions as the training image, built FROM the same base).",
     ]
     return figure
