@@ -1,7 +1,6 @@
 """A private image registry with htpasswd authentication; the password comes only from a Pulumi secret."""
 from __future__ import annotations
 
-import base64
 import hashlib
 from typing import TypedDict
 

@@ -97,7 +97,7 @@ class MLOpsStack(pulumi.ComponentResource):
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest
 
-        self.register_outputs({key: value for key, value in self.exports().items()})
+        self.register_outputs(self.exports())
 
     def exports(self) -> dict[str, pulumi.Output]:
         """Stack outputs: endpoints and the image digests promotion copies. Nothing secret."""

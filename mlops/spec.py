@@ -218,10 +218,6 @@ class StageSpec(StrictModel):
     def builds_workloads(self) -> bool:
         return self.kind in BUILDING_KINDS
 
-    @property
-    def serves(self) -> bool:
-        return self.release is not None
-
     def published_ports(self) -> dict[str, PublishedPort]:
         ports = {"model_registry.port": self.model_registry.port, "serving.port": self.serving.port}
         if self.image_registry.enabled:
