@@ -15,6 +15,10 @@ class ArtifactStoreArgs(TypedDict):
     stack: str
     spec: ArtifactStoreSpec
     labels: dict[str, str]
+    """Identity labels only: a label edit would replace the volume and delete its data."""
+    retain_on_delete: bool
+    """Keep the Docker volumes when Pulumi deletes the resources (every stage but throw-away experiments,
+    whose volumes `mlops exp gc` removes by label)."""
 
 
 class ArtifactStore(pulumi.ComponentResource):
@@ -25,6 +29,7 @@ class ArtifactStore(pulumi.ComponentResource):
     def __init__(self, name: str, args: ArtifactStoreArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("mlops:artifact_store:ArtifactStore", name, None, opts)
         protect = args["spec"].protect
+        retain = args["retain_on_delete"] or protect
         labels = [docker.VolumeLabelArgs(label=key, value=value)
                   for key, value in sorted({**args["labels"], "mlops.component": "artifact-store"}.items())]
         volumes = {
@@ -32,9 +37,11 @@ class ArtifactStore(pulumi.ComponentResource):
                 f"{name}-{volume}",
                 name=f"{args['stack']}-{volume}",
                 labels=labels,
-                # Losing prod volumes loses every model ever trained there: protect blocks deletion in
-                # Pulumi, retain_on_delete keeps the Docker volume even when the stack is destroyed.
-                opts=pulumi.ResourceOptions(parent=self, protect=protect, retain_on_delete=protect),
+                # A volume's data outlives its resource: retain_on_delete keeps the Docker volume when the
+                # resource is deleted or replaced, so a destroy, a rename in code or a ForceNew edit never
+                # deletes models or images (a later `pulumi up` finds the volume again by its name).
+                # Protect (prod) makes Pulumi refuse the delete outright.
+                opts=pulumi.ResourceOptions(parent=self, protect=protect, retain_on_delete=retain),
             ).name
             for volume in VOLUMES
         }

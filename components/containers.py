@@ -6,7 +6,7 @@ from typing import Optional, Sequence
 import pulumi
 import pulumi_docker as docker
 
-from mlops.spec import HealthCheck, Limits, PublishedPort
+from mlops.spec import HealthCheck, Limits, PublishedPort, provider_cpus
 
 APP_USER = "10001:10001"
 DEFAULT_TMPFS = {"/tmp": "rw,noexec,nosuid,size=64m"}
@@ -17,6 +17,23 @@ def container_labels(labels: dict[str, str], component: str) -> list[docker.Cont
             for key, value in sorted({**labels, "mlops.component": component}.items())]
 
 
+def go_duration(seconds: int) -> str:
+    """A duration as Go's time.Duration.String() writes it (90 -> "1m30s"): the provider reads health-check
+    durations back in that form (terraform-provider-docker v4.5.0, resource_docker_container_funcs.go), so
+    "60s" would differ from the state on every `pulumi up`."""
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def healthy_within_s(check: HealthCheck) -> int:
+    """How long `pulumi up` waits for a new container to turn healthy: the start period, then every retry
+    failing at its timeout, plus one more interval and a margin for the engine."""
+    return check.start_period_s + (check.retries + 1) * (check.interval_s + check.timeout_s) + 30
+
+
 def http_healthcheck(port: int, path: str, check: HealthCheck) -> docker.ContainerHealthcheckArgs:
     """An HTTP probe that needs nothing but the base image's python3; any answer below 500 is alive."""
     probe = ("import sys,urllib.request,urllib.error\n"
@@ -25,8 +42,8 @@ def http_healthcheck(port: int, path: str, check: HealthCheck) -> docker.Contain
              "except Exception: sys.exit(1)")
     return docker.ContainerHealthcheckArgs(
         tests=["CMD", "python3", "-c", probe, f"http://127.0.0.1:{port}{path}", str(check.timeout_s)],
-        interval=f"{check.interval_s}s", timeout=f"{check.timeout_s}s",
-        retries=check.retries, start_period=f"{check.start_period_s}s")
+        interval=go_duration(check.interval_s), timeout=go_duration(check.timeout_s),
+        retries=check.retries, start_period=go_duration(check.start_period_s))
 
 
 def published(internal: int, port: PublishedPort) -> list[docker.ContainerPortArgs]:
@@ -42,7 +59,9 @@ def hardened_container(
     network: pulumi.Input[str],
     limits: Limits,
     labels: list[docker.ContainerLabelArgs],
-    healthcheck: docker.ContainerHealthcheckArgs,
+    health_check: HealthCheck,
+    health_path: tuple[int, str],
+    wait: bool = True,
     envs: Optional[Sequence[pulumi.Input[str]]] = None,
     command: Optional[Sequence[str]] = None,
     ports: Optional[list[docker.ContainerPortArgs]] = None,
@@ -51,7 +70,11 @@ def hardened_container(
     aliases: Optional[list[str]] = None,
     depends_on: Optional[list[pulumi.Resource]] = None,
 ) -> docker.Container:
-    """A non-root, read-only, capability-free container with limits, labels, a health check and restarts."""
+    """A non-root, read-only, capability-free container with limits, labels, a health check and restarts.
+
+    With `wait`, `pulumi up` fails unless the container turns healthy in time, and whatever depends on it
+    starts only once it answers."""
+    port, path = health_path
     return docker.Container(
         resource_name,
         name=name,
@@ -62,9 +85,14 @@ def hardened_container(
         security_opts=["no-new-privileges:true"],
         capabilities=docker.ContainerCapabilitiesArgs(drops=["ALL"]),
         memory=limits.memory_mb,
-        cpus=str(limits.cpus),
+        # Docker doubles an unset swap limit and the provider reads that back, a diff on every run; equal
+        # to memory it also means no swap.
+        memory_swap=limits.memory_mb,
+        cpus=provider_cpus(limits.cpus),
         labels=labels,
-        healthcheck=healthcheck,
+        healthcheck=http_healthcheck(port, path, health_check),
+        wait=wait,
+        wait_timeout=healthy_within_s(health_check) if wait else None,
         restart="unless-stopped",
         envs=envs,
         command=command,

@@ -8,8 +8,8 @@ import bcrypt
 import pulumi
 import pulumi_docker as docker
 
-from components.containers import container_labels, hardened_container, http_healthcheck, published
-from components.images import image_id
+from components.containers import container_labels, hardened_container, published
+from components.images import BuildSettings, image_id
 from mlops.spec import ImageRegistrySpec
 
 REGISTRY_PORT = 5000
@@ -30,7 +30,7 @@ def htpasswd_entry(username: str, password: str, stack: str) -> str:
 class ImageRegistryArgs(TypedDict):
     stack: str
     spec: ImageRegistrySpec
-    base_image: str
+    builds: BuildSettings
     network: pulumi.Input[str]
     data_volume: pulumi.Input[str]
     password: pulumi.Input[str]
@@ -52,11 +52,11 @@ class ImageRegistry(pulumi.ComponentResource):
             parent=self,
             name=f"{stack}-image-registry",
             image=image_id(f"{name}-image", parent=self, stack=stack, image="registry", source=spec.image,
-                           base_image=args["base_image"]),
+                           settings=args["builds"]),
             network=args["network"],
             limits=spec.limits,
             labels=container_labels(args["labels"], "image-registry"),
-            healthcheck=http_healthcheck(REGISTRY_PORT, "/", spec.health_check),
+            health_check=spec.health_check, health_path=(REGISTRY_PORT, "/"),
             envs=[pulumi.Output.concat("REGISTRY_HTPASSWD_ENTRY=", entry)],
             ports=published(REGISTRY_PORT, spec.port),
             volumes=[docker.ContainerVolumeArgs(volume_name=args["data_volume"], container_path="/var/lib/registry")],

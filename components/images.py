@@ -1,38 +1,87 @@
 """Images built from this repo, tagged by a hash of everything that goes into them.
 
 The tag changes exactly when an input changes, so an unchanged context never rebuilds and containers
-that run the image's ID are replaced exactly when the image is.
+that run the image's ID are replaced exactly when the image is. The provider decides whether to rebuild
+from its own hash of the build context (pulumi-docker v5 provider/provider.go `hashContext`: every file
+`.dockerignore` lets through, with its mode); the content tag hashes the same files, modes included, so
+the two agree, and the platform is always explicit so a laptop of another architecture builds the
+image the stage's host runs.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 import pulumi
 import pulumi_docker as docker
 
-from mlops.spec import REPO_ROOT, ImageSource
+from mlops.spec import REPO_ROOT, ImageSource, StageSpec
 
-IGNORED_PARTS = {"wheels", "wheels.partial", "__pycache__", ".pytest_cache"}
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What every image a stage builds starts FROM, and the platform of the host that runs it."""
+
+    base_image: str
+    platform: str
+
+    @classmethod
+    def of(cls, spec: StageSpec) -> "BuildSettings":
+        return cls(base_image=spec.training.base_image, platform=spec.docker.platform)
+
+    @property
+    def build_args(self) -> dict[str, str]:
+        return {"BASE_IMAGE": self.base_image}
+
+
+@lru_cache(maxsize=None)
+def _ignore_rules(dockerignore: Path) -> tuple[tuple[re.Pattern, bool], ...]:
+    """`.dockerignore` patterns as (regex, excludes) in file order; the last matching rule wins, as in
+    Docker's patternmatcher. `**` spans directories, `*` and `?` stay within one path segment."""
+    rules = []
+    for line in dockerignore.read_text().splitlines():
+        pattern = line.strip()
+        if not pattern or pattern.startswith("#"):
+            continue
+        excludes = not pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        regex = ""
+        for part in re.split(r"(\*\*/|\*\*|\*|\?)", pattern):
+            regex += {"**/": "(.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part))
+        rules.append((re.compile(f"^{regex}$"), excludes))
+    return tuple(rules)
+
+
+def _ignored(relative: str, rules: tuple[tuple[re.Pattern, bool], ...]) -> bool:
+    """A path is left out when it, or a folder above it, matches a rule."""
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
+    ignored = False
+    for regex, excludes in rules:
+        if any(regex.match(prefix) for prefix in prefixes):
+            ignored = excludes
+    return ignored
 
 
 def context_files(context: Path) -> list[Path]:
-    """The files of a build context that define the image; `wheels/` is derived from the lock, and
-    `wheels.partial/` is scripts/fetch-wheels.sh's download in progress (hashing it slowed every plan)."""
+    """The files of a build context that reach the build, as `.dockerignore` selects them."""
+    dockerignore = context / ".dockerignore"
+    rules = _ignore_rules(dockerignore) if dockerignore.is_file() else ()
     return sorted(path for path in context.rglob("*")
-                  if path.is_file() and not IGNORED_PARTS.intersection(path.relative_to(context).parts)
-                  and path.suffix != ".pyc")
+                  if path.is_file() and not _ignored(path.relative_to(context).as_posix(), rules))
 
 
-def content_tag(context: str, build_args: dict[str, str], target: Optional[str] = None) -> str:
+def content_tag(context: str, settings: BuildSettings, target: Optional[str] = None) -> str:
     root = REPO_ROOT / context
     digest = hashlib.sha256()
-    for key, value in sorted({**build_args, "target": target or ""}.items()):
+    for key, value in sorted({**settings.build_args, "target": target or "", "platform": settings.platform}.items()):
         digest.update(f"{key}={value}\n".encode())
     for path in context_files(root):
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_mode & 0o777:o}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
 
@@ -44,40 +93,49 @@ class PushTarget:
     password: pulumi.Input[str]
 
 
-def built_image_name(stack: str, image: str, context: str, base_image: str, registry_server: Optional[str] = None,
-                     target: Optional[str] = None) -> str:
+def built_image_name(stack: str, image: str, context: str, settings: BuildSettings,
+                     registry_server: Optional[str] = None, target: Optional[str] = None) -> str:
     """The name `build_image` gives `context`'s image: `<registry server>/<stack>/<image>:<content hash>` when
     pushed, else `mlops-<stack>/<image>:<content hash>`. `mlops train` finds the image the stack built by it."""
-    repository = f"{stack}/{image}:{content_tag(context, {'BASE_IMAGE': base_image}, target)}"
+    repository = f"{stack}/{image}:{content_tag(context, settings, target)}"
     return f"{registry_server}/{repository}" if registry_server else f"mlops-{repository}"
 
 
 def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str, context: str,
-                base_image: str, target: Optional[str] = None, push: Optional[PushTarget] = None,
+                settings: BuildSettings, target: Optional[str] = None, push: Optional[PushTarget] = None,
                 depends_on: Optional[list[pulumi.Resource]] = None) -> docker.Image:
-    """Build `context` as `built_image_name(...)`, pushed when a registry is given."""
-    build_args = {"BASE_IMAGE": base_image}
+    """Build `context` as `built_image_name(...)` with BuildKit for the stage's platform, pushed when a
+    registry is given."""
     image_name = (pulumi.Output.from_input(push.server).apply(
-                      lambda server: built_image_name(stack, image, context, base_image, server, target))
-                  if push else built_image_name(stack, image, context, base_image, target=target))
+                      lambda server: built_image_name(stack, image, context, settings, server, target))
+                  if push else built_image_name(stack, image, context, settings, target=target))
     return docker.Image(
         resource_name,
         image_name=image_name,
         # Relative to the project folder, where Pulumi runs the program: renderings match on every clone.
-        build=docker.DockerBuildArgs(context=context, dockerfile=f"{context}/Dockerfile",
-                                     args=build_args, target=target),
+        build=docker.DockerBuildArgs(context=context, dockerfile=f"{context}/Dockerfile", args=settings.build_args,
+                                     target=target, platform=settings.platform,
+                                     builder_version=docker.BuilderVersion.BUILDER_BUILD_KIT),
         skip_push=push is None,
         registry=docker.RegistryArgs(server=push.server, username=push.username, password=push.password) if push else None,
         opts=pulumi.ResourceOptions(parent=parent, depends_on=depends_on),
     )
 
 
+def pulled_image(resource_name: str, *, parent: pulumi.Resource, ref: str, platform: str,
+                 depends_on: Optional[list[pulumi.Resource]] = None) -> docker.RemoteImage:
+    """An image pulled by digest; the engine verifies every byte against the digest while pulling, so a
+    tampered image in the registry fails the pull and the `pulumi up`."""
+    return docker.RemoteImage(resource_name, name=ref, platform=platform, keep_locally=True,
+                              opts=pulumi.ResourceOptions(parent=parent, depends_on=depends_on))
+
+
 def image_id(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str, source: ImageSource | str,
-             base_image: str) -> pulumi.Output[str]:
+             settings: BuildSettings, depends_on: Optional[list[pulumi.Resource]] = None) -> pulumi.Output[str]:
     """The immutable ID a container should run: built from the repo, or pulled by digest."""
     if isinstance(source, ImageSource) and source.build is not None:
         return build_image(resource_name, parent=parent, stack=stack, image=image, context=source.build,
-                           base_image=base_image).repo_digest
+                           settings=settings).repo_digest
     ref = source.ref if isinstance(source, ImageSource) else source
-    return docker.RemoteImage(resource_name, name=ref, keep_locally=True,
-                              opts=pulumi.ResourceOptions(parent=parent)).image_id
+    return pulled_image(resource_name, parent=parent, ref=ref, platform=settings.platform,
+                        depends_on=depends_on).image_id

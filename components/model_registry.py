@@ -6,8 +6,8 @@ from typing import TypedDict
 import pulumi
 import pulumi_docker as docker
 
-from components.containers import container_labels, hardened_container, http_healthcheck, published
-from components.images import image_id
+from components.containers import container_labels, hardened_container, published
+from components.images import BuildSettings, image_id
 from mlops.spec import ModelRegistrySpec
 
 MLFLOW_PORT = 5000
@@ -16,7 +16,7 @@ MLFLOW_PORT = 5000
 class ModelRegistryArgs(TypedDict):
     stack: str
     spec: ModelRegistrySpec
-    base_image: str
+    builds: BuildSettings
     network: pulumi.Input[str]
     artifacts_volume: pulumi.Input[str]
     mlflow_db_volume: pulumi.Input[str]
@@ -37,11 +37,11 @@ class ModelRegistry(pulumi.ComponentResource):
             parent=self,
             name=hostname,
             image=image_id(f"{name}-image", parent=self, stack=stack, image="mlflow", source=spec.image,
-                           base_image=args["base_image"]),
+                           settings=args["builds"]),
             network=args["network"],
             limits=spec.limits,
             labels=container_labels(args["labels"], "model-registry"),
-            healthcheck=http_healthcheck(MLFLOW_PORT, "/health", spec.health_check),
+            health_check=spec.health_check, health_path=(MLFLOW_PORT, "/health"),
             ports=published(MLFLOW_PORT, spec.port),
             volumes=[
                 docker.ContainerVolumeArgs(volume_name=args["mlflow_db_volume"], container_path="/data/db"),
@@ -49,6 +49,7 @@ class ModelRegistry(pulumi.ComponentResource):
             ],
             aliases=["model-registry"],
         )
-        self.internal_url = pulumi.Output.from_input(f"http://{hostname}:{MLFLOW_PORT}")
+        # Derived from the container, so replicas that fetch from it start only once it is healthy.
+        self.internal_url = pulumi.Output.concat("http://", container.name, f":{MLFLOW_PORT}")
         self.host_port = container.ports.apply(lambda ports: ports[0].external)
         self.register_outputs({"internal_url": self.internal_url, "host_port": self.host_port})

@@ -6,8 +6,8 @@ from typing import Optional, TypedDict
 import pulumi
 import pulumi_docker as docker
 
-from components.containers import container_labels, hardened_container, http_healthcheck, published
-from components.images import PushTarget, build_image, image_id
+from components.containers import container_labels, hardened_container, published
+from components.images import BuildSettings, PushTarget, build_image, image_id
 from mlops.spec import ModelPin, Release, ServingSpec
 
 SERVING_PORT = 8080
@@ -18,7 +18,7 @@ class ModelServingArgs(TypedDict):
     stack: str
     spec: ServingSpec
     release: Release
-    base_image: str
+    builds: BuildSettings
     registry_url: pulumi.Input[str]
     network: pulumi.Input[str]
     push: Optional[PushTarget]
@@ -48,17 +48,18 @@ class ModelServing(pulumi.ComponentResource):
         release = args["release"]
         if spec.build is not None:
             built = build_image(f"{name}-image", parent=self, stack=stack, image="serving", context=spec.build,
-                                base_image=args["base_image"], target=spec.runtime, push=args["push"],
+                                settings=args["builds"], target=spec.runtime, push=args["push"],
                                 depends_on=args["depends_on"])
             blue_image = built.repo_digest
         else:
             blue_image = image_id(f"{name}-image", parent=self, stack=stack, image="serving",
-                                  source=release.images.serving, base_image=args["base_image"])
+                                  source=release.images.serving, settings=args["builds"],
+                                  depends_on=args["depends_on"])
         slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (release.model, blue_image)}
         if spec.green is not None:
             green_image = blue_image if spec.green.serving_image is None else image_id(
                 f"{name}-green-image", parent=self, stack=stack, image="serving-green",
-                source=spec.green.serving_image, base_image=args["base_image"])
+                source=spec.green.serving_image, settings=args["builds"], depends_on=args["depends_on"])
             slots["green"] = (spec.green.model, green_image)
 
         upstreams: dict[str, list[str]] = {}
@@ -76,7 +77,10 @@ class ModelServing(pulumi.ComponentResource):
                     network=args["network"],
                     limits=spec.limits,
                     labels=labels,
-                    healthcheck=http_healthcheck(SERVING_PORT, "/v2/health/ready", spec.health_check),
+                    health_check=spec.health_check, health_path=(SERVING_PORT, "/v2/health/ready"),
+                    # A replica that follows `latest` (dev) has nothing to serve until the first training
+                    # run registers a version, and then turns ready by itself; a pinned one must be ready.
+                    wait=pin.is_pinned,
                     envs=model_env(pin, args["registry_url"], spec.runtime),
                     tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
                 ))
@@ -87,11 +91,11 @@ class ModelServing(pulumi.ComponentResource):
             parent=self,
             name=f"{stack}-gateway",
             image=image_id(f"{name}-gateway-image", parent=self, stack=stack, image="gateway",
-                           source=spec.gateway.image, base_image=args["base_image"]),
+                           source=spec.gateway.image, settings=args["builds"]),
             network=args["network"],
             limits=spec.gateway.limits,
             labels=container_labels(args["labels"], "serving-gateway"),
-            healthcheck=http_healthcheck(GATEWAY_PORT, "/gateway/health", spec.health_check),
+            health_check=spec.health_check, health_path=(GATEWAY_PORT, "/gateway/health"),
             envs=[
                 f"UPSTREAM_BLUE={','.join(upstreams['blue'])}",
                 f"UPSTREAM_GREEN={','.join(upstreams.get('green', []))}",

@@ -8,23 +8,31 @@ import pulumi_docker as docker
 
 from components.artifact_store import ArtifactStore
 from components.image_registry import ImageRegistry
-from components.images import PushTarget
+from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing
 from components.training_environment import TrainingEnvironment
 from mlops.spec import StageSpec
 
 
-def stage_labels(spec: StageSpec, stack: str) -> dict[str, str]:
-    labels = {
-        "mlops.stage": spec.stage,
-        "mlops.stack": stack,
-        "mlops.owner": spec.labels.owner,
-        "mlops.cost-centre": spec.labels.cost_centre,
-    }
+def identity_labels(spec: StageSpec, stack: str) -> dict[str, str]:
+    """Labels that never change for the life of a resource. Volumes and networks carry only these: the
+    provider replaces a volume or network whose labels change (`labels` is ForceNew in
+    terraform-provider-docker v4.5.0, resource_docker_volume.go and resource_docker_network.go), and
+    replacing a volume deletes its data."""
+    labels = {"mlops.stage": spec.stage, "mlops.stack": stack}
     if spec.experiment is not None:
-        labels |= {"mlops.experiment": spec.experiment.name, "mlops.owner": spec.experiment.owner,
-                   "mlops.expires-at": spec.experiment.expires_at}
+        labels["mlops.experiment"] = spec.experiment.name
+    return labels
+
+
+def stage_labels(spec: StageSpec, stack: str) -> dict[str, str]:
+    """Identity plus what a team edits routinely (owner, cost centre, expiry), for containers, which an
+    edit replaces anyway without losing anything."""
+    labels = identity_labels(spec, stack) | {"mlops.owner": spec.labels.owner,
+                                             "mlops.cost-centre": spec.labels.cost_centre}
+    if spec.experiment is not None:
+        labels |= {"mlops.owner": spec.experiment.owner, "mlops.expires-at": spec.experiment.expires_at}
     return labels
 
 
@@ -47,19 +55,33 @@ class MLOpsStack(pulumi.ComponentResource):
         spec = args["spec"]
         stack = name
         labels = stage_labels(spec, stack)
+        builds = BuildSettings.of(spec)
+        identity = identity_labels(spec, stack)
+        password = args["registry_password"]
+        if spec.image_registry.enabled and password is None:
+            raise ValueError("the image registry needs the Pulumi config secret mlops:registryPassword")
+        # Promoted images are pulled from the stage's own registry, which refuses anonymous pulls.
+        registry_auth = None
+        if spec.image_registry.enabled and spec.image_registry_server is not None:
+            registry_auth = [docker.ProviderRegistryAuthArgs(
+                address=spec.image_registry_server, username=spec.image_registry.username,
+                password=pulumi.Output.secret(password))]
         provider = docker.Provider(f"{stack}-docker", host=spec.docker.url, ssh_opts=spec.docker.ssh_opts or None,
-                                   opts=pulumi.ResourceOptions(parent=self))
+                                   registry_auth=registry_auth, opts=pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, providers=[provider])
 
         network = docker.Network(
             f"{stack}-network", name=f"{stack}-net", driver="bridge",
-            labels=[docker.NetworkLabelArgs(label=key, value=value) for key, value in sorted(labels.items())],
-            opts=pulumi.ResourceOptions(parent=self, provider=provider))
+            labels=[docker.NetworkLabelArgs(label=key, value=value) for key, value in sorted(identity.items())],
+            # The name is fixed, so a replacement created first would collide with the old network; deleting
+            # first also replaces the containers attached to it (their `networks_advanced` is ForceNew).
+            opts=pulumi.ResourceOptions(parent=self, provider=provider, delete_before_replace=True))
         self.network = network.name
         store = ArtifactStore(f"{stack}-artifact-store",
-                              {"stack": stack, "spec": spec.artifact_store, "labels": labels}, opts=child)
+                              {"stack": stack, "spec": spec.artifact_store, "labels": identity,
+                               "retain_on_delete": spec.kind != "experiment"}, opts=child)
         model_registry = ModelRegistry(f"{stack}-model-registry", {
-            "stack": stack, "spec": spec.model_registry, "base_image": spec.training.base_image,
+            "stack": stack, "spec": spec.model_registry, "builds": builds,
             "network": network.name, "artifacts_volume": store.artifacts_volume,
             "mlflow_db_volume": store.mlflow_db_volume, "labels": labels}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
@@ -69,14 +91,12 @@ class MLOpsStack(pulumi.ComponentResource):
         pushes_after: list[pulumi.Resource] = []
         self.image_registry_server = None
         if spec.image_registry.enabled:
-            if args["registry_password"] is None:
-                raise ValueError("the image registry needs the Pulumi config secret mlops:registryPassword")
             image_registry = ImageRegistry(f"{stack}-image-registry", {
-                "stack": stack, "spec": spec.image_registry, "base_image": spec.training.base_image,
+                "stack": stack, "spec": spec.image_registry, "builds": builds,
                 "network": network.name, "data_volume": store.registry_data_volume,
-                "password": args["registry_password"], "labels": labels}, opts=child)
+                "password": password, "labels": labels}, opts=child)
             push = PushTarget(server=image_registry.server, username=spec.image_registry.username,
-                              password=pulumi.Output.secret(args["registry_password"]))
+                              password=pulumi.Output.secret(password))
             pushes_after = [image_registry]
             self.image_registry_server = image_registry.server
 
@@ -84,7 +104,7 @@ class MLOpsStack(pulumi.ComponentResource):
         self.serving_endpoint = self.serving_image_digest = None
         if spec.release is not None or spec.builds_workloads:
             training = TrainingEnvironment(f"{stack}-training", {
-                "stack": stack, "spec": spec.training,
+                "stack": stack, "spec": spec.training, "builds": builds,
                 "promoted_image": spec.release.images.training if spec.release else None,
                 "push": push, "depends_on": pushes_after}, opts=child)
             self.training_image = training.image_ref
@@ -92,7 +112,7 @@ class MLOpsStack(pulumi.ComponentResource):
         if spec.release is not None:
             serving = ModelServing(f"{stack}-serving", {
                 "stack": stack, "spec": spec.serving, "release": spec.release,
-                "base_image": spec.training.base_image, "registry_url": model_registry.internal_url,
+                "builds": builds, "registry_url": model_registry.internal_url,
                 "network": network.name, "push": push, "depends_on": pushes_after, "labels": labels}, opts=child)
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest

@@ -4,15 +4,15 @@ from __future__ import annotations
 from typing import Optional, TypedDict
 
 import pulumi
-import pulumi_docker as docker
 
-from components.images import PushTarget, build_image
+from components.images import BuildSettings, PushTarget, build_image, pulled_image
 from mlops.spec import TrainingSpec
 
 
 class TrainingEnvironmentArgs(TypedDict):
     stack: str
     spec: TrainingSpec
+    builds: BuildSettings
     promoted_image: Optional[str]
     push: Optional[PushTarget]
     depends_on: list[pulumi.Resource]
@@ -28,14 +28,13 @@ class TrainingEnvironment(pulumi.ComponentResource):
         spec = args["spec"]
         if spec.build is not None:
             image = build_image(f"{name}-image", parent=self, stack=args["stack"], image="training",
-                                context=spec.build, base_image=spec.base_image, push=args["push"],
+                                context=spec.build, settings=args["builds"], push=args["push"],
                                 depends_on=args["depends_on"])
             self.image_ref = image.image_name
             self.image_digest = image.repo_digest
         else:
-            promoted = args["promoted_image"]
-            pulled = docker.RemoteImage(f"{name}-image", name=promoted, keep_locally=True,
-                                        opts=pulumi.ResourceOptions(parent=self))
+            pulled = pulled_image(f"{name}-image", parent=self, ref=args["promoted_image"],
+                                  platform=args["builds"].platform, depends_on=args["depends_on"])
             self.image_ref = pulled.name
             self.image_digest = pulled.repo_digest
         self.register_outputs({"image_ref": self.image_ref, "image_digest": self.image_digest})

@@ -46,7 +46,11 @@ def parity_rules(environments: Path = ENVIRONMENTS_DIR) -> list[str]:
 
 
 def spec_paths(spec: StageSpec) -> dict[str, Any]:
-    return flatten(spec.model_dump(mode="json", exclude=PER_STAGE_FIELDS, exclude_none=True))
+    flat = flatten(spec.model_dump(mode="json", exclude=PER_STAGE_FIELDS, exclude_none=True))
+    # Each stage pulls promoted images from its own registry, so only the digest says what it runs.
+    for path, ref in spec.promoted_image_pins().items():
+        flat[path] = ref.partition("@")[2] or ref
+    return flat
 
 
 def compare_stages(specs: list[StageSpec], may_differ: list[str]) -> list[Difference]:

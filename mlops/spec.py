@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,9 +23,32 @@ BUILDING_KINDS = ("dev", "experiment")
 DIGEST_REF = re.compile(r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 DNS_LABEL = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
+NANO = 1_000_000_000
 
 StageKind = Literal["dev", "staging", "prod", "experiment"]
 Port = Annotated[int, Field(ge=1024, le=65535)]
+
+
+def provider_cpus(cpus: float) -> str:
+    """`cpus` exactly as the Docker provider reads it back (terraform-provider-docker v4.5.0,
+    internal/provider/helpers.go nanoInt64ToDecimalString): nine decimals; when that string holds exactly
+    nine zeros it is re-rendered with one decimal (1 -> "1.0", 0.05 -> "0.1"), otherwise trailing zeros are
+    cut (1.5 -> "1.5", 10 -> "10."). `cpus` is ForceNew, so rendering it any other way replaces the
+    container on every `pulumi up`."""
+    nanos = round(cpus * NANO)
+    if nanos == 0:
+        return "0"
+    nine_decimals = f"{nanos // NANO}.{nanos % NANO:09d}"
+    if nine_decimals.count("0") == 9:
+        tenths = (nanos + NANO // 20) // (NANO // 10)  # big.Rat.FloatString rounds half away from zero
+        return f"{tenths // 10}.{tenths % 10}"
+    return nine_decimals.rstrip("0")
+
+
+def parse_cpus(text: str) -> int:
+    """Nano-CPUs of a provider `cpus` string, as Docker's opts.ParseCPUs reads it."""
+    whole, _, fraction = text.partition(".")
+    return int(whole or "0") * NANO + int((fraction + "0" * 9)[:9])
 
 
 class StrictModel(BaseModel):
@@ -35,17 +59,42 @@ class Limits(StrictModel):
     cpus: float = Field(gt=0, le=64, description="CPU cores the container may use")
     memory_mb: int = Field(ge=32, le=262144, description="hard memory limit in MiB")
 
+    @field_validator("cpus")
+    @classmethod
+    def _provider_round_trip(cls, cpus: float) -> float:
+        # The provider reads `cpus` back rounded (see components.containers.provider_cpus); a value that does
+        # not survive that round trip would show as a replacement on every `pulumi up`.
+        if parse_cpus(provider_cpus(cpus)) != round(cpus * NANO):
+            raise ValueError(f"{cpus} is read back by the Docker provider as \"{provider_cpus(cpus)}\", so every "
+                             "`pulumi up` would replace the container; use a value such as 0.1, 0.25, 0.5, 1 or 1.5")
+        return cpus
+
 
 class DockerHost(StrictModel):
     url: str = "unix:///var/run/docker.sock"
     ssh_opts: list[str] = Field(default_factory=list)
+    platform: Literal["linux/amd64", "linux/arm64"] = Field(
+        default="linux/amd64", description="platform of every image built or pulled for this host")
+    address: Optional[str] = Field(
+        default=None, description="where the host's published ports are reached from the machine running mlops; "
+                                  "default: 127.0.0.1 for unix://, the URL's host for tcp://, an SSH tunnel for ssh://")
 
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
         if not url.startswith(("unix://", "ssh://", "tcp://")):
             raise ValueError("must start with unix://, ssh:// or tcp://")
+        if not url.startswith("unix://") and not urlsplit(url).hostname:
+            raise ValueError(f"'{url}' names no host; use ssh://user@host or tcp://host:2376")
         return url
+
+    @property
+    def is_local(self) -> bool:
+        return self.url.startswith("unix://")
+
+    @property
+    def hostname(self) -> str:
+        return "localhost" if self.is_local else urlsplit(self.url).hostname
 
 
 class ImageSource(StrictModel):
@@ -224,6 +273,24 @@ class StageSpec(StrictModel):
             ports["image_registry.port"] = self.image_registry.port
         return ports
 
+    @property
+    def image_registry_server(self) -> Optional[str]:
+        """The stage's own registry as its Docker engine reaches it: over loopback, which the engine trusts
+        without TLS. Promoted images are pinned under this name, so the engine pulls them from here.
+        None where Docker chooses the port (experiments, which build rather than pull)."""
+        port = self.image_registry.port.host_port
+        return None if port is None else f"localhost:{port}"
+
+    def promoted_image_pins(self) -> dict[str, str]:
+        """Every image this stage runs that was promoted to it, by spec path."""
+        pins: dict[str, str] = {}
+        if self.release is not None:
+            pins |= {f"release.images.{role}": ref for role, ref in
+                     (("training", self.release.images.training), ("serving", self.release.images.serving)) if ref}
+        if self.serving.green is not None and self.serving.green.serving_image is not None:
+            pins["serving.green.serving_image"] = self.serving.green.serving_image
+        return pins
+
     def images(self) -> dict[str, ImageSource | str | None]:
         """Every image this stage runs, by spec path, for the pinning invariant."""
         found: dict[str, ImageSource | str | None] = {
@@ -275,6 +342,16 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
             ref = image.ref if isinstance(image, ImageSource) else image
             if ref is not None and not DIGEST_REF.match(ref):
                 broken.append((path, f"'{ref}' is not pinned by digest; use name@sha256:<64 hex> (no 'latest', no bare tag)"))
+    if spec.kind in ("staging", "prod"):
+        own = f"{spec.image_registry_server}/{spec.stage}/"
+        for path, ref in spec.promoted_image_pins().items():
+            if not spec.image_registry.enabled or spec.image_registry_server is None:
+                broken.append(("image_registry", f"{spec.stage} runs promoted images ({path}), which are copied "
+                                                 "into its own image registry: enable it with a fixed port.host_port"))
+            elif DIGEST_REF.match(ref) and not ref.startswith(own):
+                broken.append((path, f"'{ref}' names another stage's registry; {spec.stage} pulls only from its own "
+                                     f"({own}<image>@sha256:<digest>): promote with `mlops promote --to {spec.stage}`, "
+                                     "which copies the image there"))
     if spec.kind == "prod":
         if spec.serving.replicas < 2:
             broken.append(("serving.replicas", f"prod serves with at least 2 replicas, got {spec.serving.replicas}"))

@@ -13,7 +13,7 @@ from mlops.cli import app
 from mlops.diff import StageRef, diff_stages, to_markdown
 from mlops.errors import SpecError
 
-NEW_SERVING_IMAGE = "localhost:5001/dev/serving@sha256:" + "4" * 64
+NEW_SERVING_IMAGE = "localhost:5201/prod/serving@sha256:" + "4" * 64
 
 
 def git(repo, *args):

@@ -58,12 +58,19 @@ def test_experiments_and_dev_share_no_physical_name_and_experiments_fix_no_host_
 
 def test_experiment_labels_carry_name_owner_and_expiry():
     resources = plan.render("exp-first", experiment_spec("exp-first", settings("first")))
+    labels_of = lambda resource: {item["label"]: item["value"] for item in resource.inputs["labels"]}  # noqa: E731
+    for resource in resources:
+        if resource.type in ("docker:index/network:Network", "docker:index/volume:Volume",
+                             "docker:index/container:Container"):
+            labels = labels_of(resource)
+            assert labels["mlops.experiment"] == "first", resource.name
+            assert labels["mlops.stage"] == "exp-first", resource.name
+    container = next(r for r in resources if r.type == "docker:index/container:Container")
+    assert labels_of(container)["mlops.owner"] == "alice@example.com"
+    assert labels_of(container)["mlops.expires-at"] == "2026-03-01T20:00:00Z"
+    # Volumes and networks carry identity only: the provider replaces them when a label changes.
     network = next(r for r in resources if r.type == "docker:index/network:Network")
-    labels = {item["label"]: item["value"] for item in network.inputs["labels"]}
-    assert labels["mlops.experiment"] == "first"
-    assert labels["mlops.stage"] == "exp-first"
-    assert labels["mlops.owner"] == "alice@example.com"
-    assert labels["mlops.expires-at"] == "2026-03-01T20:00:00Z"
+    assert not {"mlops.owner", "mlops.expires-at"} & set(labels_of(network))
 
 
 def test_longest_name_with_most_replicas_keeps_every_physical_name_within_docker_limits():

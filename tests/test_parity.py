@@ -7,9 +7,10 @@ from typer.testing import CliRunner
 from mlops.cli import app
 from mlops.errors import SpecError
 from mlops.parity import allowed_to_differ, check_parity
-from tests.conftest import FIXTURE_SERVING_IMAGE
+from tests.conftest import FIXTURE_SERVING_DIGEST, FIXTURE_SERVING_IMAGE
 
-OTHER_SERVING_IMAGE = "localhost:5001/dev/serving@sha256:" + "5" * 64
+OTHER_SERVING_DIGEST = "sha256:" + "5" * 64
+OTHER_SERVING_IMAGE = f"localhost:5201/prod/serving@{OTHER_SERVING_DIGEST}"
 
 
 def invoke(*args):
@@ -39,11 +40,12 @@ def test_different_serving_image_fails_naming_path_and_values(released_environme
     prod = released_environments / "prod.yaml"
     prod.write_text(prod.read_text().replace(FIXTURE_SERVING_IMAGE, OTHER_SERVING_IMAGE))
     offending = [d for d in check_parity(["staging", "prod"], released_environments) if not d.allowed]
+    # Each stage pins its own registry's copy, so parity compares what runs: the digest.
     assert [(d.path, d.values) for d in offending] == [
-        ("release.images.serving", {"staging": FIXTURE_SERVING_IMAGE, "prod": OTHER_SERVING_IMAGE})]
+        ("release.images.serving", {"staging": FIXTURE_SERVING_DIGEST, "prod": OTHER_SERVING_DIGEST})]
     result = invoke("staging", "prod", "--environments", str(released_environments))
     assert result.exit_code == 1
-    assert (f"differs   release.images.serving: staging='{FIXTURE_SERVING_IMAGE}', prod='{OTHER_SERVING_IMAGE}'"
+    assert (f"differs   release.images.serving: staging='{FIXTURE_SERVING_DIGEST}', prod='{OTHER_SERVING_DIGEST}'"
             in result.output)
 
 

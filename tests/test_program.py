@@ -189,14 +189,30 @@ def test_content_tag_changes_exactly_when_inputs_change(tmp_path, monkeypatch):
     (context / "Dockerfile").write_text("FROM base\n")
     (context / "train.py").write_text("print(1)\n")
     (context / "wheels").mkdir()
+    (context / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\nwheels/.incoming\n")
     monkeypatch.setattr(images, "REPO_ROOT", tmp_path)
-    first = images.content_tag("ctx", {"BASE_IMAGE": "b"})
+    amd64 = images.BuildSettings(base_image="b", platform="linux/amd64")
+    first = images.content_tag("ctx", amd64)
+    # What .dockerignore leaves out never reaches the build, so it never changes the tag.
+    (context / "__pycache__").mkdir()
+    (context / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"compiled")
+    (context / "wheels" / ".incoming").mkdir()
+    (context / "wheels" / ".incoming" / "x.whl").write_text("a download in progress")
+    assert images.content_tag("ctx", amd64) == first
+    assert images.content_tag("ctx", images.BuildSettings(base_image="other", platform="linux/amd64")) != first
+    assert images.content_tag("ctx", images.BuildSettings(base_image="b", platform="linux/arm64")) != first
+    assert images.content_tag("ctx", amd64, target="mlserver") != first
+    # The wheels are what the build installs: the provider hashes them, and so does the tag.
     (context / "wheels" / "x.whl").write_text("derived from the lock")
-    assert images.content_tag("ctx", {"BASE_IMAGE": "b"}) == first
-    assert images.content_tag("ctx", {"BASE_IMAGE": "other"}) != first
-    assert images.content_tag("ctx", {"BASE_IMAGE": "b"}, target="mlserver") != first
+    with_wheel = images.content_tag("ctx", amd64)
+    assert with_wheel != first
+    # The provider's context hash includes file modes; so does the tag.
+    (context / "train.py").chmod(0o755)
+    assert images.content_tag("ctx", amd64) != with_wheel
+    (context / "train.py").chmod(0o644)
+    assert images.content_tag("ctx", amd64) == with_wheel
     (context / "train.py").write_text("print(2)\n")
-    assert images.content_tag("ctx", {"BASE_IMAGE": "b"}) != first
+    assert images.content_tag("ctx", amd64) != with_wheel
 
 
 def test_green_release_gets_its_share_of_traffic(released_environments):

@@ -10,7 +10,7 @@ from mlops.commands.train import run_arguments, training_image
 from mlops.errors import SpecError
 from mlops.spec import ENVIRONMENTS_DIR, load_stage, load_stages
 
-from tests.conftest import FIXTURE_TRAINING_IMAGE
+from tests.conftest import FIXTURE_TRAINING_DIGEST, pinned_image
 
 
 def test_dev_runs_the_training_image_the_program_builds():
@@ -22,7 +22,7 @@ def test_dev_runs_the_training_image_the_program_builds():
 
 def test_promoted_stages_run_the_promoted_digest(released_environments):
     spec = load_stage("staging", released_environments)
-    assert training_image(spec, released_environments) == FIXTURE_TRAINING_IMAGE
+    assert training_image(spec, released_environments) == pinned_image("staging", "training", FIXTURE_TRAINING_DIGEST)
 
 
 def test_nothing_promoted_is_a_spec_error():

@@ -55,4 +55,4 @@ def plan(stage: str = typer.Argument(..., help="dev, staging or prod"),
         parent = f" (parent {resource.parent})" if resource.parent else ""
         console.print(f"[cyan]{resource.type}[/cyan] [bold]{resource.name}[/bold]{parent}{protected}", highlight=False, soft_wrap=True)
         for path, value in planning.flatten(resource.inputs).items():
-            console.print(f"    {path} = {json.dumps(value)}", highlight=False, soft_wrap=True)
+            console.print(f"    {path} = {json.dumps(value)}", highlight=False, soft_wrap=True, markup=False)

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from components.containers import APP_USER, DEFAULT_TMPFS
 from components.image_registry import REGISTRY_PORT
-from components.images import built_image_name
+from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
 from components.stack import stage_labels
 from mlops.commands.specs import ENVIRONMENTS_OPTION
@@ -65,7 +65,7 @@ def image_registry_server(spec: StageSpec) -> Optional[str]:
 def training_image(spec: StageSpec, environments: Path) -> str:
     """The image the stack built from `training.build`, or the digest promoted to the stage."""
     if spec.training.build is not None:
-        return built_image_name(spec.stage, "training", spec.training.build, spec.training.base_image,
+        return built_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
                                 image_registry_server(spec))
     if spec.release is None or spec.release.images.training is None:
         raise SpecError(file=stage_file(spec.stage, environments), field="release.images.training",
