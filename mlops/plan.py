@@ -30,6 +30,9 @@ class PlannedResource:
     parent: Optional[str]
     inputs: dict[str, Any]
     protect: bool
+    dependencies: tuple[str, ...] = ()
+    """Names of the resources it waits for: the SDK's `dependencies` (input outputs and `depends_on`, a
+    component's expanded to its resources), as the engine orders `pulumi up`."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +105,8 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
             for urn, request in sorted(children.get(parent, []), key=lambda item: (item[1].name, item[1].type)):
                 ordered.append(PlannedResource(
                     type=request.type, name=request.name, parent=names.get(request.parent),
-                    inputs=redact(rpc.deserialize_properties(request.object), reveal_secrets), protect=bool(request.protect)))
+                    inputs=redact(rpc.deserialize_properties(request.object), reveal_secrets), protect=bool(request.protect),
+                    dependencies=tuple(sorted(names[dependency] for dependency in request.dependencies))))
                 visit(urn)
 
         visit(None)
