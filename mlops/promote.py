@@ -2,33 +2,38 @@
 
 A release is the model (name, version, sha256) and the training and serving image digests. Promotion
 checks everything before it changes anything: the target spec file is committed, the model's
-`model.pkl` is in the source registry with the pinned sha256, and its metrics meet the target's gates.
-Then it copies the model into the target stage's registry (verified by downloading it back) and edits
-the target spec in place, keeping its comments and key order, through an atomic rename: an interrupted
-promote leaves the old file or the new one, never a mix.
+`model.pkl` is in the source registry with the pinned sha256, its metrics meet the target's gates, and
+both images are in the source stage's image registry under their digests. Then it copies the images
+into the target stage's own image registry byte for byte (same digests, verified there), copies the
+model into the target's model registry (verified by downloading it back), and edits the target spec in
+place, keeping its comments and key order, through an atomic rename: an interrupted promote leaves the
+old file or the new one, never a mix, and a pin never names anything that was not copied and verified.
+Each stage is reached on its own Docker host (`mlops.reach`): prod never depends on dev being up.
 """
 from __future__ import annotations
 
 import difflib
 import io
-import json
 import os
 import shutil
 import subprocess
 import tempfile
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 
-from components.images import content_tag
+from components.images import BuildSettings, content_tag
 from mlops import gitrepo
 from mlops.errors import SpecError
+from mlops.imagecopy import RegistryError, StageRegistry, copy_image, manifest_digest
 from mlops.modelstore import MlflowStore, ModelStore, ModelVersion, StoreError
+from mlops.reach import StageReach, Unreachable
 from mlops.spec import ENVIRONMENTS_DIR, StageSpec, load_stage, stage_file
 
 StoreFactory = Callable[[str], ModelStore]
@@ -39,17 +44,31 @@ class PromotionRefused(Exception):
 
 
 @dataclass(frozen=True)
+class ImageCopy:
+    """One promoted image: where it is in the source stage's registry and where it goes in the target's."""
+
+    role: str
+    source_repository: str
+    digest: str
+    target_repository: str
+    target_server: str
+
+    @property
+    def pin(self) -> str:
+        return f"{self.target_server}/{self.target_repository}@{self.digest}"
+
+
+@dataclass(frozen=True)
 class PromotedRelease:
     """The pins written to the target spec, with the model as fetched from the source registry."""
 
     model: ModelVersion
     target_version: int
-    training_image: str
-    serving_image: str
+    images: tuple[ImageCopy, ...]
 
     def as_spec(self) -> dict:
         return {"model": {"name": self.model.name, "version": self.target_version, "sha256": self.model.sha256},
-                "images": {"training": self.training_image, "serving": self.serving_image}}
+                "images": {image.role: image.pin for image in self.images}}
 
 
 @dataclass(frozen=True)
@@ -67,10 +86,6 @@ class Promotion:
                                             fromfile=f"a/{name}", tofile=f"b/{name}"))
 
 
-def registry_url(spec: StageSpec) -> str:
-    return f"http://127.0.0.1:{spec.model_registry.port.host_port}"
-
-
 def _refuse_unless_committed(file: Path) -> None:
     try:
         dirty = gitrepo.has_uncommitted_changes(file)
@@ -81,33 +96,31 @@ def _refuse_unless_committed(file: Path) -> None:
                                "is the only change in its diff")
 
 
-def built_image_digest(spec: StageSpec, role: str, context: str, target: Optional[str]) -> str:
-    """The registry digest of the image a building stage (dev) built for `role`, from its Docker engine."""
-    tag = content_tag(context, {"BASE_IMAGE": spec.training.base_image}, target)
-    # Named as components.images.build_image names it.
-    server = f"localhost:{spec.image_registry.port.host_port}" if spec.image_registry.enabled else f"mlops-{spec.stage}"
-    repository = f"{server}/{spec.stage}/{role}"
-    missing = (f"{spec.stage} has no pushed {role} image {repository}:{tag} (the {role} build context as it is now); "
-               f"run `pulumi up -s {spec.stage}` so it is built and pushed to {spec.stage}'s image registry")
+def registry_password(stage: str) -> str:
+    """A stage's image registry password: `MLOPS_REGISTRY_PASSWORD_<STAGE>` where CI provides it, else the
+    stack's Pulumi config secret, read through the Pulumi CLI. Never printed."""
+    variable = f"MLOPS_REGISTRY_PASSWORD_{stage.upper().replace('-', '_')}"
+    if os.environ.get(variable):
+        return os.environ[variable]
     try:
-        inspected = subprocess.run(["docker", "image", "inspect", "--format", "{{json .RepoDigests}}", f"{repository}:{tag}"],
-                                   capture_output=True, text=True, env={**os.environ, "DOCKER_HOST": spec.docker.url})
-    except FileNotFoundError:
-        raise PromotionRefused(f"{missing}: the docker command is not installed") from None
-    if inspected.returncode != 0:
-        raise PromotionRefused(f"{missing}: {inspected.stderr.strip() or 'docker image inspect failed'}")
-    digests = [ref for ref in json.loads(inspected.stdout or "[]") or [] if ref.startswith(f"{repository}@sha256:")]
-    if not digests:
-        raise PromotionRefused(f"{missing}: the image exists but was never pushed (it has no registry digest)")
-    return digests[0]
+        read = subprocess.run(["pulumi", "config", "get", "mlops:registryPassword", "--stack", stage],
+                              capture_output=True, text=True, timeout=60)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        read = None
+    if read is None or read.returncode != 0 or not read.stdout.strip():
+        raise PromotionRefused(f"no password for {stage}'s image registry: set {variable}, or run promote where the "
+                               f"Pulumi CLI reads stack {stage}'s secret mlops:registryPassword")
+    return read.stdout.strip()
 
 
-def _source_images(source: StageSpec) -> tuple[str, str]:
-    pinned = source.release.images
-    if not source.builds_workloads:
-        return pinned.training, pinned.serving  # both set: the spec invariants require them outside dev
-    return (pinned.training or built_image_digest(source, "training", source.training.build, None),
-            pinned.serving or built_image_digest(source, "serving", source.serving.build, source.serving.runtime))
+def _repository_of(spec: StageSpec, path: str, ref: str) -> tuple[str, str]:
+    """(repository, digest) of a pin in `spec`'s own registry, e.g. `staging/serving`, `sha256:…`."""
+    name, _, digest = ref.partition("@")
+    server = spec.image_registry_server
+    if not digest or server is None or not name.startswith(f"{server}/"):
+        raise PromotionRefused(f"{spec.stage}'s {path} '{ref}' is not an image in {spec.stage}'s own registry "
+                               f"({server}/...@sha256:<digest>); promote into {spec.stage} first")
+    return name.removeprefix(f"{server}/"), digest
 
 
 def _fetch_source_model(source: StageSpec, store: ModelStore) -> ModelVersion:
@@ -208,58 +221,128 @@ def write_atomically(file: Path, text: str) -> None:
         os.close(folder)
 
 
-def prepare(source_stage: str, target_stage: str, environments: Path = ENVIRONMENTS_DIR,
-            store_for: StoreFactory = MlflowStore) -> Promotion:
-    """Every check, and the updated target spec text; changes nothing anywhere."""
-    if source_stage == target_stage:
-        raise PromotionRefused(f"--from and --to are both {source_stage}; promote from one stage to another")
-    target_file = stage_file(target_stage, environments)
-    source = load_stage(source_stage, environments)
-    target = load_stage(target_stage, environments)
-    if target.builds_workloads:
-        raise PromotionRefused(f"{target_stage} builds its own images and follows its newest model; "
-                               "promote into staging or prod")
-    if source.release is None:
-        raise PromotionRefused(f"{source_stage} has no release to promote: nothing was promoted to it yet")
-    _refuse_unless_committed(target_file)
+class Promoter:
+    """Promotes between the stages of one `environments/` folder, reaching each stage on its own Docker host.
+    Use as a context manager: SSH tunnels to remote stages close on exit."""
 
-    model = _fetch_source_model(source, store_for(registry_url(source)))
-    _check_gates(model, target)
-    training_image, serving_image = _source_images(source)
-    target_store = store_for(registry_url(target))
-    try:
-        version = target_store.find_version(model.name, model.sha256) or target_store.next_version(model.name)
-    except StoreError as err:
-        raise PromotionRefused(f"cannot reach {target_stage}'s model registry: {err}") from None
-    release = PromotedRelease(model=model, target_version=version, training_image=training_image, serving_image=serving_image)
-    original = target_file.read_text()
-    updated = pinned_text(original, release.as_spec())
-    validate_updated(target, target_file, updated)
-    return Promotion(source=source, target=target, target_file=target_file, release=release,
-                     original=original, updated=updated)
+    def __init__(self, environments: Path = ENVIRONMENTS_DIR, store_for: StoreFactory = MlflowStore,
+                 password_for: Callable[[str], str] = registry_password) -> None:
+        self.environments = environments
+        self.store_for = store_for
+        self.password_for = password_for
+        self._exits = ExitStack()
+        self._reaches: dict[str, StageReach] = {}
 
+    def __enter__(self) -> "Promoter":
+        return self
 
-def apply(promotion: Promotion, store_for: StoreFactory = MlflowStore) -> Promotion:
-    """Copy the model into the target registry, verify it there, then write the target spec atomically."""
-    model = promotion.release.model
-    store = store_for(registry_url(promotion.target))
-    try:
-        version = store.find_version(model.name, model.sha256) or store.publish(
-            model, {"mlops.promoted_from": f"{promotion.source.stage} v{model.version}"})
-        copied = store.fetch(model.name, version)
-    except StoreError as err:
-        raise PromotionRefused(f"copying the model into {promotion.target.stage}'s registry failed: {err}; "
-                               f"{promotion.target_file.name} is unchanged") from None
-    if copied.sha256 != model.sha256:
-        raise PromotionRefused(f"model {model.name} v{version} in {store.url} has sha256 {copied.sha256} after copying, "
-                               f"expected {model.sha256}; {promotion.target_file.name} is unchanged")
-    if version != promotion.release.target_version:
-        # Someone registered a version meanwhile: pin the one this promote created.
-        release = replace(promotion.release, target_version=version)
-        updated = pinned_text(promotion.original, release.as_spec())
-        validate_updated(promotion.target, promotion.target_file, updated)
-        promotion = replace(promotion, release=release, updated=updated)
-    if promotion.target_file.read_text() != promotion.original:
-        raise PromotionRefused(f"{promotion.target_file} changed while promoting; nothing written, run promote again")
-    write_atomically(promotion.target_file, promotion.updated)
-    return promotion
+    def __exit__(self, *_exc) -> None:
+        self._exits.close()
+
+    def _reach(self, spec: StageSpec) -> StageReach:
+        if spec.stage not in self._reaches:
+            self._reaches[spec.stage] = self._exits.enter_context(StageReach(spec))
+        return self._reaches[spec.stage]
+
+    def model_store(self, spec: StageSpec) -> ModelStore:
+        return self.store_for(self._reach(spec).model_registry_url())
+
+    def image_registry(self, spec: StageSpec) -> StageRegistry:
+        reach = self._reach(spec)
+        address = reach.image_registry_address()
+        if address is None:
+            raise PromotionRefused(f"{spec.stage} has no image registry (image_registry.enabled is false); "
+                                   "promotion copies images into the target's own registry")
+        return StageRegistry(where=reach.where("image registry"), address=address,
+                             username=spec.image_registry.username, password=self.password_for(spec.stage))
+
+    def _source_images(self, source: StageSpec, target: StageSpec) -> tuple[ImageCopy, ...]:
+        """Each image of the source's release, with its digest as the source registry serves it."""
+        registry = self.image_registry(source)
+        built = {"training": (source.training.build, None), "serving": (source.serving.build, source.serving.runtime)}
+        copies = []
+        for role in ("training", "serving"):
+            ref = getattr(source.release.images, role)
+            if ref is not None:
+                repository, digest = _repository_of(source, f"release.images.{role}", ref)
+                manifest_digest(registry, repository, digest)
+            else:  # a building stage (dev) promotes what its build pushed, found by the content tag
+                context, build_target = built[role]
+                repository = f"{source.stage}/{role}"
+                tag = content_tag(context, BuildSettings.of(source), build_target)
+                try:
+                    digest = manifest_digest(registry, repository, tag)
+                except RegistryError as err:
+                    raise PromotionRefused(f"{source.stage} has no pushed {role} image {repository}:{tag} (the {role} "
+                                           f"build context as it is now): {err}; run `pulumi up -s {source.stage}` so "
+                                           f"it is built and pushed to {source.stage}'s image registry") from None
+            copies.append(ImageCopy(role=role, source_repository=repository, digest=digest,
+                                    target_repository=f"{target.stage}/{role}",
+                                    target_server=target.image_registry_server))
+        return tuple(copies)
+
+    def prepare(self, source_stage: str, target_stage: str) -> Promotion:
+        """Every check, and the updated target spec text; changes nothing anywhere."""
+        if source_stage == target_stage:
+            raise PromotionRefused(f"--from and --to are both {source_stage}; promote from one stage to another")
+        target_file = stage_file(target_stage, self.environments)
+        source = load_stage(source_stage, self.environments)
+        target = load_stage(target_stage, self.environments)
+        if target.builds_workloads:
+            raise PromotionRefused(f"{target_stage} builds its own images and follows its newest model; "
+                                   "promote into staging or prod")
+        if source.release is None:
+            raise PromotionRefused(f"{source_stage} has no release to promote: nothing was promoted to it yet")
+        _refuse_unless_committed(target_file)
+        try:
+            model = _fetch_source_model(source, self.model_store(source))
+            _check_gates(model, target)
+            images = self._source_images(source, target)
+            self.image_registry(target)  # its address and password, before anything is copied
+            target_store = self.model_store(target)
+            try:
+                version = target_store.find_version(model.name, model.sha256) or target_store.next_version(model.name)
+            except StoreError as err:
+                raise PromotionRefused(f"cannot reach {self._reach(target).where('model registry')}: {err}") from None
+        except (Unreachable, RegistryError) as err:
+            raise PromotionRefused(str(err)) from None
+        release = PromotedRelease(model=model, target_version=version, images=images)
+        original = target_file.read_text()
+        updated = pinned_text(original, release.as_spec())
+        validate_updated(target, target_file, updated)
+        return Promotion(source=source, target=target, target_file=target_file, release=release,
+                         original=original, updated=updated)
+
+    def apply(self, promotion: Promotion) -> Promotion:
+        """Copy the images, then the model, verifying each in the target; only then write the target spec."""
+        unchanged = f"{promotion.target_file.name} is unchanged"
+        try:
+            source_registry = self.image_registry(promotion.source)
+            target_registry = self.image_registry(promotion.target)
+            for image in promotion.release.images:
+                copy_image(source_registry, image.source_repository, image.digest,
+                           target_registry, image.target_repository)
+            store = self.model_store(promotion.target)
+        except (Unreachable, RegistryError) as err:
+            raise PromotionRefused(f"{err}; {unchanged}") from None
+        model = promotion.release.model
+        try:
+            version = store.find_version(model.name, model.sha256) or store.publish(
+                model, {"mlops.promoted_from": f"{promotion.source.stage} v{model.version}"})
+            copied = store.fetch(model.name, version)
+        except StoreError as err:
+            raise PromotionRefused(f"copying the model into {self._reach(promotion.target).where('model registry')} "
+                                   f"failed: {err}; {unchanged}") from None
+        if copied.sha256 != model.sha256:
+            raise PromotionRefused(f"model {model.name} v{version} in {store.url} has sha256 {copied.sha256} after "
+                                   f"copying, expected {model.sha256}; {unchanged}")
+        if version != promotion.release.target_version:
+            # Someone registered a version meanwhile: pin the one this promote created.
+            release = replace(promotion.release, target_version=version)
+            updated = pinned_text(promotion.original, release.as_spec())
+            validate_updated(promotion.target, promotion.target_file, updated)
+            promotion = replace(promotion, release=release, updated=updated)
+        if promotion.target_file.read_text() != promotion.original:
+            raise PromotionRefused(f"{promotion.target_file} changed while promoting; nothing written, run promote again")
+        write_atomically(promotion.target_file, promotion.updated)
+        return promotion

@@ -35,13 +35,25 @@ def docker_engine() -> None:
 
 
 # Test-fixture digests only: shipped specs never carry a digest nobody built.
-FIXTURE_TRAINING_IMAGE = "localhost:5001/dev/training@sha256:" + "1" * 64
-FIXTURE_SERVING_IMAGE = "localhost:5001/dev/serving@sha256:" + "2" * 64
+FIXTURE_TRAINING_DIGEST = "sha256:" + "1" * 64
+FIXTURE_SERVING_DIGEST = "sha256:" + "2" * 64
 FIXTURE_MODEL_SHA256 = "3" * 64
-FIXTURE_RELEASE = {
-    "model": {"name": "iris-classifier", "version": 4, "sha256": FIXTURE_MODEL_SHA256},
-    "images": {"training": FIXTURE_TRAINING_IMAGE, "serving": FIXTURE_SERVING_IMAGE},
-}
+# Each promoted stage pulls from its own registry (shipped ports: staging 5101, prod 5201).
+REGISTRY_PORTS = {"dev": 5001, "staging": 5101, "prod": 5201}
+
+
+def pinned_image(stage: str, role: str, digest: str) -> str:
+    return f"localhost:{REGISTRY_PORTS[stage]}/{stage}/{role}@{digest}"
+
+
+def fixture_release(stage: str) -> dict:
+    return {"model": {"name": "iris-classifier", "version": 4, "sha256": FIXTURE_MODEL_SHA256},
+            "images": {"training": pinned_image(stage, "training", FIXTURE_TRAINING_DIGEST),
+                       "serving": pinned_image(stage, "serving", FIXTURE_SERVING_DIGEST)}}
+
+
+FIXTURE_TRAINING_IMAGE = pinned_image("prod", "training", FIXTURE_TRAINING_DIGEST)
+FIXTURE_SERVING_IMAGE = pinned_image("prod", "serving", FIXTURE_SERVING_DIGEST)
 
 
 @pytest.fixture
@@ -64,6 +76,6 @@ def released_environments(environments):
     for stage in ("staging", "prod"):
         file = environments / f"{stage}.yaml"
         data = yaml.safe_load(file.read_text()) or {}
-        data["release"] = FIXTURE_RELEASE
+        data["release"] = fixture_release(stage)
         file.write_text(yaml.safe_dump(data, sort_keys=False))
     return environments

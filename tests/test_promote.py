@@ -24,12 +24,15 @@ import pytest
 from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
-from components.images import content_tag
+from components.images import BuildSettings, content_tag
 from mlops import promote
 from mlops.cli import app
+from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
 from mlops.modelstore import MlflowStore, ModelVersion
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
-from tests.conftest import FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE, REQUIRE_DOCKER
+from tests.conftest import (FIXTURE_SERVING_DIGEST, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_DIGEST,
+                            FIXTURE_TRAINING_IMAGE, REQUIRE_DOCKER,
+                            pinned_image)
 
 MLFLOW_IMAGE = REPO_ROOT / "images" / "mlflow"
 MODEL_NAME = "iris-classifier"
@@ -123,13 +126,15 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
 
 
-def make_repo(tmp_path: Path, *, staging_port: int = 5100, prod_port: int = 5200, release: str = "") -> Path:
-    """A git repo whose committed environments/ has staging's registry on `staging_port` (and `release`),
-    prod's on `prod_port`."""
+def make_repo(tmp_path: Path, *, staging_port: int = 5100, prod_port: int = 5200, release: str = "",
+              staging_image_port: int = 5101) -> Path:
+    """A git repo whose committed environments/ has staging's model registry on `staging_port` (and `release`),
+    its image registry on `staging_image_port`, prod's model registry on `prod_port`."""
     environments = tmp_path / "repo" / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     staging, prod = environments / "staging.yaml", environments / "prod.yaml"
-    staging.write_text(staging.read_text().replace("host_port: 5100", f"host_port: {staging_port}") + release)
+    staging.write_text(staging.read_text().replace("host_port: 5100", f"host_port: {staging_port}")
+                       .replace("host_port: 5101", f"host_port: {staging_image_port}") + release)
     prod.write_text(prod.read_text().replace("host_port: 5200", f"host_port: {prod_port}"))
     git(environments.parent, "init", "-q", "-b", "main")
     git(environments.parent, "add", "environments")
@@ -138,8 +143,48 @@ def make_repo(tmp_path: Path, *, staging_port: int = 5100, prod_port: int = 5200
 
 
 def release_yaml(version: int, sha256: str) -> str:
+    """staging's release: the model, and images pinned in staging's own registry."""
     return (f"\nrelease:\n  model:\n    name: {MODEL_NAME}\n    version: {version}\n    sha256: {sha256}\n"
-            f"  images:\n    training: {FIXTURE_TRAINING_IMAGE}\n    serving: {FIXTURE_SERVING_IMAGE}\n")
+            f"  images:\n    training: {pinned_image('staging', 'training', FIXTURE_TRAINING_DIGEST)}\n"
+            f"    serving: {pinned_image('staging', 'serving', FIXTURE_SERVING_DIGEST)}\n")
+
+
+class FakeImageRegistries:
+    """Stands in for skopeo in the tests about the model and the spec edit: which registry (by address)
+    holds which repository at which digest. The real copies are tested against real registries below."""
+
+    def __init__(self) -> None:
+        self.images: set[tuple[str, str, str]] = set()
+        self.copies: list[tuple[str, str, str]] = []
+
+    def manifest_digest(self, registry: StageRegistry, repository: str, reference: str) -> str:
+        if (registry.address, repository, reference) not in self.images:
+            raise RegistryError(f"{repository}@{reference}: {registry.where} at {registry.address} does not have it")
+        return reference
+
+    def copy_image(self, source: StageRegistry, repository: str, digest: str, target: StageRegistry,
+                   target_repository: str) -> str:
+        self.manifest_digest(source, repository, digest)
+        self.images.add((target.address, target_repository, digest))
+        self.copies.append((target.address, target_repository, digest))
+        return f"{target_repository}@{digest}"
+
+
+@pytest.fixture(autouse=True)
+def registry_passwords(monkeypatch):
+    for stage in ("dev", "staging", "prod"):
+        monkeypatch.setenv(f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}", f"{stage}-password")
+
+
+@pytest.fixture
+def image_registries(monkeypatch):
+    """Staging's registry (shipped port 5101) holds the images its release pins."""
+    fake = FakeImageRegistries()
+    for digest, role in ((FIXTURE_TRAINING_DIGEST, "training"), (FIXTURE_SERVING_DIGEST, "serving")):
+        fake.images.add(("127.0.0.1:5101", f"staging/{role}", digest))
+    monkeypatch.setattr(promote, "manifest_digest", fake.manifest_digest)
+    monkeypatch.setattr(promote, "copy_image", fake.copy_image)
+    return fake
 
 
 def register_source_model(port: int, *, accuracy: float, files: dict[str, bytes] | None = None) -> tuple[int, str]:
@@ -157,7 +202,7 @@ def promote_cli(environments: Path, *args: str):
 
 
 @pytest.fixture
-def promotable(tmp_path, registries):
+def promotable(tmp_path, registries, image_registries):
     version, sha256 = register_source_model(registries["source"], accuracy=0.97)
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, sha256))
@@ -171,7 +216,7 @@ def assert_refused(result, environments: Path, before: str, reason: str) -> None
     assert sorted(p.name for p in environments.iterdir()) == ["base.yaml", "dev.yaml", "prod.yaml", "staging.yaml"]
 
 
-def test_promote_pins_release_keeps_comments_and_copies_the_model(promotable, registries):
+def test_promote_pins_release_keeps_comments_and_copies_the_model(promotable, registries, image_registries):
     environments, sha256 = promotable
     prod = environments / "prod.yaml"
     before = prod.read_text()
@@ -188,6 +233,9 @@ def test_promote_pins_release_keeps_comments_and_copies_the_model(promotable, re
                                               f"    version: {expected_version}", f"    sha256: {sha256}",
                                               "  images:", f"    training: {FIXTURE_TRAINING_IMAGE}",
                                               f"    serving: {FIXTURE_SERVING_IMAGE}", ""]
+    # Both images were copied into prod's own registry, under their digests, before the spec was written.
+    assert sorted(image_registries.copies) == [("127.0.0.1:5201", "prod/serving", FIXTURE_SERVING_DIGEST),
+                                               ("127.0.0.1:5201", "prod/training", FIXTURE_TRAINING_DIGEST)]
     keys = list(YAML().load(after))
     assert keys == ["labels", "artifact_store", "model_registry", "image_registry", "serving", "release", "gates"]
     assert "+release:" in result.output and "promoted iris-classifier" in result.output
@@ -214,7 +262,7 @@ def test_promoting_again_reuses_the_copied_version(promotable, registries):
     assert (environments / "prod.yaml").read_text() == pinned
 
 
-def test_dry_run_shows_the_diff_and_changes_nothing(promotable, registries):
+def test_dry_run_shows_the_diff_and_changes_nothing(promotable, registries, image_registries):
     environments, sha256 = promotable
     before = (environments / "prod.yaml").read_text()
     target = MlflowStore(f"http://127.0.0.1:{registries['target']}")
@@ -227,9 +275,45 @@ def test_dry_run_shows_the_diff_and_changes_nothing(promotable, registries):
     assert (environments / "prod.yaml").read_text() == before
     assert target.next_version(MODEL_NAME) == next_version
     assert target.find_version(MODEL_NAME, sha256) is None
+    assert image_registries.copies == []
 
 
-def test_gate_miss_is_refused(tmp_path, registries):
+def test_image_missing_in_the_source_registry_is_refused_and_nothing_is_copied(promotable, registries,
+                                                                               image_registries):
+    environments, sha256 = promotable
+    image_registries.images.discard(("127.0.0.1:5101", "staging/serving", FIXTURE_SERVING_DIGEST))
+    before = (environments / "prod.yaml").read_text()
+    result = promote_cli(environments)
+    assert_refused(result, environments, before, f"staging/serving@{FIXTURE_SERVING_DIGEST}: staging's image registry "
+                                                 "(Docker host unix:///var/run/docker.sock) at 127.0.0.1:5101 does not have it")
+    assert image_registries.copies == []
+    assert MlflowStore(f"http://127.0.0.1:{registries['target']}").find_version(MODEL_NAME, sha256) is None
+
+
+def test_a_pin_outside_the_source_stages_own_registry_is_refused(tmp_path, registries, image_registries):
+    version, sha256 = register_source_model(registries["source"], accuracy=0.97)
+    foreign = pinned_image("dev", "serving", FIXTURE_SERVING_DIGEST)
+    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
+                             release=release_yaml(version, sha256))
+    with pytest.raises(promote.SpecError, match="names another stage's registry"):
+        staging = environments / "staging.yaml"
+        staging.write_text(staging.read_text().replace(pinned_image("staging", "serving", FIXTURE_SERVING_DIGEST), foreign))
+        load_stage("staging", environments)
+
+
+def test_missing_registry_password_is_one_clear_line(promotable, monkeypatch, tmp_path):
+    environments, _ = promotable
+    monkeypatch.delenv("MLOPS_REGISTRY_PASSWORD_PROD")
+    only_git = tmp_path / "bin"
+    only_git.mkdir()
+    (only_git / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(only_git))  # no Pulumi CLI to read the stack's secret either
+    before = (environments / "prod.yaml").read_text()
+    assert_refused(promote_cli(environments), environments, before,
+                   "no password for prod's image registry: set MLOPS_REGISTRY_PASSWORD_PROD")
+
+
+def test_gate_miss_is_refused(tmp_path, registries, image_registries):
     version, sha256 = register_source_model(registries["source"], accuracy=0.6)
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, sha256))
@@ -239,7 +323,7 @@ def test_gate_miss_is_refused(tmp_path, registries):
     assert MlflowStore(f"http://127.0.0.1:{registries['target']}").find_version(MODEL_NAME, sha256) is None
 
 
-def test_missing_artifact_is_refused(tmp_path, registries):
+def test_missing_artifact_is_refused(tmp_path, registries, image_registries):
     version, _ = register_source_model(registries["source"], accuracy=0.97, files={"manifest.json": b"{}"})
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, "e" * 64))
@@ -248,7 +332,7 @@ def test_missing_artifact_is_refused(tmp_path, registries):
     assert_refused(result, environments, before, f"model {MODEL_NAME} v{version} has no artifact model/model.pkl")
 
 
-def test_sha256_mismatch_is_refused(tmp_path, registries):
+def test_sha256_mismatch_is_refused(tmp_path, registries, image_registries):
     version, sha256 = register_source_model(registries["source"], accuracy=0.97)
     wrong = "f" * 64
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
@@ -330,29 +414,38 @@ def docker(*args: str, **kwargs) -> str:
 
 @pytest.fixture
 def image_registry(docker_engine, tmp_path):
-    """The project's image registry (images/registry) on a free port, logged in with a private docker config."""
+    """A factory: the project's image registry (images/registry) on a free port, with its own password and a
+    private docker config logged in to it; returns (port, docker env, password)."""
     if subprocess.run(["docker", "image", "inspect", "mlops-base:bookworm"], capture_output=True).returncode != 0:
         reason = "the registry image builds on mlops-base:bookworm: run `make base-image`"
         if REQUIRE_DOCKER:
             pytest.fail(reason, pytrace=False)
         pytest.skip(reason)
-    name = f"mlops-test-registry-{os.urandom(4).hex()}"
-    docker("build", "-q", "-t", name, "--build-arg", "BASE_IMAGE=mlops-base:bookworm", str(REPO_ROOT / "images" / "registry"))
-    password = os.urandom(12).hex()
-    entry = f"mlops:{bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}"
-    port = _free_port()
-    docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5000", "-e", f"REGISTRY_HTPASSWD_ENTRY={entry}", name)
-    config = {**os.environ, "DOCKER_CONFIG": str(tmp_path / "docker-config")}
-    try:
+    image = f"mlops-test-registry-{os.urandom(4).hex()}"
+    docker("build", "-q", "-t", image, "--build-arg", "BASE_IMAGE=mlops-base:bookworm", str(REPO_ROOT / "images" / "registry"))
+    started = []
+
+    def start() -> tuple[int, dict, str]:
+        name = f"{image}-{len(started)}"
+        password = os.urandom(12).hex()
+        entry = f"mlops:{bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}"
+        port = _free_port()
+        docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5000", "-e", f"REGISTRY_HTPASSWD_ENTRY={entry}", image)
+        started.append(name)
+        config = {**os.environ, "DOCKER_CONFIG": str(tmp_path / f"docker-config-{name}")}
         deadline = time.monotonic() + 60
         while subprocess.run(["docker", "login", f"localhost:{port}", "-u", "mlops", "--password-stdin"], input=password,
                              capture_output=True, text=True, env=config).returncode != 0:
             assert time.monotonic() < deadline, docker("logs", name)
             time.sleep(1)
-        yield port, config
+        return port, config, password
+
+    try:
+        yield start
     finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True)
-        subprocess.run(["docker", "rmi", name], capture_output=True)
+        for name in started:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+        subprocess.run(["docker", "rmi", image], capture_output=True)
 
 
 def push_stand_in(name: str, config: dict, context: Path) -> tuple[str, str]:
@@ -367,39 +460,69 @@ def push_stand_in(name: str, config: dict, context: Path) -> tuple[str, str]:
     return name, next(ref for ref in digests if ref.startswith(f"{repository}@sha256:"))
 
 
-@pytest.mark.docker
-def test_promote_from_dev_pins_the_pushed_image_digests(tmp_path, registries, image_registry):
-    port, config = image_registry
+@pytest.fixture
+def dev_and_staging(tmp_path, registries, image_registry, monkeypatch):
+    """dev (model registry: the source MLflow, a real image registry holding stand-ins of its built images
+    under their content tags) and staging (the target MLflow, a second real image registry)."""
+    dev_port, dev_config, dev_password = image_registry()
+    staging_port, _, staging_password = image_registry()
+    monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_DEV", dev_password)
+    monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_STAGING", staging_password)
     version, sha256 = register_source_model(registries["source"], accuracy=0.97)
-    environments = make_repo(tmp_path, staging_port=registries["target"], prod_port=_free_port())
-    dev_on(environments, model_registry_port=registries["source"], image_registry_port=port)
+    environments = make_repo(tmp_path, staging_port=registries["target"], prod_port=_free_port(),
+                             staging_image_port=staging_port)
+    dev_on(environments, model_registry_port=registries["source"], image_registry_port=dev_port)
     dev = load_stage("dev", environments)
-    # Stand-ins pushed under the exact names dev's build gives its images (content-hash tags).
     pushed = {}
     for role, target in (("training", None), ("serving", dev.serving.runtime)):
-        tag = content_tag(f"images/{role}", {"BASE_IMAGE": dev.training.base_image}, target)
-        pushed[role] = push_stand_in(f"localhost:{port}/dev/{role}:{tag}", config, tmp_path / role)
-    try:
-        result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging",
-                                          "--environments", str(environments)])
-    finally:
-        for role in pushed:
-            subprocess.run(["docker", "rmi", pushed[role][0]], capture_output=True)
+        tag = content_tag(f"images/{role}", BuildSettings.of(dev), target)
+        pushed[role] = push_stand_in(f"localhost:{dev_port}/dev/{role}:{tag}", dev_config, tmp_path / role)
+    yield environments, pushed, (version, sha256), staging_port, staging_password
+    for name, _ in pushed.values():
+        subprocess.run(["docker", "rmi", name], capture_output=True)
+
+
+@pytest.mark.docker
+def test_promote_from_dev_copies_the_images_into_staging_by_digest(dev_and_staging, registries):
+    environments, pushed, (version, sha256), staging_port, staging_password = dev_and_staging
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--environments", str(environments)])
     assert result.exit_code == 0, result.output
     staging = load_stage("staging", environments)
-    assert staging.release.images.training == pushed["training"][1]
-    assert staging.release.images.serving == pushed["serving"][1]
+    staging_registry = StageRegistry(where="staging's image registry", address=f"127.0.0.1:{staging_port}",
+                                     username="mlops", password=staging_password)
+    for role in ("training", "serving"):
+        digest = pushed[role][1].split("@")[1]
+        # Pinned in staging's own registry, under the digest dev pushed: the bytes were not rewritten.
+        assert getattr(staging.release.images, role) == f"localhost:{staging_port}/staging/{role}@{digest}"
+        assert manifest_digest(staging_registry, f"staging/{role}", digest) == digest
     assert staging.release.model.sha256 == sha256
     copied = MlflowStore(f"http://127.0.0.1:{registries['target']}").fetch(MODEL_NAME, staging.release.model.version)
     assert copied.sha256 == sha256 and copied.tags["mlops.promoted_from"] == f"dev v{version}"
 
 
 @pytest.mark.docker
-def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, docker_engine):
+def test_wrong_target_registry_password_is_one_line_and_changes_nothing(dev_and_staging, monkeypatch):
+    environments, *_ = dev_and_staging
+    monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_STAGING", "not-the-password")
+    before = (environments / "staging.yaml").read_text()
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--environments", str(environments)])
+    assert result.exit_code == 1
+    assert "staging's image registry (Docker host unix:///var/run/docker.sock)" in result.output
+    assert "refused user mlops's credentials (401)" in result.output
+    assert "staging.yaml is unchanged" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert (environments / "staging.yaml").read_text() == before
+
+
+@pytest.mark.docker
+def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, image_registry, monkeypatch):
     register_source_model(registries["source"], accuracy=0.97)
+    dev_port, _, dev_password = image_registry()
+    monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_DEV", dev_password)
     environments = make_repo(tmp_path, prod_port=registries["target"])
-    dev_on(environments, model_registry_port=registries["source"], image_registry_port=5999)
+    dev_on(environments, model_registry_port=registries["source"], image_registry_port=dev_port)
     result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "prod", "--environments", str(environments)])
     assert result.exit_code == 1
-    assert "dev has no pushed training image localhost:5999/dev/training:" in result.output
+    assert "dev has no pushed training image dev/training:" in result.output
+    assert "does not have it" in result.output
     assert "run `pulumi up -s dev`" in result.output

@@ -22,11 +22,13 @@ def promote(source: str = typer.Option(..., "--from", help="the stage whose rele
             target: str = typer.Option(..., "--to", help="the stage that receives it, e.g. prod"),
             dry_run: bool = typer.Option(False, "--dry-run", help="check everything and show the diff; copy and write nothing"),
             environments: Path = typer.Option(ENVIRONMENTS_DIR, help="the specs folder, inside a git work tree")) -> None:
-    """Copy the model and image pins of SRC's release into DST's spec, after checking DST's gates."""
+    """Copy SRC's release (model and images, byte for byte) into DST's registries and pin it in DST's spec,
+    after checking DST's gates. Registry passwords: MLOPS_REGISTRY_PASSWORD_<STAGE>, else the stacks' config."""
     console = Console(highlight=False, soft_wrap=True)
     try:
-        planned = promotion.prepare(source, target, environments)
-        done = planned if dry_run else promotion.apply(planned)
+        with promotion.Promoter(environments) as promoter:
+            planned = promoter.prepare(source, target)
+            done = planned if dry_run else promoter.apply(planned)
     except promotion.PromotionRefused as refusal:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]refused:[/red] {escape(str(refusal))}")
         raise typer.Exit(1) from None
