@@ -290,17 +290,6 @@ def test_image_missing_in_the_source_registry_is_refused_and_nothing_is_copied(p
     assert MlflowStore(f"http://127.0.0.1:{registries['target']}").find_version(MODEL_NAME, sha256) is None
 
 
-def test_a_pin_outside_the_source_stages_own_registry_is_refused(tmp_path, registries, image_registries):
-    version, sha256 = register_source_model(registries["source"], accuracy=0.97)
-    foreign = pinned_image("dev", "serving", FIXTURE_SERVING_DIGEST)
-    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
-                             release=release_yaml(version, sha256))
-    with pytest.raises(promote.SpecError, match="names another stage's registry"):
-        staging = environments / "staging.yaml"
-        staging.write_text(staging.read_text().replace(pinned_image("staging", "serving", FIXTURE_SERVING_DIGEST), foreign))
-        load_stage("staging", environments)
-
-
 def test_missing_registry_password_is_one_clear_line(promotable, monkeypatch, tmp_path):
     environments, _ = promotable
     monkeypatch.delenv("MLOPS_REGISTRY_PASSWORD_PROD")

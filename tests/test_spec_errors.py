@@ -74,6 +74,21 @@ BROKEN_SPECS = {
                          "already used by dev.serving.port; ports must be unique across stages sharing a Docker host"),
     "remote host scheme": (lambda env: replace(env / "base.yaml", "url: unix:///var/run/docker.sock", "url: http://host"),
                            "base.yaml:4: docker.url: must start with unix://, ssh:// or tcp://"),
+    "pin in another stage's registry": (
+        lambda env: append(env / "prod.yaml", "release:\n  model: {name: m, version: 1, sha256: " + "a" * 64 + "}\n"
+                           "  images: {training: 'localhost:5001/dev/training" + DIGEST + "', "
+                           "serving: 'localhost:5201/prod/serving" + DIGEST + "'}\n"),
+        "prod.yaml:25: release.images.training: 'localhost:5001/dev/training" + DIGEST + "' names another stage's "
+        "registry; prod pulls only from its own (localhost:5201/prod/<image>@sha256:<digest>): promote with "
+        "`mlops promote --to prod`, which copies the image there"),
+    "cpus the provider reads back otherwise": (
+        lambda env: replace(env / "prod.yaml", "cpus: 1.0", "cpus: 0.05"),
+        "prod.yaml:17: serving.limits.cpus: 0.05 is read back by the Docker provider as \"0.1\", so every `pulumi up` "
+        "would replace the container; use a value such as 0.1, 0.25, 0.5, 1 or 1.5"),
+    "unknown platform": (lambda env: replace(env / "base.yaml", "url: unix:///var/run/docker.sock",
+                                             "url: unix:///var/run/docker.sock\n  platform: linux/s390x"),
+                         "base.yaml:5: docker.platform: Input should be 'linux/amd64' or 'linux/arm64' "
+                         "(got 'linux/s390x')"),
     "missing build context": (lambda env: replace(env / "dev.yaml", "build: images/training", "build: images/nothing"),
                               "dev.yaml:3: training.build: build context 'images/nothing' has no Dockerfile"),
 }
