@@ -3,6 +3,11 @@
 Either side is a stage of the work tree (`prod`) or a stage as committed at a git revision
 (`prod@origin/main`). Both are rendered by `mlops.plan.render`, so a diff needs no Pulumi CLI, state
 or credentials, and secrets show only as `[secret]`: safe to post on a pull request.
+
+Each changed resource also says what the provider will do with it, by the tables of
+`mlops.replacements`: update it in place or replace it, and which fields force the replacement. A
+replaced or deleted data volume or protected resource is flagged, since replacing a Docker volume
+deletes its data.
 """
 from __future__ import annotations
 
@@ -15,10 +20,14 @@ from typing import Any, Literal, Optional
 from mlops import gitrepo
 from mlops.errors import SpecError
 from mlops.plan import PlannedResource, flatten, render
+from mlops.replacements import RULES, VOLUME_TYPE, Rules, prefixes, schema_path
 from mlops.spec import ENVIRONMENTS_DIR, load_stage
 
 Status = Literal["added", "removed", "changed"]
 MARKS: dict[Status, str] = {"changed": "~", "added": "+", "removed": "-"}
+# What `pulumi up` does with a resource: "none" is a declared change the provider reports as no change.
+Action = Literal["create", "delete", "update", "replace", "none"]
+CHANGED_ACTIONS: tuple[Action, ...] = ("replace", "update", "none")
 
 
 class _Absent:
@@ -66,10 +75,19 @@ class ResourceChange:
     type: str
     name: str
     fields: tuple[FieldChange, ...]
+    action: Action
+    replace_fields: tuple[str, ...] = ()
+    """The fields (or `opts.parent`) that force a replacement."""
+    delete_before_replace: bool = False
+    notes: tuple[str, ...] = ()
+    data_risk: Optional[str] = None
+    """Set when a data volume or a protected resource is replaced or deleted: what happens to it."""
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "type": self.type, "name": self.name,
-                "fields": [change.to_json() for change in self.fields]}
+                "fields": [change.to_json() for change in self.fields], "action": self.action,
+                "replace_fields": list(self.replace_fields), "delete_before_replace": self.delete_before_replace,
+                "notes": list(self.notes), "data_risk": self.data_risk}
 
 
 @dataclass(frozen=True)
@@ -84,6 +102,16 @@ class StackDiff:
         return {status: sum(change.status == status for change in self.changes) for status in MARKS}
 
     @property
+    def actions(self) -> dict[str, int]:
+        """What the provider does with the changed resources."""
+        changed = [change for change in self.changes if change.status == "changed"]
+        return {action: sum(change.action == action for change in changed) for action in CHANGED_ACTIONS}
+
+    @property
+    def at_risk(self) -> list[ResourceChange]:
+        return [change for change in self.changes if change.data_risk]
+
+    @property
     def differs(self) -> bool:
         return bool(self.changes)
 
@@ -91,11 +119,26 @@ class StackDiff:
         if not self.differs:
             return f"no differences between {self.before} and {self.after} ({self.unchanged} resources)"
         counts = ", ".join(f"{count} {status}" for status, count in self.counts.items())
-        return f"{self.before} → {self.after}: {counts}, {self.unchanged} unchanged"
+        actions = self.actions
+        verdict = f"{actions['replace']} replace, {actions['update']} update in place"
+        if actions["none"]:
+            verdict += f", {actions['none']} no provider change"
+        return f"{self.before} → {self.after}: {counts}, {self.unchanged} unchanged ({verdict})"
+
+    def risk_summary(self) -> Optional[str]:
+        """The line a reviewer must not miss, or None when no data volume or protected resource is at stake."""
+        if not self.at_risk:
+            return None
+        items = ", ".join(f"{change.name} ({change.action})" for change in self.at_risk)
+        return (f"DATA AT RISK: {len(self.at_risk)} data volume(s) or protected resource(s) would be replaced "
+                f"or deleted: {items}")
 
     def to_json(self) -> dict[str, Any]:
         return {"before": self.before, "after": self.after, "differs": self.differs, "counts": self.counts,
-                "unchanged": self.unchanged, "changes": [change.to_json() for change in self.changes]}
+                "unchanged": self.unchanged, "changes": [change.to_json() for change in self.changes],
+                "actions": self.actions, "warning": self.risk_summary(),
+                "data_at_risk": [{"name": change.name, "type": change.type, "status": change.status,
+                                  "action": change.action, "risk": change.data_risk} for change in self.at_risk]}
 
 
 def _stack_neutral(name: str, stack: str) -> str:
@@ -105,7 +148,9 @@ def _stack_neutral(name: str, stack: str) -> str:
 
 def resource_fields(resource: PlannedResource) -> dict[str, Any]:
     """Every comparable value of a resource by path; resource options sit under `opts.`."""
-    return {**flatten(resource.inputs), "opts.parent": resource.parent, "opts.protect": resource.protect}
+    return {**flatten(resource.inputs), "opts.parent": resource.parent, "opts.protect": resource.protect,
+            "opts.retainOnDelete": resource.retain_on_delete,
+            "opts.deleteBeforeReplace": resource.delete_before_replace}
 
 
 def _field_changes(before: dict[str, Any], after: dict[str, Any], before_stack: str = "",
@@ -120,27 +165,154 @@ def _field_changes(before: dict[str, Any], after: dict[str, Any], before_stack: 
     return tuple(FieldChange(path, before.get(path, ABSENT), after.get(path, ABSENT)) for path in paths if not same(path))
 
 
+def _under(fields: dict[str, Any], prefix: str) -> list[str]:
+    """The paths of `fields` at or below the concrete path `prefix` (e.g. one list element)."""
+    return [path for path in fields if path == prefix or path.startswith((f"{prefix}.", f"{prefix}["))]
+
+
+def _kept(rules: Rules, path: str, after: dict[str, Any]) -> bool:
+    """A field removed from the program that the provider keeps as it is (Optional+Computed)."""
+    return any(field in rules.keep_when_unset and not _under(after, concrete) for field, concrete in prefixes(path))
+
+
+def _forcing_block(rules: Rules, path: str, before: dict[str, Any], after: dict[str, Any]) -> Optional[str]:
+    """A block whose change replaces even though the changed field itself is not replace-forcing."""
+    for field, concrete in prefixes(path):
+        kind = rules.blocks.get(field)
+        element = _under(before, concrete) + _under(after, concrete)
+        if kind == "set" and any(rules.forcing_field(inner) for inner in element):
+            return field
+        if kind == "defaulted" and not (_under(before, concrete) and _under(after, concrete)):
+            return field
+    return None
+
+
+def _type_chain(resource: PlannedResource, by_name: dict[str, PlannedResource]) -> tuple[str, ...]:
+    """The types of a resource's ancestors, which (with its own type and name) make its URN."""
+    chain: list[str] = []
+    parent = resource.parent
+    while parent in by_name:
+        chain.append(by_name[parent].type)
+        parent = by_name[parent].parent
+    return tuple(chain)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    replace_fields: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+def classify(resource_type: str, fields: tuple[FieldChange, ...], before: dict[str, Any], after: dict[str, Any],
+             urn_changes: bool = False) -> Verdict:
+    """Update in place or replace, as the provider decides for these changed fields (`resource_fields` paths)."""
+    rules = RULES.get(resource_type)
+    forcing: dict[str, None] = {}
+    notes: dict[str, None] = {}
+    effective = False
+    for change in fields:
+        path = change.path
+        if path == "opts.parent" and urn_changes:
+            forcing["opts.parent"] = None
+            notes["opts.parent: the URN changes with the parent's type, so Pulumi creates the new resource and "
+                  "deletes the old one"] = None
+        elif path.startswith("opts."):
+            effective = True  # Pulumi's own options: its state changes, the provider sees nothing.
+        elif rules is None or not rules.knows(path):
+            top = prefixes(path)[0][0] if prefixes(path) else path
+            forcing[top] = None
+            notes[f"{top}: not in mlops/replacements.py, assumed to replace"] = None
+        elif rules.is_ignored(path):
+            notes[f"{schema_path(path)}: the provider's diff ignores it"] = None
+        elif change.after is ABSENT and _kept(rules, path, after):
+            notes[f"{schema_path(path)}: removed from the program, the provider keeps its current value"] = None
+        else:
+            field = rules.forcing_field(path) or _forcing_block(rules, path, before, after)
+            if field:
+                forcing[field] = None
+                continue
+            effective = True
+            note = rules.note(path)
+            if note:
+                notes[f"{prefixes(path)[0][0]}: {note}"] = None
+    action: Action = "replace" if forcing else "update" if effective else "none"
+    return Verdict(action, tuple(forcing), tuple(notes))
+
+
+def _data_risk(resource_type: str, action: Action, old: PlannedResource, new: Optional[PlannedResource],
+               delete_before_replace: bool) -> Optional[str]:
+    """What a replacement or deletion does to a data volume or protected resource (None for anything else).
+
+    Pulumi refuses to replace a resource protected on both sides, or to delete a protected one; it skips
+    the provider's delete of a resource whose old state has retainOnDelete. Otherwise a replacement is
+    create-before-delete unless delete-before-replace: the new Docker volume of the same name is the old
+    one (Docker's volume create returns an existing volume), and the old resource's delete then removes it.
+    """
+    volume = resource_type == VOLUME_TYPE
+    if action not in ("replace", "delete") or not (volume or old.protect or (new is not None and new.protect)):
+        return None
+    what = f"{'data volume' if volume else 'protected resource'} {'replaced' if action == 'replace' else 'deleted'}"
+    if old.protect and (new is None or new.protect):
+        return f"{what}: pulumi up refuses, the resource is protected"
+    if old.retain_on_delete:
+        return f"{what}: retainOnDelete, so Pulumi does not delete the old one from Docker (its data stays on the host)"
+    if not volume:
+        return f"{what}: Pulumi deletes the old one"
+    if action == "delete":
+        return f"{what}: DATA LOSS, Pulumi deletes the volume and its data"
+    if delete_before_replace:
+        return f"{what}: DATA LOSS, Pulumi deletes the volume and its data, then creates an empty one"
+    if new is not None and new.inputs.get("name") == old.inputs.get("name"):
+        return (f"{what}: DATA LOSS, Pulumi creates the replacement first (Docker hands back the existing volume "
+                f"of the same name), then deletes the old resource, which removes the volume and its data")
+    return f"{what}: DATA LOSS, Pulumi creates a new empty volume, then deletes the old one and its data"
+
+
+def _delete_first_note(dependents: list[str]) -> str:
+    # The engine replaces a delete-before-replace resource's dependents whose diff, with the inputs that
+    # come from it unknown, asks for a replacement: the rendering knows the dependents, not which inputs.
+    return (f"delete-before-replace: Pulumi also replaces those of its dependents ({', '.join(dependents)}) "
+            f"that take a replace-forcing input from it")
+
+
 def compare(before: list[PlannedResource], after: list[PlannedResource],
             before_stack: str, after_stack: str) -> tuple[list[ResourceChange], int]:
     """Resource changes keyed by type and (stack-neutral) name, in rendering order; and how many are unchanged."""
     old = {(r.type, _stack_neutral(r.name, before_stack)): r for r in before}
     new = {(r.type, _stack_neutral(r.name, after_stack)): r for r in after}
+    old_by_name = {r.name: r for r in before}
+    new_by_name = {r.name: r for r in after}
     changes: list[ResourceChange] = []
     unchanged = 0
     for key, resource in new.items():
         if key not in old:
             changes.append(ResourceChange("added", resource.type, resource.name,
-                                          _field_changes({}, resource_fields(resource))))
+                                          _field_changes({}, resource_fields(resource)), action="create"))
             continue
-        fields = _field_changes(resource_fields(old[key]), resource_fields(resource), before_stack, after_stack)
-        if fields:
-            changes.append(ResourceChange("changed", resource.type, resource.name, fields))
-        else:
+        previous = old[key]
+        old_fields, new_fields = resource_fields(previous), resource_fields(resource)
+        fields = _field_changes(old_fields, new_fields, before_stack, after_stack)
+        if not fields:
             unchanged += 1
+            continue
+        urn_changes = _type_chain(previous, old_by_name) != _type_chain(resource, new_by_name)
+        verdict = classify(resource.type, fields, old_fields, new_fields, urn_changes)
+        rules = RULES.get(resource.type)
+        # A new URN is no replace step: Pulumi creates the new resource and deletes the old one last.
+        delete_first = (verdict.action == "replace" and "opts.parent" not in verdict.replace_fields
+                        and (resource.delete_before_replace or (rules is not None and rules.delete_before_replace)))
+        dependents = [r.name for r in after if resource.name in r.dependencies]
+        notes = verdict.notes + ((_delete_first_note(dependents),) if delete_first and dependents else ())
+        changes.append(ResourceChange(
+            "changed", resource.type, resource.name, fields, action=verdict.action,
+            replace_fields=verdict.replace_fields, delete_before_replace=delete_first, notes=notes,
+            data_risk=_data_risk(resource.type, verdict.action, previous, resource, delete_first)))
     for key, resource in old.items():
         if key not in new:
             changes.append(ResourceChange("removed", resource.type, resource.name,
-                                          _field_changes(resource_fields(resource), {})))
+                                          _field_changes(resource_fields(resource), {}), action="delete",
+                                          data_risk=_data_risk(resource.type, "delete", resource, None, False)))
     return changes, unchanged
 
 
@@ -174,11 +346,30 @@ def _markdown_cell(value: Any) -> str:
     return f"`` {text} ``" if "`" in text else f"`{text}`"
 
 
+def describe_action(change: ResourceChange) -> str:
+    """`replace (delete-before-replace) forced by labels, cpus`, `update in place`, ..."""
+    if change.action == "replace":
+        order = " (delete-before-replace)" if change.delete_before_replace else ""
+        return f"replace{order} forced by {', '.join(change.replace_fields)}"
+    return {"update": "update in place", "none": "no provider change"}.get(change.action, change.action)
+
+
 def to_markdown(diff: StackDiff) -> str:
-    """A pull-request comment: a summary line, then one table per resource (added/removed folded)."""
-    lines = [f"### `mlops diff {diff.before} {diff.after}`", "", f"**{diff.summary()}**"]
+    """A pull-request comment: the data-at-risk warning, a summary line, then one table per resource
+    (added/removed folded)."""
+    lines = [f"### `mlops diff {diff.before} {diff.after}`", ""]
+    warning = diff.risk_summary()
+    if warning:
+        lines += ["> [!CAUTION]", f"> **⚠️ {warning}**", ""]
+    lines.append(f"**{diff.summary()}**")
     for change in diff.changes:
-        lines += ["", f"#### {MARKS[change.status]} `{change.name}` ({change.status}, `{change.type}`)", ""]
+        heading = f"#### {MARKS[change.status]} `{change.name}` ({change.status}, `{change.type}`)"
+        if change.status == "changed":
+            heading += f": **{describe_action(change)}**"
+        lines += ["", heading, ""]
+        if change.data_risk:
+            lines += [f"**⚠️ {change.data_risk}**", ""]
+        lines += [f"- {note}" for note in change.notes] + ([""] if change.notes else [])
         table = ["| field | before | after |", "|---|---|---|"]
         table += [f"| `{fc.path}` | {_markdown_cell(fc.before)} | {_markdown_cell(fc.after)} |" for fc in change.fields]
         if change.status == "changed":

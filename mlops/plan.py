@@ -30,6 +30,8 @@ class PlannedResource:
     parent: Optional[str]
     inputs: dict[str, Any]
     protect: bool
+    retain_on_delete: bool = False
+    delete_before_replace: bool = False
     dependencies: tuple[str, ...] = ()
     """Names of the resources it waits for: the SDK's `dependencies` (input outputs and `depends_on`, a
     component's expanded to its resources), as the engine orders `pulumi up`."""
@@ -81,7 +83,8 @@ def fake_digest(*parts: str) -> str:
 
 
 class _RecordingMonitor(pulumi_mocks.MockMonitor):
-    """Records each registration with its parent and protect flag, which `Mocks.new_resource` never sees."""
+    """Records each registration with its parent and the options that decide what a delete or a
+    replacement does (protect, retainOnDelete, deleteBeforeReplace), which `Mocks.new_resource` never sees."""
 
     def __init__(self, mocks: pulumi.runtime.Mocks) -> None:
         super().__init__(mocks)
@@ -106,6 +109,7 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
                 ordered.append(PlannedResource(
                     type=request.type, name=request.name, parent=names.get(request.parent),
                     inputs=redact(rpc.deserialize_properties(request.object), reveal_secrets), protect=bool(request.protect),
+                    retain_on_delete=bool(request.retainOnDelete), delete_before_replace=bool(request.deleteBeforeReplace),
                     dependencies=tuple(sorted(names[dependency] for dependency in request.dependencies))))
                 visit(urn)
 

@@ -1,4 +1,5 @@
-"""`mlops diff` across git revisions of a temporary repository, in every output format."""
+"""`mlops diff` across git revisions of a temporary repository, in every output format: what changes, what
+the provider does with it (update in place or replace), and the data-loss warning."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ from typer.testing import CliRunner
 
 from tests.conftest import FIXTURE_SERVING_IMAGE
 from mlops.cli import app
-from mlops.diff import StageRef, diff_stages, to_markdown
+from mlops.diff import StageRef, compare, diff_stages, to_markdown
 from mlops.errors import SpecError
+from mlops.plan import PlannedResource
 
 NEW_SERVING_IMAGE = "localhost:5201/prod/serving@sha256:" + "4" * 64
 
@@ -112,3 +114,123 @@ def test_different_stages_match_resources_by_stack_neutral_name(committed):
     gateway = next(c for c in result.changes if c.name == "prod-serving-gateway")
     assert ("ports[0].external", 8180, 8280) in [(f.path, f.before, f.after) for f in gateway.fields]
     assert "opts.parent" not in [f.path for f in gateway.fields]  # staging-serving and prod-serving are the same parent
+
+
+def test_serving_replicas_are_replaced_delete_first_and_the_pulled_image_too(committed):
+    change_serving_image(committed)
+    result = diff_stages(StageRef.parse("prod@HEAD"), StageRef.parse("prod"), committed)
+    replica = next(c for c in result.changes if c.name == "prod-serving-blue-0")
+    # `image` is ForceNew (resource_docker_container.go) and pulumi-docker deletes containers first.
+    assert (replica.action, replica.replace_fields, replica.delete_before_replace) == ("replace", ("image",), True)
+    pulled = next(c for c in result.changes if c.name == "prod-serving-image")
+    assert (pulled.action, pulled.replace_fields) == ("replace", ("name",))
+    assert not result.at_risk and result.risk_summary() is None
+
+
+def test_json_keeps_its_keys_and_adds_the_verdicts(committed):
+    change_serving_image(committed)
+    cli = invoke("prod@HEAD", "prod", "--environments", str(committed), "--format", "json")
+    output = json.loads(cli.output)
+    assert {"before", "after", "differs", "counts", "unchanged", "changes"} <= output.keys()
+    assert output["actions"] == {"replace": 4, "update": 0, "none": 0}
+    assert output["warning"] is None and output["data_at_risk"] == []
+    change = next(c for c in output["changes"] if c["name"] == "prod-serving-blue-0")
+    assert {"status", "type", "name", "fields"} <= change.keys()
+    assert (change["action"], change["replace_fields"], change["delete_before_replace"]) == ("replace", ["image"], True)
+
+
+def resource(resource_type="docker:index/volume:Volume", name="dev-artifact-store-artifacts",
+             labels=(("mlops.stage", "dev"),), parent=None, protect=False, **options):
+    """A rendered resource as `mlops.plan.render` records it; `options` are retain_on_delete and the like."""
+    inputs = {"name": "dev-artifacts", "labels": [{"label": key, "value": value} for key, value in labels]}
+    return PlannedResource(type=resource_type, name=name, parent=parent, inputs=inputs, protect=protect, **options)
+
+
+def only_change(before, after):
+    changes, _ = compare(before, after, "dev", "dev")
+    assert len(changes) == 1
+    return changes[0]
+
+
+@pytest.mark.parametrize(("before", "after", "risk"), [
+    ({}, {}, ("data volume replaced: DATA LOSS, Pulumi creates the replacement first (Docker hands back the "
+              "existing volume of the same name), then deletes the old resource, which removes the volume and its data")),
+    ({"delete_before_replace": True}, {"delete_before_replace": True},
+     "data volume replaced: DATA LOSS, Pulumi deletes the volume and its data, then creates an empty one"),
+    ({"retain_on_delete": True}, {"retain_on_delete": True},
+     "data volume replaced: retainOnDelete, so Pulumi does not delete the old one from Docker (its data stays on the host)"),
+    ({"protect": True, "retain_on_delete": True}, {"protect": True, "retain_on_delete": True},
+     "data volume replaced: pulumi up refuses, the resource is protected"),
+])
+def test_a_relabelled_volume_is_replaced_and_flagged(before, after, risk):
+    change = only_change([resource(**before)], [resource(labels=(("mlops.stage", "dev"), ("mlops.owner", "x")), **after)])
+    assert (change.action, change.replace_fields, change.data_risk) == ("replace", ("labels",), risk)
+
+
+def test_a_removed_volume_and_a_removed_protected_resource_are_flagged():
+    network = resource("docker:index/network:Network", "dev-network", protect=True)
+    changes, _ = compare([resource(), network], [], "dev", "dev")
+    assert [(c.status, c.action, c.data_risk) for c in changes] == [
+        ("removed", "delete", "data volume deleted: DATA LOSS, Pulumi deletes the volume and its data"),
+        ("removed", "delete", "protected resource deleted: pulumi up refuses, the resource is protected")]
+
+
+def test_a_new_parent_type_changes_the_urn_and_replaces():
+    store = PlannedResource("mlops:artifact_store:ArtifactStore", "dev-artifact-store", None, {}, False)
+    vault = PlannedResource("mlops:vault:Vault", "dev-vault", None, {}, False)
+    changes, _ = compare([store, resource(parent="dev-artifact-store")], [vault, resource(parent="dev-vault")],
+                         "dev", "dev")
+    moved = next(c for c in changes if c.name == "dev-artifact-store-artifacts")
+    assert (moved.action, moved.replace_fields) == ("replace", ("opts.parent",))
+    assert moved.data_risk.startswith("data volume replaced: DATA LOSS")
+
+
+def test_only_protect_changing_is_an_update_of_pulumi_state():
+    change = only_change([resource()], [resource(protect=True)])
+    assert (change.action, change.data_risk) == ("update", None)
+
+
+def test_the_data_loss_warning_leads_every_format(committed):
+    """staging → prod renames every volume: each is replaced (retained, since the stages keep their data)."""
+    text = invoke("staging", "prod", "--environments", str(committed))
+    assert text.exit_code == 1
+    assert text.output.splitlines()[0].startswith(
+        "⚠ DATA AT RISK: 3 data volume(s) or protected resource(s) would be replaced or deleted: "
+        "prod-artifact-store-artifacts (replace)")
+    assert "    ⚠ data volume replaced: retainOnDelete" in text.output
+
+    markdown = invoke("staging", "prod", "--environments", str(committed), "--format", "markdown").output.splitlines()
+    assert markdown[2:4] == ["> [!CAUTION]", (
+        "> **⚠️ DATA AT RISK: 3 data volume(s) or protected resource(s) would be replaced or deleted: "
+        "prod-artifact-store-artifacts (replace), prod-artifact-store-mlflow-db (replace), "
+        "prod-artifact-store-registry-data (replace)**")]
+    assert ("#### ~ `prod-artifact-store-artifacts` (changed, `docker:index/volume:Volume`): "
+            "**replace forced by labels, name**") in markdown
+    assert any(line.startswith("**⚠️ data volume replaced: retainOnDelete") for line in markdown)
+
+    output = json.loads(invoke("staging", "prod", "--environments", str(committed), "--format", "json").output)
+    assert output["warning"].startswith("DATA AT RISK: 3 data volume(s)")
+    assert [(r["name"], r["action"]) for r in output["data_at_risk"]] == [
+        ("prod-artifact-store-artifacts", "replace"), ("prod-artifact-store-mlflow-db", "replace"),
+        ("prod-artifact-store-registry-data", "replace")]
+
+
+def test_fail_on_data_loss_exits_3_only_when_data_is_at_risk(committed):
+    assert invoke("staging", "prod", "--environments", str(committed), "--fail-on-data-loss").exit_code == 3
+    change_serving_image(committed)
+    assert invoke("prod@HEAD", "prod", "--environments", str(committed), "--fail-on-data-loss").exit_code == 1
+    assert invoke("prod@HEAD", "prod@HEAD", "--environments", str(committed), "--fail-on-data-loss").exit_code == 0
+
+
+@pytest.mark.parametrize("stage", ["dev", "staging", "prod"])
+def test_a_new_owner_replaces_no_volume_and_no_network(committed, stage):
+    """Volumes and networks carry only identity labels, so a routine edit of `labels.owner` never touches
+    them (their `labels` are ForceNew); containers, relabelled, are replaced without losing anything."""
+    base = committed / "base.yaml"
+    base.write_text(base.read_text().replace("owner: ml-platform", "owner: ml-research"))
+    result = diff_stages(StageRef(stage, "HEAD"), StageRef(stage), committed)
+    untouchable = ("docker:index/volume:Volume", "docker:index/network:Network")
+    assert [(c.name, c.action) for c in result.changes if c.type in untouchable] == []
+    assert result.at_risk == []
+    relabelled = [c for c in result.changes if c.type == "docker:index/container:Container"]
+    assert relabelled and all(c.replace_fields == ("labels",) for c in relabelled)
