@@ -96,6 +96,70 @@ def test_prod_volumes_are_protected_and_nothing_else_is(released_environments):
     assert not [r for r in render("dev") if r.protect]
 
 
+@pytest.mark.parametrize("stage", ["dev", "staging", "prod"])
+def test_data_volumes_and_the_network_survive_routine_edits(stage, released_environments):
+    resources = render(stage, released_environments)
+    volumes = [r for r in resources if r.type == VOLUME]
+    network = next(r for r in resources if r.type == "docker:index/network:Network")
+    # `labels` is ForceNew on volumes and networks: only labels that never change may be on them.
+    for resource in [*volumes, network]:
+        assert set(label_map(resource)) <= {"mlops.stack", "mlops.stage", "mlops.component", "mlops.experiment"}, \
+            resource.name
+    assert all(volume.retain_on_delete for volume in volumes)
+    assert network.delete_before_replace
+    for container in containers(resources):
+        assert {"mlops.owner", "mlops.cost-centre"} <= set(label_map(container)), container.name
+
+
+@pytest.mark.parametrize("stage", ["dev", "staging", "prod"])
+def test_container_inputs_are_rendered_as_the_provider_reads_them_back(stage, released_environments):
+    for container in containers(render(stage, released_environments)):
+        inputs = container.inputs
+        assert inputs["memorySwap"] == inputs["memory"], container.name
+        assert inputs["cpus"] in ("0.5", "1.0", "2.0"), container.name
+        check = inputs["healthcheck"]
+        assert {check["interval"], check["timeout"], check["startPeriod"]} <= {"3s", "5s", "20s"}, container.name
+
+
+def test_go_durations_and_provider_cpus_match_the_provider():
+    from components.containers import go_duration
+    from mlops.spec import provider_cpus
+
+    assert [go_duration(s) for s in (0, 5, 59, 60, 90, 3600, 3661)] == ["0s", "5s", "59s", "1m0s", "1m30s", "1h0m0s", "1h1m1s"]
+    # terraform-provider-docker v4.5.0 nanoInt64ToDecimalString, worked through by hand.
+    assert [provider_cpus(c) for c in (1, 0.5, 10, 1.5, 0.25, 64, 20)] == ["1.0", "0.5", "10.", "1.5", "0.25", "64.0", "20."]
+
+
+def test_pulumi_up_waits_for_health_except_for_dev_replicas_following_latest(released_environments):
+    for stage in ("dev", "prod"):
+        for container in containers(render(stage, released_environments)):
+            follows_latest = stage == "dev" and "-serving-blue-" in container.name
+            assert container.inputs.get("wait", False) is not follows_latest, container.name
+            if not follows_latest:
+                assert container.inputs["waitTimeout"] >= 60, container.name
+
+
+def test_promoted_images_are_pulled_from_the_stages_own_registry_with_its_credentials(released_environments):
+    resources = render("prod", released_environments)
+    provider = next(r for r in resources if r.type == "pulumi:providers:docker")
+    assert provider.inputs["registryAuth"] == "[secret]"
+    revealed = plan.render("prod", load_stages(["prod"], released_environments)[0],
+                           config={"mlops:registryPassword": "s3cret"}, reveal_secrets=True)
+    auth = json.loads(next(r for r in revealed if r.type == "pulumi:providers:docker").inputs["registryAuth"])
+    assert [(a["address"], a["username"], a["password"]) for a in auth] == [("localhost:5201", "mlops", "s3cret")]
+    for remote in (r for r in resources if r.type == REMOTE_IMAGE):
+        assert remote.inputs["name"].startswith("localhost:5201/prod/"), remote.name
+        assert remote.inputs["platform"] == "linux/amd64", remote.name
+        # Pulled only once the registry answers (its container waits for health).
+        assert "prod-image-registry-server" in remote.dependencies, remote.name
+
+
+def test_every_build_names_its_platform_and_builds_with_buildkit():
+    for image in (r for r in render("dev") if r.type == IMAGE):
+        assert image.inputs["build"]["platform"] == "linux/amd64", image.name
+        assert image.inputs["build"]["builderVersion"] == "BuilderBuildKit", image.name
+
+
 @pytest.mark.parametrize("stage, ports", [
     ("dev", {"dev-model-registry-server": 5000, "dev-image-registry-server": 5001, "dev-serving-gateway": 8080}),
     ("prod", {"prod-model-registry-server": 5200, "prod-image-registry-server": 5201, "prod-serving-gateway": 8280}),

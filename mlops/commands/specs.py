@@ -51,8 +51,10 @@ def plan(stage: str = typer.Argument(..., help="dev, staging or prod"),
                       f"(promote a release with `mlops promote --to {stage}`)[/yellow]")
     console.print(f"[bold]{stage}[/bold]: {len(resources)} resources")
     for resource in resources:
-        protected = " [magenta]protected[/magenta]" if resource.protect else ""
+        options = [name for name, on in (("protected", resource.protect), ("retained on delete", resource.retain_on_delete),
+                                          ("delete before replace", resource.delete_before_replace)) if on]
+        marks = "".join(f" [magenta]{option}[/magenta]" for option in options)
         parent = f" (parent {resource.parent})" if resource.parent else ""
-        console.print(f"[cyan]{resource.type}[/cyan] [bold]{resource.name}[/bold]{parent}{protected}", highlight=False, soft_wrap=True)
+        console.print(f"[cyan]{resource.type}[/cyan] [bold]{resource.name}[/bold]{parent}{marks}", highlight=False, soft_wrap=True)
         for path, value in planning.flatten(resource.inputs).items():
             console.print(f"    {path} = {json.dumps(value)}", highlight=False, soft_wrap=True, markup=False)
