@@ -79,3 +79,29 @@ def released_environments(environments):
         data["release"] = fixture_release(stage)
         file.write_text(yaml.safe_dump(data, sort_keys=False))
     return environments
+
+
+@pytest.fixture(scope="session")
+def docker_hosts(docker_engine):
+    """Separate Docker engines (tests/hosts.py): `docker_hosts("dev", "staging")` -> {name: DockerHost}.
+
+    A host starts on first request and serves the rest of the session, since each costs seconds and a copy of
+    the base image: a test leaves the hosts it used empty (`DockerHost.reset()`), and asking again starts any
+    host a test stopped. Names carry this session's id, so parallel sessions never collide."""
+    import uuid
+
+    from tests import hosts
+
+    session = uuid.uuid4().hex[:12]
+    started: dict[str, hosts.DockerHost] = {}
+
+    def get(*names: str) -> dict[str, hosts.DockerHost]:
+        missing = [name for name in dict.fromkeys(names) if name not in started]
+        if missing:
+            started.update(hosts.start_hosts(missing, network=f"mlops-hosts-{session}", session=session))
+        for name in names:
+            started[name].start()
+        return {name: started[name] for name in names}
+
+    yield get
+    hosts.remove_hosts(session)
