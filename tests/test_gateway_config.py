@@ -1,6 +1,7 @@
 """The gateway's config rendering in-process: weights, pools and replica addresses as nginx gets them."""
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -10,6 +11,9 @@ from mlops.spec import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
 import gateway  # noqa: E402
 from gateway import Gateway, GatewayConfigError, Pool, pools_from_env, render  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
+from serving.protocol import MAX_BODY_BYTES  # noqa: E402
 
 CANARY_ENV = {"UPSTREAM_BLUE": "s-serving-blue-0:8080,s-serving-blue-1:8080", "UPSTREAM_GREEN": "s-serving-green-0:8080",
               "WEIGHT_BLUE": "80", "WEIGHT_GREEN": "20"}
@@ -43,7 +47,24 @@ def test_render_splits_by_weight_and_lists_resolved_replicas_by_address():
     assert "server 172.20.0.5:8080 max_fails=1 fail_timeout=5s;" in blue
     assert "s-serving-blue-1" not in config, "an unresolved replica would stop nginx from starting"
     assert "keepalive 64;" in blue
-    assert "proxy_next_upstream error timeout http_502 http_503 non_idempotent;" in config
+    assert "proxy_next_upstream error timeout http_500 http_502 http_503 non_idempotent;" in config
+
+
+def test_bodies_stay_in_memory_and_the_gateway_refuses_what_the_replicas_would():
+    config = render(pools_from_env(CANARY_ENV), {})
+    assert "client_max_body_size 1m;" in config and "client_body_buffer_size 1m;" in config
+    assert MAX_BODY_BYTES == 1024 * 1024
+    assert "proxy_max_temp_file_size 0;" in config
+
+
+def test_only_the_v2_api_is_routed():
+    api = re.search(r"location ~ (\S+) \{", render(pools_from_env(CANARY_ENV), {}))[1]
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/iris", "/v2/models/iris/ready",
+                 "/v2/models/iris/infer", "/v2/models/iris/versions/3", "/v2/models/iris/versions/3/infer"):
+        assert re.match(api, path), path
+    for path in ("/metrics", "/v2/repository/models/iris/unload", "/v2/models/iris/docs", "/v2/docs", "/docs",
+                 "/v2/models/iris/infer_stream", "/v2/health/live/x"):
+        assert not re.match(api, path), path
 
 
 def test_a_pool_with_no_resolved_replica_answers_502_instead_of_failing_to_start():

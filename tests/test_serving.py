@@ -11,11 +11,14 @@ import pickle
 import socket
 import sys
 import threading
+from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
+import tritonclient.http
+from prometheus_client import generate_latest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -24,7 +27,9 @@ from sklearn.preprocessing import StandardScaler
 from mlops.spec import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
-from serving.app import InferenceApp  # noqa: E402
+from serving.app import OFF_LOOP_BYTES, InferenceApp  # noqa: E402
+from serving.protocol import MAX_BODY_BYTES  # noqa: E402
+from serving.readiness import FAILURES_BEFORE_UNREADY  # noqa: E402
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable  # noqa: E402
 from serving.startup import fetch_pinned_model  # noqa: E402
 
@@ -40,7 +45,18 @@ def app(iris):
     return InferenceApp(iris[0], name="iris-classifier", version="3", sha256="ab" * 32)
 
 
-def call(app: InferenceApp, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+@dataclass(frozen=True)
+class Response:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def call(app: InferenceApp, method: str, path: str, body: bytes = b"",
+         headers: tuple[tuple[bytes, bytes], ...] = ()) -> Response:
     """One HTTP exchange with the ASGI app, as uvicorn would drive it."""
     sent: list[dict] = []
 
@@ -50,8 +66,10 @@ def call(app: InferenceApp, method: str, path: str, body: bytes = b"") -> tuple[
     async def send(message: dict) -> None:
         sent.append(message)
 
-    asyncio.run(app({"type": "http", "method": method, "path": path}, receive, send))
-    return sent[0]["status"], sent[1]["body"]
+    declared = () if any(key == b"content-length" for key, _ in headers) else ((b"content-length", str(len(body)).encode()),)
+    scope = {"type": "http", "method": method, "path": path, "headers": [*declared, *headers]}
+    asyncio.run(app(scope, receive, send))
+    return Response(sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"])
 
 
 def infer_body(rows, datatype: str = "FP32", shape=None, **extra) -> bytes:
@@ -59,12 +77,15 @@ def infer_body(rows, datatype: str = "FP32", shape=None, **extra) -> bytes:
     return json.dumps({"inputs": [tensor], **extra}).encode()
 
 
+INFER = "/v2/models/iris-classifier/infer"
+
+
 def test_infer_answers_the_models_predictions(app, iris):
     model, features = iris
     rows = features[::10].tolist()
-    status, body = call(app, "POST", "/v2/models/iris-classifier/infer", infer_body(rows, id="req-7"))
-    assert status == 200
-    response = json.loads(body)
+    answer = call(app, "POST", INFER, infer_body(rows, id="req-7"))
+    assert answer.status == 200
+    response = answer.json()
     assert response["model_name"] == "iris-classifier" and response["model_version"] == "3"
     assert response["id"] == "req-7"
     [output] = response["outputs"]
@@ -76,9 +97,68 @@ def test_infer_takes_flat_fp64_data_and_the_versioned_path(app, iris):
     model, features = iris
     rows = features[:4]
     body = infer_body(rows.ravel().tolist(), datatype="FP64", shape=[4, 4])
-    status, answer = call(app, "POST", "/v2/models/iris-classifier/versions/3/infer", body)
-    assert status == 200
-    assert json.loads(answer)["outputs"][0]["data"] == model.predict(rows).tolist()
+    answer = call(app, "POST", "/v2/models/iris-classifier/versions/3/infer", body)
+    assert answer.status == 200
+    assert answer.json()["outputs"][0]["data"] == model.predict(rows).tolist()
+
+
+def triton_request(rows: np.ndarray, *, binary_input: bool, binary_output: bool | None) -> tuple[bytes, tuple]:
+    """The bytes and headers tritonclient's HTTP client sends; `binary_output` None asks for no output by name
+    (the client then asks for every output binary)."""
+    tensor = tritonclient.http.InferInput("input-0", list(rows.shape), "FP64")
+    tensor.set_data_from_numpy(rows, binary_data=binary_input)
+    outputs = None if binary_output is None else [tritonclient.http.InferRequestedOutput("predict", binary_data=binary_output)]
+    body, json_size = tritonclient.http.InferenceServerClient.generate_request_body([tensor], outputs=outputs)
+    return body, () if json_size is None else ((b"inference-header-content-length", str(json_size).encode()),)
+
+
+@pytest.mark.parametrize("binary_input, binary_output", [(True, None), (True, False), (False, True), (False, False)])
+def test_the_binary_tensor_extension_in_and_out_as_tritonclient_speaks_it(app, iris, binary_input, binary_output):
+    model, features = iris
+    rows = features[::7]
+    body, headers = triton_request(rows, binary_input=binary_input, binary_output=binary_output)
+    answer = call(app, "POST", INFER, body, headers)
+    assert answer.status == 200, answer.body
+    header_length = answer.headers.get(b"inference-header-content-length")
+    assert (header_length is not None) == (binary_output is not False)
+    result = tritonclient.http.InferResult.from_response_body(
+        answer.body, header_length=None if header_length is None else int(header_length))
+    assert result.as_numpy("predict").tolist() == model.predict(rows).tolist()
+    [output] = result.get_response()["outputs"]
+    assert ("data" in output) == (binary_output is False)
+
+
+def test_binary_fp32_input_is_read_little_endian_row_major(app, iris):
+    model, features = iris
+    rows = features[:3].astype(np.float32)
+    header = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP32", "shape": [3, 4],
+                                     "parameters": {"binary_data_size": rows.nbytes}}]}).encode()
+    answer = call(app, "POST", INFER, header + rows.astype("<f4").tobytes(),
+                  ((b"inference-header-content-length", str(len(header)).encode()),))
+    assert answer.status == 200
+    assert answer.json()["outputs"][0]["data"] == model.predict(rows).tolist()
+
+
+def binary_body(size: int, payload: bytes, header_length: int | None = None) -> tuple[bytes, tuple]:
+    header = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4],
+                                     "parameters": {"binary_data_size": size}}]}).encode()
+    length = len(header) if header_length is None else header_length
+    return header + payload, ((b"inference-header-content-length", str(length).encode()),)
+
+
+@pytest.mark.parametrize("body, headers, error", [
+    (*binary_body(32, bytes(24)), "input 'input-0' binary_data_size is 32 but 24 bytes follow the JSON header"),
+    (*binary_body(20, bytes(20)), "input 'input-0' has 20 binary bytes, not a whole number of FP64 values"),
+    (*binary_body(32, bytes(32), header_length=10_000), "Inference-Header-Content-Length is 10000 but the body has"),
+    (*binary_body(32, np.array([np.nan, 1, 2, 3]).tobytes()), "input 'input-0' has values that are not finite FP64"),
+    (binary_body(32, bytes(32))[0], (), "request body is not valid JSON"),
+    (infer_body([[1, 2, 3, 4]]), ((b"inference-header-content-length", b"x"),),
+     "Inference-Header-Content-Length must be a byte count, got 'x'"),
+])
+def test_malformed_binary_requests_get_400(app, body, headers, error):
+    answer = call(app, "POST", INFER, body, headers)
+    assert answer.status == 400
+    assert answer.json()["error"].startswith(error)
 
 
 @pytest.mark.parametrize("body, error", [
@@ -86,49 +166,134 @@ def test_infer_takes_flat_fp64_data_and_the_versioned_path(app, iris):
     (b'{"id": "x"}', "request body must be a JSON object with an 'inputs' list"),
     (json.dumps({"inputs": []}).encode(), "expected exactly one input tensor, got 0"),
     (json.dumps({"inputs": [{"name": "x", "shape": [1, 4]}]}).encode(),
-     "the input tensor needs 'name', 'shape', 'datatype' and 'data'"),
+     "the input tensor needs 'name', 'shape', 'datatype' and 'data' (or binary data)"),
+    (json.dumps({"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64"}]}).encode(),
+     "input 'input-0' has neither 'data' nor a binary_data_size parameter"),
     (infer_body([[1, 2, 3, 4]], datatype="INT64"), "input 'input-0' has datatype 'INT64'; this model takes FP32 or FP64"),
     (infer_body([1, 2, 3, 4], shape=[4]), "input 'input-0' must have shape [N, features], got [4]"),
+    (infer_body([], shape=[0, 4]), "input 'input-0' has shape [0, 4]: a batch needs at least one row"),
     (infer_body([[1, 2, 3]]), "input 'input-0' has 3 features; the model takes 4"),
     (infer_body([[1, 2, 3, 4]], shape=[2, 4]), "input 'input-0' has 4 values; shape [2, 4] needs 8"),
     (infer_body([["a", "b", "c", "d"]]), "input 'input-0' data must be FP32 numbers, flat or nested row-major"),
+    (infer_body([["1.5", "2", "3", "4"]], datatype="FP64"), "input 'input-0' data must be FP64 numbers"),
+    (infer_body([[True, False, True, True]], datatype="FP64"), "input 'input-0' data must be FP64 numbers"),
+    (infer_body([[1.5, 2, True, 4]], datatype="FP64"), "input 'input-0' data must be FP64 numbers"),
+    (infer_body([[1.5, 2, 3, 4], [3]], shape=[2, 4]), "input 'input-0' data must be FP32 numbers"),
+    (infer_body([[10**400, 2, 3, 4]], datatype="FP64"), "request body is not valid JSON: number is infinity"),
     (infer_body([[1e39, 2, 3, 4]]), "input 'input-0' has values that are not finite FP32 numbers"),
+    (infer_body([[1, 2, 3, 4]], outputs=[{"name": "predict_proba"}]),
+     "this model has one output, 'predict'; no output predict_proba"),
+    (infer_body([[1, 2, 3, 4]], outputs=[{"name": "predict", "parameters": {"class_count": 2}}]),
+     "output 'predict' asks for classification, which this server does not offer"),
 ])
 def test_bad_requests_get_400_with_a_v2_error_body(app, body, error):
-    status, answer = call(app, "POST", "/v2/models/iris-classifier/infer", body)
-    assert status == 400
-    assert list(json.loads(answer)) == ["error"] and json.loads(answer)["error"].startswith(error)
+    answer = call(app, "POST", INFER, body)
+    assert answer.status == 400
+    assert list(answer.json()) == ["error"] and answer.json()["error"].startswith(error)
+
+
+def test_a_true_outside_the_data_does_not_refuse_numbers(app):
+    body = infer_body([[1, 2, 3, 4]], datatype="FP64", parameters={"binary_data_output": False},
+                      outputs=[{"name": "predict", "parameters": {"binary_data": False}}])
+    assert call(app, "POST", INFER, body).status == 200
+
+
+def test_bodies_over_the_limit_get_413_before_they_are_read(app):
+    declared = call(app, "POST", INFER, b"{}", ((b"content-length", str(MAX_BODY_BYTES + 1).encode()),))
+    assert declared.status == 413
+    assert declared.json()["error"] == f"request body is larger than {MAX_BODY_BYTES} bytes; split the batch"
+    assert call(app, "POST", INFER, b" " * (MAX_BODY_BYTES + 1)).status == 413
+
+
+def test_large_bodies_are_answered_off_the_event_loop_the_same(app, iris, monkeypatch):
+    model, features = iris
+    rows = np.tile(features, (40, 1))
+    body = infer_body(rows.tolist(), datatype="FP64")
+    assert OFF_LOOP_BYTES < len(body) <= MAX_BODY_BYTES
+    threads: list[str] = []
+    answer_on_this_thread = app.answer
+    monkeypatch.setattr(app, "answer", lambda *args: threads.append(threading.current_thread().name)
+                        or answer_on_this_thread(*args))
+    answer = call(app, "POST", INFER, body)
+    assert answer.status == 200
+    assert answer.json()["outputs"][0]["data"] == model.predict(rows).tolist()
+    assert threads[0].startswith("large-body")
 
 
 def test_other_models_and_versions_are_404(app):
-    status, answer = call(app, "POST", "/v2/models/iris-classifier/versions/2/infer", infer_body([[1, 2, 3, 4]]))
-    assert status == 404
-    assert json.loads(answer)["error"] == ("model iris-classifier version 2 is not served here; "
-                                           "this replica serves iris-classifier version 3")
-    assert call(app, "GET", "/v2/models/other")[0] == 404
-    assert call(app, "GET", "/v2/models/iris-classifier/infer")[0] == 405
+    answer = call(app, "POST", "/v2/models/iris-classifier/versions/2/infer", infer_body([[1, 2, 3, 4]]))
+    assert answer.status == 404
+    assert answer.json()["error"] == ("model iris-classifier version 2 is not served here; "
+                                      "this replica serves iris-classifier version 3")
+    assert call(app, "GET", "/v2/models/other").status == 404
+    assert call(app, "GET", "/v2/models/iris-classifier/infer").status == 405
 
 
-def test_health_metadata_and_metrics(app, iris):
-    assert call(app, "GET", "/v2/health/live")[0] == 200
-    assert call(app, "GET", "/v2/health/ready")[0] == 200
-    assert call(app, "GET", "/v2/models/iris-classifier/ready")[0] == 200
-    status, metadata = call(app, "GET", "/v2/models/iris-classifier")
-    assert status == 200
-    assert json.loads(metadata) == {
+def test_health_server_and_model_metadata(app):
+    assert call(app, "GET", "/v2/health/live").status == 200
+    assert call(app, "GET", "/v2/health/ready").status == 200
+    assert call(app, "GET", "/v2/models/iris-classifier/ready").status == 200
+    assert call(app, "GET", "/v2").json() == {"name": "mlops-oip", "version": "1", "extensions": ["binary_tensor_data"]}
+    metadata = call(app, "GET", "/v2/models/iris-classifier")
+    assert metadata.status == 200
+    assert metadata.json() == {
         "name": "iris-classifier", "versions": ["3"], "platform": "sklearn",
         "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}],
         "outputs": [{"name": "predict", "datatype": "INT64", "shape": [-1]}],
     }
-    call(app, "POST", "/v2/models/iris-classifier/infer", infer_body(iris[1][:5].tolist()))
-    call(app, "POST", "/v2/models/iris-classifier/infer", b"{")
-    status, metrics = call(app, "GET", "/metrics")
-    assert status == 200
-    text = metrics.decode()
+
+
+def test_metrics_are_not_served_on_the_api_port(app, iris):
+    assert call(app, "GET", "/metrics").status == 404
+    call(app, "POST", INFER, infer_body(iris[1][:5].tolist()))
+    call(app, "POST", INFER, b"{")
+    text = generate_latest(app.metrics).decode()
     assert 'oip_infer_requests_total{status="200"} 1.0' in text
     assert 'oip_infer_requests_total{status="400"} 1.0' in text
     assert "oip_inferred_rows_total 5.0" in text
     assert f'oip_model_info{{name="iris-classifier",sha256="{"ab" * 32}",version="3"}} 1.0' in text
+
+
+class Poisonable:
+    """A model that predicts like `model` until `poisoned`, then raises on every prediction."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.n_features_in_ = model.n_features_in_
+        self.classes_ = model.classes_
+        self.poisoned = False
+
+    def predict(self, features):
+        if self.poisoned:
+            raise RuntimeError("poisoned")
+        return self.model.predict(features)
+
+
+def test_ready_only_after_a_test_prediction_and_not_after_failures_in_a_row(iris):
+    model = Poisonable(iris[0])
+    app = InferenceApp(model, name="iris-classifier", version="3", sha256="ab" * 32)
+    model.poisoned = True
+    assert call(app, "GET", "/v2/health/ready").status == 503
+    assert call(app, "GET", "/v2/health/live").status == 200
+    model.poisoned = False
+    assert call(app, "GET", "/v2/health/ready").status == 200
+
+    model.poisoned = True
+    for _ in range(FAILURES_BEFORE_UNREADY - 1):
+        assert call(app, "POST", INFER, infer_body([[1, 2, 3, 4]])).status == 500
+    assert app.readiness.tested, "fewer failures in a row than the threshold keep the replica ready"
+    assert call(app, "POST", INFER, infer_body([[1, 2, 3, 4]])).status == 500
+    answer = call(app, "GET", "/v2/models/iris-classifier/ready")
+    assert answer.status == 503
+    assert answer.json()["error"] == "model iris-classifier v3 failed its test prediction"
+    model.poisoned = False
+    assert call(app, "GET", "/v2/health/ready").status == 200
+
+
+def test_bad_requests_do_not_count_against_readiness(app):
+    for _ in range(FAILURES_BEFORE_UNREADY + 1):
+        assert call(app, "POST", INFER, b"{").status == 400
+    assert app.readiness.consecutive_failures == 0
 
 
 class FakeMlflow(http.server.ThreadingHTTPServer):

@@ -3,11 +3,15 @@ import pickle
 
 import sklearn
 import uvicorn
+from prometheus_client import start_http_server
 
 from serving.app import InferenceApp
 from serving.startup import fetch_pinned_model
 
 PORT = 8080
+# Prometheus scrapes the replica on a port of its own, inside the stage network: the gateway routes only
+# the V2 API on PORT, so nobody reaches the metrics through it.
+METRICS_PORT = 8082
 # Longer than the gateway's upstream keepalive_timeout (60 s): the gateway, not the replica, closes idle
 # connections, so nginx never sends a request on a connection the replica is closing.
 KEEPALIVE_S = 75
@@ -20,6 +24,7 @@ def main() -> None:
     # The app refuses non-finite inputs itself, so the model need not check every request again.
     sklearn.set_config(assume_finite=True)
     app = InferenceApp(model, name=fetched.name, version=fetched.version, sha256=fetched.sha256)
+    start_http_server(METRICS_PORT, registry=app.metrics)
     uvicorn.run(app, host="0.0.0.0", port=PORT, loop="uvloop", http="httptools", lifespan="off",
                 access_log=False, server_header=False, date_header=False, timeout_keep_alive=KEEPALIVE_S,
                 log_level="info")

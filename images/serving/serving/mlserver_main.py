@@ -1,17 +1,27 @@
 """The `mlserver` runtime: fetch and verify the pinned model, lay out an MLServer model repository in
-/tmp (the only writable path), then replace this process with `mlserver start`."""
+/tmp (the only writable path), then run MLServer in this process behind serving.mlserver_layer."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import pickle
 from pathlib import Path
+from typing import Any
 
+from mlserver import MLServer
+from mlserver.cli.serve import load_settings
+from mlserver.logging import configure_logger
+from mlserver.utils import install_uvloop_event_loop
+
+from serving.mlserver_layer import ConformanceLayer
 from serving.startup import fetch_pinned_model
 
 REPOSITORY = Path("/tmp/mlserver")
 SERVER_SETTINGS = {
     "http_port": 8080,
-    # gRPC and metrics stay inside the container network; nothing publishes them.
+    # gRPC and metrics stay inside the container network; nothing publishes them, and the gateway routes
+    # only the V2 REST API.
     "grpc_port": 8081,
     "metrics_port": 8082,
     "metrics_dir": str(REPOSITORY / ".metrics"),
@@ -34,11 +44,28 @@ def write_repository(repository: Path, name: str, version: str, payload: bytes) 
     (repository / "settings.json").write_text(json.dumps(SERVER_SETTINGS))
 
 
+async def serve(layer_for: Any) -> None:
+    """What `mlserver start` does, with MLServer's REST app wrapped by `layer_for(app)`."""
+    settings, models = await load_settings(str(REPOSITORY))
+    server = MLServer(settings)
+    # MLServer 1.7.1 builds its REST app in RESTServer.__init__ and serves whatever `_app` holds at start.
+    rest = server._rest_server
+    rest._app = layer_for(rest._app)
+    await server.start(models)
+
+
 def main() -> None:
     fetched = fetch_pinned_model("mlserver")
     write_repository(REPOSITORY, fetched.name, fetched.version, fetched.payload)
+    # Unpickling runs code: only bytes whose sha256 was just verified get here. The layer needs the input
+    # width (for the test prediction and to check requests) and the classes (for the metadata).
+    model = pickle.loads(fetched.payload)
     os.chdir(REPOSITORY)
-    os.execvp("mlserver", ["mlserver", "start", str(REPOSITORY)])
+    configure_logger()
+    install_uvloop_event_loop()
+    asyncio.run(serve(lambda app: ConformanceLayer(app, name=fetched.name, version=fetched.version,
+                                                   n_features=model.n_features_in_,
+                                                   classes=getattr(model, "classes_", None))))
 
 
 if __name__ == "__main__":

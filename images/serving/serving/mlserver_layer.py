@@ -1,0 +1,131 @@
+"""An ASGI layer in front of MLServer's REST app, in the same process, so the `mlserver` target answers
+the V2 API as the `oip` one does. What MLServer 1.7.1 does on its own, and what this layer changes:
+
+- binary tensor data extension: MLServer parses every body as JSON and answers 422 to tritonclient's
+  default requests; the layer decodes them and hands MLServer the same tensor as JSON, and encodes the
+  outputs a request wants binary (MLServer answers JSON only);
+- infer requests are checked by serving.protocol first: MLServer answers an empty batch with 500 and a
+  Python traceback, and takes "1.5" and true as FP64 data;
+- readiness: MLServer is ready once the model loaded; the layer also needs a test prediction
+  (serving.readiness);
+- GET /v2 lists the binary extension; model metadata names the version, inputs and outputs, which
+  MLServer leaves empty;
+- the model repository API (/v2/repository/..., load and unload a model) is not served: any client that
+  reaches the replica could unload the model.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import mlserver
+import numpy as np
+import orjson
+
+from serving.protocol import (BINARY_EXTENSION, FIXED_SIZE_DATATYPES, JSON_CONTENT, JSON_LENGTH_HEADER, BadRequest,
+                              InferRequest, Receive, Send, decode_infer_request, encode_infer_response, error_body,
+                              json_infer_request, json_length, model_metadata, read_body, respond)
+from serving.readiness import Readiness
+
+MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")
+SERVER_METADATA = orjson.dumps({"name": "mlserver", "version": mlserver.__version__, "extensions": [BINARY_EXTENSION]})
+REWRITTEN_HEADERS = {b"content-length", b"content-type", JSON_LENGTH_HEADER, b"accept-encoding"}
+
+
+class ConformanceLayer:
+    def __init__(self, mlserver_app: Any, *, name: str, version: str, n_features: int, classes: Any) -> None:
+        self.mlserver_app = mlserver_app
+        self.name = name
+        self.version = version
+        self.n_features = n_features
+        # MLServer's scikit-learn runtime answers one column per row.
+        self.metadata = model_metadata(name, version, n_features, classes, [-1, 1])
+        self.readiness = Readiness(self._test_prediction)
+
+    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.mlserver_app(scope, receive, send)
+            return
+        path = scope["path"]
+        match = MODEL_PATH.match(path)
+        ours = match is not None and match["name"] == self.name and match["version"] in (None, self.version)
+        if path == "/v2":
+            await respond(send, 200, SERVER_METADATA, [JSON_CONTENT])
+        elif path.startswith("/v2/repository/"):
+            await respond(send, 404, error_body(f"no route {path}"), [JSON_CONTENT])
+        elif path == "/v2/health/ready" or (ours and match["action"] == "/ready"):
+            await self._ready(scope, receive, send)
+        elif ours and match["action"] == "/infer" and scope["method"] == "POST":
+            await self._infer(scope, receive, send)
+        elif ours and match["action"] is None and scope["method"] == "GET":
+            await respond(send, 200, self.metadata, [JSON_CONTENT])
+        else:
+            await self.mlserver_app(scope, receive, send)
+
+    async def _ready(self, scope: dict, receive: Receive, send: Send) -> None:
+        status, headers, body = await self._mlserver(scope, b"", receive)
+        if status == 200 and not await self.readiness.ready():
+            status, headers, body = 503, [JSON_CONTENT], error_body(
+                f"model {self.name} v{self.version} failed its test prediction")
+        await respond(send, status, body, headers)
+
+    async def _test_prediction(self) -> None:
+        request = InferRequest(id=None, input_name="input-0", features=np.zeros((1, self.n_features)))
+        scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "root_path": "",
+                 "path": f"/v2/models/{self.name}/infer", "raw_path": f"/v2/models/{self.name}/infer".encode(),
+                 "query_string": b"", "headers": [], "client": None, "server": None}
+        status, _, body = await self._mlserver(scope, json_infer_request(request), _no_more_messages)
+        if status != 200:
+            raise RuntimeError(f"MLServer answered {status}: {body[:300].decode(errors='replace')}")
+
+    async def _infer(self, scope: dict, receive: Receive, send: Send) -> None:
+        try:
+            body = await read_body(scope, receive)
+            request = decode_infer_request(body, json_length(scope["headers"]), self.n_features)
+        except BadRequest as error:
+            await respond(send, error.status, error_body(str(error)), [JSON_CONTENT])
+            return
+        status, headers, answer = await self._mlserver(scope, json_infer_request(request) if request.was_binary else body,
+                                                       receive)
+        if status == 200 or status >= 500:
+            self.readiness.record(model_answered=status == 200)
+        if status == 200 and (request.binary_default or any(request.binary_by_output.values())):
+            answer, headers = binary_outputs(answer, request)
+        await respond(send, status, answer, headers)
+
+    async def _mlserver(self, scope: dict, body: bytes, receive: Receive) -> tuple[int, list, bytes]:
+        """MLServer's answer to `scope` with `body` as JSON, captured; its content-length is recomputed."""
+        headers = [(key, value) for key, value in scope["headers"] if key.lower() not in REWRITTEN_HEADERS]
+        if body:
+            headers += [JSON_CONTENT, (b"content-length", str(len(body)).encode())]
+        sent: list[dict] = []
+        delivered = False
+
+        async def receive_body() -> dict:
+            nonlocal delivered
+            if delivered:  # after the body, only the client's disconnect is news
+                return await receive()
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def capture(message: dict) -> None:
+            sent.append(message)
+
+        await self.mlserver_app({**scope, "headers": headers}, receive_body, capture)
+        start = sent[0]
+        answer = b"".join(message.get("body", b"") for message in sent[1:])
+        return start["status"], [(key, value) for key, value in start["headers"] if key.lower() != b"content-length"], answer
+
+
+def binary_outputs(answer: bytes, request: InferRequest) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """MLServer's JSON infer response with the outputs `request` wants binary re-encoded that way."""
+    response = orjson.loads(answer)
+    outputs = []
+    for output in response.pop("outputs"):
+        dtype = FIXED_SIZE_DATATYPES.get(output["datatype"], object)
+        outputs.append((output["name"], output["datatype"], np.asarray(output["data"], dtype=dtype).reshape(output["shape"])))
+    return encode_infer_response(response, outputs, request)
+
+
+async def _no_more_messages() -> dict:
+    return {"type": "http.disconnect"}

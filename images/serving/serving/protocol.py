@@ -1,0 +1,258 @@
+"""The Open Inference Protocol (V2) REST data plane as both runtimes speak it.
+
+Infer requests decode strictly into one [N, features] array, from JSON or from the binary tensor data
+extension (the JSON header first, `Inference-Header-Content-Length` bytes long, then each input's raw
+little-endian bytes; tritonclient's default). Infer responses encode as JSON or, for outputs the request
+asks so, as binary. The same code checks requests for the `oip` server and in front of MLServer, so a
+request one runtime refuses is refused by the other with the same 400.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+
+import numpy as np
+import orjson
+
+JSON_LENGTH_HEADER = b"inference-header-content-length"
+BINARY_EXTENSION = "binary_tensor_data"
+# The gateway's client_max_body_size (images/gateway/nginx.conf.template explains the size); checked here
+# too so a replica reached directly holds no larger body either.
+MAX_BODY_BYTES = 1024 * 1024
+INPUT_DATATYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+# The binary extension's element types, little-endian; BYTES elements are length-prefixed instead.
+FIXED_SIZE_DATATYPES = {
+    "BOOL": np.dtype("?"), "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
+}
+OUTPUT_DATATYPES = {"b": "BOOL", "i": "INT64", "u": "UINT64", "f": "FP64", "U": "BYTES", "S": "BYTES", "O": "BYTES"}
+JSON_CONTENT = (b"content-type", b"application/json")
+
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+class BadRequest(Exception):
+    """A request the client must fix; answered with `status` and a V2 error body."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    id: Any
+    input_name: str
+    features: np.ndarray
+    """[N, features], N >= 1, every value finite."""
+    binary_by_output: Mapping[str, bool] = field(default_factory=dict)
+    """Outputs the request names, and whether each goes back binary; empty: every output, as `binary_default`."""
+    binary_default: bool = False
+    was_binary: bool = False
+    """Whether the input came in the binary extension."""
+
+    def wants_binary(self, output: str) -> bool:
+        return self.binary_by_output.get(output, self.binary_default)
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    return next((value for key, value in headers if key.lower() == name), None)
+
+
+def json_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    """The binary extension's JSON header length, or None for an all-JSON body."""
+    value = header_value(headers, JSON_LENGTH_HEADER)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise BadRequest(f"Inference-Header-Content-Length must be a byte count, got {value.decode('latin-1')!r}")
+    return int(value)
+
+
+def decode_infer_request(body: bytes, header_length: int | None, n_features: int) -> InferRequest:
+    """The one input tensor of a V2 infer request as [N, n_features], or BadRequest saying what is wrong."""
+    if header_length is not None and header_length > len(body):
+        raise BadRequest(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
+    header = body if header_length is None else body[:header_length]
+    try:
+        request = orjson.loads(header)
+    except orjson.JSONDecodeError as error:
+        raise BadRequest(f"request body is not valid JSON: {error}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise BadRequest("request body must be a JSON object with an 'inputs' list")
+    if len(request["inputs"]) != 1:
+        raise BadRequest(f"expected exactly one input tensor, got {len(request['inputs'])}")
+    tensor = request["inputs"][0]
+    if not isinstance(tensor, dict) or not {"name", "shape", "datatype"} <= tensor.keys():
+        raise BadRequest("the input tensor needs 'name', 'shape', 'datatype' and 'data' (or binary data)")
+    name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
+    if datatype not in INPUT_DATATYPES:
+        raise BadRequest(f"input '{name}' has datatype {datatype!r}; this model takes FP32 or FP64")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape)):
+        raise BadRequest(f"input '{name}' must have shape [N, features], got {shape!r}")
+    if shape[0] == 0:
+        raise BadRequest(f"input '{name}' has shape {shape}: a batch needs at least one row")
+    if shape[1] != n_features:
+        raise BadRequest(f"input '{name}' has {shape[1]} features; the model takes {n_features}")
+    binary_size = _parameters(tensor, f"input '{name}'").get("binary_data_size")
+    if binary_size is not None:
+        values = _binary_values(body, header_length, binary_size, name, datatype)
+    elif "data" in tensor:
+        if header_length is not None and header_length != len(body):
+            raise BadRequest(f"input '{name}' has JSON data, yet {len(body) - header_length} binary bytes follow")
+        values = _json_values(tensor["data"], name, datatype, header)
+    else:
+        raise BadRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
+    if values.size != shape[0] * shape[1]:
+        raise BadRequest(f"input '{name}' has {values.size} values; shape {shape} needs {shape[0] * shape[1]}")
+    if not np.isfinite(values).all():
+        raise BadRequest(f"input '{name}' has values that are not finite {datatype} numbers")
+    binary_by_output, binary_default = _requested_outputs(request)
+    return InferRequest(id=request.get("id"), input_name=name, features=values.reshape(shape), binary_by_output=binary_by_output,
+                        binary_default=binary_default, was_binary=binary_size is not None)
+
+
+def _parameters(entry: dict, what: str) -> dict:
+    parameters = entry.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"{what} has parameters that are not a JSON object")
+    return parameters
+
+
+def _binary_values(body: bytes, header_length: int | None, size: Any, name: str, datatype: str) -> np.ndarray:
+    if header_length is None:
+        raise BadRequest(f"input '{name}' has a binary_data_size but the request has no Inference-Header-Content-Length")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise BadRequest(f"input '{name}' binary_data_size must be a byte count, got {size!r}")
+    if size != len(body) - header_length:
+        raise BadRequest(f"input '{name}' binary_data_size is {size} but {len(body) - header_length} bytes "
+                         "follow the JSON header")
+    if size % INPUT_DATATYPES[datatype].itemsize:
+        raise BadRequest(f"input '{name}' has {size} binary bytes, not a whole number of {datatype} values")
+    return np.frombuffer(body, dtype=INPUT_DATATYPES[datatype], offset=header_length)
+
+
+def _json_values(data: Any, name: str, datatype: str, header: bytes) -> np.ndarray:
+    """Numbers only: numpy would read "1.5" and true as 1.5 and 1.0, so strings and booleans are refused."""
+    refused = BadRequest(f"input '{name}' data must be {datatype} numbers, flat or nested row-major")
+    try:
+        values = np.asarray(data)
+    except (ValueError, OverflowError):  # ragged nesting, integers beyond 64 bits
+        raise refused from None
+    if values.dtype.kind not in "iuf":
+        raise refused
+    # A boolean among numbers hides as 1 or 0 in a numeric array; the header's text says whether to look.
+    if (b"true" in header or b"false" in header) and any(value is True or value is False for value in _flat(data)):
+        raise refused
+    with np.errstate(over="ignore"):  # an FP32 overflow becomes inf, refused as not finite
+        return values.astype(INPUT_DATATYPES[datatype], copy=False)
+
+
+def _flat(data: Any) -> Iterable[Any]:
+    for item in data:
+        if isinstance(item, list):
+            yield from _flat(item)
+        else:
+            yield item
+
+
+def _requested_outputs(request: dict) -> tuple[dict[str, bool], bool]:
+    binary_default = _parameters(request, "the request").get("binary_data_output", False) is True
+    outputs = request.get("outputs")
+    if outputs is None:
+        return {}, binary_default
+    if not isinstance(outputs, list) or not all(isinstance(output, dict) and isinstance(output.get("name"), str)
+                                                for output in outputs):
+        raise BadRequest("'outputs' must be a list of objects with a 'name'")
+    binary_by_output = {}
+    for output in outputs:
+        parameters = _parameters(output, f"output '{output['name']}'")
+        if parameters.get("classification", parameters.get("class_count", 0)):
+            raise BadRequest(f"output '{output['name']}' asks for classification, which this server does not offer")
+        binary_by_output[output["name"]] = parameters.get("binary_data", binary_default) is True
+    return binary_by_output, binary_default
+
+
+def output_datatype(dtype: np.dtype) -> str:
+    return OUTPUT_DATATYPES.get(dtype.kind, "BYTES")
+
+
+def encode_infer_response(response: dict, outputs: list[tuple[str, str, np.ndarray]],
+                          request: InferRequest) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """`response` (model_name, model_version, id) with each (name, datatype, array) of `outputs`, as JSON or,
+    for the outputs `request` wants binary, as the binary extension; returns the body and its headers."""
+    tensors, raw = [], []
+    for name, datatype, array in outputs:
+        tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if request.wants_binary(name):
+            data = tensor_bytes(array, datatype)
+            tensor["parameters"] = {"binary_data_size": len(data)}
+            raw.append(data)
+        else:
+            tensor["data"] = array.ravel().tolist()
+        tensors.append(tensor)
+    header = orjson.dumps({**response, "outputs": tensors})
+    if not raw:
+        return header, [JSON_CONTENT]
+    return b"".join([header, *raw]), [(b"content-type", b"application/octet-stream"),
+                                      (JSON_LENGTH_HEADER, str(len(header)).encode())]
+
+
+def tensor_bytes(array: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        encoded = [item if isinstance(item, bytes) else str(item).encode() for item in array.ravel().tolist()]
+        return b"".join(struct.pack("<I", len(item)) + item for item in encoded)
+    return np.ascontiguousarray(array, dtype=FIXED_SIZE_DATATYPES[datatype]).tobytes()
+
+
+def json_infer_request(request: InferRequest) -> bytes:
+    """`request` as an all-JSON V2 body, for a server without the binary extension."""
+    tensor = {"name": request.input_name, "datatype": "FP64", "shape": list(request.features.shape),
+              "data": request.features.astype(np.float64).ravel().tolist()}
+    body: dict[str, Any] = {"inputs": [tensor]}
+    if request.binary_by_output:
+        body["outputs"] = [{"name": name} for name in request.binary_by_output]
+    if request.id is not None:
+        body["id"] = request.id
+    return orjson.dumps(body)
+
+
+def model_metadata(name: str, version: str, n_features: int, classes: Any, output_shape: list[int]) -> bytes:
+    return orjson.dumps({
+        "name": name, "versions": [version], "platform": "sklearn",
+        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, n_features]}],
+        "outputs": [{"name": "predict", "shape": output_shape,
+                     "datatype": "FP64" if classes is None else output_datatype(np.asarray(classes).dtype)}],
+    })
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
+
+
+async def read_body(scope: dict, receive: Receive, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refused (413) past `limit` before it is read, or as soon as it grows past it."""
+    declared = header_value(scope["headers"], b"content-length")
+    too_large = BadRequest(f"request body is larger than {limit} bytes; split the batch", status=413)
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
