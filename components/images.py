@@ -19,7 +19,7 @@ from typing import Optional
 import pulumi
 import pulumi_docker as docker
 
-from mlops.spec import REPO_ROOT, ImageSource, StageSpec
+from mlops.spec import ImageSource, StageSpec, project_root
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def context_files(context: Path) -> list[Path]:
 
 
 def content_tag(context: str, settings: BuildSettings, target: Optional[str] = None) -> str:
-    root = REPO_ROOT / context
+    root = project_root() / context
     digest = hashlib.sha256()
     for key, value in sorted({**settings.build_args, "target": target or "", "platform": settings.platform}.items()):
         digest.update(f"{key}={value}\n".encode())

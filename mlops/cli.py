@@ -5,9 +5,10 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mlops.commands import diff, experiments, parity, promote, specs, train
-from mlops.errors import SpecError
+from mlops.errors import NotInProject, SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="The MLOps stack as code: validate, plan, train, diff, promote and run experiments.")
@@ -23,6 +24,8 @@ app.add_typer(experiments.app, name="exp")
 def main() -> None:
     try:
         app()
-    except SpecError as err:
-        Console(stderr=True).print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+    except (SpecError, NotInProject) as err:
+        # Messages quote input, which must never be read as markup or emoji codes.
+        Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True,
+                                   emoji=False)
         sys.exit(2)

@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from mlops import gitrepo
-from mlops.errors import SpecError
+from mlops.errors import SpecError, excerpt
 from mlops.plan import PlannedResource, flatten, render
 from mlops.replacements import RULES, VOLUME_TYPE, Rules, prefixes, schema_path
-from mlops.spec import ENVIRONMENTS_DIR, load_stage
+from mlops.spec import check_stage_name, environments_dir, load_stage
 
 Status = Literal["added", "removed", "changed"]
 MARKS: dict[Status, str] = {"changed": "~", "added": "+", "removed": "-"}
 # What `pulumi up` does with a resource: "none" is a declared change the provider reports as no change.
 Action = Literal["create", "delete", "update", "replace", "none"]
 CHANGED_ACTIONS: tuple[Action, ...] = ("replace", "update", "none")
+MAX_GIT_REVISION = 255
 
 
 class _Absent:
@@ -50,8 +51,15 @@ class StageRef:
     @classmethod
     def parse(cls, text: str) -> "StageRef":
         stage, _, ref = text.partition("@")
+        argument = f"'{excerpt(text)}'"
         if not stage or ("@" in text and not ref):
-            raise SpecError(file=text, field="", message="expected STAGE or STAGE@GITREF, e.g. prod or prod@origin/main")
+            raise SpecError(file=argument, field="", message="expected STAGE or STAGE@GITREF, e.g. prod or prod@origin/main")
+        check_stage_name(stage, argument)
+        # The revision goes to git as an argument: never an option, and no longer than any ref git accepts.
+        if ref and (ref.startswith("-") or len(ref) > MAX_GIT_REVISION
+                    or not all(char.isprintable() and not char.isspace() for char in ref)):
+            raise SpecError(file=argument, field="",
+                            message="GITREF must be a git revision such as origin/main, a tag or a commit")
         return cls(stage=stage, ref=ref or None)
 
     def __str__(self) -> str:
@@ -316,8 +324,9 @@ def compare(before: list[PlannedResource], after: list[PlannedResource],
     return changes, unchanged
 
 
-def render_stage(side: StageRef, environments: Path = ENVIRONMENTS_DIR) -> list[PlannedResource]:
+def render_stage(side: StageRef, environments: Optional[Path] = None) -> list[PlannedResource]:
     """Render one side: from the work tree, or from `environments/` as committed at `side.ref`."""
+    environments = environments or environments_dir()
     if side.ref is None:
         return render(side.stage, load_stage(side.stage, environments=environments))
     with tempfile.TemporaryDirectory(prefix="mlops-diff-") as scratch:
@@ -331,7 +340,7 @@ def render_stage(side: StageRef, environments: Path = ENVIRONMENTS_DIR) -> list[
     return render(side.stage, spec)
 
 
-def diff_stages(before: StageRef, after: StageRef, environments: Path = ENVIRONMENTS_DIR) -> StackDiff:
+def diff_stages(before: StageRef, after: StageRef, environments: Optional[Path] = None) -> StackDiff:
     # `render` drives the SDK's global mock runtime, so the sides render one after the other.
     before_resources = render_stage(before, environments)
     after_resources = render_stage(after, environments)

@@ -13,6 +13,7 @@ stack network, so they must fit a DNS label of 63 characters: 63 - len("exp-") -
 from __future__ import annotations
 
 import json
+import math
 import re
 import types
 from dataclasses import asdict, dataclass, field, fields
@@ -21,12 +22,10 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
 
-from mlops.errors import SpecError
-from mlops.spec import DNS_LABEL, ENVIRONMENTS_DIR, REPO_ROOT, SHIPPED_STAGES, ExperimentInfo, StageSpec, load_stage
-from mlops.yamlsource import deep_merge
+from mlops.errors import SpecError, excerpt
+from mlops.spec import DNS_LABEL, SHIPPED_STAGES, ExperimentInfo, StageSpec, load_stage, project_root
+from mlops.yamlsource import deep_merge, load_yaml_scalar, load_yaml_source
 
 EXPERIMENT_CONFIG_KEY = "experiment"
 """Where an experiment's settings live: the Pulumi config key `mlops:experiment` of its stack."""
@@ -37,7 +36,9 @@ DEFAULT_SOURCE = "dev"
 DEFAULT_TTL = "8h"
 MIN_TTL = timedelta(minutes=10)
 MAX_TTL = timedelta(days=7)
-TTL_PATTERN = re.compile(r"^(?:(?P<days>\d+)d)?(?:(?P<hours>\d+)h)?(?:(?P<minutes>\d+)m)?$")
+TTL_PATTERN = re.compile(r"(?:(?P<days>[0-9]+)d)?(?:(?P<hours>[0-9]+)h)?(?:(?P<minutes>[0-9]+)m)?")
+# No time to live within MAX_TTL needs more digits; int() of thousands of digits would not even finish.
+MAX_TTL_DIGITS = 6
 RESERVED_KEYS = ("stage", "kind", "experiment")
 PUBLISHED_PORTS = ("model_registry.port", "image_registry.port", "serving.port")
 UNPROTECTED = "artifact_store.protect"
@@ -48,23 +49,25 @@ def experiment_stack(name: str) -> str:
 
 
 def check_name(name: str) -> None:
-    if not DNS_LABEL.match(name) or len(name) > MAX_NAME_LENGTH:
+    if len(name) > MAX_NAME_LENGTH or not DNS_LABEL.fullmatch(name):
         raise SpecError(file="experiment name", field="",
-                        message=f"'{name}' must be a DNS label of at most {MAX_NAME_LENGTH} characters: lowercase "
+                        message=f"'{excerpt(name)}' must be a DNS label of at most {MAX_NAME_LENGTH} characters: lowercase "
                                 "letters, digits and '-', starting with a letter and not ending with '-'")
 
 
 def parse_ttl(text: str) -> timedelta:
     """`30m`, `8h`, `2d` or combinations in that order such as `1h30m`, between 10 minutes and 7 days."""
-    match = TTL_PATTERN.match(text.strip())
+    match = TTL_PATTERN.fullmatch(text.strip())
     if not text.strip() or match is None:
-        raise SpecError(file="--ttl", field="", message=f"'{text}' is not a duration; use e.g. 30m, 8h, 2d or 1h30m")
-    try:
-        ttl = timedelta(**{unit: int(amount) for unit, amount in match.groupdict().items() if amount})
-    except OverflowError:
+        raise SpecError(file="--ttl", field="", message=f"'{excerpt(text)}' is not a duration; use e.g. 30m, 8h, 2d "
+                                                        "or 1h30m")
+    amounts = match.groupdict(default="0")
+    if any(len(amount.lstrip("0")) > MAX_TTL_DIGITS for amount in amounts.values()):
         ttl = None
+    else:
+        ttl = timedelta(**{unit: int(amount) for unit, amount in amounts.items()})
     if ttl is None or not MIN_TTL <= ttl <= MAX_TTL:
-        raise SpecError(file="--ttl", field="", message=f"'{text}' is outside the allowed range of 10m to 7d")
+        raise SpecError(file="--ttl", field="", message=f"'{excerpt(text)}' is outside the allowed range of 10m to 7d")
     return ttl
 
 
@@ -107,7 +110,7 @@ def _why_managed(parts: list[str]) -> Optional[str]:
 
 def check_override_path(path: str, value: Any) -> None:
     """`path` must name a setting of the stage spec; groups of settings may only be cleared (null)."""
-    where = f"--set {path}"
+    where = f"--set {excerpt(path)}"
     parts = path.split(".")
     if "" in parts:
         raise SpecError(file=where, field="", message="empty key in the path; use dotted keys like serving.replicas")
@@ -121,12 +124,13 @@ def check_override_path(path: str, value: Any) -> None:
             allowed = [key for key in sorted(node.model_fields) if depth or key not in RESERVED_KEYS]
             if part not in node.model_fields:
                 under = f" under {here}" if here else ""
-                raise SpecError(file=where, field="", message=f"unknown key '{part}'{under}; allowed: {', '.join(allowed)}")
+                raise SpecError(file=where, field="", message=f"unknown key '{excerpt(part)}'{under}; allowed: "
+                                                              f"{', '.join(allowed)}")
             annotation = node.model_fields[part].annotation
         elif get_origin(node) is dict:
             annotation = get_args(node)[1]
         else:
-            raise SpecError(file=where, field="", message=f"{here} is a single value; it has no key '{part}'")
+            raise SpecError(file=where, field="", message=f"{here} is a single value; it has no key '{excerpt(part)}'")
         node = _model_in(annotation) or annotation
     if isinstance(node, type) and issubclass(node, BaseModel) and value is not None:
         raise SpecError(file=where, field="", message=f"{path} is a group of settings; set one of its keys "
@@ -136,19 +140,19 @@ def check_override_path(path: str, value: Any) -> None:
 def parse_overrides(assignments: list[str]) -> dict[str, Any]:
     """`key.path=value` pairs, each value read as a YAML scalar (`2` an integer, `1.5` a float, `null`)."""
     overrides: dict[str, Any] = {}
-    yaml = YAML(typ="safe")
     for assignment in assignments:
         path, equals, text = assignment.partition("=")
         path = path.strip()
         if not equals or not path:
-            raise SpecError(file=f"--set {assignment}", field="", message="expected key.path=value, e.g. serving.replicas=2")
-        try:
-            value = yaml.load(text) if text.strip() else None
-        except YAMLError as err:
-            raise SpecError(file=f"--set {path}", field="", message=f"'{text}' is not a YAML scalar ({err})") from None
+            raise SpecError(file=f"--set {excerpt(assignment)}", field="",
+                            message="expected key.path=value, e.g. serving.replicas=2")
+        where = f"--set {excerpt(path)}"
+        value = load_yaml_scalar(text, where) if text.strip() else None
         if isinstance(value, (dict, list)):
-            raise SpecError(file=f"--set {path}", field="",
-                            message=f"'{text}' is not a single value; use a number, a string, true/false or null")
+            raise SpecError(file=where, field="", message=f"'{excerpt(text)}' is not a single value; use a number, "
+                                                          "a string, true/false or null")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError(file=where, field="", message=f"'{excerpt(text)}' is not a finite number")
         check_override_path(path, value)
         overrides[path] = value
     return overrides
@@ -218,7 +222,8 @@ class ExperimentSettings:
         if not self.owner or any(not char.isprintable() for char in self.owner):
             raise SpecError(file="--owner", field="", message=f"{self.owner!r} is not a usable owner; use a name or email")
         if self.source not in SHIPPED_STAGES:
-            raise SpecError(file="--from", field="", message=f"'{self.source}' is not a stage; use one of {', '.join(SHIPPED_STAGES)}")
+            raise SpecError(file="--from", field="", message=f"'{excerpt(self.source)}' is not a stage; use one of "
+                                                             f"{', '.join(SHIPPED_STAGES)}")
         parse_ttl(self.ttl)
         if parse_utc(self.expires_at, "expires_at") <= parse_utc(self.created_at, "created_at"):
             raise SpecError(file="expires_at", field="", message=f"{self.expires_at} is not after created_at {self.created_at}")
@@ -251,7 +256,7 @@ def _blame_override(err: SpecError, overrides: Mapping[str, Any]) -> SpecError:
     return SpecError(file=f"--set {culprit}", field="" if err.field == culprit else err.field, message=err.message)
 
 
-def experiment_spec(stack: str, settings: Any, environments: Path = ENVIRONMENTS_DIR) -> StageSpec:
+def experiment_spec(stack: str, settings: Any, environments: Optional[Path] = None) -> StageSpec:
     """The validated spec of experiment stack `stack` from its `mlops:experiment` config."""
     parsed = ExperimentSettings.from_config(stack, settings)
     managed = _nest({**{f"{port}.host_port": None for port in PUBLISHED_PORTS}, UNPROTECTED: False})
@@ -263,21 +268,30 @@ def experiment_spec(stack: str, settings: Any, environments: Path = ENVIRONMENTS
         raise _blame_override(err, parsed.overrides) from None
 
 
-def experiment_spec_from_stack_file(stack: str, project_dir: Path = REPO_ROOT,
-                                    environments: Path = ENVIRONMENTS_DIR) -> StageSpec:
+def settings_from_json(where: str, text: str) -> Any:
+    """The settings `exp up` stored as a JSON string (Pulumi config values are strings)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:
+        # Besides malformed JSON: integers of more than 4300 digits, and nesting deeper than Python recurses.
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else str(err).split(":")[0]
+        raise SpecError(file=where, field=f"mlops:{EXPERIMENT_CONFIG_KEY}",
+                        message=f"not the JSON object `mlops exp up` writes ({reason})") from None
+
+
+def experiment_spec_from_stack_file(stack: str, project_dir: Optional[Path] = None,
+                                    environments: Optional[Path] = None) -> StageSpec:
     """The spec of an experiment from the stack config file `mlops exp up` wrote (`Pulumi.exp-NAME.yaml`),
     so commands that work beside a running experiment, like `mlops train`, need no Pulumi CLI."""
-    file = project_dir / f"Pulumi.{stack}.yaml"
+    check_name(stack.removeprefix(EXPERIMENT_PREFIX))
+    file = (project_dir or project_root()) / f"Pulumi.{stack}.yaml"
     if not file.is_file():
         raise SpecError(file=file, field="", message=f"no experiment '{stack}' here; create it with "
                                                      f"`mlops exp up {stack.removeprefix('exp-')}`")
-    try:
-        config = (YAML(typ="safe").load(file.read_text()) or {}).get("config") or {}
-    except YAMLError as err:
-        raise SpecError(file=file, field="", message=f"not valid YAML: {err}") from None
-    settings = config.get(f"mlops:{EXPERIMENT_CONFIG_KEY}")
+    config = load_yaml_source(file).data.get("config")
+    settings = config.get(f"mlops:{EXPERIMENT_CONFIG_KEY}") if isinstance(config, dict) else None
     if settings is None:
         raise SpecError(file=file, field=f"config.mlops:{EXPERIMENT_CONFIG_KEY}",
                         message="missing: this stack was not created by `mlops exp up`")
-    # `exp up` stores the settings as a JSON string (Pulumi config values are strings).
-    return experiment_spec(stack, json.loads(settings) if isinstance(settings, str) else settings, environments)
+    return experiment_spec(stack, settings_from_json(str(file), settings) if isinstance(settings, str) else settings,
+                           environments)

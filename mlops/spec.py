@@ -6,24 +6,93 @@ validated spec or raises `SpecError` naming the file, the field path, the line a
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from urllib.parse import urlsplit
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Iterator, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mlops.errors import SpecError
+from mlops.errors import NotInProject, SpecError, excerpt
 from mlops.yamlsource import YamlSource, deep_merge, load_yaml_source
 
+PROJECT_FILE = "Pulumi.yaml"
+SPECS_FOLDER = "environments"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-ENVIRONMENTS_DIR = REPO_ROOT / "environments"
+"""The folder holding this `mlops` package: with an editable install, the clone it was installed from. That
+clone's tests and benchmarks find its files by it; commands never do: they work on `project_root()`, the
+project they are run in, which may be another clone or worktree."""
+ENVIRONMENTS_DIR = REPO_ROOT / SPECS_FOLDER
+"""The specs shipped in that clone, which test fixtures copy."""
 SHIPPED_STAGES = ("dev", "staging", "prod")
 BUILDING_KINDS = ("dev", "experiment")
 
-DIGEST_REF = re.compile(r"^[a-z0-9][a-z0-9._/:-]*@sha256:[0-9a-f]{64}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
-DNS_LABEL = re.compile(r"^[a-z]([a-z0-9-]*[a-z0-9])?$")
+# Matched whole (`fullmatch`): `$` would also accept a trailing newline.
+DIGEST_REF = re.compile(r"[a-z0-9][a-z0-9._/:-]{0,254}@sha256:[0-9a-f]{64}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+DNS_LABEL = re.compile(r"[a-z]([a-z0-9-]*[a-z0-9])?")
+MAX_DNS_LABEL = 63
+# Folders of the project, named plainly: no absolute path, no `..`, nothing hidden.
+BUILD_CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
+MAX_BUILD_CONTEXT = 200
 NANO = 1_000_000_000
+
+_chosen_project: ContextVar[Optional[Path]] = ContextVar("mlops_project", default=None)
+
+
+def is_project(folder: Path) -> bool:
+    return (folder / PROJECT_FILE).is_file() and (folder / SPECS_FOLDER).is_dir()
+
+
+def project_root() -> Path:
+    """The MLOps stack project being worked on, which holds the specs, the build contexts and the stack files:
+    the one chosen with `working_on`, else the nearest folder from the current directory upwards that holds
+    Pulumi.yaml and environments/. Asked at every call, never cached, so whoever changes directory (a test, a
+    second worktree) gets the project it is in; Pulumi runs `__main__.py` from the project folder."""
+    chosen = _chosen_project.get()
+    if chosen is not None:
+        return chosen
+    try:
+        start = Path.cwd()
+    except FileNotFoundError:
+        raise NotInProject(Path(".")) from None
+    for folder in (start, *start.parents):
+        if is_project(folder):
+            return folder
+    raise NotInProject(start)
+
+
+def environments_dir() -> Path:
+    """The specs of the project worked on."""
+    return project_root() / SPECS_FOLDER
+
+
+def project_of(environments: Path) -> Path:
+    """The project a specs folder belongs to: its parent when that is a project; a loose copy of specs (a test's,
+    or one extracted from a git revision) is read against the project worked on."""
+    parent = environments.absolute().parent
+    return parent if is_project(parent) else project_root()
+
+
+@contextmanager
+def working_on(project: Path) -> Iterator[Path]:
+    """Within the block, `project_root()` answers `project`: e.g. the clone an `--environments` folder is in."""
+    token = _chosen_project.set(project)
+    try:
+        yield project
+    finally:
+        _chosen_project.reset(token)
+
+
+def build_context_problem(context: str) -> Optional[str]:
+    """Why `context` is no build context of the project, or None."""
+    if len(context) > MAX_BUILD_CONTEXT or not BUILD_CONTEXT.fullmatch(context):
+        return (f"build context '{excerpt(context)}' is not a folder of this project: use a relative path such as "
+                "images/training")
+    if not (project_root() / context / "Dockerfile").is_file():
+        return f"build context '{context}' has no Dockerfile"
+    return None
 
 StageKind = Literal["dev", "staging", "prod", "experiment"]
 Port = Annotated[int, Field(ge=1024, le=65535)]
@@ -64,6 +133,8 @@ class Limits(StrictModel):
     def _provider_round_trip(cls, cpus: float) -> float:
         # The provider reads `cpus` back rounded (see components.containers.provider_cpus); a value that does
         # not survive that round trip would show as a replacement on every `pulumi up`.
+        if round(cpus * NANO) == 0:
+            raise ValueError(f"{cpus} is below one nano-CPU, and Docker reads 0 as no limit at all; use e.g. 0.1")
         if parse_cpus(provider_cpus(cpus)) != round(cpus * NANO):
             raise ValueError(f"{cpus} is read back by the Docker provider as \"{provider_cpus(cpus)}\", so every "
                              "`pulumi up` would replace the container; use a value such as 0.1, 0.25, 0.5, 1 or 1.5")
@@ -84,8 +155,15 @@ class DockerHost(StrictModel):
     def _known_scheme(cls, url: str) -> str:
         if not url.startswith(("unix://", "ssh://", "tcp://")):
             raise ValueError("must start with unix://, ssh:// or tcp://")
-        if not url.startswith("unix://") and not urlsplit(url).hostname:
-            raise ValueError(f"'{url}' names no host; use ssh://user@host or tcp://host:2376")
+        if url.startswith("unix://"):
+            return url
+        parts = urlsplit(url)
+        if not parts.hostname:
+            raise ValueError(f"'{excerpt(url)}' names no host; use ssh://user@host or tcp://host:2376")
+        try:
+            parts.port  # noqa: B018 - reading it is the check: urllib raises on a port that is no number 0..65535
+        except ValueError:
+            raise ValueError(f"'{excerpt(url)}' has a port that is not a number from 0 to 65535") from None
         return url
 
     @property
@@ -100,15 +178,16 @@ class DockerHost(StrictModel):
 class ImageSource(StrictModel):
     """An image either built from a folder of this repo (tagged by content hash) or pinned by reference."""
 
-    build: Optional[str] = Field(default=None, description="build context, relative to the repo root")
+    build: Optional[str] = Field(default=None, description="build context, relative to the project root")
     ref: Optional[str] = Field(default=None, description="image reference, name@sha256:<digest>")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ImageSource":
         if (self.build is None) == (self.ref is None):
             raise ValueError("set exactly one of 'build' (a folder of this repo) or 'ref' (name@sha256:digest)")
-        if self.build is not None and not (REPO_ROOT / self.build / "Dockerfile").is_file():
-            raise ValueError(f"build context '{self.build}' has no Dockerfile")
+        problem = None if self.build is None else build_context_problem(self.build)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 
@@ -178,7 +257,7 @@ class ModelPin(StrictModel):
     @field_validator("sha256")
     @classmethod
     def _hex(cls, sha256: Optional[str]) -> Optional[str]:
-        if sha256 is not None and not SHA256_HEX.match(sha256):
+        if sha256 is not None and not SHA256_HEX.fullmatch(sha256):
             raise ValueError("must be 64 lowercase hex characters")
         return sha256
 
@@ -319,8 +398,8 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
         for path, context in (("training.build", spec.training.build), ("serving.build", spec.serving.build)):
             if context is None:
                 broken.append((path, f"{spec.kind} stages build their workload images: set a build context"))
-            elif not (REPO_ROOT / context / "Dockerfile").is_file():
-                broken.append((path, f"build context '{context}' has no Dockerfile"))
+            elif (problem := build_context_problem(context)) is not None:
+                broken.append((path, problem))
     else:
         for path, context in (("training.build", spec.training.build), ("serving.build", spec.serving.build)):
             if context is not None:
@@ -340,15 +419,15 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
     if spec.kind in ("staging", "prod"):
         for path, image in spec.images().items():
             ref = image.ref if isinstance(image, ImageSource) else image
-            if ref is not None and not DIGEST_REF.match(ref):
-                broken.append((path, f"'{ref}' is not pinned by digest; use name@sha256:<64 hex> (no 'latest', no bare tag)"))
+            if ref is not None and not DIGEST_REF.fullmatch(ref):
+                broken.append((path, f"'{excerpt(ref)}' is not pinned by digest; use name@sha256:<64 hex> (no 'latest', no bare tag)"))
     if spec.kind in ("staging", "prod"):
         own = f"{spec.image_registry_server}/{spec.stage}/"
         for path, ref in spec.promoted_image_pins().items():
             if not spec.image_registry.enabled or spec.image_registry_server is None:
                 broken.append(("image_registry", f"{spec.stage} runs promoted images ({path}), which are copied "
                                                  "into its own image registry: enable it with a fixed port.host_port"))
-            elif DIGEST_REF.match(ref) and not ref.startswith(own):
+            elif DIGEST_REF.fullmatch(ref) and not ref.startswith(own):
                 broken.append((path, f"'{ref}' names another stage's registry; {spec.stage} pulls only from its own "
                                      f"({own}<image>@sha256:<digest>): promote with `mlops promote --to {spec.stage}`, "
                                      "which copies the image there"))
@@ -363,16 +442,16 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
 
 
 def _spec_error_from_validation(err: ValidationError, source: YamlSource) -> SpecError:
-    first = err.errors()[0]
+    first = err.errors(include_url=False)[0]
     path = tuple(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         parent = first["loc"][:-1]
-        message = f"unknown key '{first['loc'][-1]}'; allowed here: {', '.join(_allowed_keys(parent))}"
+        message = f"unknown key '{excerpt(path[-1])}'; allowed here: {', '.join(_allowed_keys(parent))}"
     elif first["type"] == "literal_error" or "Input should be" in message:
-        message = f"{message} (got {first.get('input')!r})"
+        message = f"{message} (got {excerpt(repr(first.get('input')))})"
     file, line = source.locate(path)
-    return SpecError(file=file, field=".".join(path), message=message, line=line)
+    return SpecError(file=file, field=".".join(excerpt(part) for part in path), message=message, line=line)
 
 
 def _allowed_keys(parent_loc: tuple) -> list[str]:
@@ -406,7 +485,20 @@ def build_spec(stage: str, data: dict, source: YamlSource) -> StageSpec:
     return spec
 
 
-def stage_file(stage: str, environments: Path = ENVIRONMENTS_DIR) -> Path:
+def check_stage_name(stage: str, where: Path | str) -> None:
+    """Stage names become file names and resource names: a DNS label, never a path."""
+    if len(stage) > MAX_DNS_LABEL or not DNS_LABEL.fullmatch(stage):
+        raise SpecError(file=where, field="", message=f"'{excerpt(stage)}' is not a stage name: lowercase letters, "
+                                                      f"digits and '-', starting with a letter, at most {MAX_DNS_LABEL} "
+                                                      "characters")
+    if stage == "base":
+        raise SpecError(file=where, field="", message="'base' is not a stage: base.yaml holds the defaults every stage "
+                                                      "shares")
+
+
+def stage_file(stage: str, environments: Optional[Path] = None) -> Path:
+    environments = environments or environments_dir()
+    check_stage_name(stage, environments)
     file = environments / f"{stage}.yaml"
     if not file.is_file():
         known = sorted(path.stem for path in environments.glob("*.yaml") if path.stem != "base")
@@ -414,20 +506,24 @@ def stage_file(stage: str, environments: Path = ENVIRONMENTS_DIR) -> Path:
     return file
 
 
-def load_stage(stage: str, environments: Path = ENVIRONMENTS_DIR, overrides: Optional[dict] = None,
+def load_stage(stage: str, environments: Optional[Path] = None, overrides: Optional[dict] = None,
                source_stage: Optional[str] = None) -> StageSpec:
-    """Load `base.yaml` merged under the stage file (or `source_stage`'s file), plus optional overrides."""
+    """Load `base.yaml` merged under the stage file (or `source_stage`'s file), plus optional overrides; build
+    contexts are those of the project `environments` belongs to."""
+    environments = environments or environments_dir()
     base = load_yaml_source(environments / "base.yaml")
     own = load_yaml_source(stage_file(source_stage or stage, environments))
     source = base.under(own)
     data = deep_merge(base.data, own.data)
     if overrides:
         data = deep_merge(data, overrides)
-    return build_spec(stage, data, source)
+    with working_on(project_of(environments)):
+        return build_spec(stage, data, source)
 
 
-def check_shared_host_ports(specs: list[StageSpec], environments: Path = ENVIRONMENTS_DIR) -> None:
+def check_shared_host_ports(specs: list[StageSpec], environments: Optional[Path] = None) -> None:
     """Host ports must be unique across every stage that shares a Docker host."""
+    environments = environments or environments_dir()
     claimed: dict[tuple[str, str, int], str] = {}
     for spec in specs:
         for path, port in spec.published_ports().items():
@@ -445,8 +541,9 @@ def check_shared_host_ports(specs: list[StageSpec], environments: Path = ENVIRON
             claimed[key] = f"{spec.stage}.{path}"
 
 
-def load_stages(stages: list[str], environments: Path = ENVIRONMENTS_DIR) -> list[StageSpec]:
+def load_stages(stages: list[str], environments: Optional[Path] = None) -> list[StageSpec]:
     """Load several stages and check the cross-stage invariants among all shipped stages."""
+    environments = environments or environments_dir()
     specs = {stage: load_stage(stage, environments) for stage in stages}
     for stage in SHIPPED_STAGES:
         if stage not in specs and stage_file(stage, environments).is_file():

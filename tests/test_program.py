@@ -254,7 +254,7 @@ def test_content_tag_changes_exactly_when_inputs_change(tmp_path, monkeypatch):
     (context / "train.py").write_text("print(1)\n")
     (context / "wheels").mkdir()
     (context / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\nwheels/.incoming\n")
-    monkeypatch.setattr(images, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(images, "project_root", lambda: tmp_path)
     amd64 = images.BuildSettings(base_image="b", platform="linux/amd64")
     first = images.content_tag("ctx", amd64)
     # What .dockerignore leaves out never reaches the build, so it never changes the tag.
@@ -301,7 +301,7 @@ def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp
     from mlops.spec import REPO_ROOT
 
     shutil.copytree(REPO_ROOT / "images", tmp_path / "images", ignore=shutil.ignore_patterns("wheels"))
-    monkeypatch.setattr(images, "REPO_ROOT", tmp_path)
+    monkeypatch.setattr(images, "project_root", lambda: tmp_path)
     before = {r.name: r.inputs for r in render("dev")}
     assert before == {r.name: r.inputs for r in render("dev")}, "an unchanged context must change nothing"
     (tmp_path / "images" / "serving" / "Dockerfile").write_text(

@@ -4,13 +4,14 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from mlops import diff as diffing
-from mlops.spec import ENVIRONMENTS_DIR
+from mlops.commands.specs import reads_specs
 
 STYLES = {"added": "green", "removed": "red", "changed": "yellow"}
 # Distinct from 1 (the sides differ) so CI can fail on data loss alone.
@@ -46,10 +47,12 @@ def _print_text(result: diffing.StackDiff, console: Console) -> None:
                 console.print(f"    [{style}]{escape(fc.path)}: {escape(repr(value))}[/{style}]")
 
 
+@reads_specs
 def diff(before: str = typer.Argument(..., metavar="A", help="STAGE or STAGE@GITREF, e.g. staging@origin/main"),
          after: str = typer.Argument(..., metavar="B", help="STAGE or STAGE@GITREF, e.g. staging"),
          output: DiffFormat = typer.Option(DiffFormat.text, "--format", help="text, markdown (a PR comment) or json"),
-         environments: Path = typer.Option(ENVIRONMENTS_DIR, help="the specs folder (inside a git work tree for @GITREF)"),
+         environments: Optional[Path] = typer.Option(None, help="the specs folder (inside a git work tree for @GITREF); "
+                                                                "default: the project's"),
          fail_on_data_loss: bool = typer.Option(False, "--fail-on-data-loss",
                                                 help="exit 3 when a data volume or protected resource would be "
                                                      "replaced or deleted")) -> None:

@@ -1,7 +1,7 @@
 """`mlops exp`: short-lived experiment stacks `exp-NAME`, driven through the Pulumi Automation API.
 
 State lives in the backend of PULUMI_BACKEND_URL, by default the file backend `.pulumi-state/` of
-this repository. Self-managed backends (file, s3, ...) encrypt stack secrets (the image registry
+the project `mlops` is run in. Self-managed backends (file, s3, ...) encrypt stack secrets (the image registry
 password) with PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE, which must be set.
 `exp up`, `exp list` and `exp down` need the Pulumi CLI; `exp gc` cleans orphaned Docker resources
 without it, for a file backend, by reading the backend's stack list from disk.
@@ -27,16 +27,16 @@ from rich.table import Table
 from mlops import orphans
 from mlops.errors import SpecError
 from mlops.experiments import (DEFAULT_SOURCE, DEFAULT_TTL, EXPERIMENT_CONFIG_KEY, EXPERIMENT_PREFIX,
-                               ExperimentSettings, check_name, experiment_spec, experiment_stack, is_expired)
+                               ExperimentSettings, check_name, experiment_spec, experiment_stack, is_expired,
+                               settings_from_json)
 from mlops.plan import PROJECT
-from mlops.spec import REPO_ROOT
+from mlops.spec import project_root
 
 app = typer.Typer(no_args_is_help=True, help="Short-lived experiment stacks exp-NAME with a time to live.")
 # Plain text: names, owners and Pulumi output are never read as markup, and lines never wrap mid-name.
 console = Console(markup=False, highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
-DEFAULT_BACKEND_URL = f"file://{REPO_ROOT / '.pulumi-state'}"
 SETTINGS_KEY = f"mlops:{EXPERIMENT_CONFIG_KEY}"
 PASSWORD_KEY = "mlops:registryPassword"
 PASSPHRASE_VARIABLES = ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE")
@@ -72,7 +72,7 @@ def _last_stderr_line(err: auto.errors.CommandError) -> str:
 
 
 def backend_url() -> str:
-    return os.environ.get("PULUMI_BACKEND_URL") or DEFAULT_BACKEND_URL
+    return os.environ.get("PULUMI_BACKEND_URL") or f"file://{project_root() / '.pulumi-state'}"
 
 
 def pulumi_installed() -> bool:
@@ -80,7 +80,7 @@ def pulumi_installed() -> bool:
 
 
 def _workspace(create_backend: bool = False) -> auto.LocalWorkspace:
-    """The workspace of this repository's Pulumi project (`Pulumi.yaml`, `__main__.py`) on the backend."""
+    """The workspace of the Pulumi project `mlops` is run in (`Pulumi.yaml`, `__main__.py`) on the backend."""
     if not pulumi_installed():
         raise CommandFailed(PULUMI_MISSING)
     url = backend_url()
@@ -92,7 +92,7 @@ def _workspace(create_backend: bool = False) -> auto.LocalWorkspace:
     if create_backend and backend_dir is not None:
         backend_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return auto.LocalWorkspace(work_dir=str(REPO_ROOT), env_vars={"PULUMI_BACKEND_URL": url})
+        return auto.LocalWorkspace(work_dir=str(project_root()), env_vars={"PULUMI_BACKEND_URL": url})
     except FileNotFoundError:
         raise CommandFailed(PULUMI_MISSING) from None
     except auto.errors.InvalidVersionError as err:
@@ -122,8 +122,8 @@ def _settings_of(stack: auto.Stack) -> Optional[ExperimentSettings]:
     if value is None:
         return None
     try:
-        return ExperimentSettings.from_config(stack.name, json.loads(value.value))
-    except (json.JSONDecodeError, SpecError):
+        return ExperimentSettings.from_config(stack.name, settings_from_json(stack.name, value.value))
+    except SpecError:
         return None
 
 

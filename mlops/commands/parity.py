@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from mlops import parity as parity_rules
-from mlops.spec import ENVIRONMENTS_DIR
+from mlops.commands.specs import reads_specs
 
 
 def _values(difference: parity_rules.Difference) -> str:
     return ", ".join(f"{stage}={value!r}" for stage, value in difference.values.items())
 
 
+@reads_specs
 def parity(stages: list[str] = typer.Argument(..., help="two or more stages, e.g. staging prod"),
-           environments: Path = typer.Option(ENVIRONMENTS_DIR, help="the specs folder")) -> None:
+           environments: Optional[Path] = typer.Option(None, help="the specs folder; default: the project's")) -> None:
     """Check that stages declare the same thing except where base.yaml's parity.may_differ allows."""
     console = Console(highlight=False, soft_wrap=True)
     differences = parity_rules.check_parity(stages, environments)

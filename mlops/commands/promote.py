@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from mlops import promote as promotion
-from mlops.spec import ENVIRONMENTS_DIR
+from mlops.commands.specs import reads_specs
+from mlops.errors import one_line
 
 
 def _print_diff(diff: str, console: Console) -> None:
@@ -18,10 +20,12 @@ def _print_diff(diff: str, console: Console) -> None:
         console.print(f"[{style}]{escape(line)}[/{style}]" if style else escape(line))
 
 
+@reads_specs
 def promote(source: str = typer.Option(..., "--from", help="the stage whose release is promoted, e.g. staging"),
             target: str = typer.Option(..., "--to", help="the stage that receives it, e.g. prod"),
             dry_run: bool = typer.Option(False, "--dry-run", help="check everything and show the diff; copy and write nothing"),
-            environments: Path = typer.Option(ENVIRONMENTS_DIR, help="the specs folder, inside a git work tree")) -> None:
+            environments: Optional[Path] = typer.Option(None, help="the specs folder, inside a git work tree; "
+                                                                   "default: the project's")) -> None:
     """Copy SRC's release (model and images, byte for byte) into DST's registries and pin it in DST's spec,
     after checking DST's gates. Registry passwords: MLOPS_REGISTRY_PASSWORD_<STAGE>, else the stacks' config."""
     console = Console(highlight=False, soft_wrap=True)
@@ -30,7 +34,7 @@ def promote(source: str = typer.Option(..., "--from", help="the stage whose rele
             planned = promoter.prepare(source, target)
             done = planned if dry_run else promoter.apply(planned)
     except promotion.PromotionRefused as refusal:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]refused:[/red] {escape(str(refusal))}")
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]refused:[/red] {escape(one_line(str(refusal)))}")
         raise typer.Exit(1) from None
     release = done.release
     _print_diff(done.unified_diff(), console)

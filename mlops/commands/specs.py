@@ -1,16 +1,17 @@
 """`mlops validate` and `mlops plan`: what a stage declares, without any credentials or Pulumi CLI."""
 from __future__ import annotations
 
+import functools
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 
 from mlops import plan as planning
-from mlops.spec import ENVIRONMENTS_DIR, SHIPPED_STAGES, load_stages
+from mlops.spec import SHIPPED_STAGES, environments_dir, load_stages, project_of, working_on
 
 console = Console()
 
@@ -20,12 +21,25 @@ class OutputFormat(str, Enum):
     json = "json"
 
 
-ENVIRONMENTS_OPTION = typer.Option(ENVIRONMENTS_DIR, "--environments", help="folder with base.yaml and the stage files",
-                                   file_okay=False)
+ENVIRONMENTS_OPTION = typer.Option(None, "--environments", file_okay=False,
+                                   help="folder with base.yaml and the stage files; default: environments/ of the "
+                                        "project you are in")
 
 
+def reads_specs(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Run `command` on its `--environments` folder (default: the specs of the project the current directory is
+    in) and on the project that folder belongs to, so specs and the build contexts they name come from one clone."""
+    @functools.wraps(command)
+    def run(*args: Any, environments: Optional[Path] = None, **kwargs: Any) -> Any:
+        folder = environments or environments_dir()
+        with working_on(project_of(folder)):
+            return command(*args, environments=folder, **kwargs)
+    return run
+
+
+@reads_specs
 def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to check; all shipped stages when none"),
-             environments: Path = ENVIRONMENTS_OPTION) -> None:
+             environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
     """Validate stage specs: schema, invariants, and ports shared across stages on one Docker host."""
     for spec in load_stages(stages or list(SHIPPED_STAGES), environments):
         if spec.release is None:
@@ -37,9 +51,10 @@ def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to 
         console.print(f"[green]ok[/green] {spec.stage}: {serving}")
 
 
+@reads_specs
 def plan(stage: str = typer.Argument(..., help="dev, staging or prod"),
          output: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json"),
-         environments: Path = ENVIRONMENTS_OPTION) -> None:
+         environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
     """Run the stage's Pulumi program under the mock runtime and list every resource it declares."""
     spec = load_stages([stage], environments)[0]
     resources = planning.render(stage, spec)

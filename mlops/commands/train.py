@@ -15,14 +15,15 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from components.containers import APP_USER, DEFAULT_TMPFS
 from components.image_registry import REGISTRY_PORT
 from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
 from components.stack import stage_labels
-from mlops.commands.specs import ENVIRONMENTS_OPTION
-from mlops.errors import SpecError
+from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
+from mlops.errors import SpecError, excerpt, one_line
 from mlops.experiments import EXPERIMENT_PREFIX, experiment_spec_from_stack_file
 from mlops.spec import StageSpec, load_stages, stage_file
 
@@ -33,12 +34,29 @@ errors = Console(stderr=True)
 # `REGISTERED name=<name> version=<version> sha256=<sha256>`.
 BAD_INPUT_EXIT = 2
 REGISTERED = re.compile(r"^REGISTERED name=(?P<name>\S+) version=(?P<version>\d+) sha256=(?P<sha256>[0-9a-f]{64})$")
-PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+PARAM_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Each --param becomes one `docker run` argument, which Linux caps at 128 KiB; no estimator parameter needs 1 KiB.
+MAX_PARAM_VALUE = 1024
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[red]error:[/red] {escape(one_line(message))}", highlight=False, soft_wrap=True, emoji=False)
     return typer.Exit(code)
+
+
+def check_params(assignments: list[str]) -> None:
+    """`--param key=value`: a parameter name, then a value of printable characters; each name once."""
+    seen: set[str] = set()
+    for assignment in assignments:
+        key, equals, value = assignment.partition("=")
+        if not equals or not PARAM_KEY.fullmatch(key):
+            raise fail(f"--param '{excerpt(assignment)}' is not key=value", BAD_INPUT_EXIT)
+        if len(value) > MAX_PARAM_VALUE or not value.isprintable():
+            raise fail(f"--param {key}: the value must be at most {MAX_PARAM_VALUE} printable characters",
+                       BAD_INPUT_EXIT)
+        if key in seen:
+            raise fail(f"--param {key} is given twice", BAD_INPUT_EXIT)
+        seen.add(key)
 
 
 def docker(spec: StageSpec, *args: str) -> subprocess.CompletedProcess[str]:
@@ -129,21 +147,20 @@ def stream_run(spec: StageSpec, arguments: list[str]) -> tuple[int, Optional[re.
     return process.returncode, registered
 
 
+@reads_specs
 def train(
     stage: str = typer.Option(..., "--stage", help="dev, staging, prod or exp-NAME: whose training image, network "
                                                    "and MLflow"),
     subset: float = typer.Option(1.0, "--subset", help="fraction (0, 1] of the data, stratified and seeded"),
     param: Optional[list[str]] = typer.Option(None, "--param", help="estimator parameter key=value, repeatable"),
     seed: int = typer.Option(0, "--seed", help="seeds the subset, the held-out split and the estimator"),
-    environments: Path = ENVIRONMENTS_OPTION,
+    environments: Optional[Path] = ENVIRONMENTS_OPTION,
 ) -> None:
     """Train in the stage's training image and register the model as a new version in the stage's MLflow."""
     params = param or []
     if not 0 < subset <= 1:
         raise fail(f"--subset must be a fraction in (0, 1], got {subset}", BAD_INPUT_EXIT)
-    for assignment in params:
-        if not PARAM.match(assignment):
-            raise fail(f"--param '{assignment}' is not key=value", BAD_INPUT_EXIT)
+    check_params(params)
     spec = (experiment_spec_from_stack_file(stage, environments=environments) if stage.startswith(EXPERIMENT_PREFIX)
             else load_stages([stage], environments)[0])
     if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
