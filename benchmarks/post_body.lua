@@ -1,6 +1,10 @@
--- wrk script: POST the JSON body from the file in WRK_BODY_FILE, then print one JSON summary line.
+-- wrk script: POST the body from the file in WRK_BODY_FILE (JSON unless WRK_HEADERS, "Name: value" lines,
+-- says otherwise), then print one JSON summary line.
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+for name, value in string.gmatch(os.getenv("WRK_HEADERS") or "", "([^:\n]+): ([^\n]*)") do
+  wrk.headers[name] = value
+end
 local file = assert(io.open(os.getenv("WRK_BODY_FILE"), "rb"))
 wrk.body = file:read("*a")
 file:close()

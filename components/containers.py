@@ -10,6 +10,20 @@ from mlops.spec import HealthCheck, Limits, PublishedPort, provider_cpus
 
 APP_USER = "10001:10001"
 DEFAULT_TMPFS = {"/tmp": "rw,noexec,nosuid,size=64m"}
+# No /dev/shm at all, so /tmp stays the only writable path besides volumes (docs/contracts.md), and no IPC
+# namespace shared with anything. Checked with every image: nginx, uvicorn (oip), MLServer, MLflow, the
+# registry and a scikit-learn training run (joblib warns it runs serially, as training's n_jobs=1 does
+# anyway; same model sha256) work without it. The engine reads it back as "none".
+IPC_MODE = "none"
+# pulumi-docker 5.2.0's Container has no pids_limit (the cgroup pids controller, `docker run --pids-limit`),
+# so the nearest guard it offers is RLIMIT_NPROC. That counts the processes and threads of the user on the
+# whole host, not per container, and every container runs as uid 10001: the limit bounds all uid-10001
+# containers of all stacks on a host together. A fork bomb in one container then stops at PROCESS_LIMIT
+# tasks instead of exhausting the host's PIDs (32768 here), though until it is killed the other uid-10001
+# containers cannot start threads either. A stage at rest runs about 30 such tasks (measured: MLflow 14, the
+# registry 5, the gateway 3, an oip replica 6, an MLServer one 12); 4096 leaves room for many stages and
+# experiments on one host, and their training runs.
+PROCESS_LIMIT = 4096
 
 
 def container_labels(labels: dict[str, str], component: str) -> list[docker.ContainerLabelArgs]:
@@ -84,6 +98,9 @@ def hardened_container(
         tmpfs=tmpfs or DEFAULT_TMPFS,
         security_opts=["no-new-privileges:true"],
         capabilities=docker.ContainerCapabilitiesArgs(drops=["ALL"]),
+        ipc_mode=IPC_MODE,
+        # As the engine reads it back: one entry, soft equal to hard.
+        ulimits=[docker.ContainerUlimitArgs(name="nproc", soft=PROCESS_LIMIT, hard=PROCESS_LIMIT)],
         memory=limits.memory_mb,
         # Docker doubles an unset swap limit and the provider reads that back, a diff on every run; equal
         # to memory it also means no swap.

@@ -23,15 +23,20 @@ from pathlib import Path
 
 import pytest
 from sklearn.datasets import load_iris
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import FunctionTransformer
 from sklearn.tree import DecisionTreeClassifier
 
+from components.containers import APP_USER, DEFAULT_TMPFS, IPC_MODE, PROCESS_LIMIT
 from components.image_registry import htpasswd_entry
 from mlops.spec import REPO_ROOT
 
 pytestmark = pytest.mark.docker
 
-HARDENED = ["--user", "10001:10001", "--read-only", "--tmpfs", "/tmp:rw,noexec,nosuid,size=64m",
-            "--security-opt", "no-new-privileges:true", "--cap-drop", "ALL"]
+# The hardening components/containers.py renders, as `docker run` options.
+HARDENED = ["--user", APP_USER, "--read-only", "--tmpfs", f"/tmp:{DEFAULT_TMPFS['/tmp']}",
+            "--security-opt", "no-new-privileges:true", "--cap-drop", "ALL",
+            "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}"]
 READY_PROBE = ("import sys,urllib.request\n"
                "try: urllib.request.urlopen(sys.argv[1], timeout=2)\n"
                "except Exception: sys.exit(1)")
@@ -56,9 +61,11 @@ class Engine:
     networks: list[str] = field(default_factory=list)
 
     def build(self, context: str, target: str | None = None) -> str:
+        """`context` built (once per run) as `<prefix>-<folder>:<target>`."""
         tag = f"{self.prefix}-{Path(context).name}:{target or 'test'}"
-        self.images.append(tag)
-        docker("build", "-q", "-t", tag, *(["--target", target] if target else []), str(REPO_ROOT / context))
+        if tag not in self.images:
+            docker("build", "-q", "-t", tag, *(["--target", target] if target else []), str(REPO_ROOT / context))
+            self.images.append(tag)
         return tag
 
     def network(self) -> str:
@@ -73,15 +80,20 @@ class Engine:
         docker("volume", "create", name)
         return name
 
-    def run(self, role: str, image: str, *options: str, ready_path: str | None = None, port: int | None = None) -> str:
-        """Start `image` hardened as `<prefix>-<role>`; with `port`, published on a free loopback port."""
+    def run(self, role: str, image: str, *options: str, ready_path: str | None = None, port: int | None = None,
+            health_retries: int = 120) -> str:
+        """Start `image` hardened as `<prefix>-<role>`; with `port`, published on a free loopback port. Its health
+        check probes `ready_path` every second and fails after `health_retries` failures in a row."""
         name = f"{self.prefix}-{role}"
         self.containers.append(name)
         health = ["--health-cmd", f"python3 -c '{READY_PROBE}' http://127.0.0.1:{port}{ready_path}",
-                  "--health-interval", "1s", "--health-retries", "120"] if ready_path else []
+                  "--health-interval", "1s", "--health-retries", str(health_retries)] if ready_path else []
         publish = ["-p", f"127.0.0.1::{port}"] if port else []
         docker("run", "-d", "--name", name, *HARDENED, *health, *publish, *options, image)
         return name
+
+    def health(self, container: str) -> str:
+        return docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip()
 
     def host_port(self, container: str, port: int) -> int:
         return int(docker("port", container, f"{port}/tcp").stdout.split(":")[-1])
@@ -89,7 +101,7 @@ class Engine:
     def wait_healthy(self, *containers: str, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         for container in containers:
-            while (status := docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip()) != "healthy":
+            while (status := self.health(container)) != "healthy":
                 if time.monotonic() > deadline:
                     logs = docker("logs", "--tail", "20", container, check=False)
                     pytest.fail(f"{container} is {status} after {timeout_s:.0f}s:\n{logs.stdout}{logs.stderr}")
@@ -141,59 +153,79 @@ class MlflowRest:
 
 
 @dataclass(frozen=True)
-class ServingStack:
-    gateway_url: str
-    replicas: dict[str, list[str]]
-    versions: dict[str, str]
-    """Model version served by each pool."""
-    serving_image: str
+class ModelSource:
+    """The stage's MLflow, as replicas (`tracking_uri`, inside the network) and the tests (`mlflow`) reach it."""
     network: str
     tracking_uri: str
+    mlflow: MlflowRest
 
 
-@pytest.fixture(scope="module")
-def serving_stack(engine) -> ServingStack:
+def start_model_source(engine: Engine) -> ModelSource:
+    """A network and the MLflow image on it, with the model name registered and no version yet."""
     for image in ("serving", "mlflow"):
         subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), f"images/{image}"], cwd=REPO_ROOT,
                        check=True, capture_output=True)
-    serving_image = engine.build("images/serving", target="oip")
-    gateway_image = engine.build("images/gateway")
-    mlflow_image = engine.build("images/mlflow")
     network = engine.network()
-
     # The MLflow image accepts the Host header `*-model-registry:5000`, as the stack names it.
-    registry = engine.run("model-registry", mlflow_image, "--network", network,
+    registry = engine.run("model-registry", engine.build("images/mlflow"), "--network", network,
                           "-v", f"{engine.volume('mlflow-db')}:/data/db",
                           "-v", f"{engine.volume('artifacts')}:/data/artifacts",
                           ready_path="/health", port=5000)
     engine.wait_healthy(registry)
     mlflow = MlflowRest(f"http://127.0.0.1:{engine.host_port(registry, 5000)}")
-    features, labels = load_iris(return_X_y=True)
     mlflow.post("registered-models/create", name="iris-classifier")
-    # Two versions so blue and green are told apart by the `model_version` of their answers.
-    pins = {pool: mlflow.register("iris-classifier", pickle.dumps(DecisionTreeClassifier(random_state=seed).fit(features, labels)))
-            for pool, seed in (("blue", 0), ("green", 1))}
+    return ModelSource(network=network, tracking_uri=f"http://{registry}:5000", mlflow=mlflow)
 
-    replicas: dict[str, list[str]] = {"blue": [], "green": []}
-    for pool, count in (("blue", 2), ("green", 1)):
-        version, sha256 = pins[pool]
-        for index in range(count):
-            replicas[pool].append(engine.run(
-                f"serving-{pool}-{index}", serving_image, "--network", network, "--cpus", "1", "--memory", "512m",
-                "--restart", "unless-stopped",
-                "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}", "-e", f"MODEL_SHA256={sha256}",
-                "-e", f"MLFLOW_TRACKING_URI=http://{registry}:5000", "-e", "SERVING_RUNTIME=oip",
-                ready_path="/v2/health/ready", port=8080))
-    gateway = engine.run(
-        "gateway", gateway_image, "--network", network, "--cpus", "0.5", "--memory", "128m",
-        "-e", f"UPSTREAM_BLUE={','.join(f'{name}:8080' for name in replicas['blue'])}",
-        "-e", f"UPSTREAM_GREEN={','.join(f'{name}:8080' for name in replicas['green'])}",
-        "-e", "WEIGHT_BLUE=80", "-e", "WEIGHT_GREEN=20",
+
+def start_replica(engine: Engine, source: ModelSource, role: str, pin: tuple[str, str], runtime: str = "oip",
+                  health_retries: int = 120) -> str:
+    """A serving replica of `runtime` with the stage's serving limits, pinned to (version, sha256)."""
+    version, sha256 = pin
+    return engine.run(
+        role, engine.build("images/serving", target=runtime), "--network", source.network, "--cpus", "1",
+        "--memory", "512m", "--restart", "unless-stopped",
+        "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}", "-e", f"MODEL_SHA256={sha256}",
+        "-e", f"MLFLOW_TRACKING_URI={source.tracking_uri}", "-e", f"SERVING_RUNTIME={runtime}",
+        ready_path="/v2/health/ready", port=8080, health_retries=health_retries)
+
+
+def start_gateway(engine: Engine, source: ModelSource, role: str, blue: list[str], green: list[str] = (),
+                  weight_green: int = 0) -> str:
+    """The gateway with the stage's gateway limits in front of `blue` and `green` replicas, published on loopback."""
+    return engine.run(
+        role, engine.build("images/gateway"), "--network", source.network, "--cpus", "0.5", "--memory", "128m",
+        "-e", f"UPSTREAM_BLUE={','.join(f'{name}:8080' for name in blue)}",
+        "-e", f"UPSTREAM_GREEN={','.join(f'{name}:8080' for name in green)}",
+        "-e", f"WEIGHT_BLUE={100 - weight_green}", "-e", f"WEIGHT_GREEN={weight_green}",
         ready_path="/gateway/health", port=8080)
+
+
+def gateway_url(engine: Engine, gateway: str) -> str:
+    return f"http://127.0.0.1:{engine.host_port(gateway, 8080)}"
+
+
+@dataclass(frozen=True)
+class ServingStack:
+    gateway_url: str
+    replicas: dict[str, list[str]]
+    versions: dict[str, str]
+    """Model version served by each pool."""
+    source: ModelSource
+
+
+@pytest.fixture(scope="module")
+def serving_stack(engine) -> ServingStack:
+    source = start_model_source(engine)
+    features, labels = load_iris(return_X_y=True)
+    # Two versions so blue and green are told apart by the `model_version` of their answers.
+    pins = {pool: source.mlflow.register("iris-classifier", pickle.dumps(DecisionTreeClassifier(random_state=seed).fit(features, labels)))
+            for pool, seed in (("blue", 0), ("green", 1))}
+    replicas = {pool: [start_replica(engine, source, f"serving-{pool}-{index}", pins[pool]) for index in range(count)]
+                for pool, count in (("blue", 2), ("green", 1))}
+    gateway = start_gateway(engine, source, "gateway", replicas["blue"], replicas["green"], weight_green=20)
     engine.wait_healthy(*replicas["blue"], *replicas["green"], gateway)
-    return ServingStack(gateway_url=f"http://127.0.0.1:{engine.host_port(gateway, 8080)}", replicas=replicas,
-                        versions={pool: version for pool, (version, _) in pins.items()},
-                        serving_image=serving_image, network=network, tracking_uri=f"http://{registry}:5000")
+    return ServingStack(gateway_url=gateway_url(engine, gateway), replicas=replicas,
+                        versions={pool: version for pool, (version, _) in pins.items()}, source=source)
 
 
 @dataclass
@@ -286,14 +318,89 @@ def test_killing_a_replica_under_load_loses_at_most_a_thousandth(serving_stack):
 
 def test_a_replica_pinned_to_other_bytes_exits_with_one_clear_line(engine, serving_stack):
     version = serving_stack.versions["blue"]
-    replica = engine.run("serving-mispinned", serving_stack.serving_image, "--network", serving_stack.network,
+    source = serving_stack.source
+    replica = engine.run("serving-mispinned", engine.build("images/serving", target="oip"), "--network", source.network,
                          "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}",
-                         "-e", f"MODEL_SHA256={'0' * 64}", "-e", f"MLFLOW_TRACKING_URI={serving_stack.tracking_uri}")
+                         "-e", f"MODEL_SHA256={'0' * 64}", "-e", f"MLFLOW_TRACKING_URI={source.tracking_uri}")
     exit_code = docker("wait", replica, timeout=120).stdout.strip()
     logs = docker("logs", replica)
     assert exit_code != "0"
     assert f"refusing model iris-classifier v{version}: sha256 " in logs.stdout
     assert f"does not match pinned {'0' * 64}" in logs.stdout
+
+
+POISON = "/tmp/poisoned"
+
+
+class PassThrough:
+    """A pipeline step that passes features through here, and unpickles in a replica as `in_replica`, the
+    source of a function: unpickling runs code, which lets a test poison a running replica's model."""
+
+    def __init__(self, in_replica: str) -> None:
+        self.in_replica = in_replica
+
+    def __call__(self, features):
+        return features
+
+    def __reduce__(self):
+        return eval, (self.in_replica,)
+
+
+def model_that_in_replica_is(in_replica: str) -> bytes:
+    features, labels = load_iris(return_X_y=True)
+    return pickle.dumps(make_pipeline(FunctionTransformer(PassThrough(in_replica)),
+                                      DecisionTreeClassifier(random_state=0)).fit(features, labels))
+
+
+def replica_log_shows(container: str, line: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        logs = docker("logs", container, check=False)
+        if line in logs.stdout + logs.stderr:
+            return True
+        time.sleep(1)
+    return False
+
+
+def test_a_replica_whose_model_cannot_predict_never_turns_ready(engine, serving_stack):
+    pin = serving_stack.source.mlflow.register("iris-classifier", model_that_in_replica_is("lambda features: 1 / 0"))
+    replica = start_replica(engine, serving_stack.source, "serving-unready", pin)
+    assert replica_log_shows(replica, "not ready: the test prediction failed: ZeroDivisionError", timeout_s=120)
+    assert engine.health(replica) != "healthy"
+
+
+def test_a_poisoned_replica_fails_no_request_and_leaves_rotation_until_it_predicts_again(engine, serving_stack):
+    """Every infer on one of two replicas raises (500): the gateway retries each on the other, and after 3 such
+    failures in a row the poisoned replica's readiness, and so its health check, fails; once its model
+    predicts again it is healthy again."""
+    source = serving_stack.source
+    pin = source.mlflow.register("iris-classifier", model_that_in_replica_is(
+        f"lambda features: 1 / 0 if __import__('os').path.exists({POISON!r}) else features"))
+    healthy, poisoned = (start_replica(engine, source, f"serving-poison-{index}", pin, health_retries=3)
+                         for index in range(2))
+    gateway = start_gateway(engine, source, "gateway-poison", [healthy, poisoned])
+    engine.wait_healthy(healthy, poisoned, gateway)
+    docker("exec", poisoned, "touch", POISON)
+    outcome = LoadOutcome()
+    unhealthy_after_s: list[float] = []
+
+    async def load_and_watch() -> None:
+        started = time.monotonic()
+        load = asyncio.create_task(post_load(gateway_url(engine, gateway), INFER_BODY, connections=4, duration_s=40,
+                                             max_requests=200_000, outcome=outcome))
+        while not load.done() and not unhealthy_after_s:
+            if await asyncio.to_thread(engine.health, poisoned) == "unhealthy":
+                unhealthy_after_s.append(time.monotonic() - started)
+            await asyncio.sleep(0.5)
+        await load
+
+    asyncio.run(load_and_watch())
+    print(f"\npoisoned replica: {outcome.total} requests through the gateway, failed {dict(outcome.failed)}; "
+          f"unhealthy after {unhealthy_after_s[0] if unhealthy_after_s else 'never'} s")
+    assert outcome.failed == Counter() and outcome.succeeded >= 1000
+    assert unhealthy_after_s, "the poisoned replica stayed healthy"
+    docker("exec", poisoned, "rm", POISON)
+    engine.wait_healthy(poisoned, timeout_s=30)
 
 
 def tiny_image_tar() -> bytes:

@@ -1,0 +1,168 @@
+"""Open Inference Protocol conformance of both serving runtimes, with two independent real clients.
+
+NVIDIA's `tritonclient[http]` (the binary tensor data extension by default, JSON on request) and the
+`open-inference-openapi` client, generated from the protocol's own OpenAPI spec, talk to an `oip` replica
+and an `mlserver` replica, each through its own gateway, on a real engine. Every test runs against both.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from open_inference.openapi.client import OpenInferenceClient
+from open_inference.openapi.core.api_error import ApiError
+from open_inference.openapi.errors.bad_request_error import BadRequestError
+from sklearn.datasets import load_iris
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tritonclient.utils import InferenceServerException
+
+from tests.test_gateway_failover import Engine, docker, gateway_url, start_gateway, start_model_source, start_replica
+
+pytestmark = pytest.mark.docker
+
+MODEL = "iris-classifier"
+RUNTIMES = ("oip", "mlserver")
+
+
+@pytest.fixture(scope="module")
+def iris():
+    features, labels = load_iris(return_X_y=True)
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(features, labels), features
+
+
+@pytest.fixture(scope="module")
+def deployed(docker_engine, iris):
+    """{runtime: (gateway URL, replica, gateway, model version)}: one replica of each runtime behind its own gateway."""
+    engine = Engine()
+    try:
+        source = start_model_source(engine)
+        version, sha256 = source.mlflow.register(MODEL, pickle.dumps(iris[0]))
+        replicas = {runtime: start_replica(engine, source, f"serving-{runtime}", (version, sha256), runtime)
+                    for runtime in RUNTIMES}
+        gateways = {runtime: start_gateway(engine, source, f"gateway-{runtime}", [replica])
+                    for runtime, replica in replicas.items()}
+        engine.wait_healthy(*replicas.values(), *gateways.values(), timeout_s=240)
+        yield {runtime: (gateway_url(engine, gateways[runtime]), replicas[runtime], gateways[runtime], version)
+               for runtime in RUNTIMES}
+    finally:
+        engine.remove_all()
+
+
+@pytest.fixture(params=RUNTIMES)
+def runtime(request, deployed):
+    return request.param
+
+
+@pytest.fixture
+def url(deployed, runtime) -> str:
+    return deployed[runtime][0]
+
+
+@pytest.fixture
+def version(deployed, runtime) -> str:
+    return deployed[runtime][3]
+
+
+@pytest.fixture
+def triton_client(url):
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def oip_client(url):
+    return OpenInferenceClient(base_url=url)
+
+
+def triton_infer(client, rows: np.ndarray, *, binary_input: bool, binary_output: bool | None):
+    """Infer as tritonclient does; `binary_output` None names no output, so the client asks for all of them binary."""
+    tensor = triton.InferInput("input-0", list(rows.shape), "FP64")
+    tensor.set_data_from_numpy(rows, binary_data=binary_input)
+    outputs = None if binary_output is None else [triton.InferRequestedOutput("predict", binary_data=binary_output)]
+    return client.infer(MODEL, [tensor], outputs=outputs, request_id="conformance-1")
+
+
+def test_health_and_metadata_with_tritonclient(triton_client, version):
+    assert triton_client.is_server_live() and triton_client.is_server_ready()
+    assert triton_client.is_model_ready(MODEL) and triton_client.is_model_ready(MODEL, version)
+    assert "binary_tensor_data" in triton_client.get_server_metadata()["extensions"]
+    metadata = triton_client.get_model_metadata(MODEL, version)
+    assert metadata["name"] == MODEL and metadata["versions"] == [version] and metadata["platform"] == "sklearn"
+    assert metadata["inputs"] == [{"name": "input-0", "datatype": "FP64", "shape": [-1, 4]}]
+    assert [output["name"] for output in metadata["outputs"]] == ["predict"]
+
+
+def test_health_and_metadata_with_the_openapi_client(oip_client, version):
+    oip_client.check_server_liveness()
+    oip_client.check_server_readiness()
+    oip_client.check_model_readiness(MODEL)
+    oip_client.check_model_version_readiness(MODEL, version)
+    assert "binary_tensor_data" in oip_client.read_server_metadata().extensions
+    metadata = oip_client.read_model_version_metadata(MODEL, version)
+    assert metadata.name == MODEL and metadata.versions == [version]
+    assert [(tensor.name, tensor.datatype, tensor.shape) for tensor in metadata.inputs] == [("input-0", "FP64", [-1, 4])]
+
+
+@pytest.mark.parametrize("binary_input, binary_output", [(True, None), (True, True), (True, False), (False, True),
+                                                         (False, False)],
+                         ids=["binary-default", "binary-in-out", "binary-in-json-out", "json-in-binary-out", "json"])
+def test_infer_with_tritonclient(triton_client, iris, binary_input, binary_output):
+    model, features = iris
+    rows = features[::9]
+    result = triton_infer(triton_client, rows, binary_input=binary_input, binary_output=binary_output)
+    assert result.as_numpy("predict").ravel().tolist() == model.predict(rows).tolist()
+    response = result.get_response()
+    assert response["model_name"] == MODEL and response["id"] == "conformance-1"
+    [output] = response["outputs"]
+    assert ("binary_data_size" in output.get("parameters", {})) == (binary_output is not False)
+
+
+def test_infer_with_the_openapi_client(oip_client, iris):
+    model, features = iris
+    rows = features[::9]
+    answer = oip_client.model_infer(MODEL, request={"id": "conformance-2", "inputs": [
+        {"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}]})
+    assert answer.id == "conformance-2"
+    [output] = answer.outputs
+    assert output.name == "predict" and output.datatype == "INT64"
+    assert [int(value) for value in output.data.__root__] == model.predict(rows).tolist()
+
+
+def test_errors_are_v2_error_bodies_for_both_clients(triton_client, oip_client):
+    with pytest.raises(InferenceServerException) as unknown:
+        triton_client.get_model_metadata("no-such-model")
+    assert unknown.value.status() == "404"
+    # The generated client names only the errors the spec lists per endpoint; a 404 here is its ApiError.
+    with pytest.raises(ApiError) as missing:
+        oip_client.read_model_metadata("no-such-model")
+    assert missing.value.status_code == 404 and "error" in missing.value.body
+    with pytest.raises(BadRequestError) as empty:
+        oip_client.model_infer(MODEL, request={"inputs": [{"name": "input-0", "shape": [0, 4], "datatype": "FP64",
+                                                           "data": []}]})
+    assert empty.value.body == {"error": "input 'input-0' has shape [0, 4]: a batch needs at least one row"}
+    with pytest.raises(BadRequestError) as strings:
+        oip_client.model_infer(MODEL, request={"inputs": [{"name": "input-0", "shape": [1, 4], "datatype": "FP64",
+                                                           "data": ["1.5", "2", "3", "4"]}]})
+    assert strings.value.body == {"error": "input 'input-0' data must be FP64 numbers, flat or nested row-major"}
+
+
+def test_only_the_v2_api_is_reachable_through_the_gateway(url, deployed, runtime):
+    for path in ("/metrics", "/v2/repository/index", "/v2/models/iris-classifier/docs"):
+        request = urllib.request.Request(url + path, method="POST" if path.endswith("index") else "GET")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 404, path
+        assert json.loads(refused.value.read())["error"].startswith("no route"), path
+    _, replica, gateway, _ = deployed[runtime]
+    scrape = docker("exec", gateway, "python3", "-c", "import sys,urllib.request; "
+                    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())",
+                    f"http://{replica}:8082/metrics")
+    assert "# TYPE" in scrape.stdout, "the replica serves Prometheus metrics on port 8082 inside the network"
