@@ -7,6 +7,7 @@ Every container runs with the hardening of components/containers.py. Everything 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -392,7 +393,12 @@ def test_a_poisoned_replica_fails_no_request_and_leaves_rotation_until_it_predic
             if await asyncio.to_thread(engine.health, poisoned) == "unhealthy":
                 unhealthy_after_s.append(time.monotonic() - started)
             await asyncio.sleep(0.5)
-        await load
+        # A few more seconds of load with the replica out of rotation, then the requests in flight are dropped
+        # uncounted.
+        await asyncio.sleep(3)
+        load.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await load
 
     asyncio.run(load_and_watch())
     print(f"\npoisoned replica: {outcome.total} requests through the gateway, failed {dict(outcome.failed)}; "
