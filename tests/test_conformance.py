@@ -162,7 +162,23 @@ def test_only_the_v2_api_is_reachable_through_the_gateway(url, deployed, runtime
         assert refused.value.code == 404, path
         assert json.loads(refused.value.read())["error"].startswith("no route"), path
     _, replica, gateway, _ = deployed[runtime]
-    scrape = docker("exec", gateway, "python3", "-c", "import sys,urllib.request; "
-                    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())",
-                    f"http://{replica}:8082/metrics")
-    assert "# TYPE" in scrape.stdout, "the replica serves Prometheus metrics on port 8082 inside the network"
+    assert "# TYPE" in from_the_network(gateway, f"http://{replica}:8082/metrics"), \
+        "the replica serves Prometheus metrics on port 8082 inside the network"
+
+
+def test_a_replica_serves_nothing_but_the_v2_api_inside_the_network_either(deployed, runtime):
+    _, replica, gateway, _ = deployed[runtime]
+    for path in ("/v2/repository/index", "/v2/models/iris-classifier/generate", "/docs"):
+        assert from_the_network(gateway, f"http://{replica}:8080{path}", method="POST").startswith("HTTP 404"), path
+    grpc = docker("exec", gateway, "python3", "-c", "import socket,sys; socket.create_connection((sys.argv[1], 8081), 5)",
+                  replica, check=False)
+    assert "Connection refused" in grpc.stderr, "no gRPC server answers past the V2 layer"
+
+
+def from_the_network(container: str, url: str, method: str = "GET") -> str:
+    """The body `url` answers (or `HTTP <status>`), fetched from inside `container` on the stage network."""
+    fetch = ("import sys,urllib.request,urllib.error\n"
+             "try: sys.stdout.write(urllib.request.urlopen(urllib.request.Request(sys.argv[1], method=sys.argv[2],"
+             " data=b'{}' if sys.argv[2] == 'POST' else None), timeout=10).read().decode())\n"
+             "except urllib.error.HTTPError as error: sys.stdout.write(f'HTTP {error.code}')")
+    return docker("exec", container, "python3", "-c", fetch, url, method).stdout

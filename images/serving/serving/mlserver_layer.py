@@ -10,8 +10,9 @@ the V2 API as the `oip` one does. What MLServer 1.7.1 does on its own, and what 
   (serving.readiness);
 - GET /v2 lists the binary extension; model metadata names the version, inputs and outputs, which
   MLServer leaves empty;
-- the model repository API (/v2/repository/..., load and unload a model) is not served: any client that
-  reaches the replica could unload the model.
+- nothing but the V2 API is served: not MLServer's model repository API (/v2/repository/..., where any
+  client that reaches the replica could unload the model), nor its generate, infer_stream and docs routes,
+  which would bypass the checks above.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ from serving.readiness import Readiness
 
 MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")
 SERVER_METADATA = orjson.dumps({"name": "mlserver", "version": mlserver.__version__, "extensions": [BINARY_EXTENSION]})
+# Set anew for the body MLServer gets; and no accept-encoding, so MLServer never compresses an answer the
+# layer may have to re-encode.
 REWRITTEN_HEADERS = {b"content-length", b"content-type", JSON_LENGTH_HEADER, b"accept-encoding"}
 
 
@@ -51,16 +54,17 @@ class ConformanceLayer:
         ours = match is not None and match["name"] == self.name and match["version"] in (None, self.version)
         if path == "/v2":
             await respond(send, 200, SERVER_METADATA, [JSON_CONTENT])
-        elif path.startswith("/v2/repository/"):
-            await respond(send, 404, error_body(f"no route {path}"), [JSON_CONTENT])
         elif path == "/v2/health/ready" or (ours and match["action"] == "/ready"):
             await self._ready(scope, receive, send)
         elif ours and match["action"] == "/infer" and scope["method"] == "POST":
             await self._infer(scope, receive, send)
         elif ours and match["action"] is None and scope["method"] == "GET":
             await respond(send, 200, self.metadata, [JSON_CONTENT])
-        else:
+        elif path == "/v2/health/live" or match is not None:
+            # Liveness, another model or version (MLServer's 404 names it), a wrong method (its 405).
             await self.mlserver_app(scope, receive, send)
+        else:
+            await respond(send, 404, error_body(f"no route {path}"), [JSON_CONTENT])
 
     async def _ready(self, scope: dict, receive: Receive, send: Send) -> None:
         status, headers, body = await self._mlserver(scope, b"", receive)

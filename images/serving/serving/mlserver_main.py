@@ -20,9 +20,7 @@ from serving.startup import fetch_pinned_model
 REPOSITORY = Path("/tmp/mlserver")
 SERVER_SETTINGS = {
     "http_port": 8080,
-    # gRPC and metrics stay inside the container network; nothing publishes them, and the gateway routes
-    # only the V2 REST API.
-    "grpc_port": 8081,
+    # Metrics stay inside the stage network: nothing publishes them, and the gateway routes only the V2 API.
     "metrics_port": 8082,
     "metrics_dir": str(REPOSITORY / ".metrics"),
     "environments_dir": str(REPOSITORY / ".envs"),
@@ -44,13 +42,25 @@ def write_repository(repository: Path, name: str, version: str, payload: bytes) 
     (repository / "settings.json").write_text(json.dumps(SERVER_SETTINGS))
 
 
+class NoGrpcServer:
+    """Stands in for MLServer's gRPC server, which would serve infer and the model repository API (unload
+    included) to anything on the stage network, past the layer; MLServer 1.7.1 has no setting to turn it off."""
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self, sig: int | None = None) -> None:
+        pass
+
+
 async def serve(layer_for: Any) -> None:
-    """What `mlserver start` does, with MLServer's REST app wrapped by `layer_for(app)`."""
+    """What `mlserver start` does, with MLServer's REST app wrapped by `layer_for(app)` and no gRPC server."""
     settings, models = await load_settings(str(REPOSITORY))
     server = MLServer(settings)
-    # MLServer 1.7.1 builds its REST app in RESTServer.__init__ and serves whatever `_app` holds at start.
+    # MLServer 1.7.1 builds its servers in MLServer.__init__, and RESTServer serves whatever `_app` holds at start.
     rest = server._rest_server
     rest._app = layer_for(rest._app)
+    server._grpc_server = NoGrpcServer()
     await server.start(models)
 
 
