@@ -90,12 +90,14 @@ class ModelSeeder(threading.Thread):
 
 
 def deploy_with_model(stage: StageOnEngine, payload: bytes, timeout_s: float = 300) -> tuple[dict, float]:
-    """`stage.deploy()` with the model registered alongside: the started containers by name, and when
-    (`time.time()`) MLflow first answered."""
+    """`stage.deploy()` with the model registered alongside, until every container is healthy: the
+    containers by name, and when (`time.time()`) MLflow first answered."""
     seeder = ModelSeeder(stage, payload, timeout_s)
     seeder.start()
     try:
-        containers = stage.deploy(timeout_s)
+        containers = stage.deploy()
+        # Like `pulumi up`, the deploy does not wait for dev's replicas (they follow `latest`, `wait: false`).
+        stage.wait_healthy(list(containers.values()), timeout_s)
     finally:
         seeder.join(timeout_s)
         if seeder.error is not None:

@@ -1,112 +1,308 @@
-"""Test scaffolding: create on a real Docker engine what a stage's Pulumi program declares.
+"""Test fixture: a stand-in for the Docker provider's create, diff and delete on one engine per stage.
 
-The resources come from the real program under the mock runtime (`mlops.plan.render`), with their
-build contexts, environment, ports, mounts, commands and health checks, so the engine runs exactly
-what `pulumi up` would ask the Docker provider for. This is not a deploy path: `pulumi up` is the only
-one. Everything created is labelled `mlops.stack=<stack>` and removed by `teardown`.
+`StageOnEngine.deploy` takes what the real program declares under the mock runtime (`mlops.plan.render`,
+secrets revealed) and makes it exist on the engine the stage's `pulumi:providers:docker` names (its
+`host`: the local socket, or `tcp://…` for the test's inner engines), the way pulumi-docker v5 and its
+bridged terraform-provider-docker would:
+
+- images are built with BuildKit through the engine's API (`/build?version=2`, as provider/image.go
+  does), with `build.platform`, args, target and the Dockerfile, from the context `.dockerignore`
+  selects; pushed with the Image's `registry` credentials unless `skipPush`. Their `repoDigest` is the
+  pushed `<repository>@sha256:…`, or the image ID for an image that is not pushed (provider/image.go);
+- remote images are pulled by their digest reference with the provider's `registryAuth` for that
+  registry and the platform; a pull the engine refuses (unknown digest, bad credentials, a blob that
+  fails verification) fails the deploy with the engine's message. Like the provider, an image the
+  engine already has under that reference is not pulled: the registry is not asked at all;
+- containers run the real `repoDigest` or image ID their image resource produced, never a tag, and
+  with `wait` the deploy waits up to `waitTimeout` for them to turn healthy;
+- each resource is created as soon as the resources it depends on (`PlannedResource.dependencies`, the
+  SDK's own graph) are done, in parallel like `pulumi up`;
+- `state` (resource name -> the inputs it was created with and the engine object's ID) plays the part
+  of the stack's state: deploying again keeps every resource whose inputs are unchanged, builds again
+  an image whose inputs changed (its name carries the content tag, which stands in for the provider's
+  context hash), replaces a changed container (delete, then create: its name is fixed) and deletes
+  containers the rendering no longer declares.
+
+It is not a deploy path (`pulumi up` is the only one) and does not model: in-place updates (a change of
+memory, restart policy or labels replaces the container), changes to volumes and networks (created when
+missing, never replaced or deleted, so no redeploy loses data), dependents replaced along with a
+delete-before-replace, refresh (drift on the engine goes unnoticed), a state file (the state lives and
+dies with the object), the provider's TLS and SSH options (engines are reached at `unix://` or plain
+`tcp://`), protect, and `pulumi destroy` (`teardown` removes everything labelled with the stack and the
+images the fixture tagged or pulled).
 """
 from __future__ import annotations
 
+import base64
+import json
+import re
+import tarfile
+import tempfile
 import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Iterator
 
 import docker
-from docker.types import EndpointConfig
+import pulumi
+from docker.types import EndpointConfig, Ulimit
 
+from components.images import context_files
 from mlops import plan
-from mlops.spec import REPO_ROOT, StageSpec
+from mlops.spec import REPO_ROOT, StageSpec, parse_cpus
 
-NANOSECONDS = 1_000_000_000
+PROVIDER = "pulumi:providers:docker"
+IMAGE = "docker:index/image:Image"
+REMOTE_IMAGE = "docker:index/remoteImage:RemoteImage"
+CONTAINER = "docker:index/container:Container"
+VOLUME = "docker:index/volume:Volume"
+NETWORK = "docker:index/network:Network"
+MIB = 1024 * 1024
+BUILDER_VERSIONS = {"BuilderV1": "1", "BuilderBuildKit": "2"}
+# Inputs the fixture acts on; anything else in a rendering fails the deploy rather than being ignored.
+BUILD_INPUTS = {"args", "builderVersion", "context", "dockerfile", "platform", "target"}
+MODELLED_INPUTS = {
+    IMAGE: {"build", "buildOnPreview", "imageName", "registry", "skipPush"},
+    REMOTE_IMAGE: {"keepLocally", "name", "platform"},
+    CONTAINER: {"capabilities", "command", "cpus", "envs", "healthcheck", "image", "ipcMode", "labels", "memory",
+                "memorySwap", "name", "networksAdvanced", "ports", "readOnly", "restart", "securityOpts", "tmpfs",
+                "ulimits", "user", "volumes", "wait", "waitTimeout"},
+    VOLUME: {"labels", "name"},
+    NETWORK: {"driver", "labels", "name"},
+}
+GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
+GO_UNIT_NS = {"h": 3600e9, "m": 60e9, "s": 1e9, "ms": 1e6, "us": 1e3, "µs": 1e3, "ns": 1}
+LOG_LINES = 30
 
 
-def _seconds(duration: str) -> int:
-    return int(float(duration.rstrip("s")) * NANOSECONDS)
+class DeployFailed(RuntimeError):
+    """The engine refused a build, push or pull; the message is the engine's."""
+
+
+@dataclass
+class Created:
+    """A state entry: what a resource was created with, and what the engine made of it."""
+
+    type: str
+    inputs: dict[str, Any]
+    """The rendered inputs, a container's `image` resolved to what it runs."""
+    id: str
+    outputs: dict[str, str] = field(default_factory=dict)
+    """Images: the rendering's mock output values -> the real ones, for the containers that run them."""
 
 
 @dataclass
 class StageOnEngine:
     stack: str
     spec: StageSpec
+    """Assign another spec of the same stack and `deploy` again to update the stage."""
     registry_password: str
-    client: docker.DockerClient = field(default_factory=docker.from_env)
-    images: dict[str, str] = field(default_factory=dict)
-    """Mock-runtime image IDs -> the real image references built or pulled for them."""
-    built_images: list[str] = field(default_factory=list)
+    state: dict[str, Created] = field(default_factory=dict)
+    references: list[str] = field(default_factory=list)
+    """Image references the fixture tagged, pushed or pulled, removed by `teardown`."""
+
+    def __post_init__(self) -> None:
+        self.host = self._provider(self.resources())["host"]
+        self.client = docker.DockerClient(base_url=self.host, timeout=300)
 
     def resources(self) -> list[plan.PlannedResource]:
         return plan.render(self.stack, self.spec, config={"mlops:registryPassword": self.registry_password},
                            reveal_secrets=True)
 
-    def deploy(self, timeout_s: float = 180) -> dict[str, docker.models.containers.Container]:
-        """Networks and volumes, then images, then containers in dependency order; waits for health.
-
-        Deploying again adds what the rendering declares anew and keeps what already exists by name,
-        which is all the tests need to grow a stage (for example: serving once a model is pinned)."""
+    def deploy(self) -> dict[str, docker.models.containers.Container]:
+        """Bring the engine to what the rendering declares; returns every declared container by name."""
         resources = self.resources()
-        of_type = lambda suffix: [r for r in resources if r.type.endswith(suffix)]  # noqa: E731
-        existing_networks = {network.name for network in self.client.networks.list()}
-        for network in of_type("network:Network"):
-            if network.inputs["name"] not in existing_networks:
-                self.client.networks.create(network.inputs["name"], driver=network.inputs.get("driver", "bridge"),
-                                            labels=_labels(network))
-        for volume in of_type("volume:Volume"):
-            self.client.volumes.create(volume.inputs["name"], labels=_labels(volume))  # a no-op when it exists
-        for remote in of_type("remoteImage:RemoteImage"):
-            self.images[plan.fake_digest(remote.inputs["name"])] = remote.inputs["name"]
+        provider = self._provider(resources)
+        if provider["host"] != self.host:
+            raise ValueError(f"{self.stack} moves from {self.host} to {provider['host']}: not modelled")
+        self._registry_auth = json.loads(provider.get("registryAuth") or "[]")
+        planned = {resource.name: resource for resource in resources if resource.type in MODELLED_INPUTS}
+        for resource in planned.values():
+            unknown = set(resource.inputs) - MODELLED_INPUTS[resource.type]
+            unknown |= {f"build.{key}" for key in set(resource.inputs.get("build", {})) - BUILD_INPUTS}
+            if unknown:
+                raise NotImplementedError(f"{resource.name}: the fixture does not model {sorted(unknown)}")
+        self._in_dependency_order(planned)
+        for name in [name for name in self.state if name not in planned]:
+            self._delete(self.state.pop(name))
+        return {entry.inputs["name"]: self.client.containers.get(entry.id)
+                for entry in self.state.values() if entry.type == CONTAINER}
 
-        running = {container.name for container in self.client.containers.list(all=True)}
-        started: dict[str, docker.models.containers.Container] = {}
-        pending = [c for c in of_type("container:Container") if c.inputs["name"] not in running]
-        images = of_type("image:Image")
-        # Images pushed to the stage's own registry wait until the first phase has it running.
-        for phase in ([i for i in images if i.inputs.get("skipPush")], [i for i in images if not i.inputs.get("skipPush")]):
-            for image in phase:
-                self._build(image)
-            runnable = [c for c in pending if c.inputs["image"] in self.images]
-            for container in runnable:
-                started[container.inputs["name"]] = self._run(container)
-                pending.remove(container)
-            self.wait_healthy(list(started.values()), timeout_s)
-        if pending:
-            raise RuntimeError(f"{self.stack}: no image for {[c.name for c in pending]}")
-        return started
+    @staticmethod
+    def _provider(resources: list[plan.PlannedResource]) -> dict[str, Any]:
+        [provider] = [resource.inputs for resource in resources if resource.type == PROVIDER]
+        return provider
 
-    def _build(self, image: plan.PlannedResource) -> None:
-        build = image.inputs["build"]
-        name = image.inputs["imageName"]
-        self.client.images.build(path=str(REPO_ROOT / build["context"]), dockerfile="Dockerfile", tag=name,
-                                 buildargs=build.get("args"), target=build.get("target"), rm=True)
-        self.built_images.append(name)
-        if not image.inputs.get("skipPush"):
-            registry = image.inputs["registry"]
-            self.client.login(username=registry["username"], password=registry["password"],
-                              registry=registry["server"])
-            for line in self.client.images.push(name, stream=True, decode=True):
-                if "error" in line:
-                    raise RuntimeError(f"push of {name} failed: {line['error']}")
-        self.images[plan.fake_digest(name)] = name
+    def _in_dependency_order(self, planned: dict[str, plan.PlannedResource]) -> None:
+        """Start each resource once everything it depends on is done, as the engine walks the graph. On a
+        failure, what already runs finishes and nothing new starts; the first failure is raised."""
+        done: set[str] = set()
+        running: dict[Future, str] = {}
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(max_workers=max(len(planned), 1)) as pool:
+            while True:
+                if failure is None:
+                    for name, resource in planned.items():
+                        ready = all(dependency in done for dependency in resource.dependencies if dependency in planned)
+                        if ready and name not in done and name not in running.values():
+                            running[pool.submit(self._apply, resource)] = name
+                if not running:
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    name = running.pop(future)
+                    if future.exception() is None:
+                        done.add(name)
+                    else:
+                        failure = failure or future.exception()
+        if failure is not None:
+            raise failure
+        if len(done) < len(planned):
+            raise RuntimeError(f"{self.stack}: dependency cycle among {sorted(set(planned) - done)}")
 
-    def _run(self, container: plan.PlannedResource) -> docker.models.containers.Container:
-        spec = container.inputs
-        check = spec["healthcheck"]
-        network = spec["networksAdvanced"][0]
-        ports = {f"{port['internal']}/tcp": (port["ip"], port.get("external")) for port in spec.get("ports", [])}
-        volumes = {volume["volumeName"]: {"bind": volume["containerPath"], "mode": "rw"} for volume in spec.get("volumes", [])}
-        return self.client.containers.run(
-            self.images[spec["image"]], name=spec["name"], detach=True, user=spec["user"],
-            read_only=spec["readOnly"], tmpfs=spec.get("tmpfs"), security_opt=spec["securityOpts"],
-            cap_drop=spec["capabilities"]["drops"], mem_limit=f"{spec['memory']}m",
-            nano_cpus=int(float(spec["cpus"]) * NANOSECONDS), labels=_labels(container),
-            environment=spec.get("envs"), command=spec.get("command"), ports=ports, volumes=volumes,
-            restart_policy={"Name": spec["restart"]},
-            healthcheck={"test": check["tests"], "interval": _seconds(check["interval"]),
-                         "timeout": _seconds(check["timeout"]), "retries": check["retries"],
-                         "start_period": _seconds(check["startPeriod"])},
+    def _apply(self, resource: plan.PlannedResource) -> None:
+        inputs = resource.inputs
+        if resource.type == CONTAINER:
+            inputs = {**inputs, "image": self._runs(resource)}
+        previous = self.state.get(resource.name)
+        if previous is not None and previous.inputs == inputs:
+            return
+        if previous is not None:
+            self._delete(previous)
+        if resource.type == IMAGE:
+            created = self._build(inputs)
+        elif resource.type == REMOTE_IMAGE:
+            created = self._pull(inputs)
+        elif resource.type == CONTAINER:
+            created = self._run(resource.name, inputs)
+        elif resource.type == VOLUME:
+            created = self._volume(inputs)
+        else:
+            created = self._network(inputs)
+        if resource.type in (IMAGE, REMOTE_IMAGE):
+            created.outputs = {_mock_outputs(resource)[key]: real for key, real in created.outputs.items()}
+        self.state[resource.name] = created
+
+    def _runs(self, container: plan.PlannedResource) -> str:
+        """The real image the container runs: its mock `image` input translated by the image resource it
+        depends on."""
+        mock = container.inputs["image"]
+        [real] = [self.state[name].outputs[mock] for name in container.dependencies
+                  if name in self.state and mock in self.state[name].outputs]
+        return real
+
+    def _delete(self, entry: Created) -> None:
+        # Only containers go: the provider keeps images (Image deletes no tag, RemoteImage has keepLocally),
+        # and volumes and networks are never deleted on a redeploy (see the module docstring).
+        if entry.type == CONTAINER:
+            try:
+                self.client.containers.get(entry.id).remove(force=True, v=True)
+            except docker.errors.NotFound:
+                pass  # removed behind the state's back: deleted all the same, as the provider sees it
+
+    def _build(self, inputs: dict[str, Any]) -> Created:
+        # The provider's own call: POST /build with `version=2` and the context as a tar. It needs nothing but
+        # the engine, so it works on a CI machine that installed only Debian's docker.io (`.ci/run`) and on
+        # the tests' inner engines alike. The Docker SDK's `images.build` has no `version` parameter, and the
+        # CLI builds with BuildKit only where its client allows (20.10 does; 23+ needs the buildx plugin).
+        build, name = inputs["build"], inputs["imageName"]
+        context = REPO_ROOT / build["context"]
+        params = {"t": name, "dockerfile": (REPO_ROOT / build["dockerfile"]).relative_to(context).as_posix(),
+                  "version": BUILDER_VERSIONS[build.get("builderVersion", "BuilderBuildKit")],
+                  "platform": build.get("platform"), "target": build.get("target"),
+                  "buildargs": json.dumps(build.get("args", {}))}
+        api = self.client.api
+
+        def build_stream() -> Iterator[dict[str, Any]]:
+            response = api._post(api._url("/build"), params=params, data=body, stream=True, timeout=1800,
+                                 headers={"Content-Type": "application/x-tar"})
+            api._raise_for_status(response)
+            return api._stream_helper(response, decode=True)
+
+        with _context_tar(context) as body:
+            for _ in _engine_stream(f"build of {name}", build_stream):
+                pass
+        self.references.append(name)
+        image_id = self.client.images.get(name).id
+        # The provider's repoDigest of an image it does not push is the image ID (provider/image.go).
+        if inputs.get("skipPush"):
+            return Created(IMAGE, inputs, image_id, {"repoDigest": image_id})
+        return Created(IMAGE, inputs, image_id, {"repoDigest": self._push(name, inputs["registry"])})
+
+    def _push(self, name: str, registry: dict[str, str]) -> str:
+        """Push with the Image's own credentials, as the provider does (no login); returns the repo digest."""
+        auth = {"username": registry["username"], "password": registry["password"], "serveraddress": registry["server"]}
+        digests = []
+        for message in _engine_stream(f"push of {name}", lambda: self.client.api.push(
+                name, auth_config=auth, stream=True, decode=True)):
+            digests += [message["aux"]["Digest"]] if "Digest" in message.get("aux", {}) else []
+        if not digests:
+            raise DeployFailed(f"push of {name} reported no digest")
+        repo_digest = f"{_repository(name)}@{digests[-1]}"
+        self.references.append(repo_digest)
+        return repo_digest
+
+    def _pull(self, inputs: dict[str, Any]) -> Created:
+        """Like the provider's findImage (terraform-provider-docker, resource_docker_image_funcs.go): an image
+        the engine already has under `name` is used as it is, without asking the registry; otherwise it is
+        pulled with the provider's credentials for the registry `name` starts with."""
+        name = inputs["name"]
+        try:
+            image_id = self.client.images.get(name).id
+        except docker.errors.ImageNotFound:
+            registry = name.split("/", 1)[0]
+            auth = next(({"username": entry["username"], "password": entry["password"], "serveraddress": registry}
+                         for entry in self._registry_auth if entry["address"] == registry), None)
+            list(_engine_stream(f"pull of {name}", lambda: self.client.api.pull(
+                name, stream=True, decode=True, auth_config=auth, platform=inputs.get("platform"))))
+            self.references.append(name)
+            image_id = self.client.images.get(name).id
+        return Created(REMOTE_IMAGE, inputs, image_id, {"repoDigest": name, "imageId": image_id})
+
+    def _run(self, name: str, inputs: dict[str, Any]) -> Created:
+        check = inputs["healthcheck"]
+        [network] = inputs["networksAdvanced"]
+        container = self.client.containers.create(
+            inputs["image"], name=inputs["name"], user=inputs["user"], read_only=inputs["readOnly"],
+            tmpfs=inputs.get("tmpfs"), security_opt=inputs["securityOpts"],
+            cap_drop=inputs["capabilities"].get("drops"), cap_add=inputs["capabilities"].get("adds"),
+            ipc_mode=inputs.get("ipcMode"), ulimits=[Ulimit(**limit) for limit in inputs.get("ulimits", [])],
+            mem_limit=inputs["memory"] * MIB, memswap_limit=inputs["memorySwap"] * MIB,
+            nano_cpus=parse_cpus(inputs["cpus"]), labels=_labels(inputs), environment=inputs.get("envs"),
+            command=inputs.get("command"), restart_policy={"Name": inputs["restart"]},
+            ports={f"{port['internal']}/{port.get('protocol', 'tcp')}": (port["ip"], port.get("external"))
+                   for port in inputs.get("ports", [])},
+            volumes={volume["volumeName"]: {"bind": volume["containerPath"], "mode": "ro" if volume.get("readOnly") else "rw"}
+                     for volume in inputs.get("volumes", [])},
+            healthcheck={"test": check["tests"], "interval": _nanoseconds(check["interval"]),
+                         "timeout": _nanoseconds(check["timeout"]), "retries": check["retries"],
+                         "start_period": _nanoseconds(check["startPeriod"])},
             network=network["name"],
             networking_config={network["name"]: EndpointConfig(self.client.api._version, aliases=network.get("aliases"))},
         )
+        # Until it is started (and healthy, with `wait`) it is in the state as tainted, with inputs no rendering
+        # matches, so the next deploy replaces it, as Pulumi replaces a resource whose create failed midway.
+        self.state[name] = Created(CONTAINER, {}, container.id)
+        container.start()
+        if inputs["wait"]:
+            self.wait_healthy([container], inputs["waitTimeout"])
+        return Created(CONTAINER, inputs, container.id)
+
+    def _volume(self, inputs: dict[str, Any]) -> Created:
+        # Creating a volume that exists returns it unchanged, data included.
+        return Created(VOLUME, inputs, self.client.volumes.create(inputs["name"], labels=_labels(inputs)).name)
+
+    def _network(self, inputs: dict[str, Any]) -> Created:
+        # The engine accepts duplicate network names, so look first.
+        existing = [network for network in self.client.networks.list(names=[inputs["name"]])
+                    if network.name == inputs["name"]]
+        network = existing[0] if existing else self.client.networks.create(
+            inputs["name"], driver=inputs.get("driver", "bridge"), labels=_labels(inputs))
+        return Created(NETWORK, inputs, network.id)
 
     def wait_healthy(self, containers: list, timeout_s: float) -> None:
+        """Polls each container until healthy, as the provider's `wait` does (through unhealthy phases too)."""
         deadline = time.monotonic() + timeout_s
         for container in containers:
             while True:
@@ -115,7 +311,7 @@ class StageOnEngine:
                 if health == "healthy":
                     break
                 if time.monotonic() > deadline:
-                    logs = container.logs(tail=30).decode(errors="replace")
+                    logs = container.logs(tail=LOG_LINES).decode(errors="replace")
                     raise TimeoutError(f"{container.name} is {health} after {timeout_s:.0f}s; last logs:\n{logs}")
                 time.sleep(1)
 
@@ -131,12 +327,112 @@ class StageOnEngine:
             network.remove()
         for volume in self.client.volumes.list(filters=selector):
             volume.remove(force=True)
-        for image in self.built_images:
+        for reference in self.references:
             try:
-                self.client.images.remove(image, noprune=False)
+                self.client.images.remove(reference, noprune=False)
             except docker.errors.APIError:
-                pass  # still used by another tag of the same content; the next build reuses it
+                pass  # gone already, or still used by another stack's container; the build cache keeps the layers
+        self.state.clear()
 
 
-def _labels(resource: plan.PlannedResource) -> dict[str, str]:
-    return {label["label"]: label["value"] for label in resource.inputs.get("labels", [])}
+def _mock_outputs(resource: plan.PlannedResource) -> dict[str, Any]:
+    """The outputs the rendering's dependents saw for `resource`: what the plan's mocks resolved."""
+    _, outputs = plan._PlanMocks().new_resource(pulumi.runtime.MockResourceArgs(
+        typ=resource.type, name=resource.name, inputs=resource.inputs))
+    return outputs
+
+
+def _engine_stream(action: str, start: Callable[[], Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """The engine's progress messages of a build, push or pull; a refusal, at the start or midway, raises
+    with the engine's message and the last lines of build output."""
+    output: deque[str] = deque(maxlen=LOG_LINES)
+    try:
+        for message in start():
+            if message.get("id") == "moby.buildkit.trace":
+                output.extend(_buildkit_log_lines(message["aux"]))
+            output.extend(message.get("stream", "").splitlines(keepends=True))
+            if "error" in message:
+                raise DeployFailed(f"{action} failed: {message['error']}" + (f"; last output:\n{''.join(output)}" if output else ""))
+            yield message
+    except docker.errors.APIError as error:
+        raise DeployFailed(f"{action} failed: {error.explanation or error}") from None
+
+
+def _context_tar(context) -> IO[bytes]:
+    """The build context as the provider sends it: the files `.dockerignore` lets through (the same
+    selection as the content tag), the Dockerfile and `.dockerignore` always, owned by root."""
+    files = set(context_files(context)) | {path for path in (context / "Dockerfile", context / ".dockerignore")
+                                          if path.is_file()}
+    folders = {parent for path in files for parent in path.relative_to(context).parents if parent.name}
+    body = tempfile.TemporaryFile()
+    with tarfile.open(fileobj=body, mode="w") as tar:
+        # Whole-second mtimes keep plain ustar headers: BuildKit sniffs the upload for a tar header and
+        # would read a leading PAX header (which fractional mtimes need) as a Dockerfile.
+        for relative in sorted(folders) + sorted(path.relative_to(context) for path in files):
+            info = tar.gettarinfo(context / relative, arcname=relative.as_posix())
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            info.mtime = int(info.mtime)
+            if info.isfile():
+                with (context / relative).open("rb") as content:
+                    tar.addfile(info, content)
+            else:
+                tar.addfile(info)
+    body.seek(0)
+    return body
+
+
+def _buildkit_log_lines(aux: str) -> list[str]:
+    """The output lines of the build steps in a `moby.buildkit.trace` message: a base64 StatusResponse
+    (moby/buildkit api/services/control/control.proto) whose `logs` (field 3) carry `msg` (field 4)."""
+    lines = []
+    for number, log in _protobuf_fields(base64.b64decode(aux)):
+        if number == 3:
+            lines += [msg.decode(errors="replace") for field_number, msg in _protobuf_fields(log) if field_number == 4]
+    return "".join(lines).splitlines(keepends=True)
+
+
+def _protobuf_fields(buffer: bytes) -> Iterator[tuple[int, Any]]:
+    """(field number, value) pairs of a protobuf message; length-delimited values as bytes."""
+    position = 0
+    while position < len(buffer):
+        key, position = _varint(buffer, position)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, position = _varint(buffer, position)
+        elif wire_type == 2:
+            length, position = _varint(buffer, position)
+            value, position = buffer[position:position + length], position + length
+        else:
+            size = {1: 8, 5: 4}[wire_type]
+            value, position = buffer[position:position + size], position + size
+        yield number, value
+
+
+def _varint(buffer: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buffer[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, position
+
+
+def _repository(name: str) -> str:
+    """`name` without its tag: `localhost:5001/dev/serving:abc` -> `localhost:5001/dev/serving`."""
+    head, _, last = name.rpartition("/")
+    return f"{head}/{last.split(':')[0]}" if head else last.split(":")[0]
+
+
+def _nanoseconds(duration: str) -> int:
+    """A Go duration as the provider parses it ("5s", "1m0s", "1h2m3s", "500ms")."""
+    parts = GO_DURATION.findall(duration)
+    if "".join(number + unit for number, unit in parts) != duration:
+        raise ValueError(f"not a Go duration: {duration!r}")
+    return round(sum(float(number) * GO_UNIT_NS[unit] for number, unit in parts))
+
+
+def _labels(inputs: dict[str, Any]) -> dict[str, str]:
+    return {label["label"]: label["value"] for label in inputs.get("labels", [])}

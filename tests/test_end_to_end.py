@@ -62,20 +62,18 @@ def stage_on_engine(docker_engine, environments):
     stage = f"t-e2e-{uuid.uuid4().hex[:6]}"
     ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
     write_stage(environments, stage, ports, release=None)
-    engines: list[StageOnEngine] = []
-    registry_password = uuid.uuid4().hex
+    engine = StageOnEngine(stack=stage, spec=load_stages([stage], environments)[0],
+                           registry_password=uuid.uuid4().hex)
 
     def deploy(release: dict | None) -> StageOnEngine:
+        """Update the stage to `release`, as a `pulumi up` of the edited stage file would."""
         write_stage(environments, stage, ports, release)
-        engine = StageOnEngine(stack=stage, spec=load_stages([stage], environments)[0],
-                               registry_password=registry_password)
-        engines.append(engine)
+        engine.spec = load_stages([stage], environments)[0]
         engine.deploy()
         return engine
 
     yield stage, environments, ports, deploy
-    for engine in engines:
-        engine.teardown()
+    engine.teardown()
 
 
 def train(stage: str, environments, *args: str) -> dict[str, str]:

@@ -1,0 +1,131 @@
+"""Deploying a stage again: an unchanged rendering changes nothing on the engine, and a change replaces
+only the containers it must, keeping the data in the volumes.
+
+The proof comes from the engine: container and image IDs before and after, and the engine's own event
+stream over each deploy. Image IDs alone could not show that nothing was rebuilt (a build served from
+the cache gives the same ID), but every build tags its image, every push and pull and every container
+or volume created or removed shows up as an event.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from mlops.spec import load_stage
+from tests.engine import IMAGE, StageOnEngine
+from tests.test_end_to_end import free_port, http_json, write_stage
+
+pytestmark = pytest.mark.docker
+
+# What a deploy changes, as (event type, action); health checks, mounts and network connections of
+# containers that are created anyway are left out, and so is a volume's "create", which the engine
+# reports for every named volume a new container mounts, whether it exists or not.
+CHANGES = {("container", "create"), ("container", "destroy"), ("image", "tag"), ("image", "push"),
+           ("image", "pull"), ("image", "delete"), ("volume", "destroy"), ("network", "create"),
+           ("network", "destroy")}
+DEV_FOLLOWING_LATEST = {"model": {"name": "iris-classifier", "version": "latest"}}
+
+
+@dataclass
+class Stage:
+    engine: StageOnEngine
+    environments: Path
+    mlflow_port: int
+
+    def edit(self, overrides: dict) -> None:
+        """The stage file with `overrides` merged over it, as the next deploy sees it."""
+        self.engine.spec = load_stage(self.engine.stack, self.environments, overrides=overrides)
+
+
+@pytest.fixture
+def stage(docker_engine, environments) -> Iterator[Stage]:
+    """A private copy of dev on free host ports, serving two replicas that follow `latest` (they need no
+    model to be deployed, so nothing has to be trained)."""
+    name = f"t-redeploy-{uuid.uuid4().hex[:6]}"
+    ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
+    write_stage(environments, name, ports, release=DEV_FOLLOWING_LATEST)
+    engine = StageOnEngine(stack=name, spec=load_stage(name, environments), registry_password=uuid.uuid4().hex)
+    yield Stage(engine, environments, ports["mlflow"])
+    engine.teardown()
+
+
+def containers(engine: StageOnEngine) -> dict[str, str]:
+    return {container.name: container.id for container in
+            engine.client.containers.list(all=True, filters={"label": f"mlops.stack={engine.stack}"})}
+
+
+def images(engine: StageOnEngine) -> dict[str, str]:
+    names = [resource.inputs["imageName"] for resource in engine.resources() if resource.type == IMAGE]
+    return {name: engine.client.images.get(name).id for name in names}
+
+
+@contextmanager
+def changes_on_engine(engine: StageOnEngine) -> Iterator[set[tuple[str, str, str]]]:
+    """Collects (type, action, name) of the stack's changes the engine reports while the block runs.
+
+    Subscribed before the block rather than asked afterwards with `since`: the engine replays only its
+    last 256 events, which the health checks of a busy shared engine overrun within seconds."""
+    changes: set[tuple[str, str, str]] = set()
+    stream = engine.client.events(decode=True, filters={"event": sorted({action for _, action in CHANGES})})
+
+    def collect() -> None:
+        for event in stream:
+            actor = event["Actor"]
+            if (event["Type"], event["Action"]) in CHANGES and engine.stack in json.dumps(actor):
+                changes.add((event["Type"], event["Action"], actor["Attributes"].get("name", actor["ID"])))
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+    yield changes
+    time.sleep(2)  # for the events of the block's last moments to arrive
+    stream.close()
+    reader.join(10)
+
+
+def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must(stage):
+    engine, stack = stage.engine, stage.engine.stack
+    mlflow = f"http://127.0.0.1:{stage.mlflow_port}/api/2.0/mlflow/registered-models"
+    deployed = engine.deploy()
+    runs = {name: container.attrs["Config"]["Image"] for name, container in deployed.items()}
+    assert re.fullmatch(rf"localhost:\d+/{stack}/serving@sha256:[0-9a-f]{{64}}", runs[f"{stack}-serving-blue-0"]), runs
+    assert all(re.fullmatch(r"(\S+@)?sha256:[0-9a-f]{64}", image) for image in runs.values()), runs
+    http_json(f"{mlflow}/create", {"name": "kept-across-deploys"})
+    first_containers, first_images = containers(engine), images(engine)
+    assert set(first_containers) == {f"{stack}-model-registry", f"{stack}-image-registry", f"{stack}-gateway",
+                                     f"{stack}-serving-blue-0", f"{stack}-serving-blue-1"}
+
+    with changes_on_engine(engine) as changes:
+        engine.deploy()
+    assert changes == set()
+    assert (containers(engine), images(engine)) == (first_containers, first_images)
+
+    # `cpus` is ForceNew in the provider too: the replicas are replaced, nothing else is touched.
+    stage.edit({"serving": {"limits": {"cpus": 0.5}}})
+    with changes_on_engine(engine) as changes:
+        engine.deploy()
+    replicas = {f"{stack}-serving-blue-0", f"{stack}-serving-blue-1"}
+    assert changes == {("container", action, replica) for action in ("destroy", "create") for replica in replicas}
+    second_containers = containers(engine)
+    assert {name for name in first_containers if second_containers[name] != first_containers[name]} == replicas
+    assert images(engine) == first_images
+    assert engine.client.containers.get(f"{stack}-serving-blue-0").attrs["HostConfig"]["NanoCpus"] == 500_000_000
+
+    # Replacing MLflow's container keeps its volumes, so the registered model is still there.
+    stage.edit({"serving": {"limits": {"cpus": 0.5}}, "model_registry": {"limits": {"cpus": 1.5}}})
+    with changes_on_engine(engine) as changes:
+        engine.deploy()
+    mlflow_container = f"{stack}-model-registry"
+    assert changes == {("container", "destroy", mlflow_container), ("container", "create", mlflow_container)}
+    third_containers = containers(engine)
+    assert {name for name in second_containers if third_containers[name] != second_containers[name]} == {mlflow_container}
+    registered = http_json(f"{mlflow}/search")["registered_models"]
+    assert [model["name"] for model in registered] == ["kept-across-deploys"]
