@@ -2,14 +2,18 @@
 
 NVIDIA's `tritonclient[http]` (the binary tensor data extension by default, JSON on request) and the
 `open-inference-openapi` client, generated from the protocol's own OpenAPI spec, talk to an `oip` replica
-and an `mlserver` replica, each through its own gateway, on a real engine. Every test runs against both.
+and an `mlserver` replica, each through its own gateway, on a real engine; replicas of models that raise
+show both runtimes' readiness and failure answers. Every test runs against both runtimes.
 """
 from __future__ import annotations
 
 import json
 import pickle
+import sys
+import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -23,7 +27,20 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tritonclient.utils import InferenceServerException
 
-from tests.test_gateway_failover import Engine, docker, gateway_url, start_gateway, start_model_source, start_replica
+from mlops.spec import REPO_ROOT
+from tests.test_gateway_failover import (
+    Engine,
+    docker,
+    from_the_network,
+    gateway_url,
+    model_that_in_replica_is,
+    start_gateway,
+    start_model_source,
+    start_replica,
+)
+
+sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
+from serving.readiness import FAILURES_BEFORE_UNREADY  # noqa: E402
 
 pytestmark = pytest.mark.docker
 
@@ -37,19 +54,40 @@ def iris():
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(features, labels), features
 
 
+@dataclass(frozen=True)
+class Deployed:
+    url: str
+    """The gateway's, in front of `replica`."""
+    replica: str
+    gateway: str
+    version: str
+    raising_on_42: str
+    """A replica whose model raises for rows whose first feature is 42."""
+    never_predicting: str
+    """A replica whose model raises on every prediction."""
+
+
 @pytest.fixture(scope="module")
 def deployed(docker_engine, iris):
-    """{runtime: (gateway URL, replica, gateway, model version)}: one replica of each runtime behind its own gateway."""
+    """{runtime: Deployed}: for each runtime, a replica of the model behind its own gateway, and two replicas of
+    models that raise."""
     engine = Engine()
     try:
         source = start_model_source(engine)
-        version, sha256 = source.mlflow.register(MODEL, pickle.dumps(iris[0]))
-        replicas = {runtime: start_replica(engine, source, f"serving-{runtime}", (version, sha256), runtime)
+        pins = {model: source.mlflow.register(MODEL, payload) for model, payload in (
+            ("iris", pickle.dumps(iris[0])),
+            ("raising on 42", model_that_in_replica_is("lambda features: 1 / 0 if (features[:, 0] == 42).any() else features")),
+            ("never predicting", model_that_in_replica_is("lambda features: 1 / 0")))}
+        replicas = {(runtime, model): start_replica(engine, source, f"serving-{runtime}-{model.replace(' ', '-')}", pin, runtime)
+                    for runtime in RUNTIMES for model, pin in pins.items()}
+        gateways = {runtime: start_gateway(engine, source, f"gateway-{runtime}", [replicas[runtime, "iris"]])
                     for runtime in RUNTIMES}
-        gateways = {runtime: start_gateway(engine, source, f"gateway-{runtime}", [replica])
-                    for runtime, replica in replicas.items()}
-        engine.wait_healthy(*replicas.values(), *gateways.values(), timeout_s=240)
-        yield {runtime: (gateway_url(engine, gateways[runtime]), replicas[runtime], gateways[runtime], version)
+        engine.wait_healthy(*(replicas[runtime, model] for runtime in RUNTIMES for model in ("iris", "raising on 42")),
+                            *gateways.values(), timeout_s=240)
+        yield {runtime: Deployed(url=gateway_url(engine, gateways[runtime]), replica=replicas[runtime, "iris"],
+                                 gateway=gateways[runtime], version=pins["iris"][0],
+                                 raising_on_42=replicas[runtime, "raising on 42"],
+                                 never_predicting=replicas[runtime, "never predicting"])
                for runtime in RUNTIMES}
     finally:
         engine.remove_all()
@@ -62,12 +100,12 @@ def runtime(request, deployed):
 
 @pytest.fixture
 def url(deployed, runtime) -> str:
-    return deployed[runtime][0]
+    return deployed[runtime].url
 
 
 @pytest.fixture
 def version(deployed, runtime) -> str:
-    return deployed[runtime][3]
+    return deployed[runtime].version
 
 
 @pytest.fixture
@@ -161,13 +199,13 @@ def test_only_the_v2_api_is_reachable_through_the_gateway(url, deployed, runtime
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 404, path
         assert json.loads(refused.value.read())["error"].startswith("no route"), path
-    _, replica, gateway, _ = deployed[runtime]
+    replica, gateway = deployed[runtime].replica, deployed[runtime].gateway
     assert "# TYPE" in from_the_network(gateway, f"http://{replica}:8082/metrics"), \
         "the replica serves Prometheus metrics on port 8082 inside the network"
 
 
 def test_a_replica_serves_nothing_but_the_v2_api_inside_the_network_either(deployed, runtime):
-    _, replica, gateway, _ = deployed[runtime]
+    replica, gateway = deployed[runtime].replica, deployed[runtime].gateway
     for path in ("/v2/repository/index", "/v2/models/iris-classifier/generate", "/docs"):
         assert from_the_network(gateway, f"http://{replica}:8080{path}", method="POST").startswith("HTTP 404"), path
     grpc = docker("exec", gateway, "python3", "-c", "import socket,sys; socket.create_connection((sys.argv[1], 8081), 5)",
@@ -175,10 +213,28 @@ def test_a_replica_serves_nothing_but_the_v2_api_inside_the_network_either(deplo
     assert "Connection refused" in grpc.stderr, "no gRPC server answers past the V2 layer"
 
 
-def from_the_network(container: str, url: str, method: str = "GET") -> str:
-    """The body `url` answers (or `HTTP <status>`), fetched from inside `container` on the stage network."""
-    fetch = ("import sys,urllib.request,urllib.error\n"
-             "try: sys.stdout.write(urllib.request.urlopen(urllib.request.Request(sys.argv[1], method=sys.argv[2],"
-             " data=b'{}' if sys.argv[2] == 'POST' else None), timeout=10).read().decode())\n"
-             "except urllib.error.HTTPError as error: sys.stdout.write(f'HTTP {error.code}')")
-    return docker("exec", container, "python3", "-c", fetch, url, method).stdout
+def test_inputs_that_make_the_model_raise_get_422_and_the_replica_stays_ready(deployed, runtime):
+    replica, gateway = deployed[runtime].raising_on_42, deployed[runtime].gateway
+    body = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": [42, 3, 5, 2]}]})
+    for _ in range(FAILURES_BEFORE_UNREADY + 1):
+        answer = docker("exec", gateway, "python3", "-c", POST_FROM_THE_NETWORK,
+                        f"http://{replica}:8080/v2/models/{MODEL}/infer", body).stdout
+        assert answer.startswith("422 ") and "cannot predict these inputs (it predicts others)" in answer, answer
+    assert from_the_network(gateway, f"http://{replica}:8080/v2/health/ready") == ""
+
+
+def test_a_model_that_cannot_predict_is_never_ready(deployed, runtime):
+    replica, gateway = deployed[runtime].never_predicting, deployed[runtime].gateway
+    deadline = time.monotonic() + 180
+    while (ready := from_the_network(gateway, f"http://{replica}:8080/v2/health/ready")) != "HTTP 503":
+        assert time.monotonic() < deadline, f"readiness answered {ready!r}, not 503"
+        time.sleep(2)
+    assert Engine.health(replica) != "healthy"
+
+
+POST_FROM_THE_NETWORK = ("import sys,urllib.request,urllib.error\n"
+                         "request = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(),"
+                         " headers={'Content-Type': 'application/json'})\n"
+                         "try: answer = urllib.request.urlopen(request, timeout=10)\n"
+                         "except urllib.error.HTTPError as error: answer = error\n"
+                         "sys.stdout.write(f'{answer.status} {answer.read().decode()}')")

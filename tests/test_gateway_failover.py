@@ -93,7 +93,8 @@ class Engine:
         docker("run", "-d", "--name", name, *HARDENED, *health, *publish, *options, image)
         return name
 
-    def health(self, container: str) -> str:
+    @staticmethod
+    def health(container: str) -> str:
         return docker("inspect", "-f", "{{.State.Health.Status}}", container).stdout.strip()
 
     def host_port(self, container: str, port: int) -> int:
@@ -203,6 +204,22 @@ def start_gateway(engine: Engine, source: ModelSource, role: str, blue: list[str
 
 def gateway_url(engine: Engine, gateway: str) -> str:
     return f"http://127.0.0.1:{engine.host_port(gateway, 8080)}"
+
+
+def from_the_network(container: str, url: str, method: str = "GET") -> str:
+    """The body `url` answers (or `HTTP <status>`), fetched from inside `container` on the stage network."""
+    fetch = ("import sys,urllib.request,urllib.error\n"
+             "try: sys.stdout.write(urllib.request.urlopen(urllib.request.Request(sys.argv[1], method=sys.argv[2],"
+             " data=b'{}' if sys.argv[2] == 'POST' else None), timeout=10).read().decode())\n"
+             "except urllib.error.HTTPError as error: sys.stdout.write(f'HTTP {error.code}')")
+    return docker("exec", container, "python3", "-c", fetch, url, method).stdout
+
+
+def infers_answered(gateway: str, replica: str) -> float:
+    """How many infers an `oip` replica answered 200, from its metrics (port 8082, inside the network)."""
+    metrics = from_the_network(gateway, f"http://{replica}:8082/metrics")
+    return next((float(line.split()[-1]) for line in metrics.splitlines()
+                 if line.startswith('oip_infer_requests_total{status="200"}')), 0.0)
 
 
 @dataclass(frozen=True)
@@ -407,6 +424,40 @@ def test_a_poisoned_replica_fails_no_request_and_leaves_rotation_until_it_predic
     assert unhealthy_after_s, "the poisoned replica stayed healthy"
     docker("exec", poisoned, "rm", POISON)
     engine.wait_healthy(poisoned, timeout_s=30)
+
+
+def test_a_request_that_makes_the_model_raise_takes_no_replica_out_of_rotation(engine, serving_stack):
+    """A model that raises on one input value: that request gets 422 at once (every replica would fail it the
+    same way, so it is not retried), and both replicas keep sharing everyone else's requests. Were it a 500,
+    the gateway would try it on both and keep the first out of rotation for 5 s."""
+    source = serving_stack.source
+    pin = source.mlflow.register("iris-classifier", model_that_in_replica_is(
+        "lambda features: 1 / 0 if (features[:, 0] == 42).any() else features"))
+    replicas = [start_replica(engine, source, f"serving-input-{index}", pin) for index in range(2)]
+    gateway = start_gateway(engine, source, "gateway-input", replicas)
+    engine.wait_healthy(*replicas, gateway)
+    poison = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4],
+                                     "data": [[42, 3, 5, 2]]}]}).encode()
+    outcome = LoadOutcome()
+
+    async def poison_then_load() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(*gateway_url(engine, gateway).removeprefix("http://").split(":"))
+        writer.write(f"POST {INFER_PATH} HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(poison)}\r\n\r\n".encode() + poison)
+        status, _, answer = await read_response(reader)
+        writer.close()
+        await post_load(gateway_url(engine, gateway), INFER_BODY, connections=2, duration_s=5, max_requests=100_000,
+                        outcome=outcome)
+        return status, answer
+
+    status, answer = asyncio.run(poison_then_load())
+    answered = [infers_answered(gateway, replica) for replica in replicas]
+    print(f"\npoison input: {status} {answer[:120]!r}; then {outcome.total} requests, failed {dict(outcome.failed)}, "
+          f"answered by each replica {answered}")
+    assert status == 422
+    assert json.loads(answer)["error"].endswith("(it predicts others): ZeroDivisionError: division by zero")
+    assert outcome.failed == Counter() and outcome.succeeded >= 100
+    assert min(answered) >= outcome.succeeded / 4, "one replica was left out of rotation"
 
 
 def tiny_image_tar() -> bytes:

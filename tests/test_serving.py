@@ -290,6 +290,33 @@ def test_ready_only_after_a_test_prediction_and_not_after_failures_in_a_row(iris
     assert call(app, "GET", "/v2/health/ready").status == 200
 
 
+class RaisesOnSomeInputs:
+    """A model that predicts like `model` except for rows whose first feature is 42."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.n_features_in_ = model.n_features_in_
+        self.classes_ = model.classes_
+
+    def predict(self, features):
+        if (features[:, 0] == 42).any():
+            raise ValueError("42 is not a sepal length")
+        return self.model.predict(features)
+
+
+def test_inputs_that_make_the_model_raise_get_422_and_leave_readiness_alone(iris):
+    app = InferenceApp(RaisesOnSomeInputs(iris[0]), name="iris-classifier", version="3", sha256="ab" * 32)
+    for _ in range(FAILURES_BEFORE_UNREADY + 1):
+        answer = call(app, "POST", INFER, infer_body([[42, 3, 5, 2]]))
+        assert answer.status == 422
+        assert answer.json()["error"] == ("model iris-classifier v3 cannot predict these inputs (it predicts others): "
+                                          "ValueError: 42 is not a sepal length")
+    assert app.readiness.consecutive_failures == 0
+    assert call(app, "GET", "/v2/health/ready").status == 200
+    text = generate_latest(app.metrics).decode()
+    assert f'oip_infer_requests_total{{status="422"}} {FAILURES_BEFORE_UNREADY + 1}.0' in text
+
+
 def test_bad_requests_do_not_count_against_readiness(app):
     for _ in range(FAILURES_BEFORE_UNREADY + 1):
         assert call(app, "POST", INFER, b"{").status == 400

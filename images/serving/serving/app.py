@@ -36,6 +36,8 @@ class Answer:
     body: bytes
     headers: list[tuple[bytes, bytes]]
     rows: int = 0
+    failure: str = ""
+    """What the model raised, for a 500."""
 
 
 class InferenceApp:
@@ -108,13 +110,16 @@ class InferenceApp:
                 answer = await asyncio.get_running_loop().run_in_executor(self.off_loop, self.answer, body, header_length)
             else:
                 answer = self.answer(body, header_length)
+        if answer.status == 200:
+            self.readiness.record_success()
+        elif answer.status == 500 and not await self.readiness.model_at_fault():
+            answer = Answer(422, error_body(f"model {self.name} v{self.version} cannot predict these inputs "
+                                            f"(it predicts others): {answer.failure}"), [JSON_CONTENT])
         await _respond(send, answer)
         self.requests.labels(str(answer.status)).inc()
         if answer.status == 200:
             self.rows.inc(answer.rows)
             self.latency.observe(time.perf_counter() - started)
-        if answer.status == 200 or answer.status >= 500:
-            self.readiness.record(model_answered=answer.status == 200)
 
     def answer(self, body: bytes, header_length: int | None) -> Answer:
         try:
@@ -127,7 +132,8 @@ class InferenceApp:
         try:
             predictions = np.asarray(self.model.predict(request.features))
         except Exception as error:  # the model's own failure: the caller gets its message, not a dropped connection
-            return Answer(500, error_body(f"model {self.name} v{self.version} failed to predict: {error}"), [JSON_CONTENT])
+            return Answer(500, error_body(f"model {self.name} v{self.version} failed to predict: {error}"), [JSON_CONTENT],
+                          failure=f"{type(error).__name__}: {error}")
         response: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
         if request.id is not None:
             response["id"] = request.id

@@ -91,14 +91,19 @@ class ConformanceLayer:
             return
         status, headers, answer = await self._mlserver(scope, json_infer_request(request) if request.was_binary else body,
                                                        receive)
-        if status == 200 or status >= 500:
-            self.readiness.record(model_answered=status == 200)
-        if status == 200 and (request.binary_default or any(request.binary_by_output.values())):
-            answer, headers = binary_outputs(answer, request)
+        if status == 200:
+            self.readiness.record_success()
+            if request.binary_default or any(request.binary_by_output.values()):
+                answer, headers = binary_outputs(answer, request)
+        elif status == 500 and not await self.readiness.model_at_fault():
+            status, headers = 422, [JSON_CONTENT]
+            answer = error_body(f"model {self.name} v{self.version} cannot predict these inputs (it predicts "
+                                f"others): {orjson.loads(answer)['error']}")
         await respond(send, status, answer, headers)
 
     async def _mlserver(self, scope: dict, body: bytes, receive: Receive) -> tuple[int, list, bytes]:
-        """MLServer's answer to `scope` with `body` as JSON, captured; its content-length is recomputed."""
+        """MLServer's answer to `scope` with `body` as JSON, captured (its content-length is recomputed); for an
+        exception of the model, a 500 with a V2 error body naming it."""
         headers = [(key, value) for key, value in scope["headers"] if key.lower() not in REWRITTEN_HEADERS]
         if body:
             headers += [JSON_CONTENT, (b"content-length", str(len(body)).encode())]
@@ -115,7 +120,10 @@ class ConformanceLayer:
         async def capture(message: dict) -> None:
             sent.append(message)
 
-        await self.mlserver_app({**scope, "headers": headers}, receive_body, capture)
+        try:
+            await self.mlserver_app({**scope, "headers": headers}, receive_body, capture)
+        except Exception as error:  # the model's: Starlette answers a bare 500 for it, then raises it on
+            return 500, [JSON_CONTENT], error_body(f"{type(error).__name__}: {error}")
         start = sent[0]
         answer = b"".join(message.get("body", b"") for message in sent[1:])
         return start["status"], [(key, value) for key, value in start["headers"] if key.lower() != b"content-length"], answer

@@ -1,13 +1,19 @@
-"""Readiness means able to answer: both runtimes report ready only after a test prediction on the
-loaded model succeeded, and stop after FAILURES_BEFORE_UNREADY infer requests in a row failed on the
-model's side (500), until a test prediction succeeds again.
+"""Readiness means able to answer: both runtimes report ready only after a test prediction (one row of
+zeros) on the loaded model succeeded, and stop after FAILURES_BEFORE_UNREADY infer requests in a row
+failed because of the model, until a test prediction succeeds again.
 
-Why 3: one failure can be a single poisoned request, and the gateway already retries it on another
-replica; three in a row, with the gateway routing around a failing replica for 5 s after each failure
+When a prediction fails, the test prediction tells whose fault it was. If it still succeeds, the request's
+values made the model raise: every replica would fail them the same way, so the request is answered 422,
+which the gateway neither retries nor counts against the replica, and readiness is untouched. Were it a
+500, one such request would be tried on up to three replicas and take all but the last out of the
+gateway's rotation for 5 s. If the test prediction fails too, the model is at fault: 500, which the gateway
+retries on another replica.
+
+Why 3: one failure can be a passing fault, and the gateway already retried that request elsewhere; three
+in a row, with the gateway routing around a failing replica for 5 s after each failure
 (`max_fails=1 fail_timeout=5s`), means the replica kept failing for about ten seconds. The Docker health
-check (every 5 s, 3 retries) then marks it unhealthy. Readiness probes re-run the test prediction, so a
-replica whose failures came from its requests, not its model, is ready again at the next probe, and a
-client sending requests that make the model raise cannot take replicas out of rotation for long.
+check (every 5 s, 3 retries) then marks it unhealthy. Each readiness probe runs the test prediction again,
+so the replica is ready again as soon as its model predicts.
 """
 from __future__ import annotations
 
@@ -26,15 +32,22 @@ class Readiness:
         self.tested = False
         self.consecutive_failures = 0
 
-    def record(self, model_answered: bool) -> None:
-        if model_answered:
-            self.consecutive_failures = 0
-            return
-        self.consecutive_failures += 1
-        if self.consecutive_failures == FAILURES_BEFORE_UNREADY:
-            log.error("%d infer requests in a row failed on the model: not ready until a test prediction succeeds",
-                      FAILURES_BEFORE_UNREADY)
-            self.tested = False
+    def record_success(self) -> None:
+        self.consecutive_failures = 0
+
+    async def model_at_fault(self) -> bool:
+        """After a prediction failed: whether the model fails a test prediction too (counted against readiness)
+        rather than only the request's values."""
+        try:
+            await self.test_prediction()
+        except Exception:  # whatever the model raises, it cannot answer
+            self.consecutive_failures += 1
+            if self.consecutive_failures == FAILURES_BEFORE_UNREADY:
+                log.error("%d infer requests in a row failed on the model: not ready until a test prediction "
+                          "succeeds", FAILURES_BEFORE_UNREADY)
+                self.tested = False
+            return True
+        return False
 
     async def ready(self) -> bool:
         if not self.tested:
