@@ -1,7 +1,7 @@
 """An MLflow tracking and model registry server whose artifacts live in the stage's artifact store."""
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Optional, TypedDict
 
 import pulumi
 import pulumi_docker as docker
@@ -21,6 +21,9 @@ class ModelRegistryArgs(TypedDict):
     artifacts_volume: pulumi.Input[str]
     mlflow_db_volume: pulumi.Input[str]
     labels: dict[str, str]
+    published_host: Optional[str]
+    """The name other machines reach the stage's host by (tcp:// hosts), which MLflow must accept in the Host
+    header; None where the port is reached over loopback or an SSH tunnel."""
 
 
 class ModelRegistry(pulumi.ComponentResource):
@@ -43,6 +46,8 @@ class ModelRegistry(pulumi.ComponentResource):
             labels=container_labels(args["labels"], "model-registry"),
             health_check=spec.health_check, health_path=(MLFLOW_PORT, "/health"),
             ports=published(MLFLOW_PORT, spec.port),
+            envs=([f"MLOPS_PUBLISHED_HOST={args['published_host']}:{spec.port.host_port}"]
+                  if args["published_host"] and spec.port.host_port else None),
             volumes=[
                 docker.ContainerVolumeArgs(volume_name=args["mlflow_db_volume"], container_path="/data/db"),
                 docker.ContainerVolumeArgs(volume_name=args["artifacts_volume"], container_path="/data/artifacts"),

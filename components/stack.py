@@ -83,7 +83,8 @@ class MLOpsStack(pulumi.ComponentResource):
         model_registry = ModelRegistry(f"{stack}-model-registry", {
             "stack": stack, "spec": spec.model_registry, "builds": builds,
             "network": network.name, "artifacts_volume": store.artifacts_volume,
-            "mlflow_db_volume": store.mlflow_db_volume, "labels": labels}, opts=child)
+            "mlflow_db_volume": store.mlflow_db_volume, "labels": labels,
+            "published_host": spec.docker.published_host}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
             lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
 

@@ -86,17 +86,23 @@ def _reason(stderr: str, registry: StageRegistry) -> str:
     return f"{registry.where} at {registry.address}: {last}"
 
 
-def manifest_digest(registry: StageRegistry, repository: str, digest_or_tag: str) -> str:
-    """The sha256 of the manifest the registry serves for `repository` at a tag or digest."""
+def read_manifest(registry: StageRegistry, repository: str, digest_or_tag: str) -> bytes:
+    """The manifest bytes the registry serves for `repository` at a tag or digest, checked against the
+    digest when one is asked for."""
     with _auth_file(registry) as auth:
         manifest = _skopeo(["inspect", "--raw", "--authfile", auth, "--tls-verify=false",
                             registry.reference(repository, digest_or_tag)],
                            registry, _name(repository, digest_or_tag))
-    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
-    if digest_or_tag.startswith("sha256:") and digest != digest_or_tag:
+    served = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    if digest_or_tag.startswith("sha256:") and served != digest_or_tag:
         raise RegistryError(f"{repository}@{digest_or_tag}: {registry.where} at {registry.address} served a manifest "
-                            f"whose sha256 is {digest} (tampered?)")
-    return digest
+                            f"whose sha256 is {served} (tampered?)")
+    return manifest
+
+
+def manifest_digest(registry: StageRegistry, repository: str, digest_or_tag: str) -> str:
+    """The sha256 of the manifest the registry serves for `repository` at a tag or digest."""
+    return "sha256:" + hashlib.sha256(read_manifest(registry, repository, digest_or_tag)).hexdigest()
 
 
 def copy_image(source: StageRegistry, source_repository: str, digest: str,

@@ -70,7 +70,7 @@ class StageReach:
                               "no other machine reaches; publish it on a reachable address "
                               "(port: {bind_address: 0.0.0.0, public: true}) or use an ssh:// Docker URL, "
                               "through which mlops tunnels")
-        return f"{docker.address or docker.hostname}:{port.host_port}"
+        return f"{docker.published_host}:{port.host_port}"
 
     def _tunnel(self, service: str, port: PublishedPort) -> int:
         if port.host_port in self._tunnels:

@@ -171,8 +171,12 @@ class DockerHost(StrictModel):
         return self.url.startswith("unix://")
 
     @property
-    def hostname(self) -> str:
-        return "localhost" if self.is_local else urlsplit(self.url).hostname
+    def published_host(self) -> Optional[str]:
+        """The name other machines reach a tcp:// host's published ports by; None where they are reached
+        over loopback (unix://) or an SSH tunnel (ssh://)."""
+        if self.is_local or self.url.startswith("ssh://"):
+            return None
+        return self.address or urlsplit(self.url).hostname
 
 
 class ImageSource(StrictModel):

@@ -1,0 +1,203 @@
+"""Stages on their own Docker hosts: train in dev, promote dev -> staging -> prod, switch dev's host off,
+and prod still deploys and serves the pinned model from the images in its own registry.
+
+dev and prod each run on an inner Docker engine (tests/hosts.py), staging on this machine's engine. Every
+stage is rendered by the real program (`tests/engine.py` creates what it declares) from a git repo of
+its own `environments/`, and `mlops promote` reaches each stage as it would reach a remote host: dev and
+prod over `tcp://` at their published addresses, staging on loopback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from sklearn.datasets import load_iris
+
+from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
+from mlops.modelstore import MlflowStore
+from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
+from tests.engine import StageOnEngine
+
+pytestmark = pytest.mark.docker
+
+PUBLISHED = {"bind_address": "0.0.0.0", "public": True}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                   check=True, capture_output=True)
+
+
+def edit_stage(environments: Path, stage: str, changes: dict) -> None:
+    file = environments / f"{stage}.yaml"
+    data = yaml.safe_load(file.read_text()) or {}
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def mlops(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mlops", *args], capture_output=True, text=True, timeout=900,
+                          cwd=REPO_ROOT)
+
+
+def infer(url: str, model: str, rows) -> list:
+    body = json.dumps({"inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64",
+                                   "data": rows.ravel().tolist()}]}).encode()
+    request = urllib.request.Request(f"{url}/v2/models/{model}/infer", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.loads(answer.read())["outputs"][0]["data"]
+
+
+@pytest.fixture(scope="module")
+def stages(docker_hosts, tmp_path_factory):
+    """A git repo whose stages live on three engines, each with its own registry password; yields the
+    environments folder, the hosts and the passwords, and removes everything afterwards."""
+    hosts = docker_hosts("dev", "prod")
+    environments = tmp_path_factory.mktemp("multi-host") / "repo" / "environments"
+    shutil.copytree(ENVIRONMENTS_DIR, environments)
+    edit_stage(environments, "dev", {
+        "docker": {"url": hosts["dev"].url},
+        "model_registry": {"port": {"host_port": 5000, **PUBLISHED}},
+        "image_registry": {"port": {"host_port": 5001, **PUBLISHED}},
+        "serving": {"port": {"host_port": 8080, **PUBLISHED}}})
+    edit_stage(environments, "staging", {
+        "model_registry": {"port": {"host_port": free_port()}},
+        "image_registry": {"port": {"host_port": free_port()}},
+        "serving": {"port": {"host_port": free_port()}}})
+    edit_stage(environments, "prod", {
+        "docker": {"url": hosts["prod"].url},
+        "model_registry": {"port": {"host_port": 5200, **PUBLISHED}},
+        "image_registry": {"port": {"host_port": 5201, **PUBLISHED}},
+        "serving": {"port": {"host_port": 8280, **PUBLISHED}}})
+    git(environments.parent, "init", "-q", "-b", "main")
+    git(environments.parent, "add", "environments")
+    git(environments.parent, "commit", "-q", "-m", "three hosts")
+    passwords = {stage: uuid.uuid4().hex for stage in ("dev", "staging", "prod")}
+    saved = {stage: os.environ.get(f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}") for stage in passwords}
+    os.environ.update({f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}": password for stage, password in passwords.items()})
+    deployed: list[StageOnEngine] = []
+    try:
+        yield environments, hosts, passwords, deployed
+    finally:
+        for stage in deployed:
+            if stage.spec.docker.is_local:
+                stage.teardown()
+        for host in hosts.values():
+            host.start()
+            host.reset()
+        for stage, value in saved.items():
+            os.environ.pop(f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}", None)
+            if value is not None:
+                os.environ[f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}"] = value
+
+
+def deploy(stages, stage: str, stack: str | None = None) -> StageOnEngine:
+    environments, _, passwords, deployed = stages
+    on_engine = StageOnEngine(stack=stack or stage, spec=load_stage(stage, environments),
+                              registry_password=passwords[stage])
+    deployed.append(on_engine)
+    on_engine.deploy()
+    return on_engine
+
+
+def promote(environments: Path, source: str, target: str) -> None:
+    promoted = mlops("promote", "--from", source, "--to", target, "--environments", str(environments))
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    git(environments.parent, "commit", "-qam", f"promote {source} -> {target}")
+
+
+@pytest.fixture(scope="module")
+def prod_without_dev(stages):
+    """Train in dev, promote to staging and prod, switch dev's host off, then deploy prod."""
+    environments, hosts, _, _ = stages
+    deploy(stages, "dev")
+    trained = mlops("train", "--stage", "dev", "--subset", "0.5", "--environments", str(environments))
+    assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert trained.stdout.strip().splitlines()[-1].startswith("REGISTERED ")
+
+    # staging and prod start with their registries and nothing promoted, as shipped.
+    deploy(stages, "staging", stack=f"t-staging-{uuid.uuid4().hex[:6]}")
+    prod = deploy(stages, "prod")
+    promote(environments, "dev", "staging")
+    promote(environments, "staging", "prod")
+
+    hosts["dev"].stop()
+    prod.spec = load_stage("prod", environments)
+    prod.deploy()
+    return prod
+
+
+def test_promoted_stages_pin_the_same_digests_in_their_own_registries(stages, prod_without_dev):
+    environments, hosts, passwords, _ = stages
+    staging, prod = load_stage("staging", environments), load_stage("prod", environments)
+    assert staging.release.model.sha256 == prod.release.model.sha256
+    for role in ("training", "serving"):
+        staging_pin, prod_pin = getattr(staging.release.images, role), getattr(prod.release.images, role)
+        assert staging_pin.startswith(f"{staging.image_registry_server}/staging/{role}@sha256:")
+        assert prod_pin.startswith(f"localhost:5201/prod/{role}@sha256:")
+        digest = prod_pin.split("@")[1]
+        assert staging_pin.split("@")[1] == digest, "a copy by digest keeps the bytes, so the digest"
+        registry = StageRegistry(where="prod's image registry", address=f"{hosts['prod'].ip}:5201", username="mlops",
+                                 password=passwords["prod"])
+        assert manifest_digest(registry, f"prod/{role}", digest) == digest
+
+
+def test_prod_serves_the_pinned_model_from_its_own_host_while_dev_is_down(stages, prod_without_dev):
+    environments, hosts, _, _ = stages
+    with pytest.raises(OSError):
+        socket.create_connection((hosts["dev"].ip, 5000), timeout=3).close()
+    pin = load_stage("prod", environments).release
+    # Every serving replica runs the image prod pinned, pulled from prod's own registry.
+    for index in range(3):
+        replica = prod_without_dev.client.containers.get(f"prod-serving-blue-{index}")
+        assert pin.images.serving in replica.image.attrs["RepoDigests"]
+    model = MlflowStore(f"http://{hosts['prod'].ip}:5200").fetch(pin.model.name, pin.model.version)
+    assert model.sha256 == pin.model.sha256
+    rows = load_iris().data[::7]
+    served = infer(f"http://{hosts['prod'].ip}:8280", pin.model.name, rows)
+    assert served == pickle.loads(model.files["model.pkl"]).predict(rows).tolist()
+
+
+def test_a_tampered_image_in_prods_registry_is_refused_by_the_deploy(stages, prod_without_dev):
+    environments, hosts, passwords, _ = stages
+    pin = load_stage("prod", environments).release.images.serving
+    digest = pin.split("@")[1]
+    client = hosts["prod"].client
+    registry = StageRegistry(where="prod's image registry", address=f"{hosts['prod'].ip}:5201", username="mlops",
+                             password=passwords["prod"])
+    manifest = json.loads(read_manifest(registry, "prod/serving", digest))
+    layer = manifest["layers"][-1]["digest"].removeprefix("sha256:")
+    blob = f"/var/lib/registry/docker/registry/v2/blobs/sha256/{layer[:2]}/{layer}/data"
+    # Overwritten in place: the registry serves a blob by its recorded length, so appended bytes never leave it.
+    overwrite = f"f = open('{blob}', 'r+b'); f.seek(16); f.write(b'tampered'); f.close()"
+    tampered = client.containers.get("prod-image-registry").exec_run(["python3", "-c", overwrite], user="0")
+    assert tampered.exit_code == 0, tampered.output
+    # Nothing of prod stays on its host but the data volumes, so the next deploy pulls the image again.
+    for container in client.containers.list(all=True, filters={"label": "mlops.stack=prod"}):
+        container.remove(force=True)
+    client.images.remove(pin, force=True)
+
+    with pytest.raises(Exception) as refused:
+        deploy(stages, "prod")
+    message = str(refused.value)
+    assert digest.removeprefix("sha256:")[:12] in message or "verif" in message or "digest" in message, message
+    assert not [c for c in client.containers.list(all=True, filters={"label": "mlops.stack=prod"})
+                if c.name.startswith("prod-serving-")], "no replica may run an image that failed verification"
