@@ -188,7 +188,8 @@ def test_a_tampered_image_in_prods_registry_is_refused_by_the_deploy(stages, pro
     blob = f"/var/lib/registry/docker/registry/v2/blobs/sha256/{layer[:2]}/{layer}/data"
     # Overwritten in place: the registry serves a blob by its recorded length, so appended bytes never leave it.
     overwrite = f"f = open('{blob}', 'r+b'); f.seek(16); f.write(b'tampered'); f.close()"
-    tampered = client.containers.get("prod-image-registry").exec_run(["python3", "-c", overwrite], user="0")
+    # As the registry's own user: root without capabilities may not write its files.
+    tampered = client.containers.get("prod-image-registry").exec_run(["python3", "-c", overwrite], user="10001:10001")
     assert tampered.exit_code == 0, tampered.output
     # Nothing of prod stays on its host but the data volumes, so the next deploy pulls the image again.
     for container in client.containers.list(all=True, filters={"label": "mlops.stack=prod"}):

@@ -39,7 +39,7 @@ def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environme
             ("--gpus", "all"), ("--security-opt", "no-new-privileges:true"), ("--cap-drop", "ALL"),
             ("--label", "mlops.component=training-run"), ("--label", "mlops.stage=dev"),
             ("--label", "mlops.stack=dev"), ("--env", "MLFLOW_TRACKING_URI=http://dev-model-registry:5000"),
-            ("--env", "TRAINING_IMAGE_DIGEST=sha256:abc")} <= pairs
+            ("--env", "TRAINING_IMAGE_DIGEST=sha256:abc"), ("--ipc", "none"), ("--ulimit", "nproc=4096:4096")} <= pairs
     assert "--read-only" in arguments and arguments[-3:] == ["image:tag", "--seed", "3"]
 
 

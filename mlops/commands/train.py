@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from components.containers import APP_USER, DEFAULT_TMPFS
+from components.containers import APP_USER, DEFAULT_TMPFS, IPC_MODE, PROCESS_LIMIT
 from components.image_registry import REGISTRY_PORT
 from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
@@ -123,6 +123,7 @@ def run_arguments(spec: StageSpec, image: str, digest: str, name: str, training_
         "--user", APP_USER, "--read-only",
         *[option for path, mount in DEFAULT_TMPFS.items() for option in ("--tmpfs", f"{path}:{mount}")],
         "--security-opt", "no-new-privileges:true", "--cap-drop", "ALL",
+        "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}",
         *[option for key, value in sorted(labels.items()) for option in ("--label", f"{key}={value}")],
         "--env", f"MLFLOW_TRACKING_URI=http://{spec.stage}-model-registry:{MLFLOW_PORT}",
         "--env", f"TRAINING_IMAGE_DIGEST={digest}",
