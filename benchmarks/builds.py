@@ -1,8 +1,8 @@
 """`docker build` as the figures use it: timed, with each Dockerfile step classified as cached or executed.
 
-The engine here has no BuildKit (`docker buildx` is not installed), so builds use the classic builder,
-as the test fixture's builds through the Docker SDK do. Its output names every step and says
-`Using cache` for each one it did not run.
+These builds use the classic builder, whose output names every step and says `Using cache` for each one
+it did not run, which is what the rebuild figure counts (`docker buildx` is not installed here to print
+BuildKit's). The stage itself, like the provider, builds with BuildKit (`tests/engine.py`).
 """
 from __future__ import annotations
 
