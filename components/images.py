@@ -101,14 +101,19 @@ def built_image_name(stack: str, image: str, context: str, settings: BuildSettin
     return f"{registry_server}/{repository}" if registry_server else f"mlops-{repository}"
 
 
-def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str, context: str,
-                settings: BuildSettings, target: Optional[str] = None, push: Optional[PushTarget] = None,
-                depends_on: Optional[list[pulumi.Resource]] = None) -> docker.Image:
-    """Build `context` as `built_image_name(...)` with BuildKit for the stage's platform, pushed when a
-    registry is given."""
-    image_name = (pulumi.Output.from_input(push.server).apply(
-                      lambda server: built_image_name(stack, image, context, settings, server, target))
-                  if push else built_image_name(stack, image, context, settings, target=target))
+@dataclass(frozen=True)
+class BuiltImage:
+    image_id: pulumi.Output[str]
+    """What the stage's containers run: the locally built image's ID."""
+    image_name: pulumi.Output[str]
+    """The name it goes by: in the stage's registry when pushed."""
+    repo_digest: pulumi.Output[str]
+    """`<registry>/<stack>/<image>@sha256:…` once pushed (what promotion copies), else the image ID."""
+
+
+def _image(resource_name: str, *, parent: pulumi.Resource, image_name: pulumi.Input[str], context: str,
+           settings: BuildSettings, target: Optional[str], push: Optional[PushTarget],
+           depends_on: Optional[list[pulumi.Resource]] = None) -> docker.Image:
     return docker.Image(
         resource_name,
         image_name=image_name,
@@ -120,6 +125,26 @@ def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, imag
         registry=docker.RegistryArgs(server=push.server, username=push.username, password=push.password) if push else None,
         opts=pulumi.ResourceOptions(parent=parent, depends_on=depends_on),
     )
+
+
+def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str, context: str,
+                settings: BuildSettings, target: Optional[str] = None, push: Optional[PushTarget] = None,
+                push_after: Optional[list[pulumi.Resource]] = None) -> BuiltImage:
+    """Build `context` as `built_image_name(...)` with BuildKit for the stage's platform; when a registry is
+    given, also push it there once `push_after` (the registry) is up."""
+    local = _image(resource_name, parent=parent, image_name=built_image_name(stack, image, context, settings, target=target),
+                   context=context, settings=settings, target=target, push=None)
+    if push is None:
+        return BuiltImage(image_id=local.repo_digest, image_name=local.image_name, repo_digest=local.repo_digest)
+    # The pushed copy is a second build of the same inputs, a BuildKit cache hit with the same image ID, in a
+    # resource of its own: containers start from the local build at once instead of waiting for the push
+    # (hundreds of MB into a registry that first has to start), and the push still goes through the engine,
+    # so it works for a stage on a remote host too.
+    pushed = _image(f"{resource_name}-push", parent=parent, context=context, settings=settings, target=target,
+                    push=push, depends_on=push_after,
+                    image_name=pulumi.Output.from_input(push.server).apply(
+                        lambda server: built_image_name(stack, image, context, settings, server, target)))
+    return BuiltImage(image_id=local.repo_digest, image_name=pushed.image_name, repo_digest=pushed.repo_digest)
 
 
 def pulled_image(resource_name: str, *, parent: pulumi.Resource, ref: str, platform: str,
@@ -135,7 +160,7 @@ def image_id(resource_name: str, *, parent: pulumi.Resource, stack: str, image: 
     """The immutable ID a container should run: built from the repo, or pulled by digest."""
     if isinstance(source, ImageSource) and source.build is not None:
         return build_image(resource_name, parent=parent, stack=stack, image=image, context=source.build,
-                           settings=settings).repo_digest
+                           settings=settings).image_id
     ref = source.ref if isinstance(source, ImageSource) else source
     return pulled_image(resource_name, parent=parent, ref=ref, platform=settings.platform,
                         depends_on=depends_on).image_id

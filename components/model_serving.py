@@ -49,12 +49,12 @@ class ModelServing(pulumi.ComponentResource):
         if spec.build is not None:
             built = build_image(f"{name}-image", parent=self, stack=stack, image="serving", context=spec.build,
                                 settings=args["builds"], target=spec.runtime, push=args["push"],
-                                depends_on=args["depends_on"])
-            blue_image = built.repo_digest
+                                push_after=args["depends_on"])
+            blue_image, released_image = built.image_id, built.repo_digest
         else:
-            blue_image = image_id(f"{name}-image", parent=self, stack=stack, image="serving",
-                                  source=release.images.serving, settings=args["builds"],
-                                  depends_on=args["depends_on"])
+            blue_image = released_image = image_id(f"{name}-image", parent=self, stack=stack, image="serving",
+                                                   source=release.images.serving, settings=args["builds"],
+                                                   depends_on=args["depends_on"])
         slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (release.model, blue_image)}
         if spec.green is not None:
             green_image = blue_image if spec.green.serving_image is None else image_id(
@@ -107,6 +107,6 @@ class ModelServing(pulumi.ComponentResource):
         )
         self.host_port = gateway.ports.apply(lambda ports: ports[0].external)
         self.endpoint = self.host_port.apply(lambda port: f"http://{spec.port.bind_address}:{port}")
-        self.serving_image_digest = pulumi.Output.from_input(blue_image)
+        self.serving_image_digest = pulumi.Output.from_input(released_image)
         self.register_outputs({"endpoint": self.endpoint, "host_port": self.host_port,
                                "serving_image_digest": self.serving_image_digest})

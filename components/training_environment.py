@@ -29,7 +29,7 @@ class TrainingEnvironment(pulumi.ComponentResource):
         if spec.build is not None:
             image = build_image(f"{name}-image", parent=self, stack=args["stack"], image="training",
                                 context=spec.build, settings=args["builds"], push=args["push"],
-                                depends_on=args["depends_on"])
+                                push_after=args["depends_on"])
             self.image_ref = image.image_name
             self.image_digest = image.repo_digest
         else:

@@ -45,7 +45,7 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
         "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 3,
         "mlops:model_registry:ModelRegistry": 1, "mlops:image_registry:ImageRegistry": 1,
         "mlops:training_environment:TrainingEnvironment": 1, "mlops:model_serving:ModelServing": 1,
-        IMAGE: 5, CONTAINER: 4,
+        IMAGE: 7, CONTAINER: 4,
     })
     named = by_name(resources)
     assert named["dev-training-image"].parent == "dev-training"
@@ -54,7 +54,13 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
     assert named["dev-model-registry-server"].parent == "dev-model-registry"
     assert {r.parent for r in resources if r.type.startswith("mlops:") and r.type != "mlops:stack:MLOpsStack"} == {"dev"}
     # Workload images are pushed to dev's own registry; the serving image is built for the chosen runtime.
-    assert named["dev-training-image"].inputs["imageName"].startswith("localhost:5001/dev/training:")
+    assert named["dev-training-image-push"].inputs["imageName"].startswith("localhost:5001/dev/training:")
+    # Containers run the local build of the same inputs and never wait for the push.
+    assert named["dev-training-image"].inputs["skipPush"] is True
+    replica = named["dev-serving-blue-0"]
+    assert "dev-serving-image" in replica.dependencies and "dev-serving-image-push" not in replica.dependencies
+    assert named["dev-serving-image-push"].inputs["build"] == named["dev-serving-image"].inputs["build"]
+    assert "dev-image-registry-server" in named["dev-serving-image-push"].dependencies
     assert named["dev-serving-image"].inputs["build"]["target"] == "oip"
     assert named["dev-serving-image"].inputs["build"]["context"] == "images/serving"
     blue_env = named["dev-serving-blue-0"].inputs["envs"]
@@ -206,7 +212,7 @@ def test_the_registry_password_is_secret_everywhere():
     assert password not in rendered
     named = by_name(resources)
     assert named["dev-image-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
-    assert named["dev-training-image"].inputs["registry"] == plan.SECRET_PLACEHOLDER
+    assert named["dev-training-image-push"].inputs["registry"] == plan.SECRET_PLACEHOLDER
     for resource in resources:
         labels = resource.inputs.get("labels")
         assert password not in json.dumps(labels)
@@ -308,7 +314,7 @@ def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp
         (tmp_path / "images" / "serving" / "Dockerfile").read_text() + "\n# a change\n")
     after = {r.name: r.inputs for r in render("dev")}
     changed = sorted(name for name in before if before[name] != after[name])
-    assert changed == ["dev-serving-blue-0", "dev-serving-image"]
+    assert changed == ["dev-serving-blue-0", "dev-serving-image", "dev-serving-image-push"]
     assert before["dev-serving-blue-0"]["image"] != after["dev-serving-blue-0"]["image"]
 
 
