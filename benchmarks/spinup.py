@@ -102,8 +102,7 @@ def measure(rounds: int = 3) -> Figure:
         rows=[["dev stage as shipped, nothing → every container healthy, s: median (min–max)", spread(totals)],
               ["… the same before health waits and graph order (a2ae41d), s", BEFORE_HEALTH_WAITS["as shipped"]],
               ["… until MLflow first answered, s", spread([run.mlflow_answering for run in shipped])],
-              ["… until the serving replica started (after MLflow and the image registry were healthy and the "
-               "training and serving images were built from cache and pushed), s",
+              ["… until the serving replica started (from its cached local build, while the images are pushed), s",
                spread([run.serving_started for run in shipped])],
               ["dev stage without its image registry (images used where they were built, nothing pushed), "
                "nothing → every container healthy, s", spread([run.all_healthy for run in local])],
