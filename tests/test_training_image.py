@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from components.containers import http_healthcheck
-from components.images import built_image_name
+from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, HealthCheck
 
@@ -98,7 +98,8 @@ def training_stack(docker_engine, tmp_path_factory):
         "experiment": {"name": stack, "owner": "tests", "source_stage": "dev",
                        "created_at": "2026-01-01T00:00:00Z", "expires_at": "2099-01-01T00:00:00Z"},
     }))
-    images = {name: built_image_name(stack, name, f"images/{name}", BASE_IMAGE) for name in ("training", "mlflow")}
+    settings = BuildSettings(base_image=BASE_IMAGE, platform="linux/amd64")
+    images = {name: built_image_name(stack, name, f"images/{name}", settings) for name in ("training", "mlflow")}
     labels = ["--label", f"mlops.stack={stack}"]
     try:
         for name, tag in images.items():
