@@ -24,6 +24,8 @@ class ModelRegistryArgs(TypedDict):
     published_host: Optional[str]
     """The name other machines reach the stage's host by (tcp:// hosts), which MLflow must accept in the Host
     header; None where the port is reached over loopback or an SSH tunnel."""
+    mlflow_password: pulumi.Input[str]
+    """The stage's MLflow secret: the image's start script derives every user's password from it."""
 
 
 class ModelRegistry(pulumi.ComponentResource):
@@ -46,8 +48,9 @@ class ModelRegistry(pulumi.ComponentResource):
             labels=container_labels(args["labels"], "model-registry"),
             health_check=spec.health_check, health_path=(MLFLOW_PORT, "/health"),
             ports=published(MLFLOW_PORT, spec.port),
-            envs=([f"MLOPS_PUBLISHED_HOST={args['published_host']}:{spec.port.host_port}"]
-                  if args["published_host"] and spec.port.host_port else None),
+            envs=[pulumi.Output.concat("MLOPS_MLFLOW_PASSWORD=", pulumi.Output.secret(args["mlflow_password"])),
+                  *([f"MLOPS_PUBLISHED_HOST={args['published_host']}:{spec.port.host_port}"]
+                    if args["published_host"] and spec.port.host_port else [])],
             volumes=[
                 docker.ContainerVolumeArgs(volume_name=args["mlflow_db_volume"], container_path="/data/db"),
                 docker.ContainerVolumeArgs(volume_name=args["artifacts_volume"], container_path="/data/artifacts"),

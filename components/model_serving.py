@@ -8,6 +8,7 @@ import pulumi_docker as docker
 
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, PushTarget, build_image, image_id
+from mlops.credentials import READER
 from mlops.spec import ModelPin, Release, ServingSpec
 
 SERVING_PORT = 8080
@@ -20,20 +21,31 @@ class ModelServingArgs(TypedDict):
     release: Release
     builds: BuildSettings
     registry_url: pulumi.Input[str]
+    reader_password: pulumi.Input[str]
+    """The password of MLflow user `reader`, which replicas fetch the model as; a secret."""
     network: pulumi.Input[str]
     push: Optional[PushTarget]
     depends_on: list[pulumi.Resource]
     labels: dict[str, str]
 
 
-def model_env(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str) -> list[pulumi.Input[str]]:
+def model_env(pin: ModelPin, registry_url: pulumi.Input[str], password: pulumi.Input[str],
+              runtime: str) -> list[pulumi.Input[str]]:
     return [
         f"MODEL_NAME={pin.name}",
         f"MODEL_VERSION={pin.version}",
         f"MODEL_SHA256={pin.sha256 or ''}",
         f"SERVING_RUNTIME={runtime}",
         pulumi.Output.concat("MLFLOW_TRACKING_URI=", registry_url),
+        f"MLFLOW_TRACKING_USERNAME={READER}",
+        pulumi.Output.concat("MLFLOW_TRACKING_PASSWORD=", pulumi.Output.secret(password)),
     ]
+
+
+def model_labels(pin: ModelPin) -> dict[str, str]:
+    """The pin again, in the clear: the password makes a replica's whole `envs` secret, so plans and diffs
+    show which model a replica serves only through these."""
+    return {"mlops.model": pin.name, "mlops.model-version": str(pin.version), "mlops.model-sha256": pin.sha256 or ""}
 
 
 class ModelServing(pulumi.ComponentResource):
@@ -65,7 +77,7 @@ class ModelServing(pulumi.ComponentResource):
         upstreams: dict[str, list[str]] = {}
         replicas: list[docker.Container] = []
         for slot, (pin, image) in slots.items():
-            labels = container_labels({**args["labels"], "mlops.slot": slot}, "model-serving")
+            labels = container_labels({**args["labels"], **model_labels(pin), "mlops.slot": slot}, "model-serving")
             upstreams[slot] = []
             for index in range(spec.replicas):
                 hostname = f"{stack}-serving-{slot}-{index}"
@@ -81,7 +93,7 @@ class ModelServing(pulumi.ComponentResource):
                     # A replica that follows `latest` (dev) has nothing to serve until the first training
                     # run registers a version, and then turns ready by itself; a pinned one must be ready.
                     wait=pin.is_pinned,
-                    envs=model_env(pin, args["registry_url"], spec.runtime),
+                    envs=model_env(pin, args["registry_url"], args["reader_password"], spec.runtime),
                     tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
                 ))
                 upstreams[slot].append(f"{hostname}:{SERVING_PORT}")

@@ -12,6 +12,7 @@ from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing
 from components.training_environment import TrainingEnvironment
+from mlops.credentials import READER, derived_password
 from mlops.spec import StageSpec
 
 
@@ -39,6 +40,8 @@ def stage_labels(spec: StageSpec, stack: str) -> dict[str, str]:
 class MLOpsStackArgs(TypedDict):
     spec: StageSpec
     registry_password: Optional[pulumi.Input[str]]
+    mlflow_password: pulumi.Input[str]
+    """The stage's MLflow secret, from which every MLflow identity's password derives (mlops/credentials.py)."""
 
 
 class MLOpsStack(pulumi.ComponentResource):
@@ -84,7 +87,7 @@ class MLOpsStack(pulumi.ComponentResource):
             "stack": stack, "spec": spec.model_registry, "builds": builds,
             "network": network.name, "artifacts_volume": store.artifacts_volume,
             "mlflow_db_volume": store.mlflow_db_volume, "labels": labels,
-            "published_host": spec.docker.published_host}, opts=child)
+            "published_host": spec.docker.published_host, "mlflow_password": args["mlflow_password"]}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
             lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
 
@@ -111,9 +114,12 @@ class MLOpsStack(pulumi.ComponentResource):
             self.training_image = training.image_ref
             self.training_image_digest = training.image_digest
         if spec.release is not None:
+            # Derived inside the secret, so the derived password is as secret in the state as the root one.
+            reader_password = pulumi.Output.secret(args["mlflow_password"]).apply(
+                lambda secret: derived_password(secret, READER))
             serving = ModelServing(f"{stack}-serving", {
                 "stack": stack, "spec": spec.serving, "release": spec.release,
-                "builds": builds, "registry_url": model_registry.internal_url,
+                "builds": builds, "registry_url": model_registry.internal_url, "reader_password": reader_password,
                 "network": network.name, "push": push, "depends_on": pushes_after, "labels": labels}, opts=child)
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest

@@ -2,12 +2,13 @@
 
 `ModelStore` is the interface; `MlflowStore` speaks the MLflow REST API of a stage's tracking server
 (`mlflow server --serve-artifacts`, so artifacts go through the server and no storage credentials are
-needed) with nothing but the stdlib. Training contract (docs/contracts.md): a version's run holds
+needed) with nothing but the stdlib, as one of the server's basic-auth users where it requires one. Training contract (docs/contracts.md): a version's run holds
 `model/model.pkl` and `model/manifest.json`, the version is tagged `sha256` of `model.pkl`, and metrics
 are logged on the run.
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import time
@@ -45,6 +46,16 @@ class ModelVersion:
         return hashlib.sha256(self.files["model.pkl"]).hexdigest()
 
 
+@dataclass(frozen=True)
+class BasicAuth:
+    username: str
+    password: str = field(repr=False)
+
+    @property
+    def header(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
+
 class ModelStore(Protocol):
     url: str
 
@@ -60,8 +71,9 @@ class ModelStore(Protocol):
 
 
 class MlflowStore:
-    def __init__(self, url: str, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, auth: Optional[BasicAuth] = None, timeout_s: float = 30.0) -> None:
         self.url = url.rstrip("/")
+        self.auth = auth
         self.timeout_s = timeout_s
 
     # -- reading ---------------------------------------------------------------------------------------
@@ -164,8 +176,10 @@ class MlflowStore:
     def _request(self, method: str, path: str, *, data: Optional[bytes] = None, content_type: str = "",
                  missing: Optional[str] = None) -> bytes:
         """One HTTP exchange; an answer that the thing does not exist raises `NotFound(missing)`."""
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": content_type} if content_type else {})
+        headers = {"Content-Type": content_type} if content_type else {}
+        if self.auth is not None:
+            headers["Authorization"] = self.auth.header
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.read()
@@ -173,6 +187,10 @@ class MlflowStore:
             detail = _mlflow_message(err)
             if err.code == 404 or "RESOURCE_DOES_NOT_EXIST" in detail:
                 raise NotFound(missing or f"{self.url}{path.split('?')[0]}: not found {detail}".rstrip()) from None
+            if err.code in (401, 403):
+                who = f"user {self.auth.username}" if self.auth else "a request without credentials"
+                raise StoreError(f"model registry {self.url} refused {method} {path.split('?')[0]} to {who} "
+                                 f"(HTTP {err.code}); check the stage's Pulumi config secret mlops:mlflowPassword")
             raise StoreError(f"model registry {self.url} refused {method} {path.split('?')[0]}: "
                              f"HTTP {err.code} {detail}".rstrip()) from None
         except (urllib.error.URLError, OSError) as err:

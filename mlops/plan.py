@@ -20,7 +20,8 @@ from mlops.spec import StageSpec
 SECRET_PLACEHOLDER = "[secret]"
 PROJECT = "mlops-stack"
 # Any value works for rendering: plans never show secrets, and mocks deploy nothing.
-PLAN_SECRETS = {"mlops:registryPassword": "plan-placeholder-password"}
+PLAN_SECRETS = {"mlops:registryPassword": "plan-placeholder-password",
+                "mlops:mlflowPassword": "plan-placeholder-mlflow-password"}
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ def load_stack_spec(stack: str, config: pulumi.Config) -> StageSpec:
 def declare_stack(stack: str, spec: StageSpec) -> MLOpsStack:
     config = pulumi.Config("mlops")
     password = config.require_secret("registryPassword") if spec.image_registry.enabled else None
-    mlops_stack = MLOpsStack(stack, {"spec": spec, "registry_password": password})
+    mlops_stack = MLOpsStack(stack, {"spec": spec, "registry_password": password,
+                                     "mlflow_password": config.require_secret("mlflowPassword")})
     for key, value in mlops_stack.exports().items():
         pulumi.export(key, value)
     return mlops_stack

@@ -16,7 +16,6 @@ import difflib
 import io
 import os
 import shutil
-import subprocess
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
@@ -29,14 +28,14 @@ from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 
 from components.images import BuildSettings, content_tag
-from mlops import gitrepo
+from mlops import credentials, gitrepo
 from mlops.errors import SpecError
 from mlops.imagecopy import RegistryError, StageRegistry, copy_image, manifest_digest
-from mlops.modelstore import MlflowStore, ModelStore, ModelVersion, StoreError
+from mlops.modelstore import BasicAuth, MlflowStore, ModelStore, ModelVersion, StoreError
 from mlops.reach import StageReach, Unreachable
 from mlops.spec import ENVIRONMENTS_DIR, StageSpec, load_stage, stage_file
 
-StoreFactory = Callable[[str], ModelStore]
+StoreFactory = Callable[[str, BasicAuth], ModelStore]
 
 
 class PromotionRefused(Exception):
@@ -96,21 +95,11 @@ def _refuse_unless_committed(file: Path) -> None:
                                "is the only change in its diff")
 
 
-def registry_password(stage: str) -> str:
-    """A stage's image registry password: `MLOPS_REGISTRY_PASSWORD_<STAGE>` where CI provides it, else the
-    stack's Pulumi config secret, read through the Pulumi CLI. Never printed."""
-    variable = f"MLOPS_REGISTRY_PASSWORD_{stage.upper().replace('-', '_')}"
-    if os.environ.get(variable):
-        return os.environ[variable]
+def _secret(read: Callable[[str], str], stage: str) -> str:
     try:
-        read = subprocess.run(["pulumi", "config", "get", "mlops:registryPassword", "--stack", stage],
-                              capture_output=True, text=True, timeout=60)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        read = None
-    if read is None or read.returncode != 0 or not read.stdout.strip():
-        raise PromotionRefused(f"no password for {stage}'s image registry: set {variable}, or run promote where the "
-                               f"Pulumi CLI reads stack {stage}'s secret mlops:registryPassword")
-    return read.stdout.strip()
+        return read(stage)
+    except credentials.MissingSecret as err:
+        raise PromotionRefused(str(err)) from None
 
 
 def _repository_of(spec: StageSpec, path: str, ref: str) -> tuple[str, str]:
@@ -226,10 +215,15 @@ class Promoter:
     Use as a context manager: SSH tunnels to remote stages close on exit."""
 
     def __init__(self, environments: Path = ENVIRONMENTS_DIR, store_for: StoreFactory = MlflowStore,
-                 password_for: Callable[[str], str] = registry_password) -> None:
+                 password_for: Callable[[str], str] = credentials.registry_password,
+                 mlflow_password_for: Callable[[str], str] = lambda stage: credentials.mlflow_password(
+                     stage, credentials.PROMOTER)) -> None:
+        """`password_for(stage)` is the stage's image registry password, `mlflow_password_for(stage)` the
+        password of MLflow user `promoter` there: it reads the source stage and writes into the target."""
         self.environments = environments
         self.store_for = store_for
         self.password_for = password_for
+        self.mlflow_password_for = mlflow_password_for
         self._exits = ExitStack()
         self._reaches: dict[str, StageReach] = {}
 
@@ -245,7 +239,8 @@ class Promoter:
         return self._reaches[spec.stage]
 
     def model_store(self, spec: StageSpec) -> ModelStore:
-        return self.store_for(self._reach(spec).model_registry_url())
+        auth = BasicAuth(credentials.PROMOTER, _secret(self.mlflow_password_for, spec.stage))
+        return self.store_for(self._reach(spec).model_registry_url(), auth)
 
     def image_registry(self, spec: StageSpec) -> StageRegistry:
         reach = self._reach(spec)
@@ -254,7 +249,7 @@ class Promoter:
             raise PromotionRefused(f"{spec.stage} has no image registry (image_registry.enabled is false); "
                                    "promotion copies images into the target's own registry")
         return StageRegistry(where=reach.where("image registry"), address=address,
-                             username=spec.image_registry.username, password=self.password_for(spec.stage))
+                             username=spec.image_registry.username, password=_secret(self.password_for, spec.stage))
 
     def _source_images(self, source: StageSpec, target: StageSpec) -> tuple[ImageCopy, ...]:
         """Each image of the source's release, with its digest as the source registry serves it."""

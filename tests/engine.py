@@ -39,6 +39,7 @@ import re
 import tarfile
 import tempfile
 import time
+import uuid
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ class StageOnEngine:
     spec: StageSpec
     """Assign another spec of the same stack and `deploy` again to update the stage."""
     registry_password: str
+    mlflow_password: str = field(default_factory=lambda: uuid.uuid4().hex)
+    """The stage's MLflow secret (Pulumi config mlops:mlflowPassword); `train` and `promote` need it too."""
     state: dict[str, Created] = field(default_factory=dict)
     references: list[str] = field(default_factory=list)
     """Image references the fixture tagged, pushed or pulled, removed by `teardown`."""
@@ -107,7 +110,8 @@ class StageOnEngine:
         self.client = docker.DockerClient(base_url=self.host, timeout=300)
 
     def resources(self) -> list[plan.PlannedResource]:
-        return plan.render(self.stack, self.spec, config={"mlops:registryPassword": self.registry_password},
+        return plan.render(self.stack, self.spec, config={"mlops:registryPassword": self.registry_password,
+                                                          "mlops:mlflowPassword": self.mlflow_password},
                            reveal_secrets=True)
 
     def deploy(self) -> dict[str, docker.models.containers.Container]:

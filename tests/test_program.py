@@ -8,6 +8,7 @@ import pulumi
 import pytest
 
 from mlops import plan
+from mlops.credentials import derived_password
 from mlops.spec import load_stages
 from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE
 
@@ -17,9 +18,9 @@ REMOTE_IMAGE = "docker:index/remoteImage:RemoteImage"
 VOLUME = "docker:index/volume:Volume"
 
 
-def render(stage: str, environments=None) -> list[plan.PlannedResource]:
+def render(stage: str, environments=None, reveal_secrets: bool = False) -> list[plan.PlannedResource]:
     spec = load_stages([stage], *([environments] if environments else []))[0]
-    return plan.render(stage, spec)
+    return plan.render(stage, spec, reveal_secrets=reveal_secrets)
 
 
 def by_name(resources: list[plan.PlannedResource]) -> dict[str, plan.PlannedResource]:
@@ -63,7 +64,8 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
     assert "dev-image-registry-server" in named["dev-serving-image-push"].dependencies
     assert named["dev-serving-image"].inputs["build"]["target"] == "oip"
     assert named["dev-serving-image"].inputs["build"]["context"] == "images/serving"
-    blue_env = named["dev-serving-blue-0"].inputs["envs"]
+    assert label_map(named["dev-serving-blue-0"])["mlops.model-version"] == "latest"
+    blue_env = by_name(render("dev", reveal_secrets=True))["dev-serving-blue-0"].inputs["envs"]
     assert "MODEL_VERSION=latest" in blue_env and "MLFLOW_TRACKING_URI=http://dev-model-registry:5000" in blue_env
 
 
@@ -85,8 +87,10 @@ def test_promoted_prod_runs_the_promoted_digests_with_three_replicas(released_en
     assert not [r for r in resources if r.type == IMAGE and r.inputs["build"]["context"] in ("images/training", "images/serving")]
     replicas = sorted(r.name for r in containers(resources) if r.parent == "prod-serving" and "blue" in r.name)
     assert replicas == ["prod-serving-blue-0", "prod-serving-blue-1", "prod-serving-blue-2"]
-    env = named["prod-serving-blue-1"].inputs["envs"]
+    env = by_name(render("prod", released_environments, reveal_secrets=True))["prod-serving-blue-1"].inputs["envs"]
     assert f"MODEL_SHA256={FIXTURE_MODEL_SHA256}" in env and "MODEL_VERSION=4" in env
+    assert {key: value for key, value in label_map(named["prod-serving-blue-1"]).items() if key.startswith("mlops.model")} \
+        == {"mlops.model": "iris-classifier", "mlops.model-version": "4", "mlops.model-sha256": FIXTURE_MODEL_SHA256}
     # Containers run the image ID the RemoteImage resolved, never the mutable name.
     assert named["prod-serving-blue-0"].inputs["image"].startswith("sha256:")
     gateway_env = named["prod-serving-gateway"].inputs["envs"]
@@ -205,17 +209,54 @@ def test_physical_names_carry_the_stack(stage, released_environments):
                     f"{resource.name}: {key}={value}"
 
 
-def test_the_registry_password_is_secret_everywhere():
-    resources = render("dev")
+def secret_values(config: dict[str, str]) -> list[str]:
+    """The stage's secrets and every password derived from them."""
+    from images.mlflow.start import ADMIN, FLASK_SECRET_KEY_PURPOSE, IDENTITIES
+
+    mlflow = config["mlops:mlflowPassword"]
+    return [*config.values(), *(derived_password(mlflow, name) for name in (ADMIN, FLASK_SECRET_KEY_PURPOSE, *IDENTITIES))]
+
+
+@pytest.mark.parametrize("stage", ["dev", "prod"])
+def test_the_stage_secrets_are_secret_everywhere(stage, released_environments):
+    resources = render(stage, released_environments)
     rendered = json.dumps([r.to_json() for r in resources])
-    password = plan.PLAN_SECRETS["mlops:registryPassword"]
-    assert password not in rendered
+    for secret in secret_values(plan.PLAN_SECRETS):
+        assert secret not in rendered
     named = by_name(resources)
-    assert named["dev-image-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
-    assert named["dev-training-image-push"].inputs["registry"] == plan.SECRET_PLACEHOLDER
-    for resource in resources:
-        labels = resource.inputs.get("labels")
-        assert password not in json.dumps(labels)
+    assert named[f"{stage}-image-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
+    assert named[f"{stage}-model-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
+    assert named[f"{stage}-serving-blue-0"].inputs["envs"] == plan.SECRET_PLACEHOLDER
+    if stage == "dev":
+        assert named["dev-training-image-push"].inputs["registry"] == plan.SECRET_PLACEHOLDER
+
+
+def test_each_container_gets_only_the_mlflow_credential_it_needs(released_environments):
+    from mlops.credentials import READER
+
+    config = {"mlops:registryPassword": "registry-secret", "mlops:mlflowPassword": "mlflow-secret"}
+    spec = load_stages(["prod"], released_environments)[0]
+    named = by_name(plan.render("prod", spec, config=config, reveal_secrets=True))
+    # The MLflow container derives every user's password from the stage's one secret ...
+    assert "MLOPS_MLFLOW_PASSWORD=mlflow-secret" in named["prod-model-registry-server"].inputs["envs"]
+    # ... and a replica gets only the reader's.
+    replica = named["prod-serving-blue-0"].inputs["envs"]
+    assert "MLFLOW_TRACKING_USERNAME=reader" in replica
+    assert f"MLFLOW_TRACKING_PASSWORD={derived_password('mlflow-secret', READER)}" in replica
+    assert not [env for env in replica if "mlflow-secret" in env]
+    for name in ("prod-image-registry-server", "prod-serving-gateway"):
+        assert not [env for env in named[name].inputs.get("envs", []) if env.startswith(("MLOPS_MLFLOW", "MLFLOW_TRACKING_P"))]
+
+
+def test_the_mlflow_image_derives_the_passwords_the_commands_derive():
+    from images.mlflow import start
+    from mlops import credentials
+
+    assert (start.ADMIN, *start.IDENTITIES) == ("admin", credentials.READER, credentials.TRAINER, credentials.PROMOTER)
+    for identity in start.IDENTITIES:
+        assert start.derived_password("s3cret", identity) == credentials.derived_password("s3cret", identity)
+    assert credentials.derived_password("s3cret", "reader") != credentials.derived_password("s3cret", "trainer")
+    assert len(credentials.derived_password("s3cret", "reader")) == 64
 
 
 def test_secrets_never_reach_exports_and_derived_values_stay_secret():
@@ -224,7 +265,8 @@ def test_secrets_never_reach_exports_and_derived_values_stay_secret():
 
     spec = load_stages(["dev"])[0]
     password = "correct horse battery staple"
-    plan.mock_runtime("dev", {"mlops:registryPassword": password})
+    config = {"mlops:registryPassword": password, "mlops:mlflowPassword": "tr0ub4dor&3"}
+    plan.mock_runtime("dev", config)
 
     @pulumi.runtime.test
     def check():
@@ -236,7 +278,8 @@ def test_secrets_never_reach_exports_and_derived_values_stay_secret():
         def verify(args):
             flags, resolved = args
             assert not any(flags), f"{stack.urn}: no export is secret"
-            assert password not in json.dumps(resolved), "the password leaked into an export"
+            for secret in secret_values(config):
+                assert secret not in json.dumps(resolved), "a secret leaked into an export"
             assert set(exports) >= {"model_registry_url", "image_registry", "serving_endpoint",
                                     "training_image_digest", "serving_image_digest"}
 
@@ -293,8 +336,9 @@ def test_green_release_gets_its_share_of_traffic(released_environments):
     data["serving"]["traffic"] = {"blue": 90, "green": 10}
     data["serving"]["green"] = {"model": {"name": "iris-classifier", "version": 5, "sha256": "4" * 64}}
     file.write_text(yaml.safe_dump(data))
-    named = by_name(render("staging", released_environments))
+    named = by_name(render("staging", released_environments, reveal_secrets=True))
     assert "MODEL_VERSION=5" in named["staging-serving-green-1"].inputs["envs"]
+    assert label_map(named["staging-serving-green-1"])["mlops.model-version"] == "5"
     gateway_env = named["staging-serving-gateway"].inputs["envs"]
     assert "WEIGHT_GREEN=10" in gateway_env
     assert "UPSTREAM_GREEN=staging-serving-green-0:8080,staging-serving-green-1:8080" in gateway_env

@@ -1,7 +1,8 @@
 """`mlops train`: one run of the stage's training image on the stage's network, registered in the stage's MLflow.
 
 The run gets the same hardening as every container of the stack (`components/containers.py`) and the stage's
-training limits; it is removed when it ends, whatever the outcome.
+training limits; it is removed when it ends, whatever the outcome. It logs in to MLflow as `trainer`, whose
+password reaches the `docker run` through its environment, never its command line.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from components.image_registry import REGISTRY_PORT
 from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
 from components.stack import stage_labels
+from mlops import credentials
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.errors import SpecError, excerpt, one_line
 from mlops.experiments import EXPERIMENT_PREFIX, experiment_spec_from_stack_file
@@ -37,6 +39,7 @@ REGISTERED = re.compile(r"^REGISTERED name=(?P<name>\S+) version=(?P<version>\d+
 PARAM_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Each --param becomes one `docker run` argument, which Linux caps at 128 KiB; no estimator parameter needs 1 KiB.
 MAX_PARAM_VALUE = 1024
+TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -126,16 +129,19 @@ def run_arguments(spec: StageSpec, image: str, digest: str, name: str, training_
         "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}",
         *[option for key, value in sorted(labels.items()) for option in ("--label", f"{key}={value}")],
         "--env", f"MLFLOW_TRACKING_URI=http://{spec.stage}-model-registry:{MLFLOW_PORT}",
+        "--env", f"MLFLOW_TRACKING_USERNAME={credentials.TRAINER}",
+        # No value: docker takes it from its own environment (stream_run's), so it shows in no process list.
+        "--env", TRACKING_PASSWORD,
         "--env", f"TRAINING_IMAGE_DIGEST={digest}",
         image, *training_args,
     ]
 
 
-def stream_run(spec: StageSpec, arguments: list[str]) -> tuple[int, Optional[re.Match[str]]]:
+def stream_run(spec: StageSpec, arguments: list[str], password: str) -> tuple[int, Optional[re.Match[str]]]:
     """Print the run's output as it comes, except the `REGISTERED` line: return it with the exit code."""
     registered = None
     with subprocess.Popen(["docker", *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1, env=docker_env(spec)) as process:
+                          bufsize=1, env={**docker_env(spec), TRACKING_PASSWORD: password}) as process:
         assert process.stdout is not None
         for line in process.stdout:
             line = line.rstrip("\n")
@@ -169,6 +175,10 @@ def train(
     image = training_image(spec, environments)
     digest = image_digest(spec, image)
     check_stack_is_up(spec)
+    try:
+        password = credentials.mlflow_password(spec.stage, credentials.TRAINER)
+    except credentials.MissingSecret as err:
+        raise fail(str(err)) from None
 
     training_args = ["--subset", str(subset), "--seed", str(seed), *[f"--param={p}" for p in params]]
     if spec.release is not None:
@@ -176,7 +186,7 @@ def train(
     name = f"{spec.stage}-train-{uuid.uuid4().hex[:8]}"
     console.print(f"[bold]{name}[/bold]: training in {image}", highlight=False, soft_wrap=True)
     try:
-        exit_code, registered = stream_run(spec, run_arguments(spec, image, digest, name, training_args))
+        exit_code, registered = stream_run(spec, run_arguments(spec, image, digest, name, training_args), password)
     finally:
         docker(spec, "rm", "--force", name)
     if exit_code == BAD_INPUT_EXIT:
