@@ -16,6 +16,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mlops.modelstore import BasicAuth
+
 MODEL_NAME = "iris-classifier"
 FEATURES = 4
 # The training contract (docs/contracts.md): a version's run holds model/model.pkl, tagged with its sha256.
@@ -34,10 +36,11 @@ def sample_rows(count: int) -> list[list[float]]:
 
 
 class MlflowRegistry:
-    """The MLflow REST calls that register a model version the way `mlops train` does."""
+    """The MLflow REST calls that register a model version the way `mlops train` does, as its user."""
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, tracking_uri: str, auth: BasicAuth) -> None:
         self.base = tracking_uri.rstrip("/")
+        self.auth = auth
 
     def register(self, name: str, payload: bytes) -> str:
         """Log `payload` as a run's model.pkl, register it as a new version of `name`; returns the version."""
@@ -62,6 +65,6 @@ class MlflowRegistry:
 
     def _request(self, method: str, path: str, body: bytes, content_type: str) -> bytes:
         request = urllib.request.Request(self.base + path, data=body, method=method,
-                                         headers={"Content-Type": content_type})
+                                         headers={"Content-Type": content_type, "Authorization": self.auth.header})
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.read()

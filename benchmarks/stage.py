@@ -13,6 +13,8 @@ from typing import Optional
 import docker
 
 from benchmarks.model import MODEL_NAME, MlflowRegistry
+from mlops.credentials import TRAINER, derived_password
+from mlops.modelstore import BasicAuth
 from mlops.spec import StageSpec, load_stage
 from tests.engine import StageOnEngine
 
@@ -74,7 +76,8 @@ class ModelSeeder(threading.Thread):
             tracking_uri = f"http://127.0.0.1:{self._mlflow_port(deadline)}"
             wait_ready(f"{tracking_uri}/health", deadline - time.monotonic())
             self.mlflow_answered_at = time.time()
-            MlflowRegistry(tracking_uri).register(MODEL_NAME, self.payload)
+            trainer = BasicAuth(TRAINER, derived_password(self.stage.mlflow_password, TRAINER))
+            MlflowRegistry(tracking_uri, trainer).register(MODEL_NAME, self.payload)
         except BaseException as error:  # handed to the deploying thread, which reports it
             self.error = error
 

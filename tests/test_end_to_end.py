@@ -19,6 +19,8 @@ import pytest
 import yaml
 from sklearn.datasets import load_iris
 
+from mlops.credentials import MLFLOW_PASSWORD, READER, derived_password, secret_variable
+from mlops.modelstore import BasicAuth
 from mlops.spec import REPO_ROOT, load_stages
 from tests.engine import StageOnEngine
 
@@ -31,9 +33,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def http_json(url: str, body: dict | None = None) -> dict:
+def http_json(url: str, body: dict | None = None, auth: BasicAuth | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json",
+                                                              **({"Authorization": auth.header} if auth else {})})
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
@@ -55,7 +58,7 @@ def write_stage(environments, stage: str, ports: dict[str, int], release: dict |
 
 
 @pytest.fixture
-def stage_on_engine(docker_engine, environments):
+def stage_on_engine(docker_engine, environments, monkeypatch):
     for lock in sorted(REPO_ROOT.glob("images/*/requirements.lock")):
         subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), str(lock.parent.relative_to(REPO_ROOT))],
                        cwd=REPO_ROOT, check=True, capture_output=True)
@@ -64,6 +67,8 @@ def stage_on_engine(docker_engine, environments):
     write_stage(environments, stage, ports, release=None)
     engine = StageOnEngine(stack=stage, spec=load_stages([stage], environments)[0],
                            registry_password=uuid.uuid4().hex)
+    # `mlops train` reads the stage's MLflow secret as CI provides it.
+    monkeypatch.setenv(secret_variable(MLFLOW_PASSWORD, stage), engine.mlflow_password)
 
     def deploy(release: dict | None) -> StageOnEngine:
         """Update the stage to `release`, as a `pulumi up` of the edited stage file would."""
@@ -72,7 +77,7 @@ def stage_on_engine(docker_engine, environments):
         engine.deploy()
         return engine
 
-    yield stage, environments, ports, deploy
+    yield stage, environments, ports, deploy, engine.mlflow_password
     engine.teardown()
 
 
@@ -86,7 +91,8 @@ def train(stage: str, environments, *args: str) -> dict[str, str]:
 
 
 def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
-    stage, environments, ports, deploy = stage_on_engine
+    stage, environments, ports, deploy, mlflow_password = stage_on_engine
+    reader = BasicAuth(READER, derived_password(mlflow_password, READER))
     engine = deploy(release=None)
     assert engine.client.containers.get(f"{stage}-model-registry").attrs["State"]["Health"]["Status"] == "healthy"
 
@@ -105,10 +111,11 @@ def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
 
     artifact_url = (f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow/model-versions/get-download-uri"
                     f"?name={pin['name']}&version={pin['version']}")
-    download_uri = http_json(artifact_url)["artifact_uri"]
+    download_uri = http_json(artifact_url, auth=reader)["artifact_uri"]
     model_path = download_uri.split("mlflow-artifacts:/", 1)[1]
-    with urllib.request.urlopen(f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow-artifacts/artifacts/"
-                                f"{model_path}/model.pkl", timeout=30) as artifact:
+    with urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow-artifacts/artifacts/{model_path}/model.pkl",
+            headers={"Authorization": reader.header}), timeout=30) as artifact:
         model = pickle.loads(artifact.read())
     assert served == model.predict(rows).tolist()
     assert np.asarray(served).shape == (len(rows),)

@@ -30,6 +30,8 @@ from sklearn.tree import DecisionTreeClassifier
 
 from components.containers import APP_USER, DEFAULT_TMPFS, IPC_MODE, PROCESS_LIMIT
 from components.image_registry import htpasswd_entry
+from mlops.credentials import READER, TRAINER, derived_password
+from mlops.modelstore import BasicAuth
 from mlops.spec import REPO_ROOT
 
 pytestmark = pytest.mark.docker
@@ -125,14 +127,16 @@ def engine(docker_engine):
 
 class MlflowRest:
     """Registers model versions by the training contract over MLflow's REST API (the tests' venv has no
-    MLflow client): `model/model.pkl` and `model/manifest.json` on the run, the version tagged `sha256`."""
+    MLflow client), as MLflow user `trainer`: `model/model.pkl` and `model/manifest.json` on the run, the
+    version tagged `sha256`."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, auth: BasicAuth) -> None:
         self.url = url
+        self.auth = auth
 
     def call(self, method: str, path: str, body: bytes | None) -> dict:
         request = urllib.request.Request(self.url + path, data=body, method=method,
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", "Authorization": self.auth.header})
         with urllib.request.urlopen(request, timeout=30) as response:
             answer = response.read()
         return json.loads(answer) if answer else {}
@@ -156,10 +160,12 @@ class MlflowRest:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """The stage's MLflow, as replicas (`tracking_uri`, inside the network) and the tests (`mlflow`) reach it."""
+    """The stage's MLflow, as replicas (`tracking_uri`, inside the network, as user `reader`) and the tests
+    (`mlflow`) reach it."""
     network: str
     tracking_uri: str
     mlflow: MlflowRest
+    reader_password: str
 
 
 def start_model_source(engine: Engine) -> ModelSource:
@@ -168,15 +174,19 @@ def start_model_source(engine: Engine) -> ModelSource:
         subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), f"images/{image}"], cwd=REPO_ROOT,
                        check=True, capture_output=True)
     network = engine.network()
+    secret = secrets.token_hex(16)
     # The MLflow image accepts the Host header `*-model-registry:5000`, as the stack names it.
     registry = engine.run("model-registry", engine.build("images/mlflow"), "--network", network,
                           "-v", f"{engine.volume('mlflow-db')}:/data/db",
                           "-v", f"{engine.volume('artifacts')}:/data/artifacts",
+                          "-e", f"MLOPS_MLFLOW_PASSWORD={secret}",
                           ready_path="/health", port=5000)
     engine.wait_healthy(registry)
-    mlflow = MlflowRest(f"http://127.0.0.1:{engine.host_port(registry, 5000)}")
+    mlflow = MlflowRest(f"http://127.0.0.1:{engine.host_port(registry, 5000)}",
+                        BasicAuth(TRAINER, derived_password(secret, TRAINER)))
     mlflow.post("registered-models/create", name="iris-classifier")
-    return ModelSource(network=network, tracking_uri=f"http://{registry}:5000", mlflow=mlflow)
+    return ModelSource(network=network, tracking_uri=f"http://{registry}:5000", mlflow=mlflow,
+                       reader_password=derived_password(secret, READER))
 
 
 def start_replica(engine: Engine, source: ModelSource, role: str, pin: tuple[str, str], runtime: str = "oip",
@@ -188,6 +198,7 @@ def start_replica(engine: Engine, source: ModelSource, role: str, pin: tuple[str
         "--memory", "512m", "--restart", "unless-stopped",
         "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}", "-e", f"MODEL_SHA256={sha256}",
         "-e", f"MLFLOW_TRACKING_URI={source.tracking_uri}", "-e", f"SERVING_RUNTIME={runtime}",
+        "-e", f"MLFLOW_TRACKING_USERNAME={READER}", "-e", f"MLFLOW_TRACKING_PASSWORD={source.reader_password}",
         ready_path="/v2/health/ready", port=8080, health_retries=health_retries)
 
 
@@ -339,7 +350,9 @@ def test_a_replica_pinned_to_other_bytes_exits_with_one_clear_line(engine, servi
     source = serving_stack.source
     replica = engine.run("serving-mispinned", engine.build("images/serving", target="oip"), "--network", source.network,
                          "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}",
-                         "-e", f"MODEL_SHA256={'0' * 64}", "-e", f"MLFLOW_TRACKING_URI={source.tracking_uri}")
+                         "-e", f"MODEL_SHA256={'0' * 64}", "-e", f"MLFLOW_TRACKING_URI={source.tracking_uri}",
+                         "-e", f"MLFLOW_TRACKING_USERNAME={READER}",
+                         "-e", f"MLFLOW_TRACKING_PASSWORD={source.reader_password}")
     exit_code = docker("wait", replica, timeout=120).stdout.strip()
     logs = docker("logs", replica)
     assert exit_code != "0"

@@ -24,7 +24,8 @@ import yaml
 from sklearn.datasets import load_iris
 
 from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
-from mlops.modelstore import MlflowStore
+from mlops.credentials import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, mlflow_password, secret_variable
+from mlops.modelstore import BasicAuth, MlflowStore
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
 from tests.engine import StageOnEngine
 
@@ -90,9 +91,12 @@ def stages(docker_hosts, tmp_path_factory):
     git(environments.parent, "init", "-q", "-b", "main")
     git(environments.parent, "add", "environments")
     git(environments.parent, "commit", "-q", "-m", "three hosts")
-    passwords = {stage: uuid.uuid4().hex for stage in ("dev", "staging", "prod")}
-    saved = {stage: os.environ.get(f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}") for stage in passwords}
-    os.environ.update({f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}": password for stage, password in passwords.items()})
+    # Each stage's two secrets, as CI provides them to `mlops train` and `mlops promote`.
+    secrets = {secret_variable(key, stage): uuid.uuid4().hex
+               for stage in ("dev", "staging", "prod") for key in (REGISTRY_PASSWORD, MLFLOW_PASSWORD)}
+    passwords = {stage: secrets[secret_variable(REGISTRY_PASSWORD, stage)] for stage in ("dev", "staging", "prod")}
+    saved = {variable: os.environ.get(variable) for variable in secrets}
+    os.environ.update(secrets)
     deployed: list[StageOnEngine] = []
     try:
         yield environments, hosts, passwords, deployed
@@ -103,16 +107,17 @@ def stages(docker_hosts, tmp_path_factory):
         for host in hosts.values():
             host.start()
             host.reset()
-        for stage, value in saved.items():
-            os.environ.pop(f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}", None)
+        for variable, value in saved.items():
+            os.environ.pop(variable, None)
             if value is not None:
-                os.environ[f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}"] = value
+                os.environ[variable] = value
 
 
 def deploy(stages, stage: str, stack: str | None = None) -> StageOnEngine:
     environments, _, passwords, deployed = stages
     on_engine = StageOnEngine(stack=stack or stage, spec=load_stage(stage, environments),
-                              registry_password=passwords[stage])
+                              registry_password=passwords[stage],
+                              mlflow_password=os.environ[secret_variable(MLFLOW_PASSWORD, stage)])
     deployed.append(on_engine)
     on_engine.deploy()
     return on_engine
@@ -169,7 +174,8 @@ def test_prod_serves_the_pinned_model_from_its_own_host_while_dev_is_down(stages
     for index in range(3):
         replica = prod_without_dev.client.containers.get(f"prod-serving-blue-{index}")
         assert pin.images.serving in replica.image.attrs["RepoDigests"]
-    model = MlflowStore(f"http://{hosts['prod'].ip}:5200").fetch(pin.model.name, pin.model.version)
+    reader = BasicAuth(READER, mlflow_password("prod", READER))
+    model = MlflowStore(f"http://{hosts['prod'].ip}:5200", reader).fetch(pin.model.name, pin.model.version)
     assert model.sha256 == pin.model.sha256
     rows = load_iris().data[::7]
     served = infer(f"http://{hosts['prod'].ip}:8280", pin.model.name, rows)

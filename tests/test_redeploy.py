@@ -20,6 +20,8 @@ from typing import Iterator
 
 import pytest
 
+from mlops.credentials import READER, TRAINER, derived_password
+from mlops.modelstore import BasicAuth
 from mlops.spec import load_stage
 from tests.engine import IMAGE, StageOnEngine
 from tests.test_end_to_end import free_port, http_json, write_stage
@@ -100,7 +102,8 @@ def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must
     pushed = engine.client.images.get(runs[f"{stack}-serving-blue-0"]).attrs["RepoDigests"]
     assert any(re.fullmatch(rf"localhost:\d+/{stack}/serving@sha256:[0-9a-f]{{64}}", ref) for ref in pushed), pushed
     assert all(re.fullmatch(r"(\S+@)?sha256:[0-9a-f]{64}", image) for image in runs.values()), runs
-    http_json(f"{mlflow}/create", {"name": "kept-across-deploys"})
+    trainer, reader = (BasicAuth(name, derived_password(engine.mlflow_password, name)) for name in (TRAINER, READER))
+    http_json(f"{mlflow}/create", {"name": "kept-across-deploys"}, auth=trainer)
     first_containers, first_images = containers(engine), images(engine)
     assert set(first_containers) == {f"{stack}-model-registry", f"{stack}-image-registry", f"{stack}-gateway",
                                      f"{stack}-serving-blue-0", f"{stack}-serving-blue-1"}
@@ -121,7 +124,8 @@ def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must
     assert images(engine) == first_images
     assert engine.client.containers.get(f"{stack}-serving-blue-0").attrs["HostConfig"]["NanoCpus"] == 500_000_000
 
-    # Replacing MLflow's container keeps its volumes, so the registered model is still there.
+    # Replacing MLflow's container keeps its volumes, so the registered model, the users and their grants
+    # are still there.
     stage.edit({"serving": {"limits": {"cpus": 0.5}}, "model_registry": {"limits": {"cpus": 1.5}}})
     with changes_on_engine(engine) as changes:
         engine.deploy()
@@ -129,5 +133,5 @@ def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must
     assert changes == {("container", "destroy", mlflow_container), ("container", "create", mlflow_container)}
     third_containers = containers(engine)
     assert {name for name in second_containers if third_containers[name] != second_containers[name]} == {mlflow_container}
-    registered = http_json(f"{mlflow}/search")["registered_models"]
+    registered = http_json(f"{mlflow}/search", auth=reader)["registered_models"]
     assert [model["name"] for model in registered] == ["kept-across-deploys"]

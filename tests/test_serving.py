@@ -3,6 +3,7 @@ against a stand-in for the MLflow REST endpoints it uses."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import http.server
@@ -329,6 +330,8 @@ class FakeMlflow(http.server.ThreadingHTTPServer):
     def __init__(self, name: str, versions: dict[str, tuple[str, bytes, str]]) -> None:
         self.name = name
         self.versions = versions
+        self.authorization: str | None = None
+        """When set, the Authorization header every request must carry (else 401, as MLflow's basic-auth app)."""
         super().__init__(("127.0.0.1", 0), FakeMlflowHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -346,6 +349,9 @@ class FakeMlflowHandler(http.server.BaseHTTPRequestHandler):
     server: FakeMlflow
 
     def do_GET(self) -> None:
+        if self.server.authorization is not None and self.headers.get("Authorization") != self.server.authorization:
+            self.send_error(401)
+            return
         url = urlsplit(self.path)
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
         runs = {run_id: payload for run_id, payload, _ in self.server.versions.values()}
@@ -403,6 +409,24 @@ def test_a_version_whose_bytes_differ_from_its_sha256_tag_is_refused_even_unpinn
     server.versions["11"] = ("run11", b"tampered", "f" * 64)
     with pytest.raises(ModelRefused, match="does not match the registry's sha256 tag"):
         MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "11", ""))
+
+
+@pytest.mark.parametrize("pinned", [True, False])
+def test_a_version_without_a_sha256_tag_is_refused_pinned_or_not(registry, pinned):
+    server, payload, sha256 = registry
+    server.versions["12"] = ("run12", payload, "")
+    with pytest.raises(ModelRefused, match="refusing model iris-classifier v12: the version has no sha256 tag"):
+        MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "latest" if not pinned else "12",
+                                                  sha256 if pinned else ""))
+
+
+def test_fetch_logs_in_as_the_given_user(registry):
+    server, payload, sha256 = registry
+    server.authorization = "Basic " + base64.b64encode(b"reader:r34d").decode()
+    with pytest.raises(ModelRefused, match="HTTP 401"):
+        MlflowRegistry(server.url, sleep=pytest.fail).fetch(ModelPin("iris-classifier", "10", sha256))
+    fetched = MlflowRegistry(server.url, username="reader", password="r34d").fetch(ModelPin("iris-classifier", "10", sha256))
+    assert fetched.payload == payload
 
 
 def test_unknown_version_is_refused_without_retrying(registry):

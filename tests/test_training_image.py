@@ -22,18 +22,21 @@ import yaml
 from components.containers import http_healthcheck
 from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
+from mlops.credentials import MLFLOW_PASSWORD, PROMOTER, READER, TRAINER, derived_password, secret_variable
+from mlops.modelstore import BasicAuth
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, HealthCheck
 
 pytestmark = pytest.mark.docker
 
 BASE_IMAGE = "mlops-base:bookworm"
-MLOPS = str(Path(sys.executable).parent / "mlops")
+# The CLI of the code under test, as in the other tests (a console script would run its own install's code).
+MLOPS = [sys.executable, "-m", "mlops"]
 HARDENED = ["--read-only", "--tmpfs", "/tmp", "--user", "10001:10001",
             "--security-opt", "no-new-privileges:true", "--cap-drop", "ALL"]
 
 
-def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check)
+def docker(*args: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, env=env)
 
 
 def build(context: Path, tag: str) -> list[str]:
@@ -54,14 +57,30 @@ def uncached_steps(output: str) -> list[str]:
     return classic + buildkit
 
 
-def mlops_train(stack: str, environments: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([MLOPS, "train", "--stage", stack, "--environments", str(environments), *args],
-                          capture_output=True, text=True, timeout=600)
+def mlops_train(stack: TrainingStack, *args: str, secret: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`mlops train` given the stage's MLflow secret as CI gives it (`secret`, default the stage's own)."""
+    env = {**os.environ, secret_variable(MLFLOW_PASSWORD, stack.name): stack.mlflow_secret if secret is None else secret}
+    return subprocess.run([*MLOPS, "train", "--stage", stack.name, "--environments", str(stack.environments), *args],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT)
 
 
-def get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as response:
+def get(url: str, auth: BasicAuth | None = None) -> bytes:
+    request = urllib.request.Request(url, headers={"Authorization": auth.header} if auth else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
         return response.read()
+
+
+def status(url: str, method: str, auth: BasicAuth | None, body: dict | bytes | None = None) -> int:
+    """The HTTP status MLflow answers `method url` with, as `auth` (None: without credentials)."""
+    headers = {"Authorization": auth.header} if auth else {}
+    if isinstance(body, dict):
+        body, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
 
 
 def wait_for_health(url: str, timeout_s: float = 180) -> None:
@@ -82,6 +101,10 @@ class TrainingStack:
     environments: Path
     training_image: str
     mlflow_url: str
+    mlflow_secret: str
+
+    def user(self, identity: str, password: str | None = None) -> BasicAuth:
+        return BasicAuth(identity, derived_password(self.mlflow_secret, identity) if password is None else password)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +124,7 @@ def training_stack(docker_engine, tmp_path_factory):
     settings = BuildSettings(base_image=BASE_IMAGE, platform="linux/amd64")
     images = {name: built_image_name(stack, name, f"images/{name}", settings) for name in ("training", "mlflow")}
     labels = ["--label", f"mlops.stack={stack}"]
+    mlflow_secret = uuid.uuid4().hex
     try:
         for name, tag in images.items():
             subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), f"images/{name}"], cwd=REPO_ROOT,
@@ -112,11 +136,11 @@ def training_stack(docker_engine, tmp_path_factory):
         docker("run", "--detach", "--name", f"{stack}-model-registry", "--network", f"{stack}-net", *labels,
                *HARDENED, "--memory", "1024m", "--publish", f"127.0.0.1::{MLFLOW_PORT}",
                "--volume", f"{stack}-mlflow-db:/data/db", "--volume", f"{stack}-artifacts:/data/artifacts",
-               images["mlflow"])
+               "--env", "MLOPS_MLFLOW_PASSWORD", images["mlflow"], env={**os.environ, "MLOPS_MLFLOW_PASSWORD": mlflow_secret})
         host_port = docker("port", f"{stack}-model-registry", str(MLFLOW_PORT)).stdout.splitlines()[0].rsplit(":", 1)[1]
         mlflow_url = f"http://127.0.0.1:{host_port}"
         wait_for_health(f"{mlflow_url}/health")
-        yield TrainingStack(stack, environments, images["training"], mlflow_url)
+        yield TrainingStack(stack, environments, images["training"], mlflow_url, mlflow_secret)
     finally:
         containers = docker("ps", "--all", "--quiet", "--filter", f"label=mlops.stack={stack}").stdout.split()
         if containers:
@@ -152,7 +176,8 @@ def test_mlflow_health_check_passes_inside_the_container(training_stack):
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 def test_mlflow_answers_the_host_by_loopback(training_stack, host):
     url = training_stack.mlflow_url.replace("127.0.0.1", host)
-    assert json.loads(get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1"))["experiments"]
+    assert json.loads(get(f"{url}/api/2.0/mlflow/experiments/search?max_results=1",
+                          training_stack.user(READER)))["experiments"]
 
 
 def test_mlflow_refuses_foreign_host_headers(training_stack):
@@ -165,7 +190,7 @@ def test_mlflow_refuses_foreign_host_headers(training_stack):
 def test_train_registers_identical_models_as_consecutive_versions(training_stack):
     registered = []
     for _ in range(2):
-        run = mlops_train(training_stack.name, training_stack.environments, "--subset", "0.5")
+        run = mlops_train(training_stack, "--subset", "0.5")
         assert run.returncode == 0, run.stdout + run.stderr
         assert "[training] trained: accuracy=" in run.stdout
         registered.append(run.stdout.strip().splitlines()[-1].split())
@@ -175,14 +200,15 @@ def test_train_registers_identical_models_as_consecutive_versions(training_stack
     assert first[3] == second[3]
     sha256 = first[3].removeprefix("sha256=")
 
+    reader = training_stack.user(READER)
     version = json.loads(get(f"{training_stack.mlflow_url}/api/2.0/mlflow/model-versions/get"
-                             "?name=iris-classifier&version=2"))["model_version"]
+                             "?name=iris-classifier&version=2", reader))["model_version"]
     tags = {tag["key"]: tag["value"] for tag in version["tags"]}
     assert tags["sha256"] == sha256 and float(tags["accuracy"]) > 0.5
     artifact = version["source"].removeprefix("mlflow-artifacts:/")
     artifacts = f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/{artifact}"
-    assert hashlib.sha256(get(f"{artifacts}/model.pkl")).hexdigest() == sha256
-    manifest = json.loads(get(f"{artifacts}/manifest.json"))
+    assert hashlib.sha256(get(f"{artifacts}/model.pkl", reader)).hexdigest() == sha256
+    manifest = json.loads(get(f"{artifacts}/manifest.json", reader))
     assert manifest["environment"]["image_digest"] and len(manifest["environment"]["lock_sha256"]) == 64
 
     leftovers = docker("ps", "--all", "--quiet", "--filter", f"label=mlops.stack={training_stack.name}",
@@ -191,7 +217,68 @@ def test_train_registers_identical_models_as_consecutive_versions(training_stack
 
 
 def test_bad_param_is_one_error_line(training_stack):
-    run = mlops_train(training_stack.name, training_stack.environments, "--param", "n_trees=3")
+    run = mlops_train(training_stack, "--param", "n_trees=3")
     assert run.returncode == 2
     assert run.stderr.startswith("error: unknown parameter(s) n_trees for RandomForestClassifier")
     assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_training_with_the_wrong_mlflow_secret_is_refused_in_one_line(training_stack):
+    run = mlops_train(training_stack, "--subset", "0.5", secret="not-the-secret")
+    assert run.returncode == 1
+    assert "error: registering at http://" in run.stderr and "401" in run.stderr, run.stdout + run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+
+
+def test_mlflow_lets_only_its_users_in_and_the_reader_only_read(training_stack):
+    """Every request but /health needs a user; `reader` reads and writes nothing, the writers write."""
+    api = f"{training_stack.mlflow_url}/api/2.0/mlflow"
+    trainer, reader = training_stack.user(TRAINER), training_stack.user(READER)
+    name = f"auth-{uuid.uuid4().hex[:6]}"
+    # What a training run leaves: an experiment, a run with model.pkl, a registered version tagged sha256.
+    assert status(f"{api}/experiments/create", "POST", trainer, {"name": name}) == 200
+    experiment = json.loads(get(f"{api}/experiments/get-by-name?experiment_name={name}", trainer))["experiment"]
+    run = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{api}/runs/create", data=json.dumps({"experiment_id": experiment["experiment_id"]}).encode(), method="POST",
+        headers={"Authorization": trainer.header, "Content-Type": "application/json"}), timeout=30).read())["run"]["info"]
+    proxy = f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts"
+    location = run["artifact_uri"].removeprefix("mlflow-artifacts:").strip("/") + "/model"
+    artifacts = f"{proxy}/{location}"
+    assert status(f"{artifacts}/model.pkl", "PUT", trainer, b"model bytes") == 200
+    assert status(f"{api}/registered-models/create", "POST", trainer, {"name": name}) == 200
+    version = {"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"]}
+    assert status(f"{api}/model-versions/create", "POST", trainer, version) == 200
+
+    reads = {
+        "get the experiment": (f"{api}/experiments/get?experiment_id={experiment['experiment_id']}", "GET", None),
+        "get the run": (f"{api}/runs/get?run_id={run['run_id']}", "GET", None),
+        "download model.pkl": (f"{artifacts}/model.pkl", "GET", None),
+        "list the artifacts": (f"{proxy}?path={location}", "GET", None),
+        "get the model": (f"{api}/registered-models/get?name={name}", "GET", None),
+        "get the version": (f"{api}/model-versions/get?name={name}&version=1", "GET", None),
+    }
+    writes = {
+        "create a run": (f"{api}/runs/create", "POST", {"experiment_id": experiment["experiment_id"]}),
+        "upload an artifact": (f"{artifacts}/other.pkl", "PUT", b"other bytes"),
+        "overwrite model.pkl": (f"{artifacts}/model.pkl", "PUT", b"other bytes"),
+        "create a model version": (f"{api}/model-versions/create", "POST", version),
+        "set the sha256 tag": (f"{api}/model-versions/set-tag", "POST",
+                               {"name": name, "version": "1", "key": "sha256", "value": "0" * 64}),
+    }
+    delete = (f"{api}/registered-models/delete", "DELETE", {"name": name})
+
+    def statuses(auth: BasicAuth | None, requests: dict) -> dict[str, int]:
+        return {what: status(url, method, auth, body) for what, (url, method, body) in requests.items()}
+
+    for anonymous in (None, training_stack.user(READER, password="wrong")):
+        assert statuses(anonymous, reads | writes | {"delete the model": delete}) == \
+            dict.fromkeys([*reads, *writes, "delete the model"], 401)
+    assert statuses(reader, reads) == dict.fromkeys(reads, 200)
+    assert statuses(reader, writes | {"delete the model": delete}) == dict.fromkeys([*writes, "delete the model"], 403)
+    # The writers may write into what the other created, but delete only what they created themselves.
+    promoter = training_stack.user(PROMOTER)
+    assert statuses(promoter, writes) == dict.fromkeys(writes, 200)
+    assert status(*delete[:2], promoter, delete[2]) == 403
+    assert statuses(trainer, writes) == dict.fromkeys(writes, 200)
+    assert status(*delete[:2], trainer, delete[2]) == 200
+    assert status(f"{training_stack.mlflow_url}/health", "GET", None) == 200

@@ -2,10 +2,12 @@
 
 Training contract: a model version's run holds `model/model.pkl` and `model/manifest.json`, and the
 version is tagged `sha256` (of `model.pkl`). Artifacts come through the tracking server's artifact
-proxy (`mlflow server --serve-artifacts`), so serving needs no storage credentials.
+proxy (`mlflow server --serve-artifacts`), so serving needs no storage credentials, only the read-only
+MLflow user it is given (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, MLflow's own names).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
@@ -37,7 +39,7 @@ class ModelPin:
     version: str
     """An integer, or `latest` (dev only: the highest registered version)."""
     sha256: str
-    """Empty when unpinned (dev); the served sha256 is then only logged."""
+    """Empty when unpinned (dev): the version's own sha256 tag is then the only check."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "ModelPin":
@@ -61,9 +63,12 @@ class FetchedModel:
 class MlflowRegistry:
     """The few MLflow REST endpoints serving needs; connection failures and 5xx answers are retried."""
 
-    def __init__(self, tracking_uri: str, *, attempts: int = 30, retry_delay_s: float = 2.0,
-                 timeout_s: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, tracking_uri: str, *, username: str = "", password: str = "", attempts: int = 30,
+                 retry_delay_s: float = 2.0, timeout_s: float = 30.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.base = tracking_uri.rstrip("/")
+        self.headers = ({"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
+                        if username else {})
         self.attempts = attempts
         self.retry_delay_s = retry_delay_s
         self.timeout_s = timeout_s
@@ -104,7 +109,8 @@ class MlflowRegistry:
         url = self.base + path
         for attempt in range(1, self.attempts + 1):
             try:
-                with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=self.headers),
+                                            timeout=self.timeout_s) as response:
                     return response.read()
             except urllib.error.HTTPError as error:
                 if error.code < 500:
@@ -121,11 +127,16 @@ class MlflowRegistry:
 
 
 def verified_sha256(name: str, version: str, payload: bytes, *, pinned: str, tagged: str) -> str:
-    """The payload's sha256 when it matches the pin and the registry's own tag (each when present)."""
+    """The payload's sha256 when it matches the pin (when there is one) and the sha256 the training run
+    tagged the version with. Unpickling runs code, so a version nobody vouched for by its sha256 is never
+    loaded: in dev, which pins none, the tag is the only check there is."""
     actual = hashlib.sha256(payload).hexdigest()
     if pinned and actual != pinned:
         raise ModelRefused(f"refusing model {name} v{version}: sha256 {actual} does not match pinned {pinned}")
-    if tagged and actual != tagged:
+    if not tagged:
+        raise ModelRefused(f"refusing model {name} v{version}: the version has no sha256 tag; only versions "
+                           "registered by a training run or a promotion (tagged sha256) are served")
+    if actual != tagged:
         raise ModelRefused(f"refusing model {name} v{version}: sha256 {actual} does not match "
                            f"the registry's sha256 tag {tagged}")
     return actual

@@ -22,10 +22,11 @@ def fetch_pinned_model(runtime: str) -> FetchedModel:
         pin = ModelPin.from_env()
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             raise ModelRefused("set MLFLOW_TRACKING_URI to the model registry, e.g. http://<stack>-model-registry:5000")
-        fetched = MlflowRegistry(os.environ["MLFLOW_TRACKING_URI"]).fetch(pin)
+        fetched = MlflowRegistry(os.environ["MLFLOW_TRACKING_URI"], username=os.environ.get("MLFLOW_TRACKING_USERNAME", ""),
+                                 password=os.environ.get("MLFLOW_TRACKING_PASSWORD", "")).fetch(pin)
     except (ModelRefused, RegistryUnreachable) as refusal:
         log.error("%s", refusal)
         sys.exit(1)
     log.info("serving model %s v%s sha256 %s%s", fetched.name, fetched.version, fetched.sha256,
-             "" if pin.sha256 else " (unpinned: MODEL_SHA256 is empty)")
+             "" if pin.sha256 else " (unpinned: checked against the version's sha256 tag)")
     return fetched
