@@ -1,7 +1,9 @@
 """`mlops promote` against two real MLflow tracking servers (the source and the target stage's registry).
 
 The servers run from an `mlflow` executable: $MLOPS_MLFLOW_BIN, `mlflow` on PATH, or a venv these tests
-build once (cached by pytest) from the hermetic wheels of images/mlflow (`make wheels`).
+build once (cached by pytest) from the hermetic wheels of images/mlflow (`make wheels`). They start as the
+MLflow image starts them (images/mlflow/start.py, its auth.ini): with the basic-auth app and the stage's
+identities, each server with a secret of its own, so promotion logs in as `promoter` on both sides.
 """
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ from components.images import BuildSettings, content_tag
 from mlops import promote
 from mlops.cli import app
 from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
-from mlops.modelstore import MlflowStore, ModelVersion
+from mlops.credentials import (MLFLOW_PASSWORD, PROMOTER, READER, REGISTRY_PASSWORD, TRAINER, derived_password,
+                               secret_variable)
+from mlops.modelstore import BasicAuth, MlflowStore, ModelVersion, StoreError
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
 from tests.conftest import (FIXTURE_SERVING_DIGEST, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_DIGEST,
                             FIXTURE_TRAINING_IMAGE, REQUIRE_DOCKER,
@@ -36,6 +40,8 @@ from tests.conftest import (FIXTURE_SERVING_DIGEST, FIXTURE_SERVING_IMAGE, FIXTU
 
 MLFLOW_IMAGE = REPO_ROOT / "images" / "mlflow"
 MODEL_NAME = "iris-classifier"
+# Each server's MLflow secret (mlops:mlflowPassword of the stage it plays).
+MLFLOW_SECRETS = {"source": os.urandom(12).hex(), "target": os.urandom(12).hex()}
 SERVER_START_TIMEOUT_S = 180
 
 
@@ -76,16 +82,20 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _start_server(executable: Path, folder: Path) -> tuple[subprocess.Popen, int]:
+def _start_server(executable: Path, folder: Path, secret: str) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     folder.mkdir(parents=True)
     log = (folder / "server.log").open("w")
+    auth_config = folder / "auth.ini"
+    auth_config.write_text((MLFLOW_IMAGE / "auth.ini").read_text().replace("sqlite:////data/db/", f"sqlite:///{folder}/"))
     server = subprocess.Popen(
-        [str(executable), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--artifacts-destination", str(folder / "artifacts"),
-         "--serve-artifacts"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [str(executable.parent / "python"), str(MLFLOW_IMAGE / "start.py"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", str(folder / "artifacts"), "--serve-artifacts"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # Promotion needs no server-side jobs; their worker pool would only load the machine.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
+             "MLOPS_MLFLOW_PASSWORD": secret, "PATH": f"{executable.parent}:{os.environ['PATH']}"})
     return server, port
 
 
@@ -106,7 +116,8 @@ def _wait_healthy(server: subprocess.Popen, port: int, folder: Path) -> None:
 def registries(mlflow_executable, tmp_path_factory):
     """Ports of two running MLflow servers: the source stage's (staging) and the target's (prod)."""
     root = tmp_path_factory.mktemp("registries")
-    started = [(*_start_server(mlflow_executable, root / role), root / role) for role in ("source", "target")]
+    started = [(*_start_server(mlflow_executable, root / role, MLFLOW_SECRETS[role]), root / role)
+               for role in ("source", "target")]
     try:
         for server, port, folder in started:
             _wait_healthy(server, port, folder)
@@ -170,10 +181,24 @@ class FakeImageRegistries:
         return f"{target_repository}@{digest}"
 
 
+def store(registries: dict[str, int], role: str, identity: str = PROMOTER) -> MlflowStore:
+    """The `role` server ("source" or "target") as MLflow user `identity` there."""
+    return MlflowStore(f"http://127.0.0.1:{registries[role]}",
+                       BasicAuth(identity, derived_password(MLFLOW_SECRETS[role], identity)))
+
+
+def mlflow_secrets_as(monkeypatch, **roles: str) -> None:
+    """Give stage `stage` the MLflow secret of the server that plays it, as CI would (`staging="target"`)."""
+    for stage, role in roles.items():
+        monkeypatch.setenv(secret_variable(MLFLOW_PASSWORD, stage), MLFLOW_SECRETS[role])
+
+
 @pytest.fixture(autouse=True)
-def registry_passwords(monkeypatch):
+def stage_secrets(monkeypatch):
+    """dev and staging promote from the source server, into prod on the target server, unless a test says otherwise."""
     for stage in ("dev", "staging", "prod"):
-        monkeypatch.setenv(f"MLOPS_REGISTRY_PASSWORD_{stage.upper()}", f"{stage}-password")
+        monkeypatch.setenv(secret_variable(REGISTRY_PASSWORD, stage), f"{stage}-password")
+    mlflow_secrets_as(monkeypatch, dev="source", staging="source", prod="target")
 
 
 @pytest.fixture
@@ -187,13 +212,14 @@ def image_registries(monkeypatch):
     return fake
 
 
-def register_source_model(port: int, *, accuracy: float, files: dict[str, bytes] | None = None) -> tuple[int, str]:
+def register_source_model(registries: dict[str, int], *, accuracy: float,
+                          files: dict[str, bytes] | None = None) -> tuple[int, str]:
     """Register a version in the source registry the way training does: files under model/, sha256 tag, metrics."""
     payload = os.urandom(64)  # a distinct model.pkl per test: the servers are shared by the whole session
     model = ModelVersion(name=MODEL_NAME, version=0, files={"model.pkl": payload, "manifest.json": b'{"features": 4}'}
                          if files is None else files, metrics={"accuracy": accuracy})
     sha256 = model.sha256 if "model.pkl" in model.files else "e" * 64
-    return MlflowStore(f"http://127.0.0.1:{port}").publish(model, {"sha256": sha256}), sha256
+    return store(registries, "source", TRAINER).publish(model, {"sha256": sha256}), sha256
 
 
 def promote_cli(environments: Path, *args: str):
@@ -203,7 +229,7 @@ def promote_cli(environments: Path, *args: str):
 
 @pytest.fixture
 def promotable(tmp_path, registries, image_registries):
-    version, sha256 = register_source_model(registries["source"], accuracy=0.97)
+    version, sha256 = register_source_model(registries, accuracy=0.97)
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, sha256))
     return environments, sha256
@@ -220,7 +246,7 @@ def test_promote_pins_release_keeps_comments_and_copies_the_model(promotable, re
     environments, sha256 = promotable
     prod = environments / "prod.yaml"
     before = prod.read_text()
-    target = MlflowStore(f"http://127.0.0.1:{registries['target']}")
+    target = store(registries, "target")
     expected_version = target.next_version(MODEL_NAME)
 
     result = promote_cli(environments)
@@ -253,7 +279,7 @@ def test_promoting_again_reuses_the_copied_version(promotable, registries):
     environments, _ = promotable
     assert promote_cli(environments).exit_code == 0
     git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "promote")
-    target = MlflowStore(f"http://127.0.0.1:{registries['target']}")
+    target = store(registries, "target")
     versions_before = target.next_version(MODEL_NAME)
     pinned = (environments / "prod.yaml").read_text()
 
@@ -265,7 +291,7 @@ def test_promoting_again_reuses_the_copied_version(promotable, registries):
 def test_dry_run_shows_the_diff_and_changes_nothing(promotable, registries, image_registries):
     environments, sha256 = promotable
     before = (environments / "prod.yaml").read_text()
-    target = MlflowStore(f"http://127.0.0.1:{registries['target']}")
+    target = store(registries, "target")
     next_version = target.next_version(MODEL_NAME)
 
     result = promote_cli(environments, "--dry-run")
@@ -287,7 +313,7 @@ def test_image_missing_in_the_source_registry_is_refused_and_nothing_is_copied(p
     assert_refused(result, environments, before, f"staging/serving@{FIXTURE_SERVING_DIGEST}: staging's image registry "
                                                  "(Docker host unix:///var/run/docker.sock) at 127.0.0.1:5101 does not have it")
     assert image_registries.copies == []
-    assert MlflowStore(f"http://127.0.0.1:{registries['target']}").find_version(MODEL_NAME, sha256) is None
+    assert store(registries, "target").find_version(MODEL_NAME, sha256) is None
 
 
 def test_missing_registry_password_is_one_clear_line(promotable, monkeypatch, tmp_path):
@@ -302,18 +328,50 @@ def test_missing_registry_password_is_one_clear_line(promotable, monkeypatch, tm
                    "no password for prod's image registry: set MLOPS_REGISTRY_PASSWORD_PROD")
 
 
+def test_missing_mlflow_secret_is_one_clear_line(promotable, monkeypatch, tmp_path):
+    environments, _ = promotable
+    monkeypatch.delenv("MLOPS_MLFLOW_PASSWORD_PROD")
+    only_git = tmp_path / "bin"
+    only_git.mkdir()
+    (only_git / "git").symlink_to(shutil.which("git"))
+    monkeypatch.setenv("PATH", str(only_git))
+    before = (environments / "prod.yaml").read_text()
+    result = promote_cli(environments)
+    assert_refused(result, environments, before, "no password for prod's MLflow: set MLOPS_MLFLOW_PASSWORD_PROD, or "
+                                                 "run where the Pulumi CLI reads stack prod's secret mlops:mlflowPassword")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_wrong_mlflow_secret_is_refused_by_the_registry_and_changes_nothing(promotable, registries, monkeypatch):
+    environments, sha256 = promotable
+    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_PROD", "not-the-secret")
+    before = (environments / "prod.yaml").read_text()
+    result = promote_cli(environments)
+    assert_refused(result, environments, before, "refused GET /api/2.0/mlflow/registered-models/get to user promoter "
+                                                 "(HTTP 401); check the stage's Pulumi config secret mlops:mlflowPassword")
+    assert len(result.output.strip().splitlines()) == 1
+    assert store(registries, "target").find_version(MODEL_NAME, sha256) is None
+
+
+def test_the_reader_cannot_publish_a_model(registries):
+    model = ModelVersion(name=MODEL_NAME, version=0, files={"model.pkl": os.urandom(64), "manifest.json": b"{}"})
+    store(registries, "target").publish(model, {"sha256": model.sha256})  # the promotions experiment exists
+    with pytest.raises(StoreError, match=r"refused POST /api/2.0/mlflow/runs/create to user reader \(HTTP 403\)"):
+        store(registries, "target", READER).publish(model, {"sha256": model.sha256})
+
+
 def test_gate_miss_is_refused(tmp_path, registries, image_registries):
-    version, sha256 = register_source_model(registries["source"], accuracy=0.6)
+    version, sha256 = register_source_model(registries, accuracy=0.6)
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, sha256))
     before = (environments / "prod.yaml").read_text()
     result = promote_cli(environments)
     assert_refused(result, environments, before, f"v{version} misses prod's gates.min_metrics: accuracy 0.6 < 0.9")
-    assert MlflowStore(f"http://127.0.0.1:{registries['target']}").find_version(MODEL_NAME, sha256) is None
+    assert store(registries, "target").find_version(MODEL_NAME, sha256) is None
 
 
 def test_missing_artifact_is_refused(tmp_path, registries, image_registries):
-    version, _ = register_source_model(registries["source"], accuracy=0.97, files={"manifest.json": b"{}"})
+    version, _ = register_source_model(registries, accuracy=0.97, files={"manifest.json": b"{}"})
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, "e" * 64))
     before = (environments / "prod.yaml").read_text()
@@ -322,7 +380,7 @@ def test_missing_artifact_is_refused(tmp_path, registries, image_registries):
 
 
 def test_sha256_mismatch_is_refused(tmp_path, registries, image_registries):
-    version, sha256 = register_source_model(registries["source"], accuracy=0.97)
+    version, sha256 = register_source_model(registries, accuracy=0.97)
     wrong = "f" * 64
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
                              release=release_yaml(version, wrong))
@@ -457,7 +515,8 @@ def dev_and_staging(tmp_path, registries, image_registry, monkeypatch):
     staging_port, _, staging_password = image_registry()
     monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_DEV", dev_password)
     monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_STAGING", staging_password)
-    version, sha256 = register_source_model(registries["source"], accuracy=0.97)
+    mlflow_secrets_as(monkeypatch, staging="target")
+    version, sha256 = register_source_model(registries, accuracy=0.97)
     environments = make_repo(tmp_path, staging_port=registries["target"], prod_port=_free_port(),
                              staging_image_port=staging_port)
     dev_on(environments, model_registry_port=registries["source"], image_registry_port=dev_port)
@@ -485,7 +544,7 @@ def test_promote_from_dev_copies_the_images_into_staging_by_digest(dev_and_stagi
         assert getattr(staging.release.images, role) == f"localhost:{staging_port}/staging/{role}@{digest}"
         assert manifest_digest(staging_registry, f"staging/{role}", digest) == digest
     assert staging.release.model.sha256 == sha256
-    copied = MlflowStore(f"http://127.0.0.1:{registries['target']}").fetch(MODEL_NAME, staging.release.model.version)
+    copied = store(registries, "target").fetch(MODEL_NAME, staging.release.model.version)
     assert copied.sha256 == sha256 and copied.tags["mlops.promoted_from"] == f"dev v{version}"
 
 
@@ -505,7 +564,7 @@ def test_wrong_target_registry_password_is_one_line_and_changes_nothing(dev_and_
 
 @pytest.mark.docker
 def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, image_registry, monkeypatch):
-    register_source_model(registries["source"], accuracy=0.97)
+    register_source_model(registries, accuracy=0.97)
     dev_port, _, dev_password = image_registry()
     monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_DEV", dev_password)
     environments = make_repo(tmp_path, prod_port=registries["target"])
