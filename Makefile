@@ -27,7 +27,9 @@ up: pulumi-cli venv
 	$(MAKE) base-image wheels
 	mkdir -p .pulumi-state
 	pulumi stack select --create $(ENV)
-	pulumi config get mlops:registryPassword >/dev/null 2>&1 || pulumi config set --secret mlops:registryPassword "$$(openssl rand -hex 24)"
+	for key in registryPassword mlflowPassword; do \
+	  pulumi config get mlops:$$key >/dev/null 2>&1 || pulumi config set --secret mlops:$$key "$$(openssl rand -hex 24)"; \
+	done
 	pulumi up --stack $(ENV)
 
 test: venv

@@ -313,7 +313,9 @@ def test_up_stores_settings_and_a_secret_password_deploys_and_prints_endpoints(f
     stored = json.loads(stack.config["mlops:experiment"].value)
     assert stored["owner"] == "alice" and stored["source"] == "dev" and stored["ttl"] == "2h"
     assert stored["overrides"] == {"serving.replicas": 2}
-    assert stack.config["mlops:registryPassword"].secret and len(stack.config["mlops:registryPassword"].value) >= 32
+    for key in ("mlops:registryPassword", "mlops:mlflowPassword"):
+        assert stack.config[key].secret and len(stack.config[key].value) >= 32, key
+    assert stack.config["mlops:registryPassword"].value != stack.config["mlops:mlflowPassword"].value
     assert stack.deployed
     assert "serving_endpoint: http://127.0.0.1:49153" in result.output
     assert "network" not in result.output.split("deploying exp-demo")[1]
@@ -323,13 +325,13 @@ def test_up_again_keeps_creation_expiry_and_password_unless_a_ttl_is_given(fake_
     invoke("up", "demo", "--ttl", "2h")
     stack = fake_pulumi.stacks["exp-demo"]
     first = json.loads(stack.config["mlops:experiment"].value)
-    password = stack.config["mlops:registryPassword"].value
+    passwords = {key: stack.config[key].value for key in ("mlops:registryPassword", "mlops:mlflowPassword")}
 
     invoke("up", "demo", "--set", "serving.replicas=2")
     again = json.loads(stack.config["mlops:experiment"].value)
     assert (again["created_at"], again["expires_at"], again["ttl"]) == (first["created_at"], first["expires_at"], "2h")
     assert again["overrides"] == {"serving.replicas": 2}
-    assert stack.config["mlops:registryPassword"].value == password
+    assert {key: stack.config[key].value for key in passwords} == passwords
 
     invoke("up", "demo", "--ttl", "3d")
     extended = json.loads(stack.config["mlops:experiment"].value)

@@ -2,7 +2,7 @@
 
 State lives in the backend of PULUMI_BACKEND_URL, by default the file backend `.pulumi-state/` of
 the project `mlops` is run in. Self-managed backends (file, s3, ...) encrypt stack secrets (the image registry
-password) with PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE, which must be set.
+password, the MLflow secret) with PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE, which must be set.
 `exp up`, `exp list` and `exp down` need the Pulumi CLI; `exp gc` cleans orphaned Docker resources
 without it, for a file backend, by reading the backend's stack list from disk.
 """
@@ -38,7 +38,8 @@ console = Console(markup=False, highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 SETTINGS_KEY = f"mlops:{EXPERIMENT_CONFIG_KEY}"
-PASSWORD_KEY = "mlops:registryPassword"
+# Each experiment's own random secrets: its image registry's password, and the one MLflow derives its users' from.
+SECRET_KEYS = ("mlops:registryPassword", "mlops:mlflowPassword")
 PASSPHRASE_VARIABLES = ("PULUMI_CONFIG_PASSPHRASE", "PULUMI_CONFIG_PASSPHRASE_FILE")
 ENDPOINT_OUTPUTS = ("serving_endpoint", "model_registry_url", "image_registry")
 INSTALL_HINT = "install it with `curl -fsSL https://get.pulumi.com | sh` (or see https://www.pulumi.com/docs/install/)"
@@ -187,8 +188,10 @@ def up(
                     kept |= {"ttl": previous.ttl, "expires_at": previous.expires_at}
                 settings = ExperimentSettings(**{**settings.to_config(), **kept})
         stack.set_config(SETTINGS_KEY, auto.ConfigValue(json.dumps(settings.to_config())), path=False)
-        if PASSWORD_KEY not in stack.get_all_config():
-            stack.set_config(PASSWORD_KEY, auto.ConfigValue(secrets.token_urlsafe(24), secret=True), path=False)
+        configured = stack.get_all_config()
+        for key in SECRET_KEYS:
+            if key not in configured:
+                stack.set_config(key, auto.ConfigValue(secrets.token_urlsafe(24), secret=True), path=False)
     except BaseException:
         # Nothing half-created: a stack that never got its settings is removed again.
         if is_new:
