@@ -1,4 +1,5 @@
-"""An MLflow tracking and model registry server whose artifacts live in the stage's artifact store."""
+"""An MLflow tracking and model registry server whose artifacts live in the stage's artifact store, open only
+to the users its image creates from the stage's MLflow secret (docs/contracts.md)."""
 from __future__ import annotations
 
 from typing import Optional, TypedDict

@@ -27,7 +27,8 @@ def promote(source: str = typer.Option(..., "--from", help="the stage whose rele
             environments: Optional[Path] = typer.Option(None, help="the specs folder, inside a git work tree; "
                                                                    "default: the project's")) -> None:
     """Copy SRC's release (model and images, byte for byte) into DST's registries and pin it in DST's spec,
-    after checking DST's gates. Registry passwords: MLOPS_REGISTRY_PASSWORD_<STAGE>, else the stacks' config."""
+    after checking DST's gates, as MLflow user `promoter`. Secrets: MLOPS_REGISTRY_PASSWORD_<STAGE> and
+    MLOPS_MLFLOW_PASSWORD_<STAGE>, else the stacks' config (mlops:registryPassword, mlops:mlflowPassword)."""
     console = Console(highlight=False, soft_wrap=True)
     try:
         with promotion.Promoter(environments) as promoter:
