@@ -41,8 +41,19 @@ def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environme
             ("--gpus", "all"), ("--security-opt", "no-new-privileges:true"), ("--cap-drop", "ALL"),
             ("--label", "mlops.component=training-run"), ("--label", "mlops.stage=dev"),
             ("--label", "mlops.stack=dev"), ("--env", "MLFLOW_TRACKING_URI=http://dev-model-registry:5000"),
-            ("--env", "TRAINING_IMAGE_DIGEST=sha256:abc"), ("--ipc", "none"), ("--ulimit", "nproc=4096:4096")} <= pairs
+            ("--env", "TRAINING_IMAGE_DIGEST=sha256:abc"), ("--ipc", "none"), ("--ulimit", "nproc=4096:4096"),
+            ("--env", "MLFLOW_TRACKING_USERNAME=trainer"),
+            ("--env", "MLFLOW_TRACKING_PASSWORD")} <= pairs, "the password comes from the environment, not the arguments"
     assert "--read-only" in arguments and arguments[-3:] == ["image:tag", "--seed", "3"]
+
+
+def test_a_missing_mlflow_secret_is_one_line_and_exit_1(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLOPS_MLFLOW_PASSWORD_DEV", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Pulumi CLI to read the stack's secret either
+    result = CliRunner().invoke(app, ["train", "--stage", "dev"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: no password for dev's MLflow: set MLOPS_MLFLOW_PASSWORD_DEV, or run where "
+                                     "the Pulumi CLI reads stack dev's secret mlops:mlflowPassword")
 
 
 def test_no_gpu_unless_asked():

@@ -170,15 +170,15 @@ def train(
     check_params(params)
     spec = (experiment_spec_from_stack_file(stage, environments=environments) if stage.startswith(EXPERIMENT_PREFIX)
             else load_stages([stage], environments)[0])
+    try:
+        password = credentials.mlflow_password(spec.stage, credentials.TRAINER)
+    except credentials.MissingSecret as err:
+        raise fail(str(err)) from None
     if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
         raise fail(f"no Docker engine answers at {spec.docker.url}")
     image = training_image(spec, environments)
     digest = image_digest(spec, image)
     check_stack_is_up(spec)
-    try:
-        password = credentials.mlflow_password(spec.stage, credentials.TRAINER)
-    except credentials.MissingSecret as err:
-        raise fail(str(err)) from None
 
     training_args = ["--subset", str(subset), "--seed", str(seed), *[f"--param={p}" for p in params]]
     if spec.release is not None:
