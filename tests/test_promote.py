@@ -316,25 +316,26 @@ def test_image_missing_in_the_source_registry_is_refused_and_nothing_is_copied(p
     assert store(registries, "target").find_version(MODEL_NAME, sha256) is None
 
 
-def test_missing_registry_password_is_one_clear_line(promotable, monkeypatch, tmp_path):
-    environments, _ = promotable
-    monkeypatch.delenv("MLOPS_REGISTRY_PASSWORD_PROD")
+@pytest.fixture
+def no_pulumi_cli(monkeypatch, tmp_path):
+    """A PATH with git and nothing else: no Pulumi CLI to read a stack's secret from."""
     only_git = tmp_path / "bin"
     only_git.mkdir()
     (only_git / "git").symlink_to(shutil.which("git"))
-    monkeypatch.setenv("PATH", str(only_git))  # no Pulumi CLI to read the stack's secret either
+    monkeypatch.setenv("PATH", str(only_git))
+
+
+def test_missing_registry_password_is_one_clear_line(promotable, monkeypatch, no_pulumi_cli):
+    environments, _ = promotable
+    monkeypatch.delenv("MLOPS_REGISTRY_PASSWORD_PROD")
     before = (environments / "prod.yaml").read_text()
     assert_refused(promote_cli(environments), environments, before,
                    "no password for prod's image registry: set MLOPS_REGISTRY_PASSWORD_PROD")
 
 
-def test_missing_mlflow_secret_is_one_clear_line(promotable, monkeypatch, tmp_path):
+def test_missing_mlflow_secret_is_one_clear_line(promotable, monkeypatch, no_pulumi_cli):
     environments, _ = promotable
     monkeypatch.delenv("MLOPS_MLFLOW_PASSWORD_PROD")
-    only_git = tmp_path / "bin"
-    only_git.mkdir()
-    (only_git / "git").symlink_to(shutil.which("git"))
-    monkeypatch.setenv("PATH", str(only_git))
     before = (environments / "prod.yaml").read_text()
     result = promote_cli(environments)
     assert_refused(result, environments, before, "no password for prod's MLflow: set MLOPS_MLFLOW_PASSWORD_PROD, or "
