@@ -9,6 +9,15 @@ import pytest
 REQUIRE_DOCKER = os.environ.get("MLOPS_REQUIRE_DOCKER") == "1"
 
 
+def free_port() -> int:
+    """A port free on the loopback right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _engine_answers() -> str | None:
     """None when the engine answers, else why not."""
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,11 @@ from sklearn.datasets import load_iris
 from mlops.credentials import MLFLOW_PASSWORD, READER, derived_password, secret_variable
 from mlops.modelstore import BasicAuth
 from mlops.spec import REPO_ROOT, load_stages
+from tests.conftest import free_port
 from tests.engine import StageOnEngine
 
 pytestmark = pytest.mark.docker
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def http_json(url: str, body: dict | None = None, auth: BasicAuth | None = None) -> dict:

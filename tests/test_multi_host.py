@@ -27,17 +27,13 @@ from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
 from mlops.credentials import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, mlflow_password, secret_variable
 from mlops.modelstore import BasicAuth, MlflowStore
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
+from tests.conftest import free_port
 from tests.engine import StageOnEngine
 
 pytestmark = pytest.mark.docker
 
 PUBLISHED = {"bind_address": "0.0.0.0", "public": True}
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def git(repo: Path, *args: str) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,8 +34,7 @@ from mlops.credentials import (MLFLOW_PASSWORD, PROMOTER, READER, REGISTRY_PASSW
 from mlops.modelstore import BasicAuth, MlflowStore, ModelVersion, StoreError
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
 from tests.conftest import (FIXTURE_SERVING_DIGEST, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_DIGEST,
-                            FIXTURE_TRAINING_IMAGE, REQUIRE_DOCKER,
-                            pinned_image)
+                            FIXTURE_TRAINING_IMAGE, REQUIRE_DOCKER, free_port, pinned_image)
 
 MLFLOW_IMAGE = REPO_ROOT / "images" / "mlflow"
 MODEL_NAME = "iris-classifier"
@@ -76,14 +74,9 @@ def mlflow_executable(request) -> Path:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 def _start_server(executable: Path, folder: Path, secret: str) -> tuple[subprocess.Popen, int]:
-    port = _free_port()
+    port = free_port()
     folder.mkdir(parents=True)
     log = (folder / "server.log").open("w")
     auth_config = folder / "auth.ini"
@@ -477,7 +470,7 @@ def image_registry(docker_engine, tmp_path):
         name = f"{image}-{len(started)}"
         password = os.urandom(12).hex()
         entry = f"mlops:{bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}"
-        port = _free_port()
+        port = free_port()
         docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5000", "-e", f"REGISTRY_HTPASSWD_ENTRY={entry}", image)
         started.append(name)
         config = {**os.environ, "DOCKER_CONFIG": str(tmp_path / f"docker-config-{name}")}
@@ -518,7 +511,7 @@ def dev_and_staging(tmp_path, registries, image_registry, monkeypatch):
     monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_STAGING", staging_password)
     mlflow_secrets_as(monkeypatch, staging="target")
     version, sha256 = register_source_model(registries, accuracy=0.97)
-    environments = make_repo(tmp_path, staging_port=registries["target"], prod_port=_free_port(),
+    environments = make_repo(tmp_path, staging_port=registries["target"], prod_port=free_port(),
                              staging_image_port=staging_port)
     dev_on(environments, model_registry_port=registries["source"], image_registry_port=dev_port)
     dev = load_stage("dev", environments)

@@ -15,7 +15,7 @@ import yaml
 
 from mlops.reach import StageReach, Unreachable
 from mlops.spec import load_stage
-from tests.conftest import REQUIRE_DOCKER
+from tests.conftest import REQUIRE_DOCKER, free_port
 
 
 def stage_on(environments, url: str, docker: dict | None = None, model_registry_port: dict | None = None):
@@ -55,11 +55,6 @@ def test_an_explicit_address_wins(environments):
         assert reach.model_registry_url() == "http://192.0.2.7:5200"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
 
 @pytest.fixture
 def sshd(tmp_path):
@@ -73,7 +68,7 @@ def sshd(tmp_path):
     for kind, path in (("ed25519", tmp_path / "host_key"), ("ed25519", tmp_path / "user_key")):
         subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(path)], check=True)
     (tmp_path / "authorized_keys").write_text((tmp_path / "user_key.pub").read_text())
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "sshd_config"
     config.write_text(f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {tmp_path / 'host_key'}\n"
                       f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}\nPidFile {tmp_path / 'sshd.pid'}\n"
