@@ -12,7 +12,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Any, Iterator, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from mlops.errors import NotInProject, SpecError, excerpt
 from mlops.yamlsource import YamlSource, deep_merge, load_yaml_source
@@ -282,9 +283,37 @@ class Release(StrictModel):
     images: ReleaseImages = ReleaseImages()
 
 
+class RolloutPolicy(StrictModel):
+    """How the gateway moves traffic to green without a person, judged from Prometheus, and when it gives up.
+    Numbers are strict: a quoted "0.05" is a typo to report, not a value to guess at."""
+
+    steps: list[Annotated[StrictInt, Field(ge=1, le=100)]] = Field(
+        min_length=1, description="green's weight in percent at each step, strictly increasing, ending at 100")
+    bake_time_s: StrictInt = Field(ge=1, le=86400, description="seconds each step is watched before the next")
+    max_error_rate_increase: StrictFloat = Field(
+        ge=0, le=1, description="green's error rate may exceed blue's by at most this fraction (0.01 = 1 point)")
+    max_p99_latency_ratio: StrictFloat = Field(ge=1, le=100, description="green's p99 latency may be at most this "
+                                                                         "multiple of blue's")
+    min_requests: StrictInt = Field(default=20, ge=1, le=1_000_000,
+                                    description="requests green must answer in a step before it is judged")
+    check_interval_s: StrictInt = Field(default=5, ge=1, le=300, description="seconds between two judgements")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_to_100(cls, steps: list[int]) -> list[int]:
+        for earlier, later in zip(steps, steps[1:]):
+            if later <= earlier:
+                raise ValueError(f"steps must be strictly increasing, got {later} after {earlier}")
+        if steps[-1] != 100:
+            raise ValueError(f"the last step must be 100 (all traffic to green), got {steps[-1]}")
+        return steps
+
+
 class CanaryRelease(StrictModel):
     model: ModelPin
     serving_image: Optional[str] = Field(default=None, description="defaults to the blue serving image")
+    rollout: Optional[RolloutPolicy] = Field(default=None, description="move traffic to green step by step, "
+                                                                       "rolling back to blue on a breached limit")
 
 
 class TrafficSplit(StrictModel):
@@ -420,6 +449,11 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
 
     if spec.serving.traffic.green > 0 and spec.serving.green is None:
         broken.append(("serving.traffic.green", "is above 0 but no 'serving.green' release is declared to receive it"))
+    rollout = spec.serving.green.rollout if spec.serving.green is not None else None
+    if rollout is not None and rollout.steps[0] <= spec.serving.traffic.green:
+        broken.append(("serving.green.rollout.steps", f"the first step ({rollout.steps[0]}) must be above the declared "
+                                                      f"serving.traffic.green ({spec.serving.traffic.green}), where "
+                                                      "the rollout starts"))
     if spec.kind in ("staging", "prod"):
         for path, image in spec.images().items():
             ref = image.ref if isinstance(image, ImageSource) else image
