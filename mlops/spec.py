@@ -344,6 +344,23 @@ class ServingSpec(StrictModel):
     gateway: GatewaySpec
 
 
+class MonitoringSpec(StrictModel):
+    """Prometheus for the stage: what it scrapes follows the declared replicas (components/monitoring.py)."""
+
+    image: ImageSource = Field(default_factory=lambda: ImageSource(build="images/prometheus"))
+    port: PublishedPort
+    limits: Limits = Limits(cpus=0.5, memory_mb=512)
+    health_check: HealthCheck = HealthCheck()
+    scrape_interval_s: int = Field(default=15, ge=1, le=300, description="seconds between two scrapes of a target")
+    evaluation_interval_s: int = Field(default=15, ge=1, le=300, description="seconds between two rule evaluations")
+    retention_days: int = Field(default=15, ge=1, le=3650, description="days of samples Prometheus keeps")
+    drift_threshold: float = Field(default=0.2, gt=0, le=10,
+                                   description="PSI of a feature above which the InputDrift alert fires "
+                                               "(0.1: a shift worth a look, 0.25: a large one)")
+    drift_window_rows: int = Field(default=1000, ge=100, le=100_000,
+                                   description="recent rows each replica compares with the training data")
+
+
 class PromotionGates(StrictModel):
     min_metrics: dict[str, float] = Field(default_factory=dict, description="metric -> lowest value a promoted model may have")
 
@@ -373,6 +390,7 @@ class StageSpec(StrictModel):
     release: Optional[Release] = None
     gates: PromotionGates = PromotionGates()
     parity: ParityRules = ParityRules()
+    monitoring: Optional[MonitoringSpec] = Field(default=None, description="Prometheus scraping the gateway and replicas")
     experiment: Optional[ExperimentInfo] = None
 
     @property
@@ -383,6 +401,8 @@ class StageSpec(StrictModel):
         ports = {"model_registry.port": self.model_registry.port, "serving.port": self.serving.port}
         if self.image_registry.enabled:
             ports["image_registry.port"] = self.image_registry.port
+        if self.monitoring is not None:
+            ports["monitoring.port"] = self.monitoring.port
         return ports
 
     @property
@@ -410,6 +430,8 @@ class StageSpec(StrictModel):
             "image_registry.image": self.image_registry.image,
             "serving.gateway.image": self.serving.gateway.image,
         }
+        if self.monitoring is not None:
+            found["monitoring.image"] = self.monitoring.image
         if self.release is not None:
             found["release.images.training"] = self.release.images.training
             found["release.images.serving"] = self.release.images.serving
