@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from canary import Controller, PolicyError, controller_from_env
+from metrics import GatewayMetrics, serve
 
 log = logging.getLogger("gateway")
 
@@ -196,6 +197,7 @@ def main() -> None:
         log.error("%s", error)
         sys.exit(2)
     log.info("routing %s", ", ".join(f"{pool.weight}% to {pool.name} ({len(pool.replicas)} replicas)" for pool in pools))
+    serve(GatewayMetrics())
     sys.exit(Gateway(pools, rollout=rollout).run())
 
 
