@@ -1,6 +1,7 @@
 """Serving replicas of the pinned model behind a gateway that splits traffic between blue and green."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, TypedDict
 
 import pulumi
@@ -10,6 +11,7 @@ from components.containers import container_labels, hardened_container, publishe
 from components.images import BuildSettings, PushTarget, build_image, image_id
 from components.monitoring import ScrapeTarget
 from mlops.credentials import READER
+from mlops.rollout import ROLLOUT_DIR, gateway_env
 from mlops.spec import ModelPin, Release, ServingSpec
 
 SERVING_PORT = 8080
@@ -17,6 +19,14 @@ GATEWAY_PORT = 8080
 # Metrics on ports of their own, reached only on the stage network: neither is published or routed.
 REPLICA_METRICS_PORT = 8082
 GATEWAY_METRICS_PORT = 9102
+
+
+@dataclass(frozen=True)
+class RolloutWiring:
+    prometheus_url: str
+    """The stage's Prometheus as the gateway reaches it on the stage network."""
+    log_volume: pulumi.Input[str]
+    """The artifact store's volume for the rollout's event log and state."""
 
 
 class ModelServingArgs(TypedDict):
@@ -33,6 +43,8 @@ class ModelServingArgs(TypedDict):
     labels: dict[str, str]
     drift_window_rows: Optional[int]
     """Rows each replica scores input drift over, when the stage is monitored; None: no drift scoring."""
+    rollout: Optional[RolloutWiring]
+    """Where the gateway judges and records green's rollout, when one is declared."""
 
 
 def model_env(pin: ModelPin, registry_url: pulumi.Input[str], password: pulumi.Input[str],
@@ -111,6 +123,7 @@ class ModelServing(pulumi.ComponentResource):
                 self.scrape_targets.append(ScrapeTarget("serving", f"{hostname}:{REPLICA_METRICS_PORT}", {
                     "slot": slot, "model": pin.name, "model_version": str(pin.version)}))
 
+        rollout = args["rollout"] if spec.green is not None and spec.green.rollout is not None else None
         gateway = hardened_container(
             f"{name}-gateway",
             parent=self,
@@ -126,7 +139,10 @@ class ModelServing(pulumi.ComponentResource):
                 f"UPSTREAM_GREEN={','.join(upstreams.get('green', []))}",
                 f"WEIGHT_BLUE={spec.traffic.blue}",
                 f"WEIGHT_GREEN={spec.traffic.green}",
+                *(gateway_env(spec.green, rollout.prometheus_url) if rollout is not None else []),
             ],
+            volumes=None if rollout is None else [
+                docker.ContainerVolumeArgs(volume_name=rollout.log_volume, container_path=ROLLOUT_DIR)],
             ports=published(GATEWAY_PORT, spec.port),
             depends_on=replicas,
         )

@@ -10,8 +10,8 @@ from components.artifact_store import ArtifactStore
 from components.image_registry import ImageRegistry
 from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
-from components.model_serving import ModelServing
-from components.monitoring import Monitoring, ScrapeTarget
+from components.model_serving import ModelServing, RolloutWiring
+from components.monitoring import PROMETHEUS_PORT, Monitoring, ScrapeTarget
 from components.training_environment import TrainingEnvironment
 from mlops.credentials import READER, derived_password
 from mlops.spec import StageSpec
@@ -125,7 +125,10 @@ class MLOpsStack(pulumi.ComponentResource):
                 "stack": stack, "spec": spec.serving, "release": spec.release,
                 "builds": builds, "registry_url": model_registry.internal_url, "reader_password": reader_password,
                 "network": network.name, "push": push, "depends_on": pushes_after, "labels": labels,
-                "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None}, opts=child)
+                "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
+                "rollout": None if store.rollout_volume is None else RolloutWiring(
+                    prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}", log_volume=store.rollout_volume),
+            }, opts=child)
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest
             scrape_targets = serving.scrape_targets

@@ -472,7 +472,10 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
     if spec.serving.traffic.green > 0 and spec.serving.green is None:
         broken.append(("serving.traffic.green", "is above 0 but no 'serving.green' release is declared to receive it"))
     rollout = spec.serving.green.rollout if spec.serving.green is not None else None
-    if rollout is not None and rollout.steps[0] <= spec.serving.traffic.green:
+    if rollout is not None and spec.monitoring is None:
+        broken.append(("serving.green.rollout", "a rollout is judged from the stage's Prometheus: declare "
+                                                "'monitoring' too"))
+    elif rollout is not None and rollout.steps[0] <= spec.serving.traffic.green:
         broken.append(("serving.green.rollout.steps", f"the first step ({rollout.steps[0]}) must be above the declared "
                                                       f"serving.traffic.green ({spec.serving.traffic.green}), where "
                                                       "the rollout starts"))

@@ -22,7 +22,8 @@ def with_policy(environments, policy: str = GOOD_POLICY) -> None:
     dev = environments / "dev.yaml"
     content = dev.read_text()
     assert "serving:\n  build: images/serving\n" in content
-    dev.write_text(content.replace("serving:\n  build: images/serving\n", f"serving:\n  build: images/serving\n{policy}"))
+    dev.write_text(content.replace("serving:\n  build: images/serving\n", f"serving:\n  build: images/serving\n{policy}")
+                   + "monitoring:\n  port: {host_port: 9190}\n")
 
 
 def test_a_good_policy_validates_with_its_defaults(environments):
@@ -76,6 +77,16 @@ def test_each_bad_policy_value_is_one_line_with_file_and_line(case, environments
     code, out, err = run_cli(monkeypatch, capsys, "validate", "dev", "--environments", str(environments))
     assert (code, out) == (2, "")
     assert err == f"error: {environments}/{expected}\n"
+
+
+def test_a_rollout_needs_the_stage_monitored(environments, monkeypatch, capsys):
+    with_policy(environments)
+    dev = environments / "dev.yaml"
+    dev.write_text(dev.read_text().replace("monitoring:\n  port: {host_port: 9190}\n", ""))
+    code, _, err = run_cli(monkeypatch, capsys, "validate", "dev", "--environments", str(environments))
+    assert code == 2
+    assert err == (f"error: {environments}/dev.yaml:9: serving.green.rollout: a rollout is judged from the stage's "
+                   "Prometheus: declare 'monitoring' too\n")
 
 
 def test_the_first_step_must_be_above_the_declared_green_weight(environments, monkeypatch, capsys):
