@@ -25,6 +25,7 @@ GATEWAY_METRICS_PORT = 9102
 class RolloutWiring:
     prometheus_url: str
     """The stage's Prometheus as the gateway reaches it on the stage network."""
+    scrape_interval_s: int
     log_volume: pulumi.Input[str]
     """The artifact store's volume for the rollout's event log and state."""
 
@@ -139,7 +140,7 @@ class ModelServing(pulumi.ComponentResource):
                 f"UPSTREAM_GREEN={','.join(upstreams.get('green', []))}",
                 f"WEIGHT_BLUE={spec.traffic.blue}",
                 f"WEIGHT_GREEN={spec.traffic.green}",
-                *(gateway_env(spec.green, rollout.prometheus_url) if rollout is not None else []),
+                *(gateway_env(spec.green, rollout.prometheus_url, rollout.scrape_interval_s) if rollout is not None else []),
             ],
             volumes=None if rollout is None else [
                 docker.ContainerVolumeArgs(volume_name=rollout.log_volume, container_path=ROLLOUT_DIR)],

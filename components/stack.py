@@ -126,8 +126,9 @@ class MLOpsStack(pulumi.ComponentResource):
                 "builds": builds, "registry_url": model_registry.internal_url, "reader_password": reader_password,
                 "network": network.name, "push": push, "depends_on": pushes_after, "labels": labels,
                 "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
-                "rollout": None if store.rollout_volume is None else RolloutWiring(
-                    prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}", log_volume=store.rollout_volume),
+                "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(
+                    prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}",
+                    scrape_interval_s=spec.monitoring.scrape_interval_s, log_volume=store.rollout_volume),
             }, opts=child)
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest

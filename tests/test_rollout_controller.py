@@ -10,7 +10,7 @@ from mlops.spec import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
 from canary import (BAKING, FINISHED, ROLLED_BACK, Controller, EventLog, Policy, PolicyError,  # noqa: E402
-                    PrometheusError, SlotSample, judge)
+                    PrometheusError, SlotSample, judge, sample_slots)
 from gateway import Gateway, pools_from_env, render  # noqa: E402
 
 POLICY = Policy(steps=(10, 50, 100), bake_time_s=30, max_error_rate_increase=0.01, max_p99_latency_ratio=1.5,
@@ -130,6 +130,20 @@ def test_a_restarted_gateway_resumes_and_never_rolls_out_a_rolled_back_green_aga
     other = controller(tmp_path, Traffic(HEALTHY), clock, release="iris-classifier:3")
     assert (other.state.phase, other.green_weight) == (BAKING, 10), "a new green gets its own rollout"
     assert json.loads((tmp_path / "state.json").read_text())["green_release"] == "iris-classifier:3"
+
+
+def test_each_slot_is_sampled_from_the_gateway_metrics_over_at_least_four_scrapes():
+    answers = {
+        'sum by (slot) (increase(mlops_gateway_requests_total[20s]))': {"blue": 180.0, "green": 20.0},
+        'sum by (slot) (increase(mlops_gateway_requests_total{code=~"5..|422"}[20s]))': {"green": 5.0},
+        "histogram_quantile(0.99, sum by (slot, le) (rate(mlops_gateway_request_duration_seconds_bucket[20s])))":
+            {"blue": 0.01, "green": 0.05},
+    }
+    samples = sample_slots(answers.__getitem__, window_s=3, scrape_interval_s=5)
+    assert samples == {"blue": SlotSample(requests=180.0, error_rate=0.0, p99_s=0.01),
+                       "green": SlotSample(requests=20.0, error_rate=0.25, p99_s=0.05)}
+    silent = sample_slots(lambda promql: {}, window_s=60, scrape_interval_s=5)
+    assert silent["green"] == SlotSample(requests=0.0, error_rate=None, p99_s=None)
 
 
 def test_judge_compares_green_with_blue():

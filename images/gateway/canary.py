@@ -22,15 +22,16 @@ from typing import Callable, Mapping, Optional
 log = logging.getLogger("gateway.canary")
 
 QUERY_TIMEOUT_S = 2.0
-# Prometheus' increase() and histogram_quantile() need two scrapes inside the window.
-MIN_WINDOW_S = 15
+# Prometheus' increase() and histogram_quantile() need two scrapes inside the window; four leave room for a
+# late or missed one.
+SCRAPES_PER_WINDOW = 4
 # The gateway's metrics (components/monitoring.py scrapes them): requests by slot and status, and their
 # latency histogram by slot.
 REQUESTS = "mlops_gateway_requests_total"
 LATENCY_BUCKETS = "mlops_gateway_request_duration_seconds_bucket"
 # What counts against green: the gateway's own failures and the model's (422: a prediction that fails on
 # this input but not on others, as a model that breaks on a feature range does).
-FAILED = 'status=~"5..|422"'
+FAILED = 'code=~"5..|422"'
 
 BAKING, FINISHED, ROLLED_BACK = "baking", "finished", "rolled back"
 
@@ -129,8 +130,8 @@ def prometheus_query(base_url: str, promql: str) -> dict[str, float]:
     return values
 
 
-def sample_slots(query: Callable[[str], dict[str, float]], window_s: int) -> dict[str, SlotSample]:
-    window = f"{max(window_s, MIN_WINDOW_S)}s"
+def sample_slots(query: Callable[[str], dict[str, float]], window_s: int, scrape_interval_s: int) -> dict[str, SlotSample]:
+    window = f"{max(window_s, SCRAPES_PER_WINDOW * scrape_interval_s)}s"
     requests = query(f"sum by (slot) (increase({REQUESTS}[{window}]))")
     failed = query(f"sum by (slot) (increase({REQUESTS}{{{FAILED}}}[{window}]))")
     p99 = query(f"histogram_quantile(0.99, sum by (slot, le) (rate({LATENCY_BUCKETS}[{window}])))")
@@ -246,10 +247,13 @@ def controller_from_env(env: Mapping[str, str], declared_green_weight: int) -> O
     if not env.get("ROLLOUT_POLICY"):
         return None
     policy = Policy.from_json(env["ROLLOUT_POLICY"])
-    for variable in ("PROMETHEUS_URL", "ROLLOUT_DIR", "GREEN_RELEASE"):
+    for variable in ("PROMETHEUS_URL", "SCRAPE_INTERVAL_S", "ROLLOUT_DIR", "GREEN_RELEASE"):
         if not env.get(variable):
             raise PolicyError(f"ROLLOUT_POLICY needs {variable}")
-    prometheus = env["PROMETHEUS_URL"].rstrip("/")
+    if not env["SCRAPE_INTERVAL_S"].isdigit():
+        raise PolicyError(f"SCRAPE_INTERVAL_S must be a number of seconds, got {env['SCRAPE_INTERVAL_S']!r}")
+    prometheus, scrape_interval_s = env["PROMETHEUS_URL"].rstrip("/"), int(env["SCRAPE_INTERVAL_S"])
     return Controller(policy=policy, green_release=env["GREEN_RELEASE"], declared_green_weight=declared_green_weight,
                       record=EventLog(Path(env["ROLLOUT_DIR"])),
-                      sample=lambda window_s: sample_slots(lambda promql: prometheus_query(prometheus, promql), window_s))
+                      sample=lambda window_s: sample_slots(lambda promql: prometheus_query(prometheus, promql), window_s,
+                                                           scrape_interval_s))
