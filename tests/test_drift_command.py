@@ -8,7 +8,9 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import yaml
 
+from mlops.spec import REPO_ROOT
 from tests.conftest import free_port
 from tests.test_spec_errors import run_cli
 
@@ -120,3 +122,19 @@ def test_a_bad_stage_is_one_line_and_exit_2(environments, monkeypatch, capsys, a
     code, out, err = run_cli(monkeypatch, capsys, "drift", *args, "--environments", str(environments))
     assert (code, out) == (2, "")
     assert err == f"error: {environments}{expected}"
+
+
+def test_the_retraining_workflow_trains_and_proposes_a_promotion_only_on_drift():
+    workflow = yaml.safe_load((REPO_ROOT / ".github" / "workflows" / "retrain.yml").read_text())
+    assert workflow[True]["schedule"], "it runs on a schedule"  # PyYAML reads the key `on` as a boolean
+    drift, retrain = workflow["jobs"]["drift"], workflow["jobs"]["retrain"]
+    check = next(step for step in drift["steps"] if step.get("id") == "drift")["run"]
+    assert '.venv/bin/mlops drift --stage "$STAGE"' in check
+    assert 'if [ "$status" -ge 2 ]; then exit "$status"; fi' in check, "a check that cannot run fails the job"
+    assert retrain["needs"] == "drift" and retrain["if"] == "needs.drift.outputs.drifted == 'true'"
+    commands = "\n".join(step.get("run", "") for step in retrain["steps"])
+    assert ".venv/bin/mlops train --stage dev" in commands
+    assert ".venv/bin/mlops promote --from dev --to staging" in commands
+    assert "gh pr create --base main" in commands
+    assert retrain["permissions"] == {"contents": "write", "pull-requests": "write"}
+    assert workflow["permissions"] == {"contents": "read"}, "only the retraining job may push"
