@@ -1,0 +1,203 @@
+"""Monitoring on a real engine: one stage with Prometheus, blue and green, shared by every test here.
+
+The stage is a private copy of dev (an `experiment:` block, free host ports) with one replica per slot,
+scraped and evaluated every second, and a drift window small enough to fill in a few requests. Rows drawn
+from the training data keep the drift scores low; the same rows with one feature shifted by three
+standard deviations raise that feature's score above the stage's threshold and fire InputDrift.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+import yaml
+from sklearn.datasets import load_iris
+
+from mlops.credentials import MLFLOW_PASSWORD, secret_variable
+from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stages
+from tests.conftest import free_port
+from tests.engine import StageOnEngine
+from tests.test_end_to_end import http_json, train
+
+pytestmark = pytest.mark.docker
+
+WINDOW_ROWS = 400
+THRESHOLD = 0.25
+ROWS_PER_REQUEST = 50
+SHIFTED_FEATURE = 2
+PROMTOOL_TESTS = REPO_ROOT / "tests" / "promtool"
+
+
+@dataclass
+class MonitoredStage:
+    name: str
+    engine: StageOnEngine
+    gateway: str
+    prometheus: str
+    model: str
+
+    def query(self, promql: str) -> list[dict]:
+        answer = http_json(f"{self.prometheus}/api/v1/query?{urllib.parse.urlencode({'query': promql})}")
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]
+
+    def value(self, promql: str) -> float | None:
+        result = self.query(promql)
+        assert len(result) <= 1, result
+        return float(result[0]["value"][1]) if result else None
+
+    def infer(self, rows: np.ndarray, rows_per_request: int = ROWS_PER_REQUEST) -> None:
+        for start in range(0, len(rows), rows_per_request):
+            batch = rows[start:start + rows_per_request]
+            http_json(f"{self.gateway}/v2/models/{self.model}/infer", {"inputs": [
+                {"name": "input-0", "shape": list(batch.shape), "datatype": "FP64", "data": batch.ravel().tolist()}]})
+
+
+def stage_file(name: str, ports: dict[str, int], release: dict | None) -> dict:
+    spec = yaml.safe_load((ENVIRONMENTS_DIR / "dev.yaml").read_text())
+    spec |= {
+        "experiment": {"name": name, "owner": "tests", "source_stage": "dev",
+                       "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T01:00:00Z"},
+        "model_registry": {"port": {"host_port": ports["mlflow"]}},
+        "image_registry": {"port": {"host_port": ports["registry"]}},
+        "serving": {**spec["serving"], "replicas": 1, "port": {"host_port": ports["gateway"]}},
+        "monitoring": {"port": {"host_port": ports["prometheus"]}, "scrape_interval_s": 1,
+                       "evaluation_interval_s": 1, "drift_threshold": THRESHOLD, "drift_window_rows": WINDOW_ROWS},
+    }
+    spec.pop("release", None)
+    if release is not None:
+        spec["release"] = {"model": release}
+        spec["serving"]["green"] = {"model": release}
+    return spec
+
+
+@pytest.fixture(scope="module")
+def stage(docker_engine, tmp_path_factory):
+    for lock in sorted(REPO_ROOT.glob("images/*/requirements.lock")):
+        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), str(lock.parent.relative_to(REPO_ROOT))],
+                       cwd=REPO_ROOT, check=True, capture_output=True)
+    subprocess.run([str(REPO_ROOT / "scripts" / "fetch-debs.sh"), "images/prometheus"], cwd=REPO_ROOT, check=True,
+                   capture_output=True)
+    environments = tmp_path_factory.mktemp("monitoring") / "environments"
+    environments.mkdir()
+    for file in ENVIRONMENTS_DIR.glob("*.yaml"):
+        (environments / file.name).write_text(file.read_text())
+    name = f"t-mon-{uuid.uuid4().hex[:6]}"
+    ports = {role: free_port() for role in ("mlflow", "registry", "gateway", "prometheus")}
+
+    def declare(release: dict | None) -> None:
+        (environments / f"{name}.yaml").write_text(yaml.safe_dump(stage_file(name, ports, release), sort_keys=False))
+        engine.spec = load_stages([name], environments)[0]
+
+    (environments / f"{name}.yaml").write_text(yaml.safe_dump(stage_file(name, ports, None), sort_keys=False))
+    engine = StageOnEngine(stack=name, spec=load_stages([name], environments)[0], registry_password=uuid.uuid4().hex)
+    variable = secret_variable(MLFLOW_PASSWORD, name)
+    os.environ[variable] = engine.mlflow_password
+    try:
+        engine.deploy()
+        registered = train(name, environments)
+        pin = {"name": registered["name"], "version": int(registered["version"]), "sha256": registered["sha256"]}
+        declare(pin)
+        engine.deploy()
+        yield MonitoredStage(name=name, engine=engine, gateway=f"http://127.0.0.1:{ports['gateway']}",
+                             prometheus=f"http://127.0.0.1:{ports['prometheus']}", model=pin["name"])
+    finally:
+        os.environ.pop(variable, None)
+        engine.teardown()
+
+
+def eventually(check: Callable[[], object], timeout_s: float = 60, what: str = "") -> object:
+    """The first truthy answer of `check`, polled every half second; fails with the last answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = check()
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s:.0f}s: {what} (last: {answer!r})")
+        time.sleep(0.5)
+
+
+def promtool(stage: MonitoredStage, *args: str) -> subprocess.CompletedProcess:
+    """promtool of the stage's own Prometheus image, with the repo's rule tests mounted."""
+    image = stage.engine.client.containers.get(f"{stage.name}-prometheus").image.id
+    return subprocess.run(["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
+                           "--user", "10001:10001", "-v", f"{PROMTOOL_TESTS}:/tests:ro", image, "promtool", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass(stage):
+    checked = promtool(stage, "check", "rules", "/etc/prometheus/rules/mlops.yml")
+    assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
+    tested = promtool(stage, "test", "rules", *(f"/tests/{file.name}" for file in sorted(PROMTOOL_TESTS.glob("*.yml"))))
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+def test_every_replica_and_the_gateway_are_scraped_and_up(stage):
+    def targets() -> dict[tuple[str, str], str]:
+        active = http_json(f"{stage.prometheus}/api/v1/targets")["data"]["activeTargets"]
+        return {(target["labels"]["job"], target["labels"].get("slot", "")): target["health"] for target in active}
+
+    expected = dict.fromkeys([("serving", "blue"), ("serving", "green"), ("gateway", "")], "up")
+    eventually(lambda: targets() == expected, what=f"targets {expected}")
+    info = stage.query('oip_model_info{job="serving"}')
+    assert {result["metric"]["slot"] for result in info} == {"blue", "green"}
+    assert all(result["metric"]["model_version"] == result["metric"]["version"] for result in info)
+    assert stage.value("mlops:drift_threshold") == THRESHOLD
+
+
+def test_the_recorded_request_counts_match_the_requests_sent(stage):
+    gateway_ok = 'sum(mlops_gateway_requests_total{slot="blue", code="200"}) or vector(0)'
+    replica_ok = 'sum(oip_infer_requests_total{slot="blue", status="200"}) or vector(0)'
+    # Two scrapes after anything sent before, so the baseline is current.
+    time.sleep(2.5)
+    before = (stage.value(gateway_ok), stage.value(replica_ok))
+    sent = 17
+    stage.infer(load_iris().data[:sent], rows_per_request=1)
+    eventually(lambda: (stage.value(gateway_ok), stage.value(replica_ok)) == (before[0] + sent, before[1] + sent),
+               what=f"{sent} more requests at the gateway and the blue replica than {before}")
+    assert stage.value('sum(mlops_gateway_requests_total{slot="green"}) or vector(0)') == 0
+
+
+def drift_scores(stage: MonitoredStage, rows_sent: int) -> dict[str, float]:
+    """Blue's PSI by feature, once Prometheus has scraped the replica after all `rows_sent` predictions."""
+    eventually(lambda: stage.value('sum(mlops_predictions_total{slot="blue"})') == rows_sent,
+               what=f"{rows_sent} predictions scraped")
+    time.sleep(1.5)  # one evaluation of the recording rules after that scrape
+    return {result["metric"]["feature"]: float(result["value"][1])
+            for result in stage.query('mlops:drift_psi:max{slot="blue"}')}
+
+
+def firing_drift_alerts(stage: MonitoredStage) -> list[dict]:
+    alerts = http_json(f"{stage.prometheus}/api/v1/alerts")["data"]["alerts"]
+    return [alert for alert in alerts if alert["labels"]["alertname"] == "InputDrift" and alert["state"] == "firing"]
+
+
+def test_training_like_inputs_keep_drift_low_and_a_shifted_feature_fires_the_alert(stage):
+    iris = load_iris().data
+    rng = np.random.default_rng(0)
+    already = stage.value('sum(mlops_predictions_total{slot="blue"}) or vector(0)')
+    like_training = iris[rng.integers(0, len(iris), 2 * WINDOW_ROWS)]
+    stage.infer(like_training)
+    scores = drift_scores(stage, already + len(like_training))
+    assert set(scores) == {"0", "1", "2", "3"}
+    assert max(scores.values()) < THRESHOLD, scores
+    assert firing_drift_alerts(stage) == []
+
+    shifted = iris[rng.integers(0, len(iris), 2 * WINDOW_ROWS)].copy()
+    shifted[:, SHIFTED_FEATURE] += 3 * iris[:, SHIFTED_FEATURE].std()
+    stage.infer(shifted)
+    scores = drift_scores(stage, already + len(like_training) + len(shifted))
+    assert scores[str(SHIFTED_FEATURE)] > THRESHOLD, scores
+    assert max(score for feature, score in scores.items() if feature != str(SHIFTED_FEATURE)) < THRESHOLD, scores
+    alerts = eventually(lambda: firing_drift_alerts(stage), timeout_s=30, what="InputDrift firing")
+    assert [(alert["labels"]["feature"], alert["labels"]["slot"]) for alert in alerts] == [(str(SHIFTED_FEATURE), "blue")]
