@@ -16,6 +16,8 @@ from typing import Callable, Optional
 from mlops.spec import CanaryRelease, ModelPin, StageSpec
 
 ROLLOUT_DIR = "/data/rollout"
+FINISHED = "finished"
+"""The phase images/gateway/canary.py records once green baked at 100 % within the limits."""
 PROMETHEUS_TIMEOUT_S = 5.0
 
 Query = Callable[[str], list[tuple[dict[str, str], float]]]

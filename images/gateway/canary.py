@@ -138,8 +138,10 @@ def sample_slots(query: Callable[[str], dict[str, float]], window_s: int, scrape
     samples = {}
     for slot in ("blue", "green"):
         count = requests.get(slot, 0.0)
-        samples[slot] = SlotSample(requests=count, error_rate=failed.get(slot, 0.0) / count if count else None,
-                                   p99_s=p99.get(slot))
+        # increase() extrapolates each series to the window's edges on its own, so the ratio of two can
+        # come out a hair above 1.
+        error_rate = min(failed.get(slot, 0.0) / count, 1.0) if count else None
+        samples[slot] = SlotSample(requests=count, error_rate=error_rate, p99_s=p99.get(slot))
     return samples
 
 
