@@ -158,4 +158,4 @@ def test_the_scores_are_the_psi_of_exactly_the_last_window_rows(iris):
                            minlength=len(described["proportions"])) / WINDOW
         live, reference = np.maximum(live, 1e-4), np.maximum(described["proportions"], 1e-4)
         expected.append(((live - reference) * np.log(live / reference)).sum())
-    assert drift.scores() == pytest.approx(expected)
+    assert drift.scores(drift.window()) == pytest.approx(expected)

@@ -2,8 +2,8 @@
 
 The training run records a reference profile in the model's manifest (mlops_training/profile.py): per
 feature, bin edges and the share of training rows in each bin, and the class balance. The replica keeps
-the bins of its last `window_rows` rows in a ring buffer with running counts, so recording a request costs
-one `searchsorted` per feature, and computes each feature's population stability index only when scraped:
+its last `window_rows` rows as the batches they came in, which costs a request an append, and bins them and
+computes each feature's population stability index only when Prometheus scrapes:
 
     PSI = sum over bins (live share - reference share) * ln(live share / reference share)
 
@@ -13,6 +13,7 @@ Rows drawn from the training distribution score about (bins - 1) / window_rows f
 from __future__ import annotations
 
 import threading
+from collections import deque
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,6 +24,8 @@ from prometheus_client.registry import Collector
 FLOOR_SHARE = 1e-4
 # Below this many rows a PSI is mostly noise: none is exported yet.
 MIN_ROWS = 100
+# Predictions are counted in bulk, at a scrape or after this many batches, whichever comes first.
+COUNT_EVERY_BATCHES = 1024
 
 
 class ProfileError(ValueError):
@@ -51,48 +54,53 @@ class DriftMonitor(Collector):
         for feature, shares in enumerate(proportions):
             self.reference[feature, :len(shares)] = np.maximum(shares, FLOOR_SHARE)
         self.window_rows = window_rows
-        self.window = np.zeros((window_rows, n_features), dtype=np.int16)
-        self.counts = np.zeros((n_features, self.bins), dtype=np.int64)
-        self.filled = 0
-        self.position = 0
+        # The last batches, holding at least the last `window_rows` rows; binned only when scraped, so a
+        # request pays for an append, and rows that leave the window before a scrape are never binned.
+        self.recent: deque[np.ndarray] = deque()
+        self.recent_rows = 0
+        self.uncounted: list[np.ndarray] = []
         self.predictions: dict[str, int] = {}
         self.lock = threading.Lock()
 
     def observe(self, rows: np.ndarray, predictions: np.ndarray) -> None:
-        """Add a batch of rows (2-D, one column per feature) to the window, dropping the oldest, and count
-        its predictions."""
-        values, value_counts = np.unique(predictions, return_counts=True)
-        rows = rows[-self.window_rows:]
-        binned = np.column_stack([np.searchsorted(edges, rows[:, feature], side="right")
-                                  for feature, edges in enumerate(self.edges)]).astype(np.int16)
-        columns = np.arange(binned.shape[1])
+        """Add a batch of rows (2-D, one column per feature) and its predictions; rows the window no longer
+        needs are dropped."""
         with self.lock:
-            slots = (self.position + np.arange(len(binned))) % self.window_rows
-            overwritten = min(len(binned), self.filled + len(binned) - self.window_rows)
-            if overwritten > 0:
-                # Until the window is full its free slots come first (at `position` onwards); past them the
-                # batch wraps onto the oldest rows, so the last `overwritten` slots are the ones that held rows.
-                np.subtract.at(self.counts, (columns, self.window[slots[len(slots) - overwritten:]]), 1)
-            self.window[slots] = binned
-            np.add.at(self.counts, (columns, binned), 1)
-            self.position = (self.position + len(binned)) % self.window_rows
-            self.filled = min(self.window_rows, self.filled + len(binned))
-            for value, count in zip(values.tolist(), value_counts.tolist()):
-                self.predictions[str(value)] = self.predictions.get(str(value), 0) + count
+            self.recent.append(rows)
+            self.recent_rows += len(rows)
+            while self.recent_rows - len(self.recent[0]) >= self.window_rows:
+                self.recent_rows -= len(self.recent.popleft())
+            self.uncounted.append(predictions)
+            if len(self.uncounted) >= COUNT_EVERY_BATCHES:
+                self._count_predictions()
 
-    def scores(self) -> np.ndarray | None:
-        """Each feature's PSI over the window, or None while the window holds fewer than MIN_ROWS rows."""
+    def _count_predictions(self) -> None:
+        values, counts = np.unique(np.concatenate(self.uncounted), return_counts=True)
+        self.uncounted.clear()
+        for value, count in zip(values.tolist(), counts.tolist()):
+            self.predictions[str(value)] = self.predictions.get(str(value), 0) + count
+
+    def window(self) -> np.ndarray:
+        """The last `window_rows` rows (fewer until that many arrived)."""
         with self.lock:
-            if self.filled < min(MIN_ROWS, self.window_rows):
-                return None
-            live = np.maximum(self.counts / self.filled, FLOOR_SHARE)
+            batches = list(self.recent)
+        return np.concatenate(batches)[-self.window_rows:] if batches else np.empty((0, len(self.edges)))
+
+    def scores(self, window: np.ndarray) -> np.ndarray | None:
+        """Each feature's PSI over `window`, or None while it holds fewer than MIN_ROWS rows."""
+        if len(window) < min(MIN_ROWS, self.window_rows):
+            return None
+        live = np.stack([np.bincount(np.searchsorted(edges, window[:, feature], side="right"), minlength=self.bins)
+                         for feature, edges in enumerate(self.edges)]) / len(window)
+        live = np.maximum(live, FLOOR_SHARE)
         return ((live - self.reference) * np.log(live / self.reference)).sum(axis=1)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        recent = self.window()
         window = GaugeMetricFamily("mlops_drift_window_rows", "Recent rows the drift scores cover")
-        window.add_metric([], self.filled)
+        window.add_metric([], len(recent))
         yield window
-        scores = self.scores()
+        scores = self.scores(recent)
         psi = GaugeMetricFamily("mlops_drift_psi", "Population stability index of each input feature over the "
                                                    "recent rows against the model's training data", labels=["feature"])
         for feature, score in enumerate(scores if scores is not None else []):
@@ -100,6 +108,8 @@ class DriftMonitor(Collector):
         yield psi
         predicted = CounterMetricFamily("mlops_predictions", "Predictions by predicted value", labels=["prediction"])
         with self.lock:
+            if self.uncounted:
+                self._count_predictions()
             for value, count in sorted(self.predictions.items()):
                 predicted.add_metric([value], count)
         yield predicted
