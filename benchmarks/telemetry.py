@@ -1,0 +1,106 @@
+"""Figure 6: the cost of input drift scoring: requests/s of one `oip` replica with and without it, side by side.
+
+Both replicas run the same serving image and the same model version (registered with a manifest that
+carries the reference profile), as siblings of a dev stage's replica with its hardening and limits, pinned to
+the same CPU; they differ only in DRIFT_WINDOW_ROWS, which a stage with `monitoring:` sets.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from sklearn.datasets import load_iris
+
+from benchmarks import loadgen, stage as bench_stage
+from benchmarks.model import MODEL_NAME, MlflowRegistry, model_bytes, sample_rows
+from benchmarks.report import Figure, alternate, median, rounds_text, spread
+from benchmarks.serving import SERVER_CPU, V2_INFER_PATH, container_address, start_like, v2_body
+from mlops.credentials import TRAINER, derived_password
+from mlops.modelstore import BasicAuth
+from mlops.spec import REPO_ROOT, MonitoringSpec
+from tests.engine import StageOnEngine
+
+sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
+from mlops_training.profile import reference_profile  # noqa: E402
+
+ROWS = (1, 100)
+CONNECTIONS = 8
+GOAL_LOSS = 0.10
+WINDOW_ROWS = MonitoringSpec.model_fields["drift_window_rows"].default
+VARIANTS = {"without drift scoring": None, f"with drift scoring (window {WINDOW_ROWS} rows)": WINDOW_ROWS}
+
+
+def manifest(payload: bytes) -> bytes:
+    """What a training run logs next to model.pkl, as far as serving reads it."""
+    dataset = load_iris()
+    return json.dumps({"outputs": {"model_sha256": hashlib.sha256(payload).hexdigest()},
+                       "reference_profile": reference_profile(dataset.data, dataset.target,
+                                                              list(dataset.feature_names))}).encode()
+
+
+@contextmanager
+def replicas() -> Iterator[dict[str, str]]:
+    """Infer URL of a replica per variant, all of the same image and model version, pinned to SERVER_CPU."""
+    payload = model_bytes()
+    stage = StageOnEngine(stack=bench_stage.unique_stack("telemetry"),
+                          spec=bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True),
+                          registry_password="unused")
+    try:
+        started, _ = bench_stage.deploy_with_model(stage, payload)
+        replica = started[f"{stage.stack}-serving-blue-0"]
+        trainer = BasicAuth(TRAINER, derived_password(stage.mlflow_password, TRAINER))
+        registry = f"http://127.0.0.1:{stage.host_port(f'{stage.stack}-model-registry', bench_stage.MLFLOW_PORT)}"
+        version = MlflowRegistry(registry, trainer).register(MODEL_NAME, payload, manifest(payload))
+        replica.reload()
+        environment = dict(item.split("=", 1) for item in replica.attrs["Config"]["Env"])
+        environment |= {"MODEL_VERSION": version, "MODEL_SHA256": hashlib.sha256(payload).hexdigest()}
+        urls = {}
+        for index, (label, window) in enumerate(VARIANTS.items()):
+            drift = {} if window is None else {"DRIFT_WINDOW_ROWS": str(window)}
+            sibling = start_like(replica, f"variant-{index}", replica.image.id, {**environment, **drift})
+            bench_stage.wait_ready(f"http://{container_address(sibling)}:8080/v2/health/ready", 180)
+            urls[label] = f"http://{container_address(sibling)}:8080{V2_INFER_PATH}"
+        replica.stop()  # off the shared CPU while the variants are measured
+        yield urls
+    finally:
+        stage.teardown()
+
+
+def measure(rounds: int = 5, duration_s: int = 5) -> Figure:
+    with replicas() as urls:
+        samples = {}
+        for rows in ROWS:
+            body = v2_body(sample_rows(rows))
+            for url in urls.values():
+                loadgen.post_load(url, body, CONNECTIONS, 1)
+            samples[rows] = alternate({label: (lambda url=url: loadgen.post_load(url, body, CONNECTIONS, duration_s))
+                                       for label, url in urls.items()}, rounds)
+    figure = Figure(
+        title="Telemetry: input drift scoring on a replica",
+        goal=f"drift scoring costs under {GOAL_LOSS:.0%} of a replica's requests/s.",
+        headers=["rows/request", "replica", "requests/s: median (min–max)", "p50 ms", "p99 ms", "vs without"])
+    verdicts = []
+    for rows, by_variant in samples.items():
+        baseline = median(result.requests_per_s for result in next(iter(by_variant.values())))
+        for label, results in by_variant.items():
+            throughput = median(result.requests_per_s for result in results)
+            figure.rows.append([str(rows), label, spread([result.requests_per_s for result in results]),
+                                f"{median(result.p50_ms for result in results):.2f}",
+                                f"{median(result.p99_ms for result in results):.2f}", f"{throughput / baseline:.2f}×"])
+        loss = 1 - median(result.requests_per_s for result in list(by_variant.values())[-1]) / baseline
+        verdicts.append(f"{rows} row(s): {loss:+.1%} requests/s lost ({'goal met' if loss < GOAL_LOSS else 'goal missed'})")
+    figure.notes = [
+        "; ".join(verdicts) + ".",
+        f"Load generator: wrk as in figure 1 (one thread pinned to CPU 0), {CONNECTIONS} keep-alive connections "
+        f"straight to each replica's address on the stage network, {duration_s} s per cell, {rounds_text(rounds)}, "
+        "the variants alternating within each round.",
+        f"Both replicas: the dev stage's serving image and limits (1 CPU, 512 MB), pinned to CPU {SERVER_CPU}, the "
+        "same model version fetched from the stage's MLflow; the rows are iris rows, so the window always holds "
+        "real data. Prometheus scraping (every 15 s by default, PSI computed per scrape) is not part of the load.",
+        "Gateway metrics (one syslog datagram per proxied request, images/gateway/metrics.py) are on in every "
+        "stage and so in figure 1's gateway numbers.",
+    ]
+    return figure
