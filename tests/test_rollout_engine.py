@@ -188,6 +188,7 @@ def test_a_failing_canary_is_rolled_back_to_blue_within_the_bake_time_and_blue_l
     by_pool = Counter((pool, status) for _, pool, status in answers.seen)
     print(f"\nfailing canary: {dict(by_pool)}, lost {dict(answers.lost)}; events "
           f"{[(event['event'], event['green_weight'], round(event['time'] - events[0]['time'], 1)) for event in events]}")
+    print("\n".join(json.dumps(event) for event in events[-2:]))
     assert (state["phase"], state["green_weight"]) == ("rolled back", 0)
     [first_step] = [event for event in events if event["event"] == "step"]
     [rollback] = [event for event in events if event["event"] == "rolled back"]
