@@ -10,7 +10,7 @@ from mlops.spec import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
 from canary import (BAKING, FINISHED, ROLLED_BACK, Controller, EventLog, Policy, PolicyError,  # noqa: E402
-                    PrometheusError, SlotSample, judge, sample_slots)
+                    PrometheusError, SlotSample, controller_from_env, judge, sample_slots)
 from gateway import Gateway, pools_from_env, render  # noqa: E402
 
 POLICY = Policy(steps=(10, 50, 100), bake_time_s=30, max_error_rate_increase=0.01, max_p99_latency_ratio=1.5,
@@ -164,6 +164,31 @@ def test_the_gateway_refuses_a_policy_it_cannot_follow(text, error):
               "check_interval_s": 1}
     with pytest.raises(PolicyError) as refused:
         Policy.from_json(text if not text.startswith("{") else json.dumps({**fields, **json.loads(text)}))
+    assert str(refused.value) == error
+
+
+def rollout_env(folder) -> dict[str, str]:
+    return {"ROLLOUT_POLICY": json.dumps({**vars(POLICY), "steps": list(POLICY.steps)}),
+            "PROMETHEUS_URL": "http://s-prometheus:9090/", "SCRAPE_INTERVAL_S": "15", "ROLLOUT_DIR": str(folder),
+            "GREEN_RELEASE": "iris-classifier:2:"}
+
+
+def test_the_environment_the_component_sets_starts_a_rollout_at_the_first_step(tmp_path):
+    rollout = controller_from_env(rollout_env(tmp_path), declared_green_weight=0)
+    assert (rollout.policy, rollout.green_release, rollout.green_weight) == (POLICY, "iris-classifier:2:", 10)
+    assert [entry["event"] for entry in events(tmp_path)] == ["started", "step"]
+    assert controller_from_env({}, declared_green_weight=0) is None, "no policy, no rollout"
+
+
+@pytest.mark.parametrize("change, error", [
+    ({"SCRAPE_INTERVAL_S": ""}, "ROLLOUT_POLICY needs SCRAPE_INTERVAL_S"),
+    ({"SCRAPE_INTERVAL_S": "15s"}, "SCRAPE_INTERVAL_S must be a number of seconds, got '15s'"),
+    ({"ROLLOUT_DIR": "/nonexistent/rollout"}, "ROLLOUT_DIR /nonexistent/rollout is not a writable folder: the rollout "
+                                             "records every step there, so mount the stage's rollout volume on it"),
+])
+def test_an_incomplete_rollout_environment_is_refused_with_the_reason(tmp_path, change, error):
+    with pytest.raises(PolicyError) as refused:
+        controller_from_env({**rollout_env(tmp_path), **change}, declared_green_weight=0)
     assert str(refused.value) == error
 
 

@@ -254,6 +254,9 @@ def controller_from_env(env: Mapping[str, str], declared_green_weight: int) -> O
             raise PolicyError(f"ROLLOUT_POLICY needs {variable}")
     if not env["SCRAPE_INTERVAL_S"].isdigit():
         raise PolicyError(f"SCRAPE_INTERVAL_S must be a number of seconds, got {env['SCRAPE_INTERVAL_S']!r}")
+    if not os.access(env["ROLLOUT_DIR"], os.W_OK):
+        raise PolicyError(f"ROLLOUT_DIR {env['ROLLOUT_DIR']} is not a writable folder: the rollout records every "
+                          "step there, so mount the stage's rollout volume on it")
     prometheus, scrape_interval_s = env["PROMETHEUS_URL"].rstrip("/"), int(env["SCRAPE_INTERVAL_S"])
     return Controller(policy=policy, green_release=env["GREEN_RELEASE"], declared_green_weight=declared_green_weight,
                       record=EventLog(Path(env["ROLLOUT_DIR"])),
