@@ -176,7 +176,8 @@ class EventLog:
 
 @dataclass
 class Controller:
-    """The rollout as a state machine: `tick` is called every few seconds and answers green's weight."""
+    """The rollout as a state machine: `tick` answers green's weight. The gateway's loop calls it every
+    RESOLVE_INTERVAL_S (2 s), so a check interval below that is checked every 2 s."""
 
     policy: Policy
     green_release: str

@@ -153,8 +153,8 @@ class Gateway:
 
     def route_green(self, weight: int) -> None:
         """Send `weight` percent of requests to green from the next request on: the new route file is in place
-        before the old one goes, and while both exist nginx follows the later one, so no request goes
-        unrouted."""
+        before the old one goes, and while both exist nginx follows the one its config tests last, so no
+        request goes unrouted."""
         if weight == self.routed_green_weight:
             return
         route_file(self.runtime_dir, weight).touch()
