@@ -12,18 +12,9 @@ debs="$context/debs"
 [ -f "$lock" ] || { echo "error: $lock does not exist" >&2; exit 1; }
 command -v apt-get >/dev/null || { echo "error: fetching $lock needs apt-get (a Debian or Ubuntu host)" >&2; exit 1; }
 
-mkdir -p "$debs"
-if command -v flock >/dev/null; then
-  exec 9>"${TMPDIR:-/tmp}/fetch-debs-$(cd "$debs" && pwd | sha256sum | cut -c1-16).lock"
-  flock 9
-fi
-
-lock_sha256=$(sha256sum "$lock" | cut -d' ' -f1)
-if [ -f "$debs/SHA256SUMS" ] && [ "$(head -n1 "$debs/SHA256SUMS")" = "# lock $lock_sha256" ] \
-   && (cd "$debs" && sha256sum --quiet --strict -c SHA256SUMS >/dev/null 2>&1); then
-  echo "$debs: up to date"
-  exit 0
-fi
+# shellcheck source=fetch-common.sh
+. "$(dirname "$0")/fetch-common.sh"
+skip_if_current "$debs" "$lock"
 
 incoming="$debs/.incoming"
 rm -rf "$incoming"
@@ -36,7 +27,13 @@ while read -r package sha256; do
   sums+=("$sha256")
 done < "$lock"
 # apt-get writes into the current folder; its sandbox user may not write there, which only costs a warning.
-(cd "$incoming" && apt-get download -qq "${packages[@]}" 2>&1 | grep -v 'unsandboxed' >&2 || true)
+download() { (cd "$incoming" && apt-get download -qq "${packages[@]}" 2>&1 | grep -v 'unsandboxed' >&2 || true); }
+download
+# A fresh machine (CI) may have no package lists yet: as root, fetch them once and try again.
+if [ -z "$(ls "$incoming"/*.deb 2>/dev/null)" ] && [ "$(id -u)" = 0 ]; then
+  apt-get update -qq
+  download
+fi
 : > "$incoming/SHA256SUMS"
 for index in "${!packages[@]}"; do
   name="${packages[$index]%%=*}" version="${packages[$index]#*=}"

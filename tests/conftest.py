@@ -18,6 +18,17 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def fetch_build_inputs() -> None:
+    """What the image builds install offline, as `make wheels` fetches it: the wheels of every hashed lock and
+    the pinned Debian packages (images/prometheus). Quick when they are current."""
+    from mlops.spec import REPO_ROOT
+
+    for script, lock in (("fetch-wheels.sh", "requirements.lock"), ("fetch-debs.sh", "packages.lock")):
+        for found in sorted(REPO_ROOT.glob(f"images/*/{lock}")):
+            subprocess.run([str(REPO_ROOT / "scripts" / script), str(found.parent.relative_to(REPO_ROOT))],
+                           cwd=REPO_ROOT, check=True, capture_output=True)
+
+
 def _engine_answers() -> str | None:
     """None when the engine answers, else why not."""
     try:

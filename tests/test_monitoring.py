@@ -1,6 +1,7 @@
-"""Monitoring on a real engine: one stage with Prometheus, blue and green, shared by every test here.
+"""Monitoring: what the program declares for a stage with `monitoring:`, and on a real engine one stage
+with Prometheus, blue and green, shared by every engine test here.
 
-The stage is a private copy of dev (an `experiment:` block, free host ports) with one replica per slot,
+The engine's stage is a private copy of dev (an `experiment:` block, free host ports) with one replica per slot,
 scraped and evaluated every second, and a drift window small enough to fill in a few requests. Rows drawn
 from the training data keep the drift scores low; the same rows with one feature shifted by three
 standard deviations raise that feature's score above the stage's threshold and fire InputDrift.
@@ -22,13 +23,13 @@ import pytest
 import yaml
 from sklearn.datasets import load_iris
 
+from mlops import plan
 from mlops.credentials import MLFLOW_PASSWORD, secret_variable
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stages
-from tests.conftest import free_port
+from mlops.errors import SpecError
+from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage, load_stages
+from tests.conftest import fetch_build_inputs, free_port
 from tests.engine import StageOnEngine
 from tests.test_end_to_end import http_json, train
-
-pytestmark = pytest.mark.docker
 
 WINDOW_ROWS = 400
 THRESHOLD = 0.25
@@ -80,13 +81,54 @@ def stage_file(name: str, ports: dict[str, int], release: dict | None) -> dict:
     return spec
 
 
+def declared_prometheus(spec) -> dict:
+    [container] = [resource.inputs for resource in plan.render(spec.stage, spec)
+                   if resource.type == "docker:index/container:Container" and resource.name.endswith("-prometheus")]
+    return container
+
+
+def test_scrape_targets_follow_the_declared_replicas_of_both_slots():
+    green = {"model": {"name": "iris-classifier", "version": 2}}
+    spec = load_stage("dev", overrides={"serving": {"replicas": 2, "green": green},
+                                        "monitoring": {"port": {"host_port": 9390}, "drift_threshold": 0.3}})
+    container = declared_prometheus(spec)
+    env = dict(entry.split("=", 1) for entry in container["envs"])
+    config = json.loads(env["PROMETHEUS_CONFIG"])
+    targets = {job["job_name"]: {target: config_entry["labels"] for config_entry in job["static_configs"]
+                                 for target in config_entry["targets"]} for job in config["scrape_configs"]}
+    assert targets == {
+        "serving": {f"dev-serving-{slot}-{index}:8082": {"slot": slot, "model": "iris-classifier",
+                                                        "model_version": version}
+                    for slot, version in (("blue", "latest"), ("green", "2")) for index in (0, 1)},
+        "gateway": {"dev-gateway:9102": {}},
+    }
+    assert env["DRIFT_THRESHOLD"] == "0.3"
+    assert container["ports"] == [{"internal": 9090, "external": 9390, "ip": "127.0.0.1"}]
+    assert container["volumes"] == [{"volumeName": "dev-metrics", "containerPath": "/prometheus"}]
+    assert (container["readOnly"], container["user"], container["capabilities"]) == (True, "10001:10001",
+                                                                                    {"drops": ["ALL"]})
+
+
+def test_without_monitoring_nothing_is_scraped_and_replicas_score_no_drift():
+    spec = load_stage("dev")
+    resources = plan.render("dev", spec)
+    assert not [resource for resource in resources if "prometheus" in resource.name or "metrics" in resource.name]
+    replica_env = [resource.inputs["envs"] for resource in resources if resource.name.endswith("-blue-0")]
+    assert replica_env and not any("DRIFT_WINDOW_ROWS" in str(entry) for entry in replica_env[0])
+
+
+def test_a_bad_monitoring_value_is_one_line_naming_file_line_and_field(environments):
+    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text()
+                                           + "monitoring:\n  port: {host_port: 9390}\n  drift_threshold: high\n")
+    with pytest.raises(SpecError) as raised:
+        load_stage("dev", environments)
+    assert str(raised.value).endswith("dev.yaml:14: monitoring.drift_threshold: Input should be a valid number, "
+                                      "unable to parse string as a number (got 'high')")
+
+
 @pytest.fixture(scope="module")
 def stage(docker_engine, tmp_path_factory):
-    for lock in sorted(REPO_ROOT.glob("images/*/requirements.lock")):
-        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), str(lock.parent.relative_to(REPO_ROOT))],
-                       cwd=REPO_ROOT, check=True, capture_output=True)
-    subprocess.run([str(REPO_ROOT / "scripts" / "fetch-debs.sh"), "images/prometheus"], cwd=REPO_ROOT, check=True,
-                   capture_output=True)
+    fetch_build_inputs()
     environments = tmp_path_factory.mktemp("monitoring") / "environments"
     environments.mkdir()
     for file in ENVIRONMENTS_DIR.glob("*.yaml"):
@@ -135,6 +177,7 @@ def promtool(stage: MonitoredStage, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.docker
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass(stage):
     checked = promtool(stage, "check", "rules", "/etc/prometheus/rules/mlops.yml")
     assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
@@ -142,6 +185,7 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(stage):
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
 
+@pytest.mark.docker
 def test_every_replica_and_the_gateway_are_scraped_and_up(stage):
     def targets() -> dict[tuple[str, str], str]:
         active = http_json(f"{stage.prometheus}/api/v1/targets")["data"]["activeTargets"]
@@ -155,6 +199,7 @@ def test_every_replica_and_the_gateway_are_scraped_and_up(stage):
     assert stage.value("mlops:drift_threshold") == THRESHOLD
 
 
+@pytest.mark.docker
 def test_the_recorded_request_counts_match_the_requests_sent(stage):
     gateway_ok = 'sum(mlops_gateway_requests_total{slot="blue", code="200"}) or vector(0)'
     replica_ok = 'sum(oip_infer_requests_total{slot="blue", status="200"}) or vector(0)'
@@ -182,6 +227,7 @@ def firing_drift_alerts(stage: MonitoredStage) -> list[dict]:
     return [alert for alert in alerts if alert["labels"]["alertname"] == "InputDrift" and alert["state"] == "firing"]
 
 
+@pytest.mark.docker
 def test_training_like_inputs_keep_drift_low_and_a_shifted_feature_fires_the_alert(stage):
     iris = load_iris().data
     rng = np.random.default_rng(0)
