@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlops.reach import StageReach
 from mlops.rollout import Query
-from mlops.spec import StageSpec
 
 SCORES = "mlops:drift_psi:max"
 
@@ -27,9 +25,3 @@ def drift_scores(query: Query) -> list[DriftScore]:
                          model_version=labels.get("model_version", "?"), feature=labels.get("feature", "?"), psi=value)
               for labels, value in query(SCORES) if value == value]
     return sorted(scores, key=lambda score: (-score.psi, score.slot, score.feature))
-
-
-def prometheus_url(spec: StageSpec, reach: StageReach) -> str:
-    """The stage's Prometheus as reached from here; the stage must declare `monitoring`."""
-    assert spec.monitoring is not None
-    return f"http://{reach.address('Prometheus', spec.monitoring.port)}"

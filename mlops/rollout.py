@@ -13,6 +13,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from mlops.reach import StageReach
 from mlops.spec import CanaryRelease, ModelPin, StageSpec
 
 ROLLOUT_DIR = "/data/rollout"
@@ -53,6 +54,12 @@ def prometheus_query(base_url: str) -> Query:
             raise PrometheusUnreachable(f"Prometheus at {base_url} refused the query: {answer.get('error')}")
         return [(series["metric"], float(series["value"][1])) for series in answer["data"]["result"]]
     return query
+
+
+def prometheus_url(spec: StageSpec, reach: StageReach) -> str:
+    """The stage's Prometheus as reached from here; the stage must declare `monitoring`."""
+    assert spec.monitoring is not None
+    return f"http://{reach.address('Prometheus', spec.monitoring.port)}"
 
 
 def gateway_state(spec: StageSpec, stack: str) -> Optional[dict]:
@@ -122,3 +129,13 @@ def status_rows(spec: StageSpec, query: Query, state: Optional[dict]) -> list[Sl
     return [SlotRow(slot=slot, model=pin.name, version=str(pin.version), weight=weight, error_rate=errors.get(slot),
                     p99_ms=p99[slot] * 1000 if slot in p99 else None, max_drift=drift.get(slot), rollout=rollout)
             for slot, (pin, weight, rollout) in pins.items()]
+
+
+def stage_status(spec: StageSpec, stack: str) -> list[SlotRow]:
+    """`status_rows` of a running stage: its Prometheus reached from here (no numbers without monitoring)
+    and the rollout state its gateway recorded. Raises `PrometheusUnreachable` or `Unreachable`."""
+    state = gateway_state(spec, stack)
+    if spec.monitoring is None:
+        return status_rows(spec, lambda promql: [], state)
+    with StageReach(spec) as reach:
+        return status_rows(spec, prometheus_query(prometheus_url(spec, reach)), state)

@@ -118,3 +118,10 @@ def test_status_rows_put_the_controller_state_beside_prometheus(prod_with_green)
                                "baking, step 1/2, last judgement: healthy"]
     declared = status_rows(spec, lambda promql: [], None)
     assert [(row.weight, row.rollout) for row in declared] == [(95, "-"), (5, "not started")]
+
+
+def test_a_stage_without_monitoring_shows_its_declared_weights_and_no_numbers(released_environments, monkeypatch):
+    asked = gateway_recorded(monkeypatch, None)
+    rows = rollout.stage_status(load_stage("prod", released_environments), "prod")
+    assert asked == ["prod"]
+    assert rows == [SlotRow("blue", "iris-classifier", "4", 100, None, None, None, "-")]

@@ -22,7 +22,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from mlops.credentials import TRAINER, derived_password
 from mlops.modelstore import BasicAuth
-from mlops.rollout import gateway_state, prometheus_query, status_rows
+from mlops.rollout import gateway_state, stage_status
 from mlops.spec import REPO_ROOT, load_stages
 from tests.conftest import free_port
 from tests.engine import StageOnEngine
@@ -74,10 +74,6 @@ class Stage:
     @property
     def gateway_url(self) -> str:
         return f"http://127.0.0.1:{self.ports['gateway']}"
-
-    @property
-    def prometheus_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['prometheus']}"
 
     def state(self) -> dict | None:
         return gateway_state(self.engine.spec, self.name)
@@ -206,7 +202,7 @@ def test_a_failing_canary_is_rolled_back_to_blue_within_the_bake_time_and_blue_l
     after = [pool for at, pool, _ in answers.seen if at > rollback["time"] + 2]
     assert after and set(after) == {"blue"}
 
-    rows = {row.slot: row for row in status_rows(stage.engine.spec, prometheus_query(stage.prometheus_url), state)}
+    rows = {row.slot: row for row in stage_status(stage.engine.spec, stage.name)}
     assert (rows["blue"].weight, rows["green"].weight) == (100, 0)
     assert rows["green"].version == str(stage.pins["failing"]["version"])
     assert rows["green"].rollout == "rolled back, step 1/3, last judgement: breach"

@@ -10,9 +10,9 @@ from rich.table import Table
 
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.commands.train import BAD_INPUT_EXIT, fail
-from mlops.drift import drift_scores, prometheus_url
+from mlops.drift import drift_scores
 from mlops.reach import StageReach, Unreachable
-from mlops.rollout import PrometheusUnreachable, prometheus_query
+from mlops.rollout import PrometheusUnreachable, prometheus_query, prometheus_url
 from mlops.spec import load_stages
 
 DRIFTED_EXIT = 1
