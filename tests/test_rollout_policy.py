@@ -11,7 +11,7 @@ GOOD_POLICY = """\
     model: {name: iris-classifier, version: 2}
     rollout:
       steps: [10, 50, 100]
-      bake_time_s: 30
+      bake_time_s: 60
       max_error_rate_increase: 0.01
       max_p99_latency_ratio: 1.5
       min_requests: 50
@@ -29,7 +29,7 @@ def with_policy(environments, policy: str = GOOD_POLICY) -> None:
 def test_a_good_policy_validates_with_its_defaults(environments):
     with_policy(environments)
     rollout = load_stage("dev", environments).serving.green.rollout
-    assert (rollout.steps, rollout.bake_time_s, rollout.min_requests, rollout.check_interval_s) == ([10, 50, 100], 30, 50, 5)
+    assert (rollout.steps, rollout.bake_time_s, rollout.min_requests, rollout.check_interval_s) == ([10, 50, 100], 60, 50, 5)
     assert (rollout.max_error_rate_increase, rollout.max_p99_latency_ratio) == (0.01, 1.5)
 
 
@@ -61,8 +61,8 @@ BAD_POLICIES = {
     "latency ratio below 1": ("max_p99_latency_ratio: 1.5", "max_p99_latency_ratio: 0.5",
                               "dev.yaml:13: serving.green.rollout.max_p99_latency_ratio: Input should be greater than "
                               "or equal to 1 (got 0.5)"),
-    "bake time as a float": ("bake_time_s: 30", "bake_time_s: 30.5",
-                             "dev.yaml:11: serving.green.rollout.bake_time_s: Input should be a valid integer (got 30.5)"),
+    "bake time as a float": ("bake_time_s: 60", "bake_time_s: 60.5",
+                             "dev.yaml:11: serving.green.rollout.bake_time_s: Input should be a valid integer (got 60.5)"),
     "unknown key": ("min_requests: 50", "min_request: 50",
                     "dev.yaml:14: serving.green.rollout.min_request: unknown key 'min_request'; allowed here: bake_time_s, "
                     "check_interval_s, max_error_rate_increase, max_p99_latency_ratio, min_requests, steps"),
@@ -87,6 +87,14 @@ def test_a_rollout_needs_the_stage_monitored(environments, monkeypatch, capsys):
     assert code == 2
     assert err == (f"error: {environments}/dev.yaml:9: serving.green.rollout: a rollout is judged from the stage's "
                    "Prometheus: declare 'monitoring' too\n")
+
+
+def test_a_step_lasts_at_least_four_scrapes(environments, monkeypatch, capsys):
+    with_policy(environments, GOOD_POLICY.replace("bake_time_s: 60", "bake_time_s: 59"))
+    code, _, err = run_cli(monkeypatch, capsys, "validate", "dev", "--environments", str(environments))
+    assert code == 2
+    assert err == (f"error: {environments}/dev.yaml:11: serving.green.rollout.bake_time_s: 59 s is shorter than 4 "
+                   "scrapes of monitoring.scrape_interval_s (15 s), the least a step is judged over\n")
 
 
 def test_the_first_step_must_be_above_the_declared_green_weight(environments, monkeypatch, capsys):
