@@ -40,7 +40,8 @@ from mlops.spec import MonitoringSpec
 
 PROMETHEUS_PORT = 9090
 DATA_PATH = "/prometheus"
-RULE_FILES = ["/etc/prometheus/rules/*.yml", "/tmp/prometheus/stage-rules.yml"]
+# The image adds the rule file it writes from DRIFT_THRESHOLD (images/prometheus/start.py).
+RULE_FILES = ["/etc/prometheus/rules/*.yml"]
 
 
 @dataclass(frozen=True)

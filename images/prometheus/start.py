@@ -35,7 +35,9 @@ def main() -> None:
     if not math.isfinite(threshold) or threshold <= 0:
         sys.exit(f"prometheus: DRIFT_THRESHOLD must be a positive number, got {threshold}")
     RUNTIME_DIR.mkdir(parents=True, exist_ok=True)
-    (RUNTIME_DIR / "stage-rules.yml").write_text(threshold_rules(threshold))
+    stage_rules = RUNTIME_DIR / "stage-rules.yml"
+    stage_rules.write_text(threshold_rules(threshold))
+    config["rule_files"] = [*config.get("rule_files", []), str(stage_rules)]
     (RUNTIME_DIR / "prometheus.yml").write_text(json.dumps(config, indent=2) + "\n")
     os.execv("/usr/bin/prometheus", [
         "prometheus",
