@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
-import subprocess
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -23,8 +23,8 @@ from sklearn.tree import DecisionTreeClassifier
 from mlops.credentials import TRAINER, derived_password
 from mlops.modelstore import BasicAuth
 from mlops.rollout import gateway_state, stage_status
-from mlops.spec import REPO_ROOT, load_stages
-from tests.conftest import free_port
+from mlops.spec import ENVIRONMENTS_DIR, load_stages
+from tests.conftest import fetch_build_inputs, free_port
 from tests.engine import StageOnEngine
 from tests.test_gateway_failover import INFER_PATH, MlflowRest, model_that_in_replica_is, read_response
 
@@ -86,13 +86,9 @@ class Stage:
 
 @pytest.fixture(scope="module")
 def stage(docker_engine, tmp_path_factory):
-    for lock in sorted(REPO_ROOT.glob("images/*/requirements.lock")):
-        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), str(lock.parent.relative_to(REPO_ROOT))],
-                       cwd=REPO_ROOT, check=True, capture_output=True)
-    subprocess.run([str(REPO_ROOT / "scripts" / "fetch-debs.sh"), "images/prometheus"], cwd=REPO_ROOT, check=True,
-                   capture_output=True)
+    fetch_build_inputs()
     environments = tmp_path_factory.mktemp("rollout") / "environments"
-    subprocess.run(["cp", "-r", str(REPO_ROOT / "environments"), str(environments)], check=True)
+    shutil.copytree(ENVIRONMENTS_DIR, environments)
     name = f"t-roll-{uuid.uuid4().hex[:6]}"
     ports = {role: free_port() for role in ("mlflow", "registry", "gateway", "prometheus")}
     write_stage(environments, name, ports, {}, green=None)
