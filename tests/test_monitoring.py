@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.parse
@@ -211,6 +212,19 @@ def test_the_recorded_request_counts_match_the_requests_sent(stage):
     eventually(lambda: (stage.value(gateway_ok), stage.value(replica_ok)) == (before[0] + sent, before[1] + sent),
                what=f"{sent} more requests at the gateway and the blue replica than {before}")
     assert stage.value('sum(mlops_gateway_requests_total{slot="green"}) or vector(0)') == 0
+
+
+@pytest.mark.docker
+def test_the_web_ui_serves_the_graph_and_every_asset_it_links_offline(stage):
+    with urllib.request.urlopen(f"{stage.prometheus}/classic/graph?g0.expr=mlops%3Adrift_psi%3Amax", timeout=10) as page:
+        assets = set(re.findall(r'(?:src|href)="(/classic/static/[^"]+)"', page.read().decode()))
+    assert len(assets) > 10
+    for asset in sorted(assets):
+        with urllib.request.urlopen(f"{stage.prometheus}{asset}", timeout=10) as served:
+            assert served.status == 200 and served.read(), asset
+    for page_path in ("/classic/alerts", "/classic/targets"):
+        with urllib.request.urlopen(f"{stage.prometheus}{page_path}", timeout=10) as served:
+            assert served.status == 200
 
 
 def drift_scores(stage: MonitoredStage, rows_sent: int) -> dict[str, float]:
