@@ -22,7 +22,8 @@ from mlops_training.profile import reference_profile  # noqa: E402
 from mlops_training.train import TrainingRequest, train  # noqa: E402
 from serving.app import InferenceApp  # noqa: E402
 from serving.drift import MIN_ROWS, DriftMonitor, ProfileError  # noqa: E402
-from tests.test_serving import call, infer_body  # noqa: E402
+from serving.registry import MlflowRegistry, ModelPin  # noqa: E402
+from tests.test_serving import call, infer_body, registry  # noqa: E402, F401 - registry is a fixture
 
 WINDOW = 500
 THRESHOLD = 0.2
@@ -159,3 +160,14 @@ def test_the_scores_are_the_psi_of_exactly_the_last_window_rows(iris):
         live, reference = np.maximum(live, 1e-4), np.maximum(described["proportions"], 1e-4)
         expected.append(((live - reference) * np.log(live / reference)).sum())
     assert drift.scores(drift.window()) == pytest.approx(expected)
+
+
+def test_a_replica_gets_the_manifest_of_its_own_model_only(registry):
+    server, _, sha256 = registry
+    pin = ModelPin("iris-classifier", "10", sha256)
+    assert MlflowRegistry(server.url).fetch(pin).manifest is None  # no manifest logged: no drift, still served
+    own = {"outputs": {"model_sha256": sha256}, "reference_profile": {"rows": 1}}
+    server.manifests["run10"] = json.dumps(own).encode()
+    assert MlflowRegistry(server.url).fetch(pin).manifest == own
+    server.manifests["run10"] = json.dumps({"outputs": {"model_sha256": "0" * 64}, "reference_profile": {}}).encode()
+    assert MlflowRegistry(server.url).fetch(pin).manifest is None
