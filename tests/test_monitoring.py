@@ -28,7 +28,7 @@ from mlops import plan
 from mlops.credentials import MLFLOW_PASSWORD, secret_variable
 from mlops.errors import SpecError
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage, load_stages
-from tests.conftest import fetch_build_inputs, free_port
+from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
 from tests.test_end_to_end import http_json, train
 
@@ -65,17 +65,11 @@ class MonitoredStage:
 
 
 def stage_file(name: str, ports: dict[str, int], release: dict | None) -> dict:
-    spec = yaml.safe_load((ENVIRONMENTS_DIR / "dev.yaml").read_text())
-    spec |= {
-        "experiment": {"name": name, "owner": "tests", "source_stage": "dev",
-                       "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T01:00:00Z"},
-        "model_registry": {"port": {"host_port": ports["mlflow"]}},
-        "image_registry": {"port": {"host_port": ports["registry"]}},
-        "serving": {**spec["serving"], "replicas": 1, "port": {"host_port": ports["gateway"]}},
+    spec = private_copy_of_dev(name, ports) | {
         "monitoring": {"port": {"host_port": ports["prometheus"]}, "scrape_interval_s": 1,
                        "evaluation_interval_s": 1, "drift_threshold": THRESHOLD, "drift_window_rows": WINDOW_ROWS},
     }
-    spec.pop("release", None)
+    spec["serving"]["replicas"] = 1
     if release is not None:
         spec["release"] = {"model": release}
         spec["serving"]["green"] = {"model": release}
