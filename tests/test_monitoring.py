@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -22,6 +23,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
 from mlops import plan
@@ -119,6 +121,27 @@ def test_a_bad_monitoring_value_is_one_line_naming_file_line_and_field(environme
         load_stage("dev", environments)
     assert str(raised.value).endswith("dev.yaml:14: monitoring.drift_threshold: Input should be a valid number, "
                                       "unable to parse string as a number (got 'high')")
+
+
+def test_the_gateway_counts_its_access_log_by_slot_and_status_into_histograms():
+    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
+    from metrics import GatewayMetrics  # noqa: PLC0415 - the gateway image's module, on its own path
+
+    metrics = GatewayMetrics()
+    for slot, status, seconds in (("blue", 200, 0.003), ("blue", 200, 0.2), ("green", 502, 0.0004)):
+        metrics.record(f'<190>Nov 27 20:00:00 gateway: {{"slot":"{slot}","status":"{status}","seconds":"{seconds}"}}')
+    metrics.record("<190>Nov 27 20:00:00 gateway: not json")
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(metrics.exposition()) for sample in family.samples}
+    assert samples[("mlops_gateway_requests_total", (("code", "200"), ("slot", "blue")))] == 2
+    assert samples[("mlops_gateway_requests_total", (("code", "502"), ("slot", "green")))] == 1
+    bucket = "mlops_gateway_request_duration_seconds_bucket"
+    assert samples[(bucket, (("le", "0.0025"), ("slot", "blue")))] == 0
+    assert samples[(bucket, (("le", "0.005"), ("slot", "blue")))] == 1
+    assert samples[(bucket, (("le", "+Inf"), ("slot", "blue")))] == 2
+    assert samples[(bucket, (("le", "0.0005"), ("slot", "green")))] == 1
+    assert samples[("mlops_gateway_request_duration_seconds_count", (("slot", "blue"),))] == 2
+    assert samples[("mlops_gateway_request_duration_seconds_sum", (("slot", "blue"),))] == pytest.approx(0.203)
 
 
 @pytest.fixture(scope="module")
