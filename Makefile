@@ -3,6 +3,7 @@ ENV ?= dev
 VENV := .venv
 PY := $(VENV)/bin/python
 LOCKED_IMAGES := $(patsubst %/requirements.lock,%,$(wildcard images/*/requirements.lock))
+PACKAGED_IMAGES := $(patsubst %/packages.lock,%,$(wildcard images/*/packages.lock))
 export PULUMI_BACKEND_URL ?= file://$(CURDIR)/.pulumi-state
 
 .PHONY: venv wheels base-image pulumi-cli up test test-unit bench validate
@@ -15,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 
 wheels:
 	for image in $(LOCKED_IMAGES); do scripts/fetch-wheels.sh $$image; done
+	for image in $(PACKAGED_IMAGES); do scripts/fetch-debs.sh $$image; done
 
 base-image:
 	scripts/build-base-image.sh

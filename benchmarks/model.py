@@ -22,6 +22,7 @@ MODEL_NAME = "iris-classifier"
 FEATURES = 4
 # The training contract (docs/contracts.md): a version's run holds model/model.pkl, tagged with its sha256.
 MODEL_ARTIFACT = "model/model.pkl"
+MANIFEST_ARTIFACT = "model/manifest.json"
 
 
 def model_bytes() -> bytes:
@@ -42,8 +43,9 @@ class MlflowRegistry:
         self.base = tracking_uri.rstrip("/")
         self.auth = auth
 
-    def register(self, name: str, payload: bytes) -> str:
-        """Log `payload` as a run's model.pkl, register it as a new version of `name`; returns the version."""
+    def register(self, name: str, payload: bytes, manifest: bytes | None = None) -> str:
+        """Log `payload` as a run's model.pkl (and `manifest` as its manifest.json), register it as a new
+        version of `name`; returns the version."""
         try:
             self._call("POST", "registered-models/create", {"name": name})
         except urllib.error.HTTPError as error:
@@ -53,6 +55,9 @@ class MlflowRegistry:
         location = run["artifact_uri"].split(":", 1)[1].strip("/")
         self._request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/{MODEL_ARTIFACT}", payload,
                       "application/octet-stream")
+        if manifest is not None:
+            self._request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/{MANIFEST_ARTIFACT}", manifest,
+                          "application/json")
         version = self._call("POST", "model-versions/create", {
             "name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"]})["model_version"]["version"]
         self._call("POST", "model-versions/set-tag", {

@@ -1,7 +1,7 @@
 """Named volumes that hold everything a stage must not lose: model artifacts, registry metadata, images."""
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import Optional, TypedDict
 
 import pulumi
 import pulumi_docker as docker
@@ -9,6 +9,8 @@ import pulumi_docker as docker
 from mlops.spec import ArtifactStoreSpec
 
 VOLUMES = ("artifacts", "mlflow-db", "registry-data")
+METRICS_VOLUME = "metrics"
+ROLLOUT_VOLUME = "rollout"
 
 
 class ArtifactStoreArgs(TypedDict):
@@ -19,12 +21,17 @@ class ArtifactStoreArgs(TypedDict):
     retain_on_delete: bool
     """Keep the Docker volumes when Pulumi deletes the resources (every stage but throw-away experiments,
     whose volumes `mlops exp gc` removes by label)."""
+    metrics: bool
+    """Also hold Prometheus's time series and the rollout controller's event log (stages that declare
+    `monitoring`)."""
 
 
 class ArtifactStore(pulumi.ComponentResource):
     artifacts_volume: pulumi.Output[str]
     mlflow_db_volume: pulumi.Output[str]
     registry_data_volume: pulumi.Output[str]
+    metrics_volume: Optional[pulumi.Output[str]]
+    rollout_volume: Optional[pulumi.Output[str]]
 
     def __init__(self, name: str, args: ArtifactStoreArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("mlops:artifact_store:ArtifactStore", name, None, opts)
@@ -43,13 +50,17 @@ class ArtifactStore(pulumi.ComponentResource):
                 # Protect (prod) makes Pulumi refuse the delete outright.
                 opts=pulumi.ResourceOptions(parent=self, protect=protect, retain_on_delete=retain),
             ).name
-            for volume in VOLUMES
+            for volume in VOLUMES + ((METRICS_VOLUME, ROLLOUT_VOLUME) if args["metrics"] else ())
         }
         self.artifacts_volume = volumes["artifacts"]
         self.mlflow_db_volume = volumes["mlflow-db"]
         self.registry_data_volume = volumes["registry-data"]
+        self.metrics_volume = volumes.get(METRICS_VOLUME)
+        self.rollout_volume = volumes.get(ROLLOUT_VOLUME)
         self.register_outputs({
             "artifacts_volume": self.artifacts_volume,
             "mlflow_db_volume": self.mlflow_db_volume,
             "registry_data_volume": self.registry_data_volume,
+            **({"metrics_volume": self.metrics_volume} if self.metrics_volume is not None else {}),
+            **({"rollout_volume": self.rollout_volume} if self.rollout_volume is not None else {}),
         })

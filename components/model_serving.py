@@ -1,6 +1,7 @@
 """Serving replicas of the pinned model behind a gateway that splits traffic between blue and green."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, TypedDict
 
 import pulumi
@@ -8,11 +9,25 @@ import pulumi_docker as docker
 
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, PushTarget, build_image, image_id
+from components.monitoring import ScrapeTarget
 from mlops.credentials import READER
+from mlops.rollout import ROLLOUT_DIR, gateway_env
 from mlops.spec import ModelPin, Release, ServingSpec
 
 SERVING_PORT = 8080
 GATEWAY_PORT = 8080
+# Metrics on ports of their own, reached only on the stage network: neither is published or routed.
+REPLICA_METRICS_PORT = 8082
+GATEWAY_METRICS_PORT = 9102
+
+
+@dataclass(frozen=True)
+class RolloutWiring:
+    prometheus_url: str
+    """The stage's Prometheus as the gateway reaches it on the stage network."""
+    scrape_interval_s: int
+    log_volume: pulumi.Input[str]
+    """The artifact store's volume for the rollout's event log and state."""
 
 
 class ModelServingArgs(TypedDict):
@@ -27,6 +42,10 @@ class ModelServingArgs(TypedDict):
     push: Optional[PushTarget]
     depends_on: list[pulumi.Resource]
     labels: dict[str, str]
+    drift_window_rows: Optional[int]
+    """Rows each replica scores input drift over, when the stage is monitored; None: no drift scoring."""
+    rollout: Optional[RolloutWiring]
+    """Where the gateway judges and records green's rollout, when one is declared."""
 
 
 def model_env(pin: ModelPin, registry_url: pulumi.Input[str], password: pulumi.Input[str],
@@ -52,6 +71,8 @@ class ModelServing(pulumi.ComponentResource):
     endpoint: pulumi.Output[str]
     host_port: pulumi.Output[int]
     serving_image_digest: pulumi.Output[str]
+    scrape_targets: list[ScrapeTarget]
+    """The gateway and every replica, for Prometheus."""
 
     def __init__(self, name: str, args: ModelServingArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("mlops:model_serving:ModelServing", name, None, opts)
@@ -75,6 +96,9 @@ class ModelServing(pulumi.ComponentResource):
             slots["green"] = (spec.green.model, green_image)
 
         upstreams: dict[str, list[str]] = {}
+        self.scrape_targets = []
+        drift_env = ([] if args["drift_window_rows"] is None
+                     else [f"DRIFT_WINDOW_ROWS={args['drift_window_rows']}"])
         replicas: list[docker.Container] = []
         for slot, (pin, image) in slots.items():
             labels = container_labels({**args["labels"], **model_labels(pin), "mlops.slot": slot}, "model-serving")
@@ -93,11 +117,14 @@ class ModelServing(pulumi.ComponentResource):
                     # A replica that follows `latest` (dev) has nothing to serve until the first training
                     # run registers a version, and then turns ready by itself; a pinned one must be ready.
                     wait=pin.is_pinned,
-                    envs=model_env(pin, args["registry_url"], args["reader_password"], spec.runtime),
+                    envs=model_env(pin, args["registry_url"], args["reader_password"], spec.runtime) + drift_env,
                     tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
                 ))
                 upstreams[slot].append(f"{hostname}:{SERVING_PORT}")
+                self.scrape_targets.append(ScrapeTarget("serving", f"{hostname}:{REPLICA_METRICS_PORT}", {
+                    "slot": slot, "model": pin.name, "model_version": str(pin.version)}))
 
+        rollout = args["rollout"] if spec.green is not None and spec.green.rollout is not None else None
         gateway = hardened_container(
             f"{name}-gateway",
             parent=self,
@@ -113,10 +140,14 @@ class ModelServing(pulumi.ComponentResource):
                 f"UPSTREAM_GREEN={','.join(upstreams.get('green', []))}",
                 f"WEIGHT_BLUE={spec.traffic.blue}",
                 f"WEIGHT_GREEN={spec.traffic.green}",
+                *(gateway_env(spec.green, rollout.prometheus_url, rollout.scrape_interval_s) if rollout is not None else []),
             ],
+            volumes=None if rollout is None else [
+                docker.ContainerVolumeArgs(volume_name=rollout.log_volume, container_path=ROLLOUT_DIR)],
             ports=published(GATEWAY_PORT, spec.port),
             depends_on=replicas,
         )
+        self.scrape_targets.append(ScrapeTarget("gateway", f"{stack}-gateway:{GATEWAY_METRICS_PORT}", {}))
         self.host_port = gateway.ports.apply(lambda ports: ports[0].external)
         self.endpoint = self.host_port.apply(lambda port: f"http://{spec.port.bind_address}:{port}")
         self.serving_image_digest = pulumi.Output.from_input(released_image)

@@ -10,7 +10,8 @@ from components.artifact_store import ArtifactStore
 from components.image_registry import ImageRegistry
 from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
-from components.model_serving import ModelServing
+from components.model_serving import ModelServing, RolloutWiring
+from components.monitoring import PROMETHEUS_PORT, Monitoring, ScrapeTarget
 from components.training_environment import TrainingEnvironment
 from mlops.credentials import READER, derived_password
 from mlops.spec import StageSpec
@@ -52,6 +53,7 @@ class MLOpsStack(pulumi.ComponentResource):
     training_image: Optional[pulumi.Output[str]]
     training_image_digest: Optional[pulumi.Output[str]]
     serving_image_digest: Optional[pulumi.Output[str]]
+    monitoring_url: Optional[pulumi.Output[str]]
 
     def __init__(self, name: str, args: MLOpsStackArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("mlops:stack:MLOpsStack", name, None, opts)
@@ -82,7 +84,8 @@ class MLOpsStack(pulumi.ComponentResource):
         self.network = network.name
         store = ArtifactStore(f"{stack}-artifact-store",
                               {"stack": stack, "spec": spec.artifact_store, "labels": identity,
-                               "retain_on_delete": spec.kind != "experiment"}, opts=child)
+                               "retain_on_delete": spec.kind != "experiment", "metrics": spec.monitoring is not None},
+                              opts=child)
         model_registry = ModelRegistry(f"{stack}-model-registry", {
             "stack": stack, "spec": spec.model_registry, "builds": builds,
             "network": network.name, "artifacts_volume": store.artifacts_volume,
@@ -106,6 +109,7 @@ class MLOpsStack(pulumi.ComponentResource):
 
         self.training_image = self.training_image_digest = None
         self.serving_endpoint = self.serving_image_digest = None
+        scrape_targets: list[ScrapeTarget] = []
         if spec.release is not None or spec.builds_workloads:
             training = TrainingEnvironment(f"{stack}-training", {
                 "stack": stack, "spec": spec.training, "builds": builds,
@@ -120,9 +124,22 @@ class MLOpsStack(pulumi.ComponentResource):
             serving = ModelServing(f"{stack}-serving", {
                 "stack": stack, "spec": spec.serving, "release": spec.release,
                 "builds": builds, "registry_url": model_registry.internal_url, "reader_password": reader_password,
-                "network": network.name, "push": push, "depends_on": pushes_after, "labels": labels}, opts=child)
+                "network": network.name, "push": push, "depends_on": pushes_after, "labels": labels,
+                "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
+                "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(
+                    prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}",
+                    scrape_interval_s=spec.monitoring.scrape_interval_s, log_volume=store.rollout_volume),
+            }, opts=child)
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest
+            scrape_targets = serving.scrape_targets
+        self.monitoring_url = None
+        if spec.monitoring is not None and store.metrics_volume is not None:
+            monitoring = Monitoring(f"{stack}-monitoring", {
+                "stack": stack, "spec": spec.monitoring, "builds": builds, "network": network.name,
+                "data_volume": store.metrics_volume, "targets": scrape_targets, "labels": labels},
+                opts=child)
+            self.monitoring_url = monitoring.url
 
         self.register_outputs(self.exports())
 
@@ -136,5 +153,6 @@ class MLOpsStack(pulumi.ComponentResource):
             "training_image": self.training_image,
             "training_image_digest": self.training_image_digest,
             "serving_image_digest": self.serving_image_digest,
+            "monitoring_url": self.monitoring_url,
         }
         return {key: value for key, value in candidates.items() if value is not None}

@@ -28,7 +28,7 @@ from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 
 from components.images import BuildSettings, content_tag
-from mlops import credentials, gitrepo
+from mlops import credentials, gitrepo, rollout
 from mlops.errors import SpecError
 from mlops.imagecopy import RegistryError, StageRegistry, copy_image, manifest_digest
 from mlops.modelstore import BasicAuth, MlflowStore, ModelStore, ModelVersion, StoreError
@@ -80,9 +80,26 @@ class Promotion:
     updated: str
 
     def unified_diff(self) -> str:
-        name = f"{self.target_file.parent.name}/{self.target_file.name}"
-        return "".join(difflib.unified_diff(self.original.splitlines(keepends=True), self.updated.splitlines(keepends=True),
-                                            fromfile=f"a/{name}", tofile=f"b/{name}"))
+        return spec_diff(self.target_file, self.original, self.updated)
+
+
+def spec_diff(file: Path, original: str, updated: str) -> str:
+    name = f"{file.parent.name}/{file.name}"
+    return "".join(difflib.unified_diff(original.splitlines(keepends=True), updated.splitlines(keepends=True),
+                                        fromfile=f"a/{name}", tofile=f"b/{name}"))
+
+
+@dataclass(frozen=True)
+class GreenPromotion:
+    """A stage's green, which finished its rollout, as the stage's new blue: one edit of its own spec file."""
+
+    spec: StageSpec
+    file: Path
+    original: str
+    updated: str
+
+    def unified_diff(self) -> str:
+        return spec_diff(self.file, self.original, self.updated)
 
 
 def _refuse_unless_committed(file: Path) -> None:
@@ -165,6 +182,46 @@ def pinned_text(original: str, release: dict) -> str:
     written = io.StringIO()
     yaml.dump(document, written)
     return written.getvalue()
+
+
+def green_as_blue_text(original: str) -> str:
+    """`original` with its `serving.green` pins as the release and no green slot or traffic split left: blue
+    takes all traffic again, now serving what green served."""
+    yaml = _yaml()
+    document = yaml.load(original)
+    green = document["serving"].pop("green")
+    document["serving"].pop("traffic", None)
+    release = {"model": dict(green["model"])}
+    if "serving_image" in green:
+        release["images"] = {"serving": green["serving_image"]}
+    _assign(document["release"], release)
+    written = io.StringIO()
+    yaml.dump(document, written)
+    return written.getvalue()
+
+
+def prepare_green_promotion(stage: str, environments: Path, rollout_state: Callable[[StageSpec], dict | None]
+                            ) -> GreenPromotion:
+    """Every check, and `stage`'s spec text with green as the new blue; changes nothing. The green must have
+    finished its rollout: `rollout_state` answers what the stage's gateway recorded."""
+    file = stage_file(stage, environments)
+    spec = load_stage(stage, environments)
+    green = spec.serving.green
+    original = file.read_text()
+    own = _yaml().load(original) or CommentedMap()
+    if green is None or "green" not in (own.get("serving") or {}) or "release" not in own:
+        raise PromotionRefused(f"{file.name} declares no serving.green and release of its own to swap")
+    if green.rollout is not None:
+        state = rollout_state(spec)
+        release = rollout.release_id(green.model)
+        if state is None or state.get("green_release") != release or state.get("phase") != rollout.FINISHED:
+            seen = "no rollout state" if state is None else f"rollout of {state.get('green_release')} is {state.get('phase')}"
+            raise PromotionRefused(f"{stage}'s green {release} has not finished its rollout ({seen}); promote it "
+                                   "once the gateway has moved all traffic to it")
+    _refuse_unless_committed(file)
+    updated = green_as_blue_text(original)
+    validate_updated(spec, file, updated)
+    return GreenPromotion(spec=spec, file=file, original=original, updated=updated)
 
 
 def _assign(mapping: CommentedMap, values: dict) -> None:
@@ -279,7 +336,8 @@ class Promoter:
     def prepare(self, source_stage: str, target_stage: str) -> Promotion:
         """Every check, and the updated target spec text; changes nothing anywhere."""
         if source_stage == target_stage:
-            raise PromotionRefused(f"--from and --to are both {source_stage}; promote from one stage to another")
+            raise PromotionRefused(f"--from and --to are both {source_stage}; promote from one stage to another, "
+                                   "or its finished green to blue with --green")
         target_file = stage_file(target_stage, self.environments)
         source = load_stage(source_stage, self.environments)
         target = load_stage(target_stage, self.environments)

@@ -12,7 +12,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Any, Iterator, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from mlops.errors import NotInProject, SpecError, excerpt
 from mlops.yamlsource import YamlSource, deep_merge, load_yaml_source
@@ -282,9 +283,37 @@ class Release(StrictModel):
     images: ReleaseImages = ReleaseImages()
 
 
+class RolloutPolicy(StrictModel):
+    """How the gateway moves traffic to green without a person, judged from Prometheus, and when it gives up.
+    Numbers are strict: a quoted "0.05" is a typo to report, not a value to guess at."""
+
+    steps: list[Annotated[StrictInt, Field(ge=1, le=100)]] = Field(
+        min_length=1, description="green's weight in percent at each step, strictly increasing, ending at 100")
+    bake_time_s: StrictInt = Field(ge=1, le=86400, description="seconds each step is watched before the next")
+    max_error_rate_increase: StrictFloat = Field(
+        ge=0, le=1, description="green's error rate may exceed blue's by at most this fraction (0.01 = 1 point)")
+    max_p99_latency_ratio: StrictFloat = Field(ge=1, le=100, description="green's p99 latency may be at most this "
+                                                                         "multiple of blue's")
+    min_requests: StrictInt = Field(default=20, ge=1, le=1_000_000,
+                                    description="requests green must answer in a step before it is judged")
+    check_interval_s: StrictInt = Field(default=5, ge=1, le=300, description="seconds between two judgements")
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing_to_100(cls, steps: list[int]) -> list[int]:
+        for earlier, later in zip(steps, steps[1:]):
+            if later <= earlier:
+                raise ValueError(f"steps must be strictly increasing, got {later} after {earlier}")
+        if steps[-1] != 100:
+            raise ValueError(f"the last step must be 100 (all traffic to green), got {steps[-1]}")
+        return steps
+
+
 class CanaryRelease(StrictModel):
     model: ModelPin
     serving_image: Optional[str] = Field(default=None, description="defaults to the blue serving image")
+    rollout: Optional[RolloutPolicy] = Field(default=None, description="move traffic to green step by step, "
+                                                                       "rolling back to blue on a breached limit")
 
 
 class TrafficSplit(StrictModel):
@@ -313,6 +342,23 @@ class ServingSpec(StrictModel):
     traffic: TrafficSplit = TrafficSplit()
     green: Optional[CanaryRelease] = None
     gateway: GatewaySpec
+
+
+class MonitoringSpec(StrictModel):
+    """Prometheus for the stage: what it scrapes follows the declared replicas (components/monitoring.py)."""
+
+    image: ImageSource = Field(default_factory=lambda: ImageSource(build="images/prometheus"))
+    port: PublishedPort
+    limits: Limits = Limits(cpus=0.5, memory_mb=512)
+    health_check: HealthCheck = HealthCheck()
+    scrape_interval_s: int = Field(default=15, ge=1, le=300, description="seconds between two scrapes of a target")
+    evaluation_interval_s: int = Field(default=15, ge=1, le=300, description="seconds between two rule evaluations")
+    retention_days: int = Field(default=15, ge=1, le=3650, description="days of samples Prometheus keeps")
+    drift_threshold: float = Field(default=0.2, gt=0, le=10,
+                                   description="PSI of a feature above which the InputDrift alert fires "
+                                               "(0.1: a shift worth a look, 0.25: a large one)")
+    drift_window_rows: int = Field(default=1000, ge=100, le=100_000,
+                                   description="recent rows each replica compares with the training data")
 
 
 class PromotionGates(StrictModel):
@@ -344,6 +390,7 @@ class StageSpec(StrictModel):
     release: Optional[Release] = None
     gates: PromotionGates = PromotionGates()
     parity: ParityRules = ParityRules()
+    monitoring: Optional[MonitoringSpec] = Field(default=None, description="Prometheus scraping the gateway and replicas")
     experiment: Optional[ExperimentInfo] = None
 
     @property
@@ -354,6 +401,8 @@ class StageSpec(StrictModel):
         ports = {"model_registry.port": self.model_registry.port, "serving.port": self.serving.port}
         if self.image_registry.enabled:
             ports["image_registry.port"] = self.image_registry.port
+        if self.monitoring is not None:
+            ports["monitoring.port"] = self.monitoring.port
         return ports
 
     @property
@@ -381,6 +430,8 @@ class StageSpec(StrictModel):
             "image_registry.image": self.image_registry.image,
             "serving.gateway.image": self.serving.gateway.image,
         }
+        if self.monitoring is not None:
+            found["monitoring.image"] = self.monitoring.image
         if self.release is not None:
             found["release.images.training"] = self.release.images.training
             found["release.images.serving"] = self.release.images.serving
@@ -420,6 +471,18 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
 
     if spec.serving.traffic.green > 0 and spec.serving.green is None:
         broken.append(("serving.traffic.green", "is above 0 but no 'serving.green' release is declared to receive it"))
+    rollout = spec.serving.green.rollout if spec.serving.green is not None else None
+    if rollout is not None and spec.monitoring is None:
+        broken.append(("serving.green.rollout", "a rollout is judged from the stage's Prometheus: declare "
+                                                "'monitoring' too"))
+    elif rollout is not None and rollout.bake_time_s < 4 * spec.monitoring.scrape_interval_s:
+        broken.append(("serving.green.rollout.bake_time_s", f"{rollout.bake_time_s} s is shorter than 4 scrapes of "
+                                                            f"monitoring.scrape_interval_s ({spec.monitoring.scrape_interval_s} "
+                                                            "s), the least a step is judged over"))
+    elif rollout is not None and rollout.steps[0] <= spec.serving.traffic.green:
+        broken.append(("serving.green.rollout.steps", f"the first step ({rollout.steps[0]}) must be above the declared "
+                                                      f"serving.traffic.green ({spec.serving.traffic.green}), where "
+                                                      "the rollout starts"))
     if spec.kind in ("staging", "prod"):
         for path, image in spec.images().items():
             ref = image.ref if isinstance(image, ImageSource) else image

@@ -11,19 +11,9 @@ lock="$context/requirements.lock"
 wheels="$context/wheels"
 [ -f "$lock" ] || { echo "error: $lock does not exist" >&2; exit 1; }
 
-mkdir -p "$wheels"
-# One fetch per folder at a time: parallel `make wheels` runs and test sessions share the folder.
-if command -v flock >/dev/null; then
-  exec 9>"${TMPDIR:-/tmp}/fetch-wheels-$(cd "$wheels" && pwd | sha256sum | cut -c1-16).lock"
-  flock 9
-fi
-
-lock_sha256=$(sha256sum "$lock" | cut -d' ' -f1)
-if [ -f "$wheels/SHA256SUMS" ] && [ "$(head -n1 "$wheels/SHA256SUMS")" = "# lock $lock_sha256" ] \
-   && (cd "$wheels" && sha256sum --quiet --strict -c SHA256SUMS >/dev/null 2>&1); then
-  echo "$wheels: up to date"
-  exit 0
-fi
+# shellcheck source=fetch-common.sh
+. "$(dirname "$0")/fetch-common.sh"
+skip_if_current "$wheels" "$lock"
 
 # Downloaded into a folder of its own first, so an interrupted fetch never looks complete; wheels already
 # here are reused instead of downloaded, and those an older lock pinned are dropped.

@@ -18,6 +18,35 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def private_copy_of_dev(name: str, ports: dict[str, int]) -> dict:
+    """dev.yaml as stage file of a throw-away experiment `name`, on free host `ports` (`mlflow`, `registry`,
+    `gateway`), without dev's release: a test's own stage never touches a real one on the same engine."""
+    import yaml
+
+    from mlops.spec import ENVIRONMENTS_DIR
+
+    spec = yaml.safe_load((ENVIRONMENTS_DIR / "dev.yaml").read_text())
+    spec.pop("release", None)
+    return spec | {
+        "experiment": {"name": name, "owner": "tests", "source_stage": "dev",
+                       "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T01:00:00Z"},
+        "model_registry": {"port": {"host_port": ports["mlflow"]}},
+        "image_registry": {"port": {"host_port": ports["registry"]}},
+        "serving": {**spec["serving"], "port": {"host_port": ports["gateway"]}},
+    }
+
+
+def fetch_build_inputs() -> None:
+    """What the image builds install offline, as `make wheels` fetches it: the wheels of every hashed lock and
+    the pinned Debian packages (images/prometheus). Quick when they are current."""
+    from mlops.spec import REPO_ROOT
+
+    for script, lock in (("fetch-wheels.sh", "requirements.lock"), ("fetch-debs.sh", "packages.lock")):
+        for found in sorted(REPO_ROOT.glob(f"images/*/{lock}")):
+            subprocess.run([str(REPO_ROOT / "scripts" / script), str(found.parent.relative_to(REPO_ROOT))],
+                           cwd=REPO_ROOT, check=True, capture_output=True)
+
+
 def _engine_answers() -> str | None:
     """None when the engine answers, else why not."""
     try:

@@ -21,7 +21,7 @@ from sklearn.datasets import load_iris
 from mlops.credentials import MLFLOW_PASSWORD, READER, derived_password, secret_variable
 from mlops.modelstore import BasicAuth
 from mlops.spec import REPO_ROOT, load_stages
-from tests.conftest import free_port
+from tests.conftest import free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
 
 pytestmark = pytest.mark.docker
@@ -37,18 +37,10 @@ def http_json(url: str, body: dict | None = None, auth: BasicAuth | None = None)
 
 
 def write_stage(environments, stage: str, ports: dict[str, int], release: dict | None) -> None:
-    spec = yaml.safe_load((environments / "dev.yaml").read_text())
-    spec |= {
-        "experiment": {"name": stage, "owner": "tests", "source_stage": "dev",
-                       "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T01:00:00Z"},
-        "model_registry": {"port": {"host_port": ports["mlflow"]}},
-        "image_registry": {"port": {"host_port": ports["registry"]}},
-        "serving": {**spec["serving"], "replicas": 2, "port": {"host_port": ports["gateway"]}},
-    }
+    spec = private_copy_of_dev(stage, ports)
+    spec["serving"]["replicas"] = 2
     if release is not None:
         spec["release"] = release
-    else:
-        spec.pop("release", None)
     (environments / f"{stage}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 

@@ -332,6 +332,8 @@ class FakeMlflow(http.server.ThreadingHTTPServer):
         self.versions = versions
         self.authorization: str | None = None
         """When set, the Authorization header every request must carry (else 401, as MLflow's basic-auth app)."""
+        self.manifests: dict[str, bytes] = {}
+        """manifest.json by run id; a run without one answers 404."""
         super().__init__(("127.0.0.1", 0), FakeMlflowHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -363,6 +365,8 @@ class FakeMlflowHandler(http.server.BaseHTTPRequestHandler):
             self.answer(json.dumps({"run": {"info": {"artifact_uri": f"mlflow-artifacts:/1/{query['run_id']}/artifacts"}}}).encode())
         elif url.path.startswith("/api/2.0/mlflow-artifacts/artifacts/1/") and url.path.endswith("/artifacts/model/model.pkl"):
             self.answer(runs[url.path.split("/")[6]])
+        elif url.path.endswith("/artifacts/model/manifest.json") and url.path.split("/")[6] in self.server.manifests:
+            self.answer(self.server.manifests[url.path.split("/")[6]])
         else:
             self.send_error(404)
 

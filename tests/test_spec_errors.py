@@ -45,9 +45,9 @@ BROKEN_SPECS = {
     "not an allowed value": (lambda env: replace(env / "base.yaml", "runtime: oip", "runtime: tensorflow"),
                              "base.yaml:32: serving.runtime: Input should be 'oip' or 'mlserver' (got 'tensorflow')"),
     "unknown top-level key": (lambda env: append(env / "base.yaml", "artifact_store_x: 1\n"),
-                              "base.yaml:57: artifact_store_x: unknown key 'artifact_store_x'; allowed here: "
+                              "base.yaml:58: artifact_store_x: unknown key 'artifact_store_x'; allowed here: "
                              "artifact_store, docker, experiment, gates, image_registry, kind, labels, model_registry, "
-                             "parity, release, serving, stage, training"),
+                             "monitoring, parity, release, serving, stage, training"),
     "prod with one replica": (lambda env: replace(env / "prod.yaml", "replicas: 3", "replicas: 1"),
                               "prod.yaml:16: serving.replicas: prod serves with at least 2 replicas, got 1"),
     "unprotected prod volumes": (lambda env: replace(env / "prod.yaml", "protect: true", "protect: false"),

@@ -19,7 +19,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
+
+from canary import Controller, PolicyError, controller_from_env
+from metrics import GatewayMetrics, serve
 
 log = logging.getLogger("gateway")
 
@@ -73,18 +76,40 @@ def resolve(replica: str) -> str | None:
         return None
 
 
-def render(pools: list[Pool], addresses: Mapping[str, str]) -> str:
-    """nginx.conf for `pools`, each replica at its address in `addresses` (unresolved ones left out)."""
+def split(variable: str, green_weight: int) -> str:
+    """A `split_clients` that sets `variable` to green for `green_weight` percent of requests, else blue."""
+    shares = [("blue", 100 - green_weight), ("green", green_weight)]
+    weighted = [(pool, weight) for pool, weight in shares if weight > 0]
+    lines = "".join(f"        {weight}% {pool};\n" for pool, weight in weighted[:-1]) + f"        * {weighted[-1][0]};\n"
+    return f'    split_clients "${{request_id}}" ${variable} {{\n{lines}    }}\n'
+
+
+def route_file(runtime_dir: Path, green_weight: int) -> Path:
+    return runtime_dir / "route" / f"green-{green_weight}"
+
+
+def render(pools: list[Pool], addresses: Mapping[str, str], route_weights: tuple[int, ...] = (),
+           runtime_dir: Path = RUNTIME_DIR) -> str:
+    """nginx.conf for `pools`, each replica at its address in `addresses` (unresolved ones left out). With
+    `route_weights` (a rollout), green's weight follows whichever route file exists, checked per request, so
+    the rollout moves traffic without reloading nginx (a reload closes idle keep-alive connections, and a
+    request a client sends on one at that moment is lost)."""
     upstreams = ""
     for pool in pools:
         servers = [f"{addresses[replica]} max_fails=1 fail_timeout=5s"
                    for replica in pool.replicas if replica in addresses] or [NO_REPLICA_YET]
         lines = "".join(f"    server {server};\n" for server in servers)
         upstreams += f"upstream {pool.name} {{\n{lines}{UPSTREAM_KEEPALIVE}}}\n"
-    weighted = [pool for pool in pools if pool.weight > 0]
-    split = "".join(f"        {pool.weight}% {pool.name};\n" for pool in weighted[:-1]) + f"        * {weighted[-1].name};\n"
+    declared = next(pool.weight for pool in pools if pool.name == "green")
+    if not route_weights:
+        splits, route = split("pool", declared), ""
+    else:
+        splits = "".join(split(f"pool_green_{weight}", weight) for weight in route_weights)
+        route = f"        set $pool $pool_green_{declared};\n" + "".join(
+            f"        if (-f {route_file(runtime_dir, weight)}) {{ set $pool $pool_green_{weight}; }}\n" for weight in route_weights)
     template = TEMPLATE.read_text()
-    return template.replace("@@UPSTREAMS@@\n", indent(upstreams)).replace("@@SPLIT@@\n", split)
+    return (template.replace("@@UPSTREAMS@@\n", indent(upstreams)).replace("@@SPLITS@@", splits)
+            .replace("@@ROUTE@@", route))
 
 
 def indent(block: str) -> str:
@@ -92,12 +117,18 @@ def indent(block: str) -> str:
 
 
 class Gateway:
-    def __init__(self, pools: list[Pool], runtime_dir: Path = RUNTIME_DIR) -> None:
+    def __init__(self, pools: list[Pool], runtime_dir: Path = RUNTIME_DIR, rollout: Optional[Controller] = None) -> None:
         self.pools = pools
         self.config = runtime_dir / "nginx.conf"
         self.runtime_dir = runtime_dir
         self.addresses: dict[str, str] = {}
         self.reported_unresolved: set[str] = set()
+        self.rollout = rollout
+        self.route_weights: tuple[int, ...] = ()
+        self.routed_green_weight: Optional[int] = None
+        if rollout is not None:
+            declared = next(pool.weight for pool in pools if pool.name == "green")
+            self.route_weights = tuple(sorted({0, declared, *rollout.policy.steps}))
 
     def refresh_addresses(self) -> bool:
         """Resolve every replica; True when one resolved for the first time or at a new address."""
@@ -116,13 +147,32 @@ class Gateway:
         return changed
 
     def write_config(self) -> None:
-        for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        for temp in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi", "route"):
             (self.runtime_dir / temp).mkdir(parents=True, exist_ok=True)
-        self.config.write_text(render(self.pools, self.addresses))
+        self.config.write_text(render(self.pools, self.addresses, self.route_weights, self.runtime_dir))
+
+    def route_green(self, weight: int) -> None:
+        """Send `weight` percent of requests to green from the next request on: the new route file is in place
+        before the old one goes, and while both exist nginx follows the one its config tests last, so no
+        request goes unrouted."""
+        if weight == self.routed_green_weight:
+            return
+        route_file(self.runtime_dir, weight).touch()
+        for other in self.route_weights:
+            if other != weight:
+                route_file(self.runtime_dir, other).unlink(missing_ok=True)
+        log.info("routing %s%% to green", weight)
+        self.routed_green_weight = weight
+
+    def follow_rollout(self) -> None:
+        if self.rollout is not None:
+            self.route_green(self.rollout.tick())
 
     def run(self) -> int:
         self.refresh_addresses()
         self.write_config()
+        if self.rollout is not None:
+            self.route_green(self.rollout.green_weight)
         nginx = subprocess.Popen(["nginx", "-e", "stderr", "-c", str(self.config)])
         for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             # SIGQUIT is nginx's graceful shutdown: in-flight requests finish.
@@ -135,17 +185,20 @@ class Gateway:
             if self.refresh_addresses():
                 self.write_config()
                 nginx.send_signal(signal.SIGHUP)
+            self.follow_rollout()
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         pools = pools_from_env(os.environ)
-    except GatewayConfigError as error:
+        rollout = controller_from_env(os.environ, declared_green_weight=pools[1].weight)
+    except (GatewayConfigError, PolicyError) as error:
         log.error("%s", error)
         sys.exit(2)
     log.info("routing %s", ", ".join(f"{pool.weight}% to {pool.name} ({len(pool.replicas)} replicas)" for pool in pools))
-    sys.exit(Gateway(pools).run())
+    serve(GatewayMetrics())
+    sys.exit(Gateway(pools, rollout=rollout).run())
 
 
 if __name__ == "__main__":

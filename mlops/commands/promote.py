@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from mlops import promote as promotion
+from mlops import rollout
 from mlops.commands.specs import reads_specs
 from mlops.errors import one_line
 
@@ -20,23 +21,55 @@ def _print_diff(diff: str, console: Console) -> None:
         console.print(f"[{style}]{escape(line)}[/{style}]" if style else escape(line))
 
 
+def _refuse(message: str, code: int = 1) -> typer.Exit:
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]refused:[/red] {escape(one_line(message))}")
+    return typer.Exit(code)
+
+
+def _promote_green(target: str, dry_run: bool, environments: Path, console: Console) -> None:
+    try:
+        done = promotion.prepare_green_promotion(target, environments,
+                                                 lambda spec: rollout.gateway_state(spec, stack=target))
+        if not dry_run:
+            if done.file.read_text() != done.original:
+                raise promotion.PromotionRefused(f"{done.file} changed while promoting; nothing written")
+            promotion.write_atomically(done.file, done.updated)
+    except promotion.PromotionRefused as refusal:
+        raise _refuse(str(refusal)) from None
+    _print_diff(done.unified_diff(), console)
+    pin = done.spec.serving.green.model
+    what = f"{target}'s green {pin.name} v{pin.version} as its blue"
+    if dry_run:
+        console.print(f"[yellow]dry run:[/yellow] would promote {what}; nothing written")
+    else:
+        console.print(f"[green]promoted[/green] {what}; commit {done.file.name} and open a pull request")
+
+
 @reads_specs
-def promote(source: str = typer.Option(..., "--from", help="the stage whose release is promoted, e.g. staging"),
+def promote(source: Optional[str] = typer.Option(None, "--from", help="the stage whose release is promoted, e.g. "
+                                                                      "staging"),
             target: str = typer.Option(..., "--to", help="the stage that receives it, e.g. prod"),
+            green: bool = typer.Option(False, "--green", help="instead of --from: make --to's green, once its "
+                                                              "rollout finished at 100 %, the new blue"),
             dry_run: bool = typer.Option(False, "--dry-run", help="check everything and show the diff; copy and write nothing"),
             environments: Optional[Path] = typer.Option(None, help="the specs folder, inside a git work tree; "
                                                                    "default: the project's")) -> None:
     """Copy SRC's release (model and images, byte for byte) into DST's registries and pin it in DST's spec,
     after checking DST's gates, as MLflow user `promoter`. Secrets: MLOPS_REGISTRY_PASSWORD_<STAGE> and
-    MLOPS_MLFLOW_PASSWORD_<STAGE>, else the stacks' config (mlops:registryPassword, mlops:mlflowPassword)."""
+    MLOPS_MLFLOW_PASSWORD_<STAGE>, else the stacks' config (mlops:registryPassword, mlops:mlflowPassword).
+    With --green: DST's green, which its gateway rolled out to 100 %, becomes DST's release (its spec only)."""
     console = Console(highlight=False, soft_wrap=True)
+    if green == (source is not None):
+        raise _refuse("give either --from STAGE or --green", code=2)
+    if green:
+        _promote_green(target, dry_run, environments, console)
+        return
     try:
         with promotion.Promoter(environments) as promoter:
             planned = promoter.prepare(source, target)
             done = planned if dry_run else promoter.apply(planned)
     except promotion.PromotionRefused as refusal:
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]refused:[/red] {escape(one_line(str(refusal)))}")
-        raise typer.Exit(1) from None
+        raise _refuse(str(refusal)) from None
     release = done.release
     _print_diff(done.unified_diff(), console)
     what = (f"{release.model.name} v{release.model.version} of {source} as v{release.target_version} of {target} "

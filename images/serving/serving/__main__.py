@@ -1,4 +1,6 @@
 """The `oip` runtime: this package's own V2 server under uvicorn."""
+import logging
+import os
 import pickle
 
 import sklearn
@@ -6,6 +8,7 @@ import uvicorn
 from prometheus_client import start_http_server
 
 from serving.app import InferenceApp
+from serving.drift import DriftMonitor, ProfileError
 from serving.startup import fetch_pinned_model
 
 PORT = 8080
@@ -17,13 +20,32 @@ METRICS_PORT = 8082
 KEEPALIVE_S = 75
 
 
+def drift_monitor(manifest: dict | None, n_features: int) -> DriftMonitor | None:
+    """Drift scoring when the stage is monitored (DRIFT_WINDOW_ROWS is set) and the model's manifest
+    carries a reference profile; without one the replica serves all the same, without drift scores."""
+    window_rows = os.environ.get("DRIFT_WINDOW_ROWS")
+    if not window_rows:
+        return None
+    profile = (manifest or {}).get("reference_profile")
+    if profile is None:
+        logging.getLogger("serving").warning("the model's manifest has no reference_profile (trained before "
+                                             "profiles were recorded?): no input drift scores")
+        return None
+    try:
+        return DriftMonitor(profile, n_features, int(window_rows))
+    except ProfileError as error:
+        logging.getLogger("serving").warning("%s: no input drift scores", error)
+        return None
+
+
 def main() -> None:
     fetched = fetch_pinned_model("oip")
     # Unpickling runs code: only bytes whose sha256 was just verified get here.
     model = pickle.loads(fetched.payload)
     # The app refuses non-finite inputs itself, so the model need not check every request again.
     sklearn.set_config(assume_finite=True)
-    app = InferenceApp(model, name=fetched.name, version=fetched.version, sha256=fetched.sha256)
+    app = InferenceApp(model, name=fetched.name, version=fetched.version, sha256=fetched.sha256,
+                       drift=drift_monitor(fetched.manifest, model.n_features_in_))
     start_http_server(METRICS_PORT, registry=app.metrics)
     uvicorn.run(app, host="0.0.0.0", port=PORT, loop="uvloop", http="httptools", lifespan="off",
                 access_log=False, server_header=False, date_header=False, timeout_keep_alive=KEEPALIVE_S,

@@ -21,6 +21,7 @@ import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from serving.drift import DriftMonitor
 from serving.protocol import (BINARY_EXTENSION, JSON_CONTENT, BadRequest, Receive, Send, decode_infer_request,
                               encode_infer_response, error_body, json_length, model_metadata, output_datatype,
                               read_body, respond)
@@ -43,9 +44,10 @@ class Answer:
 
 
 class InferenceApp:
-    """Serves `model` as `name` version `version` over V2 REST; `metrics` is exported on a port of its own."""
+    """Serves `model` as `name` version `version` over V2 REST; `metrics` is exported on a port of its own.
+    With `drift`, every predicted batch also feeds the input drift scores."""
 
-    def __init__(self, model: Any, *, name: str, version: str, sha256: str) -> None:
+    def __init__(self, model: Any, *, name: str, version: str, sha256: str, drift: DriftMonitor | None = None) -> None:
         self.model = model
         self.name = name
         self.version = version
@@ -62,6 +64,9 @@ class InferenceApp:
                                  buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
         Gauge("oip_model_info", "The model this replica serves", ["name", "version", "sha256"],
               registry=self.metrics).labels(name, version, sha256).set(1)
+        self.drift = drift
+        if drift is not None:
+            self.metrics.register(drift)
         self.metadata = model_metadata(name, version, self.n_features, getattr(model, "classes_", None), [-1])
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
@@ -136,6 +141,8 @@ class InferenceApp:
         except Exception as error:  # the model's own failure: the caller gets its message, not a dropped connection
             return Answer(500, error_body(f"model {self.name} v{self.version} failed to predict: {error}"), [JSON_CONTENT],
                           failure=f"{type(error).__name__}: {error}")
+        if self.drift is not None:
+            self.drift.observe(request.features, predictions)
         response: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
         if request.id is not None:
             response["id"] = request.id

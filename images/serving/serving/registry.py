@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 log = logging.getLogger("serving.registry")
 
 MODEL_ARTIFACT = "model/model.pkl"
+MANIFEST_ARTIFACT = "model/manifest.json"
 PROXIED_ARTIFACTS_SCHEME = "mlflow-artifacts:"
 
 
@@ -58,6 +59,8 @@ class FetchedModel:
     version: str
     sha256: str
     payload: bytes
+    manifest: dict | None = None
+    """The training run's manifest.json, when the run logged one that names this model's sha256."""
 
 
 class MlflowRegistry:
@@ -81,7 +84,21 @@ class MlflowRegistry:
         payload = self._get(self._artifact_download_path(run["info"]["artifact_uri"], MODEL_ARTIFACT))
         tags = {tag["key"]: tag["value"] for tag in version.get("tags", [])}
         sha256 = verified_sha256(pin.name, version["version"], payload, pinned=pin.sha256, tagged=tags.get("sha256", ""))
-        return FetchedModel(name=pin.name, version=version["version"], sha256=sha256, payload=payload)
+        return FetchedModel(name=pin.name, version=version["version"], sha256=sha256, payload=payload,
+                            manifest=self._manifest(run["info"]["artifact_uri"], sha256))
+
+    def _manifest(self, artifact_uri: str, sha256: str) -> dict | None:
+        """The run's manifest, which serving only reads (drift's reference profile): a missing or foreign one
+        costs the drift scores, not the model."""
+        try:
+            manifest = json.loads(self._get(self._artifact_download_path(artifact_uri, MANIFEST_ARTIFACT)))
+        except (ModelRefused, ValueError) as error:
+            log.warning("no readable %s for this model (%s): no input drift scores", MANIFEST_ARTIFACT, error)
+            return None
+        if not isinstance(manifest, dict) or manifest.get("outputs", {}).get("model_sha256") != sha256:
+            log.warning("%s describes another model than sha256 %s: no input drift scores", MANIFEST_ARTIFACT, sha256)
+            return None
+        return manifest
 
     def _model_version(self, pin: ModelPin) -> dict:
         if pin.version != "latest":

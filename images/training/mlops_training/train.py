@@ -22,6 +22,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
+from mlops_training.profile import reference_profile
+
 DEFAULT_MODEL_NAME = "iris-classifier"
 HELD_OUT_FRACTION = 0.25
 PICKLE_PROTOCOL = 5
@@ -168,6 +170,8 @@ def train(request: TrainingRequest, output_dir: Path) -> TrainingResult:
         },
         "environment": environment(),
         "outputs": {"model_sha256": sha256_file(model_path), "metrics": metrics},
+        # What the model was fitted on, which serving replicas score live inputs against (input drift).
+        "reference_profile": reference_profile(train_features, train_labels, list(dataset.feature_names)),
     }
     manifest_path = output_dir / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

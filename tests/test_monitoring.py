@@ -1,0 +1,280 @@
+"""Monitoring: what the program declares for a stage with `monitoring:`, and on a real engine one stage
+with Prometheus, blue and green, shared by every engine test here.
+
+The engine's stage is a private copy of dev (an `experiment:` block, free host ports) with one replica per slot,
+scraped and evaluated every second, and a drift window small enough to fill in a few requests. Rows drawn
+from the training data keep the drift scores low; the same rows with one feature shifted by three
+standard deviations raise that feature's score above the stage's threshold and fire InputDrift.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+from sklearn.datasets import load_iris
+
+from mlops import plan
+from mlops.credentials import MLFLOW_PASSWORD, secret_variable
+from mlops.errors import SpecError
+from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage, load_stages
+from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
+from tests.engine import StageOnEngine
+from tests.test_end_to_end import http_json, train
+
+WINDOW_ROWS = 400
+THRESHOLD = 0.25
+ROWS_PER_REQUEST = 50
+SHIFTED_FEATURE = 2
+PROMTOOL_TESTS = REPO_ROOT / "tests" / "promtool"
+
+
+@dataclass
+class MonitoredStage:
+    name: str
+    engine: StageOnEngine
+    gateway: str
+    prometheus: str
+    model: str
+
+    def query(self, promql: str) -> list[dict]:
+        answer = http_json(f"{self.prometheus}/api/v1/query?{urllib.parse.urlencode({'query': promql})}")
+        assert answer["status"] == "success", answer
+        return answer["data"]["result"]
+
+    def value(self, promql: str) -> float | None:
+        result = self.query(promql)
+        assert len(result) <= 1, result
+        return float(result[0]["value"][1]) if result else None
+
+    def infer(self, rows: np.ndarray, rows_per_request: int = ROWS_PER_REQUEST) -> None:
+        for start in range(0, len(rows), rows_per_request):
+            batch = rows[start:start + rows_per_request]
+            http_json(f"{self.gateway}/v2/models/{self.model}/infer", {"inputs": [
+                {"name": "input-0", "shape": list(batch.shape), "datatype": "FP64", "data": batch.ravel().tolist()}]})
+
+
+def stage_file(name: str, ports: dict[str, int], release: dict | None) -> dict:
+    spec = private_copy_of_dev(name, ports) | {
+        "monitoring": {"port": {"host_port": ports["prometheus"]}, "scrape_interval_s": 1,
+                       "evaluation_interval_s": 1, "drift_threshold": THRESHOLD, "drift_window_rows": WINDOW_ROWS},
+    }
+    spec["serving"]["replicas"] = 1
+    if release is not None:
+        spec["release"] = {"model": release}
+        spec["serving"]["green"] = {"model": release}
+    return spec
+
+
+def declared_prometheus(spec) -> dict:
+    [container] = [resource.inputs for resource in plan.render(spec.stage, spec)
+                   if resource.type == "docker:index/container:Container" and resource.name.endswith("-prometheus")]
+    return container
+
+
+def test_scrape_targets_follow_the_declared_replicas_of_both_slots():
+    green = {"model": {"name": "iris-classifier", "version": 2}}
+    spec = load_stage("dev", overrides={"serving": {"replicas": 2, "green": green},
+                                        "monitoring": {"port": {"host_port": 9390}, "drift_threshold": 0.3}})
+    container = declared_prometheus(spec)
+    env = dict(entry.split("=", 1) for entry in container["envs"])
+    config = json.loads(env["PROMETHEUS_CONFIG"])
+    targets = {job["job_name"]: {target: config_entry["labels"] for config_entry in job["static_configs"]
+                                 for target in config_entry["targets"]} for job in config["scrape_configs"]}
+    assert targets == {
+        "serving": {f"dev-serving-{slot}-{index}:8082": {"slot": slot, "model": "iris-classifier",
+                                                        "model_version": version}
+                    for slot, version in (("blue", "latest"), ("green", "2")) for index in (0, 1)},
+        "gateway": {"dev-gateway:9102": {}},
+    }
+    assert env["DRIFT_THRESHOLD"] == "0.3"
+    assert container["ports"] == [{"internal": 9090, "external": 9390, "ip": "127.0.0.1"}]
+    assert container["volumes"] == [{"volumeName": "dev-metrics", "containerPath": "/prometheus"}]
+    assert (container["readOnly"], container["user"], container["capabilities"]) == (True, "10001:10001",
+                                                                                    {"drops": ["ALL"]})
+
+
+def test_without_monitoring_nothing_is_scraped_and_replicas_score_no_drift():
+    spec = load_stage("dev")
+    resources = plan.render("dev", spec)
+    assert not [resource for resource in resources if "prometheus" in resource.name or "metrics" in resource.name]
+    replica_env = [resource.inputs["envs"] for resource in resources if resource.name.endswith("-blue-0")]
+    assert replica_env and not any("DRIFT_WINDOW_ROWS" in str(entry) for entry in replica_env[0])
+
+
+def test_a_bad_monitoring_value_is_one_line_naming_file_line_and_field(environments):
+    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text()
+                                           + "monitoring:\n  port: {host_port: 9390}\n  drift_threshold: high\n")
+    with pytest.raises(SpecError) as raised:
+        load_stage("dev", environments)
+    assert str(raised.value).endswith("dev.yaml:14: monitoring.drift_threshold: Input should be a valid number, "
+                                      "unable to parse string as a number (got 'high')")
+
+
+def test_the_gateway_counts_its_access_log_by_slot_and_status_into_histograms():
+    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
+    from metrics import GatewayMetrics  # noqa: PLC0415 - the gateway image's module, on its own path
+
+    metrics = GatewayMetrics()
+    for slot, status, seconds in (("blue", 200, 0.003), ("blue", 200, 0.2), ("green", 502, 0.0004)):
+        metrics.record(f'<190>Nov 27 20:00:00 gateway: {{"slot":"{slot}","status":"{status}","seconds":"{seconds}"}}')
+    metrics.record("<190>Nov 27 20:00:00 gateway: not json")
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(metrics.exposition()) for sample in family.samples}
+    assert samples[("mlops_gateway_requests_total", (("code", "200"), ("slot", "blue")))] == 2
+    assert samples[("mlops_gateway_requests_total", (("code", "502"), ("slot", "green")))] == 1
+    bucket = "mlops_gateway_request_duration_seconds_bucket"
+    assert samples[(bucket, (("le", "0.0025"), ("slot", "blue")))] == 0
+    assert samples[(bucket, (("le", "0.005"), ("slot", "blue")))] == 1
+    assert samples[(bucket, (("le", "+Inf"), ("slot", "blue")))] == 2
+    assert samples[(bucket, (("le", "0.0005"), ("slot", "green")))] == 1
+    assert samples[("mlops_gateway_request_duration_seconds_count", (("slot", "blue"),))] == 2
+    assert samples[("mlops_gateway_request_duration_seconds_sum", (("slot", "blue"),))] == pytest.approx(0.203)
+
+
+@pytest.fixture(scope="module")
+def stage(docker_engine, tmp_path_factory):
+    fetch_build_inputs()
+    environments = tmp_path_factory.mktemp("monitoring") / "environments"
+    environments.mkdir()
+    for file in ENVIRONMENTS_DIR.glob("*.yaml"):
+        (environments / file.name).write_text(file.read_text())
+    name = f"t-mon-{uuid.uuid4().hex[:6]}"
+    ports = {role: free_port() for role in ("mlflow", "registry", "gateway", "prometheus")}
+
+    def declare(release: dict | None) -> None:
+        (environments / f"{name}.yaml").write_text(yaml.safe_dump(stage_file(name, ports, release), sort_keys=False))
+        engine.spec = load_stages([name], environments)[0]
+
+    (environments / f"{name}.yaml").write_text(yaml.safe_dump(stage_file(name, ports, None), sort_keys=False))
+    engine = StageOnEngine(stack=name, spec=load_stages([name], environments)[0], registry_password=uuid.uuid4().hex)
+    variable = secret_variable(MLFLOW_PASSWORD, name)
+    os.environ[variable] = engine.mlflow_password
+    try:
+        engine.deploy()
+        registered = train(name, environments)
+        pin = {"name": registered["name"], "version": int(registered["version"]), "sha256": registered["sha256"]}
+        declare(pin)
+        engine.deploy()
+        yield MonitoredStage(name=name, engine=engine, gateway=f"http://127.0.0.1:{ports['gateway']}",
+                             prometheus=f"http://127.0.0.1:{ports['prometheus']}", model=pin["name"])
+    finally:
+        os.environ.pop(variable, None)
+        engine.teardown()
+
+
+def eventually(check: Callable[[], object], timeout_s: float = 60, what: str = "") -> object:
+    """The first truthy answer of `check`, polled every half second; fails with the last answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        answer = check()
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout_s:.0f}s: {what} (last: {answer!r})")
+        time.sleep(0.5)
+
+
+def promtool(stage: MonitoredStage, *args: str) -> subprocess.CompletedProcess:
+    """promtool of the stage's own Prometheus image, with the repo's rule tests mounted."""
+    image = stage.engine.client.containers.get(f"{stage.name}-prometheus").image.id
+    return subprocess.run(["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
+                           "--user", "10001:10001", "-v", f"{PROMTOOL_TESTS}:/tests:ro", image, "promtool", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.docker
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass(stage):
+    checked = promtool(stage, "check", "rules", "/etc/prometheus/rules/mlops.yml")
+    assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
+    tested = promtool(stage, "test", "rules", *(f"/tests/{file.name}" for file in sorted(PROMTOOL_TESTS.glob("*.yml"))))
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+@pytest.mark.docker
+def test_every_replica_and_the_gateway_are_scraped_and_up(stage):
+    def targets() -> dict[tuple[str, str], str]:
+        active = http_json(f"{stage.prometheus}/api/v1/targets")["data"]["activeTargets"]
+        return {(target["labels"]["job"], target["labels"].get("slot", "")): target["health"] for target in active}
+
+    expected = dict.fromkeys([("serving", "blue"), ("serving", "green"), ("gateway", "")], "up")
+    eventually(lambda: targets() == expected, what=f"targets {expected}")
+    info = stage.query('oip_model_info{job="serving"}')
+    assert {result["metric"]["slot"] for result in info} == {"blue", "green"}
+    assert all(result["metric"]["model_version"] == result["metric"]["version"] for result in info)
+    assert stage.value("mlops:drift_threshold") == THRESHOLD
+
+
+@pytest.mark.docker
+def test_the_recorded_request_counts_match_the_requests_sent(stage):
+    gateway_ok = 'sum(mlops_gateway_requests_total{slot="blue", code="200"}) or vector(0)'
+    replica_ok = 'sum(oip_infer_requests_total{slot="blue", status="200"}) or vector(0)'
+    # Two scrapes after anything sent before, so the baseline is current.
+    time.sleep(2.5)
+    before = (stage.value(gateway_ok), stage.value(replica_ok))
+    sent = 17
+    stage.infer(load_iris().data[:sent], rows_per_request=1)
+    eventually(lambda: (stage.value(gateway_ok), stage.value(replica_ok)) == (before[0] + sent, before[1] + sent),
+               what=f"{sent} more requests at the gateway and the blue replica than {before}")
+    assert stage.value('sum(mlops_gateway_requests_total{slot="green"}) or vector(0)') == 0
+
+
+@pytest.mark.docker
+def test_the_web_ui_serves_the_graph_and_every_asset_it_links_offline(stage):
+    with urllib.request.urlopen(f"{stage.prometheus}/classic/graph?g0.expr=mlops%3Adrift_psi%3Amax", timeout=10) as page:
+        assets = set(re.findall(r'(?:src|href)="(/classic/static/[^"]+)"', page.read().decode()))
+    assert len(assets) > 10
+    for asset in sorted(assets):
+        with urllib.request.urlopen(f"{stage.prometheus}{asset}", timeout=10) as served:
+            assert served.status == 200 and served.read(), asset
+    for page_path in ("/classic/alerts", "/classic/targets"):
+        with urllib.request.urlopen(f"{stage.prometheus}{page_path}", timeout=10) as served:
+            assert served.status == 200
+
+
+def drift_scores(stage: MonitoredStage, rows_sent: int) -> dict[str, float]:
+    """Blue's PSI by feature, once Prometheus has scraped the replica after all `rows_sent` predictions."""
+    eventually(lambda: stage.value('sum(mlops_predictions_total{slot="blue"})') == rows_sent,
+               what=f"{rows_sent} predictions scraped")
+    time.sleep(1.5)  # one evaluation of the recording rules after that scrape
+    return {result["metric"]["feature"]: float(result["value"][1])
+            for result in stage.query('mlops:drift_psi:max{slot="blue"}')}
+
+
+def firing_drift_alerts(stage: MonitoredStage) -> list[dict]:
+    alerts = http_json(f"{stage.prometheus}/api/v1/alerts")["data"]["alerts"]
+    return [alert for alert in alerts if alert["labels"]["alertname"] == "InputDrift" and alert["state"] == "firing"]
+
+
+@pytest.mark.docker
+def test_training_like_inputs_keep_drift_low_and_a_shifted_feature_fires_the_alert(stage):
+    iris = load_iris().data
+    rng = np.random.default_rng(0)
+    already = stage.value('sum(mlops_predictions_total{slot="blue"}) or vector(0)')
+    like_training = iris[rng.integers(0, len(iris), 2 * WINDOW_ROWS)]
+    stage.infer(like_training)
+    scores = drift_scores(stage, already + len(like_training))
+    assert set(scores) == {"0", "1", "2", "3"}
+    assert max(scores.values()) < THRESHOLD, scores
+    assert firing_drift_alerts(stage) == []
+
+    shifted = iris[rng.integers(0, len(iris), 2 * WINDOW_ROWS)].copy()
+    shifted[:, SHIFTED_FEATURE] += 3 * iris[:, SHIFTED_FEATURE].std()
+    stage.infer(shifted)
+    scores = drift_scores(stage, already + len(like_training) + len(shifted))
+    assert scores[str(SHIFTED_FEATURE)] > THRESHOLD, scores
+    assert max(score for feature, score in scores.items() if feature != str(SHIFTED_FEATURE)) < THRESHOLD, scores
+    alerts = eventually(lambda: firing_drift_alerts(stage), timeout_s=30, what="InputDrift firing")
+    assert [(alert["labels"]["feature"], alert["labels"]["slot"]) for alert in alerts] == [(str(SHIFTED_FEATURE), "blue")]

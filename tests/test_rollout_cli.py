@@ -1,0 +1,127 @@
+"""What a person does with a rollout: `mlops promote --to STAGE --green` once it finished, and the status rows."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from mlops import rollout
+from mlops.rollout import SlotRow, release_id, status_rows
+from mlops.spec import ModelPin, load_stage
+from tests.conftest import pinned_image
+from tests.test_spec_errors import run_cli
+
+GREEN_PIN = {"name": "iris-classifier", "version": 5, "sha256": "5" * 64}
+GREEN_IMAGE = pinned_image("prod", "serving", "sha256:" + "6" * 64)
+POLICY = {"steps": [10, 100], "bake_time_s": 60, "max_error_rate_increase": 0.01, "max_p99_latency_ratio": 1.5}
+
+
+def git(repo, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def prod_with_green(released_environments):
+    """Committed specs where prod serves its release as blue and a green under a rollout policy."""
+    file = released_environments / "prod.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["serving"]["green"] = {"model": GREEN_PIN, "serving_image": GREEN_IMAGE, "rollout": POLICY}
+    data["serving"]["traffic"] = {"blue": 95, "green": 5}
+    data["monitoring"] = {"port": {"host_port": 9290}}
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+    repo = released_environments.parent
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "environments")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "stages")
+    return released_environments
+
+
+def gateway_recorded(monkeypatch, state: dict | None) -> list[str]:
+    """The state the prod gateway answers; returns the stacks asked."""
+    asked = []
+
+    def recorded(spec, stack):
+        asked.append(stack)
+        return state
+    monkeypatch.setattr(rollout, "gateway_state", recorded)
+    return asked
+
+
+def green_state(phase: str) -> dict:
+    return {"green_release": release_id(ModelPin(**GREEN_PIN)), "phase": phase, "step": 1, "green_weight": 100}
+
+
+def test_a_finished_green_becomes_the_new_blue_in_the_stage_file(prod_with_green, monkeypatch, capsys):
+    asked = gateway_recorded(monkeypatch, green_state("finished"))
+    code, out, err = run_cli(monkeypatch, capsys, "promote", "--to", "prod", "--green",
+                             "--environments", str(prod_with_green))
+    assert (code, err) == (0, ""), err
+    assert asked == ["prod"]
+    spec = load_stage("prod", prod_with_green)
+    assert spec.release.model.model_dump() == GREEN_PIN
+    assert spec.release.images.serving == GREEN_IMAGE
+    assert spec.serving.green is None and (spec.serving.traffic.blue, spec.serving.traffic.green) == (100, 0)
+    assert spec.release.images.training.endswith("1" * 64), "what green does not pin stays"
+    assert "-  green:" in out and f"+    sha256: '{'5' * 64}'" in out
+    assert out.splitlines()[-1].startswith("promoted prod's green iris-classifier v5 as its blue; commit prod.yaml")
+
+
+@pytest.mark.parametrize("state, seen", [
+    (green_state("rolled back"), "rollout of iris-classifier:5:" + "5" * 64 + " is rolled back"),
+    (green_state("baking"), "is baking"),
+    (None, "no rollout state"),
+    ({**green_state("finished"), "green_release": "iris-classifier:4:" + "4" * 64}, "rollout of iris-classifier:4:"),
+])
+def test_a_green_that_did_not_finish_its_rollout_is_refused(prod_with_green, monkeypatch, capsys, state, seen):
+    gateway_recorded(monkeypatch, state)
+    before = (prod_with_green / "prod.yaml").read_text()
+    code, out, err = run_cli(monkeypatch, capsys, "promote", "--to", "prod", "--green",
+                             "--environments", str(prod_with_green))
+    assert (code, out) == (1, "")
+    assert err.startswith("refused: prod's green iris-classifier:5:" + "5" * 64 + " has not finished its rollout (")
+    assert seen in err and len(err.splitlines()) == 1
+    assert (prod_with_green / "prod.yaml").read_text() == before
+
+
+def test_dry_run_shows_the_swap_and_writes_nothing(prod_with_green, monkeypatch, capsys):
+    gateway_recorded(monkeypatch, green_state("finished"))
+    before = (prod_with_green / "prod.yaml").read_text()
+    code, out, _ = run_cli(monkeypatch, capsys, "promote", "--to", "prod", "--green", "--dry-run",
+                           "--environments", str(prod_with_green))
+    assert code == 0 and "-  green:" in out
+    assert out.splitlines()[-1] == "dry run: would promote prod's green iris-classifier v5 as its blue; nothing written"
+    assert (prod_with_green / "prod.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("args", [["--from", "staging", "--green"], []])
+def test_either_from_or_green(prod_with_green, monkeypatch, capsys, args):
+    code, out, err = run_cli(monkeypatch, capsys, "promote", "--to", "prod", *args,
+                             "--environments", str(prod_with_green))
+    assert (code, out, err) == (2, "", "refused: give either --from STAGE or --green\n")
+
+
+def test_status_rows_put_the_controller_state_beside_prometheus(prod_with_green):
+    spec = load_stage("prod", prod_with_green)
+    answers = {
+        "mlops:gateway_errors:ratio_rate1m": [({"slot": "blue"}, 0.001), ({"slot": "green"}, 0.25)],
+        "mlops:gateway_latency_seconds:p99_1m": [({"slot": "blue"}, 0.012), ({"slot": "green"}, float("nan"))],
+        "max by (slot) (mlops:drift_psi:max)": [({"slot": "blue"}, 0.04)],
+    }
+    state = {**green_state("baking"), "step": 0, "green_weight": 10, "last_judgement": {"verdict": "healthy"}}
+    rows = status_rows(spec, answers.__getitem__, state)
+    assert rows == [
+        SlotRow("blue", "iris-classifier", "4", 90, 0.001, 12.0, 0.04, "-"),
+        SlotRow("green", "iris-classifier", "5", 10, 0.25, None, None, "baking, step 1/2, last judgement: healthy"),
+    ]
+    assert rows[1].cells() == ["green", "iris-classifier", "5", "10%", "25.00%", "-", "-",
+                               "baking, step 1/2, last judgement: healthy"]
+    declared = status_rows(spec, lambda promql: [], None)
+    assert [(row.weight, row.rollout) for row in declared] == [(95, "-"), (5, "not started")]
+
+
+def test_a_stage_without_monitoring_shows_its_declared_weights_and_no_numbers(released_environments, monkeypatch):
+    asked = gateway_recorded(monkeypatch, None)
+    rows = rollout.stage_status(load_stage("prod", released_environments), "prod")
+    assert asked == ["prod"]
+    assert rows == [SlotRow("blue", "iris-classifier", "4", 100, None, None, None, "-")]
