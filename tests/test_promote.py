@@ -88,7 +88,9 @@ def _start_server(executable: Path, folder: Path, secret: str) -> tuple[subproce
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # Promotion needs no server-side jobs; their worker pool would only load the machine.
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
-             "MLOPS_MLFLOW_PASSWORD": secret, "PATH": f"{executable.parent}:{os.environ['PATH']}"})
+             "MLOPS_MLFLOW_PASSWORD": secret, "PATH": f"{executable.parent}:{os.environ['PATH']}",
+             # As the image's PYTHONPATH: the server's workers import auth.ini's authorization function from there.
+             "PYTHONPATH": str(MLFLOW_IMAGE)})
     return server, port
 
 
