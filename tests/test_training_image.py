@@ -292,20 +292,28 @@ def test_mlflow_lets_only_its_users_in_the_reader_only_read_and_the_writers_only
         "delete the experiment": (f"{api}/experiments/delete", "POST", {"experiment_id": experiment["experiment_id"]}),
     }
 
+    def administration(owner: str) -> dict:
+        return {"change its password": (f"{api}/users/update-password", "PATCH",
+                                        {"username": owner, "password": uuid.uuid4().hex}),
+                "grant the reader EDIT": (f"{api}/experiments/permissions/create", "POST",
+                                          {"experiment_id": experiment["experiment_id"], "username": READER,
+                                           "permission": "EDIT"})}
+
     def statuses(auth: BasicAuth | None, requests: dict) -> dict[str, int]:
         return {what: status(url, method, auth, body) for what, (url, method, body) in requests.items()}
 
-    everything = reads | writes | creations("anonymous") | removals
+    everything = reads | writes | creations("anonymous") | removals | administration(READER)
     for anonymous in (None, training_stack.user(READER, password="wrong")):
         assert statuses(anonymous, everything) == dict.fromkeys(everything, 401)
     assert statuses(reader, reads) == dict.fromkeys(reads, 200)
-    refused = writes | creations(READER) | removals
+    refused = writes | creations(READER) | removals | administration(READER)
     assert statuses(reader, refused) == dict.fromkeys(refused, 403)
     # Each writer adds to what the other created, and removes nothing, not even what it created itself.
     for writer in (promoter, trainer):
         added = writes | creations(writer.username)
         assert statuses(writer, added) == dict.fromkeys(added, 200)
-        assert statuses(writer, removals) == dict.fromkeys(removals, 403)
+        refused = removals | administration(writer.username)
+        assert statuses(writer, refused) == dict.fromkeys(refused, 403)
     # Refused by role, not broken: MLflow's administrator removes all of it.
     assert statuses(training_stack.user("admin"), removals) == dict.fromkeys(removals, 200)
     assert status(f"{training_stack.mlflow_url}/health", "GET", None) == 200

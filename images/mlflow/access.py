@@ -11,7 +11,7 @@ refuses, with 403, what the identity's role never needs:
   endpoint a future MLflow adds is refused to readers until it is known to read.
 - `trainer` (`mlops train`) and `promoter` (`mlops promote`): add only. They may create and log what a new
   model version needs, and never delete, rename, re-stage or re-alias anything, so neither can take away
-  or redirect what a stage serves.
+  or redirect what a stage serves; nor change users, roles or grants, their own password included.
 - MLflow's administrators: everything (nothing of the stack logs in as one).
 
 What is not refused here is then checked by MLflow's grants (start.py: READ by default, EDIT for writers).
@@ -30,6 +30,8 @@ READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 READ_BY_POST_PREFIXES = ("search", "get")
 # The endpoints that take something away or change which version a name leads to.
 REMOVING_PREFIXES = ("delete", "rename", "transition-stage", "alias")
+# Users, roles and grants: nothing of the stack administers them at run time (start.py does, before the server).
+ADMINISTERED = ("/mlflow/users/", "/mlflow/roles/", "/permissions/")
 ARTIFACT_PROXY = "/mlflow-artifacts/"
 
 
@@ -47,12 +49,16 @@ def removes(method: str, path: str) -> bool:
     return method == "DELETE" or _action(path).startswith(REMOVING_PREFIXES)
 
 
+def administers(path: str) -> bool:
+    return any(part in path for part in ADMINISTERED)
+
+
 def may(username: str, method: str, path: str) -> bool:
     """Whether `username`'s role allows `method path` at all (MLflow's grants still apply afterwards)."""
     if is_read(method, path):
         return True
     if username in WRITERS:
-        return not removes(method, path)
+        return not removes(method, path) and not administers(path)
     return store.get_user(username).is_admin
 
 
