@@ -105,8 +105,8 @@ def _summary(healths: list[str], engine_problem: str) -> tuple[str, bool]:
         return "no container", False
     healthy = healths.count(HEALTHY)
     others = sorted({health for health in healths if health != HEALTHY})
-    return f"{healthy}/{len(healths)} {HEALTHY}" + (f" ({', '.join(others)})" if others else ""), \
-        healthy == len(healths)
+    summary = f"{healthy}/{len(healths)} {HEALTHY}" + (f" ({', '.join(others)})" if others else "")
+    return summary, healthy == len(healths)
 
 
 def _endpoint_row(probe: Probe, service: str, port: PublishedPort, path: str, expected: set[int],
