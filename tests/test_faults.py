@@ -363,11 +363,15 @@ def test_prods_mlflow_dying_midway_leaves_prod_yaml_unchanged_and_a_rerun_comple
     assert prod_yaml.read_text() == before
     assert sorted(path.name for path in environments.iterdir()) == ["base.yaml", "dev.yaml", "prod.yaml", "staging.yaml"]
 
+    restarted = time.monotonic()
     restart()
+    back_s = time.monotonic() - restarted
     prod = MlflowStore(f"http://127.0.0.1:{port}", BasicAuth(READER, derived_password(MLFLOW_SECRETS["target"], READER)))
     assert prod.find_version(MODEL_NAME, sha256) is None, "a version registered before its files were copied"
     rerun = promote_staging_to_prod(environments)
     assert rerun.exit_code == 0, rerun.output
+    print(f"\nprod's MLflow killed ({moment}): refused with {failed.output.strip()!r}; MLflow back {back_s:.1f} s "
+          f"after its restart, the rerun took {time.monotonic() - restarted - back_s:.1f} s")
     pinned = load_stage("prod", environments).release.model
     assert prod.fetch(MODEL_NAME, pinned.version).sha256 == pinned.sha256 == sha256
 
@@ -390,12 +394,16 @@ def test_the_target_image_registry_dying_between_the_image_copies_changes_nothin
                                  BasicAuth(READER, derived_password(MLFLOW_SECRETS["target"], READER)))
     assert staging_mlflow.find_version(MODEL_NAME, sha256) is None, "the model was copied before every image was"
 
+    restarted = time.monotonic()
     docker("start", registry)
     target = StageRegistry(where="staging's image registry", address=f"127.0.0.1:{staging_port}", username="mlops",
                            password=staging_password)
     wait_until(lambda: answers(f"http://{target.address}/v2/") == 401, 60, "staging's image registry answering")
+    back_s = time.monotonic() - restarted
     rerun = CliRunner().invoke(app, promote_dev)
     assert rerun.exit_code == 0, rerun.output
+    print(f"\nstaging's image registry stopped before the second image copy: refused with {failed.output.strip()!r}; "
+          f"registry back {back_s:.1f} s after its start, the rerun took {time.monotonic() - restarted - back_s:.1f} s")
     staging = load_stage("staging", environments)
     for role in ("training", "serving"):
         digest = pushed[role][1].split("@")[1]
