@@ -90,23 +90,20 @@ def dev_on_its_host(docker_hosts, tmp_path_factory):
         "model_registry": {"port": {"host_port": 5000, **PUBLISHED}},
         "image_registry": {"port": {"host_port": 5001, **PUBLISHED}},
         "serving": {"port": {"host_port": 8080, **PUBLISHED}}})
-    secrets = {secret_variable(key, "dev"): uuid.uuid4().hex for key in (REGISTRY_PASSWORD, MLFLOW_PASSWORD)}
-    saved = {variable: os.environ.get(variable) for variable in secrets}
-    os.environ.update(secrets)
-    try:
-        StageOnEngine(stack="dev", spec=load_stage("dev", environments),
-                      registry_password=secrets[secret_variable(REGISTRY_PASSWORD, "dev")],
-                      mlflow_password=secrets[secret_variable(MLFLOW_PASSWORD, "dev")]).deploy()
-        trained = mlops("train", "--stage", "dev", "--subset", "0.5", "--environments", str(environments))
-        assert trained.returncode == 0, trained.stdout + trained.stderr
-        yield host, secrets[secret_variable(REGISTRY_PASSWORD, "dev")]
-    finally:
-        host.start()
-        host.reset()
-        for variable, value in saved.items():
-            os.environ.pop(variable, None)
-            if value is not None:
-                os.environ[variable] = value
+    registry_password, secret = uuid.uuid4().hex, uuid.uuid4().hex
+    with pytest.MonkeyPatch.context() as environment:
+        # As CI gives them to `mlops train`.
+        environment.setenv(secret_variable(REGISTRY_PASSWORD, "dev"), registry_password)
+        environment.setenv(secret_variable(MLFLOW_PASSWORD, "dev"), secret)
+        try:
+            StageOnEngine(stack="dev", spec=load_stage("dev", environments), registry_password=registry_password,
+                          mlflow_password=secret).deploy()
+            trained = mlops("train", "--stage", "dev", "--subset", "0.5", "--environments", str(environments))
+            assert trained.returncode == 0, trained.stdout + trained.stderr
+            yield host, registry_password
+        finally:
+            host.start()
+            host.reset()
 
 
 def registry_holdings(registry: StageRegistry) -> dict[str, str]:
