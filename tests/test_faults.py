@@ -7,6 +7,11 @@
   ready once MLflow answers again;
 - the disk holding MLflow's artifacts fills up while a training run or a model copy writes to it: one
   clear error, and no model version registered;
+- the target's MLflow or image registry dies in the middle of `mlops promote`: the target spec file is
+  unchanged, nothing half-copied is registered or pinned, and a rerun completes.
+
+The power cut uses the session's inner `dev` host, as tests/test_multi_host.py does: in one session, the
+images and build cache it leaves there (`DockerHost.reset` keeps them) make that module's builds cache hits.
 Each test prints what it measured (run pytest with -s to see it).
 """
 from __future__ import annotations
@@ -176,13 +181,13 @@ def test_an_engine_power_cut_loses_nothing_and_the_stage_serves_again(dev_on_its
     assert registry_holdings(registry) == images
 
 
+# -- MLflow down when a replica starts -------------------------------------------------------------------
+
 @pytest.fixture(scope="module")
 def model_source(engine) -> ModelSource:
     """The stage's MLflow image on its network (and the images, built once for the module)."""
     return start_model_source(engine)
 
-
-# -- MLflow down when a replica starts -------------------------------------------------------------------
 
 def test_a_replica_started_while_mlflow_is_down_retries_unready_and_turns_ready_when_it_is_back(engine, model_source):
     source = model_source
@@ -202,9 +207,9 @@ def test_a_replica_started_while_mlflow_is_down_retries_unready_and_turns_ready_
     mlflow_s = wait_until(lambda: engine.health(registry) == "healthy", 120, "MLflow turning healthy")
     ready_s = wait_until(lambda: answers(replica_ready) == 200, 120, "the replica turning ready") + mlflow_s
     wait_until(lambda: engine.health(replica) == "healthy", 30, "the replica turning healthy")
-    print(f"\nMLflow down {waited_s:.1f} s while the replica retried {logs(replica).count('not reachable yet')} times; "
-          f"after MLflow's start: MLflow healthy {mlflow_s:.1f} s, replica ready {ready_s:.1f} s, "
-          f"healthy {time.monotonic() - started:.1f} s")
+    print(f"\nMLflow down: the replica logged 3 retries in {waited_s:.1f} s, "
+          f"{logs(replica).count('not reachable yet')} by the time it was ready; after MLflow's start: "
+          f"MLflow healthy {mlflow_s:.1f} s, replica ready {ready_s:.1f} s, healthy {time.monotonic() - started:.1f} s")
     assert f"serving model {MODEL_NAME} v{pin[0]} sha256 {pin[1]}" in logs(replica)
 
 
