@@ -7,11 +7,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mlops.commands import diff, drift, experiments, parity, promote, specs, train
+from mlops.commands import diff, drift, experiments, parity, promote, specs, status, train
 from mlops.errors import NotInProject, SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
-                  help="The MLOps stack as code: validate, plan, train, diff, promote and run experiments.")
+                  help="The MLOps stack as code: validate, plan, train, diff, promote, run experiments and check a stage.")
 app.command()(specs.validate)
 app.command()(specs.plan)
 app.command()(diff.diff)
@@ -19,6 +19,7 @@ app.command()(parity.parity)
 app.command()(promote.promote)
 app.command()(train.train)
 app.command()(drift.drift)
+app.command()(status.status)
 app.add_typer(experiments.app, name="exp")
 
 

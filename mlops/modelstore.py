@@ -32,6 +32,14 @@ class NotFound(StoreError):
     """The registry answered that what was asked for does not exist."""
 
 
+class ServerFailed(StoreError):
+    """The registry answered with a server error (5xx)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class ModelVersion:
     name: str
@@ -163,8 +171,14 @@ class MlflowStore:
                              missing=f"model {name} v{version} has no artifact {artifact} in {self.url}")
 
     def _upload(self, artifact_uri: str, artifact: str, payload: bytes) -> None:
-        self._request("PUT", self._artifact_path(artifact_uri, artifact), data=payload,
-                      content_type="application/octet-stream")
+        try:
+            self._request("PUT", self._artifact_path(artifact_uri, artifact), data=payload,
+                          content_type="application/octet-stream")
+        except ServerFailed as err:
+            # MLflow's answer is a bare "Internal Server Error"; only its log says why (a full disk, typically).
+            raise ServerFailed(f"model registry {self.url} failed to store {artifact} ({len(payload) / 2**20:.1f} MiB) "
+                               f"with HTTP {err.status}: its artifact store may be full or not writable (the MLflow "
+                               "server's log says why); no version was registered", err.status) from None
 
     def _call(self, method: str, path: str, *, params: Optional[dict[str, str]] = None,
               body: Optional[dict[str, Any]] = None, missing: Optional[str] = None) -> dict:
@@ -191,8 +205,10 @@ class MlflowStore:
                 who = f"user {self.auth.username}" if self.auth else "a request without credentials"
                 raise StoreError(f"model registry {self.url} refused {method} {path.split('?')[0]} to {who} "
                                  f"(HTTP {err.code}); check the stage's Pulumi config secret mlops:mlflowPassword")
-            raise StoreError(f"model registry {self.url} refused {method} {path.split('?')[0]}: "
-                             f"HTTP {err.code} {detail}".rstrip()) from None
+            refused = f"model registry {self.url} refused {method} {path.split('?')[0]}: HTTP {err.code} {detail}".rstrip()
+            if err.code >= 500:
+                raise ServerFailed(refused, err.code) from None
+            raise StoreError(refused) from None
         except (urllib.error.URLError, OSError) as err:
             raise StoreError(f"model registry {self.url} is not reachable "
                              f"({getattr(err, 'reason', err)}); is the stage up?") from None

@@ -75,10 +75,12 @@ def mlflow_executable(request) -> Path:
 
 
 
-def _start_server(executable: Path, folder: Path, secret: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    folder.mkdir(parents=True)
-    log = (folder / "server.log").open("w")
+def _start_server(executable: Path, folder: Path, secret: str, port: int | None = None) -> tuple[subprocess.Popen, int]:
+    """A server on `port` (a free one by default) keeping its data in `folder`: started again on the same port
+    and folder, it is the same registry back up."""
+    port = port or free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = (folder / "server.log").open("a")
     auth_config = folder / "auth.ini"
     auth_config.write_text((MLFLOW_IMAGE / "auth.ini").read_text().replace("sqlite:////data/db/", f"sqlite:///{folder}/"))
     server = subprocess.Popen(
@@ -88,7 +90,9 @@ def _start_server(executable: Path, folder: Path, secret: str) -> tuple[subproce
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # Promotion needs no server-side jobs; their worker pool would only load the machine.
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
-             "MLOPS_MLFLOW_PASSWORD": secret, "PATH": f"{executable.parent}:{os.environ['PATH']}"})
+             "MLOPS_MLFLOW_PASSWORD": secret, "PATH": f"{executable.parent}:{os.environ['PATH']}",
+             # As the image's PYTHONPATH: the server's workers import auth.ini's authorization function from there.
+             "PYTHONPATH": str(MLFLOW_IMAGE)})
     return server, port
 
 
@@ -186,12 +190,16 @@ def mlflow_secrets_as(monkeypatch, **roles: str) -> None:
         monkeypatch.setenv(secret_variable(MLFLOW_PASSWORD, stage), MLFLOW_SECRETS[role])
 
 
-@pytest.fixture(autouse=True)
-def stage_secrets(monkeypatch):
+def give_stage_secrets(monkeypatch) -> None:
     """dev and staging promote from the source server, into prod on the target server, unless a test says otherwise."""
     for stage in ("dev", "staging", "prod"):
         monkeypatch.setenv(secret_variable(REGISTRY_PASSWORD, stage), f"{stage}-password")
     mlflow_secrets_as(monkeypatch, dev="source", staging="source", prod="target")
+
+
+@pytest.fixture(autouse=True)
+def stage_secrets(monkeypatch):
+    give_stage_secrets(monkeypatch)
 
 
 @pytest.fixture

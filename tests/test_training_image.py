@@ -230,10 +230,11 @@ def test_training_with_the_wrong_mlflow_secret_is_refused_in_one_line(training_s
     assert "Traceback" not in run.stdout + run.stderr
 
 
-def test_mlflow_lets_only_its_users_in_and_the_reader_only_read(training_stack):
-    """Every request but /health needs a user; `reader` reads and writes nothing, the writers write."""
+def test_mlflow_lets_only_its_users_in_the_reader_only_read_and_the_writers_only_add(training_stack):
+    """Every request but /health needs a user; `reader` writes nothing, not even something new; the writers
+    add runs, models, versions and tags, and neither removes nor redirects anything, even what they created."""
     api = f"{training_stack.mlflow_url}/api/2.0/mlflow"
-    trainer, reader = training_stack.user(TRAINER), training_stack.user(READER)
+    trainer, reader, promoter = (training_stack.user(identity) for identity in (TRAINER, READER, PROMOTER))
     name = f"auth-{uuid.uuid4().hex[:6]}"
     # What a training run leaves: an experiment, a run with model.pkl, a registered version tagged sha256.
     assert status(f"{api}/experiments/create", "POST", trainer, {"name": name}) == 200
@@ -251,34 +252,68 @@ def test_mlflow_lets_only_its_users_in_and_the_reader_only_read(training_stack):
 
     reads = {
         "get the experiment": (f"{api}/experiments/get?experiment_id={experiment['experiment_id']}", "GET", None),
+        "search experiments": (f"{api}/experiments/search", "POST", {"max_results": 5}),
         "get the run": (f"{api}/runs/get?run_id={run['run_id']}", "GET", None),
+        "search runs": (f"{api}/runs/search", "POST", {"experiment_ids": [experiment["experiment_id"]]}),
         "download model.pkl": (f"{artifacts}/model.pkl", "GET", None),
         "list the artifacts": (f"{proxy}?path={location}", "GET", None),
         "get the model": (f"{api}/registered-models/get?name={name}", "GET", None),
+        "get the latest versions": (f"{api}/registered-models/get-latest-versions", "POST", {"name": name}),
         "get the version": (f"{api}/model-versions/get?name={name}&version=1", "GET", None),
     }
     writes = {
         "create a run": (f"{api}/runs/create", "POST", {"experiment_id": experiment["experiment_id"]}),
+        "log metrics": (f"{api}/runs/log-batch", "POST",
+                        {"run_id": run["run_id"], "metrics": [{"key": "accuracy", "value": 1.0, "timestamp": 0,
+                                                               "step": 0}]}),
+        "set a run tag": (f"{api}/runs/set-tag", "POST", {"run_id": run["run_id"], "key": "k", "value": "v"}),
         "upload an artifact": (f"{artifacts}/other.pkl", "PUT", b"other bytes"),
         "overwrite model.pkl": (f"{artifacts}/model.pkl", "PUT", b"other bytes"),
         "create a model version": (f"{api}/model-versions/create", "POST", version),
         "set the sha256 tag": (f"{api}/model-versions/set-tag", "POST",
                                {"name": name, "version": "1", "key": "sha256", "value": "0" * 64}),
+        "set a model tag": (f"{api}/registered-models/set-tag", "POST", {"name": name, "key": "k", "value": "v"}),
     }
-    delete = (f"{api}/registered-models/delete", "DELETE", {"name": name})
+
+    def creations(owner: str) -> dict:
+        return {"create an experiment": (f"{api}/experiments/create", "POST", {"name": f"{name}-{owner}"}),
+                "create a registered model": (f"{api}/registered-models/create", "POST", {"name": f"{name}-{owner}"})}
+
+    removals = {
+        "delete a version tag": (f"{api}/model-versions/delete-tag", "DELETE", {"name": name, "version": "1", "key": "sha256"}),
+        "point an alias at a version": (f"{api}/registered-models/alias", "POST",
+                                        {"name": name, "alias": "prod", "version": "1"}),
+        "rename a model": (f"{api}/registered-models/rename", "POST", {"name": f"{name}-{TRAINER}",
+                                                                      "new_name": f"{name}-moved"}),
+        "delete an artifact": (f"{artifacts}/other.pkl", "DELETE", None),
+        "delete the run": (f"{api}/runs/delete", "POST", {"run_id": run["run_id"]}),
+        "delete the version": (f"{api}/model-versions/delete", "DELETE", {"name": name, "version": "1"}),
+        "delete the model": (f"{api}/registered-models/delete", "DELETE", {"name": name}),
+        "delete the experiment": (f"{api}/experiments/delete", "POST", {"experiment_id": experiment["experiment_id"]}),
+    }
+
+    def administration(owner: str) -> dict:
+        return {"change its password": (f"{api}/users/update-password", "PATCH",
+                                        {"username": owner, "password": uuid.uuid4().hex}),
+                "grant the reader EDIT": (f"{api}/experiments/permissions/create", "POST",
+                                          {"experiment_id": experiment["experiment_id"], "username": READER,
+                                           "permission": "EDIT"})}
 
     def statuses(auth: BasicAuth | None, requests: dict) -> dict[str, int]:
         return {what: status(url, method, auth, body) for what, (url, method, body) in requests.items()}
 
+    everything = reads | writes | creations("anonymous") | removals | administration(READER)
     for anonymous in (None, training_stack.user(READER, password="wrong")):
-        assert statuses(anonymous, reads | writes | {"delete the model": delete}) == \
-            dict.fromkeys([*reads, *writes, "delete the model"], 401)
+        assert statuses(anonymous, everything) == dict.fromkeys(everything, 401)
     assert statuses(reader, reads) == dict.fromkeys(reads, 200)
-    assert statuses(reader, writes | {"delete the model": delete}) == dict.fromkeys([*writes, "delete the model"], 403)
-    # The writers may write into what the other created, but delete only what they created themselves.
-    promoter = training_stack.user(PROMOTER)
-    assert statuses(promoter, writes) == dict.fromkeys(writes, 200)
-    assert status(*delete[:2], promoter, delete[2]) == 403
-    assert statuses(trainer, writes) == dict.fromkeys(writes, 200)
-    assert status(*delete[:2], trainer, delete[2]) == 200
+    refused = writes | creations(READER) | removals | administration(READER)
+    assert statuses(reader, refused) == dict.fromkeys(refused, 403)
+    # Each writer adds to what the other created, and removes nothing, not even what it created itself.
+    for writer in (promoter, trainer):
+        added = writes | creations(writer.username)
+        assert statuses(writer, added) == dict.fromkeys(added, 200)
+        refused = removals | administration(writer.username)
+        assert statuses(writer, refused) == dict.fromkeys(refused, 403)
+    # Refused by role, not broken: MLflow's administrator removes all of it.
+    assert statuses(training_stack.user("admin"), removals) == dict.fromkeys(removals, 200)
     assert status(f"{training_stack.mlflow_url}/health", "GET", None) == 200

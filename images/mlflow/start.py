@@ -6,11 +6,11 @@ derives it where the identities log in, so nothing but the one secret has to be 
 
 - `admin` is MLflow's administrator, which the server needs and nothing of the stack logs in as;
 - `reader` is what serving replicas fetch models as: MLflow's default permission (READ, auth.ini) and
-  nothing more, so it can read every model and write none;
+  nothing more, so it can read every model; access.py refuses it every write, creating included;
 - `trainer` (`mlops train`) and `promoter` (`mlops promote`) may edit every experiment and registered
   model, including those the other one, an earlier release of this stack without authentication, or
-  another identity created: EDIT can create runs, upload artifacts, register versions and set tags, and
-  cannot delete anything but what the identity created itself (MLflow makes a creator MANAGE its own).
+  another identity created: EDIT can create runs, upload artifacts, register versions and set tags;
+  access.py refuses them deleting, renaming, re-staging and aliasing anything, even what they created.
 
 Users and grants go straight into the auth database before the server starts, so the server never
 answers anyone before the identities exist. Running it again changes nothing, except that every password

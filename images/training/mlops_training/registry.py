@@ -1,6 +1,9 @@
 """Logs a training run to MLflow and registers its model as a new version of the model name."""
 from __future__ import annotations
 
+import os
+import re
+
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -9,12 +12,25 @@ from mlflow.tracking import MlflowClient
 from mlops_training.train import TrainingResult
 
 ARTIFACT_PATH = "model"
+# MLflow's client retries a failing request 7 times with backoff factor 2: a server that keeps answering 500
+# (its artifact store full) held a training run for 279 s before it failed. 5 retries with factor 1 wait
+# about 31 s in all, longer than the stage's MLflow takes to restart (about 10 s), so a restart is still
+# ridden out. The run's environment can still set either.
+RETRY_BUDGET = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+# How MLflow's client (through urllib3) reports a server that failed every try.
+SERVER_FAILED_EVERY_TRY = re.compile(r"too many (5\d\d) error responses")
+
+
+class FilesNotStored(MlflowException):
+    """MLflow did not store the model's files; nothing was registered."""
 
 
 def register(result: TrainingResult, tracking_uri: str) -> int:
     """Log `model.pkl` and `manifest.json` under the run's `model/` folder, register that folder as a new
     version and tag the version with the model's sha256 and metrics, so promotion reads them from the
     version alone. Returns the version number."""
+    for variable, value in RETRY_BUDGET.items():
+        os.environ.setdefault(variable, value)
     manifest = result.manifest
     name = manifest["model_name"]
     mlflow.set_tracking_uri(tracking_uri)
@@ -25,8 +41,17 @@ def register(result: TrainingResult, tracking_uri: str) -> int:
                            **manifest["inputs"]["params"]})
         mlflow.log_metrics(result.metrics)
         mlflow.set_tags({"sha256": result.model_sha256, "code_version": manifest["inputs"]["code_version"]})
-        mlflow.log_artifact(str(result.model_path), ARTIFACT_PATH)
-        mlflow.log_artifact(str(result.manifest_path), ARTIFACT_PATH)
+        try:
+            mlflow.log_artifact(str(result.model_path), ARTIFACT_PATH)
+            mlflow.log_artifact(str(result.manifest_path), ARTIFACT_PATH)
+        except MlflowException as err:
+            # The server's answer is a bare 500; only its log has the reason, typically a full volume.
+            failed = SERVER_FAILED_EVERY_TRY.search(err.message)
+            if failed is None:
+                raise
+            raise FilesNotStored(f"MLflow answered HTTP {failed[1]} to every try to store the model's files: its "
+                                 "artifact store may be full or not writable (the MLflow server's log says why); "
+                                 "nothing was registered") from err
     try:
         client.create_registered_model(name)
     except MlflowException as err:
@@ -36,3 +61,4 @@ def register(result: TrainingResult, tracking_uri: str) -> int:
         name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id=run.info.run_id,
         tags={"sha256": result.model_sha256, **{key: str(value) for key, value in result.metrics.items()}})
     return int(version.version)
+

@@ -1,0 +1,48 @@
+"""`mlops status STAGE`: every endpoint the stage publishes, probed from here, with its containers' health."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mlops import status as probing
+from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
+from mlops.spec import load_stages
+
+
+def _table(status: probing.StageStatus) -> Table:
+    table = Table(title=f"{status.stage} on {status.docker_host}", title_justify="left")
+    for column in ("service", "published address", "containers", "endpoint", "latency"):
+        table.add_column(column, justify="right" if column == "latency" else "left")
+    for row in status.rows:
+        style = "green" if row.ok else "red"
+        latency = "-" if row.latency_ms is None else f"{row.latency_ms:.0f} ms"
+        table.add_row(f"[{style}]{escape(row.service)}[/{style}]", escape(row.address), escape(row.containers),
+                      escape(row.answer), latency)
+    return table
+
+
+@reads_specs
+def status(stage: str = typer.Argument(..., help="dev, staging, prod or another stage file's name"),
+           as_json: bool = typer.Option(False, "--json", help="one JSON document instead of the table"),
+           environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+    """Probe every endpoint STAGE publishes from this machine, as a user would, next to the health its engine
+    reports for the containers behind it. Exit 1 when any endpoint does not answer as it should (a dead
+    published port with healthy containers included) or a container is not healthy; no credentials needed."""
+    result = probing.stage_status(load_stages([stage], environments)[0])
+    if as_json:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        console = Console(highlight=False, soft_wrap=True)
+        console.print(_table(result))
+        if result.engine_problem:
+            console.print(f"[red]{escape(result.engine_problem)}[/red]")
+        console.print("[green]ok[/green]: every endpoint answers" if result.ok else
+                      f"[red]not ok[/red]: {', '.join(row.service for row in result.rows if not row.ok) or 'engine'}")
+    if not result.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,169 @@
+"""Is a stage up, seen from outside? Every endpoint the stage publishes, probed from this machine as a user
+reaches it (through `StageReach`: loopback, the tcp:// host's address or an SSH tunnel), next to the health
+the stage's engine reports for the containers behind it.
+
+Both are needed: the engine's userland port proxy (docker-proxy, one process per published port) can die,
+e.g. with "too many open files" above a few thousand connections, and leave a port dead while every
+container behind it stays healthy; and a container can be unhealthy behind a port that still answers.
+
+Each row comes from one function of `ROWS` taking the `Probe`, so a row about anything else (replica
+slots, traffic weights, error rates...) is one more function.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+from mlops.orphans import DockerError, _docker
+from mlops.reach import StageReach, Unreachable
+from mlops.spec import PublishedPort, StageSpec
+
+PROBE_TIMEOUT_S = 5.0
+HEALTHY = "healthy"
+COMPONENT_LABEL = "mlops.component"
+
+
+@dataclass(frozen=True)
+class Row:
+    service: str
+    address: str
+    """Where the endpoint was probed, as this machine reaches it."""
+    containers: str
+    """What the engine says about the containers behind it, e.g. `2/2 healthy`."""
+    answer: str
+    latency_ms: Optional[float]
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: Optional[int]
+    """None when nothing answered; then `problem` says what happened."""
+    latency_ms: Optional[float]
+    problem: str = ""
+
+
+class Probe:
+    """What the row functions ask: the stage's spec, HTTP answers from its published ports, and the health of
+    its containers by `mlops.component` label, read once from the stage's engine."""
+
+    def __init__(self, spec: StageSpec, reach: StageReach) -> None:
+        self.spec = spec
+        self.reach = reach
+        self._health, self.engine_problem = _containers_health(spec)
+
+    def health(self, *components: str) -> list[str]:
+        """Health of every container of `components`: `healthy`, `unhealthy`, `starting`, or the state of one
+        without a health check (`running`, `exited`...)."""
+        return [health for component in components for health in self._health.get(component, [])]
+
+    def get(self, service: str, port: PublishedPort, path: str) -> tuple[str, Answer]:
+        """(address, answer) of `GET path` on `service`'s published `port`, as a user's client sends it."""
+        try:
+            address = self.reach.address(service, port)
+        except Unreachable as err:
+            return "-", Answer(None, None, f"unreachable from here: {err}")
+        host, _, number = address.rpartition(":")
+        connection = http.client.HTTPConnection(host, int(number), timeout=PROBE_TIMEOUT_S)
+        started = time.monotonic()
+        try:
+            connection.request("GET", path)
+            status = connection.getresponse().status
+        except (OSError, http.client.HTTPException) as err:
+            reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+            return address, Answer(None, None, f"no answer: {reason}")
+        finally:
+            connection.close()
+        return address, Answer(status, round((time.monotonic() - started) * 1000, 1))
+
+
+def _containers_health(spec: StageSpec) -> tuple[dict[str, list[str]], str]:
+    """component -> health of each of the stage's containers, and why the engine could not say, if so."""
+    try:
+        ids = _docker(spec.docker.url, "container", "ls", "--all", "--quiet",
+                      "--filter", f"label=mlops.stack={spec.stage}").split()
+        inspected = json.loads(_docker(spec.docker.url, "container", "inspect", *ids)) if ids else []
+    except DockerError as err:
+        return {}, f"engine at {spec.docker.url} did not answer: {err}"
+    health: dict[str, list[str]] = {}
+    for container in inspected:
+        state = container["State"]
+        component = (container["Config"]["Labels"] or {}).get(COMPONENT_LABEL, "")
+        running = state["Status"] == "running"
+        health.setdefault(component, []).append(state["Health"]["Status"] if running and state.get("Health")
+                                                 else state["Status"])
+    return health, ""
+
+
+def _summary(healths: list[str], engine_problem: str) -> tuple[str, bool]:
+    if engine_problem:
+        return "unknown", False
+    if not healths:
+        return "no container", False
+    healthy = healths.count(HEALTHY)
+    others = sorted({health for health in healths if health != HEALTHY})
+    summary = f"{healthy}/{len(healths)} {HEALTHY}" + (f" ({', '.join(others)})" if others else "")
+    return summary, healthy == len(healths)
+
+
+def _endpoint_row(probe: Probe, service: str, port: PublishedPort, path: str, expected: set[int],
+                  components: tuple[str, ...]) -> Row:
+    address, answer = probe.get(service, port, path)
+    containers, healthy = _summary(probe.health(*components), probe.engine_problem)
+    if answer.status is None:
+        text, answered = answer.problem, False
+    else:
+        answered = answer.status in expected
+        text = f"GET {path}: {answer.status}" + ("" if answered else f" (expected {'/'.join(map(str, sorted(expected)))})")
+    return Row(service, address, containers, text, answer.latency_ms, answered and healthy)
+
+
+def gateway(probe: Probe) -> Optional[Row]:
+    """The serving gateway is ready only when a replica behind it is (Open Inference Protocol readiness)."""
+    if probe.spec.release is None:
+        return None  # nothing promoted yet: the stage serves nothing and publishes no gateway port
+    return _endpoint_row(probe, "gateway", probe.spec.serving.port, "/v2/health/ready", {200},
+                         ("serving-gateway", "model-serving"))
+
+
+def model_registry(probe: Probe) -> Optional[Row]:
+    # /health is MLflow's one path that needs no user, so the probe needs no secret.
+    return _endpoint_row(probe, "model registry", probe.spec.model_registry.port, "/health", {200},
+                         ("model-registry",))
+
+
+def image_registry(probe: Probe) -> Optional[Row]:
+    if not probe.spec.image_registry.enabled:
+        return None
+    # The distribution API's base endpoint: 401 is its answer to a client without credentials.
+    return _endpoint_row(probe, "image registry", probe.spec.image_registry.port, "/v2/", {200, 401},
+                         ("image-registry",))
+
+
+ROWS: tuple[Callable[[Probe], Optional[Row]], ...] = (gateway, model_registry, image_registry)
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    stage: str
+    docker_host: str
+    rows: list[Row]
+    engine_problem: str
+
+    @property
+    def ok(self) -> bool:
+        return not self.engine_problem and all(row.ok for row in self.rows)
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "docker_host": self.docker_host, "ok": self.ok,
+                "engine_problem": self.engine_problem or None, "rows": [asdict(row) for row in self.rows]}
+
+
+def stage_status(spec: StageSpec) -> StageStatus:
+    with StageReach(spec) as reach:
+        probe = Probe(spec, reach)
+        rows = [row for check in ROWS if (row := check(probe)) is not None]
+    return StageStatus(spec.stage, spec.docker.url, rows, probe.engine_problem)

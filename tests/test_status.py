@@ -1,0 +1,142 @@
+"""`mlops status` on a real stage: every published endpoint answers from the host, and a published port whose
+engine proxy died is reported dead (exit 1) while the containers behind it stay healthy."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sklearn.datasets import load_iris
+from sklearn.tree import DecisionTreeClassifier
+
+from mlops.credentials import TRAINER, derived_password
+from mlops.modelstore import BasicAuth
+from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stages
+from tests.conftest import free_port
+from tests.engine import StageOnEngine
+from tests.test_end_to_end import write_stage
+from tests.test_gateway_failover import MlflowRest
+
+MLOPS = [sys.executable, "-m", "mlops"]
+SERVICES = ["gateway", "model registry", "image registry"]
+
+
+@dataclass(frozen=True)
+class Deployed:
+    engine: StageOnEngine
+    environments: Path
+    ports: dict[str, int]
+
+    def status(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*MLOPS, "status", self.engine.stack, "--environments", str(self.environments), *args],
+                              capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def deployed(docker_engine, tmp_path_factory):
+    """A private dev-like stage on free host ports, serving a registered model with two replicas."""
+    for lock in sorted(REPO_ROOT.glob("images/*/requirements.lock")):
+        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), str(lock.parent.relative_to(REPO_ROOT))],
+                       cwd=REPO_ROOT, check=True, capture_output=True)
+    environments = tmp_path_factory.mktemp("status") / "environments"
+    shutil.copytree(ENVIRONMENTS_DIR, environments)
+    name = f"t-status-{uuid.uuid4().hex[:6]}"
+    ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
+    write_stage(environments, name, ports, release=None)
+    engine = StageOnEngine(stack=name, spec=load_stages([name], environments)[0], registry_password=uuid.uuid4().hex)
+    try:
+        engine.deploy()
+        mlflow = MlflowRest(f"http://127.0.0.1:{ports['mlflow']}",
+                            BasicAuth(TRAINER, derived_password(engine.mlflow_password, TRAINER)))
+        mlflow.post("registered-models/create", name="iris-classifier")
+        version, sha256 = mlflow.register("iris-classifier", pickle.dumps(
+            DecisionTreeClassifier(random_state=0).fit(*load_iris(return_X_y=True))))
+        write_stage(environments, name, ports,
+                    release={"model": {"name": "iris-classifier", "version": int(version), "sha256": sha256}})
+        engine.spec = load_stages([name], environments)[0]
+        engine.deploy()
+        yield Deployed(engine, environments, ports)
+    finally:
+        engine.teardown()
+
+
+def userland_proxies(host_port: int) -> list[int]:
+    """PIDs of the engine's `docker-proxy ... -host-port N` processes for `host_port` (one per address family)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            arguments = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if arguments and arguments[0].endswith(b"docker-proxy") and b"-host-port" in arguments:
+            if arguments[arguments.index(b"-host-port") + 1] == str(host_port).encode():
+                pids.append(int(entry.name))
+    return pids
+
+
+def rows(result: subprocess.CompletedProcess[str]) -> dict[str, dict]:
+    return {row["service"]: row for row in json.loads(result.stdout)["rows"]}
+
+
+@pytest.mark.docker
+def test_every_published_endpoint_answers_from_the_host(deployed):
+    result = deployed.status("--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    answered = rows(result)
+    assert list(answered) == SERVICES
+    ports = {"gateway": "gateway", "model registry": "mlflow", "image registry": "registry"}
+    for service, row in answered.items():
+        assert row["ok"] and row["address"] == f"127.0.0.1:{deployed.ports[ports[service]]}", row
+        assert 0 < row["latency_ms"] < 5000, row
+    assert answered["gateway"]["answer"] == "GET /v2/health/ready: 200"
+    assert answered["gateway"]["containers"] == "3/3 healthy"  # the gateway and two replicas
+    assert answered["model registry"]["answer"] == "GET /health: 200"
+    assert answered["image registry"]["answer"] == "GET /v2/: 401"  # the registry's answer to no credentials
+
+    table = deployed.status()
+    assert table.returncode == 0, table.stdout + table.stderr
+    assert all(service in table.stdout for service in SERVICES) and "ok: every endpoint answers" in table.stdout
+
+
+@pytest.mark.docker
+def test_a_dead_published_port_fails_while_its_containers_stay_healthy(deployed):
+    """What the engine's port proxy does when it exits (e.g. "too many open files"): the port stops answering
+    and nothing inside the engine notices."""
+    proxies = userland_proxies(deployed.ports["gateway"])
+    assert proxies, ("no docker-proxy serves the gateway's port: this test needs the engine's userland proxy "
+                     "(daemon.json \"userland-proxy\": true, the default)")
+    for pid in proxies:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while userland_proxies(deployed.ports["gateway"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    result = deployed.status("--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    answered = rows(result)
+    gateway = answered["gateway"]
+    assert not gateway["ok"] and gateway["answer"].startswith("no answer") and gateway["latency_ms"] is None, gateway
+    assert gateway["containers"] == "3/3 healthy", gateway
+    gateway_container = deployed.engine.client.containers.get(f"{deployed.engine.stack}-gateway")
+    assert gateway_container.attrs["State"]["Health"]["Status"] == "healthy"
+    assert answered["model registry"]["ok"] and answered["image registry"]["ok"]
+
+    table = deployed.status()
+    assert table.returncode == 1 and "not ok: gateway" in table.stdout, table.stdout + table.stderr
+
+
+def test_an_unknown_stage_is_one_line_and_exit_2():
+    result = subprocess.run([*MLOPS, "status", "no-such-stage"], capture_output=True, text=True, timeout=60,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "no stage 'no-such-stage'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
