@@ -6,8 +6,9 @@ Both are needed: the engine's userland port proxy (docker-proxy, one process per
 e.g. with "too many open files" above a few thousand connections, and leave a port dead while every
 container behind it stays healthy; and a container can be unhealthy behind a port that still answers.
 
-Each row comes from one function of `ROWS` taking the `Probe`, so a row about anything else (replica
-slots, traffic weights, error rates...) is one more function.
+Each row comes from one function of `ROWS` taking the `Probe`. Under the endpoints, one row per serving
+slot (`mlops.rollout.status_rows`): its pin, the weight in force, error rate, p99 latency and drift from the
+stage's Prometheus, and where an automated rollout is.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
+from mlops import rollout
 from mlops.orphans import DockerError, _docker
 from mlops.reach import StageReach, Unreachable
 from mlops.spec import PublishedPort, StageSpec
@@ -143,7 +145,13 @@ def image_registry(probe: Probe) -> Optional[Row]:
                          ("image-registry",))
 
 
-ROWS: tuple[Callable[[Probe], Optional[Row]], ...] = (gateway, model_registry, image_registry)
+def monitoring(probe: Probe) -> Optional[Row]:
+    if probe.spec.monitoring is None:
+        return None
+    return _endpoint_row(probe, "Prometheus", probe.spec.monitoring.port, "/-/ready", {200}, ("monitoring",))
+
+
+ROWS: tuple[Callable[[Probe], Optional[Row]], ...] = (gateway, model_registry, image_registry, monitoring)
 
 
 @dataclass(frozen=True)
@@ -152,6 +160,9 @@ class StageStatus:
     docker_host: str
     rows: list[Row]
     engine_problem: str
+    slots: list[rollout.SlotRow]
+    slots_problem: str
+    """Why the slots' numbers are missing, if they are (the endpoint rows say whether that is a fault)."""
 
     @property
     def ok(self) -> bool:
@@ -159,11 +170,16 @@ class StageStatus:
 
     def to_json(self) -> dict:
         return {"stage": self.stage, "docker_host": self.docker_host, "ok": self.ok,
-                "engine_problem": self.engine_problem or None, "rows": [asdict(row) for row in self.rows]}
+                "engine_problem": self.engine_problem or None, "rows": [asdict(row) for row in self.rows],
+                "slots": [asdict(slot) for slot in self.slots], "slots_problem": self.slots_problem or None}
 
 
 def stage_status(spec: StageSpec) -> StageStatus:
     with StageReach(spec) as reach:
         probe = Probe(spec, reach)
         rows = [row for check in ROWS if (row := check(probe)) is not None]
-    return StageStatus(spec.stage, spec.docker.url, rows, probe.engine_problem)
+    try:
+        slots, slots_problem = rollout.stage_status(spec, spec.stage), ""
+    except (rollout.PrometheusUnreachable, Unreachable) as err:
+        slots, slots_problem = rollout.status_rows(spec, lambda promql: [], None), f"no numbers from Prometheus: {err}"
+    return StageStatus(spec.stage, spec.docker.url, rows, probe.engine_problem, slots, slots_problem)

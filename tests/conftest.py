@@ -6,6 +6,9 @@ import subprocess
 
 import pytest
 
+# The session's MLflow servers (`mlflow_executable`, `registries`), shared by every module that takes them.
+pytest_plugins = ["tests.mlflow_servers"]
+
 REQUIRE_DOCKER = os.environ.get("MLOPS_REQUIRE_DOCKER") == "1"
 
 

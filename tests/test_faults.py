@@ -46,9 +46,9 @@ from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
 from tests.engine import StageOnEngine
 from tests.test_gateway_failover import ModelSource, docker, engine, start_model_source, start_replica  # noqa: F401
 from tests.test_multi_host import PUBLISHED, edit_stage, infer, mlops
-from tests.test_promote import (MLFLOW_SECRETS, _start_server, _wait_healthy, dev_and_staging,  # noqa: F401
-                                give_stage_secrets, image_registries, image_registry, make_repo, mlflow_executable,
-                                register_source_model, registries, release_yaml)
+from tests.mlflow_servers import MLFLOW_SECRETS, start_server, wait_healthy
+from tests.test_promote import (dev_and_staging, give_stage_secrets, image_registries, image_registry,  # noqa: F401
+                                make_repo, register_source_model, release_yaml)
 
 pytestmark = pytest.mark.docker
 
@@ -319,7 +319,7 @@ def prod_mlflow(mlflow_executable, tmp_path_factory):
     """prod's own MLflow, which a test may kill and restart on the same port and data: (port, kill, restart)."""
     folder = tmp_path_factory.mktemp("prod-mlflow") / "server"
     secret = MLFLOW_SECRETS["target"]  # the secret the test_promote fixtures give prod
-    running = [_start_server(mlflow_executable, folder, secret)]
+    running = [start_server(mlflow_executable, folder, secret)]
     port = running[0][1]
 
     def kill() -> None:
@@ -327,10 +327,10 @@ def prod_mlflow(mlflow_executable, tmp_path_factory):
         running[0][0].wait()
 
     def restart() -> None:
-        running[0] = _start_server(mlflow_executable, folder, secret, port)
-        _wait_healthy(running[0][0], port, folder)
+        running[0] = start_server(mlflow_executable, folder, secret, port)
+        wait_healthy(running[0][0], port, folder)
 
-    _wait_healthy(running[0][0], port, folder)
+    wait_healthy(running[0][0], port, folder)
     yield port, kill, restart
     with contextlib.suppress(ProcessLookupError):
         kill()

@@ -18,6 +18,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -48,6 +49,11 @@ class MonitoredStage:
     gateway: str
     prometheus: str
     model: str
+    environments: Path
+
+    def mlops(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mlops", *args, "--environments", str(self.environments)],
+                              capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
 
     def query(self, promql: str) -> list[dict]:
         answer = http_json(f"{self.prometheus}/api/v1/query?{urllib.parse.urlencode({'query': promql})}")
@@ -169,7 +175,8 @@ def stage(docker_engine, tmp_path_factory):
         declare(pin)
         engine.deploy()
         yield MonitoredStage(name=name, engine=engine, gateway=f"http://127.0.0.1:{ports['gateway']}",
-                             prometheus=f"http://127.0.0.1:{ports['prometheus']}", model=pin["name"])
+                             prometheus=f"http://127.0.0.1:{ports['prometheus']}", model=pin["name"],
+                             environments=environments)
     finally:
         os.environ.pop(variable, None)
         engine.teardown()
@@ -269,6 +276,8 @@ def test_training_like_inputs_keep_drift_low_and_a_shifted_feature_fires_the_ale
     assert set(scores) == {"0", "1", "2", "3"}
     assert max(scores.values()) < THRESHOLD, scores
     assert firing_drift_alerts(stage) == []
+    quiet = stage.mlops("drift", "--stage", stage.name)
+    assert quiet.returncode == 0 and "drifted" not in quiet.stdout, quiet.stdout + quiet.stderr
 
     shifted = iris[rng.integers(0, len(iris), 2 * WINDOW_ROWS)].copy()
     shifted[:, SHIFTED_FEATURE] += 3 * iris[:, SHIFTED_FEATURE].std()
@@ -278,3 +287,16 @@ def test_training_like_inputs_keep_drift_low_and_a_shifted_feature_fires_the_ale
     assert max(score for feature, score in scores.items() if feature != str(SHIFTED_FEATURE)) < THRESHOLD, scores
     alerts = eventually(lambda: firing_drift_alerts(stage), timeout_s=30, what="InputDrift firing")
     assert [(alert["labels"]["feature"], alert["labels"]["slot"]) for alert in alerts] == [(str(SHIFTED_FEATURE), "blue")]
+    drifted = stage.mlops("drift", "--stage", stage.name)
+    assert drifted.returncode == 1, drifted.stdout + drifted.stderr
+    assert f"drifted above {THRESHOLD}: {SHIFTED_FEATURE}" in drifted.stdout
+
+    status = stage.mlops("status", stage.name, "--json")
+    assert status.returncode == 0, status.stdout + status.stderr
+    reported = json.loads(status.stdout)
+    assert {row["service"]: row["ok"] for row in reported["rows"]}["Prometheus"] is True
+    slots = {slot["slot"]: slot for slot in reported["slots"]}
+    assert (slots["blue"]["weight"], slots["green"]["weight"]) == (100, 0)
+    assert slots["blue"]["version"] == slots["green"]["version"]
+    assert slots["blue"]["max_drift"] == pytest.approx(scores[str(SHIFTED_FEATURE)], rel=0.05)
+    assert reported["slots_problem"] is None

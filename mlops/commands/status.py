@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mlops import rollout
 from mlops import status as probing
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.spec import load_stages
@@ -27,12 +28,22 @@ def _table(status: probing.StageStatus) -> Table:
     return table
 
 
+def _slots_table(status: probing.StageStatus) -> Table:
+    table = Table(title="serving slots", title_justify="left")
+    for column in rollout.COLUMNS:
+        table.add_column(column)
+    for slot in status.slots:
+        table.add_row(*(escape(cell) for cell in slot.cells()))
+    return table
+
+
 @reads_specs
 def status(stage: str = typer.Argument(..., help="dev, staging, prod or another stage file's name"),
            as_json: bool = typer.Option(False, "--json", help="one JSON document instead of the table"),
            environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
     """Probe every endpoint STAGE publishes from this machine, as a user would, next to the health its engine
-    reports for the containers behind it. Exit 1 when any endpoint does not answer as it should (a dead
+    reports for the containers behind it; then each serving slot's pin, weight, error rate, p99 latency,
+    drift and rollout step (numbers from the stage's Prometheus, when it declares monitoring). Exit 1 when any endpoint does not answer as it should (a dead
     published port with healthy containers included) or a container is not healthy; no credentials needed."""
     result = probing.stage_status(load_stages([stage], environments)[0])
     if as_json:
@@ -42,6 +53,10 @@ def status(stage: str = typer.Argument(..., help="dev, staging, prod or another 
         console.print(_table(result))
         if result.engine_problem:
             console.print(f"[red]{escape(result.engine_problem)}[/red]")
+        if result.slots:
+            console.print(_slots_table(result))
+        if result.slots_problem:
+            console.print(escape(result.slots_problem))
         console.print("[green]ok[/green]: every endpoint answers" if result.ok else
                       f"[red]not ok[/red]: {', '.join(row.service for row in result.rows if not row.ok) or 'engine'}")
     if not result.ok:
