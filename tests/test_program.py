@@ -72,11 +72,11 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
 def test_staging_without_a_release_declares_no_serving_and_builds_nothing():
     resources = render("staging")
     counts = type_counts(resources)
-    assert counts[CONTAINER] == 2  # model registry and image registry only
+    assert counts[CONTAINER] == 3  # model registry, image registry and Prometheus only
     assert "mlops:model_serving:ModelServing" not in counts
     assert "mlops:training_environment:TrainingEnvironment" not in counts
     built = [r.inputs["build"]["context"] for r in resources if r.type == IMAGE]
-    assert sorted(built) == ["images/mlflow", "images/registry"]
+    assert sorted(built) == ["images/mlflow", "images/prometheus", "images/registry"]
 
 
 def test_promoted_prod_runs_the_promoted_digests_with_three_replicas(released_environments):
@@ -101,8 +101,9 @@ def test_promoted_prod_runs_the_promoted_digests_with_three_replicas(released_en
 def test_prod_volumes_are_protected_and_nothing_else_is(released_environments):
     resources = render("prod", released_environments)
     protected = sorted(r.name for r in resources if r.protect)
-    assert protected == ["prod-artifact-store-artifacts", "prod-artifact-store-mlflow-db",
-                         "prod-artifact-store-registry-data"]
+    assert protected == ["prod-artifact-store-artifacts", "prod-artifact-store-metrics",
+                         "prod-artifact-store-mlflow-db", "prod-artifact-store-registry-data",
+                         "prod-artifact-store-rollout"]
     assert not [r for r in render("dev") if r.protect]
 
 
@@ -172,7 +173,8 @@ def test_every_build_names_its_platform_and_builds_with_buildkit():
 
 @pytest.mark.parametrize("stage, ports", [
     ("dev", {"dev-model-registry-server": 5000, "dev-image-registry-server": 5001, "dev-serving-gateway": 8080}),
-    ("prod", {"prod-model-registry-server": 5200, "prod-image-registry-server": 5201, "prod-serving-gateway": 8280}),
+    ("prod", {"prod-model-registry-server": 5200, "prod-image-registry-server": 5201, "prod-serving-gateway": 8280,
+              "prod-monitoring-prometheus": 5290}),
 ])
 def test_published_ports_bind_to_loopback(stage, ports, released_environments):
     resources = render(stage, released_environments)

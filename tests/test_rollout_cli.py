@@ -122,6 +122,7 @@ def test_status_rows_put_the_controller_state_beside_prometheus(prod_with_green)
 
 def test_a_stage_without_monitoring_shows_its_declared_weights_and_no_numbers(released_environments, monkeypatch):
     asked = gateway_recorded(monkeypatch, None)
-    rows = rollout.stage_status(load_stage("prod", released_environments), "prod")
+    unmonitored = load_stage("prod", released_environments).model_copy(update={"monitoring": None})
+    rows = rollout.stage_status(unmonitored, "prod")
     assert asked == ["prod"]
     assert rows == [SlotRow("blue", "iris-classifier", "4", 100, None, None, None, "-")]

@@ -31,9 +31,9 @@ def replace(file, old: str, new: str) -> None:
 
 BROKEN_SPECS = {
     "malformed YAML": (lambda env: append(env / "prod.yaml", "extra: [1\n"),
-                       "prod.yaml:24: not valid YAML: expected ',' or ']', but got '<stream end>'"),
+                       "prod.yaml:29: not valid YAML: expected ',' or ']', but got '<stream end>'"),
     "duplicate key": (lambda env: append(env / "prod.yaml", "serving:\n  replicas: 4\n"),
-                      "prod.yaml:23: not valid YAML: found duplicate key \"serving\""),
+                      "prod.yaml:28: not valid YAML: found duplicate key \"serving\""),
     "unknown key": (lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replica: 3"),
                     "prod.yaml:16: serving.replica: unknown key 'replica'; allowed here: build, gateway, green, "
                     "health_check, limits, port, replicas, runtime, traffic"),
@@ -57,17 +57,17 @@ BROKEN_SPECS = {
                                    "127.0.0.1 is allowed otherwise"),
     "bare tag in prod": (lambda env: append(env / "prod.yaml", "release:\n  model: {name: m, version: 1, sha256: "
                                             + "a" * 64 + "}\n  images: {training: 'x:latest', serving: 'y" + DIGEST + "'}\n"),
-                         "prod.yaml:25: release.images.training: 'x:latest' is not pinned by digest; use "
+                         "prod.yaml:30: release.images.training: 'x:latest' is not pinned by digest; use "
                          "name@sha256:<64 hex> (no 'latest', no bare tag)"),
     "unpinned model in staging": (lambda env: append(env / "staging.yaml", "release:\n  model: {name: m, version: latest}\n"),
-                                  "staging.yaml:17: release.model: outside dev, pin the model by an integer version "
+                                  "staging.yaml:22: release.model: outside dev, pin the model by an integer version "
                                   "and its sha256"),
     "weights not 100": (lambda env: replace(env / "base.yaml", "traffic: {blue: 100, green: 0}", "traffic: {blue: 60, green: 30}"),
                         "base.yaml:37: serving.traffic: blue (60) + green (30) must add up to 100"),
     "green weight without green": (lambda env: replace(env / "base.yaml", "traffic: {blue: 100, green: 0}", "traffic: {blue: 60, green: 40}"),
                                    "base.yaml:37: serving.traffic.green: is above 0 but no 'serving.green' release is declared to receive it"),
     "prod builds": (lambda env: append(env / "prod.yaml", "training:\n  build: images/training\n"),
-                    "prod.yaml:24: training.build: prod never builds workload images (build once, promote by "
+                    "prod.yaml:29: training.build: prod never builds workload images (build once, promote by "
                     "digest); remove it"),
     "shared host port": (lambda env: replace(env / "prod.yaml", "host_port: 8280", "host_port: 8080"),
                          "prod.yaml:18: serving.port.host_port: host port 8080 on unix:///var/run/docker.sock is "
@@ -78,7 +78,7 @@ BROKEN_SPECS = {
         lambda env: append(env / "prod.yaml", "release:\n  model: {name: m, version: 1, sha256: " + "a" * 64 + "}\n"
                            "  images: {training: 'localhost:5001/dev/training" + DIGEST + "', "
                            "serving: 'localhost:5201/prod/serving" + DIGEST + "'}\n"),
-        "prod.yaml:25: release.images.training: 'localhost:5001/dev/training" + DIGEST + "' names another stage's "
+        "prod.yaml:30: release.images.training: 'localhost:5001/dev/training" + DIGEST + "' names another stage's "
         "registry; prod pulls only from its own (localhost:5201/prod/<image>@sha256:<digest>): promote with "
         "`mlops promote --to prod`, which copies the image there"),
     "cpus the provider reads back otherwise": (
