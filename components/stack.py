@@ -11,6 +11,9 @@ from components.image_registry import ImageRegistry
 from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing
+from components.swarm_image_registry import SwarmImageRegistry
+from components.swarm_model_registry import SwarmModelRegistry
+from components.swarm_serving import SwarmServing
 from components.training_environment import TrainingEnvironment
 from mlops.credentials import READER, derived_password
 from mlops.spec import StageSpec
@@ -73,8 +76,11 @@ class MLOpsStack(pulumi.ComponentResource):
                                    registry_auth=registry_auth, opts=pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, providers=[provider])
 
+        swarm = spec.swarm
         network = docker.Network(
-            f"{stack}-network", name=f"{stack}-net", driver="bridge",
+            f"{stack}-network", name=f"{stack}-net", driver="bridge" if swarm is None else "overlay",
+            # Attachable, so `mlops train` can run a one-off task on it and tests can reach services.
+            attachable=swarm is not None or None,
             labels=[docker.NetworkLabelArgs(label=key, value=value) for key, value in sorted(identity.items())],
             # The name is fixed, so a replacement created first would collide with the old network; deleting
             # first also replaces the containers attached to it (their `networks_advanced` is ForceNew).
@@ -83,11 +89,13 @@ class MLOpsStack(pulumi.ComponentResource):
         store = ArtifactStore(f"{stack}-artifact-store",
                               {"stack": stack, "spec": spec.artifact_store, "labels": identity,
                                "retain_on_delete": spec.kind != "experiment"}, opts=child)
-        model_registry = ModelRegistry(f"{stack}-model-registry", {
-            "stack": stack, "spec": spec.model_registry, "builds": builds,
-            "network": network.name, "artifacts_volume": store.artifacts_volume,
-            "mlflow_db_volume": store.mlflow_db_volume, "labels": labels,
-            "published_host": spec.docker.published_host, "mlflow_password": args["mlflow_password"]}, opts=child)
+        registry_args = {"stack": stack, "spec": spec.model_registry, "builds": builds,
+                         "artifacts_volume": store.artifacts_volume, "mlflow_db_volume": store.mlflow_db_volume,
+                         "labels": labels, "published_host": spec.docker.published_host,
+                         "mlflow_password": args["mlflow_password"]}
+        model_registry = ModelRegistry(f"{stack}-model-registry", {**registry_args, "network": network.name},
+                                       opts=child) if swarm is None else SwarmModelRegistry(
+            f"{stack}-model-registry", {**registry_args, "swarm": swarm, "network_id": network.id}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
             lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
 
@@ -95,10 +103,11 @@ class MLOpsStack(pulumi.ComponentResource):
         pushes_after: list[pulumi.Resource] = []
         self.image_registry_server = None
         if spec.image_registry.enabled:
-            image_registry = ImageRegistry(f"{stack}-image-registry", {
-                "stack": stack, "spec": spec.image_registry, "builds": builds,
-                "network": network.name, "data_volume": store.registry_data_volume,
-                "password": password, "labels": labels}, opts=child)
+            image_registry_args = {"stack": stack, "spec": spec.image_registry, "builds": builds,
+                                   "data_volume": store.registry_data_volume, "password": password, "labels": labels}
+            image_registry = ImageRegistry(f"{stack}-image-registry", {**image_registry_args, "network": network.name},
+                                           opts=child) if swarm is None else SwarmImageRegistry(
+                f"{stack}-image-registry", {**image_registry_args, "swarm": swarm, "network_id": network.id}, opts=child)
             push = PushTarget(server=image_registry.server, username=spec.image_registry.username,
                               password=pulumi.Output.secret(password))
             pushes_after = [image_registry]
@@ -117,10 +126,13 @@ class MLOpsStack(pulumi.ComponentResource):
             # Derived inside the secret, so the derived password is as secret in the state as the root one.
             reader_password = pulumi.Output.secret(args["mlflow_password"]).apply(
                 lambda secret: derived_password(secret, READER))
-            serving = ModelServing(f"{stack}-serving", {
-                "stack": stack, "spec": spec.serving, "release": spec.release,
-                "builds": builds, "registry_url": model_registry.internal_url, "reader_password": reader_password,
-                "network": network.name, "push": push, "depends_on": pushes_after, "labels": labels}, opts=child)
+            serving_args = {"stack": stack, "spec": spec.serving, "release": spec.release, "builds": builds,
+                            "registry_url": model_registry.internal_url, "reader_password": reader_password,
+                            "push": push, "depends_on": pushes_after, "labels": labels}
+            serving = ModelServing(f"{stack}-serving", {**serving_args, "network": network.name},
+                                   opts=child) if swarm is None else SwarmServing(
+                f"{stack}-serving", {**serving_args, "swarm": swarm, "network_id": network.id,
+                                     "published_host": spec.docker.published_host or "127.0.0.1"}, opts=child)
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest
 

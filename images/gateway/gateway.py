@@ -7,7 +7,12 @@ containers). A `resolver` with a variable `proxy_pass` re-resolves but loses ups
 and retries across replicas, and `server ... resolve` needs nginx 1.27.3 (bookworm ships 1.22). So this
 process resolves the replicas itself, renders what resolves, and reloads nginx (gracefully) only when a
 replica first resolves or comes back at a new address. A replica that stops resolving keeps its last
-address: nginx's own failure handling skips it, and the retried requests never meet a reload.
+addresses: nginx's own failure handling skips them, and the retried requests never meet a reload.
+
+On a swarm an entry names all tasks of a service, `tasks.<service>:<port>`, which Swarm's DNS answers with
+every running task's address (endpoint mode dnsrr): the entry stands for that whole set, so a task
+rescheduled onto another node, or added by scaling, joins its pool within RESOLVE_INTERVAL_S, and a task
+that is gone leaves it.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ class Pool:
     name: str
     weight: int
     replicas: tuple[str, ...]
-    """`host:port` of each replica."""
+    """`host:port` of each replica, or `tasks.<service>:port` for all tasks of a swarm service."""
 
 
 def pools_from_env(env: Mapping[str, str]) -> list[Pool]:
@@ -65,20 +70,22 @@ def pools_from_env(env: Mapping[str, str]) -> list[Pool]:
     return pools
 
 
-def resolve(replica: str) -> str | None:
+def resolve(replica: str) -> tuple[str, ...] | None:
+    """Every IPv4 `address:port` the replica's name has, sorted, or None when it has none."""
     host, _, port = replica.rpartition(":")
     try:
-        return f"{socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)[0][4][0]}:{port}"
+        found = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
     except socket.gaierror:
         return None
+    return tuple(sorted({f"{entry[4][0]}:{port}" for entry in found}))
 
 
-def render(pools: list[Pool], addresses: Mapping[str, str]) -> str:
-    """nginx.conf for `pools`, each replica at its address in `addresses` (unresolved ones left out)."""
+def render(pools: list[Pool], addresses: Mapping[str, tuple[str, ...]]) -> str:
+    """nginx.conf for `pools`, each replica at its addresses in `addresses` (unresolved ones left out)."""
     upstreams = ""
     for pool in pools:
-        servers = [f"{addresses[replica]} max_fails=1 fail_timeout=5s"
-                   for replica in pool.replicas if replica in addresses] or [NO_REPLICA_YET]
+        servers = [f"{address} max_fails=1 fail_timeout=5s"
+                   for replica in pool.replicas for address in addresses.get(replica, ())] or [NO_REPLICA_YET]
         lines = "".join(f"    server {server};\n" for server in servers)
         upstreams += f"upstream {pool.name} {{\n{lines}{UPSTREAM_KEEPALIVE}}}\n"
     weighted = [pool for pool in pools if pool.weight > 0]
@@ -96,11 +103,11 @@ class Gateway:
         self.pools = pools
         self.config = runtime_dir / "nginx.conf"
         self.runtime_dir = runtime_dir
-        self.addresses: dict[str, str] = {}
+        self.addresses: dict[str, tuple[str, ...]] = {}
         self.reported_unresolved: set[str] = set()
 
     def refresh_addresses(self) -> bool:
-        """Resolve every replica; True when one resolved for the first time or at a new address."""
+        """Resolve every replica; True when one resolved for the first time or at other addresses."""
         changed = False
         for pool in self.pools:
             for replica in pool.replicas:
