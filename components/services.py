@@ -106,6 +106,7 @@ def hardened_service(
     limits: Limits,
     reservations: Optional[Limits],
     labels: dict[str, str],
+    identity: dict[str, str],
     component: str,
     health_check: HealthCheck,
     health_path: tuple[int, str],
@@ -146,8 +147,10 @@ def hardened_service(
                 user=APP_USER,
                 read_only=True,
                 cap_drops=["ALL"],
-                labels=[docker.ServiceTaskSpecContainerSpecLabelArgs(label=label.label, value=label.value)
-                        for label in service_labels(labels, component)],
+                # Identity only: container labels are ForceNew in the provider (a model pin or owner here
+                # would replace the service instead of rolling it); the service's own labels carry the rest.
+                labels=[docker.ServiceTaskSpecContainerSpecLabelArgs(label=key, value=value)
+                        for key, value in sorted({**identity, "mlops.component": component}.items())],
                 env=env,
                 secrets=list(secrets) or None,
                 mounts=mounts,

@@ -93,9 +93,11 @@ class MLOpsStack(pulumi.ComponentResource):
                          "artifacts_volume": store.artifacts_volume, "mlflow_db_volume": store.mlflow_db_volume,
                          "labels": labels, "published_host": spec.docker.published_host,
                          "mlflow_password": args["mlflow_password"]}
+        # On a swarm, services attach by network ID (what the provider reads back) and carry identity labels.
+        on_swarm = {"swarm": swarm, "network_id": network.id, "identity": identity}
         model_registry = ModelRegistry(f"{stack}-model-registry", {**registry_args, "network": network.name},
                                        opts=child) if swarm is None else SwarmModelRegistry(
-            f"{stack}-model-registry", {**registry_args, "swarm": swarm, "network_id": network.id}, opts=child)
+            f"{stack}-model-registry", {**registry_args, **on_swarm}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
             lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
 
@@ -107,7 +109,7 @@ class MLOpsStack(pulumi.ComponentResource):
                                    "data_volume": store.registry_data_volume, "password": password, "labels": labels}
             image_registry = ImageRegistry(f"{stack}-image-registry", {**image_registry_args, "network": network.name},
                                            opts=child) if swarm is None else SwarmImageRegistry(
-                f"{stack}-image-registry", {**image_registry_args, "swarm": swarm, "network_id": network.id}, opts=child)
+                f"{stack}-image-registry", {**image_registry_args, **on_swarm}, opts=child)
             push = PushTarget(server=image_registry.server, username=spec.image_registry.username,
                               password=pulumi.Output.secret(password))
             pushes_after = [image_registry]
@@ -131,7 +133,7 @@ class MLOpsStack(pulumi.ComponentResource):
                             "push": push, "depends_on": pushes_after, "labels": labels}
             serving = ModelServing(f"{stack}-serving", {**serving_args, "network": network.name},
                                    opts=child) if swarm is None else SwarmServing(
-                f"{stack}-serving", {**serving_args, "swarm": swarm, "network_id": network.id,
+                f"{stack}-serving", {**serving_args, **on_swarm,
                                      "published_host": spec.docker.published_host or "127.0.0.1"}, opts=child)
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest

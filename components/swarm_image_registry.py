@@ -23,6 +23,8 @@ class SwarmImageRegistryArgs(TypedDict):
     data_volume: pulumi.Input[str]
     password: pulumi.Input[str]
     labels: dict[str, str]
+    identity: dict[str, str]
+    """Labels that never change for the life of a service (stack.identity_labels)."""
 
 
 class SwarmImageRegistry(pulumi.ComponentResource):
@@ -43,7 +45,7 @@ class SwarmImageRegistry(pulumi.ComponentResource):
                            settings=args["builds"]),
             network_id=args["network_id"],
             limits=spec.limits, reservations=spec.limits,
-            labels=args["labels"], component="image-registry",
+            labels=args["labels"], identity=args["identity"], component="image-registry",
             health_check=spec.health_check, health_path=(REGISTRY_PORT, "/"),
             replicas=1, order="stop-first", converge=True,
             constraints=[f"node.labels.{args['swarm'].stateful_label} == true"],

@@ -23,6 +23,8 @@ class SwarmModelRegistryArgs(TypedDict):
     artifacts_volume: pulumi.Input[str]
     mlflow_db_volume: pulumi.Input[str]
     labels: dict[str, str]
+    identity: dict[str, str]
+    """Labels that never change for the life of a service (stack.identity_labels)."""
     published_host: Optional[str]
     mlflow_password: pulumi.Input[str]
 
@@ -47,7 +49,7 @@ class SwarmModelRegistry(pulumi.ComponentResource):
                            settings=args["builds"]),
             network_id=args["network_id"],
             limits=spec.limits, reservations=spec.limits,
-            labels=args["labels"], component="model-registry",
+            labels=args["labels"], identity=args["identity"], component="model-registry",
             health_check=spec.health_check, health_path=(MLFLOW_PORT, "/health"),
             replicas=1,
             # One SQLite database on one volume: the old task stops before the new one opens it.

@@ -45,6 +45,8 @@ class SwarmServingArgs(TypedDict):
     push: PushTarget
     depends_on: list[pulumi.Resource]
     labels: dict[str, str]
+    identity: dict[str, str]
+    """Labels that never change for the life of a service (stack.identity_labels)."""
     published_host: str
 
 
@@ -89,7 +91,8 @@ class SwarmServing(pulumi.ComponentResource):
                 image=image,
                 network_id=args["network_id"],
                 limits=spec.limits, reservations=swarm.reservations,
-                labels={**args["labels"], **model_labels(pin), "mlops.slot": slot}, component="model-serving",
+                labels={**args["labels"], **model_labels(pin), "mlops.slot": slot},
+                identity={**args["identity"], "mlops.slot": slot}, component="model-serving",
                 health_check=spec.health_check, health_path=(SERVING_PORT, "/v2/health/ready"),
                 replicas=spec.replicas, order="start-first",
                 # A replica that follows `latest` (dev) has nothing to serve before the first training run.
@@ -109,7 +112,7 @@ class SwarmServing(pulumi.ComponentResource):
             image=pullable_image(f"{name}-gateway-image", image="gateway", source=spec.gateway.image, **images),
             network_id=args["network_id"],
             limits=spec.gateway.limits, reservations=None,
-            labels=args["labels"], component="serving-gateway",
+            labels=args["labels"], identity=args["identity"], component="serving-gateway",
             health_check=spec.health_check, health_path=(GATEWAY_PORT, "/gateway/health"),
             replicas=None, order="stop-first", converge=False,
             constraints=[f"node.labels.{swarm.edge_label} == true"],
