@@ -104,7 +104,7 @@ def hardened_service(
     image: pulumi.Input[str],
     network_id: pulumi.Input[str],
     limits: Limits,
-    reservations: Optional[Limits],
+    reservations: Limits,
     labels: dict[str, str],
     identity: dict[str, str],
     component: str,
@@ -162,12 +162,14 @@ def hardened_service(
             resources=docker.ServiceTaskSpecResourcesArgs(
                 limits=docker.ServiceTaskSpecResourcesLimitsArgs(nano_cpus=nano_cpus(limits.cpus),
                                                                  memory_bytes=limits.memory_mb * MIB),
+                # Always set: Docker reports an empty reservation, which the provider reads back as zeros.
                 reservation=docker.ServiceTaskSpecResourcesReservationArgs(
-                    nano_cpus=nano_cpus(reservations.cpus), memory_bytes=reservations.memory_mb * MIB)
-                if reservations else None),
+                    nano_cpus=nano_cpus(reservations.cpus), memory_bytes=reservations.memory_mb * MIB)),
             placement=docker.ServiceTaskSpecPlacementArgs(constraints=list(constraints) or None,
                                                           prefs=[spread_over] if spread_over else None),
-            restart_policy=docker.ServiceTaskSpecRestartPolicyArgs(condition="any", delay="5s"),
+            # Every field set: the provider sends the unset ones as zero and reads them back as "0s" and 0.
+            restart_policy=docker.ServiceTaskSpecRestartPolicyArgs(condition="any", delay="5s", max_attempts=0,
+                                                                   window="0s"),
             networks_advanceds=[docker.ServiceTaskSpecNetworksAdvancedArgs(id=network_id)],
         ),
         endpoint_spec=docker.ServiceEndpointSpecArgs(mode="dnsrr", ports=None if published is None else [

@@ -111,7 +111,7 @@ class SwarmServing(pulumi.ComponentResource):
             name=f"{stack}-gateway",
             image=pullable_image(f"{name}-gateway-image", image="gateway", source=spec.gateway.image, **images),
             network_id=args["network_id"],
-            limits=spec.gateway.limits, reservations=None,
+            limits=spec.gateway.limits, reservations=spec.gateway.limits,
             labels=args["labels"], identity=args["identity"], component="serving-gateway",
             health_check=spec.health_check, health_path=(GATEWAY_PORT, "/gateway/health"),
             replicas=None, order="stop-first", converge=False,
