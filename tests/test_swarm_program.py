@@ -4,6 +4,8 @@ one-line errors of the `swarm` key."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections import Counter
 
 import pytest
@@ -15,7 +17,7 @@ from mlops.commands import swarm_training
 from mlops.commands.train import hardened_run_options
 from mlops.credentials import READER, derived_password
 from mlops.diff import compare
-from mlops.spec import load_stage
+from mlops.spec import REPO_ROOT, load_stage
 from tests.test_spec_errors import replace, run_cli
 
 SERVICE = "docker:index/service:Service"
@@ -228,11 +230,34 @@ def test_training_runs_as_a_one_shot_job_on_a_node_with_its_resources():
 def test_the_images_read_their_secrets_from_files(tmp_path, monkeypatch):
     from images.mlflow import start
 
-    secret_file = tmp_path / "mlflow-password"
+    secret_file = tmp_path / "secret"
     secret_file.write_text("from-the-file\n")
     monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_FILE", str(secret_file))
+    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD", "from-the-variable")
     assert start.stage_secret() == "from-the-file"
-    assert "MLOPS_MLFLOW_PASSWORD_FILE" not in __import__("os").environ
+    assert "MLOPS_MLFLOW_PASSWORD_FILE" not in os.environ and "MLOPS_MLFLOW_PASSWORD" not in os.environ
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "images" / "serving"))
+    from serving.startup import tracking_password
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-the-variable")
+    assert tracking_password() == "from-the-variable"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_FILE", str(secret_file))
+    assert tracking_password() == "from-the-file"
+
+
+def test_the_registry_image_reads_its_htpasswd_line_from_a_file(tmp_path):
+    """The entrypoint as written, with the registry binary and /tmp swapped for stand-ins."""
+    script = (REPO_ROOT / "images" / "registry" / "entrypoint.sh").read_text()
+    script = script.replace("/tmp/htpasswd", str(tmp_path / "htpasswd")).replace(
+        "exec docker-registry serve /etc/mlops-registry/config.yml", 'env | grep -c HTPASSWD_ENTRY= || true')
+    (tmp_path / "entry").write_text("mlops:$2b$05$hash\n")
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "REGISTRY_HTPASSWD_ENTRY_FILE": str(tmp_path / "entry"),
+                                 "REGISTRY_HTPASSWD_ENTRY": "mlops:stale"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "htpasswd").read_text() == "mlops:$2b$05$hash\n"
+    assert result.stdout.strip() == "0", "the line must not stay in the registry's environment"
 
 
 def gpu_without_placement(file) -> None:
