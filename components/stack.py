@@ -80,7 +80,7 @@ class MLOpsStack(pulumi.ComponentResource):
         network = docker.Network(
             f"{stack}-network", name=f"{stack}-net", driver="bridge" if swarm is None else "overlay",
             # Attachable, so `mlops train` can run a one-off task on it and tests can reach services.
-            attachable=swarm is not None or None,
+            attachable=True if swarm is not None else None,
             labels=[docker.NetworkLabelArgs(label=key, value=value) for key, value in sorted(identity.items())],
             # The name is fixed, so a replacement created first would collide with the old network; deleting
             # first also replaces the containers attached to it (their `networks_advanced` is ForceNew).

@@ -9,6 +9,7 @@ Nodes pull the training image from the stage's registry by digest, with credenti
 """
 from __future__ import annotations
 
+import shlex
 import subprocess
 import tempfile
 import time
@@ -36,7 +37,7 @@ def job_arguments(spec: StageSpec, image: str, name: str, secret: str, shared_op
     limits = spec.training.limits
     placement = spec.swarm.training
     export_password = (f'MLFLOW_TRACKING_PASSWORD="$(cat {SECRETS_DIR}/{PASSWORD_FILE})" '
-                       f'exec {" ".join(TRAINING_ENTRYPOINT)} "$@"')
+                       f'exec {shlex.join(TRAINING_ENTRYPOINT)} "$@"')
     return [
         "service", "create", "--detach", "--with-registry-auth", "--name", name, *shared_options,
         "--mode", "replicated-job", "--restart-condition", "none",
