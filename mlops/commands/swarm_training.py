@@ -55,20 +55,31 @@ def job_arguments(spec: StageSpec, image: str, name: str, secret: str, shared_op
     ]
 
 
-def finished_task(docker: Docker, spec: StageSpec, name: str) -> tuple[str, int]:
-    """Wait until the job's task ends; its state and exit code."""
+def finished_task(docker: Docker, spec: StageSpec, name: str, waiting: Callable[[str], None]) -> tuple[str, int]:
+    """Wait until the job's task ends; its state and exit code. Why the task waits to be scheduled (e.g. no
+    node with the resources free) goes to `waiting`, once per reason: it may well be scheduled later."""
+    reasons: set[str] = set()
     while True:
         listed = docker(spec, "service", "ps", "--no-trunc", "--format", "{{.ID}}", name)
+        if listed.returncode != 0:
+            return "removed", 1
         for task in listed.stdout.split():
-            inspected = docker(spec, "inspect", "--format", "{{.Status.State}} {{.Status.ContainerStatus.ExitCode}}", task)
-            state, _, exit_code = inspected.stdout.strip().partition(" ")
+            # A task not yet started has no container status.
+            inspected = docker(spec, "inspect", "--format", "{{.Status.State}}|{{with .Status.ContainerStatus}}"
+                                                            "{{.ExitCode}}{{end}}|{{.Status.Err}}", task)
+            state, _, rest = inspected.stdout.strip().partition("|")
+            exit_code, _, error = rest.partition("|")
             if state in FINISHED_STATES:
                 return state, int(exit_code or 1)
+            if state == "pending" and error and error not in reasons:
+                reasons.add(error)
+                waiting(error)
         time.sleep(POLL_S)
 
 
 def run_job(docker: Docker, spec: StageSpec, image: str, name: str, shared_options: list[str],
-            training_args: list[str], password: str, registry_password: str) -> tuple[int, list[str]]:
+            training_args: list[str], password: str, registry_password: str,
+            waiting: Callable[[str], None]) -> tuple[int, list[str]]:
     """Run the job to its end and remove it with its secret; its exit code and log lines."""
     secret = f"{name}-password"
     assert spec.swarm is not None
@@ -84,7 +95,7 @@ def run_job(docker: Docker, spec: StageSpec, image: str, name: str, shared_optio
             started = docker(spec, "--config", config, *job_arguments(spec, image, name, secret, shared_options, training_args))
             if started.returncode != 0:
                 return 1, [f"error: could not start the training job: {started.stderr.strip()}"]
-            _, exit_code = finished_task(docker, spec, name)
+            _, exit_code = finished_task(docker, spec, name, waiting)
             logs = docker(spec, "service", "logs", "--raw", "--no-task-ids", name)
             return exit_code, (logs.stdout + logs.stderr).splitlines()
         finally:

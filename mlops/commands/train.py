@@ -207,8 +207,9 @@ def train(
     name = f"{spec.stage}-train-{uuid.uuid4().hex[:8]}"
     console.print(f"[bold]{name}[/bold]: training in {image}", highlight=False, soft_wrap=True)
     if spec.swarm is not None:
-        exit_code, lines = swarm_training.run_job(docker, spec, digest, name, hardened_run_options(spec), training_args,
-                                                  password, registry_password)
+        exit_code, lines = swarm_training.run_job(
+            docker, spec, digest, name, hardened_run_options(spec), training_args, password, registry_password,
+            waiting=lambda why: console.print(f"{name} waits to be scheduled: {why}", markup=False, highlight=False))
         registered = report(lines)
     else:
         try:
