@@ -301,3 +301,25 @@ def test_a_broken_swarm_key_is_one_line_and_exit_2(case, environments, monkeypat
     code, out, err = run_cli(monkeypatch, capsys, "validate", "cluster", "--environments", str(environments))
     assert code == 2 and out == ""
     assert err == f"error: {environments}/{expected}\n"
+
+
+def test_waiting_for_a_job_reports_why_it_is_not_scheduled_and_returns_its_exit_code(monkeypatch):
+    """`docker service ps` and `docker inspect` answers as the engine gave them for a job that first waits for
+    resources, then runs and exits 3 (checked on a one-node swarm of an inner engine)."""
+    answers = iter(["pending||no suitable node (insufficient resources on 1 node)",
+                    "pending||no suitable node (insufficient resources on 1 node)", "running||", "failed|3|task: non-zero exit (3)"])
+
+    def docker(spec, *args):
+        stdout = "task-1\n" if args[:2] == ("service", "ps") else next(answers)
+        return subprocess.CompletedProcess(args, 0, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(swarm_training, "POLL_S", 0)
+    reasons: list[str] = []
+    spec = load_stage("cluster")
+    assert swarm_training.finished_task(docker, spec, "job", reasons.append) == ("failed", 3)
+    assert reasons == ["no suitable node (insufficient resources on 1 node)"]
+
+    def removed_meanwhile(spec, *args):
+        return subprocess.CompletedProcess(args, 1, stdout="", stderr="no such service")
+
+    assert swarm_training.finished_task(removed_meanwhile, spec, "job", reasons.append) == ("removed", 1)
