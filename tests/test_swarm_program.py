@@ -218,7 +218,7 @@ def test_training_runs_as_a_one_shot_job_on_a_node_with_its_resources():
                                              hardened_run_options(spec), ["--seed", "3"])
     pairs = set(zip(arguments, arguments[1:]))
     assert {("--mode", "replicated-job"), ("--restart-condition", "none"), ("--generic-resource", "NVIDIA-GPU=1"),
-            ("--constraint", "node.labels.mlops.train == true"), ("--reserve-cpu", "2.0"), ("--limit-memory", "2048M"),
+            ("--constraint", "node.labels.mlops.train == true"), ("--reserve-cpu", "1.0"), ("--limit-memory", "1024M"),
             ("--network", "cluster-net"), ("--user", "10001:10001"), ("--cap-drop", "ALL"),
             ("--env", "MLFLOW_TRACKING_USERNAME=trainer")} <= pairs
     assert ("--secret", "source=cluster-train-1-password,target=mlflow-trainer-password,uid=10001,gid=10001,mode=0400") in pairs
@@ -268,7 +268,7 @@ def gpu_without_placement(file) -> None:
 SWARM_ERRORS = {
     "loopback port": (lambda env: replace(env / "cluster.yaml", "port: {host_port: 8380, bind_address: 0.0.0.0, public: true}",
                                           "port: {host_port: 8380}"),
-                      "cluster.yaml:29: serving.port: a swarm publishes ports on every address of a node: set "
+                      "cluster.yaml:32: serving.port: a swarm publishes ports on every address of a node: set "
                       "bind_address: 0.0.0.0 and public: true (and firewall the nodes' network)"),
     "registry port": (lambda env: replace(env / "cluster.yaml", "registry_address: 10.0.0.10:5301",
                                           "registry_address: 10.0.0.10:5999"),
