@@ -95,9 +95,11 @@ class MLOpsStack(pulumi.ComponentResource):
                          "mlflow_password": args["mlflow_password"]}
         # On a swarm, services attach by network ID (what the provider reads back) and carry identity labels.
         on_swarm = {"swarm": swarm, "network_id": network.id, "identity": identity}
-        model_registry = ModelRegistry(f"{stack}-model-registry", {**registry_args, "network": network.name},
-                                       opts=child) if swarm is None else SwarmModelRegistry(
-            f"{stack}-model-registry", {**registry_args, **on_swarm}, opts=child)
+        if swarm is None:
+            model_registry = ModelRegistry(f"{stack}-model-registry", {**registry_args, "network": network.name},
+                                           opts=child)
+        else:
+            model_registry = SwarmModelRegistry(f"{stack}-model-registry", {**registry_args, **on_swarm}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
             lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
 
@@ -107,9 +109,12 @@ class MLOpsStack(pulumi.ComponentResource):
         if spec.image_registry.enabled:
             image_registry_args = {"stack": stack, "spec": spec.image_registry, "builds": builds,
                                    "data_volume": store.registry_data_volume, "password": password, "labels": labels}
-            image_registry = ImageRegistry(f"{stack}-image-registry", {**image_registry_args, "network": network.name},
-                                           opts=child) if swarm is None else SwarmImageRegistry(
-                f"{stack}-image-registry", {**image_registry_args, **on_swarm}, opts=child)
+            if swarm is None:
+                image_registry = ImageRegistry(f"{stack}-image-registry",
+                                               {**image_registry_args, "network": network.name}, opts=child)
+            else:
+                image_registry = SwarmImageRegistry(f"{stack}-image-registry", {**image_registry_args, **on_swarm},
+                                                    opts=child)
             push = PushTarget(server=image_registry.server, username=spec.image_registry.username,
                               password=pulumi.Output.secret(password))
             pushes_after = [image_registry]
@@ -131,10 +136,12 @@ class MLOpsStack(pulumi.ComponentResource):
             serving_args = {"stack": stack, "spec": spec.serving, "release": spec.release, "builds": builds,
                             "registry_url": model_registry.internal_url, "reader_password": reader_password,
                             "push": push, "depends_on": pushes_after, "labels": labels}
-            serving = ModelServing(f"{stack}-serving", {**serving_args, "network": network.name},
-                                   opts=child) if swarm is None else SwarmServing(
-                f"{stack}-serving", {**serving_args, **on_swarm,
-                                     "published_host": spec.docker.published_host or "127.0.0.1"}, opts=child)
+            if swarm is None:
+                serving = ModelServing(f"{stack}-serving", {**serving_args, "network": network.name}, opts=child)
+            else:
+                serving = SwarmServing(f"{stack}-serving", {**serving_args, **on_swarm,
+                                                            "published_host": spec.docker.published_host or "127.0.0.1"},
+                                       opts=child)
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest
 
