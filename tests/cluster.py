@@ -24,8 +24,6 @@ import docker
 from tests import hosts
 
 SWARM_PORT = 2377
-STATEFUL_LABEL = "mlops.stateful"
-"""Nodes labelled `mlops.stateful=true` keep the stage's volumes: MLflow, its database, the image registry."""
 
 
 @dataclass
@@ -90,11 +88,11 @@ class Cluster:
                 for task in self.client.api.tasks(filters={"service": service})][-12:]
 
 
-def start_cluster(session: str, names: tuple[str, ...] = ("node-1", "node-2", "node-3"),
-                  stateful: tuple[str, ...] = ("node-1",)) -> Cluster:
-    """Starts one inner engine per name and forms a swarm: the first is the manager, the rest workers;
-    `stateful` nodes get the `mlops.stateful=true` label."""
-    nodes = hosts.start_hosts(list(names), network=f"mlops-swarm-{session}", session=session,
+def start_cluster(session: str, labels: dict[str, dict[str, str]]) -> Cluster:
+    """Starts one inner engine per node named in `labels` and forms a swarm: the first is the manager, the
+    rest workers; each node gets its labels (what the stage's placement constraints ask for)."""
+    names = list(labels)
+    nodes = hosts.start_hosts(names, network=f"mlops-swarm-{session}", session=session,
                               trust_registries_on_network=True)
     manager, *workers = (nodes[name] for name in names)
     manager.client.swarm.init(advertise_addr=manager.ip, listen_addr=f"{manager.ip}:{SWARM_PORT}")
@@ -105,9 +103,8 @@ def start_cluster(session: str, names: tuple[str, ...] = ("node-1", "node-2", "n
     cluster = Cluster(manager, workers)
     cluster.wait_nodes_ready()
     for node in manager.client.nodes.list():
-        if node.attrs["Description"]["Hostname"] in stateful:
-            spec = node.attrs["Spec"]
-            node.update({**spec, "Labels": {**spec.get("Labels", {}), STATEFUL_LABEL: "true"}})
+        spec = node.attrs["Spec"]
+        node.update({**spec, "Labels": {**spec.get("Labels", {}), **labels[node.attrs["Description"]["Hostname"]]}})
     return cluster
 
 
