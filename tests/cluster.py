@@ -59,12 +59,15 @@ class Cluster:
         names = {node.id: node.attrs["Description"]["Hostname"] for node in self.client.nodes.list()}
         return sorted(names[task["NodeID"]] for task in self.running_tasks(service))
 
-    def wait_running(self, service: str, replicas: int, timeout_s: float) -> list[str]:
-        """Waits until exactly `replicas` tasks of the service run; returns their nodes."""
+    def wait_running(self, service: str, replicas: int, timeout_s: float, avoiding: str | None = None) -> list[str]:
+        """Waits until exactly `replicas` tasks of the service run, none on the node `avoiding`; returns their nodes.
+
+        A node that lost power still counts as ready until the manager misses its heartbeats (seconds), so
+        waiting for a count alone would see the tasks it ran as running."""
         deadline = time.monotonic() + timeout_s
         while True:
             running = self.nodes_running(service)
-            if len(running) == replicas:
+            if len(running) == replicas and avoiding not in running:
                 return running
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{service}: {len(running)} of {replicas} tasks running after {timeout_s:.0f}s "

@@ -21,14 +21,29 @@ bridged terraform-provider-docker would:
   of the stack's state: deploying again keeps every resource whose inputs are unchanged, builds again
   an image whose inputs changed (its name carries the content tag, which stands in for the provider's
   context hash), replaces a changed container (delete, then create: its name is fixed) and deletes
-  containers the rendering no longer declares.
+  containers the rendering no longer declares;
+- on a swarm stage (the provider's `host` is a manager), as terraform-provider-docker v4.5.0's
+  resource_docker_service*, _secret and _config do: a Service is created with its whole ServiceSpec (task
+  template, mode, update and rollback config, dnsrr or VIP endpoints and ports, placement, secrets and
+  mounts) and the provider's `registryAuth` for its image's registry as X-Registry-Auth, so the nodes pull
+  with it; a changed Service is UPDATED in place (ServiceUpdate at the engine's version index), so Swarm
+  rolls its tasks by its update_config, and only a new `name` replaces it. With `convergeConfig` the deploy
+  waits as the provider's refresh functions do (slots running on nodes that are not down; on an update the
+  UpdateStatus first, a rollback or pause failing it); a service that does not converge on create is
+  deleted. Secrets and configs are immutable: any change creates the new one, moves the services over,
+  and deletes the old one at the end (create-before-delete, unless `deleteBeforeReplace`). Mock IDs in a
+  service's inputs (secrets, networks, image digests) are replaced by the real ones. Overlay networks are
+  created like bridges (with `attachable`).
 
-It is not a deploy path (`pulumi up` is the only one) and does not model: in-place updates (a change of
-memory, restart policy or labels replaces the container), changes to volumes and networks (created when
+It is not a deploy path (`pulumi up` is the only one) and does not model: in-place updates of containers
+(a change of memory, restart policy or labels replaces the container), a service's own `auth` block, global
+services with `convergeConfig` (the provider fails those too), the provider's Read after a create or update
+(inputs are kept as rendered), changes to volumes and networks (created when
 missing, never replaced or deleted, so no redeploy loses data), dependents replaced along with a
 delete-before-replace, refresh (drift on the engine goes unnoticed), a state file (the state lives and
 dies with the object), the provider's TLS and SSH options (engines are reached at `unix://` or plain
-`tcp://`), protect, and `pulumi destroy` (`teardown` removes everything labelled with the stack and the
+`tcp://`), protect, and `pulumi destroy` (`teardown` removes the services, secrets and configs in the
+state, everything labelled with the stack and the
 images the fixture tagged or pulled).
 """
 from __future__ import annotations
@@ -191,7 +206,7 @@ class StageOnEngine:
         replaced = REPLACED_ON_CHANGE.get(resource.type, set())
         if previous is not None and resource.type == SERVICE and all(
                 previous.inputs.get(key) == inputs.get(key) for key in replaced):
-            self.state[resource.name] = self._update_service(previous, inputs)
+            self._update_service(resource.name, previous, inputs)
             return
         if previous is not None and replaced and not resource.delete_before_replace:
             self._replaced.append(previous)
@@ -379,10 +394,11 @@ class StageOnEngine:
                 raise
         return Created(SERVICE, inputs, service_id)
 
-    def _update_service(self, previous: Created, inputs: dict[str, Any]) -> Created:
+    def _update_service(self, name: str, previous: Created, inputs: dict[str, Any]) -> None:
         """ServiceUpdate of the spec at the version the engine has (resourceDockerServiceUpdate): Swarm
         rolls the tasks by the service's update_config. With a `convergeConfig`, wait 7 s (the provider's
-        fixed delay), then until the update completes; a rollback or a pause fails the update."""
+        fixed delay), then until the update completes; a rollback or a pause fails the update. The state
+        keeps the new inputs either way, as the plugin SDK saves the state of an update that failed."""
         api = self.client.api
         version = api.inspect_service(previous.id)["Version"]["Index"]
         try:
@@ -390,12 +406,10 @@ class StageOnEngine:
                                                  params={"version": version}, headers=self._service_auth(inputs)))
         except docker.errors.APIError as error:
             raise DeployFailed(f"updating service {inputs['name']} failed: {error.explanation or error}") from None
-        updated = Created(SERVICE, inputs, previous.id, previous.outputs)
+        self.state[name] = Created(SERVICE, inputs, previous.id, previous.outputs)
         converge = inputs.get("convergeConfig")
         if converge:
-            self.state[inputs["name"]] = updated
             self._converge(previous.id, converge, delay_s=7, update=True)
-        return updated
 
     def _converge(self, service_id: str, converge: dict[str, str], delay_s: float, update: bool) -> None:
         """The provider's refresh functions for create and update: done when as many slots run as the service
