@@ -24,6 +24,7 @@ from tests.engine import StageOnEngine
 STAGE = "cluster"
 NODES = (1, 2, 3)
 CONNECTIONS = 8
+MLFLOW_CPUS = 0.5
 MLFLOW_PORT, REGISTRY_PORT, GATEWAY_PORT = 5300, 5301, 8380
 SERVING = f"{STAGE}-serving-blue"
 LABELS = {"node-1": {"mlops.stateful": "true", "mlops.edge": "true"}, "node-2": {}, "node-3": {}}
@@ -31,10 +32,13 @@ LABELS = {"node-1": {"mlops.stateful": "true", "mlops.edge": "true"}, "node-2": 
 
 def stage_on(swarm: cluster.Cluster, replicas: int) -> StageOnEngine:
     """The cluster stage with `replicas` replicas allowed on every node (the shipped file keeps them off the
-    manager), one per node by the stage's spread over hostnames."""
+    manager), one per node by the stage's spread over hostnames. MLflow gets half a CPU: with its shipped
+    one CPU, the registry's and the gateway's half, the manager's two CPUs are all reserved and no replica
+    fits there."""
     spec = load_stage(STAGE, overrides={
         "docker": {"url": swarm.url},
         "swarm": {"registry_address": f"{swarm.manager.ip}:{REGISTRY_PORT}", "constraints": []},
+        "model_registry": {"limits": {"cpus": MLFLOW_CPUS}},
         "serving": {"replicas": replicas}})
     return StageOnEngine(stack=STAGE, spec=spec, registry_password=uuid.uuid4().hex)
 
@@ -89,8 +93,9 @@ def table(samples: dict[int, list[loadgen.LoadResult]], rounds: int, duration_s:
         "nodes add overlay hops, DNS round-robin and scheduling, never CPUs.",
         "Cluster: three inner engines (tests/cluster.py) on one bridge network, node-1 the manager with the "
         "gateway, MLflow and the registry; the cluster stage deployed from its rendering by tests/engine.py, "
-        "serving replicas allowed on every node and spread over hostnames, one per node; the nodes pulled the "
-        "serving and gateway images from the stage's registry.",
+        "serving replicas allowed on every node and spread over hostnames, one per node (1 CPU limit, 0.25 "
+        f"reserved each), MLflow limited to {MLFLOW_CPUS} CPU instead of 1 so that a replica fits beside it on "
+        "the manager; the nodes pulled the serving and gateway images from the stage's registry.",
         f"Load: wrk, one thread pinned to CPU 0, {CONNECTIONS} keep-alive connections to the gateway's host-mode "
         f"port on node-1, one row per V2 request, {duration_s} s per cell after a warm-up, {rounds_text(rounds)} "
         "interleaved (1, 2, 3 nodes each round); the replica count changes by scaling the service.",
