@@ -7,7 +7,8 @@ engine as worker, overlay traffic between tasks did not pass.
 
 What this machine lacks shapes what services may declare: there is no IPVS, so no service VIPs and no
 ingress routing mesh. Services use endpoint mode `dnsrr` and publish ports in `host` mode on the node
-that runs the task.
+that runs the task, which allows one such task per node: with a node down, a task that publishes a port
+the other nodes already use stays pending ("no suitable node (host-mode port already in use)").
 
 The stage's image registry runs as a service on the cluster itself, so each node's engine trusts
 registries on the bridge network over plain HTTP (`trust_registries_on_network` in tests/hosts.py).
@@ -86,7 +87,7 @@ class Cluster:
             time.sleep(0.5)
 
     def _task_states(self, service: str) -> list[str]:
-        return [f"{task['Slot'] if 'Slot' in task else ''}:{task['Status']['State']}"
+        return [f"{task.get('Slot', '')}:{task['Status']['State']}"
                 f"({task['Status'].get('Err') or task['Status'].get('Message', '')})"
                 for task in self.client.api.tasks(filters={"service": service})][-12:]
 
