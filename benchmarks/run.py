@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from benchmarks import binary, machine, overhead, rebuilds, serving, spinup, telemetry
+from benchmarks import binary, machine, overhead, rebuilds, serving, spinup, swarm, telemetry
 from benchmarks.report import Figure
 from mlops.spec import REPO_ROOT
 
@@ -25,9 +25,10 @@ FIGURES: dict[str, tuple[str, Callable[[], Figure]]] = {
     "spinup": ("Spin-up and image sizes", spinup.measure),
     "binary": ("Binary tensor data against JSON", binary.measure),
     "telemetry": ("Telemetry: input drift scoring", telemetry.measure),
+    "swarm": ("Swarm: requests/s on 1, 2 and 3 nodes", swarm.measure),
 }
 # Rebuilds first: its builds leave every image in the cache that spin-up and serving then build from.
-RUN_ORDER = ("overhead", "rebuilds", "spinup", "serving", "binary", "telemetry")
+RUN_ORDER = ("overhead", "rebuilds", "spinup", "serving", "binary", "telemetry", "swarm")
 
 
 def git_revision() -> str:

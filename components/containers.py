@@ -48,14 +48,18 @@ def healthy_within_s(check: HealthCheck) -> int:
     return check.start_period_s + (check.retries + 1) * (check.interval_s + check.timeout_s) + 30
 
 
-def http_healthcheck(port: int, path: str, check: HealthCheck) -> docker.ContainerHealthcheckArgs:
+def http_probe(port: int, path: str, check: HealthCheck) -> list[str]:
     """An HTTP probe that needs nothing but the base image's python3; any answer below 500 is alive."""
     probe = ("import sys,urllib.request,urllib.error\n"
              "try: urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))\n"
              "except urllib.error.HTTPError as e: sys.exit(e.code >= 500)\n"
              "except Exception: sys.exit(1)")
+    return ["CMD", "python3", "-c", probe, f"http://127.0.0.1:{port}{path}", str(check.timeout_s)]
+
+
+def http_healthcheck(port: int, path: str, check: HealthCheck) -> docker.ContainerHealthcheckArgs:
     return docker.ContainerHealthcheckArgs(
-        tests=["CMD", "python3", "-c", probe, f"http://127.0.0.1:{port}{path}", str(check.timeout_s)],
+        tests=http_probe(port, path, check),
         interval=go_duration(check.interval_s), timeout=go_duration(check.timeout_s),
         retries=check.retries, start_period=go_duration(check.start_period_s))
 

@@ -48,17 +48,23 @@ class ModelServingArgs(TypedDict):
     """Where the gateway judges and records green's rollout, when one is declared."""
 
 
+def model_settings(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str) -> dict[str, pulumi.Input[str]]:
+    """What a replica needs to fetch and serve its pinned model, but the password."""
+    return {
+        "MODEL_NAME": pin.name,
+        "MODEL_VERSION": str(pin.version),
+        "MODEL_SHA256": pin.sha256 or "",
+        "SERVING_RUNTIME": runtime,
+        "MLFLOW_TRACKING_URI": registry_url,
+        "MLFLOW_TRACKING_USERNAME": READER,
+    }
+
+
 def model_env(pin: ModelPin, registry_url: pulumi.Input[str], password: pulumi.Input[str],
               runtime: str) -> list[pulumi.Input[str]]:
-    return [
-        f"MODEL_NAME={pin.name}",
-        f"MODEL_VERSION={pin.version}",
-        f"MODEL_SHA256={pin.sha256 or ''}",
-        f"SERVING_RUNTIME={runtime}",
-        pulumi.Output.concat("MLFLOW_TRACKING_URI=", registry_url),
-        f"MLFLOW_TRACKING_USERNAME={READER}",
-        pulumi.Output.concat("MLFLOW_TRACKING_PASSWORD=", pulumi.Output.secret(password)),
-    ]
+    return [*(pulumi.Output.concat(f"{key}=", value) if isinstance(value, pulumi.Output) else f"{key}={value}"
+              for key, value in model_settings(pin, registry_url, runtime).items()),
+            pulumi.Output.concat("MLFLOW_TRACKING_PASSWORD=", pulumi.Output.secret(password))]
 
 
 def model_labels(pin: ModelPin) -> dict[str, str]:

@@ -12,6 +12,9 @@ from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing, RolloutWiring
 from components.monitoring import PROMETHEUS_PORT, Monitoring, ScrapeTarget
+from components.swarm_image_registry import SwarmImageRegistry
+from components.swarm_model_registry import SwarmModelRegistry
+from components.swarm_serving import SwarmServing
 from components.training_environment import TrainingEnvironment
 from mlops.credentials import READER, derived_password
 from mlops.spec import StageSpec
@@ -75,8 +78,11 @@ class MLOpsStack(pulumi.ComponentResource):
                                    registry_auth=registry_auth, opts=pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, providers=[provider])
 
+        swarm = spec.swarm
         network = docker.Network(
-            f"{stack}-network", name=f"{stack}-net", driver="bridge",
+            f"{stack}-network", name=f"{stack}-net", driver="bridge" if swarm is None else "overlay",
+            # Attachable, so `mlops train` can run a one-off task on it and tests can reach services.
+            attachable=True if swarm is not None else None,
             labels=[docker.NetworkLabelArgs(label=key, value=value) for key, value in sorted(identity.items())],
             # The name is fixed, so a replacement created first would collide with the old network; deleting
             # first also replaces the containers attached to it (their `networks_advanced` is ForceNew).
@@ -86,11 +92,17 @@ class MLOpsStack(pulumi.ComponentResource):
                               {"stack": stack, "spec": spec.artifact_store, "labels": identity,
                                "retain_on_delete": spec.kind != "experiment", "metrics": spec.monitoring is not None},
                               opts=child)
-        model_registry = ModelRegistry(f"{stack}-model-registry", {
-            "stack": stack, "spec": spec.model_registry, "builds": builds,
-            "network": network.name, "artifacts_volume": store.artifacts_volume,
-            "mlflow_db_volume": store.mlflow_db_volume, "labels": labels,
-            "published_host": spec.docker.published_host, "mlflow_password": args["mlflow_password"]}, opts=child)
+        registry_args = {"stack": stack, "spec": spec.model_registry, "builds": builds,
+                         "artifacts_volume": store.artifacts_volume, "mlflow_db_volume": store.mlflow_db_volume,
+                         "labels": labels, "published_host": spec.docker.published_host,
+                         "mlflow_password": args["mlflow_password"]}
+        # On a swarm, services attach by network ID (what the provider reads back) and carry identity labels.
+        on_swarm = {"swarm": swarm, "network_id": network.id, "identity": identity}
+        if swarm is None:
+            model_registry = ModelRegistry(f"{stack}-model-registry", {**registry_args, "network": network.name},
+                                           opts=child)
+        else:
+            model_registry = SwarmModelRegistry(f"{stack}-model-registry", {**registry_args, **on_swarm}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
             lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
 
@@ -98,10 +110,14 @@ class MLOpsStack(pulumi.ComponentResource):
         pushes_after: list[pulumi.Resource] = []
         self.image_registry_server = None
         if spec.image_registry.enabled:
-            image_registry = ImageRegistry(f"{stack}-image-registry", {
-                "stack": stack, "spec": spec.image_registry, "builds": builds,
-                "network": network.name, "data_volume": store.registry_data_volume,
-                "password": password, "labels": labels}, opts=child)
+            image_registry_args = {"stack": stack, "spec": spec.image_registry, "builds": builds,
+                                   "data_volume": store.registry_data_volume, "password": password, "labels": labels}
+            if swarm is None:
+                image_registry = ImageRegistry(f"{stack}-image-registry",
+                                               {**image_registry_args, "network": network.name}, opts=child)
+            else:
+                image_registry = SwarmImageRegistry(f"{stack}-image-registry", {**image_registry_args, **on_swarm},
+                                                    opts=child)
             push = PushTarget(server=image_registry.server, username=spec.image_registry.username,
                               password=pulumi.Output.secret(password))
             pushes_after = [image_registry]
@@ -121,18 +137,24 @@ class MLOpsStack(pulumi.ComponentResource):
             # Derived inside the secret, so the derived password is as secret in the state as the root one.
             reader_password = pulumi.Output.secret(args["mlflow_password"]).apply(
                 lambda secret: derived_password(secret, READER))
-            serving = ModelServing(f"{stack}-serving", {
-                "stack": stack, "spec": spec.serving, "release": spec.release,
-                "builds": builds, "registry_url": model_registry.internal_url, "reader_password": reader_password,
-                "network": network.name, "push": push, "depends_on": pushes_after, "labels": labels,
-                "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
-                "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(
-                    prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}",
-                    scrape_interval_s=spec.monitoring.scrape_interval_s, log_volume=store.rollout_volume),
-            }, opts=child)
+            serving_args = {"stack": stack, "spec": spec.serving, "release": spec.release, "builds": builds,
+                            "registry_url": model_registry.internal_url, "reader_password": reader_password,
+                            "push": push, "depends_on": pushes_after, "labels": labels}
+            if swarm is None:
+                serving = ModelServing(f"{stack}-serving", {
+                    **serving_args, "network": network.name,
+                    "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
+                    "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(
+                        prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}",
+                        scrape_interval_s=spec.monitoring.scrape_interval_s, log_volume=store.rollout_volume),
+                }, opts=child)
+                scrape_targets = serving.scrape_targets
+            else:
+                serving = SwarmServing(f"{stack}-serving", {**serving_args, **on_swarm,
+                                                            "published_host": spec.docker.published_host or "127.0.0.1"},
+                                       opts=child)
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest
-            scrape_targets = serving.scrape_targets
         self.monitoring_url = None
         if spec.monitoring is not None and store.metrics_volume is not None:
             monitoring = Monitoring(f"{stack}-monitoring", {

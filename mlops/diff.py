@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 
 from mlops import gitrepo
 from mlops.errors import SpecError, excerpt
-from mlops.plan import PlannedResource, flatten, render
+from mlops.plan import PlannedResource, flatten, render, update_policy
 from mlops.replacements import RULES, VOLUME_TYPE, Rules, prefixes, schema_path
 from mlops.spec import check_stage_name, environments_dir, load_stage
 
@@ -90,12 +90,14 @@ class ResourceChange:
     notes: tuple[str, ...] = ()
     data_risk: Optional[str] = None
     """Set when a data volume or a protected resource is replaced or deleted: what happens to it."""
+    update_policy: Optional[str] = None
+    """How Swarm rolls the change out (services only), per `mlops.plan.update_policy` of the new side."""
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "type": self.type, "name": self.name,
                 "fields": [change.to_json() for change in self.fields], "action": self.action,
                 "replace_fields": list(self.replace_fields), "delete_before_replace": self.delete_before_replace,
-                "notes": list(self.notes), "data_risk": self.data_risk}
+                "notes": list(self.notes), "data_risk": self.data_risk, "update_policy": self.update_policy}
 
 
 @dataclass(frozen=True)
@@ -296,7 +298,8 @@ def compare(before: list[PlannedResource], after: list[PlannedResource],
     for key, resource in new.items():
         if key not in old:
             changes.append(ResourceChange("added", resource.type, resource.name,
-                                          _field_changes({}, resource_fields(resource)), action="create"))
+                                          _field_changes({}, resource_fields(resource)), action="create",
+                                          update_policy=update_policy(resource)))
             continue
         previous = old[key]
         old_fields, new_fields = resource_fields(previous), resource_fields(resource)
@@ -315,7 +318,8 @@ def compare(before: list[PlannedResource], after: list[PlannedResource],
         changes.append(ResourceChange(
             "changed", resource.type, resource.name, fields, action=verdict.action,
             replace_fields=verdict.replace_fields, delete_before_replace=delete_first, notes=notes,
-            data_risk=_data_risk(resource.type, verdict.action, previous, resource, delete_first)))
+            data_risk=_data_risk(resource.type, verdict.action, previous, resource, delete_first),
+            update_policy=update_policy(resource)))
     for key, resource in old.items():
         if key not in new:
             changes.append(ResourceChange("removed", resource.type, resource.name,
@@ -379,6 +383,8 @@ def to_markdown(diff: StackDiff) -> str:
         if change.data_risk:
             lines += [f"**⚠️ {change.data_risk}**", ""]
         lines += [f"- {note}" for note in change.notes] + ([""] if change.notes else [])
+        if change.update_policy:
+            lines += [f"- update policy: {change.update_policy}", ""]
         table = ["| field | before | after |", "|---|---|---|"]
         table += [f"| `{fc.path}` | {_markdown_cell(fc.before)} | {_markdown_cell(fc.after)} |" for fc in change.fields]
         if change.status == "changed":

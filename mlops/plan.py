@@ -161,3 +161,20 @@ def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None,
 
     program()
     return monitor.planned(reveal_secrets)
+
+
+SERVICE_TYPE = "docker:index/service:Service"
+
+
+def update_policy(resource: PlannedResource) -> Optional[str]:
+    """How Swarm rolls out a change of a service, in one line; None for anything but a service."""
+    if resource.type != SERVICE_TYPE:
+        return None
+    update = resource.inputs.get("updateConfig") or {}
+    rollback = resource.inputs.get("rollbackConfig") or {}
+    converge = resource.inputs.get("convergeConfig")
+    waits = f"pulumi up waits up to {converge['timeout']} for it" if converge else "pulumi up does not wait for it"
+    return (f"{update.get('parallelism')} task at a time, {update.get('order')}, each watched for "
+            f"{update.get('monitor')}, any failure (max ratio {update.get('maxFailureRatio')}) → "
+            f"{update.get('failureAction')}; the rollback goes {rollback.get('parallelism')} at a time, "
+            f"{rollback.get('order')}, and on failure → {rollback.get('failureAction')}; {waits}")

@@ -6,12 +6,12 @@ import pulumi
 from components.stack import MLOpsStack
 from mlops.errors import SpecError
 from mlops.experiments import EXPERIMENT_CONFIG_KEY, experiment_spec
-from mlops.spec import SHIPPED_STAGES, StageSpec, load_stages
+from mlops.spec import SHIPPED_STAGES, SWARM_EXAMPLE_STAGE, StageSpec, load_stages
 
 
 def load_stack_spec(stack: str, config: pulumi.Config) -> StageSpec:
-    """Stack `dev` reads `environments/dev.yaml` (and so on); `exp-NAME` stacks carry their settings in config."""
-    if stack in SHIPPED_STAGES:
+    """Stack `dev` reads `environments/dev.yaml` (and so on, `cluster` too); `exp-NAME` stacks carry their settings in config."""
+    if stack in (*SHIPPED_STAGES, SWARM_EXAMPLE_STAGE):
         return load_stages([stack])[0]
     settings = config.get_object(EXPERIMENT_CONFIG_KEY)
     if not stack.startswith("exp-") or settings is None:

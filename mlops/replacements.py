@@ -195,20 +195,25 @@ PROVIDER = Rules(
     notes=MappingProxyType({"host": _RETARGETS, "context": _RETARGETS, "sshOpts": _RETARGETS}),
 )
 
-# kreuzwerker/terraform-provider-docker v4.5.0 internal/provider/resource_docker_service.go.
+# kreuzwerker/terraform-provider-docker v4.5.0 internal/provider/resource_docker_service.go. `mode` is a
+# ForceNew list of one block, and ForceNew on a list covers its length and its direct elements' fields, not
+# fields further down (terraform-plugin-sdk v2 schemaMap.diffList gives the count `mode.#` the list's
+# ForceNew and diffs each nested field by its own schema; pulumi-terraform-bridge v3.133.0
+# pkg/tfbridge/property_path.go `propertyPathTriggersReplacement` mirrors that): switching between global and
+# replicated replaces the service, scaling `mode.replicated.replicas` updates it in place.
 SERVICE = Rules(
     replace=_paths("""
-        auth mode name taskSpec.containerSpec.hosts taskSpec.containerSpec.labels.label
+        auth mode.global name taskSpec.containerSpec.hosts taskSpec.containerSpec.labels.label
         taskSpec.containerSpec.labels.value taskSpec.containerSpec.mounts.volumeOptions.labels.label
         taskSpec.containerSpec.mounts.volumeOptions.labels.value taskSpec.containerSpec.sysctl
         taskSpec.networksAdvanceds.aliases taskSpec.networksAdvanceds.driverOpts taskSpec.networksAdvanceds.id
         taskSpec.networksAdvanceds.name
     """),
-    update=_paths("convergeConfig endpointSpec labels rollbackConfig taskSpec updateConfig"),
-    blocks=MappingProxyType({name: "set" for name in _paths("""
+    update=_paths("convergeConfig endpointSpec labels mode rollbackConfig taskSpec updateConfig"),
+    blocks=MappingProxyType({**{name: "set" for name in _paths("""
         taskSpec.containerSpec.labels taskSpec.containerSpec.mounts
         taskSpec.containerSpec.mounts.volumeOptions.labels taskSpec.networksAdvanceds
-    """)}),
+    """)}, "mode.replicated": "defaulted"}),
     keep_when_unset=_paths("""
         endpointSpec endpointSpec.mode endpointSpec.ports.publishedPort labels mode mode.replicated
         taskSpec.containerSpec.dnsConfig taskSpec.containerSpec.healthcheck taskSpec.containerSpec.init

@@ -12,8 +12,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 from typing import Annotated, Any, Iterator, Literal, Optional
 
-from pydantic import (BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError,
+                      field_validator, model_validator)
 
 from mlops.errors import NotInProject, SpecError, excerpt
 from mlops.yamlsource import YamlSource, deep_merge, load_yaml_source
@@ -27,6 +27,9 @@ project they are run in, which may be another clone or worktree."""
 ENVIRONMENTS_DIR = REPO_ROOT / SPECS_FOLDER
 """The specs shipped in that clone, which test fixtures copy."""
 SHIPPED_STAGES = ("dev", "staging", "prod")
+SWARM_EXAMPLE_STAGE = "cluster"
+"""The shipped example of a stage on a Docker Swarm (environments/cluster.yaml). It builds its workloads like
+dev, so it comes up on a fresh cluster without anything promoted to it."""
 BUILDING_KINDS = ("dev", "experiment")
 
 # Matched whole (`fullmatch`): `$` would also accept a trailing newline.
@@ -377,10 +380,67 @@ class ExperimentInfo(StrictModel):
     expires_at: str
 
 
+NODE_LABEL = r"[a-z][a-z0-9._-]{0,62}"
+# What Swarm's placement accepts and the provider reads back unchanged: one attribute, `==` or `!=`, one value.
+PLACEMENT_CONSTRAINT = re.compile(r"node\.(hostname|role|id|platform\.(os|arch)|labels\." + NODE_LABEL + r") (==|!=) [A-Za-z0-9._-]+")
+SPREAD_DESCRIPTOR = re.compile(r"node\.(hostname|labels\." + NODE_LABEL + ")")
+REGISTRY_ADDRESS = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:[0-9]{1,5}")
+
+
+def _placement_constraint(constraint: str) -> str:
+    if not PLACEMENT_CONSTRAINT.fullmatch(constraint):
+        raise ValueError(f"'{excerpt(constraint)}' is no placement constraint; write e.g. 'node.labels.gpu == true' "
+                         "or 'node.role != manager' (node.hostname|role|id|platform.os|platform.arch|labels.NAME, "
+                         "then == or !=, then a value)")
+    return constraint
+
+
+PlacementConstraint = Annotated[str, AfterValidator(_placement_constraint)]
+
+
+class SwarmTraining(StrictModel):
+    constraints: list[PlacementConstraint] = Field(default_factory=list, description="placement constraints of training runs")
+    generic_resources: dict[Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,62}$")], Annotated[int, Field(ge=1, le=64)]] = Field(
+        default_factory=dict, description="generic resources a training run reserves, e.g. {NVIDIA-GPU: 1}; nodes "
+                                          "advertise them in their engine's node-generic-resources")
+
+
+class SwarmSpec(StrictModel):
+    """A stage on a Docker Swarm: `docker.url` is a manager, and the stack runs as services over its nodes."""
+
+    registry_address: str = Field(description="host:port every node pulls the stage's images from: the stateful "
+                                              "node's address and image_registry.port.host_port, listed in every "
+                                              "engine's insecure-registries")
+    stateful_label: str = Field(default="mlops.stateful", pattern=f"^{NODE_LABEL}$",
+                                description="nodes labelled <label>=true run MLflow and the image registry (their "
+                                            "volumes are local to that node)")
+    edge_label: str = Field(default="mlops.edge", pattern=f"^{NODE_LABEL}$",
+                            description="every node labelled <label>=true runs one gateway on serving.port")
+    spread_over: str = Field(default="node.hostname", description="replicas spread evenly over this node attribute")
+    constraints: list[PlacementConstraint] = Field(default_factory=list, description="placement constraints of the serving replicas")
+    reservations: Limits = Field(description="what each serving replica reserves on its node")
+    training: SwarmTraining = SwarmTraining()
+
+    @field_validator("spread_over")
+    @classmethod
+    def _spread_descriptor(cls, descriptor: str) -> str:
+        if not SPREAD_DESCRIPTOR.fullmatch(descriptor):
+            raise ValueError(f"'{excerpt(descriptor)}' cannot be spread over; use node.hostname or node.labels.NAME")
+        return descriptor
+
+    @field_validator("registry_address")
+    @classmethod
+    def _host_and_port(cls, address: str) -> str:
+        if not REGISTRY_ADDRESS.fullmatch(address) or not 1 <= int(address.rpartition(":")[2]) <= 65535:
+            raise ValueError(f"'{excerpt(address)}' is not host:port, e.g. 10.0.0.10:5001")
+        return address
+
+
 class StageSpec(StrictModel):
     stage: str
     kind: StageKind
     docker: DockerHost = DockerHost()
+    swarm: Optional[SwarmSpec] = Field(default=None, description="run the stage as services on a Docker Swarm")
     labels: Labels
     artifact_store: ArtifactStoreSpec = ArtifactStoreSpec()
     model_registry: ModelRegistrySpec
@@ -408,9 +468,11 @@ class StageSpec(StrictModel):
     @property
     def image_registry_server(self) -> Optional[str]:
         """The stage's own registry as its Docker engine reaches it: over loopback, which the engine trusts
-        without TLS. Promoted images are pinned under this name, so the engine pulls them from here.
+        without TLS; on a swarm, at the address every node lists as an insecure registry. Promoted images are pinned under this name, so the engine pulls them from here.
         None where Docker chooses the port (experiments, which build rather than pull)."""
         port = self.image_registry.port.host_port
+        if self.swarm is not None:
+            return self.swarm.registry_address
         return None if port is None else f"localhost:{port}"
 
     def promoted_image_pins(self) -> dict[str, str]:
@@ -443,7 +505,7 @@ class StageSpec(StrictModel):
 def stage_kind(stage: str) -> StageKind:
     if stage in ("dev", "staging", "prod"):
         return stage  # type: ignore[return-value]
-    return "experiment"
+    return "dev" if stage == SWARM_EXAMPLE_STAGE else "experiment"
 
 
 def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
@@ -503,8 +565,36 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
             broken.append(("serving.replicas", f"prod serves with at least 2 replicas, got {spec.serving.replicas}"))
         if not spec.artifact_store.protect:
             broken.append(("artifact_store.protect", "prod data volumes must be protected: set true"))
+    if spec.swarm is not None:
+        broken.extend(swarm_problems(spec, spec.swarm))
     if spec.kind == "experiment" and spec.experiment is None:
         broken.append(("experiment", "experiment stages carry their name, owner and expiry"))
+    return broken
+
+
+def swarm_problems(spec: StageSpec, swarm: SwarmSpec) -> list[tuple[str, str]]:
+    """Rules of a swarm stage; the rest of its spec means what it means on one host."""
+    broken: list[tuple[str, str]] = []
+    for path, port in spec.published_ports().items():
+        # Swarm publishes a port on every address of the node: a loopback-only port does not exist there.
+        if not port.public or port.bind_address != "0.0.0.0":
+            broken.append((path, "a swarm publishes ports on every address of a node: set bind_address: 0.0.0.0 "
+                                 "and public: true (and firewall the nodes' network)"))
+    if spec.monitoring is not None:
+        broken.append(("monitoring", "not on a swarm stage yet: Prometheus scrapes the containers of one host; "
+                                     "remove 'monitoring' or 'swarm'"))
+    if spec.image_registry.enabled and spec.image_registry.port.host_port != int(swarm.registry_address.rpartition(":")[2]):
+        broken.append(("swarm.registry_address", f"the port must be image_registry.port.host_port "
+                                                 f"({spec.image_registry.port.host_port}), where the registry listens"))
+    if not spec.image_registry.enabled:
+        broken.append(("image_registry.enabled", "a swarm stage needs its registry: every node pulls the stage's images from it"))
+    for resource in ("cpus", "memory_mb"):
+        if getattr(swarm.reservations, resource) > getattr(spec.serving.limits, resource):
+            broken.append((f"swarm.reservations.{resource}", f"reserves more than serving.limits.{resource} "
+                                                            f"({getattr(spec.serving.limits, resource)}) allows"))
+    if spec.training.gpu and not (swarm.training.generic_resources or swarm.training.constraints):
+        broken.append(("training.gpu", "on a swarm, place GPU training with swarm.training.generic_resources "
+                                       "(e.g. {NVIDIA-GPU: 1}) or a node label in swarm.training.constraints"))
     return broken
 
 

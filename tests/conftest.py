@@ -146,3 +146,23 @@ def docker_hosts(docker_engine):
 
     yield get
     hosts.remove_hosts(session)
+
+
+@pytest.fixture(scope="session")
+def swarm_cluster(docker_engine):
+    """A three-node Docker Swarm of inner engines (tests/cluster.py), built once per session and removed at
+    its end: node-1 is the manager and the stateful and edge node (MLflow, the registry, the gateway), as
+    environments/cluster.yaml asks; node-2 and node-3 are workers that run serving replicas and training.
+    Names carry this session's id, so parallel sessions never collide."""
+    import uuid
+
+    from tests import cluster
+
+    session = uuid.uuid4().hex[:12]
+    try:
+        yield cluster.start_cluster(session, labels={
+            "node-1": {"mlops.stateful": "true", "mlops.edge": "true"},
+            "node-2": {"mlops.train": "true"},
+            "node-3": {"mlops.train": "true"}})
+    finally:
+        cluster.remove_cluster(session)

@@ -21,14 +21,29 @@ bridged terraform-provider-docker would:
   of the stack's state: deploying again keeps every resource whose inputs are unchanged, builds again
   an image whose inputs changed (its name carries the content tag, which stands in for the provider's
   context hash), replaces a changed container (delete, then create: its name is fixed) and deletes
-  containers the rendering no longer declares.
+  containers the rendering no longer declares;
+- on a swarm stage (the provider's `host` is a manager), as terraform-provider-docker v4.5.0's
+  resource_docker_service*, _secret and _config do: a Service is created with its whole ServiceSpec (task
+  template, mode, update and rollback config, dnsrr or VIP endpoints and ports, placement, secrets and
+  mounts) and the provider's `registryAuth` for its image's registry as X-Registry-Auth, so the nodes pull
+  with it; a changed Service is UPDATED in place (ServiceUpdate at the engine's version index), so Swarm
+  rolls its tasks by its update_config, and only a new `name` replaces it. With `convergeConfig` the deploy
+  waits as the provider's refresh functions do (slots running on nodes that are not down; on an update the
+  UpdateStatus first, a rollback or pause failing it); a service that does not converge on create is
+  deleted. Secrets and configs are immutable: any change creates the new one, moves the services over,
+  and deletes the old one at the end (create-before-delete, unless `deleteBeforeReplace`). Mock IDs in a
+  service's inputs (secrets, networks, image digests) are replaced by the real ones. Overlay networks are
+  created like bridges (with `attachable`).
 
-It is not a deploy path (`pulumi up` is the only one) and does not model: in-place updates (a change of
-memory, restart policy or labels replaces the container), changes to volumes and networks (created when
+It is not a deploy path (`pulumi up` is the only one) and does not model: in-place updates of containers
+(a change of memory, restart policy or labels replaces the container), a service's own `auth` block, global
+services with `convergeConfig` (the provider fails those too), the provider's Read after a create or update
+(inputs are kept as rendered), changes to volumes and networks (created when
 missing, never replaced or deleted, so no redeploy loses data), dependents replaced along with a
 delete-before-replace, refresh (drift on the engine goes unnoticed), a state file (the state lives and
 dies with the object), the provider's TLS and SSH options (engines are reached at `unix://` or plain
-`tcp://`), protect, and `pulumi destroy` (`teardown` removes everything labelled with the stack and the
+`tcp://`), protect, and `pulumi destroy` (`teardown` removes the services, secrets and configs in the
+state, everything labelled with the stack and the
 images the fixture tagged or pulled).
 """
 from __future__ import annotations
@@ -59,6 +74,9 @@ REMOTE_IMAGE = "docker:index/remoteImage:RemoteImage"
 CONTAINER = "docker:index/container:Container"
 VOLUME = "docker:index/volume:Volume"
 NETWORK = "docker:index/network:Network"
+SERVICE = "docker:index/service:Service"
+SECRET = "docker:index/secret:Secret"
+SERVICE_CONFIG = "docker:index/serviceConfig:ServiceConfig"
 MIB = 1024 * 1024
 BUILDER_VERSIONS = {"BuilderV1": "1", "BuilderBuildKit": "2"}
 # Inputs the fixture acts on; anything else in a rendering fails the deploy rather than being ignored.
@@ -70,8 +88,14 @@ MODELLED_INPUTS = {
                 "memorySwap", "name", "networksAdvanced", "ports", "readOnly", "restart", "securityOpts", "tmpfs",
                 "ulimits", "user", "volumes", "wait", "waitTimeout"},
     VOLUME: {"labels", "name"},
-    NETWORK: {"driver", "labels", "name"},
+    NETWORK: {"attachable", "driver", "labels", "name"},
+    SERVICE: {"convergeConfig", "endpointSpec", "labels", "mode", "name", "rollbackConfig", "taskSpec", "updateConfig"},
+    SECRET: {"data", "labels", "name"},
+    SERVICE_CONFIG: {"data", "name"},
 }
+# The provider's ForceNew fields (resource_docker_service.go, resource_docker_secret.go, resource_docker_config.go):
+# a change to any other service input is a ServiceUpdate, which is what makes Swarm roll the tasks.
+REPLACED_ON_CHANGE = {SERVICE: {"name"}, SECRET: {"data", "labels", "name"}, SERVICE_CONFIG: {"data", "name"}}
 GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 GO_UNIT_NS = {"h": 3600e9, "m": 60e9, "s": 1e9, "ms": 1e6, "us": 1e3, "µs": 1e3, "ns": 1}
 LOG_LINES = 30
@@ -108,6 +132,7 @@ class StageOnEngine:
     def __post_init__(self) -> None:
         self.host = self._provider(self.resources())["host"]
         self.client = docker.DockerClient(base_url=self.host, timeout=300)
+        self._replaced: list[Created] = []
 
     def resources(self) -> list[plan.PlannedResource]:
         return plan.render(self.stack, self.spec, config={"mlops:registryPassword": self.registry_password,
@@ -128,8 +153,12 @@ class StageOnEngine:
             if unknown:
                 raise NotImplementedError(f"{resource.name}: the fixture does not model {sorted(unknown)}")
         self._in_dependency_order(planned)
-        for name in [name for name in self.state if name not in planned]:
-            self._delete(self.state.pop(name))
+        # Pulumi deletes what was replaced (create-before-delete) and what is no longer declared last,
+        # dependents first: services before the secrets they mount.
+        gone = self._replaced + [self.state.pop(name) for name in [name for name in self.state if name not in planned]]
+        self._replaced = []
+        for entry in sorted(gone, key=lambda entry: entry.type != SERVICE):
+            self._delete(entry)
         return {entry.inputs["name"]: self.client.containers.get(entry.id)
                 for entry in self.state.values() if entry.type == CONTAINER}
 
@@ -169,10 +198,19 @@ class StageOnEngine:
         inputs = resource.inputs
         if resource.type == CONTAINER:
             inputs = {**inputs, "image": self._runs(resource)}
+        elif resource.type == SERVICE:
+            inputs = self._resolved(resource)
         previous = self.state.get(resource.name)
         if previous is not None and previous.inputs == inputs:
             return
-        if previous is not None:
+        replaced = REPLACED_ON_CHANGE.get(resource.type, set())
+        if previous is not None and resource.type == SERVICE and all(
+                previous.inputs.get(key) == inputs.get(key) for key in replaced):
+            self._update_service(resource.name, previous, inputs)
+            return
+        if previous is not None and replaced and not resource.delete_before_replace:
+            self._replaced.append(previous)
+        elif previous is not None:
             self._delete(previous)
         if resource.type == IMAGE:
             created = self._build(inputs)
@@ -182,11 +220,25 @@ class StageOnEngine:
             created = self._run(resource.name, inputs)
         elif resource.type == VOLUME:
             created = self._volume(inputs)
+        elif resource.type == SERVICE:
+            created = self._create_service(resource.name, inputs)
+        elif resource.type in (SECRET, SERVICE_CONFIG):
+            created = self._swarm_object(resource.type, inputs)
         else:
             created = self._network(inputs)
+        mock_id, mock_outputs = _mock_resource(resource)
         if resource.type in (IMAGE, REMOTE_IMAGE):
-            created.outputs = {_mock_outputs(resource)[key]: real for key, real in created.outputs.items()}
+            created.outputs = {mock_outputs[key]: real for key, real in created.outputs.items()}
+        else:
+            created.outputs = {mock_id: created.id}
         self.state[resource.name] = created
+
+    def _resolved(self, resource: plan.PlannedResource) -> dict[str, Any]:
+        """The inputs with every mock output of a dependency (image digests, secret and network IDs)
+        replaced by the real one, as the engine passes resolved outputs to the provider."""
+        real = {mock: value for name in resource.dependencies if name in self.state
+                for mock, value in self.state[name].outputs.items()}
+        return _replace_values(resource.inputs, real)
 
     def _runs(self, container: plan.PlannedResource) -> str:
         """The real image the container runs: its mock `image` input translated by the image resource it
@@ -197,13 +249,17 @@ class StageOnEngine:
         return real
 
     def _delete(self, entry: Created) -> None:
-        # Only containers go: the provider keeps images (Image deletes no tag, RemoteImage has keepLocally),
-        # and volumes and networks are never deleted on a redeploy (see the module docstring).
-        if entry.type == CONTAINER:
-            try:
-                self.client.containers.get(entry.id).remove(force=True, v=True)
-            except docker.errors.NotFound:
-                pass  # removed behind the state's back: deleted all the same, as the provider sees it
+        # Images stay (Image deletes no tag, RemoteImage has keepLocally), and volumes and networks are never
+        # deleted on a redeploy (see the module docstring).
+        remove = {CONTAINER: lambda: self.client.containers.get(entry.id).remove(force=True, v=True),
+                  SERVICE: lambda: self.client.api.remove_service(entry.id),
+                  SECRET: lambda: self.client.api.remove_secret(entry.id),
+                  SERVICE_CONFIG: lambda: self.client.api.remove_config(entry.id)}.get(entry.type)
+        try:
+            if remove:
+                remove()
+        except docker.errors.NotFound:
+            pass  # removed behind the state's back: deleted all the same, as the provider sees it
 
     def _build(self, inputs: dict[str, Any]) -> Created:
         # The provider's own call: POST /build with `version=2` and the context as a tar. It needs nothing but
@@ -302,8 +358,93 @@ class StageOnEngine:
         existing = [network for network in self.client.networks.list(names=[inputs["name"]])
                     if network.name == inputs["name"]]
         network = existing[0] if existing else self.client.networks.create(
-            inputs["name"], driver=inputs.get("driver", "bridge"), labels=_labels(inputs))
+            inputs["name"], driver=inputs.get("driver", "bridge"), labels=_labels(inputs),
+            attachable=inputs.get("attachable"))
         return Created(NETWORK, inputs, network.id)
+
+    def _swarm_object(self, kind: str, inputs: dict[str, Any]) -> Created:
+        """A Swarm secret or config: immutable, so any change replaces it (REPLACED_ON_CHANGE). `data` is
+        base64 in the rendering, as the engine API takes it."""
+        endpoint = "/secrets/create" if kind == SECRET else "/configs/create"
+        body = {"Name": inputs["name"], "Data": inputs["data"], "Labels": _labels(inputs)}
+        api = self.client.api
+        try:
+            created = api._result(api._post_json(api._url(endpoint), data=body), json=True)
+        except docker.errors.APIError as error:
+            raise DeployFailed(f"creating {inputs['name']} failed: {error.explanation or error}") from None
+        return Created(kind, inputs, created["ID"])
+
+    def _create_service(self, name: str, inputs: dict[str, Any]) -> Created:
+        """ServiceCreate with the registry credentials for the image (`--with-registry-auth`), then, with a
+        `convergeConfig`, wait until every replica runs; a service that does not converge is deleted and the
+        create fails (resourceDockerServiceCreate)."""
+        api = self.client.api
+        try:
+            service_id = api._result(api._post_json(api._url("/services/create"), data=_service_spec(inputs),
+                                                    headers=self._service_auth(inputs)), json=True)["ID"]
+        except docker.errors.APIError as error:
+            raise DeployFailed(f"creating service {inputs['name']} failed: {error.explanation or error}") from None
+        converge = inputs.get("convergeConfig")
+        if converge:
+            self.state[name] = Created(SERVICE, {}, service_id)  # tainted until converged, as in _run
+            try:
+                self._converge(service_id, converge, _nanoseconds(converge["delay"]) / 1e9, update=False)
+            except DeployFailed:
+                self._delete(self.state.pop(name))
+                raise
+        return Created(SERVICE, inputs, service_id)
+
+    def _update_service(self, name: str, previous: Created, inputs: dict[str, Any]) -> None:
+        """ServiceUpdate of the spec at the version the engine has (resourceDockerServiceUpdate): Swarm
+        rolls the tasks by the service's update_config. With a `convergeConfig`, wait 7 s (the provider's
+        fixed delay), then until the update completes; a rollback or a pause fails the update. The state
+        keeps the new inputs either way, as the plugin SDK saves the state of an update that failed."""
+        api = self.client.api
+        version = api.inspect_service(previous.id)["Version"]["Index"]
+        try:
+            api._raise_for_status(api._post_json(api._url("/services/{0}/update", previous.id), data=_service_spec(inputs),
+                                                 params={"version": version}, headers=self._service_auth(inputs)))
+        except docker.errors.APIError as error:
+            raise DeployFailed(f"updating service {inputs['name']} failed: {error.explanation or error}") from None
+        self.state[name] = Created(SERVICE, inputs, previous.id, previous.outputs)
+        converge = inputs.get("convergeConfig")
+        if converge:
+            self._converge(previous.id, converge, delay_s=7, update=True)
+
+    def _converge(self, service_id: str, converge: dict[str, str], delay_s: float, update: bool) -> None:
+        """The provider's refresh functions for create and update: done when as many slots run as the service
+        has replicas (counting only tasks on nodes that are not down); on an update, the UpdateStatus decides
+        first: completed is done, rollback_completed and paused fail."""
+        api = self.client.api
+        timeout_s = _nanoseconds(converge["timeout"]) / 1e9
+        deadline = time.monotonic() + delay_s + timeout_s
+        time.sleep(delay_s)
+        rolling_back = False
+        while True:
+            service = api.inspect_service(service_id)
+            state = (service.get("UpdateStatus") or {}).get("State") if update else None
+            message = (service.get("UpdateStatus") or {}).get("Message", "")
+            if state == "completed":
+                return
+            if state in ("rollback_completed", "paused", "rollback_paused"):
+                raise DeployFailed(f"service {service['Spec']['Name']}: {state.replace('_', ' ')}: {message}")
+            rolling_back = state == "rollback_started" or (rolling_back and state is None)
+            if _running_slots(api, service_id) == service["Spec"]["Mode"]["Replicated"]["Replicas"]:
+                if rolling_back:
+                    raise DeployFailed(f"service {service['Spec']['Name']}: rollback completed: {message}")
+                return
+            if time.monotonic() > deadline:
+                raise DeployFailed(f"service {service['Spec']['Name']} did not converge after {converge['timeout']}")
+            time.sleep(1)
+
+    def _service_auth(self, inputs: dict[str, Any]) -> dict[str, str]:
+        """X-Registry-Auth: the provider's `registryAuth` entry for the registry the image names (fromRegistryAuth),
+        so the nodes pull with it; an empty auth config otherwise."""
+        image = inputs["taskSpec"]["containerSpec"]["image"]
+        registry = image.split("/", 1)[0] if "/" in image else None
+        auth = next(({"username": entry["username"], "password": entry["password"], "serveraddress": registry}
+                     for entry in self._registry_auth if entry["address"] == registry), {})
+        return {"X-Registry-Auth": base64.urlsafe_b64encode(json.dumps(auth).encode()).decode()}
 
     def wait_healthy(self, containers: list, timeout_s: float) -> None:
         """Polls each container until healthy, as the provider's `wait` does (through unhealthy phases too)."""
@@ -325,6 +466,9 @@ class StageOnEngine:
 
     def teardown(self) -> None:
         selector = {"label": f"mlops.stack={self.stack}"}
+        for entry in sorted(self.state.values(), key=lambda entry: entry.type != SERVICE):
+            if entry.type in (SERVICE, SECRET, SERVICE_CONFIG):
+                self._delete(entry)
         for container in self.client.containers.list(all=True, filters=selector):
             container.remove(force=True, v=True)
         for network in self.client.networks.list(filters=selector):
@@ -339,11 +483,41 @@ class StageOnEngine:
         self.state.clear()
 
 
-def _mock_outputs(resource: plan.PlannedResource) -> dict[str, Any]:
-    """The outputs the rendering's dependents saw for `resource`: what the plan's mocks resolved."""
-    _, outputs = plan._PlanMocks().new_resource(pulumi.runtime.MockResourceArgs(
+def _mock_resource(resource: plan.PlannedResource) -> tuple[str, dict[str, Any]]:
+    """The ID and outputs the rendering's dependents saw for `resource`: what the plan's mocks resolved."""
+    return plan._PlanMocks().new_resource(pulumi.runtime.MockResourceArgs(
         typ=resource.type, name=resource.name, inputs=resource.inputs))
-    return outputs
+
+
+def _replace_values(value: Any, real: dict[str, Any]) -> Any:
+    if isinstance(value, dict):
+        return {key: _replace_values(item, real) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_replace_values(item, real) for item in value]
+    return real.get(value, value) if isinstance(value, str) else value
+
+
+# Task states in the order Swarm moves through them (resource_docker_service_funcs.go numberedStates).
+TASK_STATES = {state: number for number, state in enumerate(
+    ["new", "allocated", "pending", "assigned", "accepted", "preparing", "ready", "starting", "running",
+     "complete", "shutdown", "failed", "rejected"], start=1)}
+
+
+def _running_slots(api, service_id: str) -> int:
+    """replicatedConsoleLogUpdater.update: per slot, the task with the lowest desired state (then the lowest
+    observed one) on a node that is not down; the slots whose task should and does run."""
+    active = {node["ID"] for node in api.nodes() if node["Status"]["State"] != "down"}
+    by_slot: dict[int, dict] = {}
+    for task in api.tasks(filters={"service": service_id, "desired-state": "running"}):
+        desired, observed = TASK_STATES.get(task["DesiredState"], 0), TASK_STATES.get(task["Status"]["State"], 0)
+        if not desired or not observed or (task.get("NodeID") and task["NodeID"] not in active):
+            continue
+        existing = by_slot.get(task.get("Slot", 0))
+        if existing and (TASK_STATES[existing["DesiredState"]], TASK_STATES[existing["Status"]["State"]]) <= (desired, observed):
+            continue
+        by_slot[task.get("Slot", 0)] = task
+    return sum(1 for task in by_slot.values()
+               if TASK_STATES[task["DesiredState"]] <= TASK_STATES["running"] and task["Status"]["State"] == "running")
 
 
 def _engine_stream(action: str, start: Callable[[], Iterator[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
@@ -440,3 +614,93 @@ def _nanoseconds(duration: str) -> int:
 
 def _labels(inputs: dict[str, Any]) -> dict[str, str]:
     return {label["label"]: label["value"] for label in inputs.get("labels", [])}
+
+
+def _service_spec(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The engine's ServiceSpec from a Service's inputs, as createServiceSpec builds it
+    (resource_docker_service_structures.go): durations in nanoseconds, label lists as maps, placement
+    preferences as spread descriptors, networks by ID or name; the update and rollback configs as given."""
+    task = inputs["taskSpec"]
+    container = task["containerSpec"]
+    check = container.get("healthcheck")
+    resources = task.get("resources", {})
+    placement = task.get("placement", {})
+    restart = task.get("restartPolicy")
+    spec = {
+        "Name": inputs["name"], "Labels": _labels(inputs),
+        "TaskTemplate": {
+            "ContainerSpec": _drop_none({
+                "Image": container["image"], "Labels": _labels(container), "Command": container.get("commands"),
+                "Args": container.get("args"), "Hostname": container.get("hostname"), "Dir": container.get("dir"),
+                "Env": [f"{key}={value}" for key, value in container.get("env", {}).items()],
+                "User": container.get("user"), "Groups": container.get("groups"),
+                "ReadOnly": container.get("readOnly", False),
+                "Mounts": [_mount(mount) for mount in container.get("mounts", [])],
+                "StopSignal": container.get("stopSignal"),
+                "StopGracePeriod": _nanoseconds(container["stopGracePeriod"]) if "stopGracePeriod" in container else None,
+                "Healthcheck": None if check is None else {
+                    "Test": check["tests"], "Interval": _nanoseconds(check.get("interval", "0s")),
+                    "Timeout": _nanoseconds(check.get("timeout", "0s")), "Retries": check.get("retries", 0),
+                    "StartPeriod": _nanoseconds(check.get("startPeriod", "0s"))},
+                "Secrets": [_file_reference(secret, "Secret") for secret in container.get("secrets", [])],
+                "Configs": [_file_reference(config, "Config") for config in container.get("configs", [])],
+                "CapabilityAdd": container.get("capAdds"), "CapabilityDrop": container.get("capDrops"),
+                "Sysctls": container.get("sysctl"), "Init": container.get("init")}),
+            "Resources": {
+                "Limits": _resources(resources.get("limits", {})),
+                "Reservations": {**_resources(resources.get("reservation", {})), "GenericResources": [
+                    {"DiscreteResourceSpec": {"Kind": kind, "Value": int(value)}}
+                    for kind, value in (item.split("=") for item in resources.get("reservation", {}).get(
+                        "genericResources", {}).get("discreteResourcesSpecs", []))]}},
+            "RestartPolicy": None if restart is None else _drop_none({
+                "Condition": restart.get("condition"),
+                "Delay": _nanoseconds(restart["delay"]) if "delay" in restart else None,
+                "MaxAttempts": restart.get("maxAttempts"),
+                "Window": _nanoseconds(restart["window"]) if "window" in restart else None}),
+            "Placement": _drop_none({
+                "Constraints": placement.get("constraints"),
+                "Preferences": [{"Spread": {"SpreadDescriptor": descriptor}} for descriptor in placement.get("prefs", [])],
+                "MaxReplicas": placement.get("maxReplicas")}),
+            "Networks": [_drop_none({"Target": network.get("id") or network["name"], "Aliases": network.get("aliases")})
+                         for network in task.get("networksAdvanceds", [])],
+            "ForceUpdate": task.get("forceUpdate", 0),
+        },
+        "Mode": {"Global": {}} if inputs["mode"].get("global") else {
+            "Replicated": {"Replicas": inputs["mode"]["replicated"]["replicas"]}},
+        "EndpointSpec": {"Mode": inputs.get("endpointSpec", {}).get("mode", "vip"), "Ports": [
+            _drop_none({"Name": port.get("name"), "Protocol": port.get("protocol"), "TargetPort": port["targetPort"],
+                        "PublishedPort": port.get("publishedPort"), "PublishMode": port.get("publishMode")})
+            for port in inputs.get("endpointSpec", {}).get("ports", [])]},
+    }
+    for key, config in (("UpdateConfig", inputs.get("updateConfig")), ("RollbackConfig", inputs.get("rollbackConfig"))):
+        if config is not None:
+            spec[key] = _drop_none({
+                "Parallelism": config.get("parallelism"), "FailureAction": config.get("failureAction"),
+                "Delay": _nanoseconds(config["delay"]) if "delay" in config else None,
+                "Monitor": _nanoseconds(config["monitor"]) if "monitor" in config else None,
+                "MaxFailureRatio": float(config["maxFailureRatio"]) if "maxFailureRatio" in config else None,
+                "Order": config.get("order")})
+    return spec
+
+
+def _mount(mount: dict[str, Any]) -> dict[str, Any]:
+    tmpfs = mount.get("tmpfsOptions")
+    return _drop_none({"Type": mount["type"], "Target": mount["target"], "Source": mount.get("source"),
+                       "ReadOnly": mount.get("readOnly"),
+                       "TmpfsOptions": None if tmpfs is None else {"SizeBytes": tmpfs.get("sizeBytes"), "Mode": tmpfs.get("mode")}})
+
+
+def _file_reference(reference: dict[str, Any], kind: str) -> dict[str, Any]:
+    """A secret or config mounted as a file: `secretId`/`secretName` (or `config…`) and its file target."""
+    prefix = kind.lower()
+    return {f"{kind}ID": reference[f"{prefix}Id"], f"{kind}Name": reference.get(f"{prefix}Name"),
+            "File": {"Name": reference["fileName"], "UID": reference.get("fileUid", "0"),
+                     "GID": reference.get("fileGid", "0"), "Mode": reference.get("fileMode", 0o444)}}
+
+
+def _resources(resources: dict[str, Any]) -> dict[str, int]:
+    return {"NanoCPUs": resources.get("nanoCpus", 0), "MemoryBytes": resources.get("memoryBytes", 0)}
+
+
+def _drop_none(fields: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in fields.items() if value is not None}

@@ -150,11 +150,14 @@ def host_image(outer: docker.DockerClient) -> str:
     return tag
 
 
-def start_hosts(names: list[str], *, network: str, session: str,
-                outer: docker.DockerClient | None = None) -> dict[str, DockerHost]:
+def start_hosts(names: list[str], *, network: str, session: str, outer: docker.DockerClient | None = None,
+                trust_registries_on_network: bool = False) -> dict[str, DockerHost]:
     """Starts one host per name on `network` (created when missing), in parallel, each with BASE_IMAGE loaded.
 
-    Names become the hosts' hostnames (what `docker info` and a swarm call the node)."""
+    Names become the hosts' hostnames (what `docker info` and a swarm call the node). With
+    `trust_registries_on_network`, each engine pulls from and pushes to registries at addresses on
+    `network` over plain HTTP: dockerd's documented `--insecure-registry <CIDR>` setting, for a private
+    network only (TEST ONLY, like the unauthenticated API: see tests/hosts/Dockerfile)."""
     outer = outer or docker.from_env()
     for name in names:
         if not HOST_NAME.fullmatch(name):
@@ -163,8 +166,9 @@ def start_hosts(names: list[str], *, network: str, session: str,
     bridge = _network(outer, network, session)
     addresses = _free_addresses(bridge, len(names))
     hosts = [DockerHost(name, str(ip), f"mlops-host-{session}-{name}", outer) for name, ip in zip(names, addresses)]
+    engine_flags = [f"--insecure-registry={bridge.attrs['IPAM']['Config'][0]['Subnet']}"] if trust_registries_on_network else []
     for host in hosts:
-        _create(host, image, bridge, session)
+        _create(host, image, bridge, session, engine_flags)
     with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
         # list() re-raises the first failure; remove_hosts cleans up whatever did start.
         list(pool.map(_start_and_load, hosts))
@@ -187,11 +191,12 @@ def _start_and_load(host: DockerHost) -> None:
     host.load_image(BASE_IMAGE)
 
 
-def _create(host: DockerHost, image: str, bridge, session: str) -> None:
+def _create(host: DockerHost, image: str, bridge, session: str, engine_flags: list[str]) -> None:
     labels = {LABEL: session}
     volume = host.outer.volumes.create(f"{host.container_name}-engine", labels=labels)
     host.outer.containers.create(
-        image, name=host.container_name, hostname=host.name, labels={**labels, f"{LABEL}.name": host.name},
+        # The command is appended to the image's dockerd ENTRYPOINT.
+        image, command=engine_flags, name=host.container_name, hostname=host.name, labels={**labels, f"{LABEL}.name": host.name},
         cap_add=["ALL"], cap_drop=["SYS_RESOURCE"],
         security_opt=["seccomp=unconfined", "apparmor=unconfined"],
         # The inner runc creates device nodes and sets cgroups for its containers.

@@ -93,7 +93,7 @@ def test_secrets_never_appear(committed):
 
 @pytest.mark.parametrize(("before", "message"), [
     ("prod@no-such-ref", "'no-such-ref' is not a git revision"),
-    ("qa", "no stage 'qa'; stages here: dev, prod, staging"),
+    ("qa", "no stage 'qa'; stages here: cluster, dev, prod, staging"),
     ("qa@HEAD", "HEAD:environments/qa.yaml: no stage 'qa'"),
     ("prod@", "expected STAGE or STAGE@GITREF"),
 ])

@@ -114,7 +114,7 @@ def test_prometheus_not_answering_is_one_line_and_exit_2(environments, monkeypat
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--stage", "qa"], "/qa.yaml: no stage 'qa'; stages here: dev, prod, staging\n"),
+    (["--stage", "qa"], "/qa.yaml: no stage 'qa'; stages here: cluster, dev, prod, staging\n"),
     (["--stage", "../dev"], ": '../dev' is not a stage name: lowercase letters, digits and '-', starting with a "
                             "letter, at most 63 characters\n"),
 ])

@@ -39,8 +39,8 @@ def test_inconsistent_environments_are_refused_with_the_reason(change, error):
 
 
 def test_render_splits_by_weight_and_lists_resolved_replicas_by_address():
-    config = render(pools_from_env(CANARY_ENV), {"s-serving-blue-0:8080": "172.20.0.5:8080",
-                                                 "s-serving-green-0:8080": "172.20.0.7:8080"})
+    config = render(pools_from_env(CANARY_ENV), {"s-serving-blue-0:8080": ("172.20.0.5:8080",),
+                                                 "s-serving-green-0:8080": ("172.20.0.7:8080",)})
     assert "@@UPSTREAMS@@" not in config and "@@SPLIT@@" not in config
     assert "        80% blue;\n        * green;\n" in config
     blue = config.split("upstream blue {")[1].split("}")[0]
@@ -74,17 +74,40 @@ def test_a_pool_with_no_resolved_replica_answers_502_instead_of_failing_to_start
 
 
 def test_nginx_is_reloaded_only_when_a_replica_first_resolves_or_moves(monkeypatch, tmp_path):
-    dns = {"s-serving-blue-0:8080": "172.20.0.5:8080"}
+    dns = {"s-serving-blue-0:8080": ("172.20.0.5:8080",)}
     monkeypatch.setattr(gateway, "resolve", dns.get)
     running = Gateway(pools_from_env(CANARY_ENV), runtime_dir=tmp_path)
     assert running.refresh_addresses() is True
     assert running.refresh_addresses() is False
-    dns["s-serving-blue-1:8080"] = "172.20.0.6:8080"
+    dns["s-serving-blue-1:8080"] = ("172.20.0.6:8080",)
     assert running.refresh_addresses() is True
     del dns["s-serving-blue-0:8080"]  # stopped: nginx's failure handling skips it, no reload needed
     assert running.refresh_addresses() is False
-    assert running.addresses["s-serving-blue-0:8080"] == "172.20.0.5:8080"
-    dns["s-serving-blue-0:8080"] = "172.20.0.9:8080"  # replaced at a new address
+    assert running.addresses["s-serving-blue-0:8080"] == ("172.20.0.5:8080",)
+    dns["s-serving-blue-0:8080"] = ("172.20.0.9:8080",)  # replaced at a new address
     assert running.refresh_addresses() is True
     running.write_config()
     assert "server 172.20.0.9:8080" in (tmp_path / "nginx.conf").read_text()
+
+
+def test_a_swarm_task_set_follows_its_tasks_as_they_come_and_go(monkeypatch, tmp_path):
+    tasks = "tasks.s-serving-blue:8080"
+    dns = {tasks: ("10.0.1.5:8080", "10.0.1.6:8080")}
+    monkeypatch.setattr(gateway, "resolve", dns.get)
+    running = Gateway(pools_from_env({"UPSTREAM_BLUE": tasks, "WEIGHT_BLUE": "100"}), runtime_dir=tmp_path)
+    assert running.refresh_addresses() is True
+    running.write_config()
+    blue = (tmp_path / "nginx.conf").read_text().split("upstream blue {")[1].split("}")[0]
+    assert "server 10.0.1.5:8080 " in blue and "server 10.0.1.6:8080 " in blue
+    dns[tasks] = ("10.0.1.6:8080", "10.0.1.9:8080")  # a task rescheduled onto another node
+    assert running.refresh_addresses() is True
+    running.write_config()
+    blue = (tmp_path / "nginx.conf").read_text().split("upstream blue {")[1].split("}")[0]
+    assert "10.0.1.5:8080" not in blue and "server 10.0.1.9:8080 " in blue
+    assert running.refresh_addresses() is False
+
+
+def test_resolve_returns_every_address_of_a_name(monkeypatch):
+    answers = [(2, 1, 6, "", ("10.0.1.7", 8080)), (2, 1, 6, "", ("10.0.1.5", 8080)), (2, 1, 6, "", ("10.0.1.7", 8080))]
+    monkeypatch.setattr(gateway.socket, "getaddrinfo", lambda *args: answers)
+    assert gateway.resolve("tasks.s-serving-blue:8080") == ("10.0.1.5:8080", "10.0.1.7:8080")

@@ -82,7 +82,10 @@ def verdict(resource_type: str, before: dict, after: dict):
      {"taskSpec.containerSpec.mounts[0].source": "b", "taskSpec.containerSpec.mounts[0].volumeOptions.labels[0].label": "k",
       "taskSpec.containerSpec.mounts[0].volumeOptions.labels[0].value": "v"}, "replace",
      ("taskSpec.containerSpec.mounts",)),
-    ("docker:index/service:Service", {"mode.replicated.replicas": 1}, {"mode.replicated.replicas": 2}, "replace", ("mode",)),
+    # `mode` is ForceNew as a list: switching modes replaces, scaling updates in place.
+    ("docker:index/service:Service", {"mode.replicated.replicas": 1}, {"mode.replicated.replicas": 2}, "update", ()),
+    ("docker:index/service:Service", {"mode.replicated.replicas": 1}, {"mode.global": True}, "replace",
+     ("mode.global",)),
     ("docker:index/serviceConfig:ServiceConfig", {"data": "e30="}, {"data": "e31="}, "replace", ("data",)),
 ])
 def test_hand_checked_cases(resource_type, before, after, action, forced_by):

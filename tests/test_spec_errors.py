@@ -47,7 +47,7 @@ BROKEN_SPECS = {
     "unknown top-level key": (lambda env: append(env / "base.yaml", "artifact_store_x: 1\n"),
                               "base.yaml:58: artifact_store_x: unknown key 'artifact_store_x'; allowed here: "
                              "artifact_store, docker, experiment, gates, image_registry, kind, labels, model_registry, "
-                             "monitoring, parity, release, serving, stage, training"),
+                             "monitoring, parity, release, serving, stage, swarm, training"),
     "prod with one replica": (lambda env: replace(env / "prod.yaml", "replicas: 3", "replicas: 1"),
                               "prod.yaml:16: serving.replicas: prod serves with at least 2 replicas, got 1"),
     "unprotected prod volumes": (lambda env: replace(env / "prod.yaml", "protect: true", "protect: false"),
@@ -107,7 +107,7 @@ def test_each_broken_spec_gets_one_exact_message_and_exit_2(case, environments, 
 def test_a_missing_stage_file_names_the_known_stages(environments, monkeypatch, capsys):
     code, _, err = run_cli(monkeypatch, capsys, "validate", "qa", "--environments", str(environments))
     assert code == 2
-    assert err == f"error: {environments}/qa.yaml: no stage 'qa'; stages here: dev, prod, staging\n"
+    assert err == f"error: {environments}/qa.yaml: no stage 'qa'; stages here: cluster, dev, prod, staging\n"
 
 
 def test_a_missing_base_file_is_named(environments, monkeypatch, capsys):

@@ -7,7 +7,12 @@ containers). A `resolver` with a variable `proxy_pass` re-resolves but loses ups
 and retries across replicas, and `server ... resolve` needs nginx 1.27.3 (bookworm ships 1.22). So this
 process resolves the replicas itself, renders what resolves, and reloads nginx (gracefully) only when a
 replica first resolves or comes back at a new address. A replica that stops resolving keeps its last
-address: nginx's own failure handling skips it, and the retried requests never meet a reload.
+addresses: nginx's own failure handling skips them, and the retried requests never meet a reload.
+
+On a swarm an entry names all tasks of a service, `tasks.<service>:<port>`, which Swarm's DNS answers with
+every running task's address (endpoint mode dnsrr): the entry stands for that whole set, so a task
+rescheduled onto another node, or added by scaling, joins its pool within RESOLVE_INTERVAL_S, and a task
+that is gone leaves it.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ class Pool:
     name: str
     weight: int
     replicas: tuple[str, ...]
-    """`host:port` of each replica."""
+    """`host:port` of each replica, or `tasks.<service>:port` for all tasks of a swarm service."""
 
 
 def pools_from_env(env: Mapping[str, str]) -> list[Pool]:
@@ -68,12 +73,14 @@ def pools_from_env(env: Mapping[str, str]) -> list[Pool]:
     return pools
 
 
-def resolve(replica: str) -> str | None:
+def resolve(replica: str) -> tuple[str, ...] | None:
+    """Every IPv4 `address:port` the replica's name has, sorted, or None when it has none."""
     host, _, port = replica.rpartition(":")
     try:
-        return f"{socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)[0][4][0]}:{port}"
+        found = socket.getaddrinfo(host, int(port), socket.AF_INET, socket.SOCK_STREAM)
     except socket.gaierror:
         return None
+    return tuple(sorted({f"{entry[4][0]}:{port}" for entry in found}))
 
 
 def split(variable: str, green_weight: int) -> str:
@@ -88,16 +95,16 @@ def route_file(runtime_dir: Path, green_weight: int) -> Path:
     return runtime_dir / "route" / f"green-{green_weight}"
 
 
-def render(pools: list[Pool], addresses: Mapping[str, str], route_weights: tuple[int, ...] = (),
+def render(pools: list[Pool], addresses: Mapping[str, tuple[str, ...]], route_weights: tuple[int, ...] = (),
            runtime_dir: Path = RUNTIME_DIR) -> str:
-    """nginx.conf for `pools`, each replica at its address in `addresses` (unresolved ones left out). With
+    """nginx.conf for `pools`, each replica at its addresses in `addresses` (unresolved ones left out). With
     `route_weights` (a rollout), green's weight follows whichever route file exists, checked per request, so
     the rollout moves traffic without reloading nginx (a reload closes idle keep-alive connections, and a
     request a client sends on one at that moment is lost)."""
     upstreams = ""
     for pool in pools:
-        servers = [f"{addresses[replica]} max_fails=1 fail_timeout=5s"
-                   for replica in pool.replicas if replica in addresses] or [NO_REPLICA_YET]
+        servers = [f"{address} max_fails=1 fail_timeout=5s"
+                   for replica in pool.replicas for address in addresses.get(replica, ())] or [NO_REPLICA_YET]
         lines = "".join(f"    server {server};\n" for server in servers)
         upstreams += f"upstream {pool.name} {{\n{lines}{UPSTREAM_KEEPALIVE}}}\n"
     declared = next(pool.weight for pool in pools if pool.name == "green")
@@ -121,7 +128,7 @@ class Gateway:
         self.pools = pools
         self.config = runtime_dir / "nginx.conf"
         self.runtime_dir = runtime_dir
-        self.addresses: dict[str, str] = {}
+        self.addresses: dict[str, tuple[str, ...]] = {}
         self.reported_unresolved: set[str] = set()
         self.rollout = rollout
         self.route_weights: tuple[int, ...] = ()
@@ -131,7 +138,7 @@ class Gateway:
             self.route_weights = tuple(sorted({0, declared, *rollout.policy.steps}))
 
     def refresh_addresses(self) -> bool:
-        """Resolve every replica; True when one resolved for the first time or at a new address."""
+        """Resolve every replica; True when one resolved for the first time or at other addresses."""
         changed = False
         for pool in self.pools:
             for replica in pool.replicas:

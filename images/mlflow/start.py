@@ -57,10 +57,22 @@ def ensure_identities(secret: str) -> None:
             store.grant_user_permission(identity, resource, "*", WRITE_PERMISSION)
 
 
-def main(server_arguments: list[str]) -> None:
+def stage_secret() -> str:
+    """The stage's MLflow secret: from the file `<SECRET_VARIABLE>_FILE` names (a Swarm secret under
+    /run/secrets), else from the variable itself (one Docker host); either way it leaves the environment."""
+    file = os.environ.pop(f"{SECRET_VARIABLE}_FILE", "")
     secret = os.environ.pop(SECRET_VARIABLE, "")
+    if file:
+        with open(file, encoding="utf-8") as handle:
+            return handle.read().strip()
+    return secret
+
+
+def main(server_arguments: list[str]) -> None:
+    secret = stage_secret()
     if not secret:
-        sys.exit(f"error: set {SECRET_VARIABLE} to the stage's MLflow secret (Pulumi config mlops:mlflowPassword)")
+        sys.exit(f"error: set {SECRET_VARIABLE} (or {SECRET_VARIABLE}_FILE) to the stage's MLflow secret "
+                 "(Pulumi config mlops:mlflowPassword)")
     ensure_identities(secret)
     os.environ.update({
         # CSRF tokens of the UI's sign-up form must verify in every worker, so the key is fixed per stage.

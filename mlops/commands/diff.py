@@ -38,6 +38,8 @@ def _print_text(result: diffing.StackDiff, console: Console) -> None:
             console.print(f"    [bold red]⚠ {escape(change.data_risk)}[/bold red]")
         for note in change.notes:
             console.print(f"    [dim]note: {escape(note)}[/dim]")
+        if change.update_policy:
+            console.print(f"    update policy: {escape(change.update_policy)}")
         for fc in change.fields:
             if change.status == "changed":
                 console.print(f"    {escape(fc.path)}: [red]{escape(repr(fc.before))}[/red] → "

@@ -71,5 +71,7 @@ def plan(stage: str = typer.Argument(..., help="dev, staging or prod"),
         marks = "".join(f" [magenta]{option}[/magenta]" for option in options)
         parent = f" (parent {resource.parent})" if resource.parent else ""
         console.print(f"[cyan]{resource.type}[/cyan] [bold]{resource.name}[/bold]{parent}{marks}", highlight=False, soft_wrap=True)
+        if (policy := planning.update_policy(resource)) is not None:
+            console.print(f"    update policy: {policy}", highlight=False, soft_wrap=True, markup=False)
         for path, value in planning.flatten(resource.inputs).items():
             console.print(f"    {path} = {json.dumps(value)}", highlight=False, soft_wrap=True, markup=False)

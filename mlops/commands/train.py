@@ -2,7 +2,8 @@
 
 The run gets the same hardening as every container of the stack (`components/containers.py`) and the stage's
 training limits; it is removed when it ends, whatever the outcome. It logs in to MLflow as `trainer`, whose
-password reaches the `docker run` through its environment, never its command line.
+password reaches the `docker run` through its environment, never its command line. On a swarm stage the run is
+a one-shot Swarm job instead (mlops/commands/swarm_training.py), with the same options where a job has them.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import re
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import typer
 from rich.console import Console
@@ -24,6 +25,7 @@ from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
 from components.stack import stage_labels
 from mlops import credentials
+from mlops.commands import swarm_training
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.errors import SpecError, excerpt, one_line
 from mlops.experiments import EXPERIMENT_PREFIX, experiment_spec_from_stack_file
@@ -62,8 +64,8 @@ def check_params(assignments: list[str]) -> None:
         seen.add(key)
 
 
-def docker(spec: StageSpec, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", *args], capture_output=True, text=True, env=docker_env(spec))
+def docker(spec: StageSpec, *args: str, stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["docker", *args], input=stdin, capture_output=True, text=True, env=docker_env(spec))
 
 
 def docker_env(spec: StageSpec) -> dict[str, str]:
@@ -71,11 +73,12 @@ def docker_env(spec: StageSpec) -> dict[str, str]:
 
 
 def image_registry_server(spec: StageSpec) -> Optional[str]:
-    """Where the stack pushed its images: the engine reaches the registry over loopback on its host port."""
+    """Where the stack pushed its images: the engine reaches the registry over loopback on its host port (on
+    a swarm, at the address every node pulls from)."""
     if not spec.image_registry.enabled:
         return None
-    if spec.image_registry.port.host_port is not None:
-        return f"localhost:{spec.image_registry.port.host_port}"
+    if spec.image_registry_server is not None:
+        return spec.image_registry_server
     # Docker chose the port (experiments): ask it.
     published = docker(spec, "port", f"{spec.stage}-image-registry", str(REGISTRY_PORT))
     if published.returncode != 0 or not published.stdout.strip():
@@ -111,25 +114,35 @@ def check_stack_is_up(spec: StageSpec) -> None:
         raise fail(f"network {network} does not exist: the {spec.stage} stack is not up; "
                    f"run `make up ENV={spec.stage}`")
     registry = f"{spec.stage}-model-registry"
-    running = docker(spec, "container", "inspect", "--format", "{{.State.Running}}", registry)
-    if running.stdout.strip() != "true":
+    if spec.swarm is None:
+        running = docker(spec, "container", "inspect", "--format", "{{.State.Running}}", registry).stdout.strip() == "true"
+    else:
+        running = swarm_training.task_running(docker(spec, "service", "ps", "--format", "{{.CurrentState}}", registry).stdout)
+    if not running:
         raise fail(f"model registry {registry} is not running; run `make up ENV={spec.stage}`")
+
+
+def hardened_run_options(spec: StageSpec) -> list[str]:
+    """What a training run shares on one host and on a swarm: user, read-only root, capabilities, labels and
+    how it reaches MLflow."""
+    labels = {**stage_labels(spec, spec.stage), "mlops.component": "training-run"}
+    return [
+        "--network", f"{spec.stage}-net", "--user", APP_USER, "--read-only", "--cap-drop", "ALL",
+        *[option for key, value in sorted(labels.items()) for option in ("--label", f"{key}={value}")],
+        "--env", f"MLFLOW_TRACKING_URI=http://{spec.stage}-model-registry:{MLFLOW_PORT}",
+        "--env", f"MLFLOW_TRACKING_USERNAME={credentials.TRAINER}",
+    ]
 
 
 def run_arguments(spec: StageSpec, image: str, digest: str, name: str, training_args: list[str]) -> list[str]:
     limits = spec.training.limits
-    labels = {**stage_labels(spec, spec.stage), "mlops.component": "training-run"}
     return [
-        "run", "--name", name, "--network", f"{spec.stage}-net",
+        "run", "--name", name, *hardened_run_options(spec),
         "--cpus", str(limits.cpus), "--memory", f"{limits.memory_mb}m",
         *(["--gpus", "all"] if spec.training.gpu else []),
-        "--user", APP_USER, "--read-only",
         *[option for path, mount in DEFAULT_TMPFS.items() for option in ("--tmpfs", f"{path}:{mount}")],
-        "--security-opt", "no-new-privileges:true", "--cap-drop", "ALL",
+        "--security-opt", "no-new-privileges:true",
         "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}",
-        *[option for key, value in sorted(labels.items()) for option in ("--label", f"{key}={value}")],
-        "--env", f"MLFLOW_TRACKING_URI=http://{spec.stage}-model-registry:{MLFLOW_PORT}",
-        "--env", f"MLFLOW_TRACKING_USERNAME={credentials.TRAINER}",
         # No value: docker takes it from its own environment (stream_run's), so it shows in no process list.
         "--env", TRACKING_PASSWORD,
         "--env", f"TRAINING_IMAGE_DIGEST={digest}",
@@ -137,20 +150,26 @@ def run_arguments(spec: StageSpec, image: str, digest: str, name: str, training_
     ]
 
 
-def stream_run(spec: StageSpec, arguments: list[str], password: str) -> tuple[int, Optional[re.Match[str]]]:
-    """Print the run's output as it comes, except the `REGISTERED` line: return it with the exit code."""
+def report(lines: Iterable[str]) -> Optional[re.Match[str]]:
+    """Print a run's output, except the `REGISTERED` line: return that."""
     registered = None
+    for line in lines:
+        line = line.rstrip("\n")
+        if match := REGISTERED.match(line):
+            registered = match
+        elif line.startswith("error:"):
+            errors.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
+        else:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+    return registered
+
+
+def stream_run(spec: StageSpec, arguments: list[str], password: str) -> tuple[int, Optional[re.Match[str]]]:
+    """Print the run's output as it comes; return its exit code and `REGISTERED` line."""
     with subprocess.Popen(["docker", *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1, env={**docker_env(spec), TRACKING_PASSWORD: password}) as process:
         assert process.stdout is not None
-        for line in process.stdout:
-            line = line.rstrip("\n")
-            if match := REGISTERED.match(line):
-                registered = match
-            elif line.startswith("error:"):
-                errors.print(line, style="red", markup=False, highlight=False, soft_wrap=True)
-            else:
-                console.print(line, markup=False, highlight=False, soft_wrap=True)
+        registered = report(process.stdout)
     return process.returncode, registered
 
 
@@ -172,6 +191,8 @@ def train(
             else load_stages([stage], environments)[0])
     try:
         password = credentials.mlflow_password(spec.stage, credentials.TRAINER)
+        # Nodes pull the training image from the stage's registry with the credentials the run sends along.
+        registry_password = credentials.registry_password(spec.stage) if spec.swarm is not None else ""
     except credentials.MissingSecret as err:
         raise fail(str(err)) from None
     if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
@@ -185,10 +206,16 @@ def train(
         training_args += ["--model-name", spec.release.model.name]
     name = f"{spec.stage}-train-{uuid.uuid4().hex[:8]}"
     console.print(f"[bold]{name}[/bold]: training in {image}", highlight=False, soft_wrap=True)
-    try:
-        exit_code, registered = stream_run(spec, run_arguments(spec, image, digest, name, training_args), password)
-    finally:
-        docker(spec, "rm", "--force", name)
+    if spec.swarm is not None:
+        exit_code, lines = swarm_training.run_job(
+            docker, spec, digest, name, hardened_run_options(spec), training_args, password, registry_password,
+            waiting=lambda why: console.print(f"{name} waits to be scheduled: {why}", markup=False, highlight=False))
+        registered = report(lines)
+    else:
+        try:
+            exit_code, registered = stream_run(spec, run_arguments(spec, image, digest, name, training_args), password)
+        finally:
+            docker(spec, "rm", "--force", name)
     if exit_code == BAD_INPUT_EXIT:
         raise typer.Exit(BAD_INPUT_EXIT)
     if exit_code != 0 or registered is None:

@@ -10,6 +10,16 @@ from serving.registry import FetchedModel, MlflowRegistry, ModelPin, ModelRefuse
 log = logging.getLogger("serving")
 
 
+def tracking_password() -> str:
+    """MLflow's password for the replica: from the file MLFLOW_TRACKING_PASSWORD_FILE names (a Swarm secret
+    under /run/secrets), else MLflow's own variable (one Docker host)."""
+    file = os.environ.get("MLFLOW_TRACKING_PASSWORD_FILE")
+    if file:
+        with open(file, encoding="utf-8") as handle:
+            return handle.read().strip()
+    return os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
+
+
 def fetch_pinned_model(runtime: str) -> FetchedModel:
     """The model the environment pins, for this image's `runtime` (its build target); a refusal exits,
     and the restart policy keeps the replica unready."""
@@ -23,7 +33,7 @@ def fetch_pinned_model(runtime: str) -> FetchedModel:
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             raise ModelRefused("set MLFLOW_TRACKING_URI to the model registry, e.g. http://<stack>-model-registry:5000")
         fetched = MlflowRegistry(os.environ["MLFLOW_TRACKING_URI"], username=os.environ.get("MLFLOW_TRACKING_USERNAME", ""),
-                                 password=os.environ.get("MLFLOW_TRACKING_PASSWORD", "")).fetch(pin)
+                                 password=tracking_password()).fetch(pin)
     except (ModelRefused, RegistryUnreachable) as refusal:
         log.error("%s", refusal)
         sys.exit(1)

@@ -1,0 +1,116 @@
+"""A Docker Swarm cluster for the tests, every node an inner engine (tests/hosts.py).
+
+The nodes sit on one user-defined bridge network of the outer engine at fixed addresses and advertise
+those addresses, so the swarm's control traffic (2377), gossip (7946) and the overlay's VXLAN (4789)
+run over that bridge. The outer engine is deliberately not a node: with it as manager and an inner
+engine as worker, overlay traffic between tasks did not pass.
+
+What this machine lacks shapes what services may declare: there is no IPVS, so no service VIPs and no
+ingress routing mesh. Services use endpoint mode `dnsrr` and publish ports in `host` mode on the node
+that runs the task, which allows one such task per node: with a node down, a task that publishes a port
+the other nodes already use stays pending ("no suitable node (host-mode port already in use)").
+
+The stage's image registry runs as a service on the cluster itself, so each node's engine trusts
+registries on the bridge network over plain HTTP (`trust_registries_on_network` in tests/hosts.py).
+
+Everything is labelled with the session like the hosts are, and `remove_cluster(session)` removes it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import docker
+
+from tests import hosts
+
+SWARM_PORT = 2377
+
+
+@dataclass
+class Cluster:
+    manager: hosts.DockerHost
+    workers: list[hosts.DockerHost]
+
+    @property
+    def nodes(self) -> list[hosts.DockerHost]:
+        return [self.manager, *self.workers]
+
+    @property
+    def url(self) -> str:
+        """The manager's engine: what a swarm stage's provider `host` points at."""
+        return self.manager.url
+
+    @property
+    def client(self) -> docker.DockerClient:
+        return self.manager.client
+
+    def node(self, name: str) -> hosts.DockerHost:
+        [node] = [node for node in self.nodes if node.name == name]
+        return node
+
+    def running_tasks(self, service: str) -> list[dict]:
+        """The service's tasks that run now, on nodes the manager sees up."""
+        up = {node.id for node in self.client.nodes.list() if node.attrs["Status"]["State"] == "ready"}
+        return [task for task in self.client.api.tasks(filters={"service": service, "desired-state": "running"})
+                if task["Status"]["State"] == "running" and task.get("NodeID") in up]
+
+    def nodes_running(self, service: str) -> list[str]:
+        """Hostnames of the nodes running the service's tasks, one entry per task."""
+        names = {node.id: node.attrs["Description"]["Hostname"] for node in self.client.nodes.list()}
+        return sorted(names[task["NodeID"]] for task in self.running_tasks(service))
+
+    def wait_running(self, service: str, replicas: int, timeout_s: float, avoiding: str | None = None) -> list[str]:
+        """Waits until exactly `replicas` tasks of the service run, none on the node `avoiding`; returns their nodes.
+
+        A node that lost power still counts as ready until the manager misses its heartbeats (seconds), so
+        waiting for a count alone would see the tasks it ran as running."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            running = self.nodes_running(service)
+            if len(running) == replicas and avoiding not in running:
+                return running
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{service}: {len(running)} of {replicas} tasks running after {timeout_s:.0f}s "
+                                   f"(on {running}); tasks: {self._task_states(service)}")
+            time.sleep(0.5)
+
+    def wait_nodes_ready(self, timeout_s: float = 60) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            states = {node.attrs["Description"]["Hostname"]: node.attrs["Status"]["State"]
+                      for node in self.client.nodes.list()}
+            if len(states) == len(self.nodes) and set(states.values()) == {"ready"}:
+                return
+            if time.monotonic() > deadline:
+                raise hosts.HostError(f"swarm nodes not all ready after {timeout_s:.0f}s: {states}")
+            time.sleep(0.5)
+
+    def _task_states(self, service: str) -> list[str]:
+        return [f"{task.get('Slot', '')}:{task['Status']['State']}"
+                f"({task['Status'].get('Err') or task['Status'].get('Message', '')})"
+                for task in self.client.api.tasks(filters={"service": service})][-12:]
+
+
+def start_cluster(session: str, labels: dict[str, dict[str, str]]) -> Cluster:
+    """Starts one inner engine per node named in `labels` and forms a swarm: the first is the manager, the
+    rest workers; each node gets its labels (what the stage's placement constraints ask for)."""
+    names = list(labels)
+    nodes = hosts.start_hosts(names, network=f"mlops-swarm-{session}", session=session,
+                              trust_registries_on_network=True)
+    manager, *workers = (nodes[name] for name in names)
+    manager.client.swarm.init(advertise_addr=manager.ip, listen_addr=f"{manager.ip}:{SWARM_PORT}")
+    token = manager.client.swarm.attrs["JoinTokens"]["Worker"]
+    for worker in workers:
+        worker.client.swarm.join(remote_addrs=[f"{manager.ip}:{SWARM_PORT}"], join_token=token,
+                                 advertise_addr=worker.ip, listen_addr=f"{worker.ip}:{SWARM_PORT}")
+    cluster = Cluster(manager, workers)
+    cluster.wait_nodes_ready()
+    for node in manager.client.nodes.list():
+        spec = node.attrs["Spec"]
+        node.update({**spec, "Labels": {**spec.get("Labels", {}), **labels[node.attrs["Description"]["Hostname"]]}})
+    return cluster
+
+
+def remove_cluster(session: str) -> None:
+    hosts.remove_hosts(session)

@@ -1,0 +1,325 @@
+"""A swarm stage under the mock runtime: services instead of containers, safe rolling updates, secrets as
+files, stateful parts on their node, the gateway on the edge nodes, training as a one-shot job, and the
+one-line errors of the `swarm` key."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections import Counter
+
+import pytest
+
+from components import services
+from components.containers import http_healthcheck
+from mlops import plan
+from mlops.commands import swarm_training
+from mlops.commands.train import hardened_run_options
+from mlops.credentials import READER, derived_password
+from mlops.diff import compare
+from mlops.spec import REPO_ROOT, load_stage
+from tests.test_spec_errors import replace, run_cli
+
+SERVICE = "docker:index/service:Service"
+SECRET = "docker:index/secret:Secret"
+PINNED = {"release": {"model": {"name": "iris-classifier", "version": 3, "sha256": "a" * 64}}}
+SECRETS = {"mlops:registryPassword": "swarm-registry-password-0123", "mlops:mlflowPassword": "swarm-mlflow-secret-0123"}
+
+
+def render(overrides=None, config=None, reveal_secrets=False) -> dict[str, plan.PlannedResource]:
+    spec = load_stage("cluster", overrides=PINNED if overrides is None else overrides)
+    return {r.name: r for r in plan.render("cluster", spec, config=config, reveal_secrets=reveal_secrets)}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> dict[str, plan.PlannedResource]:
+    return render()
+
+
+def flat(resource: plan.PlannedResource) -> dict:
+    return plan.flatten(resource.inputs)
+
+
+def test_a_swarm_stage_runs_every_long_lived_part_as_a_service_on_an_attachable_overlay(cluster):
+    counts = Counter(resource.type for resource in cluster.values())
+    assert counts["docker:index/container:Container"] == 0
+    assert sorted(name for name, r in cluster.items() if r.type == SERVICE) == [
+        "cluster-image-registry-server", "cluster-model-registry-server", "cluster-serving-blue",
+        "cluster-serving-gateway"]
+    network = cluster["cluster-network"].inputs
+    assert (network["driver"], network["attachable"], network["name"]) == ("overlay", True, "cluster-net")
+    for name, resource in cluster.items():
+        if resource.type == SERVICE:
+            assert resource.inputs["name"].startswith("cluster-")
+            assert resource.inputs["endpointSpec"]["mode"] == "dnsrr", name
+            # By ID, as the provider reads it back; a name would replace the service on every `pulumi up`.
+            assert resource.inputs["taskSpec"]["networksAdvanceds"] == [{"id": "cluster-network-id"}]
+
+
+def test_shipped_stages_stay_single_host():
+    for stage in ("dev", "staging", "prod"):
+        spec = load_stage(stage)
+        assert spec.swarm is None
+        assert not [r for r in plan.render(stage, spec) if r.type in (SERVICE, SECRET)]
+
+
+def test_serving_replicas_are_spread_limited_reserved_health_checked_and_hardened(cluster):
+    spec = load_stage("cluster", overrides=PINNED)
+    blue = cluster["cluster-serving-blue"].inputs
+    task = blue["taskSpec"]
+    assert blue["mode"] == {"replicated": {"replicas": spec.serving.replicas}}
+    assert task["placement"] == {"constraints": ["node.role != manager"], "prefs": ["node.hostname"]}
+    assert task["resources"] == {
+        "limits": {"nanoCpus": 1_000_000_000, "memoryBytes": 512 * services.MIB},
+        "reservation": {"nanoCpus": 250_000_000, "memoryBytes": 256 * services.MIB}}
+    container = task["containerSpec"]
+    assert (container["user"], container["readOnly"], container["capDrops"]) == ("10001:10001", True, ["ALL"])
+    single_host = http_healthcheck(8080, "/v2/health/ready", spec.serving.health_check)
+    assert container["healthcheck"]["tests"] == single_host.tests
+    assert container["healthcheck"]["retries"] == spec.serving.health_check.retries
+    assert {mount["target"]: mount["type"] for mount in container["mounts"]} == {"/tmp": "tmpfs"}
+    env = container["env"]
+    assert (env["MODEL_VERSION"], env["MODEL_SHA256"]) == ("3", "a" * 64)
+    assert env["MLFLOW_TRACKING_URI"] == "http://cluster-model-registry:5000"
+    # The pin shows on the service, whose labels update in place; container labels are ForceNew.
+    assert {"label": "mlops.model-version", "value": "3"} in blue["labels"]
+    assert {label["label"] for label in container["labels"]} == {"mlops.component", "mlops.slot", "mlops.stack",
+                                                                 "mlops.stage"}
+
+
+def test_rolling_updates_go_one_at_a_time_start_first_and_roll_back_on_any_failure(cluster):
+    spec = load_stage("cluster", overrides=PINNED)
+    check = spec.serving.health_check
+    blue = cluster["cluster-serving-blue"].inputs
+    window = services.swarm_duration((check.retries + 1) * (check.interval_s + check.timeout_s))
+    assert blue["updateConfig"] == {"parallelism": 1, "delay": "0s", "order": "start-first",
+                                    "failureAction": "rollback", "monitor": window, "maxFailureRatio": "0.0"}
+    assert blue["rollbackConfig"] == {**blue["updateConfig"], "failureAction": "pause"}
+    # A pinned release makes `pulumi up` wait for every replica to roll, a window per replica.
+    timeout = services.converge_within_s(check, spec.serving.replicas)
+    assert blue["convergeConfig"] == {"delay": "7s", "timeout": services.swarm_duration(timeout)}
+    following_latest = render({})["cluster-serving-blue"].inputs
+    assert "convergeConfig" not in following_latest
+
+
+def test_durations_are_written_as_the_provider_reads_them_back():
+    assert [services.swarm_duration(s) for s in (0, 5, 60, 90, 3600, 3660)] == ["0s", "5s", "1m", "1m30s", "1h",
+                                                                                 "1h1m"]
+
+
+def test_stateful_services_stay_on_the_stateful_node_with_their_volumes(cluster):
+    for name, volumes in (("cluster-model-registry-server", {"/data/db": "cluster-mlflow-db",
+                                                             "/data/artifacts": "cluster-artifacts"}),
+                          ("cluster-image-registry-server", {"/var/lib/registry": "cluster-registry-data"})):
+        service = cluster[name].inputs
+        assert service["mode"] == {"replicated": {"replicas": 1}}
+        assert service["taskSpec"]["placement"]["constraints"] == ["node.labels.mlops.stateful == true"]
+        assert service["updateConfig"]["order"] == service["rollbackConfig"]["order"] == "stop-first"
+        mounts = {m["target"]: m["source"] for m in service["taskSpec"]["containerSpec"]["mounts"] if m["type"] == "volume"}
+        assert mounts == volumes
+    registry_port = cluster["cluster-image-registry-server"].inputs["endpointSpec"]["ports"]
+    assert registry_port == [{"targetPort": 5000, "publishedPort": 5301, "publishMode": "host", "protocol": "tcp"}]
+
+
+def test_the_gateway_runs_on_every_edge_node_and_resolves_the_tasks_of_each_slot():
+    canary = {**PINNED, "serving": {"green": {"model": {"name": "iris-classifier", "version": 4, "sha256": "c" * 64}},
+                                    "traffic": {"blue": 90, "green": 10}}}
+    rendered = render(canary)
+    gateway = rendered["cluster-serving-gateway"].inputs
+    assert gateway["mode"] == {"global": True} and "convergeConfig" not in gateway
+    assert gateway["taskSpec"]["placement"]["constraints"] == ["node.labels.mlops.edge == true"]
+    assert gateway["endpointSpec"]["ports"] == [{"targetPort": 8080, "publishedPort": 8380, "publishMode": "host",
+                                                 "protocol": "tcp"}]
+    # Its host port cannot be bound twice on one node.
+    assert gateway["updateConfig"]["order"] == "stop-first"
+    assert gateway["taskSpec"]["containerSpec"]["env"] == {
+        "UPSTREAM_BLUE": "tasks.cluster-serving-blue:8080", "UPSTREAM_GREEN": "tasks.cluster-serving-green:8080",
+        "WEIGHT_BLUE": "90", "WEIGHT_GREEN": "10"}
+    assert rendered["cluster-serving-green"].inputs["taskSpec"]["containerSpec"]["env"]["MODEL_VERSION"] == "4"
+
+
+def test_every_node_pulls_workload_and_gateway_images_from_the_stage_registry(cluster):
+    pushed = {name: r.inputs["imageName"] for name, r in cluster.items() if name.endswith("-image-push")}
+    assert {name: image.split("/")[0] for name, image in pushed.items()} == {
+        "cluster-serving-image-push": "10.0.0.10:5301", "cluster-serving-gateway-image-push": "10.0.0.10:5301",
+        "cluster-training-image-push": "10.0.0.10:5301"}
+    assert "cluster-serving-image-push" in cluster["cluster-serving-blue"].dependencies
+    assert "cluster-serving-gateway-image-push" in cluster["cluster-serving-gateway"].dependencies
+
+
+def test_the_provider_sends_nodes_the_registry_credentials_with_each_service():
+    """Services set no `auth` of their own (ForceNew: a new password would replace them); the provider then
+    sends its own registry_auth for the image's registry (resource_docker_service_funcs.go,
+    retrieveAndMarshalAuth), which Swarm hands to the node that pulls."""
+    rendered = render(config=SECRETS, reveal_secrets=True)
+    auth = json.loads(rendered["cluster-docker"].inputs["registryAuth"])
+    assert [(entry["address"], entry["username"]) for entry in auth] == [("10.0.0.10:5301", "mlops")]
+    assert all("auth" not in r.inputs for r in rendered.values() if r.type == SERVICE)
+
+
+def test_passwords_reach_services_only_as_secret_files():
+    rendered = render(config=SECRETS, reveal_secrets=True)
+    registry_password, mlflow_secret = SECRETS["mlops:registryPassword"], SECRETS["mlops:mlflowPassword"]
+    forbidden = (registry_password, mlflow_secret, derived_password(mlflow_secret, READER))
+    expected_files = {"cluster-model-registry-server": ("MLOPS_MLFLOW_PASSWORD_FILE", "/run/secrets/mlflow-password"),
+                      "cluster-image-registry-server": ("REGISTRY_HTPASSWD_ENTRY_FILE", "/run/secrets/registry-htpasswd"),
+                      "cluster-serving-blue": ("MLFLOW_TRACKING_PASSWORD_FILE", "/run/secrets/mlflow-reader-password")}
+    for name, resource in rendered.items():
+        if resource.type != SERVICE:
+            continue
+        container = resource.inputs["taskSpec"]["containerSpec"]
+        env = json.dumps(container.get("env", {}))
+        assert not any(secret in env for secret in forbidden), name
+        assert not any(key.endswith("PASSWORD") for key in container.get("env", {})), name
+        if name in expected_files:
+            variable, path = expected_files[name]
+            assert container["env"][variable] == path
+            [mounted] = container["secrets"]
+            assert (mounted["fileName"], mounted["fileUid"], mounted["fileGid"], mounted["fileMode"]) == (
+                path, "10001", "10001", 0o400)
+            assert rendered[mounted["secretId"].removesuffix("-id")].inputs["name"] == mounted["secretName"]
+    secrets = [r for r in rendered.values() if r.type == SECRET]
+    assert len(secrets) == 3
+    for secret in secrets:
+        assert not any(value in secret.inputs["name"] for value in forbidden)
+    assert all(r.inputs["data"] == plan.SECRET_PLACEHOLDER for r in render(config=SECRETS).values() if r.type == SECRET)
+
+
+def test_a_new_password_gets_a_new_secret_name_so_services_roll_onto_it():
+    before = {name: r.inputs["name"] for name, r in render(config=SECRETS).items() if r.type == SECRET}
+    rotated = render(config={**SECRETS, "mlops:registryPassword": "rotated-registry-password"})
+    after = {name: r.inputs["name"] for name, r in rotated.items() if r.type == SECRET}
+    assert before["cluster-image-registry-secret"] != after["cluster-image-registry-secret"]
+    assert before["cluster-model-registry-secret"] == after["cluster-model-registry-secret"]
+    assert after["cluster-image-registry-secret"].startswith("cluster-registry-")
+    assert services.secret_name("s", "p", "x") == services.secret_name("s", "p", "x") != services.secret_name("s", "p", "y")
+
+
+def test_a_new_model_rolls_the_replicas_in_place_and_diff_and_plan_show_how(monkeypatch, capsys):
+    before = plan.render("cluster", load_stage("cluster", overrides=PINNED))
+    newer = {"release": {"model": {"name": "iris-classifier", "version": 4, "sha256": "b" * 64}}, "serving": {"replicas": 4}}
+    after = plan.render("cluster", load_stage("cluster", overrides=newer))
+    changes, _ = compare(before, after, "cluster", "cluster")
+    [blue] = [change for change in changes if change.name == "cluster-serving-blue"]
+    assert (blue.action, blue.replace_fields) == ("update", ())
+    assert blue.update_policy.startswith("1 task at a time, start-first, each watched for 32s, any failure "
+                                         "(max ratio 0.0) → rollback")
+    code, out, _ = run_cli(monkeypatch, capsys, "plan", "cluster")
+    assert code in (0, None)
+    policies = [line for line in out.splitlines() if line.strip().startswith("update policy:")]
+    assert len(policies) == 4 and sum("start-first" in line for line in policies) == 1
+
+
+def test_training_runs_as_a_one_shot_job_on_a_node_with_its_resources():
+    spec = load_stage("cluster", overrides={"swarm": {"training": {"generic_resources": {"NVIDIA-GPU": 1}}},
+                                            "training": {"gpu": True}})
+    image = "10.0.0.10:5301/cluster/training@sha256:" + "d" * 64
+    arguments = swarm_training.job_arguments(spec, image, "cluster-train-1", "cluster-train-1-password",
+                                             hardened_run_options(spec), ["--seed", "3"])
+    pairs = set(zip(arguments, arguments[1:]))
+    assert {("--mode", "replicated-job"), ("--restart-condition", "none"), ("--generic-resource", "NVIDIA-GPU=1"),
+            ("--constraint", "node.labels.mlops.train == true"), ("--reserve-cpu", "1.0"), ("--limit-memory", "1024M"),
+            ("--network", "cluster-net"), ("--user", "10001:10001"), ("--cap-drop", "ALL"),
+            ("--env", "MLFLOW_TRACKING_USERNAME=trainer")} <= pairs
+    assert ("--secret", "source=cluster-train-1-password,target=mlflow-trainer-password,uid=10001,gid=10001,mode=0400") in pairs
+    assert not any("PASSWORD=" in argument and "$(cat" not in argument for argument in arguments)
+    assert arguments[arguments.index(image) + 1:][-2:] == ["--seed", "3"]
+    assert swarm_training.task_running("Running 3 minutes ago\n") and not swarm_training.task_running("Shutdown 1s ago\n")
+
+
+def test_the_images_read_their_secrets_from_files(tmp_path, monkeypatch):
+    from images.mlflow import start
+
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-the-file\n")
+    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_FILE", str(secret_file))
+    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD", "from-the-variable")
+    assert start.stage_secret() == "from-the-file"
+    assert "MLOPS_MLFLOW_PASSWORD_FILE" not in os.environ and "MLOPS_MLFLOW_PASSWORD" not in os.environ
+
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "images" / "serving"))
+    from serving.startup import tracking_password
+
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-the-variable")
+    assert tracking_password() == "from-the-variable"
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_FILE", str(secret_file))
+    assert tracking_password() == "from-the-file"
+
+
+def test_the_registry_image_reads_its_htpasswd_line_from_a_file(tmp_path):
+    """The entrypoint as written, with the registry binary and /tmp swapped for stand-ins."""
+    script = (REPO_ROOT / "images" / "registry" / "entrypoint.sh").read_text()
+    script = script.replace("/tmp/htpasswd", str(tmp_path / "htpasswd")).replace(
+        "exec docker-registry serve /etc/mlops-registry/config.yml", 'env | grep -c HTPASSWD_ENTRY= || true')
+    (tmp_path / "entry").write_text("mlops:$2b$05$hash\n")
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "REGISTRY_HTPASSWD_ENTRY_FILE": str(tmp_path / "entry"),
+                                 "REGISTRY_HTPASSWD_ENTRY": "mlops:stale"})
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "htpasswd").read_text() == "mlops:$2b$05$hash\n"
+    assert result.stdout.strip() == "0", "the line must not stay in the registry's environment"
+
+
+def gpu_without_placement(file) -> None:
+    replace(file, "  build: images/training", "  build: images/training\n  gpu: true")
+    replace(file, '  training:\n    constraints: ["node.labels.mlops.train == true"]\n', "")
+
+
+SWARM_ERRORS = {
+    "loopback port": (lambda env: replace(env / "cluster.yaml", "port: {host_port: 8380, bind_address: 0.0.0.0, public: true}",
+                                          "port: {host_port: 8380}"),
+                      "cluster.yaml:32: serving.port: a swarm publishes ports on every address of a node: set "
+                      "bind_address: 0.0.0.0 and public: true (and firewall the nodes' network)"),
+    "registry port": (lambda env: replace(env / "cluster.yaml", "registry_address: 10.0.0.10:5301",
+                                          "registry_address: 10.0.0.10:5999"),
+                      "cluster.yaml:8: swarm.registry_address: the port must be image_registry.port.host_port (5301), "
+                      "where the registry listens"),
+    "bad constraint": (lambda env: replace(env / "cluster.yaml", '["node.role != manager"]', '["role=manager"]'),
+                       "cluster.yaml:12: swarm.constraints.0: 'role=manager' is no placement constraint; write e.g. "
+                       "'node.labels.gpu == true' or 'node.role != manager' (node.hostname|role|id|platform.os|"
+                       "platform.arch|labels.NAME, then == or !=, then a value)"),
+    "reservation above limit": (lambda env: replace(env / "cluster.yaml", "memory_mb: 256}", "memory_mb: 4096}"),
+                                "cluster.yaml:13: swarm.reservations.memory_mb: reserves more than "
+                                "serving.limits.memory_mb (512) allows"),
+    "gpu without placement": (lambda env: gpu_without_placement(env / "cluster.yaml"),
+                              "cluster.yaml:23: training.gpu: on a swarm, place GPU training with "
+                              "swarm.training.generic_resources (e.g. {NVIDIA-GPU: 1}) or a node label in "
+                              "swarm.training.constraints"),
+    "spread": (lambda env: replace(env / "cluster.yaml", "spread_over: node.hostname", "spread_over: node.role"),
+               "cluster.yaml:11: swarm.spread_over: 'node.role' cannot be spread over; use node.hostname or "
+               "node.labels.NAME"),
+    "unknown key": (lambda env: replace(env / "cluster.yaml", "  edge_label: mlops.edge", "  edge: mlops.edge"),
+                    "cluster.yaml:10: swarm.edge: unknown key 'edge'; allowed here: constraints, edge_label, "
+                    "registry_address, reservations, spread_over, stateful_label, training"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SWARM_ERRORS))
+def test_a_broken_swarm_key_is_one_line_and_exit_2(case, environments, monkeypatch, capsys):
+    breaks, expected = SWARM_ERRORS[case]
+    breaks(environments)
+    code, out, err = run_cli(monkeypatch, capsys, "validate", "cluster", "--environments", str(environments))
+    assert code == 2 and out == ""
+    assert err == f"error: {environments}/{expected}\n"
+
+
+def test_waiting_for_a_job_reports_why_it_is_not_scheduled_and_returns_its_exit_code(monkeypatch):
+    """`docker service ps` and `docker inspect` answers as the engine gave them for a job that first waits for
+    resources, then runs and exits 3 (checked on a one-node swarm of an inner engine)."""
+    answers = iter(["pending||no suitable node (insufficient resources on 1 node)",
+                    "pending||no suitable node (insufficient resources on 1 node)", "running||", "failed|3|task: non-zero exit (3)"])
+
+    def docker(spec, *args):
+        stdout = "task-1\n" if args[:2] == ("service", "ps") else next(answers)
+        return subprocess.CompletedProcess(args, 0, stdout=stdout, stderr="")
+
+    monkeypatch.setattr(swarm_training, "POLL_S", 0)
+    reasons: list[str] = []
+    spec = load_stage("cluster")
+    assert swarm_training.finished_task(docker, spec, "job", reasons.append) == ("failed", 3)
+    assert reasons == ["no suitable node (insufficient resources on 1 node)"]
+
+    def removed_meanwhile(spec, *args):
+        return subprocess.CompletedProcess(args, 1, stdout="", stderr="no such service")
+
+    assert swarm_training.finished_task(removed_meanwhile, spec, "job", reasons.append) == ("removed", 1)
