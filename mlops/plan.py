@@ -159,8 +159,23 @@ def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None,
     def program():
         return declare_stack(stack, spec).urn
 
-    program()
-    return monitor.planned(reveal_secrets)
+    try:
+        program()
+        return monitor.planned(reveal_secrets)
+    finally:
+        _close_event_loop()
+
+
+def _close_event_loop() -> None:
+    """Close the rendering's event loop as `asyncio.run` would. Left open, it is closed by the garbage collector,
+    which may finalize its self-pipe socket first and then print "Exception ignored in: BaseEventLoop.__del__
+    ... Invalid file descriptor: -1" to stderr as the CLI exits."""
+    loop = asyncio.get_event_loop_policy().get_event_loop()
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.close()
 
 
 SERVICE_TYPE = "docker:index/service:Service"

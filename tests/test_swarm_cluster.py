@@ -4,7 +4,8 @@ The cluster (tests/cluster.py, the `swarm_cluster` session fixture) has node-1 a
 edge node, node-2 and node-3 as workers. The stage is rendered by the real program and made to exist by
 tests/engine.py, which creates and updates services the way the provider does; the nodes pull the
 workload images from the stage's own registry, a service on node-1. The model comes from `mlops train`
-on the cluster. Tests run in file order on one deployment: serve, lose a node, roll forward, roll back.
+on the cluster. Tests run in file order on one deployment: serve, lose a node, roll forward, roll back,
+split between blue and green.
 """
 from __future__ import annotations
 
@@ -232,3 +233,28 @@ def test_no_service_holds_a_password_in_its_environment(swarm_cluster, cluster_s
         env = json.loads(inspected)[0]["Spec"]["TaskTemplate"]["ContainerSpec"].get("Env", [])
         assert not [password for password in passwords if password in inspected], service.name
         assert not [variable for variable in env if "PASSWORD=" in variable], (service.name, env)
+
+
+def test_the_gateway_splits_traffic_between_blue_and_green_replicas_on_several_nodes(swarm_cluster, cluster_stage):
+    engine, environments, versions, _ = cluster_stage
+    green = f"{STAGE}-serving-green"
+    # Blue back on the pin that serves (the rollback test left a refused one in the file), green on version 1.
+    edit_stage(environments, {
+        "release": {"model": {"name": MODEL, "version": 2, "sha256": versions[2]["sha256"]}},
+        "serving": {"green": {"model": {"name": MODEL, "version": 1, "sha256": versions[1]["sha256"]}},
+                    "traffic": {"blue": 50, "green": 50}}})
+    engine.spec = load_stage(STAGE, environments)
+    engine.deploy()
+    swarm_cluster.wait_running(green, engine.spec.serving.replicas, timeout_s=300)
+    assert len(set(swarm_cluster.nodes_running(green))) >= 2
+    answered: Counter[tuple[str, int]] = Counter()
+    for _ in range(200):
+        connection = http.client.HTTPConnection(swarm_cluster.manager.ip, GATEWAY_PORT, timeout=30)
+        connection.request("POST", f"/v2/models/{MODEL}/infer", body=INFER_BODY,
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        answered[(response.getheader("X-Gateway-Pool", "?"), response.status)] += 1
+        connection.close()
+    assert set(answered) == {("blue", 200), ("green", 200)}, answered
+    assert 60 <= answered[("green", 200)] <= 140, answered
