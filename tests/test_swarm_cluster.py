@@ -160,10 +160,10 @@ def serving_env(engine: StageOnEngine) -> dict[str, str]:
     return dict(variable.split("=", 1) for variable in spec["Env"])
 
 
-def wait_update_state(engine: StageOnEngine, wanted: str, timeout_s: float) -> None:
+def wait_update_state(engine: StageOnEngine, wanted: str, timeout_s: float, service: str = SERVING) -> None:
     deadline = time.monotonic() + timeout_s
-    while (state := (engine.client.api.inspect_service(SERVING).get("UpdateStatus") or {}).get("State")) != wanted:
-        assert time.monotonic() < deadline, f"{SERVING}: update state {state}, not {wanted}, after {timeout_s:.0f}s"
+    while (state := (engine.client.api.inspect_service(service).get("UpdateStatus") or {}).get("State")) != wanted:
+        assert time.monotonic() < deadline, f"{service}: update state {state}, not {wanted}, after {timeout_s:.0f}s"
         time.sleep(1)
 
 
@@ -247,6 +247,16 @@ def test_the_gateway_splits_traffic_between_blue_and_green_replicas_on_several_n
     engine.deploy()
     swarm_cluster.wait_running(green, engine.spec.serving.replicas, timeout_s=300)
     assert len(set(swarm_cluster.nodes_running(green))) >= 2
+    # The gateway (no converge_config: a global service) takes the new weights when Swarm has replaced its task.
+    wait_update_state(engine, "completed", timeout_s=300, service=f"{STAGE}-gateway")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            infer(swarm_cluster.manager.ip)
+            break
+        except (OSError, AssertionError):
+            assert time.monotonic() < deadline, "the updated gateway does not answer"
+            time.sleep(1)
     answered: Counter[tuple[str, int]] = Counter()
     for _ in range(200):
         connection = http.client.HTTPConnection(swarm_cluster.manager.ip, GATEWAY_PORT, timeout=30)
