@@ -218,7 +218,9 @@ def train(
             docker(spec, "rm", "--force", name)
     if exit_code == BAD_INPUT_EXIT:
         raise typer.Exit(BAD_INPUT_EXIT)
-    if exit_code != 0 or registered is None:
+    if exit_code != 0:
         killed = " (killed: the memory limit is training.limits.memory_mb)" if exit_code == 137 else ""
         raise fail(f"training run {name} failed with exit code {exit_code}{killed}")
+    if registered is None:
+        raise fail(f"training run {name} exited 0 without its REGISTERED line: nothing says which version it registered")
     typer.echo(registered.group(0))

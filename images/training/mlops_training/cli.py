@@ -65,5 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except MlflowException as err:
         print(f"error: registering at {args.tracking_uri} failed: {err.message.splitlines()[0]}", file=sys.stderr)
         return REGISTRY_FAILURE_EXIT
-    print(f"REGISTERED name={request.model_name} version={version} sha256={result.model_sha256}", flush=True)
+    # One write with its newline: print() writes the text and the newline separately when unbuffered, and
+    # Docker may deliver a stderr line (MLflow's client logs) between the two, which breaks the line.
+    sys.stdout.write(f"REGISTERED name={request.model_name} version={version} sha256={result.model_sha256}\n")
+    sys.stdout.flush()
     return 0
