@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from dataclasses import asdict, dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pulumi
 from pulumi.runtime import mocks as pulumi_mocks
@@ -83,6 +84,22 @@ def fake_digest(*parts: str) -> str:
     return "sha256:" + hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
 
+def _on_a_closed_loop(call: Callable[[], Any]) -> Any:
+    """Run a monitor call on an event loop that is closed when it returns. The SDK calls the monitor from
+    executor threads, where the mock monitor otherwise opens a loop per thread that nobody closes: the
+    garbage collector closes it at exit, may finalize its self-pipe socket first, and then prints
+    "Exception ignored in: BaseEventLoop.__del__ ... Invalid file descriptor: -1" to stderr."""
+    if threading.current_thread() is threading.main_thread():
+        return call()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return call()
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
 class _RecordingMonitor(pulumi_mocks.MockMonitor):
     """Records each registration with its parent and the options that decide what a delete or a
     replacement does (protect, retainOnDelete, deleteBeforeReplace), which `Mocks.new_resource` never sees."""
@@ -92,9 +109,15 @@ class _RecordingMonitor(pulumi_mocks.MockMonitor):
         self.registrations: list[tuple[str, Any]] = []
 
     def RegisterResource(self, request):  # noqa: N802 - the gRPC method name
-        response = super().RegisterResource(request)
+        response = _on_a_closed_loop(lambda: super(_RecordingMonitor, self).RegisterResource(request))
         self.registrations.append((response.urn, request))
         return response
+
+    def Invoke(self, request):  # noqa: N802
+        return _on_a_closed_loop(lambda: super(_RecordingMonitor, self).Invoke(request))
+
+    def ReadResource(self, request):  # noqa: N802
+        return _on_a_closed_loop(lambda: super(_RecordingMonitor, self).ReadResource(request))
 
     def planned(self, reveal_secrets: bool = False) -> list[PlannedResource]:
         """Resources in tree order (parents first, siblings by name), so renderings compare line by line."""
@@ -167,14 +190,13 @@ def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None,
 
 
 def _close_event_loop() -> None:
-    """Close the rendering's event loop as `asyncio.run` would. Left open, it is closed by the garbage collector,
-    which may finalize its self-pipe socket first and then print "Exception ignored in: BaseEventLoop.__del__
-    ... Invalid file descriptor: -1" to stderr as the CLI exits."""
+    """Close the rendering's event loop and its executor threads as `asyncio.run` would (see `_on_a_closed_loop`)."""
     loop = asyncio.get_event_loop_policy().get_event_loop()
     pending = asyncio.all_tasks(loop)
     for task in pending:
         task.cancel()
     loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_default_executor())
     loop.close()
 
 

@@ -236,3 +236,22 @@ def test_a_new_owner_replaces_no_volume_and_no_network(committed, stage):
     assert result.at_risk == []
     relabelled = [c for c in result.changes if c.type == "docker:index/container:Container"]
     assert relabelled and all(c.replace_fields == ("labels",) for c in relabelled)
+
+
+def test_a_rendering_leaves_no_event_loop_open(committed):
+    """An open loop is closed by the garbage collector at exit, which can print a traceback after `mlops diff`
+    has answered (seen once in CI): every loop a rendering opens, on any thread, is closed when it returns."""
+    import asyncio
+    import gc
+
+    from mlops.plan import render
+    from mlops.spec import load_stage
+
+    def open_loops():
+        gc.collect()
+        return {id(obj): obj for obj in gc.get_objects()
+                if isinstance(obj, asyncio.AbstractEventLoop) and not obj.is_closed()}
+
+    open_before = open_loops()
+    render("prod", load_stage("prod", environments=committed))
+    assert [loop for key, loop in open_loops().items() if key not in open_before] == []
