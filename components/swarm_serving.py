@@ -12,7 +12,9 @@ Contract with the cluster (what the nodes need; the cluster tests and README rel
 - Services: `<stack>-model-registry`, `<stack>-image-registry` (one task each, stop-first),
   `<stack>-serving-blue` and `<stack>-serving-green` (`serving.replicas` tasks each, start-first, endpoint
   mode dnsrr, reachable as `tasks.<service>:8080`), `<stack>-gateway` (global on edge nodes, stop-first:
-  its host port cannot be held twice on a node). All on the attachable overlay network `<stack>-net`.
+  its host port cannot be held twice on a node), and with `monitoring:` `<stack>-prometheus`
+  (components/swarm_monitoring.py), which scrapes `tasks.<service>` of each slot and of the gateway. All on
+  the attachable overlay network `<stack>-net`.
 - Secrets: `<stack>-mlflow-<hash>`, `<stack>-registry-<hash>`, `<stack>-mlflow-reader-<hash>`, mounted under
   /run/secrets and read through `*_FILE` variables; the hash changes with the content.
 - Rolling updates: one task at a time, start-first, monitored for (retries + 1) x (interval + timeout) of the
