@@ -164,3 +164,14 @@ def image_id(resource_name: str, *, parent: pulumi.Resource, stack: str, image: 
     ref = source.ref if isinstance(source, ImageSource) else source
     return pulled_image(resource_name, parent=parent, ref=ref, platform=settings.platform,
                         depends_on=depends_on).image_id
+
+
+def pullable_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str,
+                   source: ImageSource | str, settings: BuildSettings, push: PushTarget,
+                   push_after: list[pulumi.Resource], target: Optional[str] = None) -> pulumi.Input[str]:
+    """What any node of a swarm can pull: a build pushed to the stage's registry, by digest, or the pinned
+    reference."""
+    if isinstance(source, ImageSource) and source.build is not None:
+        return build_image(resource_name, parent=parent, stack=stack, image=image, context=source.build,
+                           settings=settings, target=target, push=push, push_after=push_after).repo_digest
+    return source.ref if isinstance(source, ImageSource) else source

@@ -9,7 +9,7 @@ import pulumi_docker as docker
 
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, PushTarget, build_image, image_id
-from components.monitoring import ScrapeTarget
+from components.monitoring import ScrapeTarget, replica_labels
 from mlops.credentials import READER
 from mlops.rollout import ROLLOUT_DIR, gateway_env
 from mlops.spec import ModelPin, Release, ServingSpec
@@ -127,8 +127,8 @@ class ModelServing(pulumi.ComponentResource):
                     tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
                 ))
                 upstreams[slot].append(f"{hostname}:{SERVING_PORT}")
-                self.scrape_targets.append(ScrapeTarget("serving", f"{hostname}:{REPLICA_METRICS_PORT}", {
-                    "slot": slot, "model": pin.name, "model_version": str(pin.version)}))
+                self.scrape_targets.append(ScrapeTarget("serving", f"{hostname}:{REPLICA_METRICS_PORT}",
+                                                        replica_labels(slot, pin)))
 
         rollout = args["rollout"] if spec.green is not None and spec.green.rollout is not None else None
         gateway = hardened_container(

@@ -1,8 +1,13 @@
 """Prometheus for one stage: scrapes the gateway and every serving replica, evaluates the repo's rules.
 
+On one host it scrapes each container by name; on a swarm (components/swarm_monitoring.py) it discovers the
+tasks of each service through Swarm's DNS (`tasks.<service>`, A records, resolved again every scrape
+interval), so rescheduled and added tasks become targets by themselves. The metrics and labels are the same.
+
 Metrics (what rules, dashboards and the rollout controller may rely on):
 
-  job="gateway"  (images/gateway/metrics.py, port GATEWAY_METRICS_PORT of the gateway, never routed)
+  job="gateway"  (images/gateway/metrics.py, port GATEWAY_METRICS_PORT of the gateway, never routed; on a
+                  swarm one target per edge node, which the rules sum over)
     mlops_gateway_requests_total{slot, code}                requests answered, by pool and HTTP status
     mlops_gateway_request_duration_seconds_bucket{slot, le} time from request to response (+ _sum, _count)
   job="serving"  (images/serving/serving, port 8082 of each replica; every series also carries the target
@@ -28,6 +33,7 @@ Metrics (what rules, dashboards and the rollout controller may rely on):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -36,7 +42,7 @@ import pulumi_docker as docker
 
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, image_id
-from mlops.spec import MonitoringSpec
+from mlops.spec import ModelPin, MonitoringSpec
 
 PROMETHEUS_PORT = 9090
 DATA_PATH = "/prometheus"
@@ -48,8 +54,17 @@ RULE_FILES = ["/etc/prometheus/rules/*.yml"]
 class ScrapeTarget:
     job: str
     address: str
-    """`host:port` on the stage network."""
+    """`host:port` on the stage network; with `every_task`, `host` is Swarm's `tasks.<service>`."""
     labels: dict[str, str]
+    every_task: bool = False
+    """Scrape every address the host name resolves to (A records), resolved again every scrape interval: the
+    tasks a Swarm service runs now, wherever they were scheduled."""
+
+
+def replica_labels(slot: str, pin: ModelPin) -> dict[str, str]:
+    """The target labels of a serving replica, which the rules, `mlops status`, `mlops drift` and the rollout
+    controller select on."""
+    return {"slot": slot, "model": pin.name, "model_version": str(pin.version)}
 
 
 class MonitoringArgs(TypedDict):
@@ -62,18 +77,45 @@ class MonitoringArgs(TypedDict):
     labels: dict[str, str]
 
 
+def scrape_config(job: str, targets: list[ScrapeTarget], refresh_s: int) -> dict:
+    """One job: a static config per fixed target, so each series carries its target's labels; names that stand
+    for every task of a service as DNS discovery, whose configs take no labels, so the targets each name
+    yields get theirs by relabelling on the name (`__meta_dns_name`)."""
+    config: dict = {"job_name": job}
+    fixed = [target for target in targets if not target.every_task]
+    discovered = [target for target in targets if target.every_task]
+    if fixed:
+        config["static_configs"] = [{"targets": [target.address], "labels": target.labels} for target in fixed]
+    if discovered:
+        names = [target.address.rpartition(":") for target in discovered]
+        config["dns_sd_configs"] = [{"names": [host], "type": "A", "port": int(port), "refresh_interval": f"{refresh_s}s"}
+                                    for host, _, port in names]
+        relabelling = [
+            {"source_labels": ["__meta_dns_name"], "regex": re.escape(host), "target_label": key, "replacement": value}
+            for (host, _, _), target in zip(names, discovered) for key, value in sorted(target.labels.items())]
+        if relabelling:
+            config["relabel_configs"] = relabelling
+    return config
+
+
 def prometheus_config(stack: str, spec: MonitoringSpec, targets: list[ScrapeTarget]) -> dict:
-    """prometheus.yml: one static config per target, so each series carries its target's labels."""
-    jobs: dict[str, list[dict]] = {}
-    for target in targets:
-        jobs.setdefault(target.job, []).append({"targets": [target.address], "labels": target.labels})
+    """prometheus.yml: one scrape config per job, every series carrying its target's labels."""
+    jobs = dict.fromkeys(target.job for target in targets)
     return {
         "global": {"scrape_interval": f"{spec.scrape_interval_s}s",
                    "evaluation_interval": f"{spec.evaluation_interval_s}s",
                    "external_labels": {"stack": stack}},
         "rule_files": RULE_FILES,
-        "scrape_configs": [{"job_name": job, "static_configs": configs} for job, configs in jobs.items()],
+        "scrape_configs": [scrape_config(job, [target for target in targets if target.job == job],
+                                         spec.scrape_interval_s) for job in jobs],
     }
+
+
+def prometheus_settings(stack: str, spec: MonitoringSpec, targets: list[ScrapeTarget]) -> dict[str, str]:
+    """What the Prometheus image is given (images/prometheus/start.py), on one host and on a swarm alike."""
+    config = prometheus_config(stack, spec, targets)
+    return {"PROMETHEUS_CONFIG": json.dumps(config, sort_keys=True, separators=(",", ":")),
+            "DRIFT_THRESHOLD": str(spec.drift_threshold), "RETENTION_DAYS": str(spec.retention_days)}
 
 
 class Monitoring(pulumi.ComponentResource):
@@ -84,7 +126,6 @@ class Monitoring(pulumi.ComponentResource):
         super().__init__("mlops:monitoring:Monitoring", name, None, opts)
         spec = args["spec"]
         stack = args["stack"]
-        config = prometheus_config(stack, spec, args["targets"])
         container = hardened_container(
             f"{name}-prometheus",
             parent=self,
@@ -95,11 +136,7 @@ class Monitoring(pulumi.ComponentResource):
             limits=spec.limits,
             labels=container_labels(args["labels"], "monitoring"),
             health_check=spec.health_check, health_path=(PROMETHEUS_PORT, "/-/ready"),
-            envs=[
-                f"PROMETHEUS_CONFIG={json.dumps(config, sort_keys=True, separators=(',', ':'))}",
-                f"DRIFT_THRESHOLD={spec.drift_threshold}",
-                f"RETENTION_DAYS={spec.retention_days}",
-            ],
+            envs=[f"{key}={value}" for key, value in prometheus_settings(stack, spec, args["targets"]).items()],
             ports=published(PROMETHEUS_PORT, spec.port),
             volumes=[docker.ContainerVolumeArgs(volume_name=args["data_volume"], container_path=DATA_PATH)],
         )

@@ -14,6 +14,7 @@ from components.model_serving import ModelServing, RolloutWiring
 from components.monitoring import PROMETHEUS_PORT, Monitoring, ScrapeTarget
 from components.swarm_image_registry import SwarmImageRegistry
 from components.swarm_model_registry import SwarmModelRegistry
+from components.swarm_monitoring import SwarmMonitoring
 from components.swarm_serving import SwarmServing
 from components.training_environment import TrainingEnvironment
 from mlops.credentials import READER, derived_password
@@ -98,6 +99,9 @@ class MLOpsStack(pulumi.ComponentResource):
                          "mlflow_password": args["mlflow_password"]}
         # On a swarm, services attach by network ID (what the provider reads back) and carry identity labels.
         on_swarm = {"swarm": swarm, "network_id": network.id, "identity": identity}
+        # Every edge node answers on the gateway's port, the stateful node on Prometheus': this names the
+        # manager, which is where mlops reaches the stage.
+        swarm_published_host = spec.docker.published_host or "127.0.0.1"
         if swarm is None:
             model_registry = ModelRegistry(f"{stack}-model-registry", {**registry_args, "network": network.name},
                                            opts=child)
@@ -139,28 +143,32 @@ class MLOpsStack(pulumi.ComponentResource):
                 lambda secret: derived_password(secret, READER))
             serving_args = {"stack": stack, "spec": spec.serving, "release": spec.release, "builds": builds,
                             "registry_url": model_registry.internal_url, "reader_password": reader_password,
-                            "push": push, "depends_on": pushes_after, "labels": labels}
+                            "push": push, "depends_on": pushes_after, "labels": labels,
+                            "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None}
             if swarm is None:
                 serving = ModelServing(f"{stack}-serving", {
                     **serving_args, "network": network.name,
-                    "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
                     "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(
                         prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}",
                         scrape_interval_s=spec.monitoring.scrape_interval_s, log_volume=store.rollout_volume),
                 }, opts=child)
-                scrape_targets = serving.scrape_targets
             else:
                 serving = SwarmServing(f"{stack}-serving", {**serving_args, **on_swarm,
-                                                            "published_host": spec.docker.published_host or "127.0.0.1"},
-                                       opts=child)
+                                                            "published_host": swarm_published_host}, opts=child)
+            scrape_targets = serving.scrape_targets
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest
         self.monitoring_url = None
         if spec.monitoring is not None and store.metrics_volume is not None:
-            monitoring = Monitoring(f"{stack}-monitoring", {
-                "stack": stack, "spec": spec.monitoring, "builds": builds, "network": network.name,
-                "data_volume": store.metrics_volume, "targets": scrape_targets, "labels": labels},
-                opts=child)
+            monitoring_args = {"stack": stack, "spec": spec.monitoring, "builds": builds,
+                               "data_volume": store.metrics_volume, "targets": scrape_targets, "labels": labels}
+            if swarm is None:
+                monitoring = Monitoring(f"{stack}-monitoring", {**monitoring_args, "network": network.name},
+                                        opts=child)
+            else:
+                monitoring = SwarmMonitoring(f"{stack}-monitoring", {
+                    **monitoring_args, **on_swarm, "push": push, "depends_on": pushes_after,
+                    "published_host": swarm_published_host}, opts=child)
             self.monitoring_url = monitoring.url
 
         self.register_outputs(self.exports())

@@ -12,7 +12,9 @@ Contract with the cluster (what the nodes need; the cluster tests and README rel
 - Services: `<stack>-model-registry`, `<stack>-image-registry` (one task each, stop-first),
   `<stack>-serving-blue` and `<stack>-serving-green` (`serving.replicas` tasks each, start-first, endpoint
   mode dnsrr, reachable as `tasks.<service>:8080`), `<stack>-gateway` (global on edge nodes, stop-first:
-  its host port cannot be held twice on a node). All on the attachable overlay network `<stack>-net`.
+  its host port cannot be held twice on a node), and with `monitoring:` `<stack>-prometheus`
+  (components/swarm_monitoring.py), which scrapes `tasks.<service>` of each slot and of the gateway. All on
+  the attachable overlay network `<stack>-net`.
 - Secrets: `<stack>-mlflow-<hash>`, `<stack>-registry-<hash>`, `<stack>-mlflow-reader-<hash>`, mounted under
   /run/secrets and read through `*_FILE` variables; the hash changes with the content.
 - Rolling updates: one task at a time, start-first, monitored for (retries + 1) x (interval + timeout) of the
@@ -24,8 +26,10 @@ from typing import Optional, TypedDict
 
 import pulumi
 
-from components.images import BuildSettings, PushTarget, build_image
-from components.model_serving import GATEWAY_PORT, SERVING_PORT, model_labels, model_settings
+from components.images import BuildSettings, PushTarget, pullable_image
+from components.model_serving import (GATEWAY_METRICS_PORT, GATEWAY_PORT, REPLICA_METRICS_PORT, SERVING_PORT,
+                                      model_labels, model_settings)
+from components.monitoring import ScrapeTarget, replica_labels
 from components.services import hardened_service, secret_file, swarm_secret
 from mlops.spec import ImageSource, ModelPin, Release, ServingSpec, SwarmSpec
 
@@ -48,21 +52,15 @@ class SwarmServingArgs(TypedDict):
     identity: dict[str, str]
     """Labels that never change for the life of a service (stack.identity_labels)."""
     published_host: str
-
-
-def pullable_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str,
-                   source: ImageSource | str, settings: BuildSettings, push: PushTarget,
-                   push_after: list[pulumi.Resource], target: Optional[str] = None) -> pulumi.Input[str]:
-    """What any node can pull: a build pushed to the stage's registry, by digest, or the pinned reference."""
-    if isinstance(source, ImageSource) and source.build is not None:
-        return build_image(resource_name, parent=parent, stack=stack, image=image, context=source.build,
-                           settings=settings, target=target, push=push, push_after=push_after).repo_digest
-    return source.ref if isinstance(source, ImageSource) else source
+    drift_window_rows: Optional[int]
+    """Rows each replica scores input drift over, when the stage is monitored; None: no drift scoring."""
 
 
 class SwarmServing(pulumi.ComponentResource):
     endpoint: pulumi.Output[str]
     serving_image_digest: pulumi.Output[str]
+    scrape_targets: list[ScrapeTarget]
+    """Every task of each slot and every gateway, by the names Swarm's DNS resolves to the tasks that run now."""
 
     def __init__(self, name: str, args: SwarmServingArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("mlops:swarm_serving:SwarmServing", name, None, opts)
@@ -81,6 +79,8 @@ class SwarmServing(pulumi.ComponentResource):
         reader = swarm_secret(f"{name}-reader-secret", parent=self, stack=stack, purpose="mlflow-reader",
                               value=args["reader_password"])
         upstreams: dict[str, str] = {}
+        self.scrape_targets = []
+        drift_env = {} if args["drift_window_rows"] is None else {"DRIFT_WINDOW_ROWS": str(args["drift_window_rows"])}
         replicas = []
         for slot, (pin, image) in slots.items():
             service_name = f"{stack}-serving-{slot}"
@@ -99,11 +99,13 @@ class SwarmServing(pulumi.ComponentResource):
                 converge=pin.is_pinned,
                 constraints=swarm.constraints, spread_over=swarm.spread_over,
                 env={**model_settings(pin, args["registry_url"], spec.runtime),
-                     "MLFLOW_TRACKING_PASSWORD_FILE": f"/run/secrets/{READER_SECRET_FILE}"},
+                     "MLFLOW_TRACKING_PASSWORD_FILE": f"/run/secrets/{READER_SECRET_FILE}", **drift_env},
                 secrets=[secret_file(reader, READER_SECRET_FILE)],
                 tmp_bytes=REPLICA_TMP_BYTES,
             ))
             upstreams[slot] = f"tasks.{service_name}:{SERVING_PORT}"
+            self.scrape_targets.append(ScrapeTarget("serving", f"tasks.{service_name}:{REPLICA_METRICS_PORT}",
+                                                    replica_labels(slot, pin), every_task=True))
 
         hardened_service(
             f"{name}-gateway",
@@ -121,6 +123,8 @@ class SwarmServing(pulumi.ComponentResource):
             published=(GATEWAY_PORT, spec.port.host_port),
             depends_on=replicas,
         )
+        self.scrape_targets.append(ScrapeTarget("gateway", f"tasks.{stack}-gateway:{GATEWAY_METRICS_PORT}", {},
+                                                every_task=True))
         # Every edge node answers on the port; this names the manager's, as mlops reaches the stage there.
         self.endpoint = pulumi.Output.from_input(f"http://{args['published_host']}:{spec.port.host_port}")
         self.serving_image_digest = pulumi.Output.from_input(blue_image)

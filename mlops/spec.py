@@ -580,9 +580,10 @@ def swarm_problems(spec: StageSpec, swarm: SwarmSpec) -> list[tuple[str, str]]:
         if not port.public or port.bind_address != "0.0.0.0":
             broken.append((path, "a swarm publishes ports on every address of a node: set bind_address: 0.0.0.0 "
                                  "and public: true (and firewall the nodes' network)"))
-    if spec.monitoring is not None:
-        broken.append(("monitoring", "not on a swarm stage yet: Prometheus scrapes the containers of one host; "
-                                     "remove 'monitoring' or 'swarm'"))
+    if spec.serving.green is not None and spec.serving.green.rollout is not None:
+        broken.append(("serving.green.rollout", "not on a swarm stage: every edge node runs a gateway of its own, "
+                                                "and each would move green's weight and record the rollout on its "
+                                                "own; move serving.traffic in the stage file instead"))
     if spec.image_registry.enabled and spec.image_registry.port.host_port != int(swarm.registry_address.rpartition(":")[2]):
         broken.append(("swarm.registry_address", f"the port must be image_registry.port.host_port "
                                                  f"({spec.image_registry.port.host_port}), where the registry listens"))

@@ -2,6 +2,9 @@
 reaches it (through `StageReach`: loopback, the tcp:// host's address or an SSH tunnel), next to the health
 the stage's engine reports for the containers behind it.
 
+On a swarm stage the containers are the services' tasks, on every node; the manager counts them: a task runs
+only once its health check passed (Swarm holds it in `starting` until then), so a running task is a healthy one.
+
 Both are needed: the engine's userland port proxy (docker-proxy, one process per published port) can die,
 e.g. with "too many open files" above a few thousand connections, and leave a port dead while every
 container behind it stays healthy; and a container can be unhealthy behind a port that still answers.
@@ -25,6 +28,7 @@ from mlops.spec import PublishedPort, StageSpec
 
 PROBE_TIMEOUT_S = 5.0
 HEALTHY = "healthy"
+NOT_RUNNING = "not running"
 COMPONENT_LABEL = "mlops.component"
 
 
@@ -55,7 +59,7 @@ class Probe:
     def __init__(self, spec: StageSpec, reach: StageReach) -> None:
         self.spec = spec
         self.reach = reach
-        self._health, self.engine_problem = _containers_health(spec)
+        self._health, self.engine_problem = _containers_health(spec) if spec.swarm is None else _tasks_health(spec)
 
     def health(self, *components: str) -> list[str]:
         """Health of every container of `components`: `healthy`, `unhealthy`, `starting`, or the state of one
@@ -97,6 +101,25 @@ def _containers_health(spec: StageSpec) -> tuple[dict[str, list[str]], str]:
         running = state["Status"] == "running"
         health.setdefault(component, []).append(state["Health"]["Status"] if running and state.get("Health")
                                                  else state["Status"])
+    return health, ""
+
+
+def _tasks_health(spec: StageSpec) -> tuple[dict[str, list[str]], str]:
+    """component -> one entry per task the stage's services should run (`healthy` for a running one), and why the
+    manager could not say, if so."""
+    try:
+        counts = dict(line.split(" ", 1) for line in _docker(
+            spec.docker.url, "service", "ls", "--filter", f"label=mlops.stack={spec.stage}",
+            "--format", "{{.Name}} {{.Replicas}}").splitlines())
+        inspected = json.loads(_docker(spec.docker.url, "service", "inspect", *counts)) if counts else []
+    except DockerError as err:
+        return {}, f"engine at {spec.docker.url} did not answer: {err}"
+    health: dict[str, list[str]] = {}
+    for service in inspected:
+        # `running/desired`, e.g. `2/3` (a global service: one desired per eligible node).
+        running, desired = map(int, counts[service["Spec"]["Name"]].split()[0].split("/"))
+        component = (service["Spec"].get("Labels") or {}).get(COMPONENT_LABEL, "")
+        health.setdefault(component, []).extend([HEALTHY] * running + [NOT_RUNNING] * max(desired - running, 0))
     return health, ""
 
 

@@ -140,3 +140,28 @@ def test_an_unknown_stage_is_one_line_and_exit_2():
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "no stage 'no-such-stage'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_on_a_swarm_the_manager_counts_every_task_running_on_any_node(monkeypatch):
+    """`docker service ls` and `service inspect` answers as the engine gives them, for a stage whose replicas run
+    on workers and one of which is still starting."""
+    from mlops import status
+
+    answers = {"ls": "cluster-serving-blue 2/3\ncluster-gateway 1/1\ncluster-prometheus 1/1\n",
+               "inspect": json.dumps([{"ID": f"id{index}", "Spec": {"Name": name, "Labels": {"mlops.component": component}}}
+                                      for index, (name, component) in enumerate([
+                                          ("cluster-serving-blue", "model-serving"), ("cluster-gateway", "serving-gateway"),
+                                          ("cluster-prometheus", "monitoring")])])}
+    asked = []
+
+    def docker(host, *args):
+        asked.append((host, args[:2]))
+        return answers[args[1]]
+
+    monkeypatch.setattr(status, "_docker", docker)
+    spec = load_stages(["cluster"])[0]
+    health, problem = status._tasks_health(spec)
+    assert problem == "" and {host for host, _ in asked} == {spec.docker.url}
+    assert status._summary(health["model-serving"] + health["serving-gateway"], problem) == (
+        "3/4 healthy (not running)", False)
+    assert status._summary(health["monitoring"], problem) == ("1/1 healthy", True)

@@ -4,8 +4,8 @@ The cluster (tests/cluster.py, the `swarm_cluster` session fixture) has node-1 a
 edge node, node-2 and node-3 as workers. The stage is rendered by the real program and made to exist by
 tests/engine.py, which creates and updates services the way the provider does; the nodes pull the
 workload images from the stage's own registry, a service on node-1. The model comes from `mlops train`
-on the cluster. Tests run in file order on one deployment: serve, lose a node, roll forward, roll back,
-split between blue and green.
+on the cluster. Tests run in file order on one deployment: serve, be scraped by the stage's Prometheus, lose a
+node (and be scraped where Swarm moved the replicas), roll forward, roll back, split between blue and green.
 """
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -29,13 +31,16 @@ from sklearn.datasets import load_iris
 from mlops.credentials import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, derived_password, secret_variable
 from mlops.modelstore import BasicAuth, MlflowStore
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
+from mlops.status import stage_status
+from tests.conftest import fetch_build_inputs
 from tests.engine import SERVICE, DeployFailed, StageOnEngine
 
 pytestmark = pytest.mark.docker
 
 STAGE = "cluster"
 MODEL = "iris-classifier"
-MLFLOW_PORT, REGISTRY_PORT, GATEWAY_PORT = 5300, 5301, 8380
+MLFLOW_PORT, REGISTRY_PORT, GATEWAY_PORT, PROMETHEUS_PORT = 5300, 5301, 8380, 5390
+SCRAPE_INTERVAL_S = 5
 SERVING = f"{STAGE}-serving-blue"
 ROWS = load_iris().data[::10]
 INFER_BODY = json.dumps({"inputs": [{"name": "input-0", "shape": list(ROWS.shape), "datatype": "FP64",
@@ -113,14 +118,14 @@ def train(environments: Path, subset: str) -> dict[str, str]:
 def cluster_stage(swarm_cluster, tmp_path_factory):
     """The cluster stage deployed on the swarm, with two model versions trained on it and version 1 pinned;
     yields (engine, environments, {version: registered fields}, reader)."""
-    for lock in sorted(REPO_ROOT.glob("images/*/requirements.lock")):
-        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), str(lock.parent.relative_to(REPO_ROOT))],
-                       cwd=REPO_ROOT, check=True, capture_output=True)
+    fetch_build_inputs()
     environments = tmp_path_factory.mktemp("swarm") / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     manager = swarm_cluster.manager
     edit_stage(environments, {"docker": {"url": manager.url},
-                              "swarm": {"registry_address": f"{manager.ip}:{REGISTRY_PORT}"}})
+                              "swarm": {"registry_address": f"{manager.ip}:{REGISTRY_PORT}"},
+                              "monitoring": {"scrape_interval_s": SCRAPE_INTERVAL_S,
+                                             "evaluation_interval_s": SCRAPE_INTERVAL_S}})
     secrets = {secret_variable(REGISTRY_PASSWORD, STAGE): uuid.uuid4().hex,
                secret_variable(MLFLOW_PASSWORD, STAGE): uuid.uuid4().hex}
     saved = {variable: os.environ.get(variable) for variable in secrets}
@@ -180,6 +185,79 @@ def test_the_stage_deploys_from_the_rendering_and_serves_the_model_from_several_
     assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 1)
 
 
+def prometheus(manager_ip: str, path: str, **query: str) -> dict:
+    url = f"http://{manager_ip}:{PROMETHEUS_PORT}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        answer = json.load(response)
+    assert answer["status"] == "success", answer
+    return answer["data"]
+
+
+def scraped(manager_ip: str, job: str) -> dict[str, tuple[str, dict]]:
+    """The job's targets in Prometheus: task address -> (health, target labels)."""
+    return {target["labels"]["instance"].rpartition(":")[0]: (target["health"], target["labels"])
+            for target in prometheus(manager_ip, "/api/v1/targets", state="active")["activeTargets"]
+            if target["labels"]["job"] == job}
+
+
+def task_addresses(swarm_cluster, service: str) -> dict[str, str]:
+    """Address on the stage network -> node, of each task of the service that runs now."""
+    names = {node.id: node.attrs["Description"]["Hostname"] for node in swarm_cluster.client.nodes.list()}
+    return {attachment["Addresses"][0].split("/")[0]: names[task["NodeID"]]
+            for task in swarm_cluster.running_tasks(service) for attachment in task.get("NetworksAttachments", [])
+            if attachment["Network"]["Spec"]["Name"] == f"{STAGE}-net"}
+
+
+def wait_scraped_where_running(swarm_cluster, version: int, timeout_s: float = 90) -> dict[str, str]:
+    """Waits until Prometheus' serving and gateway targets are exactly the tasks that run now, all up, the
+    replicas labelled with their slot and pin; returns the replicas' addresses -> nodes."""
+    manager_ip = swarm_cluster.manager.ip
+    deadline = time.monotonic() + timeout_s
+    while True:
+        replicas, gateways = task_addresses(swarm_cluster, SERVING), task_addresses(swarm_cluster, f"{STAGE}-gateway")
+        serving, gateway = scraped(manager_ip, "serving"), scraped(manager_ip, "gateway")
+        labelled = {address: (health, labels.get("slot"), labels.get("model"), labels.get("model_version"))
+                    for address, (health, labels) in serving.items()}
+        if labelled == {address: ("up", "blue", MODEL, str(version)) for address in replicas} and replicas and \
+                {address: health for address, (health, _) in gateway.items()} == dict.fromkeys(gateways, "up") and gateways:
+            return replicas
+        assert time.monotonic() < deadline, f"Prometheus scrapes {labelled} and gateways {gateway}; running: " \
+                                             f"replicas {replicas}, gateways {gateways}"
+        time.sleep(1)
+
+
+def test_prometheus_scrapes_every_replica_and_the_gateway_where_swarm_runs_them(swarm_cluster, cluster_stage):
+    engine, _, _, _ = cluster_stage
+    replicas = wait_scraped_where_running(swarm_cluster, version=1)
+    assert len(replicas) == engine.spec.serving.replicas and len(set(replicas.values())) >= 2, replicas
+    manager_ip = swarm_cluster.manager.ip
+    answered = {"gateway": 'sum(mlops_gateway_requests_total{slot="blue", code="200"}) or vector(0)',
+                "replicas": 'sum(oip_infer_requests_total{slot="blue", status="200"}) or vector(0)'}
+
+    def counted() -> dict[str, float]:
+        return {where: float(prometheus(manager_ip, "/api/v1/query", query=promql)["result"][0]["value"][1])
+                for where, promql in answered.items()}
+
+    # Two scrapes after the last request sent before, so the baseline is current.
+    time.sleep(2 * SCRAPE_INTERVAL_S + 1)
+    before = counted()
+    sent = 20
+    for _ in range(sent):
+        infer(manager_ip)
+    deadline = time.monotonic() + 6 * SCRAPE_INTERVAL_S
+    while (now := counted()) != {where: count + sent for where, count in before.items()}:
+        assert time.monotonic() < deadline, f"{sent} requests sent, Prometheus counts {now} after {before}"
+        time.sleep(1)
+    assert float(prometheus(manager_ip, "/api/v1/query", query="mlops:drift_threshold")["result"][0]["value"][1]) == \
+        engine.spec.monitoring.drift_threshold
+    # `mlops status` sees every task behind each endpoint, on whichever node, and the slot's numbers.
+    checked = stage_status(engine.spec)
+    assert checked.ok and not checked.slots_problem, checked.to_json()
+    assert {row.service: row.containers for row in checked.rows}["gateway"] == \
+        f"{engine.spec.serving.replicas + 1}/{engine.spec.serving.replicas + 1} healthy"
+    assert [(slot.slot, slot.version) for slot in checked.slots] == [("blue", "1")]
+
+
 def test_a_node_power_cut_loses_at_most_one_percent_and_the_replicas_come_back(swarm_cluster, cluster_stage):
     engine, _, _, _ = cluster_stage
     replicas = engine.spec.serving.replicas
@@ -195,6 +273,13 @@ def test_a_node_power_cut_loses_at_most_one_percent_and_the_replicas_come_back(s
         swarm_cluster.wait_nodes_ready(timeout_s=120)
     assert load.total >= 50, load.outcomes
     assert load.lost <= load.total / 100, load.outcomes
+
+
+def test_prometheus_scrapes_the_replicas_swarm_rescheduled_and_forgets_the_lost_ones(swarm_cluster, cluster_stage):
+    """After the power cut above: the replicas run where Swarm moved them, and those are the targets."""
+    engine, _, _, _ = cluster_stage
+    replicas = wait_scraped_where_running(swarm_cluster, version=1)
+    assert len(replicas) == engine.spec.serving.replicas, replicas
 
 
 def test_a_rolling_update_to_a_new_model_version_loses_no_request(swarm_cluster, cluster_stage):

@@ -1,10 +1,11 @@
 """A swarm stage under the mock runtime: services instead of containers, safe rolling updates, secrets as
-files, stateful parts on their node, the gateway on the edge nodes, training as a one-shot job, and the
-one-line errors of the `swarm` key."""
+files, stateful parts on their node, the gateway on the edge nodes, Prometheus finding the tasks through
+Swarm's DNS, training as a one-shot job, and the one-line errors of the `swarm` key."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from collections import Counter
 
@@ -44,8 +45,8 @@ def test_a_swarm_stage_runs_every_long_lived_part_as_a_service_on_an_attachable_
     counts = Counter(resource.type for resource in cluster.values())
     assert counts["docker:index/container:Container"] == 0
     assert sorted(name for name, r in cluster.items() if r.type == SERVICE) == [
-        "cluster-image-registry-server", "cluster-model-registry-server", "cluster-serving-blue",
-        "cluster-serving-gateway"]
+        "cluster-image-registry-server", "cluster-model-registry-server", "cluster-monitoring-prometheus",
+        "cluster-serving-blue", "cluster-serving-gateway"]
     network = cluster["cluster-network"].inputs
     assert (network["driver"], network["attachable"], network["name"]) == ("overlay", True, "cluster-net")
     for name, resource in cluster.items():
@@ -110,7 +111,8 @@ def test_durations_are_written_as_the_provider_reads_them_back():
 def test_stateful_services_stay_on_the_stateful_node_with_their_volumes(cluster):
     for name, volumes in (("cluster-model-registry-server", {"/data/db": "cluster-mlflow-db",
                                                              "/data/artifacts": "cluster-artifacts"}),
-                          ("cluster-image-registry-server", {"/var/lib/registry": "cluster-registry-data"})):
+                          ("cluster-image-registry-server", {"/var/lib/registry": "cluster-registry-data"}),
+                          ("cluster-monitoring-prometheus", {"/prometheus": "cluster-metrics"})):
         service = cluster[name].inputs
         assert service["mode"] == {"replicated": {"replicas": 1}}
         assert service["taskSpec"]["placement"]["constraints"] == ["node.labels.mlops.stateful == true"]
@@ -138,12 +140,66 @@ def test_the_gateway_runs_on_every_edge_node_and_resolves_the_tasks_of_each_slot
     assert rendered["cluster-serving-green"].inputs["taskSpec"]["containerSpec"]["env"]["MODEL_VERSION"] == "4"
 
 
+def prometheus_config(rendered: dict[str, plan.PlannedResource]) -> dict:
+    return json.loads(rendered["cluster-monitoring-prometheus"].inputs["taskSpec"]["containerSpec"]["env"]["PROMETHEUS_CONFIG"])
+
+
+def test_prometheus_runs_on_the_stateful_node_published_in_host_mode_like_the_single_host_one(cluster):
+    spec = load_stage("cluster", overrides=PINNED)
+    prometheus = cluster["cluster-monitoring-prometheus"].inputs
+    task = prometheus["taskSpec"]
+    assert prometheus["mode"] == {"replicated": {"replicas": 1}} and "convergeConfig" in prometheus
+    assert task["placement"] == {"constraints": ["node.labels.mlops.stateful == true"]}
+    assert prometheus["endpointSpec"] == {"mode": "dnsrr", "ports": [
+        {"targetPort": 9090, "publishedPort": 5390, "publishMode": "host", "protocol": "tcp"}]}
+    # Its TSDB is locked by one Prometheus at a time.
+    assert prometheus["updateConfig"]["order"] == prometheus["rollbackConfig"]["order"] == "stop-first"
+    limits = {"nanoCpus": 250_000_000, "memoryBytes": 512 * services.MIB}
+    assert task["resources"] == {"limits": limits, "reservation": limits}
+    container = task["containerSpec"]
+    assert (container["user"], container["readOnly"], container["capDrops"]) == ("10001:10001", True, ["ALL"])
+    assert container["healthcheck"]["tests"] == http_healthcheck(9090, "/-/ready", spec.monitoring.health_check).tests
+    assert (container["env"]["DRIFT_THRESHOLD"], container["env"]["RETENTION_DAYS"]) == ("0.2", "15")
+    assert "secrets" not in container
+
+
+def test_prometheus_scrapes_every_task_of_each_slot_and_every_gateway_through_swarm_dns():
+    canary = {**PINNED, "serving": {"green": {"model": {"name": "iris-classifier", "version": 4, "sha256": "c" * 64}},
+                                    "traffic": {"blue": 90, "green": 10}},
+              "monitoring": {"scrape_interval_s": 5, "drift_window_rows": 500}}
+    rendered = render(canary)
+    config = prometheus_config(rendered)
+    assert config["global"]["scrape_interval"] == "5s"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["gateway"] == {"job_name": "gateway", "dns_sd_configs": [
+        {"names": ["tasks.cluster-gateway"], "type": "A", "port": 9102, "refresh_interval": "5s"}]}
+    serving = jobs["serving"]
+    assert serving["dns_sd_configs"] == [
+        {"names": [f"tasks.cluster-serving-{slot}"], "type": "A", "port": 8082, "refresh_interval": "5s"}
+        for slot in ("blue", "green")]
+    # What each name's targets are labelled with, as Prometheus applies the relabelling (regexes fully anchored).
+    labelled = {name: {rule["target_label"]: rule["replacement"] for rule in serving["relabel_configs"]
+                       if re.fullmatch(rule["regex"], name) and rule["source_labels"] == ["__meta_dns_name"]}
+                for name in ("tasks.cluster-serving-blue", "tasks.cluster-serving-green")}
+    assert labelled == {
+        "tasks.cluster-serving-blue": {"slot": "blue", "model": "iris-classifier", "model_version": "3"},
+        "tasks.cluster-serving-green": {"slot": "green", "model": "iris-classifier", "model_version": "4"}}
+    for slot in ("blue", "green"):
+        service = rendered[f"cluster-serving-{slot}"].inputs
+        assert service["endpointSpec"]["mode"] == "dnsrr"
+        assert service["taskSpec"]["containerSpec"]["env"]["DRIFT_WINDOW_ROWS"] == "500"
+    without = render({**PINNED, "monitoring": None})
+    assert not [name for name in without if "prometheus" in name or "metrics" in name]
+    assert "DRIFT_WINDOW_ROWS" not in without["cluster-serving-blue"].inputs["taskSpec"]["containerSpec"]["env"]
+
+
 def test_every_node_pulls_workload_and_gateway_images_from_the_stage_registry(cluster):
     pushed = {name: r.inputs["imageName"] for name, r in cluster.items() if name.endswith("-image-push")}
     assert {name: image.split("/")[0] for name, image in pushed.items()} == {
         "cluster-serving-image-push": "10.0.0.10:5301", "cluster-serving-gateway-image-push": "10.0.0.10:5301",
-        "cluster-training-image-push": "10.0.0.10:5301"}
+        "cluster-training-image-push": "10.0.0.10:5301", "cluster-monitoring-image-push": "10.0.0.10:5301"}
     assert "cluster-serving-image-push" in cluster["cluster-serving-blue"].dependencies
+    assert "cluster-monitoring-image-push" in cluster["cluster-monitoring-prometheus"].dependencies
     assert "cluster-serving-gateway-image-push" in cluster["cluster-serving-gateway"].dependencies
 
 
@@ -207,7 +263,7 @@ def test_a_new_model_rolls_the_replicas_in_place_and_diff_and_plan_show_how(monk
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "cluster")
     assert code in (0, None)
     policies = [line for line in out.splitlines() if line.strip().startswith("update policy:")]
-    assert len(policies) == 4 and sum("start-first" in line for line in policies) == 1
+    assert len(policies) == 5 and sum("start-first" in line for line in policies) == 1
 
 
 def test_training_runs_as_a_one_shot_job_on_a_node_with_its_resources():
@@ -268,7 +324,7 @@ def gpu_without_placement(file) -> None:
 SWARM_ERRORS = {
     "loopback port": (lambda env: replace(env / "cluster.yaml", "port: {host_port: 8380, bind_address: 0.0.0.0, public: true}",
                                           "port: {host_port: 8380}"),
-                      "cluster.yaml:32: serving.port: a swarm publishes ports on every address of a node: set "
+                      "cluster.yaml:35: serving.port: a swarm publishes ports on every address of a node: set "
                       "bind_address: 0.0.0.0 and public: true (and firewall the nodes' network)"),
     "registry port": (lambda env: replace(env / "cluster.yaml", "registry_address: 10.0.0.10:5301",
                                           "registry_address: 10.0.0.10:5999"),
@@ -282,12 +338,19 @@ SWARM_ERRORS = {
                                 "cluster.yaml:13: swarm.reservations.memory_mb: reserves more than "
                                 "serving.limits.memory_mb (512) allows"),
     "gpu without placement": (lambda env: gpu_without_placement(env / "cluster.yaml"),
-                              "cluster.yaml:23: training.gpu: on a swarm, place GPU training with "
+                              "cluster.yaml:26: training.gpu: on a swarm, place GPU training with "
                               "swarm.training.generic_resources (e.g. {NVIDIA-GPU: 1}) or a node label in "
                               "swarm.training.constraints"),
     "spread": (lambda env: replace(env / "cluster.yaml", "spread_over: node.hostname", "spread_over: node.role"),
                "cluster.yaml:11: swarm.spread_over: 'node.role' cannot be spread over; use node.hostname or "
                "node.labels.NAME"),
+    "rollout": (lambda env: replace(env / "cluster.yaml", "  replicas: 3\n",
+                                    "  replicas: 3\n  green:\n    model: {name: iris-classifier, version: latest}\n"
+                                    "    rollout: {steps: [50, 100], bake_time_s: 600, max_error_rate_increase: 0.01, "
+                                    "max_p99_latency_ratio: 1.5}\n"),
+                "cluster.yaml:37: serving.green.rollout: not on a swarm stage: every edge node runs a gateway of its "
+                "own, and each would move green's weight and record the rollout on its own; move serving.traffic in "
+                "the stage file instead"),
     "unknown key": (lambda env: replace(env / "cluster.yaml", "  edge_label: mlops.edge", "  edge: mlops.edge"),
                     "cluster.yaml:10: swarm.edge: unknown key 'edge'; allowed here: constraints, edge_label, "
                     "registry_address, reservations, spread_over, stateful_label, training"),
