@@ -36,7 +36,7 @@ BROKEN_SPECS = {
                       "prod.yaml:28: not valid YAML: found duplicate key \"serving\""),
     "unknown key": (lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replica: 3"),
                     "prod.yaml:16: serving.replica: unknown key 'replica'; allowed here: build, gateway, green, "
-                    "health_check, limits, port, replicas, runtime, traffic"),
+                    "health_check, limits, port, replicas, runtime, sampling, traffic"),
     "wrong type": (lambda env: replace(env / "prod.yaml", "replicas: 3", "replicas: three"),
                    "prod.yaml:16: serving.replicas: Input should be a valid integer, unable to parse string as an "
                    "integer (got 'three')"),
@@ -45,7 +45,7 @@ BROKEN_SPECS = {
     "not an allowed value": (lambda env: replace(env / "base.yaml", "runtime: oip", "runtime: tensorflow"),
                              "base.yaml:32: serving.runtime: Input should be 'oip' or 'mlserver' (got 'tensorflow')"),
     "unknown top-level key": (lambda env: append(env / "base.yaml", "artifact_store_x: 1\n"),
-                              "base.yaml:58: artifact_store_x: unknown key 'artifact_store_x'; allowed here: "
+                              "base.yaml:59: artifact_store_x: unknown key 'artifact_store_x'; allowed here: "
                              "artifact_store, docker, experiment, gates, image_registry, kind, labels, model_registry, "
                              "monitoring, parity, release, serving, stage, swarm, training"),
     "prod with one replica": (lambda env: replace(env / "prod.yaml", "replicas: 3", "replicas: 1"),
@@ -89,6 +89,25 @@ BROKEN_SPECS = {
                                              "url: unix:///var/run/docker.sock\n  platform: linux/s390x"),
                          "base.yaml:5: docker.platform: Input should be 'linux/amd64' or 'linux/arm64' "
                          "(got 'linux/s390x')"),
+    "sampling nothing": (lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {fraction: 0}"),
+                         "prod.yaml:17: serving.sampling.fraction: Input should be greater than 0 (got 0)"),
+    "sampling more than every row": (
+        lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {fraction: 1.5}"),
+        "prod.yaml:17: serving.sampling.fraction: Input should be less than or equal to 1 (got 1.5)"),
+    "sampling without a fraction": (
+        lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {max_mb: 10}"),
+        "prod.yaml:17: serving.sampling.fraction: Field required"),
+    "unknown sampling key": (
+        lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {fraction: 0.1, rate: 2}"),
+        "prod.yaml:17: serving.sampling.rate: unknown key 'rate'; allowed here: fraction, max_mb"),
+    "sampling cap of nothing": (
+        lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {fraction: 0.1, max_mb: 0}"),
+        "prod.yaml:17: serving.sampling.max_mb: Input should be greater than or equal to 1 (got 0)"),
+    "sampling on the mlserver runtime": (
+        lambda env: replace(env / "dev.yaml", "  build: images/serving", "  build: images/serving\n  runtime: mlserver\n"
+                                                                         "  sampling: {fraction: 0.5}"),
+        "dev.yaml:8: serving.sampling: the mlserver runtime does not sample requests; use serving.runtime oip, or "
+        "remove sampling"),
     "missing build context": (lambda env: replace(env / "dev.yaml", "build: images/training", "build: images/nothing"),
                               "dev.yaml:3: training.build: build context 'images/nothing' has no Dockerfile"),
 }

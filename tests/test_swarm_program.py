@@ -288,6 +288,10 @@ SWARM_ERRORS = {
     "spread": (lambda env: replace(env / "cluster.yaml", "spread_over: node.hostname", "spread_over: node.role"),
                "cluster.yaml:11: swarm.spread_over: 'node.role' cannot be spread over; use node.hostname or "
                "node.labels.NAME"),
+    "sampling": (lambda env: replace(env / "cluster.yaml", "serving:\n  build: images/serving",
+                                     "serving:\n  build: images/serving\n  sampling: {fraction: 0.1}"),
+                 "cluster.yaml:31: serving.sampling: not on a swarm stage: replicas run on many nodes and the samples "
+                 "volume is local to one; remove 'serving.sampling' or 'swarm'"),
     "unknown key": (lambda env: replace(env / "cluster.yaml", "  edge_label: mlops.edge", "  edge: mlops.edge"),
                     "cluster.yaml:10: swarm.edge: unknown key 'edge'; allowed here: constraints, edge_label, "
                     "registry_address, reservations, spread_over, stateful_label, training"),
