@@ -20,16 +20,21 @@ from rich.console import Console
 from rich.table import Table
 
 from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, SAMPLES_DIR, SAMPLES_VOLUME, volume_name
+from mlops import credentials
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.commands.train import (BAD_INPUT_EXIT, check_volume, confined_options, docker, docker_env, fail,
                                   image_digest, one_host_options, training_image)
 from mlops.errors import one_line
+from mlops.modelstore import BasicAuth, MlflowStore, StoreError
+from mlops.reach import StageReach, Unreachable
 from mlops.spec import StageSpec, load_stages
 
-app = typer.Typer(no_args_is_help=True, help="Training data on a stage's artifact store: add, list, export samples.")
+app = typer.Typer(no_args_is_help=True, help="Training data on a stage's artifact store: add, list, export samples, "
+                                             "and whether the newest is fresh.")
 console = Console(highlight=False, soft_wrap=True)
 DATA_RUN_MEMORY = "256m"
 DATASETS_MODULE = ("python3", "-m", "mlops_training.datasets")
+NOT_FRESH_EXIT = 1
 
 
 def single_host_spec(stage: str, environments: Path) -> StageSpec:
@@ -38,6 +43,33 @@ def single_host_spec(stage: str, environments: Path) -> StageSpec:
         raise fail(f"{stage} is a swarm stage: its datasets and samples volumes would be local to one node, so "
                    "`mlops data` and `mlops train --data` work on single-host stages only", BAD_INPUT_EXIT)
     return spec
+
+
+def stored_datasets(spec: StageSpec, environments: Path) -> list[dict]:
+    """The stage's datasets, oldest first: name, sha256, rows, added."""
+    ran = run_in_stage(spec, environments, DATASETS_VOLUME, DATASETS_DIR, True, ["list"])
+    return [json.loads(line) for line in ran.stdout.decode().splitlines()]
+
+
+def trained_on(spec: StageSpec, served: StageSpec) -> Optional[str]:
+    """The sha256 of the dataset `served`'s model was trained on, as its manifest in `spec`'s MLflow records it
+    (every model is trained, so registered, there first); None for a model of the built-in data or no model."""
+    if served.release is None:
+        return None
+    pin = served.release.model
+    try:
+        password = credentials.mlflow_password(spec.stage, credentials.READER)
+        with StageReach(spec) as reach:
+            store = MlflowStore(reach.model_registry_url(), BasicAuth(credentials.READER, password))
+            version = store.latest_version(pin.name) if pin.version == "latest" else store.find_version(pin.name,
+                                                                                                        pin.sha256)
+            if version is None:
+                raise fail(f"{served.stage}'s model {pin.name} (sha256 {pin.sha256}) is not in {spec.stage}'s MLflow, "
+                           "where it was trained: cannot tell which data it was trained on", BAD_INPUT_EXIT)
+            manifest = json.loads(store.fetch(pin.name, version).files["manifest.json"])
+    except (credentials.MissingSecret, Unreachable, StoreError) as err:
+        raise fail(str(err), BAD_INPUT_EXIT) from None
+    return manifest["inputs"].get("dataset_sha256")
 
 
 def data_run_arguments(spec: StageSpec, image: str, volume: str, mount: str, read_only: bool,
@@ -95,9 +127,7 @@ def list_datasets(stage: str = typer.Option(..., "--stage", help="whose datasets
                   as_json: bool = typer.Option(False, "--json", help="one JSON object per dataset, oldest first"),
                   environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
     """The datasets on the stage's datasets volume, oldest first: name (sha256), rows, when added."""
-    spec = single_host_spec(stage, environments)
-    ran = run_in_stage(spec, environments, DATASETS_VOLUME, DATASETS_DIR, True, ["list"])
-    datasets = [json.loads(line) for line in ran.stdout.decode().splitlines()]
+    datasets = stored_datasets(single_host_spec(stage, environments), environments)
     if as_json:
         typer.echo(json.dumps(datasets))
         return
@@ -132,3 +162,27 @@ def samples(stage: str = typer.Option(..., "--stage", help="whose serving sample
     rows = ran.stdout.count(b"\n") - 1
     console.print(one_line(f"{out}: {rows} sampled rows; fill in `label`, then `mlops data add --stage {stage} {out}`"),
                   markup=False)
+
+
+@app.command("fresh")
+@reads_specs
+def fresh(stage: str = typer.Option(..., "--stage", help="where training runs: whose datasets and MLflow"),
+          serving: str = typer.Option(..., "--serving", help="the stage whose served model is compared"),
+          environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+    """Whether the stage's newest dataset is newer than the one SERVING's model was trained on.
+
+    Exit 0 printing `FRESH name=... rows=... added=...`; 1 when there is no dataset, or the newest is the one the
+    served model was trained on (retraining would learn nothing new); 2 bad input or MLflow not answering."""
+    spec = single_host_spec(stage, environments)
+    served = load_stages([serving], environments)[0]
+    datasets = stored_datasets(spec, environments)
+    if not datasets:
+        console.print(f"no dataset on {volume_name(stage, DATASETS_VOLUME)}: nothing fresh to train on; add one with "
+                      f"`mlops data add --stage {stage} FILE.csv`", markup=False)
+        raise typer.Exit(NOT_FRESH_EXIT)
+    newest = datasets[-1]
+    if trained_on(spec, served) == newest["sha256"]:
+        console.print(f"no dataset newer than {newest['name']} (added {newest['added']}), which {serving}'s model was "
+                      "trained on: retraining would learn nothing new", markup=False)
+        raise typer.Exit(NOT_FRESH_EXIT)
+    console.print(f"FRESH name={newest['name']} rows={newest['rows']} added={newest['added']}", markup=False)
