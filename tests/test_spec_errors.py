@@ -29,6 +29,10 @@ def replace(file, old: str, new: str) -> None:
     file.write_text(content.replace(old, new))
 
 
+def prod_samples(sampling: str):
+    return lambda env: replace(env / "prod.yaml", "  replicas: 3", f"  replicas: 3\n  sampling: {sampling}")
+
+
 BROKEN_SPECS = {
     "malformed YAML": (lambda env: append(env / "prod.yaml", "extra: [1\n"),
                        "prod.yaml:29: not valid YAML: expected ',' or ']', but got '<stream end>'"),
@@ -89,20 +93,15 @@ BROKEN_SPECS = {
                                              "url: unix:///var/run/docker.sock\n  platform: linux/s390x"),
                          "base.yaml:5: docker.platform: Input should be 'linux/amd64' or 'linux/arm64' "
                          "(got 'linux/s390x')"),
-    "sampling nothing": (lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {fraction: 0}"),
+    "sampling nothing": (prod_samples("{fraction: 0}"),
                          "prod.yaml:17: serving.sampling.fraction: Input should be greater than 0 (got 0)"),
-    "sampling more than every row": (
-        lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {fraction: 1.5}"),
-        "prod.yaml:17: serving.sampling.fraction: Input should be less than or equal to 1 (got 1.5)"),
-    "sampling without a fraction": (
-        lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {max_mb: 10}"),
-        "prod.yaml:17: serving.sampling.fraction: Field required"),
-    "unknown sampling key": (
-        lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {fraction: 0.1, rate: 2}"),
-        "prod.yaml:17: serving.sampling.rate: unknown key 'rate'; allowed here: fraction, max_mb"),
-    "sampling cap of nothing": (
-        lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replicas: 3\n  sampling: {fraction: 0.1, max_mb: 0}"),
-        "prod.yaml:17: serving.sampling.max_mb: Input should be greater than or equal to 1 (got 0)"),
+    "sampling more than every row": (prod_samples("{fraction: 1.5}"), "prod.yaml:17: serving.sampling.fraction: "
+                                                                      "Input should be less than or equal to 1 (got 1.5)"),
+    "sampling without a fraction": (prod_samples("{max_mb: 10}"), "prod.yaml:17: serving.sampling.fraction: Field required"),
+    "unknown sampling key": (prod_samples("{fraction: 0.1, rate: 2}"),
+                             "prod.yaml:17: serving.sampling.rate: unknown key 'rate'; allowed here: fraction, max_mb"),
+    "sampling cap of nothing": (prod_samples("{fraction: 0.1, max_mb: 0}"), "prod.yaml:17: serving.sampling.max_mb: "
+                                                                            "Input should be greater than or equal to 1 (got 0)"),
     "sampling on the mlserver runtime": (
         lambda env: replace(env / "dev.yaml", "  build: images/serving", "  build: images/serving\n  runtime: mlserver\n"
                                                                          "  sampling: {fraction: 0.5}"),
