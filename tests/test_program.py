@@ -393,33 +393,22 @@ def test_the_pulumi_entry_point_reports_a_bad_spec_without_a_traceback(environme
         runpy.run_path(str(REPO_ROOT / "__main__.py"))
 
 
-def sampling_dev(environments, sampling: str) -> list[plan.PlannedResource]:
-    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text().replace(
-        "  build: images/serving", f"  build: images/serving\n  replicas: 2\n  sampling: {sampling}"))
-    return render("dev", environments)
-
-
 def test_the_datasets_volume_of_every_stage_and_the_samples_volume_when_sampling_is_declared(environments):
-    resources = sampling_dev(environments, "{fraction: 0.25, max_mb: 3}")
-    volumes = {r.name: r for r in resources if r.type == VOLUME}
-    assert volumes["dev-artifact-store-datasets"].inputs["name"] == "dev-datasets"
-    assert volumes["dev-artifact-store-samples"].inputs["name"] == "dev-samples"
-    for volume in ("dev-artifact-store-datasets", "dev-artifact-store-samples"):
-        assert volumes[volume].parent == "dev-artifact-store"
-        assert volumes[volume].retain_on_delete and not volumes[volume].protect
-        assert label_map(volumes[volume]) == {"mlops.stack": "dev", "mlops.stage": "dev",
-                                              "mlops.component": "artifact-store"}
-    named = by_name(resources)
+    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text().replace(
+        "  build: images/serving", "  build: images/serving\n  replicas: 2\n  sampling: {fraction: 0.25, max_mb: 3}"))
+    named = by_name(render("dev", environments, reveal_secrets=True))
+    for volume, physical in (("datasets", "dev-datasets"), ("samples", "dev-samples")):
+        declared = named[f"dev-artifact-store-{volume}"]
+        assert (declared.type, declared.inputs["name"], declared.parent) == (VOLUME, physical, "dev-artifact-store")
+        assert declared.retain_on_delete and not declared.protect
+        assert label_map(declared) == {"mlops.stack": "dev", "mlops.stage": "dev", "mlops.component": "artifact-store"}
     for index in (0, 1):
-        replica = named[f"dev-serving-blue-{index}"]
-        # Writable (no readOnly): the replica appends to its own file, as uid 10001 on a read-only root.
-        assert replica.inputs["volumes"] == [{"volumeName": "dev-samples", "containerPath": "/data/samples"}]
-        assert replica.inputs["readOnly"] is True and replica.inputs["user"] == "10001:10001"
-    revealed = {r.name: r for r in render("dev", environments, reveal_secrets=True)}
-    for index in (0, 1):
-        envs = revealed[f"dev-serving-blue-{index}"].inputs["envs"]
+        replica = named[f"dev-serving-blue-{index}"].inputs
+        # Mounted writable (no readOnly in the mount) on the read-only root: each replica appends to its own file.
+        assert replica["volumes"] == [{"volumeName": "dev-samples", "containerPath": "/data/samples"}]
+        assert (replica["readOnly"], replica["user"]) == (True, "10001:10001")
         assert {"SAMPLE_FRACTION=0.25", f"SAMPLES_FILE=/data/samples/dev-serving-blue-{index}.jsonl",
-                f"SAMPLES_MAX_BYTES={3 * 1024 * 1024}"} <= set(envs)
+                f"SAMPLES_MAX_BYTES={3 * 1024 * 1024}"} <= set(replica["envs"])
     assert "volumes" not in named["dev-serving-gateway"].inputs
 
 
