@@ -1,13 +1,17 @@
 """The training code of images/training, run in-process: deterministic models and clear input errors."""
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
 import os
 import sys
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlops.spec import REPO_ROOT
 
@@ -190,3 +194,23 @@ def test_samples_export_as_csv_with_the_prediction_and_an_empty_label(tmp_path):
     assert datasets.export_samples(out, tmp_path) == 2
     header = ",".join([*datasets.FEATURE_NAMES, "prediction", "label"])
     assert out.getvalue() == f"{header}\n5.1,3.5,1.4,0.2,0,\n6.7,3.0,5.2,2.3,2,\n"
+
+
+TOKENS = st.one_of(st.sampled_from(["0", "1", "2", "5.1", "-0.5e3", ".5", "1_0", "nan", "inf", "1e999", "", " 3 ",
+                                    "٣", "\x00", '"', "a,b", "0x10", "1.", "+2"]), st.text(max_size=6))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(TOKENS, min_size=3, max_size=6), max_size=6), st.booleans())
+def test_any_file_is_either_refused_in_one_line_or_stored_as_training_reads_it(rows, with_prediction):
+    header = [*datasets.FEATURE_NAMES, *(["prediction"] if with_prediction else []), "label"]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
+    try:
+        canonical, count = datasets.canonical_dataset(buffer.getvalue().encode())
+    except datasets.DatasetError as err:
+        assert "\n" not in str(err)
+        return
+    table = np.loadtxt(io.StringIO(canonical.decode()), delimiter=",", skiprows=1, ndmin=2)
+    assert table.shape == (count, 5) and np.isfinite(table).all()
+    assert set(table[:, -1].astype(int).astype(str)) <= set(datasets.CLASSES)

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ LABEL = "label"
 PREDICTION = "prediction"
 MAX_BYTES = 16 * 1024 * 1024
 MIN_NAME_PREFIX = 8
+# A number as numpy reads it back when training: ASCII decimal, optional exponent. Python's float() alone would
+# also take "1_0", "nan" and digits of other scripts.
+DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 BAD_INPUT_EXIT = 2
 _iris = load_iris()
 FEATURE_NAMES: tuple[str, ...] = tuple(_iris.feature_names)
@@ -99,11 +103,7 @@ def canonical_dataset(payload: bytes) -> tuple[bytes, int]:
 def _checked_row(where: str, values: list[str]) -> list[str]:
     *features, label = values
     for name, value in zip(FEATURE_NAMES, features):
-        try:
-            finite = math.isfinite(float(value))
-        except ValueError:
-            finite = False
-        if not finite:
+        if not DECIMAL.fullmatch(value) or not math.isfinite(float(value)):
             raise DatasetError(f"{where}, column '{name}': '{value[:40]}' is not a finite number")
     if not label:
         raise DatasetError(f"{where} has no label; label every row (or delete it) first")
