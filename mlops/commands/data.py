@@ -23,7 +23,7 @@ from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, SAMPLES_DIR
 from mlops import credentials
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.commands.train import (BAD_INPUT_EXIT, check_volume, confined_options, docker, docker_env, fail,
-                                  image_digest, one_host_options, training_image)
+                                  image_digest, one_host_options, stage_spec, training_image)
 from mlops.errors import one_line
 from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops.reach import StageReach, Unreachable
@@ -38,7 +38,7 @@ NOT_FRESH_EXIT = 1
 
 
 def single_host_spec(stage: str, environments: Path) -> StageSpec:
-    spec = load_stages([stage], environments)[0]
+    spec = stage_spec(stage, environments)
     if spec.swarm is not None:
         raise fail(f"{stage} is a swarm stage: its datasets and samples volumes would be local to one node, so "
                    "`mlops data` and `mlops train --data` work on single-host stages only", BAD_INPUT_EXIT)

@@ -53,6 +53,13 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def stage_spec(stage: str, environments: Path) -> StageSpec:
+    """A stage's spec, an experiment's from the settings `mlops exp up` left in its stack file."""
+    if stage.startswith(EXPERIMENT_PREFIX):
+        return experiment_spec_from_stack_file(stage, environments=environments)
+    return load_stages([stage], environments)[0]
+
+
 def check_params(assignments: list[str]) -> None:
     """`--param key=value`: a parameter name, then a value of printable characters; each name once."""
     seen: set[str] = set()
@@ -218,8 +225,7 @@ def train(
     if data is not None and not DATASET_NAME.fullmatch(data):
         raise fail(f"--data '{excerpt(data)}' is no dataset name: give 'latest', or a dataset's sha256 or at least its "
                    "first 8 hex characters (`mlops data list`)", BAD_INPUT_EXIT)
-    spec = (experiment_spec_from_stack_file(stage, environments=environments) if stage.startswith(EXPERIMENT_PREFIX)
-            else load_stages([stage], environments)[0])
+    spec = stage_spec(stage, environments)
     if data is not None and spec.swarm is not None:
         raise fail(f"{stage} is a swarm stage: its datasets volume would be local to one node, so `mlops train --data` "
                    "works on single-host stages only", BAD_INPUT_EXIT)
