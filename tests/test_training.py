@@ -214,3 +214,12 @@ def test_any_file_is_either_refused_in_one_line_or_stored_as_training_reads_it(r
     table = np.loadtxt(io.StringIO(canonical.decode()), delimiter=",", skiprows=1, ndmin=2)
     assert table.shape == (count, 5) and np.isfinite(table).all()
     assert set(table[:, -1].astype(int).astype(str)) <= set(datasets.CLASSES)
+
+
+def test_the_command_line_says_which_dataset_it_trained_on(tmp_path, capsys):
+    """retrain.yml names the dataset in its pull request from this line."""
+    name, _, _ = datasets.add(iris_csv(), tmp_path)
+    assert main(["--output-dir", str(tmp_path / "out"), "--data", "latest", "--datasets-dir", str(tmp_path)]) == 0
+    assert f"[training] dataset: {name}" in capsys.readouterr().out.splitlines()
+    assert main(["--output-dir", str(tmp_path / "iris")]) == 0
+    assert "[training] dataset: sklearn.datasets.load_iris" in capsys.readouterr().out.splitlines()

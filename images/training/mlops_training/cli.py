@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT_EXIT
     metrics = " ".join(f"{key}={value}" for key, value in result.metrics.items())
-    progress(f"trained on {result.manifest['inputs']['dataset']}: {metrics} sha256={result.model_sha256}")
+    progress(f"trained: {metrics} sha256={result.model_sha256}")
+    progress(f"dataset: {result.manifest['inputs']['dataset']}")
     if not args.tracking_uri:
         print(f"TRAINED sha256={result.model_sha256} output_dir={result.model_path.parent}", flush=True)
         return 0
