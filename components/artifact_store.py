@@ -1,4 +1,6 @@
-"""Named volumes that hold everything a stage must not lose: model artifacts, registry metadata, images."""
+"""Named volumes that hold everything a stage must not lose: model artifacts, registry metadata, images, the
+labelled training data (`S-datasets`, which `mlops data add` fills and `mlops train --data` reads) and, when
+serving samples requests, the sampled rows and predictions to label next (`S-samples`)."""
 from __future__ import annotations
 
 from typing import Optional, TypedDict
@@ -8,9 +10,18 @@ import pulumi_docker as docker
 
 from mlops.spec import ArtifactStoreSpec
 
-VOLUMES = ("artifacts", "mlflow-db", "registry-data")
+DATASETS_VOLUME = "datasets"
+VOLUMES = ("artifacts", "mlflow-db", "registry-data", DATASETS_VOLUME)
 METRICS_VOLUME = "metrics"
 ROLLOUT_VOLUME = "rollout"
+SAMPLES_VOLUME = "samples"
+# Where the images mount them (docs/contracts.md); each image owns the folder, which an empty volume takes on.
+DATASETS_DIR = "/data/datasets"
+SAMPLES_DIR = "/data/samples"
+
+
+def volume_name(stack: str, volume: str) -> str:
+    return f"{stack}-{volume}"
 
 
 class ArtifactStoreArgs(TypedDict):
@@ -24,6 +35,8 @@ class ArtifactStoreArgs(TypedDict):
     metrics: bool
     """Also hold Prometheus's time series and the rollout controller's event log (stages that declare
     `monitoring`)."""
+    samples: bool
+    """Also hold the rows serving samples (stages that declare `serving.sampling`)."""
 
 
 class ArtifactStore(pulumi.ComponentResource):
@@ -32,6 +45,8 @@ class ArtifactStore(pulumi.ComponentResource):
     registry_data_volume: pulumi.Output[str]
     metrics_volume: Optional[pulumi.Output[str]]
     rollout_volume: Optional[pulumi.Output[str]]
+    datasets_volume: pulumi.Output[str]
+    samples_volume: Optional[pulumi.Output[str]]
 
     def __init__(self, name: str, args: ArtifactStoreArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("mlops:artifact_store:ArtifactStore", name, None, opts)
@@ -42,7 +57,7 @@ class ArtifactStore(pulumi.ComponentResource):
         volumes = {
             volume: docker.Volume(
                 f"{name}-{volume}",
-                name=f"{args['stack']}-{volume}",
+                name=volume_name(args["stack"], volume),
                 labels=labels,
                 # A volume's data outlives its resource: retain_on_delete keeps the Docker volume when the
                 # resource is deleted or replaced, so a destroy, a rename in code or a ForceNew edit never
@@ -51,16 +66,21 @@ class ArtifactStore(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, protect=protect, retain_on_delete=retain),
             ).name
             for volume in VOLUMES + ((METRICS_VOLUME, ROLLOUT_VOLUME) if args["metrics"] else ())
+            + ((SAMPLES_VOLUME,) if args["samples"] else ())
         }
         self.artifacts_volume = volumes["artifacts"]
         self.mlflow_db_volume = volumes["mlflow-db"]
         self.registry_data_volume = volumes["registry-data"]
         self.metrics_volume = volumes.get(METRICS_VOLUME)
         self.rollout_volume = volumes.get(ROLLOUT_VOLUME)
+        self.datasets_volume = volumes[DATASETS_VOLUME]
+        self.samples_volume = volumes.get(SAMPLES_VOLUME)
         self.register_outputs({
             "artifacts_volume": self.artifacts_volume,
             "mlflow_db_volume": self.mlflow_db_volume,
             "registry_data_volume": self.registry_data_volume,
             **({"metrics_volume": self.metrics_volume} if self.metrics_volume is not None else {}),
             **({"rollout_volume": self.rollout_volume} if self.rollout_volume is not None else {}),
+            "datasets_volume": self.datasets_volume,
+            **({"samples_volume": self.samples_volume} if self.samples_volume is not None else {}),
         })

@@ -1,4 +1,8 @@
-"""Serving replicas of the pinned model behind a gateway that splits traffic between blue and green."""
+"""Serving replicas of the pinned model behind a gateway that splits traffic between blue and green.
+
+With `serving.sampling`, each replica also appends the declared share of its infer rows, with their predictions,
+to a file of its own on the artifact store's samples volume (at most `max_mb` each), the next training data to
+label (`mlops data samples`); never unless declared."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,12 +11,13 @@ from typing import Optional, TypedDict
 import pulumi
 import pulumi_docker as docker
 
+from components.artifact_store import SAMPLES_DIR
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, PushTarget, build_image, image_id
 from components.monitoring import ScrapeTarget, replica_labels
 from mlops.credentials import READER
 from mlops.rollout import ROLLOUT_DIR, gateway_env
-from mlops.spec import ModelPin, Release, ServingSpec
+from mlops.spec import ModelPin, Release, SamplingSpec, ServingSpec
 
 SERVING_PORT = 8080
 GATEWAY_PORT = 8080
@@ -46,6 +51,8 @@ class ModelServingArgs(TypedDict):
     """Rows each replica scores input drift over, when the stage is monitored; None: no drift scoring."""
     rollout: Optional[RolloutWiring]
     """Where the gateway judges and records green's rollout, when one is declared."""
+    samples_volume: Optional[pulumi.Input[str]]
+    """The artifact store's volume the replicas append sampled rows to, when `spec.sampling` is declared."""
 
 
 def model_settings(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str) -> dict[str, pulumi.Input[str]]:
@@ -65,6 +72,14 @@ def model_env(pin: ModelPin, registry_url: pulumi.Input[str], password: pulumi.I
     return [*(pulumi.Output.concat(f"{key}=", value) if isinstance(value, pulumi.Output) else f"{key}={value}"
               for key, value in model_settings(pin, registry_url, runtime).items()),
             pulumi.Output.concat("MLFLOW_TRACKING_PASSWORD=", pulumi.Output.secret(password))]
+
+
+def sampling_env(sampling: Optional[SamplingSpec], replica: str) -> list[str]:
+    """What a replica needs to sample (images/serving/serving/sampling.py): one file of its own on the volume."""
+    if sampling is None:
+        return []
+    return [f"SAMPLE_FRACTION={sampling.fraction}", f"SAMPLES_FILE={SAMPLES_DIR}/{replica}.jsonl",
+            f"SAMPLES_MAX_BYTES={sampling.max_mb * 1024 * 1024}"]
 
 
 def model_labels(pin: ModelPin) -> dict[str, str]:
@@ -105,6 +120,10 @@ class ModelServing(pulumi.ComponentResource):
         self.scrape_targets = []
         drift_env = ([] if args["drift_window_rows"] is None
                      else [f"DRIFT_WINDOW_ROWS={args['drift_window_rows']}"])
+        sampling = spec.sampling if args["samples_volume"] is not None else None
+        # Writable: each replica appends to its own file; the image owns SAMPLES_DIR, so uid 10001 may.
+        samples_mounts = None if sampling is None else [
+            docker.ContainerVolumeArgs(volume_name=args["samples_volume"], container_path=SAMPLES_DIR)]
         replicas: list[docker.Container] = []
         for slot, (pin, image) in slots.items():
             labels = container_labels({**args["labels"], **model_labels(pin), "mlops.slot": slot}, "model-serving")
@@ -123,7 +142,9 @@ class ModelServing(pulumi.ComponentResource):
                     # A replica that follows `latest` (dev) has nothing to serve until the first training
                     # run registers a version, and then turns ready by itself; a pinned one must be ready.
                     wait=pin.is_pinned,
-                    envs=model_env(pin, args["registry_url"], args["reader_password"], spec.runtime) + drift_env,
+                    envs=(model_env(pin, args["registry_url"], args["reader_password"], spec.runtime) + drift_env
+                          + sampling_env(sampling, hostname)),
+                    volumes=samples_mounts,
                     tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
                 ))
                 upstreams[slot].append(f"{hostname}:{SERVING_PORT}")

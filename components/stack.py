@@ -91,7 +91,8 @@ class MLOpsStack(pulumi.ComponentResource):
         self.network = network.name
         store = ArtifactStore(f"{stack}-artifact-store",
                               {"stack": stack, "spec": spec.artifact_store, "labels": identity,
-                               "retain_on_delete": spec.kind != "experiment", "metrics": spec.monitoring is not None},
+                               "retain_on_delete": spec.kind != "experiment", "metrics": spec.monitoring is not None,
+                               "samples": spec.serving.sampling is not None},
                               opts=child)
         registry_args = {"stack": stack, "spec": spec.model_registry, "builds": builds,
                          "artifacts_volume": store.artifacts_volume, "mlflow_db_volume": store.mlflow_db_volume,
@@ -148,6 +149,7 @@ class MLOpsStack(pulumi.ComponentResource):
             if swarm is None:
                 serving = ModelServing(f"{stack}-serving", {
                     **serving_args, "network": network.name,
+                    "samples_volume": store.samples_volume,
                     "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(
                         prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}",
                         scrape_interval_s=spec.monitoring.scrape_interval_s, log_volume=store.rollout_volume),

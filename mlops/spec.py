@@ -335,6 +335,17 @@ class GatewaySpec(StrictModel):
     limits: Limits
 
 
+class SamplingSpec(StrictModel):
+    """Serving keeps a share of its infer rows with their predictions on the samples volume, as the next training
+    data to label. Off unless declared, in every stage: the rows are what users sent, which may be personal data,
+    so prod declares it only where that is allowed (docs/contracts.md)."""
+
+    fraction: float = Field(gt=0, le=1, description="share of inferred rows kept, e.g. 0.01; 1 keeps every row")
+    max_mb: int = Field(default=100, ge=1, le=100_000,
+                        description="MiB each replica's samples file may grow to; rows beyond it are dropped and "
+                                    "counted (mlops_samples_dropped_rows_total)")
+
+
 class ServingSpec(StrictModel):
     build: Optional[str] = Field(default=None, description="build context of the serving image; dev and experiments only")
     runtime: Literal["oip", "mlserver"] = Field(default="oip", description="model server inside the serving image")
@@ -345,6 +356,8 @@ class ServingSpec(StrictModel):
     traffic: TrafficSplit = TrafficSplit()
     green: Optional[CanaryRelease] = None
     gateway: GatewaySpec
+    sampling: Optional[SamplingSpec] = Field(default=None, description="keep a share of the infer rows and their "
+                                                                       "predictions to label; absent: off")
 
 
 class MonitoringSpec(StrictModel):
@@ -545,6 +558,9 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
         broken.append(("serving.green.rollout.steps", f"the first step ({rollout.steps[0]}) must be above the declared "
                                                       f"serving.traffic.green ({spec.serving.traffic.green}), where "
                                                       "the rollout starts"))
+    if spec.serving.sampling is not None and spec.serving.runtime != "oip":
+        broken.append(("serving.sampling", f"the {spec.serving.runtime} runtime does not sample requests; use "
+                                           "serving.runtime oip, or remove sampling"))
     if spec.kind in ("staging", "prod"):
         for path, image in spec.images().items():
             ref = image.ref if isinstance(image, ImageSource) else image
@@ -584,6 +600,9 @@ def swarm_problems(spec: StageSpec, swarm: SwarmSpec) -> list[tuple[str, str]]:
         broken.append(("serving.green.rollout", "not on a swarm stage: every edge node runs a gateway of its own, "
                                                 "and each would move green's weight and record the rollout on its "
                                                 "own; move serving.traffic in the stage file instead"))
+    if spec.serving.sampling is not None:
+        broken.append(("serving.sampling", "not on a swarm stage: replicas run on many nodes and the samples volume "
+                                           "is local to one; remove 'serving.sampling' or 'swarm'"))
     if spec.image_registry.enabled and spec.image_registry.port.host_port != int(swarm.registry_address.rpartition(":")[2]):
         broken.append(("swarm.registry_address", f"the port must be image_registry.port.host_port "
                                                  f"({spec.image_registry.port.host_port}), where the registry listens"))

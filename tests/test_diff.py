@@ -195,24 +195,25 @@ def test_the_data_loss_warning_leads_every_format(committed):
     text = invoke("staging", "prod", "--environments", str(committed))
     assert text.exit_code == 1
     assert text.output.splitlines()[0].startswith(
-        "⚠ DATA AT RISK: 5 data volume(s) or protected resource(s) would be replaced or deleted: "
+        "⚠ DATA AT RISK: 6 data volume(s) or protected resource(s) would be replaced or deleted: "
         "prod-artifact-store-artifacts (replace)")
     assert "    ⚠ data volume replaced: retainOnDelete" in text.output
 
     markdown = invoke("staging", "prod", "--environments", str(committed), "--format", "markdown").output.splitlines()
     assert markdown[2:4] == ["> [!CAUTION]", (
-        "> **⚠️ DATA AT RISK: 5 data volume(s) or protected resource(s) would be replaced or deleted: "
-        "prod-artifact-store-artifacts (replace), prod-artifact-store-metrics (replace), "
-        "prod-artifact-store-mlflow-db (replace), prod-artifact-store-registry-data (replace), "
+        "> **⚠️ DATA AT RISK: 6 data volume(s) or protected resource(s) would be replaced or deleted: "
+        "prod-artifact-store-artifacts (replace), prod-artifact-store-datasets (replace), "
+        "prod-artifact-store-metrics (replace), prod-artifact-store-mlflow-db (replace), prod-artifact-store-registry-data (replace), "
         "prod-artifact-store-rollout (replace)**")]
     assert ("#### ~ `prod-artifact-store-artifacts` (changed, `docker:index/volume:Volume`): "
             "**replace forced by labels, name**") in markdown
     assert any(line.startswith("**⚠️ data volume replaced: retainOnDelete") for line in markdown)
 
     output = json.loads(invoke("staging", "prod", "--environments", str(committed), "--format", "json").output)
-    assert output["warning"].startswith("DATA AT RISK: 5 data volume(s)")
+    assert output["warning"].startswith("DATA AT RISK: 6 data volume(s)")
     assert [(r["name"], r["action"]) for r in output["data_at_risk"]] == [
-        ("prod-artifact-store-artifacts", "replace"), ("prod-artifact-store-metrics", "replace"),
+        ("prod-artifact-store-artifacts", "replace"), ("prod-artifact-store-datasets", "replace"),
+        ("prod-artifact-store-metrics", "replace"),
         ("prod-artifact-store-mlflow-db", "replace"), ("prod-artifact-store-registry-data", "replace"),
         ("prod-artifact-store-rollout", "replace")]
 

@@ -1,5 +1,7 @@
 """Monitoring: what the program declares for a stage with `monitoring:`, and on a real engine one stage
-with Prometheus, blue and green, shared by every engine test here.
+with Prometheus, blue and green, shared by every engine test here, including the retraining loop's data: the
+stage samples every infer row (`serving.sampling: {fraction: 1.0}`), whose export is labelled, added as a dataset
+and trained on.
 
 The engine's stage is a private copy of dev (an `experiment:` block, free host ports) with one replica per slot,
 scraped and evaluated every second, and a drift window small enough to fill in a few requests. Rows drawn
@@ -28,8 +30,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from sklearn.datasets import load_iris
 
 from mlops import plan
-from mlops.credentials import MLFLOW_PASSWORD, secret_variable
+from mlops.commands.train import training_image
+from mlops.credentials import MLFLOW_PASSWORD, READER, derived_password, secret_variable
 from mlops.errors import SpecError
+from mlops.modelstore import BasicAuth, MlflowStore
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage, load_stages
 from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
@@ -78,6 +82,7 @@ def stage_file(name: str, ports: dict[str, int], release: dict | None) -> dict:
                        "evaluation_interval_s": 1, "drift_threshold": THRESHOLD, "drift_window_rows": WINDOW_ROWS},
     }
     spec["serving"]["replicas"] = 1
+    spec["serving"]["sampling"] = {"fraction": 1.0}
     if release is not None:
         spec["release"] = {"model": release}
         spec["serving"]["green"] = {"model": release}
@@ -300,3 +305,104 @@ def test_training_like_inputs_keep_drift_low_and_a_shifted_feature_fires_the_ale
     assert slots["blue"]["version"] == slots["green"]["version"]
     assert slots["blue"]["max_drift"] == pytest.approx(scores[str(SHIFTED_FEATURE)], rel=0.05)
     assert reported["slots_problem"] is None
+
+
+def predict(stage: MonitoredStage, rows: np.ndarray, rows_per_request: int) -> list[int]:
+    """The gateway's predictions for `rows`, sent in requests of `rows_per_request`."""
+    predictions: list[int] = []
+    for start in range(0, len(rows), rows_per_request):
+        batch = rows[start:start + rows_per_request]
+        answer = http_json(f"{stage.gateway}/v2/models/{stage.model}/infer", {"inputs": [
+            {"name": "input-0", "shape": list(batch.shape), "datatype": "FP64", "data": batch.ravel().tolist()}]})
+        predictions += answer["outputs"][0]["data"]
+    return predictions
+
+
+def exported_samples(stage: MonitoredStage, out: Path) -> list[list[str]]:
+    exported = stage.mlops("data", "samples", "--stage", stage.name, "--out", str(out))
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    header, *rows = [line.split(",") for line in out.read_text().splitlines()]
+    assert header[-2:] == ["prediction", "label"] and len(header) == 6
+    return rows
+
+
+def datasets_on_the_volume(stage: MonitoredStage) -> list[str]:
+    """Every file on the stage's datasets volume, temporary ones included, as the training image sees it."""
+    listed = subprocess.run(["docker", "run", "--rm", "--network", "none", "--user", "10001:10001", "--entrypoint",
+                             "python3", "--volume", f"{stage.name}-datasets:/data/datasets:ro",
+                             training_image(stage.engine.spec, stage.environments), "-c",
+                             "import json, os; print(json.dumps(sorted(os.listdir('/data/datasets'))))"],
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)
+
+
+@pytest.mark.docker
+def test_every_infer_row_is_sampled_with_its_prediction_and_exported_for_labelling(stage, tmp_path):
+    before = exported_samples(stage, tmp_path / "before.csv")
+    rows = load_iris().data[3::11]  # 14 rows, in requests of 1, 5 and 8 rows
+    predictions = predict(stage, rows[:1], 1) + predict(stage, rows[1:6], 5) + predict(stage, rows[6:], 8)
+    new = exported_samples(stage, tmp_path / "after.csv")[len(before):]
+    assert len(new) == len(rows) == 14
+    assert [[float(value) for value in row[:4]] for row in new] == rows.tolist()
+    assert [int(row[4]) for row in new] == predictions
+    assert all(row[5] == "" for row in new), "the label is left to fill in"
+    blue = f"{stage.name}-serving-blue-0"
+    assert stage.value(f'mlops_samples_written_rows_total{{instance="{blue}:8082"}}') is not None
+    assert stage.value('sum(mlops_samples_dropped_rows_total) or vector(0)') == 0
+
+
+@pytest.mark.docker
+def test_labelled_samples_become_a_dataset_that_a_training_run_names_and_profiles(stage, tmp_path):
+    rows = load_iris().data
+    predict(stage, rows, 50)
+    exported = tmp_path / "samples.csv"
+    exported_samples(stage, exported)
+    header, *samples = exported.read_text().splitlines()
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text("\n".join([header, *(line + line.split(",")[4] for line in samples)]) + "\n")
+    added = stage.mlops("data", "add", "--stage", stage.name, str(labelled))
+    assert added.returncode == 0, added.stdout + added.stderr
+    name = re.search(r"(?:ADDED|EXISTS) name=([0-9a-f]{64}\.csv) rows=(\d+)", added.stdout)
+    assert name is not None and int(name[2]) == len(samples), added.stdout
+    listed = json.loads(stage.mlops("data", "list", "--stage", stage.name, "--json").stdout)
+    assert listed[-1]["name"] == name[1] and listed[-1]["rows"] == len(samples)
+
+    registered = train(stage.name, stage.environments, "--data", "latest")
+    mlflow = f"http://127.0.0.1:{stage.engine.host_port(f'{stage.name}-model-registry', 5000)}"
+    reader = BasicAuth(READER, derived_password(stage.engine.mlflow_password, READER))
+    manifest = json.loads(MlflowStore(mlflow, reader).fetch(registered["name"], int(registered["version"]))
+                          .files["manifest.json"])
+    inputs = manifest["inputs"]
+    assert (inputs["dataset"], inputs["dataset_sha256"]) == (name[1], name[1][:-4])
+    assert inputs["train_samples"] + inputs["held_out_samples"] == len(samples)
+    # The reference profile is the dataset's: computed here from the same file, split and seed as the run's.
+    sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
+    from mlops_training import datasets  # noqa: PLC0415 - the training image's package, on its own path
+    from mlops_training.train import TrainingRequest, train as train_in_process  # noqa: PLC0415
+
+    local = tmp_path / "datasets"
+    local.mkdir()
+    assert datasets.add(labelled.read_bytes(), local)[0] == name[1]
+    expected = train_in_process(TrainingRequest(dataset="latest"), tmp_path / "local-run", local).manifest
+    assert manifest["reference_profile"] == expected["reference_profile"]
+    assert manifest["reference_profile"]["rows"] == inputs["train_samples"]
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(("content", "problem"), [
+    ("sepal length (cm),sepal width (cm),petal length (cm),petal width (cm),prediction,label\n"
+     "5.1,3.5,1.4,0.2,0,0\n6.7,3.0,5.2,2.3,2,\n",
+     "row 2 (line 3) has no label; label every row (or delete it) first"),
+    ("sepal length (cm),sepal width (cm),petal length (cm),petal width (cm),label\n5.1,3.5,1.4,0.2,9\n",
+     "row 1 (line 2): label '9' is not a known class (0, 1, 2)"),
+    ("petal,label\n1,0\n", "the header must be sepal length (cm),sepal width (cm),petal length (cm),petal width (cm),"
+                             "label (a 'prediction' column is allowed and dropped), got petal,label"),
+], ids=["unlabelled row", "unknown class", "header"])
+def test_a_bad_dataset_is_one_line_exit_2_and_nothing_on_the_volume(stage, tmp_path, content, problem):
+    before = datasets_on_the_volume(stage)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(content)
+    added = stage.mlops("data", "add", "--stage", stage.name, str(bad))
+    assert (added.returncode, added.stdout, added.stderr) == (2, "", f"error: {bad}: {problem}\n")
+    assert datasets_on_the_volume(stage) == before

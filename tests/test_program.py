@@ -43,7 +43,7 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
     resources = render("dev")
     assert type_counts(resources) == Counter({
         "pulumi:pulumi:Stack": 1, "mlops:stack:MLOpsStack": 1, "pulumi:providers:docker": 1,
-        "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 3,
+        "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 4,
         "mlops:model_registry:ModelRegistry": 1, "mlops:image_registry:ImageRegistry": 1,
         "mlops:training_environment:TrainingEnvironment": 1, "mlops:model_serving:ModelServing": 1,
         IMAGE: 7, CONTAINER: 4,
@@ -101,7 +101,7 @@ def test_promoted_prod_runs_the_promoted_digests_with_three_replicas(released_en
 def test_prod_volumes_are_protected_and_nothing_else_is(released_environments):
     resources = render("prod", released_environments)
     protected = sorted(r.name for r in resources if r.protect)
-    assert protected == ["prod-artifact-store-artifacts", "prod-artifact-store-metrics",
+    assert protected == ["prod-artifact-store-artifacts", "prod-artifact-store-datasets", "prod-artifact-store-metrics",
                          "prod-artifact-store-mlflow-db", "prod-artifact-store-registry-data",
                          "prod-artifact-store-rollout"]
     assert not [r for r in render("dev") if r.protect]
@@ -391,3 +391,35 @@ def test_the_pulumi_entry_point_reports_a_bad_spec_without_a_traceback(environme
     plan.mock_runtime("prod")
     with pytest.raises(pulumi.RunError, match=r"prod.yaml:16: serving.replicas: prod serves with at least 2 replicas"):
         runpy.run_path(str(REPO_ROOT / "__main__.py"))
+
+
+def test_the_datasets_volume_of_every_stage_and_the_samples_volume_when_sampling_is_declared(environments):
+    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text().replace(
+        "  build: images/serving", "  build: images/serving\n  replicas: 2\n  sampling: {fraction: 0.25, max_mb: 3}"))
+    named = by_name(render("dev", environments, reveal_secrets=True))
+    for volume, physical in (("datasets", "dev-datasets"), ("samples", "dev-samples")):
+        declared = named[f"dev-artifact-store-{volume}"]
+        assert (declared.type, declared.inputs["name"], declared.parent) == (VOLUME, physical, "dev-artifact-store")
+        assert declared.retain_on_delete and not declared.protect
+        assert label_map(declared) == {"mlops.stack": "dev", "mlops.stage": "dev", "mlops.component": "artifact-store"}
+    for index in (0, 1):
+        replica = named[f"dev-serving-blue-{index}"].inputs
+        # Mounted writable (no readOnly in the mount) on the read-only root: each replica appends to its own file.
+        assert replica["volumes"] == [{"volumeName": "dev-samples", "containerPath": "/data/samples"}]
+        assert (replica["readOnly"], replica["user"]) == (True, "10001:10001")
+        assert {"SAMPLE_FRACTION=0.25", f"SAMPLES_FILE=/data/samples/dev-serving-blue-{index}.jsonl",
+                f"SAMPLES_MAX_BYTES={3 * 1024 * 1024}"} <= set(replica["envs"])
+    assert "volumes" not in named["dev-serving-gateway"].inputs
+
+
+@pytest.mark.parametrize("stage", ["dev", "staging", "prod"])
+def test_no_shipped_stage_samples_requests(stage, released_environments):
+    spec = load_stages([stage], released_environments)[0]
+    assert spec.serving.sampling is None
+    resources = render(stage, released_environments, reveal_secrets=True)
+    assert not [r for r in resources if r.type == VOLUME and r.inputs["name"] == f"{stage}-samples"]
+    assert [r.inputs["name"] for r in resources if r.type == VOLUME and r.name.endswith("-datasets")] == [f"{stage}-datasets"]
+    for replica in containers(resources):
+        if "-serving-" in replica.name:
+            assert "volumes" not in replica.inputs, replica.name
+            assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in replica.inputs["envs"])

@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
 from serving.app import OFF_LOOP_BYTES, InferenceApp  # noqa: E402
 from serving.protocol import MAX_BODY_BYTES  # noqa: E402
 from serving.readiness import FAILURES_BEFORE_UNREADY  # noqa: E402
+from serving.sampling import RequestSampler  # noqa: E402
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable  # noqa: E402
 from serving.startup import fetch_pinned_model  # noqa: E402
 
@@ -253,6 +254,46 @@ def test_metrics_are_not_served_on_the_api_port(app, iris):
     assert 'oip_infer_requests_total{status="400"} 1.0' in text
     assert "oip_inferred_rows_total 5.0" in text
     assert f'oip_model_info{{name="iris-classifier",sha256="{"ab" * 32}",version="3"}} 1.0' in text
+
+
+def sampled(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_row_is_sampled_with_its_prediction_at_fraction_1(iris, tmp_path):
+    samples = tmp_path / "dev-serving-blue-0.jsonl"
+    sampler = RequestSampler(str(samples), 1.0, 1024 * 1024, model="iris-classifier", version="3")
+    app = InferenceApp(iris[0], name="iris-classifier", version="3", sha256="ab" * 32, sampler=sampler)
+    rows = iris[1][::7]
+    assert call(app, "POST", INFER, infer_body(rows[:10].tolist(), "FP64")).status == 200
+    assert call(app, "POST", INFER, infer_body(rows[10:].tolist(), "FP64")).status == 200
+    call(app, "POST", INFER, b"{")  # refused requests are not sampled
+    lines = sampled(samples)
+    assert [line["features"] for line in lines] == rows.tolist()
+    assert [line["prediction"] for line in lines] == iris[0].predict(rows).tolist()
+    assert {(line["model"], line["version"]) for line in lines} == {("iris-classifier", "3")}
+    assert all(isinstance(line["time"], float) for line in lines)
+    assert f"mlops_samples_written_rows_total {float(len(rows))}" in generate_latest(app.metrics).decode()
+
+
+def test_sampling_keeps_about_the_fraction_and_stops_at_its_cap_counting_what_it_drops(iris, tmp_path):
+    samples = tmp_path / "replica.jsonl"
+    rows = np.repeat(iris[1], 20, axis=0)  # 3000 rows
+    predictions = iris[0].predict(rows)
+    RequestSampler(str(samples), 0.1, 10**9, model="m", version="1").observe(rows, predictions)
+    assert 200 < len(sampled(samples)) < 400
+    samples.unlink()
+
+    sampler = RequestSampler(str(samples), 1.0, 2000, model="m", version="1")
+    for start in range(0, 40, 4):
+        sampler.observe(rows[start:start + 4], predictions[start:start + 4])
+    kept = len(sampled(samples))
+    assert 0 < kept < 40 and samples.stat().st_size <= 2000
+    assert (sampler.written._value.get(), sampler.dropped._value.get()) == (kept, 40 - kept)
+    # A restarted replica goes on from its file's size: still full.
+    again = RequestSampler(str(samples), 1.0, 2000, model="m", version="1")
+    again.observe(rows[:4], predictions[:4])
+    assert (len(sampled(samples)), again.dropped._value.get()) == (kept, 4)
 
 
 class Poisonable:

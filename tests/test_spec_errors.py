@@ -29,6 +29,10 @@ def replace(file, old: str, new: str) -> None:
     file.write_text(content.replace(old, new))
 
 
+def prod_samples(sampling: str):
+    return lambda env: replace(env / "prod.yaml", "  replicas: 3", f"  replicas: 3\n  sampling: {sampling}")
+
+
 BROKEN_SPECS = {
     "malformed YAML": (lambda env: append(env / "prod.yaml", "extra: [1\n"),
                        "prod.yaml:29: not valid YAML: expected ',' or ']', but got '<stream end>'"),
@@ -36,7 +40,7 @@ BROKEN_SPECS = {
                       "prod.yaml:28: not valid YAML: found duplicate key \"serving\""),
     "unknown key": (lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replica: 3"),
                     "prod.yaml:16: serving.replica: unknown key 'replica'; allowed here: build, gateway, green, "
-                    "health_check, limits, port, replicas, runtime, traffic"),
+                    "health_check, limits, port, replicas, runtime, sampling, traffic"),
     "wrong type": (lambda env: replace(env / "prod.yaml", "replicas: 3", "replicas: three"),
                    "prod.yaml:16: serving.replicas: Input should be a valid integer, unable to parse string as an "
                    "integer (got 'three')"),
@@ -45,7 +49,7 @@ BROKEN_SPECS = {
     "not an allowed value": (lambda env: replace(env / "base.yaml", "runtime: oip", "runtime: tensorflow"),
                              "base.yaml:32: serving.runtime: Input should be 'oip' or 'mlserver' (got 'tensorflow')"),
     "unknown top-level key": (lambda env: append(env / "base.yaml", "artifact_store_x: 1\n"),
-                              "base.yaml:58: artifact_store_x: unknown key 'artifact_store_x'; allowed here: "
+                              "base.yaml:59: artifact_store_x: unknown key 'artifact_store_x'; allowed here: "
                              "artifact_store, docker, experiment, gates, image_registry, kind, labels, model_registry, "
                              "monitoring, parity, release, serving, stage, swarm, training"),
     "prod with one replica": (lambda env: replace(env / "prod.yaml", "replicas: 3", "replicas: 1"),
@@ -89,6 +93,20 @@ BROKEN_SPECS = {
                                              "url: unix:///var/run/docker.sock\n  platform: linux/s390x"),
                          "base.yaml:5: docker.platform: Input should be 'linux/amd64' or 'linux/arm64' "
                          "(got 'linux/s390x')"),
+    "sampling nothing": (prod_samples("{fraction: 0}"),
+                         "prod.yaml:17: serving.sampling.fraction: Input should be greater than 0 (got 0)"),
+    "sampling more than every row": (prod_samples("{fraction: 1.5}"), "prod.yaml:17: serving.sampling.fraction: "
+                                                                      "Input should be less than or equal to 1 (got 1.5)"),
+    "sampling without a fraction": (prod_samples("{max_mb: 10}"), "prod.yaml:17: serving.sampling.fraction: Field required"),
+    "unknown sampling key": (prod_samples("{fraction: 0.1, rate: 2}"),
+                             "prod.yaml:17: serving.sampling.rate: unknown key 'rate'; allowed here: fraction, max_mb"),
+    "sampling cap of nothing": (prod_samples("{fraction: 0.1, max_mb: 0}"), "prod.yaml:17: serving.sampling.max_mb: "
+                                                                            "Input should be greater than or equal to 1 (got 0)"),
+    "sampling on the mlserver runtime": (
+        lambda env: replace(env / "dev.yaml", "  build: images/serving", "  build: images/serving\n  runtime: mlserver\n"
+                                                                         "  sampling: {fraction: 0.5}"),
+        "dev.yaml:8: serving.sampling: the mlserver runtime does not sample requests; use serving.runtime oip, or "
+        "remove sampling"),
     "missing build context": (lambda env: replace(env / "dev.yaml", "build: images/training", "build: images/nothing"),
                               "dev.yaml:3: training.build: build context 'images/nothing' has no Dockerfile"),
 }

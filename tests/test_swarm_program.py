@@ -351,6 +351,10 @@ SWARM_ERRORS = {
                 "cluster.yaml:37: serving.green.rollout: not on a swarm stage: every edge node runs a gateway of its "
                 "own, and each would move green's weight and record the rollout on its own; move serving.traffic in "
                 "the stage file instead"),
+    "sampling": (lambda env: replace(env / "cluster.yaml", "serving:\n  build: images/serving",
+                                     "serving:\n  build: images/serving\n  sampling: {fraction: 0.1}"),
+                 "cluster.yaml:34: serving.sampling: not on a swarm stage: replicas run on many nodes and the samples "
+                 "volume is local to one; remove 'serving.sampling' or 'swarm'"),
     "unknown key": (lambda env: replace(env / "cluster.yaml", "  edge_label: mlops.edge", "  edge: mlops.edge"),
                     "cluster.yaml:10: swarm.edge: unknown key 'edge'; allowed here: constraints, edge_label, "
                     "registry_address, reservations, spread_over, stateful_label, training"),

@@ -94,3 +94,53 @@ def test_training_in_an_experiment_that_does_not_exist_says_how_to_create_it():
     result = CliRunner().invoke(app, ["train", "--stage", "exp-nothing-here"])
     assert isinstance(result.exception, SpecError), "cli.main turns a SpecError into one line and exit 2"
     assert "no experiment 'exp-nothing-here' here; create it with `mlops exp up nothing-here`" in str(result.exception)
+
+
+def test_with_data_the_run_mounts_the_datasets_volume_read_only():
+    spec = load_stages(["dev"])[0]
+    arguments = run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", ["--data", "latest"], with_datasets=True)
+    assert ("--volume", "dev-datasets:/data/datasets:ro") in set(zip(arguments, arguments[1:]))
+    assert arguments[-3:] == ["image:tag", "--data", "latest"]
+    assert "--volume" not in run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", [])
+
+
+def test_a_data_run_has_no_network_and_only_its_volume():
+    from mlops.commands.data import data_run_arguments
+
+    arguments = data_run_arguments(load_stages(["dev"])[0], "image:tag", "datasets", "/data/datasets", False, ["add"])
+    pairs = set(zip(arguments, arguments[1:]))
+    assert {("--network", "none"), ("--user", "10001:10001"), ("--cap-drop", "ALL"), ("--ipc", "none"),
+            ("--security-opt", "no-new-privileges:true"), ("--label", "mlops.component=data-run"),
+            ("--volume", "dev-datasets:/data/datasets"), ("--entrypoint", "python3")} <= pairs
+    assert "--read-only" in arguments and arguments[-4:] == ["image:tag", "-m", "mlops_training.datasets", "add"]
+    assert [argument for argument in arguments if argument.startswith("--env")] == [], "no secret, no MLflow"
+
+
+@pytest.mark.parametrize("arguments", [
+    ["train", "--stage", "cluster", "--data", "latest"],
+    ["data", "list", "--stage", "cluster"],
+    ["data", "add", "--stage", "cluster", "any.csv"],
+])
+def test_datasets_are_refused_on_a_swarm_stage_in_one_line(arguments, monkeypatch):
+    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_CLUSTER", "x")
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: cluster is a swarm stage: its datasets")
+    assert "work on single-host stages only" in result.output or "works on single-host stages only" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["newest", "abc", "../x.csv", "0123456789abcdeg"])
+def test_a_data_name_that_names_no_dataset_is_one_line_and_exit_2(name):
+    result = CliRunner().invoke(app, ["train", "--stage", "dev", "--data", name])
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"error: --data '{name}' is no dataset name: give 'latest', or a dataset's sha256 "
+                                     "or at least its first 8 hex characters (`mlops data list`)")
+
+
+def test_samples_of_a_stage_that_does_not_sample_are_refused(tmp_path):
+    result = CliRunner().invoke(app, ["data", "samples", "--stage", "dev", "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 2
+    assert result.output.strip() == ("error: dev does not sample requests: declare serving.sampling "
+                                     "(docs/contracts.md says what it keeps)")
+    assert list(tmp_path.iterdir()) == []

@@ -1,16 +1,23 @@
 """The training code of images/training, run in-process: deterministic models and clear input errors."""
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import os
 import sys
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mlops.spec import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
 
+from mlops_training import datasets  # noqa: E402
 from mlops_training.cli import main  # noqa: E402
 from mlops_training.train import TrainingError, TrainingRequest, train  # noqa: E402
 
@@ -93,3 +100,126 @@ def test_command_line_ends_with_a_machine_readable_line(tmp_path, capsys):
     last = capsys.readouterr().out.splitlines()[-1]
     sha256 = hashlib.sha256((tmp_path / "model.pkl").read_bytes()).hexdigest()
     assert last == f"TRAINED sha256={sha256} output_dir={tmp_path}"
+
+
+HEADER = ",".join([*datasets.FEATURE_NAMES, "label"])
+
+
+def iris_csv(prediction: bool = False) -> bytes:
+    """The built-in iris data as a dataset file (as `mlops data samples` exports it, labelled, with `prediction`)."""
+    from sklearn.datasets import load_iris
+
+    iris = load_iris()
+    header = [*datasets.FEATURE_NAMES, *(["prediction"] if prediction else []), "label"]
+    rows = [[*map(repr, map(float, features)), *([str(label)] if prediction else []), str(label)]
+            for features, label in zip(iris.data, iris.target)]
+    return "\n".join(",".join(row) for row in [header, *rows]).encode() + b"\n"
+
+
+def test_a_dataset_is_stored_canonically_under_its_sha256_and_listed(tmp_path):
+    name, rows, new = datasets.add(iris_csv(prediction=True), tmp_path)
+    assert (rows, new) == (150, True)
+    stored = tmp_path / name
+    assert name == hashlib.sha256(stored.read_bytes()).hexdigest() + ".csv"
+    assert stored.read_bytes() == iris_csv(), "the prediction column is dropped"
+    assert datasets.add(iris_csv(), tmp_path) == (name, 150, False), "the same data is the same dataset"
+    assert [path.name for path in tmp_path.iterdir()] == [name], "no temporary file is left"
+    [listed] = datasets.listing(tmp_path)
+    assert (listed["name"], listed["sha256"], listed["rows"]) == (name, name[:-4], 150)
+
+
+def test_training_on_a_dataset_names_it_profiles_it_and_stays_deterministic(tmp_path):
+    volume = tmp_path / "datasets"
+    volume.mkdir()
+    rows = iris_csv().splitlines()
+    older, _, _ = datasets.add(b"\n".join(rows[:1] + rows[1:150:2]) + b"\n", volume)  # every other iris row
+    newest, _, _ = datasets.add(b"\n".join(rows[:1] + rows[2:151:2]) + b"\n", volume)
+    os.utime(volume / older, (1, 1))  # added long before
+    first = train(TrainingRequest(seed=2, dataset="latest"), tmp_path / "first", volume)
+    inputs = first.manifest["inputs"]
+    assert (inputs["dataset"], inputs["dataset_sha256"]) == (newest, newest[:-4])
+    assert inputs["train_samples"] + inputs["held_out_samples"] == 75
+    assert first.manifest["reference_profile"]["rows"] == inputs["train_samples"]
+    again = train(TrainingRequest(seed=2, dataset=newest[:12]), tmp_path / "again", volume)
+    assert again.model_sha256 == first.model_sha256 and again.manifest["inputs"]["dataset"] == newest
+    other = train(TrainingRequest(seed=2, dataset=older), tmp_path / "other", volume)
+    assert other.model_sha256 != first.model_sha256
+    assert other.manifest["reference_profile"] != first.manifest["reference_profile"]
+    built_in = train(TrainingRequest(seed=2), tmp_path / "built-in").manifest["inputs"]
+    assert built_in["dataset"] == "sklearn.datasets.load_iris" and "dataset_sha256" not in built_in
+
+
+def test_a_changed_or_missing_dataset_is_a_training_error(tmp_path):
+    with pytest.raises(TrainingError, match="no dataset on the datasets volume yet"):
+        train(TrainingRequest(dataset="latest"), tmp_path / "out", tmp_path)
+    name, _, _ = datasets.add(iris_csv(), tmp_path)
+    with pytest.raises(TrainingError, match="--data 'abcdef0123' names no dataset on the datasets volume"):
+        train(TrainingRequest(dataset="abcdef0123"), tmp_path / "out", tmp_path)
+    (tmp_path / name).write_bytes(iris_csv().replace(b",0\n", b",1\n", 1))
+    with pytest.raises(TrainingError, match=f"dataset {name} holds bytes of sha256 [0-9a-f]{{64}}: it was changed"):
+        train(TrainingRequest(dataset="latest"), tmp_path / "out", tmp_path)
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b"", f"is empty; the first line must be the header {HEADER}"),
+    (b"a,b\n1,2\n", f"the header must be {HEADER} (a 'prediction' column is allowed and dropped), got a,b"),
+    (f"{HEADER}\n".encode(), "has a header but no rows"),
+    (f"{HEADER}\n5.1,3.5,1.4,0.2,0\n5.1,x,1.4,0.2,0\n".encode(),
+     "row 2 (line 3), column 'sepal width (cm)': 'x' is not a finite number"),
+    (f"{HEADER}\n5.1,3.5,1.4,inf,0\n".encode(), "row 1 (line 2), column 'petal width (cm)': 'inf' is not a finite number"),
+    (f"{HEADER}\n5.1,3.5,1.4,nan,0\n".encode(), "row 1 (line 2), column 'petal width (cm)': 'nan' is not a finite number"),
+    (f"{HEADER}\n5.1,3.5,1.4,0.2,0\n\n5.1,3.5,1.4,0.2,\n".encode(),
+     "row 2 (line 4) has no label; label every row (or delete it) first"),
+    (f"{HEADER}\n5.1,3.5,1.4,0.2,3\n".encode(), "row 1 (line 2): label '3' is not a known class (0, 1, 2)"),
+    (f"{HEADER}\n5.1,3.5,1.4,0\n".encode(), "row 1 (line 2) has 4 values, the header 5"),
+    (b"\xff\xfe", "is not UTF-8 text (byte 0)"),
+    (b"x" * (datasets.MAX_BYTES + 1), "is more than 16 MiB, the most a dataset may be"),
+], ids=["empty", "header", "no rows", "text", "infinite", "nan", "no label", "unknown class", "short row", "binary",
+        "too large"])
+def test_a_bad_dataset_is_one_line_exit_2_and_nothing_written(payload, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "DATASETS_DIR", tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(payload)))
+    assert datasets.main(["add"]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", f"error: {message}\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_samples_export_as_csv_with_the_prediction_and_an_empty_label(tmp_path):
+    (tmp_path / "s-serving-blue-0.jsonl").write_text(
+        json.dumps({"time": 1.0, "model": "m", "version": "2", "features": [5.1, 3.5, 1.4, 0.2], "prediction": 0}) + "\n"
+        + json.dumps({"time": 2.0, "model": "m", "version": "2", "features": [6.7, 3.0, 5.2, 2.3], "prediction": 2})
+        + "\n" + '{"time": 3.0, "mod')  # a line being written: left for the next export
+    out = io.StringIO()
+    assert datasets.export_samples(out, tmp_path) == 2
+    header = ",".join([*datasets.FEATURE_NAMES, "prediction", "label"])
+    assert out.getvalue() == f"{header}\n5.1,3.5,1.4,0.2,0,\n6.7,3.0,5.2,2.3,2,\n"
+
+
+TOKENS = st.one_of(st.sampled_from(["0", "1", "2", "5.1", "-0.5e3", ".5", "1_0", "nan", "inf", "1e999", "", " 3 ",
+                                    "٣", "\x00", '"', "a,b", "0x10", "1.", "+2"]), st.text(max_size=6))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(TOKENS, min_size=3, max_size=6), max_size=6), st.booleans())
+def test_any_file_is_either_refused_in_one_line_or_stored_as_training_reads_it(rows, with_prediction):
+    header = [*datasets.FEATURE_NAMES, *(["prediction"] if with_prediction else []), "label"]
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
+    try:
+        canonical, count = datasets.canonical_dataset(buffer.getvalue().encode())
+    except datasets.DatasetError as err:
+        assert "\n" not in str(err)
+        return
+    table = np.loadtxt(io.StringIO(canonical.decode()), delimiter=",", skiprows=1, ndmin=2)
+    assert table.shape == (count, 5) and np.isfinite(table).all()
+    assert set(table[:, -1].astype(int).astype(str)) <= set(datasets.CLASSES)
+
+
+def test_the_command_line_says_which_dataset_it_trained_on(tmp_path, capsys):
+    """retrain.yml names the dataset in its pull request from this line."""
+    name, _, _ = datasets.add(iris_csv(), tmp_path)
+    assert main(["--output-dir", str(tmp_path / "out"), "--data", "latest", "--datasets-dir", str(tmp_path)]) == 0
+    assert f"[training] dataset: {name}" in capsys.readouterr().out.splitlines()
+    assert main(["--output-dir", str(tmp_path / "iris")]) == 0
+    assert "[training] dataset: sklearn.datasets.load_iris" in capsys.readouterr().out.splitlines()

@@ -1,8 +1,9 @@
 """`mlops train`: one run of the stage's training image on the stage's network, registered in the stage's MLflow.
 
 The run gets the same hardening as every container of the stack (`components/containers.py`) and the stage's
-training limits; it is removed when it ends, whatever the outcome. It logs in to MLflow as `trainer`, whose
-password reaches the `docker run` through its environment, never its command line. On a swarm stage the run is
+training limits, and with `--data` the stage's datasets volume, read-only (one host only: see mlops/commands/data.py);
+it is removed when it ends, whatever the outcome. It logs in to MLflow as `trainer`, whose password reaches the
+`docker run` through its environment, never its command line. On a swarm stage the run is
 a one-shot Swarm job instead (mlops/commands/swarm_training.py), with the same options where a job has them.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, volume_name
 from components.containers import APP_USER, DEFAULT_TMPFS, IPC_MODE, PROCESS_LIMIT
 from components.image_registry import REGISTRY_PORT
 from components.images import BuildSettings, built_image_name
@@ -42,11 +44,20 @@ PARAM_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Each --param becomes one `docker run` argument, which Linux caps at 128 KiB; no estimator parameter needs 1 KiB.
 MAX_PARAM_VALUE = 1024
 TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+# What mlops_training.datasets resolves: `latest`, or a dataset's sha256 (or its first characters), `.csv` or not.
+DATASET_NAME = re.compile(r"latest|[0-9a-f]{8,64}(\.csv)?")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     errors.print(f"[red]error:[/red] {escape(one_line(message))}", highlight=False, soft_wrap=True, emoji=False)
     return typer.Exit(code)
+
+
+def stage_spec(stage: str, environments: Path) -> StageSpec:
+    """A stage's spec, an experiment's from the settings `mlops exp up` left in its stack file."""
+    if stage.startswith(EXPERIMENT_PREFIX):
+        return experiment_spec_from_stack_file(stage, environments=environments)
+    return load_stages([stage], environments)[0]
 
 
 def check_params(assignments: list[str]) -> None:
@@ -108,6 +119,14 @@ def image_digest(spec: StageSpec, image: str) -> str:
     return next(iter(json.loads(repo_digests) or []), image_id)
 
 
+def check_volume(spec: StageSpec, volume: str) -> None:
+    """A volume the CLI mounts must be the stack's: `docker run` would silently create an empty one."""
+    physical = volume_name(spec.stage, volume)
+    if docker(spec, "volume", "inspect", physical).returncode != 0:
+        raise fail(f"volume {physical} does not exist: the {spec.stage} stack is not up, or declares no "
+                   f"{volume} volume; run `make up ENV={spec.stage}`")
+
+
 def check_stack_is_up(spec: StageSpec) -> None:
     network = f"{spec.stage}-net"
     if docker(spec, "network", "inspect", network).returncode != 0:
@@ -122,27 +141,40 @@ def check_stack_is_up(spec: StageSpec) -> None:
         raise fail(f"model registry {registry} is not running; run `make up ENV={spec.stage}`")
 
 
+def confined_options(spec: StageSpec, component: str) -> list[str]:
+    """User, read-only root, no capabilities and the stage's labels: what every run of the CLI's own gets, on one
+    host and on a swarm."""
+    labels = {**stage_labels(spec, spec.stage), "mlops.component": component}
+    return ["--user", APP_USER, "--read-only", "--cap-drop", "ALL",
+            *[option for key, value in sorted(labels.items()) for option in ("--label", f"{key}={value}")]]
+
+
+def one_host_options() -> list[str]:
+    """The rest of components/containers.py's hardening, which `docker run` has and a Swarm service does not."""
+    return [*[option for path, mount in DEFAULT_TMPFS.items() for option in ("--tmpfs", f"{path}:{mount}")],
+            "--security-opt", "no-new-privileges:true",
+            "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}"]
+
+
 def hardened_run_options(spec: StageSpec) -> list[str]:
-    """What a training run shares on one host and on a swarm: user, read-only root, capabilities, labels and
-    how it reaches MLflow."""
-    labels = {**stage_labels(spec, spec.stage), "mlops.component": "training-run"}
+    """What a training run shares on one host and on a swarm: confinement, labels and how it reaches MLflow."""
     return [
-        "--network", f"{spec.stage}-net", "--user", APP_USER, "--read-only", "--cap-drop", "ALL",
-        *[option for key, value in sorted(labels.items()) for option in ("--label", f"{key}={value}")],
+        "--network", f"{spec.stage}-net", *confined_options(spec, "training-run"),
         "--env", f"MLFLOW_TRACKING_URI=http://{spec.stage}-model-registry:{MLFLOW_PORT}",
         "--env", f"MLFLOW_TRACKING_USERNAME={credentials.TRAINER}",
     ]
 
 
-def run_arguments(spec: StageSpec, image: str, digest: str, name: str, training_args: list[str]) -> list[str]:
+def run_arguments(spec: StageSpec, image: str, digest: str, name: str, training_args: list[str],
+                  with_datasets: bool = False) -> list[str]:
     limits = spec.training.limits
     return [
         "run", "--name", name, *hardened_run_options(spec),
         "--cpus", str(limits.cpus), "--memory", f"{limits.memory_mb}m",
         *(["--gpus", "all"] if spec.training.gpu else []),
-        *[option for path, mount in DEFAULT_TMPFS.items() for option in ("--tmpfs", f"{path}:{mount}")],
-        "--security-opt", "no-new-privileges:true",
-        "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}",
+        *one_host_options(),
+        # Read-only: a run reads its dataset, and nothing a run does can change what a later one trains on.
+        *(["--volume", f"{volume_name(spec.stage, DATASETS_VOLUME)}:{DATASETS_DIR}:ro"] if with_datasets else []),
         # No value: docker takes it from its own environment (stream_run's), so it shows in no process list.
         "--env", TRACKING_PASSWORD,
         "--env", f"TRAINING_IMAGE_DIGEST={digest}",
@@ -180,6 +212,9 @@ def train(
     subset: float = typer.Option(1.0, "--subset", help="fraction (0, 1] of the data, stratified and seeded"),
     param: Optional[list[str]] = typer.Option(None, "--param", help="estimator parameter key=value, repeatable"),
     seed: int = typer.Option(0, "--seed", help="seeds the subset, the held-out split and the estimator"),
+    data: Optional[str] = typer.Option(None, "--data", help="train on this dataset of the stage's datasets volume: "
+                                                            "'latest' or its sha256 (`mlops data list`); default: "
+                                                            "the built-in iris data"),
     environments: Optional[Path] = ENVIRONMENTS_OPTION,
 ) -> None:
     """Train in the stage's training image and register the model as a new version in the stage's MLflow."""
@@ -187,8 +222,13 @@ def train(
     if not 0 < subset <= 1:
         raise fail(f"--subset must be a fraction in (0, 1], got {subset}", BAD_INPUT_EXIT)
     check_params(params)
-    spec = (experiment_spec_from_stack_file(stage, environments=environments) if stage.startswith(EXPERIMENT_PREFIX)
-            else load_stages([stage], environments)[0])
+    if data is not None and not DATASET_NAME.fullmatch(data):
+        raise fail(f"--data '{excerpt(data)}' is no dataset name: give 'latest', or a dataset's sha256 or at least its "
+                   "first 8 hex characters (`mlops data list`)", BAD_INPUT_EXIT)
+    spec = stage_spec(stage, environments)
+    if data is not None and spec.swarm is not None:
+        raise fail(f"{stage} is a swarm stage: its datasets volume would be local to one node, so `mlops train --data` "
+                   "works on single-host stages only", BAD_INPUT_EXIT)
     try:
         password = credentials.mlflow_password(spec.stage, credentials.TRAINER)
         # Nodes pull the training image from the stage's registry with the credentials the run sends along.
@@ -200,8 +240,11 @@ def train(
     image = training_image(spec, environments)
     digest = image_digest(spec, image)
     check_stack_is_up(spec)
+    if data is not None:
+        check_volume(spec, DATASETS_VOLUME)
 
-    training_args = ["--subset", str(subset), "--seed", str(seed), *[f"--param={p}" for p in params]]
+    training_args = ["--subset", str(subset), "--seed", str(seed), *[f"--param={p}" for p in params],
+                     *(["--data", data] if data is not None else [])]
     if spec.release is not None:
         training_args += ["--model-name", spec.release.model.name]
     name = f"{spec.stage}-train-{uuid.uuid4().hex[:8]}"
@@ -213,7 +256,8 @@ def train(
         registered = report(lines)
     else:
         try:
-            exit_code, registered = stream_run(spec, run_arguments(spec, image, digest, name, training_args), password)
+            exit_code, registered = stream_run(
+                spec, run_arguments(spec, image, digest, name, training_args, with_datasets=data is not None), password)
         finally:
             docker(spec, "rm", "--force", name)
     if exit_code == BAD_INPUT_EXIT:

@@ -9,6 +9,7 @@ from prometheus_client import start_http_server
 
 from serving.app import InferenceApp
 from serving.drift import DriftMonitor, ProfileError
+from serving.sampling import RequestSampler
 from serving.startup import fetch_pinned_model
 
 PORT = 8080
@@ -45,7 +46,8 @@ def main() -> None:
     # The app refuses non-finite inputs itself, so the model need not check every request again.
     sklearn.set_config(assume_finite=True)
     app = InferenceApp(model, name=fetched.name, version=fetched.version, sha256=fetched.sha256,
-                       drift=drift_monitor(fetched.manifest, model.n_features_in_))
+                       drift=drift_monitor(fetched.manifest, model.n_features_in_),
+                       sampler=RequestSampler.from_env(model=fetched.name, version=fetched.version))
     start_http_server(METRICS_PORT, registry=app.metrics)
     uvicorn.run(app, host="0.0.0.0", port=PORT, loop="uvloop", http="httptools", lifespan="off",
                 access_log=False, server_header=False, date_header=False, timeout_keep_alive=KEEPALIVE_S,

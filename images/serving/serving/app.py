@@ -26,6 +26,7 @@ from serving.protocol import (BINARY_EXTENSION, JSON_CONTENT, BadRequest, Receiv
                               encode_infer_response, error_body, json_length, model_metadata, output_datatype,
                               read_body, respond)
 from serving.readiness import Readiness
+from serving.sampling import RequestSampler
 
 SERVER_METADATA = orjson.dumps({"name": "mlops-oip", "version": "1", "extensions": [BINARY_EXTENSION]})
 MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")
@@ -45,9 +46,11 @@ class Answer:
 
 class InferenceApp:
     """Serves `model` as `name` version `version` over V2 REST; `metrics` is exported on a port of its own.
-    With `drift`, every predicted batch also feeds the input drift scores."""
+    With `drift`, every predicted batch also feeds the input drift scores; with `sampler`, a share of its rows is
+    kept with the predictions."""
 
-    def __init__(self, model: Any, *, name: str, version: str, sha256: str, drift: DriftMonitor | None = None) -> None:
+    def __init__(self, model: Any, *, name: str, version: str, sha256: str, drift: DriftMonitor | None = None,
+                 sampler: RequestSampler | None = None) -> None:
         self.model = model
         self.name = name
         self.version = version
@@ -67,6 +70,9 @@ class InferenceApp:
         self.drift = drift
         if drift is not None:
             self.metrics.register(drift)
+        self.sampler = sampler
+        for counter in sampler.counters if sampler is not None else ():
+            self.metrics.register(counter)
         self.metadata = model_metadata(name, version, self.n_features, getattr(model, "classes_", None), [-1])
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
@@ -143,6 +149,8 @@ class InferenceApp:
                           failure=f"{type(error).__name__}: {error}")
         if self.drift is not None:
             self.drift.observe(request.features, predictions)
+        if self.sampler is not None:
+            self.sampler.observe(request.features, predictions)
         response: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
         if request.id is not None:
             response["id"] = request.id

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mlops_training.datasets import DATASETS_DIR
 from mlops_training.train import DEFAULT_MODEL_NAME, TrainingError, TrainingRequest, parse_param, train
 
 BAD_INPUT_EXIT = 2
@@ -23,6 +24,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                         help="estimator parameter, repeatable (e.g. n_estimators=50)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the subset, the held-out split and the estimator")
+    parser.add_argument("--data", metavar="NAME", help="train on this dataset of the datasets volume ('latest' or its "
+                                                        "sha256) instead of the built-in iris data")
+    parser.add_argument("--datasets-dir", type=Path, default=DATASETS_DIR, help="where the datasets volume is mounted")
     parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME, help="registered model name")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow server to log and register in (default: $MLFLOW_TRACKING_URI)")
@@ -42,14 +46,16 @@ def main(argv: list[str] | None = None) -> int:
         return BAD_INPUT_EXIT
     try:
         request = TrainingRequest(seed=args.seed, subset=args.subset, model_name=args.model_name,
-                                  params=dict(parse_param(assignment) for assignment in args.param))
-        progress(f"training {request.model_name}: subset={request.subset} seed={request.seed} params={request.params}")
-        result = train(request, args.output_dir or Path(tempfile.mkdtemp(prefix="training-")))
+                                  params=dict(parse_param(assignment) for assignment in args.param), dataset=args.data)
+        progress(f"training {request.model_name}: subset={request.subset} seed={request.seed} params={request.params}"
+                 f" data={request.dataset or 'built-in iris'}")
+        result = train(request, args.output_dir or Path(tempfile.mkdtemp(prefix="training-")), args.datasets_dir)
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT_EXIT
     metrics = " ".join(f"{key}={value}" for key, value in result.metrics.items())
     progress(f"trained: {metrics} sha256={result.model_sha256}")
+    progress(f"dataset: {result.manifest['inputs']['dataset']}")
     if not args.tracking_uri:
         print(f"TRAINED sha256={result.model_sha256} output_dir={result.model_path.parent}", flush=True)
         return 0

@@ -38,6 +38,7 @@ def register(result: TrainingResult, tracking_uri: str) -> int:
     mlflow.set_experiment(name)
     with mlflow.start_run() as run:
         mlflow.log_params({"seed": manifest["inputs"]["seed"], "subset": manifest["inputs"]["subset"],
+                           "dataset": manifest["inputs"]["dataset"],
                            **manifest["inputs"]["params"]})
         mlflow.log_metrics(result.metrics)
         mlflow.set_tags({"sha256": result.model_sha256, "code_version": manifest["inputs"]["code_version"]})

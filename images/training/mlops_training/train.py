@@ -1,5 +1,8 @@
 """Deterministic training: the same data, parameters, seed and environment give a byte-identical model.pkl.
 
+The data is scikit-learn's built-in iris set, or a dataset of the stage's datasets volume (mlops_training/datasets.py)
+named by the request; the manifest names either, with the sha256 of the arrays fitted on.
+
 Randomness comes only from `seed` (subset, held-out split and estimator), the estimator runs on one
 thread, and the pipeline is pickled with a fixed protocol, so the model's sha256 identifies the model.
 """
@@ -22,9 +25,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
+from mlops_training.datasets import DATASETS_DIR, FEATURE_NAMES, DatasetError, load
 from mlops_training.profile import reference_profile
 
 DEFAULT_MODEL_NAME = "iris-classifier"
+BUILT_IN_DATASET = "sklearn.datasets.load_iris"
 HELD_OUT_FRACTION = 0.25
 PICKLE_PROTOCOL = 5
 CODE_DIR = Path(__file__).resolve().parent
@@ -42,6 +47,8 @@ class TrainingRequest:
     subset: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
     model_name: str = DEFAULT_MODEL_NAME
+    dataset: str | None = None
+    """A dataset of the datasets volume (`latest`, or its sha256); None: the built-in iris data."""
 
     def __post_init__(self) -> None:
         """Reject bad inputs before any work, so a run either fails at once or trains."""
@@ -131,11 +138,23 @@ def select_subset(features: np.ndarray, labels: np.ndarray, request: TrainingReq
     return subset_features, subset_labels
 
 
-def train(request: TrainingRequest, output_dir: Path) -> TrainingResult:
+def training_data(request: TrainingRequest, datasets_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """Features, labels and how the manifest names them."""
+    if request.dataset is None:
+        iris = load_iris()
+        return iris.data, iris.target, {"dataset": BUILT_IN_DATASET}
+    try:
+        dataset = load(request.dataset, datasets_dir)
+    except DatasetError as err:
+        raise TrainingError(str(err)) from None
+    return dataset.features, dataset.labels, {"dataset": dataset.name, "dataset_sha256": dataset.sha256}
+
+
+def train(request: TrainingRequest, output_dir: Path, datasets_dir: Path = DATASETS_DIR) -> TrainingResult:
     """Fit the pipeline, then write `model.pkl` and `manifest.json` (inputs, environment, outputs) to `output_dir`."""
     estimator = new_estimator(request)
-    dataset = load_iris()
-    features, labels = select_subset(dataset.data, dataset.target, request)
+    all_features, all_labels, named = training_data(request, datasets_dir)
+    features, labels = select_subset(all_features, all_labels, request)
     try:
         train_features, test_features, train_labels, test_labels = train_test_split(
             features, labels, test_size=HELD_OUT_FRACTION, stratify=labels, random_state=request.seed)
@@ -158,8 +177,8 @@ def train(request: TrainingRequest, output_dir: Path) -> TrainingResult:
     manifest = {
         "model_name": request.model_name,
         "inputs": {
-            "dataset": "sklearn.datasets.load_iris",
-            "data_sha256": data_sha256(dataset.data, dataset.target),
+            **named,
+            "data_sha256": data_sha256(all_features, all_labels),
             "subset": request.subset,
             "seed": request.seed,
             "params": dict(sorted(request.params.items())),
@@ -171,7 +190,7 @@ def train(request: TrainingRequest, output_dir: Path) -> TrainingResult:
         "environment": environment(),
         "outputs": {"model_sha256": sha256_file(model_path), "metrics": metrics},
         # What the model was fitted on, which serving replicas score live inputs against (input drift).
-        "reference_profile": reference_profile(train_features, train_labels, list(dataset.feature_names)),
+        "reference_profile": reference_profile(train_features, train_labels, list(FEATURE_NAMES)),
     }
     manifest_path = output_dir / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

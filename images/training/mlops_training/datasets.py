@@ -1,0 +1,210 @@
+"""Labelled training data on the artifact store's datasets volume, and the serving samples to label next.
+
+A dataset is a CSV file named by the sha256 of its bytes (`<sha256>.csv`): a header of the model's feature
+names and `label`, then one row per example, every feature a finite number and every label a known class.
+`mlops data add` pipes a file to `add`, which checks it whole before anything is written, writes it in its
+canonical form (a `prediction` column, as `samples` exports, is dropped) to a temporary name on the volume
+and renames it, so a dataset is either complete under its name or absent. The file's modification time is
+when it was added; `latest` is the newest.
+
+Command line (run by `mlops data` in the training image; bad input: one `error:` line on stderr, exit 2):
+`add` (the CSV on stdin; prints `ADDED name=... rows=...` or `EXISTS name=... rows=...`), `list` (one JSON
+object per dataset), `samples` (every sampled row of the samples volume as CSV with an empty label column).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import load_iris
+
+DATASETS_DIR = Path("/data/datasets")
+SAMPLES_DIR = Path("/data/samples")
+LATEST = "latest"
+LABEL = "label"
+PREDICTION = "prediction"
+MAX_BYTES = 16 * 1024 * 1024
+MIN_NAME_PREFIX = 8
+# A number as numpy reads it back when training: ASCII decimal, optional exponent. Python's float() alone would
+# also take "1_0", "nan" and digits of other scripts.
+DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+BAD_INPUT_EXIT = 2
+_iris = load_iris()
+FEATURE_NAMES: tuple[str, ...] = tuple(_iris.feature_names)
+CLASSES: tuple[str, ...] = tuple(str(label) for label in np.unique(_iris.target))
+
+
+class DatasetError(ValueError):
+    """A file that is no dataset, or a dataset name that names none; one line saying what is wrong."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    path: Path
+    sha256: str
+    features: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def canonical_dataset(payload: bytes) -> tuple[bytes, int]:
+    """The dataset `payload` holds, in canonical form, and its row count; DatasetError names the first problem."""
+    if len(payload) > MAX_BYTES:
+        raise DatasetError(f"is more than {MAX_BYTES // (1024 * 1024)} MiB, the most a dataset may be")
+    try:
+        text = payload.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DatasetError(f"is not UTF-8 text (byte {err.start})") from None
+    rows = csv.reader(io.StringIO(text, newline=""))
+    expected = [*FEATURE_NAMES, LABEL]
+    try:
+        header = [column.strip() for column in next(rows)]
+    except StopIteration:
+        raise DatasetError(f"is empty; the first line must be the header {','.join(expected)}") from None
+    except csv.Error as err:
+        raise DatasetError(f"header: {err}") from None
+    if [column for column in header if column != PREDICTION] != expected:
+        raise DatasetError(f"the header must be {','.join(expected)} (a '{PREDICTION}' column is allowed and dropped), "
+                           f"got {','.join(header)[:200]}")
+    kept = [index for index, column in enumerate(header) if column != PREDICTION]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(expected)
+    count = 0
+    try:
+        for row in rows:
+            if not row:
+                continue  # a blank line
+            count += 1
+            where = f"row {count} (line {rows.line_num})"
+            if len(row) != len(header):
+                raise DatasetError(f"{where} has {len(row)} values, the header {len(header)}")
+            writer.writerow(_checked_row(where, [row[index].strip() for index in kept]))
+    except csv.Error as err:
+        raise DatasetError(f"line {rows.line_num}: {err}") from None
+    if count == 0:
+        raise DatasetError("has a header but no rows")
+    return out.getvalue().encode(), count
+
+
+def _checked_row(where: str, values: list[str]) -> list[str]:
+    *features, label = values
+    for name, value in zip(FEATURE_NAMES, features):
+        if not DECIMAL.fullmatch(value) or not math.isfinite(float(value)):
+            raise DatasetError(f"{where}, column '{name}': '{value[:40]}' is not a finite number")
+    if not label:
+        raise DatasetError(f"{where} has no label; label every row (or delete it) first")
+    if label not in CLASSES:
+        raise DatasetError(f"{where}: label '{label[:40]}' is not a known class "
+                           f"({', '.join(CLASSES)})")
+    return values
+
+
+def add(payload: bytes, directory: Path = DATASETS_DIR) -> tuple[str, int, bool]:
+    """Check `payload` and store its canonical form as `<sha256>.csv`; its name, rows and whether it is new."""
+    canonical, rows = canonical_dataset(payload)
+    name = f"{hashlib.sha256(canonical).hexdigest()}.csv"
+    target = directory / name
+    if target.exists():
+        return name, rows, False
+    temporary = directory / f".{name}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "xb") as handle:
+            handle.write(canonical)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return name, rows, True
+
+
+def stored(directory: Path = DATASETS_DIR) -> list[Path]:
+    """Every dataset, oldest first (by when it was added, then name)."""
+    return sorted(directory.glob("*.csv"), key=lambda path: (path.stat().st_mtime_ns, path.name))
+
+
+def resolve(name: str, directory: Path = DATASETS_DIR) -> Path:
+    """The dataset `name` designates: `latest`, `<sha256>.csv`, or a unique prefix of a sha256."""
+    datasets = stored(directory)
+    if name == LATEST:
+        if not datasets:
+            raise DatasetError("no dataset on the datasets volume yet; add one with `mlops data add`")
+        return datasets[-1]
+    sha = name.removesuffix(".csv")
+    matches = [path for path in datasets if path.stem.startswith(sha)] if len(sha) >= MIN_NAME_PREFIX else []
+    if len(matches) != 1:
+        how = "matches several" if matches else "names no dataset"
+        raise DatasetError(f"--data '{name[:80]}' {how} on the datasets volume; give 'latest', a dataset's sha256 or "
+                           f"at least {MIN_NAME_PREFIX} of its first characters (`mlops data list`)")
+    return matches[0]
+
+
+def load(name: str, directory: Path = DATASETS_DIR) -> Dataset:
+    """The features and labels of dataset `name`, after checking its bytes still match the sha256 it is named by."""
+    path = resolve(name, directory)
+    payload = path.read_bytes()
+    sha256 = hashlib.sha256(payload).hexdigest()
+    if path.name != f"{sha256}.csv":
+        raise DatasetError(f"dataset {path.name} holds bytes of sha256 {sha256}: it was changed after it was added")
+    table = np.loadtxt(io.StringIO(payload.decode()), delimiter=",", skiprows=1, ndmin=2)
+    return Dataset(path=path, sha256=sha256, features=table[:, :-1], labels=table[:, -1].astype(np.int64))
+
+
+def listing(directory: Path = DATASETS_DIR) -> list[dict]:
+    return [{"name": path.name, "sha256": path.stem, "rows": path.read_bytes().count(b"\n") - 1,
+             "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))}
+            for path in stored(directory)]
+
+
+def export_samples(out: io.TextIOBase, directory: Path = SAMPLES_DIR) -> int:
+    """Every sampled row of every replica's file as CSV ready for labelling; the rows written."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([*FEATURE_NAMES, PREDICTION, LABEL])
+    written = 0
+    for file in sorted(directory.glob("*.jsonl")):
+        with open(file, encoding="utf-8") as lines:
+            for line in lines:
+                if not line.endswith("\n"):
+                    break  # a replica is writing it right now; the next export has it whole
+                sample = json.loads(line)
+                writer.writerow([*(repr(float(value)) for value in sample["features"]), sample["prediction"], ""])
+                written += 1
+    return written
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else ""
+    try:
+        if command == "add":
+            name, rows, new = add(sys.stdin.buffer.read(MAX_BYTES + 1))
+            print(f"{'ADDED' if new else 'EXISTS'} name={name} rows={rows}")
+        elif command == "list":
+            for entry in listing():
+                print(json.dumps(entry))
+        elif command == "samples":
+            export_samples(sys.stdout)
+        else:
+            print("error: give add, list or samples", file=sys.stderr)
+            return BAD_INPUT_EXIT
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return BAD_INPUT_EXIT
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

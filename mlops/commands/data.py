@@ -1,0 +1,188 @@
+"""`mlops data`: the labelled training data on a stage's artifact store, and the serving samples to label next.
+
+Every command runs one short-lived container of the stage's training image on the stage's Docker host (the
+image's `mlops_training.datasets`, which holds the dataset format: the model's feature names, its classes and
+the size bound), hardened like every run of the CLI's own, without a network, with only the one volume it
+needs mounted: `add` the datasets volume read-write, `list` it read-only, `samples` the samples volume
+read-only. `add` checks a file whole in that container before writing anything, then writes it under a
+temporary name and renames it to `<sha256>.csv`. On a swarm the volumes would be local to whichever node ran
+the container, so these commands, like `mlops train --data`, work on single-host stages only.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import IO, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, SAMPLES_DIR, SAMPLES_VOLUME, volume_name
+from mlops import credentials
+from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
+from mlops.commands.train import (BAD_INPUT_EXIT, check_volume, confined_options, docker, docker_env, fail,
+                                  image_digest, one_host_options, stage_spec, training_image)
+from mlops.errors import one_line
+from mlops.modelstore import BasicAuth, MlflowStore, StoreError
+from mlops.reach import StageReach, Unreachable
+from mlops.spec import StageSpec, load_stages
+
+app = typer.Typer(no_args_is_help=True, help="Training data on a stage's artifact store: add, list, export samples, "
+                                             "and whether the newest is fresh.")
+console = Console(highlight=False, soft_wrap=True)
+DATA_RUN_MEMORY = "256m"
+DATASETS_MODULE = ("python3", "-m", "mlops_training.datasets")
+NOT_FRESH_EXIT = 1
+
+
+def single_host_spec(stage: str, environments: Path) -> StageSpec:
+    spec = stage_spec(stage, environments)
+    if spec.swarm is not None:
+        raise fail(f"{stage} is a swarm stage: its datasets and samples volumes would be local to one node, so "
+                   "`mlops data` and `mlops train --data` work on single-host stages only", BAD_INPUT_EXIT)
+    return spec
+
+
+def stored_datasets(spec: StageSpec, environments: Path) -> list[dict]:
+    """The stage's datasets, oldest first: name, sha256, rows, added."""
+    ran = run_in_stage(spec, environments, DATASETS_VOLUME, DATASETS_DIR, True, ["list"])
+    return [json.loads(line) for line in ran.stdout.decode().splitlines()]
+
+
+def trained_on(spec: StageSpec, served: StageSpec) -> Optional[str]:
+    """The sha256 of the dataset `served`'s model was trained on, as its manifest in `spec`'s MLflow records it
+    (every model is trained, so registered, there first); None for a model of the built-in data or no model."""
+    if served.release is None:
+        return None
+    pin = served.release.model
+    try:
+        password = credentials.mlflow_password(spec.stage, credentials.READER)
+        with StageReach(spec) as reach:
+            store = MlflowStore(reach.model_registry_url(), BasicAuth(credentials.READER, password))
+            version = store.latest_version(pin.name) if pin.version == "latest" else store.find_version(pin.name,
+                                                                                                        pin.sha256)
+            if version is None:
+                raise fail(f"{served.stage}'s model {pin.name} (sha256 {pin.sha256}) is not in {spec.stage}'s MLflow, "
+                           "where it was trained: cannot tell which data it was trained on", BAD_INPUT_EXIT)
+            manifest = json.loads(store.fetch(pin.name, version).files["manifest.json"])
+    except (credentials.MissingSecret, Unreachable, StoreError) as err:
+        raise fail(str(err), BAD_INPUT_EXIT) from None
+    return manifest["inputs"].get("dataset_sha256")
+
+
+def data_run_arguments(spec: StageSpec, image: str, volume: str, mount: str, read_only: bool,
+                       command: list[str]) -> list[str]:
+    """A throw-away, networkless, hardened run of the training image's datasets module with `volume` mounted."""
+    return ["run", "--rm", "--interactive", "--network", "none", *confined_options(spec, "data-run"),
+            *one_host_options(), "--memory", DATA_RUN_MEMORY, "--memory-swap", DATA_RUN_MEMORY, "--cpus", "1",
+            "--volume", f"{volume_name(spec.stage, volume)}:{mount}{':ro' if read_only else ''}",
+            "--entrypoint", DATASETS_MODULE[0], image, *DATASETS_MODULE[1:], *command]
+
+
+def run_in_stage(spec: StageSpec, environments: Path, volume: str, mount: str, read_only: bool, command: list[str],
+                 stdin: Optional[IO[bytes]] = None, refused: str = "") -> subprocess.CompletedProcess[bytes]:
+    """Run `command` of the datasets module on the stage's host; on bad input exit 2 with the image's error line
+    after `refused` (what was refused), on anything else fail naming the stage."""
+    if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
+        raise fail(f"no Docker engine answers at {spec.docker.url}")
+    check_volume(spec, volume)
+    image = training_image(spec, environments)
+    image_digest(spec, image)  # says how to get the image when it is not on the host
+    ran = subprocess.run(["docker", *data_run_arguments(spec, image, volume, mount, read_only, command)],
+                         stdin=stdin if stdin is not None else subprocess.DEVNULL, capture_output=True,
+                         env=docker_env(spec))
+    if ran.returncode != 0:
+        problem = (ran.stderr.decode(errors="replace").strip().splitlines() or [f"exit code {ran.returncode}"])[-1]
+        if ran.returncode == BAD_INPUT_EXIT and problem.startswith("error: "):
+            raise fail(refused + problem.removeprefix("error: "), BAD_INPUT_EXIT)
+        raise fail(f"the data run on {spec.stage}'s host ({spec.docker.url}) failed: {problem}")
+    return ran
+
+
+@app.command("add")
+@reads_specs
+def add(file: Path = typer.Argument(..., help="a CSV file: the model's feature names and `label` as header"),
+        stage: str = typer.Option(..., "--stage", help="whose datasets volume"),
+        environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+    """Check a labelled CSV file and add it to the stage's datasets volume as <sha256>.csv.
+
+    Bad input (header, a value that is not a finite number, a missing or unknown label, too large): one line
+    naming the file and the row, exit 2, nothing written."""
+    spec = single_host_spec(stage, environments)
+    try:
+        handle = open(file, "rb")
+    except OSError as err:
+        raise fail(f"{file}: {err.strerror}", BAD_INPUT_EXIT) from None
+    with handle:
+        ran = run_in_stage(spec, environments, DATASETS_VOLUME, DATASETS_DIR, False, ["add"], stdin=handle,
+                           refused=f"{file}: ")
+    console.print(f"{file}: {ran.stdout.decode().strip()} on {volume_name(spec.stage, DATASETS_VOLUME)}", markup=False)
+
+
+@app.command("list")
+@reads_specs
+def list_datasets(stage: str = typer.Option(..., "--stage", help="whose datasets volume"),
+                  as_json: bool = typer.Option(False, "--json", help="one JSON object per dataset, oldest first"),
+                  environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+    """The datasets on the stage's datasets volume, oldest first: name (sha256), rows, when added."""
+    datasets = stored_datasets(single_host_spec(stage, environments), environments)
+    if as_json:
+        typer.echo(json.dumps(datasets))
+        return
+    if not datasets:
+        console.print(f"{stage}: no datasets yet; add one with `mlops data add --stage {stage} FILE.csv`", markup=False)
+        return
+    table = Table("sha256", "rows", "added (UTC)", title=f"{stage}: datasets ({volume_name(stage, DATASETS_VOLUME)})")
+    for dataset in datasets:
+        table.add_row(dataset["sha256"], str(dataset["rows"]), dataset["added"])
+    console.print(table)
+
+
+@app.command("samples")
+@reads_specs
+def samples(stage: str = typer.Option(..., "--stage", help="whose serving samples"),
+            out: Path = typer.Option(..., "--out", help="the CSV file to write: feature columns, `prediction`, "
+                                                        "an empty `label` column to fill in"),
+            environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+    """Export every row the stage's replicas sampled, with its prediction, as a CSV ready for labelling."""
+    spec = single_host_spec(stage, environments)
+    if spec.serving.sampling is None:
+        raise fail(f"{stage} does not sample requests: declare serving.sampling (docs/contracts.md says what it "
+                   "keeps)", BAD_INPUT_EXIT)
+    ran = run_in_stage(spec, environments, SAMPLES_VOLUME, SAMPLES_DIR, True, ["samples"])
+    temporary = out.with_name(f".{out.name}.tmp")
+    try:
+        temporary.write_bytes(ran.stdout)
+        temporary.replace(out)
+    except OSError as err:
+        temporary.unlink(missing_ok=True)
+        raise fail(f"{out}: {err.strerror}", BAD_INPUT_EXIT) from None
+    rows = ran.stdout.count(b"\n") - 1
+    console.print(one_line(f"{out}: {rows} sampled rows; fill in `label`, then `mlops data add --stage {stage} {out}`"),
+                  markup=False)
+
+
+@app.command("fresh")
+@reads_specs
+def fresh(stage: str = typer.Option(..., "--stage", help="where training runs: whose datasets and MLflow"),
+          serving: str = typer.Option(..., "--serving", help="the stage whose served model is compared"),
+          environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+    """Whether the stage's newest dataset is newer than the one SERVING's model was trained on.
+
+    Exit 0 printing `FRESH name=... rows=... added=...`; 1 when there is no dataset, or the newest is the one the
+    served model was trained on (retraining would learn nothing new); 2 bad input or MLflow not answering."""
+    spec = single_host_spec(stage, environments)
+    served = load_stages([serving], environments)[0]
+    datasets = stored_datasets(spec, environments)
+    if not datasets:
+        console.print(f"no dataset on {volume_name(stage, DATASETS_VOLUME)}: nothing fresh to train on; add one with "
+                      f"`mlops data add --stage {stage} FILE.csv`", markup=False)
+        raise typer.Exit(NOT_FRESH_EXIT)
+    newest = datasets[-1]
+    if trained_on(spec, served) == newest["sha256"]:
+        console.print(f"no dataset newer than {newest['name']} (added {newest['added']}), which {serving}'s model was "
+                      "trained on: retraining would learn nothing new", markup=False)
+        raise typer.Exit(NOT_FRESH_EXIT)
+    console.print(f"FRESH name={newest['name']} rows={newest['rows']} added={newest['added']}", markup=False)
