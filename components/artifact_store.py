@@ -11,7 +11,7 @@ import pulumi_docker as docker
 from mlops.spec import ArtifactStoreSpec
 
 DATASETS_VOLUME = "datasets"
-VOLUMES = ("artifacts", "mlflow-db", "registry-data", DATASETS_VOLUME)
+VOLUMES = ("artifacts", "mlflow-db", "registry-data")
 METRICS_VOLUME = "metrics"
 ROLLOUT_VOLUME = "rollout"
 SAMPLES_VOLUME = "samples"
@@ -35,6 +35,9 @@ class ArtifactStoreArgs(TypedDict):
     metrics: bool
     """Also hold Prometheus's time series and the rollout controller's event log (stages that declare
     `monitoring`)."""
+    datasets: bool
+    """Also hold labelled training data (single-host stages: on a swarm the volume would be local to whichever
+    node ran `mlops data`, so it refuses a swarm stage)."""
     samples: bool
     """Also hold the rows serving samples (stages that declare `serving.sampling`)."""
 
@@ -45,7 +48,7 @@ class ArtifactStore(pulumi.ComponentResource):
     registry_data_volume: pulumi.Output[str]
     metrics_volume: Optional[pulumi.Output[str]]
     rollout_volume: Optional[pulumi.Output[str]]
-    datasets_volume: pulumi.Output[str]
+    datasets_volume: Optional[pulumi.Output[str]]
     samples_volume: Optional[pulumi.Output[str]]
 
     def __init__(self, name: str, args: ArtifactStoreArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -65,7 +68,8 @@ class ArtifactStore(pulumi.ComponentResource):
                 # Protect (prod) makes Pulumi refuse the delete outright.
                 opts=pulumi.ResourceOptions(parent=self, protect=protect, retain_on_delete=retain),
             ).name
-            for volume in VOLUMES + ((METRICS_VOLUME, ROLLOUT_VOLUME) if args["metrics"] else ())
+            for volume in VOLUMES + ((DATASETS_VOLUME,) if args["datasets"] else ())
+            + ((METRICS_VOLUME, ROLLOUT_VOLUME) if args["metrics"] else ())
             + ((SAMPLES_VOLUME,) if args["samples"] else ())
         }
         self.artifacts_volume = volumes["artifacts"]
@@ -73,7 +77,7 @@ class ArtifactStore(pulumi.ComponentResource):
         self.registry_data_volume = volumes["registry-data"]
         self.metrics_volume = volumes.get(METRICS_VOLUME)
         self.rollout_volume = volumes.get(ROLLOUT_VOLUME)
-        self.datasets_volume = volumes[DATASETS_VOLUME]
+        self.datasets_volume = volumes.get(DATASETS_VOLUME)
         self.samples_volume = volumes.get(SAMPLES_VOLUME)
         self.register_outputs({
             "artifacts_volume": self.artifacts_volume,
@@ -81,6 +85,6 @@ class ArtifactStore(pulumi.ComponentResource):
             "registry_data_volume": self.registry_data_volume,
             **({"metrics_volume": self.metrics_volume} if self.metrics_volume is not None else {}),
             **({"rollout_volume": self.rollout_volume} if self.rollout_volume is not None else {}),
-            "datasets_volume": self.datasets_volume,
+            **({"datasets_volume": self.datasets_volume} if self.datasets_volume is not None else {}),
             **({"samples_volume": self.samples_volume} if self.samples_volume is not None else {}),
         })

@@ -92,7 +92,7 @@ class MLOpsStack(pulumi.ComponentResource):
         store = ArtifactStore(f"{stack}-artifact-store",
                               {"stack": stack, "spec": spec.artifact_store, "labels": identity,
                                "retain_on_delete": spec.kind != "experiment", "metrics": spec.monitoring is not None,
-                               "samples": spec.serving.sampling is not None},
+                               "datasets": spec.swarm is None, "samples": spec.serving.sampling is not None},
                               opts=child)
         registry_args = {"stack": stack, "spec": spec.model_registry, "builds": builds,
                          "artifacts_volume": store.artifacts_volume, "mlflow_db_volume": store.mlflow_db_volume,

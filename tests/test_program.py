@@ -393,7 +393,7 @@ def test_the_pulumi_entry_point_reports_a_bad_spec_without_a_traceback(environme
         runpy.run_path(str(REPO_ROOT / "__main__.py"))
 
 
-def test_the_datasets_volume_of_every_stage_and_the_samples_volume_when_sampling_is_declared(environments):
+def test_the_datasets_volume_of_a_single_host_stage_and_the_samples_volume_when_sampling_is_declared(environments):
     (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text().replace(
         "  build: images/serving", "  build: images/serving\n  replicas: 2\n  sampling: {fraction: 0.25, max_mb: 3}"))
     named = by_name(render("dev", environments, reveal_secrets=True))

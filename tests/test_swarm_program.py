@@ -390,3 +390,10 @@ def test_waiting_for_a_job_reports_why_it_is_not_scheduled_and_returns_its_exit_
         return subprocess.CompletedProcess(args, 1, stdout="", stderr="no such service")
 
     assert swarm_training.finished_task(removed_meanwhile, spec, "job", reasons.append) == ("removed", 1)
+
+
+def test_a_swarm_stage_declares_no_datasets_volume_which_mlops_data_refuses_there(cluster):
+    """On a swarm the volume would be local to whichever node ran `mlops data`: declared, it would be dead."""
+    volumes = {resource.inputs["name"] for resource in cluster.values() if resource.type == "docker:index/volume:Volume"}
+    assert volumes == {"cluster-artifacts", "cluster-mlflow-db", "cluster-registry-data", "cluster-metrics",
+                       "cluster-rollout"}
