@@ -22,8 +22,8 @@ from rich.table import Table
 from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, SAMPLES_DIR, SAMPLES_VOLUME, volume_name
 from mlops import credentials
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
-from mlops.commands.train import (BAD_INPUT_EXIT, check_volume, confined_options, docker, docker_env, fail,
-                                  image_digest, one_host_options, stage_spec, training_image)
+from mlops.commands.train import (BAD_INPUT_EXIT, check_engine, check_volume, confined_options, docker_env,
+                                  fail, image_digest, one_host_options, stage_spec, training_image)
 from mlops.errors import one_line
 from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops.reach import StageReach, Unreachable
@@ -85,8 +85,7 @@ def run_in_stage(spec: StageSpec, environments: Path, volume: str, mount: str, r
                  stdin: Optional[IO[bytes]] = None, refused: str = "") -> subprocess.CompletedProcess[bytes]:
     """Run `command` of the datasets module on the stage's host; on bad input exit 2 with the image's error line
     after `refused` (what was refused), on anything else fail naming the stage."""
-    if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
-        raise fail(f"no Docker engine answers at {spec.docker.url}")
+    check_engine(spec)
     check_volume(spec, volume)
     image = training_image(spec, environments)
     image_digest(spec, image)  # says how to get the image when it is not on the host

@@ -119,6 +119,11 @@ def image_digest(spec: StageSpec, image: str) -> str:
     return next(iter(json.loads(repo_digests) or []), image_id)
 
 
+def check_engine(spec: StageSpec) -> None:
+    if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
+        raise fail(f"no Docker engine answers at {spec.docker.url}")
+
+
 def check_volume(spec: StageSpec, volume: str) -> None:
     """A volume the CLI mounts must be the stack's: `docker run` would silently create an empty one."""
     physical = volume_name(spec.stage, volume)
@@ -235,8 +240,7 @@ def train(
         registry_password = credentials.registry_password(spec.stage) if spec.swarm is not None else ""
     except credentials.MissingSecret as err:
         raise fail(str(err)) from None
-    if docker(spec, "info", "--format", "{{.ServerVersion}}").returncode != 0:
-        raise fail(f"no Docker engine answers at {spec.docker.url}")
+    check_engine(spec)
     image = training_image(spec, environments)
     digest = image_digest(spec, image)
     check_stack_is_up(spec)
