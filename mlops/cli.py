@@ -12,6 +12,7 @@ from mlops.errors import NotInProject, SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="The MLOps stack as code: validate, plan, train, diff, promote, run experiments and check a stage.")
+app.command()(specs.stages)
 app.command()(specs.validate)
 app.command()(specs.plan)
 app.command()(diff.diff)

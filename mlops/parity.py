@@ -19,7 +19,7 @@ from mlops.spec import ENVIRONMENTS_DIR, ParityRules, StageSpec, load_stages
 from mlops.yamlsource import load_yaml_source
 
 # What a stage is, not what it runs: these differ between any two stages by definition.
-PER_STAGE_FIELDS = {"stage", "kind", "experiment"}
+PER_STAGE_FIELDS = {"stage", "kind", "promote_from", "experiment"}
 
 
 @dataclass(frozen=True)

@@ -343,7 +343,10 @@ class Promoter:
         target = load_stage(target_stage, self.environments)
         if target.builds_workloads:
             raise PromotionRefused(f"{target_stage} builds its own images and follows its newest model; "
-                                   "promote into staging or prod")
+                                   "promote into a staging or prod stage")
+        if target.promote_from != source_stage:
+            raise PromotionRefused(f"{target_stage} is promoted from {target.promote_from} "
+                                   f"({target_file.name}: promote_from), not from {source_stage}")
         if source.release is None:
             raise PromotionRefused(f"{source_stage} has no release to promote: nothing was promoted to it yet")
         _refuse_unless_committed(target_file)

@@ -389,7 +389,7 @@ def test_the_pulumi_entry_point_reports_a_bad_spec_without_a_traceback(environme
     # The entry point reads the shipped environments/; point its default at the broken copy.
     monkeypatch.setattr(spec_module.load_stages, "__defaults__", (environments,))
     plan.mock_runtime("prod")
-    with pytest.raises(pulumi.RunError, match=r"prod.yaml:16: serving.replicas: prod serves with at least 2 replicas"):
+    with pytest.raises(pulumi.RunError, match=r"prod.yaml:19: serving.replicas: prod serves with at least 2 replicas"):
         runpy.run_path(str(REPO_ROOT / "__main__.py"))
 
 

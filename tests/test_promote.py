@@ -169,7 +169,7 @@ def test_promote_pins_release_keeps_comments_and_copies_the_model(promotable, re
     assert sorted(image_registries.copies) == [("127.0.0.1:5201", "prod/serving", FIXTURE_SERVING_DIGEST),
                                                ("127.0.0.1:5201", "prod/training", FIXTURE_TRAINING_DIGEST)]
     keys = list(YAML().load(after))
-    assert keys == ["labels", "artifact_store", "model_registry", "image_registry", "serving", "release", "monitoring",
+    assert keys == ["kind", "promote_from", "labels", "artifact_store", "model_registry", "image_registry", "serving", "release", "monitoring",
                     "gates"]
     assert "+release:" in result.output and "promoted iris-classifier" in result.output
 
