@@ -752,13 +752,19 @@ def check_promotions(specs: dict[str, StageSpec], environments: Path) -> None:
 
 
 def promotion_order(specs: dict[str, StageSpec]) -> list[str]:
-    """The stages so that each comes after the stage it is promoted from: each chain from its building stage
-    on, stages that branch from one stage in name order."""
+    """The stages so that each comes after the stage it is promoted from: chain after chain, the longest first
+    (a deployment in this order meets dev -> staging -> prod before a lone example stage), stages promoted from
+    one stage in name order."""
     promoted_into: dict[Optional[str], list[str]] = {}
     for name in sorted(specs):
         promoted_into.setdefault(specs[name].promote_from, []).append(name)
+
+    def downstream(name: str) -> int:
+        return sum(1 + downstream(child) for child in promoted_into.get(name, []))
+
     order: list[str] = []
-    pending = list(reversed(promoted_into.get(None, [])))
+    roots = sorted(promoted_into.get(None, []), key=lambda root: (-downstream(root), root))
+    pending = list(reversed(roots))
     while pending:
         name = pending.pop()
         order.append(name)

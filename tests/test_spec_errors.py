@@ -147,7 +147,7 @@ def test_plan_of_a_broken_spec_declares_nothing(environments):
 def test_shipped_stages_validate(monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "validate")
     assert (code, err) == (0, "")
-    assert out.splitlines() == ["ok cluster: serving iris-classifier, newest version, 3 replica(s)",
-                                "ok dev: serving iris-classifier, newest version, 1 replica(s)",
+    assert out.splitlines() == ["ok dev: serving iris-classifier, newest version, 1 replica(s)",
                                 "ok staging: nothing promoted yet: no serving",
-                                "ok prod: nothing promoted yet: no serving"]
+                                "ok prod: nothing promoted yet: no serving",
+                                "ok cluster: serving iris-classifier, newest version, 3 replica(s)"]

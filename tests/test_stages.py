@@ -78,13 +78,13 @@ def test_the_shipped_stages_and_their_promotion_chain():
     assert result.exit_code == 0, result.output
     listing = json.loads(result.output)
     assert [(stage["name"], stage["kind"], stage["promote_from"], stage["swarm"]) for stage in listing["stages"]] == [
-        ("cluster", "dev", None, True), ("dev", "dev", None, False), ("staging", "staging", "dev", False),
-        ("prod", "prod", "staging", False)]
+        ("dev", "dev", None, False), ("staging", "staging", "dev", False), ("prod", "prod", "staging", False),
+        ("cluster", "dev", None, True)]
     assert listing["promotions"] == [["dev", "staging"], ["staging", "prod"]]
     text = invoke(ENVIRONMENTS_DIR, "stages").output.splitlines()
-    assert [line.split()[:2] for line in text] == [["cluster", "dev"], ["dev", "dev"], ["staging", "staging"],
-                                                   ["prod", "prod"]]
-    assert text[3].endswith("promoted from staging")
+    assert [line.split()[:2] for line in text] == [["dev", "dev"], ["staging", "staging"], ["prod", "prod"],
+                                                   ["cluster", "dev"]]
+    assert text[2].endswith("promoted from staging")
 
 
 def test_adding_qa_and_prod_eu_needs_only_yaml(environments):
@@ -93,7 +93,7 @@ def test_adding_qa_and_prod_eu_needs_only_yaml(environments):
     validated = invoke(environments, "validate")
     assert validated.exit_code == 0, validated.output
     assert [line.split(":")[0] for line in validated.output.splitlines()] == [
-        "ok cluster", "ok dev", "ok staging", "ok qa", "ok prod", "ok prod-eu"]
+        "ok dev", "ok staging", "ok qa", "ok prod", "ok prod-eu", "ok cluster"]
     listing = json.loads(invoke(environments, "stages", "--format", "json").output)
     assert listing["promotions"] == [["dev", "staging"], ["staging", "qa"], ["qa", "prod"], ["qa", "prod-eu"]]
 
@@ -185,7 +185,7 @@ def test_every_stage_is_checked_when_one_is_loaded(environments):
 
 def test_promotion_order_puts_each_stage_after_its_source(environments):
     add_qa_and_prod_eu(environments)
-    assert promotion_order(load_all_stages(environments)) == ["cluster", "dev", "staging", "qa", "prod", "prod-eu"]
+    assert promotion_order(load_all_stages(environments)) == ["dev", "staging", "qa", "prod", "prod-eu", "cluster"]
 
 
 def test_promote_refuses_a_source_the_target_does_not_name(environments):

@@ -77,14 +77,73 @@ def test_pull_requests_test_then_post_preview_and_diff_per_touched_stage():
     assert any(step.get("uses", "").startswith("actions/github-script@") for step in preview["steps"])
 
 
-def test_pushes_to_main_deploy_dev_staging_then_approved_prod():
+def run_step(workflow: str, job: str, step_id: str) -> str:
+    return next(step["run"] for step in load(workflow)["jobs"][job]["steps"] if step.get("id") == step_id)
+
+
+def bash(script: str, environments: Path, **env: str) -> str:
+    """A workflow step's script, with this project's `mlops` reading `environments` in place of `.venv/bin/mlops`,
+    and the $GITHUB_OUTPUT it wrote."""
+    import os
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        shim = Path(scratch) / "mlops"
+        shim.write_text(f"#!/bin/bash\nexec {sys.executable} -m mlops \"$1\" --environments {environments} \"${{@:2}}\"\n")
+        shim.chmod(0o755)
+        output = Path(scratch) / "output"
+        subprocess.run(["bash", "-euo", "pipefail", "-c", script.replace(".venv/bin/mlops", str(shim))], check=True,
+                       cwd=REPO_ROOT, capture_output=True, text=True,
+                       env={**os.environ, **env, "GITHUB_OUTPUT": str(output)})
+        return output.read_text()
+
+
+def test_pushes_to_main_deploy_every_stage_in_promotion_order_prod_kinds_approved(environments):
     deploy = load("deploy.yml")
     assert deploy[True]["push"]["branches"] == ["main"]
-    jobs = deploy["jobs"]
-    assert [(name, job["with"]["stage"], job.get("needs")) for name, job in jobs.items()] == [
-        ("dev", "dev", None), ("staging", "staging", "dev"), ("prod", "prod", "staging")]
-    assert jobs["prod"]["with"]["environment"] == "production"
-    up = load("pulumi-up.yml")["jobs"]["up"]
-    assert up["environment"] == "${{ inputs.environment }}"
-    assert any('pulumi up --yes' in step.get("run", "") for step in up["steps"])
-    assert up["env"]["PULUMI_CONFIG_PASSPHRASE"] == "${{ secrets.PULUMI_CONFIG_PASSPHRASE }}"
+    up = deploy["jobs"]["up"]
+    assert up["strategy"] == {"max-parallel": 1, "fail-fast": True,
+                              "matrix": {"include": "${{ fromJSON(needs.stages.outputs.stages) }}"}}
+    assert up["with"] == {"stage": "${{ matrix.stage }}", "environment": "${{ matrix.environment }}"}
+    from tests.test_stages import add_qa_and_prod_eu
+
+    add_qa_and_prod_eu(environments)
+    listed = bash(run_step("deploy.yml", "stages", "list"), environments)
+    assert json.loads(listed.removeprefix("stages=")) == [
+        {"stage": "dev", "environment": "dev"}, {"stage": "staging", "environment": "staging"},
+        {"stage": "qa", "environment": "qa"}, {"stage": "prod", "environment": "production"},
+        {"stage": "prod-eu", "environment": "production"}, {"stage": "cluster", "environment": "cluster"}]
+    pulumi_up = load("pulumi-up.yml")["jobs"]["up"]
+    assert pulumi_up["environment"] == "${{ inputs.environment }}"
+    assert any('pulumi up --yes' in step.get("run", "") for step in pulumi_up["steps"])
+    assert pulumi_up["env"]["PULUMI_CONFIG_PASSPHRASE"] == "${{ secrets.PULUMI_CONFIG_PASSPHRASE }}"
+
+
+def test_a_pull_request_previews_the_stages_its_files_touch(environments, tmp_path):
+    from tests.test_stages import add_qa_and_prod_eu
+
+    add_qa_and_prod_eu(environments)
+    touched = run_step("pr.yml", "stages", "touched")
+    changed = {"environments/qa.yaml\nREADME.md": ["qa"], "Pulumi.prod-eu.yaml\nenvironments/prod.yaml": ["prod", "prod-eu"],
+               "docs/stages.md": [], "environments/gone.yaml": [],
+               "components/stack.py": ["dev", "staging", "qa", "prod", "prod-eu", "cluster"]}
+    for files, stages in changed.items():
+        script = touched.replace('"$(git diff --name-only "origin/${BASE_REF}...HEAD")"', f"'{files}'")
+        assert json.loads(bash(script, environments).split("stages=", 1)[1]) == stages, files
+
+
+def test_retraining_trains_at_the_head_of_the_drifted_stages_chain_and_promotes_one_step(environments):
+    from tests.test_stages import add_qa_and_prod_eu
+
+    add_qa_and_prod_eu(environments)
+    chain = run_step("retrain.yml", "drift", "chain")
+    assert bash(chain, environments, STAGE="prod-eu").splitlines() == [
+        "builder=dev", "next=staging", "builder_key=DEV", "next_key=STAGING"]
+    assert bash(chain, environments, STAGE="dev").splitlines() == ["builder=dev", "next=", "builder_key=DEV",
+                                                                   "next_key="]
+    retrain = load("retrain.yml")["jobs"]["retrain"]
+    assert retrain["if"] == "needs.drift.outputs.drifted == 'true' && needs.drift.outputs.next != ''"
+    commands = "\n".join(step.get("run", "") for step in retrain["steps"])
+    assert '.venv/bin/mlops promote --from "$BUILDER" --to "$NEXT"' in commands
+    assert '.venv/bin/mlops train --stage "$BUILDER" --data latest' in commands

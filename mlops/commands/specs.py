@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 
 from mlops import plan as planning
-from mlops.spec import environments_dir, load_all_stages, load_stages, project_of, promotion_order, working_on
+from mlops.spec import (environments_dir, load_all_stages, load_stages, project_of, promotion_order, stage_file,
+                        working_on)
 
 console = Console()
 
@@ -54,10 +55,18 @@ def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to 
 
 @reads_specs
 def stages(output: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json"),
+           chain: Optional[str] = typer.Option(None, "--chain", metavar="STAGE",
+                                               help="only the stages a release passes on its way to STAGE, from the "
+                                                    "stage that builds it"),
            environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
     """List the stages in promotion order, each after the stage it is promoted from: what workflows iterate over."""
     every = load_all_stages(environments)
     order = promotion_order(every)
+    if chain is not None:
+        stage_file(chain, environments)
+        order = [chain]
+        while (source := every[order[0]].promote_from) is not None:
+            order.insert(0, source)
     if output is OutputFormat.json:
         typer.echo(json.dumps({"stages": [{"name": name, "kind": every[name].kind, "promote_from": every[name].promote_from,
                                            "swarm": every[name].swarm is not None, "docker_url": every[name].docker.url}
