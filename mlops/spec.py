@@ -146,9 +146,60 @@ class Limits(StrictModel):
         return cpus
 
 
+# ssh options a stage file may pass to `ssh` (mlops's tunnels, the provider's connection): each decides how to
+# connect and authenticate, none runs a command, reads another config file or forwards anything. ProxyCommand,
+# LocalCommand, PermitLocalCommand, KnownHostsCommand, Match exec, -F and the like would run what a pull request
+# wrote on the machine of whoever runs `mlops status` or `pulumi preview` on its branch.
+SSH_OPTIONS = ("AddressFamily", "BatchMode", "CheckHostIP", "Ciphers", "Compression", "ConnectionAttempts",
+               "ConnectTimeout", "GlobalKnownHostsFile", "HashKnownHosts", "HostKeyAlgorithms", "HostKeyAlias",
+               "IdentitiesOnly", "IdentityFile", "KbdInteractiveAuthentication", "KexAlgorithms", "LogLevel", "MACs",
+               "PasswordAuthentication", "Port", "PreferredAuthentications", "PubkeyAuthentication",
+               "ServerAliveCountMax", "ServerAliveInterval", "StrictHostKeyChecking", "TCPKeepAlive", "User",
+               "UserKnownHostsFile")
+SSH_FLAGS_WITH_VALUE = {"-i": "IdentityFile", "-p": "Port", "-l": "User"}
+SSH_FLAGS = ("-4", "-6", "-C", "-q", "-v")
+# A value is a file name, a number, a word or a list of algorithms: never an option, a space or a quote.
+SSH_VALUE = re.compile(r"[A-Za-z0-9_./~%@:+,=][A-Za-z0-9_./~%@:+,=-]{0,254}")
+URL_HOST = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?|[0-9a-f:.]+")  # urlsplit's hostname: lowercase, no brackets
+URL_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}")
+
+
+def _ssh_option_problem(option: str, value: str) -> Optional[str]:
+    known = {name.lower(): name for name in SSH_OPTIONS}
+    if option.lower() not in known:
+        return (f"ssh option '{excerpt(option)}' is not allowed in a stage file; allowed: -i FILE, -p PORT, -l USER, "
+                f"{', '.join(SSH_FLAGS)} and -o NAME=VALUE with NAME one of {', '.join(SSH_OPTIONS)}")
+    if not SSH_VALUE.fullmatch(value):
+        return (f"'{excerpt(value)}' is no value for ssh option {known[option.lower()]}: a file name, number or word, "
+                "without spaces, quotes or a leading '-'")
+    return None
+
+
+def ssh_opts_problem(opts: list[str]) -> Optional[str]:
+    """Why `opts` could do more than connect, or None."""
+    remaining = list(opts)
+    while remaining:
+        flag = remaining.pop(0)
+        if flag in SSH_FLAGS:
+            continue
+        name = SSH_FLAGS_WITH_VALUE.get(flag[:2]) if flag[:2] != "-o" else None
+        if flag[:2] == "-o" or name is not None:
+            argument = flag[2:] or (remaining.pop(0) if remaining else "")
+            option, _, value = argument.partition("=") if flag[:2] == "-o" else (name, "", argument)
+            if flag[:2] == "-o" and not _:
+                return f"'-o {excerpt(argument)}': write ssh options as -o NAME=VALUE"
+            problem = _ssh_option_problem(option, value)
+        else:
+            problem = _ssh_option_problem(flag, "")
+        if problem is not None:
+            return problem
+    return None
+
+
 class DockerHost(StrictModel):
     url: str = "unix:///var/run/docker.sock"
-    ssh_opts: list[str] = Field(default_factory=list)
+    ssh_opts: list[str] = Field(default_factory=list, description="extra options of `ssh` to an ssh:// host, from "
+                                                                  "an allow-list (SSH_OPTIONS)")
     platform: Literal["linux/amd64", "linux/arm64"] = Field(
         default="linux/amd64", description="platform of every image built or pulled for this host")
     address: Optional[str] = Field(
@@ -169,7 +220,21 @@ class DockerHost(StrictModel):
             parts.port  # noqa: B018 - reading it is the check: urllib raises on a port that is no number 0..65535
         except ValueError:
             raise ValueError(f"'{excerpt(url)}' has a port that is not a number from 0 to 65535") from None
+        # The host and user reach `ssh` and `docker -H` as arguments: an option there ('-oProxyCommand=…') would run.
+        if not URL_HOST.fullmatch(parts.hostname) or (parts.username is not None and not URL_USER.fullmatch(parts.username)):
+            raise ValueError(f"'{excerpt(url)}' is not host[:port] with an optional user@: letters, digits, '.', '-' "
+                             "and '_', none of them starting with '-'")
+        if parts.password is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"'{excerpt(url)}' carries more than [user@]host[:port]; keys go in ssh_opts (-i FILE)")
         return url
+
+    @field_validator("ssh_opts")
+    @classmethod
+    def _only_connection_options(cls, opts: list[str]) -> list[str]:
+        problem = ssh_opts_problem(opts)
+        if problem is not None:
+            raise ValueError(problem)
+        return opts
 
     @property
     def is_local(self) -> bool:
@@ -184,11 +249,25 @@ class DockerHost(StrictModel):
         return self.address or urlsplit(self.url).hostname
 
 
+# Image references reach `docker run`, `docker service create` and skopeo as arguments: no leading '-', no space.
+IMAGE_REFERENCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")
+
+
+def _image_reference(ref: str) -> str:
+    if not IMAGE_REFERENCE.fullmatch(ref):
+        raise ValueError(f"'{excerpt(ref)}' is no image reference: name[:tag][@sha256:digest], starting with a letter "
+                         "or digit, without spaces")
+    return ref
+
+
+ImageRef = Annotated[str, AfterValidator(_image_reference)]
+
+
 class ImageSource(StrictModel):
     """An image either built from a folder of this repo (tagged by content hash) or pinned by reference."""
 
     build: Optional[str] = Field(default=None, description="build context, relative to the project root")
-    ref: Optional[str] = Field(default=None, description="image reference, name@sha256:<digest>")
+    ref: Optional[ImageRef] = Field(default=None, description="image reference, name@sha256:<digest>")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> "ImageSource":
@@ -246,7 +325,7 @@ class ImageRegistrySpec(StrictModel):
 
 class TrainingSpec(StrictModel):
     build: Optional[str] = Field(default=None, description="build context of the training image; dev and experiments only")
-    base_image: str = Field(description="build argument BASE_IMAGE of the training and serving images")
+    base_image: ImageRef = Field(description="build argument BASE_IMAGE of the training and serving images")
     limits: Limits
     gpu: bool = Field(default=False, description="request all GPUs of the host for training runs")
 
@@ -276,8 +355,8 @@ class ModelPin(StrictModel):
 
 
 class ReleaseImages(StrictModel):
-    training: Optional[str] = None
-    serving: Optional[str] = None
+    training: Optional[ImageRef] = None
+    serving: Optional[ImageRef] = None
 
 
 class Release(StrictModel):
@@ -315,7 +394,7 @@ class RolloutPolicy(StrictModel):
 
 class CanaryRelease(StrictModel):
     model: ModelPin
-    serving_image: Optional[str] = Field(default=None, description="defaults to the blue serving image")
+    serving_image: Optional[ImageRef] = Field(default=None, description="defaults to the blue serving image")
     rollout: Optional[RolloutPolicy] = Field(default=None, description="move traffic to green step by step, "
                                                                        "rolling back to blue on a breached limit")
 
