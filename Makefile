@@ -6,7 +6,7 @@ LOCKED_IMAGES := $(patsubst %/requirements.lock,%,$(wildcard images/*/requiremen
 PACKAGED_IMAGES := $(patsubst %/packages.lock,%,$(wildcard images/*/packages.lock))
 export PULUMI_BACKEND_URL ?= file://$(CURDIR)/.pulumi-state
 
-.PHONY: venv wheels base-image pulumi-cli up test test-unit bench validate
+.PHONY: venv wheels base-image pulumi-cli up test test-unit lint bench validate
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +36,9 @@ up: pulumi-cli venv
 
 test: venv
 	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 test-unit: venv
 	$(PY) -m pytest -q -m "not docker"

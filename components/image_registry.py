@@ -10,7 +10,7 @@ import pulumi_docker as docker
 
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, image_id
-from mlops.spec import ImageRegistrySpec
+from mlops_spec.models import ImageRegistrySpec
 
 REGISTRY_PORT = 5000
 BCRYPT_COST = 5

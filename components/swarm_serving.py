@@ -27,11 +27,17 @@ from typing import Optional, TypedDict
 import pulumi
 
 from components.images import BuildSettings, PushTarget, pullable_image
-from components.model_serving import (GATEWAY_METRICS_PORT, GATEWAY_PORT, REPLICA_METRICS_PORT, SERVING_PORT,
-                                      model_labels, model_settings)
+from components.model_serving import (
+    GATEWAY_METRICS_PORT,
+    GATEWAY_PORT,
+    REPLICA_METRICS_PORT,
+    SERVING_PORT,
+    model_labels,
+    model_settings,
+)
 from components.monitoring import ScrapeTarget, replica_labels
 from components.services import hardened_service, secret_file, swarm_secret
-from mlops.spec import ImageSource, ModelPin, Release, ServingSpec, SwarmSpec
+from mlops_spec.models import ImageSource, ModelPin, Release, ServingSpec, SwarmSpec
 
 READER_SECRET_FILE = "mlflow-reader-password"
 REPLICA_TMP_BYTES = 256 * 1024 * 1024  # as on one host: room for the fetched model

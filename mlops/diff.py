@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from mlops import gitrepo
-from mlops.errors import SpecError, excerpt
 from mlops.plan import PlannedResource, flatten, render, update_policy
 from mlops.replacements import RULES, VOLUME_TYPE, Rules, prefixes, schema_path
-from mlops.spec import check_stage_name, environments_dir, load_stage
-from mlops.yamlsource import load_yaml_source
+from mlops_spec.errors import SpecError, excerpt
+from mlops_spec.loading import check_stage_name, load_stage
+from mlops_spec.project import environments_dir
+from mlops_spec.yamlsource import load_yaml_source
 
 Status = Literal["added", "removed", "changed"]
 MARKS: dict[Status, str] = {"changed": "~", "added": "+", "removed": "-"}

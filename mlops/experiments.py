@@ -23,9 +23,11 @@ from typing import Any, Mapping, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from mlops.errors import SpecError, excerpt
-from mlops.spec import DNS_LABEL, ExperimentInfo, StageSpec, load_stage, project_root, stage_names
-from mlops.yamlsource import deep_merge, load_yaml_scalar, load_yaml_source
+from mlops_spec.errors import SpecError, excerpt
+from mlops_spec.loading import load_stage, stage_names
+from mlops_spec.models import DNS_LABEL, ExperimentInfo, StageSpec
+from mlops_spec.project import project_root
+from mlops_spec.yamlsource import deep_merge, load_yaml_scalar, load_yaml_source
 
 EXPERIMENT_CONFIG_KEY = "experiment"
 """Where an experiment's settings live: the Pulumi config key `mlops:experiment` of its stack."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pulumi
 
 from components.stack import MLOpsStack
-from mlops.errors import SpecError
 from mlops.experiments import EXPERIMENT_CONFIG_KEY, experiment_spec
-from mlops.spec import StageSpec, load_stages, stage_names
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_stages, stage_names
+from mlops_spec.models import StageSpec
 
 
 def load_stack_spec(stack: str, config: pulumi.Config) -> StageSpec:

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import yaml
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 from tests.conftest import free_port
 from tests.test_spec_errors import run_cli
 

@@ -30,9 +30,9 @@ from sklearn.tree import DecisionTreeClassifier
 
 from components.containers import APP_USER, DEFAULT_TMPFS, IPC_MODE, PROCESS_LIMIT
 from components.image_registry import htpasswd_entry
-from mlops.credentials import READER, TRAINER, derived_password
 from mlops.modelstore import BasicAuth
-from mlops.spec import REPO_ROOT
+from mlops_spec.contract import READER, TRAINER, derived_password
+from mlops_spec.project import REPO_ROOT
 
 pytestmark = pytest.mark.docker
 

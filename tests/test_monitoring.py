@@ -31,10 +31,11 @@ from sklearn.datasets import load_iris
 
 from mlops import plan
 from mlops.commands.train import training_image
-from mlops.credentials import MLFLOW_PASSWORD, READER, derived_password, secret_variable
-from mlops.errors import SpecError
 from mlops.modelstore import BasicAuth, MlflowStore
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage, load_stages
+from mlops_spec.contract import MLFLOW_PASSWORD, READER, derived_password, secret_variable
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_stage, load_stages
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
 from tests.test_end_to_end import http_json, train
@@ -379,7 +380,8 @@ def test_labelled_samples_become_a_dataset_that_a_training_run_names_and_profile
     # The reference profile is the dataset's: computed here from the same file, split and seed as the run's.
     sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
     from mlops_training import datasets  # noqa: PLC0415 - the training image's package, on its own path
-    from mlops_training.train import TrainingRequest, train as train_in_process  # noqa: PLC0415
+    from mlops_training.train import TrainingRequest  # noqa: PLC0415
+    from mlops_training.train import train as train_in_process
 
     local = tmp_path / "datasets"
     local.mkdir()

@@ -24,13 +24,28 @@ from components.images import BuildSettings, content_tag
 from mlops import promote
 from mlops.cli import app
 from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
-from mlops.credentials import (MLFLOW_PASSWORD, PROMOTER, READER, REGISTRY_PASSWORD, TRAINER, derived_password,
-                               secret_variable)
 from mlops.modelstore import BasicAuth, MlflowStore, ModelVersion, StoreError
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
+from mlops_spec.contract import (
+    MLFLOW_PASSWORD,
+    PROMOTER,
+    READER,
+    REGISTRY_PASSWORD,
+    TRAINER,
+    derived_password,
+    secret_variable,
+)
+from mlops_spec.loading import load_stage
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
+from tests.conftest import (
+    FIXTURE_SERVING_DIGEST,
+    FIXTURE_SERVING_IMAGE,
+    FIXTURE_TRAINING_DIGEST,
+    FIXTURE_TRAINING_IMAGE,
+    REQUIRE_DOCKER,
+    free_port,
+    pinned_image,
+)
 from tests.mlflow_servers import MLFLOW_SECRETS
-from tests.conftest import (FIXTURE_SERVING_DIGEST, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_DIGEST,
-                            FIXTURE_TRAINING_IMAGE, REQUIRE_DOCKER, free_port, pinned_image)
 
 MODEL_NAME = "iris-classifier"
 

@@ -6,11 +6,23 @@ import sys
 
 import pytest
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
-from canary import (BAKING, FINISHED, ROLLED_BACK, Controller, EventLog, Policy, PolicyError,  # noqa: E402
-                    PrometheusError, SlotSample, controller_from_env, judge, sample_slots)
+from canary import (  # noqa: E402
+    BAKING,
+    FINISHED,
+    ROLLED_BACK,
+    Controller,
+    EventLog,
+    Policy,
+    PolicyError,
+    PrometheusError,
+    SlotSample,
+    controller_from_env,
+    judge,
+    sample_slots,
+)
 from gateway import Gateway, pools_from_env, render  # noqa: E402
 
 POLICY = Policy(steps=(10, 50, 100), bake_time_s=30, max_error_rate_increase=0.01, max_p99_latency_ratio=1.5,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlops.spec import load_stage
+from mlops_spec.loading import load_stage
 from tests.test_spec_errors import run_cli
 
 GOOD_POLICY = """\

@@ -52,7 +52,7 @@ def test_only_connection_options_pass(environments, monkeypatch, capsys, case):
 
 
 def test_connection_options_are_kept(environments):
-    from mlops.spec import load_stage
+    from mlops_spec.loading import load_stage
 
     opts = ["-i", "/home/ci/.ssh/id_ed25519", "-o", "StrictHostKeyChecking=yes", "-oUserKnownHostsFile=~/.ssh/kh",
             "-p", "2222", "-4", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=15"]

@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 
 from mlops.cli import app
 from mlops.plan import render
-from mlops.spec import ENVIRONMENTS_DIR, load_all_stages, load_stage, load_stages, promotion_order
-from mlops.errors import SpecError
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_all_stages, load_stage, load_stages
+from mlops_spec.project import ENVIRONMENTS_DIR
+from mlops_spec.rules import promotion_order
 from tests.conftest import FIXTURE_SERVING_DIGEST, FIXTURE_TRAINING_DIGEST
-from tests.test_promote import (MODEL_NAME, FakeImageRegistries, git, register_source_model, release_yaml, store)
+from tests.test_promote import MODEL_NAME, FakeImageRegistries, git, register_source_model, release_yaml, store
 from tests.test_spec_errors import append, replace, run_cli
 
 QA = """# qa: between staging and prod, on staging's host with ports of its own.
@@ -199,7 +201,7 @@ def test_promote_refuses_a_source_the_target_does_not_name(environments):
 def test_a_new_stage_is_promoted_into_without_code(tmp_path, registries, monkeypatch):
     """staging -> qa, with qa declared only in YAML: the model is copied into qa's MLflow and qa.yaml is pinned."""
     from mlops import promote
-    from mlops.credentials import MLFLOW_PASSWORD, REGISTRY_PASSWORD, secret_variable
+    from mlops_spec.contract import MLFLOW_PASSWORD, REGISTRY_PASSWORD, secret_variable
     from tests.mlflow_servers import MLFLOW_SECRETS
 
     environments = tmp_path / "repo" / "environments"

@@ -16,9 +16,10 @@ from components.containers import http_healthcheck
 from mlops import plan
 from mlops.commands import swarm_training
 from mlops.commands.train import hardened_run_options
-from mlops.credentials import READER, derived_password
 from mlops.diff import compare
-from mlops.spec import REPO_ROOT, load_stage
+from mlops_spec.contract import READER, derived_password
+from mlops_spec.loading import load_stage
+from mlops_spec.project import REPO_ROOT
 from tests.test_spec_errors import replace, run_cli
 
 SERVICE = "docker:index/service:Service"

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
 

