@@ -1,7 +1,7 @@
 """Serving on a Docker Swarm: blue (and green) as replicated services spread over the nodes, behind a gateway
 on every edge node that splits traffic and resolves the tasks through Swarm's DNS.
 
-Contract with the cluster (what the nodes need; the cluster tests and README rely on it):
+Contract with the cluster (what the nodes need; the cluster tests and docs/hosts-and-clusters.md rely on it):
 - `docker.url` reaches a manager, and that manager is the node labelled `<swarm.stateful_label>=true`: MLflow,
   the registry and the artifact volumes live there, and the platform images are built there and run by ID.
 - Nodes labelled `<swarm.edge_label>=true` run one gateway each (global mode), published in host mode on
