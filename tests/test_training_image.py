@@ -316,6 +316,11 @@ def test_mlflow_lets_only_its_users_in_the_reader_only_read_and_the_writers_only
     # Refused by role, not broken: MLflow's administrator removes all of it.
     assert statuses(training_stack.user("admin"), removals) == dict.fromkeys(removals, 200)
     assert status(f"{training_stack.mlflow_url}/health", "GET", None) == 200
+    # MLflow itself answers server-info to anyone; the stack's MLflow only to its users.
+    for server_info in ("/api/3.0/mlflow/server-info", "/ajax-api/3.0/mlflow/server-info"):
+        assert status(training_stack.mlflow_url + server_info, "GET", None) == 401
+        assert status(training_stack.mlflow_url + server_info, "GET", training_stack.user(READER, password="wrong")) == 401
+        assert status(training_stack.mlflow_url + server_info, "GET", reader) == 200
 
 
 def answer(url: str, method: str, auth: BasicAuth, body: dict | bytes | None) -> dict:

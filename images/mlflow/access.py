@@ -19,6 +19,10 @@ password) and then refuses, with 403, what the identity's role never needs:
 - Users, roles and grants are an administrator's alone, reading them included.
 - MLflow's administrators: everything (nothing of the stack logs in as one).
 
+MLflow 3.17 also answers `/mlflow/server-info` to anyone, before any authorization function runs; the
+stack's contract is that `/health` is the one path open without credentials, so `create_app` puts
+server-info behind a login too.
+
 What is not refused here is then checked by MLflow's grants (start.py: READ by default, EDIT for writers).
 """
 from __future__ import annotations
@@ -26,8 +30,11 @@ from __future__ import annotations
 import posixpath
 import re
 
+from fastapi import FastAPI
 from flask import Response, g, request
+from mlflow.server import auth
 from mlflow.server.auth import authenticate_request_basic_auth, make_forbidden_response, store
+from starlette.responses import PlainTextResponse
 from mlflow.server.handlers import _get_artifact_repo_mlflow_artifacts, _get_model_registry_store, _get_tracking_store
 from werkzeug.datastructures import Authorization
 
@@ -47,6 +54,7 @@ WRITER_ENDPOINTS = frozenset({
     "runs/set-tag", "registered-models/create", "model-versions/create", "model-versions/set-tag",
 })
 ADMINISTERED = ("/mlflow/users/", "/mlflow/roles/", "/permissions/")
+SERVER_INFO = "/mlflow/server-info"
 MODEL_HASH_TAG = "sha256"
 
 
@@ -139,3 +147,20 @@ def authenticate_and_authorize() -> Authorization | Response:
     if "mlops_authorization" not in g:
         g.mlops_authorization = _decide()
     return g.mlops_authorization
+
+
+def create_app() -> FastAPI:
+    """The app of `mlflow server --app-name mlops-basic-auth` (start.py; the entry point is declared in
+    mlops_mlflow_app-1.dist-info beside this module): MLflow's basic-auth app, with server-info behind a login."""
+    app = auth.create_app()
+
+    @app.middleware("http")
+    async def server_info_needs_a_login(request, call_next):  # noqa: ANN001, ANN202 - Starlette's middleware hook
+        if request.url.path.endswith(SERVER_INFO):
+            credentials = Authorization.from_header(request.headers.get("Authorization"))
+            if credentials is None or not store.authenticate_user(credentials.username or "", credentials.password or ""):
+                return PlainTextResponse("You are not authenticated.", status_code=401,
+                                         headers={"WWW-Authenticate": 'Basic realm="mlflow"'})
+        return await call_next(request)
+
+    return app
