@@ -199,11 +199,11 @@ def eventually(check: Callable[[], object], timeout_s: float = 60, what: str = "
         time.sleep(0.5)
 
 
-def promtool(stage: MonitoredStage, *args: str) -> subprocess.CompletedProcess:
-    """promtool of the stage's own Prometheus image, with the repo's rule tests mounted."""
+def promtool(stage: MonitoredStage, *args: str, tests: Path = PROMTOOL_TESTS) -> subprocess.CompletedProcess:
+    """promtool of the stage's own Prometheus image, with the folder `tests` (the repo's rule tests) at /tests."""
     image = stage.engine.client.containers.get(f"{stage.name}-prometheus").image.id
     return subprocess.run(["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
-                           "--user", "10001:10001", "-v", f"{PROMTOOL_TESTS}:/tests:ro", image, "promtool", *args],
+                           "--user", "10001:10001", "-v", f"{tests}:/tests:ro", image, "promtool", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -212,6 +212,33 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(stage):
     checked = promtool(stage, "check", "rules", "/etc/prometheus/rules/mlops.yml")
     assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
     tested = promtool(stage, "test", "rules", *(f"/tests/{file.name}" for file in sorted(PROMTOOL_TESTS.glob("*.yml"))))
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+@pytest.mark.docker
+def test_the_canary_counts_only_the_gateways_series_whatever_else_exports_their_names(stage, tmp_path):
+    """A replica's metrics port serves what its code registers: series named like the gateway's, with many
+    successes and failures of green, must not move the rollout's judgement of green. The canary's own queries,
+    evaluated by the stage's Prometheus (promtool) over such series."""
+    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
+    from canary import sample_slots  # noqa: PLC0415 - the gateway image's module, on its own path
+
+    queries: list[str] = []
+    sample_slots(lambda promql: queries.append(promql) or {}, window_s=60, scrape_interval_s=15)
+    requests, failed, _p99 = queries
+    gateway = 'mlops_gateway_requests_total{job="gateway", instance="s-gateway:9102", slot="green", code="%s"}'
+    foreign = 'mlops_gateway_requests_total{job="serving", instance="s-serving-green-0:8082", slot="green", code="%s"}'
+    # Counters rising linearly, so increase() over the canary's 60 s window is exact: 4/s and 1/s from the gateway.
+    series = {gateway % 200: "0+60x40", gateway % 500: "0+15x40", foreign % 200: "0+6000x40", foreign % 500: "0+600x40"}
+    tmp_path.chmod(0o755)  # promtool runs as uid 10001
+    (tmp_path / "canary_test.yml").write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "15s", "tests": [{
+        "interval": "15s",
+        "input_series": [{"series": name, "values": values} for name, values in series.items()],
+        "promql_expr_test": [
+            {"expr": requests, "eval_time": "5m", "exp_samples": [{"labels": '{slot="green"}', "value": 300}]},
+            {"expr": failed, "eval_time": "5m", "exp_samples": [{"labels": '{slot="green"}', "value": 60}]},
+        ]}]}))
+    tested = promtool(stage, "test", "rules", "/tests/canary_test.yml", tests=tmp_path)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
 
