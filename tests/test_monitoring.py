@@ -10,6 +10,7 @@ standard deviations raise that feature's score above the stage's threshold and f
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -348,7 +349,7 @@ def predict(stage: MonitoredStage, rows: np.ndarray, rows_per_request: int) -> l
 def exported_samples(stage: MonitoredStage, out: Path) -> list[list[str]]:
     exported = stage.mlops("data", "samples", "--stage", stage.name, "--out", str(out))
     assert exported.returncode == 0, exported.stdout + exported.stderr
-    header, *rows = [line.split(",") for line in out.read_text().splitlines()]
+    header, *rows = list(csv.reader(out.read_text().splitlines()))
     assert header[-2:] == ["prediction", "label"] and len(header) == 6
     return rows
 
@@ -385,9 +386,10 @@ def test_labelled_samples_become_a_dataset_that_a_training_run_names_and_profile
     predict(stage, rows, 50)
     exported = tmp_path / "samples.csv"
     exported_samples(stage, exported)
-    header, *samples = exported.read_text().splitlines()
+    header, *samples = list(csv.reader(exported.read_text().splitlines()))
     labelled = tmp_path / "labelled.csv"
-    labelled.write_text("\n".join([header, *(line + line.split(",")[4] for line in samples)]) + "\n")
+    with labelled.open("w", newline="") as out:  # labelled with the predictions, as a spreadsheet saves it
+        csv.writer(out, lineterminator="\n").writerows([header, *([*row[:5], row[4]] for row in samples)])
     added = stage.mlops("data", "add", "--stage", stage.name, str(labelled))
     assert added.returncode == 0, added.stdout + added.stderr
     name = re.search(r"(?:ADDED|EXISTS) name=([0-9a-f]{64}\.csv) rows=(\d+)", added.stdout)
