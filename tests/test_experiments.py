@@ -307,6 +307,8 @@ def fake_pulumi(monkeypatch, tmp_path) -> FakeWorkspace:
     monkeypatch.setenv("PULUMI_CONFIG_PASSPHRASE", "test")
     monkeypatch.setenv("USER", "alice")
     monkeypatch.setattr(commands.orphans, "find_orphans", lambda existing, host: [])
+    monkeypatch.setattr(commands, "set_secret_config",
+                        lambda stack, key, value: stack.set_config(key, auto.ConfigValue(value, secret=True)))
     return workspace
 
 

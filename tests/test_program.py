@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import bcrypt
 import pulumi
 import pytest
 
@@ -279,10 +280,9 @@ def test_secrets_never_reach_exports_and_derived_values_stay_secret():
     check()
     entry = htpasswd_entry("mlops", password, "dev")
     assert entry == htpasswd_entry("mlops", password, "dev"), "a stable salt keeps `pulumi up` from replacing the registry"
-    assert entry.startswith("mlops:$2b$05$") and password not in entry
-    import bcrypt
-
+    assert entry.startswith("mlops:$2b$10$") and password not in entry, "bcrypt at cost 10 at least"
     assert bcrypt.checkpw(password.encode(), entry.split(":", 1)[1].encode())
+    assert htpasswd_entry("mlops", password, "prod") != entry, "each stack salts its own"
 
 
 def test_content_tag_changes_exactly_when_inputs_change(tmp_path, monkeypatch):

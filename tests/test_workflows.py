@@ -64,17 +64,54 @@ def test_actionlint_finds_nothing(actionlint_findings):
     assert actionlint_findings == []
 
 
-def test_pull_requests_test_then_post_preview_and_diff_per_touched_stage():
+def test_pull_requests_test_then_post_diff_and_approved_preview_per_touched_stage():
     pr = load("pr.yml")
     assert "pull_request" in pr[True]  # PyYAML reads the key `on` as a boolean
     steps = "\n".join(step.get("run", "") for step in pr["jobs"]["test"]["steps"])
     assert "make test" in steps
+    review = pr["jobs"]["review"]
+    assert review["needs"] == ["test", "stages"] and review["runs-on"] == "ubuntu-latest"
+    commands = "\n".join(step.get("run", "") for step in review["steps"])
+    assert '.venv/bin/mlops diff "${STAGE}@origin/${BASE_REF}" "$STAGE" --format markdown' in commands
+    assert '.venv/bin/mlops validate "$STAGE"' in commands and '.venv/bin/mlops plan "$STAGE"' in commands
     preview = pr["jobs"]["preview"]
-    assert preview["needs"] == ["test", "stages"]
+    assert preview["needs"] == ["review", "stages"] and preview["environment"] == "pr-preview"
     commands = "\n".join(step.get("run", "") for step in preview["steps"])
     assert 'pulumi preview --diff' in commands and '--stack "$STAGE"' in commands
-    assert '.venv/bin/mlops diff "${STAGE}@origin/${BASE_REF}" "$STAGE" --format markdown' in commands
-    assert any(step.get("uses", "").startswith("actions/github-script@") for step in preview["steps"])
+    assert all(any(step.get("uses", "").startswith("actions/github-script@") for step in job["steps"])
+               for job in (review, preview))
+
+
+PULL_REQUEST_TRIGGERS = {"pull_request", "pull_request_target"}
+
+
+def triggers(workflow: dict) -> set[str]:
+    on = workflow[True]
+    return {on} if isinstance(on, str) else set(on)
+
+
+def test_pull_request_code_reaches_secrets_only_after_approval_and_never_from_a_fork():
+    """A pull request's jobs run its own code (Makefile, Pulumi program, mlops): a job that held the stacks'
+    passphrase without a reviewer's approval would hand every stack's secrets, prod's included, to any author."""
+    checked = 0
+    for path in WORKFLOWS:
+        workflow = yaml.safe_load(path.read_text())
+        if not triggers(workflow) & PULL_REQUEST_TRIGGERS:
+            continue
+        assert "pull_request_target" not in triggers(workflow), f"{path.name}: pull_request_target runs with secrets"
+        for name, job in workflow["jobs"].items():
+            text = yaml.safe_dump(job)
+            if "environment" not in job:
+                checked += 1
+                assert "secrets." not in text and "secrets: inherit" not in text, \
+                    f"{path.name} job {name}: a secret in a job any pull request runs unapproved"
+                assert job.get("runs-on") == "ubuntu-latest", f"{path.name} job {name}: unapproved code on {job.get('runs-on')}"
+            else:
+                assert job["environment"] not in ("dev", "staging", "production"), \
+                    f"{path.name} job {name}: a deployment environment's secrets for pull-request code"
+                assert "github.event.pull_request.head.repo.full_name == github.repository" in job.get("if", ""), \
+                    f"{path.name} job {name}: a fork's code would run with the environment's secrets"
+    assert checked >= 3
 
 
 def run_step(workflow: str, job: str, step_id: str) -> str:

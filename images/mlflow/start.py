@@ -81,7 +81,8 @@ def main(server_arguments: list[str]) -> None:
     })
     if published_host := os.environ.get("MLOPS_PUBLISHED_HOST"):
         os.environ["MLFLOW_SERVER_ALLOWED_HOSTS"] += f",{published_host}"
-    os.execvp("mlflow", ["mlflow", "server", "--app-name", "basic-auth", *server_arguments])
+    # MLflow's basic-auth app as access.py completes it (the entry point of mlops_mlflow_app-1.dist-info).
+    os.execvp("mlflow", ["mlflow", "server", "--app-name", "mlops-basic-auth", *server_arguments])
 
 
 if __name__ == "__main__":

@@ -171,8 +171,9 @@ def samples(stage: str = typer.Option(..., "--stage", help="whose serving sample
         temporary.unlink(missing_ok=True)
         raise fail(f"{out}: {err.strerror}", BAD_INPUT_EXIT) from None
     rows = ran.stdout.count(b"\n") - 1
-    console.print(one_line(f"{out}: {rows} sampled rows; fill in `label`, then `mlops data add --stage {stage} {out}`"),
-                  markup=False)
+    skipped = [line for line in ran.stderr.decode(errors="replace").splitlines() if line.startswith("skipped ")]
+    console.print(one_line(f"{out}: {rows} sampled rows{'; ' + skipped[0] if skipped else ''}; fill in `label`, then "
+                           f"`mlops data add --stage {stage} {out}`"), markup=False)
 
 
 @app.command("fresh")

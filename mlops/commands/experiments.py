@@ -81,6 +81,20 @@ def _last_stderr_line(err: auto.errors.CommandError) -> str:
     return lines[-1] if lines else "no error output"
 
 
+def set_secret_config(stack: auto.Stack, key: str, value: str) -> None:
+    """Store `value` as the stack's secret `key`. Not with `Stack.set_config`: the Automation API passes every config
+    value as an argument of `pulumi config set` (LocalWorkspace.set_config; set_all_config and its JSON form do the
+    same), which every local user reads in `ps`. `pulumi config set` without a value reads it from stdin instead."""
+    workspace = stack.workspace
+    try:
+        subprocess.run(["pulumi", "config", "set", "--secret", key, "--stack", stack.name, "--non-interactive"],
+                       input=value, text=True, capture_output=True, check=True, cwd=workspace.work_dir,
+                       env={**os.environ, **workspace.env_vars})
+    except subprocess.CalledProcessError as err:
+        problem = (err.stderr.strip().splitlines() or [f"exit code {err.returncode}"])[-1]
+        raise CommandFailed(f"storing the secret {key} of {stack.name} failed: {problem}") from None
+
+
 def backend_url() -> str:
     return os.environ.get("PULUMI_BACKEND_URL") or f"file://{project_root() / '.pulumi-state'}"
 
@@ -200,7 +214,7 @@ def up(
         configured = stack.get_all_config()
         for key in SECRET_KEYS:
             if key not in configured:
-                stack.set_config(key, auto.ConfigValue(secrets.token_urlsafe(24), secret=True), path=False)
+                set_secret_config(stack, key, secrets.token_urlsafe(24))
     except BaseException:
         # Nothing half-created: a stack that never got its settings is removed again.
         if is_new:
