@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from mlops.cli import app
 from mlops.commands import data
 from mlops.modelstore import ModelVersion
-from mlops.spec import ENVIRONMENTS_DIR
+from mlops_spec.project import ENVIRONMENTS_DIR
 
 NEWEST = "b" * 64
 OLDER = "a" * 64

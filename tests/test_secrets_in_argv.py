@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 # A stand-in Pulumi CLI: answers what `make stack-secrets` and the Automation API ask, keeps config in
 # $FAKE_PULUMI_DIR/config.json and appends every call ({"argv", "stdin"}) to $FAKE_PULUMI_DIR/calls.jsonl. Each
