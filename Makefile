@@ -50,6 +50,7 @@ test: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-unit: venv
 	$(PY) -m pytest -q -m "not docker"

@@ -97,15 +97,17 @@ def ssh_opts_problem(opts: list[str]) -> Optional[str]:
         flag = remaining.pop(0)
         if flag in SSH_FLAGS:
             continue
-        name = SSH_FLAGS_WITH_VALUE.get(flag[:2]) if flag[:2] != "-o" else None
-        if flag[:2] == "-o" or name is not None:
-            argument = flag[2:] or (remaining.pop(0) if remaining else "")
-            option, _, value = argument.partition("=") if flag[:2] == "-o" else (name, "", argument)
-            if flag[:2] == "-o" and not _:
-                return f"'-o {excerpt(argument)}': write ssh options as -o NAME=VALUE"
-            problem = _ssh_option_problem(option, value)
-        else:
+        letter, attached = flag[:2], flag[2:]
+        if letter != "-o" and letter not in SSH_FLAGS_WITH_VALUE:
             problem = _ssh_option_problem(flag, "")
+        else:
+            argument = attached or (remaining.pop(0) if remaining else "")
+            if letter != "-o":
+                problem = _ssh_option_problem(SSH_FLAGS_WITH_VALUE[letter], argument)
+            elif "=" not in argument:
+                return f"'-o {excerpt(argument)}': write ssh options as -o NAME=VALUE"
+            else:
+                problem = _ssh_option_problem(*argument.split("=", 1))
         if problem is not None:
             return problem
     return None

@@ -42,12 +42,13 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
     if spec.serving.traffic.green > 0 and spec.serving.green is None:
         broken.append(("serving.traffic.green", "is above 0 but no 'serving.green' release is declared to receive it"))
     rollout = spec.serving.green.rollout if spec.serving.green is not None else None
-    if rollout is not None and spec.monitoring is None:
+    scrape_interval_s = spec.monitoring.scrape_interval_s if spec.monitoring is not None else None
+    if rollout is not None and scrape_interval_s is None:
         broken.append(("serving.green.rollout", "a rollout is judged from the stage's Prometheus: declare "
                                                 "'monitoring' too"))
-    elif rollout is not None and rollout.bake_time_s < 4 * spec.monitoring.scrape_interval_s:
+    elif rollout is not None and scrape_interval_s is not None and rollout.bake_time_s < 4 * scrape_interval_s:
         broken.append(("serving.green.rollout.bake_time_s", f"{rollout.bake_time_s} s is shorter than 4 scrapes of "
-                                                            f"monitoring.scrape_interval_s ({spec.monitoring.scrape_interval_s} "
+                                                            f"monitoring.scrape_interval_s ({scrape_interval_s} "
                                                             "s), the least a step is judged over"))
     elif rollout is not None and rollout.steps[0] <= spec.serving.traffic.green:
         broken.append(("serving.green.rollout.steps", f"the first step ({rollout.steps[0]}) must be above the declared "

@@ -88,8 +88,8 @@ def _check_shape(file: Path | str, events: Any) -> None:
                 raise SpecError(file=file, field="", line=line,
                                 message="a key that is a mapping, a list or an alias; spec keys are plain strings")
             parent.entries += 1
-            if getattr(event, "tag", None) is not None:
-                tag = event.tag.replace("tag:yaml.org,2002:", "!!")
+            if (tag := getattr(event, "tag", None)) is not None:
+                tag = tag.replace("tag:yaml.org,2002:", "!!")
                 raise SpecError(file=file, field="", line=line,
                                 message=f"tag {tag} is not allowed: stage files are plain YAML (quote a value to make "
                                         "it a string)")
