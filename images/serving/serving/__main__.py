@@ -8,6 +8,7 @@ import uvicorn
 from prometheus_client import start_http_server
 
 from serving.app import InferenceApp
+from serving.batching import BatchingSettings
 from serving.drift import DriftMonitor, ProfileError
 from serving.sampling import RequestSampler
 from serving.startup import fetch_pinned_model
@@ -47,7 +48,8 @@ def main() -> None:
     sklearn.set_config(assume_finite=True)
     app = InferenceApp(model, name=fetched.name, version=fetched.version, sha256=fetched.sha256,
                        drift=drift_monitor(fetched.manifest, model.n_features_in_),
-                       sampler=RequestSampler.from_env(model=fetched.name, version=fetched.version))
+                       sampler=RequestSampler.from_env(model=fetched.name, version=fetched.version),
+                       batching=BatchingSettings.from_env())
     start_http_server(METRICS_PORT, registry=app.metrics)
     uvicorn.run(app, host="0.0.0.0", port=PORT, loop="uvloop", http="httptools", lifespan="off",
                 access_log=False, server_header=False, date_header=False, timeout_keep_alive=KEEPALIVE_S,
