@@ -28,7 +28,7 @@ import pulumi
 
 from components.images import BuildSettings, PushTarget, pullable_image
 from components.model_serving import (GATEWAY_METRICS_PORT, GATEWAY_PORT, REPLICA_METRICS_PORT, SERVING_PORT,
-                                      model_labels, model_settings)
+                                      batching_settings, model_labels, model_settings)
 from components.monitoring import ScrapeTarget, replica_labels
 from components.services import hardened_service, secret_file, swarm_secret
 from mlops.spec import ImageSource, ModelPin, Release, ServingSpec, SwarmSpec
@@ -99,7 +99,8 @@ class SwarmServing(pulumi.ComponentResource):
                 converge=pin.is_pinned,
                 constraints=swarm.constraints, spread_over=swarm.spread_over,
                 env={**model_settings(pin, args["registry_url"], spec.runtime),
-                     "MLFLOW_TRACKING_PASSWORD_FILE": f"/run/secrets/{READER_SECRET_FILE}", **drift_env},
+                     "MLFLOW_TRACKING_PASSWORD_FILE": f"/run/secrets/{READER_SECRET_FILE}", **drift_env,
+                     **batching_settings(spec.batching)},
                 secrets=[secret_file(reader, READER_SECRET_FILE)],
                 tmp_bytes=REPLICA_TMP_BYTES,
             ))

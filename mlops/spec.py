@@ -346,6 +346,19 @@ class SamplingSpec(StrictModel):
                                     "counted (mlops_samples_dropped_rows_total)")
 
 
+class BatchingSpec(StrictModel):
+    """Adaptive batching in each replica: infer requests that arrive together share one predict call, each
+    answered with its own rows (images/serving/serving/batching.py; docs/batching.md says when to turn it on).
+    Off unless declared."""
+
+    max_batch_size: int = Field(ge=2, le=4096, description="rows one predict call may stack from concurrent "
+                                                           "requests; a request with more is predicted alone. Above a "
+                                                           "few thousand rows a call blocks every other request for "
+                                                           "milliseconds and saves nothing more")
+    max_batch_time_ms: float = Field(gt=0, description="longest a request waits for company: for requests already "
+                                                       "on their way in (oip), for any (mlserver)")
+
+
 class ServingSpec(StrictModel):
     build: Optional[str] = Field(default=None, description="build context of the serving image; dev and experiments only")
     runtime: Literal["oip", "mlserver"] = Field(default="oip", description="model server inside the serving image")
@@ -358,6 +371,8 @@ class ServingSpec(StrictModel):
     gateway: GatewaySpec
     sampling: Optional[SamplingSpec] = Field(default=None, description="keep a share of the infer rows and their "
                                                                        "predictions to label; absent: off")
+    batching: Optional[BatchingSpec] = Field(default=None, description="stack concurrent requests into one predict "
+                                                                       "call; absent: off")
 
 
 class MonitoringSpec(StrictModel):
@@ -558,6 +573,12 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
         broken.append(("serving.green.rollout.steps", f"the first step ({rollout.steps[0]}) must be above the declared "
                                                       f"serving.traffic.green ({spec.serving.traffic.green}), where "
                                                       "the rollout starts"))
+    batching = spec.serving.batching
+    if batching is not None and batching.max_batch_time_ms >= spec.serving.health_check.timeout_s * 1000:
+        broken.append(("serving.batching.max_batch_time_ms",
+                       f"{batching.max_batch_time_ms:g} ms is not below serving.health_check.timeout_s "
+                       f"({spec.serving.health_check.timeout_s} s): a request would wait for company longer than a "
+                       "replica may take to answer at all; use a few milliseconds"))
     if spec.serving.sampling is not None and spec.serving.runtime != "oip":
         broken.append(("serving.sampling", f"the {spec.serving.runtime} runtime does not sample requests; use "
                                            "serving.runtime oip, or remove sampling"))
