@@ -42,6 +42,10 @@ class BatchingSettings:
             return UNBATCHED
         return cls(max_rows=int(env["MAX_BATCH_SIZE"]), max_wait_s=float(env["MAX_BATCH_TIME_MS"]) / 1000)
 
+    @property
+    def batches(self) -> bool:
+        return self.max_rows > 1
+
 
 UNBATCHED = BatchingSettings(max_rows=1, max_wait_s=0.0)
 
