@@ -7,6 +7,7 @@ show both runtimes' readiness and failure answers. Every test runs against both 
 """
 from __future__ import annotations
 
+import http.client
 import json
 import pickle
 import sys
@@ -246,23 +247,28 @@ def test_a_model_that_cannot_predict_is_never_ready(deployed, runtime):
 
 def test_concurrent_requests_share_predict_calls_and_one_whose_rows_make_the_model_fail_fails_alone(
         deployed, runtime, iris):
-    url = f"{deployed[runtime].batched_url}/v2/models/{MODEL}/infer"
+    address = deployed[runtime].batched_url.removeprefix("http://")
     rows = [iris[1][index * 9:index * 9 + 1 + index % 3].tolist() for index in range(15)] + [[[42, 3, 5, 2]]]
     bodies = [json.dumps({"id": f"req-{index}", "inputs": [{"name": "input-0", "datatype": "FP64",
                                                            "shape": [len(batch), 4], "data": batch}]}).encode()
               for index, batch in enumerate(rows)]
+    # Kept-alive connections, opened beforehand, as the gateway's upstream connections are: the requests then
+    # reach the replica while it predicts, not one accepted connection at a time.
+    connections = [http.client.HTTPConnection(*address.split(":"), timeout=60) for _ in bodies]
+    for connection in connections:
+        connection.request("GET", "/v2/health/live")
+        connection.getresponse().read()
 
-    def post(body: bytes) -> tuple[int, dict]:
-        request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=60) as answer:
-                return answer.status, json.loads(answer.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
+    def post(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, dict]:
+        connection.request("POST", f"/v2/models/{MODEL}/infer", body=body, headers={"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
 
     with ThreadPoolExecutor(len(bodies)) as clients:
-        together = list(clients.map(post, bodies))
-    one_by_one = [post(body) for body in bodies]
+        together = list(clients.map(post, connections, bodies))
+    one_by_one = [post(connections[0], body) for body in bodies]
+    for connection in connections:
+        connection.close()
 
     assert [status for status, _ in together] == [200] * 15 + [422], together
     assert together[:15] == one_by_one[:15]
