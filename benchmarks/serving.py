@@ -1,5 +1,7 @@
 """Figure 1: requests/s and p50/p99 latency of V2 infer requests against one scikit-learn model, served
-by this stack (its gateway and a replica directly), MLServer's scikit-learn runtime and `mlflow models serve`."""
+by this stack (its gateway, and a replica directly with and without batching), MLServer's scikit-learn runtime
+as its users run it (with and without its adaptive batching) and behind this project's layer, and
+`mlflow models serve`."""
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +25,11 @@ CONCURRENCY = (1, 8, 32)
 ROWS = (1, 100)
 HEADLINE_CONCURRENCY = 8
 MLFLOW_SERVE_CONTEXT = Path(__file__).with_name("mlflow_serve")
+STOCK_MLSERVER_CONTEXT = Path(__file__).with_name("mlserver_stock")
+# The same limits for the replica's batching and MLServer's (which counts requests, not rows: the same here,
+# at one row per request).
+MAX_BATCH_SIZE = 32
+MAX_BATCH_TIME_MS = 2
 V2_INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
 
 
@@ -65,35 +72,61 @@ def container_address(container) -> str:
     return next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
 
 
-def start_like(replica, name: str, image: str, environment: dict[str, str]):
-    """`image` as a sibling of the stack's `replica`: same network, user, hardening and limits, pinned to SERVER_CPU."""
+def start_like(replica, name: str, image: str, environment: dict[str, str], command: list[str] | None = None,
+               hardened: bool = True):
+    """`image` as a sibling of the stack's `replica`: same network and limits, pinned to SERVER_CPU; `hardened`,
+    also the same user and hardening (read-only root, no capabilities)."""
     host = replica.attrs["HostConfig"]
     stack = replica.labels["mlops.stack"]
+    hardening = dict(user=replica.attrs["Config"]["User"], read_only=host["ReadonlyRootfs"], tmpfs=host["Tmpfs"],
+                     security_opt=host["SecurityOpt"], cap_drop=host["CapDrop"]) if hardened else {}
     return replica.client.containers.run(
-        image, name=f"{stack}-{name}", detach=True, user=replica.attrs["Config"]["User"],
-        read_only=host["ReadonlyRootfs"], tmpfs=host["Tmpfs"], security_opt=host["SecurityOpt"],
-        cap_drop=host["CapDrop"], mem_limit=host["Memory"], nano_cpus=host["NanoCpus"], cpuset_cpus=SERVER_CPU,
-        environment=environment, network=next(iter(replica.attrs["NetworkSettings"]["Networks"])),
-        labels={"mlops.stack": stack})
+        image, command, name=f"{stack}-{name}", detach=True, mem_limit=host["Memory"], nano_cpus=host["NanoCpus"],
+        cpuset_cpus=SERVER_CPU, environment=environment, network=next(iter(replica.attrs["NetworkSettings"]["Networks"])),
+        labels={"mlops.stack": stack}, **hardening)
+
+
+def stock_mlserver_repositories(payload: bytes, into: Path) -> None:
+    """One MLServer model repository per configuration: MLServer's defaults, and its adaptive batching on.
+    Both set `parallel_workers: 0`: MLServer 1.7.1's default inference worker process dies at start under the
+    uvloop its lock resolves to (0.23: "There is no current event loop in thread 'MainThread'"), so its users
+    run it so too."""
+    for repository, batching in (("one-call-per-request", {}),
+                                 ("adaptive-batching", {"max_batch_size": MAX_BATCH_SIZE,
+                                                        "max_batch_time": MAX_BATCH_TIME_MS / 1000})):
+        model = into / repository / MODEL_NAME
+        model.mkdir(parents=True)
+        (into / repository / "settings.json").write_text(json.dumps({"parallel_workers": 0}))
+        (model / "model.pkl").write_bytes(payload)
+        (model / "model-settings.json").write_text(json.dumps({
+            "name": MODEL_NAME, "implementation": "mlserver_sklearn.SKLearnModel",
+            "parameters": {"uri": "./model.pkl"}, **batching}))
 
 
 def build_competitor_images(spec: StageSpec, payload: bytes) -> dict[str, str]:
-    """MLServer from the serving image's `mlserver` target, and `mlflow models serve` with the model baked
-    in; returns their tags."""
-    tags = {"mlserver": "mlops-bench/serving:mlserver", "mlflow-serve": "mlops-bench/mlflow-serve:latest"}
+    """MLServer from the serving image's `mlserver` target, stock MLServer built FROM it, and `mlflow models
+    serve` with the model baked in; returns their tags."""
+    tags = {"mlserver": "mlops-bench/serving:mlserver", "mlserver-stock": "mlops-bench/mlserver-stock:latest",
+            "mlflow-serve": "mlops-bench/mlflow-serve:latest"}
     serving_image = builds.stage_builds("bench", spec)["serving"]
     builds.build(dataclasses.replace(serving_image, target="mlserver"), tags["mlserver"])
     mlflow_serve = builds.ImageBuild(name="mlflow-serve", context=MLFLOW_SERVE_CONTEXT, args=serving_image.args)
+    stock = builds.ImageBuild(name="mlserver-stock", context=STOCK_MLSERVER_CONTEXT,
+                              args={"MLSERVER_IMAGE": tags["mlserver"]})
     with tempfile.TemporaryDirectory(prefix="bench-mlflow-serve-") as scratch:
         with_model = builds.copied(mlflow_serve, Path(scratch) / "context")
         (with_model.context / "model.pkl").write_bytes(payload)
         builds.build(with_model, tags["mlflow-serve"])
+        with_models = builds.copied(stock, Path(scratch) / "stock")
+        stock_mlserver_repositories(payload, with_models.context / "models")
+        builds.build(with_models, tags["mlserver-stock"])
     return tags
 
 
 @contextmanager
 def running_servers() -> Iterator[list[Server]]:
-    """The stage (MLflow, one `oip` replica, its gateway) and both competitors, all pinned to SERVER_CPU."""
+    """The stage (MLflow, one `oip` replica, its gateway), a replica batching, MLServer stock (with and without
+    adaptive batching) and behind the layer, and `mlflow models serve`, all pinned to SERVER_CPU."""
     payload = model_bytes()
     spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True)
     images = build_competitor_images(spec, payload)
@@ -106,17 +139,31 @@ def running_servers() -> Iterator[list[Server]]:
         gateway = started[f"{stage.stack}-gateway"]
         replica.reload()
         environment = dict(item.split("=", 1) for item in replica.attrs["Config"]["Env"])
+        batched = start_like(replica, "serving-batched", replica.image.id,
+                             {**environment, "MAX_BATCH_SIZE": str(MAX_BATCH_SIZE), "MAX_BATCH_TIME_MS": str(MAX_BATCH_TIME_MS)})
         mlserver = start_like(replica, "mlserver", images["mlserver"], {**environment, "SERVING_RUNTIME": "mlserver"})
+        stock = {repository: start_like(replica, f"mlserver-{repository}", images["mlserver-stock"], {},
+                                        command=["mlserver", "start", f"/opt/models/{repository}"], hardened=False)
+                 for repository in ("one-call-per-request", "adaptive-batching")}
         mlflow_serve = start_like(replica, "mlflow-serve", images["mlflow-serve"], {})
-        bench_stage.wait_ready(f"http://{container_address(mlserver)}:8080/v2/health/ready", 180)
+        for v2_server in (batched, mlserver, *stock.values()):
+            bench_stage.wait_ready(f"http://{container_address(v2_server)}:8080/v2/health/ready", 180)
         bench_stage.wait_ready(f"http://{container_address(mlflow_serve)}:8080/health", 180)
+
+        def v2(label: str, container, competitor: bool) -> Server:
+            return Server(label, f"http://{container_address(container)}:8080{V2_INFER_PATH}", v2_body, v2_predictions,
+                          competitor=competitor)
+
+        batching = f"{MAX_BATCH_SIZE} rows, {MAX_BATCH_TIME_MS} ms"
         yield [
-            Server("ours: gateway → oip replica", f"http://{container_address(gateway)}:8080{V2_INFER_PATH}",
-                   v2_body, v2_predictions, competitor=False),
-            Server("ours: oip replica directly", f"http://{container_address(replica)}:8080{V2_INFER_PATH}",
-                   v2_body, v2_predictions, competitor=False),
-            Server("MLServer, scikit-learn runtime", f"http://{container_address(mlserver)}:8080{V2_INFER_PATH}",
-                   v2_body, v2_predictions, competitor=True),
+            v2("ours: gateway → oip replica", gateway, competitor=False),
+            v2("ours: oip replica directly", replica, competitor=False),
+            v2(f"ours: oip replica directly, batching ({batching})", batched, competitor=False),
+            v2("MLServer as its users run it (`mlserver start`)", stock["one-call-per-request"], competitor=True),
+            v2(f"MLServer as its users run it, adaptive batching ({batching})", stock["adaptive-batching"],
+               competitor=True),
+            v2("MLServer behind this project's layer (the serving image's `mlserver` target)", mlserver,
+               competitor=False),
             Server("`mlflow models serve`", f"http://{container_address(mlflow_serve)}:8080/invocations",
                    mlflow_body, mlflow_predictions, competitor=True),
         ]
@@ -200,8 +247,15 @@ def table(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], 
         "Request format: V2 (`{\"inputs\": [{\"name\", \"shape\": [N, 4], \"datatype\": \"FP64\", \"data\"}]}`) for the "
         "stack and MLServer; MLflow's scoring server does not speak V2, so it gets its own `/invocations` format "
         "with the same rows (`{\"inputs\": [[...], ...]}`).",
-        "MLServer runs from the serving image's `mlserver` target (MLServer and mlserver-sklearn 1.7.1 from "
-        "`requirements-mlserver.lock`, `parallel_workers: 0`); `mlflow models serve` runs MLflow's default "
+        "MLServer as its users run it: `mlserver start` on a folder with a model-settings.json and the model, "
+        "MLServer's default settings but `parallel_workers: 0` (its default worker process dies at start under "
+        "the pinned uvloop 0.23), not hardened beyond the same CPU and memory limits (`benchmarks/mlserver_stock/`); with adaptive batching, `max_batch_size` "
+        f"{MAX_BATCH_SIZE} and `max_batch_time` {MAX_BATCH_TIME_MS / 1000} s in its model-settings.json. The "
+        "replica with batching has MAX_BATCH_SIZE and MAX_BATCH_TIME_MS set to the same (`serving.batching`). "
+        "MLServer and mlserver-sklearn are 1.7.1 from `requirements-mlserver.lock` in every MLServer row; the row "
+        "behind this project's layer runs the serving image's `mlserver` target (`parallel_workers: 0`, every "
+        "request checked by serving/mlserver_layer.py first) and is not counted as a competitor. "
+        "`mlflow models serve` runs MLflow's default "
         "scoring server (uvicorn, 1 worker) from `benchmarks/mlflow_serve/` (mlflow-skinny, scikit-learn and "
         "pandas from its hashed lock, the same versions as the training image, built FROM the same base).",
     ]
