@@ -16,7 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from serving.app import InferenceApp
-from serving.batching import BatchingSettings
+from serving.batching import UNBATCHED, BatchingSettings
 
 REQUESTS = 3000
 BODY = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4],
@@ -48,7 +48,7 @@ def main() -> None:
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(features, labels)
     sklearn.set_config(assume_finite=True)
     apps = {mode: InferenceApp(model, name="iris-classifier", version="1", sha256="ab" * 32, batching=batching)
-            for mode, batching in (("off", BatchingSettings(max_rows=1, max_wait_s=0)),
+            for mode, batching in (("off", UNBATCHED),
                                    ("on (32 rows, 2 ms)", BatchingSettings(max_rows=32, max_wait_s=0.002)))}
     for mode, took in uvloop.run(one_client(apps)).items():
         took.sort()

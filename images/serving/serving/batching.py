@@ -51,7 +51,7 @@ UNBATCHED = BatchingSettings(max_rows=1, max_wait_s=0.0)
 
 
 class Batcher:
-    """Stacks concurrent `predict` calls into calls of `model_predict`, which reports each call's rows to
+    """Stacks concurrent `predict` calls into calls of `model_predict`; each call's row count goes to
     `observe_rows` (the batch size metric)."""
 
     def __init__(self, model_predict: Callable[[np.ndarray], Any], settings: BatchingSettings,
