@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 from benchmarks import builds, loadgen, stage as bench_stage
 from benchmarks.model import FEATURES, MODEL_NAME, model_bytes, sample_rows
 from benchmarks.report import Figure, median, ratio, rounds_text, spread
+from components.model_serving import REPLICA_METRICS_PORT
 from mlops.spec import StageSpec
 from tests.engine import StageOnEngine
 
@@ -52,6 +53,9 @@ class Server:
     predictions: Callable[[dict], list]
     competitor: bool
     """MLServer and MLflow: the reference the stack's numbers are compared against."""
+    replica_metrics: str | None = None
+    """The metrics URL of the `oip` replica that predicts for this server: its `oip_batch_size` histogram tells
+    the rows per predict call it formed."""
 
     def predict(self, rows: list[list[float]]) -> list:
         request = urllib.request.Request(self.url, data=self.body(rows), headers={"Content-Type": "application/json"})
@@ -150,15 +154,17 @@ def running_servers() -> Iterator[list[Server]]:
             bench_stage.wait_ready(f"http://{container_address(v2_server)}:8080/v2/health/ready", 180)
         bench_stage.wait_ready(f"http://{container_address(mlflow_serve)}:8080/health", 180)
 
-        def v2(label: str, container, competitor: bool) -> Server:
+        def v2(label: str, container, competitor: bool, predicting=None) -> Server:
+            """`predicting`: the `oip` replica whose predict calls this server's requests become."""
+            metrics = None if predicting is None else f"http://{container_address(predicting)}:{REPLICA_METRICS_PORT}/metrics"
             return Server(label, f"http://{container_address(container)}:8080{V2_INFER_PATH}", v2_body, v2_predictions,
-                          competitor=competitor)
+                          competitor=competitor, replica_metrics=metrics)
 
         batching = f"{MAX_BATCH_SIZE} rows, {MAX_BATCH_TIME_MS} ms"
         yield [
-            v2("ours: gateway → oip replica", gateway, competitor=False),
-            v2("ours: oip replica directly", replica, competitor=False),
-            v2(f"ours: oip replica directly, batching ({batching})", batched, competitor=False),
+            v2("ours: gateway → oip replica", gateway, competitor=False, predicting=replica),
+            v2("ours: oip replica directly", replica, competitor=False, predicting=replica),
+            v2(f"ours: oip replica directly, batching ({batching})", batched, competitor=False, predicting=batched),
             v2("MLServer as its users run it (`mlserver start`)", stock["one-call-per-request"], competitor=True),
             v2(f"MLServer as its users run it, adaptive batching ({batching})", stock["adaptive-batching"],
                competitor=True),
@@ -169,6 +175,14 @@ def running_servers() -> Iterator[list[Server]]:
         ]
     finally:
         stage.teardown()
+
+
+def predict_calls(metrics_url: str) -> tuple[float, float]:
+    """The replica's predict calls and the rows they predicted so far."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        samples = dict(line.split(" ", 1) for line in response.read().decode().splitlines()
+                       if line.startswith(("oip_batch_size_count ", "oip_batch_size_sum ")))
+    return float(samples["oip_batch_size_count"]), float(samples["oip_batch_size_sum"])
 
 
 def check_same_predictions(servers: list[Server]) -> None:
@@ -187,6 +201,7 @@ class Cell:
 
 def measure(rounds: int = 3, duration_s: int = 5, warmup_s: int = 1) -> Figure:
     samples: dict[Cell, list[loadgen.LoadResult]] = {}
+    rows_per_call: dict[Cell, list[float]] = {}
     with running_servers() as servers:
         check_same_predictions(servers)
         bodies = {(server.label, rows): server.body(sample_rows(rows)) for server in servers for rows in ROWS}
@@ -197,19 +212,27 @@ def measure(rounds: int = 3, duration_s: int = 5, warmup_s: int = 1) -> Figure:
             for rows in ROWS:
                 for connections in CONCURRENCY:
                     for server in servers:
+                        cell = Cell(server.label, rows, connections)
+                        before = predict_calls(server.replica_metrics) if server.replica_metrics else None
                         result = loadgen.post_load(server.url, bodies[server.label, rows], connections, duration_s)
-                        samples.setdefault(Cell(server.label, rows, connections), []).append(result)
-    return table(servers, samples, rounds, duration_s)
+                        samples.setdefault(cell, []).append(result)
+                        if before is not None:
+                            calls, predicted = (after - previous for after, previous in
+                                                zip(predict_calls(server.replica_metrics), before))
+                            rows_per_call.setdefault(cell, []).append(predicted / calls)
+    return table(servers, samples, rounds, duration_s, rows_per_call)
 
 
 def table(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], rounds: int,
-            duration_s: int) -> Figure:
+          duration_s: int, rows_per_call: dict[Cell, list[float]] | None = None) -> Figure:
+    """`rows_per_call`: the mean rows per predict call the `oip` replica formed in each round of a cell."""
+    rows_per_call = rows_per_call or {}
     figure = Figure(
         title="Serving: V2 infer requests against one scikit-learn model",
         goal=f"the stack's default path (gateway → `oip` replica) at least matches the faster of MLServer and "
              f"`mlflow models serve` in requests/s at concurrency {HEADLINE_CONCURRENCY}; aim 2×.",
         headers=["rows/request", "concurrency", "server", "requests/s: median (min–max)", "p50 ms", "p99 ms",
-                 "req/s vs fastest competitor"],
+                 "rows per predict call", "req/s vs fastest competitor"],
     )
     default_path = servers[0]
     verdicts = []
@@ -223,10 +246,12 @@ def table(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], 
                 goal = "aim met" if versus >= 2 else "goal met, aim missed" if versus >= 1 else "goal missed"
                 verdicts.append(f"{rows} row(s): {versus:.2f}× {fastest.label} ({goal})")
             for server in servers:
-                results = samples[Cell(server.label, rows, connections)]
+                cell = Cell(server.label, rows, connections)
+                results = samples[cell]
                 figure.rows.append([
                     str(rows), str(connections), server.label, spread([r.requests_per_s for r in results]),
                     f"{median(r.p50_ms for r in results):.2f}", f"{median(r.p99_ms for r in results):.2f}",
+                    f"{median(rows_per_call[cell]):.1f}" if cell in rows_per_call else "–",
                     ratio(throughput[server.label], throughput[fastest.label])])
     figure.notes = [
         f"At concurrency {HEADLINE_CONCURRENCY}, {default_path.label} against the fastest competitor: "
