@@ -11,7 +11,8 @@ the V2 API as the `oip` one does. What MLServer 1.7.1 does on its own, and what 
 - GET /v2 lists the binary extension; model metadata names the version, inputs and outputs, which
   MLServer leaves empty;
 - with adaptive batching, MLServer answers every request of a batch with the error of the one whose rows
-  made the model raise; the layer tries each failed request again, one at a time, so only that one fails;
+  made the model raise; the layer tries each failed request again, one at a time, so that mostly only that
+  one fails (not always: docs/batching.md);
 - nothing but the V2 API is served: not MLServer's model repository API (/v2/repository/..., where any
   client that reaches the replica could unload the model), nor its generate, infer_stream and docs routes,
   which would bypass the checks above.
