@@ -6,7 +6,7 @@ LOCKED_IMAGES := $(patsubst %/requirements.lock,%,$(wildcard images/*/requiremen
 PACKAGED_IMAGES := $(patsubst %/packages.lock,%,$(wildcard images/*/packages.lock))
 export PULUMI_BACKEND_URL ?= file://$(CURDIR)/.pulumi-state
 
-.PHONY: venv wheels base-image pulumi-cli up test test-unit bench validate
+.PHONY: venv wheels base-image pulumi-cli announce-up stack-secrets up test test-unit lint bench validate
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -22,20 +22,34 @@ base-image:
 	scripts/build-base-image.sh
 
 pulumi-cli:
-	@command -v pulumi >/dev/null || { echo "The Pulumi CLI is missing: install it with 'curl -fsSL https://get.pulumi.com | sh' (https://www.pulumi.com/docs/install/), then rerun 'make up ENV=$(ENV)'."; exit 1; }
+	@command -v pulumi >/dev/null || { echo "The Pulumi CLI is missing (no 'pulumi' on PATH). Install it with: curl -fsSL https://get.pulumi.com | sh -s -- --version 3.272.0 (it goes to ~/.pulumi/bin; add that to PATH, or see https://www.pulumi.com/docs/install/), then rerun 'make up ENV=$(ENV)'."; exit 1; }
 
-up: pulumi-cli venv
+announce-up:
+	@echo "make up ENV=$(ENV) installs and runs, in this order: a Python venv in $(VENV) (this project and its test"
+	@echo "tools, from PyPI); the base image mlops-base:bookworm (docker build, Debian packages); the locked wheels"
+	@echo "and .debs of images/* (scripts/fetch-wheels.sh, fetch-debs.sh); then the Pulumi stack $(ENV), with random"
+	@echo "secrets for it if it has none, and its containers (pulumi up). The Pulumi CLI itself it does not install."
+
+# A secret goes to `pulumi config set` on stdin, never as an argument: every local user reads arguments in `ps`.
+stack-secrets:
+	for key in registryPassword mlflowPassword; do \
+	  pulumi config get --stack $(ENV) mlops:$$key >/dev/null 2>&1 || \
+	    openssl rand -hex 24 | pulumi config set --stack $(ENV) --secret mlops:$$key; \
+	done
+
+up: announce-up pulumi-cli venv
 	$(VENV)/bin/mlops validate $(ENV)
 	$(MAKE) base-image wheels
 	mkdir -p .pulumi-state
 	pulumi stack select --create $(ENV)
-	for key in registryPassword mlflowPassword; do \
-	  pulumi config get mlops:$$key >/dev/null 2>&1 || pulumi config set --secret mlops:$$key "$$(openssl rand -hex 24)"; \
-	done
+	$(MAKE) stack-secrets ENV=$(ENV)
 	pulumi up --stack $(ENV)
 
 test: venv
 	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 test-unit: venv
 	$(PY) -m pytest -q -m "not docker"

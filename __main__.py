@@ -1,8 +1,8 @@
 """Pulumi entry point: load this stack's spec, declare the stack, export its endpoints and digests."""
 import pulumi
 
-from mlops.errors import SpecError
 from mlops.program import declare_stack, load_stack_spec
+from mlops_spec.errors import SpecError
 
 try:
     spec = load_stack_spec(pulumi.get_stack(), pulumi.Config("mlops"))

@@ -10,13 +10,12 @@ import time
 
 import sklearn
 import uvloop
+from serving.app import InferenceApp
+from serving.batching import UNBATCHED, BatchingSettings
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-
-from serving.app import InferenceApp
-from serving.batching import UNBATCHED, BatchingSettings
 
 REQUESTS = 3000
 BODY = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4],

@@ -10,7 +10,8 @@ from typing import Iterator
 import numpy as np
 import tritonclient.http as triton
 
-from benchmarks import loadgen, stage as bench_stage
+from benchmarks import loadgen
+from benchmarks import stage as bench_stage
 from benchmarks.model import model_bytes, sample_rows
 from benchmarks.report import Figure, alternate, median, number, rounds_text, spread
 from benchmarks.serving import SERVER_CPU, V2_INFER_PATH, container_address

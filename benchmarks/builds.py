@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from mlops import plan
-from mlops.spec import REPO_ROOT, StageSpec
+from mlops_spec.models import StageSpec
+from mlops_spec.project import REPO_ROOT
 
 STEP = re.compile(r"^Step \d+/\d+ : (?P<instruction>.*)$", re.MULTILINE)
 # Steps that create nothing: the base image and build arguments declared before it.

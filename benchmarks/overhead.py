@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from benchmarks.report import Figure, alternate, median, ratio, rounds_text, spread
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 GOAL_RATIO = 1.5
 OURS, IMPORTS_ONLY, FLOOR = "ours", "imports only", "floor"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from benchmarks import builds
 from benchmarks.report import Figure, median, ratio, rounds_text, spread
-from mlops.spec import load_stage
+from mlops_spec.loading import load_stage
 
 # The source file a code-only change edits, per image: the last layer of each Dockerfile copies its folder.
 CODE_FILES = {"training": "mlops_training/train.py", "serving": "serving/app.py"}

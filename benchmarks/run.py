@@ -15,7 +15,7 @@ from typing import Callable
 
 from benchmarks import binary, machine, overhead, rebuilds, serving, spinup, swarm, telemetry
 from benchmarks.report import Figure
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 # Report order (the issue's) -> how to measure each; `make bench` runs them in RUN_ORDER.
 FIGURES: dict[str, tuple[str, Callable[[], Figure]]] = {

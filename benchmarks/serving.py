@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-
-from benchmarks import builds, loadgen, stage as bench_stage
+from benchmarks import builds, loadgen
+from benchmarks import stage as bench_stage
 from benchmarks.model import FEATURES, MODEL_NAME, model_bytes, sample_rows
 from benchmarks.report import Figure, median, ratio, rounds_text, spread
 from components.model_serving import REPLICA_METRICS_PORT
-from mlops.spec import StageSpec
+from mlops_spec.models import StageSpec
 from tests.engine import StageOnEngine
 
 SERVER_CPU = "1"

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from benchmarks import builds, stage as bench_stage
+from benchmarks import builds
+from benchmarks import stage as bench_stage
 from benchmarks.model import model_bytes
 from benchmarks.report import Figure, alternate, median, rounds_text, spread
 from tests.engine import StageOnEngine

@@ -13,9 +13,10 @@ from typing import Optional
 import docker
 
 from benchmarks.model import MODEL_NAME, MlflowRegistry
-from mlops.credentials import TRAINER, derived_password
 from mlops.modelstore import BasicAuth
-from mlops.spec import StageSpec, load_stage
+from mlops_spec.contract import TRAINER, derived_password
+from mlops_spec.loading import load_stage
+from mlops_spec.models import StageSpec
 from tests.engine import StageOnEngine
 
 MLFLOW_PORT = 5000

@@ -15,9 +15,9 @@ from benchmarks.model import MODEL_NAME, MlflowRegistry, model_bytes, sample_row
 from benchmarks.report import Figure, median, ratio, rounds_text, spread
 from benchmarks.serving import v2_body
 from benchmarks.stage import wait_ready
-from mlops.credentials import TRAINER, derived_password
 from mlops.modelstore import BasicAuth
-from mlops.spec import load_stage
+from mlops_spec.contract import TRAINER, derived_password
+from mlops_spec.loading import load_stage
 from tests import cluster
 from tests.engine import StageOnEngine
 

@@ -17,13 +17,15 @@ from typing import Any, Iterator
 import numpy as np
 from sklearn.datasets import load_iris
 
-from benchmarks import loadgen, stage as bench_stage
+from benchmarks import loadgen
+from benchmarks import stage as bench_stage
 from benchmarks.model import MODEL_NAME, MlflowRegistry, model_bytes, sample_rows
 from benchmarks.report import Figure, median, rounds_text, spread
 from benchmarks.serving import SERVER_CPU, V2_INFER_PATH, container_address, start_like, v2_body
-from mlops.credentials import TRAINER, derived_password
 from mlops.modelstore import BasicAuth
-from mlops.spec import REPO_ROOT, MonitoringSpec
+from mlops_spec.contract import TRAINER, derived_password
+from mlops_spec.models import MonitoringSpec
+from mlops_spec.project import REPO_ROOT
 from tests.engine import StageOnEngine
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "training"))

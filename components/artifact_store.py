@@ -8,7 +8,7 @@ from typing import Optional, TypedDict
 import pulumi
 import pulumi_docker as docker
 
-from mlops.spec import ArtifactStoreSpec
+from mlops_spec.models import ArtifactStoreSpec
 
 DATASETS_VOLUME = "datasets"
 VOLUMES = ("artifacts", "mlflow-db", "registry-data")

@@ -6,7 +6,8 @@ from typing import Optional, Sequence
 import pulumi
 import pulumi_docker as docker
 
-from mlops.spec import HealthCheck, Limits, PublishedPort, provider_cpus
+from mlops_spec.encoding import provider_cpus
+from mlops_spec.models import HealthCheck, Limits, PublishedPort
 
 APP_USER = "10001:10001"
 DEFAULT_TMPFS = {"/tmp": "rw,noexec,nosuid,size=64m"}

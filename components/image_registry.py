@@ -10,19 +10,23 @@ import pulumi_docker as docker
 
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, image_id
-from mlops.spec import ImageRegistrySpec
+from mlops_spec.models import ImageRegistrySpec
 
 REGISTRY_PORT = 5000
-BCRYPT_COST = 5
+# OWASP's floor for bcrypt. The registry checks the hash on every request (about 0.1 s each at this cost on one
+# core; a push makes a few dozen), so not the 12 of a login form.
+BCRYPT_COST = 10
 BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 
 def htpasswd_entry(username: str, password: str, stack: str) -> str:
-    """A bcrypt htpasswd line whose salt derives from its inputs, so an unchanged password never
-    shows up as a change (a random salt would replace the registry on every `pulumi up`)."""
+    """A bcrypt htpasswd line whose salt derives from its inputs, so an unchanged password never shows up as a
+    change. A random salt cannot be kept instead: the line reaches the registry as a container environment
+    variable (a Swarm secret on a cluster stage), which the provider replaces the container (secret) on any
+    change of (mlops/replacements.py), and this program keeps no state of its own between runs, so every
+    `pulumi up` would hash anew and replace the registry. What a random salt would add, tables computed ahead
+    for one stack and user name, costs 2^BCRYPT_COST per guess here, against `make up`'s random 192-bit password."""
     seed = hashlib.sha256(f"{stack}\0{username}\0{password}".encode()).digest()
-    # Cost 5, as `htpasswd -B` (the registry's documented tool) uses: the registry checks it on every
-    # request, and `make up` generates a random 48-hex password that no cost factor needs to slow down.
     salt = f"$2b${BCRYPT_COST:02d}$" + "".join(BCRYPT_ALPHABET[byte % 64] for byte in seed[:21]) + "."
     return f"{username}:{bcrypt.hashpw(password.encode(), salt.encode()).decode()}"
 

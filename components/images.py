@@ -19,7 +19,8 @@ from typing import Optional
 import pulumi
 import pulumi_docker as docker
 
-from mlops.spec import ImageSource, StageSpec, project_root
+from mlops_spec.models import ImageSource, StageSpec
+from mlops_spec.project import project_root
 
 
 @dataclass(frozen=True)

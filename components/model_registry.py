@@ -9,7 +9,7 @@ import pulumi_docker as docker
 
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, image_id
-from mlops.spec import ModelRegistrySpec
+from mlops_spec.models import ModelRegistrySpec
 
 MLFLOW_PORT = 5000
 

@@ -15,9 +15,8 @@ from components.artifact_store import SAMPLES_DIR
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, PushTarget, build_image, image_id
 from components.monitoring import ScrapeTarget, replica_labels
-from mlops.credentials import READER
-from mlops.rollout import ROLLOUT_DIR, gateway_env
-from mlops.spec import BatchingSpec, ModelPin, Release, SamplingSpec, ServingSpec
+from mlops_spec.contract import READER, ROLLOUT_DIR, gateway_env
+from mlops_spec.models import BatchingSpec, ModelPin, Release, SamplingSpec, ServingSpec
 
 SERVING_PORT = 8080
 GATEWAY_PORT = 8080

@@ -42,7 +42,7 @@ import pulumi_docker as docker
 
 from components.containers import container_labels, hardened_container, published
 from components.images import BuildSettings, image_id
-from mlops.spec import ModelPin, MonitoringSpec
+from mlops_spec.models import ModelPin, MonitoringSpec
 
 PROMETHEUS_PORT = 9090
 DATA_PATH = "/prometheus"

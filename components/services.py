@@ -20,7 +20,8 @@ import pulumi
 import pulumi_docker as docker
 
 from components.containers import APP_USER, go_duration, healthy_within_s, http_probe
-from mlops.spec import NANO, HealthCheck, Limits
+from mlops_spec.encoding import NANO
+from mlops_spec.models import HealthCheck, Limits
 
 MIB = 1024 * 1024
 TMP_BYTES = 64 * MIB

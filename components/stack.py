@@ -17,8 +17,8 @@ from components.swarm_model_registry import SwarmModelRegistry
 from components.swarm_monitoring import SwarmMonitoring
 from components.swarm_serving import SwarmServing
 from components.training_environment import TrainingEnvironment
-from mlops.credentials import READER, derived_password
-from mlops.spec import StageSpec
+from mlops_spec.contract import READER, derived_password
+from mlops_spec.models import StageSpec
 
 
 def identity_labels(spec: StageSpec, stack: str) -> dict[str, str]:
@@ -46,7 +46,7 @@ class MLOpsStackArgs(TypedDict):
     spec: StageSpec
     registry_password: Optional[pulumi.Input[str]]
     mlflow_password: pulumi.Input[str]
-    """The stage's MLflow secret, from which every MLflow identity's password derives (mlops/credentials.py)."""
+    """The stage's MLflow secret, from which every MLflow identity's password derives (mlops_spec/contract.py)."""
 
 
 class MLOpsStack(pulumi.ComponentResource):

@@ -9,7 +9,7 @@ import pulumi
 from components.image_registry import REGISTRY_PORT, htpasswd_entry
 from components.images import BuildSettings, image_id
 from components.services import hardened_service, secret_file, swarm_secret
-from mlops.spec import ImageRegistrySpec, SwarmSpec
+from mlops_spec.models import ImageRegistrySpec, SwarmSpec
 
 SECRET_FILE = "registry-htpasswd"
 

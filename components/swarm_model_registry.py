@@ -9,7 +9,7 @@ import pulumi
 from components.images import BuildSettings, image_id
 from components.model_registry import MLFLOW_PORT
 from components.services import hardened_service, secret_file, swarm_secret
-from mlops.spec import ModelRegistrySpec, SwarmSpec
+from mlops_spec.models import ModelRegistrySpec, SwarmSpec
 
 SECRET_FILE = "mlflow-password"
 

@@ -16,7 +16,7 @@ import pulumi
 from components.images import BuildSettings, PushTarget, pullable_image
 from components.monitoring import DATA_PATH, PROMETHEUS_PORT, ScrapeTarget, prometheus_settings
 from components.services import hardened_service
-from mlops.spec import MonitoringSpec, SwarmSpec
+from mlops_spec.models import MonitoringSpec, SwarmSpec
 
 
 class SwarmMonitoringArgs(TypedDict):

@@ -1,7 +1,7 @@
 """Serving on a Docker Swarm: blue (and green) as replicated services spread over the nodes, behind a gateway
 on every edge node that splits traffic and resolves the tasks through Swarm's DNS.
 
-Contract with the cluster (what the nodes need; the cluster tests and README rely on it):
+Contract with the cluster (what the nodes need; the cluster tests and docs/hosts-and-clusters.md rely on it):
 - `docker.url` reaches a manager, and that manager is the node labelled `<swarm.stateful_label>=true`: MLflow,
   the registry and the artifact volumes live there, and the platform images are built there and run by ID.
 - Nodes labelled `<swarm.edge_label>=true` run one gateway each (global mode), published in host mode on
@@ -27,11 +27,18 @@ from typing import Optional, TypedDict
 import pulumi
 
 from components.images import BuildSettings, PushTarget, pullable_image
-from components.model_serving import (GATEWAY_METRICS_PORT, GATEWAY_PORT, REPLICA_METRICS_PORT, SERVING_PORT,
-                                      batching_settings, model_labels, model_settings)
+from components.model_serving import (
+    GATEWAY_METRICS_PORT,
+    GATEWAY_PORT,
+    REPLICA_METRICS_PORT,
+    SERVING_PORT,
+    batching_settings,
+    model_labels,
+    model_settings,
+)
 from components.monitoring import ScrapeTarget, replica_labels
 from components.services import hardened_service, secret_file, swarm_secret
-from mlops.spec import ImageSource, ModelPin, Release, ServingSpec, SwarmSpec
+from mlops_spec.models import ImageSource, ModelPin, Release, ServingSpec, SwarmSpec
 
 READER_SECRET_FILE = "mlflow-reader-password"
 REPLICA_TMP_BYTES = 256 * 1024 * 1024  # as on one host: room for the fetched model

@@ -6,7 +6,7 @@ from typing import Optional, TypedDict
 import pulumi
 
 from components.images import BuildSettings, PushTarget, build_image, pulled_image
-from mlops.spec import TrainingSpec
+from mlops_spec.models import TrainingSpec
 
 
 class TrainingEnvironmentArgs(TypedDict):

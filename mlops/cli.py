@@ -8,10 +8,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from mlops.commands import data, diff, drift, experiments, parity, promote, specs, status, train
-from mlops.errors import NotInProject, SpecError
+from mlops_spec.errors import NotInProject, SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="The MLOps stack as code: validate, plan, train, diff, promote, run experiments and check a stage.")
+app.command()(specs.stages)
 app.command()(specs.validate)
 app.command()(specs.plan)
 app.command()(diff.diff)

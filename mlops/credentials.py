@@ -1,42 +1,16 @@
 """A stage's secrets as the commands that act on a stage from outside Pulumi (`mlops promote`, `mlops train`)
-read them, and the MLflow identities' passwords derived from the one MLflow secret.
-
-Each stack holds two Pulumi config secrets: `mlops:registryPassword` (its image registry) and
-`mlops:mlflowPassword`, from which the password of each MLflow identity is derived as the HMAC-SHA256 of the
-identity's name under the secret, in hex. The Pulumi program, the MLflow image's start script
-(images/mlflow/start.py, which creates the users) and these commands derive the same passwords, so users
-keep one secret per stack and no identity's password is stored anywhere.
-"""
+read them: from CI's `MLOPS_<SECRET>_<STAGE>` variable, else through the Pulumi CLI. How MLflow passwords derive
+from the one MLflow secret is `mlops_spec.contract`'s."""
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
-import re
 import subprocess
 
-READER = "reader"
-"""Serving replicas: reads only."""
-TRAINER = "trainer"
-"""`mlops train`: creates runs and model versions."""
-PROMOTER = "promoter"
-"""`mlops promote`: reads the source stage, writes into the target stage."""
-REGISTRY_PASSWORD = "registryPassword"
-MLFLOW_PASSWORD = "mlflowPassword"
+from mlops_spec.contract import MLFLOW_PASSWORD, REGISTRY_PASSWORD, derived_password, secret_variable
 
 
 class MissingSecret(Exception):
     """Neither the environment nor the Pulumi CLI gave the secret; the message says how to provide it."""
-
-
-def derived_password(secret: str, identity: str) -> str:
-    return hmac.new(secret.encode(), identity.encode(), hashlib.sha256).hexdigest()
-
-
-def secret_variable(key: str, stage: str) -> str:
-    """`registryPassword`, `staging` -> `MLOPS_REGISTRY_PASSWORD_STAGING`."""
-    words = re.sub(r"(?<!^)(?=[A-Z])", "_", key).upper()
-    return f"MLOPS_{words}_{stage.upper().replace('-', '_')}"
 
 
 def stack_secret(stage: str, key: str, purpose: str) -> str:

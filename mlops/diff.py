@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from mlops import gitrepo
-from mlops.errors import SpecError, excerpt
 from mlops.plan import PlannedResource, flatten, render, update_policy
 from mlops.replacements import RULES, VOLUME_TYPE, Rules, prefixes, schema_path
-from mlops.spec import check_stage_name, environments_dir, load_stage
+from mlops_spec.errors import SpecError, excerpt
+from mlops_spec.loading import check_stage_name, load_stage
+from mlops_spec.project import environments_dir
+from mlops_spec.yamlsource import load_yaml_source
 
 Status = Literal["added", "removed", "changed"]
 MARKS: dict[Status, str] = {"changed": "~", "added": "+", "removed": "-"}
@@ -328,6 +330,17 @@ def compare(before: list[PlannedResource], after: list[PlannedResource],
     return changes, unchanged
 
 
+def _declare_identity_of_today(revision: Path, stage: str, environments: Path) -> None:
+    """Stage files committed before stages declared their `kind` take what the stage is from its file in the work
+    tree, so a diff across that change compares what the stage runs. Appended, so that errors in the committed
+    file keep their line numbers."""
+    committed, today = revision / f"{stage}.yaml", environments / f"{stage}.yaml"
+    if not committed.is_file() or not today.is_file() or "kind" in load_yaml_source(committed).data:
+        return
+    identity = {key: value for key, value in load_yaml_source(today).data.items() if key in ("kind", "promote_from")}
+    committed.write_text(committed.read_text().rstrip("\n") + "\n" + "".join(f"{key}: {value}\n" for key, value in identity.items()))
+
+
 def render_stage(side: StageRef, environments: Optional[Path] = None) -> list[PlannedResource]:
     """Render one side: from the work tree, or from `environments/` as committed at `side.ref`."""
     environments = environments or environments_dir()
@@ -335,6 +348,7 @@ def render_stage(side: StageRef, environments: Optional[Path] = None) -> list[Pl
         return render(side.stage, load_stage(side.stage, environments=environments))
     with tempfile.TemporaryDirectory(prefix="mlops-diff-") as scratch:
         folder = gitrepo.materialise(environments, side.ref, Path(scratch))
+        _declare_identity_of_today(folder, side.stage, environments)
         try:
             spec = load_stage(side.stage, environments=folder)
         except SpecError as err:

@@ -23,9 +23,11 @@ from typing import Any, Mapping, Optional, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
-from mlops.errors import SpecError, excerpt
-from mlops.spec import DNS_LABEL, SHIPPED_STAGES, ExperimentInfo, StageSpec, load_stage, project_root
-from mlops.yamlsource import deep_merge, load_yaml_scalar, load_yaml_source
+from mlops_spec.errors import SpecError, excerpt
+from mlops_spec.loading import load_stage, stage_names
+from mlops_spec.models import DNS_LABEL, ExperimentInfo, StageSpec
+from mlops_spec.project import project_root
+from mlops_spec.yamlsource import deep_merge, load_yaml_scalar, load_yaml_source
 
 EXPERIMENT_CONFIG_KEY = "experiment"
 """Where an experiment's settings live: the Pulumi config key `mlops:experiment` of its stack."""
@@ -39,7 +41,7 @@ MAX_TTL = timedelta(days=7)
 TTL_PATTERN = re.compile(r"(?:(?P<days>[0-9]+)d)?(?:(?P<hours>[0-9]+)h)?(?:(?P<minutes>[0-9]+)m)?")
 # No time to live within MAX_TTL needs more digits; int() of thousands of digits would not even finish.
 MAX_TTL_DIGITS = 6
-RESERVED_KEYS = ("stage", "kind", "experiment")
+RESERVED_KEYS = ("stage", "kind", "promote_from", "experiment")
 PUBLISHED_PORTS = ("model_registry.port", "image_registry.port", "serving.port")
 UNPROTECTED = "artifact_store.protect"
 
@@ -221,9 +223,9 @@ class ExperimentSettings:
         check_name(self.name)
         if not self.owner or any(not char.isprintable() for char in self.owner):
             raise SpecError(file="--owner", field="", message=f"{self.owner!r} is not a usable owner; use a name or email")
-        if self.source not in SHIPPED_STAGES:
+        if self.source not in stage_names():
             raise SpecError(file="--from", field="", message=f"'{excerpt(self.source)}' is not a stage; use one of "
-                                                             f"{', '.join(SHIPPED_STAGES)}")
+                                                             f"{', '.join(stage_names())}")
         parse_ttl(self.ttl)
         if parse_utc(self.expires_at, "expires_at") <= parse_utc(self.created_at, "created_at"):
             raise SpecError(file="expires_at", field="", message=f"{self.expires_at} is not after created_at {self.created_at}")

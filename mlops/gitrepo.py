@@ -6,7 +6,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from mlops.errors import SpecError
+from mlops_spec.errors import SpecError
 
 
 def _git(cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:

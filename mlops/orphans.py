@@ -16,7 +16,6 @@ from typing import Optional
 from urllib.parse import urlsplit
 
 from mlops.experiments import experiment_stack
-from mlops.spec import SHIPPED_STAGES
 
 EXPERIMENT_LABEL = "mlops.experiment"
 STAGE_LABEL = "mlops.stage"
@@ -80,7 +79,7 @@ def _docker(host: Optional[str], *args: str) -> str:
 
 
 def labelled(kind: str, host: Optional[str] = None) -> list[Leftover]:
-    """Resources of `kind` labelled with an experiment name and not with a shipped stage."""
+    """Resources of `kind` labelled with an experiment name and that experiment's stack as their stage."""
     listing = ["container", "ls", "--all"] if kind == "container" else [kind, "ls"]
     refs = _docker(host, *listing, "--quiet", "--filter", f"label={EXPERIMENT_LABEL}").split()
     if not refs:
@@ -89,7 +88,7 @@ def labelled(kind: str, host: Optional[str] = None) -> list[Leftover]:
     for item in json.loads(_docker(host, kind, "inspect", *refs)):
         labels = (item["Config"]["Labels"] if kind == "container" else item["Labels"]) or {}
         experiment = labels.get(EXPERIMENT_LABEL, "")
-        if not experiment or labels.get(STAGE_LABEL) in SHIPPED_STAGES:
+        if not experiment or labels.get(STAGE_LABEL) != experiment_stack(experiment):
             continue
         ref = item["Name"] if kind == "volume" else item["Id"]
         found.append(Leftover(kind=kind, ref=ref, name=item["Name"].lstrip("/"), experiment=experiment))

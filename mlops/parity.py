@@ -13,13 +13,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from mlops.diff import ABSENT
-from mlops.errors import SpecError
 from mlops.plan import flatten
-from mlops.spec import ENVIRONMENTS_DIR, ParityRules, StageSpec, load_stages
-from mlops.yamlsource import load_yaml_source
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_stages
+from mlops_spec.models import ParityRules, StageSpec
+from mlops_spec.project import ENVIRONMENTS_DIR
+from mlops_spec.yamlsource import load_yaml_source
 
 # What a stage is, not what it runs: these differ between any two stages by definition.
-PER_STAGE_FIELDS = {"stage", "kind", "experiment"}
+PER_STAGE_FIELDS = {"stage", "kind", "promote_from", "experiment"}
 
 
 @dataclass(frozen=True)

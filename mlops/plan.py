@@ -16,7 +16,7 @@ from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 from pulumi.runtime import settings as pulumi_settings
 
-from mlops.spec import StageSpec
+from mlops_spec.models import StageSpec
 
 SECRET_PLACEHOLDER = "[secret]"
 PROJECT = "mlops-stack"

@@ -4,19 +4,21 @@ from __future__ import annotations
 import pulumi
 
 from components.stack import MLOpsStack
-from mlops.errors import SpecError
 from mlops.experiments import EXPERIMENT_CONFIG_KEY, experiment_spec
-from mlops.spec import SHIPPED_STAGES, SWARM_EXAMPLE_STAGE, StageSpec, load_stages
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_stages, stage_names
+from mlops_spec.models import StageSpec
 
 
 def load_stack_spec(stack: str, config: pulumi.Config) -> StageSpec:
-    """Stack `dev` reads `environments/dev.yaml` (and so on, `cluster` too); `exp-NAME` stacks carry their settings in config."""
-    if stack in (*SHIPPED_STAGES, SWARM_EXAMPLE_STAGE):
+    """Stack `dev` reads `environments/dev.yaml`, and so on for every stage file; `exp-NAME` stacks carry their
+    settings in config."""
+    if stack in stage_names():
         return load_stages([stack])[0]
     settings = config.get_object(EXPERIMENT_CONFIG_KEY)
     if not stack.startswith("exp-") or settings is None:
         raise SpecError(file=f"Pulumi.{stack}.yaml", field=f"mlops:{EXPERIMENT_CONFIG_KEY}",
-                        message=f"stack '{stack}' is none of {', '.join(SHIPPED_STAGES)}; experiment stacks "
+                        message=f"stack '{stack}' is none of {', '.join(stage_names())}; experiment stacks "
                                 "are named exp-NAME and created by `mlops exp up NAME`")
     return experiment_spec(stack, settings)
 

@@ -29,11 +29,14 @@ from ruamel.yaml.tokens import CommentToken
 
 from components.images import BuildSettings, content_tag
 from mlops import credentials, gitrepo, rollout
-from mlops.errors import SpecError
 from mlops.imagecopy import RegistryError, StageRegistry, copy_image, manifest_digest
 from mlops.modelstore import BasicAuth, MlflowStore, ModelStore, ModelVersion, StoreError
 from mlops.reach import StageReach, Unreachable
-from mlops.spec import ENVIRONMENTS_DIR, StageSpec, load_stage, stage_file
+from mlops_spec.contract import PROMOTER, release_id
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_stage, stage_file
+from mlops_spec.models import StageSpec
+from mlops_spec.project import ENVIRONMENTS_DIR
 
 StoreFactory = Callable[[str, BasicAuth], ModelStore]
 
@@ -213,7 +216,7 @@ def prepare_green_promotion(stage: str, environments: Path, rollout_state: Calla
         raise PromotionRefused(f"{file.name} declares no serving.green and release of its own to swap")
     if green.rollout is not None:
         state = rollout_state(spec)
-        release = rollout.release_id(green.model)
+        release = release_id(green.model)
         if state is None or state.get("green_release") != release or state.get("phase") != rollout.FINISHED:
             seen = "no rollout state" if state is None else f"rollout of {state.get('green_release')} is {state.get('phase')}"
             raise PromotionRefused(f"{stage}'s green {release} has not finished its rollout ({seen}); promote it "
@@ -274,7 +277,7 @@ class Promoter:
     def __init__(self, environments: Path = ENVIRONMENTS_DIR, store_for: StoreFactory = MlflowStore,
                  password_for: Callable[[str], str] = credentials.registry_password,
                  mlflow_password_for: Callable[[str], str] = lambda stage: credentials.mlflow_password(
-                     stage, credentials.PROMOTER)) -> None:
+                     stage, PROMOTER)) -> None:
         """`password_for(stage)` is the stage's image registry password, `mlflow_password_for(stage)` the
         password of MLflow user `promoter` there: it reads the source stage and writes into the target."""
         self.environments = environments
@@ -296,7 +299,7 @@ class Promoter:
         return self._reaches[spec.stage]
 
     def model_store(self, spec: StageSpec) -> ModelStore:
-        auth = BasicAuth(credentials.PROMOTER, _secret(self.mlflow_password_for, spec.stage))
+        auth = BasicAuth(PROMOTER, _secret(self.mlflow_password_for, spec.stage))
         return self.store_for(self._reach(spec).model_registry_url(), auth)
 
     def image_registry(self, spec: StageSpec) -> StageRegistry:
@@ -343,7 +346,10 @@ class Promoter:
         target = load_stage(target_stage, self.environments)
         if target.builds_workloads:
             raise PromotionRefused(f"{target_stage} builds its own images and follows its newest model; "
-                                   "promote into staging or prod")
+                                   "promote into a staging or prod stage")
+        if target.promote_from != source_stage:
+            raise PromotionRefused(f"{target_stage} is promoted from {target.promote_from} "
+                                   f"({target_file.name}: promote_from), not from {source_stage}")
         if source.release is None:
             raise PromotionRefused(f"{source_stage} has no release to promote: nothing was promoted to it yet")
         _refuse_unless_committed(target_file)

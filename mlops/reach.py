@@ -16,7 +16,7 @@ import time
 from typing import Optional
 from urllib.parse import urlsplit
 
-from mlops.spec import PublishedPort, StageSpec
+from mlops_spec.models import PublishedPort, StageSpec
 
 TUNNEL_START_TIMEOUT_S = 15.0
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mlops.reach import StageReach
-from mlops.spec import CanaryRelease, ModelPin, StageSpec
+from mlops_spec.contract import ROLLOUT_DIR, release_id
+from mlops_spec.models import StageSpec
 
-ROLLOUT_DIR = "/data/rollout"
 FINISHED = "finished"
 """The phase images/gateway/canary.py records once green baked at 100 % within the limits."""
 PROMETHEUS_TIMEOUT_S = 5.0
@@ -27,19 +27,6 @@ Query = Callable[[str], list[tuple[dict[str, str], float]]]
 
 class PrometheusUnreachable(Exception):
     """The stage's Prometheus did not answer a query; the message says which and why."""
-
-
-def release_id(pin: ModelPin) -> str:
-    """Which green a rollout belongs to: a rolled-back green is never rolled out again, a new one is."""
-    return f"{pin.name}:{pin.version}:{pin.sha256 or ''}"
-
-
-def gateway_env(green: CanaryRelease, prometheus_url: str, scrape_interval_s: int) -> list[str]:
-    """What the gateway needs to run green's rollout: the policy, where to judge it and where to record it."""
-    assert green.rollout is not None
-    return [f"ROLLOUT_POLICY={green.rollout.model_dump_json()}", f"PROMETHEUS_URL={prometheus_url}",
-            f"SCRAPE_INTERVAL_S={scrape_interval_s}", f"ROLLOUT_DIR={ROLLOUT_DIR}",
-            f"GREEN_RELEASE={release_id(green.model)}"]
 
 
 def prometheus_query(base_url: str) -> Query:

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 from mlops import rollout
 from mlops.orphans import DockerError, _docker
 from mlops.reach import StageReach, Unreachable
-from mlops.spec import PublishedPort, StageSpec
+from mlops_spec.models import PublishedPort, StageSpec
 
 PROBE_TIMEOUT_S = 5.0
 HEALTHY = "healthy"

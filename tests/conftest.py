@@ -26,7 +26,7 @@ def private_copy_of_dev(name: str, ports: dict[str, int]) -> dict:
     `gateway`), without dev's release: a test's own stage never touches a real one on the same engine."""
     import yaml
 
-    from mlops.spec import ENVIRONMENTS_DIR
+    from mlops_spec.project import ENVIRONMENTS_DIR
 
     spec = yaml.safe_load((ENVIRONMENTS_DIR / "dev.yaml").read_text())
     spec.pop("release", None)
@@ -42,7 +42,7 @@ def private_copy_of_dev(name: str, ports: dict[str, int]) -> dict:
 def fetch_build_inputs() -> None:
     """What the image builds install offline, as `make wheels` fetches it: the wheels of every hashed lock and
     the pinned Debian packages (images/prometheus). Quick when they are current."""
-    from mlops.spec import REPO_ROOT
+    from mlops_spec.project import REPO_ROOT
 
     for script, lock in (("fetch-wheels.sh", "requirements.lock"), ("fetch-debs.sh", "packages.lock")):
         for found in sorted(REPO_ROOT.glob(f"images/*/{lock}")):
@@ -102,7 +102,7 @@ def environments(tmp_path):
     """A writable copy of environments/ for tests that edit specs."""
     import shutil
 
-    from mlops.spec import ENVIRONMENTS_DIR
+    from mlops_spec.project import ENVIRONMENTS_DIR
 
     copy = tmp_path / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, copy)

@@ -66,7 +66,9 @@ from docker.types import EndpointConfig, Ulimit
 
 from components.images import context_files
 from mlops import plan
-from mlops.spec import REPO_ROOT, StageSpec, parse_cpus
+from mlops_spec.encoding import parse_cpus
+from mlops_spec.models import StageSpec
+from mlops_spec.project import REPO_ROOT
 
 PROVIDER = "pulumi:providers:docker"
 IMAGE = "docker:index/image:Image"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 from tests.conftest import free_port
 
 MLFLOW_IMAGE = REPO_ROOT / "images" / "mlflow"

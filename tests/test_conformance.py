@@ -29,7 +29,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from tritonclient.utils import InferenceServerException
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 from tests.test_gateway_failover import (
     Engine,
     docker,

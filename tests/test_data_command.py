@@ -1,14 +1,19 @@
-"""`mlops data` without a Docker engine: whether the newest dataset is fresh, which the retraining workflow asks."""
+"""`mlops data` without a Docker engine: whether the newest dataset is fresh, which the retraining workflow asks,
+and what the samples export reports."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from mlops.cli import app
 from mlops.commands import data
 from mlops.modelstore import ModelVersion
+from mlops_spec.project import ENVIRONMENTS_DIR
 
 NEWEST = "b" * 64
 OLDER = "a" * 64
@@ -87,3 +92,22 @@ def test_no_dataset_at_all_is_not_fresh(dev_mlflow, monkeypatch):
     assert (result.exit_code, result.output) == (1, "no dataset on dev-datasets: nothing fresh to train on; add one "
                                                     "with `mlops data add --stage dev FILE.csv`\n")
     assert dev_mlflow.asked == []
+
+
+def test_samples_say_how_many_unreadable_lines_the_export_skipped(monkeypatch, tmp_path):
+    environments = tmp_path / "environments"
+    shutil.copytree(ENVIRONMENTS_DIR, environments)
+    dev = yaml.safe_load((environments / "dev.yaml").read_text())
+    dev["serving"]["sampling"] = {"fraction": 1.0}
+    (environments / "dev.yaml").write_text(yaml.safe_dump(dev))
+    exported = b'"sepal length (cm)","prediction","label"\n"5.1","0",""\n'
+    skipped = b"skipped 2 unreadable lines (first: s-serving-blue-0.jsonl:3: JSONDecodeError: Expecting value)\n"
+    monkeypatch.setattr(data, "run_in_stage", lambda *args, **kwargs: subprocess.CompletedProcess([], 0, exported, skipped))
+    out = tmp_path / "s.csv"
+    result = CliRunner().invoke(app, ["data", "samples", "--stage", "dev", "--out", str(out),
+                                      "--environments", str(environments)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == (f"{out}: 1 sampled rows; skipped 2 unreadable lines (first: "
+                                     "s-serving-blue-0.jsonl:3: JSONDecodeError: Expecting value); fill in `label`, "
+                                     f"then `mlops data add --stage dev {out}`")
+    assert out.read_bytes() == exported

@@ -9,11 +9,11 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import FIXTURE_SERVING_IMAGE
 from mlops.cli import app
 from mlops.diff import StageRef, compare, diff_stages, to_markdown
-from mlops.errors import SpecError
 from mlops.plan import PlannedResource
+from mlops_spec.errors import SpecError
+from tests.conftest import FIXTURE_SERVING_IMAGE
 
 NEW_SERVING_IMAGE = "localhost:5201/prod/serving@sha256:" + "4" * 64
 
@@ -246,7 +246,7 @@ def test_a_rendering_leaves_no_event_loop_open(committed):
     import gc
 
     from mlops.plan import render
-    from mlops.spec import load_stage
+    from mlops_spec.loading import load_stage
 
     def open_loops():
         gc.collect()

@@ -14,7 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
 sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
@@ -23,6 +23,7 @@ from mlops_training.train import TrainingRequest, train  # noqa: E402
 from serving.app import InferenceApp  # noqa: E402
 from serving.drift import MIN_ROWS, DriftMonitor, ProfileError  # noqa: E402
 from serving.registry import MlflowRegistry, ModelPin  # noqa: E402
+
 from tests.test_serving import call, infer_body, registry  # noqa: E402, F401 - registry is a fixture
 
 WINDOW = 500

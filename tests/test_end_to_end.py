@@ -18,9 +18,10 @@ import pytest
 import yaml
 from sklearn.datasets import load_iris
 
-from mlops.credentials import MLFLOW_PASSWORD, READER, derived_password, secret_variable
 from mlops.modelstore import BasicAuth
-from mlops.spec import REPO_ROOT, load_stages
+from mlops_spec.contract import MLFLOW_PASSWORD, READER, derived_password, secret_variable
+from mlops_spec.loading import load_stages
+from mlops_spec.project import REPO_ROOT
 from tests.conftest import free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
 

@@ -18,11 +18,19 @@ from typer.testing import CliRunner
 
 from mlops import orphans, plan
 from mlops.commands import experiments as commands
-from mlops.errors import SpecError
-from mlops.experiments import (MAX_NAME_LENGTH, ExperimentSettings, check_name, experiment_spec, is_expired,
-                               parse_overrides, parse_ttl)
+from mlops.experiments import (
+    MAX_NAME_LENGTH,
+    ExperimentSettings,
+    check_name,
+    experiment_spec,
+    is_expired,
+    parse_overrides,
+    parse_ttl,
+)
 from mlops.program import load_stack_spec
-from mlops.spec import REPO_ROOT, load_stages
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_stages
+from mlops_spec.project import REPO_ROOT
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=timezone.utc)
 PHYSICAL_TYPES = ("docker:index/container:Container", "docker:index/network:Network",
@@ -299,6 +307,8 @@ def fake_pulumi(monkeypatch, tmp_path) -> FakeWorkspace:
     monkeypatch.setenv("PULUMI_CONFIG_PASSPHRASE", "test")
     monkeypatch.setenv("USER", "alice")
     monkeypatch.setattr(commands.orphans, "find_orphans", lambda existing, host: [])
+    monkeypatch.setattr(commands, "set_secret_config",
+                        lambda stack, key, value: stack.set_config(key, auto.ConfigValue(value, secret=True)))
     return workspace
 
 

@@ -38,17 +38,33 @@ from typer.testing import CliRunner
 
 from mlops import promote
 from mlops.cli import app
-from mlops.credentials import (MLFLOW_PASSWORD, PROMOTER, READER, REGISTRY_PASSWORD, TRAINER, derived_password,
-                               mlflow_password, secret_variable)
+from mlops.credentials import mlflow_password
 from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
 from mlops.modelstore import BasicAuth, MlflowStore, ModelVersion, StoreError
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
+from mlops_spec.contract import (
+    MLFLOW_PASSWORD,
+    PROMOTER,
+    READER,
+    REGISTRY_PASSWORD,
+    TRAINER,
+    derived_password,
+    secret_variable,
+)
+from mlops_spec.loading import load_stage
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.engine import StageOnEngine
+from tests.mlflow_servers import MLFLOW_SECRETS, start_server, wait_healthy
 from tests.test_gateway_failover import ModelSource, docker, engine, start_model_source, start_replica  # noqa: F401
 from tests.test_multi_host import PUBLISHED, edit_stage, infer, mlops
-from tests.mlflow_servers import MLFLOW_SECRETS, start_server, wait_healthy
-from tests.test_promote import (dev_and_staging, give_stage_secrets, image_registries, image_registry,  # noqa: F401
-                                make_repo, register_source_model, release_yaml)
+from tests.test_promote import (  # noqa: F401
+    dev_and_staging,
+    give_stage_secrets,
+    image_registries,
+    image_registry,
+    make_repo,
+    register_source_model,
+    release_yaml,
+)
 
 pytestmark = pytest.mark.docker
 

@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mlops import cli
-from mlops.errors import excerpt, one_line
-from mlops.yamlsource import MAX_FILE_BYTES
+from mlops_spec.errors import excerpt, one_line
+from mlops_spec.yamlsource import MAX_FILE_BYTES
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 WALL_SECONDS = 5.0

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
 import gateway  # noqa: E402

@@ -12,7 +12,9 @@ import hashlib
 import json
 import os
 import pickle
+import resource
 import secrets
+import socket
 import subprocess
 import tarfile
 import time
@@ -32,9 +34,9 @@ from sklearn.tree import DecisionTreeClassifier
 
 from components.containers import APP_USER, DEFAULT_TMPFS, IPC_MODE, PROCESS_LIMIT
 from components.image_registry import htpasswd_entry
-from mlops.credentials import READER, TRAINER, derived_password
 from mlops.modelstore import BasicAuth
-from mlops.spec import REPO_ROOT
+from mlops_spec.contract import READER, TRAINER, derived_password
+from mlops_spec.project import REPO_ROOT
 
 pytestmark = pytest.mark.docker
 
@@ -239,6 +241,7 @@ def infers_answered(gateway: str, replica: str) -> float:
 
 @dataclass(frozen=True)
 class ServingStack:
+    gateway: str
     gateway_url: str
     replicas: dict[str, list[str]]
     versions: dict[str, str]
@@ -257,7 +260,7 @@ def serving_stack(engine) -> ServingStack:
                 for pool, count in (("blue", 2), ("green", 1))}
     gateway = start_gateway(engine, source, "gateway", replicas["blue"], replicas["green"], weight_green=20)
     engine.wait_healthy(*replicas["blue"], *replicas["green"], gateway)
-    return ServingStack(gateway_url=gateway_url(engine, gateway), replicas=replicas,
+    return ServingStack(gateway=gateway, gateway_url=gateway_url(engine, gateway), replicas=replicas,
                         versions={pool: version for pool, (version, _) in pins.items()}, source=source)
 
 
@@ -327,6 +330,54 @@ def test_traffic_splits_by_the_declared_weights(serving_stack):
     # 1000 draws at p=0.2: the standard deviation is 1.3 points, so 5 points is a ~4 sigma bound.
     assert abs(green_share - 0.20) <= 0.05, f"green got {green_share:.1%} of {outcome.succeeded} requests, declared 20%"
     assert set(outcome.versions) == set(serving_stack.versions.values())
+
+
+IDLE_CONNECTIONS = 5000
+# An oip replica runs 6 tasks at rest and the gateway 3 (components/containers.py); a thread per connection
+# would pass this after the first batch.
+TASKS_AT_MOST = 32
+
+
+def network_address(container: str) -> str:
+    return docker("inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", container).stdout.strip()
+
+
+def tasks(container: str) -> int:
+    """The container's processes and threads, as its cgroup's pids controller counts them."""
+    return int(docker("stats", "--no-stream", "--format", "{{.PIDs}}", container).stdout)
+
+
+def test_idle_connections_to_the_metrics_ports_take_no_thread_and_stop_no_scrape_or_health_check(serving_stack):
+    """What exhausted RLIMIT_NPROC for every uid-10001 container on the host: 5,000 connections to each metrics
+    port that never send a request. Each costs no thread, the longest-waiting ones are closed, and scrapes,
+    health checks and infers keep being answered meanwhile."""
+    metrics_ports = {serving_stack.replicas["blue"][0]: 8082, serving_stack.gateway: 9102}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, len(metrics_ports) * IDLE_CONNECTIONS + 1024), hard))
+    held: dict[str, list[socket.socket]] = {container: [] for container in metrics_ports}
+    try:
+        for _ in range(0, IDLE_CONNECTIONS, 500):
+            for container, port in metrics_ports.items():
+                address = network_address(container)
+                held[container] += [socket.create_connection((address, port), timeout=10) for _ in range(500)]
+                assert tasks(container) <= TASKS_AT_MOST, f"{container} starts a task per idle connection"
+        for container, port in metrics_ports.items():
+            scrape = urllib.request.urlopen(f"http://{network_address(container)}:{port}/metrics", timeout=5)
+            assert scrape.status == 200 and b"# TYPE " in scrape.read()
+            oldest = held[container][0]
+            oldest.settimeout(15)
+            with contextlib.suppress(ConnectionResetError):
+                assert oldest.recv(1) == b"", f"{container} keeps the oldest idle connection open"
+        # Health checks run every second (Engine.run): a few more must pass while the connections are held.
+        time.sleep(3)
+        for container in metrics_ports:
+            health = json.loads(docker("inspect", "-f", "{{json .State.Health}}", container).stdout)
+            assert health["Status"] == "healthy" and health["FailingStreak"] == 0, health["Log"][-1]
+        assert urllib.request.urlopen(f"{serving_stack.gateway_url}/v2/health/ready", timeout=5).status == 200
+    finally:
+        for connection in (connection for connections in held.values() for connection in connections):
+            connection.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_killing_a_replica_under_load_loses_at_most_a_thousandth(serving_stack):

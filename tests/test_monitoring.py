@@ -10,6 +10,7 @@ standard deviations raise that feature's score above the stage's threshold and f
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -31,10 +32,11 @@ from sklearn.datasets import load_iris
 
 from mlops import plan
 from mlops.commands.train import training_image
-from mlops.credentials import MLFLOW_PASSWORD, READER, derived_password, secret_variable
-from mlops.errors import SpecError
 from mlops.modelstore import BasicAuth, MlflowStore
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage, load_stages
+from mlops_spec.contract import MLFLOW_PASSWORD, READER, derived_password, secret_variable
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_stage, load_stages
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
 from tests.test_end_to_end import http_json, train
@@ -130,7 +132,7 @@ def test_a_bad_monitoring_value_is_one_line_naming_file_line_and_field(environme
                                            + "monitoring:\n  port: {host_port: 9390}\n  drift_threshold: high\n")
     with pytest.raises(SpecError) as raised:
         load_stage("dev", environments)
-    assert str(raised.value).endswith("dev.yaml:14: monitoring.drift_threshold: Input should be a valid number, "
+    assert str(raised.value).endswith("dev.yaml:16: monitoring.drift_threshold: Input should be a valid number, "
                                       "unable to parse string as a number (got 'high')")
 
 
@@ -199,11 +201,11 @@ def eventually(check: Callable[[], object], timeout_s: float = 60, what: str = "
         time.sleep(0.5)
 
 
-def promtool(stage: MonitoredStage, *args: str) -> subprocess.CompletedProcess:
-    """promtool of the stage's own Prometheus image, with the repo's rule tests mounted."""
+def promtool(stage: MonitoredStage, *args: str, tests: Path = PROMTOOL_TESTS) -> subprocess.CompletedProcess:
+    """promtool of the stage's own Prometheus image, with the folder `tests` (the repo's rule tests) at /tests."""
     image = stage.engine.client.containers.get(f"{stage.name}-prometheus").image.id
     return subprocess.run(["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp",
-                           "--user", "10001:10001", "-v", f"{PROMTOOL_TESTS}:/tests:ro", image, "promtool", *args],
+                           "--user", "10001:10001", "-v", f"{tests}:/tests:ro", image, "promtool", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -212,6 +214,33 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(stage):
     checked = promtool(stage, "check", "rules", "/etc/prometheus/rules/mlops.yml")
     assert checked.returncode == 0 and "SUCCESS" in checked.stdout, checked.stdout + checked.stderr
     tested = promtool(stage, "test", "rules", *(f"/tests/{file.name}" for file in sorted(PROMTOOL_TESTS.glob("*.yml"))))
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+@pytest.mark.docker
+def test_the_canary_counts_only_the_gateways_series_whatever_else_exports_their_names(stage, tmp_path):
+    """A replica's metrics port serves what its code registers: series named like the gateway's, with many
+    successes and failures of green, must not move the rollout's judgement of green. The canary's own queries,
+    evaluated by the stage's Prometheus (promtool) over such series."""
+    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
+    from canary import sample_slots  # noqa: PLC0415 - the gateway image's module, on its own path
+
+    queries: list[str] = []
+    sample_slots(lambda promql: queries.append(promql) or {}, window_s=60, scrape_interval_s=15)
+    requests, failed, _p99 = queries
+    gateway = 'mlops_gateway_requests_total{job="gateway", instance="s-gateway:9102", slot="green", code="%s"}'
+    foreign = 'mlops_gateway_requests_total{job="serving", instance="s-serving-green-0:8082", slot="green", code="%s"}'
+    # Counters rising linearly, so increase() over the canary's 60 s window is exact: 4/s and 1/s from the gateway.
+    series = {gateway % 200: "0+60x40", gateway % 500: "0+15x40", foreign % 200: "0+6000x40", foreign % 500: "0+600x40"}
+    tmp_path.chmod(0o755)  # promtool runs as uid 10001
+    (tmp_path / "canary_test.yml").write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "15s", "tests": [{
+        "interval": "15s",
+        "input_series": [{"series": name, "values": values} for name, values in series.items()],
+        "promql_expr_test": [
+            {"expr": requests, "eval_time": "5m", "exp_samples": [{"labels": '{slot="green"}', "value": 300}]},
+            {"expr": failed, "eval_time": "5m", "exp_samples": [{"labels": '{slot="green"}', "value": 60}]},
+        ]}]}))
+    tested = promtool(stage, "test", "rules", "/tests/canary_test.yml", tests=tmp_path)
     assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
 
 
@@ -321,7 +350,7 @@ def predict(stage: MonitoredStage, rows: np.ndarray, rows_per_request: int) -> l
 def exported_samples(stage: MonitoredStage, out: Path) -> list[list[str]]:
     exported = stage.mlops("data", "samples", "--stage", stage.name, "--out", str(out))
     assert exported.returncode == 0, exported.stdout + exported.stderr
-    header, *rows = [line.split(",") for line in out.read_text().splitlines()]
+    header, *rows = list(csv.reader(out.read_text().splitlines()))
     assert header[-2:] == ["prediction", "label"] and len(header) == 6
     return rows
 
@@ -358,9 +387,10 @@ def test_labelled_samples_become_a_dataset_that_a_training_run_names_and_profile
     predict(stage, rows, 50)
     exported = tmp_path / "samples.csv"
     exported_samples(stage, exported)
-    header, *samples = exported.read_text().splitlines()
+    header, *samples = list(csv.reader(exported.read_text().splitlines()))
     labelled = tmp_path / "labelled.csv"
-    labelled.write_text("\n".join([header, *(line + line.split(",")[4] for line in samples)]) + "\n")
+    with labelled.open("w", newline="") as out:  # labelled with the predictions, as a spreadsheet saves it
+        csv.writer(out, lineterminator="\n").writerows([header, *([*row[:5], row[4]] for row in samples)])
     added = stage.mlops("data", "add", "--stage", stage.name, str(labelled))
     assert added.returncode == 0, added.stdout + added.stderr
     name = re.search(r"(?:ADDED|EXISTS) name=([0-9a-f]{64}\.csv) rows=(\d+)", added.stdout)
@@ -379,7 +409,8 @@ def test_labelled_samples_become_a_dataset_that_a_training_run_names_and_profile
     # The reference profile is the dataset's: computed here from the same file, split and seed as the run's.
     sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
     from mlops_training import datasets  # noqa: PLC0415 - the training image's package, on its own path
-    from mlops_training.train import TrainingRequest, train as train_in_process  # noqa: PLC0415
+    from mlops_training.train import TrainingRequest  # noqa: PLC0415
+    from mlops_training.train import train as train_in_process
 
     local = tmp_path / "datasets"
     local.mkdir()

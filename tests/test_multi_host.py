@@ -23,10 +23,12 @@ import pytest
 import yaml
 from sklearn.datasets import load_iris
 
+from mlops.credentials import mlflow_password
 from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
-from mlops.credentials import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, mlflow_password, secret_variable
 from mlops.modelstore import BasicAuth, MlflowStore
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
+from mlops_spec.contract import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, secret_variable
+from mlops_spec.loading import load_stage
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import free_port
 from tests.engine import StageOnEngine
 

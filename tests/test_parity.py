@@ -5,8 +5,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mlops.cli import app
-from mlops.errors import SpecError
 from mlops.parity import allowed_to_differ, check_parity
+from mlops_spec.errors import SpecError
 from tests.conftest import FIXTURE_SERVING_DIGEST, FIXTURE_SERVING_IMAGE
 
 OTHER_SERVING_DIGEST = "sha256:" + "5" * 64

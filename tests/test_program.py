@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import bcrypt
 import pulumi
 import pytest
 
 from mlops import plan
-from mlops.credentials import derived_password
-from mlops.spec import load_stages
+from mlops_spec.contract import derived_password
+from mlops_spec.loading import load_stages
 from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE
 
 CONTAINER = "docker:index/container:Container"
@@ -134,7 +135,7 @@ def test_container_inputs_are_rendered_as_the_provider_reads_them_back(stage, re
 
 def test_go_durations_and_provider_cpus_match_the_provider():
     from components.containers import go_duration
-    from mlops.spec import provider_cpus
+    from mlops_spec.encoding import provider_cpus
 
     assert [go_duration(s) for s in (0, 5, 59, 60, 90, 3600, 3661)] == ["0s", "5s", "59s", "1m0s", "1m30s", "1h0m0s", "1h1m1s"]
     # terraform-provider-docker v4.5.0 nanoInt64ToDecimalString, worked through by hand.
@@ -234,7 +235,7 @@ def test_the_stage_secrets_are_secret_everywhere(stage, released_environments):
 
 
 def test_each_container_gets_only_the_mlflow_credential_it_needs(released_environments):
-    from mlops.credentials import READER
+    from mlops_spec.contract import READER
 
     config = {"mlops:registryPassword": "registry-secret", "mlops:mlflowPassword": "mlflow-secret"}
     spec = load_stages(["prod"], released_environments)[0]
@@ -248,17 +249,6 @@ def test_each_container_gets_only_the_mlflow_credential_it_needs(released_enviro
     assert not [env for env in replica if "mlflow-secret" in env]
     for name in ("prod-image-registry-server", "prod-serving-gateway"):
         assert not [env for env in named[name].inputs.get("envs", []) if env.startswith(("MLOPS_MLFLOW", "MLFLOW_TRACKING_P"))]
-
-
-def test_the_mlflow_image_derives_the_passwords_the_commands_derive():
-    from images.mlflow import start
-    from mlops import credentials
-
-    assert (start.ADMIN, *start.IDENTITIES) == ("admin", credentials.READER, credentials.TRAINER, credentials.PROMOTER)
-    for identity in start.IDENTITIES:
-        assert start.derived_password("s3cret", identity) == credentials.derived_password("s3cret", identity)
-    assert credentials.derived_password("s3cret", "reader") != credentials.derived_password("s3cret", "trainer")
-    assert len(credentials.derived_password("s3cret", "reader")) == 64
 
 
 def test_secrets_never_reach_exports_and_derived_values_stay_secret():
@@ -290,10 +280,9 @@ def test_secrets_never_reach_exports_and_derived_values_stay_secret():
     check()
     entry = htpasswd_entry("mlops", password, "dev")
     assert entry == htpasswd_entry("mlops", password, "dev"), "a stable salt keeps `pulumi up` from replacing the registry"
-    assert entry.startswith("mlops:$2b$05$") and password not in entry
-    import bcrypt
-
+    assert entry.startswith("mlops:$2b$10$") and password not in entry, "bcrypt at cost 10 at least"
     assert bcrypt.checkpw(password.encode(), entry.split(":", 1)[1].encode())
+    assert htpasswd_entry("mlops", password, "prod") != entry, "each stack salts its own"
 
 
 def test_content_tag_changes_exactly_when_inputs_change(tmp_path, monkeypatch):
@@ -350,7 +339,7 @@ def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp
     import shutil
 
     from components import images
-    from mlops.spec import REPO_ROOT
+    from mlops_spec.project import REPO_ROOT
 
     shutil.copytree(REPO_ROOT / "images", tmp_path / "images", ignore=shutil.ignore_patterns("wheels"))
     monkeypatch.setattr(images, "project_root", lambda: tmp_path)
@@ -367,7 +356,7 @@ def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp
 def test_the_pulumi_entry_point_declares_what_plan_renders():
     import runpy
 
-    from mlops.spec import REPO_ROOT
+    from mlops_spec.project import REPO_ROOT
 
     monitor = plan.mock_runtime("staging")
 
@@ -382,14 +371,14 @@ def test_the_pulumi_entry_point_declares_what_plan_renders():
 def test_the_pulumi_entry_point_reports_a_bad_spec_without_a_traceback(environments, monkeypatch):
     import runpy
 
-    from mlops import spec as spec_module
-    from mlops.spec import REPO_ROOT
+    from mlops_spec import loading
+    from mlops_spec.project import REPO_ROOT
 
     (environments / "prod.yaml").write_text((environments / "prod.yaml").read_text().replace("replicas: 3", "replicas: 1"))
     # The entry point reads the shipped environments/; point its default at the broken copy.
-    monkeypatch.setattr(spec_module.load_stages, "__defaults__", (environments,))
+    monkeypatch.setattr(loading.load_stages, "__defaults__", (environments,))
     plan.mock_runtime("prod")
-    with pytest.raises(pulumi.RunError, match=r"prod.yaml:16: serving.replicas: prod serves with at least 2 replicas"):
+    with pytest.raises(pulumi.RunError, match=r"prod.yaml:19: serving.replicas: prod serves with at least 2 replicas"):
         runpy.run_path(str(REPO_ROOT / "__main__.py"))
 
 

@@ -69,7 +69,7 @@ def test_validate_reads_the_specs_of_the_project_it_runs_in(two_projects):
     # From a subfolder too: the project is the nearest one upwards.
     bad = mlops(second / "images", "validate", "prod")
     assert bad.returncode == 2
-    assert bad.stderr == (f"error: {second}/environments/prod.yaml:16: serving.replicas: prod serves with at least "
+    assert bad.stderr == (f"error: {second}/environments/prod.yaml:19: serving.replicas: prod serves with at least "
                           "2 replicas, got 1\n")
 
 

@@ -24,13 +24,28 @@ from components.images import BuildSettings, content_tag
 from mlops import promote
 from mlops.cli import app
 from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
-from mlops.credentials import (MLFLOW_PASSWORD, PROMOTER, READER, REGISTRY_PASSWORD, TRAINER, derived_password,
-                               secret_variable)
 from mlops.modelstore import BasicAuth, MlflowStore, ModelVersion, StoreError
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
+from mlops_spec.contract import (
+    MLFLOW_PASSWORD,
+    PROMOTER,
+    READER,
+    REGISTRY_PASSWORD,
+    TRAINER,
+    derived_password,
+    secret_variable,
+)
+from mlops_spec.loading import load_stage
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
+from tests.conftest import (
+    FIXTURE_SERVING_DIGEST,
+    FIXTURE_SERVING_IMAGE,
+    FIXTURE_TRAINING_DIGEST,
+    FIXTURE_TRAINING_IMAGE,
+    REQUIRE_DOCKER,
+    free_port,
+    pinned_image,
+)
 from tests.mlflow_servers import MLFLOW_SECRETS
-from tests.conftest import (FIXTURE_SERVING_DIGEST, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_DIGEST,
-                            FIXTURE_TRAINING_IMAGE, REQUIRE_DOCKER, free_port, pinned_image)
 
 MODEL_NAME = "iris-classifier"
 
@@ -169,7 +184,7 @@ def test_promote_pins_release_keeps_comments_and_copies_the_model(promotable, re
     assert sorted(image_registries.copies) == [("127.0.0.1:5201", "prod/serving", FIXTURE_SERVING_DIGEST),
                                                ("127.0.0.1:5201", "prod/training", FIXTURE_TRAINING_DIGEST)]
     keys = list(YAML().load(after))
-    assert keys == ["labels", "artifact_store", "model_registry", "image_registry", "serving", "release", "monitoring",
+    assert keys == ["kind", "promote_from", "labels", "artifact_store", "model_registry", "image_registry", "serving", "release", "monitoring",
                     "gates"]
     assert "+release:" in result.output and "promoted iris-classifier" in result.output
 

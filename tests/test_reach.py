@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from mlops.reach import StageReach, Unreachable
-from mlops.spec import load_stage
+from mlops_spec.loading import load_stage
 from tests.conftest import REQUIRE_DOCKER, free_port
 
 

@@ -20,9 +20,9 @@ from typing import Iterator
 
 import pytest
 
-from mlops.credentials import READER, TRAINER, derived_password
 from mlops.modelstore import BasicAuth
-from mlops.spec import load_stage
+from mlops_spec.contract import READER, TRAINER, derived_password
+from mlops_spec.loading import load_stage
 from tests.engine import IMAGE, StageOnEngine
 from tests.test_end_to_end import free_port, http_json, write_stage
 

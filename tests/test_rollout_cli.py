@@ -7,8 +7,10 @@ import pytest
 import yaml
 
 from mlops import rollout
-from mlops.rollout import SlotRow, release_id, status_rows
-from mlops.spec import ModelPin, load_stage
+from mlops.rollout import SlotRow, status_rows
+from mlops_spec.contract import release_id
+from mlops_spec.loading import load_stage
+from mlops_spec.models import ModelPin
 from tests.conftest import pinned_image
 from tests.test_spec_errors import run_cli
 

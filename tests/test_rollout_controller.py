@@ -6,11 +6,23 @@ import sys
 
 import pytest
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
-from canary import (BAKING, FINISHED, ROLLED_BACK, Controller, EventLog, Policy, PolicyError,  # noqa: E402
-                    PrometheusError, SlotSample, controller_from_env, judge, sample_slots)
+from canary import (  # noqa: E402
+    BAKING,
+    FINISHED,
+    ROLLED_BACK,
+    Controller,
+    EventLog,
+    Policy,
+    PolicyError,
+    PrometheusError,
+    SlotSample,
+    controller_from_env,
+    judge,
+    sample_slots,
+)
 from gateway import Gateway, pools_from_env, render  # noqa: E402
 
 POLICY = Policy(steps=(10, 50, 100), bake_time_s=30, max_error_rate_increase=0.01, max_p99_latency_ratio=1.5,
@@ -134,15 +146,16 @@ def test_a_restarted_gateway_resumes_and_never_rolls_out_a_rolled_back_green_aga
 
 def test_each_slot_is_sampled_from_the_gateway_metrics_over_at_least_four_scrapes():
     answers = {
-        'sum by (slot) (increase(mlops_gateway_requests_total[20s]))': {"blue": 180.0, "green": 20.0},
-        'sum by (slot) (increase(mlops_gateway_requests_total{code=~"5..|422"}[20s]))': {"green": 5.0},
-        "histogram_quantile(0.99, sum by (slot, le) (rate(mlops_gateway_request_duration_seconds_bucket[20s])))":
+        'sum by (slot) (increase(mlops_gateway_requests_total{job="gateway"}[20s]))': {"blue": 180.0, "green": 20.0},
+        'sum by (slot) (increase(mlops_gateway_requests_total{job="gateway",code=~"5..|422"}[20s]))': {"green": 5.0},
+        'histogram_quantile(0.99, sum by (slot, le) (rate(mlops_gateway_request_duration_seconds_bucket{job="gateway"}'
+        '[20s])))':
             {"blue": 0.01, "green": 0.05},
     }
     samples = sample_slots(answers.__getitem__, window_s=3, scrape_interval_s=5)
     assert samples == {"blue": SlotSample(requests=180.0, error_rate=0.0, p99_s=0.01),
                        "green": SlotSample(requests=20.0, error_rate=0.25, p99_s=0.05)}
-    answers['sum by (slot) (increase(mlops_gateway_requests_total{code=~"5..|422"}[20s]))'] = {"green": 20.01}
+    answers['sum by (slot) (increase(mlops_gateway_requests_total{job="gateway",code=~"5..|422"}[20s]))'] = {"green": 20.01}
     assert sample_slots(answers.__getitem__, window_s=3, scrape_interval_s=5)["green"].error_rate == 1.0
     silent = sample_slots(lambda promql: {}, window_s=60, scrape_interval_s=5)
     assert silent["green"] == SlotSample(requests=0.0, error_rate=None, p99_s=None)

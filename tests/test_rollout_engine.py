@@ -20,10 +20,11 @@ import yaml
 from sklearn.datasets import load_iris
 from sklearn.tree import DecisionTreeClassifier
 
-from mlops.credentials import TRAINER, derived_password
 from mlops.modelstore import BasicAuth
 from mlops.rollout import gateway_state, stage_status
-from mlops.spec import ENVIRONMENTS_DIR, load_stages
+from mlops_spec.contract import TRAINER, derived_password
+from mlops_spec.loading import load_stages
+from mlops_spec.project import ENVIRONMENTS_DIR
 from tests.conftest import fetch_build_inputs, free_port
 from tests.engine import StageOnEngine
 from tests.test_gateway_failover import INFER_PATH, MlflowRest, model_that_in_replica_is, read_response

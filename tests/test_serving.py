@@ -26,15 +26,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
 from serving.app import OFF_LOOP_BYTES, InferenceApp  # noqa: E402
 from serving.batching import BatchingSettings  # noqa: E402
 from serving.protocol import MAX_BODY_BYTES  # noqa: E402
 from serving.readiness import FAILURES_BEFORE_UNREADY  # noqa: E402
-from serving.sampling import RequestSampler  # noqa: E402
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable  # noqa: E402
+from serving.sampling import RequestSampler  # noqa: E402
 from serving.startup import fetch_pinned_model  # noqa: E402
 
 

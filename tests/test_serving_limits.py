@@ -21,8 +21,17 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from components.containers import PROCESS_LIMIT
-from tests.test_gateway_failover import (INFER_BODY, INFER_PATH, Engine, docker, gateway_url, read_response,
-                                         start_gateway, start_model_source, start_replica)
+from tests.test_gateway_failover import (
+    INFER_BODY,
+    INFER_PATH,
+    Engine,
+    docker,
+    gateway_url,
+    read_response,
+    start_gateway,
+    start_model_source,
+    start_replica,
+)
 
 pytestmark = pytest.mark.docker
 

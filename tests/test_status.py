@@ -18,9 +18,10 @@ import pytest
 from sklearn.datasets import load_iris
 from sklearn.tree import DecisionTreeClassifier
 
-from mlops.credentials import TRAINER, derived_password
 from mlops.modelstore import BasicAuth
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stages
+from mlops_spec.contract import TRAINER, derived_password
+from mlops_spec.loading import load_stages
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import free_port
 from tests.engine import StageOnEngine
 from tests.test_end_to_end import write_stage

@@ -28,10 +28,11 @@ import pytest
 import yaml
 from sklearn.datasets import load_iris
 
-from mlops.credentials import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, derived_password, secret_variable
 from mlops.modelstore import BasicAuth, MlflowStore
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
 from mlops.status import stage_status
+from mlops_spec.contract import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, derived_password, secret_variable
+from mlops_spec.loading import load_stage
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs
 from tests.engine import SERVICE, DeployFailed, StageOnEngine
 

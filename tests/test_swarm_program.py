@@ -16,9 +16,10 @@ from components.containers import http_healthcheck
 from mlops import plan
 from mlops.commands import swarm_training
 from mlops.commands.train import hardened_run_options
-from mlops.credentials import READER, derived_password
 from mlops.diff import compare
-from mlops.spec import REPO_ROOT, load_stage
+from mlops_spec.contract import READER, derived_password
+from mlops_spec.loading import load_stage
+from mlops_spec.project import REPO_ROOT
 from tests.test_spec_errors import replace, run_cli
 
 SERVICE = "docker:index/service:Service"
@@ -331,39 +332,39 @@ def gpu_without_placement(file) -> None:
 SWARM_ERRORS = {
     "loopback port": (lambda env: replace(env / "cluster.yaml", "port: {host_port: 8380, bind_address: 0.0.0.0, public: true}",
                                           "port: {host_port: 8380}"),
-                      "cluster.yaml:35: serving.port: a swarm publishes ports on every address of a node: set "
+                      "cluster.yaml:37: serving.port: a swarm publishes ports on every address of a node: set "
                       "bind_address: 0.0.0.0 and public: true (and firewall the nodes' network)"),
     "registry port": (lambda env: replace(env / "cluster.yaml", "registry_address: 10.0.0.10:5301",
                                           "registry_address: 10.0.0.10:5999"),
-                      "cluster.yaml:8: swarm.registry_address: the port must be image_registry.port.host_port (5301), "
+                      "cluster.yaml:10: swarm.registry_address: the port must be image_registry.port.host_port (5301), "
                       "where the registry listens"),
     "bad constraint": (lambda env: replace(env / "cluster.yaml", '["node.role != manager"]', '["role=manager"]'),
-                       "cluster.yaml:12: swarm.constraints.0: 'role=manager' is no placement constraint; write e.g. "
+                       "cluster.yaml:14: swarm.constraints.0: 'role=manager' is no placement constraint; write e.g. "
                        "'node.labels.gpu == true' or 'node.role != manager' (node.hostname|role|id|platform.os|"
                        "platform.arch|labels.NAME, then == or !=, then a value)"),
     "reservation above limit": (lambda env: replace(env / "cluster.yaml", "memory_mb: 256}", "memory_mb: 4096}"),
-                                "cluster.yaml:13: swarm.reservations.memory_mb: reserves more than "
+                                "cluster.yaml:15: swarm.reservations.memory_mb: reserves more than "
                                 "serving.limits.memory_mb (512) allows"),
     "gpu without placement": (lambda env: gpu_without_placement(env / "cluster.yaml"),
-                              "cluster.yaml:26: training.gpu: on a swarm, place GPU training with "
+                              "cluster.yaml:28: training.gpu: on a swarm, place GPU training with "
                               "swarm.training.generic_resources (e.g. {NVIDIA-GPU: 1}) or a node label in "
                               "swarm.training.constraints"),
     "spread": (lambda env: replace(env / "cluster.yaml", "spread_over: node.hostname", "spread_over: node.role"),
-               "cluster.yaml:11: swarm.spread_over: 'node.role' cannot be spread over; use node.hostname or "
+               "cluster.yaml:13: swarm.spread_over: 'node.role' cannot be spread over; use node.hostname or "
                "node.labels.NAME"),
     "rollout": (lambda env: replace(env / "cluster.yaml", "  replicas: 3\n",
                                     "  replicas: 3\n  green:\n    model: {name: iris-classifier, version: latest}\n"
                                     "    rollout: {steps: [50, 100], bake_time_s: 600, max_error_rate_increase: 0.01, "
                                     "max_p99_latency_ratio: 1.5}\n"),
-                "cluster.yaml:37: serving.green.rollout: not on a swarm stage: every edge node runs a gateway of its "
+                "cluster.yaml:39: serving.green.rollout: not on a swarm stage: every edge node runs a gateway of its "
                 "own, and each would move green's weight and record the rollout on its own; move serving.traffic in "
                 "the stage file instead"),
     "sampling": (lambda env: replace(env / "cluster.yaml", "serving:\n  build: images/serving",
                                      "serving:\n  build: images/serving\n  sampling: {fraction: 0.1}"),
-                 "cluster.yaml:34: serving.sampling: not on a swarm stage: replicas run on many nodes and the samples "
+                 "cluster.yaml:36: serving.sampling: not on a swarm stage: replicas run on many nodes and the samples "
                  "volume is local to one; remove 'serving.sampling' or 'swarm'"),
     "unknown key": (lambda env: replace(env / "cluster.yaml", "  edge_label: mlops.edge", "  edge: mlops.edge"),
-                    "cluster.yaml:10: swarm.edge: unknown key 'edge'; allowed here: constraints, edge_label, "
+                    "cluster.yaml:12: swarm.edge: unknown key 'edge'; allowed here: constraints, edge_label, "
                     "registry_address, reservations, spread_over, stateful_label, training"),
 }
 

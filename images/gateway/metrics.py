@@ -4,15 +4,23 @@ nginx sends one JSON line per proxied request over syslog (UDP on loopback, so n
 read-only disk and a slow exporter never holds a request up); this module counts them by slot (the pool
 nginx chose) and status, times them in a histogram, and serves the text format on METRICS_PORT, which the
 gateway publishes nowhere and routes nothing to: Prometheus reaches it on the stage network.
+
+Both run on one event loop in one thread. A thread per scrape connection, with no timeout, let about 4,100
+idle connections use up RLIMIT_NPROC, which counts every uid-10001 task on the host (components/containers.py):
+no container of any stage there could then start a thread or run a health check. Here a connection costs a
+file descriptor, never a thread, and idle ones cannot pile up: one that has not sent its request within
+REQUEST_TIMEOUT_S is closed, and past MAX_WAITING the connection that has waited longest is closed to admit
+the newcomer. Prometheus sends its request as soon as it connects, so it is never the one waiting longest.
+(The replicas' serving/metrics_server.py serves the same way: each image builds from its own folder only.)
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
 import threading
 from bisect import bisect_left
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 log = logging.getLogger("gateway.metrics")
 
@@ -21,11 +29,15 @@ METRICS_PORT = 9102
 BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10)
 REQUESTS = "mlops_gateway_requests_total"
 DURATION = "mlops_gateway_request_duration_seconds"
+REQUEST_TIMEOUT_S = 10.0
+MAX_WAITING = 64
+MAX_HEAD_BYTES = 8 * 1024
 
 
 class GatewayMetrics:
+    """Counts and exports on one event loop, so nothing here is shared between threads."""
+
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.requests: dict[tuple[str, str], int] = {}
         # Per slot: a count per bucket (the last one is +Inf), the sum and the count.
         self.durations: dict[str, tuple[list[int], list[float]]] = {}
@@ -38,55 +50,91 @@ class GatewayMetrics:
         except (ValueError, KeyError, TypeError):
             log.warning("unreadable access-log line %r", line[:200])
             return
-        with self.lock:
-            self.requests[(slot, status)] = self.requests.get((slot, status), 0) + 1
-            buckets, total = self.durations.setdefault(slot, ([0] * (len(BUCKETS) + 1), [0.0]))
-            buckets[bisect_left(BUCKETS, seconds)] += 1
-            total[0] += seconds
+        self.requests[(slot, status)] = self.requests.get((slot, status), 0) + 1
+        buckets, total = self.durations.setdefault(slot, ([0] * (len(BUCKETS) + 1), [0.0]))
+        buckets[bisect_left(BUCKETS, seconds)] += 1
+        total[0] += seconds
 
     def exposition(self) -> str:
         lines = [f"# HELP {REQUESTS} Requests the gateway proxied, by slot and HTTP status",
                  f"# TYPE {REQUESTS} counter"]
-        with self.lock:
-            for (slot, status), count in sorted(self.requests.items()):
-                lines.append(f'{REQUESTS}{{slot="{slot}",code="{status}"}} {count}')
-            lines += [f"# HELP {DURATION} Time from the client's request to the gateway's response, by slot",
-                      f"# TYPE {DURATION} histogram"]
-            for slot, (buckets, total) in sorted(self.durations.items()):
-                cumulative = 0
-                for bound, count in zip((*map(str, BUCKETS), "+Inf"), buckets):
-                    cumulative += count
-                    lines.append(f'{DURATION}_bucket{{slot="{slot}",le="{bound}"}} {cumulative}')
-                lines += [f'{DURATION}_sum{{slot="{slot}"}} {total[0]}', f'{DURATION}_count{{slot="{slot}"}} {cumulative}']
+        for (slot, status), count in sorted(self.requests.items()):
+            lines.append(f'{REQUESTS}{{slot="{slot}",code="{status}"}} {count}')
+        lines += [f"# HELP {DURATION} Time from the client's request to the gateway's response, by slot",
+                  f"# TYPE {DURATION} histogram"]
+        for slot, (buckets, total) in sorted(self.durations.items()):
+            cumulative = 0
+            for bound, count in zip((*map(str, BUCKETS), "+Inf"), buckets):
+                cumulative += count
+                lines.append(f'{DURATION}_bucket{{slot="{slot}",le="{bound}"}} {cumulative}')
+            lines += [f'{DURATION}_sum{{slot="{slot}"}} {total[0]}', f'{DURATION}_count{{slot="{slot}"}} {cumulative}']
         return "\n".join(lines) + "\n"
 
-    def receive(self, sock: socket.socket) -> None:
-        while True:
-            self.record(sock.recv(4096).decode(errors="replace"))
+    def datagram_received(self, data: bytes, _address: tuple[str, int]) -> None:
+        self.record(data.decode(errors="replace"))
+
+    def connection_made(self, _transport: asyncio.BaseTransport) -> None:
+        pass
+
+    def error_received(self, error: Exception) -> None:
+        log.warning("receiving access-log lines: %s", error)
+
+    def connection_lost(self, _error: Exception | None) -> None:
+        pass
+
+
+class ScrapeServer:
+    """Answers `GET /metrics` with the metrics' exposition, one request per connection."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.metrics = metrics
+        # Connections that have not sent a whole request head yet, oldest first (dicts keep insertion order).
+        self.waiting: dict[asyncio.StreamWriter, None] = {}
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.waiting[writer] = None
+        if len(self.waiting) > MAX_WAITING:
+            longest = next(iter(self.waiting))
+            self.waiting.pop(longest)
+            longest.transport.abort()
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT_S)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            writer.transport.abort()
+            return
+        finally:
+            self.waiting.pop(writer, None)
+        method, path, *_ = head.decode("latin-1").split(" ", 2) + ["", ""]
+        if method != "GET":
+            status, body = "405 Method Not Allowed", b"metrics take GET\n"
+        elif path.split("?", 1)[0] != "/metrics":
+            status, body = "404 Not Found", b"only /metrics is served here\n"
+        else:
+            status, body = "200 OK", self.metrics.exposition().encode()
+        content_type = "text/plain; version=0.0.4" if status.startswith("200") else "text/plain"
+        writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + body)
+        try:
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT_S)
+        except (asyncio.TimeoutError, ConnectionError):
+            writer.transport.abort()
+            return
+        writer.close()
+
+
+async def listen(metrics: GatewayMetrics, syslog: socket.socket, scrapes: socket.socket) -> None:
+    await asyncio.get_running_loop().create_datagram_endpoint(lambda: metrics, sock=syslog)
+    server = await asyncio.start_server(ScrapeServer(metrics).answer, sock=scrapes, limit=MAX_HEAD_BYTES)
+    await server.serve_forever()
 
 
 def serve(metrics: GatewayMetrics, port: int = METRICS_PORT, syslog: tuple[str, int] = SYSLOG_ADDRESS) -> None:
-    """Listen for nginx's log lines and for scrapes, each on a daemon thread."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    # Bursts of requests arrive faster than one thread parses them: a large receive buffer keeps lines.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
-    sock.bind(syslog)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
-            if self.path != "/metrics":
-                self.send_error(404)
-                return
-            body = metrics.exposition().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not worth a line each
-            pass
-
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    threading.Thread(target=metrics.receive, args=(sock,), name="access-log", daemon=True).start()
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    """Listen for nginx's log lines and for scrapes on one daemon thread. The ports are bound here, so a port
+    taken fails the gateway's start rather than leave it without metrics."""
+    log_lines = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    # Bursts of requests arrive faster than the loop parses them: a large receive buffer keeps lines.
+    log_lines.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+    log_lines.bind(syslog)
+    scrapes = socket.create_server(("0.0.0.0", port), backlog=128)
+    threading.Thread(target=asyncio.run, args=(listen(metrics, log_lines, scrapes),), name="metrics",
+                     daemon=True).start()

@@ -1,69 +1,165 @@
 """Who may change what in the stage's MLflow: the authorization function of its basic-auth app (auth.ini).
 
 MLflow's basic-auth app checks grants on existing experiments and models, but lets every logged-in user
-create new ones (experiments, runs in them, registered models, prompts, webhooks...), and lets whoever
-created a model delete it. So this function, which MLflow calls on every request before its own checks,
-first authenticates with MLflow's own basic auth (401 unless a known user with the right password) and then
-refuses, with 403, what the identity's role never needs:
+create new ones (experiments, runs in them, registered models, prompts, webhooks, AI-gateway secrets...),
+and lets whoever created a model delete it. So this function, which MLflow calls on every request before its
+own checks, first authenticates with MLflow's own basic auth (401 unless a known user with the right
+password) and then refuses, with 403, what the identity's role never needs:
 
 - `reader` (serving replicas), and any user an administrator adds: reads only. A write is any request but
   GET/HEAD/OPTIONS, except the POSTs by which MLflow's API reads (`.../search`, `.../get-...`), so an
   endpoint a future MLflow adds is refused to readers until it is known to read.
-- `trainer` (`mlops train`) and `promoter` (`mlops promote`): add only. They may create and log what a new
-  model version needs, and never delete, rename, re-stage or re-alias anything, so neither can take away
-  or redirect what a stage serves; nor change users, roles or grants, their own password included.
+- `trainer` (`mlops train`) and `promoter` (`mlops promote`): exactly what logging a run and registering
+  its model as a new version takes (WRITER_ENDPOINTS), nothing else, so neither can delete, rename,
+  re-stage or re-alias anything, nor change users, roles or grants, their own password included.
+- Models are write-once for everyone but the administrator: a file already in the artifact store is never
+  uploaded over, and a run's or a model version's `sha256` tag, once set, never changes. Replicas load a
+  version only if its bytes hash to that tag, so a writer's password cannot swap the bytes of a version a
+  stage serves, nor point its tag at new ones.
+- Users, roles and grants are an administrator's alone, reading them included.
 - MLflow's administrators: everything (nothing of the stack logs in as one).
+
+MLflow 3.17 also answers `/mlflow/server-info` to anyone, before any authorization function runs; the
+stack's contract is that `/health` is the one path open without credentials, so `create_app` puts
+server-info behind a login too.
 
 What is not refused here is then checked by MLflow's grants (start.py: READ by default, EDIT for writers).
 """
 from __future__ import annotations
 
-from flask import Response, request
-from mlflow.server.auth import authenticate_request_basic_auth, make_forbidden_response, store
-from werkzeug.datastructures import Authorization
+import posixpath
+import re
 
+from fastapi import FastAPI
+from flask import Response, g, request
+from mlflow.server import auth
+from mlflow.server.auth import authenticate_request_basic_auth, make_forbidden_response, store
+from mlflow.server.handlers import _get_artifact_repo_mlflow_artifacts, _get_model_registry_store, _get_tracking_store
+from starlette.responses import PlainTextResponse
 from start import WRITERS
+from werkzeug.datastructures import Authorization
 
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # MLflow reads with POST where a query does not fit in a URL: runs/search, experiments/search,
 # registered-models/get-latest-versions, traces/search, experiments/search-datasets...
 READ_BY_POST_PREFIXES = ("search", "get")
-# The endpoints that take something away or change which version a name leads to.
-REMOVING_PREFIXES = ("delete", "rename", "transition-stage", "alias")
-# Users, roles and grants: nothing of the stack administers them at run time (start.py does, before the server).
+# `/api/2.0/mlflow/runs/set-tag` -> `runs/set-tag`; the UI's /ajax-api/ paths and API 3.0 alike.
+API_ENDPOINT = re.compile(r"^/(?:ajax-)?api/\d+\.\d+/mlflow/(?P<endpoint>.+?)/?$")
+ARTIFACT_UPLOAD = re.compile(r"^/(?:ajax-)?api/2\.0/mlflow-artifacts/artifacts/(?P<path>.+)$")
+# What mlops_training/registry.py (through MLflow's client) and mlops/modelstore.py send to log a run and
+# register its model; artifact uploads are the other write a writer makes.
+WRITER_ENDPOINTS = frozenset({
+    "experiments/create", "runs/create", "runs/update", "runs/log-batch", "runs/log-metric", "runs/log-parameter",
+    "runs/set-tag", "registered-models/create", "model-versions/create", "model-versions/set-tag",
+})
 ADMINISTERED = ("/mlflow/users/", "/mlflow/roles/", "/permissions/")
-ARTIFACT_PROXY = "/mlflow-artifacts/"
+SERVER_INFO = "/mlflow/server-info"
+MODEL_HASH_TAG = "sha256"
 
 
-def _action(path: str) -> str:
-    """The last segment of an API path, `/api/2.0/mlflow/runs/delete-tag` -> `delete-tag`; none for the artifact
-    proxy's paths, which end in file names."""
-    return "" if ARTIFACT_PROXY in path else path.rstrip("/").rsplit("/", 1)[-1]
+def _endpoint(path: str) -> str:
+    match = API_ENDPOINT.match(path)
+    return match["endpoint"] if match else ""
 
 
 def is_read(method: str, path: str) -> bool:
-    return method in READ_METHODS or (method == "POST" and _action(path).startswith(READ_BY_POST_PREFIXES))
-
-
-def removes(method: str, path: str) -> bool:
-    return method == "DELETE" or _action(path).startswith(REMOVING_PREFIXES)
+    return method in READ_METHODS or (method == "POST" and
+                                      _endpoint(path).rsplit("/", 1)[-1].startswith(READ_BY_POST_PREFIXES))
 
 
 def administers(path: str) -> bool:
     return any(part in path for part in ADMINISTERED)
 
 
-def may(username: str, method: str, path: str) -> bool:
-    """Whether `username`'s role allows `method path` at all (MLflow's grants still apply afterwards)."""
+def writer_may(method: str, path: str, body: dict) -> bool:
+    """Whether a writer may send this write: an upload of a new file, or an endpoint of WRITER_ENDPOINTS that
+    renames nothing (a run's name is metadata, not logging)."""
+    if method == "PUT" and ARTIFACT_UPLOAD.match(path):
+        return True
+    endpoint = _endpoint(path)
+    return method == "POST" and endpoint in WRITER_ENDPOINTS and not (endpoint == "runs/update" and "run_name" in body)
+
+
+def overwrites_artifact(method: str, path: str) -> bool:
+    if method != "PUT" or not (upload := ARTIFACT_UPLOAD.match(path)):
+        return False
+    artifact = posixpath.normpath(upload["path"])
+    folder = posixpath.dirname(artifact)
+    return any(existing.path == artifact for existing in _get_artifact_repo_mlflow_artifacts().list_artifacts(folder or None))
+
+
+def _tags_set(endpoint: str, body: dict) -> dict[str, str]:
+    if endpoint in ("runs/set-tag", "model-versions/set-tag"):
+        return {str(body.get("key")): str(body.get("value"))}
+    if endpoint == "runs/log-batch":
+        return {str(tag.get("key")): str(tag.get("value")) for tag in body.get("tags") or () if isinstance(tag, dict)}
+    return {}
+
+
+def _current_tags(endpoint: str, body: dict) -> dict[str, str]:
+    """The tags of the run or model version `body` names; none when it names none that exists (MLflow then
+    answers the request with its own error)."""
+    try:
+        if endpoint.startswith("runs/"):
+            return _get_tracking_store().get_run(str(body.get("run_id") or body.get("run_uuid"))).data.tags
+        return _get_model_registry_store().get_model_version(str(body.get("name")), str(body.get("version"))).tags
+    except Exception:  # noqa: BLE001 - whatever MLflow raises for a missing run or version
+        return {}
+
+
+def moves_model_hash(method: str, path: str, body: dict) -> bool:
+    """Whether the request changes a `sha256` tag that is already set (setting the same value again is a
+    retry, not a change)."""
+    endpoint = _endpoint(path)
+    wanted = _tags_set(endpoint, body).get(MODEL_HASH_TAG) if method == "POST" else None
+    if wanted is None:
+        return False
+    current = _current_tags(endpoint, body).get(MODEL_HASH_TAG)
+    return current is not None and current != wanted
+
+
+def may(username: str, method: str, path: str, body: dict) -> bool:
+    """Whether `username`'s role allows `method path` with `body` at all (MLflow's grants still apply afterwards)."""
+    if store.get_user(username).is_admin:
+        return True
+    if administers(path):
+        return False
     if is_read(method, path):
         return True
-    if username in WRITERS:
-        return not removes(method, path) and not administers(path)
-    return store.get_user(username).is_admin
+    return (username in WRITERS and writer_may(method, path, body)
+            and not overwrites_artifact(method, path) and not moves_model_hash(method, path, body))
+
+
+def _decide() -> Authorization | Response:
+    authorization = authenticate_request_basic_auth()
+    if not isinstance(authorization, Authorization):
+        return authorization
+    body = request.get_json(silent=True) if request.method == "POST" else None
+    if not may(authorization.username, request.method, request.path, body if isinstance(body, dict) else {}):
+        return make_forbidden_response()
+    return authorization
 
 
 def authenticate_and_authorize() -> Authorization | Response:
-    authorization = authenticate_request_basic_auth()
-    if isinstance(authorization, Authorization) and not may(authorization.username, request.method, request.path):
-        return make_forbidden_response()
-    return authorization
+    """MLflow calls this again from its own validators and after-request hooks of the same request; the decision
+    is made once, before the request changed anything (after an upload, its file exists)."""
+    if "mlops_authorization" not in g:
+        g.mlops_authorization = _decide()
+    return g.mlops_authorization
+
+
+def create_app() -> FastAPI:
+    """The app of `mlflow server --app-name mlops-basic-auth` (start.py; the entry point is declared in
+    mlops_mlflow_app-1.dist-info beside this module): MLflow's basic-auth app, with server-info behind a login."""
+    app = auth.create_app()
+
+    @app.middleware("http")
+    async def server_info_needs_a_login(request, call_next):  # noqa: ANN001, ANN202 - Starlette's middleware hook
+        if request.url.path.endswith(SERVER_INFO):
+            credentials = Authorization.from_header(request.headers.get("Authorization"))
+            if credentials is None or not store.authenticate_user(credentials.username or "", credentials.password or ""):
+                return PlainTextResponse("You are not authenticated.", status_code=401,
+                                         headers={"WWW-Authenticate": 'Basic realm="mlflow"'})
+        return await call_next(request)
+
+    return app

@@ -1,7 +1,7 @@
 """Start MLflow with its basic-auth app, after making sure the stage's identities exist with their permissions.
 
 The stage's one MLflow secret arrives as MLOPS_MLFLOW_PASSWORD; each identity's password is derived from it
-(HMAC-SHA256 of the identity's name under the secret, hex), exactly as `mlops.credentials.derived_password`
+(HMAC-SHA256 of the identity's name under the secret, hex), exactly as `mlops_spec.contract.derived_password`
 derives it where the identities log in, so nothing but the one secret has to be stored or handed around:
 
 - `admin` is MLflow's administrator, which the server needs and nothing of the stack logs in as;
@@ -81,7 +81,8 @@ def main(server_arguments: list[str]) -> None:
     })
     if published_host := os.environ.get("MLOPS_PUBLISHED_HOST"):
         os.environ["MLFLOW_SERVER_ALLOWED_HOSTS"] += f",{published_host}"
-    os.execvp("mlflow", ["mlflow", "server", "--app-name", "basic-auth", *server_arguments])
+    # MLflow's basic-auth app as access.py completes it (the entry point of mlops_mlflow_app-1.dist-info).
+    os.execvp("mlflow", ["mlflow", "server", "--app-name", "mlops-basic-auth", *server_arguments])
 
 
 if __name__ == "__main__":

@@ -22,12 +22,24 @@ from rich.table import Table
 from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, SAMPLES_DIR, SAMPLES_VOLUME, volume_name
 from mlops import credentials
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
-from mlops.commands.train import (BAD_INPUT_EXIT, check_engine, check_volume, confined_options, docker_env,
-                                  fail, image_digest, one_host_options, stage_spec, training_image)
-from mlops.errors import one_line
+from mlops.commands.train import (
+    BAD_INPUT_EXIT,
+    check_engine,
+    check_volume,
+    confined_options,
+    docker_env,
+    fail,
+    image_digest,
+    one_host_options,
+    stage_spec,
+    training_image,
+)
 from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops.reach import StageReach, Unreachable
-from mlops.spec import StageSpec, load_stages
+from mlops_spec.contract import READER
+from mlops_spec.errors import one_line
+from mlops_spec.loading import load_stages
+from mlops_spec.models import StageSpec
 
 app = typer.Typer(no_args_is_help=True, help="Training data on a stage's artifact store: add, list, export samples, "
                                              "and whether the newest is fresh.")
@@ -58,9 +70,9 @@ def trained_on(spec: StageSpec, served: StageSpec) -> Optional[str]:
         return None
     pin = served.release.model
     try:
-        password = credentials.mlflow_password(spec.stage, credentials.READER)
+        password = credentials.mlflow_password(spec.stage, READER)
         with StageReach(spec) as reach:
-            store = MlflowStore(reach.model_registry_url(), BasicAuth(credentials.READER, password))
+            store = MlflowStore(reach.model_registry_url(), BasicAuth(READER, password))
             version = store.latest_version(pin.name) if pin.version == "latest" else store.find_version(pin.name,
                                                                                                         pin.sha256)
             if version is None:
@@ -159,8 +171,9 @@ def samples(stage: str = typer.Option(..., "--stage", help="whose serving sample
         temporary.unlink(missing_ok=True)
         raise fail(f"{out}: {err.strerror}", BAD_INPUT_EXIT) from None
     rows = ran.stdout.count(b"\n") - 1
-    console.print(one_line(f"{out}: {rows} sampled rows; fill in `label`, then `mlops data add --stage {stage} {out}`"),
-                  markup=False)
+    skipped = [line for line in ran.stderr.decode(errors="replace").splitlines() if line.startswith("skipped ")]
+    console.print(one_line(f"{out}: {rows} sampled rows{'; ' + skipped[0] if skipped else ''}; fill in `label`, then "
+                           f"`mlops data add --stage {stage} {out}`"), markup=False)
 
 
 @app.command("fresh")

@@ -13,7 +13,7 @@ from mlops.commands.train import BAD_INPUT_EXIT, fail
 from mlops.drift import drift_scores
 from mlops.reach import StageReach, Unreachable
 from mlops.rollout import PrometheusUnreachable, prometheus_query, prometheus_url
-from mlops.spec import load_stages
+from mlops_spec.loading import load_stages
 
 DRIFTED_EXIT = 1
 

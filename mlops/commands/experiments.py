@@ -25,12 +25,21 @@ from rich.markup import escape
 from rich.table import Table
 
 from mlops import orphans
-from mlops.errors import SpecError
-from mlops.experiments import (DEFAULT_SOURCE, DEFAULT_TTL, EXPERIMENT_CONFIG_KEY, EXPERIMENT_PREFIX,
-                               ExperimentSettings, check_name, experiment_spec, experiment_stack, is_expired,
-                               settings_from_json)
+from mlops.experiments import (
+    DEFAULT_SOURCE,
+    DEFAULT_TTL,
+    EXPERIMENT_CONFIG_KEY,
+    EXPERIMENT_PREFIX,
+    ExperimentSettings,
+    check_name,
+    experiment_spec,
+    experiment_stack,
+    is_expired,
+    settings_from_json,
+)
 from mlops.plan import PROJECT
-from mlops.spec import project_root
+from mlops_spec.errors import SpecError
+from mlops_spec.project import project_root
 
 app = typer.Typer(no_args_is_help=True, help="Short-lived experiment stacks exp-NAME with a time to live.")
 # Plain text: names, owners and Pulumi output are never read as markup, and lines never wrap mid-name.
@@ -70,6 +79,20 @@ def _last_stderr_line(err: auto.errors.CommandError) -> str:
     stderr = str(err).rpartition(" stderr: ")[2]
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     return lines[-1] if lines else "no error output"
+
+
+def set_secret_config(stack: auto.Stack, key: str, value: str) -> None:
+    """Store `value` as the stack's secret `key`. Not with `Stack.set_config`: the Automation API passes every config
+    value as an argument of `pulumi config set` (LocalWorkspace.set_config; set_all_config and its JSON form do the
+    same), which every local user reads in `ps`. `pulumi config set` without a value reads it from stdin instead."""
+    workspace = stack.workspace
+    try:
+        subprocess.run(["pulumi", "config", "set", "--secret", key, "--stack", stack.name, "--non-interactive"],
+                       input=value, text=True, capture_output=True, check=True, cwd=workspace.work_dir,
+                       env={**os.environ, **workspace.env_vars})
+    except subprocess.CalledProcessError as err:
+        problem = (err.stderr.strip().splitlines() or [f"exit code {err.returncode}"])[-1]
+        raise CommandFailed(f"storing the secret {key} of {stack.name} failed: {problem}") from None
 
 
 def backend_url() -> str:
@@ -191,7 +214,7 @@ def up(
         configured = stack.get_all_config()
         for key in SECRET_KEYS:
             if key not in configured:
-                stack.set_config(key, auto.ConfigValue(secrets.token_urlsafe(24), secret=True), path=False)
+                set_secret_config(stack, key, secrets.token_urlsafe(24))
     except BaseException:
         # Nothing half-created: a stack that never got its settings is removed again.
         if is_new:

@@ -10,6 +10,8 @@ from rich.markup import escape
 
 from mlops import parity as parity_rules
 from mlops.commands.specs import reads_specs
+from mlops_spec.loading import load_all_stages
+from mlops_spec.rules import promotion_order
 
 
 def _values(difference: parity_rules.Difference) -> str:
@@ -17,10 +19,14 @@ def _values(difference: parity_rules.Difference) -> str:
 
 
 @reads_specs
-def parity(stages: list[str] = typer.Argument(..., help="two or more stages, e.g. staging prod"),
+def parity(stages: Optional[list[str]] = typer.Argument(None, help="two or more stages, e.g. staging prod; "
+                                                                   "default: every staging and prod kind stage"),
            environments: Optional[Path] = typer.Option(None, help="the specs folder; default: the project's")) -> None:
     """Check that stages declare the same thing except where base.yaml's parity.may_differ allows."""
     console = Console(highlight=False, soft_wrap=True)
+    if not stages:
+        every = load_all_stages(environments)
+        stages = [name for name in promotion_order(every) if not every[name].builds_workloads]
     differences = parity_rules.check_parity(stages, environments)
     offending = [d for d in differences if not d.allowed]
     for difference in differences:

@@ -11,7 +11,7 @@ from rich.markup import escape
 from mlops import promote as promotion
 from mlops import rollout
 from mlops.commands.specs import reads_specs
-from mlops.errors import one_line
+from mlops_spec.errors import one_line
 
 
 def _print_diff(diff: str, console: Console) -> None:

@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 
 from mlops import plan as planning
-from mlops.spec import SHIPPED_STAGES, environments_dir, load_stages, project_of, working_on
+from mlops_spec.loading import load_all_stages, load_stages, stage_file
+from mlops_spec.project import environments_dir, project_of, working_on
+from mlops_spec.rules import promotion_order
 
 console = Console()
 
@@ -38,10 +40,11 @@ def reads_specs(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @reads_specs
-def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to check; all shipped stages when none"),
+def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to check; every stage when none"),
              environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
-    """Validate stage specs: schema, invariants, and ports shared across stages on one Docker host."""
-    for spec in load_stages(stages or list(SHIPPED_STAGES), environments):
+    """Validate stage specs: schema, invariants, promotions, and ports shared across stages on one Docker host."""
+    every = load_all_stages(environments)
+    for spec in load_stages(stages, environments) if stages else [every[name] for name in promotion_order(every)]:
         if spec.release is None:
             serving = "nothing promoted yet: no serving"
         else:
@@ -52,7 +55,35 @@ def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to 
 
 
 @reads_specs
-def plan(stage: str = typer.Argument(..., help="dev, staging or prod"),
+def stages(output: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json"),
+           chain: Optional[str] = typer.Option(None, "--chain", metavar="STAGE",
+                                               help="only the stages a release passes on its way to STAGE, from the "
+                                                    "stage that builds it"),
+           environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+    """List the stages in promotion order, each after the stage it is promoted from: what workflows iterate over."""
+    every = load_all_stages(environments)
+    order = promotion_order(every)
+    if chain is not None:
+        stage_file(chain, environments)
+        order = [chain]
+        while (source := every[order[0]].promote_from) is not None:
+            order.insert(0, source)
+    if output is OutputFormat.json:
+        typer.echo(json.dumps({"stages": [{"name": name, "kind": every[name].kind, "promote_from": every[name].promote_from,
+                                           "swarm": every[name].swarm is not None, "docker_url": every[name].docker.url}
+                                          for name in order],
+                               "promotions": [[every[name].promote_from, name] for name in order
+                                              if every[name].promote_from is not None]}))
+        return
+    for name in order:
+        spec = every[name]
+        where = "swarm" if spec.swarm is not None else "host"
+        source = f"promoted from {spec.promote_from}" if spec.promote_from else "builds its images"
+        console.print(f"{name:<16} {spec.kind:<8} {where:<6} {source}", highlight=False, markup=False)
+
+
+@reads_specs
+def plan(stage: str = typer.Argument(..., help="a stage (see `mlops stages`)"),
          output: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json"),
          environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
     """Run the stage's Pulumi program under the mock runtime and list every resource it declares."""

@@ -13,7 +13,7 @@ from rich.table import Table
 from mlops import rollout
 from mlops import status as probing
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
-from mlops.spec import load_stages
+from mlops_spec.loading import load_stages
 
 
 def _table(status: probing.StageStatus) -> Table:

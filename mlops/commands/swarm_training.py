@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from components.services import SECRETS_DIR, TMP_BYTES
-from mlops.spec import StageSpec
+from mlops_spec.models import StageSpec
 
 Docker = Callable[..., subprocess.CompletedProcess[str]]
 PASSWORD_FILE = "mlflow-trainer-password"

@@ -29,9 +29,11 @@ from components.stack import stage_labels
 from mlops import credentials
 from mlops.commands import swarm_training
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
-from mlops.errors import SpecError, excerpt, one_line
 from mlops.experiments import EXPERIMENT_PREFIX, experiment_spec_from_stack_file
-from mlops.spec import StageSpec, load_stages, stage_file
+from mlops_spec.contract import TRAINER
+from mlops_spec.errors import SpecError, excerpt, one_line
+from mlops_spec.loading import load_stages, stage_file
+from mlops_spec.models import StageSpec
 
 console = Console()
 errors = Console(stderr=True)
@@ -166,7 +168,7 @@ def hardened_run_options(spec: StageSpec) -> list[str]:
     return [
         "--network", f"{spec.stage}-net", *confined_options(spec, "training-run"),
         "--env", f"MLFLOW_TRACKING_URI=http://{spec.stage}-model-registry:{MLFLOW_PORT}",
-        "--env", f"MLFLOW_TRACKING_USERNAME={credentials.TRAINER}",
+        "--env", f"MLFLOW_TRACKING_USERNAME={TRAINER}",
     ]
 
 
@@ -235,7 +237,7 @@ def train(
         raise fail(f"{stage} is a swarm stage: its datasets volume would be local to one node, so `mlops train --data` "
                    "works on single-host stages only", BAD_INPUT_EXIT)
     try:
-        password = credentials.mlflow_password(spec.stage, credentials.TRAINER)
+        password = credentials.mlflow_password(spec.stage, TRAINER)
         # Nodes pull the training image from the stage's registry with the credentials the run sends along.
         registry_password = credentials.registry_password(spec.stage) if spec.swarm is not None else ""
     except credentials.MissingSecret as err:

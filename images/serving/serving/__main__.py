@@ -5,11 +5,13 @@ import pickle
 
 import sklearn
 import uvicorn
-from prometheus_client import start_http_server
+import uvloop
+from prometheus_client import generate_latest
 
 from serving.app import InferenceApp
 from serving.batching import BatchingSettings
 from serving.drift import DriftMonitor, ProfileError
+from serving.metrics_server import MetricsServer
 from serving.sampling import RequestSampler
 from serving.startup import fetch_pinned_model
 
@@ -50,10 +52,16 @@ def main() -> None:
                        drift=drift_monitor(fetched.manifest, model.n_features_in_),
                        sampler=RequestSampler.from_env(model=fetched.name, version=fetched.version),
                        batching=BatchingSettings.from_env())
-    start_http_server(METRICS_PORT, registry=app.metrics)
-    uvicorn.run(app, host="0.0.0.0", port=PORT, loop="uvloop", http="httptools", lifespan="off",
-                access_log=False, server_header=False, date_header=False, timeout_keep_alive=KEEPALIVE_S,
-                log_level="info")
+    server = uvicorn.Server(uvicorn.Config(
+        app, host="0.0.0.0", port=PORT, http="httptools", lifespan="off", access_log=False, server_header=False,
+        date_header=False, timeout_keep_alive=KEEPALIVE_S, log_level="info"))
+
+    async def serve() -> None:
+        # On the API's event loop: the metrics port adds no thread (serving/metrics_server.py).
+        await MetricsServer(lambda: generate_latest(app.metrics)).start(METRICS_PORT)
+        await server.serve()
+
+    uvloop.run(serve())
 
 
 if __name__ == "__main__":

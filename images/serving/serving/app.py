@@ -24,9 +24,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from serving.batching import UNBATCHED, Batcher, BatchingSettings, Outcome
 from serving.drift import DriftMonitor
-from serving.protocol import (BINARY_EXTENSION, JSON_CONTENT, BadRequest, InferRequest, Receive, Send,
-                              decode_infer_request, encode_infer_response, error_body, json_length, model_metadata,
-                              output_datatype, read_body, respond)
+from serving.protocol import (
+    BINARY_EXTENSION,
+    JSON_CONTENT,
+    BadRequest,
+    InferRequest,
+    Receive,
+    Send,
+    decode_infer_request,
+    encode_infer_response,
+    error_body,
+    json_length,
+    model_metadata,
+    output_datatype,
+    read_body,
+    respond,
+)
 from serving.readiness import Readiness
 from serving.sampling import RequestSampler
 

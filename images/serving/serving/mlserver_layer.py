@@ -27,9 +27,24 @@ import mlserver
 import numpy as np
 import orjson
 
-from serving.protocol import (BINARY_EXTENSION, FIXED_SIZE_DATATYPES, JSON_CONTENT, JSON_LENGTH_HEADER, BadRequest,
-                              InferRequest, Receive, Send, decode_infer_request, encode_infer_response, error_body,
-                              json_infer_request, json_length, model_metadata, read_body, respond)
+from serving.protocol import (
+    BINARY_EXTENSION,
+    FIXED_SIZE_DATATYPES,
+    JSON_CONTENT,
+    JSON_LENGTH_HEADER,
+    BadRequest,
+    InferRequest,
+    Receive,
+    Send,
+    decode_infer_request,
+    encode_infer_response,
+    error_body,
+    json_infer_request,
+    json_length,
+    model_metadata,
+    read_body,
+    respond,
+)
 from serving.readiness import Readiness
 
 MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")

@@ -9,7 +9,8 @@ when it was added; `latest` is the newest.
 
 Command line (run by `mlops data` in the training image; bad input: one `error:` line on stderr, exit 2):
 `add` (the CSV on stdin; prints `ADDED name=... rows=...` or `EXISTS name=... rows=...`), `list` (one JSON
-object per dataset), `samples` (every sampled row of the samples volume as CSV with an empty label column).
+object per dataset), `samples` (every sampled row of the samples volume as CSV with an empty label column; on
+stderr, `skipped N unreadable lines (first: FILE:LINE: why)` when some were).
 """
 from __future__ import annotations
 
@@ -39,6 +40,9 @@ MIN_NAME_PREFIX = 8
 # also take "1_0", "nan" and digits of other scripts.
 DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
 BAD_INPUT_EXIT = 2
+# What a spreadsheet takes for the start of a formula (OWASP, CSV injection): such a cell gets a leading ' and
+# is shown as the text it is. A number is left alone: it is read as a number even when it starts with - or +.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _iris = load_iris()
 FEATURE_NAMES: tuple[str, ...] = tuple(_iris.feature_names)
 CLASSES: tuple[str, ...] = tuple(str(label) for label in np.unique(_iris.target))
@@ -170,20 +174,46 @@ def listing(directory: Path = DATASETS_DIR) -> list[dict]:
             for path in stored(directory)]
 
 
-def export_samples(out: io.TextIOBase, directory: Path = SAMPLES_DIR) -> int:
-    """Every sampled row of every replica's file as CSV ready for labelling; the rows written."""
-    writer = csv.writer(out, lineterminator="\n")
+@dataclass(frozen=True)
+class SamplesExport:
+    written: int
+    skipped: int
+    first_skipped: str
+    """Where and why the first unreadable line was skipped (`FILE:LINE: why`)."""
+
+
+def spreadsheet_text(value: object) -> str:
+    text = str(value)
+    return f"'{text}" if text.startswith(FORMULA_STARTS) and not DECIMAL.fullmatch(text) else text
+
+
+def _sample_row(line: str) -> list[str]:
+    sample = json.loads(line)
+    features = [float(value) for value in sample["features"]]
+    if len(features) != len(FEATURE_NAMES) or not all(map(math.isfinite, features)):
+        raise ValueError(f"{len(features)} features, not the model's {len(FEATURE_NAMES)} finite numbers")
+    return [*map(repr, features), spreadsheet_text(sample["prediction"]), ""]
+
+
+def export_samples(out: io.TextIOBase, directory: Path = SAMPLES_DIR) -> SamplesExport:
+    """Every sampled row of every replica's file as CSV ready for labelling, every cell quoted; a line that is no
+    sample (a replica's file damaged, or written by something else) is skipped and counted, not the export."""
+    writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
     writer.writerow([*FEATURE_NAMES, PREDICTION, LABEL])
-    written = 0
+    written, skipped, first_skipped = 0, 0, ""
     for file in sorted(directory.glob("*.jsonl")):
-        with open(file, encoding="utf-8") as lines:
-            for line in lines:
+        with open(file, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, start=1):
                 if not line.endswith("\n"):
                     break  # a replica is writing it right now; the next export has it whole
-                sample = json.loads(line)
-                writer.writerow([*(repr(float(value)) for value in sample["features"]), sample["prediction"], ""])
-                written += 1
-    return written
+                try:
+                    writer.writerow(_sample_row(line))
+                except (ValueError, KeyError, TypeError) as err:
+                    skipped += 1
+                    first_skipped = first_skipped or f"{file.name}:{number}: {type(err).__name__}: {err}"[:300]
+                else:
+                    written += 1
+    return SamplesExport(written, skipped, first_skipped)
 
 
 def main(argv: list[str]) -> int:
@@ -196,7 +226,9 @@ def main(argv: list[str]) -> int:
             for entry in listing():
                 print(json.dumps(entry))
         elif command == "samples":
-            export_samples(sys.stdout)
+            export = export_samples(sys.stdout, SAMPLES_DIR)
+            if export.skipped:
+                print(f"skipped {export.skipped} unreadable lines (first: {export.first_skipped})", file=sys.stderr)
         else:
             print("error: give add, list or samples", file=sys.stderr)
             return BAD_INPUT_EXIT

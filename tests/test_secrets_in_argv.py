@@ -1,0 +1,136 @@
+"""No secret on a command line: every local user reads other processes' arguments (`ps`, /proc/*/cmdline).
+
+`make stack-secrets` (what `make up` and the idempotence workflow store their stacks' secrets with) and
+`mlops exp up` run against a stand-in `pulumi` on PATH that records its arguments and stdin and keeps the config
+it is given, while the test reads every process's command line as they run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlops_spec.project import REPO_ROOT
+
+# A stand-in Pulumi CLI: answers what `make stack-secrets` and the Automation API ask, keeps config in
+# $FAKE_PULUMI_DIR/config.json and appends every call ({"argv", "stdin"}) to $FAKE_PULUMI_DIR/calls.jsonl. Each
+# call lives a little while, so the test's sampling of /proc sees every one.
+FAKE_PULUMI = '''#!{python}
+import json, os, sys, time
+from pathlib import Path
+
+folder = Path(os.environ["FAKE_PULUMI_DIR"])
+config_file = folder / "config.json"
+config = json.loads(config_file.read_text()) if config_file.exists() else {{}}
+args = sys.argv[1:]
+TAKES_VALUE = {{"--stack", "-s", "--cwd", "-C", "--config-file", "--event-log", "--exec-kind", "--client"}}
+positional, skip = [], False
+for arg in args:
+    if skip:
+        skip = False
+    elif arg in TAKES_VALUE:
+        skip = True
+    elif not arg.startswith("-"):
+        positional.append(arg)
+stdin = ""
+if positional[:2] == ["config", "set"] and len(positional) == 3:
+    stdin = sys.stdin.read().removesuffix("\\n")
+with open(folder / "calls.jsonl", "a") as calls:
+    calls.write(json.dumps({{"argv": args, "stdin": stdin}}) + "\\n")
+time.sleep(0.3)
+if positional[:1] == ["version"]:
+    print("v3.272.0")
+elif positional[:2] == ["config", "set"]:
+    key = positional[2]
+    value = positional[3] if len(positional) > 3 else stdin
+    config[key] = {{"value": value, "secret": "--secret" in args}}
+    config_file.write_text(json.dumps(config))
+elif positional[:2] == ["config", "get"]:
+    if positional[2] not in config:
+        sys.exit(1)
+    print(config[positional[2]]["value"])
+elif positional == ["config"]:
+    print(json.dumps(config))
+elif positional[:2] == ["stack", "ls"]:
+    print("[]")
+elif positional[:2] == ["stack", "output"]:
+    print("{{}}")
+elif positional[:2] == ["stack", "history"]:
+    print(json.dumps([{{"kind": "update", "startTime": "2026-01-01T00:00:00.000Z", "message": "", "environment": {{}},
+                       "config": {{}}, "result": "succeeded", "endTime": "2026-01-01T00:00:01.000Z"}}]))
+'''
+
+
+@dataclass
+class Run:
+    secrets: list[str]
+    """The values the stand-in stored as secrets."""
+    calls: list[dict]
+    command_lines: set[str]
+    """Every command line seen in /proc while the command ran."""
+
+
+def command_lines() -> set[str]:
+    seen = set()
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            seen.add(cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # the process ended meanwhile
+            pass
+    return seen
+
+
+def run_watched(command: list[str], tmp_path: Path, env: dict[str, str]) -> Run:
+    """Run `command` with the stand-in pulumi first on PATH, reading every process's command line meanwhile."""
+    fake = tmp_path / "bin" / "pulumi"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text(FAKE_PULUMI.format(python=sys.executable))
+    fake.chmod(0o755)
+    env = {**os.environ, **env, "FAKE_PULUMI_DIR": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            seen.update(command_lines())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        ran = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        done.set()
+        sampler.join()
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    config = json.loads((tmp_path / "config.json").read_text())
+    calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
+    return Run([entry["value"] for entry in config.values() if entry["secret"]], calls, seen)
+
+
+def assert_no_secret_in_any_argv(run: Run, keys: tuple[str, ...]) -> None:
+    assert len(run.secrets) == len(keys) and all(len(secret) >= 24 for secret in run.secrets)
+    assert [call["stdin"] for call in run.calls if call["stdin"]] == run.secrets, "each secret went in on stdin"
+    stored = [line for line in run.command_lines if "config set" in line and "--secret" in line]
+    assert len(stored) >= len(keys), "the sampling saw pulumi storing each secret"
+    for secret in run.secrets:
+        assert not [line for line in run.command_lines if secret in line]
+        assert not [call["argv"] for call in run.calls if any(secret in arg for arg in call["argv"])]
+
+
+def test_make_stores_the_stack_secrets_without_putting_them_on_a_command_line(tmp_path):
+    make = ["make", "--no-print-directory", "stack-secrets", "ENV=argv-test"]
+    run = run_watched(make, tmp_path, {})
+    assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword"))
+    again = run_watched(make, tmp_path, {})
+    assert again.secrets == run.secrets, "a stack's secrets are made once"
+
+
+def test_exp_up_stores_the_experiment_secrets_without_putting_them_on_a_command_line(tmp_path):
+    run = run_watched([sys.executable, "-m", "mlops", "exp", "up", "argv"], tmp_path,
+                      {"PULUMI_BACKEND_URL": "s3://experiments", "PULUMI_CONFIG_PASSPHRASE": "test", "USER": "alice"})
+    assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword"))
+    assert any("up" in call["argv"] for call in run.calls), "the experiment was deployed"
