@@ -1,5 +1,7 @@
 """Figure 1: requests/s and p50/p99 latency of V2 infer requests against one scikit-learn model, served
-by this stack (its gateway and a replica directly), MLServer's scikit-learn runtime and `mlflow models serve`."""
+by this stack (its gateway, and a replica directly with and without batching), MLServer's scikit-learn runtime
+as its users run it (with and without its adaptive batching) and behind this project's layer, and
+`mlflow models serve`."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +17,7 @@ from benchmarks import builds, loadgen
 from benchmarks import stage as bench_stage
 from benchmarks.model import FEATURES, MODEL_NAME, model_bytes, sample_rows
 from benchmarks.report import Figure, median, ratio, rounds_text, spread
+from components.model_serving import REPLICA_METRICS_PORT
 from mlops_spec.models import StageSpec
 from tests.engine import StageOnEngine
 
@@ -23,6 +26,11 @@ CONCURRENCY = (1, 8, 32)
 ROWS = (1, 100)
 HEADLINE_CONCURRENCY = 8
 MLFLOW_SERVE_CONTEXT = Path(__file__).with_name("mlflow_serve")
+STOCK_MLSERVER_CONTEXT = Path(__file__).with_name("mlserver_stock")
+# The same limits for the replica's batching and MLServer's (which counts requests, not rows: the same here,
+# at one row per request).
+MAX_BATCH_SIZE = 32
+MAX_BATCH_TIME_MS = 2
 V2_INFER_PATH = f"/v2/models/{MODEL_NAME}/infer"
 
 
@@ -45,6 +53,9 @@ class Server:
     predictions: Callable[[dict], list]
     competitor: bool
     """MLServer and MLflow: the reference the stack's numbers are compared against."""
+    replica_metrics: str | None = None
+    """The metrics URL of the `oip` replica that predicts for this server: its `oip_batch_size` histogram tells
+    the rows per predict call it formed."""
 
     def predict(self, rows: list[list[float]]) -> list:
         request = urllib.request.Request(self.url, data=self.body(rows), headers={"Content-Type": "application/json"})
@@ -65,35 +76,61 @@ def container_address(container) -> str:
     return next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
 
 
-def start_like(replica, name: str, image: str, environment: dict[str, str]):
-    """`image` as a sibling of the stack's `replica`: same network, user, hardening and limits, pinned to SERVER_CPU."""
+def start_like(replica, name: str, image: str, environment: dict[str, str], command: list[str] | None = None,
+               hardened: bool = True):
+    """`image` as a sibling of the stack's `replica`: same network and limits, pinned to SERVER_CPU; `hardened`,
+    also the same user and hardening (read-only root, no capabilities)."""
     host = replica.attrs["HostConfig"]
     stack = replica.labels["mlops.stack"]
+    hardening = dict(user=replica.attrs["Config"]["User"], read_only=host["ReadonlyRootfs"], tmpfs=host["Tmpfs"],
+                     security_opt=host["SecurityOpt"], cap_drop=host["CapDrop"]) if hardened else {}
     return replica.client.containers.run(
-        image, name=f"{stack}-{name}", detach=True, user=replica.attrs["Config"]["User"],
-        read_only=host["ReadonlyRootfs"], tmpfs=host["Tmpfs"], security_opt=host["SecurityOpt"],
-        cap_drop=host["CapDrop"], mem_limit=host["Memory"], nano_cpus=host["NanoCpus"], cpuset_cpus=SERVER_CPU,
-        environment=environment, network=next(iter(replica.attrs["NetworkSettings"]["Networks"])),
-        labels={"mlops.stack": stack})
+        image, command, name=f"{stack}-{name}", detach=True, mem_limit=host["Memory"], nano_cpus=host["NanoCpus"],
+        cpuset_cpus=SERVER_CPU, environment=environment, network=next(iter(replica.attrs["NetworkSettings"]["Networks"])),
+        labels={"mlops.stack": stack}, **hardening)
+
+
+def stock_mlserver_repositories(payload: bytes, into: Path) -> None:
+    """One MLServer model repository per configuration: MLServer's defaults, and its adaptive batching on.
+    Both set `parallel_workers: 0`: MLServer 1.7.1's default inference worker process dies at start under the
+    uvloop its lock resolves to (0.23: "There is no current event loop in thread 'MainThread'"), so its users
+    run it so too."""
+    for repository, batching in (("one-call-per-request", {}),
+                                 ("adaptive-batching", {"max_batch_size": MAX_BATCH_SIZE,
+                                                        "max_batch_time": MAX_BATCH_TIME_MS / 1000})):
+        model = into / repository / MODEL_NAME
+        model.mkdir(parents=True)
+        (into / repository / "settings.json").write_text(json.dumps({"parallel_workers": 0}))
+        (model / "model.pkl").write_bytes(payload)
+        (model / "model-settings.json").write_text(json.dumps({
+            "name": MODEL_NAME, "implementation": "mlserver_sklearn.SKLearnModel",
+            "parameters": {"uri": "./model.pkl"}, **batching}))
 
 
 def build_competitor_images(spec: StageSpec, payload: bytes) -> dict[str, str]:
-    """MLServer from the serving image's `mlserver` target, and `mlflow models serve` with the model baked
-    in; returns their tags."""
-    tags = {"mlserver": "mlops-bench/serving:mlserver", "mlflow-serve": "mlops-bench/mlflow-serve:latest"}
+    """MLServer from the serving image's `mlserver` target, stock MLServer built FROM it, and `mlflow models
+    serve` with the model baked in; returns their tags."""
+    tags = {"mlserver": "mlops-bench/serving:mlserver", "mlserver-stock": "mlops-bench/mlserver-stock:latest",
+            "mlflow-serve": "mlops-bench/mlflow-serve:latest"}
     serving_image = builds.stage_builds("bench", spec)["serving"]
     builds.build(dataclasses.replace(serving_image, target="mlserver"), tags["mlserver"])
     mlflow_serve = builds.ImageBuild(name="mlflow-serve", context=MLFLOW_SERVE_CONTEXT, args=serving_image.args)
+    stock = builds.ImageBuild(name="mlserver-stock", context=STOCK_MLSERVER_CONTEXT,
+                              args={"MLSERVER_IMAGE": tags["mlserver"]})
     with tempfile.TemporaryDirectory(prefix="bench-mlflow-serve-") as scratch:
         with_model = builds.copied(mlflow_serve, Path(scratch) / "context")
         (with_model.context / "model.pkl").write_bytes(payload)
         builds.build(with_model, tags["mlflow-serve"])
+        with_models = builds.copied(stock, Path(scratch) / "stock")
+        stock_mlserver_repositories(payload, with_models.context / "models")
+        builds.build(with_models, tags["mlserver-stock"])
     return tags
 
 
 @contextmanager
 def running_servers() -> Iterator[list[Server]]:
-    """The stage (MLflow, one `oip` replica, its gateway) and both competitors, all pinned to SERVER_CPU."""
+    """The stage (MLflow, one `oip` replica, its gateway), a replica batching, MLServer stock (with and without
+    adaptive batching) and behind the layer, and `mlflow models serve`, all pinned to SERVER_CPU."""
     payload = model_bytes()
     spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True)
     images = build_competitor_images(spec, payload)
@@ -106,22 +143,46 @@ def running_servers() -> Iterator[list[Server]]:
         gateway = started[f"{stage.stack}-gateway"]
         replica.reload()
         environment = dict(item.split("=", 1) for item in replica.attrs["Config"]["Env"])
+        batched = start_like(replica, "serving-batched", replica.image.id,
+                             {**environment, "MAX_BATCH_SIZE": str(MAX_BATCH_SIZE), "MAX_BATCH_TIME_MS": str(MAX_BATCH_TIME_MS)})
         mlserver = start_like(replica, "mlserver", images["mlserver"], {**environment, "SERVING_RUNTIME": "mlserver"})
+        stock = {repository: start_like(replica, f"mlserver-{repository}", images["mlserver-stock"], {},
+                                        command=["mlserver", "start", f"/opt/models/{repository}"], hardened=False)
+                 for repository in ("one-call-per-request", "adaptive-batching")}
         mlflow_serve = start_like(replica, "mlflow-serve", images["mlflow-serve"], {})
-        bench_stage.wait_ready(f"http://{container_address(mlserver)}:8080/v2/health/ready", 180)
+        for v2_server in (batched, mlserver, *stock.values()):
+            bench_stage.wait_ready(f"http://{container_address(v2_server)}:8080/v2/health/ready", 180)
         bench_stage.wait_ready(f"http://{container_address(mlflow_serve)}:8080/health", 180)
+
+        def v2(label: str, container, competitor: bool, predicting=None) -> Server:
+            """`predicting`: the `oip` replica whose predict calls this server's requests become."""
+            metrics = None if predicting is None else f"http://{container_address(predicting)}:{REPLICA_METRICS_PORT}/metrics"
+            return Server(label, f"http://{container_address(container)}:8080{V2_INFER_PATH}", v2_body, v2_predictions,
+                          competitor=competitor, replica_metrics=metrics)
+
+        batching = f"{MAX_BATCH_SIZE} rows, {MAX_BATCH_TIME_MS} ms"
         yield [
-            Server("ours: gateway → oip replica", f"http://{container_address(gateway)}:8080{V2_INFER_PATH}",
-                   v2_body, v2_predictions, competitor=False),
-            Server("ours: oip replica directly", f"http://{container_address(replica)}:8080{V2_INFER_PATH}",
-                   v2_body, v2_predictions, competitor=False),
-            Server("MLServer, scikit-learn runtime", f"http://{container_address(mlserver)}:8080{V2_INFER_PATH}",
-                   v2_body, v2_predictions, competitor=True),
+            v2("ours: gateway → oip replica", gateway, competitor=False, predicting=replica),
+            v2("ours: oip replica directly", replica, competitor=False, predicting=replica),
+            v2(f"ours: oip replica directly, batching ({batching})", batched, competitor=False, predicting=batched),
+            v2("MLServer as its users run it (`mlserver start`)", stock["one-call-per-request"], competitor=True),
+            v2(f"MLServer as its users run it, adaptive batching ({batching})", stock["adaptive-batching"],
+               competitor=True),
+            v2("MLServer behind this project's layer (the serving image's `mlserver` target)", mlserver,
+               competitor=False),
             Server("`mlflow models serve`", f"http://{container_address(mlflow_serve)}:8080/invocations",
                    mlflow_body, mlflow_predictions, competitor=True),
         ]
     finally:
         stage.teardown()
+
+
+def predict_calls(metrics_url: str) -> tuple[float, float]:
+    """The replica's predict calls and the rows they predicted so far."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        samples = dict(line.split(" ", 1) for line in response.read().decode().splitlines()
+                       if line.startswith(("oip_batch_size_count ", "oip_batch_size_sum ")))
+    return float(samples["oip_batch_size_count"]), float(samples["oip_batch_size_sum"])
 
 
 def check_same_predictions(servers: list[Server]) -> None:
@@ -140,6 +201,7 @@ class Cell:
 
 def measure(rounds: int = 3, duration_s: int = 5, warmup_s: int = 1) -> Figure:
     samples: dict[Cell, list[loadgen.LoadResult]] = {}
+    rows_per_call: dict[Cell, list[float]] = {}
     with running_servers() as servers:
         check_same_predictions(servers)
         bodies = {(server.label, rows): server.body(sample_rows(rows)) for server in servers for rows in ROWS}
@@ -150,19 +212,27 @@ def measure(rounds: int = 3, duration_s: int = 5, warmup_s: int = 1) -> Figure:
             for rows in ROWS:
                 for connections in CONCURRENCY:
                     for server in servers:
+                        cell = Cell(server.label, rows, connections)
+                        before = predict_calls(server.replica_metrics) if server.replica_metrics else None
                         result = loadgen.post_load(server.url, bodies[server.label, rows], connections, duration_s)
-                        samples.setdefault(Cell(server.label, rows, connections), []).append(result)
-    return table(servers, samples, rounds, duration_s)
+                        samples.setdefault(cell, []).append(result)
+                        if before is not None:
+                            calls, predicted = (after - previous for after, previous in
+                                                zip(predict_calls(server.replica_metrics), before))
+                            rows_per_call.setdefault(cell, []).append(predicted / calls)
+    return table(servers, samples, rounds, duration_s, rows_per_call)
 
 
 def table(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], rounds: int,
-            duration_s: int) -> Figure:
+          duration_s: int, rows_per_call: dict[Cell, list[float]] | None = None) -> Figure:
+    """`rows_per_call`: the mean rows per predict call the `oip` replica formed in each round of a cell."""
+    rows_per_call = rows_per_call or {}
     figure = Figure(
         title="Serving: V2 infer requests against one scikit-learn model",
         goal=f"the stack's default path (gateway → `oip` replica) at least matches the faster of MLServer and "
              f"`mlflow models serve` in requests/s at concurrency {HEADLINE_CONCURRENCY}; aim 2×.",
         headers=["rows/request", "concurrency", "server", "requests/s: median (min–max)", "p50 ms", "p99 ms",
-                 "req/s vs fastest competitor"],
+                 "rows per predict call", "req/s vs fastest competitor"],
     )
     default_path = servers[0]
     verdicts = []
@@ -176,10 +246,12 @@ def table(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], 
                 goal = "aim met" if versus >= 2 else "goal met, aim missed" if versus >= 1 else "goal missed"
                 verdicts.append(f"{rows} row(s): {versus:.2f}× {fastest.label} ({goal})")
             for server in servers:
-                results = samples[Cell(server.label, rows, connections)]
+                cell = Cell(server.label, rows, connections)
+                results = samples[cell]
                 figure.rows.append([
                     str(rows), str(connections), server.label, spread([r.requests_per_s for r in results]),
                     f"{median(r.p50_ms for r in results):.2f}", f"{median(r.p99_ms for r in results):.2f}",
+                    f"{median(rows_per_call[cell]):.1f}" if cell in rows_per_call else "–",
                     ratio(throughput[server.label], throughput[fastest.label])])
     figure.notes = [
         f"At concurrency {HEADLINE_CONCURRENCY}, {default_path.label} against the fastest competitor: "
@@ -200,8 +272,15 @@ def table(servers: list[Server], samples: dict[Cell, list[loadgen.LoadResult]], 
         "Request format: V2 (`{\"inputs\": [{\"name\", \"shape\": [N, 4], \"datatype\": \"FP64\", \"data\"}]}`) for the "
         "stack and MLServer; MLflow's scoring server does not speak V2, so it gets its own `/invocations` format "
         "with the same rows (`{\"inputs\": [[...], ...]}`).",
-        "MLServer runs from the serving image's `mlserver` target (MLServer and mlserver-sklearn 1.7.1 from "
-        "`requirements-mlserver.lock`, `parallel_workers: 0`); `mlflow models serve` runs MLflow's default "
+        "MLServer as its users run it: `mlserver start` on a folder with a model-settings.json and the model, "
+        "MLServer's default settings but `parallel_workers: 0` (its default worker process dies at start under "
+        "the pinned uvloop 0.23), not hardened beyond the same CPU and memory limits (`benchmarks/mlserver_stock/`); with adaptive batching, `max_batch_size` "
+        f"{MAX_BATCH_SIZE} and `max_batch_time` {MAX_BATCH_TIME_MS / 1000} s in its model-settings.json. The "
+        "replica with batching has MAX_BATCH_SIZE and MAX_BATCH_TIME_MS set to the same (`serving.batching`). "
+        "MLServer and mlserver-sklearn are 1.7.1 from `requirements-mlserver.lock` in every MLServer row; the row "
+        "behind this project's layer runs the serving image's `mlserver` target (`parallel_workers: 0`, every "
+        "request checked by serving/mlserver_layer.py first) and is not counted as a competitor. "
+        "`mlflow models serve` runs MLflow's default "
         "scoring server (uvicorn, 1 worker) from `benchmarks/mlflow_serve/` (mlflow-skinny, scikit-learn and "
         "pandas from its hashed lock, the same versions as the training image, built FROM the same base).",
     ]

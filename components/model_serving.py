@@ -16,7 +16,7 @@ from components.containers import container_labels, hardened_container, publishe
 from components.images import BuildSettings, PushTarget, build_image, image_id
 from components.monitoring import ScrapeTarget, replica_labels
 from mlops_spec.contract import READER, ROLLOUT_DIR, gateway_env
-from mlops_spec.models import ModelPin, Release, SamplingSpec, ServingSpec
+from mlops_spec.models import BatchingSpec, ModelPin, Release, SamplingSpec, ServingSpec
 
 SERVING_PORT = 8080
 GATEWAY_PORT = 8080
@@ -81,6 +81,14 @@ def sampling_env(sampling: Optional[SamplingSpec], replica: str) -> list[str]:
             f"SAMPLES_MAX_BYTES={sampling.max_mb * 1024 * 1024}"]
 
 
+def batching_settings(batching: Optional[BatchingSpec]) -> dict[str, str]:
+    """What a replica needs to batch (images/serving/serving/batching.py; the mlserver runtime hands the same values
+    to MLServer's adaptive batching); none: one predict call per request."""
+    if batching is None:
+        return {}
+    return {"MAX_BATCH_SIZE": str(batching.max_batch_size), "MAX_BATCH_TIME_MS": f"{batching.max_batch_time_ms:g}"}
+
+
 def model_labels(pin: ModelPin) -> dict[str, str]:
     """The pin again, in the clear: the password makes a replica's whole `envs` secret, so plans and diffs
     show which model a replica serves only through these."""
@@ -142,7 +150,8 @@ class ModelServing(pulumi.ComponentResource):
                     # run registers a version, and then turns ready by itself; a pinned one must be ready.
                     wait=pin.is_pinned,
                     envs=(model_env(pin, args["registry_url"], args["reader_password"], spec.runtime) + drift_env
-                          + sampling_env(sampling, hostname)),
+                          + sampling_env(sampling, hostname)
+                          + [f"{key}={value}" for key, value in batching_settings(spec.batching).items()]),
                     volumes=samples_mounts,
                     tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
                 ))

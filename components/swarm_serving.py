@@ -32,6 +32,7 @@ from components.model_serving import (
     GATEWAY_PORT,
     REPLICA_METRICS_PORT,
     SERVING_PORT,
+    batching_settings,
     model_labels,
     model_settings,
 )
@@ -105,7 +106,8 @@ class SwarmServing(pulumi.ComponentResource):
                 converge=pin.is_pinned,
                 constraints=swarm.constraints, spread_over=swarm.spread_over,
                 env={**model_settings(pin, args["registry_url"], spec.runtime),
-                     "MLFLOW_TRACKING_PASSWORD_FILE": f"/run/secrets/{READER_SECRET_FILE}", **drift_env},
+                     "MLFLOW_TRACKING_PASSWORD_FILE": f"/run/secrets/{READER_SECRET_FILE}", **drift_env,
+                     **batching_settings(spec.batching)},
                 secrets=[secret_file(reader, READER_SECRET_FILE)],
                 tmp_bytes=REPLICA_TMP_BYTES,
             ))

@@ -343,6 +343,19 @@ class SamplingSpec(StrictModel):
                                     "counted (mlops_samples_dropped_rows_total)")
 
 
+class BatchingSpec(StrictModel):
+    """Adaptive batching in each replica: infer requests that arrive together share one predict call, each
+    answered with its own rows (images/serving/serving/batching.py; docs/batching.md says when to turn it on).
+    Off unless declared."""
+
+    max_batch_size: int = Field(ge=2, le=4096, description="rows one predict call may stack from concurrent "
+                                                           "requests; a request with more is predicted alone. Above a "
+                                                           "few thousand rows a call blocks every other request for "
+                                                           "milliseconds and saves nothing more")
+    max_batch_time_ms: float = Field(gt=0, description="longest a request waits for company: for requests already "
+                                                       "on their way in (oip), for any (mlserver)")
+
+
 class ServingSpec(StrictModel):
     build: Optional[str] = Field(default=None, description="build context of the serving image; dev and experiments only")
     runtime: Literal["oip", "mlserver"] = Field(default="oip", description="model server inside the serving image")
@@ -355,6 +368,8 @@ class ServingSpec(StrictModel):
     gateway: GatewaySpec
     sampling: Optional[SamplingSpec] = Field(default=None, description="keep a share of the infer rows and their "
                                                                        "predictions to label; absent: off")
+    batching: Optional[BatchingSpec] = Field(default=None, description="stack concurrent requests into one predict "
+                                                                       "call; absent: off")
 
 
 class MonitoringSpec(StrictModel):

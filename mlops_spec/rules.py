@@ -54,6 +54,12 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
         broken.append(("serving.green.rollout.steps", f"the first step ({rollout.steps[0]}) must be above the declared "
                                                       f"serving.traffic.green ({spec.serving.traffic.green}), where "
                                                       "the rollout starts"))
+    batching = spec.serving.batching
+    if batching is not None and batching.max_batch_time_ms >= spec.serving.health_check.timeout_s * 1000:
+        broken.append(("serving.batching.max_batch_time_ms",
+                       f"{batching.max_batch_time_ms:g} ms is not below serving.health_check.timeout_s "
+                       f"({spec.serving.health_check.timeout_s} s): a request would wait for company longer than a "
+                       "replica may take to answer at all; use a few milliseconds"))
     if spec.serving.sampling is not None and spec.serving.runtime != "oip":
         broken.append(("serving.sampling", f"the {spec.serving.runtime} runtime does not sample requests; use "
                                            "serving.runtime oip, or remove sampling"))

@@ -83,8 +83,11 @@ def test_serving_table_compares_against_the_fastest_competitor():
     rates = {"gateway": 300.0, "direct": 400.0, "mlserver": 100.0, "mlflow": 150.0}
     samples = {serving.Cell(label, rows, connections): [loadgen.LoadResult(rate, 1.0, 2.0)] * 2
                for label, rate in rates.items() for rows in serving.ROWS for connections in serving.CONCURRENCY}
-    figure = serving.table(servers, samples, rounds=2, duration_s=1)
+    rows_per_call = {cell: [1.0, 4.0, 9.0] for cell in samples if cell.server == "direct"}
+    figure = serving.table(servers, samples, rounds=2, duration_s=1, rows_per_call=rows_per_call)
     assert len(figure.rows) == len(samples)
     assert {row[2]: row[-1] for row in figure.rows[:4]} == {
         "gateway": "2.00×", "direct": "2.67×", "mlserver": "0.67×", "mlflow": "1.00×"}
+    assert {row[2]: row[-2] for row in figure.rows[:4]} == {"gateway": "–", "direct": "4.0", "mlserver": "–",
+                                                            "mlflow": "–"}
     assert "1 row(s): 2.00× mlflow (aim met)" in figure.notes[0]

@@ -7,12 +7,14 @@ show both runtimes' readiness and failure answers. Every test runs against both 
 """
 from __future__ import annotations
 
+import http.client
 import json
 import pickle
 import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +48,7 @@ pytestmark = pytest.mark.docker
 
 MODEL = "iris-classifier"
 RUNTIMES = ("oip", "mlserver")
+BATCHING = {"MAX_BATCH_SIZE": "64", "MAX_BATCH_TIME_MS": "20"}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,10 @@ class Deployed:
     """A replica whose model raises for rows whose first feature is 42."""
     never_predicting: str
     """A replica whose model raises on every prediction."""
+    batched_url: str
+    """A replica batching concurrent requests, published on loopback; its model takes 50 ms a call (so requests
+    pile up while it predicts) and raises for rows whose first feature is 42."""
+    batched: str
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +84,23 @@ def deployed(docker_engine, iris):
         pins = {model: source.mlflow.register(MODEL, payload) for model, payload in (
             ("iris", pickle.dumps(iris[0])),
             ("raising on 42", model_that_in_replica_is("lambda features: 1 / 0 if (features[:, 0] == 42).any() else features")),
-            ("never predicting", model_that_in_replica_is("lambda features: 1 / 0")))}
-        replicas = {(runtime, model): start_replica(engine, source, f"serving-{runtime}-{model.replace(' ', '-')}", pin, runtime)
+            ("never predicting", model_that_in_replica_is("lambda features: 1 / 0")),
+            ("batched", model_that_in_replica_is("lambda features: __import__('time').sleep(0.05) or "
+                                                 "(1 / 0 if (features[:, 0] == 42).any() else features)")))}
+        replicas = {(runtime, model): start_replica(engine, source, f"serving-{runtime}-{model.replace(' ', '-')}", pin,
+                                                    runtime, env=BATCHING if model == "batched" else {})
                     for runtime in RUNTIMES for model, pin in pins.items()}
         gateways = {runtime: start_gateway(engine, source, f"gateway-{runtime}", [replicas[runtime, "iris"]])
                     for runtime in RUNTIMES}
-        engine.wait_healthy(*(replicas[runtime, model] for runtime in RUNTIMES for model in ("iris", "raising on 42")),
+        engine.wait_healthy(*(replicas[runtime, model] for runtime in RUNTIMES
+                              for model in ("iris", "raising on 42", "batched")),
                             *gateways.values(), timeout_s=240)
         yield {runtime: Deployed(url=gateway_url(engine, gateways[runtime]), replica=replicas[runtime, "iris"],
                                  gateway=gateways[runtime], version=pins["iris"][0],
                                  raising_on_42=replicas[runtime, "raising on 42"],
-                                 never_predicting=replicas[runtime, "never predicting"])
+                                 never_predicting=replicas[runtime, "never predicting"],
+                                 batched_url=gateway_url(engine, replicas[runtime, "batched"]),
+                                 batched=replicas[runtime, "batched"])
                for runtime in RUNTIMES}
     finally:
         engine.remove_all()
@@ -230,6 +243,62 @@ def test_a_model_that_cannot_predict_is_never_ready(deployed, runtime):
         assert time.monotonic() < deadline, f"readiness answered {ready!r}, not 503"
         time.sleep(2)
     assert Engine.health(replica) != "healthy"
+
+
+def concurrently_and_one_by_one(url: str, bodies: list[bytes]) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """The answers to `bodies` sent all at once, then one after the other. Over kept-alive connections opened
+    beforehand, as the gateway's upstream connections are: the requests then reach the replica while it
+    predicts, not one accepted connection at a time."""
+    connections = [http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60) for _ in bodies]
+    for connection in connections:
+        connection.request("GET", "/v2/health/live")
+        connection.getresponse().read()
+
+    def post(connection: http.client.HTTPConnection, body: bytes) -> tuple[int, dict]:
+        connection.request("POST", f"/v2/models/{MODEL}/infer", body=body, headers={"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        return answer.status, json.loads(answer.read())
+
+    try:
+        with ThreadPoolExecutor(len(bodies)) as clients:
+            together = list(clients.map(post, connections, bodies))
+        return together, [post(connections[0], body) for body in bodies]
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def infer_bodies(batches: list) -> list[bytes]:
+    return [json.dumps({"id": f"req-{index}", "inputs": [{"name": "input-0", "datatype": "FP64",
+                                                          "shape": [len(batch), 4], "data": batch}]}).encode()
+            for index, batch in enumerate(batches)]
+
+
+def mixed_row_counts(features: np.ndarray) -> list:
+    return [features[index * 9:index * 9 + 1 + index % 3].tolist() for index in range(15)]
+
+
+def test_concurrent_requests_get_the_answers_they_get_one_by_one(deployed, runtime, iris):
+    together, one_by_one = concurrently_and_one_by_one(deployed[runtime].batched_url,
+                                                       infer_bodies(mixed_row_counts(iris[1])))
+    assert [status for status, _ in together] == [200] * 15, together
+    assert together == one_by_one
+    assert [answer["id"] for _, answer in together] == [f"req-{index}" for index in range(15)]
+
+
+def test_oip_stacks_concurrent_requests_and_one_whose_rows_make_the_model_fail_fails_alone(deployed, iris):
+    """On `oip` only: MLServer's adaptive batching answers a whole batch with one request's error, and the
+    layer's retry, one request at a time, narrows that but does not rule it out (docs/batching.md)."""
+    oip = deployed["oip"]
+    together, one_by_one = concurrently_and_one_by_one(
+        oip.batched_url, infer_bodies(mixed_row_counts(iris[1]) + [[[42, 3, 5, 2]]]))
+    assert [status for status, _ in together] == [200] * 15 + [422], together
+    assert together[:15] == one_by_one[:15]
+    assert "cannot predict these inputs (it predicts others)" in together[15][1]["error"]
+    metrics = from_the_network(oip.gateway, f"http://{oip.batched}:8082/metrics")
+    samples = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if line.startswith("oip_batch_size"))
+    # No request has more than 3 rows: a call of more stacked several.
+    assert float(samples['oip_batch_size_bucket{le="4.0"}']) < float(samples["oip_batch_size_count"]), samples
 
 
 POST_FROM_THE_NETWORK = ("import sys,urllib.request,urllib.error\n"

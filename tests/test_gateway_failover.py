@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
 
 import pytest
 from sklearn.datasets import load_iris
@@ -192,8 +194,9 @@ def start_model_source(engine: Engine) -> ModelSource:
 
 
 def start_replica(engine: Engine, source: ModelSource, role: str, pin: tuple[str, str], runtime: str = "oip",
-                  health_retries: int = 120) -> str:
-    """A serving replica of `runtime` with the stage's serving limits, pinned to (version, sha256)."""
+                  health_retries: int = 120, env: Mapping[str, str] = MappingProxyType({})) -> str:
+    """A serving replica of `runtime` with the stage's serving limits, pinned to (version, sha256); `env` adds
+    settings such as batching's."""
     version, sha256 = pin
     return engine.run(
         role, engine.build("images/serving", target=runtime), "--network", source.network, "--cpus", "1",
@@ -201,6 +204,7 @@ def start_replica(engine: Engine, source: ModelSource, role: str, pin: tuple[str
         "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}", "-e", f"MODEL_SHA256={sha256}",
         "-e", f"MLFLOW_TRACKING_URI={source.tracking_uri}", "-e", f"SERVING_RUNTIME={runtime}",
         "-e", f"MLFLOW_TRACKING_USERNAME={READER}", "-e", f"MLFLOW_TRACKING_PASSWORD={source.reader_password}",
+        *(option for key, value in env.items() for option in ("-e", f"{key}={value}")),
         ready_path="/v2/health/ready", port=8080, health_retries=health_retries)
 
 

@@ -401,6 +401,17 @@ def test_the_datasets_volume_of_a_single_host_stage_and_the_samples_volume_when_
     assert "volumes" not in named["dev-serving-gateway"].inputs
 
 
+def test_declared_batching_reaches_every_replica_and_only_then(environments):
+    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text().replace(
+        "  build: images/serving", "  build: images/serving\n  replicas: 2\n"
+                                   "  batching: {max_batch_size: 32, max_batch_time_ms: 2.5}"))
+    batched = by_name(render("dev", environments, reveal_secrets=True))
+    for index in (0, 1):
+        assert {"MAX_BATCH_SIZE=32", "MAX_BATCH_TIME_MS=2.5"} <= set(batched[f"dev-serving-blue-{index}"].inputs["envs"])
+    unbatched = by_name(render("dev", reveal_secrets=True))
+    assert not any(str(entry).startswith("MAX_BATCH") for entry in unbatched["dev-serving-blue-0"].inputs["envs"])
+
+
 @pytest.mark.parametrize("stage", ["dev", "staging", "prod"])
 def test_no_shipped_stage_samples_requests(stage, released_environments):
     spec = load_stages([stage], released_environments)[0]

@@ -12,6 +12,7 @@ import pickle
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Iterator
 from urllib.parse import parse_qs, urlsplit
@@ -29,6 +30,7 @@ from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
 from serving.app import OFF_LOOP_BYTES, InferenceApp  # noqa: E402
+from serving.batching import BatchingSettings  # noqa: E402
 from serving.protocol import MAX_BODY_BYTES  # noqa: E402
 from serving.readiness import FAILURES_BEFORE_UNREADY  # noqa: E402
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable  # noqa: E402
@@ -60,9 +62,17 @@ class Response:
 def call(app: InferenceApp, method: str, path: str, body: bytes = b"",
          headers: tuple[tuple[bytes, bytes], ...] = ()) -> Response:
     """One HTTP exchange with the ASGI app, as uvicorn would drive it."""
+    return asyncio.run(exchange(app, method, path, body, headers))
+
+
+async def exchange(app: InferenceApp, method: str, path: str, body: bytes = b"",
+                   headers: tuple[tuple[bytes, bytes], ...] = (), body_delay_s: float = 0) -> Response:
+    """One HTTP exchange with the ASGI app; the body comes `body_delay_s` after the headers."""
     sent: list[dict] = []
 
     async def receive() -> dict:
+        if body_delay_s:
+            await asyncio.sleep(body_delay_s)
         return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message: dict) -> None:
@@ -70,7 +80,7 @@ def call(app: InferenceApp, method: str, path: str, body: bytes = b"",
 
     declared = () if any(key == b"content-length" for key, _ in headers) else ((b"content-length", str(len(body)).encode()),)
     scope = {"type": "http", "method": method, "path": path, "headers": [*declared, *headers]}
-    asyncio.run(app(scope, receive, send))
+    await app(scope, receive, send)
     return Response(sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"])
 
 
@@ -104,13 +114,15 @@ def test_infer_takes_flat_fp64_data_and_the_versioned_path(app, iris):
     assert answer.json()["outputs"][0]["data"] == model.predict(rows).tolist()
 
 
-def triton_request(rows: np.ndarray, *, binary_input: bool, binary_output: bool | None) -> tuple[bytes, tuple]:
+def triton_request(rows: np.ndarray, *, binary_input: bool, binary_output: bool | None,
+                   request_id: str = "") -> tuple[bytes, tuple]:
     """The bytes and headers tritonclient's HTTP client sends; `binary_output` None asks for no output by name
     (the client then asks for every output binary)."""
     tensor = tritonclient.http.InferInput("input-0", list(rows.shape), "FP64")
     tensor.set_data_from_numpy(rows, binary_data=binary_input)
     outputs = None if binary_output is None else [tritonclient.http.InferRequestedOutput("predict", binary_data=binary_output)]
-    body, json_size = tritonclient.http.InferenceServerClient.generate_request_body([tensor], outputs=outputs)
+    body, json_size = tritonclient.http.InferenceServerClient.generate_request_body([tensor], outputs=outputs,
+                                                                                   request_id=request_id)
     return body, () if json_size is None else ((b"inference-header-content-length", str(json_size).encode()),)
 
 
@@ -213,8 +225,8 @@ def test_large_bodies_are_answered_off_the_event_loop_the_same(app, iris, monkey
     body = infer_body(rows.tolist(), datatype="FP64")
     assert OFF_LOOP_BYTES < len(body) <= MAX_BODY_BYTES
     threads: list[str] = []
-    answer_on_this_thread = app.answer
-    monkeypatch.setattr(app, "answer", lambda *args: threads.append(threading.current_thread().name)
+    answer_on_this_thread = app.answer_alone
+    monkeypatch.setattr(app, "answer_alone", lambda *args: threads.append(threading.current_thread().name)
                         or answer_on_this_thread(*args))
     answer = call(app, "POST", INFER, body)
     assert answer.status == 200
@@ -363,6 +375,129 @@ def test_bad_requests_do_not_count_against_readiness(app):
     for _ in range(FAILURES_BEFORE_UNREADY + 1):
         assert call(app, "POST", INFER, b"{").status == 400
     assert app.readiness.consecutive_failures == 0
+
+
+def batching_app(model, max_rows: int, max_wait_s: float = 0.5) -> InferenceApp:
+    return InferenceApp(model, name="iris-classifier", version="3", sha256="ab" * 32,
+                        batching=BatchingSettings(max_rows=max_rows, max_wait_s=max_wait_s))
+
+
+def call_together(app: InferenceApp, requests: list[tuple[bytes, tuple]]) -> list[Response]:
+    """Infer requests that reach the app in the same turn of its event loop, as concurrent clients' do under load."""
+    async def together() -> list[Response]:
+        return await asyncio.gather(*(exchange(app, "POST", INFER, body, headers) for body, headers in requests))
+    return asyncio.run(together())
+
+
+def batch_sizes(app: InferenceApp) -> dict[str, float]:
+    """The batch size histogram's count, sum and cumulative buckets, by sample name and `le`."""
+    [family] = [family for family in app.metrics.collect() if family.name == "oip_batch_size"]
+    return {sample.name.removeprefix("oip_batch_size") + sample.labels.get("le", ""): sample.value
+            for sample in family.samples if not sample.name.endswith("_created")}
+
+
+def predictions(response: Response) -> list:
+    length = response.headers.get(b"inference-header-content-length")
+    result = tritonclient.http.InferResult.from_response_body(response.body, header_length=length and int(length))
+    return result.as_numpy("predict").tolist()
+
+
+def test_batched_requests_get_the_answers_they_get_one_by_one_json_and_binary(iris):
+    model, features = iris
+    requests, expected_ids = [], []
+    for index, rows in enumerate([features[:1], features[1:4], features[50:52], features[100:101], features[140:145]]):
+        request_id = f"req-{index}"
+        if index % 2:
+            requests.append(triton_request(rows, binary_input=True, binary_output=index == 1, request_id=request_id))
+        else:
+            requests.append((infer_body(rows.tolist(), datatype="FP64", id=request_id), ()))
+        expected_ids.append(request_id)
+
+    one_by_one = [call(batching_app(model, max_rows=1), "POST", INFER, body, headers) for body, headers in requests]
+    app = batching_app(model, max_rows=64)
+    batched = call_together(app, requests)
+
+    assert batch_sizes(app)["_count"] == 1, "all five requests shared one predict call"
+    assert batch_sizes(app)["_sum"] == 12
+    for alone, together, request_id in zip(one_by_one, batched, expected_ids):
+        assert together.status == alone.status == 200
+        assert together.headers == alone.headers
+        assert together.body == alone.body
+        assert json.loads(together.body[:int(together.headers.get(b"inference-header-content-length", len(together.body)))])["id"] == request_id
+    assert [predictions(answer) for answer in batched] == [
+        model.predict(rows).tolist() for rows in (features[:1], features[1:4], features[50:52], features[100:101],
+                                                  features[140:145])]
+
+
+def test_the_batch_size_metric_counts_the_calls_made_closing_a_batch_at_its_row_limit_or_another_dtype(iris):
+    model, features = iris
+    app = batching_app(model, max_rows=8)
+    rows = [features[:1], features[1:4], features[4:6], features[6:7], features[7:11], features[11:12]]
+    datatypes = ["FP32", "FP32", "FP32", "FP32", "FP32", "FP64"]
+    answers = call_together(app, [(infer_body(batch.tolist(), datatype=datatype), ())
+                                  for batch, datatype in zip(rows, datatypes)])
+    assert [answer.json()["outputs"][0]["data"] for answer in answers] == [
+        model.predict(batch.astype(np.float32 if datatype == "FP32" else np.float64)).tolist()
+        for batch, datatype in zip(rows, datatypes)]
+    # 1+3+2+1 rows fill 7 of 8; the next 4 would pass 8 and start a batch; the FP64 row starts another.
+    assert batch_sizes(app) == {"_count": 3, "_sum": 12, **{f"_bucket{le}": count for le, count in [
+        ("1.0", 1), ("2.0", 1), ("4.0", 2), ("8.0", 3), ("16.0", 3), ("+Inf", 3)]},
+        **{f"_bucket{le}": 3 for le in ("32.0", "64.0", "128.0", "256.0", "1024.0", "4096.0", "16384.0")}}
+
+
+def test_a_request_whose_rows_make_the_model_fail_fails_alone_in_its_batch(iris):
+    model, features = iris
+    app = batching_app(RaisesOnSomeInputs(model), max_rows=64)
+    bodies = [features[:2].tolist(), [[42, 3, 5, 2]], features[60:61].tolist(), features[120:123].tolist()]
+    answers = call_together(app, [(infer_body(rows, datatype="FP64", id=f"req-{index}"), ())
+                                  for index, rows in enumerate(bodies)])
+    assert [answer.status for answer in answers] == [200, 422, 200, 200]
+    assert answers[1].json()["error"] == ("model iris-classifier v3 cannot predict these inputs (it predicts others): "
+                                          "ValueError: 42 is not a sepal length")
+    for index in (0, 2, 3):
+        assert answers[index].json()["id"] == f"req-{index}"
+        assert answers[index].json()["outputs"][0]["data"] == model.predict(np.asarray(bodies[index])).tolist()
+    # The stacked call failed, then each request was predicted on its own.
+    assert batch_sizes(app)["_count"] == 1 + len(bodies)
+    assert app.readiness.consecutive_failures == 0
+
+
+def test_a_single_client_never_waits_for_company(iris):
+    model, features = iris
+    app = batching_app(model, max_rows=64, max_wait_s=0.5)
+
+    async def one_client() -> list[float]:
+        took = []
+        for index in range(20):
+            started = time.perf_counter()
+            answer = await exchange(app, "POST", INFER, infer_body(features[index:index + 1].tolist()))
+            took.append(time.perf_counter() - started)
+            assert answer.status == 200
+        return took
+
+    took = asyncio.run(one_client())
+    assert sum(took) < 0.5, f"20 requests one after the other took {sum(took):.3f} s: someone waited for company"
+    assert batch_sizes(app)["_count"] == 20 and batch_sizes(app)["_bucket1.0"] == 20
+
+
+def test_a_batch_waits_for_a_request_on_its_way_in_at_most_the_declared_time(iris):
+    model, features = iris
+    app = batching_app(model, max_rows=64, max_wait_s=0.2)
+
+    async def timed(body_delay_s: float, rows: np.ndarray) -> tuple[float, Response]:
+        started = time.perf_counter()
+        answer = await exchange(app, "POST", INFER, infer_body(rows.tolist()), body_delay_s=body_delay_s)
+        return time.perf_counter() - started, answer
+
+    async def quick_and_slow_uploads() -> list[tuple[float, Response]]:
+        return await asyncio.gather(timed(0, features[:2]), timed(0.05, features[2:3]), timed(1.5, features[3:4]))
+
+    (quick, quick_answer), (soon, soon_answer), (slow, slow_answer) = asyncio.run(quick_and_slow_uploads())
+    assert quick_answer.status == soon_answer.status == slow_answer.status == 200
+    # The first two shared a call at the batch's deadline; the third, still uploading then, went alone.
+    assert 0.2 <= quick < 1.0 and 0.2 <= soon < 1.0, (quick, soon)
+    assert slow >= 1.5
+    assert batch_sizes(app) == {**batch_sizes(app), "_count": 2, "_bucket1.0": 1, "_bucket2.0": 1, "_bucket4.0": 2}
 
 
 class FakeMlflow(http.server.ThreadingHTTPServer):

@@ -33,14 +33,18 @@ def prod_samples(sampling: str):
     return lambda env: replace(env / "prod.yaml", "  replicas: 3", f"  replicas: 3\n  sampling: {sampling}")
 
 
+def prod_batches(batching: str):
+    return lambda env: replace(env / "prod.yaml", "  replicas: 3", f"  replicas: 3\n  batching: {batching}")
+
+
 BROKEN_SPECS = {
     "malformed YAML": (lambda env: append(env / "prod.yaml", "extra: [1\n"),
                        "prod.yaml:32: not valid YAML: expected ',' or ']', but got '<stream end>'"),
     "duplicate key": (lambda env: append(env / "prod.yaml", "serving:\n  replicas: 4\n"),
                       "prod.yaml:31: not valid YAML: found duplicate key \"serving\""),
     "unknown key": (lambda env: replace(env / "prod.yaml", "  replicas: 3", "  replica: 3"),
-                    "prod.yaml:19: serving.replica: unknown key 'replica'; allowed here: build, gateway, green, "
-                    "health_check, limits, port, replicas, runtime, sampling, traffic"),
+                    "prod.yaml:19: serving.replica: unknown key 'replica'; allowed here: batching, build, gateway, "
+                    "green, health_check, limits, port, replicas, runtime, sampling, traffic"),
     "wrong type": (lambda env: replace(env / "prod.yaml", "replicas: 3", "replicas: three"),
                    "prod.yaml:19: serving.replicas: Input should be a valid integer, unable to parse string as an "
                    "integer (got 'three')"),
@@ -107,6 +111,27 @@ BROKEN_SPECS = {
                                                                          "  sampling: {fraction: 0.5}"),
         "dev.yaml:10: serving.sampling: the mlserver runtime does not sample requests; use serving.runtime oip, or "
         "remove sampling"),
+    "batches of no rows": (prod_batches("{max_batch_size: 0, max_batch_time_ms: 2}"),
+                           "prod.yaml:20: serving.batching.max_batch_size: Input should be greater than or equal to 2 "
+                           "(got 0)"),
+    "batches of one row": (prod_batches("{max_batch_size: 1, max_batch_time_ms: 2}"),
+                           "prod.yaml:20: serving.batching.max_batch_size: Input should be greater than or equal to 2 "
+                           "(got 1)"),
+    "batches past any body": (prod_batches("{max_batch_size: 1000000, max_batch_time_ms: 2}"),
+                              "prod.yaml:20: serving.batching.max_batch_size: Input should be less than or equal to "
+                              "4096 (got 1000000)"),
+    "a negative batch time": (prod_batches("{max_batch_size: 32, max_batch_time_ms: -1}"),
+                              "prod.yaml:20: serving.batching.max_batch_time_ms: Input should be greater than 0 "
+                              "(got -1)"),
+    "a batch time of nothing": (prod_batches("{max_batch_size: 32, max_batch_time_ms: 0}"),
+                                "prod.yaml:20: serving.batching.max_batch_time_ms: Input should be greater than 0 "
+                                "(got 0)"),
+    "batching without a time": (prod_batches("{max_batch_size: 32}"),
+                                "prod.yaml:20: serving.batching.max_batch_time_ms: Field required"),
+    "a batch time past the health check's timeout": (
+        prod_batches("{max_batch_size: 32, max_batch_time_ms: 5000}"),
+        "prod.yaml:20: serving.batching.max_batch_time_ms: 5000 ms is not below serving.health_check.timeout_s (3 s): "
+        "a request would wait for company longer than a replica may take to answer at all; use a few milliseconds"),
     "missing build context": (lambda env: replace(env / "dev.yaml", "build: images/training", "build: images/nothing"),
                               "dev.yaml:5: training.build: build context 'images/nothing' has no Dockerfile"),
 }

@@ -194,6 +194,13 @@ def test_prometheus_scrapes_every_task_of_each_slot_and_every_gateway_through_sw
     assert "DRIFT_WINDOW_ROWS" not in without["cluster-serving-blue"].inputs["taskSpec"]["containerSpec"]["env"]
 
 
+def test_declared_batching_reaches_each_slots_tasks(cluster):
+    batched = render({**PINNED, "serving": {"batching": {"max_batch_size": 64, "max_batch_time_ms": 1}}})
+    env = batched["cluster-serving-blue"].inputs["taskSpec"]["containerSpec"]["env"]
+    assert (env["MAX_BATCH_SIZE"], env["MAX_BATCH_TIME_MS"]) == ("64", "1")
+    assert "MAX_BATCH_SIZE" not in cluster["cluster-serving-blue"].inputs["taskSpec"]["containerSpec"]["env"]
+
+
 def test_every_node_pulls_workload_and_gateway_images_from_the_stage_registry(cluster):
     pushed = {name: r.inputs["imageName"] for name, r in cluster.items() if name.endswith("-image-push")}
     assert {name: image.split("/")[0] for name, image in pushed.items()} == {

@@ -9,6 +9,7 @@ import uvloop
 from prometheus_client import generate_latest
 
 from serving.app import InferenceApp
+from serving.batching import BatchingSettings
 from serving.drift import DriftMonitor, ProfileError
 from serving.metrics_server import MetricsServer
 from serving.sampling import RequestSampler
@@ -49,7 +50,8 @@ def main() -> None:
     sklearn.set_config(assume_finite=True)
     app = InferenceApp(model, name=fetched.name, version=fetched.version, sha256=fetched.sha256,
                        drift=drift_monitor(fetched.manifest, model.n_features_in_),
-                       sampler=RequestSampler.from_env(model=fetched.name, version=fetched.version))
+                       sampler=RequestSampler.from_env(model=fetched.name, version=fetched.version),
+                       batching=BatchingSettings.from_env())
     server = uvicorn.Server(uvicorn.Config(
         app, host="0.0.0.0", port=PORT, http="httptools", lifespan="off", access_log=False, server_header=False,
         date_header=False, timeout_keep_alive=KEEPALIVE_S, log_level="info"))

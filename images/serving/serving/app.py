@@ -6,7 +6,8 @@ takes far less time than a hop to a thread would. A body over OFF_LOOP_BYTES is 
 on one worker thread instead, so the loop keeps answering small requests meanwhile: parsing a 1 MiB JSON
 body takes tens of milliseconds, and the parsers hold the GIL per call, not for the whole request. (Small
 requests' p99 during 1 MiB JSON uploads: 39-61 ms decoded on the loop, 7-17 ms on the thread; see the
-Attacks table of docs/reliability.md.)
+Attacks table of docs/reliability.md.) With `serving.batching`, small requests that arrive together share
+one `predict` call (serving/batching.py); a large body is a batch of its own.
 """
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ import numpy as np
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from serving.batching import UNBATCHED, Batcher, BatchingSettings, Outcome
 from serving.drift import DriftMonitor
 from serving.protocol import (
     BINARY_EXTENSION,
     JSON_CONTENT,
     BadRequest,
+    InferRequest,
     Receive,
     Send,
     decode_infer_request,
@@ -59,10 +62,10 @@ class Answer:
 class InferenceApp:
     """Serves `model` as `name` version `version` over V2 REST; `metrics` is exported on a port of its own.
     With `drift`, every predicted batch also feeds the input drift scores; with `sampler`, a share of its rows is
-    kept with the predictions."""
+    kept with the predictions; `batching` stacks concurrent requests' rows into one predict call."""
 
     def __init__(self, model: Any, *, name: str, version: str, sha256: str, drift: DriftMonitor | None = None,
-                 sampler: RequestSampler | None = None) -> None:
+                 sampler: RequestSampler | None = None, batching: BatchingSettings = UNBATCHED) -> None:
         self.model = model
         self.name = name
         self.version = version
@@ -77,6 +80,10 @@ class InferenceApp:
         self.latency = Histogram("oip_infer_duration_seconds", "Infer request handling time, parse to response",
                                  registry=self.metrics,
                                  buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5))
+        self.batch_size = Histogram("oip_batch_size", "Rows per predict call: a request's own, or several "
+                                                      "requests' when batched together", registry=self.metrics,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096, 16384))
+        self.batcher = Batcher(model.predict, batching, self.batch_size.observe)
         Gauge("oip_model_info", "The model this replica serves", ["name", "version", "sha256"],
               registry=self.metrics).labels(name, version, sha256).set(1)
         self.drift = drift
@@ -126,15 +133,17 @@ class InferenceApp:
     async def _infer(self, scope: dict, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         try:
-            body = await read_body(scope, receive)
-            header_length = json_length(scope["headers"])
+            with self.batcher.arriving_request():
+                body = await read_body(scope, receive)
+                header_length = json_length(scope["headers"])
         except BadRequest as error:
             answer = Answer(error.status, error_body(str(error)), [JSON_CONTENT])
         else:
             if len(body) > OFF_LOOP_BYTES:
-                answer = await asyncio.get_running_loop().run_in_executor(self.off_loop, self.answer, body, header_length)
+                answer = await asyncio.get_running_loop().run_in_executor(self.off_loop, self.answer_alone, body,
+                                                                          header_length)
             else:
-                answer = self.answer(body, header_length)
+                answer = await self.answer_batched(body, header_length)
         if answer.status == 200:
             self.readiness.record_success()
         elif answer.status == 500 and not await self.readiness.model_at_fault():
@@ -146,7 +155,22 @@ class InferenceApp:
             self.rows.inc(answer.rows)
             self.latency.observe(time.perf_counter() - started)
 
-    def answer(self, body: bytes, header_length: int | None) -> Answer:
+    async def answer_batched(self, body: bytes, header_length: int | None) -> Answer:
+        request = self._decode(body, header_length)
+        if isinstance(request, Answer):
+            return request
+        return self._answer(request, await self.batcher.predict(request.features))
+
+    def answer_alone(self, body: bytes, header_length: int | None) -> Answer:
+        """Decoded, predicted and encoded in one call, on whichever thread calls it."""
+        request = self._decode(body, header_length)
+        if isinstance(request, Answer):
+            return request
+        [outcome] = self.batcher.predict_now([request.features])
+        return self._answer(request, outcome)
+
+    def _decode(self, body: bytes, header_length: int | None) -> InferRequest | Answer:
+        """The request, or the answer refusing it."""
         try:
             request = decode_infer_request(body, header_length, self.n_features)
             unknown = set(request.binary_by_output) - {OUTPUT}
@@ -154,21 +178,21 @@ class InferenceApp:
                 raise BadRequest(f"this model has one output, '{OUTPUT}'; no output {', '.join(sorted(unknown))}")
         except BadRequest as error:
             return Answer(error.status, error_body(str(error)), [JSON_CONTENT])
-        try:
-            predictions = np.asarray(self.model.predict(request.features))
-        except Exception as error:  # the model's own failure: the caller gets its message, not a dropped connection
-            return Answer(500, error_body(f"model {self.name} v{self.version} failed to predict: {error}"), [JSON_CONTENT],
-                          failure=f"{type(error).__name__}: {error}")
+        return request
+
+    def _answer(self, request: InferRequest, outcome: Outcome) -> Answer:
+        if isinstance(outcome, Exception):  # the caller gets the model's message, not a dropped connection
+            return Answer(500, error_body(f"model {self.name} v{self.version} failed to predict: {outcome}"),
+                          [JSON_CONTENT], failure=f"{type(outcome).__name__}: {outcome}")
         if self.drift is not None:
-            self.drift.observe(request.features, predictions)
+            self.drift.observe(request.features, outcome)
         if self.sampler is not None:
-            self.sampler.observe(request.features, predictions)
+            self.sampler.observe(request.features, outcome)
         response: dict[str, Any] = {"model_name": self.name, "model_version": self.version}
         if request.id is not None:
             response["id"] = request.id
-        body, headers = encode_infer_response(
-            response, [(OUTPUT, output_datatype(predictions.dtype), predictions)], request)
-        return Answer(200, body, headers, rows=len(predictions))
+        body, headers = encode_infer_response(response, [(OUTPUT, output_datatype(outcome.dtype), outcome)], request)
+        return Answer(200, body, headers, rows=len(outcome))
 
 
 async def _respond(send: Send, answer: Answer) -> None:

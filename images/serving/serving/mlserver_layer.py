@@ -10,12 +10,16 @@ the V2 API as the `oip` one does. What MLServer 1.7.1 does on its own, and what 
   (serving.readiness);
 - GET /v2 lists the binary extension; model metadata names the version, inputs and outputs, which
   MLServer leaves empty;
+- with adaptive batching, MLServer answers every request of a batch with the error of the one whose rows
+  made the model raise; the layer tries each failed request again, one at a time, so that mostly only that
+  one fails (not always: docs/batching.md);
 - nothing but the V2 API is served: not MLServer's model repository API (/v2/repository/..., where any
   client that reaches the replica could unload the model), nor its generate, infer_stream and docs routes,
   which would bypass the checks above.
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -51,8 +55,11 @@ REWRITTEN_HEADERS = {b"content-length", b"content-type", JSON_LENGTH_HEADER, b"a
 
 
 class ConformanceLayer:
-    def __init__(self, mlserver_app: Any, *, name: str, version: str, n_features: int, classes: Any) -> None:
+    def __init__(self, mlserver_app: Any, *, name: str, version: str, n_features: int, classes: Any,
+                 batched: bool = False) -> None:
         self.mlserver_app = mlserver_app
+        # One retry at a time: failed requests retried together would share a batch, and fail together, again.
+        self.retry_alone = asyncio.Lock() if batched else None
         self.name = name
         self.version = version
         self.n_features = n_features
@@ -104,8 +111,11 @@ class ConformanceLayer:
         except BadRequest as error:
             await respond(send, error.status, error_body(str(error)), [JSON_CONTENT])
             return
-        status, headers, answer = await self._mlserver(scope, json_infer_request(request) if request.was_binary else body,
-                                                       receive)
+        as_json = json_infer_request(request) if request.was_binary else body
+        status, headers, answer = await self._mlserver(scope, as_json, receive)
+        if status == 500 and self.retry_alone is not None:
+            async with self.retry_alone:
+                status, headers, answer = await self._mlserver(scope, as_json, receive)
         if status == 200:
             self.readiness.record_success()
             if request.binary_default or any(request.binary_by_output.values()):

@@ -14,6 +14,7 @@ from mlserver.cli.serve import load_settings
 from mlserver.logging import configure_logger
 from mlserver.utils import install_uvloop_event_loop
 
+from serving.batching import BatchingSettings
 from serving.mlserver_layer import ConformanceLayer
 from serving.startup import fetch_pinned_model
 
@@ -30,7 +31,7 @@ SERVER_SETTINGS = {
 }
 
 
-def write_repository(repository: Path, name: str, version: str, payload: bytes) -> None:
+def write_repository(repository: Path, name: str, version: str, payload: bytes, batching: BatchingSettings) -> None:
     model_dir = repository / name
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / "model.pkl").write_bytes(payload)
@@ -38,8 +39,17 @@ def write_repository(repository: Path, name: str, version: str, payload: bytes) 
         "name": name,
         "implementation": "mlserver_sklearn.SKLearnModel",
         "parameters": {"uri": "./model.pkl", "version": version},
+        **adaptive_batching(batching),
     }))
     (repository / "settings.json").write_text(json.dumps(SERVER_SETTINGS))
+
+
+def adaptive_batching(batching: BatchingSettings) -> dict[str, Any]:
+    """The stage's batching as MLServer's own adaptive batching: unlike `oip`, MLServer counts requests, not rows,
+    and waits `max_batch_time` for company whenever a batch is not full, a lone request too."""
+    if not batching.batches:
+        return {}
+    return {"max_batch_size": batching.max_rows, "max_batch_time": batching.max_wait_s}
 
 
 class NoGrpcServer:
@@ -66,7 +76,8 @@ async def serve(layer_for: Any) -> None:
 
 def main() -> None:
     fetched = fetch_pinned_model("mlserver")
-    write_repository(REPOSITORY, fetched.name, fetched.version, fetched.payload)
+    batching = BatchingSettings.from_env()
+    write_repository(REPOSITORY, fetched.name, fetched.version, fetched.payload, batching)
     # Unpickling runs code: only bytes whose sha256 was just verified get here. The layer needs the input
     # width (for the test prediction and to check requests) and the classes (for the metadata).
     model = pickle.loads(fetched.payload)
@@ -75,7 +86,8 @@ def main() -> None:
     install_uvloop_event_loop()
     asyncio.run(serve(lambda app: ConformanceLayer(app, name=fetched.name, version=fetched.version,
                                                    n_features=model.n_features_in_,
-                                                   classes=getattr(model, "classes_", None))))
+                                                   classes=getattr(model, "classes_", None),
+                                                   batched=batching.batches)))
 
 
 if __name__ == "__main__":
