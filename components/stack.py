@@ -12,7 +12,7 @@ from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing, RolloutWiring
 from components.monitoring import PROMETHEUS_PORT, Monitoring, ScrapeTarget
-from components.swarm_image_registry import SwarmImageRegistry
+from components.runtimes import Runtime, SingleHost, Swarm
 from components.swarm_model_registry import SwarmModelRegistry
 from components.swarm_monitoring import SwarmMonitoring
 from components.swarm_serving import SwarmServing
@@ -103,6 +103,12 @@ class MLOpsStack(pulumi.ComponentResource):
         # Every edge node answers on the gateway's port, the stateful node on Prometheus': this names the
         # manager, which is where mlops reaches the stage.
         swarm_published_host = spec.docker.published_host or "127.0.0.1"
+        runtime: Runtime = (
+            SingleHost(stack=stack, labels=labels, identity=identity, builds=builds, network=network.name)
+            if swarm is None else
+            # Services attach by network ID, what the provider reads back.
+            Swarm(stack=stack, labels=labels, identity=identity, builds=builds, spec=swarm, network_id=network.id,
+                  published_host=swarm_published_host))
         if swarm is None:
             model_registry = ModelRegistry(f"{stack}-model-registry", {**registry_args, "network": network.name},
                                            opts=child)
@@ -115,14 +121,9 @@ class MLOpsStack(pulumi.ComponentResource):
         pushes_after: list[pulumi.Resource] = []
         self.image_registry_server = None
         if spec.image_registry.enabled:
-            image_registry_args = {"stack": stack, "spec": spec.image_registry, "builds": builds,
-                                   "data_volume": store.registry_data_volume, "password": password, "labels": labels}
-            if swarm is None:
-                image_registry = ImageRegistry(f"{stack}-image-registry",
-                                               {**image_registry_args, "network": network.name}, opts=child)
-            else:
-                image_registry = SwarmImageRegistry(f"{stack}-image-registry", {**image_registry_args, **on_swarm},
-                                                    opts=child)
+            image_registry = ImageRegistry(f"{stack}-image-registry", {
+                "runtime": runtime, "spec": spec.image_registry, "data_volume": store.registry_data_volume,
+                "password": password}, opts=child)
             push = PushTarget(server=image_registry.server, username=spec.image_registry.username,
                               password=pulumi.Output.secret(password))
             pushes_after = [image_registry]
