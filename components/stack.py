@@ -13,7 +13,6 @@ from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing, RolloutWiring
 from components.monitoring import PROMETHEUS_PORT, Monitoring, ScrapeTarget
 from components.runtimes import Runtime, SingleHost, Swarm
-from components.swarm_model_registry import SwarmModelRegistry
 from components.swarm_monitoring import SwarmMonitoring
 from components.swarm_serving import SwarmServing
 from components.training_environment import TrainingEnvironment
@@ -94,10 +93,6 @@ class MLOpsStack(pulumi.ComponentResource):
                                "retain_on_delete": spec.kind != "experiment", "metrics": spec.monitoring is not None,
                                "datasets": spec.swarm is None, "samples": spec.serving.sampling is not None},
                               opts=child)
-        registry_args = {"stack": stack, "spec": spec.model_registry, "builds": builds,
-                         "artifacts_volume": store.artifacts_volume, "mlflow_db_volume": store.mlflow_db_volume,
-                         "labels": labels, "published_host": spec.docker.published_host,
-                         "mlflow_password": args["mlflow_password"]}
         # On a swarm, services attach by network ID (what the provider reads back) and carry identity labels.
         on_swarm = {"swarm": swarm, "network_id": network.id, "identity": identity}
         # Every edge node answers on the gateway's port, the stateful node on Prometheus': this names the
@@ -109,11 +104,10 @@ class MLOpsStack(pulumi.ComponentResource):
             # Services attach by network ID, what the provider reads back.
             Swarm(stack=stack, labels=labels, identity=identity, builds=builds, spec=swarm, network_id=network.id,
                   published_host=swarm_published_host))
-        if swarm is None:
-            model_registry = ModelRegistry(f"{stack}-model-registry", {**registry_args, "network": network.name},
-                                           opts=child)
-        else:
-            model_registry = SwarmModelRegistry(f"{stack}-model-registry", {**registry_args, **on_swarm}, opts=child)
+        model_registry = ModelRegistry(f"{stack}-model-registry", {
+            "runtime": runtime, "spec": spec.model_registry, "artifacts_volume": store.artifacts_volume,
+            "mlflow_db_volume": store.mlflow_db_volume, "published_host": spec.docker.published_host,
+            "mlflow_password": args["mlflow_password"]}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
             lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
 
