@@ -13,7 +13,6 @@ from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing, RolloutWiring
 from components.monitoring import PROMETHEUS_PORT, Monitoring, ScrapeTarget
 from components.runtimes import Runtime, SingleHost, Swarm
-from components.swarm_monitoring import SwarmMonitoring
 from components.swarm_serving import SwarmServing
 from components.training_environment import TrainingEnvironment
 from mlops.credentials import READER, derived_password
@@ -121,6 +120,7 @@ class MLOpsStack(pulumi.ComponentResource):
             push = PushTarget(server=image_registry.server, username=spec.image_registry.username,
                               password=pulumi.Output.secret(password))
             pushes_after = [image_registry]
+            runtime = runtime.with_registry(push, pushes_after)
             self.image_registry_server = image_registry.server
 
         self.training_image = self.training_image_digest = None
@@ -157,15 +157,9 @@ class MLOpsStack(pulumi.ComponentResource):
             self.serving_image_digest = serving.serving_image_digest
         self.monitoring_url = None
         if spec.monitoring is not None and store.metrics_volume is not None:
-            monitoring_args = {"stack": stack, "spec": spec.monitoring, "builds": builds,
-                               "data_volume": store.metrics_volume, "targets": scrape_targets, "labels": labels}
-            if swarm is None:
-                monitoring = Monitoring(f"{stack}-monitoring", {**monitoring_args, "network": network.name},
-                                        opts=child)
-            else:
-                monitoring = SwarmMonitoring(f"{stack}-monitoring", {
-                    **monitoring_args, **on_swarm, "push": push, "depends_on": pushes_after,
-                    "published_host": swarm_published_host}, opts=child)
+            monitoring = Monitoring(f"{stack}-monitoring", {
+                "runtime": runtime, "spec": spec.monitoring, "data_volume": store.metrics_volume,
+                "targets": scrape_targets}, opts=child)
             self.monitoring_url = monitoring.url
 
         self.register_outputs(self.exports())
