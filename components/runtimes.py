@@ -29,7 +29,7 @@ import pulumi_docker as docker
 from components.images import BuildSettings, PushTarget, build_image, pullable_image, pulled_image
 from components.workload import (APP_GID, APP_UID, APP_USER, DROPPED_CAPABILITIES, IPC_MODE, PROCESS_LIMIT,
                                  READ_ONLY_ROOT, SECRET_FILE_MODE, SECRETS_DIR, SECURITY_OPTIONS, TMP_OPTIONS,
-                                 TMP_PATH, HttpHealth, Publish, Role, SecretEnv, Workload, component_labels,
+                                 TMP_PATH, Publish, Role, SecretEnv, Workload, component_labels,
                                  healthy_within_s, http_probe)
 from mlops.spec import NANO, HealthCheck, ImageSource, SwarmSpec, provider_cpus
 
