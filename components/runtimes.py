@@ -29,7 +29,7 @@ import pulumi_docker as docker
 from components.images import BuildSettings, PushTarget, build_image, pullable_image, pulled_image
 from components.workload import (APP_GID, APP_UID, APP_USER, DROPPED_CAPABILITIES, IPC_MODE, PROCESS_LIMIT,
                                  READ_ONLY_ROOT, SECRET_FILE_MODE, SECRETS_DIR, SECURITY_OPTIONS, TMP_OPTIONS,
-                                 TMP_PATH, Publish, Role, SecretEnv, Workload, component_labels,
+                                 TMP_MB, TMP_PATH, Publish, Role, Run, SecretEnv, Workload, component_labels,
                                  healthy_within_s, http_probe)
 from mlops.spec import NANO, HealthCheck, ImageSource, SwarmSpec, provider_cpus
 
@@ -383,3 +383,63 @@ class Swarm(Runtime):
         # Known once the service converged, so pushes wait for a registry that answers.
         registry_address = self.spec.registry_address
         return deployed.name.apply(lambda _: registry_address)
+
+
+def _repeated(option: str, values: Sequence[str]) -> list[str]:
+    return [argument for value in values for argument in (option, value)]
+
+
+def _run_options(run: Run) -> list[str]:
+    """What a one-off run gets on one host and on a swarm alike: its name, network, user, read-only root, no
+    capabilities and its labels."""
+    return [*(["--name", run.name] if run.name else []), "--network", run.network, "--user", APP_USER,
+            *(["--read-only"] if READ_ONLY_ROOT else []), *_repeated("--cap-drop", DROPPED_CAPABILITIES),
+            *_repeated("--label", [f"{key}={value}" for key, value in component_labels(run.labels, run.component)])]
+
+
+def docker_run_arguments(run: Run) -> list[str]:
+    """`docker run` arguments of `run`. A secret is named without its value, which `docker` then takes from
+    its own environment (`run_environment`), so it shows in no process list."""
+    memory = f"{run.limits.memory_mb}m"
+    return [
+        "run", "--rm", *(["--interactive"] if run.interactive else []), *_run_options(run),
+        "--tmpfs", f"{TMP_PATH}:{TMP_OPTIONS},size={TMP_MB}m", *_repeated("--security-opt", SECURITY_OPTIONS),
+        "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}",
+        "--cpus", str(run.limits.cpus), "--memory", memory, "--memory-swap", memory,
+        *(["--gpus", "all"] if run.gpus else []),
+        *_repeated("--volume", [f"{mount.volume}:{mount.target}{':ro' if mount.read_only else ''}"
+                                for mount in run.volumes]),
+        *_repeated("--env", [key if isinstance(value, SecretEnv) else f"{key}={value}"
+                             for key, value in run.env.items()]),
+        "--entrypoint", run.entrypoint[0], run.image, *run.entrypoint[1:], *run.args,
+    ]
+
+
+def run_environment(run: Run) -> dict[str, str]:
+    """The variables `docker run` passes on by name: the run's secrets."""
+    return {key: str(secret.value) for key, secret in run.secrets().items()}
+
+
+def service_job_arguments(run: Run) -> list[str]:
+    """`docker service create` arguments of `run` as a one-shot job (`replicated-job`, never restarted),
+    reserved as much as limited so it lands only where its resources are free. Each secret is the Swarm
+    secret `resource_name`, mounted as a file the run's shell exports into the variable before it `exec`s
+    the entrypoint: the images read the variable, and the value never is an option of the service."""
+    cpus, memory = str(run.limits.cpus), f"{run.limits.memory_mb}M"
+    secrets = run.secrets()
+    exports = " ".join(f'{key}="$(cat {SECRETS_DIR}/{secret.file})"' for key, secret in secrets.items())
+    return [
+        "service", "create", "--detach", "--with-registry-auth", *_run_options(run),
+        "--mode", "replicated-job", "--restart-condition", "none",
+        "--limit-cpu", cpus, "--limit-memory", memory, "--reserve-cpu", cpus, "--reserve-memory", memory,
+        *_repeated("--generic-resource", [f"{kind}={count}" for kind, count in sorted(run.generic_resources.items())]),
+        *_repeated("--constraint", run.constraints),
+        "--mount", f"type=tmpfs,destination={TMP_PATH},tmpfs-size={TMP_MB * MIB}",
+        *_repeated("--mount", [f"type=volume,source={mount.volume},destination={mount.target}"
+                               f"{',readonly' if mount.read_only else ''}" for mount in run.volumes]),
+        *_repeated("--secret", [f"source={secret.resource_name},target={secret.file},uid={APP_UID},gid={APP_GID},"
+                                f"mode={SECRET_FILE_MODE:04o}" for secret in secrets.values()]),
+        *_repeated("--env", [f"{key}={value}" for key, value in run.env.items() if not isinstance(value, SecretEnv)]),
+        "--entrypoint", "sh", run.image, "-c", f'{exports} exec "$@"'.lstrip(), run.component,
+        *run.entrypoint, *run.args,
+    ]

@@ -141,3 +141,33 @@ def healthy_within_s(check: HealthCheck) -> int:
 
 def component_labels(labels: Mapping[str, str], component: str) -> list[tuple[str, str]]:
     return sorted({**labels, "mlops.component": component}.items())
+
+
+@dataclass(frozen=True)
+class Run:
+    """A one-off run the CLI starts itself (`mlops train`, `mlops data`): a workload without health check,
+    restarts or published port, hardened like every other and removed when it ends."""
+
+    component: str
+    image: str
+    entrypoint: Sequence[str]
+    """What runs, in place of the image's ENTRYPOINT (on a swarm, after the secrets are read from files)."""
+    args: Sequence[str]
+    limits: Limits
+    labels: Mapping[str, str]
+    """The stage's labels."""
+    network: str
+    name: Optional[str] = None
+    env: Mapping[str, Union[str, SecretEnv]] = field(default_factory=dict)
+    """A secret's `resource_name` names the Swarm secret a job reads it from."""
+    volumes: Sequence[VolumeMount] = ()
+    gpus: bool = False
+    """All of the host's GPUs (one host; a swarm job reserves `generic_resources` instead)."""
+    interactive: bool = False
+    """Standard input goes to the run."""
+    constraints: Sequence[str] = ()
+    generic_resources: Mapping[str, int] = field(default_factory=dict)
+    """Placement of a swarm job: it lands only on a node with these free."""
+
+    def secrets(self) -> dict[str, SecretEnv]:
+        return {key: value for key, value in self.env.items() if isinstance(value, SecretEnv)}
