@@ -43,7 +43,6 @@ class ImageRegistry(pulumi.ComponentResource):
     which is the stateful node."""
 
     server: pulumi.Output[str]
-    host_port: pulumi.Output[int]
 
     def __init__(self, name: str, args: ImageRegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         runtime = args["runtime"]
@@ -66,6 +65,5 @@ class ImageRegistry(pulumi.ComponentResource):
             volumes=[VolumeMount(args["data_volume"], "/var/lib/registry")],
             aliases=["image-registry"],
         ), parent=self)
-        self.host_port = registry.host_port
         self.server = runtime.registry_server(registry)
-        self.register_outputs({"server": self.server, "host_port": self.host_port})
+        self.register_outputs({"server": self.server})
