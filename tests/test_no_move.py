@@ -40,8 +40,10 @@ def renderings(root: Path) -> dict[str, list[PlannedResource]]:
 @pytest.fixture(scope="module")
 def before_and_after(tmp_path_factory) -> tuple[dict, dict]:
     base = tmp_path_factory.mktemp("base")
-    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", BASE, *BASE_PATHS],
-                             capture_output=True, check=True)
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", BASE, *BASE_PATHS], capture_output=True)
+    if archive.returncode != 0:
+        pytest.fail(f"commit {BASE} is not in this clone's history (a shallow clone? `git fetch --unshallow`): "
+                    f"{archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
     (base / "images").symlink_to(REPO_ROOT / "images")
     return renderings(base), renderings(REPO_ROOT)
