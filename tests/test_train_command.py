@@ -155,3 +155,18 @@ def test_samples_of_a_stage_that_does_not_sample_are_refused(tmp_path):
     assert result.output.strip() == ("error: dev does not sample requests: declare serving.sampling "
                                      "(docs/contracts.md says what it keeps)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_training_run_is_hardened_as_the_stacks_containers_are():
+    spec = load_stages(["dev"])[0]
+    [registry] = [r for r in planning.render("dev", spec) if r.name == "dev-model-registry-server"]
+    container = registry.inputs
+    arguments = run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", [])
+    pairs = set(zip(arguments, arguments[1:]))
+    ulimit = container["ulimits"][0]
+    assert {("--user", container["user"]), ("--tmpfs", f"/tmp:{container['tmpfs']['/tmp']}"),
+            ("--ipc", container["ipcMode"]), ("--ulimit", f"{ulimit['name']}={ulimit['soft']}:{ulimit['hard']}"),
+            *[("--security-opt", option) for option in container["securityOpts"]],
+            *[("--cap-drop", capability) for capability in container["capabilities"]["drops"]],
+            ("--memory", f"{spec.training.limits.memory_mb}m"),
+            ("--memory-swap", f"{spec.training.limits.memory_mb}m")} <= pairs
