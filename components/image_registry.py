@@ -1,4 +1,5 @@
-"""A private image registry with htpasswd authentication; the password comes only from a Pulumi secret."""
+"""A private image registry with htpasswd authentication; the password comes only from a Pulumi secret (on a
+swarm as a Swarm secret file)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,13 +7,15 @@ from typing import TypedDict
 
 import bcrypt
 import pulumi
-import pulumi_docker as docker
 
-from components.containers import container_labels, hardened_container, published
-from components.images import BuildSettings, image_id
+from components.images import image_id
+from components.runtimes import ComponentType, Runtime
+from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload
 from mlops_spec.models import ImageRegistrySpec
 
 REGISTRY_PORT = 5000
+TYPE = ComponentType(single_host="mlops:image_registry:ImageRegistry",
+                     swarm="mlops:swarm_image_registry:SwarmImageRegistry")
 # OWASP's floor for bcrypt. The registry checks the hash on every request (about 0.1 s each at this cost on one
 # core; a push makes a few dozen), so not the 12 of a login form.
 BCRYPT_COST = 10
@@ -32,42 +35,39 @@ def htpasswd_entry(username: str, password: str, stack: str) -> str:
 
 
 class ImageRegistryArgs(TypedDict):
-    stack: str
+    runtime: Runtime
     spec: ImageRegistrySpec
-    builds: BuildSettings
-    network: pulumi.Input[str]
     data_volume: pulumi.Input[str]
     password: pulumi.Input[str]
-    labels: dict[str, str]
 
 
 class ImageRegistry(pulumi.ComponentResource):
+    """On a swarm it runs on the stateful node, published in host mode at the address every node pulls from
+    (`swarm.registry_address`); there it cannot pull itself, so it runs by local image ID on the manager,
+    which is the stateful node."""
+
     server: pulumi.Output[str]
-    host_port: pulumi.Output[int]
-    username: pulumi.Output[str]
 
     def __init__(self, name: str, args: ImageRegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("mlops:image_registry:ImageRegistry", name, None, opts)
+        runtime = args["runtime"]
+        super().__init__(runtime.type_token(TYPE), name, None, opts)
         spec = args["spec"]
-        stack = args["stack"]
+        stack = runtime.stack
         entry = pulumi.Output.secret(args["password"]).apply(lambda password: htpasswd_entry(spec.username, password, stack))
-        container = hardened_container(
-            f"{name}-server",
-            parent=self,
+        registry = runtime.deploy(Workload(
+            resource_name=f"{name}-server",
             name=f"{stack}-image-registry",
+            component="image-registry",
             image=image_id(f"{name}-image", parent=self, stack=stack, image="registry", source=spec.image,
-                           settings=args["builds"]),
-            network=args["network"],
+                           settings=runtime.builds),
             limits=spec.limits,
-            labels=container_labels(args["labels"], "image-registry"),
-            health_check=spec.health_check, health_path=(REGISTRY_PORT, "/"),
-            envs=[pulumi.Output.concat("REGISTRY_HTPASSWD_ENTRY=", entry)],
-            ports=published(REGISTRY_PORT, spec.port),
-            volumes=[docker.ContainerVolumeArgs(volume_name=args["data_volume"], container_path="/var/lib/registry")],
+            health=HttpHealth(REGISTRY_PORT, "/", spec.health_check),
+            role=Role.STATEFUL,
+            env={"REGISTRY_HTPASSWD_ENTRY": SecretEnv(entry, resource_name=f"{name}-secret", purpose="registry",
+                                                      file="registry-htpasswd")},
+            publish=Publish(REGISTRY_PORT, spec.port),
+            volumes=[VolumeMount(args["data_volume"], "/var/lib/registry")],
             aliases=["image-registry"],
-        )
-        self.host_port = container.ports.apply(lambda ports: ports[0].external)
-        # The Docker engine pushes over loopback, which it trusts without TLS.
-        self.server = self.host_port.apply(lambda port: f"localhost:{port}")
-        self.username = pulumi.Output.from_input(spec.username)
-        self.register_outputs({"server": self.server, "host_port": self.host_port, "username": self.username})
+        ), parent=self)
+        self.server = runtime.registry_server(registry)
+        self.register_outputs({"server": self.server})

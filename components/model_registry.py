@@ -1,27 +1,29 @@
 """An MLflow tracking and model registry server whose artifacts live in the stage's artifact store, open only
-to the users its image creates from the stage's MLflow secret (docs/contracts.md)."""
+to the users its image creates from the stage's MLflow secret (docs/contracts.md).
+
+On a swarm it runs on the stateful node, where its database and artifact volumes live, by the image ID built
+there (nothing to pull); the secret reaches it as a Swarm secret file, never as a variable."""
 from __future__ import annotations
 
 from typing import Optional, TypedDict
 
 import pulumi
-import pulumi_docker as docker
 
-from components.containers import container_labels, hardened_container, published
-from components.images import BuildSettings, image_id
+from components.images import image_id
+from components.runtimes import ComponentType, Runtime
+from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload
 from mlops_spec.models import ModelRegistrySpec
 
 MLFLOW_PORT = 5000
+TYPE = ComponentType(single_host="mlops:model_registry:ModelRegistry",
+                     swarm="mlops:swarm_model_registry:SwarmModelRegistry")
 
 
 class ModelRegistryArgs(TypedDict):
-    stack: str
+    runtime: Runtime
     spec: ModelRegistrySpec
-    builds: BuildSettings
-    network: pulumi.Input[str]
     artifacts_volume: pulumi.Input[str]
     mlflow_db_volume: pulumi.Input[str]
-    labels: dict[str, str]
     published_host: Optional[str]
     """The name other machines reach the stage's host by (tcp:// hosts), which MLflow must accept in the Host
     header; None where the port is reached over loopback or an SSH tunnel."""
@@ -34,31 +36,32 @@ class ModelRegistry(pulumi.ComponentResource):
     host_port: pulumi.Output[int]
 
     def __init__(self, name: str, args: ModelRegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("mlops:model_registry:ModelRegistry", name, None, opts)
+        runtime = args["runtime"]
+        super().__init__(runtime.type_token(TYPE), name, None, opts)
         spec = args["spec"]
-        stack = args["stack"]
-        hostname = f"{stack}-model-registry"
-        container = hardened_container(
-            f"{name}-server",
-            parent=self,
-            name=hostname,
+        stack = runtime.stack
+        published_host = args["published_host"]
+        server = runtime.deploy(Workload(
+            resource_name=f"{name}-server",
+            name=f"{stack}-model-registry",
+            component="model-registry",
             image=image_id(f"{name}-image", parent=self, stack=stack, image="mlflow", source=spec.image,
-                           settings=args["builds"]),
-            network=args["network"],
+                           settings=runtime.builds),
             limits=spec.limits,
-            labels=container_labels(args["labels"], "model-registry"),
-            health_check=spec.health_check, health_path=(MLFLOW_PORT, "/health"),
-            ports=published(MLFLOW_PORT, spec.port),
-            envs=[pulumi.Output.concat("MLOPS_MLFLOW_PASSWORD=", pulumi.Output.secret(args["mlflow_password"])),
-                  *([f"MLOPS_PUBLISHED_HOST={args['published_host']}:{spec.port.host_port}"]
-                    if args["published_host"] and spec.port.host_port else [])],
-            volumes=[
-                docker.ContainerVolumeArgs(volume_name=args["mlflow_db_volume"], container_path="/data/db"),
-                docker.ContainerVolumeArgs(volume_name=args["artifacts_volume"], container_path="/data/artifacts"),
-            ],
+            health=HttpHealth(MLFLOW_PORT, "/health", spec.health_check),
+            # One SQLite database on one volume.
+            role=Role.STATEFUL,
+            env={"MLOPS_MLFLOW_PASSWORD": SecretEnv(args["mlflow_password"], resource_name=f"{name}-secret",
+                                                    purpose="mlflow", file="mlflow-password"),
+                 **({"MLOPS_PUBLISHED_HOST": f"{published_host}:{spec.port.host_port}"}
+                    if published_host and spec.port.host_port else {})},
+            publish=Publish(MLFLOW_PORT, spec.port),
+            volumes=[VolumeMount(args["mlflow_db_volume"], "/data/db"),
+                     VolumeMount(args["artifacts_volume"], "/data/artifacts")],
             aliases=["model-registry"],
-        )
-        # Derived from the container, so replicas that fetch from it start only once it is healthy.
-        self.internal_url = pulumi.Output.concat("http://", container.name, f":{MLFLOW_PORT}")
-        self.host_port = container.ports.apply(lambda ports: ports[0].external)
+        ), parent=self)
+        # Derived from the container or service, so replicas that fetch from it start only once it is healthy.
+        self.internal_url = pulumi.Output.concat("http://", server.name, f":{MLFLOW_PORT}")
+        assert server.host_port is not None
+        self.host_port = server.host_port
         self.register_outputs({"internal_url": self.internal_url, "host_port": self.host_port})

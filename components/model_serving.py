@@ -2,27 +2,50 @@
 
 With `serving.sampling`, each replica also appends the declared share of its infer rows, with their predictions,
 to a file of its own on the artifact store's samples volume (at most `max_mb` each), the next training data to
-label (`mlops data samples`); never unless declared."""
+label (`mlops data samples`); never unless declared.
+
+On a Docker Swarm, blue (and green) are replicated services spread over the nodes, behind a gateway on every
+edge node that resolves the tasks through Swarm's DNS. Contract with the cluster (what the nodes need; the
+cluster tests and docs rely on it):
+- `docker.url` reaches a manager, and that manager is the node labelled `<swarm.stateful_label>=true`: MLflow,
+  the registry and the artifact volumes live there, and the platform images are built there and run by ID.
+- Nodes labelled `<swarm.edge_label>=true` run one gateway each (global mode), published in host mode on
+  `serving.port.host_port`; point clients or a load balancer at them.
+- Every node lists `swarm.registry_address` (the stateful node's address and image_registry.port.host_port)
+  in its engine's `insecure-registries`: workload and gateway images are pushed there by digest and pulled
+  from there, with the provider's registry credentials passed along by Swarm (never in a task's env).
+- Services: `<stack>-model-registry`, `<stack>-image-registry` (one task each, stop-first),
+  `<stack>-serving-blue` and `<stack>-serving-green` (`serving.replicas` tasks each, start-first, endpoint
+  mode dnsrr, reachable as `tasks.<service>:8080`), `<stack>-gateway` (global on edge nodes, stop-first:
+  its host port cannot be held twice on a node), and with `monitoring:` `<stack>-prometheus`
+  (components/monitoring.py), which scrapes `tasks.<service>` of each slot and of the gateway. All on
+  the attachable overlay network `<stack>-net`.
+- Secrets: `<stack>-mlflow-<hash>`, `<stack>-registry-<hash>`, `<stack>-mlflow-reader-<hash>`, mounted under
+  /run/secrets and read through `*_FILE` variables; the hash changes with the content.
+- Rolling updates: one task at a time, start-first, monitored for (retries + 1) x (interval + timeout) of the
+  health check, `failure_action: rollback` with `max_failure_ratio: 0`.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional, TypedDict
 
 import pulumi
-import pulumi_docker as docker
 
 from components.artifact_store import SAMPLES_DIR
-from components.containers import container_labels, hardened_container, published
-from components.images import BuildSettings, PushTarget, build_image, image_id
 from components.monitoring import ScrapeTarget, replica_labels
+from components.runtimes import ComponentType, Runtime
+from components.workload import EnvValue, HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload
 from mlops_spec.contract import READER, ROLLOUT_DIR, gateway_env
-from mlops_spec.models import BatchingSpec, ModelPin, Release, SamplingSpec, ServingSpec
+from mlops_spec.models import BatchingSpec, ImageSource, ModelPin, Release, SamplingSpec, ServingSpec
 
 SERVING_PORT = 8080
 GATEWAY_PORT = 8080
 # Metrics on ports of their own, reached only on the stage network: neither is published or routed.
 REPLICA_METRICS_PORT = 8082
 GATEWAY_METRICS_PORT = 9102
+REPLICA_TMP_MB = 256  # room for the fetched model
+TYPE = ComponentType(single_host="mlops:model_serving:ModelServing", swarm="mlops:swarm_serving:SwarmServing")
 
 
 @dataclass(frozen=True)
@@ -35,17 +58,12 @@ class RolloutWiring:
 
 
 class ModelServingArgs(TypedDict):
-    stack: str
+    runtime: Runtime
     spec: ServingSpec
     release: Release
-    builds: BuildSettings
     registry_url: pulumi.Input[str]
     reader_password: pulumi.Input[str]
     """The password of MLflow user `reader`, which replicas fetch the model as; a secret."""
-    network: pulumi.Input[str]
-    push: Optional[PushTarget]
-    depends_on: list[pulumi.Resource]
-    labels: dict[str, str]
     drift_window_rows: Optional[int]
     """Rows each replica scores input drift over, when the stage is monitored; None: no drift scoring."""
     rollout: Optional[RolloutWiring]
@@ -66,22 +84,16 @@ def model_settings(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str)
     }
 
 
-def model_env(pin: ModelPin, registry_url: pulumi.Input[str], password: pulumi.Input[str],
-              runtime: str) -> list[pulumi.Input[str]]:
-    return [*(pulumi.Output.concat(f"{key}=", value) if isinstance(value, pulumi.Output) else f"{key}={value}"
-              for key, value in model_settings(pin, registry_url, runtime).items()),
-            pulumi.Output.concat("MLFLOW_TRACKING_PASSWORD=", pulumi.Output.secret(password))]
-
-
-def sampling_env(sampling: Optional[SamplingSpec], replica: str) -> list[str]:
+def sampling_env(sampling: Optional[SamplingSpec]) -> dict[str, EnvValue]:
     """What a replica needs to sample (images/serving/serving/sampling.py): one file of its own on the volume."""
     if sampling is None:
-        return []
-    return [f"SAMPLE_FRACTION={sampling.fraction}", f"SAMPLES_FILE={SAMPLES_DIR}/{replica}.jsonl",
-            f"SAMPLES_MAX_BYTES={sampling.max_mb * 1024 * 1024}"]
+        return {}
+    return {"SAMPLE_FRACTION": str(sampling.fraction),
+            "SAMPLES_FILE": lambda replica: f"{SAMPLES_DIR}/{replica}.jsonl",
+            "SAMPLES_MAX_BYTES": str(sampling.max_mb * 1024 * 1024)}
 
 
-def batching_settings(batching: Optional[BatchingSpec]) -> dict[str, str]:
+def batching_settings(batching: Optional[BatchingSpec]) -> dict[str, EnvValue]:
     """What a replica needs to batch (images/serving/serving/batching.py; the mlserver runtime hands the same values
     to MLServer's adaptive batching); none: one predict call per request."""
     if batching is None:
@@ -90,101 +102,87 @@ def batching_settings(batching: Optional[BatchingSpec]) -> dict[str, str]:
 
 
 def model_labels(pin: ModelPin) -> dict[str, str]:
-    """The pin again, in the clear: the password makes a replica's whole `envs` secret, so plans and diffs
-    show which model a replica serves only through these."""
+    """The pin again, in the clear: the password makes a replica's whole environment secret, so plans and
+    diffs show which model a replica serves only through these."""
     return {"mlops.model": pin.name, "mlops.model-version": str(pin.version), "mlops.model-sha256": pin.sha256 or ""}
 
 
 class ModelServing(pulumi.ComponentResource):
     endpoint: pulumi.Output[str]
-    host_port: pulumi.Output[int]
     serving_image_digest: pulumi.Output[str]
     scrape_targets: list[ScrapeTarget]
-    """The gateway and every replica, for Prometheus."""
+    """The gateway and every replica (on a swarm, every task of each), for Prometheus."""
 
     def __init__(self, name: str, args: ModelServingArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("mlops:model_serving:ModelServing", name, None, opts)
+        runtime = args["runtime"]
+        super().__init__(runtime.type_token(TYPE), name, None, opts)
         spec = args["spec"]
-        stack = args["stack"]
+        stack = runtime.stack
         release = args["release"]
-        if spec.build is not None:
-            built = build_image(f"{name}-image", parent=self, stack=stack, image="serving", context=spec.build,
-                                settings=args["builds"], target=spec.runtime, push=args["push"],
-                                push_after=args["depends_on"])
-            blue_image, released_image = built.image_id, built.repo_digest
-        else:
-            blue_image = released_image = image_id(f"{name}-image", parent=self, stack=stack, image="serving",
-                                                   source=release.images.serving, settings=args["builds"],
-                                                   depends_on=args["depends_on"])
-        slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (release.model, blue_image)}
+        blue_image = runtime.image(f"{name}-image", parent=self, image="serving", target=spec.runtime, released=True,
+                                   source=ImageSource(build=spec.build) if spec.build is not None
+                                   else release.images.serving)
+        slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (release.model, blue_image.runs)}
         if spec.green is not None:
-            green_image = blue_image if spec.green.serving_image is None else image_id(
-                f"{name}-green-image", parent=self, stack=stack, image="serving-green",
-                source=spec.green.serving_image, settings=args["builds"], depends_on=args["depends_on"])
-            slots["green"] = (spec.green.model, green_image)
+            green_image = blue_image if spec.green.serving_image is None else runtime.image(
+                f"{name}-green-image", parent=self, image="serving-green", source=spec.green.serving_image,
+                released=True)
+            slots["green"] = (spec.green.model, green_image.runs)
 
-        upstreams: dict[str, list[str]] = {}
+        reader = SecretEnv(args["reader_password"], resource_name=f"{name}-reader-secret", purpose="mlflow-reader",
+                           file="mlflow-reader-password")
+        drift_env = {} if args["drift_window_rows"] is None else {"DRIFT_WINDOW_ROWS": str(args["drift_window_rows"])}
+        samples_volume = args["samples_volume"]
+        sampling = spec.sampling if samples_volume is not None else None
+        upstreams: dict[str, str] = {}
         self.scrape_targets = []
-        drift_env = ([] if args["drift_window_rows"] is None
-                     else [f"DRIFT_WINDOW_ROWS={args['drift_window_rows']}"])
-        sampling = spec.sampling if args["samples_volume"] is not None else None
-        # Writable: each replica appends to its own file; the image owns SAMPLES_DIR, so uid 10001 may.
-        samples_mounts = None if sampling is None else [
-            docker.ContainerVolumeArgs(volume_name=args["samples_volume"], container_path=SAMPLES_DIR)]
-        replicas: list[docker.Container] = []
+        replicas: list[pulumi.Resource] = []
         for slot, (pin, image) in slots.items():
-            labels = container_labels({**args["labels"], **model_labels(pin), "mlops.slot": slot}, "model-serving")
-            upstreams[slot] = []
-            for index in range(spec.replicas):
-                hostname = f"{stack}-serving-{slot}-{index}"
-                replicas.append(hardened_container(
-                    f"{name}-{slot}-{index}",
-                    parent=self,
-                    name=hostname,
-                    image=image,
-                    network=args["network"],
-                    limits=spec.limits,
-                    labels=labels,
-                    health_check=spec.health_check, health_path=(SERVING_PORT, "/v2/health/ready"),
-                    # A replica that follows `latest` (dev) has nothing to serve until the first training
-                    # run registers a version, and then turns ready by itself; a pinned one must be ready.
-                    wait=pin.is_pinned,
-                    envs=(model_env(pin, args["registry_url"], args["reader_password"], spec.runtime) + drift_env
-                          + sampling_env(sampling, hostname)
-                          + [f"{key}={value}" for key, value in batching_settings(spec.batching).items()]),
-                    volumes=samples_mounts,
-                    tmpfs={"/tmp": "rw,noexec,nosuid,size=256m"},
-                ))
-                upstreams[slot].append(f"{hostname}:{SERVING_PORT}")
-                self.scrape_targets.append(ScrapeTarget("serving", f"{hostname}:{REPLICA_METRICS_PORT}",
-                                                        replica_labels(slot, pin)))
+            deployed = runtime.deploy(Workload(
+                resource_name=f"{name}-{slot}",
+                name=f"{stack}-serving-{slot}",
+                component="model-serving",
+                image=image,
+                limits=spec.limits,
+                health=HttpHealth(SERVING_PORT, "/v2/health/ready", spec.health_check),
+                role=Role.SPREAD,
+                replicas=spec.replicas,
+                # A replica that follows `latest` (dev) has nothing to serve until the first training run
+                # registers a version, and then turns ready by itself; a pinned one must be ready.
+                wait_healthy=pin.is_pinned,
+                env={**model_settings(pin, args["registry_url"], spec.runtime), "MLFLOW_TRACKING_PASSWORD": reader,
+                     **drift_env, **sampling_env(sampling), **batching_settings(spec.batching)},
+                # Writable: each replica appends to its own file; the image owns SAMPLES_DIR, so uid 10001 may.
+                volumes=[VolumeMount(samples_volume, SAMPLES_DIR)] if sampling is not None else (),
+                tmp_mb=REPLICA_TMP_MB,
+                labels=model_labels(pin),
+                identity={"mlops.slot": slot},
+            ), parent=self)
+            replicas += deployed.resources
+            upstreams[slot] = ",".join(deployed.addresses(SERVING_PORT))
+            self.scrape_targets += [ScrapeTarget("serving", address, replica_labels(slot, pin), deployed.every_task)
+                                    for address in deployed.addresses(REPLICA_METRICS_PORT)]
 
         rollout = args["rollout"] if spec.green is not None and spec.green.rollout is not None else None
-        gateway = hardened_container(
-            f"{name}-gateway",
-            parent=self,
+        publish = Publish(GATEWAY_PORT, spec.port)
+        gateway = runtime.deploy(Workload(
+            resource_name=f"{name}-gateway",
             name=f"{stack}-gateway",
-            image=image_id(f"{name}-gateway-image", parent=self, stack=stack, image="gateway",
-                           source=spec.gateway.image, settings=args["builds"]),
-            network=args["network"],
+            component="serving-gateway",
+            image=runtime.image(f"{name}-gateway-image", parent=self, image="gateway", source=spec.gateway.image).runs,
             limits=spec.gateway.limits,
-            labels=container_labels(args["labels"], "serving-gateway"),
-            health_check=spec.health_check, health_path=(GATEWAY_PORT, "/gateway/health"),
-            envs=[
-                f"UPSTREAM_BLUE={','.join(upstreams['blue'])}",
-                f"UPSTREAM_GREEN={','.join(upstreams.get('green', []))}",
-                f"WEIGHT_BLUE={spec.traffic.blue}",
-                f"WEIGHT_GREEN={spec.traffic.green}",
-                *(gateway_env(spec.green, rollout.prometheus_url, rollout.scrape_interval_s) if rollout is not None else []),
-            ],
-            volumes=None if rollout is None else [
-                docker.ContainerVolumeArgs(volume_name=rollout.log_volume, container_path=ROLLOUT_DIR)],
-            ports=published(GATEWAY_PORT, spec.port),
+            health=HttpHealth(GATEWAY_PORT, "/gateway/health", spec.health_check),
+            role=Role.EDGE,
+            env={"UPSTREAM_BLUE": upstreams["blue"], "UPSTREAM_GREEN": upstreams.get("green", ""),
+                 "WEIGHT_BLUE": str(spec.traffic.blue), "WEIGHT_GREEN": str(spec.traffic.green),
+                 **(gateway_env(spec.green, rollout.prometheus_url, rollout.scrape_interval_s)
+                    if spec.green is not None and rollout is not None else {})},
+            volumes=[VolumeMount(rollout.log_volume, ROLLOUT_DIR)] if rollout is not None else (),
+            publish=publish,
             depends_on=replicas,
-        )
-        self.scrape_targets.append(ScrapeTarget("gateway", f"{stack}-gateway:{GATEWAY_METRICS_PORT}", {}))
-        self.host_port = gateway.ports.apply(lambda ports: ports[0].external)
-        self.endpoint = self.host_port.apply(lambda port: f"http://{spec.port.bind_address}:{port}")
-        self.serving_image_digest = pulumi.Output.from_input(released_image)
-        self.register_outputs({"endpoint": self.endpoint, "host_port": self.host_port,
-                               "serving_image_digest": self.serving_image_digest})
+        ), parent=self)
+        self.scrape_targets += [ScrapeTarget("gateway", address, {}, gateway.every_task)
+                                for address in gateway.addresses(GATEWAY_METRICS_PORT)]
+        self.endpoint = runtime.endpoint(gateway, publish)
+        self.serving_image_digest = pulumi.Output.from_input(blue_image.digest)
+        self.register_outputs({"endpoint": self.endpoint, "serving_image_digest": self.serving_image_digest})

@@ -1,8 +1,10 @@
 """Prometheus for one stage: scrapes the gateway and every serving replica, evaluates the repo's rules.
 
-On one host it scrapes each container by name; on a swarm (components/swarm_monitoring.py) it discovers the
-tasks of each service through Swarm's DNS (`tasks.<service>`, A records, resolved again every scrape
-interval), so rescheduled and added tasks become targets by themselves. The metrics and labels are the same.
+On one host it scrapes each container by name; on a swarm it runs on the stateful node, where its time series
+volume lives, pulls its image from the stage's registry by digest like the serving and gateway images, and
+discovers the tasks of each service through Swarm's DNS (`tasks.<service>`, A records, resolved again every
+scrape interval), so a task Swarm moves to another node or adds is scraped from then on and one that is gone
+stops being a target. The image, rules, configuration, metrics and labels are the same.
 
 Metrics (what rules, dashboards and the rollout controller may rely on):
 
@@ -38,13 +40,13 @@ from dataclasses import dataclass
 from typing import TypedDict
 
 import pulumi
-import pulumi_docker as docker
 
-from components.containers import container_labels, hardened_container, published
-from components.images import BuildSettings, image_id
+from components.runtimes import ComponentType, Runtime
+from components.workload import HttpHealth, Publish, Role, VolumeMount, Workload
 from mlops_spec.models import ModelPin, MonitoringSpec
 
 PROMETHEUS_PORT = 9090
+TYPE = ComponentType(single_host="mlops:monitoring:Monitoring", swarm="mlops:swarm_monitoring:SwarmMonitoring")
 DATA_PATH = "/prometheus"
 # The image adds the rule file it writes from DRIFT_THRESHOLD (images/prometheus/start.py).
 RULE_FILES = ["/etc/prometheus/rules/*.yml"]
@@ -68,13 +70,10 @@ def replica_labels(slot: str, pin: ModelPin) -> dict[str, str]:
 
 
 class MonitoringArgs(TypedDict):
-    stack: str
+    runtime: Runtime
     spec: MonitoringSpec
-    builds: BuildSettings
-    network: pulumi.Input[str]
     data_volume: pulumi.Input[str]
     targets: list[ScrapeTarget]
-    labels: dict[str, str]
 
 
 def scrape_config(job: str, targets: list[ScrapeTarget], refresh_s: int) -> dict:
@@ -120,26 +119,25 @@ def prometheus_settings(stack: str, spec: MonitoringSpec, targets: list[ScrapeTa
 
 class Monitoring(pulumi.ComponentResource):
     url: pulumi.Output[str]
-    host_port: pulumi.Output[int]
 
     def __init__(self, name: str, args: MonitoringArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__("mlops:monitoring:Monitoring", name, None, opts)
+        runtime = args["runtime"]
+        super().__init__(runtime.type_token(TYPE), name, None, opts)
         spec = args["spec"]
-        stack = args["stack"]
-        container = hardened_container(
-            f"{name}-prometheus",
-            parent=self,
+        stack = runtime.stack
+        publish = Publish(PROMETHEUS_PORT, spec.port)
+        prometheus = runtime.deploy(Workload(
+            resource_name=f"{name}-prometheus",
             name=f"{stack}-prometheus",
-            image=image_id(f"{name}-image", parent=self, stack=stack, image="prometheus", source=spec.image,
-                           settings=args["builds"]),
-            network=args["network"],
+            component="monitoring",
+            image=runtime.image(f"{name}-image", parent=self, image="prometheus", source=spec.image).runs,
             limits=spec.limits,
-            labels=container_labels(args["labels"], "monitoring"),
-            health_check=spec.health_check, health_path=(PROMETHEUS_PORT, "/-/ready"),
-            envs=[f"{key}={value}" for key, value in prometheus_settings(stack, spec, args["targets"]).items()],
-            ports=published(PROMETHEUS_PORT, spec.port),
-            volumes=[docker.ContainerVolumeArgs(volume_name=args["data_volume"], container_path=DATA_PATH)],
-        )
-        self.host_port = container.ports.apply(lambda ports: ports[0].external)
-        self.url = self.host_port.apply(lambda port: f"http://{spec.port.bind_address}:{port}")
-        self.register_outputs({"url": self.url, "host_port": self.host_port})
+            health=HttpHealth(PROMETHEUS_PORT, "/-/ready", spec.health_check),
+            # One TSDB on one volume, which Prometheus locks.
+            role=Role.STATEFUL,
+            env=prometheus_settings(stack, spec, args["targets"]),
+            publish=publish,
+            volumes=[VolumeMount(args["data_volume"], DATA_PATH)],
+        ), parent=self)
+        self.url = runtime.endpoint(prometheus, publish)
+        self.register_outputs({"url": self.url})

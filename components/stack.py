@@ -12,10 +12,7 @@ from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing, RolloutWiring
 from components.monitoring import PROMETHEUS_PORT, Monitoring, ScrapeTarget
-from components.swarm_image_registry import SwarmImageRegistry
-from components.swarm_model_registry import SwarmModelRegistry
-from components.swarm_monitoring import SwarmMonitoring
-from components.swarm_serving import SwarmServing
+from components.runtimes import Runtime, SingleHost, Swarm
 from components.training_environment import TrainingEnvironment
 from mlops_spec.contract import READER, derived_password
 from mlops_spec.models import StageSpec
@@ -94,38 +91,30 @@ class MLOpsStack(pulumi.ComponentResource):
                                "retain_on_delete": spec.kind != "experiment", "metrics": spec.monitoring is not None,
                                "datasets": spec.swarm is None, "samples": spec.serving.sampling is not None},
                               opts=child)
-        registry_args = {"stack": stack, "spec": spec.model_registry, "builds": builds,
-                         "artifacts_volume": store.artifacts_volume, "mlflow_db_volume": store.mlflow_db_volume,
-                         "labels": labels, "published_host": spec.docker.published_host,
-                         "mlflow_password": args["mlflow_password"]}
-        # On a swarm, services attach by network ID (what the provider reads back) and carry identity labels.
-        on_swarm = {"swarm": swarm, "network_id": network.id, "identity": identity}
-        # Every edge node answers on the gateway's port, the stateful node on Prometheus': this names the
-        # manager, which is where mlops reaches the stage.
-        swarm_published_host = spec.docker.published_host or "127.0.0.1"
-        if swarm is None:
-            model_registry = ModelRegistry(f"{stack}-model-registry", {**registry_args, "network": network.name},
-                                           opts=child)
-        else:
-            model_registry = SwarmModelRegistry(f"{stack}-model-registry", {**registry_args, **on_swarm}, opts=child)
+        # The one place that tells a single host from a swarm: every component renders its workloads through
+        # this runtime. Services attach by network ID (what the provider reads back); every edge node answers
+        # on the gateway's port, the stateful node on Prometheus': `published_host` names the manager, which is
+        # where mlops reaches the stage.
+        runtime: Runtime = (
+            SingleHost(stack=stack, labels=labels, identity=identity, builds=builds, network=network.name)
+            if swarm is None else
+            Swarm(stack=stack, labels=labels, identity=identity, builds=builds, spec=swarm, network_id=network.id,
+                  published_host=spec.docker.published_host or "127.0.0.1"))
+        model_registry = ModelRegistry(f"{stack}-model-registry", {
+            "runtime": runtime, "spec": spec.model_registry, "artifacts_volume": store.artifacts_volume,
+            "mlflow_db_volume": store.mlflow_db_volume, "published_host": spec.docker.published_host,
+            "mlflow_password": args["mlflow_password"]}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
             lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
 
-        push: Optional[PushTarget] = None
-        pushes_after: list[pulumi.Resource] = []
         self.image_registry_server = None
         if spec.image_registry.enabled:
-            image_registry_args = {"stack": stack, "spec": spec.image_registry, "builds": builds,
-                                   "data_volume": store.registry_data_volume, "password": password, "labels": labels}
-            if swarm is None:
-                image_registry = ImageRegistry(f"{stack}-image-registry",
-                                               {**image_registry_args, "network": network.name}, opts=child)
-            else:
-                image_registry = SwarmImageRegistry(f"{stack}-image-registry", {**image_registry_args, **on_swarm},
-                                                    opts=child)
-            push = PushTarget(server=image_registry.server, username=spec.image_registry.username,
-                              password=pulumi.Output.secret(password))
-            pushes_after = [image_registry]
+            image_registry = ImageRegistry(f"{stack}-image-registry", {
+                "runtime": runtime, "spec": spec.image_registry, "data_volume": store.registry_data_volume,
+                "password": password}, opts=child)
+            runtime = runtime.with_registry(
+                PushTarget(server=image_registry.server, username=spec.image_registry.username,
+                           password=pulumi.Output.secret(password)), [image_registry])
             self.image_registry_server = image_registry.server
 
         self.training_image = self.training_image_digest = None
@@ -133,44 +122,31 @@ class MLOpsStack(pulumi.ComponentResource):
         scrape_targets: list[ScrapeTarget] = []
         if spec.release is not None or spec.builds_workloads:
             training = TrainingEnvironment(f"{stack}-training", {
-                "stack": stack, "spec": spec.training, "builds": builds,
-                "promoted_image": spec.release.images.training if spec.release else None,
-                "push": push, "depends_on": pushes_after}, opts=child)
+                "runtime": runtime, "spec": spec.training,
+                "promoted_image": spec.release.images.training if spec.release else None}, opts=child)
             self.training_image = training.image_ref
             self.training_image_digest = training.image_digest
         if spec.release is not None:
             # Derived inside the secret, so the derived password is as secret in the state as the root one.
             reader_password = pulumi.Output.secret(args["mlflow_password"]).apply(
                 lambda secret: derived_password(secret, READER))
-            serving_args = {"stack": stack, "spec": spec.serving, "release": spec.release, "builds": builds,
-                            "registry_url": model_registry.internal_url, "reader_password": reader_password,
-                            "push": push, "depends_on": pushes_after, "labels": labels,
-                            "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None}
-            if swarm is None:
-                serving = ModelServing(f"{stack}-serving", {
-                    **serving_args, "network": network.name,
-                    "samples_volume": store.samples_volume,
-                    "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(
-                        prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}",
-                        scrape_interval_s=spec.monitoring.scrape_interval_s, log_volume=store.rollout_volume),
-                }, opts=child)
-            else:
-                serving = SwarmServing(f"{stack}-serving", {**serving_args, **on_swarm,
-                                                            "published_host": swarm_published_host}, opts=child)
+            serving = ModelServing(f"{stack}-serving", {
+                "runtime": runtime, "spec": spec.serving, "release": spec.release,
+                "registry_url": model_registry.internal_url, "reader_password": reader_password,
+                "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
+                "samples_volume": store.samples_volume,
+                "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(
+                    prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}",
+                    scrape_interval_s=spec.monitoring.scrape_interval_s, log_volume=store.rollout_volume),
+            }, opts=child)
             scrape_targets = serving.scrape_targets
             self.serving_endpoint = serving.endpoint
             self.serving_image_digest = serving.serving_image_digest
         self.monitoring_url = None
         if spec.monitoring is not None and store.metrics_volume is not None:
-            monitoring_args = {"stack": stack, "spec": spec.monitoring, "builds": builds,
-                               "data_volume": store.metrics_volume, "targets": scrape_targets, "labels": labels}
-            if swarm is None:
-                monitoring = Monitoring(f"{stack}-monitoring", {**monitoring_args, "network": network.name},
-                                        opts=child)
-            else:
-                monitoring = SwarmMonitoring(f"{stack}-monitoring", {
-                    **monitoring_args, **on_swarm, "push": push, "depends_on": pushes_after,
-                    "published_host": swarm_published_host}, opts=child)
+            monitoring = Monitoring(f"{stack}-monitoring", {
+                "runtime": runtime, "spec": spec.monitoring, "data_volume": store.metrics_volume,
+                "targets": scrape_targets}, opts=child)
             self.monitoring_url = monitoring.url
 
         self.register_outputs(self.exports())

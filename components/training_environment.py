@@ -1,21 +1,29 @@
-"""The training image: built from locked dependencies in dev and experiments, pulled by digest elsewhere."""
+"""Training: the image, built from locked dependencies in dev and experiments and pulled by digest elsewhere,
+and the run `mlops train` starts in it (on one host a `docker run`, on a swarm a one-shot job)."""
 from __future__ import annotations
 
-from typing import Optional, TypedDict
+from typing import Optional, Sequence, TypedDict
 
 import pulumi
 
-from components.images import BuildSettings, PushTarget, build_image, pulled_image
-from mlops_spec.models import TrainingSpec
+from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, volume_name
+from components.images import build_image, pulled_image
+from components.model_registry import MLFLOW_PORT
+from components.runtimes import Runtime
+from components.workload import Run, SecretEnv, VolumeMount
+from mlops_spec.contract import TRAINER
+from mlops_spec.models import StageSpec, TrainingSpec
+
+TRAINING_ENTRYPOINT = ("python3", "-m", "mlops_training")
+"""images/training/Dockerfile's ENTRYPOINT."""
+PASSWORD_FILE = "mlflow-trainer-password"
 
 
 class TrainingEnvironmentArgs(TypedDict):
-    stack: str
+    runtime: Runtime
+    """Whose registry a built image is pushed to and a promoted one pulled from."""
     spec: TrainingSpec
-    builds: BuildSettings
     promoted_image: Optional[str]
-    push: Optional[PushTarget]
-    depends_on: list[pulumi.Resource]
 
 
 class TrainingEnvironment(pulumi.ComponentResource):
@@ -26,15 +34,38 @@ class TrainingEnvironment(pulumi.ComponentResource):
     def __init__(self, name: str, args: TrainingEnvironmentArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("mlops:training_environment:TrainingEnvironment", name, None, opts)
         spec = args["spec"]
+        runtime = args["runtime"]
+        registry = list(runtime.registry)
         if spec.build is not None:
-            image = build_image(f"{name}-image", parent=self, stack=args["stack"], image="training",
-                                context=spec.build, settings=args["builds"], push=args["push"],
-                                push_after=args["depends_on"])
+            image = build_image(f"{name}-image", parent=self, stack=runtime.stack, image="training",
+                                context=spec.build, settings=runtime.builds, push=runtime.push, push_after=registry)
             self.image_ref = image.image_name
             self.image_digest = image.repo_digest
         else:
             pulled = pulled_image(f"{name}-image", parent=self, ref=args["promoted_image"],
-                                  platform=args["builds"].platform, depends_on=args["depends_on"])
+                                  platform=runtime.builds.platform, depends_on=registry)
             self.image_ref = pulled.name
             self.image_digest = pulled.repo_digest
         self.register_outputs({"image_ref": self.image_ref, "image_digest": self.image_digest})
+
+
+def training_run(spec: StageSpec, *, name: str, image: str, digest: str, args: Sequence[str], password: str,
+                 labels: dict[str, str], with_datasets: bool = False) -> Run:
+    """One training run on the stage's network as MLflow user `trainer`, within `training.limits`; with
+    `with_datasets`, the stage's datasets volume read-only: nothing a run does can change what a later one
+    trains on. On a swarm it is placed by `swarm.training`, and its password is the Swarm secret
+    `<name>-password`."""
+    placement = spec.swarm.training if spec.swarm is not None else None
+    return Run(
+        component="training-run", name=name, image=image, entrypoint=TRAINING_ENTRYPOINT, args=args,
+        limits=spec.training.limits, labels=labels, network=f"{spec.stage}-net",
+        env={"MLFLOW_TRACKING_URI": f"http://{spec.stage}-model-registry:{MLFLOW_PORT}",
+             "MLFLOW_TRACKING_USERNAME": TRAINER,
+             "MLFLOW_TRACKING_PASSWORD": SecretEnv(password, resource_name=f"{name}-password",
+                                                   purpose="mlflow-trainer", file=PASSWORD_FILE),
+             "TRAINING_IMAGE_DIGEST": digest},
+        volumes=[VolumeMount(volume_name(spec.stage, DATASETS_VOLUME), DATASETS_DIR, read_only=True)]
+        if with_datasets else (),
+        gpus=spec.training.gpu,
+        constraints=placement.constraints if placement else (),
+        generic_resources=placement.generic_resources if placement else {})

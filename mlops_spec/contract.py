@@ -50,9 +50,9 @@ def release_id(pin: ModelPin) -> str:
     return f"{pin.name}:{pin.version}:{pin.sha256 or ''}"
 
 
-def gateway_env(green: CanaryRelease, prometheus_url: str, scrape_interval_s: int) -> list[str]:
+def gateway_env(green: CanaryRelease, prometheus_url: str, scrape_interval_s: int) -> dict[str, str]:
     """What the gateway needs to run green's rollout: the policy, where to judge it and where to record it."""
     assert green.rollout is not None
-    return [f"ROLLOUT_POLICY={green.rollout.model_dump_json()}", f"PROMETHEUS_URL={prometheus_url}",
-            f"SCRAPE_INTERVAL_S={scrape_interval_s}", f"ROLLOUT_DIR={ROLLOUT_DIR}",
-            f"GREEN_RELEASE={release_id(green.model)}"]
+    return {"ROLLOUT_POLICY": green.rollout.model_dump_json(), "PROMETHEUS_URL": prometheus_url,
+            "SCRAPE_INTERVAL_S": str(scrape_interval_s), "ROLLOUT_DIR": ROLLOUT_DIR,
+            "GREEN_RELEASE": release_id(green.model)}

@@ -59,7 +59,7 @@ def test_the_gateway_reads_the_rollout_variables_the_contract_renders(tmp_path):
         "model": {"name": "iris-classifier", "version": 3, "sha256": "a" * 64},
         "rollout": {"steps": [10, 100], "bake_time_s": 60, "max_error_rate_increase": 0.01,
                     "max_p99_latency_ratio": 1.5}})
-    env = dict(entry.split("=", 1) for entry in contract.gateway_env(green, "http://prometheus:9090", 15))
+    env = contract.gateway_env(green, "http://prometheus:9090", 15)
     assert env["ROLLOUT_DIR"] == contract.ROLLOUT_DIR
     env["ROLLOUT_DIR"] = str(tmp_path)  # the volume's mount point, writable here
     controller = canary.controller_from_env(env, declared_green_weight=0)

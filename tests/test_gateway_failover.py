@@ -1,7 +1,7 @@
 """The serving path on a real engine: the MLflow image as the model's source, serving (oip) replicas in
 blue and green, the gateway in front; and the image registry's authentication.
 
-Every container runs with the hardening of components/containers.py. Everything created is named
+Every container runs with the hardening of components/workload.py. Everything created is named
 `t-gw-<run>-...` and removed at the end. Load goes to loopback only, bounded in time and count.
 """
 from __future__ import annotations
@@ -32,16 +32,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.tree import DecisionTreeClassifier
 
-from components.containers import APP_USER, DEFAULT_TMPFS, IPC_MODE, PROCESS_LIMIT
 from components.image_registry import htpasswd_entry
+from components.workload import APP_USER, IPC_MODE, PROCESS_LIMIT, TMP_MB, TMP_OPTIONS
 from mlops.modelstore import BasicAuth
 from mlops_spec.contract import READER, TRAINER, derived_password
 from mlops_spec.project import REPO_ROOT
 
 pytestmark = pytest.mark.docker
 
-# The hardening components/containers.py renders, as `docker run` options.
-HARDENED = ["--user", APP_USER, "--read-only", "--tmpfs", f"/tmp:{DEFAULT_TMPFS['/tmp']}",
+# The hardening components/workload.py declares, as `docker run` options.
+HARDENED = ["--user", APP_USER, "--read-only", "--tmpfs", f"/tmp:{TMP_OPTIONS},size={TMP_MB}m",
             "--security-opt", "no-new-privileges:true", "--cap-drop", "ALL",
             "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}"]
 READY_PROBE = ("import sys,urllib.request\n"

@@ -134,7 +134,7 @@ def test_container_inputs_are_rendered_as_the_provider_reads_them_back(stage, re
 
 
 def test_go_durations_and_provider_cpus_match_the_provider():
-    from components.containers import go_duration
+    from components.runtimes import go_duration
     from mlops_spec.encoding import provider_cpus
 
     assert [go_duration(s) for s in (0, 5, 59, 60, 90, 3600, 3661)] == ["0s", "5s", "59s", "1m0s", "1m30s", "1h0m0s", "1h1m1s"]

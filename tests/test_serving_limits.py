@@ -2,7 +2,7 @@
 containers may do (no /dev/shm, a process limit).
 
 A replica and its gateway run with the stage's limits (1 CPU and 512 MB; 0.5 CPU and 128 MB) and the
-hardening of components/containers.py. Load goes to loopback only, bounded in time and count.
+hardening of components/workload.py. Load goes to loopback only, bounded in time and count.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from components.containers import PROCESS_LIMIT
+from components.workload import PROCESS_LIMIT
 from tests.test_gateway_failover import (
     INFER_BODY,
     INFER_PATH,

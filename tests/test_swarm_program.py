@@ -11,11 +11,12 @@ from collections import Counter
 
 import pytest
 
-from components import services
-from components.containers import http_healthcheck
+from components import runtimes
+from components.runtimes import service_job_arguments
+from components.training_environment import training_run
+from components.workload import http_probe
 from mlops import plan
 from mlops.commands import swarm_training
-from mlops.commands.train import hardened_run_options
 from mlops.diff import compare
 from mlops_spec.contract import READER, derived_password
 from mlops_spec.loading import load_stage
@@ -72,12 +73,12 @@ def test_serving_replicas_are_spread_limited_reserved_health_checked_and_hardene
     assert blue["mode"] == {"replicated": {"replicas": spec.serving.replicas}}
     assert task["placement"] == {"constraints": ["node.role != manager"], "prefs": ["node.hostname"]}
     assert task["resources"] == {
-        "limits": {"nanoCpus": 1_000_000_000, "memoryBytes": 512 * services.MIB},
-        "reservation": {"nanoCpus": 250_000_000, "memoryBytes": 256 * services.MIB}}
+        "limits": {"nanoCpus": 1_000_000_000, "memoryBytes": 512 * runtimes.MIB},
+        "reservation": {"nanoCpus": 250_000_000, "memoryBytes": 256 * runtimes.MIB}}
     container = task["containerSpec"]
     assert (container["user"], container["readOnly"], container["capDrops"]) == ("10001:10001", True, ["ALL"])
-    single_host = http_healthcheck(8080, "/v2/health/ready", spec.serving.health_check)
-    assert container["healthcheck"]["tests"] == single_host.tests
+    single_host = http_probe(8080, "/v2/health/ready", spec.serving.health_check)
+    assert container["healthcheck"]["tests"] == single_host
     assert container["healthcheck"]["retries"] == spec.serving.health_check.retries
     assert {mount["target"]: mount["type"] for mount in container["mounts"]} == {"/tmp": "tmpfs"}
     env = container["env"]
@@ -93,19 +94,19 @@ def test_rolling_updates_go_one_at_a_time_start_first_and_roll_back_on_any_failu
     spec = load_stage("cluster", overrides=PINNED)
     check = spec.serving.health_check
     blue = cluster["cluster-serving-blue"].inputs
-    window = services.swarm_duration((check.retries + 1) * (check.interval_s + check.timeout_s))
+    window = runtimes.swarm_duration((check.retries + 1) * (check.interval_s + check.timeout_s))
     assert blue["updateConfig"] == {"parallelism": 1, "delay": "0s", "order": "start-first",
                                     "failureAction": "rollback", "monitor": window, "maxFailureRatio": "0.0"}
     assert blue["rollbackConfig"] == {**blue["updateConfig"], "failureAction": "pause"}
     # A pinned release makes `pulumi up` wait for every replica to roll, a window per replica.
-    timeout = services.converge_within_s(check, spec.serving.replicas)
-    assert blue["convergeConfig"] == {"delay": "7s", "timeout": services.swarm_duration(timeout)}
+    timeout = runtimes.converge_within_s(check, spec.serving.replicas)
+    assert blue["convergeConfig"] == {"delay": "7s", "timeout": runtimes.swarm_duration(timeout)}
     following_latest = render({})["cluster-serving-blue"].inputs
     assert "convergeConfig" not in following_latest
 
 
 def test_durations_are_written_as_the_provider_reads_them_back():
-    assert [services.swarm_duration(s) for s in (0, 5, 60, 90, 3600, 3660)] == ["0s", "5s", "1m", "1m30s", "1h",
+    assert [runtimes.swarm_duration(s) for s in (0, 5, 60, 90, 3600, 3660)] == ["0s", "5s", "1m", "1m30s", "1h",
                                                                                  "1h1m"]
 
 
@@ -155,11 +156,11 @@ def test_prometheus_runs_on_the_stateful_node_published_in_host_mode_like_the_si
         {"targetPort": 9090, "publishedPort": 5390, "publishMode": "host", "protocol": "tcp"}]}
     # Its TSDB is locked by one Prometheus at a time.
     assert prometheus["updateConfig"]["order"] == prometheus["rollbackConfig"]["order"] == "stop-first"
-    limits = {"nanoCpus": 250_000_000, "memoryBytes": 512 * services.MIB}
+    limits = {"nanoCpus": 250_000_000, "memoryBytes": 512 * runtimes.MIB}
     assert task["resources"] == {"limits": limits, "reservation": limits}
     container = task["containerSpec"]
     assert (container["user"], container["readOnly"], container["capDrops"]) == ("10001:10001", True, ["ALL"])
-    assert container["healthcheck"]["tests"] == http_healthcheck(9090, "/-/ready", spec.monitoring.health_check).tests
+    assert container["healthcheck"]["tests"] == http_probe(9090, "/-/ready", spec.monitoring.health_check)
     assert (container["env"]["DRIFT_THRESHOLD"], container["env"]["RETENTION_DAYS"]) == ("0.2", "15")
     assert "secrets" not in container
 
@@ -256,7 +257,7 @@ def test_a_new_password_gets_a_new_secret_name_so_services_roll_onto_it():
     assert before["cluster-image-registry-secret"] != after["cluster-image-registry-secret"]
     assert before["cluster-model-registry-secret"] == after["cluster-model-registry-secret"]
     assert after["cluster-image-registry-secret"].startswith("cluster-registry-")
-    assert services.secret_name("s", "p", "x") == services.secret_name("s", "p", "x") != services.secret_name("s", "p", "y")
+    assert runtimes.secret_name("s", "p", "x") == runtimes.secret_name("s", "p", "x") != runtimes.secret_name("s", "p", "y")
 
 
 def test_a_new_model_rolls_the_replicas_in_place_and_diff_and_plan_show_how(monkeypatch, capsys):
@@ -278,8 +279,9 @@ def test_training_runs_as_a_one_shot_job_on_a_node_with_its_resources():
     spec = load_stage("cluster", overrides={"swarm": {"training": {"generic_resources": {"NVIDIA-GPU": 1}}},
                                             "training": {"gpu": True}})
     image = "10.0.0.10:5301/cluster/training@sha256:" + "d" * 64
-    arguments = swarm_training.job_arguments(spec, image, "cluster-train-1", "cluster-train-1-password",
-                                             hardened_run_options(spec), ["--seed", "3"])
+    arguments = service_job_arguments(training_run(spec, name="cluster-train-1", image=image, digest=image,
+                                                   args=["--seed", "3"], password="the-password",
+                                                   labels={"mlops.stage": "cluster"}))
     pairs = set(zip(arguments, arguments[1:]))
     assert {("--mode", "replicated-job"), ("--restart-condition", "none"), ("--generic-resource", "NVIDIA-GPU=1"),
             ("--constraint", "node.labels.mlops.train == true"), ("--reserve-cpu", "1.0"), ("--limit-memory", "1024M"),

@@ -4,13 +4,22 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
+from components.runtimes import docker_run_arguments, run_environment
 from mlops import plan as planning
 from mlops.cli import app
-from mlops.commands.train import run_arguments, training_image
+from mlops.commands.train import run_of, training_image
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stage, load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
 from tests.conftest import FIXTURE_TRAINING_DIGEST, pinned_image
+
+PASSWORD = "the-trainer-password"
+
+
+def run_arguments(spec, image, digest, name, training_args, with_datasets=False):
+    arguments = docker_run_arguments(run_of(spec, image, digest, name, PASSWORD, training_args, with_datasets))
+    assert not any(PASSWORD in argument for argument in arguments), "the password is no argument"
+    return arguments
 
 
 def test_dev_runs_the_training_image_the_program_builds():
@@ -44,7 +53,9 @@ def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environme
             ("--env", "TRAINING_IMAGE_DIGEST=sha256:abc"), ("--ipc", "none"), ("--ulimit", "nproc=4096:4096"),
             ("--env", "MLFLOW_TRACKING_USERNAME=trainer"),
             ("--env", "MLFLOW_TRACKING_PASSWORD")} <= pairs, "the password comes from the environment, not the arguments"
-    assert "--read-only" in arguments and arguments[-3:] == ["image:tag", "--seed", "3"]
+    assert "--read-only" in arguments and arguments[-5:] == ["image:tag", "-m", "mlops_training", "--seed", "3"]
+    assert run_environment(run_of(spec, "image:tag", "sha256:abc", "dev-train-1", PASSWORD, [])) == {
+        "MLFLOW_TRACKING_PASSWORD": PASSWORD}, "docker passes it on from its own environment"
 
 
 def test_a_missing_mlflow_secret_is_one_line_and_exit_1(monkeypatch, tmp_path):
@@ -100,7 +111,7 @@ def test_with_data_the_run_mounts_the_datasets_volume_read_only():
     spec = load_stages(["dev"])[0]
     arguments = run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", ["--data", "latest"], with_datasets=True)
     assert ("--volume", "dev-datasets:/data/datasets:ro") in set(zip(arguments, arguments[1:]))
-    assert arguments[-3:] == ["image:tag", "--data", "latest"]
+    assert arguments[-5:] == ["image:tag", "-m", "mlops_training", "--data", "latest"]
     assert "--volume" not in run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", [])
 
 
@@ -144,3 +155,18 @@ def test_samples_of_a_stage_that_does_not_sample_are_refused(tmp_path):
     assert result.output.strip() == ("error: dev does not sample requests: declare serving.sampling "
                                      "(docs/contracts.md says what it keeps)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_training_run_is_hardened_as_the_stacks_containers_are():
+    spec = load_stages(["dev"])[0]
+    [registry] = [r for r in planning.render("dev", spec) if r.name == "dev-model-registry-server"]
+    container = registry.inputs
+    arguments = run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", [])
+    pairs = set(zip(arguments, arguments[1:]))
+    ulimit = container["ulimits"][0]
+    assert {("--user", container["user"]), ("--tmpfs", f"/tmp:{container['tmpfs']['/tmp']}"),
+            ("--ipc", container["ipcMode"]), ("--ulimit", f"{ulimit['name']}={ulimit['soft']}:{ulimit['hard']}"),
+            *[("--security-opt", option) for option in container["securityOpts"]],
+            *[("--cap-drop", capability) for capability in container["capabilities"]["drops"]],
+            ("--memory", f"{spec.training.limits.memory_mb}m"),
+            ("--memory-swap", f"{spec.training.limits.memory_mb}m")} <= pairs

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.containers import http_healthcheck
 from components.images import BuildSettings, built_image_name
 from components.model_registry import MLFLOW_PORT
+from components.workload import http_probe
 from mlops.modelstore import BasicAuth
 from mlops_spec.contract import MLFLOW_PASSWORD, PROMOTER, READER, TRAINER, derived_password, secret_variable
 from mlops_spec.models import HealthCheck
@@ -170,7 +170,7 @@ def test_code_change_rebuilds_only_the_code_layer(training_stack, tmp_path):
 
 
 def test_mlflow_health_check_passes_inside_the_container(training_stack):
-    probe = http_healthcheck(MLFLOW_PORT, "/health", HealthCheck()).tests[1:]
+    probe = http_probe(MLFLOW_PORT, "/health", HealthCheck())[1:]
     docker("exec", f"{training_stack.name}-model-registry", *probe)
 
 

@@ -20,17 +20,18 @@ from rich.console import Console
 from rich.table import Table
 
 from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, SAMPLES_DIR, SAMPLES_VOLUME, volume_name
+from components.runtimes import docker_run_arguments
+from components.stack import stage_labels
+from components.workload import Run, VolumeMount
 from mlops import credentials
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.commands.train import (
     BAD_INPUT_EXIT,
     check_engine,
     check_volume,
-    confined_options,
     docker_env,
     fail,
     image_digest,
-    one_host_options,
     stage_spec,
     training_image,
 )
@@ -39,12 +40,12 @@ from mlops.reach import StageReach, Unreachable
 from mlops_spec.contract import READER
 from mlops_spec.errors import one_line
 from mlops_spec.loading import load_stages
-from mlops_spec.models import StageSpec
+from mlops_spec.models import Limits, StageSpec
 
 app = typer.Typer(no_args_is_help=True, help="Training data on a stage's artifact store: add, list, export samples, "
                                              "and whether the newest is fresh.")
 console = Console(highlight=False, soft_wrap=True)
-DATA_RUN_MEMORY = "256m"
+DATA_RUN_LIMITS = Limits(cpus=1.0, memory_mb=256)
 DATASETS_MODULE = ("python3", "-m", "mlops_training.datasets")
 NOT_FRESH_EXIT = 1
 
@@ -87,10 +88,10 @@ def trained_on(spec: StageSpec, served: StageSpec) -> Optional[str]:
 def data_run_arguments(spec: StageSpec, image: str, volume: str, mount: str, read_only: bool,
                        command: list[str]) -> list[str]:
     """A throw-away, networkless, hardened run of the training image's datasets module with `volume` mounted."""
-    return ["run", "--rm", "--interactive", "--network", "none", *confined_options(spec, "data-run"),
-            *one_host_options(), "--memory", DATA_RUN_MEMORY, "--memory-swap", DATA_RUN_MEMORY, "--cpus", "1",
-            "--volume", f"{volume_name(spec.stage, volume)}:{mount}{':ro' if read_only else ''}",
-            "--entrypoint", DATASETS_MODULE[0], image, *DATASETS_MODULE[1:], *command]
+    return docker_run_arguments(Run(
+        component="data-run", image=image, entrypoint=DATASETS_MODULE, args=command, limits=DATA_RUN_LIMITS,
+        labels=stage_labels(spec, spec.stage), network="none", interactive=True,
+        volumes=[VolumeMount(volume_name(spec.stage, volume), mount, read_only=read_only)]))
 
 
 def run_in_stage(spec: StageSpec, environments: Path, volume: str, mount: str, read_only: bool, command: list[str],

@@ -1,10 +1,11 @@
 """`mlops train`: one run of the stage's training image on the stage's network, registered in the stage's MLflow.
 
-The run gets the same hardening as every container of the stack (`components/containers.py`) and the stage's
-training limits, and with `--data` the stage's datasets volume, read-only (one host only: see mlops/commands/data.py);
-it is removed when it ends, whatever the outcome. It logs in to MLflow as `trainer`, whose password reaches the
-`docker run` through its environment, never its command line. On a swarm stage the run is
-a one-shot Swarm job instead (mlops/commands/swarm_training.py), with the same options where a job has them.
+The run is components/training_environment.py's `training_run`, rendered like every workload of the stack
+(components/workload.py, components/runtimes.py): the same hardening, the stage's training limits, and with
+`--data` the stage's datasets volume, read-only (one host only: see mlops/commands/data.py); it is removed when
+it ends, whatever the outcome. It logs in to MLflow as `trainer`, whose password reaches the `docker run`
+through its environment, never its command line. On a swarm stage the run is a one-shot Swarm job instead
+(mlops/commands/swarm_training.py).
 """
 from __future__ import annotations
 
@@ -20,12 +21,13 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, volume_name
-from components.containers import APP_USER, DEFAULT_TMPFS, IPC_MODE, PROCESS_LIMIT
+from components.artifact_store import DATASETS_VOLUME, volume_name
 from components.image_registry import REGISTRY_PORT
 from components.images import BuildSettings, built_image_name
-from components.model_registry import MLFLOW_PORT
+from components.runtimes import docker_run_arguments, run_environment
 from components.stack import stage_labels
+from components.training_environment import training_run
+from components.workload import Run
 from mlops import credentials
 from mlops.commands import swarm_training
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
@@ -45,7 +47,6 @@ REGISTERED = re.compile(r"^REGISTERED name=(?P<name>\S+) version=(?P<version>\d+
 PARAM_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Each --param becomes one `docker run` argument, which Linux caps at 128 KiB; no estimator parameter needs 1 KiB.
 MAX_PARAM_VALUE = 1024
-TRACKING_PASSWORD = "MLFLOW_TRACKING_PASSWORD"
 # What mlops_training.datasets resolves: `latest`, or a dataset's sha256 (or its first characters), `.csv` or not.
 DATASET_NAME = re.compile(r"latest|[0-9a-f]{8,64}(\.csv)?")
 
@@ -148,45 +149,10 @@ def check_stack_is_up(spec: StageSpec) -> None:
         raise fail(f"model registry {registry} is not running; run `make up ENV={spec.stage}`")
 
 
-def confined_options(spec: StageSpec, component: str) -> list[str]:
-    """User, read-only root, no capabilities and the stage's labels: what every run of the CLI's own gets, on one
-    host and on a swarm."""
-    labels = {**stage_labels(spec, spec.stage), "mlops.component": component}
-    return ["--user", APP_USER, "--read-only", "--cap-drop", "ALL",
-            *[option for key, value in sorted(labels.items()) for option in ("--label", f"{key}={value}")]]
-
-
-def one_host_options() -> list[str]:
-    """The rest of components/containers.py's hardening, which `docker run` has and a Swarm service does not."""
-    return [*[option for path, mount in DEFAULT_TMPFS.items() for option in ("--tmpfs", f"{path}:{mount}")],
-            "--security-opt", "no-new-privileges:true",
-            "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}"]
-
-
-def hardened_run_options(spec: StageSpec) -> list[str]:
-    """What a training run shares on one host and on a swarm: confinement, labels and how it reaches MLflow."""
-    return [
-        "--network", f"{spec.stage}-net", *confined_options(spec, "training-run"),
-        "--env", f"MLFLOW_TRACKING_URI=http://{spec.stage}-model-registry:{MLFLOW_PORT}",
-        "--env", f"MLFLOW_TRACKING_USERNAME={TRAINER}",
-    ]
-
-
-def run_arguments(spec: StageSpec, image: str, digest: str, name: str, training_args: list[str],
-                  with_datasets: bool = False) -> list[str]:
-    limits = spec.training.limits
-    return [
-        "run", "--name", name, *hardened_run_options(spec),
-        "--cpus", str(limits.cpus), "--memory", f"{limits.memory_mb}m",
-        *(["--gpus", "all"] if spec.training.gpu else []),
-        *one_host_options(),
-        # Read-only: a run reads its dataset, and nothing a run does can change what a later one trains on.
-        *(["--volume", f"{volume_name(spec.stage, DATASETS_VOLUME)}:{DATASETS_DIR}:ro"] if with_datasets else []),
-        # No value: docker takes it from its own environment (stream_run's), so it shows in no process list.
-        "--env", TRACKING_PASSWORD,
-        "--env", f"TRAINING_IMAGE_DIGEST={digest}",
-        image, *training_args,
-    ]
+def run_of(spec: StageSpec, image: str, digest: str, name: str, password: str, training_args: list[str],
+           with_datasets: bool = False) -> Run:
+    return training_run(spec, name=name, image=image, digest=digest, args=training_args, password=password,
+                        labels=stage_labels(spec, spec.stage), with_datasets=with_datasets)
 
 
 def report(lines: Iterable[str]) -> Optional[re.Match[str]]:
@@ -203,10 +169,10 @@ def report(lines: Iterable[str]) -> Optional[re.Match[str]]:
     return registered
 
 
-def stream_run(spec: StageSpec, arguments: list[str], password: str) -> tuple[int, Optional[re.Match[str]]]:
+def stream_run(spec: StageSpec, run: Run) -> tuple[int, Optional[re.Match[str]]]:
     """Print the run's output as it comes; return its exit code and `REGISTERED` line."""
-    with subprocess.Popen(["docker", *arguments], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1, env={**docker_env(spec), TRACKING_PASSWORD: password}) as process:
+    with subprocess.Popen(["docker", *docker_run_arguments(run)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1, env={**docker_env(spec), **run_environment(run)}) as process:
         assert process.stdout is not None
         registered = report(process.stdout)
     return process.returncode, registered
@@ -256,15 +222,17 @@ def train(
     name = f"{spec.stage}-train-{uuid.uuid4().hex[:8]}"
     console.print(f"[bold]{name}[/bold]: training in {image}", highlight=False, soft_wrap=True)
     if spec.swarm is not None:
+        # Nodes pull the image by its digest.
         exit_code, lines = swarm_training.run_job(
-            docker, spec, digest, name, hardened_run_options(spec), training_args, password, registry_password,
+            docker, spec, run_of(spec, digest, digest, name, password, training_args), registry_password,
             waiting=lambda why: console.print(f"{name} waits to be scheduled: {why}", markup=False, highlight=False))
         registered = report(lines)
     else:
         try:
             exit_code, registered = stream_run(
-                spec, run_arguments(spec, image, digest, name, training_args, with_datasets=data is not None), password)
+                spec, run_of(spec, image, digest, name, password, training_args, with_datasets=data is not None))
         finally:
+            # `--rm` removes it when it ends; this, when the CLI is interrupted first.
             docker(spec, "rm", "--force", name)
     if exit_code == BAD_INPUT_EXIT:
         raise typer.Exit(BAD_INPUT_EXIT)

@@ -1,0 +1,465 @@
+"""The two runtimes of the workload contract (components/workload.py): a single Docker host, where each
+workload runs as `docker.Container`s, and a Docker Swarm, where it runs as a `docker.Service` and its secrets
+as `docker.Secret` files. components/stack.py chooses one per stage; the components never ask which.
+
+Both render their inputs as terraform-provider-docker v4.5.0 reads them back, so a second `pulumi up` shows
+no diff: containers (resource_docker_container_funcs.go) with durations in Go's `time.Duration` form
+("1m30s"), the swap limit equal to memory, one nproc ulimit; services (resource_docker_service_structures.go)
+with durations in `shortDur` form ("1m", not "1m0s"), `max_failure_ratio` with one decimal ("0.0"), networks
+by ID (`flattenTaskNetworksAdvanced` writes back the target ID; a name would replace the service on every
+run), placement preferences as bare spread descriptors, and every field of the restart policy and the
+reservations set (the provider sends the unset ones as zero and reads them back as "0s" and 0).
+
+What a service spec cannot express of the hardening: no-new-privileges, `ipc: none` and the nproc ulimit
+(the provider has no such fields; ALL capabilities are dropped instead, so a setuid binary gains nothing) and
+tmpfs `noexec,nosuid` (tmpfs mounts take only a size and a mode).
+"""
+from __future__ import annotations
+
+import abc
+import base64
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import pulumi
+import pulumi_docker as docker
+
+from components.images import BuildSettings, PushTarget, build_image, pullable_image, pulled_image
+from components.workload import (
+    APP_GID,
+    APP_UID,
+    APP_USER,
+    DROPPED_CAPABILITIES,
+    IPC_MODE,
+    PROCESS_LIMIT,
+    READ_ONLY_ROOT,
+    SECRET_FILE_MODE,
+    SECRETS_DIR,
+    SECURITY_OPTIONS,
+    TMP_MB,
+    TMP_OPTIONS,
+    TMP_PATH,
+    Publish,
+    Role,
+    Run,
+    SecretEnv,
+    Workload,
+    component_labels,
+    healthy_within_s,
+    http_probe,
+)
+from mlops_spec.encoding import NANO, provider_cpus
+from mlops_spec.models import HealthCheck, ImageSource, SwarmSpec
+
+MIB = 1024 * 1024
+CONVERGE_POLL = "7s"
+SECRET_NAME_HASH_CHARS = 12
+TASK_NAME = "{{.Task.Name}}"
+"""Swarm expands this Go template in a task's environment to the task's own name."""
+
+
+@dataclass(frozen=True)
+class ComponentType:
+    """A component's type token on each runtime: the tokens existing stacks' state knows it by, which its
+    children's URNs are made of, so they stay as they were when each runtime had a component tree of its own."""
+
+    single_host: str
+    swarm: str
+
+
+@dataclass(frozen=True)
+class WorkloadImage:
+    runs: pulumi.Input[str]
+    """What the workload's containers or tasks run."""
+    digest: pulumi.Input[str]
+    """What a release records and promotion copies."""
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """A workload as it runs: what other workloads and the stack's outputs refer to it by."""
+
+    resources: list[pulumi.CustomResource]
+    name: pulumi.Output[str]
+    """Known once it runs (healthy, where `pulumi up` waits for it)."""
+    host_port: Optional[pulumi.Output[int]]
+    hosts: list[str]
+    """The names that reach it on the stage network: one per container, or Swarm's `tasks.<service>`."""
+    every_task: bool
+    """Whether each host name resolves to every task (Swarm's DNS), to be resolved again and again."""
+
+    def addresses(self, port: int) -> list[str]:
+        return [f"{host}:{port}" for host in self.hosts]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Runtime(abc.ABC):
+    """Renders workloads for one stage: its stack, labels, builds and the registry its images go to."""
+
+    stack: str
+    labels: dict[str, str]
+    """The stage's labels (stack.stage_labels)."""
+    identity: dict[str, str]
+    """The stage's labels that never change for the life of a resource (stack.identity_labels)."""
+    builds: BuildSettings
+    push: Optional[PushTarget] = None
+    registry: Sequence[pulumi.Resource] = ()
+    """What a push (and a pull from the stage's registry) waits for: the registry."""
+
+    def with_registry(self, push: PushTarget, registry: Sequence[pulumi.Resource]) -> "Runtime":
+        return dataclasses.replace(self, push=push, registry=registry)
+
+    @abc.abstractmethod
+    def type_token(self, component: ComponentType) -> str: ...
+
+    @abc.abstractmethod
+    def deploy(self, workload: Workload, parent: pulumi.Resource) -> Deployed: ...
+
+    @abc.abstractmethod
+    def image(self, resource_name: str, *, parent: pulumi.Resource, image: str, source: ImageSource | str,
+              target: Optional[str] = None, released: bool = False) -> WorkloadImage:
+        """The image a workload runs that is built from `source` or pinned by it; a `released` one is what
+        promotion copies, pushed to the stage's registry when built."""
+
+    @abc.abstractmethod
+    def endpoint(self, deployed: Deployed, publish: Publish) -> pulumi.Output[str]:
+        """The URL the published port answers at, for the stack's outputs."""
+
+    @abc.abstractmethod
+    def registry_server(self, deployed: Deployed) -> pulumi.Output[str]:
+        """Where the stage's engines push to and pull from the image registry `deployed` runs."""
+
+    def _env_values(self, workload: Workload, replica: str) -> list[tuple[str, pulumi.Input[str] | SecretEnv]]:
+        return [(key, value(replica) if callable(value) else value) for key, value in workload.env.items()]
+
+
+def go_duration(seconds: int) -> str:
+    """A duration as Go's time.Duration.String() writes it (90 -> "1m30s"), as the provider reads a
+    container's health-check durations back."""
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SingleHost(Runtime):
+    network: pulumi.Input[str]
+    """The stage network's name."""
+
+    def type_token(self, component: ComponentType) -> str:
+        return component.single_host
+
+    def deploy(self, workload: Workload, parent: pulumi.Resource) -> Deployed:
+        replicas = ([(workload.resource_name, workload.name)] if workload.role is not Role.SPREAD else
+                    [(f"{workload.resource_name}-{index}", f"{workload.name}-{index}")
+                     for index in range(workload.replicas)])
+        containers = [self._container(resource_name, name, workload, parent) for resource_name, name in replicas]
+        return Deployed(resources=list(containers), name=containers[0].name,
+                        host_port=containers[0].ports.apply(lambda ports: ports[0].external) if workload.publish else None,
+                        hosts=[name for _, name in replicas], every_task=False)
+
+    def _container(self, resource_name: str, name: str, workload: Workload, parent: pulumi.Resource) -> docker.Container:
+        """A non-root, read-only, capability-free container with limits, labels, a health check and restarts.
+        With `wait_healthy`, `pulumi up` fails unless it turns healthy in time."""
+        check = workload.health.check
+        wait = workload.wait_healthy
+        publish = workload.publish
+        return docker.Container(
+            resource_name,
+            name=name,
+            image=workload.image,
+            user=APP_USER,
+            read_only=READ_ONLY_ROOT,
+            tmpfs={TMP_PATH: f"{TMP_OPTIONS},size={workload.tmp_mb}m"},
+            security_opts=list(SECURITY_OPTIONS),
+            capabilities=docker.ContainerCapabilitiesArgs(drops=list(DROPPED_CAPABILITIES)),
+            ipc_mode=IPC_MODE,
+            # As the engine reads it back: one entry, soft equal to hard.
+            ulimits=[docker.ContainerUlimitArgs(name="nproc", soft=PROCESS_LIMIT, hard=PROCESS_LIMIT)],
+            memory=workload.limits.memory_mb,
+            # Docker doubles an unset swap limit and the provider reads that back, a diff on every run; equal
+            # to memory it also means no swap.
+            memory_swap=workload.limits.memory_mb,
+            cpus=provider_cpus(workload.limits.cpus),
+            labels=[docker.ContainerLabelArgs(label=key, value=value) for key, value in component_labels(
+                {**self.labels, **workload.identity, **workload.labels}, workload.component)],
+            healthcheck=docker.ContainerHealthcheckArgs(
+                tests=http_probe(workload.health.port, workload.health.path, check),
+                interval=go_duration(check.interval_s), timeout=go_duration(check.timeout_s),
+                retries=check.retries, start_period=go_duration(check.start_period_s)),
+            wait=wait,
+            wait_timeout=healthy_within_s(check) if wait else None,
+            restart="unless-stopped",
+            envs=[self._variable(key, value) for key, value in self._env_values(workload, name)] or None,
+            ports=None if publish is None else [
+                docker.ContainerPortArgs(internal=publish.port, external=publish.on.host_port, ip=publish.on.bind_address)],
+            volumes=[docker.ContainerVolumeArgs(volume_name=mount.volume, container_path=mount.target,
+                                                read_only=mount.read_only or None)
+                     for mount in workload.volumes] or None,
+            networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=self.network,
+                                                                    aliases=list(workload.aliases) or None)],
+            opts=pulumi.ResourceOptions(parent=parent, depends_on=list(workload.depends_on) or None),
+        )
+
+    @staticmethod
+    def _variable(key: str, value: pulumi.Input[str] | SecretEnv) -> pulumi.Input[str]:
+        if isinstance(value, SecretEnv):
+            return pulumi.Output.concat(f"{key}=", pulumi.Output.secret(value.value))
+        if isinstance(value, pulumi.Output):
+            return pulumi.Output.concat(f"{key}=", value)
+        return f"{key}={value}"
+
+    def image(self, resource_name: str, *, parent: pulumi.Resource, image: str, source: ImageSource | str,
+              target: Optional[str] = None, released: bool = False) -> WorkloadImage:
+        """The engine runs local images by ID: built here (and pushed too when released), or pulled by digest
+        (from the stage's registry when released)."""
+        after = list(self.registry) if released else None
+        if isinstance(source, ImageSource) and source.build is not None:
+            built = build_image(resource_name, parent=parent, stack=self.stack, image=image, context=source.build,
+                                settings=self.builds, target=target, push=self.push if released else None,
+                                push_after=after)
+            return WorkloadImage(runs=built.image_id, digest=built.repo_digest)
+        ref = source.ref if isinstance(source, ImageSource) else source
+        pulled = pulled_image(resource_name, parent=parent, ref=ref, platform=self.builds.platform, depends_on=after)
+        return WorkloadImage(runs=pulled.image_id, digest=pulled.image_id)
+
+    def endpoint(self, deployed: Deployed, publish: Publish) -> pulumi.Output[str]:
+        assert deployed.host_port is not None
+        return deployed.host_port.apply(lambda port: f"http://{publish.on.bind_address}:{port}")
+
+    def registry_server(self, deployed: Deployed) -> pulumi.Output[str]:
+        # The Docker engine pushes over loopback, which it trusts without TLS.
+        assert deployed.host_port is not None
+        return deployed.host_port.apply(lambda port: f"localhost:{port}")
+
+
+def swarm_duration(seconds: int) -> str:
+    """A duration as the provider reads a service's back: Go's form, then "1m0s" -> "1m", "1h0m" -> "1h"."""
+    text = go_duration(seconds)
+    if text.endswith("m0s"):
+        text = text[:-2]
+    return text[:-2] if text.endswith("h0m") else text
+
+
+def monitor_s(check: HealthCheck) -> int:
+    """How long Swarm watches an updated task before the next one: long enough for the health check to
+    declare it unhealthy after it first passed (every retry failing), plus one interval."""
+    return (check.retries + 1) * (check.interval_s + check.timeout_s)
+
+
+def converge_within_s(check: HealthCheck, replicas: int) -> int:
+    """How long `pulumi up` waits for a rolling update of `replicas` tasks to converge."""
+    return replicas * (healthy_within_s(check) + monitor_s(check))
+
+
+def nano_cpus(cpus: float) -> int:
+    return round(cpus * NANO)
+
+
+def secret_name(stack: str, purpose: str, content: str) -> str:
+    """`<stack>-<purpose>-<hash>`: Swarm secrets are immutable and every field of the provider's Secret is
+    ForceNew, so a new content gets a new name, the replacement is created before the old one is deleted and
+    services move over in a rolling update. The hash is salted with the stack and purpose and cut to 48 bits:
+    it tells versions apart and says nothing usable about the value."""
+    digest = hashlib.sha256(f"mlops-swarm-secret\0{stack}\0{purpose}\0{content}".encode()).hexdigest()
+    return f"{stack}-{purpose}-{digest[:SECRET_NAME_HASH_CHARS]}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Swarm(Runtime):
+    spec: SwarmSpec
+    network_id: pulumi.Input[str]
+    """The overlay network, by the ID the provider reads back."""
+    published_host: str
+    """The manager's address, where mlops reaches what the stage publishes."""
+    created_secrets: dict[str, docker.Secret] = field(default_factory=dict, compare=False)
+    """Secrets by resource name, created by the first workload that mounts them."""
+
+    def type_token(self, component: ComponentType) -> str:
+        return component.swarm
+
+    def deploy(self, workload: Workload, parent: pulumi.Resource) -> Deployed:
+        """A non-root, read-only, capability-free service with limits, reservations, a health check, placement
+        by role, a rolling update policy and `dnsrr` endpoints (service VIPs need IPVS).
+
+        With `wait_healthy`, `pulumi up` waits until every task runs healthy; the provider deletes a service
+        that does not converge on create, and fails the update when Swarm rolled it back. A published port is
+        published in host mode on the node a task runs on."""
+        role = workload.role
+        check = workload.health.check
+        replicas = None if role is Role.EDGE else workload.replicas
+        order = "start-first" if role is Role.SPREAD else "stop-first"
+        reservations = self.spec.reservations if role is Role.SPREAD else workload.limits
+        constraints = {Role.STATEFUL: [f"node.labels.{self.spec.stateful_label} == true"],
+                       Role.SPREAD: self.spec.constraints,
+                       Role.EDGE: [f"node.labels.{self.spec.edge_label} == true"]}[role]
+        env: dict[str, pulumi.Input[str]] = {}
+        secrets = []
+        for key, value in self._env_values(workload, TASK_NAME):
+            if isinstance(value, SecretEnv):
+                env[f"{key}_FILE"] = f"{SECRETS_DIR}/{value.file}"
+                secrets.append(self._secret_file(value, parent))
+            else:
+                env[key] = value
+        mounts = [docker.ServiceTaskSpecContainerSpecMountArgs(
+            target=TMP_PATH, type="tmpfs", tmpfs_options=docker.ServiceTaskSpecContainerSpecMountTmpfsOptionsArgs(
+                size_bytes=workload.tmp_mb * MIB, mode=0o1777))]
+        mounts += [docker.ServiceTaskSpecContainerSpecMountArgs(target=mount.target, type="volume", source=mount.volume,
+                                                                read_only=mount.read_only or None)
+                   for mount in sorted(workload.volumes, key=lambda mount: mount.target)]
+        publish = workload.publish
+        service = docker.Service(
+            workload.resource_name,
+            name=workload.name,
+            labels=[docker.ServiceLabelArgs(label=key, value=value) for key, value in component_labels(
+                {**self.labels, **workload.identity, **workload.labels}, workload.component)],
+            mode=docker.ServiceModeArgs(global_=True) if replicas is None else docker.ServiceModeArgs(
+                replicated=docker.ServiceModeReplicatedArgs(replicas=replicas)),
+            task_spec=docker.ServiceTaskSpecArgs(
+                container_spec=docker.ServiceTaskSpecContainerSpecArgs(
+                    image=workload.image,
+                    user=APP_USER,
+                    read_only=READ_ONLY_ROOT,
+                    cap_drops=list(DROPPED_CAPABILITIES),
+                    # Identity only: container labels are ForceNew in the provider (a model pin or owner here
+                    # would replace the service instead of rolling it); the service's own labels carry the rest.
+                    labels=[docker.ServiceTaskSpecContainerSpecLabelArgs(label=key, value=value)
+                            for key, value in component_labels({**self.identity, **workload.identity},
+                                                               workload.component)],
+                    env=env or None,
+                    secrets=secrets or None,
+                    mounts=mounts,
+                    healthcheck=docker.ServiceTaskSpecContainerSpecHealthcheckArgs(
+                        tests=http_probe(workload.health.port, workload.health.path, check),
+                        interval=swarm_duration(check.interval_s), timeout=swarm_duration(check.timeout_s),
+                        retries=check.retries, start_period=swarm_duration(check.start_period_s)),
+                ),
+                resources=docker.ServiceTaskSpecResourcesArgs(
+                    limits=docker.ServiceTaskSpecResourcesLimitsArgs(nano_cpus=nano_cpus(workload.limits.cpus),
+                                                                     memory_bytes=workload.limits.memory_mb * MIB),
+                    reservation=docker.ServiceTaskSpecResourcesReservationArgs(
+                        nano_cpus=nano_cpus(reservations.cpus), memory_bytes=reservations.memory_mb * MIB)),
+                placement=docker.ServiceTaskSpecPlacementArgs(
+                    constraints=list(constraints) or None,
+                    prefs=[self.spec.spread_over] if role is Role.SPREAD and self.spec.spread_over else None),
+                restart_policy=docker.ServiceTaskSpecRestartPolicyArgs(condition="any", delay="5s", max_attempts=0,
+                                                                       window="0s"),
+                networks_advanceds=[docker.ServiceTaskSpecNetworksAdvancedArgs(id=self.network_id)],
+            ),
+            endpoint_spec=docker.ServiceEndpointSpecArgs(mode="dnsrr", ports=None if publish is None else [
+                docker.ServiceEndpointSpecPortArgs(target_port=publish.port, published_port=publish.on.host_port,
+                                                   publish_mode="host", protocol="tcp")]),
+            # One task at a time, gated by health; any failure rolls the whole service back to the last spec.
+            update_config=docker.ServiceUpdateConfigArgs(
+                parallelism=1, delay="0s", order=order, failure_action="rollback",
+                monitor=swarm_duration(monitor_s(check)), max_failure_ratio="0.0"),
+            # A rollback that fails too pauses (Swarm's only choices are pause and continue) for a human to look.
+            rollback_config=docker.ServiceRollbackConfigArgs(
+                parallelism=1, delay="0s", order=order, failure_action="pause",
+                monitor=swarm_duration(monitor_s(check)), max_failure_ratio="0.0"),
+            # Global services cannot converge in the provider.
+            converge_config=docker.ServiceConvergeConfigArgs(
+                delay=CONVERGE_POLL, timeout=swarm_duration(converge_within_s(check, replicas)))
+            if workload.wait_healthy and replicas is not None else None,
+            opts=pulumi.ResourceOptions(parent=parent, depends_on=list(workload.depends_on) or None),
+        )
+        return Deployed(resources=[service], name=service.name,
+                        host_port=None if publish is None else pulumi.Output.from_input(publish.on.host_port),
+                        hosts=[f"tasks.{workload.name}"], every_task=True)
+
+    def _secret_file(self, secret: SecretEnv, parent: pulumi.Resource) -> docker.ServiceTaskSpecContainerSpecSecretArgs:
+        """`secret` as `/run/secrets/<file>`, readable by the app user only; one `docker.Secret` per resource
+        name, however many workloads mount it."""
+        if secret.resource_name not in self.created_secrets:
+            value = pulumi.Output.secret(secret.value)
+            self.created_secrets[secret.resource_name] = docker.Secret(
+                secret.resource_name,
+                name=pulumi.Output.unsecret(value.apply(lambda content: secret_name(self.stack, secret.purpose, content))),
+                data=value.apply(lambda content: base64.b64encode(content.encode()).decode()),
+                opts=pulumi.ResourceOptions(parent=parent))
+        created = self.created_secrets[secret.resource_name]
+        return docker.ServiceTaskSpecContainerSpecSecretArgs(
+            secret_id=created.id, secret_name=created.name, file_name=f"{SECRETS_DIR}/{secret.file}",
+            file_uid=APP_UID, file_gid=APP_GID, file_mode=SECRET_FILE_MODE)
+
+    def image(self, resource_name: str, *, parent: pulumi.Resource, image: str, source: ImageSource | str,
+              target: Optional[str] = None, released: bool = False) -> WorkloadImage:
+        """What any node can pull: a build pushed to the stage's registry, by digest, or the pinned reference."""
+        assert self.push is not None, "a swarm stage needs its image registry"
+        pullable = pullable_image(resource_name, parent=parent, stack=self.stack, image=image, source=source,
+                                  settings=self.builds, push=self.push, push_after=list(self.registry), target=target)
+        return WorkloadImage(runs=pullable, digest=pullable)
+
+    def endpoint(self, deployed: Deployed, publish: Publish) -> pulumi.Output[str]:
+        # Every node that runs a task answers on the port; this names the manager's, as mlops reaches the
+        # stage there.
+        return pulumi.Output.from_input(f"http://{self.published_host}:{publish.on.host_port}")
+
+    def registry_server(self, deployed: Deployed) -> pulumi.Output[str]:
+        # Known once the service converged, so pushes wait for a registry that answers.
+        registry_address = self.spec.registry_address
+        return deployed.name.apply(lambda _: registry_address)
+
+
+def _repeated(option: str, values: Sequence[str]) -> list[str]:
+    return [argument for value in values for argument in (option, value)]
+
+
+def _run_options(run: Run) -> list[str]:
+    """What a one-off run gets on one host and on a swarm alike: its name, network, user, read-only root, no
+    capabilities and its labels."""
+    return [*(["--name", run.name] if run.name else []), "--network", run.network, "--user", APP_USER,
+            *(["--read-only"] if READ_ONLY_ROOT else []), *_repeated("--cap-drop", DROPPED_CAPABILITIES),
+            *_repeated("--label", [f"{key}={value}" for key, value in component_labels(run.labels, run.component)])]
+
+
+def docker_run_arguments(run: Run) -> list[str]:
+    """`docker run` arguments of `run`. A secret is named without its value, which `docker` then takes from
+    its own environment (`run_environment`), so it shows in no process list."""
+    memory = f"{run.limits.memory_mb}m"
+    return [
+        "run", "--rm", *(["--interactive"] if run.interactive else []), *_run_options(run),
+        "--tmpfs", f"{TMP_PATH}:{TMP_OPTIONS},size={TMP_MB}m", *_repeated("--security-opt", SECURITY_OPTIONS),
+        "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}",
+        "--cpus", str(run.limits.cpus), "--memory", memory, "--memory-swap", memory,
+        *(["--gpus", "all"] if run.gpus else []),
+        *_repeated("--volume", [f"{mount.volume}:{mount.target}{':ro' if mount.read_only else ''}"
+                                for mount in run.volumes]),
+        *_repeated("--env", [key if isinstance(value, SecretEnv) else f"{key}={value}"
+                             for key, value in run.env.items()]),
+        "--entrypoint", run.entrypoint[0], run.image, *run.entrypoint[1:], *run.args,
+    ]
+
+
+def run_environment(run: Run) -> dict[str, str]:
+    """The variables `docker run` passes on by name: the run's secrets."""
+    return {key: str(secret.value) for key, secret in run.secrets().items()}
+
+
+def service_job_arguments(run: Run) -> list[str]:
+    """`docker service create` arguments of `run` as a one-shot job (`replicated-job`, never restarted),
+    reserved as much as limited so it lands only where its resources are free. Each secret is the Swarm
+    secret `resource_name`, mounted as a file the run's shell exports into the variable before it `exec`s
+    the entrypoint: the images read the variable, and the value never is an option of the service."""
+    cpus, memory = str(run.limits.cpus), f"{run.limits.memory_mb}M"
+    secrets = run.secrets()
+    exports = " ".join(f'{key}="$(cat {SECRETS_DIR}/{secret.file})"' for key, secret in secrets.items())
+    return [
+        "service", "create", "--detach", "--with-registry-auth", *_run_options(run),
+        "--mode", "replicated-job", "--restart-condition", "none",
+        "--limit-cpu", cpus, "--limit-memory", memory, "--reserve-cpu", cpus, "--reserve-memory", memory,
+        *_repeated("--generic-resource", [f"{kind}={count}" for kind, count in sorted(run.generic_resources.items())]),
+        *_repeated("--constraint", run.constraints),
+        "--mount", f"type=tmpfs,destination={TMP_PATH},tmpfs-size={TMP_MB * MIB}",
+        *_repeated("--mount", [f"type=volume,source={mount.volume},destination={mount.target}"
+                               f"{',readonly' if mount.read_only else ''}" for mount in run.volumes]),
+        *_repeated("--secret", [f"source={secret.resource_name},target={secret.file},uid={APP_UID},gid={APP_GID},"
+                                f"mode={SECRET_FILE_MODE:04o}" for secret in secrets.values()]),
+        *_repeated("--env", [f"{key}={value}" for key, value in run.env.items() if not isinstance(value, SecretEnv)]),
+        "--entrypoint", "sh", run.image, "-c", f'{exports} exec "$@"'.lstrip(), run.component,
+        *run.entrypoint, *run.args,
+    ]

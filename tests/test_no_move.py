@@ -1,0 +1,79 @@
+"""Nothing moves on a live stack: the code of this tree renders every shipped stage (and the variants in
+tests/stage_renderings.py) exactly as the code of BASE did, compared the way `mlops diff` compares two
+renderings. BASE is the commit before the workload contract (components/workload.py) replaced the mirrored
+single-host and Swarm component trees: an existing stack's `pulumi up` must replace, add or remove nothing.
+
+A deliberate change of what a stage runs since BASE goes into INTENDED_CHANGES, by resource type and field
+path, so it is stated, reviewed, and checked to stay an in-place update."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlops.diff import compare
+from mlops.plan import PlannedResource
+from mlops_spec.project import REPO_ROOT
+from tests.stage_renderings import EXPERIMENT, VARIANTS
+
+BASE = "945247a"
+RENDERER = Path(__file__).with_name("stage_renderings.py")
+# The code, program and stage files of BASE; the build contexts stay the work tree's, so image content tags
+# compare the code and not the images.
+BASE_PATHS = ("components", "mlops", "environments", "__main__.py", "Pulumi.yaml", "pyproject.toml")
+REGISTRY_BCRYPT = ("the registry's htpasswd line at bcrypt cost 10, not 5 (issue 18): the registry container (its "
+                   "Swarm secret) is replaced once; its data volume is kept")
+INTENDED_CHANGES: dict[str, tuple[str, set[str]]] = {
+    "image-registry-server": (REGISTRY_BCRYPT, {"envs", "taskSpec.containerSpec.secrets"}),
+    "image-registry-secret": (REGISTRY_BCRYPT, {"data", "name"}),
+}
+"""resource name without its stack -> (why, field paths as `mlops diff` names them) that changed on purpose since
+BASE; only these may be replaced."""
+
+
+def intended(change, stack: str) -> set[str]:
+    return INTENDED_CHANGES.get(change.name.removeprefix(f"{stack}-"), ("", set()))[1]
+
+
+def renderings(root: Path) -> dict[str, list[PlannedResource]]:
+    ran = subprocess.run([sys.executable, str(RENDERER), str(root), str(root / "environments")],
+                         capture_output=True, text=True, cwd=root)
+    assert ran.returncode == 0, ran.stderr
+    return {variant: [PlannedResource(**{**resource, "dependencies": tuple(resource["dependencies"])})
+                      for resource in resources]
+            for variant, resources in json.loads(ran.stdout).items()}
+
+
+@pytest.fixture(scope="module")
+def before_and_after(tmp_path_factory) -> tuple[dict, dict]:
+    base = tmp_path_factory.mktemp("base")
+    archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", BASE, *BASE_PATHS], capture_output=True)
+    if archive.returncode != 0:
+        pytest.fail(f"commit {BASE} is not in this clone's history (a shallow clone? `git fetch --unshallow`): "
+                    f"{archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
+    (base / "images").symlink_to(REPO_ROOT / "images")
+    return renderings(base), renderings(REPO_ROOT)
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, EXPERIMENT])
+def test_every_resource_keeps_its_urn_inputs_and_dependencies(variant, before_and_after):
+    before, after = before_and_after[0][variant], before_and_after[1][variant]
+    stack = VARIANTS[variant][0] if variant in VARIANTS else EXPERIMENT
+    changes, unchanged = compare(before, after, stack, stack)
+    moved = [(change.status, change.action, change.name, change.replace_fields) for change in changes
+             if change.action in ("create", "delete") or (change.action == "replace"
+                                                           and not set(change.replace_fields) <= intended(change, stack))]
+    assert moved == [], f"{variant}: resources that `pulumi up` would add, delete or replace"
+    unintended = [(change.name, field.path, field.before, field.after) for change in changes
+                  for field in change.fields
+                  if not any(field.path == path or field.path.startswith((f"{path}.", f"{path}["))
+                             for path in intended(change, stack))]
+    assert unintended == [], f"{variant}: inputs that changed since {BASE}"
+    # The same parent chain (so the same URN) and the same order of creation.
+    assert [(r.type, r.name, r.parent, r.dependencies) for r in before] == \
+           [(r.type, r.name, r.parent, r.dependencies) for r in after]
+    assert unchanged + len(changes) == len(after)
