@@ -146,7 +146,7 @@ def test_overrides_use_yaml_scalar_semantics_and_apply():
 
 
 @pytest.mark.parametrize("assignment, message", [
-    ("serving.replica=2", "--set serving.replica: unknown key 'replica' under serving; allowed: build, gateway"),
+    ("serving.replica=2", "--set serving.replica: unknown key 'replica' under serving; allowed: batching, build, gateway"),
     ("nope=1", "--set nope: unknown key 'nope'; allowed: artifact_store, docker, gates"),
     ("serving.replicas=abc", "--set serving.replicas: Input should be a valid integer"),
     ("serving.replicas=0", "--set serving.replicas: Input should be greater than or equal to 1"),
