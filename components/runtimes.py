@@ -54,6 +54,12 @@ from mlops_spec.encoding import NANO, provider_cpus
 from mlops_spec.models import HealthCheck, ImageSource, SwarmSpec
 
 MIB = 1024 * 1024
+# Permission bits only: the provider reads a tmpfs mode back as `Mode.Perm()` (resource_docker_service_structures.go,
+# flattenServiceMounts), which drops the sticky bit, and `mounts` is a set compared whole, so 0o1777 would update
+# every service on every `pulumi up`. Nothing is lost: runc gives a tmpfs mounted over an existing directory that
+# directory's mode, so /tmp keeps the image's 1777; and a task runs as one uid, whose files the sticky bit would
+# only protect from itself.
+TMP_MODE = 0o777
 CONVERGE_POLL = "7s"
 SECRET_NAME_HASH_CHARS = 12
 TASK_NAME = "{{.Task.Name}}"
@@ -307,7 +313,7 @@ class Swarm(Runtime):
                 env[key] = value
         mounts = [docker.ServiceTaskSpecContainerSpecMountArgs(
             target=TMP_PATH, type="tmpfs", tmpfs_options=docker.ServiceTaskSpecContainerSpecMountTmpfsOptionsArgs(
-                size_bytes=workload.tmp_mb * MIB, mode=0o1777))]
+                size_bytes=workload.tmp_mb * MIB, mode=TMP_MODE))]
         mounts += [docker.ServiceTaskSpecContainerSpecMountArgs(target=mount.target, type="volume", source=mount.volume,
                                                                 read_only=mount.read_only or None)
                    for mount in sorted(workload.volumes, key=lambda mount: mount.target)]

@@ -27,8 +27,12 @@ BASE_PATHS = ("components", "mlops", "environments", "__main__.py", "Pulumi.yaml
 REGISTRY_BCRYPT = ("the registry's htpasswd line at bcrypt cost 10, not 5 (issue 18): the registry container (its "
                    "Swarm secret) is replaced once; its data volume is kept")
 INTENDED_CHANGES: dict[str, tuple[str, set[str]]] = {
-    "image-registry-server": (REGISTRY_BCRYPT, {"envs", "taskSpec.containerSpec.secrets"}),
+    "image-registry-server": (REGISTRY_BCRYPT, {"envs", "taskSpec.containerSpec.secrets", "taskSpec.containerSpec.mounts"}),
     "image-registry-secret": (REGISTRY_BCRYPT, {"data", "name"}),
+    **{service: ("a service's /tmp at mode 0o777, the bits the provider reads back (issue 19): an in-place update, "
+                 "once", {"taskSpec.containerSpec.mounts"})
+       for service in ("serving-blue", "serving-green", "serving-gateway", "model-registry-server",
+                       "monitoring-prometheus")},
 }
 """resource name without its stack -> (why, field paths as `mlops diff` names them) that changed on purpose since
 BASE; only these may be replaced."""
