@@ -24,6 +24,12 @@ from mlops.spec import NANO, HealthCheck, Limits
 
 MIB = 1024 * 1024
 TMP_BYTES = 64 * MIB
+# Permission bits only: the provider reads a tmpfs mode back as `Mode.Perm()` (resource_docker_service_structures.go,
+# flattenServiceMounts), which drops the sticky bit, and `mounts` is a set compared whole, so 0o1777 would update
+# every service on every `pulumi up`. Nothing is lost: runc gives a tmpfs mounted over an existing directory that
+# directory's mode, so /tmp keeps the image's 1777; and a task runs as one uid, whose files the sticky bit would
+# only protect from itself.
+TMP_MODE = 0o777
 SECRETS_DIR = "/run/secrets"
 CONVERGE_POLL = "7s"
 SECRET_NAME_HASH_CHARS = 12
@@ -132,7 +138,7 @@ def hardened_service(
     port, path = health_path
     mounts = [docker.ServiceTaskSpecContainerSpecMountArgs(
         target="/tmp", type="tmpfs", tmpfs_options=docker.ServiceTaskSpecContainerSpecMountTmpfsOptionsArgs(
-            size_bytes=tmp_bytes, mode=0o1777))]
+            size_bytes=tmp_bytes, mode=TMP_MODE))]
     mounts += [docker.ServiceTaskSpecContainerSpecMountArgs(target=target, type="volume", source=volume)
                for target, volume in sorted((volumes or {}).items())]
     return docker.Service(
