@@ -32,6 +32,7 @@ from mlops.credentials import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, derive
 from mlops.modelstore import BasicAuth, MlflowStore
 from mlops.spec import ENVIRONMENTS_DIR, REPO_ROOT, load_stage
 from mlops.status import stage_status
+from tests.cluster import task_states
 from tests.conftest import fetch_build_inputs
 from tests.engine import SERVICE, DeployFailed, StageOnEngine
 
@@ -152,7 +153,11 @@ def pin(engine: StageOnEngine, environments: Path, version: int, sha256: str) ->
     """Pin a model in the stage file and deploy it, as `pulumi up` of the edited file would."""
     edit_stage(environments, {"release": {"model": {"name": MODEL, "version": version, "sha256": sha256}}})
     engine.spec = load_stage(STAGE, environments)
-    engine.deploy()
+    try:
+        engine.deploy()
+    except DeployFailed as failure:
+        # Which task failed, where and why: Swarm's update status names the task but not its error.
+        raise DeployFailed(f"{failure}; {SERVING} tasks: {task_states(engine.client, SERVING)}") from None
 
 
 def predictions_of(reader: BasicAuth, manager_ip: str, version: int) -> list:
