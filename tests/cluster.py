@@ -87,7 +87,6 @@ class Cluster:
             time.sleep(0.5)
 
 
-
 def task_states(manager: docker.DockerClient, service: str) -> list[str]:
     """`slot@node:state(error or message)` of the service's last 12 tasks, for a failure message."""
     names = {node.id: node.attrs["Description"]["Hostname"] for node in manager.nodes.list()}
