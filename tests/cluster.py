@@ -72,7 +72,7 @@ class Cluster:
                 return running
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{service}: {len(running)} of {replicas} tasks running after {timeout_s:.0f}s "
-                                   f"(on {running}); tasks: {self._task_states(service)}")
+                                   f"(on {running}); tasks: {task_states(self.client, service)}")
             time.sleep(0.5)
 
     def wait_nodes_ready(self, timeout_s: float = 60) -> None:
@@ -86,10 +86,13 @@ class Cluster:
                 raise hosts.HostError(f"swarm nodes not all ready after {timeout_s:.0f}s: {states}")
             time.sleep(0.5)
 
-    def _task_states(self, service: str) -> list[str]:
-        return [f"{task.get('Slot', '')}:{task['Status']['State']}"
-                f"({task['Status'].get('Err') or task['Status'].get('Message', '')})"
-                for task in self.client.api.tasks(filters={"service": service})][-12:]
+
+def task_states(manager: docker.DockerClient, service: str) -> list[str]:
+    """`slot@node:state(error or message)` of the service's last 12 tasks, for a failure message."""
+    names = {node.id: node.attrs["Description"]["Hostname"] for node in manager.nodes.list()}
+    return [f"{task.get('Slot', '')}@{names.get(task.get('NodeID'), '?')}:{task['Status']['State']}"
+            f"({task['Status'].get('Err') or task['Status'].get('Message', '')})"
+            for task in manager.api.tasks(filters={"service": service})][-12:]
 
 
 def start_cluster(session: str, labels: dict[str, dict[str, str]]) -> Cluster:

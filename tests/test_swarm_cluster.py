@@ -33,6 +33,7 @@ from mlops.status import stage_status
 from mlops_spec.contract import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, derived_password, secret_variable
 from mlops_spec.loading import load_stage
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
+from tests.cluster import task_states
 from tests.conftest import fetch_build_inputs
 from tests.engine import SERVICE, DeployFailed, StageOnEngine
 
@@ -153,7 +154,11 @@ def pin(engine: StageOnEngine, environments: Path, version: int, sha256: str) ->
     """Pin a model in the stage file and deploy it, as `pulumi up` of the edited file would."""
     edit_stage(environments, {"release": {"model": {"name": MODEL, "version": version, "sha256": sha256}}})
     engine.spec = load_stage(STAGE, environments)
-    engine.deploy()
+    try:
+        engine.deploy()
+    except DeployFailed as failure:
+        # Which task failed, where and why: Swarm's update status names the task but not its error.
+        raise DeployFailed(f"{failure}; {SERVING} tasks: {task_states(engine.client, SERVING)}") from None
 
 
 def predictions_of(reader: BasicAuth, manager_ip: str, version: int) -> list:
@@ -259,30 +264,11 @@ def test_prometheus_scrapes_every_replica_and_the_gateway_where_swarm_runs_them(
     assert [(slot.slot, slot.version) for slot in checked.slots] == [("blue", "1")]
 
 
-def test_a_node_power_cut_loses_at_most_one_percent_and_the_replicas_come_back(swarm_cluster, cluster_stage):
-    engine, _, _, _ = cluster_stage
-    replicas = engine.spec.serving.replicas
-    victim = next(name for name in swarm_cluster.nodes_running(SERVING) if name != swarm_cluster.manager.name)
-    try:
-        with SteadyLoad(swarm_cluster.manager.ip) as load:
-            time.sleep(3)
-            swarm_cluster.node(victim).stop()
-            swarm_cluster.wait_running(SERVING, replicas, timeout_s=120, avoiding=victim)
-            time.sleep(5)
-    finally:
-        swarm_cluster.node(victim).start()
-        swarm_cluster.wait_nodes_ready(timeout_s=120)
-    assert load.total >= 50, load.outcomes
-    assert load.lost <= load.total / 100, load.outcomes
-
-
-def test_prometheus_scrapes_the_replicas_swarm_rescheduled_and_forgets_the_lost_ones(swarm_cluster, cluster_stage):
-    """After the power cut above: the replicas run where Swarm moved them, and those are the targets."""
-    engine, _, _, _ = cluster_stage
-    replicas = wait_scraped_where_running(swarm_cluster, version=1)
-    assert len(replicas) == engine.spec.serving.replicas, replicas
-
-
+# The updates run before the power cut, not after: right after a worker's power cut, Swarm's constraint enforcer
+# can reject a start-first task on the worker that just came back ("assigned node no longer meets constraints"),
+# and with max_failure_ratio 0 one rejected task rolls the whole update back. That rollback is Swarm doing its
+# job on a node still settling, not a lost request; run after it, the update tests failed one CI run in two
+# (docs/reliability.md, "Rolling updates on the cluster").
 def test_a_rolling_update_to_a_new_model_version_loses_no_request(swarm_cluster, cluster_stage):
     engine, environments, versions, reader = cluster_stage
     with SteadyLoad(swarm_cluster.manager.ip) as load:
@@ -305,6 +291,30 @@ def test_a_model_that_fails_its_sha256_pin_is_rolled_back_while_the_old_one_answ
     assert load.total >= 50 and load.lost == 0, load.outcomes
     assert serving_env(engine)["MODEL_VERSION"] == "2"
     assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 2)
+
+
+def test_a_node_power_cut_loses_at_most_one_percent_and_the_replicas_come_back(swarm_cluster, cluster_stage):
+    engine, _, _, _ = cluster_stage
+    replicas = engine.spec.serving.replicas
+    victim = next(name for name in swarm_cluster.nodes_running(SERVING) if name != swarm_cluster.manager.name)
+    try:
+        with SteadyLoad(swarm_cluster.manager.ip) as load:
+            time.sleep(3)
+            swarm_cluster.node(victim).stop()
+            swarm_cluster.wait_running(SERVING, replicas, timeout_s=120, avoiding=victim)
+            time.sleep(5)
+    finally:
+        swarm_cluster.node(victim).start()
+        swarm_cluster.wait_nodes_ready(timeout_s=120)
+    assert load.total >= 50, load.outcomes
+    assert load.lost <= load.total / 100, load.outcomes
+
+
+def test_prometheus_scrapes_the_replicas_swarm_rescheduled_and_forgets_the_lost_ones(swarm_cluster, cluster_stage):
+    """After the power cut above: the replicas run where Swarm moved them, and those are the targets."""
+    engine, _, _, _ = cluster_stage
+    replicas = wait_scraped_where_running(swarm_cluster, version=2)
+    assert len(replicas) == engine.spec.serving.replicas, replicas
 
 
 def test_no_service_holds_a_password_in_its_environment(swarm_cluster, cluster_stage):

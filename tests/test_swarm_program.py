@@ -105,6 +105,21 @@ def test_rolling_updates_go_one_at_a_time_start_first_and_roll_back_on_any_failu
     assert "convergeConfig" not in following_latest
 
 
+def test_every_tmpfs_mode_is_read_back_by_the_provider_as_declared():
+    """The provider reads a tmpfs mode back as Go's `FileMode.Perm()`, the permission bits alone
+    (resource_docker_service_structures.go, flattenServiceMounts); a sticky or setuid bit in the declared mode
+    would differ from every read, and `mounts` is a set compared whole: every `pulumi up` would update the service."""
+    canary = {**PINNED, "serving": {"green": {"model": {"name": "iris-classifier", "version": 4, "sha256": "c" * 64}},
+                                    "traffic": {"blue": 90, "green": 10}}}
+    modes = {(name, mount["target"]): mount["tmpfsOptions"]["mode"]
+             for name, resource in render(canary).items() if resource.type == SERVICE
+             for mount in resource.inputs["taskSpec"]["containerSpec"]["mounts"] if mount["type"] == "tmpfs"}
+    assert {name for name, _ in modes} == {"cluster-image-registry-server", "cluster-model-registry-server",
+                                           "cluster-monitoring-prometheus", "cluster-serving-blue",
+                                           "cluster-serving-green", "cluster-serving-gateway"}
+    assert {key: oct(mode) for key, mode in modes.items() if mode & 0o777 != mode} == {}
+
+
 def test_durations_are_written_as_the_provider_reads_them_back():
     assert [runtimes.swarm_duration(s) for s in (0, 5, 60, 90, 3600, 3660)] == ["0s", "5s", "1m", "1m30s", "1h",
                                                                                  "1h1m"]
