@@ -490,9 +490,10 @@ def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, ima
     register_source_model(registries, accuracy=0.97)
     dev_port, _, dev_password = image_registry()
     monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_DEV", dev_password)
-    environments = make_repo(tmp_path, prod_port=registries["target"])
+    environments = make_repo(tmp_path, staging_port=registries["target"])
     dev_on(environments, model_registry_port=registries["source"], image_registry_port=dev_port)
-    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "prod", "--environments", str(environments)])
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--environments",
+                                      str(environments)])
     assert result.exit_code == 1
     assert "dev has no pushed training image dev/training:" in result.output
     assert "does not have it" in result.output

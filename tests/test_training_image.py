@@ -115,6 +115,7 @@ def training_stack(docker_engine, tmp_path_factory):
     environments = tmp_path_factory.mktemp("training") / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     (environments / f"{stack}.yaml").write_text(yaml.safe_dump({
+        "kind": "dev",
         "model_registry": {"port": {"host_port": None}},
         "image_registry": {"enabled": False, "port": {"host_port": None}},
         "serving": {"build": "images/serving", "port": {"host_port": None}},
