@@ -13,12 +13,23 @@ from typer.testing import CliRunner
 
 from mlops.cli import app
 from mlops.plan import render
+from mlops_spec.contract import REGISTRY_PASSWORD, secret_variable
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_all_stages, load_stage, load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
 from mlops_spec.rules import promotion_order
 from tests.conftest import FIXTURE_SERVING_DIGEST, FIXTURE_TRAINING_DIGEST
-from tests.test_promote import MODEL_NAME, FakeImageRegistries, git, register_source_model, release_yaml, store
+# image_registries is test_promote's fixture, imported so that pytest finds it here too.
+from tests.test_promote import (  # noqa: F401
+    MODEL_NAME,
+    git,
+    image_registries,
+    make_repo,
+    mlflow_secrets_as,
+    register_source_model,
+    release_yaml,
+    store,
+)
 from tests.test_spec_errors import append, replace, run_cli
 
 QA = """# qa: between staging and prod, on staging's host with ports of its own.
@@ -198,30 +209,18 @@ def test_promote_refuses_a_source_the_target_does_not_name(environments):
     assert {file.name: file.read_text() for file in environments.iterdir()} == before
 
 
-def test_a_new_stage_is_promoted_into_without_code(tmp_path, registries, monkeypatch):
+def test_a_new_stage_is_promoted_into_without_code(tmp_path, registries, image_registries, monkeypatch):
     """staging -> qa, with qa declared only in YAML: the model is copied into qa's MLflow and qa.yaml is pinned."""
-    from mlops import promote
-    from mlops_spec.contract import MLFLOW_PASSWORD, REGISTRY_PASSWORD, secret_variable
-    from tests.mlflow_servers import MLFLOW_SECRETS
-
-    environments = tmp_path / "repo" / "environments"
-    shutil.copytree(ENVIRONMENTS_DIR, environments)
-    add_qa_and_prod_eu(environments)
     version, sha256 = register_source_model(registries, accuracy=0.97)
-    replace(environments / "staging.yaml", "host_port: 5100", f"host_port: {registries['source']}")
-    append(environments / "staging.yaml", release_yaml(version, sha256))
+    environments = make_repo(tmp_path, staging_port=registries["source"], release=release_yaml(version, sha256))
+    add_qa_and_prod_eu(environments)
     replace(environments / "qa.yaml", "host_port: 5150", f"host_port: {registries['target']}")
-    git(environments.parent, "init", "-q", "-b", "main")
     git(environments.parent, "add", "environments")
-    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "stages")
-    for stage, role in (("staging", "source"), ("qa", "target")):
-        monkeypatch.setenv(secret_variable(MLFLOW_PASSWORD, stage), MLFLOW_SECRETS[role])
+    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "qa")
+    mlflow_secrets_as(monkeypatch, staging="source", qa="target")
+    for stage in ("staging", "qa"):
         monkeypatch.setenv(secret_variable(REGISTRY_PASSWORD, stage), f"{stage}-password")
-    images = FakeImageRegistries()
-    for digest, role in ((FIXTURE_TRAINING_DIGEST, "training"), (FIXTURE_SERVING_DIGEST, "serving")):
-        images.images.add(("127.0.0.1:5101", f"staging/{role}", digest))
-    monkeypatch.setattr(promote, "manifest_digest", images.manifest_digest)
-    monkeypatch.setattr(promote, "copy_image", images.copy_image)
+    images = image_registries
 
     result = CliRunner().invoke(app, ["promote", "--from", "staging", "--to", "qa", "--environments",
                                       str(environments)], catch_exceptions=False)
