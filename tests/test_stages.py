@@ -19,6 +19,7 @@ from mlops_spec.loading import load_all_stages, load_stage, load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
 from mlops_spec.rules import promotion_order
 from tests.conftest import FIXTURE_SERVING_DIGEST, FIXTURE_TRAINING_DIGEST
+
 # image_registries is test_promote's fixture, imported so that pytest finds it here too.
 from tests.test_promote import (  # noqa: F401
     MODEL_NAME,
