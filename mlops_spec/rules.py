@@ -39,6 +39,13 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
         if spec.serving.green is not None and not spec.serving.green.model.is_pinned:
             broken.append(("serving.green.model", "outside dev, pin the model by an integer version and its sha256"))
 
+    green = spec.serving.green
+    if green is not None and spec.release is not None and green.model.name != spec.release.model.name:
+        # The gateway routes /v2/models/<name>/ to blue and green alike: a green of another model would answer its
+        # share of the blue model's requests with 404.
+        broken.append(("serving.green.model.name", f"'{excerpt(green.model.name)}' is another model than blue's "
+                                                   f"release.model.name ({spec.release.model.name}): the green slot "
+                                                   "serves another version of the same model"))
     if spec.serving.traffic.green > 0 and spec.serving.green is None:
         broken.append(("serving.traffic.green", "is above 0 but no 'serving.green' release is declared to receive it"))
     rollout = spec.serving.green.rollout if spec.serving.green is not None else None

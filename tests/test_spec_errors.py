@@ -132,6 +132,11 @@ BROKEN_SPECS = {
         prod_batches("{max_batch_size: 32, max_batch_time_ms: 5000}"),
         "prod.yaml:20: serving.batching.max_batch_time_ms: 5000 ms is not below serving.health_check.timeout_s (3 s): "
         "a request would wait for company longer than a replica may take to answer at all; use a few milliseconds"),
+    "a green of another model": (
+        lambda env: replace(env / "dev.yaml", "  build: images/serving", "  build: images/serving\n  green:\n"
+                                                                         "    model: {name: diabetes-regressor, version: latest}"),
+        "dev.yaml:10: serving.green.model.name: 'diabetes-regressor' is another model than blue's release.model.name "
+        "(iris-classifier): the green slot serves another version of the same model"),
     "missing build context": (lambda env: replace(env / "dev.yaml", "build: images/training", "build: images/nothing"),
                               "dev.yaml:5: training.build: build context 'images/nothing' has no Dockerfile"),
 }
