@@ -2,10 +2,10 @@
 
 Infer requests decode strictly into one [N, features] array, from JSON or from the binary tensor data
 extension (the JSON header first, `Inference-Header-Content-Length` bytes long, then each input's raw
-little-endian bytes; tritonclient's default). A request sends one [N, features] tensor, or, for a model whose
-manifest names its features (serving/schema.py), one [N] or [N, 1] input per feature in any order: the V2
-columnar form, as MLServer's pandas codec and most clients send a table. Infer responses encode as JSON or, for outputs the request
-asks so, as binary. The same code checks requests for the `oip` server and in front of MLServer, so a
+little-endian bytes; tritonclient's default). A request sends one [N, features] tensor, or, for a model
+whose manifest names its features (serving/schema.py), one [N] or [N, 1] input per feature in any order:
+the V2 columnar form, as MLServer's pandas codec and most clients send a table. Infer responses encode as
+JSON or, for outputs the request asks so, as binary. The same code checks requests for the `oip` server and in front of MLServer, so a
 request one runtime refuses is refused by the other with the same 400.
 """
 from __future__ import annotations
@@ -169,9 +169,9 @@ def _columns(inputs: list, schema: ModelSchema, tail: BinaryTail, header: bytes)
             raise WrongInputs(f"input '{name}' must have shape [N] or [N, 1], got {shape!r}")
         if shape[0] == 0:
             raise BadRequest(f"input '{name}' has shape {shape}: a batch needs at least one row")
-        first, *_ = columns or {name: None}
-        if columns and shape[0] != len(columns[first]):
-            raise WrongInputs(f"input '{name}' has {shape[0]} rows and input '{first}' {len(columns[first])}: "
+        first = next(iter(columns.items()), None)
+        if first is not None and shape[0] != len(first[1]):
+            raise WrongInputs(f"input '{name}' has {shape[0]} rows and input '{first[0]}' {len(first[1])}: "
                               "every feature needs the same N")
         columns[name] = _values(tensor, name, shape, datatype, tail, header).astype(np.float64)
     return np.column_stack([columns[name] for name in schema.names])

@@ -6,6 +6,7 @@ model, with no feature names; requests then take only the one [N, features] tens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 FEATURE_TYPES = ("float", "int")
@@ -54,7 +55,7 @@ class ModelSchema:
             raise SchemaError(f"the manifest's schema lists {len(features)} features, the model takes {n_features}")
         return cls(n_features, features, task)
 
-    @property
+    @cached_property  # read by every request; frozen dataclasses take it (it writes the instance's __dict__)
     def names(self) -> list[str]:
         return [feature.name for feature in self.features]
 
