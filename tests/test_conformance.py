@@ -350,7 +350,7 @@ def test_a_model_with_a_schema_takes_one_named_input_per_feature_on_both_runtime
             client.infer(MODEL, columns[1:])
         assert missing.value.status() == "400"
         assert missing.value.message() == (
-            "missing 'sepal length (cm)'; expected one input per feature: sepal length (cm), sepal width (cm), "
+            "missing 'petal width (cm)'; expected one input per feature: sepal length (cm), sepal width (cm), "
             "petal length (cm), petal width (cm) (or one FP32 or FP64 tensor [N, 4])")
     finally:
         client.close()
