@@ -10,6 +10,7 @@ request one runtime refuses is refused by the other with the same 400.
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Mapping
@@ -190,7 +191,7 @@ def _values(tensor: dict, name: str, shape: list[int], datatype: str, tail: Bina
         values = _json_values(tensor["data"], name, datatype, header)
     else:
         raise BadRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-    needed = int(np.prod(shape))
+    needed = math.prod(shape)
     if values.size != needed:
         raise BadRequest(f"input '{name}' has {values.size} values; shape {shape} needs {needed}")
     if not np.isfinite(values).all():
