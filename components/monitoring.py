@@ -13,21 +13,24 @@ Metrics (what rules, dashboards and the rollout controller may rely on):
     mlops_gateway_requests_total{slot, code}                requests answered, by pool and HTTP status
     mlops_gateway_request_duration_seconds_bucket{slot, le} time from request to response (+ _sum, _count)
   job="serving"  (images/serving/serving, port 8082 of each replica; every series also carries the target
-                  labels slot, model, model_version: the pin as declared, `latest` in dev)
+                  labels slot, model, model_version: the pin as declared, `latest` in dev. The model's name
+                  comes from these, not from the replica, whose own `model` label Prometheus would rename)
     oip_infer_requests_total{status}                        infer requests by HTTP status
     oip_infer_duration_seconds_bucket{le}                   infer handling time of answered requests
     oip_inferred_rows_total                                 rows predicted
     oip_model_info{name, version, sha256}                   the model actually served (version resolved)
     mlops_drift_psi{feature}                                PSI of the recent rows against the training data
+                                                            (feature: the schema's name; a number without schema)
     mlops_drift_window_rows                                 rows the PSI is computed over
-    mlops_predictions_total{prediction}                     predictions by predicted value
-    mlops_reference_prediction_share{prediction}            class balance of the training data
+    mlops_predictions_total{prediction}                     a classifier's predictions by class; a regressor's by
+                                                            fixed bin of the training targets ("[87.0,120.5)")
+    mlops_reference_prediction_share{prediction}            the same classes' (bins') shares of the training labels
   recording rules (images/prometheus/rules/mlops.yml)
-    mlops:gateway_requests:rate1m{slot, code, model_version}
+    mlops:gateway_requests:rate1m{slot, code, model, model_version}
     mlops:gateway_errors:ratio_rate1m{slot}                 share of 5xx answers at the gateway
     mlops:gateway_latency_seconds:p99_1m{slot}
-    mlops:serving_requests:rate1m{slot, model_version, status}
-    mlops:serving_latency_seconds:p99_1m{slot, model_version}
+    mlops:serving_requests:rate1m{slot, model, model_version, status}
+    mlops:serving_latency_seconds:p99_1m{slot, model, model_version}
     mlops:drift_psi:max{slot, model, model_version, feature}
     mlops:drift_threshold                                   the stage's monitoring.drift_threshold
   alerts: InputDrift, ScrapeTargetDown, GatewayErrors

@@ -307,3 +307,51 @@ POST_FROM_THE_NETWORK = ("import sys,urllib.request,urllib.error\n"
                          "try: answer = urllib.request.urlopen(request, timeout=10)\n"
                          "except urllib.error.HTTPError as error: answer = error\n"
                          "sys.stdout.write(f'{answer.status} {answer.read().decode()}')")
+
+
+@pytest.fixture(scope="module")
+def schema_replicas(docker_engine, iris):
+    """{runtime: URL} of a replica per runtime, published on loopback, serving the iris model with a manifest
+    that records its schema."""
+    engine = Engine()
+    names = load_iris().feature_names
+    manifest = {"task": "classification", "schema": {"features": [{"name": name, "type": "float"} for name in names],
+                                                     "label": {"name": "species", "type": "int"}}}
+    try:
+        source = start_model_source(engine)
+        pin = source.mlflow.register(MODEL, pickle.dumps(iris[0]), manifest)
+        replicas = {runtime: start_replica(engine, source, f"serving-{runtime}-schema", pin, runtime)
+                    for runtime in RUNTIMES}
+        engine.wait_healthy(*replicas.values(), timeout_s=240)
+        yield {runtime: gateway_url(engine, replica) for runtime, replica in replicas.items()}
+    finally:
+        engine.remove_all()
+
+
+@pytest.mark.parametrize("schema_runtime", RUNTIMES)
+def test_a_model_with_a_schema_takes_one_named_input_per_feature_on_both_runtimes(schema_replicas, schema_runtime, iris):
+    model, features = iris
+    names = load_iris().feature_names
+    client = triton.InferenceServerClient(schema_replicas[schema_runtime].removeprefix("http://"))
+    try:
+        metadata = client.get_model_metadata(MODEL)
+        assert metadata["inputs"] == [{"name": name, "datatype": "FP64", "shape": [-1]} for name in names]
+        rows = features[::9]
+        # Columns in reverse order, one of them JSON, the others binary, as tritonclient sends a table.
+        columns = []
+        for index in reversed(range(len(names))):
+            column = triton.InferInput(names[index], [len(rows)], "FP64")
+            column.set_data_from_numpy(rows[:, index].copy(), binary_data=index != 1)
+            columns.append(column)
+        assert client.infer(MODEL, columns).as_numpy("predict").ravel().tolist() == model.predict(rows).tolist()
+        tensor = triton_infer(client, rows, binary_input=True, binary_output=None)
+        assert tensor.as_numpy("predict").ravel().tolist() == model.predict(rows).tolist()
+        with pytest.raises(InferenceServerException) as missing:
+            client.infer(MODEL, columns[1:])
+        assert missing.value.status() == "400"
+        assert missing.value.message() == (
+            "missing 'petal width (cm)'; expected one input per feature: sepal length (cm), sepal width (cm), "
+            "petal length (cm), petal width (cm) (or one FP32 or FP64 tensor [N, 4])")
+    finally:
+        client.close()
+

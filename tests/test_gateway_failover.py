@@ -148,12 +148,14 @@ class MlflowRest:
     def post(self, path: str, **fields) -> dict:
         return self.call("POST", f"/api/2.0/mlflow/{path}", json.dumps(fields).encode())
 
-    def register(self, name: str, payload: bytes) -> tuple[str, str]:
-        """A new version of `name` holding `payload`; returns (version, sha256)."""
+    def register(self, name: str, payload: bytes, manifest: dict | None = None) -> tuple[str, str]:
+        """A new version of `name` holding `payload`, and with `manifest` its manifest (else one that describes
+        no model); returns (version, sha256)."""
         sha256 = hashlib.sha256(payload).hexdigest()
+        described = {"sha256": sha256} if manifest is None else {**manifest, "outputs": {"model_sha256": sha256}}
         run = self.post("runs/create", experiment_id="0")["run"]["info"]
         location = run["artifact_uri"].removeprefix("mlflow-artifacts:").strip("/")
-        for artifact, content in (("model.pkl", payload), ("manifest.json", json.dumps({"sha256": sha256}).encode())):
+        for artifact, content in (("model.pkl", payload), ("manifest.json", json.dumps(described).encode())):
             self.call("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/model/{artifact}", content)
         self.post("runs/update", run_id=run["run_id"], status="FINISHED")
         version = self.post("model-versions/create", name=name, source=f"runs:/{run['run_id']}/model",

@@ -13,7 +13,8 @@ from serving.batching import BatchingSettings
 from serving.drift import DriftMonitor, ProfileError
 from serving.metrics_server import MetricsServer
 from serving.sampling import RequestSampler
-from serving.startup import fetch_pinned_model
+from serving.schema import ModelSchema
+from serving.startup import fetch_pinned_model, model_schema
 
 PORT = 8080
 # Prometheus scrapes the replica on a port of its own, inside the stage network: the gateway routes only
@@ -24,7 +25,7 @@ METRICS_PORT = 8082
 KEEPALIVE_S = 75
 
 
-def drift_monitor(manifest: dict | None, n_features: int) -> DriftMonitor | None:
+def drift_monitor(manifest: dict | None, schema: ModelSchema) -> DriftMonitor | None:
     """Drift scoring when the stage is monitored (DRIFT_WINDOW_ROWS is set) and the model's manifest
     carries a reference profile; without one the replica serves all the same, without drift scores."""
     window_rows = os.environ.get("DRIFT_WINDOW_ROWS")
@@ -36,7 +37,7 @@ def drift_monitor(manifest: dict | None, n_features: int) -> DriftMonitor | None
                                              "profiles were recorded?): no input drift scores")
         return None
     try:
-        return DriftMonitor(profile, n_features, int(window_rows))
+        return DriftMonitor(profile, schema.n_features, int(window_rows), feature_names=schema.names, task=schema.task)
     except ProfileError as error:
         logging.getLogger("serving").warning("%s: no input drift scores", error)
         return None
@@ -46,10 +47,11 @@ def main() -> None:
     fetched = fetch_pinned_model("oip")
     # Unpickling runs code: only bytes whose sha256 was just verified get here.
     model = pickle.loads(fetched.payload)
+    schema = model_schema(fetched, model.n_features_in_)
     # The app refuses non-finite inputs itself, so the model need not check every request again.
     sklearn.set_config(assume_finite=True)
-    app = InferenceApp(model, name=fetched.name, version=fetched.version, sha256=fetched.sha256,
-                       drift=drift_monitor(fetched.manifest, model.n_features_in_),
+    app = InferenceApp(model, name=fetched.name, version=fetched.version, sha256=fetched.sha256, schema=schema,
+                       drift=drift_monitor(fetched.manifest, schema),
                        sampler=RequestSampler.from_env(model=fetched.name, version=fetched.version),
                        batching=BatchingSettings.from_env())
     server = uvicorn.Server(uvicorn.Config(

@@ -42,6 +42,7 @@ from serving.protocol import (
 )
 from serving.readiness import Readiness
 from serving.sampling import RequestSampler
+from serving.schema import ModelSchema
 
 SERVER_METADATA = orjson.dumps({"name": "mlops-oip", "version": "1", "extensions": [BINARY_EXTENSION]})
 MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")
@@ -61,15 +62,18 @@ class Answer:
 
 class InferenceApp:
     """Serves `model` as `name` version `version` over V2 REST; `metrics` is exported on a port of its own.
-    With `drift`, every predicted batch also feeds the input drift scores; with `sampler`, a share of its rows is
+    `schema` (from the model's manifest; none for a model registered without one) says which inputs requests
+    may name. With `drift`, every predicted batch also feeds the input drift scores; with `sampler`, a share of its rows is
     kept with the predictions; `batching` stacks concurrent requests' rows into one predict call."""
 
-    def __init__(self, model: Any, *, name: str, version: str, sha256: str, drift: DriftMonitor | None = None,
-                 sampler: RequestSampler | None = None, batching: BatchingSettings = UNBATCHED) -> None:
+    def __init__(self, model: Any, *, name: str, version: str, sha256: str, schema: ModelSchema | None = None,
+                 drift: DriftMonitor | None = None, sampler: RequestSampler | None = None,
+                 batching: BatchingSettings = UNBATCHED) -> None:
         self.model = model
         self.name = name
         self.version = version
         self.n_features: int = model.n_features_in_
+        self.schema = schema or ModelSchema(self.n_features)
         self.readiness = Readiness(self._test_prediction)
         # One thread: large bodies wait for each other rather than multiply their memory and GIL contention.
         self.off_loop = ThreadPoolExecutor(max_workers=1, thread_name_prefix="large-body")
@@ -92,7 +96,7 @@ class InferenceApp:
         self.sampler = sampler
         for counter in sampler.counters if sampler is not None else ():
             self.metrics.register(counter)
-        self.metadata = model_metadata(name, version, self.n_features, getattr(model, "classes_", None), [-1])
+        self.metadata = model_metadata(name, version, self.schema, getattr(model, "classes_", None), [-1])
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
@@ -172,7 +176,7 @@ class InferenceApp:
     def _decode(self, body: bytes, header_length: int | None) -> InferRequest | Answer:
         """The request, or the answer refusing it."""
         try:
-            request = decode_infer_request(body, header_length, self.n_features)
+            request = decode_infer_request(body, header_length, self.schema)
             unknown = set(request.binary_by_output) - {OUTPUT}
             if unknown:
                 raise BadRequest(f"this model has one output, '{OUTPUT}'; no output {', '.join(sorted(unknown))}")

@@ -4,6 +4,8 @@ the V2 API as the `oip` one does. What MLServer 1.7.1 does on its own, and what 
 - binary tensor data extension: MLServer parses every body as JSON and answers 422 to tritonclient's
   default requests; the layer decodes them and hands MLServer the same tensor as JSON, and encodes the
   outputs a request wants binary (MLServer answers JSON only);
+- named inputs, one per feature of the model's schema (the V2 columnar form): MLServer's scikit-learn
+  runtime reads one tensor, so the layer hands it the columns as one, in the schema's order;
 - infer requests are checked by serving.protocol first: MLServer answers an empty batch with 500 and a
   Python traceback, and takes "1.5" and true as FP64 data;
 - readiness: MLServer is ready once the model loaded; the layer also needs a test prediction
@@ -46,6 +48,7 @@ from serving.protocol import (
     respond,
 )
 from serving.readiness import Readiness
+from serving.schema import ModelSchema
 
 MODEL_PATH = re.compile(r"^/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<action>/ready|/infer)?$")
 SERVER_METADATA = orjson.dumps({"name": "mlserver", "version": mlserver.__version__, "extensions": [BINARY_EXTENSION]})
@@ -55,16 +58,16 @@ REWRITTEN_HEADERS = {b"content-length", b"content-type", JSON_LENGTH_HEADER, b"a
 
 
 class ConformanceLayer:
-    def __init__(self, mlserver_app: Any, *, name: str, version: str, n_features: int, classes: Any,
+    def __init__(self, mlserver_app: Any, *, name: str, version: str, schema: ModelSchema, classes: Any,
                  batched: bool = False) -> None:
         self.mlserver_app = mlserver_app
         # One retry at a time: failed requests retried together would share a batch, and fail together, again.
         self.retry_alone = asyncio.Lock() if batched else None
         self.name = name
         self.version = version
-        self.n_features = n_features
+        self.schema = schema
         # MLServer's scikit-learn runtime answers one column per row.
-        self.metadata = model_metadata(name, version, n_features, classes, [-1, 1])
+        self.metadata = model_metadata(name, version, schema, classes, [-1, 1])
         self.readiness = Readiness(self._test_prediction)
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
@@ -96,7 +99,7 @@ class ConformanceLayer:
         await respond(send, status, body, headers)
 
     async def _test_prediction(self) -> None:
-        request = InferRequest(id=None, input_name="input-0", features=np.zeros((1, self.n_features)))
+        request = InferRequest(id=None, input_name="input-0", features=np.zeros((1, self.schema.n_features)))
         scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "root_path": "",
                  "path": f"/v2/models/{self.name}/infer", "raw_path": f"/v2/models/{self.name}/infer".encode(),
                  "query_string": b"", "headers": [], "client": None, "server": None}
@@ -107,11 +110,12 @@ class ConformanceLayer:
     async def _infer(self, scope: dict, receive: Receive, send: Send) -> None:
         try:
             body = await read_body(scope, receive)
-            request = decode_infer_request(body, json_length(scope["headers"]), self.n_features)
+            request = decode_infer_request(body, json_length(scope["headers"]), self.schema)
         except BadRequest as error:
             await respond(send, error.status, error_body(str(error)), [JSON_CONTENT])
             return
-        as_json = json_infer_request(request) if request.was_binary else body
+        # MLServer's scikit-learn runtime reads one tensor: binary and columnar requests reach it as one.
+        as_json = body if request.json_tensor else json_infer_request(request)
         status, headers, answer = await self._mlserver(scope, as_json, receive)
         if status == 500 and self.retry_alone is not None:
             async with self.retry_alone:

@@ -16,7 +16,7 @@ from mlserver.utils import install_uvloop_event_loop
 
 from serving.batching import BatchingSettings
 from serving.mlserver_layer import ConformanceLayer
-from serving.startup import fetch_pinned_model
+from serving.startup import fetch_pinned_model, model_schema
 
 REPOSITORY = Path("/tmp/mlserver")
 SERVER_SETTINGS = {
@@ -78,14 +78,15 @@ def main() -> None:
     fetched = fetch_pinned_model("mlserver")
     batching = BatchingSettings.from_env()
     write_repository(REPOSITORY, fetched.name, fetched.version, fetched.payload, batching)
-    # Unpickling runs code: only bytes whose sha256 was just verified get here. The layer needs the input
-    # width (for the test prediction and to check requests) and the classes (for the metadata).
+    # Unpickling runs code: only bytes whose sha256 was just verified get here. The layer needs the schema
+    # (for the test prediction, to check requests and for the metadata) and the classes (for the metadata).
     model = pickle.loads(fetched.payload)
+    schema = model_schema(fetched, model.n_features_in_)
     os.chdir(REPOSITORY)
     configure_logger()
     install_uvloop_event_loop()
     asyncio.run(serve(lambda app: ConformanceLayer(app, name=fetched.name, version=fetched.version,
-                                                   n_features=model.n_features_in_,
+                                                   schema=schema,
                                                    classes=getattr(model, "classes_", None),
                                                    batched=batching.batches)))
 

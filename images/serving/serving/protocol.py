@@ -2,12 +2,15 @@
 
 Infer requests decode strictly into one [N, features] array, from JSON or from the binary tensor data
 extension (the JSON header first, `Inference-Header-Content-Length` bytes long, then each input's raw
-little-endian bytes; tritonclient's default). Infer responses encode as JSON or, for outputs the request
-asks so, as binary. The same code checks requests for the `oip` server and in front of MLServer, so a
+little-endian bytes; tritonclient's default). A request sends one [N, features] tensor, or, for a model
+whose manifest names its features (serving/schema.py), one [N] or [N, 1] input per feature in any order:
+the V2 columnar form, as MLServer's pandas codec and most clients send a table. Infer responses encode as
+JSON or, for outputs the request asks so, as binary. The same code checks requests for the `oip` server and in front of MLServer, so a
 request one runtime refuses is refused by the other with the same 400.
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, Mapping
@@ -15,18 +18,25 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 import numpy as np
 import orjson
 
+from serving.schema import ModelSchema
+
 JSON_LENGTH_HEADER = b"inference-header-content-length"
 BINARY_EXTENSION = "binary_tensor_data"
 # The gateway's client_max_body_size (images/gateway/nginx.conf.template explains the size); checked here
 # too so a replica reached directly holds no larger body either.
 MAX_BODY_BYTES = 1024 * 1024
-INPUT_DATATYPES = {"FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}
+INPUT_DATATYPES = ("FP32", "FP64")
 # The binary extension's element types, little-endian; BYTES elements are length-prefixed instead.
 FIXED_SIZE_DATATYPES = {
     "BOOL": np.dtype("?"), "INT8": np.dtype("i1"), "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"), "UINT8": np.dtype("u1"), "UINT16": np.dtype("<u2"), "UINT32": np.dtype("<u4"),
     "UINT64": np.dtype("<u8"), "FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8"),
 }
+# What one column of a feature may be sent as (MLServer's pandas codec sends a column's own dtype), and what the
+# metadata announces for it.
+NUMERIC_DATATYPES = tuple(datatype for datatype in FIXED_SIZE_DATATYPES if datatype != "BOOL")
+COLUMN_DATATYPES = {"float": NUMERIC_DATATYPES, "int": (*NUMERIC_DATATYPES, "BOOL")}
+FEATURE_DATATYPES = {"float": "FP64", "int": "INT64"}
 OUTPUT_DATATYPES = {"b": "BOOL", "i": "INT64", "u": "UINT64", "f": "FP64", "U": "BYTES", "S": "BYTES", "O": "BYTES"}
 JSON_CONTENT = (b"content-type", b"application/json")
 
@@ -51,8 +61,8 @@ class InferRequest:
     binary_by_output: Mapping[str, bool] = field(default_factory=dict)
     """Outputs the request names, and whether each goes back binary; empty: every output, as `binary_default`."""
     binary_default: bool = False
-    was_binary: bool = False
-    """Whether the input came in the binary extension."""
+    json_tensor: bool = False
+    """Whether the request is one [N, features] tensor with JSON data, which MLServer reads as it is sent."""
 
     def wants_binary(self, output: str) -> bool:
         return self.binary_by_output.get(output, self.binary_default)
@@ -72,8 +82,10 @@ def json_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
     return int(value)
 
 
-def decode_infer_request(body: bytes, header_length: int | None, n_features: int) -> InferRequest:
-    """The one input tensor of a V2 infer request as [N, n_features], or BadRequest saying what is wrong."""
+def decode_infer_request(body: bytes, header_length: int | None, schema: ModelSchema) -> InferRequest:
+    """The inputs of a V2 infer request as one [N, n_features] array in the schema's feature order, or
+    BadRequest saying what is wrong: one [N, features] tensor, or (when the schema names the features) one
+    [N] or [N, 1] input per feature, in any order."""
     if header_length is not None and header_length > len(body):
         raise BadRequest(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
     header = body if header_length is None else body[:header_length]
@@ -83,37 +95,108 @@ def decode_infer_request(body: bytes, header_length: int | None, n_features: int
         raise BadRequest(f"request body is not valid JSON: {error}") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise BadRequest("request body must be a JSON object with an 'inputs' list")
-    if len(request["inputs"]) != 1:
-        raise BadRequest(f"expected exactly one input tensor, got {len(request['inputs'])}")
-    tensor = request["inputs"][0]
+    inputs, tail = request["inputs"], BinaryTail(body, header_length)
+    columnar = bool(schema.features and inputs and (len(inputs) > 1 or _name(inputs[0]) in schema.names))
+    try:
+        if columnar:
+            input_name, features = "input-0", _columns(inputs, schema, tail, header)
+        else:
+            input_name, features = _tensor(inputs, schema.n_features, tail, header)
+    except WrongInputs as error:
+        raise BadRequest(f"{error}; {schema.expected_inputs()}") from None
+    tail.check_consumed()
+    binary_by_output, binary_default = _requested_outputs(request)
+    return InferRequest(id=request.get("id"), input_name=input_name, features=features, binary_by_output=binary_by_output,
+                        binary_default=binary_default, json_tensor=not columnar and not tail.taken)
+
+
+class WrongInputs(Exception):
+    """Inputs of another name, number, shape or datatype than the model takes; answered with the forms it takes."""
+
+
+def _name(tensor: Any) -> Any:
+    return tensor.get("name") if isinstance(tensor, dict) else None
+
+
+def _described(tensor: Any) -> tuple[str, Any, Any]:
     if not isinstance(tensor, dict) or not {"name", "shape", "datatype"} <= tensor.keys():
-        raise BadRequest("the input tensor needs 'name', 'shape', 'datatype' and 'data' (or binary data)")
-    name, shape, datatype = tensor["name"], tensor["shape"], tensor["datatype"]
+        raise WrongInputs("the input tensor needs 'name', 'shape', 'datatype' and 'data' (or binary data)")
+    if not isinstance(tensor["name"], str):
+        raise WrongInputs(f"input names are strings, got {tensor['name']!r}")
+    return tensor["name"], tensor["shape"], tensor["datatype"]
+
+
+def _counts(shape: Any, ranks: tuple[int, ...]) -> bool:
+    return (isinstance(shape, list) and len(shape) in ranks
+            and all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape))
+
+
+def _tensor(inputs: list, n_features: int, tail: BinaryTail, header: bytes) -> tuple[str, np.ndarray]:
+    """The one [N, n_features] input tensor."""
+    if len(inputs) != 1:
+        raise WrongInputs(f"expected exactly one input tensor, got {len(inputs)}")
+    name, shape, datatype = _described(inputs[0])
     if datatype not in INPUT_DATATYPES:
-        raise BadRequest(f"input '{name}' has datatype {datatype!r}; this model takes FP32 or FP64")
-    if (not isinstance(shape, list) or len(shape) != 2
-            or not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape)):
-        raise BadRequest(f"input '{name}' must have shape [N, features], got {shape!r}")
+        raise WrongInputs(f"input '{name}' has datatype {datatype!r}; this model takes FP32 or FP64")
+    if not _counts(shape, (2,)):
+        raise WrongInputs(f"input '{name}' must have shape [N, features], got {shape!r}")
     if shape[0] == 0:
         raise BadRequest(f"input '{name}' has shape {shape}: a batch needs at least one row")
     if shape[1] != n_features:
-        raise BadRequest(f"input '{name}' has {shape[1]} features; the model takes {n_features}")
+        raise WrongInputs(f"input '{name}' has {shape[1]} features; the model takes {n_features}")
+    values = _values(inputs[0], name, shape, datatype, tail, header)
+    return name, values.reshape(shape)
+
+
+def _columns(inputs: list, schema: ModelSchema, tail: BinaryTail, header: bytes) -> np.ndarray:
+    """One [N] or [N, 1] input per feature, stacked as FP64 columns in the schema's order."""
+    described = [_described(tensor) for tensor in inputs]
+    names = [name for name, _, _ in described]
+    unknown = [name for name in dict.fromkeys(names) if name not in schema.names]
+    repeated = [name for name in dict.fromkeys(names) if names.count(name) > 1]
+    missing = [name for name in schema.names if name not in names]
+    problems = ([f"no feature is named {_quoted(unknown)}"] if unknown else []) + (
+        [f"{_quoted(repeated)} given more than once"] if repeated else []) + (
+        [f"missing {_quoted(missing)}"] if missing else [])
+    if problems:
+        raise WrongInputs("; ".join(problems))
+    types = {feature.name: feature.type for feature in schema.features}
+    columns: dict[str, np.ndarray] = {}
+    for tensor, (name, shape, datatype) in zip(inputs, described):
+        if datatype not in COLUMN_DATATYPES[types[name]]:
+            raise WrongInputs(f"input '{name}' has datatype {datatype!r}; a feature of type {types[name]} takes "
+                              + ", ".join(COLUMN_DATATYPES[types[name]]))
+        if not _counts(shape, (1, 2)) or shape[1:] not in ([], [1]):
+            raise WrongInputs(f"input '{name}' must have shape [N] or [N, 1], got {shape!r}")
+        if shape[0] == 0:
+            raise BadRequest(f"input '{name}' has shape {shape}: a batch needs at least one row")
+        first = next(iter(columns.items()), None)
+        if first is not None and shape[0] != len(first[1]):
+            raise WrongInputs(f"input '{name}' has {shape[0]} rows and input '{first[0]}' {len(first[1])}: "
+                              "every feature needs the same N")
+        columns[name] = _values(tensor, name, shape, datatype, tail, header).astype(np.float64)
+    return np.column_stack([columns[name] for name in schema.names])
+
+
+def _quoted(names: list[str]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
+
+
+def _values(tensor: dict, name: str, shape: list[int], datatype: str, tail: BinaryTail, header: bytes) -> np.ndarray:
+    """The input's values, flat, each finite and as many as its shape needs."""
     binary_size = _parameters(tensor, f"input '{name}'").get("binary_data_size")
     if binary_size is not None:
-        values = _binary_values(body, header_length, binary_size, name, datatype)
+        values = tail.take(binary_size, name, datatype)
     elif "data" in tensor:
-        if header_length is not None and header_length != len(body):
-            raise BadRequest(f"input '{name}' has JSON data, yet {len(body) - header_length} binary bytes follow")
         values = _json_values(tensor["data"], name, datatype, header)
     else:
         raise BadRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-    if values.size != shape[0] * shape[1]:
-        raise BadRequest(f"input '{name}' has {values.size} values; shape {shape} needs {shape[0] * shape[1]}")
+    needed = math.prod(shape)
+    if values.size != needed:
+        raise BadRequest(f"input '{name}' has {values.size} values; shape {shape} needs {needed}")
     if not np.isfinite(values).all():
         raise BadRequest(f"input '{name}' has values that are not finite {datatype} numbers")
-    binary_by_output, binary_default = _requested_outputs(request)
-    return InferRequest(id=request.get("id"), input_name=name, features=values.reshape(shape), binary_by_output=binary_by_output,
-                        binary_default=binary_default, was_binary=binary_size is not None)
+    return values.ravel()
 
 
 def _parameters(entry: dict, what: str) -> dict:
@@ -123,33 +206,64 @@ def _parameters(entry: dict, what: str) -> dict:
     return parameters
 
 
-def _binary_values(body: bytes, header_length: int | None, size: Any, name: str, datatype: str) -> np.ndarray:
-    if header_length is None:
-        raise BadRequest(f"input '{name}' has a binary_data_size but the request has no Inference-Header-Content-Length")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise BadRequest(f"input '{name}' binary_data_size must be a byte count, got {size!r}")
-    if size != len(body) - header_length:
-        raise BadRequest(f"input '{name}' binary_data_size is {size} but {len(body) - header_length} bytes "
-                         "follow the JSON header")
-    if size % INPUT_DATATYPES[datatype].itemsize:
-        raise BadRequest(f"input '{name}' has {size} binary bytes, not a whole number of {datatype} values")
-    return np.frombuffer(body, dtype=INPUT_DATATYPES[datatype], offset=header_length)
+class BinaryTail:
+    """The raw bytes after the JSON header, which the binary inputs take in the order the header lists them."""
+
+    def __init__(self, body: bytes, header_length: int | None) -> None:
+        self.body = body
+        self.header_length = header_length
+        self.offset = len(body) if header_length is None else header_length
+        self.taken = False
+
+    def take(self, size: Any, name: str, datatype: str) -> np.ndarray:
+        if self.header_length is None:
+            raise BadRequest(f"input '{name}' has a binary_data_size but the request has no "
+                             "Inference-Header-Content-Length")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise BadRequest(f"input '{name}' binary_data_size must be a byte count, got {size!r}")
+        left = len(self.body) - self.offset
+        if size > left:
+            after = "the JSON header" if self.offset == self.header_length else "the JSON header and the inputs before it"
+            raise BadRequest(f"input '{name}' binary_data_size is {size} but {left} bytes follow {after}")
+        dtype = FIXED_SIZE_DATATYPES[datatype]
+        if size % dtype.itemsize:
+            raise BadRequest(f"input '{name}' has {size} binary bytes, not a whole number of {datatype} values")
+        values = np.frombuffer(self.body, dtype=dtype, count=size // dtype.itemsize, offset=self.offset)
+        self.offset += size
+        self.taken = True
+        if datatype == "BOOL" and (values.view(np.uint8) > 1).any():
+            raise BadRequest(f"input '{name}' has BOOL bytes other than 0 and 1")
+        return values
+
+    def check_consumed(self) -> None:
+        if self.offset != len(self.body):
+            raise BadRequest(f"{len(self.body) - self.offset} binary bytes follow the JSON header that no input's "
+                             "binary_data_size claims")
 
 
 def _json_values(data: Any, name: str, datatype: str, header: bytes) -> np.ndarray:
-    """Numbers only: numpy would read "1.5" and true as 1.5 and 1.0, so strings and booleans are refused."""
-    refused = BadRequest(f"input '{name}' data must be {datatype} numbers, flat or nested row-major")
+    """Numbers only (booleans for BOOL): numpy would read "1.5" and true as 1.5 and 1.0, so strings and booleans
+    are refused; integer datatypes take integers in their range only."""
+    dtype = FIXED_SIZE_DATATYPES[datatype]
+    refused = BadRequest(f"input '{name}' data must be {datatype} {'booleans' if datatype == 'BOOL' else 'numbers'}, "
+                         "flat or nested row-major")
     try:
         values = np.asarray(data)
     except (ValueError, OverflowError):  # ragged nesting, integers beyond 64 bits
         raise refused from None
-    if values.dtype.kind not in "iuf":
+    if datatype == "BOOL":
+        if values.dtype.kind != "b":
+            raise refused
+        return values
+    if values.dtype.kind not in ("iu" if dtype.kind in "iu" else "iuf"):
         raise refused
     # A boolean among numbers hides as 1 or 0 in a numeric array; the header's text says whether to look.
     if (b"true" in header or b"false" in header) and any(value is True or value is False for value in _flat(data)):
         raise refused
+    if dtype.kind in "iu" and values.size and not (np.iinfo(dtype).min <= values.min() and values.max() <= np.iinfo(dtype).max):
+        raise BadRequest(f"input '{name}' has values outside the range of {datatype}")
     with np.errstate(over="ignore"):  # an FP32 overflow becomes inf, refused as not finite
-        return values.astype(INPUT_DATATYPES[datatype], copy=False)
+        return values.astype(dtype, copy=False)
 
 
 def _flat(data: Any) -> Iterable[Any]:
@@ -221,10 +335,13 @@ def json_infer_request(request: InferRequest) -> bytes:
     return orjson.dumps(body)
 
 
-def model_metadata(name: str, version: str, n_features: int, classes: Any, output_shape: list[int]) -> bytes:
+def model_metadata(name: str, version: str, schema: ModelSchema, classes: Any, output_shape: list[int]) -> bytes:
+    """The V2 model metadata: one input per feature when the schema names them, else the one tensor."""
+    inputs = ([{"name": feature.name, "datatype": FEATURE_DATATYPES[feature.type], "shape": [-1]}
+               for feature in schema.features]
+              or [{"name": "input-0", "datatype": "FP64", "shape": [-1, schema.n_features]}])
     return orjson.dumps({
-        "name": name, "versions": [version], "platform": "sklearn",
-        "inputs": [{"name": "input-0", "datatype": "FP64", "shape": [-1, n_features]}],
+        "name": name, "versions": [version], "platform": "sklearn", "inputs": inputs,
         "outputs": [{"name": "predict", "shape": output_shape,
                      "datatype": "FP64" if classes is None else output_datatype(np.asarray(classes).dtype)}],
     })

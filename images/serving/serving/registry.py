@@ -88,15 +88,17 @@ class MlflowRegistry:
                             manifest=self._manifest(run["info"]["artifact_uri"], sha256))
 
     def _manifest(self, artifact_uri: str, sha256: str) -> dict | None:
-        """The run's manifest, which serving only reads (drift's reference profile): a missing or foreign one
-        costs the drift scores, not the model."""
+        """The run's manifest, which serving only reads (the schema, and drift's reference profile): a missing
+        or foreign one costs the drift scores and the named inputs, not the model."""
         try:
             manifest = json.loads(self._get(self._artifact_download_path(artifact_uri, MANIFEST_ARTIFACT)))
         except (ModelRefused, ValueError) as error:
-            log.warning("no readable %s for this model (%s): no input drift scores", MANIFEST_ARTIFACT, error)
+            log.warning("no readable %s for this model (%s): no input drift scores, and requests send one "
+                        "[N, features] tensor", MANIFEST_ARTIFACT, error)
             return None
         if not isinstance(manifest, dict) or manifest.get("outputs", {}).get("model_sha256") != sha256:
-            log.warning("%s describes another model than sha256 %s: no input drift scores", MANIFEST_ARTIFACT, sha256)
+            log.warning("%s describes another model than sha256 %s: no input drift scores, and requests send one "
+                        "[N, features] tensor", MANIFEST_ARTIFACT, sha256)
             return None
         return manifest
 

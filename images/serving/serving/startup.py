@@ -1,4 +1,5 @@
-"""What both runtimes do before serving: fetch and verify the pinned model, or exit non-zero saying why."""
+"""What both runtimes do before serving: fetch and verify the pinned model and read its schema, or exit non-zero
+saying why."""
 from __future__ import annotations
 
 import logging
@@ -6,6 +7,7 @@ import os
 import sys
 
 from serving.registry import FetchedModel, MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable
+from serving.schema import ModelSchema, SchemaError
 
 log = logging.getLogger("serving")
 
@@ -40,3 +42,13 @@ def fetch_pinned_model(runtime: str) -> FetchedModel:
     log.info("serving model %s v%s sha256 %s%s", fetched.name, fetched.version, fetched.sha256,
              "" if pin.sha256 else " (unpinned: checked against the version's sha256 tag)")
     return fetched
+
+
+def model_schema(fetched: FetchedModel, n_features: int) -> ModelSchema:
+    """What the fetched model's manifest says it takes; a schema that does not fit the model exits, as a
+    refused model does."""
+    try:
+        return ModelSchema.of(fetched.manifest, n_features)
+    except SchemaError as error:
+        log.error("refusing model %s v%s: %s", fetched.name, fetched.version, error)
+        sys.exit(1)
