@@ -33,7 +33,7 @@ class ModelRegistryArgs(TypedDict):
 
 class ModelRegistry(pulumi.ComponentResource):
     internal_url: pulumi.Output[str]
-    host_port: pulumi.Output[int]
+    host_port: pulumi.Output[Optional[int]]
 
     def __init__(self, name: str, args: ModelRegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         runtime = args["runtime"]

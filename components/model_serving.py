@@ -121,7 +121,7 @@ class ModelServing(pulumi.ComponentResource):
         release = args["release"]
         blue_image = runtime.image(f"{name}-image", parent=self, image="serving", target=spec.runtime, released=True,
                                    source=ImageSource(build=spec.build) if spec.build is not None
-                                   else release.images.serving)
+                                   else ImageSource(ref=release.images.serving))
         slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (release.model, blue_image.runs)}
         if spec.green is not None:
             green_image = blue_image if spec.green.serving_image is None else runtime.image(
@@ -153,7 +153,8 @@ class ModelServing(pulumi.ComponentResource):
                 env={**model_settings(pin, args["registry_url"], spec.runtime), "MLFLOW_TRACKING_PASSWORD": reader,
                      **drift_env, **sampling_env(sampling), **batching_settings(spec.batching)},
                 # Writable: each replica appends to its own file; the image owns SAMPLES_DIR, so uid 10001 may.
-                volumes=[VolumeMount(samples_volume, SAMPLES_DIR)] if sampling is not None else (),
+                volumes=([VolumeMount(samples_volume, SAMPLES_DIR)]
+                         if samples_volume is not None and sampling is not None else ()),
                 tmp_mb=REPLICA_TMP_MB,
                 labels=model_labels(pin),
                 identity={"mlops.slot": slot},

@@ -109,6 +109,7 @@ class MLOpsStack(pulumi.ComponentResource):
 
         self.image_registry_server = None
         if spec.image_registry.enabled:
+            assert password is not None, "declare_stack passes the registry password whenever the registry is enabled"
             image_registry = ImageRegistry(f"{stack}-image-registry", {
                 "runtime": runtime, "spec": spec.image_registry, "data_volume": store.registry_data_volume,
                 "password": password}, opts=child)

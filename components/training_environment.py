@@ -42,6 +42,7 @@ class TrainingEnvironment(pulumi.ComponentResource):
             self.image_ref = image.image_name
             self.image_digest = image.repo_digest
         else:
+            assert args["promoted_image"] is not None, "the stage rules give a stage that does not build a promoted image"
             pulled = pulled_image(f"{name}-image", parent=self, ref=args["promoted_image"],
                                   platform=runtime.builds.platform, depends_on=registry)
             self.image_ref = pulled.name

@@ -188,7 +188,7 @@ def train(
     data: Optional[str] = typer.Option(None, "--data", help="train on this dataset of the stage's datasets volume: "
                                                             "'latest' or its sha256 (`mlops data list`); default: "
                                                             "the built-in iris data"),
-    environments: Optional[Path] = ENVIRONMENTS_OPTION,
+    environments: Path = ENVIRONMENTS_OPTION,
 ) -> None:
     """Train in the stage's training image and register the model as a new version in the stage's MLflow."""
     params = param or []
