@@ -216,7 +216,7 @@ def measure(rounds: int = 3, duration_s: int = 5, warmup_s: int = 1) -> Figure:
                         before = predict_calls(server.replica_metrics) if server.replica_metrics else None
                         result = loadgen.post_load(server.url, bodies[server.label, rows], connections, duration_s)
                         samples.setdefault(cell, []).append(result)
-                        if before is not None:
+                        if before is not None and server.replica_metrics:
                             calls, predicted = (after - previous for after, previous in
                                                 zip(predict_calls(server.replica_metrics), before))
                             rows_per_call.setdefault(cell, []).append(predicted / calls)

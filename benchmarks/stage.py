@@ -106,4 +106,6 @@ def deploy_with_model(stage: StageOnEngine, payload: bytes, timeout_s: float = 3
         seeder.join(timeout_s)
         if seeder.error is not None:
             raise RuntimeError(f"registering the model in {stage.stack} failed: {seeder.error}") from seeder.error
+    if seeder.mlflow_answered_at is None:
+        raise RuntimeError(f"{stage.stack}'s MLflow did not answer within {timeout_s:.0f}s")
     return containers, seeder.mlflow_answered_at
