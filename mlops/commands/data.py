@@ -19,7 +19,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, SAMPLES_DIR, SAMPLES_VOLUME, volume_name
 from components.runtimes import docker_run_arguments
 from components.stack import stage_labels
 from components.workload import Run, VolumeMount
@@ -37,7 +36,7 @@ from mlops.commands.train import (
 )
 from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops.reach import StageReach, Unreachable
-from mlops_spec.contract import READER
+from mlops_spec.contract import DATASETS_DIR, DATASETS_VOLUME, READER, SAMPLES_DIR, SAMPLES_VOLUME, volume_name
 from mlops_spec.errors import one_line
 from mlops_spec.loading import load_stages
 from mlops_spec.models import Limits, StageSpec
