@@ -167,8 +167,7 @@ def test_each_image_reads_the_variables_the_components_set_on_it():
     assert RegistryEnv.HTPASSWD_ENTRY in (IMAGES / "registry/entrypoint.sh").read_text()
     assert module_constants(IMAGES / "mlflow/start.py")["SECRET_VARIABLE"] == MlflowEnv.SECRET
     # Every variable of the contract is checked against the image that reads it.
-    checked = set().union(*reads.values(), env_names(RegistryEnv, GatewayEnv), {TrackingEnv.USERNAME,
-                                                                               TrackingEnv.PASSWORD})
+    checked = set().union(*reads.values(), env_names(RegistryEnv, GatewayEnv))
     assert checked == env_names(MlflowEnv, RegistryEnv, TrackingEnv, ReplicaEnv, TrainingEnv, GatewayEnv,
                                 PrometheusEnv)
 
