@@ -48,9 +48,13 @@ up: announce-up pulumi-cli venv
 test: venv
 	$(PY) -m pytest -q
 
+# Each image's python is a program of its own (two have a start.py); images/serving and images/training join later.
+TYPED_IMAGES := images/gateway images/mlflow images/prometheus
+
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
+	for image in $(TYPED_IMAGES); do $(VENV)/bin/mypy --cache-dir .mypy_cache/$$(basename $$image) $$image || exit 1; done
 
 test-unit: venv
 	$(PY) -m pytest -q -m "not docker"

@@ -2,6 +2,7 @@
 as JSON and with the binary tensor data extension, as NVIDIA's tritonclient builds each."""
 from __future__ import annotations
 
+import functools
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,8 +84,8 @@ def measure(rounds: int = 3, duration_s: int = 5, warmup_s: int = 1) -> Figure:
         for built in bodies.values():
             for variant in built:
                 loadgen.post_load(url, variant.body, CONNECTIONS, warmup_s, headers=variant.headers)
-        samples = alternate({(rows, variant.label): (lambda variant=variant: loadgen.post_load(
-            url, variant.body, CONNECTIONS, duration_s, headers=variant.headers))
+        samples = alternate({(rows, variant.label): functools.partial(
+            loadgen.post_load, url, variant.body, CONNECTIONS, duration_s, headers=variant.headers)
             for rows, built in bodies.items() for variant in built}, rounds)
     return table(bodies, samples, rounds, duration_s)
 

@@ -21,14 +21,16 @@ IMPORT_PROGRAM = "--import-program"
 
 def declare_nothing(stack: str, spec: object) -> pulumi.Resource:
     """A program without resources; `mlops.plan.render` waits on the returned resource's URN."""
-    return pulumi.runtime.get_root_resource()
+    root = pulumi.runtime.get_root_resource()
+    assert root is not None, "a Pulumi program runs under its stack's root resource"
+    return root
 
 
 def run_without_program() -> None:
     # `render` imports `mlops.program` when it runs; this stand-in keeps the real one, and everything it
     # imports, out of the process.
     empty_program = types.ModuleType("mlops.program")
-    empty_program.declare_stack = declare_nothing
+    setattr(empty_program, "declare_stack", declare_nothing)
     sys.modules["mlops.program"] = empty_program
     from mlops.commands import specs
 
@@ -42,7 +44,7 @@ def run_with_program_imported() -> None:
     import mlops.cli
     import mlops.program
 
-    mlops.program.declare_stack = declare_nothing
+    setattr(mlops.program, "declare_stack", declare_nothing)  # a stand-in: it declares no MLOpsStack
     mlops.cli.main()
 
 

@@ -1,6 +1,7 @@
 """Figure 2: wall time of `mlops plan prod` against the same command on an empty Pulumi program."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def shown(command: list[str]) -> str:
 
 def measure(stage: str = "prod", rounds: int = 15) -> Figure:
     runs = commands(stage)
-    samples = alternate({name: (lambda command=command: _timed(command)) for name, command in runs.items()}, rounds)
+    samples = alternate({name: functools.partial(_timed, command) for name, command in runs.items()}, rounds)
     medians = {name: median(values) for name, values in samples.items()}
     floor = medians[FLOOR]
     descriptions = {

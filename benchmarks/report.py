@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Callable, Hashable, Iterable, Mapping, Sequence, TypeVar
 
 Measured = TypeVar("Measured")
+Variant = TypeVar("Variant", bound=Hashable)
 
 
 @dataclass
@@ -26,13 +27,13 @@ class Figure:
         return "\n".join(lines) + "\n"
 
 
-def alternate(variants: dict[str, Callable[[], Measured]], rounds: int) -> dict[str, list[Measured]]:
+def alternate(variants: Mapping[Variant, Callable[[], Measured]], rounds: int) -> dict[Variant, list[Measured]]:
     """Run every variant once per round, in the same order each round, and collect what each returns.
 
     Interleaving spreads drift on a shared machine (other builds, thermal limits) over all variants
     alike, which consecutive batches would not.
     """
-    samples: dict[str, list[Measured]] = {name: [] for name in variants}
+    samples: dict[Variant, list[Measured]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, measure in variants.items():
             samples[name].append(measure())

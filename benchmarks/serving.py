@@ -17,7 +17,7 @@ from benchmarks import builds, loadgen
 from benchmarks import stage as bench_stage
 from benchmarks.model import FEATURES, MODEL_NAME, model_bytes, sample_rows
 from benchmarks.report import Figure, median, ratio, rounds_text, spread
-from components.model_serving import REPLICA_METRICS_PORT
+from mlops_spec.contract import SERVING_METRICS_PORT
 from mlops_spec.models import StageSpec
 from tests.engine import StageOnEngine
 
@@ -156,7 +156,7 @@ def running_servers() -> Iterator[list[Server]]:
 
         def v2(label: str, container, competitor: bool, predicting=None) -> Server:
             """`predicting`: the `oip` replica whose predict calls this server's requests become."""
-            metrics = None if predicting is None else f"http://{container_address(predicting)}:{REPLICA_METRICS_PORT}/metrics"
+            metrics = None if predicting is None else f"http://{container_address(predicting)}:{SERVING_METRICS_PORT}/metrics"
             return Server(label, f"http://{container_address(container)}:8080{V2_INFER_PATH}", v2_body, v2_predictions,
                           competitor=competitor, replica_metrics=metrics)
 
@@ -216,7 +216,7 @@ def measure(rounds: int = 3, duration_s: int = 5, warmup_s: int = 1) -> Figure:
                         before = predict_calls(server.replica_metrics) if server.replica_metrics else None
                         result = loadgen.post_load(server.url, bodies[server.label, rows], connections, duration_s)
                         samples.setdefault(cell, []).append(result)
-                        if before is not None:
+                        if before is not None and server.replica_metrics:
                             calls, predicted = (after - previous for after, previous in
                                                 zip(predict_calls(server.replica_metrics), before))
                             rows_per_call.setdefault(cell, []).append(predicted / calls)

@@ -14,12 +14,11 @@ import docker
 
 from benchmarks.model import MODEL_NAME, MlflowRegistry
 from mlops.modelstore import BasicAuth
-from mlops_spec.contract import TRAINER, derived_password
+from mlops_spec.contract import MLFLOW_PORT, TRAINER, derived_password, model_registry_name
 from mlops_spec.loading import load_stage
 from mlops_spec.models import StageSpec
 from tests.engine import StageOnEngine
 
-MLFLOW_PORT = 5000
 PUBLISHED = ("model_registry", "image_registry", "serving")
 
 
@@ -83,7 +82,7 @@ class ModelSeeder(threading.Thread):
             self.error = error
 
     def _mlflow_port(self, deadline: float) -> int:
-        name = f"{self.stage.stack}-model-registry"
+        name = model_registry_name(self.stage.stack)
         while True:
             try:
                 return self.stage.host_port(name, MLFLOW_PORT)
@@ -106,4 +105,6 @@ def deploy_with_model(stage: StageOnEngine, payload: bytes, timeout_s: float = 3
         seeder.join(timeout_s)
         if seeder.error is not None:
             raise RuntimeError(f"registering the model in {stage.stack} failed: {seeder.error}") from seeder.error
+    if seeder.mlflow_answered_at is None:
+        raise RuntimeError(f"{stage.stack}'s MLflow did not answer within {timeout_s:.0f}s")
     return containers, seeder.mlflow_answered_at

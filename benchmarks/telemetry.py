@@ -23,7 +23,7 @@ from benchmarks.model import MODEL_NAME, MlflowRegistry, model_bytes, sample_row
 from benchmarks.report import Figure, median, rounds_text, spread
 from benchmarks.serving import SERVER_CPU, V2_INFER_PATH, container_address, start_like, v2_body
 from mlops.modelstore import BasicAuth
-from mlops_spec.contract import TRAINER, derived_password
+from mlops_spec.contract import MLFLOW_PORT, TRAINER, derived_password, model_registry_name
 from mlops_spec.models import MonitoringSpec
 from mlops_spec.project import REPO_ROOT
 from tests.engine import StageOnEngine
@@ -98,7 +98,7 @@ def replicas() -> Iterator[dict[str, Replica]]:
         started, _ = bench_stage.deploy_with_model(stage, payload)
         replica = started[f"{stage.stack}-serving-blue-0"]
         trainer = BasicAuth(TRAINER, derived_password(stage.mlflow_password, TRAINER))
-        registry = f"http://127.0.0.1:{stage.host_port(f'{stage.stack}-model-registry', bench_stage.MLFLOW_PORT)}"
+        registry = f"http://127.0.0.1:{stage.host_port(model_registry_name(stage.stack), MLFLOW_PORT)}"
         version = MlflowRegistry(registry, trainer).register(MODEL_NAME, payload, manifest(payload))
         replica.reload()
         environment = dict(item.split("=", 1) for item in replica.attrs["Config"]["Env"])

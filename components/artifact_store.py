@@ -8,20 +8,19 @@ from typing import Optional, TypedDict
 import pulumi
 import pulumi_docker as docker
 
+from mlops_spec.contract import (
+    ARTIFACTS_VOLUME,
+    DATASETS_VOLUME,
+    METRICS_VOLUME,
+    MLFLOW_DB_VOLUME,
+    REGISTRY_DATA_VOLUME,
+    ROLLOUT_VOLUME,
+    SAMPLES_VOLUME,
+    volume_name,
+)
 from mlops_spec.models import ArtifactStoreSpec
 
-DATASETS_VOLUME = "datasets"
-VOLUMES = ("artifacts", "mlflow-db", "registry-data")
-METRICS_VOLUME = "metrics"
-ROLLOUT_VOLUME = "rollout"
-SAMPLES_VOLUME = "samples"
-# Where the images mount them (docs/contracts.md); each image owns the folder, which an empty volume takes on.
-DATASETS_DIR = "/data/datasets"
-SAMPLES_DIR = "/data/samples"
-
-
-def volume_name(stack: str, volume: str) -> str:
-    return f"{stack}-{volume}"
+VOLUMES = (ARTIFACTS_VOLUME, MLFLOW_DB_VOLUME, REGISTRY_DATA_VOLUME)
 
 
 class ArtifactStoreArgs(TypedDict):
@@ -72,9 +71,9 @@ class ArtifactStore(pulumi.ComponentResource):
             + ((METRICS_VOLUME, ROLLOUT_VOLUME) if args["metrics"] else ())
             + ((SAMPLES_VOLUME,) if args["samples"] else ())
         }
-        self.artifacts_volume = volumes["artifacts"]
-        self.mlflow_db_volume = volumes["mlflow-db"]
-        self.registry_data_volume = volumes["registry-data"]
+        self.artifacts_volume = volumes[ARTIFACTS_VOLUME]
+        self.mlflow_db_volume = volumes[MLFLOW_DB_VOLUME]
+        self.registry_data_volume = volumes[REGISTRY_DATA_VOLUME]
         self.metrics_volume = volumes.get(METRICS_VOLUME)
         self.rollout_volume = volumes.get(ROLLOUT_VOLUME)
         self.datasets_volume = volumes.get(DATASETS_VOLUME)

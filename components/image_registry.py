@@ -11,9 +11,9 @@ import pulumi
 from components.images import image_id
 from components.runtimes import ComponentType, Runtime
 from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload
+from mlops_spec.contract import IMAGE_REGISTRY_PORT, REGISTRY_DATA_DIR, RegistryEnv, image_registry_name
 from mlops_spec.models import ImageRegistrySpec
 
-REGISTRY_PORT = 5000
 TYPE = ComponentType(single_host="mlops:image_registry:ImageRegistry",
                      swarm="mlops:swarm_image_registry:SwarmImageRegistry")
 # OWASP's floor for bcrypt. The registry checks the hash on every request (about 0.1 s each at this cost on one
@@ -56,17 +56,17 @@ class ImageRegistry(pulumi.ComponentResource):
         entry = pulumi.Output.secret(args["password"]).apply(lambda password: htpasswd_entry(spec.username, password, stack))
         registry = runtime.deploy(Workload(
             resource_name=f"{name}-server",
-            name=f"{stack}-image-registry",
+            name=image_registry_name(stack),
             component="image-registry",
             image=image_id(f"{name}-image", parent=self, stack=stack, image="registry", source=spec.image,
                            settings=runtime.builds),
             limits=spec.limits,
-            health=HttpHealth(REGISTRY_PORT, "/", spec.health_check),
+            health=HttpHealth(IMAGE_REGISTRY_PORT, "/", spec.health_check),
             role=Role.STATEFUL,
-            env={"REGISTRY_HTPASSWD_ENTRY": SecretEnv(entry, resource_name=f"{name}-secret", purpose="registry",
-                                                      file="registry-htpasswd")},
-            publish=Publish(REGISTRY_PORT, spec.port),
-            volumes=[VolumeMount(args["data_volume"], "/var/lib/registry")],
+            env={RegistryEnv.HTPASSWD_ENTRY: SecretEnv(entry, resource_name=f"{name}-secret", purpose="registry",
+                                                       file="registry-htpasswd")},
+            publish=Publish(IMAGE_REGISTRY_PORT, spec.port),
+            volumes=[VolumeMount(args["data_volume"], REGISTRY_DATA_DIR)],
             aliases=["image-registry"],
         ), parent=self)
         self.server = runtime.registry_server(registry)

@@ -162,7 +162,7 @@ def image_id(resource_name: str, *, parent: pulumi.Resource, stack: str, image: 
     if isinstance(source, ImageSource) and source.build is not None:
         return build_image(resource_name, parent=parent, stack=stack, image=image, context=source.build,
                            settings=settings).image_id
-    ref = source.ref if isinstance(source, ImageSource) else source
+    ref = source.pulled_ref if isinstance(source, ImageSource) else source
     return pulled_image(resource_name, parent=parent, ref=ref, platform=settings.platform,
                         depends_on=depends_on).image_id
 
@@ -175,4 +175,4 @@ def pullable_image(resource_name: str, *, parent: pulumi.Resource, stack: str, i
     if isinstance(source, ImageSource) and source.build is not None:
         return build_image(resource_name, parent=parent, stack=stack, image=image, context=source.build,
                            settings=settings, target=target, push=push, push_after=push_after).repo_digest
-    return source.ref if isinstance(source, ImageSource) else source
+    return source.pulled_ref if isinstance(source, ImageSource) else source

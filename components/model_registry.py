@@ -12,9 +12,9 @@ import pulumi
 from components.images import image_id
 from components.runtimes import ComponentType, Runtime
 from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload
+from mlops_spec.contract import ARTIFACTS_DIR, MLFLOW_DB_DIR, MLFLOW_PORT, MlflowEnv, model_registry_name
 from mlops_spec.models import ModelRegistrySpec
 
-MLFLOW_PORT = 5000
 TYPE = ComponentType(single_host="mlops:model_registry:ModelRegistry",
                      swarm="mlops:swarm_model_registry:SwarmModelRegistry")
 
@@ -33,7 +33,7 @@ class ModelRegistryArgs(TypedDict):
 
 class ModelRegistry(pulumi.ComponentResource):
     internal_url: pulumi.Output[str]
-    host_port: pulumi.Output[int]
+    host_port: pulumi.Output[Optional[int]]
 
     def __init__(self, name: str, args: ModelRegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         runtime = args["runtime"]
@@ -43,7 +43,7 @@ class ModelRegistry(pulumi.ComponentResource):
         published_host = args["published_host"]
         server = runtime.deploy(Workload(
             resource_name=f"{name}-server",
-            name=f"{stack}-model-registry",
+            name=model_registry_name(stack),
             component="model-registry",
             image=image_id(f"{name}-image", parent=self, stack=stack, image="mlflow", source=spec.image,
                            settings=runtime.builds),
@@ -51,13 +51,13 @@ class ModelRegistry(pulumi.ComponentResource):
             health=HttpHealth(MLFLOW_PORT, "/health", spec.health_check),
             # One SQLite database on one volume.
             role=Role.STATEFUL,
-            env={"MLOPS_MLFLOW_PASSWORD": SecretEnv(args["mlflow_password"], resource_name=f"{name}-secret",
-                                                    purpose="mlflow", file="mlflow-password"),
-                 **({"MLOPS_PUBLISHED_HOST": f"{published_host}:{spec.port.host_port}"}
+            env={MlflowEnv.SECRET: SecretEnv(args["mlflow_password"], resource_name=f"{name}-secret",
+                                             purpose="mlflow", file="mlflow-password"),
+                 **({MlflowEnv.PUBLISHED_HOST: f"{published_host}:{spec.port.host_port}"}
                     if published_host and spec.port.host_port else {})},
             publish=Publish(MLFLOW_PORT, spec.port),
-            volumes=[VolumeMount(args["mlflow_db_volume"], "/data/db"),
-                     VolumeMount(args["artifacts_volume"], "/data/artifacts")],
+            volumes=[VolumeMount(args["mlflow_db_volume"], MLFLOW_DB_DIR),
+                     VolumeMount(args["artifacts_volume"], ARTIFACTS_DIR)],
             aliases=["model-registry"],
         ), parent=self)
         # Derived from the container or service, so replicas that fetch from it start only once it is healthy.

@@ -32,18 +32,26 @@ from typing import Optional, TypedDict
 
 import pulumi
 
-from components.artifact_store import SAMPLES_DIR
 from components.monitoring import ScrapeTarget, replica_labels
 from components.runtimes import ComponentType, Runtime
 from components.workload import EnvValue, HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload
-from mlops_spec.contract import READER, ROLLOUT_DIR, gateway_env
+from mlops_spec.contract import (
+    GATEWAY_METRICS_PORT,
+    GATEWAY_PORT,
+    READER,
+    ROLLOUT_DIR,
+    SAMPLES_DIR,
+    SERVING_METRICS_PORT,
+    SERVING_PORT,
+    GatewayEnv,
+    ReplicaEnv,
+    TrackingEnv,
+    gateway_env,
+    gateway_name,
+    serving_name,
+)
 from mlops_spec.models import BatchingSpec, ImageSource, ModelPin, Release, SamplingSpec, ServingSpec
 
-SERVING_PORT = 8080
-GATEWAY_PORT = 8080
-# Metrics on ports of their own, reached only on the stage network: neither is published or routed.
-REPLICA_METRICS_PORT = 8082
-GATEWAY_METRICS_PORT = 9102
 REPLICA_TMP_MB = 256  # room for the fetched model
 TYPE = ComponentType(single_host="mlops:model_serving:ModelServing", swarm="mlops:swarm_serving:SwarmServing")
 
@@ -75,12 +83,12 @@ class ModelServingArgs(TypedDict):
 def model_settings(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str) -> dict[str, pulumi.Input[str]]:
     """What a replica needs to fetch and serve its pinned model, but the password."""
     return {
-        "MODEL_NAME": pin.name,
-        "MODEL_VERSION": str(pin.version),
-        "MODEL_SHA256": pin.sha256 or "",
-        "SERVING_RUNTIME": runtime,
-        "MLFLOW_TRACKING_URI": registry_url,
-        "MLFLOW_TRACKING_USERNAME": READER,
+        ReplicaEnv.MODEL_NAME: pin.name,
+        ReplicaEnv.MODEL_VERSION: str(pin.version),
+        ReplicaEnv.MODEL_SHA256: pin.sha256 or "",
+        ReplicaEnv.SERVING_RUNTIME: runtime,
+        TrackingEnv.URI: registry_url,
+        TrackingEnv.USERNAME: READER,
     }
 
 
@@ -88,9 +96,9 @@ def sampling_env(sampling: Optional[SamplingSpec]) -> dict[str, EnvValue]:
     """What a replica needs to sample (images/serving/serving/sampling.py): one file of its own on the volume."""
     if sampling is None:
         return {}
-    return {"SAMPLE_FRACTION": str(sampling.fraction),
-            "SAMPLES_FILE": lambda replica: f"{SAMPLES_DIR}/{replica}.jsonl",
-            "SAMPLES_MAX_BYTES": str(sampling.max_mb * 1024 * 1024)}
+    return {ReplicaEnv.SAMPLE_FRACTION: str(sampling.fraction),
+            ReplicaEnv.SAMPLES_FILE: lambda replica: f"{SAMPLES_DIR}/{replica}.jsonl",
+            ReplicaEnv.SAMPLES_MAX_BYTES: str(sampling.max_mb * 1024 * 1024)}
 
 
 def batching_settings(batching: Optional[BatchingSpec]) -> dict[str, EnvValue]:
@@ -98,7 +106,8 @@ def batching_settings(batching: Optional[BatchingSpec]) -> dict[str, EnvValue]:
     to MLServer's adaptive batching); none: one predict call per request."""
     if batching is None:
         return {}
-    return {"MAX_BATCH_SIZE": str(batching.max_batch_size), "MAX_BATCH_TIME_MS": f"{batching.max_batch_time_ms:g}"}
+    return {ReplicaEnv.MAX_BATCH_SIZE: str(batching.max_batch_size),
+            ReplicaEnv.MAX_BATCH_TIME_MS: f"{batching.max_batch_time_ms:g}"}
 
 
 def model_labels(pin: ModelPin) -> dict[str, str]:
@@ -121,7 +130,7 @@ class ModelServing(pulumi.ComponentResource):
         release = args["release"]
         blue_image = runtime.image(f"{name}-image", parent=self, image="serving", target=spec.runtime, released=True,
                                    source=ImageSource(build=spec.build) if spec.build is not None
-                                   else release.images.serving)
+                                   else ImageSource(ref=release.images.serving))
         slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (release.model, blue_image.runs)}
         if spec.green is not None:
             green_image = blue_image if spec.green.serving_image is None else runtime.image(
@@ -131,7 +140,8 @@ class ModelServing(pulumi.ComponentResource):
 
         reader = SecretEnv(args["reader_password"], resource_name=f"{name}-reader-secret", purpose="mlflow-reader",
                            file="mlflow-reader-password")
-        drift_env = {} if args["drift_window_rows"] is None else {"DRIFT_WINDOW_ROWS": str(args["drift_window_rows"])}
+        drift_env = ({} if args["drift_window_rows"] is None
+                     else {ReplicaEnv.DRIFT_WINDOW_ROWS: str(args["drift_window_rows"])})
         samples_volume = args["samples_volume"]
         sampling = spec.sampling if samples_volume is not None else None
         upstreams: dict[str, str] = {}
@@ -140,7 +150,7 @@ class ModelServing(pulumi.ComponentResource):
         for slot, (pin, image) in slots.items():
             deployed = runtime.deploy(Workload(
                 resource_name=f"{name}-{slot}",
-                name=f"{stack}-serving-{slot}",
+                name=serving_name(stack, slot),
                 component="model-serving",
                 image=image,
                 limits=spec.limits,
@@ -150,10 +160,11 @@ class ModelServing(pulumi.ComponentResource):
                 # A replica that follows `latest` (dev) has nothing to serve until the first training run
                 # registers a version, and then turns ready by itself; a pinned one must be ready.
                 wait_healthy=pin.is_pinned,
-                env={**model_settings(pin, args["registry_url"], spec.runtime), "MLFLOW_TRACKING_PASSWORD": reader,
+                env={**model_settings(pin, args["registry_url"], spec.runtime), TrackingEnv.PASSWORD: reader,
                      **drift_env, **sampling_env(sampling), **batching_settings(spec.batching)},
                 # Writable: each replica appends to its own file; the image owns SAMPLES_DIR, so uid 10001 may.
-                volumes=[VolumeMount(samples_volume, SAMPLES_DIR)] if sampling is not None else (),
+                volumes=([VolumeMount(samples_volume, SAMPLES_DIR)]
+                         if samples_volume is not None and sampling is not None else ()),
                 tmp_mb=REPLICA_TMP_MB,
                 labels=model_labels(pin),
                 identity={"mlops.slot": slot},
@@ -161,20 +172,20 @@ class ModelServing(pulumi.ComponentResource):
             replicas += deployed.resources
             upstreams[slot] = ",".join(deployed.addresses(SERVING_PORT))
             self.scrape_targets += [ScrapeTarget("serving", address, replica_labels(slot, pin), deployed.every_task)
-                                    for address in deployed.addresses(REPLICA_METRICS_PORT)]
+                                    for address in deployed.addresses(SERVING_METRICS_PORT)]
 
         rollout = args["rollout"] if spec.green is not None and spec.green.rollout is not None else None
         publish = Publish(GATEWAY_PORT, spec.port)
         gateway = runtime.deploy(Workload(
             resource_name=f"{name}-gateway",
-            name=f"{stack}-gateway",
+            name=gateway_name(stack),
             component="serving-gateway",
             image=runtime.image(f"{name}-gateway-image", parent=self, image="gateway", source=spec.gateway.image).runs,
             limits=spec.gateway.limits,
             health=HttpHealth(GATEWAY_PORT, "/gateway/health", spec.health_check),
             role=Role.EDGE,
-            env={"UPSTREAM_BLUE": upstreams["blue"], "UPSTREAM_GREEN": upstreams.get("green", ""),
-                 "WEIGHT_BLUE": str(spec.traffic.blue), "WEIGHT_GREEN": str(spec.traffic.green),
+            env={GatewayEnv.UPSTREAM_BLUE: upstreams["blue"], GatewayEnv.UPSTREAM_GREEN: upstreams.get("green", ""),
+                 GatewayEnv.WEIGHT_BLUE: str(spec.traffic.blue), GatewayEnv.WEIGHT_GREEN: str(spec.traffic.green),
                  **(gateway_env(spec.green, rollout.prometheus_url, rollout.scrape_interval_s)
                     if spec.green is not None and rollout is not None else {})},
             volumes=[VolumeMount(rollout.log_volume, ROLLOUT_DIR)] if rollout is not None else (),

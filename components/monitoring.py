@@ -46,11 +46,10 @@ import pulumi
 
 from components.runtimes import ComponentType, Runtime
 from components.workload import HttpHealth, Publish, Role, VolumeMount, Workload
+from mlops_spec.contract import PROMETHEUS_DATA_DIR, PROMETHEUS_PORT, PrometheusEnv, prometheus_name
 from mlops_spec.models import ModelPin, MonitoringSpec
 
-PROMETHEUS_PORT = 9090
 TYPE = ComponentType(single_host="mlops:monitoring:Monitoring", swarm="mlops:swarm_monitoring:SwarmMonitoring")
-DATA_PATH = "/prometheus"
 # The image adds the rule file it writes from DRIFT_THRESHOLD (images/prometheus/start.py).
 RULE_FILES = ["/etc/prometheus/rules/*.yml"]
 
@@ -116,8 +115,9 @@ def prometheus_config(stack: str, spec: MonitoringSpec, targets: list[ScrapeTarg
 def prometheus_settings(stack: str, spec: MonitoringSpec, targets: list[ScrapeTarget]) -> dict[str, str]:
     """What the Prometheus image is given (images/prometheus/start.py), on one host and on a swarm alike."""
     config = prometheus_config(stack, spec, targets)
-    return {"PROMETHEUS_CONFIG": json.dumps(config, sort_keys=True, separators=(",", ":")),
-            "DRIFT_THRESHOLD": str(spec.drift_threshold), "RETENTION_DAYS": str(spec.retention_days)}
+    return {PrometheusEnv.CONFIG: json.dumps(config, sort_keys=True, separators=(",", ":")),
+            PrometheusEnv.DRIFT_THRESHOLD: str(spec.drift_threshold),
+            PrometheusEnv.RETENTION_DAYS: str(spec.retention_days)}
 
 
 class Monitoring(pulumi.ComponentResource):
@@ -131,7 +131,7 @@ class Monitoring(pulumi.ComponentResource):
         publish = Publish(PROMETHEUS_PORT, spec.port)
         prometheus = runtime.deploy(Workload(
             resource_name=f"{name}-prometheus",
-            name=f"{stack}-prometheus",
+            name=prometheus_name(stack),
             component="monitoring",
             image=runtime.image(f"{name}-image", parent=self, image="prometheus", source=spec.image).runs,
             limits=spec.limits,
@@ -140,7 +140,7 @@ class Monitoring(pulumi.ComponentResource):
             role=Role.STATEFUL,
             env=prometheus_settings(stack, spec, args["targets"]),
             publish=publish,
-            volumes=[VolumeMount(args["data_volume"], DATA_PATH)],
+            volumes=[VolumeMount(args["data_volume"], PROMETHEUS_DATA_DIR)],
         ), parent=self)
         self.url = runtime.endpoint(prometheus, publish)
         self.register_outputs({"url": self.url})

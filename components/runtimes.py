@@ -90,7 +90,8 @@ class Deployed:
     resources: list[pulumi.CustomResource]
     name: pulumi.Output[str]
     """Known once it runs (healthy, where `pulumi up` waits for it)."""
-    host_port: Optional[pulumi.Output[int]]
+    host_port: Optional[pulumi.Output[Optional[int]]]
+    """Where the host publishes it; the provider's schema leaves a port Docker chooses optional."""
     hosts: list[str]
     """The names that reach it on the stage network: one per container, or Swarm's `tasks.<service>`."""
     every_task: bool
@@ -165,7 +166,8 @@ class SingleHost(Runtime):
                      for index in range(workload.replicas)])
         containers = [self._container(resource_name, name, workload, parent) for resource_name, name in replicas]
         return Deployed(resources=list(containers), name=containers[0].name,
-                        host_port=containers[0].ports.apply(lambda ports: ports[0].external) if workload.publish else None,
+                        host_port=containers[0].ports.apply(lambda ports: ports[0].external if ports else None)
+                        if workload.publish else None,
                         hosts=[name for _, name in replicas], every_task=False)
 
     def _container(self, resource_name: str, name: str, workload: Workload, parent: pulumi.Resource) -> docker.Container:
@@ -229,7 +231,7 @@ class SingleHost(Runtime):
                                 settings=self.builds, target=target, push=self.push if released else None,
                                 push_after=after)
             return WorkloadImage(runs=built.image_id, digest=built.repo_digest)
-        ref = source.ref if isinstance(source, ImageSource) else source
+        ref = source.pulled_ref if isinstance(source, ImageSource) else source
         pulled = pulled_image(resource_name, parent=parent, ref=ref, platform=self.builds.platform, depends_on=after)
         return WorkloadImage(runs=pulled.image_id, digest=pulled.image_id)
 

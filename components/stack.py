@@ -11,10 +11,10 @@ from components.image_registry import ImageRegistry
 from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing, RolloutWiring
-from components.monitoring import PROMETHEUS_PORT, Monitoring, ScrapeTarget
+from components.monitoring import Monitoring, ScrapeTarget
 from components.runtimes import Runtime, SingleHost, Swarm
 from components.training_environment import TrainingEnvironment
-from mlops_spec.contract import READER, derived_password
+from mlops_spec.contract import PROMETHEUS_PORT, READER, derived_password, network_name, prometheus_name
 from mlops_spec.models import StageSpec
 
 
@@ -78,7 +78,7 @@ class MLOpsStack(pulumi.ComponentResource):
 
         swarm = spec.swarm
         network = docker.Network(
-            f"{stack}-network", name=f"{stack}-net", driver="bridge" if swarm is None else "overlay",
+            f"{stack}-network", name=network_name(stack), driver="bridge" if swarm is None else "overlay",
             # Attachable, so `mlops train` can run a one-off task on it and tests can reach services.
             attachable=True if swarm is not None else None,
             labels=[docker.NetworkLabelArgs(label=key, value=value) for key, value in sorted(identity.items())],
@@ -109,6 +109,7 @@ class MLOpsStack(pulumi.ComponentResource):
 
         self.image_registry_server = None
         if spec.image_registry.enabled:
+            assert password is not None, "declare_stack passes the registry password whenever the registry is enabled"
             image_registry = ImageRegistry(f"{stack}-image-registry", {
                 "runtime": runtime, "spec": spec.image_registry, "data_volume": store.registry_data_volume,
                 "password": password}, opts=child)
@@ -136,7 +137,7 @@ class MLOpsStack(pulumi.ComponentResource):
                 "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
                 "samples_volume": store.samples_volume,
                 "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(
-                    prometheus_url=f"http://{stack}-prometheus:{PROMETHEUS_PORT}",
+                    prometheus_url=f"http://{prometheus_name(stack)}:{PROMETHEUS_PORT}",
                     scrape_interval_s=spec.monitoring.scrape_interval_s, log_volume=store.rollout_volume),
             }, opts=child)
             scrape_targets = serving.scrape_targets

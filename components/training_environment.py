@@ -6,12 +6,19 @@ from typing import Optional, Sequence, TypedDict
 
 import pulumi
 
-from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, volume_name
 from components.images import build_image, pulled_image
-from components.model_registry import MLFLOW_PORT
 from components.runtimes import Runtime
 from components.workload import Run, SecretEnv, VolumeMount
-from mlops_spec.contract import TRAINER
+from mlops_spec.contract import (
+    DATASETS_DIR,
+    DATASETS_VOLUME,
+    TRAINER,
+    TrackingEnv,
+    TrainingEnv,
+    network_name,
+    tracking_uri,
+    volume_name,
+)
 from mlops_spec.models import StageSpec, TrainingSpec
 
 TRAINING_ENTRYPOINT = ("python3", "-m", "mlops_training")
@@ -42,6 +49,7 @@ class TrainingEnvironment(pulumi.ComponentResource):
             self.image_ref = image.image_name
             self.image_digest = image.repo_digest
         else:
+            assert args["promoted_image"] is not None, "the stage rules give a stage that does not build a promoted image"
             pulled = pulled_image(f"{name}-image", parent=self, ref=args["promoted_image"],
                                   platform=runtime.builds.platform, depends_on=registry)
             self.image_ref = pulled.name
@@ -58,12 +66,12 @@ def training_run(spec: StageSpec, *, name: str, image: str, digest: str, args: S
     placement = spec.swarm.training if spec.swarm is not None else None
     return Run(
         component="training-run", name=name, image=image, entrypoint=TRAINING_ENTRYPOINT, args=args,
-        limits=spec.training.limits, labels=labels, network=f"{spec.stage}-net",
-        env={"MLFLOW_TRACKING_URI": f"http://{spec.stage}-model-registry:{MLFLOW_PORT}",
-             "MLFLOW_TRACKING_USERNAME": TRAINER,
-             "MLFLOW_TRACKING_PASSWORD": SecretEnv(password, resource_name=f"{name}-password",
-                                                   purpose="mlflow-trainer", file=PASSWORD_FILE),
-             "TRAINING_IMAGE_DIGEST": digest},
+        limits=spec.training.limits, labels=labels, network=network_name(spec.stage),
+        env={TrackingEnv.URI: tracking_uri(spec.stage),
+             TrackingEnv.USERNAME: TRAINER,
+             TrackingEnv.PASSWORD: SecretEnv(password, resource_name=f"{name}-password",
+                                             purpose="mlflow-trainer", file=PASSWORD_FILE),
+             TrainingEnv.IMAGE_DIGEST: digest},
         volumes=[VolumeMount(volume_name(spec.stage, DATASETS_VOLUME), DATASETS_DIR, read_only=True)]
         if with_datasets else (),
         gpus=spec.training.gpu,

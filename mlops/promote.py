@@ -35,7 +35,7 @@ from mlops.reach import StageReach, Unreachable
 from mlops_spec.contract import PROMOTER, release_id
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stage, stage_file
-from mlops_spec.models import StageSpec
+from mlops_spec.models import CanaryRelease, ModelPin, ReleaseImages, StageSpec
 from mlops_spec.project import ENVIRONMENTS_DIR
 
 StoreFactory = Callable[[str, BasicAuth], ModelStore]
@@ -97,6 +97,7 @@ class GreenPromotion:
     """A stage's green, which finished its rollout, as the stage's new blue: one edit of its own spec file."""
 
     spec: StageSpec
+    green: CanaryRelease
     file: Path
     original: str
     updated: str
@@ -132,8 +133,7 @@ def _repository_of(spec: StageSpec, path: str, ref: str) -> tuple[str, str]:
     return name.removeprefix(f"{server}/"), digest
 
 
-def _fetch_source_model(source: StageSpec, store: ModelStore) -> ModelVersion:
-    pin = source.release.model
+def _fetch_source_model(source: StageSpec, pin: ModelPin, store: ModelStore) -> ModelVersion:
     try:
         version = pin.version if isinstance(pin.version, int) else store.latest_version(pin.name)
         model = store.fetch(pin.name, version)
@@ -224,7 +224,7 @@ def prepare_green_promotion(stage: str, environments: Path, rollout_state: Calla
     _refuse_unless_committed(file)
     updated = green_as_blue_text(original)
     validate_updated(spec, file, updated)
-    return GreenPromotion(spec=spec, file=file, original=original, updated=updated)
+    return GreenPromotion(spec=spec, green=green, file=file, original=original, updated=updated)
 
 
 def _assign(mapping: CommentedMap, values: dict) -> None:
@@ -311,18 +311,22 @@ class Promoter:
         return StageRegistry(where=reach.where("image registry"), address=address,
                              username=spec.image_registry.username, password=_secret(self.password_for, spec.stage))
 
-    def _source_images(self, source: StageSpec, target: StageSpec) -> tuple[ImageCopy, ...]:
-        """Each image of the source's release, with its digest as the source registry serves it."""
+    def _source_images(self, source: StageSpec, promoted: ReleaseImages, target: StageSpec) -> tuple[ImageCopy, ...]:
+        """Each image of the source's release (`promoted`), with its digest as the source registry serves it."""
         registry = self.image_registry(source)
+        # Only building stages (dev, experiments) have no server to pin under, and none is promoted into.
+        assert target.image_registry_server is not None, target.stage
         built = {"training": (source.training.build, None), "serving": (source.serving.build, source.serving.runtime)}
         copies = []
         for role in ("training", "serving"):
-            ref = getattr(source.release.images, role)
+            ref = getattr(promoted, role)
             if ref is not None:
                 repository, digest = _repository_of(source, f"release.images.{role}", ref)
                 manifest_digest(registry, repository, digest)
             else:  # a building stage (dev) promotes what its build pushed, found by the content tag
                 context, build_target = built[role]
+                # The stage rules pin promoted stages' images by digest, so a source without one builds them.
+                assert context is not None, (source.stage, role)
                 repository = f"{source.stage}/{role}"
                 tag = content_tag(context, BuildSettings.of(source), build_target)
                 try:
@@ -350,13 +354,14 @@ class Promoter:
         if target.promote_from != source_stage:
             raise PromotionRefused(f"{target_stage} is promoted from {target.promote_from} "
                                    f"({target_file.name}: promote_from), not from {source_stage}")
-        if source.release is None:
+        promoted = source.release
+        if promoted is None:
             raise PromotionRefused(f"{source_stage} has no release to promote: nothing was promoted to it yet")
         _refuse_unless_committed(target_file)
         try:
-            model = _fetch_source_model(source, self.model_store(source))
+            model = _fetch_source_model(source, promoted.model, self.model_store(source))
             _check_gates(model, target)
-            images = self._source_images(source, target)
+            images = self._source_images(source, promoted.images, target)
             self.image_registry(target)  # its address and password, before anything is copied
             target_store = self.model_store(target)
             try:

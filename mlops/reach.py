@@ -64,7 +64,7 @@ class StageReach:
         if docker.is_local:
             return f"{docker.address or '127.0.0.1'}:{port.host_port}"
         if docker.url.startswith("ssh://"):
-            return f"127.0.0.1:{self._tunnel(service, port)}"
+            return f"127.0.0.1:{self._tunnel(service, port.bind_address, port.host_port)}"
         if port.bind_address == "127.0.0.1" and docker.address is None:
             raise Unreachable(f"{self.where(service)} is published on 127.0.0.1:{port.host_port} of that host, which "
                               "no other machine reaches; publish it on a reachable address "
@@ -72,15 +72,17 @@ class StageReach:
                               "through which mlops tunnels")
         return f"{docker.published_host}:{port.host_port}"
 
-    def _tunnel(self, service: str, port: PublishedPort) -> int:
-        if port.host_port in self._tunnels:
-            return self._tunnels[port.host_port][1]
+    def _tunnel(self, service: str, bind_address: str, host_port: int) -> int:
+        if host_port in self._tunnels:
+            return self._tunnels[host_port][1]
         url = urlsplit(self.spec.docker.url)
+        if url.hostname is None:
+            raise Unreachable(f"{self.where(service)}: {self.spec.docker.url} names no host to tunnel to")
         destination = f"{url.username}@{url.hostname}" if url.username else url.hostname
         local = _free_local_port()
         command = ["ssh", "-N", "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
                    *(["-p", str(url.port)] if url.port else []), *self.spec.docker.ssh_opts,
-                   "-L", f"127.0.0.1:{local}:{port.bind_address}:{port.host_port}", destination]
+                   "-L", f"127.0.0.1:{local}:{bind_address}:{host_port}", destination]
         try:
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                        stderr=subprocess.PIPE, text=True)
@@ -90,17 +92,17 @@ class StageReach:
         deadline = time.monotonic() + TUNNEL_START_TIMEOUT_S
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                reason = (process.stderr.read() or "").strip().splitlines()
-                raise Unreachable(f"{self.where(service)}: the SSH tunnel to port {port.host_port} failed: "
+                reason = (process.communicate()[1] or "").strip().splitlines()
+                raise Unreachable(f"{self.where(service)}: the SSH tunnel to port {host_port} failed: "
                                   f"{reason[-1] if reason else f'ssh exited with {process.returncode}'}")
             try:
                 socket.create_connection(("127.0.0.1", local), timeout=1).close()
-                self._tunnels[port.host_port] = (process, local)
+                self._tunnels[host_port] = (process, local)
                 return local
             except OSError:
                 time.sleep(0.2)
         process.kill()
-        raise Unreachable(f"{self.where(service)}: the SSH tunnel to port {port.host_port} did not open within "
+        raise Unreachable(f"{self.where(service)}: the SSH tunnel to port {host_port} did not open within "
                           f"{TUNNEL_START_TIMEOUT_S:.0f}s")
 
     def model_registry_url(self) -> str:

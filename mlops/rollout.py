@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mlops.reach import StageReach
-from mlops_spec.contract import ROLLOUT_DIR, release_id
+from mlops_spec.contract import ROLLOUT_DIR, gateway_name, release_id
 from mlops_spec.models import StageSpec
 
 FINISHED = "finished"
@@ -51,7 +51,7 @@ def prometheus_url(spec: StageSpec, reach: StageReach) -> str:
 
 def gateway_state(spec: StageSpec, stack: str) -> Optional[dict]:
     """The rollout state the stage's gateway recorded, read through its Docker engine; None without one."""
-    result = subprocess.run(["docker", "--host", spec.docker.url, "exec", f"{stack}-gateway", "cat",
+    result = subprocess.run(["docker", "--host", spec.docker.url, "exec", gateway_name(stack), "cat",
                              f"{ROLLOUT_DIR}/state.json"], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return None

@@ -1,7 +1,9 @@
-"""Names that the Pulumi components, the `mlops` commands and the images must agree on, said once.
+"""Names that the Pulumi components, the `mlops` commands and the images must agree on, said once: the
+containers' and volumes' names, the ports the images listen on, where volumes are mounted, the environment
+variables the components set and the images read, the MLflow identities and how their passwords derive.
 
 The images are built without this package, so they keep copies of what they read (images/mlflow/start.py
-derives the same passwords, images/gateway/canary.py reads the same rollout variables);
+derives the same passwords, images/gateway reads the same variables, each image listens on its port);
 tests/test_contract.py checks that those copies equal what is here.
 
 Passwords: each stack holds two Pulumi config secrets, `mlops:registryPassword` (its image registry) and
@@ -31,8 +33,127 @@ REGISTRY_PASSWORD = "registryPassword"
 MLFLOW_PASSWORD = "mlflowPassword"
 """The stack's config secrets, `mlops:<key>`."""
 
+# Ports the images listen on, inside the stage network; the stage files choose the host ports they are published on.
+MLFLOW_PORT = 5000
+IMAGE_REGISTRY_PORT = 5000
+SERVING_PORT = 8080
+"""A serving replica's V2 inference API."""
+SERVING_METRICS_PORT = 8082
+GATEWAY_PORT = 8080
+GATEWAY_METRICS_PORT = 9102
+"""Metrics on ports of their own, reached only on the stage network: neither is published or routed."""
+PROMETHEUS_PORT = 9090
+
+# The artifact store's volumes, `<stack>-<volume>` on the engine (volume_name).
+ARTIFACTS_VOLUME = "artifacts"
+MLFLOW_DB_VOLUME = "mlflow-db"
+REGISTRY_DATA_VOLUME = "registry-data"
+DATASETS_VOLUME = "datasets"
+METRICS_VOLUME = "metrics"
+ROLLOUT_VOLUME = "rollout"
+SAMPLES_VOLUME = "samples"
+
+# Where the images mount them (docs/contracts.md); each image owns the folder, which an empty volume takes on.
+MLFLOW_DB_DIR = "/data/db"
+ARTIFACTS_DIR = "/data/artifacts"
+REGISTRY_DATA_DIR = "/var/lib/registry"
+DATASETS_DIR = "/data/datasets"
+SAMPLES_DIR = "/data/samples"
+PROMETHEUS_DATA_DIR = "/prometheus"
 ROLLOUT_DIR = "/data/rollout"
 """Where the gateway records a rollout's events and state, on the stage's rollout volume."""
+
+
+class MlflowEnv:
+    """What the model registry's container gets (images/mlflow/start.py)."""
+    SECRET = "MLOPS_MLFLOW_PASSWORD"
+    """The stage's MLflow secret, from which the image derives every identity's password."""
+    PUBLISHED_HOST = "MLOPS_PUBLISHED_HOST"
+
+
+class RegistryEnv:
+    """What the image registry's container gets (images/registry/entrypoint.sh)."""
+    HTPASSWD_ENTRY = "REGISTRY_HTPASSWD_ENTRY"
+
+
+class TrackingEnv:
+    """How a serving replica and a training run reach MLflow: MLflow's own client variables."""
+    URI = "MLFLOW_TRACKING_URI"
+    USERNAME = "MLFLOW_TRACKING_USERNAME"
+    PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+
+
+class ReplicaEnv:
+    """What a serving replica gets (images/serving): its model pin, drift scoring, sampling and batching."""
+    MODEL_NAME = "MODEL_NAME"
+    MODEL_VERSION = "MODEL_VERSION"
+    MODEL_SHA256 = "MODEL_SHA256"
+    SERVING_RUNTIME = "SERVING_RUNTIME"
+    DRIFT_WINDOW_ROWS = "DRIFT_WINDOW_ROWS"
+    SAMPLE_FRACTION = "SAMPLE_FRACTION"
+    SAMPLES_FILE = "SAMPLES_FILE"
+    SAMPLES_MAX_BYTES = "SAMPLES_MAX_BYTES"
+    MAX_BATCH_SIZE = "MAX_BATCH_SIZE"
+    MAX_BATCH_TIME_MS = "MAX_BATCH_TIME_MS"
+
+
+class TrainingEnv:
+    """What a training run gets besides TrackingEnv (images/training)."""
+    IMAGE_DIGEST = "TRAINING_IMAGE_DIGEST"
+
+
+class GatewayEnv:
+    """What the gateway gets (images/gateway): its two pools, and green's rollout when one is declared."""
+    UPSTREAM_BLUE = "UPSTREAM_BLUE"
+    UPSTREAM_GREEN = "UPSTREAM_GREEN"
+    WEIGHT_BLUE = "WEIGHT_BLUE"
+    WEIGHT_GREEN = "WEIGHT_GREEN"
+    ROLLOUT_POLICY = "ROLLOUT_POLICY"
+    PROMETHEUS_URL = "PROMETHEUS_URL"
+    SCRAPE_INTERVAL_S = "SCRAPE_INTERVAL_S"
+    ROLLOUT_DIR = "ROLLOUT_DIR"
+    GREEN_RELEASE = "GREEN_RELEASE"
+
+
+class PrometheusEnv:
+    """What Prometheus's container gets (images/prometheus/start.py)."""
+    CONFIG = "PROMETHEUS_CONFIG"
+    DRIFT_THRESHOLD = "DRIFT_THRESHOLD"
+    RETENTION_DAYS = "RETENTION_DAYS"
+
+
+def network_name(stack: str) -> str:
+    return f"{stack}-net"
+
+
+def volume_name(stack: str, volume: str) -> str:
+    return f"{stack}-{volume}"
+
+
+def model_registry_name(stack: str) -> str:
+    return f"{stack}-model-registry"
+
+
+def image_registry_name(stack: str) -> str:
+    return f"{stack}-image-registry"
+
+
+def serving_name(stack: str, slot: str) -> str:
+    """The replicas of one slot (blue or green): a Swarm service, or containers `<name>-<index>`."""
+    return f"{stack}-serving-{slot}"
+
+
+def gateway_name(stack: str) -> str:
+    return f"{stack}-gateway"
+
+
+def prometheus_name(stack: str) -> str:
+    return f"{stack}-prometheus"
+
+
+def tracking_uri(stack: str) -> str:
+    """MLflow as the stage's containers reach it on the stage network."""
+    return f"http://{model_registry_name(stack)}:{MLFLOW_PORT}"
 
 
 def derived_password(secret: str, identity: str) -> str:
@@ -53,6 +174,6 @@ def release_id(pin: ModelPin) -> str:
 def gateway_env(green: CanaryRelease, prometheus_url: str, scrape_interval_s: int) -> dict[str, str]:
     """What the gateway needs to run green's rollout: the policy, where to judge it and where to record it."""
     assert green.rollout is not None
-    return {"ROLLOUT_POLICY": green.rollout.model_dump_json(), "PROMETHEUS_URL": prometheus_url,
-            "SCRAPE_INTERVAL_S": str(scrape_interval_s), "ROLLOUT_DIR": ROLLOUT_DIR,
-            "GREEN_RELEASE": release_id(green.model)}
+    return {GatewayEnv.ROLLOUT_POLICY: green.rollout.model_dump_json(), GatewayEnv.PROMETHEUS_URL: prometheus_url,
+            GatewayEnv.SCRAPE_INTERVAL_S: str(scrape_interval_s), GatewayEnv.ROLLOUT_DIR: ROLLOUT_DIR,
+            GatewayEnv.GREEN_RELEASE: release_id(green.model)}

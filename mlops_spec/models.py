@@ -195,6 +195,13 @@ class ImageSource(StrictModel):
             raise ValueError(problem)
         return self
 
+    @property
+    def pulled_ref(self) -> str:
+        """The reference of an image that is pulled rather than built."""
+        if self.ref is None:
+            raise ValueError(f"the image of {self.build} is built, not pulled")
+        return self.ref
+
 
 class PublishedPort(StrictModel):
     host_port: Optional[Port] = Field(default=None, description="None lets Docker choose (experiments)")

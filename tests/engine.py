@@ -578,6 +578,7 @@ def _protobuf_fields(buffer: bytes) -> Iterator[tuple[int, Any]]:
     while position < len(buffer):
         key, position = _varint(buffer, position)
         number, wire_type = key >> 3, key & 7
+        value: int | bytes
         if wire_type == 0:
             value, position = _varint(buffer, position)
         elif wire_type == 2:

@@ -43,7 +43,8 @@ class ClientTimeout(urllib3.Timeout):
     docker-py adds a container's stop grace period to its client timeout, hence `__add__`."""
 
     def __add__(self, seconds: float) -> ClientTimeout:
-        return ClientTimeout(connect=self.connect_timeout, read=self.read_timeout + seconds)
+        read = self.read_timeout
+        return ClientTimeout(connect=self.connect_timeout, read=None if read is None else read + seconds)
 
 
 CLIENT_TIMEOUT = ClientTimeout(connect=3, read=60)
@@ -61,7 +62,14 @@ class DockerHost:
     ip: str
     container_name: str
     outer: docker.DockerClient
-    client: docker.DockerClient | None = None
+    _client: docker.DockerClient | None = None
+
+    @property
+    def client(self) -> docker.DockerClient:
+        """The inner engine's client, once it has answered (`start_hosts` waits for that)."""
+        if self._client is None:
+            raise HostError(f"{self.name}: its engine has not answered yet")
+        return self._client
 
     @property
     def url(self) -> str:
@@ -113,8 +121,8 @@ class DockerHost:
                                 f"{self._log_tail(container)}")
             try:
                 # The client negotiates the API version on creation, so it can only be made once the engine answers.
-                self.client = self.client or docker.DockerClient(base_url=self.url, timeout=CLIENT_TIMEOUT)
-                self.client.ping()
+                self._client = self._client or docker.DockerClient(base_url=self.url, timeout=CLIENT_TIMEOUT)
+                self._client.ping()
                 return
             except (docker.errors.DockerException, requests.RequestException):
                 if time.monotonic() > deadline:
@@ -241,5 +249,5 @@ def _free_addresses(bridge, count: int) -> list[ipaddress.IPv4Address]:
     for container in bridge.client.containers.list(all=True, filters={"network": bridge.id}):
         address = container.attrs["NetworkSettings"]["Networks"][bridge.name]["IPAMConfig"]["IPv4Address"]
         taken.add(ipaddress.ip_address(address))
-    free = (ip for ip in ipaddress.ip_network(config["Subnet"]).hosts() if ip not in taken)
+    free = (ip for ip in ipaddress.IPv4Network(config["Subnet"]).hosts() if ip not in taken)
     return [next(free) for _ in range(count)]

@@ -69,7 +69,7 @@ def render_all(root: Path, environments: Path) -> dict[str, list[dict[str, Any]]
     if (root / "mlops_spec").is_dir():
         from mlops_spec.loading import load_stages
     else:  # a revision from before the spec had a package of its own
-        from mlops.spec import load_stages  # type: ignore[no-redef]
+        from mlops.spec import load_stages  # type: ignore[no-redef, import-not-found]
 
     renderings = {}
     with tempfile.TemporaryDirectory(prefix="stage-renderings-") as scratch:

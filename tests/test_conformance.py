@@ -249,7 +249,8 @@ def concurrently_and_one_by_one(url: str, bodies: list[bytes]) -> tuple[list[tup
     """The answers to `bodies` sent all at once, then one after the other. Over kept-alive connections opened
     beforehand, as the gateway's upstream connections are: the requests then reach the replica while it
     predicts, not one accepted connection at a time."""
-    connections = [http.client.HTTPConnection(*url.removeprefix("http://").split(":"), timeout=60) for _ in bodies]
+    host, port = url.removeprefix("http://").split(":")
+    connections = [http.client.HTTPConnection(host, int(port), timeout=60) for _ in bodies]
     for connection in connections:
         connection.request("GET", "/v2/health/live")
         connection.getresponse().read()

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from mlops_spec import contract
+from mlops_spec.contract import GatewayEnv, MlflowEnv, PrometheusEnv, RegistryEnv, ReplicaEnv, TrackingEnv, TrainingEnv
 from mlops_spec.models import CanaryRelease
 from mlops_spec.project import REPO_ROOT
+
+IMAGES = REPO_ROOT / "images"
 
 
 def imported_modules(folder: str) -> dict[str, set[str]]:
@@ -60,7 +67,122 @@ def test_the_gateway_reads_the_rollout_variables_the_contract_renders(tmp_path):
         "rollout": {"steps": [10, 100], "bake_time_s": 60, "max_error_rate_increase": 0.01,
                     "max_p99_latency_ratio": 1.5}})
     env = contract.gateway_env(green, "http://prometheus:9090", 15)
-    assert env["ROLLOUT_DIR"] == contract.ROLLOUT_DIR
-    env["ROLLOUT_DIR"] = str(tmp_path)  # the volume's mount point, writable here
+    assert env[GatewayEnv.ROLLOUT_DIR] == contract.ROLLOUT_DIR
+    env[GatewayEnv.ROLLOUT_DIR] = str(tmp_path)  # the volume's mount point, writable here
     controller = canary.controller_from_env(env, declared_green_weight=0)
     assert controller is not None and controller.green_release == contract.release_id(green.model)
+
+
+# The images' copies, read from their sources: images/serving and images/training are only parsed, never
+# imported, so the test does not depend on how their modules are wired.
+
+def module_constants(file: Path) -> dict[str, object]:
+    """`NAME = <literal>` (or `Path(<literal>)`) assignments at the top level of a python file."""
+    found: dict[str, object] = {}
+    for node in ast.parse(file.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            value = node.value
+            if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "Path":
+                value = value.args[0]
+            try:
+                found[node.targets[0].id] = ast.literal_eval(value)
+            except ValueError:
+                continue
+    return found
+
+
+def string_constants(folder: Path) -> set[str]:
+    """Every string literal in the python files under `folder`, f-strings' literal parts included."""
+    return {node.value for file in folder.rglob("*.py") for node in ast.walk(ast.parse(file.read_text()))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+
+
+def only(pattern: str, text: str) -> str:
+    found = set(re.findall(pattern, text))
+    assert len(found) == 1, f"{pattern}: {found}"
+    return found.pop()
+
+
+def env_names(*namespaces: type) -> set[str]:
+    return {value for namespace in namespaces for key, value in vars(namespace).items() if key.isupper()}
+
+
+def image_ports() -> list[tuple[str, object, int]]:
+    serving = module_constants(IMAGES / "serving/serving/__main__.py")
+    dockerfile = {image: (IMAGES / image / "Dockerfile").read_text() for image in ("gateway", "mlflow", "registry")}
+    return [
+        ("serving: PORT", serving["PORT"], contract.SERVING_PORT),
+        ("serving: METRICS_PORT", serving["METRICS_PORT"], contract.SERVING_METRICS_PORT),
+        ("gateway: nginx listen", int(only(r"listen (\d+);", (IMAGES / "gateway/nginx.conf.template").read_text())),
+         contract.GATEWAY_PORT),
+        ("gateway: EXPOSE", int(only(r"EXPOSE (\d+)", dockerfile["gateway"])), contract.GATEWAY_PORT),
+        ("gateway: METRICS_PORT", module_constants(IMAGES / "gateway/metrics.py")["METRICS_PORT"],
+         contract.GATEWAY_METRICS_PORT),
+        ("mlflow: --port", int(only(r'"--port", "(\d+)"', dockerfile["mlflow"])), contract.MLFLOW_PORT),
+        ("mlflow: EXPOSE", int(only(r"EXPOSE (\d+)", dockerfile["mlflow"])), contract.MLFLOW_PORT),
+        ("registry: addr", int(only(r"addr: :(\d+)", (IMAGES / "registry/config.yml").read_text())),
+         contract.IMAGE_REGISTRY_PORT),
+        ("prometheus: PORT", module_constants(IMAGES / "prometheus/start.py")["PORT"], contract.PROMETHEUS_PORT),
+    ]
+
+
+@pytest.mark.parametrize("where, copy, expected", image_ports(), ids=lambda value: str(value))
+def test_each_image_listens_on_the_port_the_contract_names(where, copy, expected):
+    assert copy == expected, where
+
+
+def test_each_image_owns_the_folders_the_contract_mounts_its_volumes_at():
+    owned = {"gateway": [contract.ROLLOUT_DIR], "mlflow": [contract.MLFLOW_DB_DIR, contract.ARTIFACTS_DIR],
+             "registry": [contract.REGISTRY_DATA_DIR], "serving": [contract.SAMPLES_DIR],
+             "training": [contract.DATASETS_DIR], "prometheus": [contract.PROMETHEUS_DATA_DIR]}
+    for image, folders in owned.items():
+        dockerfile = (IMAGES / image / "Dockerfile").read_text()
+        for folder in folders:
+            # created and handed to the runtime user, so an empty volume mounted there takes both on
+            assert re.search(rf"(mkdir|install -d)[^\n]*\s{re.escape(folder)}(\s|$)", dockerfile, re.M), (image, folder)
+            assert re.search(rf"(chown|-o) 10001[^\n]*\s{re.escape(folder)}(\s|$)", dockerfile, re.M), (image, folder)
+    training = module_constants(IMAGES / "training/mlops_training/datasets.py")
+    assert (training["DATASETS_DIR"], training["SAMPLES_DIR"]) == (contract.DATASETS_DIR, contract.SAMPLES_DIR)
+    assert module_constants(IMAGES / "prometheus/start.py")["DATA_DIR"] == contract.PROMETHEUS_DATA_DIR
+    mlflow_command = (IMAGES / "mlflow/Dockerfile").read_text()
+    assert f"sqlite:///{contract.MLFLOW_DB_DIR}/mlflow.db" in mlflow_command
+    assert f'"--artifacts-destination", "{contract.ARTIFACTS_DIR}"' in mlflow_command
+    assert f"rootdirectory: {contract.REGISTRY_DATA_DIR}" in (IMAGES / "registry/config.yml").read_text()
+
+
+def test_each_image_reads_the_variables_the_components_set_on_it():
+    reads = {
+        "serving": env_names(ReplicaEnv, TrackingEnv),
+        # The password and username reach MLflow's client library, which reads them itself.
+        "training": {TrackingEnv.URI, TrainingEnv.IMAGE_DIGEST},
+        "mlflow": env_names(MlflowEnv),
+        "prometheus": env_names(PrometheusEnv),
+        # The pools are read under names built from the pool's name: test_the_gateway_reads_its_pools_...
+        "gateway": env_names(GatewayEnv) - {GatewayEnv.UPSTREAM_BLUE, GatewayEnv.UPSTREAM_GREEN,
+                                            GatewayEnv.WEIGHT_BLUE, GatewayEnv.WEIGHT_GREEN},
+    }
+    for image, variables in reads.items():
+        missing = variables - string_constants(IMAGES / image)
+        assert not missing, f"images/{image} never reads {sorted(missing)}"
+    assert RegistryEnv.HTPASSWD_ENTRY in (IMAGES / "registry/entrypoint.sh").read_text()
+    assert module_constants(IMAGES / "mlflow/start.py")["SECRET_VARIABLE"] == MlflowEnv.SECRET
+    # Every variable of the contract is checked against the image that reads it.
+    checked = set().union(*reads.values(), env_names(RegistryEnv, GatewayEnv))
+    assert checked == env_names(MlflowEnv, RegistryEnv, TrackingEnv, ReplicaEnv, TrainingEnv, GatewayEnv,
+                                PrometheusEnv)
+
+
+def test_the_gateway_reads_its_pools_under_the_names_the_contract_sets(monkeypatch):
+    monkeypatch.syspath_prepend(str(IMAGES / "gateway"))
+    import gateway
+
+    pools = gateway.pools_from_env({GatewayEnv.UPSTREAM_BLUE: "blue-0:8080,blue-1:8080", GatewayEnv.WEIGHT_BLUE: "60",
+                                    GatewayEnv.UPSTREAM_GREEN: "green-0:8080", GatewayEnv.WEIGHT_GREEN: "40"})
+    assert [(pool.name, pool.weight, pool.replicas) for pool in pools] == [
+        ("blue", 60, ("blue-0:8080", "blue-1:8080")), ("green", 40, ("green-0:8080",))]
+
+
+def test_mlflow_accepts_the_host_name_the_stage_network_reaches_it_by():
+    allowed = only(r"MLFLOW_SERVER_ALLOWED_HOSTS=(\S+)", (IMAGES / "mlflow/Dockerfile").read_text()).split(",")
+    assert f"{contract.model_registry_name('*')}:{contract.MLFLOW_PORT}" in allowed
+    assert contract.tracking_uri("staging") == f"http://{contract.model_registry_name('staging')}:{contract.MLFLOW_PORT}"

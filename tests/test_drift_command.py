@@ -26,9 +26,11 @@ class FakePrometheus(ThreadingHTTPServer):
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the http.server hook
             prometheus = self.server
+            assert isinstance(prometheus, FakePrometheus)
             url = urllib.parse.urlsplit(self.path)
             query = urllib.parse.parse_qs(url.query).get("query", [""])[0]
             prometheus.queries.append(query)
+            body: dict[str, object]
             if url.path != "/api/v1/query" or query != "mlops:drift_psi:max":
                 body = {"status": "error", "errorType": "bad_data", "error": f"unexpected {url.path} {query}"}
             else:

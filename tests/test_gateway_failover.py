@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import pytest
 from sklearn.datasets import load_iris
@@ -210,7 +210,7 @@ def start_replica(engine: Engine, source: ModelSource, role: str, pin: tuple[str
         ready_path="/v2/health/ready", port=8080, health_retries=health_retries)
 
 
-def start_gateway(engine: Engine, source: ModelSource, role: str, blue: list[str], green: list[str] = (),
+def start_gateway(engine: Engine, source: ModelSource, role: str, blue: list[str], green: Sequence[str] = (),
                   weight_green: int = 0) -> str:
     """The gateway with the stage's gateway limits in front of `blue` and `green` replicas, published on loopback."""
     return engine.run(

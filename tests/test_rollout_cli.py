@@ -51,7 +51,7 @@ def gateway_recorded(monkeypatch, state: dict | None) -> list[str]:
 
 
 def green_state(phase: str) -> dict:
-    return {"green_release": release_id(ModelPin(**GREEN_PIN)), "phase": phase, "step": 1, "green_weight": 100}
+    return {"green_release": release_id(ModelPin.model_validate(GREEN_PIN)), "phase": phase, "step": 1, "green_weight": 100}
 
 
 def test_a_finished_green_becomes_the_new_blue_in_the_stage_file(prod_with_green, monkeypatch, capsys):

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import yaml
@@ -62,7 +63,7 @@ def write_stage(environments, name: str, ports: dict[str, int], pins: dict[str, 
 @dataclass
 class Stage:
     name: str
-    environments: object
+    environments: Path
     ports: dict[str, int]
     engine: StageOnEngine
     pins: dict[str, dict] = field(default_factory=dict)

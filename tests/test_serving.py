@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -489,7 +489,7 @@ def test_a_batch_waits_for_a_request_on_its_way_in_at_most_the_declared_time(iri
         answer = await exchange(app, "POST", INFER, infer_body(rows.tolist()), body_delay_s=body_delay_s)
         return time.perf_counter() - started, answer
 
-    async def quick_and_slow_uploads() -> list[tuple[float, Response]]:
+    async def quick_and_slow_uploads() -> Sequence[tuple[float, Response]]:
         return await asyncio.gather(timed(0, features[:2]), timed(0.05, features[2:3]), timed(1.5, features[3:4]))
 
     (quick, quick_answer), (soon, soon_answer), (slow, slow_answer) = asyncio.run(quick_and_slow_uploads())

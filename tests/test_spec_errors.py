@@ -11,7 +11,7 @@ from mlops import cli
 DIGEST = "@sha256:" + "b" * 64
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[str | int | None, str, str]:
     monkeypatch.setattr(sys, "argv", ["mlops", *args])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()

@@ -20,10 +20,17 @@ import pytest
 import yaml
 
 from components.images import BuildSettings, built_image_name
-from components.model_registry import MLFLOW_PORT
 from components.workload import http_probe
 from mlops.modelstore import BasicAuth
-from mlops_spec.contract import MLFLOW_PASSWORD, PROMOTER, READER, TRAINER, derived_password, secret_variable
+from mlops_spec.contract import (
+    MLFLOW_PASSWORD,
+    MLFLOW_PORT,
+    PROMOTER,
+    READER,
+    TRAINER,
+    derived_password,
+    secret_variable,
+)
 from mlops_spec.models import HealthCheck
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 

@@ -34,8 +34,9 @@ MAX_WAITING = 64
 MAX_HEAD_BYTES = 8 * 1024
 
 
-class GatewayMetrics:
-    """Counts and exports on one event loop, so nothing here is shared between threads."""
+class GatewayMetrics(asyncio.DatagramProtocol):
+    """Counts (from the syslog datagrams nginx sends) and exports on one event loop, so nothing here is shared
+    between threads."""
 
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {}

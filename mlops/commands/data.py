@@ -19,7 +19,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from components.artifact_store import DATASETS_DIR, DATASETS_VOLUME, SAMPLES_DIR, SAMPLES_VOLUME, volume_name
 from components.runtimes import docker_run_arguments
 from components.stack import stage_labels
 from components.workload import Run, VolumeMount
@@ -37,7 +36,7 @@ from mlops.commands.train import (
 )
 from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops.reach import StageReach, Unreachable
-from mlops_spec.contract import READER
+from mlops_spec.contract import DATASETS_DIR, DATASETS_VOLUME, READER, SAMPLES_DIR, SAMPLES_VOLUME, volume_name
 from mlops_spec.errors import one_line
 from mlops_spec.loading import load_stages
 from mlops_spec.models import Limits, StageSpec
@@ -74,8 +73,12 @@ def trained_on(spec: StageSpec, served: StageSpec) -> Optional[str]:
         password = credentials.mlflow_password(spec.stage, READER)
         with StageReach(spec) as reach:
             store = MlflowStore(reach.model_registry_url(), BasicAuth(READER, password))
-            version = store.latest_version(pin.name) if pin.version == "latest" else store.find_version(pin.name,
-                                                                                                        pin.sha256)
+            if pin.version == "latest":
+                version: Optional[int] = store.latest_version(pin.name)
+            elif pin.sha256 is None:  # only dev pins a bare version, of a model it trained into its own MLflow
+                version = pin.version
+            else:
+                version = store.find_version(pin.name, pin.sha256)
             if version is None:
                 raise fail(f"{served.stage}'s model {pin.name} (sha256 {pin.sha256}) is not in {spec.stage}'s MLflow, "
                            "where it was trained: cannot tell which data it was trained on", BAD_INPUT_EXIT)
@@ -117,7 +120,7 @@ def run_in_stage(spec: StageSpec, environments: Path, volume: str, mount: str, r
 @reads_specs
 def add(file: Path = typer.Argument(..., help="a CSV file: the model's feature names and `label` as header"),
         stage: str = typer.Option(..., "--stage", help="whose datasets volume"),
-        environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+        environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Check a labelled CSV file and add it to the stage's datasets volume as <sha256>.csv.
 
     Bad input (header, a value that is not a finite number, a missing or unknown label, too large): one line
@@ -137,7 +140,7 @@ def add(file: Path = typer.Argument(..., help="a CSV file: the model's feature n
 @reads_specs
 def list_datasets(stage: str = typer.Option(..., "--stage", help="whose datasets volume"),
                   as_json: bool = typer.Option(False, "--json", help="one JSON object per dataset, oldest first"),
-                  environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+                  environments: Path = ENVIRONMENTS_OPTION) -> None:
     """The datasets on the stage's datasets volume, oldest first: name (sha256), rows, when added."""
     datasets = stored_datasets(single_host_spec(stage, environments), environments)
     if as_json:
@@ -157,7 +160,7 @@ def list_datasets(stage: str = typer.Option(..., "--stage", help="whose datasets
 def samples(stage: str = typer.Option(..., "--stage", help="whose serving samples"),
             out: Path = typer.Option(..., "--out", help="the CSV file to write: feature columns, `prediction`, "
                                                         "an empty `label` column to fill in"),
-            environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+            environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Export every row the stage's replicas sampled, with its prediction, as a CSV ready for labelling."""
     spec = single_host_spec(stage, environments)
     if spec.serving.sampling is None:
@@ -181,7 +184,7 @@ def samples(stage: str = typer.Option(..., "--stage", help="whose serving sample
 @reads_specs
 def fresh(stage: str = typer.Option(..., "--stage", help="where training runs: whose datasets and MLflow"),
           serving: str = typer.Option(..., "--serving", help="the stage whose served model is compared"),
-          environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+          environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Whether the stage's newest dataset is newer than the one SERVING's model was trained on.
 
     Exit 0 printing `FRESH name=... rows=... added=...`; 1 when there is no dataset, or the newest is the one the

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -53,7 +52,7 @@ def _print_text(result: diffing.StackDiff, console: Console) -> None:
 def diff(before: str = typer.Argument(..., metavar="A", help="STAGE or STAGE@GITREF, e.g. staging@origin/main"),
          after: str = typer.Argument(..., metavar="B", help="STAGE or STAGE@GITREF, e.g. staging"),
          output: DiffFormat = typer.Option(DiffFormat.text, "--format", help="text, markdown (a PR comment) or json"),
-         environments: Optional[Path] = typer.Option(None, help="the specs folder (inside a git work tree for @GITREF); "
+         environments: Path = typer.Option(None, help="the specs folder (inside a git work tree for @GITREF); "
                                                                 "default: the project's"),
          fail_on_data_loss: bool = typer.Option(False, "--fail-on-data-loss",
                                                 help="exit 3 when a data volume or protected resource would be "

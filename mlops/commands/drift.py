@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -20,7 +19,7 @@ DRIFTED_EXIT = 1
 
 @reads_specs
 def drift(stage: str = typer.Option(..., "--stage", help="the stage whose serving traffic is checked"),
-          environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+          environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Print each feature's drift score (PSI of the replicas' recent inputs against the training data).
 
     Exit 0: every score is at or below the stage's monitoring.drift_threshold (or none is measured yet),

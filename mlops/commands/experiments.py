@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import typer
 from pulumi import automation as auto
@@ -151,7 +151,7 @@ def _settings_of(stack: auto.Stack) -> Optional[ExperimentSettings]:
         return None
 
 
-def _endpoints(outputs: dict[str, auto.OutputValue]) -> dict[str, str]:
+def _endpoints(outputs: Mapping[str, auto.OutputValue]) -> dict[str, str]:
     return {key: str(outputs[key].value) for key in ENDPOINT_OUTPUTS if key in outputs}
 
 

@@ -21,7 +21,7 @@ def _values(difference: parity_rules.Difference) -> str:
 @reads_specs
 def parity(stages: Optional[list[str]] = typer.Argument(None, help="two or more stages, e.g. staging prod; "
                                                                    "default: every staging and prod kind stage"),
-           environments: Optional[Path] = typer.Option(None, help="the specs folder; default: the project's")) -> None:
+           environments: Path = typer.Option(None, help="the specs folder; default: the project's")) -> None:
     """Check that stages declare the same thing except where base.yaml's parity.may_differ allows."""
     console = Console(highlight=False, soft_wrap=True)
     if not stages:

@@ -37,7 +37,7 @@ def _promote_green(target: str, dry_run: bool, environments: Path, console: Cons
     except promotion.PromotionRefused as refusal:
         raise _refuse(str(refusal)) from None
     _print_diff(done.unified_diff(), console)
-    pin = done.spec.serving.green.model
+    pin = done.green.model
     what = f"{target}'s green {pin.name} v{pin.version} as its blue"
     if dry_run:
         console.print(f"[yellow]dry run:[/yellow] would promote {what}; nothing written")
@@ -52,7 +52,7 @@ def promote(source: Optional[str] = typer.Option(None, "--from", help="the stage
             green: bool = typer.Option(False, "--green", help="instead of --from: make --to's green, once its "
                                                               "rollout finished at 100 %, the new blue"),
             dry_run: bool = typer.Option(False, "--dry-run", help="check everything and show the diff; copy and write nothing"),
-            environments: Optional[Path] = typer.Option(None, help="the specs folder, inside a git work tree; "
+            environments: Path = typer.Option(None, help="the specs folder, inside a git work tree; "
                                                                    "default: the project's")) -> None:
     """Copy SRC's release (model and images, byte for byte) into DST's registries and pin it in DST's spec,
     after checking DST's gates, as MLflow user `promoter`. Secrets: MLOPS_REGISTRY_PASSWORD_<STAGE> and
@@ -61,7 +61,7 @@ def promote(source: Optional[str] = typer.Option(None, "--from", help="the stage
     console = Console(highlight=False, soft_wrap=True)
     if green == (source is not None):
         raise _refuse("give either --from STAGE or --green", code=2)
-    if green:
+    if source is None:  # --green
         _promote_green(target, dry_run, environments, console)
         return
     try:

@@ -30,7 +30,8 @@ ENVIRONMENTS_OPTION = typer.Option(None, "--environments", file_okay=False,
 
 def reads_specs(command: Callable[..., Any]) -> Callable[..., Any]:
     """Run `command` on its `--environments` folder (default: the specs of the project the current directory is
-    in) and on the project that folder belongs to, so specs and the build contexts they name come from one clone."""
+    in) and on the project that folder belongs to, so specs and the build contexts they name come from one clone.
+    The option's default is None, but `command` always gets a folder: it declares `environments: Path`."""
     @functools.wraps(command)
     def run(*args: Any, environments: Optional[Path] = None, **kwargs: Any) -> Any:
         folder = environments or environments_dir()
@@ -41,7 +42,7 @@ def reads_specs(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @reads_specs
 def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to check; every stage when none"),
-             environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+             environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Validate stage specs: schema, invariants, promotions, and ports shared across stages on one Docker host."""
     every = load_all_stages(environments)
     for spec in load_stages(stages, environments) if stages else [every[name] for name in promotion_order(every)]:
@@ -59,7 +60,7 @@ def stages(output: OutputFormat = typer.Option(OutputFormat.text, "--format", he
            chain: Optional[str] = typer.Option(None, "--chain", metavar="STAGE",
                                                help="only the stages a release passes on its way to STAGE, from the "
                                                     "stage that builds it"),
-           environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+           environments: Path = ENVIRONMENTS_OPTION) -> None:
     """List the stages in promotion order, each after the stage it is promoted from: what workflows iterate over."""
     every = load_all_stages(environments)
     order = promotion_order(every)
@@ -85,7 +86,7 @@ def stages(output: OutputFormat = typer.Option(OutputFormat.text, "--format", he
 @reads_specs
 def plan(stage: str = typer.Argument(..., help="a stage (see `mlops stages`)"),
          output: OutputFormat = typer.Option(OutputFormat.text, "--format", help="text or json"),
-         environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+         environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Run the stage's Pulumi program under the mock runtime and list every resource it declares."""
     spec = load_stages([stage], environments)[0]
     resources = planning.render(stage, spec)

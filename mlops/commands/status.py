@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -40,7 +39,7 @@ def _slots_table(status: probing.StageStatus) -> Table:
 @reads_specs
 def status(stage: str = typer.Argument(..., help="dev, staging, prod or another stage file's name"),
            as_json: bool = typer.Option(False, "--json", help="one JSON document instead of the table"),
-           environments: Optional[Path] = ENVIRONMENTS_OPTION) -> None:
+           environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Probe every endpoint STAGE publishes from this machine, as a user would, next to the health its engine
     reports for the containers behind it; then each serving slot's pin, weight, error rate, p99 latency,
     drift and rollout step (numbers from the stage's Prometheus, when it declares monitoring). Exit 1 when any endpoint does not answer as it should (a dead

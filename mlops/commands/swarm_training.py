@@ -73,5 +73,5 @@ def run_job(docker: Docker, spec: StageSpec, run: Run, registry_password: str,
             return exit_code, (logs.stdout + logs.stderr).splitlines()
         finally:
             docker(spec, "service", "rm", run.name)
-            for secret in secrets:
-                docker(spec, "secret", "rm", secret)
+            for secret_name in secrets:
+                docker(spec, "secret", "rm", secret_name)

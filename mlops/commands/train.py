@@ -21,8 +21,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from components.artifact_store import DATASETS_VOLUME, volume_name
-from components.image_registry import REGISTRY_PORT
 from components.images import BuildSettings, built_image_name
 from components.runtimes import docker_run_arguments, run_environment
 from components.stack import stage_labels
@@ -32,7 +30,15 @@ from mlops import credentials
 from mlops.commands import swarm_training
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.experiments import EXPERIMENT_PREFIX, experiment_spec_from_stack_file
-from mlops_spec.contract import TRAINER
+from mlops_spec.contract import (
+    DATASETS_VOLUME,
+    IMAGE_REGISTRY_PORT,
+    TRAINER,
+    image_registry_name,
+    model_registry_name,
+    network_name,
+    volume_name,
+)
 from mlops_spec.errors import SpecError, excerpt, one_line
 from mlops_spec.loading import load_stages, stage_file
 from mlops_spec.models import StageSpec
@@ -94,9 +100,10 @@ def image_registry_server(spec: StageSpec) -> Optional[str]:
     if spec.image_registry_server is not None:
         return spec.image_registry_server
     # Docker chose the port (experiments): ask it.
-    published = docker(spec, "port", f"{spec.stage}-image-registry", str(REGISTRY_PORT))
+    registry = image_registry_name(spec.stage)
+    published = docker(spec, "port", registry, str(IMAGE_REGISTRY_PORT))
     if published.returncode != 0 or not published.stdout.strip():
-        raise fail(f"image registry {spec.stage}-image-registry is not running; run `make up ENV={spec.stage}`")
+        raise fail(f"image registry {registry} is not running; run `make up ENV={spec.stage}`")
     return "localhost:" + published.stdout.splitlines()[0].rsplit(":", 1)[1]
 
 
@@ -136,11 +143,11 @@ def check_volume(spec: StageSpec, volume: str) -> None:
 
 
 def check_stack_is_up(spec: StageSpec) -> None:
-    network = f"{spec.stage}-net"
+    network = network_name(spec.stage)
     if docker(spec, "network", "inspect", network).returncode != 0:
         raise fail(f"network {network} does not exist: the {spec.stage} stack is not up; "
                    f"run `make up ENV={spec.stage}`")
-    registry = f"{spec.stage}-model-registry"
+    registry = model_registry_name(spec.stage)
     if spec.swarm is None:
         running = docker(spec, "container", "inspect", "--format", "{{.State.Running}}", registry).stdout.strip() == "true"
     else:
@@ -188,7 +195,7 @@ def train(
     data: Optional[str] = typer.Option(None, "--data", help="train on this dataset of the stage's datasets volume: "
                                                             "'latest' or its sha256 (`mlops data list`); default: "
                                                             "the built-in iris data"),
-    environments: Optional[Path] = ENVIRONMENTS_OPTION,
+    environments: Path = ENVIRONMENTS_OPTION,
 ) -> None:
     """Train in the stage's training image and register the model as a new version in the stage's MLflow."""
     params = param or []
