@@ -49,7 +49,7 @@ test: venv
 	$(PY) -m pytest -q
 
 # Each image's python is a program of its own (two have a start.py); images/serving and images/training join later.
-TYPED_IMAGES := images/gateway images/mlflow images/prometheus
+TYPED_IMAGES := images/gateway images/mlflow images/prometheus images/serving
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -152,7 +152,8 @@ class MlflowRest:
         """A new version of `name` holding `payload`, and with `manifest` its manifest (else one that describes
         no model); returns (version, sha256)."""
         sha256 = hashlib.sha256(payload).hexdigest()
-        described = {"sha256": sha256} if manifest is None else {**manifest, "outputs": {"model_sha256": sha256}}
+        described: dict[str, object] = ({"sha256": sha256} if manifest is None
+                                        else {**manifest, "outputs": {"model_sha256": sha256}})
         run = self.post("runs/create", experiment_id="0")["run"]["info"]
         location = run["artifact_uri"].removeprefix("mlflow-artifacts:").strip("/")
         for artifact, content in (("model.pkl", payload), ("manifest.json", json.dumps(described).encode())):

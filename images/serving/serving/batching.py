@@ -101,7 +101,7 @@ class Batcher:
         sizes = [len(batch) for batch in batches]
         stacked = self._outcome(np.concatenate(batches))
         if isinstance(stacked, np.ndarray) and len(stacked) == sum(sizes):
-            return np.split(stacked, np.cumsum(sizes[:-1]))
+            return list(np.split(stacked, np.cumsum(sizes[:-1])))
         return [self._outcome(batch) for batch in batches]
 
     def _outcome(self, features: np.ndarray) -> Outcome:

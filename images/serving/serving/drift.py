@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 # Shares below this count as this much, so an empty bin on either side weighs heavily but stays finite.
@@ -125,7 +125,7 @@ class DriftMonitor(Collector):
         live = np.maximum(live, FLOOR_SHARE)
         return ((live - self.reference) * np.log(live / self.reference)).sum(axis=1)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         recent = self.window()
         window = GaugeMetricFamily("mlops_drift_window_rows", "Recent rows the drift scores cover")
         window.add_metric([], len(recent))

@@ -77,13 +77,14 @@ class ConformanceLayer:
         path = scope["path"]
         match = MODEL_PATH.match(path)
         ours = match is not None and match["name"] == self.name and match["version"] in (None, self.version)
+        action = match["action"] if ours and match is not None else None
         if path == "/v2":
             await respond(send, 200, SERVER_METADATA, [JSON_CONTENT])
-        elif path == "/v2/health/ready" or (ours and match["action"] == "/ready"):
+        elif path == "/v2/health/ready" or (ours and action == "/ready"):
             await self._ready(scope, receive, send)
-        elif ours and match["action"] == "/infer" and scope["method"] == "POST":
+        elif ours and action == "/infer" and scope["method"] == "POST":
             await self._infer(scope, receive, send)
-        elif ours and match["action"] is None and scope["method"] == "GET":
+        elif ours and action is None and scope["method"] == "GET":
             await respond(send, 200, self.metadata, [JSON_CONTENT])
         elif path == "/v2/health/live" or match is not None:
             # Liveness, another model or version (MLServer's 404 names it), a wrong method (its 405).
@@ -100,7 +101,7 @@ class ConformanceLayer:
 
     async def _test_prediction(self) -> None:
         request = InferRequest(id=None, input_name="input-0", features=np.zeros((1, self.schema.n_features)))
-        scope = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "root_path": "",
+        scope: dict[str, Any] = {"type": "http", "http_version": "1.1", "method": "POST", "scheme": "http", "root_path": "",
                  "path": f"/v2/models/{self.name}/infer", "raw_path": f"/v2/models/{self.name}/infer".encode(),
                  "query_string": b"", "headers": [], "client": None, "server": None}
         status, _, body = await self._mlserver(scope, json_infer_request(request), _no_more_messages)

@@ -260,7 +260,8 @@ def _json_values(data: Any, name: str, datatype: str, header: bytes) -> np.ndarr
     # A boolean among numbers hides as 1 or 0 in a numeric array; the header's text says whether to look.
     if (b"true" in header or b"false" in header) and any(value is True or value is False for value in _flat(data)):
         raise refused
-    if dtype.kind in "iu" and values.size and not (np.iinfo(dtype).min <= values.min() and values.max() <= np.iinfo(dtype).max):
+    limits = np.iinfo(dtype.name) if dtype.kind in "iu" else None
+    if limits is not None and values.size and not (limits.min <= values.min() and values.max() <= limits.max):
         raise BadRequest(f"input '{name}' has values outside the range of {datatype}")
     with np.errstate(over="ignore"):  # an FP32 overflow becomes inf, refused as not finite
         return values.astype(dtype, copy=False)
@@ -301,7 +302,7 @@ def encode_infer_response(response: dict, outputs: list[tuple[str, str, np.ndarr
     for the outputs `request` wants binary, as the binary extension; returns the body and its headers."""
     tensors, raw = [], []
     for name, datatype, array in outputs:
-        tensor = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        tensor: dict[str, object] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if request.wants_binary(name):
             data = tensor_bytes(array, datatype)
             tensor["parameters"] = {"binary_data_size": len(data)}
