@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
+from mlops_spec.contract import MAX_MLFLOW_ANSWER_BYTES, MAX_MODEL_BYTES
+
 MODEL_FILES = ("model.pkl", "manifest.json")
 MODEL_ARTIFACT_DIR = "model"
 PROMOTIONS_EXPERIMENT = "promotions"
@@ -168,7 +170,8 @@ class MlflowStore:
 
     def _download(self, artifact_uri: str, artifact: str, name: str, version: int) -> bytes:
         return self._request("GET", self._artifact_path(artifact_uri, artifact),
-                             missing=f"model {name} v{version} has no artifact {artifact} in {self.url}")
+                             missing=f"model {name} v{version} has no artifact {artifact} in {self.url}",
+                             limit=MAX_MODEL_BYTES if artifact.endswith("model.pkl") else MAX_MLFLOW_ANSWER_BYTES)
 
     def _upload(self, artifact_uri: str, artifact: str, payload: bytes) -> None:
         try:
@@ -188,15 +191,20 @@ class MlflowStore:
                                         missing=missing) or b"{}")
 
     def _request(self, method: str, path: str, *, data: Optional[bytes] = None, content_type: str = "",
-                 missing: Optional[str] = None) -> bytes:
-        """One HTTP exchange; an answer that the thing does not exist raises `NotFound(missing)`."""
+                 missing: Optional[str] = None, limit: int = MAX_MLFLOW_ANSWER_BYTES) -> bytes:
+        """One HTTP exchange; an answer that the thing does not exist raises `NotFound(missing)`, one longer than
+        `limit` bytes StoreError: a registry that streams without end must not fill the memory of whoever promotes."""
         headers = {"Content-Type": content_type} if content_type else {}
         if self.auth is not None:
             headers["Authorization"] = self.auth.header
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return response.read()
+                declared = response.headers.get("Content-Length", "")
+                if (declared.isdigit() and int(declared) > limit) or len(body := response.read(limit + 1)) > limit:
+                    raise StoreError(f"model registry {self.url} answered {method} {path.split('?')[0]} with more "
+                                     f"than {limit // 2**20} MiB, the most mlops reads from it")
+                return body
         except urllib.error.HTTPError as err:
             detail = _mlflow_message(err)
             if err.code == 404 or "RESOURCE_DOES_NOT_EXIST" in detail:

@@ -44,6 +44,13 @@ GATEWAY_METRICS_PORT = 9102
 """Metrics on ports of their own, reached only on the stage network: neither is published or routed."""
 PROMETHEUS_PORT = 9090
 
+# The most of an MLflow answer anything of the stack reads (`mlops promote`, the serving replicas): a registry that
+# streams without end, or a model.pkl nobody could load, fails the read instead of filling the reader's memory.
+MAX_MODEL_BYTES = 1024 * 1024 * 1024
+"""model.pkl: a GiB is far beyond a replica's memory limit once unpickled, and loads nowhere the stack runs."""
+MAX_MLFLOW_ANSWER_BYTES = 64 * 1024 * 1024
+"""Every other answer (REST JSON, manifest.json): 10,000 versions with their tags are a few MiB."""
+
 # The artifact store's volumes, `<stack>-<volume>` on the engine (volume_name).
 ARTIFACTS_VOLUME = "artifacts"
 MLFLOW_DB_VOLUME = "mlflow-db"

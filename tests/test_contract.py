@@ -84,6 +84,10 @@ def module_constants(file: Path) -> dict[str, object]:
             value = node.value
             if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "Path":
                 value = value.args[0]
+            if all(isinstance(part, (ast.Constant, ast.BinOp, ast.operator)) for part in ast.walk(value)):
+                # Arithmetic of numbers (`64 * 1024 * 1024`), which literal_eval refuses; nothing else is evaluated.
+                found[node.targets[0].id] = eval(compile(ast.Expression(value), str(file), "eval"), {"__builtins__": {}})
+                continue
             try:
                 found[node.targets[0].id] = ast.literal_eval(value)
             except ValueError:
@@ -186,3 +190,9 @@ def test_mlflow_accepts_the_host_name_the_stage_network_reaches_it_by():
     allowed = only(r"MLFLOW_SERVER_ALLOWED_HOSTS=(\S+)", (IMAGES / "mlflow/Dockerfile").read_text()).split(",")
     assert f"{contract.model_registry_name('*')}:{contract.MLFLOW_PORT}" in allowed
     assert contract.tracking_uri("staging") == f"http://{contract.model_registry_name('staging')}:{contract.MLFLOW_PORT}"
+
+
+def test_the_replicas_cap_what_they_read_from_the_registry_as_the_cli_does():
+    replica = module_constants(IMAGES / "serving/serving/registry.py")
+    assert (replica["MAX_MODEL_BYTES"], replica["MAX_MLFLOW_ANSWER_BYTES"]) == (contract.MAX_MODEL_BYTES,
+                                                                            contract.MAX_MLFLOW_ANSWER_BYTES)

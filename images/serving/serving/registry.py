@@ -17,13 +17,17 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 log = logging.getLogger("serving.registry")
 
 MODEL_ARTIFACT = "model/model.pkl"
 MANIFEST_ARTIFACT = "model/manifest.json"
 PROXIED_ARTIFACTS_SCHEME = "mlflow-artifacts:"
+# Copies of mlops_spec.contract's caps (tests/test_contract.py): a registry that answers without end fails the
+# fetch instead of filling the replica's memory.
+MAX_MODEL_BYTES = 1024 * 1024 * 1024
+MAX_MLFLOW_ANSWER_BYTES = 64 * 1024 * 1024
 
 
 class ModelRefused(Exception):
@@ -81,7 +85,8 @@ class MlflowRegistry:
         """Download the pinned version's `model.pkl`; raise `ModelRefused` unless its sha256 checks out."""
         version = self._model_version(pin)
         run = self._get_json("/api/2.0/mlflow/runs/get", run_id=version["run_id"])["run"]
-        payload = self._get(self._artifact_download_path(run["info"]["artifact_uri"], MODEL_ARTIFACT))
+        payload = self._get(self._artifact_download_path(run["info"]["artifact_uri"], MODEL_ARTIFACT),
+                            limit=MAX_MODEL_BYTES)
         tags = {tag["key"]: tag["value"] for tag in version.get("tags", [])}
         sha256 = verified_sha256(pin.name, version["version"], payload, pinned=pin.sha256, tagged=tags.get("sha256", ""))
         return FetchedModel(name=pin.name, version=version["version"], sha256=sha256, payload=payload,
@@ -124,13 +129,13 @@ class MlflowRegistry:
     def _get_json(self, path: str, **params: str) -> dict:
         return json.loads(self._get(path + "?" + urllib.parse.urlencode(params)))
 
-    def _get(self, path: str) -> bytes:
+    def _get(self, path: str, limit: int = MAX_MLFLOW_ANSWER_BYTES) -> bytes:
         url = self.base + path
         for attempt in range(1, self.attempts + 1):
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, headers=self.headers),
                                             timeout=self.timeout_s) as response:
-                    return response.read()
+                    return capped_read(response, limit, f"{self.base}{path.split('?')[0]}")
             except urllib.error.HTTPError as error:
                 if error.code < 500:
                     raise ModelRefused(f"model registry refused {path.split('?')[0]}: HTTP {error.code} "
@@ -143,6 +148,15 @@ class MlflowRegistry:
                             self.base, reason, attempt, self.attempts - 1, self.retry_delay_s)
                 self.sleep(self.retry_delay_s)
         raise RegistryUnreachable(f"model registry {self.base} not reachable after {self.attempts} attempts ({reason})")
+
+
+def capped_read(response: Any, limit: int, what: str) -> bytes:
+    """The whole body, or ModelRefused once it is longer than `limit` bytes (by its Content-Length, or as read)."""
+    declared = response.headers.get("Content-Length", "")
+    if (declared.isdigit() and int(declared) > limit) or len(body := response.read(limit + 1)) > limit:
+        raise ModelRefused(f"{what} answered more than {limit // 2**20} MiB, the most this replica reads from the "
+                           "model registry")
+    return body
 
 
 def verified_sha256(name: str, version: str, payload: bytes, *, pinned: str, tagged: str) -> str:
