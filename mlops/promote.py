@@ -133,9 +133,13 @@ def _repository_of(spec: StageSpec, path: str, ref: str) -> tuple[str, str]:
     return name.removeprefix(f"{server}/"), digest
 
 
-def _fetch_source_model(source: StageSpec, pin: ModelPin, store: ModelStore) -> ModelVersion:
+def _fetch_source_model(source: StageSpec, pin: ModelPin, store: ModelStore, wanted: int | None) -> ModelVersion:
+    """The source's model: the version it pins, else (a stage following `latest`) `wanted` or the newest."""
+    if wanted is not None and isinstance(pin.version, int) and wanted != pin.version:
+        raise PromotionRefused(f"{source.stage} runs {pin.name} v{pin.version}, not v{wanted}: --version names the version "
+                               f"{source.stage} pins, or any of a stage that follows its newest model")
     try:
-        version = pin.version if isinstance(pin.version, int) else store.latest_version(pin.name)
+        version = pin.version if isinstance(pin.version, int) else wanted or store.latest_version(pin.name)
         model = store.fetch(pin.name, version)
     except StoreError as err:
         raise PromotionRefused(f"cannot fetch the model {source.stage} pins: {err}") from None
@@ -340,8 +344,9 @@ class Promoter:
                                     target_server=target.image_registry_server))
         return tuple(copies)
 
-    def prepare(self, source_stage: str, target_stage: str) -> Promotion:
-        """Every check, and the updated target spec text; changes nothing anywhere."""
+    def prepare(self, source_stage: str, target_stage: str, version: int | None = None) -> Promotion:
+        """Every check, and the updated target spec text; changes nothing anywhere. `version`: exactly this version
+        of the source's model, not whatever is newest when a stage that follows `latest` is promoted."""
         if source_stage == target_stage:
             raise PromotionRefused(f"--from and --to are both {source_stage}; promote from one stage to another, "
                                    "or its finished green to blue with --green")
@@ -359,7 +364,7 @@ class Promoter:
             raise PromotionRefused(f"{source_stage} has no release to promote: nothing was promoted to it yet")
         _refuse_unless_committed(target_file)
         try:
-            model = _fetch_source_model(source, promoted.model, self.model_store(source))
+            model = _fetch_source_model(source, promoted.model, self.model_store(source), version)
             _check_gates(model, target)
             images = self._source_images(source, promoted.images, target)
             self.image_registry(target)  # its address and password, before anything is copied

@@ -472,6 +472,33 @@ def test_promote_from_dev_copies_the_images_into_staging_by_digest(dev_and_stagi
 
 
 @pytest.mark.docker
+def test_version_promotes_exactly_the_version_trained_though_a_newer_one_was_registered_since(dev_and_staging,
+                                                                                              registries):
+    """The retraining workflow promotes the version its run registered (`--version`), not the newest of a stage that
+    follows `latest`: another run may have registered one in between."""
+    environments, _, (trained, sha256), *_ = dev_and_staging
+    newer, newer_sha256 = register_source_model(registries, accuracy=0.99)
+    assert newer > trained and newer_sha256 != sha256
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--version", str(trained),
+                                      "--environments", str(environments)])
+    assert result.exit_code == 0, result.output
+    staging = load_stage("staging", environments)
+    assert staging.release.model.sha256 == sha256
+    copied = store(registries, "target").fetch(MODEL_NAME, staging.release.model.version)
+    assert copied.tags["mlops.promoted_from"] == f"dev v{trained}"
+
+
+@pytest.mark.docker
+def test_a_version_other_than_the_pinned_one_is_refused(promotable):
+    environments, _ = promotable
+    before = (environments / "prod.yaml").read_text()
+    pinned = load_stage("staging", environments).release.model.version
+    result = promote_cli(environments, "--version", str(pinned + 1))
+    assert_refused(result, environments, before, f"staging runs {MODEL_NAME} v{pinned}, not v{pinned + 1}: --version "
+                                                 "names the version staging pins")
+
+
+@pytest.mark.docker
 def test_wrong_target_registry_password_is_one_line_and_changes_nothing(dev_and_staging, monkeypatch):
     environments, *_ = dev_and_staging
     monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_STAGING", "not-the-password")

@@ -182,5 +182,18 @@ def test_retraining_trains_at_the_head_of_the_drifted_stages_chain_and_promotes_
     retrain = load("retrain.yml")["jobs"]["retrain"]
     assert retrain["if"] == "needs.drift.outputs.drifted == 'true' && needs.drift.outputs.next != ''"
     commands = "\n".join(step.get("run", "") for step in retrain["steps"])
-    assert '.venv/bin/mlops promote --from "$BUILDER" --to "$NEXT"' in commands
     assert '.venv/bin/mlops train --stage "$BUILDER" --data latest' in commands
+
+
+def test_retraining_promotes_the_version_its_run_registered(tmp_path):
+    import os
+
+    recorded = tmp_path / "arguments"
+    shim = tmp_path / "mlops"
+    shim.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {recorded}\n')
+    shim.chmod(0o755)
+    script = run_step("retrain.yml", "retrain", "promote").replace(".venv/bin/mlops", str(shim))
+    registered = "REGISTERED name=iris-classifier version=17 sha256=" + "a" * 64
+    subprocess.run(["bash", "-euo", "pipefail", "-c", script], check=True, cwd=REPO_ROOT,
+                   env={**os.environ, "BUILDER": "dev", "NEXT": "staging", "REGISTERED": registered})
+    assert recorded.read_text().splitlines() == ["promote", "--from", "dev", "--to", "staging", "--version", "17"]

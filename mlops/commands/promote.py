@@ -51,6 +51,9 @@ def promote(source: Optional[str] = typer.Option(None, "--from", help="the stage
             target: str = typer.Option(..., "--to", help="the stage that receives it, e.g. prod"),
             green: bool = typer.Option(False, "--green", help="instead of --from: make --to's green, once its "
                                                               "rollout finished at 100 %, the new blue"),
+            version: Optional[int] = typer.Option(None, "--version", min=1, help="promote exactly this version of "
+                                                  "SRC's model (SRC follows its newest: a version registered "
+                                                  "meanwhile is not promoted); default: the version SRC runs"),
             dry_run: bool = typer.Option(False, "--dry-run", help="check everything and show the diff; copy and write nothing"),
             environments: Path = typer.Option(None, help="the specs folder, inside a git work tree; "
                                                                    "default: the project's")) -> None:
@@ -61,12 +64,14 @@ def promote(source: Optional[str] = typer.Option(None, "--from", help="the stage
     console = Console(highlight=False, soft_wrap=True)
     if green == (source is not None):
         raise _refuse("give either --from STAGE or --green", code=2)
+    if green and version is not None:
+        raise _refuse("--version picks what --from promotes; --green promotes the green the stage file names", code=2)
     if source is None:  # --green
         _promote_green(target, dry_run, environments, console)
         return
     try:
         with promotion.Promoter(environments) as promoter:
-            planned = promoter.prepare(source, target)
+            planned = promoter.prepare(source, target, version)
             done = planned if dry_run else promoter.apply(planned)
     except promotion.PromotionRefused as refusal:
         raise _refuse(str(refusal)) from None
