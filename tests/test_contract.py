@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from mlops_spec import contract
-from mlops_spec.models import CanaryRelease
+from mlops_spec.models import CanaryRelease, ModelPin, TrafficSplit
 from mlops_spec.project import REPO_ROOT
 
 
@@ -52,15 +52,32 @@ def test_the_mlflow_image_derives_the_passwords_the_contract_derives():
     assert len(contract.derived_password("s3cret", "reader")) == 64
 
 
-def test_the_gateway_reads_the_rollout_variables_the_contract_renders(tmp_path):
-    from images.gateway import canary
+def test_the_gateway_reads_the_models_and_rollouts_the_contract_renders(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
+    import gateway  # noqa: PLC0415 - the gateway image's module, on its own path
 
     green = CanaryRelease.model_validate({
         "model": {"name": "iris-classifier", "version": 3, "sha256": "a" * 64},
         "rollout": {"steps": [10, 100], "bake_time_s": 60, "max_error_rate_increase": 0.01,
                     "max_p99_latency_ratio": 1.5}})
-    env = contract.gateway_env(green, "http://prometheus:9090", 15)
+    routes = [contract.GatewayRoute("iris-classifier", ["s-serving-blue-0:8080", "s-serving-blue-1:8080"],
+                                    ["s-serving-green-0:8080"], TrafficSplit(blue=100, green=0), green),
+              contract.GatewayRoute("diabetes.v2", ["tasks.s-diabetes-blue:8080"], [], TrafficSplit())]
+    env = contract.gateway_env(routes, "http://prometheus:9090", 15)
     assert env["ROLLOUT_DIR"] == contract.ROLLOUT_DIR
     env["ROLLOUT_DIR"] = str(tmp_path)  # the volume's mount point, writable here
-    controller = canary.controller_from_env(env, declared_green_weight=0)
-    assert controller is not None and controller.green_release == contract.release_id(green.model)
+    models = gateway.models_from_env(env)
+    assert [(model.name, [(pool.name, pool.weight, list(pool.replicas)) for pool in model.pools]) for model in models] == [
+        (route.name, [("blue", route.traffic.blue, list(route.blue)), ("green", route.traffic.green, list(route.green))])
+        for route in routes]
+    assert models[1].rollout is None
+    rollouts = gateway.controllers_from_env(env, {model.name: (model.rollout, model.green_weight)
+                                                  for model in models if model.rollout is not None})
+    assert list(rollouts) == ["iris-classifier"]
+    assert rollouts["iris-classifier"].green_release == contract.release_id(green.model)
+    assert vars(rollouts["iris-classifier"].policy) == {**green.rollout.model_dump(), "steps": (10, 100)}
+    assert (tmp_path / "iris-classifier" / "state.json").exists()
+    assert contract.rollout_folder("iris-classifier") == f"{contract.ROLLOUT_DIR}/iris-classifier"
+    assert gateway.MODEL_NAME.pattern == ModelPin.model_fields["name"].metadata[0].pattern, \
+        "the gateway accepts every model name a pin may have"
+    assert set(contract.gateway_env(routes[1:], None, None)) == {"GATEWAY_MODELS"}, "no rollout, no Prometheus"
