@@ -100,8 +100,8 @@ def test_each_model_gets_its_own_pools_split_by_its_own_weights():
 
 def test_an_unknown_model_is_a_404_from_the_gateway_naming_the_models_it_serves():
     config = render(models_from_env(TWO_MODELS), {})
-    location = re.search(r"location ~ (\S+) \{\n(.*?)\n        \}", config, re.S)
-    assert location[2].strip().startswith('if ($pool = "") {\n                return 404 \'{"error": "model $model is '
+    location = re.search(r'location ~ "(\S+)" \{\n(.*?)\n        \}', config, re.S)
+    assert location[2].strip().startswith('default_type application/json;\n            if ($pool = "") {\n                return 404 \'{"error": "model $model is '
                                           'not served here; models: iris, diabetes"}\';')
     # A model name with characters of a regex matches itself only.
     dotted = render([ServedModel("iris.v2", (Pool("blue", 100, ("s-blue-0:8080",)), Pool("green", 0, ())))], {})
@@ -123,7 +123,7 @@ def test_bodies_stay_in_memory_and_the_gateway_refuses_what_the_replicas_would()
 def test_only_the_v2_api_is_routed_and_the_server_endpoints_answer_for_the_stage(tmp_path):
     config = render(models_from_env(TWO_MODELS), {}, runtime_dir=tmp_path)
     # PCRE's named groups `(?<name>...)` are Python's `(?P<name>...)`.
-    models = re.search(r"location ~ (\S+) \{", config)[1].replace("(?<", "(?P<")
+    models = re.search(r'location ~ "(\S+)" \{', config)[1].replace("(?<", "(?P<")
     for path in ("/v2/models/iris", "/v2/models/iris/ready", "/v2/models/iris/infer", "/v2/models/iris/versions/3",
                  "/v2/models/iris/versions/3/infer", "/v2/models/unknown/infer"):
         assert re.match(models, path), path
