@@ -61,8 +61,9 @@ def test_models_and_their_pools_come_from_the_environment_the_component_sets():
      "GATEWAY_MODELS model iris: not a rollout policy: Policy.__init__() missing 5 required positional arguments: "
      "'bake_time_s', 'max_error_rate_increase', 'max_p99_latency_ratio', 'min_requests', and 'check_interval_s'"),
     (gateway_env(), "GATEWAY_MODELS must be a non-empty JSON list of models, got []"),
-    ({}, "GATEWAY_MODELS is not JSON: Expecting value: line 1 column 1 (char 0)"),
-    ({"UPSTREAM_BLUE": "s-serving-blue-0:8080"}, "GATEWAY_MODELS is not JSON: Expecting value: line 1 column 1 (char 0)"),
+    ({"GATEWAY_MODELS": "iris"}, "GATEWAY_MODELS is not JSON: Expecting value: line 1 column 1 (char 0)"),
+    ({"UPSTREAM_BLUE": "s-serving-blue-0:8080"},
+     "GATEWAY_MODELS is not set: it lists, as JSON, the models the gateway routes"),
 ])
 def test_inconsistent_environments_are_refused_with_the_reason(env, error):
     with pytest.raises((GatewayConfigError, gateway.PolicyError)) as refused:

@@ -77,8 +77,10 @@ class ServedModel:
 def models_from_env(env: Mapping[str, str]) -> list[ServedModel]:
     """The models GATEWAY_MODELS lists (mlops_spec/contract.py renders it): a JSON list with, per model, its
     name, the `host:port` of its blue and green replicas, their weights and, optionally, green's rollout."""
+    if not env.get(MODELS_VARIABLE):
+        raise GatewayConfigError(f"{MODELS_VARIABLE} is not set: it lists, as JSON, the models the gateway routes")
     try:
-        declared = json.loads(env.get(MODELS_VARIABLE, ""))
+        declared = json.loads(env[MODELS_VARIABLE])
     except ValueError as error:
         raise GatewayConfigError(f"{MODELS_VARIABLE} is not JSON: {error}") from None
     if not isinstance(declared, list) or not declared or not all(isinstance(model, dict) for model in declared):
