@@ -43,7 +43,7 @@ from mlops_spec.contract import (
     SAMPLES_DIR,
     SERVING_METRICS_PORT,
     SERVING_PORT,
-    GatewayEnv,
+    GatewayRoute,
     ReplicaEnv,
     TrackingEnv,
     gateway_env,
@@ -144,7 +144,7 @@ class ModelServing(pulumi.ComponentResource):
                      else {ReplicaEnv.DRIFT_WINDOW_ROWS: str(args["drift_window_rows"])})
         samples_volume = args["samples_volume"]
         sampling = spec.sampling if samples_volume is not None else None
-        upstreams: dict[str, str] = {}
+        upstreams: dict[str, list[str]] = {"green": []}
         self.scrape_targets = []
         replicas: list[pulumi.Resource] = []
         for slot, (pin, image) in slots.items():
@@ -170,7 +170,7 @@ class ModelServing(pulumi.ComponentResource):
                 identity={"mlops.slot": slot},
             ), parent=self)
             replicas += deployed.resources
-            upstreams[slot] = ",".join(deployed.addresses(SERVING_PORT))
+            upstreams[slot] = deployed.addresses(SERVING_PORT)
             self.scrape_targets += [ScrapeTarget("serving", address, replica_labels(slot, pin), deployed.every_task)
                                     for address in deployed.addresses(SERVING_METRICS_PORT)]
 
@@ -184,10 +184,11 @@ class ModelServing(pulumi.ComponentResource):
             limits=spec.gateway.limits,
             health=HttpHealth(GATEWAY_PORT, "/gateway/health", spec.health_check),
             role=Role.EDGE,
-            env={GatewayEnv.UPSTREAM_BLUE: upstreams["blue"], GatewayEnv.UPSTREAM_GREEN: upstreams.get("green", ""),
-                 GatewayEnv.WEIGHT_BLUE: str(spec.traffic.blue), GatewayEnv.WEIGHT_GREEN: str(spec.traffic.green),
-                 **(gateway_env(spec.green, rollout.prometheus_url, rollout.scrape_interval_s)
-                    if spec.green is not None and rollout is not None else {})},
+            # The stage's one model today; the gateway routes each model it lists by the model's name.
+            env=gateway_env([GatewayRoute(release.model.name, upstreams["blue"], upstreams["green"], spec.traffic,
+                                          spec.green if rollout is not None else None)],
+                            rollout.prometheus_url if rollout is not None else None,
+                            rollout.scrape_interval_s if rollout is not None else None),
             volumes=[VolumeMount(rollout.log_volume, ROLLOUT_DIR)] if rollout is not None else (),
             publish=publish,
             depends_on=replicas,

@@ -9,9 +9,11 @@ stops being a target. The image, rules, configuration, metrics and labels are th
 Metrics (what rules, dashboards and the rollout controller may rely on):
 
   job="gateway"  (images/gateway/metrics.py, port GATEWAY_METRICS_PORT of the gateway, never routed; on a
-                  swarm one target per edge node, which the rules sum over)
-    mlops_gateway_requests_total{slot, code}                requests answered, by pool and HTTP status
-    mlops_gateway_request_duration_seconds_bucket{slot, le} time from request to response (+ _sum, _count)
+                  swarm one target per edge node, which the rules sum over; the target carries no labels, so
+                  the gateway's own `model` stays as it is)
+    mlops_gateway_requests_total{model, slot, code}         requests proxied, by model, pool and HTTP status
+    mlops_gateway_request_duration_seconds_bucket{model, slot, le}
+                                                            time from request to response (+ _sum, _count)
   job="serving"  (images/serving/serving, port 8082 of each replica; every series also carries the target
                   labels slot, model, model_version: the pin as declared, `latest` in dev. The model's name
                   comes from these, not from the replica, whose own `model` label Prometheus would rename)
@@ -26,9 +28,9 @@ Metrics (what rules, dashboards and the rollout controller may rely on):
                                                             fixed bin of the training targets ("[87.0,120.5)")
     mlops_reference_prediction_share{prediction}            the same classes' (bins') shares of the training labels
   recording rules (images/prometheus/rules/mlops.yml)
-    mlops:gateway_requests:rate1m{slot, code, model, model_version}
-    mlops:gateway_errors:ratio_rate1m{slot}                 share of 5xx answers at the gateway
-    mlops:gateway_latency_seconds:p99_1m{slot}
+    mlops:gateway_requests:rate1m{model, slot, code, model_version}
+    mlops:gateway_errors:ratio_rate1m{model, slot}          share of 5xx answers at the gateway
+    mlops:gateway_latency_seconds:p99_1m{model, slot}
     mlops:serving_requests:rate1m{slot, model, model_version, status}
     mlops:serving_latency_seconds:p99_1m{slot, model, model_version}
     mlops:drift_psi:max{slot, model, model_version, feature}

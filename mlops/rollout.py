@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mlops.reach import StageReach
-from mlops_spec.contract import ROLLOUT_DIR, gateway_name, release_id
+from mlops_spec.contract import gateway_name, release_id, rollout_folder
 from mlops_spec.models import StageSpec
 
 FINISHED = "finished"
@@ -50,9 +50,13 @@ def prometheus_url(spec: StageSpec, reach: StageReach) -> str:
 
 
 def gateway_state(spec: StageSpec, stack: str) -> Optional[dict]:
-    """The rollout state the stage's gateway recorded, read through its Docker engine; None without one."""
+    """The rollout state the stage's gateway recorded for the stage's model, read through its Docker engine;
+    None without one."""
+    if spec.release is None:
+        return None
     result = subprocess.run(["docker", "--host", spec.docker.url, "exec", gateway_name(stack), "cat",
-                             f"{ROLLOUT_DIR}/state.json"], capture_output=True, text=True, check=False)
+                             f"{rollout_folder(spec.release.model.name)}/state.json"],
+                            capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return None
     try:
@@ -104,9 +108,10 @@ def status_rows(spec: StageSpec, query: Query, state: Optional[dict]) -> list[Sl
     of its replicas, and where the rollout is."""
     if spec.release is None:
         return []
-    errors = _by_slot(query, "mlops:gateway_errors:ratio_rate1m")
-    p99 = _by_slot(query, "mlops:gateway_latency_seconds:p99_1m")
-    drift = _by_slot(query, "max by (slot) (mlops:drift_psi:max)")
+    model = f'{{model="{spec.release.model.name}"}}'
+    errors = _by_slot(query, f"mlops:gateway_errors:ratio_rate1m{model}")
+    p99 = _by_slot(query, f"mlops:gateway_latency_seconds:p99_1m{model}")
+    drift = _by_slot(query, f"max by (slot) (mlops:drift_psi:max{model})")
     green_weight = spec.serving.traffic.green
     if state is not None and spec.serving.green is not None and state.get("green_release") == release_id(spec.serving.green.model):
         green_weight = state["green_weight"]

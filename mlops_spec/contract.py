@@ -3,7 +3,8 @@ containers' and volumes' names, the ports the images listen on, where volumes ar
 variables the components set and the images read, the MLflow identities and how their passwords derive.
 
 The images are built without this package, so they keep copies of what they read (images/mlflow/start.py
-derives the same passwords, images/gateway reads the same variables, each image listens on its port);
+derives the same passwords, images/gateway/gateway.py reads the same GATEWAY_MODELS, each image listens on
+its port);
 tests/test_contract.py checks that those copies equal what is here.
 
 Passwords: each stack holds two Pulumi config secrets, `mlops:registryPassword` (its image registry) and
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
-from mlops_spec.models import CanaryRelease, ModelPin
+from mlops_spec.models import CanaryRelease, ModelPin, TrafficSplit
 
 ADMIN = "admin"
 """MLflow's administrator: creates the other identities when the server starts; never used by the stack."""
@@ -68,7 +72,12 @@ DATASETS_DIR = "/data/datasets"
 SAMPLES_DIR = "/data/samples"
 PROMETHEUS_DATA_DIR = "/prometheus"
 ROLLOUT_DIR = "/data/rollout"
-"""Where the gateway records a rollout's events and state, on the stage's rollout volume."""
+"""Where the gateway records each model's rollout, events and state in `ROLLOUT_DIR/<model>/`, on the stage's
+rollout volume."""
+
+def rollout_folder(model: str) -> str:
+    """Where the gateway records `model`'s rollout (images/gateway/canary.py)."""
+    return f"{ROLLOUT_DIR}/{model}"
 
 
 class MlflowEnv:
@@ -110,16 +119,13 @@ class TrainingEnv:
 
 
 class GatewayEnv:
-    """What the gateway gets (images/gateway): its two pools, and green's rollout when one is declared."""
-    UPSTREAM_BLUE = "UPSTREAM_BLUE"
-    UPSTREAM_GREEN = "UPSTREAM_GREEN"
-    WEIGHT_BLUE = "WEIGHT_BLUE"
-    WEIGHT_GREEN = "WEIGHT_GREEN"
-    ROLLOUT_POLICY = "ROLLOUT_POLICY"
+    """What the gateway gets (images/gateway): the models it routes, and where to judge and record their rollouts
+    when one declares any."""
+    MODELS = "GATEWAY_MODELS"
+    """As JSON, each model: name, blue and green replicas, weights and green's rollout."""
     PROMETHEUS_URL = "PROMETHEUS_URL"
     SCRAPE_INTERVAL_S = "SCRAPE_INTERVAL_S"
     ROLLOUT_DIR = "ROLLOUT_DIR"
-    GREEN_RELEASE = "GREEN_RELEASE"
 
 
 class PrometheusEnv:
@@ -178,9 +184,33 @@ def release_id(pin: ModelPin) -> str:
     return f"{pin.name}:{pin.version}:{pin.sha256 or ''}"
 
 
-def gateway_env(green: CanaryRelease, prometheus_url: str, scrape_interval_s: int) -> dict[str, str]:
-    """What the gateway needs to run green's rollout: the policy, where to judge it and where to record it."""
-    assert green.rollout is not None
-    return {GatewayEnv.ROLLOUT_POLICY: green.rollout.model_dump_json(), GatewayEnv.PROMETHEUS_URL: prometheus_url,
-            GatewayEnv.SCRAPE_INTERVAL_S: str(scrape_interval_s), GatewayEnv.ROLLOUT_DIR: ROLLOUT_DIR,
-            GatewayEnv.GREEN_RELEASE: release_id(green.model)}
+@dataclass(frozen=True)
+class GatewayRoute:
+    """One model as the gateway routes it: `/v2/models/<name>/...` to its pools by its weights."""
+
+    name: str
+    blue: Sequence[str]
+    """`host:port` of each blue replica (on a swarm `tasks.<service>:port`, every task of the service)."""
+    green: Sequence[str]
+    traffic: TrafficSplit
+    canary: Optional[CanaryRelease] = None
+    """The green slot, whose `rollout` the gateway runs when it has one."""
+
+
+def gateway_env(models: Sequence[GatewayRoute], prometheus_url: str | None, scrape_interval_s: int | None) -> dict[str, str]:
+    """What the gateway needs (images/gateway/gateway.py reads it): GATEWAY_MODELS, and with a rollout where to
+    judge it (`prometheus_url`, which a rollout requires) and where to record it."""
+    declared, rollouts = [], False
+    for model in models:
+        entry: dict[str, object] = {"name": model.name, "blue": list(model.blue), "green": list(model.green),
+                                    "weights": {"blue": model.traffic.blue, "green": model.traffic.green}}
+        if model.canary is not None and model.canary.rollout is not None:
+            entry["rollout"] = {"policy": model.canary.rollout.model_dump(), "green_release": release_id(model.canary.model)}
+            rollouts = True
+        declared.append(entry)
+    env = {GatewayEnv.MODELS: json.dumps(declared)}
+    if rollouts:
+        assert prometheus_url is not None and scrape_interval_s is not None, "a rollout is judged by Prometheus"
+        env |= {GatewayEnv.PROMETHEUS_URL: prometheus_url, GatewayEnv.SCRAPE_INTERVAL_S: str(scrape_interval_s),
+                GatewayEnv.ROLLOUT_DIR: ROLLOUT_DIR}
+    return env

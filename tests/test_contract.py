@@ -13,7 +13,7 @@ import pytest
 
 from mlops_spec import contract
 from mlops_spec.contract import GatewayEnv, MlflowEnv, PrometheusEnv, RegistryEnv, ReplicaEnv, TrackingEnv, TrainingEnv
-from mlops_spec.models import CanaryRelease
+from mlops_spec.models import CanaryRelease, ModelPin, TrafficSplit
 from mlops_spec.project import REPO_ROOT
 
 IMAGES = REPO_ROOT / "images"
@@ -59,22 +59,36 @@ def test_the_mlflow_image_derives_the_passwords_the_contract_derives():
     assert len(contract.derived_password("s3cret", "reader")) == 64
 
 
-def test_the_gateway_reads_the_rollout_variables_the_contract_renders(tmp_path):
-    from images.gateway import canary
+def test_the_gateway_reads_the_models_and_rollouts_the_contract_renders(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
+    import gateway  # noqa: PLC0415 - the gateway image's module, on its own path
 
     green = CanaryRelease.model_validate({
         "model": {"name": "iris-classifier", "version": 3, "sha256": "a" * 64},
         "rollout": {"steps": [10, 100], "bake_time_s": 60, "max_error_rate_increase": 0.01,
                     "max_p99_latency_ratio": 1.5}})
-    env = contract.gateway_env(green, "http://prometheus:9090", 15)
+    routes = [contract.GatewayRoute("iris-classifier", ["s-serving-blue-0:8080", "s-serving-blue-1:8080"],
+                                    ["s-serving-green-0:8080"], TrafficSplit(blue=100, green=0), green),
+              contract.GatewayRoute("diabetes.v2", ["tasks.s-diabetes-blue:8080"], [], TrafficSplit())]
+    env = contract.gateway_env(routes, "http://prometheus:9090", 15)
     assert env[GatewayEnv.ROLLOUT_DIR] == contract.ROLLOUT_DIR
     env[GatewayEnv.ROLLOUT_DIR] = str(tmp_path)  # the volume's mount point, writable here
-    controller = canary.controller_from_env(env, declared_green_weight=0)
-    assert controller is not None and controller.green_release == contract.release_id(green.model)
+    models = gateway.models_from_env(env)
+    assert [(model.name, [(pool.name, pool.weight, list(pool.replicas)) for pool in model.pools]) for model in models] == [
+        (route.name, [("blue", route.traffic.blue, list(route.blue)), ("green", route.traffic.green, list(route.green))])
+        for route in routes]
+    assert models[1].rollout is None
+    rollouts = gateway.controllers_from_env(env, {model.name: (model.rollout, model.green_weight)
+                                                  for model in models if model.rollout is not None})
+    assert list(rollouts) == ["iris-classifier"]
+    assert rollouts["iris-classifier"].green_release == contract.release_id(green.model)
+    assert vars(rollouts["iris-classifier"].policy) == {**green.rollout.model_dump(), "steps": (10, 100)}
+    assert (tmp_path / "iris-classifier" / "state.json").exists()
+    assert contract.rollout_folder("iris-classifier") == f"{contract.ROLLOUT_DIR}/iris-classifier"
+    assert gateway.MODEL_NAME.pattern == ModelPin.model_fields["name"].metadata[0].pattern, \
+        "the gateway accepts every model name a pin may have"
+    assert set(contract.gateway_env(routes[1:], None, None)) == {GatewayEnv.MODELS}, "no rollout, no Prometheus"
 
-
-# The images' copies, read from their sources: images/serving and images/training are only parsed, never
-# imported, so the test does not depend on how their modules are wired.
 
 def module_constants(file: Path) -> dict[str, object]:
     """`NAME = <literal>` (or `Path(<literal>)`) assignments at the top level of a python file."""
@@ -161,9 +175,7 @@ def test_each_image_reads_the_variables_the_components_set_on_it():
         "training": {TrackingEnv.URI, TrainingEnv.IMAGE_DIGEST},
         "mlflow": env_names(MlflowEnv),
         "prometheus": env_names(PrometheusEnv),
-        # The pools are read under names built from the pool's name: test_the_gateway_reads_its_pools_...
-        "gateway": env_names(GatewayEnv) - {GatewayEnv.UPSTREAM_BLUE, GatewayEnv.UPSTREAM_GREEN,
-                                            GatewayEnv.WEIGHT_BLUE, GatewayEnv.WEIGHT_GREEN},
+        "gateway": env_names(GatewayEnv),
     }
     for image, variables in reads.items():
         missing = variables - string_constants(IMAGES / image)
@@ -175,15 +187,6 @@ def test_each_image_reads_the_variables_the_components_set_on_it():
     assert checked == env_names(MlflowEnv, RegistryEnv, TrackingEnv, ReplicaEnv, TrainingEnv, GatewayEnv,
                                 PrometheusEnv)
 
-
-def test_the_gateway_reads_its_pools_under_the_names_the_contract_sets(monkeypatch):
-    monkeypatch.syspath_prepend(str(IMAGES / "gateway"))
-    import gateway
-
-    pools = gateway.pools_from_env({GatewayEnv.UPSTREAM_BLUE: "blue-0:8080,blue-1:8080", GatewayEnv.WEIGHT_BLUE: "60",
-                                    GatewayEnv.UPSTREAM_GREEN: "green-0:8080", GatewayEnv.WEIGHT_GREEN: "40"})
-    assert [(pool.name, pool.weight, pool.replicas) for pool in pools] == [
-        ("blue", 60, ("blue-0:8080", "blue-1:8080")), ("green", 40, ("green-0:8080",))]
 
 
 def test_mlflow_accepts_the_host_name_the_stage_network_reaches_it_by():

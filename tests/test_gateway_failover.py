@@ -18,6 +18,7 @@ import socket
 import subprocess
 import tarfile
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,16 +27,21 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
+import numpy as np
 import pytest
+import tritonclient.http as triton
+from open_inference.openapi.client import OpenInferenceClient
 from sklearn.datasets import load_iris
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.tree import DecisionTreeClassifier
+from tritonclient.utils import InferenceServerException
 
 from components.image_registry import htpasswd_entry
 from components.workload import APP_USER, IPC_MODE, PROCESS_LIMIT, TMP_MB, TMP_OPTIONS
 from mlops.modelstore import BasicAuth
-from mlops_spec.contract import READER, TRAINER, derived_password
+from mlops_spec.contract import READER, TRAINER, GatewayRoute, derived_password, gateway_env
+from mlops_spec.models import TrafficSplit
 from mlops_spec.project import REPO_ROOT
 
 pytestmark = pytest.mark.docker
@@ -197,28 +203,32 @@ def start_model_source(engine: Engine) -> ModelSource:
 
 
 def start_replica(engine: Engine, source: ModelSource, role: str, pin: tuple[str, str], runtime: str = "oip",
-                  health_retries: int = 120, env: Mapping[str, str] = MappingProxyType({})) -> str:
-    """A serving replica of `runtime` with the stage's serving limits, pinned to (version, sha256); `env` adds
-    settings such as batching's."""
+                  health_retries: int = 120, env: Mapping[str, str] = MappingProxyType({}),
+                  model: str = "iris-classifier") -> str:
+    """A serving replica of `runtime` with the stage's serving limits, pinned to (version, sha256) of `model`; `env`
+    adds settings such as batching's."""
     version, sha256 = pin
     return engine.run(
         role, engine.build("images/serving", target=runtime), "--network", source.network, "--cpus", "1",
         "--memory", "512m", "--restart", "unless-stopped",
-        "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}", "-e", f"MODEL_SHA256={sha256}",
+        "-e", f"MODEL_NAME={model}", "-e", f"MODEL_VERSION={version}", "-e", f"MODEL_SHA256={sha256}",
         "-e", f"MLFLOW_TRACKING_URI={source.tracking_uri}", "-e", f"SERVING_RUNTIME={runtime}",
         "-e", f"MLFLOW_TRACKING_USERNAME={READER}", "-e", f"MLFLOW_TRACKING_PASSWORD={source.reader_password}",
         *(option for key, value in env.items() for option in ("-e", f"{key}={value}")),
         ready_path="/v2/health/ready", port=8080, health_retries=health_retries)
 
 
-def start_gateway(engine: Engine, source: ModelSource, role: str, blue: list[str], green: Sequence[str] = (),
-                  weight_green: int = 0) -> str:
-    """The gateway with the stage's gateway limits in front of `blue` and `green` replicas, published on loopback."""
+def start_gateway(engine: Engine, source: ModelSource, role: str, blue: Sequence[str], green: Sequence[str] = (),
+                  weight_green: int = 0, other_models: Mapping[str, Sequence[str]] = MappingProxyType({})) -> str:
+    """The gateway with the stage's gateway limits, published on loopback, in front of iris-classifier's `blue` and
+    `green` replicas and each of `other_models` (name -> its blue replicas), with the environment the stack renders."""
+    routes = [GatewayRoute("iris-classifier", [f"{name}:8080" for name in blue], [f"{name}:8080" for name in green],
+                           TrafficSplit(blue=100 - weight_green, green=weight_green)),
+              *(GatewayRoute(model, [f"{name}:8080" for name in replicas], [], TrafficSplit())
+                for model, replicas in other_models.items())]
     return engine.run(
         role, engine.build("images/gateway"), "--network", source.network, "--cpus", "0.5", "--memory", "128m",
-        "-e", f"UPSTREAM_BLUE={','.join(f'{name}:8080' for name in blue)}",
-        "-e", f"UPSTREAM_GREEN={','.join(f'{name}:8080' for name in green)}",
-        "-e", f"WEIGHT_BLUE={100 - weight_green}", "-e", f"WEIGHT_GREEN={weight_green}",
+        *(option for key, value in gateway_env(routes, None, None).items() for option in ("-e", f"{key}={value}")),
         ready_path="/gateway/health", port=8080)
 
 
@@ -333,6 +343,118 @@ def test_traffic_splits_by_the_declared_weights(serving_stack):
     # 1000 draws at p=0.2: the standard deviation is 1.3 points, so 5 points is a ~4 sigma bound.
     assert abs(green_share - 0.20) <= 0.05, f"green got {green_share:.1%} of {outcome.succeeded} requests, declared 20%"
     assert set(outcome.versions) == set(serving_stack.versions.values())
+
+
+SECOND_MODEL = "iris-petals"
+
+
+@dataclass(frozen=True)
+class TwoModels:
+    gateway: str
+    url: str
+    replica: str
+    """The second model's one replica."""
+    versions: dict[str, str]
+    """Model -> the version its blue replicas serve."""
+
+
+@pytest.fixture(scope="module")
+def two_models(engine, serving_stack) -> TwoModels:
+    """A gateway in front of iris-classifier's blue replicas and of a second model with a replica of its own."""
+    source = serving_stack.source
+    source.mlflow.post("registered-models/create", name=SECOND_MODEL)
+    features, labels = load_iris(return_X_y=True)
+    version, sha256 = source.mlflow.register(SECOND_MODEL, pickle.dumps(
+        DecisionTreeClassifier(max_depth=1, random_state=0).fit(features[:, 2:], labels)))
+    replica = start_replica(engine, source, "serving-petals-0", (version, sha256), model=SECOND_MODEL)
+    gateway = start_gateway(engine, source, "gateway-two-models", serving_stack.replicas["blue"],
+                            other_models={SECOND_MODEL: [replica]})
+    engine.wait_healthy(replica, gateway)
+    return TwoModels(gateway, gateway_url(engine, gateway), replica,
+                     {"iris-classifier": serving_stack.versions["blue"], SECOND_MODEL: version})
+
+
+def call(url: str, body: bytes | None = None) -> tuple[int, Mapping[str, str], dict]:
+    """Status, headers and JSON body (empty: {}) of a GET, or of a POST of `body`."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"} if body else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, headers, answer = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, headers, answer = error.code, error.headers, error.read()
+    return status, headers, json.loads(answer) if answer else {}
+
+
+def eventually_answers(url: str, status: int, timeout_s: float) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (answer := call(url))[0] != status:
+        assert time.monotonic() < deadline, f"{url} answers {answer[0]} {answer[2]}, not {status}, after {timeout_s:.0f} s"
+        time.sleep(0.5)
+    return answer[2]
+
+
+def petals_body(rows: list[list[float]]) -> bytes:
+    return json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [len(rows), 2],
+                                   "data": rows}]}).encode()
+
+
+def test_each_model_goes_to_its_own_replicas_and_an_unknown_model_is_a_404_at_the_gateway(two_models):
+    assert eventually_answers(f"{two_models.url}/v2/health/ready", 200, timeout_s=30) == {"ready": True}
+    for model, body in (("iris-classifier", INFER_BODY), (SECOND_MODEL, petals_body([[5.2, 2.3]]))):
+        status, headers, answer = call(f"{two_models.url}/v2/models/{model}/infer", body)
+        assert (status, headers["X-Gateway-Pool"]) == (200, "blue"), answer
+        assert (answer["model_name"], answer["model_version"]) == (model, two_models.versions[model])
+        assert call(f"{two_models.url}/v2/models/{model}")[2]["name"] == model
+    served = f"models: iris-classifier, {SECOND_MODEL}"
+    for path, body in (("/v2/models/iris-regressor", None), ("/v2/models/iris-regressor/infer", INFER_BODY),
+                       ("/v2/models/iris-regressor/versions/1/ready", None)):
+        status, headers, answer = call(two_models.url + path, body)
+        assert (status, answer) == (404, {"error": f"model iris-regressor is not served here; {served}"}), path
+        assert "X-Gateway-Pool" not in headers, "the gateway answered it, no replica"
+    assert call(f"{two_models.url}/v2/health/live")[:3:2] == (200, {"live": True})
+    assert call(f"{two_models.url}/v2")[2]["extensions"] == ["binary_tensor_data"]
+    metrics = from_the_network(two_models.gateway, "http://127.0.0.1:9102/metrics")
+    for model in ("iris-classifier", SECOND_MODEL):
+        assert f'mlops_gateway_requests_total{{model="{model}",slot="blue",code="200"}} ' in metrics, metrics
+    assert "iris-regressor" not in metrics, "requests for an unknown model make no series"
+
+
+def test_the_client_libraries_call_health_metadata_and_infer_through_the_gateway_with_their_defaults(two_models):
+    client = triton.InferenceServerClient(two_models.url.removeprefix("http://"))
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+        for model, rows in (("iris-classifier", np.array([[6.7, 3.0, 5.2, 2.3]])), (SECOND_MODEL, np.array([[1.4, 0.2]]))):
+            assert client.is_model_ready(model)
+            assert client.get_model_metadata(model)["name"] == model
+            tensor = triton.InferInput("input-0", list(rows.shape), "FP64")
+            tensor.set_data_from_numpy(rows)  # binary, the client's default
+            answer = client.infer(model, [tensor])
+            assert answer.get_response()["model_name"] == model and answer.as_numpy("predict").shape == (1,)
+        with pytest.raises(InferenceServerException, match="model iris-regressor is not served here"):
+            client.get_model_metadata("iris-regressor")
+    finally:
+        client.close()
+    # KServe's InferenceRESTClient reads `live` and `ready` from the server's health bodies, and the status
+    # alone for a model's readiness.
+    assert call(f"{two_models.url}/v2/health/live")[2]["live"] is True
+    assert call(f"{two_models.url}/v2/health/ready")[2]["ready"] is True
+    oip = OpenInferenceClient(base_url=two_models.url)
+    oip.check_server_liveness()
+    oip.check_server_readiness()
+    oip.check_model_readiness(SECOND_MODEL)
+    assert oip.read_model_metadata(SECOND_MODEL).name == SECOND_MODEL
+
+
+def test_the_stage_is_unready_while_a_model_has_no_ready_replica_and_ready_again_once_it_has(two_models):
+    docker("stop", two_models.replica)
+    try:
+        answer = eventually_answers(f"{two_models.url}/v2/health/ready", 503, timeout_s=15)
+        assert answer["ready"] is False
+        assert call(f"{two_models.url}/v2/models/iris-classifier/infer", INFER_BODY)[0] == 200, "the other model serves on"
+    finally:
+        docker("start", two_models.replica)
+    assert eventually_answers(f"{two_models.url}/v2/health/ready", 200, timeout_s=120) == {"ready": True}
 
 
 IDLE_CONNECTIONS = 5000

@@ -136,25 +136,33 @@ def test_a_bad_monitoring_value_is_one_line_naming_file_line_and_field(environme
                                       "unable to parse string as a number (got 'high')")
 
 
-def test_the_gateway_counts_its_access_log_by_slot_and_status_into_histograms():
+def test_the_gateway_counts_its_access_log_by_model_slot_and_status_into_histograms():
     sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
     from metrics import GatewayMetrics  # noqa: PLC0415 - the gateway image's module, on its own path
 
     metrics = GatewayMetrics()
-    for slot, status, seconds in (("blue", 200, 0.003), ("blue", 200, 0.2), ("green", 502, 0.0004)):
-        metrics.record(f'<190>Nov 27 20:00:00 gateway: {{"slot":"{slot}","status":"{status}","seconds":"{seconds}"}}')
+    for model, slot, status, seconds in (("iris", "blue", 200, 0.003), ("iris", "blue", 200, 0.2),
+                                         ("iris", "green", 502, 0.0004), ("diabetes", "blue", 200, 0.02)):
+        metrics.record(f'<190>Nov 27 20:00:00 gateway: {{"model":"{model}","slot":"{slot}","status":"{status}",'
+                       f'"seconds":"{seconds}"}}')
     metrics.record("<190>Nov 27 20:00:00 gateway: not json")
+    metrics.record('<190>Nov 27 20:00:00 gateway: {"slot":"blue","status":"200","seconds":"0.1"}')
     samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
                for family in text_string_to_metric_families(metrics.exposition()) for sample in family.samples}
-    assert samples[("mlops_gateway_requests_total", (("code", "200"), ("slot", "blue")))] == 2
-    assert samples[("mlops_gateway_requests_total", (("code", "502"), ("slot", "green")))] == 1
+    iris_blue, iris_green = (("model", "iris"), ("slot", "blue")), (("model", "iris"), ("slot", "green"))
+    assert samples[("mlops_gateway_requests_total", (("code", "200"), *iris_blue))] == 2
+    assert samples[("mlops_gateway_requests_total", (("code", "502"), *iris_green))] == 1
+    assert samples[("mlops_gateway_requests_total", (("code", "200"), ("model", "diabetes"), ("slot", "blue")))] == 1
     bucket = "mlops_gateway_request_duration_seconds_bucket"
-    assert samples[(bucket, (("le", "0.0025"), ("slot", "blue")))] == 0
-    assert samples[(bucket, (("le", "0.005"), ("slot", "blue")))] == 1
-    assert samples[(bucket, (("le", "+Inf"), ("slot", "blue")))] == 2
-    assert samples[(bucket, (("le", "0.0005"), ("slot", "green")))] == 1
-    assert samples[("mlops_gateway_request_duration_seconds_count", (("slot", "blue"),))] == 2
-    assert samples[("mlops_gateway_request_duration_seconds_sum", (("slot", "blue"),))] == pytest.approx(0.203)
+    assert samples[(bucket, (("le", "0.0025"), *iris_blue))] == 0
+    assert samples[(bucket, (("le", "0.005"), *iris_blue))] == 1
+    assert samples[(bucket, (("le", "+Inf"), *iris_blue))] == 2
+    assert samples[(bucket, (("le", "0.0005"), *iris_green))] == 1
+    assert samples[(bucket, (("le", "0.025"), ("model", "diabetes"), ("slot", "blue")))] == 1
+    assert samples[("mlops_gateway_request_duration_seconds_count", iris_blue)] == 2
+    assert samples[("mlops_gateway_request_duration_seconds_sum", iris_blue)] == pytest.approx(0.203)
+    assert sum(value for (name, _), value in samples.items() if name == "mlops_gateway_requests_total") == 4, \
+        "a line without its model is not counted"
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +226,7 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass(stage):
 
 
 @pytest.mark.docker
-def test_the_canary_counts_only_the_gateways_series_whatever_else_exports_their_names(stage, tmp_path):
+def test_the_canary_counts_only_the_gateways_series_of_its_model_whatever_else_exports_their_names(stage, tmp_path):
     """A replica's metrics port serves what its code registers: series named like the gateway's, with many
     successes and failures of green, must not move the rollout's judgement of green. The canary's own queries,
     evaluated by the stage's Prometheus (promtool) over such series."""
@@ -226,12 +234,14 @@ def test_the_canary_counts_only_the_gateways_series_whatever_else_exports_their_
     from canary import sample_slots  # noqa: PLC0415 - the gateway image's module, on its own path
 
     queries: list[str] = []
-    sample_slots(lambda promql: queries.append(promql) or {}, window_s=60, scrape_interval_s=15)
+    sample_slots(lambda promql: queries.append(promql) or {}, "iris", window_s=60, scrape_interval_s=15)
     requests, failed, _p99 = queries
-    gateway = 'mlops_gateway_requests_total{job="gateway", instance="s-gateway:9102", slot="green", code="%s"}'
-    foreign = 'mlops_gateway_requests_total{job="serving", instance="s-serving-green-0:8082", slot="green", code="%s"}'
-    # Counters rising linearly, so increase() over the canary's 60 s window is exact: 4/s and 1/s from the gateway.
-    series = {gateway % 200: "0+60x40", gateway % 500: "0+15x40", foreign % 200: "0+6000x40", foreign % 500: "0+600x40"}
+    gateway = 'mlops_gateway_requests_total{job="gateway", instance="s-gateway:9102", model="%s", slot="green", code="%s"}'
+    foreign = 'mlops_gateway_requests_total{job="serving", instance="s-serving-green-0:8082", model="iris", slot="green", code="%s"}'
+    # Counters rising linearly, so increase() over the canary's 60 s window is exact: 4/s and 1/s from the gateway
+    # for iris; another model's green fails all it answers and must not count against iris's.
+    series = {gateway % ("iris", 200): "0+60x40", gateway % ("iris", 500): "0+15x40", gateway % ("diabetes", 500): "0+600x40",
+              foreign % 200: "0+6000x40", foreign % 500: "0+600x40"}
     tmp_path.chmod(0o755)  # promtool runs as uid 10001
     (tmp_path / "canary_test.yml").write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "15s", "tests": [{
         "interval": "15s",

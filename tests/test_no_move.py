@@ -31,8 +31,12 @@ INTENDED_CHANGES: dict[str, tuple[str, set[str]]] = {
     "image-registry-secret": (REGISTRY_BCRYPT, {"data", "name"}),
     **{service: ("a service's /tmp at mode 0o777, the bits the provider reads back (issue 19): an in-place update, "
                  "once", {"taskSpec.containerSpec.mounts"})
-       for service in ("serving-blue", "serving-green", "serving-gateway", "model-registry-server",
-                       "monitoring-prometheus")},
+       for service in ("serving-blue", "serving-green", "model-registry-server", "monitoring-prometheus")},
+    # The gateway's image changes with it, which replaces the gateway container (or updates the service) anyway.
+    "serving-gateway": ("the gateway routes by model (issue 17): one GATEWAY_MODELS variable lists each model's "
+                        "pools, weights and rollout in place of UPSTREAM_*/WEIGHT_*/ROLLOUT_POLICY/GREEN_RELEASE; and, "
+                        "as the other services, its /tmp at mode 0o777 (issue 19)",
+                        {"envs", "taskSpec.containerSpec.env", "taskSpec.containerSpec.mounts"}),
 }
 """resource name without its stack -> (why, field paths as `mlops diff` names them) that changed on purpose since
 BASE; only these may be replaced."""

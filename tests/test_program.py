@@ -94,9 +94,14 @@ def test_promoted_prod_runs_the_promoted_digests_with_three_replicas(released_en
         == {"mlops.model": "iris-classifier", "mlops.model-version": "4", "mlops.model-sha256": FIXTURE_MODEL_SHA256}
     # Containers run the image ID the RemoteImage resolved, never the mutable name.
     assert named["prod-serving-blue-0"].inputs["image"].startswith("sha256:")
-    gateway_env = named["prod-serving-gateway"].inputs["envs"]
-    assert "UPSTREAM_BLUE=prod-serving-blue-0:8080,prod-serving-blue-1:8080,prod-serving-blue-2:8080" in gateway_env
-    assert "WEIGHT_BLUE=100" in gateway_env and "WEIGHT_GREEN=0" in gateway_env
+    assert gateway_models(named["prod-serving-gateway"]) == [{
+        "name": "iris-classifier", "blue": ["prod-serving-blue-0:8080", "prod-serving-blue-1:8080", "prod-serving-blue-2:8080"],
+        "green": [], "weights": {"blue": 100, "green": 0}}]
+
+
+def gateway_models(gateway) -> list[dict]:
+    """The models the gateway container is told to route (GATEWAY_MODELS)."""
+    return json.loads(next(entry.split("=", 1)[1] for entry in gateway.inputs["envs"] if entry.startswith("GATEWAY_MODELS=")))
 
 
 def test_prod_volumes_are_protected_and_nothing_else_is(released_environments):
@@ -330,9 +335,9 @@ def test_green_release_gets_its_share_of_traffic(released_environments):
     named = by_name(render("staging", released_environments, reveal_secrets=True))
     assert "MODEL_VERSION=5" in named["staging-serving-green-1"].inputs["envs"]
     assert label_map(named["staging-serving-green-1"])["mlops.model-version"] == "5"
-    gateway_env = named["staging-serving-gateway"].inputs["envs"]
-    assert "WEIGHT_GREEN=10" in gateway_env
-    assert "UPSTREAM_GREEN=staging-serving-green-0:8080,staging-serving-green-1:8080" in gateway_env
+    [routed] = gateway_models(named["staging-serving-gateway"])
+    assert routed["weights"] == {"blue": 90, "green": 10}
+    assert routed["green"] == ["staging-serving-green-0:8080", "staging-serving-green-1:8080"]
 
 
 def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp_path, monkeypatch):

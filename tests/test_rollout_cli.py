@@ -106,9 +106,9 @@ def test_either_from_or_green(prod_with_green, monkeypatch, capsys, args):
 def test_status_rows_put_the_controller_state_beside_prometheus(prod_with_green):
     spec = load_stage("prod", prod_with_green)
     answers = {
-        "mlops:gateway_errors:ratio_rate1m": [({"slot": "blue"}, 0.001), ({"slot": "green"}, 0.25)],
-        "mlops:gateway_latency_seconds:p99_1m": [({"slot": "blue"}, 0.012), ({"slot": "green"}, float("nan"))],
-        "max by (slot) (mlops:drift_psi:max)": [({"slot": "blue"}, 0.04)],
+        'mlops:gateway_errors:ratio_rate1m{model="iris-classifier"}': [({"slot": "blue"}, 0.001), ({"slot": "green"}, 0.25)],
+        'mlops:gateway_latency_seconds:p99_1m{model="iris-classifier"}': [({"slot": "blue"}, 0.012), ({"slot": "green"}, float("nan"))],
+        'max by (slot) (mlops:drift_psi:max{model="iris-classifier"})': [({"slot": "blue"}, 0.04)],
     }
     state = {**green_state("baking"), "step": 0, "green_weight": 10, "last_judgement": {"verdict": "healthy"}}
     rows = status_rows(spec, answers.__getitem__, state)

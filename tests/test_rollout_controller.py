@@ -18,12 +18,13 @@ from canary import (  # noqa: E402
     Policy,
     PolicyError,
     PrometheusError,
+    RolloutDeclaration,
     SlotSample,
-    controller_from_env,
+    controllers_from_env,
     judge,
     sample_slots,
 )
-from gateway import Gateway, pools_from_env, render  # noqa: E402
+from gateway import Gateway, models_from_env, render  # noqa: E402
 
 POLICY = Policy(steps=(10, 50, 100), bake_time_s=30, max_error_rate_increase=0.01, max_p99_latency_ratio=1.5,
                 min_requests=20, check_interval_s=5)
@@ -59,8 +60,8 @@ class Traffic:
 
 
 def controller(tmp_path, traffic: Traffic, clock: Clock, release: str = "iris-classifier:2") -> Controller:
-    return Controller(policy=POLICY, green_release=release, declared_green_weight=0, record=EventLog(tmp_path),
-                      sample=traffic, clock=clock)
+    return Controller(policy=POLICY, green_release=release, declared_green_weight=0,
+                      record=EventLog(tmp_path, "iris-classifier"), sample=traffic, clock=clock)
 
 
 def run_for(rollout: Controller, clock: Clock, seconds: float) -> list[int]:
@@ -144,20 +145,20 @@ def test_a_restarted_gateway_resumes_and_never_rolls_out_a_rolled_back_green_aga
     assert json.loads((tmp_path / "state.json").read_text())["green_release"] == "iris-classifier:3"
 
 
-def test_each_slot_is_sampled_from_the_gateway_metrics_over_at_least_four_scrapes():
+def test_each_slot_is_sampled_from_the_gateway_metrics_of_its_model_over_at_least_four_scrapes():
+    selector = 'job="gateway",model="iris-classifier"'
     answers = {
-        'sum by (slot) (increase(mlops_gateway_requests_total{job="gateway"}[20s]))': {"blue": 180.0, "green": 20.0},
-        'sum by (slot) (increase(mlops_gateway_requests_total{job="gateway",code=~"5..|422"}[20s]))': {"green": 5.0},
-        'histogram_quantile(0.99, sum by (slot, le) (rate(mlops_gateway_request_duration_seconds_bucket{job="gateway"}'
-        '[20s])))':
-            {"blue": 0.01, "green": 0.05},
+        f"sum by (slot) (increase(mlops_gateway_requests_total{{{selector}}}[20s]))": {"blue": 180.0, "green": 20.0},
+        f'sum by (slot) (increase(mlops_gateway_requests_total{{{selector},code=~"5..|422"}}[20s]))': {"green": 5.0},
+        "histogram_quantile(0.99, sum by (slot, le) (rate(mlops_gateway_request_duration_seconds_bucket"
+        f"{{{selector}}}[20s])))": {"blue": 0.01, "green": 0.05},
     }
-    samples = sample_slots(answers.__getitem__, window_s=3, scrape_interval_s=5)
+    samples = sample_slots(answers.__getitem__, "iris-classifier", window_s=3, scrape_interval_s=5)
     assert samples == {"blue": SlotSample(requests=180.0, error_rate=0.0, p99_s=0.01),
                        "green": SlotSample(requests=20.0, error_rate=0.25, p99_s=0.05)}
-    answers['sum by (slot) (increase(mlops_gateway_requests_total{job="gateway",code=~"5..|422"}[20s]))'] = {"green": 20.01}
-    assert sample_slots(answers.__getitem__, window_s=3, scrape_interval_s=5)["green"].error_rate == 1.0
-    silent = sample_slots(lambda promql: {}, window_s=60, scrape_interval_s=5)
+    answers[f'sum by (slot) (increase(mlops_gateway_requests_total{{{selector},code=~"5..|422"}}[20s]))'] = {"green": 20.01}
+    assert sample_slots(answers.__getitem__, "iris-classifier", window_s=3, scrape_interval_s=5)["green"].error_rate == 1.0
+    silent = sample_slots(lambda promql: {}, "iris-classifier", window_s=60, scrape_interval_s=5)
     assert silent["green"] == SlotSample(requests=0.0, error_rate=None, p99_s=None)
 
 
@@ -168,65 +169,80 @@ def test_judge_compares_green_with_blue():
     assert judge(POLICY, within, HEALTHY["blue"]).verdict == "breach"
 
 
-@pytest.mark.parametrize("text, error", [
-    ('{"steps": [10, 5, 100]}', "ROLLOUT_POLICY steps must increase strictly to 100, got [10, 5, 100]"),
-    ("not json", "ROLLOUT_POLICY is not a rollout policy: Expecting value: line 1 column 1 (char 0)"),
+@pytest.mark.parametrize("declared, error", [
+    ({"steps": [10, 5, 100]}, "GATEWAY_MODELS model iris: rollout steps must increase strictly to 100, got [10, 5, 100]"),
+    ({"steps": [10, 100], "pace": "fast"},
+     "GATEWAY_MODELS model iris: not a rollout policy: Policy.__init__() got an unexpected keyword argument 'pace'"),
+    ("fast", "GATEWAY_MODELS model iris: not a rollout policy: expected an object, got 'fast'"),
 ])
-def test_the_gateway_refuses_a_policy_it_cannot_follow(text, error):
+def test_the_gateway_refuses_a_policy_it_cannot_follow(declared, error):
     fields = {"bake_time_s": 1, "max_error_rate_increase": 0, "max_p99_latency_ratio": 1, "min_requests": 1,
               "check_interval_s": 1}
     with pytest.raises(PolicyError) as refused:
-        Policy.from_json(text if not text.startswith("{") else json.dumps({**fields, **json.loads(text)}))
+        Policy.from_fields({**fields, **declared} if isinstance(declared, dict) else declared, "GATEWAY_MODELS model iris")
     assert str(refused.value) == error
 
 
 def rollout_env(folder) -> dict[str, str]:
-    return {"ROLLOUT_POLICY": json.dumps({**vars(POLICY), "steps": list(POLICY.steps)}),
-            "PROMETHEUS_URL": "http://s-prometheus:9090/", "SCRAPE_INTERVAL_S": "15", "ROLLOUT_DIR": str(folder),
-            "GREEN_RELEASE": "iris-classifier:2:"}
+    return {"PROMETHEUS_URL": "http://s-prometheus:9090/", "SCRAPE_INTERVAL_S": "15", "ROLLOUT_DIR": str(folder)}
 
 
-def test_the_environment_the_component_sets_starts_a_rollout_at_the_first_step(tmp_path):
-    rollout = controller_from_env(rollout_env(tmp_path), declared_green_weight=0)
-    assert (rollout.policy, rollout.green_release, rollout.green_weight) == (POLICY, "iris-classifier:2:", 10)
-    assert [entry["event"] for entry in events(tmp_path)] == ["started", "step"]
-    assert controller_from_env({}, declared_green_weight=0) is None, "no policy, no rollout"
+ROLLOUTS = {"iris-classifier": (RolloutDeclaration(POLICY, "iris-classifier:2:"), 0),
+            "diabetes": (RolloutDeclaration(POLICY, "diabetes:7:"), 20)}
+
+
+def test_each_model_with_a_rollout_gets_its_own_controller_recording_in_its_own_folder(tmp_path):
+    rollouts = controllers_from_env(rollout_env(tmp_path), ROLLOUTS)
+    assert {model: (rollout.green_release, rollout.green_weight) for model, rollout in rollouts.items()} == {
+        "iris-classifier": ("iris-classifier:2:", 10), "diabetes": ("diabetes:7:", 10)}
+    for model in ROLLOUTS:
+        assert [entry["event"] for entry in events(tmp_path / model)] == ["started", "step"]
+        assert json.loads((tmp_path / model / "state.json").read_text())["green_release"] == ROLLOUTS[model][0].green_release
+    assert controllers_from_env({}, {}) == {}, "no rollout, no controller and no Prometheus needed"
 
 
 @pytest.mark.parametrize("change, error", [
-    ({"SCRAPE_INTERVAL_S": ""}, "ROLLOUT_POLICY needs SCRAPE_INTERVAL_S"),
+    ({"SCRAPE_INTERVAL_S": ""}, "a rollout (iris-classifier, diabetes) needs SCRAPE_INTERVAL_S"),
     ({"SCRAPE_INTERVAL_S": "15s"}, "SCRAPE_INTERVAL_S must be a number of seconds, got '15s'"),
     ({"ROLLOUT_DIR": "/nonexistent/rollout"}, "ROLLOUT_DIR /nonexistent/rollout is not a writable folder: the rollout "
                                              "records every step there, so mount the stage's rollout volume on it"),
 ])
 def test_an_incomplete_rollout_environment_is_refused_with_the_reason(tmp_path, change, error):
     with pytest.raises(PolicyError) as refused:
-        controller_from_env({**rollout_env(tmp_path), **change}, declared_green_weight=0)
+        controllers_from_env({**rollout_env(tmp_path), **change}, ROLLOUTS)
     assert str(refused.value) == error
 
 
-CANARY_ENV = {"UPSTREAM_BLUE": "s-serving-blue-0:8080", "UPSTREAM_GREEN": "s-serving-green-0:8080",
-              "WEIGHT_BLUE": "100", "WEIGHT_GREEN": "0"}
+def model_env(name: str, green_weight: int) -> dict:
+    return {"name": name, "blue": [f"s-{name}-blue-0:8080"], "green": [f"s-{name}-green-0:8080"],
+            "weights": {"blue": 100 - green_weight, "green": green_weight}}
 
 
-def test_under_a_rollout_nginx_routes_by_whichever_route_file_exists(tmp_path):
+CANARY_ENV = {"GATEWAY_MODELS": json.dumps([model_env("iris-classifier", 0), model_env("diabetes", 20)])}
+
+
+def test_under_a_rollout_nginx_routes_that_model_by_whichever_of_its_route_files_exists(tmp_path):
     (tmp_path / "record").mkdir()
     rollout = controller(tmp_path / "record", Traffic(HEALTHY), Clock())
-    running = Gateway(pools_from_env(CANARY_ENV), runtime_dir=tmp_path / "nginx", rollout=rollout)
+    running = Gateway(models_from_env(CANARY_ENV), runtime_dir=tmp_path / "nginx", rollouts={"iris-classifier": rollout})
     running.write_config()
     config = (tmp_path / "nginx" / "nginx.conf").read_text()
     for weight, shares in ((0, "        * blue;\n"), (10, "        90% blue;\n        * green;\n"),
                            (50, "        50% blue;\n        * green;\n"), (100, "        * green;\n")):
-        assert f'split_clients "${{request_id}}" $pool_green_{weight} {{\n{shares}    }}' in config
-        assert f"if (-f {tmp_path}/nginx/route/green-{weight}) {{ set $pool $pool_green_{weight}; }}" in config
-    assert "set $pool $pool_green_0;" in config, "until a route file exists, the declared weights"
-    running.route_green(rollout.green_weight)
-    assert sorted(path.name for path in (tmp_path / "nginx" / "route").iterdir()) == ["green-10"]
-    running.route_green(0)
-    assert sorted(path.name for path in (tmp_path / "nginx" / "route").iterdir()) == ["green-0"]
+        assert f'split_clients "${{request_id}}" $slot_0_green_{weight} {{\n{shares}    }}' in config
+        assert (f"if (-f {tmp_path}/nginx/route/iris-classifier/green-{weight}) {{ set $slot_0 $slot_0_green_{weight}; }}"
+                in config)
+    assert "set $slot_0 $slot_0_green_0;" in config, "until a route file exists, the declared weights"
+    assert 'split_clients "${request_id}" $slot_1 {\n        80% blue;\n        * green;\n    }' in config, \
+        "the model without a rollout keeps its declared split"
+    assert "$slot_1_green_" not in config and "route/diabetes" not in config
+    running.route_green("iris-classifier", rollout.green_weight)
+    assert [path.name for path in (tmp_path / "nginx" / "route" / "iris-classifier").iterdir()] == ["green-10"]
+    running.route_green("iris-classifier", 0)
+    assert [path.name for path in (tmp_path / "nginx" / "route" / "iris-classifier").iterdir()] == ["green-0"]
 
 
 def test_without_a_rollout_the_declared_split_is_all_there_is():
-    config = render(pools_from_env(CANARY_ENV), {})
-    assert 'split_clients "${request_id}" $pool {\n        * blue;\n    }' in config
-    assert "$pool_green_" not in config and "if (-f" not in config
+    config = render(models_from_env(CANARY_ENV), {})
+    assert 'split_clients "${request_id}" $slot_0 {\n        * blue;\n    }' in config
+    assert "_green_" not in config and "if (-f" not in config.split("location = /v2/health/ready")[0]

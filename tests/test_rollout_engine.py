@@ -23,7 +23,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from mlops.modelstore import BasicAuth
 from mlops.rollout import gateway_state, stage_status
-from mlops_spec.contract import TRAINER, derived_password
+from mlops_spec.contract import TRAINER, derived_password, rollout_folder
 from mlops_spec.loading import load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
 from tests.conftest import fetch_build_inputs, free_port
@@ -82,7 +82,7 @@ class Stage:
 
     def events(self) -> list[dict]:
         gateway = self.engine.client.containers.get(f"{self.name}-gateway")
-        output = gateway.exec_run(["cat", "/data/rollout/events.jsonl"]).output.decode()
+        output = gateway.exec_run(["cat", f"{rollout_folder('iris-classifier')}/events.jsonl"]).output.decode()
         return [json.loads(line) for line in output.splitlines()]
 
 

@@ -151,9 +151,10 @@ def test_the_gateway_runs_on_every_edge_node_and_resolves_the_tasks_of_each_slot
                                                  "protocol": "tcp"}]
     # Its host port cannot be bound twice on one node.
     assert gateway["updateConfig"]["order"] == "stop-first"
-    assert gateway["taskSpec"]["containerSpec"]["env"] == {
-        "UPSTREAM_BLUE": "tasks.cluster-serving-blue:8080", "UPSTREAM_GREEN": "tasks.cluster-serving-green:8080",
-        "WEIGHT_BLUE": "90", "WEIGHT_GREEN": "10"}
+    assert json.loads(gateway["taskSpec"]["containerSpec"]["env"].pop("GATEWAY_MODELS")) == [{
+        "name": "iris-classifier", "blue": ["tasks.cluster-serving-blue:8080"], "green": ["tasks.cluster-serving-green:8080"],
+        "weights": {"blue": 90, "green": 10}}]
+    assert gateway["taskSpec"]["containerSpec"]["env"] == {}
     assert rendered["cluster-serving-green"].inputs["taskSpec"]["containerSpec"]["env"]["MODEL_VERSION"] == "4"
 
 

@@ -1,10 +1,10 @@
 """Automated canary analysis, run by the gateway: moves green's weight through the declared steps and sends
 all traffic back to blue as soon as green breaks a limit, judged from Prometheus.
 
-Stdlib only, like gateway.py. The policy comes as JSON in ROLLOUT_POLICY (rendered from the stage file's
-`serving.green.rollout`); what it does goes to an event log (JSON lines) and a state file in ROLLOUT_DIR, a
-volume of the artifact store, so a restarted gateway resumes where it was and never rolls out again a green
-it rolled back.
+Stdlib only, like gateway.py. Each model with a rollout gets a controller of its own: its policy comes in
+GATEWAY_MODELS (rendered from the stage file's `serving.green.rollout`); what it does goes to an event log (JSON
+lines) and a state file in `ROLLOUT_DIR/<model>/`, on a volume of the artifact store, so a restarted gateway
+resumes where it was and never rolls out again a green it rolled back.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ QUERY_TIMEOUT_S = 2.0
 # Prometheus' increase() and histogram_quantile() need two scrapes inside the window; four leave room for a
 # late or missed one.
 SCRAPES_PER_WINDOW = 4
-# The gateway's metrics (components/monitoring.py scrapes them): requests by slot and status, and their
-# latency histogram by slot. Only the gateway's scrape job counts: any other target (a replica's metrics port
+# The gateway's metrics (components/monitoring.py scrapes them): requests by model, slot and status, and their
+# latency histogram by model and slot. Only the gateway's scrape job counts: any other target (a replica's metrics port
 # serves what its code registers) could export series of the same names and steer the rollout.
 GATEWAY_JOB = 'job="gateway"'
 REQUESTS = "mlops_gateway_requests_total"
@@ -52,15 +52,25 @@ class Policy:
     check_interval_s: float
 
     @classmethod
-    def from_json(cls, text: str) -> "Policy":
+    def from_fields(cls, fields: object, where: str) -> "Policy":
+        """The policy `fields` (a JSON object) declare; `where` names them in the error."""
         try:
-            fields = json.loads(text)
+            assert isinstance(fields, dict), f"expected an object, got {fields!r:.100}"
             policy = cls(**{**fields, "steps": tuple(fields["steps"])})
-        except (ValueError, TypeError, KeyError) as error:
-            raise PolicyError(f"ROLLOUT_POLICY is not a rollout policy: {error}") from None
+        except (AssertionError, TypeError, KeyError) as error:
+            raise PolicyError(f"{where}: not a rollout policy: {error}") from None
         if not policy.steps or list(policy.steps) != sorted(set(policy.steps)) or policy.steps[-1] != 100:
-            raise PolicyError(f"ROLLOUT_POLICY steps must increase strictly to 100, got {list(policy.steps)}")
+            raise PolicyError(f"{where}: rollout steps must increase strictly to 100, got {list(policy.steps)}")
         return policy
+
+
+@dataclass(frozen=True)
+class RolloutDeclaration:
+    """One model's rollout as GATEWAY_MODELS declares it."""
+
+    policy: Policy
+    green_release: str
+    """The green slot's model pin (`name:version:sha256`); a state recorded for another green is not resumed."""
 
 
 @dataclass(frozen=True)
@@ -132,11 +142,15 @@ def prometheus_query(base_url: str, promql: str) -> dict[str, float]:
     return values
 
 
-def sample_slots(query: Callable[[str], dict[str, float]], window_s: int, scrape_interval_s: int) -> dict[str, SlotSample]:
+def sample_slots(query: Callable[[str], dict[str, float]], model: str, window_s: int,
+                 scrape_interval_s: int) -> dict[str, SlotSample]:
+    """Each slot of `model` over the window, from the gateway's own series of that model."""
     window = f"{max(window_s, SCRAPES_PER_WINDOW * scrape_interval_s)}s"
-    requests = query(f"sum by (slot) (increase({REQUESTS}{{{GATEWAY_JOB}}}[{window}]))")
-    failed = query(f"sum by (slot) (increase({REQUESTS}{{{GATEWAY_JOB},{FAILED}}}[{window}]))")
-    p99 = query(f"histogram_quantile(0.99, sum by (slot, le) (rate({LATENCY_BUCKETS}{{{GATEWAY_JOB}}}[{window}])))")
+    # Model names hold no quote or backslash (gateway.MODEL_NAME), so they go into the selector as they are.
+    selector = f'{GATEWAY_JOB},model="{model}"'
+    requests = query(f"sum by (slot) (increase({REQUESTS}{{{selector}}}[{window}]))")
+    failed = query(f"sum by (slot) (increase({REQUESTS}{{{selector},{FAILED}}}[{window}]))")
+    p99 = query(f"histogram_quantile(0.99, sum by (slot, le) (rate({LATENCY_BUCKETS}{{{selector}}}[{window}])))")
     samples = {}
     for slot in ("blue", "green"):
         count = requests.get(slot, 0.0)
@@ -148,18 +162,19 @@ def sample_slots(query: Callable[[str], dict[str, float]], window_s: int, scrape
 
 
 class EventLog:
-    """The rollout's record on the artifact store: `events.jsonl` (appended) and `state.json` (replaced
-    atomically)."""
+    """A model's rollout record on the artifact store: `events.jsonl` (appended) and `state.json` (replaced
+    atomically), in a folder of that model's."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, model: str) -> None:
         self.folder = folder
+        self.model = model
         self.events = folder / "events.jsonl"
         self.state_file = folder / "state.json"
 
     def record(self, event: str, state: RolloutState, **details: object) -> None:
         entry = {"time": time.time(), "event": event, "green_release": state.green_release,
                  "green_weight": state.green_weight, "step": state.step, **details}
-        log.info("rollout %s: %s", event, json.dumps(details))
+        log.info("rollout of %s %s: %s", self.model, event, json.dumps(details))
         with self.events.open("a") as events:
             events.write(json.dumps(entry) + "\n")
 
@@ -221,7 +236,7 @@ class Controller:
             samples = self.sample(math.ceil(baked_s))
         except PrometheusError as error:
             # No data is no verdict: the step waits (its bake time counts on) until Prometheus answers.
-            log.warning("rollout: cannot judge green: %s", error)
+            log.warning("rollout of %s: cannot judge green: %s", self.record.model, error)
             return self.green_weight
         blue = samples["blue"]
         if blue.requests == 0 and self.state.baseline is not None:
@@ -247,21 +262,30 @@ class Controller:
         return self.green_weight
 
 
-def controller_from_env(env: Mapping[str, str], declared_green_weight: int) -> Optional[Controller]:
-    """The controller the environment declares, or None without a ROLLOUT_POLICY."""
-    if not env.get("ROLLOUT_POLICY"):
-        return None
-    policy = Policy.from_json(env["ROLLOUT_POLICY"])
-    for variable in ("PROMETHEUS_URL", "SCRAPE_INTERVAL_S", "ROLLOUT_DIR", "GREEN_RELEASE"):
+def controllers_from_env(env: Mapping[str, str], rollouts: Mapping[str, tuple[RolloutDeclaration, int]]) -> dict[str, Controller]:
+    """A controller per model of `rollouts` (model -> its rollout and green's declared weight), each recording in
+    `ROLLOUT_DIR/<model>/`, all judged by the one Prometheus the environment names."""
+    if not rollouts:
+        return {}
+    for variable in ("PROMETHEUS_URL", "SCRAPE_INTERVAL_S", "ROLLOUT_DIR"):
         if not env.get(variable):
-            raise PolicyError(f"ROLLOUT_POLICY needs {variable}")
+            raise PolicyError(f"a rollout ({', '.join(rollouts)}) needs {variable}")
     if not env["SCRAPE_INTERVAL_S"].isdigit():
         raise PolicyError(f"SCRAPE_INTERVAL_S must be a number of seconds, got {env['SCRAPE_INTERVAL_S']!r}")
     if not os.access(env["ROLLOUT_DIR"], os.W_OK):
         raise PolicyError(f"ROLLOUT_DIR {env['ROLLOUT_DIR']} is not a writable folder: the rollout records every "
                           "step there, so mount the stage's rollout volume on it")
     prometheus, scrape_interval_s = env["PROMETHEUS_URL"].rstrip("/"), int(env["SCRAPE_INTERVAL_S"])
-    return Controller(policy=policy, green_release=env["GREEN_RELEASE"], declared_green_weight=declared_green_weight,
-                      record=EventLog(Path(env["ROLLOUT_DIR"])),
-                      sample=lambda window_s: sample_slots(lambda promql: prometheus_query(prometheus, promql), window_s,
-                                                           scrape_interval_s))
+
+    def sampler(model: str) -> Callable[[int], dict[str, SlotSample]]:
+        return lambda window_s: sample_slots(lambda promql: prometheus_query(prometheus, promql), model, window_s,
+                                             scrape_interval_s)
+
+    controllers = {}
+    for model, (rollout, declared_green_weight) in rollouts.items():
+        folder = Path(env["ROLLOUT_DIR"]) / model
+        folder.mkdir(exist_ok=True)
+        controllers[model] = Controller(policy=rollout.policy, green_release=rollout.green_release,
+                                        declared_green_weight=declared_green_weight, record=EventLog(folder, model),
+                                        sample=sampler(model))
+    return controllers

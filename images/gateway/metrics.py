@@ -1,8 +1,8 @@
 """Prometheus metrics of the gateway, from nginx's own access log (nginx 1.22 has no metrics module).
 
 nginx sends one JSON line per proxied request over syslog (UDP on loopback, so nothing touches the
-read-only disk and a slow exporter never holds a request up); this module counts them by slot (the pool
-nginx chose) and status, times them in a histogram, and serves the text format on METRICS_PORT, which the
+read-only disk and a slow exporter never holds a request up); this module counts them by model, slot (the
+pool nginx chose) and status, times them in a histogram, and serves the text format on METRICS_PORT, which the
 gateway publishes nowhere and routes nothing to: Prometheus reaches it on the stage network.
 
 Both run on one event loop in one thread. A thread per scrape connection, with no timeout, let about 4,100
@@ -39,36 +39,40 @@ class GatewayMetrics(asyncio.DatagramProtocol):
     between threads."""
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str], int] = {}
-        # Per slot: a count per bucket (the last one is +Inf), the sum and the count.
-        self.durations: dict[str, tuple[list[int], list[float]]] = {}
+        self.requests: dict[tuple[str, str, str], int] = {}
+        # Per model and slot: a count per bucket (the last one is +Inf), the sum and the count.
+        self.durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
 
     def record(self, line: str) -> None:
-        """Count one access-log line: a syslog header, then `{"slot": ..., "status": ..., "seconds": ...}`."""
+        """Count one access-log line: a syslog header, then
+        `{"model": ..., "slot": ..., "status": ..., "seconds": ...}`. nginx logs only the models it serves
+        (gateway.py), so the series stay as few as the stage's models."""
         try:
             entry = json.loads(line[line.index("{"):])
-            slot, status, seconds = str(entry["slot"]), str(entry["status"]), float(entry["seconds"])
+            model, slot = str(entry["model"]), str(entry["slot"])
+            status, seconds = str(entry["status"]), float(entry["seconds"])
         except (ValueError, KeyError, TypeError):
             log.warning("unreadable access-log line %r", line[:200])
             return
-        self.requests[(slot, status)] = self.requests.get((slot, status), 0) + 1
-        buckets, total = self.durations.setdefault(slot, ([0] * (len(BUCKETS) + 1), [0.0]))
+        self.requests[(model, slot, status)] = self.requests.get((model, slot, status), 0) + 1
+        buckets, total = self.durations.setdefault((model, slot), ([0] * (len(BUCKETS) + 1), [0.0]))
         buckets[bisect_left(BUCKETS, seconds)] += 1
         total[0] += seconds
 
     def exposition(self) -> str:
-        lines = [f"# HELP {REQUESTS} Requests the gateway proxied, by slot and HTTP status",
+        lines = [f"# HELP {REQUESTS} Requests the gateway proxied, by model, slot and HTTP status",
                  f"# TYPE {REQUESTS} counter"]
-        for (slot, status), count in sorted(self.requests.items()):
-            lines.append(f'{REQUESTS}{{slot="{slot}",code="{status}"}} {count}')
-        lines += [f"# HELP {DURATION} Time from the client's request to the gateway's response, by slot",
+        for (model, slot, status), count in sorted(self.requests.items()):
+            lines.append(f'{REQUESTS}{{model="{model}",slot="{slot}",code="{status}"}} {count}')
+        lines += [f"# HELP {DURATION} Time from the client's request to the gateway's response, by model and slot",
                   f"# TYPE {DURATION} histogram"]
-        for slot, (buckets, total) in sorted(self.durations.items()):
+        for (model, slot), (buckets, total) in sorted(self.durations.items()):
+            labels = f'model="{model}",slot="{slot}"'
             cumulative = 0
             for bound, count in zip((*map(str, BUCKETS), "+Inf"), buckets):
                 cumulative += count
-                lines.append(f'{DURATION}_bucket{{slot="{slot}",le="{bound}"}} {cumulative}')
-            lines += [f'{DURATION}_sum{{slot="{slot}"}} {total[0]}', f'{DURATION}_count{{slot="{slot}"}} {cumulative}']
+                lines.append(f'{DURATION}_bucket{{{labels},le="{bound}"}} {cumulative}')
+            lines += [f'{DURATION}_sum{{{labels}}} {total[0]}', f'{DURATION}_count{{{labels}}} {cumulative}']
         return "\n".join(lines) + "\n"
 
     def datagram_received(self, data: bytes, _address: tuple[str, int]) -> None:
