@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from components.artifact_store import DATASETS_VOLUME, volume_name
 from components.image_registry import REGISTRY_PORT
-from components.images import BuildSettings, built_image_name
+from components.images import BuildSettings, built_image_name, model_image_name
 from components.runtimes import docker_run_arguments, run_environment
 from components.stack import stage_labels
 from components.training_environment import training_run
@@ -101,10 +101,13 @@ def image_registry_server(spec: StageSpec) -> Optional[str]:
 
 
 def training_image(spec: StageSpec, environments: Path) -> str:
-    """The image the stack built from `training.build`, or the digest promoted to the stage."""
+    """The model's training image the stack built on `training.build`, or the digest promoted to the stage."""
     if spec.training.build is not None:
-        return built_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
-                                image_registry_server(spec))
+        if spec.release is None:
+            return built_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
+                                    image_registry_server(spec))
+        return model_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
+                                spec.release.model.name, image_registry_server(spec))
     if spec.release is None or spec.release.images.training is None:
         raise SpecError(file=stage_file(spec.stage, environments), field="release.images.training",
                         message=f"no training image is promoted to {spec.stage} yet; "
