@@ -161,14 +161,15 @@ def _check_entrypoint(folder: Path, file: Path, lines: dict, project: ModelProje
 
 def _check_default_data(folder: Path, file: Path, lines: dict, project: ModelProject) -> None:
     data = folder / project.default_data
-    where = {"file": file, "field": "default_data", "line": lines.get(("default_data",))}
+    line = lines.get(("default_data",))
     if not data.is_file():
-        raise SpecError(**where, message=f"{project.default_data} is not a file of the project")
+        raise SpecError(file=file, field="default_data", line=line,
+                        message=f"{project.default_data} is not a file of the project")
     with data.open(encoding="utf-8", errors="replace", newline="") as stream:
         header = [column.strip() for column in next(csv.reader(stream), [])]
     expected = project.input_schema.header
     if header != expected:
-        raise SpecError(**where, message=f"the header of {project.default_data} must be the schema's features then "
+        raise SpecError(file=file, field="default_data", line=line, message=f"the header of {project.default_data} must be the schema's features then "
                                          f"its label: {','.join(expected)}; got {excerpt(','.join(header))}")
 
 

@@ -18,8 +18,10 @@ from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
 
-from mlops_training import datasets  # noqa: E402
-from mlops_training import runner  # noqa: E402
+from mlops_training import (
+    datasets,  # noqa: E402
+    runner,  # noqa: E402
+)
 from mlops_training.cli import main as cli_main  # noqa: E402
 from mlops_training.project import load_project  # noqa: E402
 from mlops_training.runner import TrainingError, TrainingRequest  # noqa: E402
