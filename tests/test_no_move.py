@@ -44,9 +44,10 @@ gets the model project's layer on top, built locally and pushed."""
 MODEL_IMAGES_REMOVED = {"training-image-push", "serving-image-push"}
 """...and lost: the platform image is no longer pushed, its model layer is."""
 INTENDED_CHANGES |= {
-    **{f"serving-blue-{index}": (MODEL_IMAGES, {"image"}) for index in range(2)},
-    "serving-blue": (f"{INTENDED_CHANGES['serving-blue'][0]}; {MODEL_IMAGES}",
-                     {*INTENDED_CHANGES["serving-blue"][1], "taskSpec.containerSpec.image"}),
+    **{f"serving-{slot}-{index}": (MODEL_IMAGES, {"image"}) for slot in ("blue", "green") for index in range(2)},
+    **{f"serving-{slot}": (f"{INTENDED_CHANGES[f'serving-{slot}'][0]}; {MODEL_IMAGES}",
+                           {*INTENDED_CHANGES[f"serving-{slot}"][1], "taskSpec.containerSpec.image"})
+       for slot in ("blue", "green")},
 }
 
 
