@@ -185,12 +185,13 @@ def stream_run(spec: StageSpec, run: Run) -> tuple[int, Optional[re.Match[str]]]
 def train(
     stage: str = typer.Option(..., "--stage", help="dev, staging, prod or exp-NAME: whose training image, network "
                                                    "and MLflow"),
-    subset: float = typer.Option(1.0, "--subset", help="fraction (0, 1] of the data, stratified and seeded"),
-    param: Optional[list[str]] = typer.Option(None, "--param", help="estimator parameter key=value, repeatable"),
-    seed: int = typer.Option(0, "--seed", help="seeds the subset, the held-out split and the estimator"),
+    subset: float = typer.Option(1.0, "--subset", help="fraction (0, 1] of the data, for the model's entrypoint"),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="overrides a parameter of the model's project "
+                                                                    "file, key=value, repeatable"),
+    seed: int = typer.Option(0, "--seed", help="the seed the model's entrypoint is given"),
     data: Optional[str] = typer.Option(None, "--data", help="train on this dataset of the stage's datasets volume: "
                                                             "'latest' or its sha256 (`mlops data list`); default: "
-                                                            "the built-in iris data"),
+                                                            "the model project's default data"),
     environments: Optional[Path] = ENVIRONMENTS_OPTION,
 ) -> None:
     """Train in the stage's training image and register the model as a new version in the stage's MLflow."""
