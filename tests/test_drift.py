@@ -132,7 +132,7 @@ def test_predictions_are_counted_by_value_next_to_the_training_class_balance(mon
 
 def test_a_profile_that_does_not_fit_the_model_is_refused(iris):
     _, features, labels = iris
-    profile = reference_profile(features[:, :3], labels, ["a", "b", "c"])
+    profile = reference_profile(features[:, :3], [str(label) for label in labels], ["a", "b", "c"], "classification")
     with pytest.raises(ProfileError, match="describes 3 features, the model takes 4"):
         DriftMonitor(profile, 4, WINDOW)
     with pytest.raises(ProfileError, match="malformed"):

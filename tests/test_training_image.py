@@ -294,7 +294,7 @@ def test_a_project_with_its_own_transformer_trains_registers_and_unpickles_in_it
     assert sum(bins["proportions"]) == pytest.approx(1, abs=1e-5) and "class_shares" not in profile
 
     platform_serving, serving_image = build_model_image(training_stack.name, "diabetes-regressor", "serving", "oip")
-    training_stack.images += [serving_image, platform_serving]
+    training_stack.images.extend([serving_image, platform_serving])
     trained, served = predictions_in(training_image, model), predictions_in(serving_image, model)
     assert served["step"] == "diabetes_model.transformers.QuantileClipper"
     assert served == trained and len(served["predictions"]) == 8
