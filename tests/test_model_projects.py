@@ -165,6 +165,12 @@ def test_a_model_tag_changes_with_its_project_and_its_platform_image_only(root):
 
     before = tags()
     assert len(set(before.values())) == 4
+    # What running the project locally leaves is no input (the project's .dockerignore): the tag a laptop
+    # computes is the clean clone's.
+    bytecode = root / "models" / PROJECT / "diabetes_model" / "__pycache__"
+    bytecode.mkdir()
+    (bytecode / "train.cpython-311.pyc").write_bytes(b"local bytecode")
+    assert tags() == before
     with (root / "models" / PROJECT / "diabetes_model" / "transformers.py").open("a") as file:
         file.write("# changed\n")
     after_code = tags()

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mlops_spec.project import REPO_ROOT
@@ -252,6 +252,9 @@ TOKENS = st.one_of(st.sampled_from(["0", "1", "2", "5.1", "-0.5e3", ".5", "1_0",
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(TOKENS, min_size=3, max_size=6), max_size=6), st.booleans())
+# Quoted cells with a line break, in a feature and in the label: the error quotes them on its one line.
+@example([["0", "0", "0", "0\n0", "0"]], False)
+@example([["0", "0", "0", "0", "0\n0"]], False)
 def test_any_file_is_either_refused_in_one_line_or_stored_as_training_reads_it(rows, with_prediction):
     header = [*FEATURE_NAMES, *(["prediction"] if with_prediction else []), "label"]
     buffer = io.StringIO()

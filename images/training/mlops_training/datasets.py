@@ -104,7 +104,7 @@ def canonical_dataset(payload: bytes, rules: RowRules) -> tuple[bytes, int]:
         raise DatasetError(f"header: {err}") from None
     if [column for column in header if column != PREDICTION] != expected:
         raise DatasetError(f"the header must be {','.join(expected)} (a '{PREDICTION}' column is allowed and dropped), "
-                           f"got {','.join(header)[:200]}")
+                           f"got {_shown(','.join(header), 200)}")
     kept = [index for index, column in enumerate(header) if column != PREDICTION]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -126,20 +126,26 @@ def canonical_dataset(payload: bytes, rules: RowRules) -> tuple[bytes, int]:
     return out.getvalue().encode(), count
 
 
+def _shown(value: str, limit: int = 40) -> str:
+    """The start of a value as an error line quotes it: a quoted CSV cell may hold a line break or any control
+    character, which would split or garble the one line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in value[:limit])
+
+
 def _checked_row(where: str, values: list[str], rules: RowRules) -> list[str]:
     *features, label = values
     for column, value in zip(rules.project.features, features):
         if not DECIMAL.fullmatch(value) or not math.isfinite(float(value)):
-            raise DatasetError(f"{where}, column '{column.name}': '{value[:40]}' is not a finite number")
+            raise DatasetError(f"{where}, column '{column.name}': '{_shown(value)}' is not a finite number")
         if column.type == "int" and not WHOLE.fullmatch(value):
-            raise DatasetError(f"{where}, column '{column.name}': '{value[:40]}' is not a whole number")
+            raise DatasetError(f"{where}, column '{column.name}': '{_shown(value)}' is not a whole number")
     if not label:
         raise DatasetError(f"{where} has no label; label every row (or delete it) first")
     if rules.classes and label not in rules.classes:
-        raise DatasetError(f"{where}: label '{label[:40]}' is not a known class "
+        raise DatasetError(f"{where}: label '{_shown(label)}' is not a known class "
                            f"({', '.join(rules.classes)})")
     if not rules.classes and (not DECIMAL.fullmatch(label) or not math.isfinite(float(label))):
-        raise DatasetError(f"{where}: label '{label[:40]}' is not a finite number")
+        raise DatasetError(f"{where}: label '{_shown(label)}' is not a finite number")
     return values
 
 
