@@ -2,7 +2,8 @@
 ENV ?= dev
 VENV := .venv
 PY := $(VENV)/bin/python
-LOCKED_IMAGES := $(patsubst %/requirements.lock,%,$(wildcard images/*/requirements.lock))
+# The platform images' locks, and each model project's (installed on top of them: images/model/Dockerfile).
+LOCKED_IMAGES := $(patsubst %/requirements.lock,%,$(wildcard images/*/requirements.lock models/*/requirements.lock))
 PACKAGED_IMAGES := $(patsubst %/packages.lock,%,$(wildcard images/*/packages.lock))
 export PULUMI_BACKEND_URL ?= file://$(CURDIR)/.pulumi-state
 
@@ -49,7 +50,7 @@ test: venv
 	$(PY) -m pytest -q
 
 # Each image's python is a program of its own (two have a start.py); images/serving and images/training join later.
-TYPED_IMAGES := images/gateway images/mlflow images/prometheus images/serving
+TYPED_IMAGES := images/gateway images/mlflow images/prometheus images/serving images/training
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -6,6 +6,12 @@ from its own hash of the build context (pulumi-docker v5 provider/provider.go `h
 `.dockerignore` lets through, with its mode); the content tag hashes the same files, modes included, so
 the two agree, and the platform is always explicit so a laptop of another architecture builds the
 image the stage's host runs.
+
+A model's image is a platform image with the model project on top: images/model/Dockerfile, built with the
+project folder `models/<name>` as context and the platform image's content-tagged name as PLATFORM_IMAGE. The
+provider hashes a Dockerfile outside the context too (by its content, under the name `Dockerfile`), and so does
+the content tag; with the platform image's name among the build arguments, a model's tag changes exactly when its
+project or its platform image's inputs do.
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ import pulumi
 import pulumi_docker as docker
 
 from mlops_spec.models import ImageSource, StageSpec
-from mlops_spec.project import project_root
+from mlops_spec.project import MODELS_FOLDER, project_root
+
+MODEL_DOCKERFILE = "images/model/Dockerfile"
 
 
 @dataclass(frozen=True)
@@ -76,11 +84,39 @@ def context_files(context: Path) -> list[Path]:
                   if path.is_file() and not _ignored(path.relative_to(context).as_posix(), rules))
 
 
-def content_tag(context: str, settings: BuildSettings, target: Optional[str] = None) -> str:
+@dataclass(frozen=True)
+class ModelLayer:
+    """What makes a platform image a model's: that model's project, on top of the platform image named here."""
+
+    model: str
+    platform_image: str
+
+    @property
+    def context(self) -> str:
+        return f"{MODELS_FOLDER}/{self.model}"
+
+    @property
+    def build_args(self) -> dict[str, str]:
+        return {"PLATFORM_IMAGE": self.platform_image, "MODEL_NAME": self.model}
+
+
+def _dockerfile(context: str, layer: Optional[ModelLayer]) -> str:
+    return MODEL_DOCKERFILE if layer is not None else f"{context}/Dockerfile"
+
+
+def _build_args(settings: BuildSettings, layer: Optional[ModelLayer]) -> dict[str, str]:
+    return layer.build_args if layer is not None else settings.build_args
+
+
+def content_tag(context: str, settings: BuildSettings, target: Optional[str] = None,
+                layer: Optional[ModelLayer] = None) -> str:
     root = project_root() / context
     digest = hashlib.sha256()
-    for key, value in sorted({**settings.build_args, "target": target or "", "platform": settings.platform}.items()):
+    for key, value in sorted({**_build_args(settings, layer), "target": target or "",
+                              "platform": settings.platform}.items()):
         digest.update(f"{key}={value}\n".encode())
+    if layer is not None:
+        digest.update(b"Dockerfile\0" + hashlib.sha256((project_root() / MODEL_DOCKERFILE).read_bytes()).digest())
     for path in context_files(root):
         digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_mode & 0o777:o}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
@@ -94,12 +130,40 @@ class PushTarget:
     password: pulumi.Input[str]
 
 
+def image_repository(stack: str, image: str, context: str, settings: BuildSettings, target: Optional[str] = None,
+                     layer: Optional[ModelLayer] = None) -> tuple[str, str]:
+    """Where `build_image` pushes `context`'s image in the stage's registry: `<stack>/<image>`, and its content tag."""
+    return f"{stack}/{image}", content_tag(context, settings, target, layer)
+
+
 def built_image_name(stack: str, image: str, context: str, settings: BuildSettings,
-                     registry_server: Optional[str] = None, target: Optional[str] = None) -> str:
+                     registry_server: Optional[str] = None, target: Optional[str] = None,
+                     layer: Optional[ModelLayer] = None) -> str:
     """The name `build_image` gives `context`'s image: `<registry server>/<stack>/<image>:<content hash>` when
     pushed, else `mlops-<stack>/<image>:<content hash>`. `mlops train` finds the image the stack built by it."""
-    repository = f"{stack}/{image}:{content_tag(context, settings, target)}"
-    return f"{registry_server}/{repository}" if registry_server else f"mlops-{repository}"
+    repository, tag = image_repository(stack, image, context, settings, target, layer)
+    return f"{registry_server}/{repository}:{tag}" if registry_server else f"mlops-{repository}:{tag}"
+
+
+def model_layer(stack: str, image: str, context: str, settings: BuildSettings, model: str,
+                target: Optional[str] = None) -> ModelLayer:
+    """Model `model`'s layer on the platform image `image` built locally from `context`."""
+    return ModelLayer(model=model, platform_image=built_image_name(stack, image, context, settings, target=target))
+
+
+def model_image_name(stack: str, image: str, context: str, settings: BuildSettings, model: str,
+                     registry_server: Optional[str] = None, target: Optional[str] = None) -> str:
+    """The name `build_image` gives model `model`'s image on the platform image `image` (`<model>-<image>`)."""
+    layer = model_layer(stack, image, context, settings, model, target)
+    return built_image_name(stack, f"{model}-{image}", layer.context, settings, registry_server, layer=layer)
+
+
+def model_image_repository(stack: str, image: str, context: str, settings: BuildSettings, model: str,
+                           target: Optional[str] = None) -> tuple[str, str]:
+    """Where a building stage pushes model `model`'s image on the platform image `image`, and its content tag:
+    what `mlops promote` copies from it."""
+    layer = model_layer(stack, image, context, settings, model, target)
+    return image_repository(stack, f"{model}-{image}", layer.context, settings, layer=layer)
 
 
 @dataclass(frozen=True)
@@ -114,13 +178,13 @@ class BuiltImage:
 
 def _image(resource_name: str, *, parent: pulumi.Resource, image_name: pulumi.Input[str], context: str,
            settings: BuildSettings, target: Optional[str], push: Optional[PushTarget],
-           depends_on: Optional[list[pulumi.Resource]] = None) -> docker.Image:
+           depends_on: Optional[list[pulumi.Resource]] = None, layer: Optional[ModelLayer] = None) -> docker.Image:
     return docker.Image(
         resource_name,
         image_name=image_name,
         # Relative to the project folder, where Pulumi runs the program: renderings match on every clone.
-        build=docker.DockerBuildArgs(context=context, dockerfile=f"{context}/Dockerfile", args=settings.build_args,
-                                     target=target, platform=settings.platform,
+        build=docker.DockerBuildArgs(context=context, dockerfile=_dockerfile(context, layer),
+                                     args=_build_args(settings, layer), target=target, platform=settings.platform,
                                      builder_version=docker.BuilderVersion.BUILDER_BUILD_KIT),
         skip_push=push is None,
         registry=docker.RegistryArgs(server=push.server, username=push.username, password=push.password) if push else None,
@@ -130,11 +194,28 @@ def _image(resource_name: str, *, parent: pulumi.Resource, image_name: pulumi.In
 
 def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str, context: str,
                 settings: BuildSettings, target: Optional[str] = None, push: Optional[PushTarget] = None,
-                push_after: Optional[list[pulumi.Resource]] = None) -> BuiltImage:
+                push_after: Optional[list[pulumi.Resource]] = None, model: Optional[str] = None) -> BuiltImage:
     """Build `context` as `built_image_name(...)` with BuildKit for the stage's platform; when a registry is
-    given, also push it there once `push_after` (the registry) is up."""
-    local = _image(resource_name, parent=parent, image_name=built_image_name(stack, image, context, settings, target=target),
-                   context=context, settings=settings, target=target, push=None)
+    given, also push it there once `push_after` (the registry) is up. With `model`, that model's image: the
+    platform image built locally, then the model's layer on it (`<resource_name>-model`), pushed instead."""
+    if model is not None:
+        layer = model_layer(stack, image, context, settings, model, target)
+        platform = _image(resource_name, parent=parent, image_name=layer.platform_image, context=context,
+                          settings=settings, target=target, push=None)
+        return _build(f"{resource_name}-model", parent=parent, stack=stack, image=f"{model}-{image}",
+                      context=layer.context, settings=settings, target=None, push=push, push_after=push_after,
+                      layer=layer, after=[platform])
+    return _build(resource_name, parent=parent, stack=stack, image=image, context=context, settings=settings,
+                  target=target, push=push, push_after=push_after)
+
+
+def _build(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str, context: str,
+           settings: BuildSettings, target: Optional[str], push: Optional[PushTarget],
+           push_after: Optional[list[pulumi.Resource]], layer: Optional[ModelLayer] = None,
+           after: Optional[list[pulumi.Resource]] = None) -> BuiltImage:
+    local = _image(resource_name, parent=parent, context=context, settings=settings, target=target, push=None,
+                   image_name=built_image_name(stack, image, context, settings, target=target, layer=layer),
+                   layer=layer, depends_on=after)
     if push is None:
         return BuiltImage(image_id=local.repo_digest, image_name=local.image_name, repo_digest=local.repo_digest)
     # The pushed copy is a second build of the same inputs, a BuildKit cache hit with the same image ID, in a
@@ -142,9 +223,9 @@ def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, imag
     # (hundreds of MB into a registry that first has to start), and the push still goes through the engine,
     # so it works for a stage on a remote host too.
     pushed = _image(f"{resource_name}-push", parent=parent, context=context, settings=settings, target=target,
-                    push=push, depends_on=push_after,
+                    push=push, depends_on=[*(push_after or []), *(after or [])] or None, layer=layer,
                     image_name=pulumi.Output.from_input(push.server).apply(
-                        lambda server: built_image_name(stack, image, context, settings, server, target)))
+                        lambda server: built_image_name(stack, image, context, settings, server, target, layer)))
     return BuiltImage(image_id=local.repo_digest, image_name=pushed.image_name, repo_digest=pushed.repo_digest)
 
 
@@ -169,10 +250,12 @@ def image_id(resource_name: str, *, parent: pulumi.Resource, stack: str, image: 
 
 def pullable_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str,
                    source: ImageSource | str, settings: BuildSettings, push: PushTarget,
-                   push_after: list[pulumi.Resource], target: Optional[str] = None) -> pulumi.Input[str]:
+                   push_after: list[pulumi.Resource], target: Optional[str] = None,
+                   model: Optional[str] = None) -> pulumi.Input[str]:
     """What any node of a swarm can pull: a build pushed to the stage's registry, by digest, or the pinned
     reference."""
     if isinstance(source, ImageSource) and source.build is not None:
         return build_image(resource_name, parent=parent, stack=stack, image=image, context=source.build,
-                           settings=settings, target=target, push=push, push_after=push_after).repo_digest
+                           settings=settings, target=target, push=push, push_after=push_after,
+                           model=model).repo_digest
     return source.pulled_ref if isinstance(source, ImageSource) else source

@@ -128,9 +128,11 @@ class ModelServing(pulumi.ComponentResource):
         spec = args["spec"]
         stack = runtime.stack
         release = args["release"]
+        # A building stage serves its model's image, which unpickles the project's own classes; a promoted stage
+        # pulls the pinned digest of that image.
         blue_image = runtime.image(f"{name}-image", parent=self, image="serving", target=spec.runtime, released=True,
                                    source=ImageSource(build=spec.build) if spec.build is not None
-                                   else ImageSource(ref=release.images.serving))
+                                   else ImageSource(ref=release.images.serving), model=release.model.name)
         slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (release.model, blue_image.runs)}
         if spec.green is not None:
             green_image = blue_image if spec.green.serving_image is None else runtime.image(

@@ -126,9 +126,10 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     def image(self, resource_name: str, *, parent: pulumi.Resource, image: str, source: ImageSource | str,
-              target: Optional[str] = None, released: bool = False) -> WorkloadImage:
+              target: Optional[str] = None, released: bool = False, model: Optional[str] = None) -> WorkloadImage:
         """The image a workload runs that is built from `source` or pinned by it; a `released` one is what
-        promotion copies, pushed to the stage's registry when built."""
+        promotion copies, pushed to the stage's registry when built. Built with `model`, it is that model's
+        image on the platform image `source` builds (components/images.py)."""
 
     @abc.abstractmethod
     def endpoint(self, deployed: Deployed, publish: Publish) -> pulumi.Output[str]:
@@ -222,14 +223,14 @@ class SingleHost(Runtime):
         return f"{key}={value}"
 
     def image(self, resource_name: str, *, parent: pulumi.Resource, image: str, source: ImageSource | str,
-              target: Optional[str] = None, released: bool = False) -> WorkloadImage:
+              target: Optional[str] = None, released: bool = False, model: Optional[str] = None) -> WorkloadImage:
         """The engine runs local images by ID: built here (and pushed too when released), or pulled by digest
         (from the stage's registry when released)."""
         after = list(self.registry) if released else None
         if isinstance(source, ImageSource) and source.build is not None:
             built = build_image(resource_name, parent=parent, stack=self.stack, image=image, context=source.build,
                                 settings=self.builds, target=target, push=self.push if released else None,
-                                push_after=after)
+                                push_after=after, model=model)
             return WorkloadImage(runs=built.image_id, digest=built.repo_digest)
         ref = source.pulled_ref if isinstance(source, ImageSource) else source
         pulled = pulled_image(resource_name, parent=parent, ref=ref, platform=self.builds.platform, depends_on=after)
@@ -395,11 +396,12 @@ class Swarm(Runtime):
             file_uid=APP_UID, file_gid=APP_GID, file_mode=SECRET_FILE_MODE)
 
     def image(self, resource_name: str, *, parent: pulumi.Resource, image: str, source: ImageSource | str,
-              target: Optional[str] = None, released: bool = False) -> WorkloadImage:
+              target: Optional[str] = None, released: bool = False, model: Optional[str] = None) -> WorkloadImage:
         """What any node can pull: a build pushed to the stage's registry, by digest, or the pinned reference."""
         assert self.push is not None, "a swarm stage needs its image registry"
         pullable = pullable_image(resource_name, parent=parent, stack=self.stack, image=image, source=source,
-                                  settings=self.builds, push=self.push, push_after=list(self.registry), target=target)
+                                  settings=self.builds, push=self.push, push_after=list(self.registry), target=target,
+                                  model=model)
         return WorkloadImage(runs=pullable, digest=pullable)
 
     def endpoint(self, deployed: Deployed, publish: Publish) -> pulumi.Output[str]:

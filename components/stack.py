@@ -124,7 +124,8 @@ class MLOpsStack(pulumi.ComponentResource):
         if spec.release is not None or spec.builds_workloads:
             training = TrainingEnvironment(f"{stack}-training", {
                 "runtime": runtime, "spec": spec.training,
-                "promoted_image": spec.release.images.training if spec.release else None}, opts=child)
+                "promoted_image": spec.release.images.training if spec.release else None,
+                "model": spec.release.model.name if spec.release else None}, opts=child)
             self.training_image = training.image_ref
             self.training_image_digest = training.image_digest
         if spec.release is not None:

@@ -1,4 +1,5 @@
-"""Training: the image, built from locked dependencies in dev and experiments and pulled by digest elsewhere,
+"""Training: the model's image (the platform's runner with the model project on top, components/images.py), built
+from locked dependencies in dev and experiments and pulled by digest elsewhere,
 and the run `mlops train` starts in it (on one host a `docker run`, on a swarm a one-shot job)."""
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ class TrainingEnvironmentArgs(TypedDict):
     """Whose registry a built image is pushed to and a promoted one pulled from."""
     spec: TrainingSpec
     promoted_image: Optional[str]
+    model: Optional[str]
+    """The model whose training image a building stage builds (its project on the platform image); None: the
+    platform image alone, for a stage with no model yet."""
 
 
 class TrainingEnvironment(pulumi.ComponentResource):
@@ -45,7 +49,8 @@ class TrainingEnvironment(pulumi.ComponentResource):
         registry = list(runtime.registry)
         if spec.build is not None:
             image = build_image(f"{name}-image", parent=self, stack=runtime.stack, image="training",
-                                context=spec.build, settings=runtime.builds, push=runtime.push, push_after=registry)
+                                context=spec.build, settings=runtime.builds, push=runtime.push, push_after=registry,
+                                model=args["model"])
             self.image_ref = image.image_name
             self.image_digest = image.repo_digest
         else:

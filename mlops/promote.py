@@ -27,7 +27,7 @@ from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 
-from components.images import BuildSettings, content_tag
+from components.images import BuildSettings, model_image_repository
 from mlops import credentials, gitrepo, rollout
 from mlops.imagecopy import RegistryError, StageRegistry, copy_image, manifest_digest
 from mlops.modelstore import BasicAuth, MlflowStore, ModelStore, ModelVersion, StoreError
@@ -315,8 +315,10 @@ class Promoter:
         return StageRegistry(where=reach.where("image registry"), address=address,
                              username=spec.image_registry.username, password=_secret(self.password_for, spec.stage))
 
-    def _source_images(self, source: StageSpec, promoted: ReleaseImages, target: StageSpec) -> tuple[ImageCopy, ...]:
-        """Each image of the source's release (`promoted`), with its digest as the source registry serves it."""
+    def _source_images(self, source: StageSpec, promoted: ReleaseImages, model: str,
+                       target: StageSpec) -> tuple[ImageCopy, ...]:
+        """Each image of the source's release (`promoted`) of `model`, with its digest as the source registry serves
+        it."""
         registry = self.image_registry(source)
         # Only building stages (dev, experiments) have no server to pin under, and none is promoted into.
         assert target.image_registry_server is not None, target.stage
@@ -327,12 +329,12 @@ class Promoter:
             if ref is not None:
                 repository, digest = _repository_of(source, f"release.images.{role}", ref)
                 manifest_digest(registry, repository, digest)
-            else:  # a building stage (dev) promotes what its build pushed, found by the content tag
+            else:  # a building stage (dev) promotes its model's images its build pushed, found by the content tag
                 context, build_target = built[role]
                 # The stage rules pin promoted stages' images by digest, so a source without one builds them.
                 assert context is not None, (source.stage, role)
-                repository = f"{source.stage}/{role}"
-                tag = content_tag(context, BuildSettings.of(source), build_target)
+                repository, tag = model_image_repository(source.stage, role, context, BuildSettings.of(source),
+                                                         model, build_target)
                 try:
                     digest = manifest_digest(registry, repository, tag)
                 except RegistryError as err:
@@ -366,7 +368,7 @@ class Promoter:
         try:
             model = _fetch_source_model(source, promoted.model, self.model_store(source), version)
             _check_gates(model, target)
-            images = self._source_images(source, promoted.images, target)
+            images = self._source_images(source, promoted.images, promoted.model.name, target)
             self.image_registry(target)  # its address and password, before anything is copied
             target_store = self.model_store(target)
             try:

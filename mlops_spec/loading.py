@@ -17,25 +17,31 @@ from mlops_spec.yamlsource import YamlSource, deep_merge, load_yaml_source
 BASE_FILE = "base.yaml"
 
 
-def _spec_error_from_validation(err: ValidationError, source: YamlSource) -> SpecError:
+def spec_error_from_validation(err: ValidationError, source: YamlSource, root: type[BaseModel] = StageSpec) -> SpecError:
+    """The first problem pydantic found in `source`'s data, validated as `root`, as one SpecError."""
     first = err.errors(include_url=False)[0]
     path = tuple(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         parent = first["loc"][:-1]
-        message = f"unknown key '{excerpt(path[-1])}'; allowed here: {', '.join(_allowed_keys(parent))}"
+        message = f"unknown key '{excerpt(path[-1])}'; allowed here: {', '.join(_allowed_keys(root, parent))}"
     elif first["type"] == "literal_error" or "Input should be" in message:
         message = f"{message} (got {excerpt(repr(first.get('input')))})"
     file, line = source.locate(path)
     return SpecError(file=file, field=".".join(excerpt(part) for part in path), message=message, line=line)
 
 
-def _allowed_keys(parent_loc: tuple) -> list[str]:
-    model: Any = StageSpec
+def _keys(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's fields by the key a file writes them as: the alias where there is one."""
+    return {field.alias or name: field for name, field in model.model_fields.items()}
+
+
+def _allowed_keys(root: type[BaseModel], parent_loc: tuple) -> list[str]:
+    model: Any = root
     for part in parent_loc:
         if isinstance(part, int):
             continue
-        field = model.model_fields.get(part)
+        field = _keys(model).get(part)
         if field is None:
             break
         annotation = field.annotation
@@ -43,7 +49,7 @@ def _allowed_keys(parent_loc: tuple) -> list[str]:
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 model = candidate
                 break
-    return sorted(model.model_fields)
+    return sorted(_keys(model))
 
 
 def build_spec(stage: str, data: dict, source: YamlSource) -> StageSpec:
@@ -51,7 +57,7 @@ def build_spec(stage: str, data: dict, source: YamlSource) -> StageSpec:
     try:
         spec = StageSpec.model_validate({**data, "stage": stage})
     except ValidationError as err:
-        raise _spec_error_from_validation(err, source) from None
+        raise spec_error_from_validation(err, source) from None
     broken = check_invariants(spec)
     if broken:
         path, message = broken[0]

@@ -17,6 +17,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 clone's tests and benchmarks find its files by it; commands never do: they work on `project_root()`, the
 project they are run in, which may be another clone or worktree."""
 ENVIRONMENTS_DIR = REPO_ROOT / SPECS_FOLDER
+MODELS_FOLDER = "models"
+MODEL_PROJECT_FILE = "mlops-model.yaml"
 # Folders of the project, named plainly: no absolute path, no `..`, nothing hidden.
 BUILD_CONTEXT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 MAX_BUILD_CONTEXT = 200
@@ -76,3 +78,8 @@ def build_context_problem(context: str) -> Optional[str]:
     if not (project_root() / context / "Dockerfile").is_file():
         return f"build context '{context}' has no Dockerfile"
     return None
+
+
+def model_project_file(model: str) -> Path:
+    """Where the project file of model `model` is (docs/models.md), relative to the project worked on."""
+    return Path(MODELS_FOLDER) / model / MODEL_PROJECT_FILE

@@ -5,7 +5,7 @@ from typing import Optional
 
 from mlops_spec.errors import excerpt
 from mlops_spec.models import DIGEST_REF, ImageSource, StageSpec, SwarmSpec
-from mlops_spec.project import build_context_problem
+from mlops_spec.project import build_context_problem, model_project_file, project_root
 
 
 def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
@@ -20,6 +20,10 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
     elif spec.promote_from == spec.stage:
         broken.append(("promote_from", f"{spec.stage} cannot be promoted from itself"))
     if spec.builds_workloads:
+        if spec.release is not None and not (project_root() / model_project_file(spec.release.model.name)).is_file():
+            broken.append(("release.model.name", f"{spec.kind} stages build the model's images from its project, and "
+                                                 f"{model_project_file(spec.release.model.name)} does not exist; add "
+                                                 "the project (docs/models.md) or name a model that has one"))
         for path, context in (("training.build", spec.training.build), ("serving.build", spec.serving.build)):
             if context is None:
                 broken.append((path, f"{spec.kind} stages build their workload images: set a build context"))

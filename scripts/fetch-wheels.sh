@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Downloads exactly the wheels pinned in images/<name>/requirements.lock into images/<name>/wheels/, for the
+# Downloads exactly the wheels pinned in images/<name>/requirements.lock (or a model project's,
+# models/<name>/requirements.lock) into that folder's wheels/, for the
 # images' interpreter (CPython 3.11, manylinux x86_64) rather than the host's, so image builds install
 # with `pip install --no-index --require-hashes` and never touch the network.
 # Quick when nothing changed: wheels/SHA256SUMS records the lock it was fetched for and every wheel's hash.
-# Usage: scripts/fetch-wheels.sh images/<name>
+# Usage: scripts/fetch-wheels.sh images/<name>|models/<name>
 set -euo pipefail
-context="${1:?usage: scripts/fetch-wheels.sh images/<name>}"
+context="${1:?usage: scripts/fetch-wheels.sh images/<name>|models/<name>}"
 context="${context%/}"
 lock="$context/requirements.lock"
 wheels="$context/wheels"

@@ -40,12 +40,14 @@ def private_copy_of_dev(name: str, ports: dict[str, int]) -> dict:
 
 
 def fetch_build_inputs() -> None:
-    """What the image builds install offline, as `make wheels` fetches it: the wheels of every hashed lock and
-    the pinned Debian packages (images/prometheus). Quick when they are current."""
+    """What the image builds install offline, as `make wheels` fetches it: the wheels of every hashed lock (the
+    platform images' and the model projects') and the pinned Debian packages (images/prometheus). Quick when they
+    are current."""
     from mlops_spec.project import REPO_ROOT
 
-    for script, lock in (("fetch-wheels.sh", "requirements.lock"), ("fetch-debs.sh", "packages.lock")):
-        for found in sorted(REPO_ROOT.glob(f"images/*/{lock}")):
+    for script, patterns in (("fetch-wheels.sh", ("images/*/requirements.lock", "models/*/requirements.lock")),
+                             ("fetch-debs.sh", ("images/*/packages.lock",))):
+        for found in sorted(path for pattern in patterns for path in REPO_ROOT.glob(pattern)):
             subprocess.run([str(REPO_ROOT / "scripts" / script), str(found.parent.relative_to(REPO_ROOT))],
                            cwd=REPO_ROOT, check=True, capture_output=True)
 

@@ -49,6 +49,7 @@ images the fixture tagged or pulled).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import tarfile
@@ -58,7 +59,8 @@ import uuid
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Iterator
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Optional
 
 import docker
 import pulumi
@@ -269,8 +271,13 @@ class StageOnEngine:
         # the tests' inner engines alike. The Docker SDK's `images.build` has no `version` parameter, and the
         # CLI builds with BuildKit only where its client allows (20.10 does; 23+ needs the buildx plugin).
         build, name = inputs["build"], inputs["imageName"]
-        context = REPO_ROOT / build["context"]
-        params = {"t": name, "dockerfile": (REPO_ROOT / build["dockerfile"]).relative_to(context).as_posix(),
+        context, dockerfile = REPO_ROOT / build["context"], REPO_ROOT / build["dockerfile"]
+        # A Dockerfile outside the context goes into the tar under a name of its own, as the provider does
+        # (provider/image.go: docker/cli's AddDockerfileToBuildContext, `.dockerfile.<random>`).
+        in_context = dockerfile.is_relative_to(context)
+        sent_dockerfile = (dockerfile.relative_to(context).as_posix() if in_context
+                           else f".dockerfile.{hashlib.sha256(dockerfile.read_bytes()).hexdigest()[:20]}")
+        params = {"t": name, "dockerfile": sent_dockerfile,
                   "version": BUILDER_VERSIONS[build.get("builderVersion", "BuilderBuildKit")],
                   "platform": build.get("platform"), "target": build.get("target"),
                   "buildargs": json.dumps(build.get("args", {}))}
@@ -282,7 +289,7 @@ class StageOnEngine:
             api._raise_for_status(response)
             return api._stream_helper(response, decode=True)
 
-        with _context_tar(context) as body:
+        with _context_tar(context, None if in_context else (dockerfile, sent_dockerfile)) as body:
             for _ in _engine_stream(f"build of {name}", build_stream):
                 pass
         self.references.append(name)
@@ -538,9 +545,10 @@ def _engine_stream(action: str, start: Callable[[], Iterator[dict[str, Any]]]) -
         raise DeployFailed(f"{action} failed: {error.explanation or error}") from None
 
 
-def _context_tar(context) -> IO[bytes]:
+def _context_tar(context, outside_dockerfile: Optional[tuple[Path, str]] = None) -> IO[bytes]:
     """The build context as the provider sends it: the files `.dockerignore` lets through (the same
-    selection as the content tag), the Dockerfile and `.dockerignore` always, owned by root."""
+    selection as the content tag), the Dockerfile and `.dockerignore` always, owned by root; a Dockerfile
+    from outside the context added under the name given with it."""
     files = set(context_files(context)) | {path for path in (context / "Dockerfile", context / ".dockerignore")
                                           if path.is_file()}
     folders = {parent for path in files for parent in path.relative_to(context).parents if parent.name}
@@ -548,13 +556,15 @@ def _context_tar(context) -> IO[bytes]:
     with tarfile.open(fileobj=body, mode="w") as tar:
         # Whole-second mtimes keep plain ustar headers: BuildKit sniffs the upload for a tar header and
         # would read a leading PAX header (which fractional mtimes need) as a Dockerfile.
-        for relative in sorted(folders) + sorted(path.relative_to(context) for path in files):
-            info = tar.gettarinfo(context / relative, arcname=relative.as_posix())
+        entries = [(context / relative, relative.as_posix())
+                   for relative in sorted(folders) + sorted(path.relative_to(context) for path in files)]
+        for source, arcname in entries + ([outside_dockerfile] if outside_dockerfile else []):
+            info = tar.gettarinfo(source, arcname=arcname)
             info.uid = info.gid = 0
             info.uname = info.gname = ""
             info.mtime = int(info.mtime)
             if info.isfile():
-                with (context / relative).open("rb") as content:
+                with source.open("rb") as content:
                     tar.addfile(info, content)
             else:
                 tar.addfile(info)

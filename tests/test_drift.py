@@ -19,7 +19,8 @@ from mlops_spec.project import REPO_ROOT
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
 sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
 from mlops_training.profile import reference_profile  # noqa: E402
-from mlops_training.train import TrainingRequest, train  # noqa: E402
+from mlops_training.project import load_project  # noqa: E402
+from mlops_training.runner import TrainingRequest, train  # noqa: E402
 from serving.app import InferenceApp  # noqa: E402
 from serving.drift import MIN_ROWS, DriftMonitor, ProfileError  # noqa: E402
 from serving.registry import MlflowRegistry, ModelPin  # noqa: E402
@@ -40,7 +41,8 @@ def iris():
 @pytest.fixture
 def monitored(iris):
     model, features, labels = iris
-    drift = DriftMonitor(reference_profile(features, labels, load_iris().feature_names), 4, WINDOW)
+    drift = DriftMonitor(reference_profile(features, [str(label) for label in labels], load_iris().feature_names,
+                                              "classification"), 4, WINDOW)
     return InferenceApp(model, name="iris-classifier", version="3", sha256="ab" * 32, drift=drift)
 
 
@@ -64,14 +66,15 @@ def send(app: InferenceApp, rows: np.ndarray, batch: int = 50) -> None:
 
 
 def test_a_training_run_records_the_reference_profile_in_its_manifest(tmp_path):
-    manifest = json.loads(train(TrainingRequest(), tmp_path).manifest_path.read_text())
+    project = load_project(REPO_ROOT / "models" / "iris-classifier")
+    manifest = json.loads(train(project, TrainingRequest(), tmp_path).manifest_path.read_text())
     profile = manifest["reference_profile"]
     assert [feature["name"] for feature in profile["features"]] == load_iris().feature_names
     for feature in profile["features"]:
         assert feature["edges"] == sorted(set(feature["edges"]))
         assert len(feature["proportions"]) == len(feature["edges"]) + 1
         assert sum(feature["proportions"]) == pytest.approx(1, abs=1e-5)
-    assert profile["rows"] == manifest["inputs"]["train_samples"]
+    assert profile["rows"] == manifest["inputs"]["rows"]
     assert set(profile["class_shares"]) == {"0", "1", "2"}
     assert sum(profile["class_shares"].values()) == pytest.approx(1, abs=1e-5)
 
@@ -129,7 +132,7 @@ def test_predictions_are_counted_by_value_next_to_the_training_class_balance(mon
 
 def test_a_profile_that_does_not_fit_the_model_is_refused(iris):
     _, features, labels = iris
-    profile = reference_profile(features[:, :3], labels, ["a", "b", "c"])
+    profile = reference_profile(features[:, :3], [str(label) for label in labels], ["a", "b", "c"], "classification")
     with pytest.raises(ProfileError, match="describes 3 features, the model takes 4"):
         DriftMonitor(profile, 4, WINDOW)
     with pytest.raises(ProfileError, match="malformed"):
@@ -144,7 +147,8 @@ def test_without_drift_scoring_the_replica_exports_no_drift_series(iris):
 
 def test_the_scores_are_the_psi_of_exactly_the_last_window_rows(iris):
     _, features, labels = iris
-    profile = reference_profile(features, labels, load_iris().feature_names)
+    profile = reference_profile(features, [str(label) for label in labels], load_iris().feature_names,
+                                              "classification")
     drift = DriftMonitor(profile, 4, WINDOW)
     rng = np.random.default_rng(3)
     rows = features[rng.integers(0, len(features), 2000)] + rng.normal(0, 0.3, (2000, 4)).cumsum(axis=0) / 100

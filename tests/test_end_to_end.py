@@ -21,8 +21,7 @@ from sklearn.datasets import load_iris
 from mlops.modelstore import BasicAuth
 from mlops_spec.contract import MLFLOW_PASSWORD, READER, derived_password, secret_variable
 from mlops_spec.loading import load_stages
-from mlops_spec.project import REPO_ROOT
-from tests.conftest import free_port, private_copy_of_dev
+from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
 
 pytestmark = pytest.mark.docker
@@ -37,6 +36,11 @@ def http_json(url: str, body: dict | None = None, auth: BasicAuth | None = None)
         return json.loads(response.read())
 
 
+# What dev declares before its first training run: the model its images are built from, whose newest version it
+# serves once there is one (until then its replicas wait, unpinned).
+FOLLOW_THE_NEWEST = {"model": {"name": "iris-classifier", "version": "latest"}}
+
+
 def write_stage(environments, stage: str, ports: dict[str, int], release: dict | None) -> None:
     spec = private_copy_of_dev(stage, ports)
     spec["serving"]["replicas"] = 2
@@ -47,12 +51,10 @@ def write_stage(environments, stage: str, ports: dict[str, int], release: dict |
 
 @pytest.fixture
 def stage_on_engine(docker_engine, environments, monkeypatch):
-    for lock in sorted(REPO_ROOT.glob("images/*/requirements.lock")):
-        subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), str(lock.parent.relative_to(REPO_ROOT))],
-                       cwd=REPO_ROOT, check=True, capture_output=True)
+    fetch_build_inputs()
     stage = f"t-e2e-{uuid.uuid4().hex[:6]}"
     ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
-    write_stage(environments, stage, ports, release=None)
+    write_stage(environments, stage, ports, release=FOLLOW_THE_NEWEST)
     engine = StageOnEngine(stack=stage, spec=load_stages([stage], environments)[0],
                            registry_password=uuid.uuid4().hex)
     # `mlops train` reads the stage's MLflow secret as CI provides it.
@@ -81,7 +83,7 @@ def train(stage: str, environments, *args: str) -> dict[str, str]:
 def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
     stage, environments, ports, deploy, mlflow_password = stage_on_engine
     reader = BasicAuth(READER, derived_password(mlflow_password, READER))
-    engine = deploy(release=None)
+    engine = deploy(release=FOLLOW_THE_NEWEST)
     assert engine.client.containers.get(f"{stage}-model-registry").attrs["State"]["Health"]["Status"] == "healthy"
 
     first = train(stage, environments, "--subset", "0.5")

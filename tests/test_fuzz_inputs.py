@@ -77,7 +77,7 @@ def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz") / "project"
     root.mkdir()
     shutil.copy2(CHECKOUT / "Pulumi.yaml", root / "Pulumi.yaml")
-    for folder in ("environments", "images"):
+    for folder in ("environments", "images", "models"):
         shutil.copytree(CHECKOUT / folder, root / folder, ignore=shutil.ignore_patterns("wheels", "__pycache__"))
     git = ["git", "-C", str(root), "-c", "user.name=fuzz", "-c", "user.email=fuzz@example.invalid"]
     subprocess.run([*git, "init", "--quiet"], check=True)
@@ -298,14 +298,19 @@ def test_stage_file_edited_anywhere(project, shipped, name, data):
 @given(model_name=st.one_of(st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,70}", fullmatch=True), ARGUMENT_TEXT))
 @example(model_name="iris-classifier\n")
 @example(model_name="x" * 64)
+@example(model_name="diabetes-regressor")
 def test_model_names(project, shipped, model_name):
     dev = yaml.safe_load(shipped["dev.yaml"])
     dev["release"]["model"]["name"] = model_name
     write_stage_file(project, shipped, "dev.yaml", yaml.safe_dump(dev, allow_unicode=False).encode())
     outcome = run(project, "validate", "dev")
     assert_verdict(outcome, names=f"error: {project / 'environments'}/dev.yaml")
-    valid = re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,63}", model_name) is not None
-    assert (outcome.code == 0) == valid, outcome.err
+    well_formed = re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,63}", model_name) is not None
+    # dev builds the model's images from its project, so a well-formed name must also name a project.
+    has_project = well_formed and (project / "models" / model_name / "mlops-model.yaml").is_file()
+    assert (outcome.code == 0) == has_project, outcome.err
+    if well_formed and not has_project:
+        assert f"models/{model_name}/mlops-model.yaml does not exist" in outcome.err
 
 
 # --- command-line arguments -------------------------------------------------------------------------------

@@ -415,19 +415,21 @@ def test_labelled_samples_become_a_dataset_that_a_training_run_names_and_profile
                           .files["manifest.json"])
     inputs = manifest["inputs"]
     assert (inputs["dataset"], inputs["dataset_sha256"]) == (name[1], name[1][:-4])
-    assert inputs["train_samples"] + inputs["held_out_samples"] == len(samples)
-    # The reference profile is the dataset's: computed here from the same file, split and seed as the run's.
+    assert inputs["rows"] == len(samples)
+    # The reference profile is the dataset's: computed here from the same file as the run's.
     sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
     from mlops_training import datasets  # noqa: PLC0415 - the training image's package, on its own path
-    from mlops_training.train import TrainingRequest  # noqa: PLC0415
-    from mlops_training.train import train as train_in_process
+    from mlops_training.project import load_project  # noqa: PLC0415
+    from mlops_training.runner import TrainingRequest  # noqa: PLC0415
+    from mlops_training.runner import train as train_in_process
 
+    iris = load_project(REPO_ROOT / "models" / "iris-classifier")
     local = tmp_path / "datasets"
     local.mkdir()
-    assert datasets.add(labelled.read_bytes(), local)[0] == name[1]
-    expected = train_in_process(TrainingRequest(dataset="latest"), tmp_path / "local-run", local).manifest
+    assert datasets.add(labelled.read_bytes(), datasets.RowRules.of(iris), local)[0] == name[1]
+    expected = train_in_process(iris, TrainingRequest(dataset="latest"), tmp_path / "local-run", local).manifest
     assert manifest["reference_profile"] == expected["reference_profile"]
-    assert manifest["reference_profile"]["rows"] == inputs["train_samples"]
+    assert manifest["reference_profile"]["rows"] == inputs["rows"]
 
 
 @pytest.mark.docker

@@ -40,6 +40,19 @@ INTENDED_CHANGES: dict[str, tuple[str, set[str]]] = {
 }
 """resource name without its stack -> (why, field paths as `mlops diff` names them) that changed on purpose since
 BASE; only these may be replaced."""
+MODEL_IMAGES = "a building stage (dev, cluster) runs its model's images (issue 17, components/images.py)"
+MODEL_IMAGES_ADDED = {"training-image-model", "training-image-model-push", "serving-image-model",
+                      "serving-image-model-push"}
+"""Resources a building stage gained on purpose since BASE (MODEL_IMAGES): each platform image (`*-image`, unchanged)
+gets the model project's layer on top, built locally and pushed."""
+MODEL_IMAGES_REMOVED = {"training-image-push", "serving-image-push"}
+"""...and lost: the platform image is no longer pushed, its model layer is."""
+INTENDED_CHANGES |= {
+    **{f"serving-{slot}-{index}": (MODEL_IMAGES, {"image"}) for slot in ("blue", "green") for index in range(2)},
+    **{f"serving-{slot}": (f"{INTENDED_CHANGES[f'serving-{slot}'][0]}; {MODEL_IMAGES}",
+                           {*INTENDED_CHANGES[f"serving-{slot}"][1], "taskSpec.containerSpec.image"})
+       for slot in ("blue", "green")},
+}
 
 
 def intended(change, stack: str) -> set[str]:
@@ -69,8 +82,9 @@ def before_and_after(tmp_path_factory) -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("variant", [*VARIANTS, EXPERIMENT])
 def test_every_resource_keeps_its_urn_inputs_and_dependencies(variant, before_and_after):
-    before, after = before_and_after[0][variant], before_and_after[1][variant]
     stack = VARIANTS[variant][0] if variant in VARIANTS else EXPERIMENT
+    before = [r for r in before_and_after[0][variant] if r.name.removeprefix(f"{stack}-") not in MODEL_IMAGES_REMOVED]
+    after = [r for r in before_and_after[1][variant] if r.name.removeprefix(f"{stack}-") not in MODEL_IMAGES_ADDED]
     changes, unchanged = compare(before, after, stack, stack)
     moved = [(change.status, change.action, change.name, change.replace_fields) for change in changes
              if change.action in ("create", "delete") or (change.action == "replace"
@@ -82,6 +96,7 @@ def test_every_resource_keeps_its_urn_inputs_and_dependencies(variant, before_an
                              for path in intended(change, stack))]
     assert unintended == [], f"{variant}: inputs that changed since {BASE}"
     # The same parent chain (so the same URN) and the same order of creation.
+    # Workloads that depended on a platform image depend on its model layer now (MODEL_IMAGES).
     assert [(r.type, r.name, r.parent, r.dependencies) for r in before] == \
-           [(r.type, r.name, r.parent, r.dependencies) for r in after]
+           [(r.type, r.name, r.parent, tuple(d.replace("-image-model", "-image") for d in r.dependencies)) for r in after]
     assert unchanged + len(changes) == len(after)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import bcrypt
 import pulumi
@@ -47,7 +48,7 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
         "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 4,
         "mlops:model_registry:ModelRegistry": 1, "mlops:image_registry:ImageRegistry": 1,
         "mlops:training_environment:TrainingEnvironment": 1, "mlops:model_serving:ModelServing": 1,
-        IMAGE: 7, CONTAINER: 4,
+        IMAGE: 9, CONTAINER: 4,
     })
     named = by_name(resources)
     assert named["dev-training-image"].parent == "dev-training"
@@ -55,14 +56,26 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
     assert named["dev-serving-gateway"].parent == "dev-serving"
     assert named["dev-model-registry-server"].parent == "dev-model-registry"
     assert {r.parent for r in resources if r.type.startswith("mlops:") and r.type != "mlops:stack:MLOpsStack"} == {"dev"}
-    # Workload images are pushed to dev's own registry; the serving image is built for the chosen runtime.
-    assert named["dev-training-image-push"].inputs["imageName"].startswith("localhost:5001/dev/training:")
+    # The workload images are the model's: its project on the platform image, which stays local; the model's
+    # images are pushed to dev's own registry; the serving image is built for the chosen runtime.
+    assert "dev-training-image-push" not in named and "dev-serving-image-push" not in named
+    assert named["dev-training-image-model-push"].inputs["imageName"].startswith(
+        "localhost:5001/dev/iris-classifier-training:")
+    for role in ("training", "serving"):
+        platform, model = named[f"dev-{role}-image"], named[f"dev-{role}-image-model"]
+        assert model.inputs["build"]["context"] == "models/iris-classifier"
+        assert model.inputs["build"]["dockerfile"] == "images/model/Dockerfile"
+        assert model.inputs["build"]["args"] == {"PLATFORM_IMAGE": platform.inputs["imageName"],
+                                                 "MODEL_NAME": "iris-classifier"}
+        assert f"dev-{role}-image" in model.dependencies
     # Containers run the local build of the same inputs and never wait for the push.
     assert named["dev-training-image"].inputs["skipPush"] is True
+    assert named["dev-training-image-model"].inputs["skipPush"] is True
     replica = named["dev-serving-blue-0"]
-    assert "dev-serving-image" in replica.dependencies and "dev-serving-image-push" not in replica.dependencies
-    assert named["dev-serving-image-push"].inputs["build"] == named["dev-serving-image"].inputs["build"]
-    assert "dev-image-registry-server" in named["dev-serving-image-push"].dependencies
+    assert "dev-serving-image-model" in replica.dependencies
+    assert "dev-serving-image-model-push" not in replica.dependencies
+    assert named["dev-serving-image-model-push"].inputs["build"] == named["dev-serving-image-model"].inputs["build"]
+    assert "dev-image-registry-server" in named["dev-serving-image-model-push"].dependencies
     assert named["dev-serving-image"].inputs["build"]["target"] == "oip"
     assert named["dev-serving-image"].inputs["build"]["context"] == "images/serving"
     assert label_map(named["dev-serving-blue-0"])["mlops.model-version"] == "latest"
@@ -236,7 +249,7 @@ def test_the_stage_secrets_are_secret_everywhere(stage, released_environments):
     assert named[f"{stage}-model-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
     assert named[f"{stage}-serving-blue-0"].inputs["envs"] == plan.SECRET_PLACEHOLDER
     if stage == "dev":
-        assert named["dev-training-image-push"].inputs["registry"] == plan.SECRET_PLACEHOLDER
+        assert named["dev-training-image-model-push"].inputs["registry"] == plan.SECRET_PLACEHOLDER
 
 
 def test_each_container_gets_only_the_mlflow_credential_it_needs(released_environments):
@@ -346,16 +359,25 @@ def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp
     from components import images
     from mlops_spec.project import REPO_ROOT
 
-    shutil.copytree(REPO_ROOT / "images", tmp_path / "images", ignore=shutil.ignore_patterns("wheels"))
+    for folder in ("images", "models"):
+        shutil.copytree(REPO_ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("wheels"))
     monkeypatch.setattr(images, "project_root", lambda: tmp_path)
-    before = {r.name: r.inputs for r in render("dev")}
-    assert before == {r.name: r.inputs for r in render("dev")}, "an unchanged context must change nothing"
-    (tmp_path / "images" / "serving" / "Dockerfile").write_text(
-        (tmp_path / "images" / "serving" / "Dockerfile").read_text() + "\n# a change\n")
-    after = {r.name: r.inputs for r in render("dev")}
-    changed = sorted(name for name in before if before[name] != after[name])
-    assert changed == ["dev-serving-blue-0", "dev-serving-image", "dev-serving-image-push"]
-    assert before["dev-serving-blue-0"]["image"] != after["dev-serving-blue-0"]["image"]
+
+    def changed_by(edited: Path) -> list[str]:
+        before = {r.name: r.inputs for r in render("dev")}
+        assert before == {r.name: r.inputs for r in render("dev")}, "an unchanged context must change nothing"
+        edited.write_text(edited.read_text() + "\n# a change\n")
+        after = {r.name: r.inputs for r in render("dev")}
+        assert before["dev-serving-blue-0"]["image"] != after["dev-serving-blue-0"]["image"]
+        return sorted(name for name in before if before[name] != after[name])
+
+    # The platform's serving image, and the model's serving image on it.
+    assert changed_by(tmp_path / "images" / "serving" / "Dockerfile") == [
+        "dev-serving-blue-0", "dev-serving-image", "dev-serving-image-model", "dev-serving-image-model-push"]
+    # The model's project: both of its images, not the platform's.
+    assert changed_by(tmp_path / "models" / "iris-classifier" / "iris_model" / "train.py") == [
+        "dev-serving-blue-0", "dev-serving-image-model", "dev-serving-image-model-push",
+        "dev-training-image-model", "dev-training-image-model-push"]
 
 
 def test_the_pulumi_entry_point_declares_what_plan_renders():

@@ -17,7 +17,7 @@ import pytest
 from mlops import cli
 
 CHECKOUT = Path(__file__).resolve().parent.parent
-PROJECT_FILES = ("Pulumi.yaml", "environments", "images")
+PROJECT_FILES = ("Pulumi.yaml", "environments", "images", "models")
 SHIPPED_COST_CENTRE = "cost_centre: cc-ml-0002"
 OTHER_COST_CENTRE = "cost_centre: cc-ml-0999"
 
@@ -28,7 +28,7 @@ def mlops(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def copy_project(destination: Path) -> Path:
-    """The files a command reads from a project: Pulumi.yaml, the specs and the build contexts."""
+    """The files a command reads from a project: Pulumi.yaml, the specs, the build contexts and the model projects."""
     destination.mkdir()
     for name in PROJECT_FILES:
         source = CHECKOUT / name

@@ -20,7 +20,7 @@ import pytest
 from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
-from components.images import BuildSettings, content_tag
+from components.images import BuildSettings, model_image_repository
 from mlops import promote
 from mlops.cli import app
 from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
@@ -446,8 +446,8 @@ def dev_and_staging(tmp_path, registries, image_registry, monkeypatch):
     dev = load_stage("dev", environments)
     pushed = {}
     for role, target in (("training", None), ("serving", dev.serving.runtime)):
-        tag = content_tag(f"images/{role}", BuildSettings.of(dev), target)
-        pushed[role] = push_stand_in(f"localhost:{dev_port}/dev/{role}:{tag}", dev_config, tmp_path / role)
+        repository, tag = model_image_repository("dev", role, f"images/{role}", BuildSettings.of(dev), MODEL_NAME, target)
+        pushed[role] = push_stand_in(f"localhost:{dev_port}/{repository}:{tag}", dev_config, tmp_path / role)
     yield environments, pushed, (version, sha256), staging_port, staging_password
     for name, _ in pushed.values():
         subprocess.run(["docker", "rmi", name], capture_output=True)
@@ -522,6 +522,6 @@ def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, ima
     result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--environments",
                                       str(environments)])
     assert result.exit_code == 1
-    assert "dev has no pushed training image dev/training:" in result.output
+    assert f"dev has no pushed training image dev/{MODEL_NAME}-training:" in result.output
     assert "does not have it" in result.output
     assert "run `pulumi up -s dev`" in result.output

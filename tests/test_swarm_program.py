@@ -219,11 +219,13 @@ def test_declared_batching_reaches_each_slots_tasks(cluster):
 
 
 def test_every_node_pulls_workload_and_gateway_images_from_the_stage_registry(cluster):
-    pushed = {name: r.inputs["imageName"] for name, r in cluster.items() if name.endswith("-image-push")}
+    pushed = {name: r.inputs["imageName"] for name, r in cluster.items() if name.endswith("-push")}
+    # The workloads' images are the model's (its project on the platform image, which only the builder keeps).
     assert {name: image.split("/")[0] for name, image in pushed.items()} == {
-        "cluster-serving-image-push": "10.0.0.10:5301", "cluster-serving-gateway-image-push": "10.0.0.10:5301",
-        "cluster-training-image-push": "10.0.0.10:5301", "cluster-monitoring-image-push": "10.0.0.10:5301"}
-    assert "cluster-serving-image-push" in cluster["cluster-serving-blue"].dependencies
+        "cluster-serving-image-model-push": "10.0.0.10:5301", "cluster-serving-gateway-image-push": "10.0.0.10:5301",
+        "cluster-training-image-model-push": "10.0.0.10:5301", "cluster-monitoring-image-push": "10.0.0.10:5301"}
+    assert pushed["cluster-serving-image-model-push"].startswith("10.0.0.10:5301/cluster/iris-classifier-serving:")
+    assert "cluster-serving-image-model-push" in cluster["cluster-serving-blue"].dependencies
     assert "cluster-monitoring-image-push" in cluster["cluster-monitoring-prometheus"].dependencies
     assert "cluster-serving-gateway-image-push" in cluster["cluster-serving-gateway"].dependencies
 

@@ -25,9 +25,12 @@ def run_arguments(spec, image, digest, name, training_args, with_datasets=False)
 def test_dev_runs_the_training_image_the_program_builds():
     spec = load_stages(["dev"])[0]
     built = [resource.inputs["imageName"] for resource in planning.render("dev", spec)
-             if resource.type == "docker:index/image:Image" and "/training:" in resource.inputs["imageName"]]
-    # The local build the stage runs and the copy pushed to dev's registry, which train runs by that name.
+             if resource.type == "docker:index/image:Image"
+             and "/iris-classifier-training:" in resource.inputs["imageName"]]
+    # The model's training image: the local build and the copy pushed to dev's registry, which train runs by
+    # that name.
     assert built[1] == training_image(spec, ENVIRONMENTS_DIR)
+    assert built[1].startswith("localhost:5001/dev/iris-classifier-training:")
     assert built[0].split(":")[-1] == built[1].split(":")[-1], "one content tag: the same build inputs"
 
 

@@ -1,4 +1,5 @@
-"""The training code of images/training, run in-process: deterministic models and clear input errors."""
+"""The training image's runner and datasets tooling, run in-process on the iris project (models/iris-classifier):
+deterministic models and clear input errors."""
 from __future__ import annotations
 
 import csv
@@ -10,16 +11,32 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mlops_spec.project import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
 
-from mlops_training import datasets  # noqa: E402
-from mlops_training.cli import main  # noqa: E402
-from mlops_training.train import TrainingError, TrainingRequest, train  # noqa: E402
+from mlops_training import (
+    datasets,  # noqa: E402
+    runner,  # noqa: E402
+)
+from mlops_training.cli import main as cli_main  # noqa: E402
+from mlops_training.project import load_project  # noqa: E402
+from mlops_training.runner import TrainingError, TrainingRequest  # noqa: E402
+
+IRIS = load_project(REPO_ROOT / "models" / "iris-classifier")
+RULES = datasets.RowRules.of(IRIS)
+FEATURE_NAMES = IRIS.header[:-1]
+
+
+def train(request: TrainingRequest, output_dir, datasets_dir=datasets.DATASETS_DIR) -> runner.TrainingResult:
+    return runner.train(IRIS, request, output_dir, datasets_dir)
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["--project", str(IRIS.directory), *argv])
 
 
 def model_sha256(request: TrainingRequest, output_dir) -> str:
@@ -42,17 +59,16 @@ def test_a_different_input_gives_a_different_model(tmp_path, changed):
             != model_sha256(TrainingRequest(**{**baseline, **changed}), tmp_path / "changed"))
 
 
-def test_subset_trains_on_a_stratified_fraction(tmp_path):
+def test_subset_is_passed_to_the_entrypoint_and_recorded(tmp_path):
     manifest = train(TrainingRequest(subset=0.5), tmp_path).manifest
     inputs = manifest["inputs"]
-    assert inputs["train_samples"] + inputs["held_out_samples"] == 75  # half of iris' 150
-    assert inputs["subset"] == 0.5
+    assert inputs["rows"] == 150 and inputs["subset"] == 0.5
+    assert manifest["outputs"]["model_sha256"] != train(TrainingRequest(), tmp_path / "whole").model_sha256
     assert 0 < manifest["outputs"]["metrics"]["accuracy"] <= 1
 
 
 def test_manifest_records_inputs_environment_and_outputs(tmp_path, monkeypatch):
-    lock = tmp_path / "requirements.lock"
-    lock.write_text("scikit-learn==1.9.1\n")
+    lock = REPO_ROOT / "images" / "training" / "requirements.lock"
     monkeypatch.setenv("TRAINING_LOCK_FILE", str(lock))
     monkeypatch.setenv("TRAINING_IMAGE_DIGEST", "sha256:" + "a" * 64)
     result = train(TrainingRequest(seed=3, params={"max_depth": 3}), tmp_path / "out")
@@ -61,20 +77,19 @@ def test_manifest_records_inputs_environment_and_outputs(tmp_path, monkeypatch):
     assert manifest["inputs"]["params"] == {"max_depth": 3}
     assert manifest["inputs"]["seed"] == 3
     assert len(manifest["inputs"]["data_sha256"]) == len(manifest["inputs"]["code_version"]) == 64
-    assert manifest["environment"] == {"image_digest": "sha256:" + "a" * 64,
-                                       "lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest()}
+    assert manifest["environment"] == {
+        "image_digest": "sha256:" + "a" * 64, "platform_lock_sha256": hashlib.sha256(lock.read_bytes()).hexdigest(),
+        "lock_sha256": hashlib.sha256((IRIS.directory / "requirements.lock").read_bytes()).hexdigest()}
     assert set(manifest["outputs"]["metrics"]) == {"accuracy", "f1_macro"}
+    assert (manifest["task"], manifest["schema"], manifest["model_name"]) == ("classification", IRIS.schema,
+                                                                              "iris-classifier")
 
 
-def test_unknown_param_names_the_allowed_ones():
-    with pytest.raises(TrainingError,
-                       match=r"unknown parameter\(s\) n_trees for RandomForestClassifier; allowed: .*n_estimators"):
-        TrainingRequest(params={"n_trees": 5})
-
-
-def test_invalid_param_value_is_a_training_error(tmp_path):
-    with pytest.raises(TrainingError, match="invalid --param: The 'max_depth' parameter of RandomForestClassifier"):
-        train(TrainingRequest(params={"max_depth": "deep"}), tmp_path)
+def test_an_entrypoint_that_fails_is_a_training_error_and_writes_no_manifest(tmp_path, capfd):
+    with pytest.raises(TrainingError, match=r"iris_model.train exited with code 2; nothing was registered"):
+        train(TrainingRequest(params={"n_trees": 5}), tmp_path)
+    assert "unknown parameter(s) n_trees" in capfd.readouterr().err
+    assert not (tmp_path / "manifest.json").exists()
 
 
 def test_seed_outside_numpy_range_is_rejected():
@@ -89,10 +104,10 @@ def test_subset_outside_the_unit_interval_is_rejected(subset):
 
 
 def test_command_line_prints_one_error_line_and_exits_2(tmp_path, capsys):
+    # The entrypoint's own line goes to the process's stderr (capfd), the runner's one line to sys.stderr.
     assert main(["--output-dir", str(tmp_path), "--param", "n_trees=5"]) == 2
     captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err.count("\n") == 1 and captured.err.startswith("error: unknown parameter(s) n_trees")
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: iris_model.train exited with code 2")
 
 
 def test_command_line_ends_with_a_machine_readable_line(tmp_path, capsys):
@@ -102,7 +117,7 @@ def test_command_line_ends_with_a_machine_readable_line(tmp_path, capsys):
     assert last == f"TRAINED sha256={sha256} output_dir={tmp_path}"
 
 
-HEADER = ",".join([*datasets.FEATURE_NAMES, "label"])
+HEADER = ",".join(IRIS.header)
 
 
 def iris_csv(prediction: bool = False) -> bytes:
@@ -110,19 +125,19 @@ def iris_csv(prediction: bool = False) -> bytes:
     from sklearn.datasets import load_iris
 
     iris = load_iris()
-    header = [*datasets.FEATURE_NAMES, *(["prediction"] if prediction else []), "label"]
+    header = [*FEATURE_NAMES, *(["prediction"] if prediction else []), "label"]
     rows = [[*map(repr, map(float, features)), *([str(label)] if prediction else []), str(label)]
             for features, label in zip(iris.data, iris.target)]
     return "\n".join(",".join(row) for row in [header, *rows]).encode() + b"\n"
 
 
 def test_a_dataset_is_stored_canonically_under_its_sha256_and_listed(tmp_path):
-    name, rows, new = datasets.add(iris_csv(prediction=True), tmp_path)
+    name, rows, new = datasets.add(iris_csv(prediction=True), RULES, tmp_path)
     assert (rows, new) == (150, True)
     stored = tmp_path / name
     assert name == hashlib.sha256(stored.read_bytes()).hexdigest() + ".csv"
     assert stored.read_bytes() == iris_csv(), "the prediction column is dropped"
-    assert datasets.add(iris_csv(), tmp_path) == (name, 150, False), "the same data is the same dataset"
+    assert datasets.add(iris_csv(), RULES, tmp_path) == (name, 150, False), "the same data is the same dataset"
     assert [path.name for path in tmp_path.iterdir()] == [name], "no temporary file is left"
     [listed] = datasets.listing(tmp_path)
     assert (listed["name"], listed["sha256"], listed["rows"]) == (name, name[:-4], 150)
@@ -132,27 +147,26 @@ def test_training_on_a_dataset_names_it_profiles_it_and_stays_deterministic(tmp_
     volume = tmp_path / "datasets"
     volume.mkdir()
     rows = iris_csv().splitlines()
-    older, _, _ = datasets.add(b"\n".join(rows[:1] + rows[1:150:2]) + b"\n", volume)  # every other iris row
-    newest, _, _ = datasets.add(b"\n".join(rows[:1] + rows[2:151:2]) + b"\n", volume)
+    older, _, _ = datasets.add(b"\n".join(rows[:1] + rows[1:150:2]) + b"\n", RULES, volume)  # every other iris row
+    newest, _, _ = datasets.add(b"\n".join(rows[:1] + rows[2:151:2]) + b"\n", RULES, volume)
     os.utime(volume / older, (1, 1))  # added long before
     first = train(TrainingRequest(seed=2, dataset="latest"), tmp_path / "first", volume)
     inputs = first.manifest["inputs"]
     assert (inputs["dataset"], inputs["dataset_sha256"]) == (newest, newest[:-4])
-    assert inputs["train_samples"] + inputs["held_out_samples"] == 75
-    assert first.manifest["reference_profile"]["rows"] == inputs["train_samples"]
+    assert first.manifest["reference_profile"]["rows"] == inputs["rows"] == 75
     again = train(TrainingRequest(seed=2, dataset=newest[:12]), tmp_path / "again", volume)
     assert again.model_sha256 == first.model_sha256 and again.manifest["inputs"]["dataset"] == newest
     other = train(TrainingRequest(seed=2, dataset=older), tmp_path / "other", volume)
     assert other.model_sha256 != first.model_sha256
     assert other.manifest["reference_profile"] != first.manifest["reference_profile"]
     built_in = train(TrainingRequest(seed=2), tmp_path / "built-in").manifest["inputs"]
-    assert built_in["dataset"] == "sklearn.datasets.load_iris" and "dataset_sha256" not in built_in
+    assert built_in["dataset"] == "data/iris.csv" and "dataset_sha256" not in built_in
 
 
 def test_a_changed_or_missing_dataset_is_a_training_error(tmp_path):
     with pytest.raises(TrainingError, match="no dataset on the datasets volume yet"):
         train(TrainingRequest(dataset="latest"), tmp_path / "out", tmp_path)
-    name, _, _ = datasets.add(iris_csv(), tmp_path)
+    name, _, _ = datasets.add(iris_csv(), RULES, tmp_path)
     with pytest.raises(TrainingError, match="--data 'abcdef0123' names no dataset on the datasets volume"):
         train(TrainingRequest(dataset="abcdef0123"), tmp_path / "out", tmp_path)
     (tmp_path / name).write_bytes(iris_csv().replace(b",0\n", b",1\n", 1))
@@ -178,6 +192,7 @@ def test_a_changed_or_missing_dataset_is_a_training_error(tmp_path):
         "too large"])
 def test_a_bad_dataset_is_one_line_exit_2_and_nothing_written(payload, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(datasets, "DATASETS_DIR", tmp_path)
+    monkeypatch.setenv("MODEL_PROJECT_DIR", str(IRIS.directory))
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(payload)))
     assert datasets.main(["add"]) == 2
     captured = capsys.readouterr()
@@ -191,8 +206,8 @@ def test_samples_export_as_csv_with_the_prediction_and_an_empty_label(tmp_path):
         + json.dumps({"time": 2.0, "model": "m", "version": "2", "features": [6.7, 3.0, 5.2, 2.3], "prediction": 2})
         + "\n" + '{"time": 3.0, "mod')  # a line being written: left for the next export
     out = io.StringIO()
-    assert datasets.export_samples(out, tmp_path) == datasets.SamplesExport(written=2, skipped=0, first_skipped="")
-    header = ",".join(f'"{column}"' for column in [*datasets.FEATURE_NAMES, "prediction", "label"])
+    assert datasets.export_samples(out, IRIS, tmp_path) == datasets.SamplesExport(written=2, skipped=0, first_skipped="")
+    header = ",".join(f'"{column}"' for column in [*FEATURE_NAMES, "prediction", "label"])
     assert out.getvalue() == f'{header}\n"5.1","3.5","1.4","0.2","0",""\n"6.7","3.0","5.2","2.3","2",""\n'
 
 
@@ -206,7 +221,7 @@ def test_a_prediction_a_spreadsheet_would_run_as_a_formula_is_exported_as_text_a
            json.dumps({"features": [1, 2, 3], "prediction": 0}), json.dumps({"features": [1e999, 2, 3, 4], "prediction": 0})]
     (tmp_path / "a.jsonl").write_text("\n".join([lines[0], *bad, *lines[1:]]) + "\n")
     out = io.StringIO()
-    export = datasets.export_samples(out, tmp_path)
+    export = datasets.export_samples(out, IRIS, tmp_path)
     assert (export.written, export.skipped) == (len(predictions), len(bad))
     assert export.first_skipped.startswith("a.jsonl:2: JSONDecodeError")
     rows = list(csv.reader(io.StringIO(out.getvalue())))
@@ -217,12 +232,13 @@ def test_a_prediction_a_spreadsheet_would_run_as_a_formula_is_exported_as_text_a
     assert out.getvalue() == every_cell_quoted.getvalue()
     # The export, labelled, is a dataset again: the prediction column is dropped.
     labelled = out.getvalue().replace(',""\n', ',"0"\n')
-    assert datasets.canonical_dataset(labelled.encode())[1] == len(predictions)
+    assert datasets.canonical_dataset(labelled.encode(), RULES)[1] == len(predictions)
 
 
 def test_the_samples_command_says_how_many_lines_it_skipped(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.jsonl").write_text('{"features": [1, 2, 3, 4], "prediction": 0}\nnot json\n')
     monkeypatch.setattr(datasets, "SAMPLES_DIR", tmp_path)
+    monkeypatch.setenv("MODEL_PROJECT_DIR", str(IRIS.directory))
     assert datasets.main(["samples"]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("\n") == 2
@@ -236,24 +252,27 @@ TOKENS = st.one_of(st.sampled_from(["0", "1", "2", "5.1", "-0.5e3", ".5", "1_0",
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(TOKENS, min_size=3, max_size=6), max_size=6), st.booleans())
+# Quoted cells with a line break, in a feature and in the label: the error quotes them on its one line.
+@example([["0", "0", "0", "0\n0", "0"]], False)
+@example([["0", "0", "0", "0", "0\n0"]], False)
 def test_any_file_is_either_refused_in_one_line_or_stored_as_training_reads_it(rows, with_prediction):
-    header = [*datasets.FEATURE_NAMES, *(["prediction"] if with_prediction else []), "label"]
+    header = [*FEATURE_NAMES, *(["prediction"] if with_prediction else []), "label"]
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows([header, *rows])
     try:
-        canonical, count = datasets.canonical_dataset(buffer.getvalue().encode())
+        canonical, count = datasets.canonical_dataset(buffer.getvalue().encode(), RULES)
     except datasets.DatasetError as err:
         assert "\n" not in str(err)
         return
     table = np.loadtxt(io.StringIO(canonical.decode()), delimiter=",", skiprows=1, ndmin=2)
     assert table.shape == (count, 5) and np.isfinite(table).all()
-    assert set(table[:, -1].astype(int).astype(str)) <= set(datasets.CLASSES)
+    assert set(table[:, -1].astype(int).astype(str)) <= set(RULES.classes)
 
 
 def test_the_command_line_says_which_dataset_it_trained_on(tmp_path, capsys):
     """retrain.yml names the dataset in its pull request from this line."""
-    name, _, _ = datasets.add(iris_csv(), tmp_path)
+    name, _, _ = datasets.add(iris_csv(), RULES, tmp_path)
     assert main(["--output-dir", str(tmp_path / "out"), "--data", "latest", "--datasets-dir", str(tmp_path)]) == 0
     assert f"[training] dataset: {name}" in capsys.readouterr().out.splitlines()
     assert main(["--output-dir", str(tmp_path / "iris")]) == 0
-    assert "[training] dataset: sklearn.datasets.load_iris" in capsys.readouterr().out.splitlines()
+    assert "[training] dataset: data/iris.csv" in capsys.readouterr().out.splitlines()

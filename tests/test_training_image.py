@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.images import BuildSettings, built_image_name
+from components.images import MODEL_DOCKERFILE, BuildSettings, built_image_name, model_image_name, model_layer
 from components.workload import http_probe
 from mlops.modelstore import BasicAuth
 from mlops_spec.contract import (
@@ -33,6 +33,7 @@ from mlops_spec.contract import (
 )
 from mlops_spec.models import HealthCheck
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
+from tests.conftest import fetch_build_inputs
 
 pytestmark = pytest.mark.docker
 
@@ -47,11 +48,41 @@ def docker(*args: str, check: bool = True, env: dict[str, str] | None = None) ->
     return subprocess.run(["docker", *args], capture_output=True, text=True, check=check, env=env)
 
 
-def build(context: Path, tag: str) -> list[str]:
+def build(context: Path, tag: str, *options: str, build_args: dict[str, str] | None = None) -> list[str]:
     """Build `context` as `tag`; return the steps that ran instead of coming from the build cache."""
-    built = subprocess.run(["docker", "build", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "-t", tag, str(context)],
+    arguments = [f"--build-arg={key}={value}" for key, value in (build_args or {"BASE_IMAGE": BASE_IMAGE}).items()]
+    built = subprocess.run(["docker", "build", *arguments, *options, "-t", tag, str(context)],
                            check=True, capture_output=True, text=True, env={**os.environ, "BUILDKIT_PROGRESS": "plain"})
     return uncached_steps(built.stdout + built.stderr)
+
+
+def build_model_image(stack: str, model: str, image: str, target: str | None = None) -> tuple[str, str]:
+    """Platform image `image` (at `target`) and model `model`'s layer on it, as the stack builds them
+    (components/images.py): returns (platform image, model image), both by their content-tagged names."""
+    settings = BuildSettings(base_image=BASE_IMAGE, platform="linux/amd64")
+    context = f"images/{image}"
+    layer = model_layer(stack, image, context, settings, model, target)
+    build(REPO_ROOT / context, layer.platform_image, *(["--target", target] if target else []))
+    model_image = model_image_name(stack, image, context, settings, model, target=target)
+    build(REPO_ROOT / layer.context, model_image, "--file", str(REPO_ROOT / MODEL_DOCKERFILE),
+          build_args=layer.build_args)
+    return layer.platform_image, model_image
+
+
+def stage_environments(environments: Path, stack: str, model: str) -> Path:
+    """`environments` with test stage `stack`, which builds its images and trains and serves `model`."""
+    shutil.copytree(ENVIRONMENTS_DIR, environments)
+    (environments / f"{stack}.yaml").write_text(yaml.safe_dump({
+        "kind": "dev",
+        "model_registry": {"port": {"host_port": None}},
+        "image_registry": {"enabled": False, "port": {"host_port": None}},
+        "serving": {"build": "images/serving", "port": {"host_port": None}},
+        "training": {"build": "images/training", "base_image": BASE_IMAGE},
+        "release": {"model": {"name": model, "version": "latest"}},
+        "experiment": {"name": stack, "owner": "tests", "source_stage": "dev",
+                       "created_at": "2026-01-01T00:00:00Z", "expires_at": "2099-01-01T00:00:00Z"},
+    }))
+    return environments
 
 
 def uncached_steps(output: str) -> list[str]:
@@ -65,10 +96,13 @@ def uncached_steps(output: str) -> list[str]:
     return classic + buildkit
 
 
-def mlops_train(stack: TrainingStack, *args: str, secret: str | None = None) -> subprocess.CompletedProcess[str]:
-    """`mlops train` given the stage's MLflow secret as CI gives it (`secret`, default the stage's own)."""
+def mlops_train(stack: TrainingStack, *args: str, secret: str | None = None,
+                environments: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """`mlops train` given the stage's MLflow secret as CI gives it (`secret`, default the stage's own), with the
+    stage's files in `environments` (default: the stack's, which train iris-classifier)."""
     env = {**os.environ, secret_variable(MLFLOW_PASSWORD, stack.name): stack.mlflow_secret if secret is None else secret}
-    return subprocess.run([*MLOPS, "train", "--stage", stack.name, "--environments", str(stack.environments), *args],
+    return subprocess.run([*MLOPS, "train", "--stage", stack.name,
+                           "--environments", str(environments or stack.environments), *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT)
 
 
@@ -108,8 +142,11 @@ class TrainingStack:
     name: str
     environments: Path
     training_image: str
+    """The platform's training image; the stage trains in iris-classifier's image on it."""
     mlflow_url: str
     mlflow_secret: str
+    images: list[str]
+    """Every image the stack built, removed at its end; a test that builds more adds them here."""
 
     def user(self, identity: str, password: str | None = None) -> BasicAuth:
         return BasicAuth(identity, derived_password(self.mlflow_secret, identity) if password is None else password)
@@ -119,44 +156,34 @@ class TrainingStack:
 def training_stack(docker_engine, tmp_path_factory):
     """A test stage whose training image and hardened MLflow server run like the stack's, named t-train-*."""
     stack = f"t-train-{uuid.uuid4().hex[:6]}"
-    environments = tmp_path_factory.mktemp("training") / "environments"
-    shutil.copytree(ENVIRONMENTS_DIR, environments)
-    (environments / f"{stack}.yaml").write_text(yaml.safe_dump({
-        "kind": "dev",
-        "model_registry": {"port": {"host_port": None}},
-        "image_registry": {"enabled": False, "port": {"host_port": None}},
-        "serving": {"build": "images/serving", "port": {"host_port": None}},
-        "training": {"build": "images/training", "base_image": BASE_IMAGE},
-        "experiment": {"name": stack, "owner": "tests", "source_stage": "dev",
-                       "created_at": "2026-01-01T00:00:00Z", "expires_at": "2099-01-01T00:00:00Z"},
-    }))
+    environments = stage_environments(tmp_path_factory.mktemp("training") / "environments", stack, "iris-classifier")
     settings = BuildSettings(base_image=BASE_IMAGE, platform="linux/amd64")
-    images = {name: built_image_name(stack, name, f"images/{name}", settings) for name in ("training", "mlflow")}
+    mlflow_image = built_image_name(stack, "mlflow", "images/mlflow", settings)
+    images = [mlflow_image]
     labels = ["--label", f"mlops.stack={stack}"]
     mlflow_secret = uuid.uuid4().hex
     try:
-        for name, tag in images.items():
-            subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), f"images/{name}"], cwd=REPO_ROOT,
-                           check=True, capture_output=True)
-            build(REPO_ROOT / "images" / name, tag)
+        fetch_build_inputs()
+        build(REPO_ROOT / "images" / "mlflow", mlflow_image)
+        images += build_model_image(stack, "iris-classifier", "training")
         docker("network", "create", *labels, f"{stack}-net")
         for volume in ("mlflow-db", "artifacts"):
             docker("volume", "create", *labels, f"{stack}-{volume}")
         docker("run", "--detach", "--name", f"{stack}-model-registry", "--network", f"{stack}-net", *labels,
                *HARDENED, "--memory", "1024m", "--publish", f"127.0.0.1::{MLFLOW_PORT}",
                "--volume", f"{stack}-mlflow-db:/data/db", "--volume", f"{stack}-artifacts:/data/artifacts",
-               "--env", "MLOPS_MLFLOW_PASSWORD", images["mlflow"], env={**os.environ, "MLOPS_MLFLOW_PASSWORD": mlflow_secret})
+               "--env", "MLOPS_MLFLOW_PASSWORD", mlflow_image, env={**os.environ, "MLOPS_MLFLOW_PASSWORD": mlflow_secret})
         host_port = docker("port", f"{stack}-model-registry", str(MLFLOW_PORT)).stdout.splitlines()[0].rsplit(":", 1)[1]
         mlflow_url = f"http://127.0.0.1:{host_port}"
         wait_for_health(f"{mlflow_url}/health")
-        yield TrainingStack(stack, environments, images["training"], mlflow_url, mlflow_secret)
+        yield TrainingStack(stack, environments, images[1], mlflow_url, mlflow_secret, images)
     finally:
         containers = docker("ps", "--all", "--quiet", "--filter", f"label=mlops.stack={stack}").stdout.split()
         if containers:
             docker("rm", "--force", "--volumes", *containers, check=False)
         docker("network", "rm", f"{stack}-net", check=False)
         docker("volume", "rm", f"{stack}-mlflow-db", f"{stack}-artifacts", check=False)
-        docker("rmi", *images.values(), check=False)
+        docker("rmi", *images, check=False)
 
 
 def test_unchanged_inputs_rebuild_nothing(training_stack):
@@ -223,6 +250,65 @@ def test_train_registers_identical_models_as_consecutive_versions(training_stack
     leftovers = docker("ps", "--all", "--quiet", "--filter", f"label=mlops.stack={training_stack.name}",
                        "--filter", "label=mlops.component=training-run").stdout
     assert leftovers == ""
+
+
+# Run in a model's image on the registered model.pkl (stdin): which class the pipeline's first step unpickles to,
+# and its predictions for the first rows of the project's own data.
+PREDICT = ("import json, pickle, sys, numpy; model = pickle.load(sys.stdin.buffer); "
+           "rows = numpy.loadtxt('/opt/model/code/data/diabetes.csv', delimiter=',', skiprows=1)[:8, :-1]; "
+           "step = type(model.steps[0][1]); "
+           "print(json.dumps({'step': f'{step.__module__}.{step.__name__}', 'predictions': model.predict(rows).tolist()}))")
+
+
+def predictions_in(image: str, model: bytes) -> dict:
+    """PREDICT in `image` as its own user, offline, given `model` on stdin."""
+    ran = subprocess.run(["docker", "run", "--rm", "--interactive", "--network", "none", "--entrypoint", "python",
+                          image, "-c", PREDICT], input=model, capture_output=True, check=True, timeout=120)
+    return json.loads(ran.stdout)
+
+
+def test_a_project_with_its_own_transformer_trains_registers_and_unpickles_in_its_serving_image(training_stack, tmp_path):
+    """The diabetes regressor's pipeline holds QuantileClipper, a class of its project: its training image trains
+    and registers it with the project's schema and target bins, and its serving image (the project on the oip
+    image) unpickles the registered bytes to the same predictions as the training image."""
+    environments = stage_environments(tmp_path / "environments", training_stack.name, "diabetes-regressor")
+    _, training_image = build_model_image(training_stack.name, "diabetes-regressor", "training")
+    training_stack.images.append(training_image)
+    run = mlops_train(training_stack, "--seed", "7", environments=environments)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "[training] trained: r2=" in run.stdout
+    registered = run.stdout.strip().splitlines()[-1].split()
+    assert registered[:3] == ["REGISTERED", "name=diabetes-regressor", "version=1"]
+    sha256 = registered[3].removeprefix("sha256=")
+
+    reader = training_stack.user(READER)
+    version = json.loads(get(f"{training_stack.mlflow_url}/api/2.0/mlflow/model-versions/get"
+                             "?name=diabetes-regressor&version=1", reader))["model_version"]
+    assert {tag["key"]: tag["value"] for tag in version["tags"]}["sha256"] == sha256
+    artifacts = (f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/"
+                 f"{version['source'].removeprefix('mlflow-artifacts:/')}")
+    model = get(f"{artifacts}/model.pkl", reader)
+    assert hashlib.sha256(model).hexdigest() == sha256
+    manifest = json.loads(get(f"{artifacts}/manifest.json", reader))
+    project = yaml.safe_load((REPO_ROOT / "models" / "diabetes-regressor" / "mlops-model.yaml").read_text())
+    assert manifest["task"] == "regression" and manifest["schema"] == project["schema"]
+    assert manifest["outputs"]["model_sha256"] == sha256 and manifest["inputs"]["seed"] == 7
+    profile = manifest["reference_profile"]
+    assert [feature["name"] for feature in profile["features"]] == [column["name"] for column in
+                                                                    project["schema"]["features"]]
+    bins = profile["target_bins"]
+    assert bins["edges"] == sorted(bins["edges"]) and len(bins["proportions"]) == len(bins["edges"]) + 1
+    assert sum(bins["proportions"]) == pytest.approx(1, abs=1e-5) and "class_shares" not in profile
+
+    platform_serving, serving_image = build_model_image(training_stack.name, "diabetes-regressor", "serving", "oip")
+    training_stack.images.extend([serving_image, platform_serving])
+    trained, served = predictions_in(training_image, model), predictions_in(serving_image, model)
+    assert served["step"] == "diabetes_model.transformers.QuantileClipper"
+    assert served == trained and len(served["predictions"]) == 8
+    # Without the project on its path, the serving platform image cannot unpickle the model at all.
+    bare = subprocess.run(["docker", "run", "--rm", "--interactive", "--network", "none", "--entrypoint", "python",
+                           platform_serving, "-c", PREDICT], input=model, capture_output=True, timeout=120)
+    assert bare.returncode != 0 and b"No module named 'diabetes_model'" in bare.stderr
 
 
 def test_bad_param_is_one_error_line(training_stack):

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from mlops import plan as planning
 from mlops_spec.loading import load_all_stages, load_stages, stage_file
+from mlops_spec.model_project import load_model_project
 from mlops_spec.project import environments_dir, project_of, working_on
 from mlops_spec.rules import promotion_order
 
@@ -43,13 +44,16 @@ def reads_specs(command: Callable[..., Any]) -> Callable[..., Any]:
 @reads_specs
 def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to check; every stage when none"),
              environments: Path = ENVIRONMENTS_OPTION) -> None:
-    """Validate stage specs: schema, invariants, promotions, and ports shared across stages on one Docker host."""
+    """Validate stage specs: schema, invariants, promotions, and ports shared across stages on one Docker host; and
+    the model project of every stage that builds its model's images."""
     every = load_all_stages(environments)
     for spec in load_stages(stages, environments) if stages else [every[name] for name in promotion_order(every)]:
         if spec.release is None:
             serving = "nothing promoted yet: no serving"
         else:
             pin = spec.release.model
+            if spec.builds_workloads:
+                load_model_project(pin.name)
             version = "newest version" if pin.version == "latest" else f"version {pin.version}"
             serving = f"serving {pin.name}, {version}, {spec.serving.replicas} replica(s)"
         console.print(f"[green]ok[/green] {spec.stage}: {serving}")

@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from components.images import BuildSettings, built_image_name
+from components.images import BuildSettings, built_image_name, model_image_name
 from components.runtimes import docker_run_arguments, run_environment
 from components.stack import stage_labels
 from components.training_environment import training_run
@@ -108,10 +108,13 @@ def image_registry_server(spec: StageSpec) -> Optional[str]:
 
 
 def training_image(spec: StageSpec, environments: Path) -> str:
-    """The image the stack built from `training.build`, or the digest promoted to the stage."""
+    """The model's training image the stack built on `training.build`, or the digest promoted to the stage."""
     if spec.training.build is not None:
-        return built_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
-                                image_registry_server(spec))
+        if spec.release is None:
+            return built_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
+                                    image_registry_server(spec))
+        return model_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
+                                spec.release.model.name, image_registry_server(spec))
     if spec.release is None or spec.release.images.training is None:
         raise SpecError(file=stage_file(spec.stage, environments), field="release.images.training",
                         message=f"no training image is promoted to {spec.stage} yet; "
@@ -189,12 +192,13 @@ def stream_run(spec: StageSpec, run: Run) -> tuple[int, Optional[re.Match[str]]]
 def train(
     stage: str = typer.Option(..., "--stage", help="dev, staging, prod or exp-NAME: whose training image, network "
                                                    "and MLflow"),
-    subset: float = typer.Option(1.0, "--subset", help="fraction (0, 1] of the data, stratified and seeded"),
-    param: Optional[list[str]] = typer.Option(None, "--param", help="estimator parameter key=value, repeatable"),
-    seed: int = typer.Option(0, "--seed", help="seeds the subset, the held-out split and the estimator"),
+    subset: float = typer.Option(1.0, "--subset", help="fraction (0, 1] of the data, for the model's entrypoint"),
+    param: Optional[list[str]] = typer.Option(None, "--param", help="overrides a parameter of the model's project "
+                                                                    "file, key=value, repeatable"),
+    seed: int = typer.Option(0, "--seed", help="the seed the model's entrypoint is given"),
     data: Optional[str] = typer.Option(None, "--data", help="train on this dataset of the stage's datasets volume: "
                                                             "'latest' or its sha256 (`mlops data list`); default: "
-                                                            "the built-in iris data"),
+                                                            "the model project's default data"),
     environments: Path = ENVIRONMENTS_OPTION,
 ) -> None:
     """Train in the stage's training image and register the model as a new version in the stage's MLflow."""

@@ -1,7 +1,9 @@
 """Labelled training data on the artifact store's datasets volume, and the serving samples to label next.
 
-A dataset is a CSV file named by the sha256 of its bytes (`<sha256>.csv`): a header of the model's feature
-names and `label`, then one row per example, every feature a finite number and every label a known class.
+A dataset is a CSV file named by the sha256 of its bytes (`<sha256>.csv`): the header of the model's schema (its
+features, then its label, mlops-model.yaml), then one row per example, every feature a finite number (a whole one
+for an `int` feature) and every label a class of the project's default data (classification) or a finite number
+(regression).
 `mlops data add` pipes a file to `add`, which checks it whole before anything is written, writes it in its
 canonical form (a `prediction` column, as `samples` exports, is dropped) to a temporary name on the volume
 and renames it, so a dataset is either complete under its name or absent. The file's modification time is
@@ -25,27 +27,26 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
-from sklearn.datasets import load_iris
+
+from mlops_training.project import Project, ProjectError, load_project
 
 DATASETS_DIR = Path("/data/datasets")
 SAMPLES_DIR = Path("/data/samples")
 LATEST = "latest"
-LABEL = "label"
 PREDICTION = "prediction"
 MAX_BYTES = 16 * 1024 * 1024
 MIN_NAME_PREFIX = 8
 # A number as numpy reads it back when training: ASCII decimal, optional exponent. Python's float() alone would
 # also take "1_0", "nan" and digits of other scripts.
 DECIMAL = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+WHOLE = re.compile(r"[+-]?[0-9]+")
 BAD_INPUT_EXIT = 2
 # What a spreadsheet takes for the start of a formula (OWASP, CSV injection): such a cell gets a leading ' and
 # is shown as the text it is. A number is left alone: it is read as a number even when it starts with - or +.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-_iris = load_iris()
-FEATURE_NAMES: tuple[str, ...] = tuple(_iris.feature_names)
-CLASSES: tuple[str, ...] = tuple(str(label) for label in np.unique(_iris.target))
 
 
 class DatasetError(ValueError):
@@ -57,14 +58,36 @@ class Dataset:
     path: Path
     sha256: str
     features: np.ndarray
-    labels: np.ndarray
+    labels: list[str]
+    """As written in the file: a classifier's classes are the text of its labels."""
 
     @property
     def name(self) -> str:
         return self.path.name
 
 
-def canonical_dataset(payload: bytes) -> tuple[bytes, int]:
+@dataclass(frozen=True)
+class RowRules:
+    """What each row of a project's data must hold."""
+
+    project: Project
+    classes: tuple[str, ...]
+    """A classifier's known classes, those of its default data; empty for a regressor."""
+
+    @classmethod
+    def of(cls, project: Project) -> "RowRules":
+        if project.task != "classification":
+            return cls(project, ())
+        with open(project.default_data, encoding="utf-8", newline="") as stream:
+            rows = list(csv.reader(stream))[1:]
+        return cls(project, tuple(sorted({row[-1].strip() for row in rows if row}, key=_class_order)))
+
+
+def _class_order(label: str) -> tuple[int, float | str]:
+    return (0, int(label)) if WHOLE.fullmatch(label) else (1, label)
+
+
+def canonical_dataset(payload: bytes, rules: RowRules) -> tuple[bytes, int]:
     """The dataset `payload` holds, in canonical form, and its row count; DatasetError names the first problem."""
     if len(payload) > MAX_BYTES:
         raise DatasetError(f"is more than {MAX_BYTES // (1024 * 1024)} MiB, the most a dataset may be")
@@ -73,7 +96,7 @@ def canonical_dataset(payload: bytes) -> tuple[bytes, int]:
     except UnicodeDecodeError as err:
         raise DatasetError(f"is not UTF-8 text (byte {err.start})") from None
     rows = csv.reader(io.StringIO(text, newline=""))
-    expected = [*FEATURE_NAMES, LABEL]
+    expected = rules.project.header
     try:
         header = [column.strip() for column in next(rows)]
     except StopIteration:
@@ -82,7 +105,7 @@ def canonical_dataset(payload: bytes) -> tuple[bytes, int]:
         raise DatasetError(f"header: {err}") from None
     if [column for column in header if column != PREDICTION] != expected:
         raise DatasetError(f"the header must be {','.join(expected)} (a '{PREDICTION}' column is allowed and dropped), "
-                           f"got {','.join(header)[:200]}")
+                           f"got {_shown(','.join(header), 200)}")
     kept = [index for index, column in enumerate(header) if column != PREDICTION]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -96,7 +119,7 @@ def canonical_dataset(payload: bytes) -> tuple[bytes, int]:
             where = f"row {count} (line {rows.line_num})"
             if len(row) != len(header):
                 raise DatasetError(f"{where} has {len(row)} values, the header {len(header)}")
-            writer.writerow(_checked_row(where, [row[index].strip() for index in kept]))
+            writer.writerow(_checked_row(where, [row[index].strip() for index in kept], rules))
     except csv.Error as err:
         raise DatasetError(f"line {rows.line_num}: {err}") from None
     if count == 0:
@@ -104,22 +127,32 @@ def canonical_dataset(payload: bytes) -> tuple[bytes, int]:
     return out.getvalue().encode(), count
 
 
-def _checked_row(where: str, values: list[str]) -> list[str]:
+def _shown(value: str, limit: int = 40) -> str:
+    """The start of a value as an error line quotes it: a quoted CSV cell may hold a line break or any control
+    character, which would split or garble the one line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in value[:limit])
+
+
+def _checked_row(where: str, values: list[str], rules: RowRules) -> list[str]:
     *features, label = values
-    for name, value in zip(FEATURE_NAMES, features):
+    for column, value in zip(rules.project.features, features):
         if not DECIMAL.fullmatch(value) or not math.isfinite(float(value)):
-            raise DatasetError(f"{where}, column '{name}': '{value[:40]}' is not a finite number")
+            raise DatasetError(f"{where}, column '{column.name}': '{_shown(value)}' is not a finite number")
+        if column.type == "int" and not WHOLE.fullmatch(value):
+            raise DatasetError(f"{where}, column '{column.name}': '{_shown(value)}' is not a whole number")
     if not label:
         raise DatasetError(f"{where} has no label; label every row (or delete it) first")
-    if label not in CLASSES:
-        raise DatasetError(f"{where}: label '{label[:40]}' is not a known class "
-                           f"({', '.join(CLASSES)})")
+    if rules.classes and label not in rules.classes:
+        raise DatasetError(f"{where}: label '{_shown(label)}' is not a known class "
+                           f"({', '.join(rules.classes)})")
+    if not rules.classes and (not DECIMAL.fullmatch(label) or not math.isfinite(float(label))):
+        raise DatasetError(f"{where}: label '{_shown(label)}' is not a finite number")
     return values
 
 
-def add(payload: bytes, directory: Path = DATASETS_DIR) -> tuple[str, int, bool]:
+def add(payload: bytes, rules: RowRules, directory: Path = DATASETS_DIR) -> tuple[str, int, bool]:
     """Check `payload` and store its canonical form as `<sha256>.csv`; its name, rows and whether it is new."""
-    canonical, rows = canonical_dataset(payload)
+    canonical, rows = canonical_dataset(payload, rules)
     name = f"{hashlib.sha256(canonical).hexdigest()}.csv"
     target = directory / name
     if target.exists():
@@ -157,15 +190,23 @@ def resolve(name: str, directory: Path = DATASETS_DIR) -> Path:
     return matches[0]
 
 
-def load(name: str, directory: Path = DATASETS_DIR) -> Dataset:
-    """The features and labels of dataset `name`, after checking its bytes still match the sha256 it is named by."""
+def load(name: str, rules: RowRules, directory: Path = DATASETS_DIR) -> Dataset:
+    """Dataset `name` of the volume, after checking its bytes still match the sha256 it is named by."""
     path = resolve(name, directory)
     payload = path.read_bytes()
     sha256 = hashlib.sha256(payload).hexdigest()
     if path.name != f"{sha256}.csv":
         raise DatasetError(f"dataset {path.name} holds bytes of sha256 {sha256}: it was changed after it was added")
-    table = np.loadtxt(io.StringIO(payload.decode()), delimiter=",", skiprows=1, ndmin=2)
-    return Dataset(path=path, sha256=sha256, features=table[:, :-1], labels=table[:, -1].astype(np.int64))
+    return read(path, payload, rules)
+
+
+def read(path: Path, payload: bytes, rules: RowRules) -> Dataset:
+    """The features and labels of a dataset's bytes, checked against the project's schema."""
+    canonical, _ = canonical_dataset(payload, rules)
+    rows = list(csv.reader(io.StringIO(canonical.decode())))[1:]
+    return Dataset(path=path, sha256=hashlib.sha256(payload).hexdigest(),
+                   features=np.array([[float(value) for value in row[:-1]] for row in rows], dtype=np.float64),
+                   labels=[row[-1] for row in rows])
 
 
 def listing(directory: Path = DATASETS_DIR) -> list[dict]:
@@ -187,19 +228,20 @@ def spreadsheet_text(value: object) -> str:
     return f"'{text}" if text.startswith(FORMULA_STARTS) and not DECIMAL.fullmatch(text) else text
 
 
-def _sample_row(line: str) -> list[str]:
+def _sample_row(line: str, width: int) -> list[str]:
     sample = json.loads(line)
     features = [float(value) for value in sample["features"]]
-    if len(features) != len(FEATURE_NAMES) or not all(map(math.isfinite, features)):
-        raise ValueError(f"{len(features)} features, not the model's {len(FEATURE_NAMES)} finite numbers")
+    if len(features) != width or not all(map(math.isfinite, features)):
+        raise ValueError(f"{len(features)} features, not the model's {width} finite numbers")
     return [*map(repr, features), spreadsheet_text(sample["prediction"]), ""]
 
 
-def export_samples(out: io.TextIOBase, directory: Path = SAMPLES_DIR) -> SamplesExport:
+def export_samples(out: TextIO, project: Project, directory: Path = SAMPLES_DIR) -> SamplesExport:
     """Every sampled row of every replica's file as CSV ready for labelling, every cell quoted; a line that is no
     sample (a replica's file damaged, or written by something else) is skipped and counted, not the export."""
     writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
-    writer.writerow([*FEATURE_NAMES, PREDICTION, LABEL])
+    *features, label = project.header
+    writer.writerow([*features, PREDICTION, label])
     written, skipped, first_skipped = 0, 0, ""
     for file in sorted(directory.glob("*.jsonl")):
         with open(file, encoding="utf-8", errors="replace") as lines:
@@ -207,7 +249,7 @@ def export_samples(out: io.TextIOBase, directory: Path = SAMPLES_DIR) -> Samples
                 if not line.endswith("\n"):
                     break  # a replica is writing it right now; the next export has it whole
                 try:
-                    writer.writerow(_sample_row(line))
+                    writer.writerow(_sample_row(line, len(features)))
                 except (ValueError, KeyError, TypeError) as err:
                     skipped += 1
                     first_skipped = first_skipped or f"{file.name}:{number}: {type(err).__name__}: {err}"[:300]
@@ -220,19 +262,19 @@ def main(argv: list[str]) -> int:
     command = argv[0] if argv else ""
     try:
         if command == "add":
-            name, rows, new = add(sys.stdin.buffer.read(MAX_BYTES + 1))
+            name, rows, new = add(sys.stdin.buffer.read(MAX_BYTES + 1), RowRules.of(load_project()))
             print(f"{'ADDED' if new else 'EXISTS'} name={name} rows={rows}")
         elif command == "list":
             for entry in listing():
                 print(json.dumps(entry))
         elif command == "samples":
-            export = export_samples(sys.stdout, SAMPLES_DIR)
+            export = export_samples(sys.stdout, load_project(), SAMPLES_DIR)
             if export.skipped:
                 print(f"skipped {export.skipped} unreadable lines (first: {export.first_skipped})", file=sys.stderr)
         else:
             print("error: give add, list or samples", file=sys.stderr)
             return BAD_INPUT_EXIT
-    except DatasetError as err:
+    except (DatasetError, ProjectError) as err:
         print(f"error: {err}", file=sys.stderr)
         return BAD_INPUT_EXIT
     return 0

@@ -9,7 +9,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from mlops_training.train import TrainingResult
+from mlops_training.runner import TrainingResult
 
 ARTIFACT_PATH = "model"
 # MLflow's client retries a failing request 7 times with backoff factor 2: a server that keeps answering 500

@@ -1,0 +1,1 @@
+"""The diabetes regressor's code: its training entrypoint and the transformer its pipeline holds."""
