@@ -49,13 +49,14 @@ up: announce-up pulumi-cli venv
 test: venv
 	$(PY) -m pytest -q
 
-# Each image's python is a program of its own (two have a start.py); images/serving and images/training join later.
-TYPED_IMAGES := images/gateway images/mlflow images/prometheus images/serving images/training
+# Each image's python, and each model project's, is a program of its own (two images have a start.py): one mypy
+# run each, with a cache of its own.
+TYPED_PROGRAMS := images/gateway images/mlflow images/prometheus images/serving images/training $(wildcard models/*)
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
-	for image in $(TYPED_IMAGES); do $(VENV)/bin/mypy --cache-dir .mypy_cache/$$(basename $$image) $$image || exit 1; done
+	for program in $(TYPED_PROGRAMS); do $(VENV)/bin/mypy --cache-dir .mypy_cache/$$(basename $$program) $$program || exit 1; done
 
 test-unit: venv
 	$(PY) -m pytest -q -m "not docker"
