@@ -1,10 +1,13 @@
 """`mlops train` without a Docker engine: which image it runs, how it runs it, and its input errors."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
 from components.runtimes import docker_run_arguments, run_environment
+from mlops import cli
 from mlops import plan as planning
 from mlops.cli import app
 from mlops.commands.train import run_of, training_image
@@ -42,6 +45,20 @@ def test_promoted_stages_run_the_promoted_digest(released_environments):
 def test_nothing_promoted_is_a_spec_error():
     with pytest.raises(SpecError, match="no training image is promoted to staging yet"):
         training_image(load_stages(["staging"])[0], ENVIRONMENTS_DIR)
+
+
+def test_a_building_stage_that_names_no_model_has_nothing_to_train(environments, monkeypatch, capsys):
+    """Refused before any secret or engine is asked for: the platform's image alone holds no project to run."""
+    dev = environments / "dev.yaml"
+    dev.write_text(dev.read_text().split("release:")[0])
+    monkeypatch.setattr(sys, "argv", ["mlops", "train", "--stage", "dev", "--environments", str(environments)])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and error.endswith(
+        "dev.yaml: release.model: dev names no model to train: add release.model with the name of a project "
+        "under models/ and version: latest (docs/models.md)")
 
 
 def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environments):

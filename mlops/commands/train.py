@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from components.images import BuildSettings, built_image_name, model_image_name
+from components.images import BuildSettings, model_image_name
 from components.runtimes import docker_run_arguments, run_environment
 from components.stack import stage_labels
 from components.training_environment import training_run
@@ -41,7 +41,7 @@ from mlops_spec.contract import (
 )
 from mlops_spec.errors import SpecError, excerpt, one_line
 from mlops_spec.loading import load_stages, stage_file
-from mlops_spec.models import StageSpec
+from mlops_spec.models import Release, StageSpec
 
 console = Console()
 errors = Console(stderr=True)
@@ -107,14 +107,22 @@ def image_registry_server(spec: StageSpec) -> Optional[str]:
     return "localhost:" + published.stdout.splitlines()[0].rsplit(":", 1)[1]
 
 
+def model_to_train(spec: StageSpec, environments: Path) -> Release:
+    """The release naming the model a stage trains; a building stage without one has nothing to run (the
+    platform's image alone holds no model project)."""
+    if spec.release is None:
+        raise SpecError(file=stage_file(spec.stage, environments), field="release.model",
+                        message=f"{spec.stage} names no model to train: add release.model with the name of a "
+                                "project under models/ and version: latest (docs/models.md)")
+    return spec.release
+
+
 def training_image(spec: StageSpec, environments: Path) -> str:
     """The model's training image the stack built on `training.build`, or the digest promoted to the stage."""
     if spec.training.build is not None:
-        if spec.release is None:
-            return built_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
-                                    image_registry_server(spec))
+        release = model_to_train(spec, environments)
         return model_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
-                                spec.release.model.name, image_registry_server(spec))
+                                release.model.name, image_registry_server(spec))
     if spec.release is None or spec.release.images.training is None:
         raise SpecError(file=stage_file(spec.stage, environments), field="release.images.training",
                         message=f"no training image is promoted to {spec.stage} yet; "
@@ -210,6 +218,8 @@ def train(
         raise fail(f"--data '{excerpt(data)}' is no dataset name: give 'latest', or a dataset's sha256 or at least its "
                    "first 8 hex characters (`mlops data list`)", BAD_INPUT_EXIT)
     spec = stage_spec(stage, environments)
+    if spec.builds_workloads:
+        model_to_train(spec, environments)
     if data is not None and spec.swarm is not None:
         raise fail(f"{stage} is a swarm stage: its datasets volume would be local to one node, so `mlops train --data` "
                    "works on single-host stages only", BAD_INPUT_EXIT)
