@@ -25,7 +25,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -51,7 +50,8 @@ from mlops_spec.contract import (
     secret_variable,
 )
 from mlops_spec.loading import load_stage
-from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
+from mlops_spec.project import ENVIRONMENTS_DIR
+from tests.conftest import fetch_build_inputs
 from tests.engine import StageOnEngine
 from tests.mlflow_servers import MLFLOW_SECRETS, start_server, wait_healthy
 from tests.test_gateway_failover import ModelSource, docker, engine, start_model_source, start_replica  # noqa: F401
@@ -65,6 +65,7 @@ from tests.test_promote import (  # noqa: F401
     register_source_model,
     release_yaml,
 )
+from tests.test_training_image import build_model_image
 
 pytestmark = pytest.mark.docker
 
@@ -278,11 +279,10 @@ def test_a_model_copy_that_fills_the_disk_fails_clearly_and_registers_nothing(fu
 
 def test_a_training_run_onto_a_full_disk_fails_clearly_and_registers_nothing(engine, full_artifact_store):
     store, tracking_uri, fill, secret = full_artifact_store
-    subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), "images/training"], cwd=REPO_ROOT, check=True,
-                   capture_output=True)
-    image = f"{engine.prefix}-training:test"
-    docker("build", "-q", "-t", image, "--build-arg", "BASE_IMAGE=mlops-base:bookworm", str(REPO_ROOT / "images" / "training"))
-    engine.images.append(image)
+    fetch_build_inputs()
+    # The model's training image, as a building stage runs it: the platform's runner around the project's code.
+    platform_image, image = build_model_image(engine.prefix, MODEL_NAME, "training")
+    engine.images += [image, platform_image]
     before = registered_versions(store)
     fill(full=True)
     started = time.monotonic()
