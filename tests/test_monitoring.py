@@ -46,6 +46,10 @@ THRESHOLD = 0.25
 ROWS_PER_REQUEST = 50
 SHIFTED_FEATURE = 2
 PROMTOOL_TESTS = REPO_ROOT / "tests" / "promtool"
+MODEL_NAME = "iris-classifier"
+"""The model the monitored stage builds, trains and serves: models/iris-classifier."""
+FEATURE_NAMES = tuple(load_iris().feature_names)
+"""Its schema's features, which name the drift scores."""
 
 
 @dataclass
@@ -179,7 +183,10 @@ def stage(docker_engine, tmp_path_factory):
         (environments / f"{name}.yaml").write_text(yaml.safe_dump(stage_file(name, ports, release), sort_keys=False))
         engine.spec = load_stages([name], environments)[0]
 
-    (environments / f"{name}.yaml").write_text(yaml.safe_dump(stage_file(name, ports, None), sort_keys=False))
+    # First the model it builds images from, following its newest version (none yet): the training run needs
+    # the model's training image.
+    first = stage_file(name, ports, None) | {"release": {"model": {"name": MODEL_NAME, "version": "latest"}}}
+    (environments / f"{name}.yaml").write_text(yaml.safe_dump(first, sort_keys=False))
     engine = StageOnEngine(stack=name, spec=load_stages([name], environments)[0], registry_password=uuid.uuid4().hex)
     variable = secret_variable(MLFLOW_PASSWORD, name)
     os.environ[variable] = engine.mlflow_password
@@ -317,7 +324,8 @@ def test_training_like_inputs_keep_drift_low_and_a_shifted_feature_fires_the_ale
     like_training = iris[rng.integers(0, len(iris), 2 * WINDOW_ROWS)]
     stage.infer(like_training)
     scores = drift_scores(stage, already + len(like_training))
-    assert set(scores) == {"0", "1", "2", "3"}
+    # Named by the model's schema (models/iris-classifier/mlops-model.yaml), which its manifest carries.
+    assert sorted(scores) == sorted(FEATURE_NAMES)
     assert max(scores.values()) < THRESHOLD, scores
     assert firing_drift_alerts(stage) == []
     quiet = stage.mlops("drift", "--stage", stage.name)
@@ -327,13 +335,14 @@ def test_training_like_inputs_keep_drift_low_and_a_shifted_feature_fires_the_ale
     shifted[:, SHIFTED_FEATURE] += 3 * iris[:, SHIFTED_FEATURE].std()
     stage.infer(shifted)
     scores = drift_scores(stage, already + len(like_training) + len(shifted))
-    assert scores[str(SHIFTED_FEATURE)] > THRESHOLD, scores
-    assert max(score for feature, score in scores.items() if feature != str(SHIFTED_FEATURE)) < THRESHOLD, scores
+    shifted_name = FEATURE_NAMES[SHIFTED_FEATURE]
+    assert scores[shifted_name] > THRESHOLD, scores
+    assert max(score for feature, score in scores.items() if feature != shifted_name) < THRESHOLD, scores
     alerts = eventually(lambda: firing_drift_alerts(stage), timeout_s=30, what="InputDrift firing")
-    assert [(alert["labels"]["feature"], alert["labels"]["slot"]) for alert in alerts] == [(str(SHIFTED_FEATURE), "blue")]
+    assert [(alert["labels"]["feature"], alert["labels"]["slot"]) for alert in alerts] == [(shifted_name, "blue")]
     drifted = stage.mlops("drift", "--stage", stage.name)
     assert drifted.returncode == 1, drifted.stdout + drifted.stderr
-    assert f"drifted above {THRESHOLD}: {SHIFTED_FEATURE}" in drifted.stdout
+    assert f"drifted above {THRESHOLD}: {shifted_name}" in drifted.stdout
 
     status = stage.mlops("status", stage.name, "--json")
     assert status.returncode == 0, status.stdout + status.stderr
@@ -342,7 +351,7 @@ def test_training_like_inputs_keep_drift_low_and_a_shifted_feature_fires_the_ale
     slots = {slot["slot"]: slot for slot in reported["slots"]}
     assert (slots["blue"]["weight"], slots["green"]["weight"]) == (100, 0)
     assert slots["blue"]["version"] == slots["green"]["version"]
-    assert slots["blue"]["max_drift"] == pytest.approx(scores[str(SHIFTED_FEATURE)], rel=0.05)
+    assert slots["blue"]["max_drift"] == pytest.approx(scores[shifted_name], rel=0.05)
     assert reported["slots_problem"] is None
 
 

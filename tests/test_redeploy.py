@@ -98,9 +98,11 @@ def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must
     mlflow = f"http://127.0.0.1:{stage.mlflow_port}/api/2.0/mlflow/registered-models"
     deployed = engine.deploy()
     runs = {name: container.attrs["Config"]["Image"] for name, container in deployed.items()}
-    # The replica runs its local build, whose ID is the image pushed to the stage's registry.
+    # The replica runs its local build of the model's serving image, whose ID is the image pushed to the stage's
+    # registry.
     pushed = engine.client.images.get(runs[f"{stack}-serving-blue-0"]).attrs["RepoDigests"]
-    assert any(re.fullmatch(rf"localhost:\d+/{stack}/serving@sha256:[0-9a-f]{{64}}", ref) for ref in pushed), pushed
+    model = engine.spec.release.model.name
+    assert any(re.fullmatch(rf"localhost:\d+/{stack}/{model}-serving@sha256:[0-9a-f]{{64}}", ref) for ref in pushed), pushed
     assert all(re.fullmatch(r"(\S+@)?sha256:[0-9a-f]{64}", image) for image in runs.values()), runs
     trainer, reader = (BasicAuth(name, derived_password(engine.mlflow_password, name)) for name in (TRAINER, READER))
     http_json(f"{mlflow}/create", {"name": "kept-across-deploys"}, auth=trainer)

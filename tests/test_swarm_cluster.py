@@ -185,9 +185,10 @@ def test_the_stage_deploys_from_the_rendering_and_serves_the_model_from_several_
     assert running == declared and SERVING in declared
     nodes = swarm_cluster.nodes_running(SERVING)
     assert len(nodes) == engine.spec.serving.replicas and len(set(nodes)) >= 2, nodes
-    # Every replica runs the serving image by digest from the stage's registry, pulled by its node.
+    # Every replica runs the model's serving image by digest from the stage's registry, pulled by its node.
     image = engine.client.api.inspect_service(SERVING)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
-    assert image.startswith(f"{swarm_cluster.manager.ip}:{REGISTRY_PORT}/{STAGE}/serving") and "@sha256:" in image
+    model = engine.spec.release.model.name
+    assert image.startswith(f"{swarm_cluster.manager.ip}:{REGISTRY_PORT}/{STAGE}/{model}-serving@sha256:"), image
     assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 1)
 
 
