@@ -75,6 +75,24 @@ class Cluster:
                                    f"(on {running}); tasks: {task_states(self.client, service)}")
             time.sleep(0.5)
 
+    def wait_runs_tasks(self, node: str, image: str, network: str, timeout_s: float = 120) -> None:
+        """Waits until `node` runs a task again: a one-shot job placed on it and attached to `network` completes.
+        A node back from a power cut reports `ready` before it can start tasks, and a service created meanwhile
+        gets every task on the other nodes (a spread preference is no constraint)."""
+        job = self.client.services.create(
+            image, command=["python3", "-c", "pass"], name=f"probe-{node}-{int(time.time())}",
+            constraints=[f"node.hostname == {node}"], networks=[network],
+            mode=docker.types.ServiceMode("replicated-job"),
+            restart_policy=docker.types.RestartPolicy(condition="on-failure", delay=1_000_000_000))
+        try:
+            deadline = time.monotonic() + timeout_s
+            while "complete" not in (states := [task["Status"]["State"] for task in job.tasks()]):
+                if time.monotonic() > deadline:
+                    raise hosts.HostError(f"{node} completed no task within {timeout_s:.0f}s: {states}")
+                time.sleep(1)
+        finally:
+            job.remove()
+
     def wait_nodes_ready(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
         while True:

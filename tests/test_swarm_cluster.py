@@ -307,6 +307,9 @@ def test_a_node_power_cut_loses_at_most_one_percent_and_the_replicas_come_back(s
     finally:
         swarm_cluster.node(victim).start()
         swarm_cluster.wait_nodes_ready(timeout_s=120)
+        # Ready is not yet schedulable: the tests after this one place new tasks and expect them spread.
+        image = engine.client.api.inspect_service(SERVING)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+        swarm_cluster.wait_runs_tasks(victim, image, f"{STAGE}-net")
     assert load.total >= 50, load.outcomes
     assert load.lost <= load.total / 100, load.outcomes
 
