@@ -184,8 +184,11 @@ def stage(docker_engine, tmp_path_factory):
         engine.spec = load_stages([name], environments)[0]
 
     # First the model it builds images from, following its newest version (none yet): the training run needs
-    # the model's training image.
+    # the model's training image. Without Prometheus yet: the redeploy below replaces these replicas and the
+    # Prometheus container (its configuration lists their labels), and a restarted Prometheus writes no staleness
+    # markers, so the first replicas' series would stay in every query for its 5-minute lookback.
     first = stage_file(name, ports, None) | {"release": {"model": {"name": MODEL_NAME, "version": "latest"}}}
+    del first["monitoring"]
     (environments / f"{name}.yaml").write_text(yaml.safe_dump(first, sort_keys=False))
     engine = StageOnEngine(stack=name, spec=load_stages([name], environments)[0], registry_password=uuid.uuid4().hex)
     variable = secret_variable(MLFLOW_PASSWORD, name)
