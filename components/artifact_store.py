@@ -38,7 +38,7 @@ class ArtifactStoreArgs(TypedDict):
     """Also hold labelled training data (single-host stages: on a swarm the volume would be local to whichever
     node ran `mlops data`, so it refuses a swarm stage)."""
     samples: bool
-    """Also hold the rows serving samples (stages that declare `serving.sampling`)."""
+    """Also hold the rows serving samples (stages where a model declares `sampling`)."""
 
 
 class ArtifactStore(pulumi.ComponentResource):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
@@ -192,17 +192,42 @@ def _image(resource_name: str, *, parent: pulumi.Resource, image_name: pulumi.In
     )
 
 
+@dataclass(frozen=True)
+class ModelImage:
+    """Which model's image to build, and where the platform images it stands on are built once for the stage."""
+
+    name: str
+    platforms: "PlatformImages"
+
+
+@dataclass
+class PlatformImages:
+    """The platform images of a stage's model images: each built once, by the stack component (`owner`), however
+    many models stand on it."""
+
+    owner: pulumi.Resource
+    built: dict[tuple[str, str, Optional[str]], docker.Image] = field(default_factory=dict)
+
+    def build(self, stack: str, image: str, context: str, settings: BuildSettings, target: Optional[str],
+              layer: ModelLayer) -> docker.Image:
+        key = (image, context, target)
+        if key not in self.built:
+            self.built[key] = _image(f"{stack}-{image}{f'-{target}' if target else ''}-platform", parent=self.owner,
+                                     image_name=layer.platform_image, context=context, settings=settings,
+                                     target=target, push=None)
+        return self.built[key]
+
+
 def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str, context: str,
                 settings: BuildSettings, target: Optional[str] = None, push: Optional[PushTarget] = None,
-                push_after: Optional[list[pulumi.Resource]] = None, model: Optional[str] = None) -> BuiltImage:
+                push_after: Optional[list[pulumi.Resource]] = None, model: Optional[ModelImage] = None) -> BuiltImage:
     """Build `context` as `built_image_name(...)` with BuildKit for the stage's platform; when a registry is
     given, also push it there once `push_after` (the registry) is up. With `model`, that model's image: the
-    platform image built locally, then the model's layer on it (`<resource_name>-model`), pushed instead."""
+    model's layer (`<resource_name>`) on the platform image (built locally, once per stage), pushed instead."""
     if model is not None:
-        layer = model_layer(stack, image, context, settings, model, target)
-        platform = _image(resource_name, parent=parent, image_name=layer.platform_image, context=context,
-                          settings=settings, target=target, push=None)
-        return _build(f"{resource_name}-model", parent=parent, stack=stack, image=f"{model}-{image}",
+        layer = model_layer(stack, image, context, settings, model.name, target)
+        platform = model.platforms.build(stack, image, context, settings, target, layer)
+        return _build(resource_name, parent=parent, stack=stack, image=f"{model.name}-{image}",
                       context=layer.context, settings=settings, target=None, push=push, push_after=push_after,
                       layer=layer, after=[platform])
     return _build(resource_name, parent=parent, stack=stack, image=image, context=context, settings=settings,
@@ -251,7 +276,7 @@ def image_id(resource_name: str, *, parent: pulumi.Resource, stack: str, image: 
 def pullable_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str,
                    source: ImageSource | str, settings: BuildSettings, push: PushTarget,
                    push_after: list[pulumi.Resource], target: Optional[str] = None,
-                   model: Optional[str] = None) -> pulumi.Input[str]:
+                   model: Optional[ModelImage] = None) -> pulumi.Input[str]:
     """What any node of a swarm can pull: a build pushed to the stage's registry, by digest, or the pinned
     reference."""
     if isinstance(source, ImageSource) and source.build is not None:

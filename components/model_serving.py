@@ -1,6 +1,7 @@
-"""Serving replicas of the pinned model behind a gateway that splits traffic between blue and green.
+"""Serving: each model's replicas, blue and green, behind one gateway that routes `/v2/models/<name>/` to that
+model's pools and splits its traffic between its blue and green by the model's own weights.
 
-With `serving.sampling`, each replica also appends the declared share of its infer rows, with their predictions,
+With a model's `sampling`, each of its replicas also appends the declared share of its infer rows, with their predictions,
 to a file of its own on the artifact store's samples volume (at most `max_mb` each), the next training data to
 label (`mlops data samples`); never unless declared.
 
@@ -15,8 +16,8 @@ cluster tests and docs rely on it):
   in its engine's `insecure-registries`: workload and gateway images are pushed there by digest and pulled
   from there, with the provider's registry credentials passed along by Swarm (never in a task's env).
 - Services: `<stack>-model-registry`, `<stack>-image-registry` (one task each, stop-first),
-  `<stack>-serving-blue` and `<stack>-serving-green` (`serving.replicas` tasks each, start-first, endpoint
-  mode dnsrr, reachable as `tasks.<service>:8080`), `<stack>-gateway` (global on edge nodes, stop-first:
+  `<stack>-<model>-blue` and `<stack>-<model>-green` for each model (its replicas' count of tasks each,
+  start-first, endpoint mode dnsrr, reachable as `tasks.<service>:8080`), `<stack>-gateway` (global on edge nodes, stop-first:
   its host port cannot be held twice on a node), and with `monitoring:` `<stack>-prometheus`
   (components/monitoring.py), which scrapes `tasks.<service>` of each slot and of the gateway. All on
   the attachable overlay network `<stack>-net`.
@@ -50,7 +51,7 @@ from mlops_spec.contract import (
     gateway_name,
     serving_name,
 )
-from mlops_spec.models import BatchingSpec, ImageSource, ModelPin, Release, SamplingSpec, ServingSpec
+from mlops_spec.models import BatchingSpec, ImageSource, ModelPin, SamplingSpec, ServedModel, ServingSpec
 
 REPLICA_TMP_MB = 256  # room for the fetched model
 TYPE = ComponentType(single_host="mlops:model_serving:ModelServing", swarm="mlops:swarm_serving:SwarmServing")
@@ -68,16 +69,16 @@ class RolloutWiring:
 class ModelServingArgs(TypedDict):
     runtime: Runtime
     spec: ServingSpec
-    release: Release
+    models: list[ServedModel]
     registry_url: pulumi.Input[str]
     reader_password: pulumi.Input[str]
     """The password of MLflow user `reader`, which replicas fetch the model as; a secret."""
     drift_window_rows: Optional[int]
     """Rows each replica scores input drift over, when the stage is monitored; None: no drift scoring."""
     rollout: Optional[RolloutWiring]
-    """Where the gateway judges and records green's rollout, when one is declared."""
+    """Where the gateway judges and records a green's rollout, when a model declares one."""
     samples_volume: Optional[pulumi.Input[str]]
-    """The artifact store's volume the replicas append sampled rows to, when `spec.sampling` is declared."""
+    """The artifact store's volume the replicas of a model with `sampling` append sampled rows to."""
 
 
 def model_settings(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str) -> dict[str, pulumi.Input[str]]:
@@ -118,7 +119,8 @@ def model_labels(pin: ModelPin) -> dict[str, str]:
 
 class ModelServing(pulumi.ComponentResource):
     endpoint: pulumi.Output[str]
-    serving_image_digest: pulumi.Output[str]
+    serving_image_digests: dict[str, pulumi.Output[str]]
+    """Each model's blue serving image, by model name: what promotion copies."""
     scrape_targets: list[ScrapeTarget]
     """The gateway and every replica (on a swarm, every task of each), for Prometheus."""
 
@@ -126,70 +128,28 @@ class ModelServing(pulumi.ComponentResource):
         runtime = args["runtime"]
         super().__init__(runtime.type_token(TYPE), name, None, opts)
         spec = args["spec"]
-        stack = runtime.stack
-        release = args["release"]
-        # A building stage serves its model's image, which unpickles the project's own classes; a promoted stage
-        # pulls the pinned digest of that image.
-        blue_image = runtime.image(f"{name}-image", parent=self, image="serving", target=spec.runtime, released=True,
-                                   source=ImageSource(build=spec.build) if spec.build is not None
-                                   else ImageSource(ref=release.images.serving), model=release.model.name)
-        slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (release.model, blue_image.runs)}
-        if spec.green is not None:
-            green_image = blue_image if spec.green.serving_image is None else runtime.image(
-                f"{name}-green-image", parent=self, image="serving-green", source=spec.green.serving_image,
-                released=True)
-            slots["green"] = (spec.green.model, green_image.runs)
-
         reader = SecretEnv(args["reader_password"], resource_name=f"{name}-reader-secret", purpose="mlflow-reader",
                            file="mlflow-reader-password")
-        drift_env = ({} if args["drift_window_rows"] is None
-                     else {ReplicaEnv.DRIFT_WINDOW_ROWS: str(args["drift_window_rows"])})
-        samples_volume = args["samples_volume"]
-        sampling = spec.sampling if samples_volume is not None else None
-        upstreams: dict[str, list[str]] = {"green": []}
         self.scrape_targets = []
+        self.serving_image_digests = {}
+        routes: list[GatewayRoute] = []
         replicas: list[pulumi.Resource] = []
-        for slot, (pin, image) in slots.items():
-            deployed = runtime.deploy(Workload(
-                resource_name=f"{name}-{slot}",
-                name=serving_name(stack, slot),
-                component="model-serving",
-                image=image,
-                limits=spec.limits,
-                health=HttpHealth(SERVING_PORT, "/v2/health/ready", spec.health_check),
-                role=Role.SPREAD,
-                replicas=spec.replicas,
-                # A replica that follows `latest` (dev) has nothing to serve until the first training run
-                # registers a version, and then turns ready by itself; a pinned one must be ready.
-                wait_healthy=pin.is_pinned,
-                env={**model_settings(pin, args["registry_url"], spec.runtime), TrackingEnv.PASSWORD: reader,
-                     **drift_env, **sampling_env(sampling), **batching_settings(spec.batching)},
-                # Writable: each replica appends to its own file; the image owns SAMPLES_DIR, so uid 10001 may.
-                volumes=([VolumeMount(samples_volume, SAMPLES_DIR)]
-                         if samples_volume is not None and sampling is not None else ()),
-                tmp_mb=REPLICA_TMP_MB,
-                labels=model_labels(pin),
-                identity={"mlops.slot": slot},
-            ), parent=self)
-            replicas += deployed.resources
-            upstreams[slot] = deployed.addresses(SERVING_PORT)
-            self.scrape_targets += [ScrapeTarget("serving", address, replica_labels(slot, pin), deployed.every_task)
-                                    for address in deployed.addresses(SERVING_METRICS_PORT)]
+        for model in args["models"]:
+            route, deployed = self._pools(name, model, args, reader)
+            routes.append(route)
+            replicas += deployed
 
-        rollout = args["rollout"] if spec.green is not None and spec.green.rollout is not None else None
+        rollout = args["rollout"] if any(route.rollout is not None for route in routes) else None
         publish = Publish(GATEWAY_PORT, spec.port)
         gateway = runtime.deploy(Workload(
             resource_name=f"{name}-gateway",
-            name=gateway_name(stack),
+            name=gateway_name(runtime.stack),
             component="serving-gateway",
             image=runtime.image(f"{name}-gateway-image", parent=self, image="gateway", source=spec.gateway.image).runs,
             limits=spec.gateway.limits,
             health=HttpHealth(GATEWAY_PORT, "/gateway/health", spec.health_check),
             role=Role.EDGE,
-            # The stage's one model today; the gateway routes each model it lists by the model's name.
-            env=gateway_env([GatewayRoute(release.model.name, upstreams["blue"], upstreams["green"], spec.traffic,
-                                          spec.green if rollout is not None else None)],
-                            rollout.prometheus_url if rollout is not None else None,
+            env=gateway_env(routes, rollout.prometheus_url if rollout is not None else None,
                             rollout.scrape_interval_s if rollout is not None else None),
             volumes=[VolumeMount(rollout.log_volume, ROLLOUT_DIR)] if rollout is not None else (),
             publish=publish,
@@ -198,5 +158,60 @@ class ModelServing(pulumi.ComponentResource):
         self.scrape_targets += [ScrapeTarget("gateway", address, {}, gateway.every_task)
                                 for address in gateway.addresses(GATEWAY_METRICS_PORT)]
         self.endpoint = runtime.endpoint(gateway, publish)
-        self.serving_image_digest = pulumi.Output.from_input(blue_image.digest)
-        self.register_outputs({"endpoint": self.endpoint, "serving_image_digest": self.serving_image_digest})
+        self.register_outputs({"endpoint": self.endpoint, "serving_image_digests": self.serving_image_digests})
+
+    def _pools(self, name: str, model: ServedModel, args: ModelServingArgs,
+               reader: SecretEnv) -> tuple[GatewayRoute, list[pulumi.Resource]]:
+        """`model`'s blue replicas, and green's when it declares a green slot, and how the gateway routes to them."""
+        runtime, spec, deployment = args["runtime"], args["spec"], model.deployment
+        # A building stage serves its model's image, which unpickles the project's own classes; a promoted stage
+        # pulls the pinned digest of that image.
+        blue_image = runtime.image(f"{name}-{model.name}-image", parent=self, image="serving", target=spec.runtime,
+                                   released=True, model=model.name,
+                                   source=ImageSource(build=spec.build) if spec.build is not None
+                                   else ImageSource(ref=model.release.images.serving))
+        self.serving_image_digests[model.name] = pulumi.Output.from_input(blue_image.digest)
+        slots: dict[str, tuple[ModelPin, pulumi.Input[str]]] = {"blue": (model.pin, blue_image.runs)}
+        green, green_pin = deployment.green, model.green_pin
+        if green is not None and green_pin is not None:
+            green_image = blue_image if green.serving_image is None else runtime.image(
+                f"{name}-{model.name}-green-image", parent=self, image=f"{model.name}-serving-green",
+                source=green.serving_image, released=True)
+            slots["green"] = (green_pin, green_image.runs)
+
+        drift_env = ({} if args["drift_window_rows"] is None
+                     else {ReplicaEnv.DRIFT_WINDOW_ROWS: str(args["drift_window_rows"])})
+        samples_volume = args["samples_volume"]
+        sampling = deployment.sampling if samples_volume is not None else None
+        upstreams: dict[str, list[str]] = {"green": []}
+        resources: list[pulumi.Resource] = []
+        for slot, (pin, image) in slots.items():
+            deployed = runtime.deploy(Workload(
+                resource_name=f"{name}-{model.name}-{slot}",
+                name=serving_name(runtime.stack, model.name, slot),
+                component="model-serving",
+                image=image,
+                limits=model.limits,
+                health=HttpHealth(SERVING_PORT, "/v2/health/ready", spec.health_check),
+                role=Role.SPREAD,
+                replicas=model.replicas,
+                # A replica that follows `latest` (dev) has nothing to serve until the first training run
+                # registers a version, and then turns ready by itself; a pinned one must be ready.
+                wait_healthy=pin.is_pinned,
+                env={**model_settings(pin, args["registry_url"], spec.runtime), TrackingEnv.PASSWORD: reader,
+                     **drift_env, **sampling_env(sampling), **batching_settings(deployment.batching)},
+                # Writable: each replica appends to its own file; the image owns SAMPLES_DIR, so uid 10001 may.
+                volumes=([VolumeMount(samples_volume, SAMPLES_DIR)]
+                         if samples_volume is not None and sampling is not None else ()),
+                tmp_mb=REPLICA_TMP_MB,
+                labels=model_labels(pin),
+                identity={"mlops.slot": slot},
+            ), parent=self)
+            resources += deployed.resources
+            upstreams[slot] = deployed.addresses(SERVING_PORT)
+            self.scrape_targets += [ScrapeTarget("serving", address, replica_labels(slot, pin), deployed.every_task)
+                                    for address in deployed.addresses(SERVING_METRICS_PORT)]
+        rollout = args["rollout"]
+        policy = green.rollout if green is not None and rollout is not None else None
+        return GatewayRoute(model.name, upstreams["blue"], upstreams["green"], deployment.traffic,
+                            (green_pin, policy) if green_pin is not None and policy is not None else None), resources

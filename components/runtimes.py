@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import pulumi
 import pulumi_docker as docker
 
-from components.images import BuildSettings, PushTarget, build_image, pullable_image, pulled_image
+from components.images import BuildSettings, ModelImage, PlatformImages, PushTarget, build_image, pullable_image, pulled_image
 from components.workload import (
     APP_GID,
     APP_UID,
@@ -111,12 +111,17 @@ class Runtime(abc.ABC):
     identity: dict[str, str]
     """The stage's labels that never change for the life of a resource (stack.identity_labels)."""
     builds: BuildSettings
+    platforms: PlatformImages
+    """Where the platform images under the stage's model images are built, once each."""
     push: Optional[PushTarget] = None
     registry: Sequence[pulumi.Resource] = ()
     """What a push (and a pull from the stage's registry) waits for: the registry."""
 
     def with_registry(self, push: PushTarget, registry: Sequence[pulumi.Resource]) -> "Runtime":
         return dataclasses.replace(self, push=push, registry=registry)
+
+    def model_image(self, model: Optional[str]) -> Optional[ModelImage]:
+        return None if model is None else ModelImage(model, self.platforms)
 
     @abc.abstractmethod
     def type_token(self, component: ComponentType) -> str: ...
@@ -230,7 +235,7 @@ class SingleHost(Runtime):
         if isinstance(source, ImageSource) and source.build is not None:
             built = build_image(resource_name, parent=parent, stack=self.stack, image=image, context=source.build,
                                 settings=self.builds, target=target, push=self.push if released else None,
-                                push_after=after, model=model)
+                                push_after=after, model=self.model_image(model))
             return WorkloadImage(runs=built.image_id, digest=built.repo_digest)
         ref = source.pulled_ref if isinstance(source, ImageSource) else source
         pulled = pulled_image(resource_name, parent=parent, ref=ref, platform=self.builds.platform, depends_on=after)
@@ -401,7 +406,7 @@ class Swarm(Runtime):
         assert self.push is not None, "a swarm stage needs its image registry"
         pullable = pullable_image(resource_name, parent=parent, stack=self.stack, image=image, source=source,
                                   settings=self.builds, push=self.push, push_after=list(self.registry), target=target,
-                                  model=model)
+                                  model=self.model_image(model))
         return WorkloadImage(runs=pullable, digest=pullable)
 
     def endpoint(self, deployed: Deployed, publish: Publish) -> pulumi.Output[str]:

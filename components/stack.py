@@ -8,7 +8,7 @@ import pulumi_docker as docker
 
 from components.artifact_store import ArtifactStore
 from components.image_registry import ImageRegistry
-from components.images import BuildSettings, PushTarget
+from components.images import BuildSettings, PlatformImages, PushTarget
 from components.model_registry import ModelRegistry
 from components.model_serving import ModelServing, RolloutWiring
 from components.monitoring import Monitoring, ScrapeTarget
@@ -51,9 +51,10 @@ class MLOpsStack(pulumi.ComponentResource):
     model_registry_url: pulumi.Output[str]
     image_registry_server: Optional[pulumi.Output[str]]
     serving_endpoint: Optional[pulumi.Output[str]]
-    training_image: Optional[pulumi.Output[str]]
-    training_image_digest: Optional[pulumi.Output[str]]
-    serving_image_digest: Optional[pulumi.Output[str]]
+    training_images: dict[str, pulumi.Output[str]]
+    """What `mlops train` runs for each model, by model name."""
+    training_image_digests: dict[str, pulumi.Output[str]]
+    serving_image_digests: dict[str, pulumi.Output[str]]
     monitoring_url: Optional[pulumi.Output[str]]
 
     def __init__(self, name: str, args: MLOpsStackArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -89,16 +90,19 @@ class MLOpsStack(pulumi.ComponentResource):
         store = ArtifactStore(f"{stack}-artifact-store",
                               {"stack": stack, "spec": spec.artifact_store, "labels": identity,
                                "retain_on_delete": spec.kind != "experiment", "metrics": spec.monitoring is not None,
-                               "datasets": spec.swarm is None, "samples": spec.serving.sampling is not None},
+                               "datasets": spec.swarm is None, "samples": spec.samples},
                               opts=child)
         # The one place that tells a single host from a swarm: every component renders its workloads through
         # this runtime. Services attach by network ID (what the provider reads back); every edge node answers
         # on the gateway's port, the stateful node on Prometheus': `published_host` names the manager, which is
         # where mlops reaches the stage.
+        platforms = PlatformImages(owner=self)
         runtime: Runtime = (
-            SingleHost(stack=stack, labels=labels, identity=identity, builds=builds, network=network.name)
+            SingleHost(stack=stack, labels=labels, identity=identity, builds=builds, platforms=platforms,
+                       network=network.name)
             if swarm is None else
-            Swarm(stack=stack, labels=labels, identity=identity, builds=builds, spec=swarm, network_id=network.id,
+            Swarm(stack=stack, labels=labels, identity=identity, builds=builds, platforms=platforms, spec=swarm,
+                  network_id=network.id,
                   published_host=spec.docker.published_host or "127.0.0.1"))
         model_registry = ModelRegistry(f"{stack}-model-registry", {
             "runtime": runtime, "spec": spec.model_registry, "artifacts_volume": store.artifacts_volume,
@@ -118,22 +122,25 @@ class MLOpsStack(pulumi.ComponentResource):
                            password=pulumi.Output.secret(password)), [image_registry])
             self.image_registry_server = image_registry.server
 
-        self.training_image = self.training_image_digest = None
-        self.serving_endpoint = self.serving_image_digest = None
+        # Each model the stage declares gets its training image: built from its project where the stage builds,
+        # the promoted digest where its release names one.
+        self.training_images, self.training_image_digests = {}, {}
+        for model, deployment in sorted(spec.models.items()):
+            promoted = deployment.release.images.training if deployment.release is not None else None
+            if spec.builds_workloads or promoted is not None:
+                training = TrainingEnvironment(f"{stack}-{model}-training", {
+                    "runtime": runtime, "spec": spec.training, "promoted_image": promoted, "model": model}, opts=child)
+                self.training_images[model] = training.image_ref
+                self.training_image_digests[model] = training.image_digest
+        self.serving_endpoint = None
+        self.serving_image_digests = {}
         scrape_targets: list[ScrapeTarget] = []
-        if spec.release is not None or spec.builds_workloads:
-            training = TrainingEnvironment(f"{stack}-training", {
-                "runtime": runtime, "spec": spec.training,
-                "promoted_image": spec.release.images.training if spec.release else None,
-                "model": spec.release.model.name if spec.release else None}, opts=child)
-            self.training_image = training.image_ref
-            self.training_image_digest = training.image_digest
-        if spec.release is not None:
+        if served := spec.served_models():
             # Derived inside the secret, so the derived password is as secret in the state as the root one.
             reader_password = pulumi.Output.secret(args["mlflow_password"]).apply(
                 lambda secret: derived_password(secret, READER))
             serving = ModelServing(f"{stack}-serving", {
-                "runtime": runtime, "spec": spec.serving, "release": spec.release,
+                "runtime": runtime, "spec": spec.serving, "models": served,
                 "registry_url": model_registry.internal_url, "reader_password": reader_password,
                 "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
                 "samples_volume": store.samples_volume,
@@ -143,7 +150,7 @@ class MLOpsStack(pulumi.ComponentResource):
             }, opts=child)
             scrape_targets = serving.scrape_targets
             self.serving_endpoint = serving.endpoint
-            self.serving_image_digest = serving.serving_image_digest
+            self.serving_image_digests = serving.serving_image_digests
         self.monitoring_url = None
         if spec.monitoring is not None and store.metrics_volume is not None:
             monitoring = Monitoring(f"{stack}-monitoring", {
@@ -153,16 +160,20 @@ class MLOpsStack(pulumi.ComponentResource):
 
         self.register_outputs(self.exports())
 
-    def exports(self) -> dict[str, pulumi.Output]:
-        """Stack outputs: endpoints and the image digests promotion copies. Nothing secret."""
-        candidates = {
+    def exports(self) -> dict[str, object]:
+        """Stack outputs: endpoints, and each model's image digests that promotion copies. Nothing secret."""
+        candidates: dict[str, object] = {
             "network": self.network,
             "model_registry_url": self.model_registry_url,
             "image_registry": self.image_registry_server,
             "serving_endpoint": self.serving_endpoint,
-            "training_image": self.training_image,
-            "training_image_digest": self.training_image_digest,
-            "serving_image_digest": self.serving_image_digest,
             "monitoring_url": self.monitoring_url,
         }
+        models = {model: {key: value for key, value in (
+            ("training_image", self.training_images.get(model)),
+            ("training_image_digest", self.training_image_digests.get(model)),
+            ("serving_image_digest", self.serving_image_digests.get(model))) if value is not None}
+            for model in sorted({*self.training_images, *self.serving_image_digests})}
+        if models:
+            candidates["models"] = models
         return {key: value for key, value in candidates.items() if value is not None}

@@ -50,7 +50,7 @@ class TrainingEnvironment(pulumi.ComponentResource):
         if spec.build is not None:
             image = build_image(f"{name}-image", parent=self, stack=runtime.stack, image="training",
                                 context=spec.build, settings=runtime.builds, push=runtime.push, push_after=registry,
-                                model=args["model"])
+                                model=runtime.model_image(args["model"]))
             self.image_ref = image.image_name
             self.image_digest = image.repo_digest
         else:

@@ -32,8 +32,14 @@ class Difference:
 
 
 def allowed_to_differ(path: str, may_differ: list[str]) -> bool:
-    """Prefix match on whole path segments: `serving.port` covers `serving.port.host_port`, not `serving.portal`."""
-    return any(path == prefix or path.startswith((f"{prefix}.", f"{prefix}[")) for prefix in may_differ)
+    """Prefix match on whole path segments, `*` standing for any one segment (a model's name): `serving.port`
+    covers `serving.port.host_port`, not `serving.portal`; `models.*.gates` covers `models.iris.gates.min_metrics`."""
+    segments = path.replace("[", ".[").split(".")
+    for prefix in may_differ:
+        wanted = prefix.split(".")
+        if len(wanted) <= len(segments) and all(want in ("*", have) for want, have in zip(wanted, segments)):
+            return True
+    return False
 
 
 def parity_rules(environments: Path = ENVIRONMENTS_DIR) -> list[str]:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from mlops_spec.models import CanaryRelease, ModelPin, TrafficSplit
+from mlops_spec.models import ModelPin, RolloutPolicy, TrafficSplit
 
 ADMIN = "admin"
 """MLflow's administrator: creates the other identities when the server starts; never used by the stack."""
@@ -151,9 +151,9 @@ def image_registry_name(stack: str) -> str:
     return f"{stack}-image-registry"
 
 
-def serving_name(stack: str, slot: str) -> str:
-    """The replicas of one slot (blue or green): a Swarm service, or containers `<name>-<index>`."""
-    return f"{stack}-serving-{slot}"
+def serving_name(stack: str, model: str, slot: str) -> str:
+    """The replicas of one slot (blue or green) of a model: a Swarm service, or containers `<name>-<index>`."""
+    return f"{stack}-{model}-{slot}"
 
 
 def gateway_name(stack: str) -> str:
@@ -193,8 +193,8 @@ class GatewayRoute:
     """`host:port` of each blue replica (on a swarm `tasks.<service>:port`, every task of the service)."""
     green: Sequence[str]
     traffic: TrafficSplit
-    canary: Optional[CanaryRelease] = None
-    """The green slot, whose `rollout` the gateway runs when it has one."""
+    rollout: Optional[tuple[ModelPin, RolloutPolicy]] = None
+    """The green release and the policy the gateway rolls it out by, when the model declares one."""
 
 
 def gateway_env(models: Sequence[GatewayRoute], prometheus_url: str | None, scrape_interval_s: int | None) -> dict[str, str]:
@@ -204,8 +204,9 @@ def gateway_env(models: Sequence[GatewayRoute], prometheus_url: str | None, scra
     for model in models:
         entry: dict[str, object] = {"name": model.name, "blue": list(model.blue), "green": list(model.green),
                                     "weights": {"blue": model.traffic.blue, "green": model.traffic.green}}
-        if model.canary is not None and model.canary.rollout is not None:
-            entry["rollout"] = {"policy": model.canary.rollout.model_dump(), "green_release": release_id(model.canary.model)}
+        if model.rollout is not None:
+            green, policy = model.rollout
+            entry["rollout"] = {"policy": policy.model_dump(), "green_release": release_id(green)}
             rollouts = True
         declared.append(entry)
     env = {GatewayEnv.MODELS: json.dumps(declared)}

@@ -6,6 +6,7 @@ loading with file:line errors in `mlops_spec.loading`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
 from urllib.parse import urlsplit
 
@@ -254,8 +255,25 @@ class TrainingSpec(StrictModel):
     gpu: bool = Field(default=False, description="request all GPUs of the host for training runs")
 
 
-class ModelPin(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+MAX_REPLICAS = 16
+MAX_MODEL_NAME = 40
+"""A model's name becomes part of container, service and image names (`<stack>-<model>-green-<n>`), which a
+stage name of up to 20 characters must still fit into a DNS label of 63."""
+
+
+def _model_name(name: str) -> str:
+    if len(name) > MAX_MODEL_NAME or not DNS_LABEL.fullmatch(name):
+        raise ValueError(f"'{excerpt(name)}' is not a model name: lowercase letters, digits and '-', starting with a "
+                         f"letter, at most {MAX_MODEL_NAME} characters (it names containers, services and images)")
+    return name
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
+
+
+class VersionPin(StrictModel):
+    """A registered version of a model: its number (or `latest`, dev and experiments only) and its sha256."""
+
     version: int | Literal["latest"] = Field(description="registry version, or 'latest' (dev and experiments only)")
     sha256: Optional[str] = None
 
@@ -277,16 +295,24 @@ class ModelPin(StrictModel):
     def is_pinned(self) -> bool:
         return isinstance(self.version, int) and self.sha256 is not None
 
+    def of(self, model: str) -> "ModelPin":
+        return ModelPin(name=model, version=self.version, sha256=self.sha256)
+
+
+class ModelPin(VersionPin):
+    """A version of the model `name`, as replicas, rollouts and promotions name it."""
+
+    name: ModelName
+
 
 class ReleaseImages(StrictModel):
     training: Optional[ImageRef] = None
     serving: Optional[ImageRef] = None
 
 
-class Release(StrictModel):
-    """The pins `mlops promote` copies from stage to stage."""
+class ModelRelease(VersionPin):
+    """What `mlops promote` copies for one model: the version and the digests of the model's images."""
 
-    model: ModelPin
     images: ReleaseImages = ReleaseImages()
 
 
@@ -316,8 +342,9 @@ class RolloutPolicy(StrictModel):
         return steps
 
 
-class CanaryRelease(StrictModel):
-    model: ModelPin
+class GreenRelease(VersionPin):
+    """Another version of the same model, served next to blue and given `traffic.green` of its requests."""
+
     serving_image: Optional[ImageRef] = Field(default=None, description="defaults to the blue serving image")
     rollout: Optional[RolloutPolicy] = Field(default=None, description="move traffic to green step by step, "
                                                                        "rolling back to blue on a breached limit")
@@ -364,19 +391,56 @@ class BatchingSpec(StrictModel):
 
 
 class ServingSpec(StrictModel):
+    """What the stage's models share: the model server, the gateway in front of them all, and the replicas and
+    limits of a model that declares none of its own."""
+
     build: Optional[str] = Field(default=None, description="build context of the serving image; dev and experiments only")
     runtime: Literal["oip", "mlserver"] = Field(default="oip", description="model server inside the serving image")
-    replicas: int = Field(default=1, ge=1, le=16)
-    limits: Limits
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS, description="replicas of each slot of a model that declares none")
+    limits: Limits = Field(description="limits of each replica of a model that declares none")
     port: PublishedPort
     health_check: HealthCheck = HealthCheck()
-    traffic: TrafficSplit = TrafficSplit()
-    green: Optional[CanaryRelease] = None
     gateway: GatewaySpec
+
+
+class PromotionGates(StrictModel):
+    min_metrics: dict[str, float] = Field(default_factory=dict, description="metric -> lowest value a promoted model may have")
+
+
+class ModelDeployment(StrictModel):
+    """One model of the stage (its project is models/<name>): the version it serves and how."""
+
+    release: Optional[ModelRelease] = Field(default=None, description="the version blue serves, with its images; "
+                                                                      "absent: the model is not served here yet")
+    replicas: Optional[int] = Field(default=None, ge=1, le=MAX_REPLICAS, description="replicas of each slot; default "
+                                                                          "serving.replicas")
+    limits: Optional[Limits] = Field(default=None, description="limits of each replica; default serving.limits")
+    traffic: TrafficSplit = TrafficSplit()
+    green: Optional[GreenRelease] = None
+    gates: PromotionGates = PromotionGates()
     sampling: Optional[SamplingSpec] = Field(default=None, description="keep a share of the infer rows and their "
                                                                        "predictions to label; absent: off")
     batching: Optional[BatchingSpec] = Field(default=None, description="stack concurrent requests into one predict "
                                                                        "call; absent: off")
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A model the stage serves, with the stage-wide defaults filled in."""
+
+    name: str
+    release: ModelRelease
+    deployment: ModelDeployment
+    replicas: int
+    limits: Limits
+
+    @property
+    def pin(self) -> ModelPin:
+        return self.release.of(self.name)
+
+    @property
+    def green_pin(self) -> Optional[ModelPin]:
+        return None if self.deployment.green is None else self.deployment.green.of(self.name)
 
 
 class MonitoringSpec(StrictModel):
@@ -394,10 +458,6 @@ class MonitoringSpec(StrictModel):
                                                "(0.1: a shift worth a look, 0.25: a large one)")
     drift_window_rows: int = Field(default=1000, ge=100, le=100_000,
                                    description="recent rows each replica compares with the training data")
-
-
-class PromotionGates(StrictModel):
-    min_metrics: dict[str, float] = Field(default_factory=dict, description="metric -> lowest value a promoted model may have")
 
 
 class ParityRules(StrictModel):
@@ -482,8 +542,8 @@ class StageSpec(StrictModel):
     image_registry: ImageRegistrySpec
     training: TrainingSpec
     serving: ServingSpec
-    release: Optional[Release] = None
-    gates: PromotionGates = PromotionGates()
+    models: dict[ModelName, ModelDeployment] = Field(default_factory=dict, description="the stage's models by name, "
+                                                                                        "each trained from models/<name>")
     parity: ParityRules = ParityRules()
     monitoring: Optional[MonitoringSpec] = Field(default=None, description="Prometheus scraping the gateway and replicas")
     experiment: Optional[ExperimentInfo] = None
@@ -510,15 +570,31 @@ class StageSpec(StrictModel):
             return self.swarm.registry_address
         return None if port is None else f"localhost:{port}"
 
+    def served_models(self) -> list[ServedModel]:
+        """The models with a release, by name."""
+        return [ServedModel(name=name, release=deployment.release, deployment=deployment,
+                            replicas=deployment.replicas or self.serving.replicas,
+                            limits=deployment.limits or self.serving.limits)
+                for name, deployment in sorted(self.models.items()) if deployment.release is not None]
+
+    @property
+    def samples(self) -> bool:
+        """Whether any model keeps samples, which the artifact store's samples volume is for."""
+        return any(deployment.sampling is not None for deployment in self.models.values())
+
     def promoted_image_pins(self) -> dict[str, str]:
         """Every image this stage runs that was promoted to it, by spec path."""
-        pins: dict[str, str] = {}
-        if self.release is not None:
-            pins |= {f"release.images.{role}": ref for role, ref in
-                     (("training", self.release.images.training), ("serving", self.release.images.serving)) if ref}
-        if self.serving.green is not None and self.serving.green.serving_image is not None:
-            pins["serving.green.serving_image"] = self.serving.green.serving_image
-        return pins
+        return {path: ref for path, ref in self._workload_images().items() if ref is not None}
+
+    def _workload_images(self) -> dict[str, Optional[str]]:
+        found: dict[str, Optional[str]] = {}
+        for name, deployment in sorted(self.models.items()):
+            if deployment.release is not None:
+                found[f"models.{name}.release.images.training"] = deployment.release.images.training
+                found[f"models.{name}.release.images.serving"] = deployment.release.images.serving
+            if deployment.green is not None and deployment.green.serving_image is not None:
+                found[f"models.{name}.green.serving_image"] = deployment.green.serving_image
+        return found
 
     def images(self) -> dict[str, ImageSource | str | None]:
         """Every image this stage runs, by spec path, for the pinning invariant."""
@@ -529,9 +605,4 @@ class StageSpec(StrictModel):
         }
         if self.monitoring is not None:
             found["monitoring.image"] = self.monitoring.image
-        if self.release is not None:
-            found["release.images.training"] = self.release.images.training
-            found["release.images.serving"] = self.release.images.serving
-        if self.serving.green is not None and self.serving.green.serving_image is not None:
-            found["serving.green.serving_image"] = self.serving.green.serving_image
-        return found
+        return found | dict(self._workload_images())

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Optional
 
 from mlops_spec.errors import excerpt
-from mlops_spec.models import DIGEST_REF, ImageSource, StageSpec, SwarmSpec
+from mlops_spec.contract import serving_name
+from mlops_spec.models import DIGEST_REF, MAX_DNS_LABEL, MAX_REPLICAS, ImageSource, ModelDeployment, StageSpec, SwarmSpec
 from mlops_spec.project import build_context_problem, model_project_file, project_root
 
 
@@ -20,10 +21,11 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
     elif spec.promote_from == spec.stage:
         broken.append(("promote_from", f"{spec.stage} cannot be promoted from itself"))
     if spec.builds_workloads:
-        if spec.release is not None and not (project_root() / model_project_file(spec.release.model.name)).is_file():
-            broken.append(("release.model.name", f"{spec.kind} stages build the model's images from its project, and "
-                                                 f"{model_project_file(spec.release.model.name)} does not exist; add "
-                                                 "the project (docs/models.md) or name a model that has one"))
+        for name in sorted(spec.models):
+            if not (project_root() / model_project_file(name)).is_file():
+                broken.append((f"models.{name}", f"{spec.kind} stages build each model's images from its project, and "
+                                                 f"{model_project_file(name)} does not exist; add the project "
+                                                 "(docs/models.md) or remove the model"))
         for path, context in (("training.build", spec.training.build), ("serving.build", spec.serving.build)):
             if context is None:
                 broken.append((path, f"{spec.kind} stages build their workload images: set a build context"))
@@ -33,47 +35,8 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
         for path, context in (("training.build", spec.training.build), ("serving.build", spec.serving.build)):
             if context is not None:
                 broken.append((path, f"{spec.kind} never builds workload images (build once, promote by digest); remove it"))
-        if spec.release is not None:
-            pin = spec.release.model
-            if not pin.is_pinned:
-                broken.append(("release.model", "outside dev, pin the model by an integer version and its sha256"))
-            for role in ("training", "serving"):
-                if getattr(spec.release.images, role) is None:
-                    broken.append((f"release.images.{role}", "promoted stages run the image digest promoted to them: name@sha256:<digest>"))
-        if spec.serving.green is not None and not spec.serving.green.model.is_pinned:
-            broken.append(("serving.green.model", "outside dev, pin the model by an integer version and its sha256"))
-
-    green = spec.serving.green
-    if green is not None and spec.release is not None and green.model.name != spec.release.model.name:
-        # The gateway routes /v2/models/<name>/ to blue and green alike: a green of another model would answer its
-        # share of the blue model's requests with 404.
-        broken.append(("serving.green.model.name", f"'{excerpt(green.model.name)}' is another model than blue's "
-                                                   f"release.model.name ({spec.release.model.name}): the green slot "
-                                                   "serves another version of the same model"))
-    if spec.serving.traffic.green > 0 and spec.serving.green is None:
-        broken.append(("serving.traffic.green", "is above 0 but no 'serving.green' release is declared to receive it"))
-    rollout = spec.serving.green.rollout if spec.serving.green is not None else None
-    scrape_interval_s = spec.monitoring.scrape_interval_s if spec.monitoring is not None else None
-    if rollout is not None and scrape_interval_s is None:
-        broken.append(("serving.green.rollout", "a rollout is judged from the stage's Prometheus: declare "
-                                                "'monitoring' too"))
-    elif rollout is not None and scrape_interval_s is not None and rollout.bake_time_s < 4 * scrape_interval_s:
-        broken.append(("serving.green.rollout.bake_time_s", f"{rollout.bake_time_s} s is shorter than 4 scrapes of "
-                                                            f"monitoring.scrape_interval_s ({scrape_interval_s} "
-                                                            "s), the least a step is judged over"))
-    elif rollout is not None and rollout.steps[0] <= spec.serving.traffic.green:
-        broken.append(("serving.green.rollout.steps", f"the first step ({rollout.steps[0]}) must be above the declared "
-                                                      f"serving.traffic.green ({spec.serving.traffic.green}), where "
-                                                      "the rollout starts"))
-    batching = spec.serving.batching
-    if batching is not None and batching.max_batch_time_ms >= spec.serving.health_check.timeout_s * 1000:
-        broken.append(("serving.batching.max_batch_time_ms",
-                       f"{batching.max_batch_time_ms:g} ms is not below serving.health_check.timeout_s "
-                       f"({spec.serving.health_check.timeout_s} s): a request would wait for company longer than a "
-                       "replica may take to answer at all; use a few milliseconds"))
-    if spec.serving.sampling is not None and spec.serving.runtime != "oip":
-        broken.append(("serving.sampling", f"the {spec.serving.runtime} runtime does not sample requests; use "
-                                           "serving.runtime oip, or remove sampling"))
+    for name, deployment in sorted(spec.models.items()):
+        broken.extend(model_problems(spec, f"models.{name}", deployment))
     if spec.kind in ("staging", "prod"):
         for path, image in spec.images().items():
             ref = image.ref if isinstance(image, ImageSource) else image
@@ -90,14 +53,67 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
                                      f"({own}<image>@sha256:<digest>): promote with `mlops promote --to {spec.stage}`, "
                                      "which copies the image there"))
     if spec.kind == "prod":
-        if spec.serving.replicas < 2:
-            broken.append(("serving.replicas", f"prod serves with at least 2 replicas, got {spec.serving.replicas}"))
+        for model in spec.served_models():
+            if model.replicas < 2:
+                path = f"models.{model.name}.replicas" if model.deployment.replicas is not None else "serving.replicas"
+                broken.append((path, f"prod serves each model with at least 2 replicas, got {model.replicas} for "
+                                     f"{model.name}"))
         if not spec.artifact_store.protect:
             broken.append(("artifact_store.protect", "prod data volumes must be protected: set true"))
     if spec.swarm is not None:
         broken.extend(swarm_problems(spec, spec.swarm))
     if spec.kind == "experiment" and spec.experiment is None:
         broken.append(("experiment", "experiment stages carry their name, owner and expiry"))
+    return broken
+
+
+def model_problems(spec: StageSpec, path: str, deployment: ModelDeployment) -> list[tuple[str, str]]:
+    """Rules of one model of the stage; `path` is where the stage file declares it (models.<name>)."""
+    broken: list[tuple[str, str]] = []
+    release, green = deployment.release, deployment.green
+    name = path.rpartition(".")[2]
+    longest = f"{serving_name(spec.stage, name, 'green')}-{MAX_REPLICAS - 1}"
+    if len(longest) > MAX_DNS_LABEL:
+        broken.append((path, f"'{name}' makes replica names such as {longest} longer than {MAX_DNS_LABEL} characters "
+                             f"with stage '{spec.stage}'; use a shorter model name"))
+    if not spec.builds_workloads:
+        if release is not None:
+            if not release.is_pinned:
+                broken.append((f"{path}.release", "outside dev, pin the model by an integer version and its sha256"))
+            for role in ("training", "serving"):
+                if getattr(release.images, role) is None:
+                    broken.append((f"{path}.release.images.{role}", "promoted stages run the image digest promoted "
+                                                                     "to them: name@sha256:<digest>"))
+        if green is not None and not green.is_pinned:
+            broken.append((f"{path}.green", "outside dev, pin the model by an integer version and its sha256"))
+    if green is not None and release is None:
+        broken.append((f"{path}.green", "a green slot serves another version next to blue: declare the model's "
+                                        "release first"))
+    if deployment.traffic.green > 0 and green is None:
+        broken.append((f"{path}.traffic.green", "is above 0 but no green release of the model is declared to "
+                                                "receive it"))
+    rollout = green.rollout if green is not None else None
+    scrape_interval_s = spec.monitoring.scrape_interval_s if spec.monitoring is not None else None
+    if rollout is not None and scrape_interval_s is None:
+        broken.append((f"{path}.green.rollout", "a rollout is judged from the stage's Prometheus: declare "
+                                                "'monitoring' too"))
+    elif rollout is not None and scrape_interval_s is not None and rollout.bake_time_s < 4 * scrape_interval_s:
+        broken.append((f"{path}.green.rollout.bake_time_s", f"{rollout.bake_time_s} s is shorter than 4 scrapes of "
+                                                            f"monitoring.scrape_interval_s ({scrape_interval_s} "
+                                                            "s), the least a step is judged over"))
+    elif rollout is not None and rollout.steps[0] <= deployment.traffic.green:
+        broken.append((f"{path}.green.rollout.steps", f"the first step ({rollout.steps[0]}) must be above the "
+                                                      f"declared {path}.traffic.green ({deployment.traffic.green}), "
+                                                      "where the rollout starts"))
+    batching = deployment.batching
+    if batching is not None and batching.max_batch_time_ms >= spec.serving.health_check.timeout_s * 1000:
+        broken.append((f"{path}.batching.max_batch_time_ms",
+                       f"{batching.max_batch_time_ms:g} ms is not below serving.health_check.timeout_s "
+                       f"({spec.serving.health_check.timeout_s} s): a request would wait for company longer than a "
+                       "replica may take to answer at all; use a few milliseconds"))
+    if deployment.sampling is not None and spec.serving.runtime != "oip":
+        broken.append((f"{path}.sampling", f"the {spec.serving.runtime} runtime does not sample requests; use "
+                                           "serving.runtime oip, or remove sampling"))
     return broken
 
 
@@ -109,22 +125,25 @@ def swarm_problems(spec: StageSpec, swarm: SwarmSpec) -> list[tuple[str, str]]:
         if not port.public or port.bind_address != "0.0.0.0":
             broken.append((path, "a swarm publishes ports on every address of a node: set bind_address: 0.0.0.0 "
                                  "and public: true (and firewall the nodes' network)"))
-    if spec.serving.green is not None and spec.serving.green.rollout is not None:
-        broken.append(("serving.green.rollout", "not on a swarm stage: every edge node runs a gateway of its own, "
-                                                "and each would move green's weight and record the rollout on its "
-                                                "own; move serving.traffic in the stage file instead"))
-    if spec.serving.sampling is not None:
-        broken.append(("serving.sampling", "not on a swarm stage: replicas run on many nodes and the samples volume "
-                                           "is local to one; remove 'serving.sampling' or 'swarm'"))
+    for name, deployment in sorted(spec.models.items()):
+        if deployment.green is not None and deployment.green.rollout is not None:
+            broken.append((f"models.{name}.green.rollout", "not on a swarm stage: every edge node runs a gateway of "
+                                                            "its own, and each would move green's weight and record "
+                                                            "the rollout on its own; move the model's traffic in the "
+                                                            "stage file instead"))
+        if deployment.sampling is not None:
+            broken.append((f"models.{name}.sampling", "not on a swarm stage: replicas run on many nodes and the "
+                                                      "samples volume is local to one; remove the sampling or 'swarm'"))
     if spec.image_registry.enabled and spec.image_registry.port.host_port != int(swarm.registry_address.rpartition(":")[2]):
         broken.append(("swarm.registry_address", f"the port must be image_registry.port.host_port "
                                                  f"({spec.image_registry.port.host_port}), where the registry listens"))
     if not spec.image_registry.enabled:
         broken.append(("image_registry.enabled", "a swarm stage needs its registry: every node pulls the stage's images from it"))
-    for resource in ("cpus", "memory_mb"):
-        if getattr(swarm.reservations, resource) > getattr(spec.serving.limits, resource):
-            broken.append((f"swarm.reservations.{resource}", f"reserves more than serving.limits.{resource} "
-                                                            f"({getattr(spec.serving.limits, resource)}) allows"))
+    for model in spec.served_models():
+        for resource in ("cpus", "memory_mb"):
+            if getattr(swarm.reservations, resource) > getattr(model.limits, resource):
+                broken.append((f"swarm.reservations.{resource}", f"reserves more than {model.name}'s replicas may use "
+                                                                f"({resource} {getattr(model.limits, resource)})"))
     if spec.training.gpu and not (swarm.training.generic_resources or swarm.training.constraints):
         broken.append(("training.gpu", "on a swarm, place GPU training with swarm.training.generic_resources "
                                        "(e.g. {NVIDIA-GPU: 1}) or a node label in swarm.training.constraints"))
