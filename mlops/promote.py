@@ -35,7 +35,7 @@ from mlops.reach import StageReach, Unreachable
 from mlops_spec.contract import PROMOTER, release_id
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stage, stage_file
-from mlops_spec.models import CanaryRelease, ModelPin, ReleaseImages, StageSpec
+from mlops_spec.models import GreenRelease as CanaryRelease, ModelPin, ReleaseImages, StageSpec
 from mlops_spec.project import ENVIRONMENTS_DIR
 
 StoreFactory = Callable[[str, BasicAuth], ModelStore]

@@ -38,7 +38,8 @@ def _keys(model: type[BaseModel]) -> dict[str, Any]:
 
 def _allowed_keys(root: type[BaseModel], parent_loc: tuple) -> list[str]:
     model: Any = root
-    for part in parent_loc:
+    parts = iter(parent_loc)
+    for part in parts:
         if isinstance(part, int):
             continue
         field = _keys(model).get(part)
@@ -49,6 +50,8 @@ def _allowed_keys(root: type[BaseModel], parent_loc: tuple) -> list[str]:
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 model = candidate
                 break
+        if getattr(annotation, "__origin__", None) is dict:
+            next(parts, None)  # the entry's own key, e.g. a model's name under `models`
     return sorted(_keys(model))
 
 

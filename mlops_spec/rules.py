@@ -53,11 +53,11 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
                                      f"({own}<image>@sha256:<digest>): promote with `mlops promote --to {spec.stage}`, "
                                      "which copies the image there"))
     if spec.kind == "prod":
-        for model in spec.served_models():
-            if model.replicas < 2:
-                path = f"models.{model.name}.replicas" if model.deployment.replicas is not None else "serving.replicas"
-                broken.append((path, f"prod serves each model with at least 2 replicas, got {model.replicas} for "
-                                     f"{model.name}"))
+        declared = {"serving.replicas": spec.serving.replicas} | {
+            f"models.{name}.replicas": deployment.replicas for name, deployment in sorted(spec.models.items())
+            if deployment.replicas is not None}
+        broken.extend((path, f"prod serves each model with at least 2 replicas, got {replicas}")
+                      for path, replicas in declared.items() if replicas < 2)
         if not spec.artifact_store.protect:
             broken.append(("artifact_store.protect", "prod data volumes must be protected: set true"))
     if spec.swarm is not None:

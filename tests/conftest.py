@@ -21,23 +21,24 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def private_copy_of_dev(name: str, ports: dict[str, int]) -> dict:
+def private_copy_of_dev(name: str, ports: dict[str, int], models: tuple[str, ...] = ("iris-classifier",)) -> dict:
     """dev.yaml as stage file of a throw-away experiment `name`, on free host `ports` (`mlflow`, `registry`,
-    `gateway`), without dev's release: a test's own stage never touches a real one on the same engine."""
+    `gateway`), declaring `models` (dev's) without a release: a test's own stage never touches a real one on the
+    same engine, and builds the images of the models it trains only."""
     import yaml
 
     from mlops_spec.project import ENVIRONMENTS_DIR
 
     spec = yaml.safe_load((ENVIRONMENTS_DIR / "dev.yaml").read_text())
-    spec.pop("release", None)
+    assert set(models) <= set(spec["models"]), f"dev declares {sorted(spec['models'])}"
     return spec | {
         "experiment": {"name": name, "owner": "tests", "source_stage": "dev",
                        "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T01:00:00Z"},
         "model_registry": {"port": {"host_port": ports["mlflow"]}},
         "image_registry": {"port": {"host_port": ports["registry"]}},
         "serving": {**spec["serving"], "port": {"host_port": ports["gateway"]}},
+        "models": {model: {} for model in models},
     }
-
 
 def fetch_build_inputs() -> None:
     """What the image builds install offline, as `make wheels` fetches it: the wheels of every hashed lock (the
@@ -89,14 +90,18 @@ def pinned_image(stage: str, role: str, digest: str) -> str:
     return f"localhost:{REGISTRY_PORTS[stage]}/{stage}/{role}@{digest}"
 
 
+FIXTURE_MODEL = "iris-classifier"
+
+
 def fixture_release(stage: str) -> dict:
-    return {"model": {"name": "iris-classifier", "version": 4, "sha256": FIXTURE_MODEL_SHA256},
-            "images": {"training": pinned_image(stage, "training", FIXTURE_TRAINING_DIGEST),
-                       "serving": pinned_image(stage, "serving", FIXTURE_SERVING_DIGEST)}}
+    """iris-classifier's release as `mlops promote` pins it in `stage` (models.iris-classifier.release)."""
+    return {"version": 4, "sha256": FIXTURE_MODEL_SHA256,
+            "images": {"training": pinned_image(stage, f"{FIXTURE_MODEL}-training", FIXTURE_TRAINING_DIGEST),
+                       "serving": pinned_image(stage, f"{FIXTURE_MODEL}-serving", FIXTURE_SERVING_DIGEST)}}
 
 
-FIXTURE_TRAINING_IMAGE = pinned_image("prod", "training", FIXTURE_TRAINING_DIGEST)
-FIXTURE_SERVING_IMAGE = pinned_image("prod", "serving", FIXTURE_SERVING_DIGEST)
+FIXTURE_TRAINING_IMAGE = pinned_image("prod", f"{FIXTURE_MODEL}-training", FIXTURE_TRAINING_DIGEST)
+FIXTURE_SERVING_IMAGE = pinned_image("prod", f"{FIXTURE_MODEL}-serving", FIXTURE_SERVING_DIGEST)
 
 
 @pytest.fixture
@@ -119,7 +124,7 @@ def released_environments(environments):
     for stage in ("staging", "prod"):
         file = environments / f"{stage}.yaml"
         data = yaml.safe_load(file.read_text()) or {}
-        data["release"] = fixture_release(stage)
+        data["models"][FIXTURE_MODEL]["release"] = fixture_release(stage)
         file.write_text(yaml.safe_dump(data, sort_keys=False))
     return environments
 

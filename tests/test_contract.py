@@ -13,7 +13,7 @@ import pytest
 
 from mlops_spec import contract
 from mlops_spec.contract import GatewayEnv, MlflowEnv, PrometheusEnv, RegistryEnv, ReplicaEnv, TrackingEnv, TrainingEnv
-from mlops_spec.models import CanaryRelease, ModelPin, TrafficSplit
+from mlops_spec.models import MAX_MODEL_NAME, ModelPin, RolloutPolicy, TrafficSplit
 from mlops_spec.project import REPO_ROOT
 
 IMAGES = REPO_ROOT / "images"
@@ -63,13 +63,11 @@ def test_the_gateway_reads_the_models_and_rollouts_the_contract_renders(tmp_path
     sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
     import gateway  # noqa: PLC0415 - the gateway image's module, on its own path
 
-    green = CanaryRelease.model_validate({
-        "model": {"name": "iris-classifier", "version": 3, "sha256": "a" * 64},
-        "rollout": {"steps": [10, 100], "bake_time_s": 60, "max_error_rate_increase": 0.01,
-                    "max_p99_latency_ratio": 1.5}})
-    routes = [contract.GatewayRoute("iris-classifier", ["s-serving-blue-0:8080", "s-serving-blue-1:8080"],
-                                    ["s-serving-green-0:8080"], TrafficSplit(blue=100, green=0), green),
-              contract.GatewayRoute("diabetes.v2", ["tasks.s-diabetes-blue:8080"], [], TrafficSplit())]
+    green = ModelPin(name="iris-classifier", version=3, sha256="a" * 64)
+    policy = RolloutPolicy(steps=[10, 100], bake_time_s=60, max_error_rate_increase=0.01, max_p99_latency_ratio=1.5)
+    routes = [contract.GatewayRoute("iris-classifier", ["s-iris-classifier-blue-0:8080", "s-iris-classifier-blue-1:8080"],
+                                    ["s-iris-classifier-green-0:8080"], TrafficSplit(blue=100, green=0), (green, policy)),
+              contract.GatewayRoute("diabetes-regressor", ["tasks.s-diabetes-regressor-blue:8080"], [], TrafficSplit())]
     env = contract.gateway_env(routes, "http://prometheus:9090", 15)
     assert env[GatewayEnv.ROLLOUT_DIR] == contract.ROLLOUT_DIR
     env[GatewayEnv.ROLLOUT_DIR] = str(tmp_path)  # the volume's mount point, writable here
@@ -81,12 +79,16 @@ def test_the_gateway_reads_the_models_and_rollouts_the_contract_renders(tmp_path
     rollouts = gateway.controllers_from_env(env, {model.name: (model.rollout, model.green_weight)
                                                   for model in models if model.rollout is not None})
     assert list(rollouts) == ["iris-classifier"]
-    assert rollouts["iris-classifier"].green_release == contract.release_id(green.model)
-    assert vars(rollouts["iris-classifier"].policy) == {**green.rollout.model_dump(), "steps": (10, 100)}
+    assert rollouts["iris-classifier"].green_release == contract.release_id(green)
+    assert vars(rollouts["iris-classifier"].policy) == {**policy.model_dump(), "steps": (10, 100)}
     assert (tmp_path / "iris-classifier" / "state.json").exists()
     assert contract.rollout_folder("iris-classifier") == f"{contract.ROLLOUT_DIR}/iris-classifier"
-    assert gateway.MODEL_NAME.pattern == ModelPin.model_fields["name"].metadata[0].pattern, \
-        "the gateway accepts every model name a pin may have"
+    for name in ("a", "iris-classifier", "m" * MAX_MODEL_NAME, "x2-y"):
+        assert gateway.MODEL_NAME.match(name) and ModelPin(name=name, version=1), "the gateway accepts every model name"
+    for name in ("Iris", "iris_classifier", "iris.v2", "-iris", "iris-", "m" * (MAX_MODEL_NAME + 1), "2iris"):
+        assert not gateway.MODEL_NAME.match(name), f"the gateway routes no model the spec refuses: {name}"
+        with pytest.raises(ValueError, match="is not a model name"):
+            ModelPin(name=name, version=1)
     assert set(contract.gateway_env(routes[1:], None, None)) == {GatewayEnv.MODELS}, "no rollout, no Prometheus"
 
 

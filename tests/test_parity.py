@@ -42,19 +42,19 @@ def test_different_serving_image_fails_naming_path_and_values(released_environme
     offending = [d for d in check_parity(["staging", "prod"], released_environments) if not d.allowed]
     # Each stage pins its own registry's copy, so parity compares what runs: the digest.
     assert [(d.path, d.values) for d in offending] == [
-        ("release.images.serving", {"staging": FIXTURE_SERVING_DIGEST, "prod": OTHER_SERVING_DIGEST})]
+        ("models.iris-classifier.release.images.serving", {"staging": FIXTURE_SERVING_DIGEST, "prod": OTHER_SERVING_DIGEST})]
     result = invoke("staging", "prod", "--environments", str(released_environments))
     assert result.exit_code == 1
-    assert (f"differs   release.images.serving: staging='{FIXTURE_SERVING_DIGEST}', prod='{OTHER_SERVING_DIGEST}'"
+    assert (f"differs   models.iris-classifier.release.images.serving: staging='{FIXTURE_SERVING_DIGEST}', prod='{OTHER_SERVING_DIGEST}'"
             in result.output)
 
 
 def test_a_stage_cannot_widen_its_own_parity_rules(released_environments):
     prod = released_environments / "prod.yaml"
     prod.write_text(prod.read_text().replace(FIXTURE_SERVING_IMAGE, OTHER_SERVING_IMAGE)
-                    + "parity:\n  may_differ: [release]\n")
+                    + "parity:\n  may_differ: [models]\n")
     offending = {d.path for d in check_parity(["staging", "prod"], released_environments) if not d.allowed}
-    assert "release.images.serving" in offending
+    assert "models.iris-classifier.release.images.serving" in offending
     assert any(path.startswith("parity.may_differ") for path in offending)
 
 

@@ -46,6 +46,12 @@ image_registry:
 serving:
   replicas: 2
   port: {host_port: 8150}
+
+models:
+  iris-classifier:
+    gates: {min_metrics: {accuracy: 0.85}}
+  diabetes-regressor:
+    gates: {min_metrics: {r2: 0.3}}
 """
 
 PROD_EU = """# prod-eu: a second production stage, on a host of its own.
@@ -73,6 +79,12 @@ serving:
 
 monitoring:
   port: {host_port: 5290}
+
+models:
+  iris-classifier:
+    gates: {min_metrics: {accuracy: 0.9}}
+  diabetes-regressor:
+    gates: {min_metrics: {r2: 0.35}}
 """
 
 
@@ -135,17 +147,20 @@ def test_a_prod_kind_stage_gets_every_prod_rule_whatever_its_name(environments):
     replace(environments / "prod-eu.yaml", "  replicas: 3", "  replicas: 1")
     with pytest.raises(SpecError) as raised:
         load_stage("prod-eu", environments)
-    assert str(raised.value).endswith("prod-eu.yaml:21: serving.replicas: prod serves with at least 2 replicas, "
-                                          "got 1")
+    assert str(raised.value).endswith("prod-eu.yaml:21: serving.replicas: prod serves each model with at least 2 "
+                                      "replicas, got 1")
 
     replace(environments / "prod-eu.yaml", "  replicas: 1", "  replicas: 2")
-    append(environments / "prod-eu.yaml", "\nrelease:\n  model: {name: iris-classifier, version: 3, sha256: "
-                                          f"{'a' * 64}}}\n  images:\n    training: prod-eu/training:v3\n"
-                                          f"    serving: localhost:5201/prod-eu/serving@{FIXTURE_SERVING_DIGEST}\n")
+    replace(environments / "prod-eu.yaml", "  iris-classifier:\n", "  iris-classifier:\n    release:\n"
+                                           f"      version: 3\n      sha256: {'a' * 64}\n      images:\n"
+                                           "        training: prod-eu/iris-classifier-training:v3\n"
+                                           "        serving: localhost:5201/prod-eu/iris-classifier-serving@"
+                                           f"{FIXTURE_SERVING_DIGEST}\n")
     with pytest.raises(SpecError) as raised:
         load_stage("prod-eu", environments)
-    assert str(raised.value).endswith("prod-eu.yaml:30: release.images.training: 'prod-eu/training:v3' is not pinned "
-                                      "by digest; use name@sha256:<64 hex> (no 'latest', no bare tag)")
+    assert str(raised.value).endswith("prod-eu.yaml:33: models.iris-classifier.release.images.training: "
+                                      "'prod-eu/iris-classifier-training:v3' is not pinned by digest; use "
+                                      "name@sha256:<64 hex> (no 'latest', no bare tag)")
 
 
 BROKEN_STAGES = {
@@ -156,9 +171,9 @@ BROKEN_STAGES = {
                                "dev.yaml:2: kind: say what this stage is: dev, staging or prod (got 'experiment'; "
                                "experiments are made by `mlops exp up`, never declared)"),
     "a kind in base.yaml": (lambda env: append(env / "base.yaml", "kind: prod\n"),
-                            "base.yaml:59: kind: each stage says what it is in its own file; remove it from base.yaml"),
+                            "base.yaml:60: kind: each stage says what it is in its own file; remove it from base.yaml"),
     "a stage naming itself": (lambda env: append(env / "dev.yaml", "stage: prod\n"),
-                              "dev.yaml:14: stage: a stage is named by its file; remove this key"),
+                              "dev.yaml:17: stage: a stage is named by its file; remove this key"),
     "staging without a source": (lambda env: replace(env / "staging.yaml", "promote_from: dev\n", ""),
                                  "staging.yaml:3: kind: staging stages run only what is promoted to them: add "
                                  "promote_from: <stage> naming the stage their releases come from"),

@@ -40,8 +40,8 @@ RUNTIME_DIR = Path("/tmp/nginx")
 RESOLVE_INTERVAL_S = 2.0
 POOLS = ("blue", "green")
 MODELS_VARIABLE = "GATEWAY_MODELS"
-# The model pin's name (mlops_spec/models.py ModelPin.name): it names nginx upstreams and route folders too.
-MODEL_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+# A model's name (mlops_spec/models.py ModelName, a DNS label): it names nginx upstreams and route folders too.
+MODEL_NAME = re.compile(r"^[a-z]([a-z0-9-]{0,38}[a-z0-9])?$")
 MODEL_KEYS = {"name", "blue", "green", "weights", "rollout"}
 # Keep idle connections to each replica open longer than a request burst, shorter than the replicas'
 # own keep-alive (75 s), so the gateway is always the side that closes them.

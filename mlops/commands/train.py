@@ -41,7 +41,7 @@ from mlops_spec.contract import (
 )
 from mlops_spec.errors import SpecError, excerpt, one_line
 from mlops_spec.loading import load_stages, stage_file
-from mlops_spec.models import Release, StageSpec
+from mlops_spec.models import ModelRelease as Release, StageSpec
 
 console = Console()
 errors = Console(stderr=True)
