@@ -25,7 +25,13 @@ from tests.test_spec_errors import replace, run_cli
 
 SERVICE = "docker:index/service:Service"
 SECRET = "docker:index/secret:Secret"
-PINNED = {"release": {"model": {"name": "iris-classifier", "version": 3, "sha256": "a" * 64}}}
+MODEL = "iris-classifier"
+OTHER_MODEL = "diabetes-regressor"
+"""cluster.yaml serves both shipped models; the tests pin and split the first."""
+BLUE, GREEN = "cluster-serving-iris-classifier-blue", "cluster-serving-iris-classifier-green"
+PINNED = {"models": {MODEL: {"release": {"version": 3, "sha256": "a" * 64}}}}
+CANARY = {"models": {MODEL: {"release": {"version": 3, "sha256": "a" * 64}, "green": {"version": 4, "sha256": "c" * 64},
+                             "traffic": {"blue": 90, "green": 10}}}}
 SECRETS = {"mlops:registryPassword": "swarm-registry-password-0123", "mlops:mlflowPassword": "swarm-mlflow-secret-0123"}
 
 
@@ -48,7 +54,9 @@ def test_a_swarm_stage_runs_every_long_lived_part_as_a_service_on_an_attachable_
     assert counts["docker:index/container:Container"] == 0
     assert sorted(name for name, r in cluster.items() if r.type == SERVICE) == [
         "cluster-image-registry-server", "cluster-model-registry-server", "cluster-monitoring-prometheus",
-        "cluster-serving-blue", "cluster-serving-gateway"]
+        "cluster-serving-diabetes-regressor-blue", "cluster-serving-gateway", BLUE]
+    names = {r.inputs["name"] for r in cluster.values() if r.type == SERVICE}
+    assert {"cluster-iris-classifier-blue", "cluster-diabetes-regressor-blue"} <= names, "one service per model and slot"
     network = cluster["cluster-network"].inputs
     assert (network["driver"], network["attachable"], network["name"]) == ("overlay", True, "cluster-net")
     for name, resource in cluster.items():
@@ -68,7 +76,7 @@ def test_shipped_stages_stay_single_host():
 
 def test_serving_replicas_are_spread_limited_reserved_health_checked_and_hardened(cluster):
     spec = load_stage("cluster", overrides=PINNED)
-    blue = cluster["cluster-serving-blue"].inputs
+    blue = cluster[BLUE].inputs
     task = blue["taskSpec"]
     assert blue["mode"] == {"replicated": {"replicas": spec.serving.replicas}}
     assert task["placement"] == {"constraints": ["node.role != manager"], "prefs": ["node.hostname"]}
@@ -93,7 +101,7 @@ def test_serving_replicas_are_spread_limited_reserved_health_checked_and_hardene
 def test_rolling_updates_go_one_at_a_time_start_first_and_roll_back_on_any_failure(cluster):
     spec = load_stage("cluster", overrides=PINNED)
     check = spec.serving.health_check
-    blue = cluster["cluster-serving-blue"].inputs
+    blue = cluster[BLUE].inputs
     window = runtimes.swarm_duration((check.retries + 1) * (check.interval_s + check.timeout_s))
     assert blue["updateConfig"] == {"parallelism": 1, "delay": "0s", "order": "start-first",
                                     "failureAction": "rollback", "monitor": window, "maxFailureRatio": "0.0"}
@@ -101,7 +109,7 @@ def test_rolling_updates_go_one_at_a_time_start_first_and_roll_back_on_any_failu
     # A pinned release makes `pulumi up` wait for every replica to roll, a window per replica.
     timeout = runtimes.converge_within_s(check, spec.serving.replicas)
     assert blue["convergeConfig"] == {"delay": "7s", "timeout": runtimes.swarm_duration(timeout)}
-    following_latest = render({})["cluster-serving-blue"].inputs
+    following_latest = render({})[BLUE].inputs
     assert "convergeConfig" not in following_latest
 
 
@@ -109,14 +117,12 @@ def test_every_tmpfs_mode_is_read_back_by_the_provider_as_declared():
     """The provider reads a tmpfs mode back as Go's `FileMode.Perm()`, the permission bits alone
     (resource_docker_service_structures.go, flattenServiceMounts); a sticky or setuid bit in the declared mode
     would differ from every read, and `mounts` is a set compared whole: every `pulumi up` would update the service."""
-    canary = {**PINNED, "serving": {"green": {"model": {"name": "iris-classifier", "version": 4, "sha256": "c" * 64}},
-                                    "traffic": {"blue": 90, "green": 10}}}
     modes = {(name, mount["target"]): mount["tmpfsOptions"]["mode"]
-             for name, resource in render(canary).items() if resource.type == SERVICE
+             for name, resource in render(CANARY).items() if resource.type == SERVICE
              for mount in resource.inputs["taskSpec"]["containerSpec"]["mounts"] if mount["type"] == "tmpfs"}
     assert {name for name, _ in modes} == {"cluster-image-registry-server", "cluster-model-registry-server",
-                                           "cluster-monitoring-prometheus", "cluster-serving-blue",
-                                           "cluster-serving-green", "cluster-serving-gateway"}
+                                           "cluster-monitoring-prometheus", BLUE, GREEN,
+                                           "cluster-serving-diabetes-regressor-blue", "cluster-serving-gateway"}
     assert {key: oct(mode) for key, mode in modes.items() if mode & 0o777 != mode} == {}
 
 
@@ -141,9 +147,7 @@ def test_stateful_services_stay_on_the_stateful_node_with_their_volumes(cluster)
 
 
 def test_the_gateway_runs_on_every_edge_node_and_resolves_the_tasks_of_each_slot():
-    canary = {**PINNED, "serving": {"green": {"model": {"name": "iris-classifier", "version": 4, "sha256": "c" * 64}},
-                                    "traffic": {"blue": 90, "green": 10}}}
-    rendered = render(canary)
+    rendered = render(CANARY)
     gateway = rendered["cluster-serving-gateway"].inputs
     assert gateway["mode"] == {"global": True} and "convergeConfig" not in gateway
     assert gateway["taskSpec"]["placement"]["constraints"] == ["node.labels.mlops.edge == true"]
@@ -151,11 +155,13 @@ def test_the_gateway_runs_on_every_edge_node_and_resolves_the_tasks_of_each_slot
                                                  "protocol": "tcp"}]
     # Its host port cannot be bound twice on one node.
     assert gateway["updateConfig"]["order"] == "stop-first"
-    assert json.loads(gateway["taskSpec"]["containerSpec"]["env"].pop("GATEWAY_MODELS")) == [{
-        "name": "iris-classifier", "blue": ["tasks.cluster-serving-blue:8080"], "green": ["tasks.cluster-serving-green:8080"],
-        "weights": {"blue": 90, "green": 10}}]
+    assert json.loads(gateway["taskSpec"]["containerSpec"]["env"].pop("GATEWAY_MODELS")) == [
+        {"name": OTHER_MODEL, "blue": ["tasks.cluster-diabetes-regressor-blue:8080"], "green": [],
+         "weights": {"blue": 100, "green": 0}},
+        {"name": MODEL, "blue": ["tasks.cluster-iris-classifier-blue:8080"],
+         "green": ["tasks.cluster-iris-classifier-green:8080"], "weights": {"blue": 90, "green": 10}}]
     assert gateway["taskSpec"]["containerSpec"]["env"] == {}
-    assert rendered["cluster-serving-green"].inputs["taskSpec"]["containerSpec"]["env"]["MODEL_VERSION"] == "4"
+    assert rendered[GREEN].inputs["taskSpec"]["containerSpec"]["env"]["MODEL_VERSION"] == "4"
 
 
 def prometheus_config(rendered: dict[str, plan.PlannedResource]) -> dict:
@@ -182,10 +188,7 @@ def test_prometheus_runs_on_the_stateful_node_published_in_host_mode_like_the_si
 
 
 def test_prometheus_scrapes_every_task_of_each_slot_and_every_gateway_through_swarm_dns():
-    canary = {**PINNED, "serving": {"green": {"model": {"name": "iris-classifier", "version": 4, "sha256": "c" * 64}},
-                                    "traffic": {"blue": 90, "green": 10}},
-              "monitoring": {"scrape_interval_s": 5, "drift_window_rows": 500}}
-    rendered = render(canary)
+    rendered = render({**CANARY, "monitoring": {"scrape_interval_s": 5, "drift_window_rows": 500}})
     config = prometheus_config(rendered)
     assert config["global"]["scrape_interval"] == "5s"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
@@ -193,39 +196,50 @@ def test_prometheus_scrapes_every_task_of_each_slot_and_every_gateway_through_sw
         {"names": ["tasks.cluster-gateway"], "type": "A", "port": 9102, "refresh_interval": "5s"}]}
     serving = jobs["serving"]
     assert serving["dns_sd_configs"] == [
-        {"names": [f"tasks.cluster-serving-{slot}"], "type": "A", "port": 8082, "refresh_interval": "5s"}
-        for slot in ("blue", "green")]
+        {"names": [f"tasks.cluster-{model}-{slot}"], "type": "A", "port": 8082, "refresh_interval": "5s"}
+        for model, slot in ((OTHER_MODEL, "blue"), (MODEL, "blue"), (MODEL, "green"))]
     # What each name's targets are labelled with, as Prometheus applies the relabelling (regexes fully anchored).
     labelled = {name: {rule["target_label"]: rule["replacement"] for rule in serving["relabel_configs"]
                        if re.fullmatch(rule["regex"], name) and rule["source_labels"] == ["__meta_dns_name"]}
-                for name in ("tasks.cluster-serving-blue", "tasks.cluster-serving-green")}
+                for name in ("tasks.cluster-iris-classifier-blue", "tasks.cluster-iris-classifier-green",
+                             "tasks.cluster-diabetes-regressor-blue")}
     assert labelled == {
-        "tasks.cluster-serving-blue": {"slot": "blue", "model": "iris-classifier", "model_version": "3"},
-        "tasks.cluster-serving-green": {"slot": "green", "model": "iris-classifier", "model_version": "4"}}
-    for slot in ("blue", "green"):
-        service = rendered[f"cluster-serving-{slot}"].inputs
+        "tasks.cluster-iris-classifier-blue": {"slot": "blue", "model": MODEL, "model_version": "3"},
+        "tasks.cluster-iris-classifier-green": {"slot": "green", "model": MODEL, "model_version": "4"},
+        "tasks.cluster-diabetes-regressor-blue": {"slot": "blue", "model": OTHER_MODEL, "model_version": "latest"}}
+    for service_name in (BLUE, GREEN):
+        service = rendered[service_name].inputs
         assert service["endpointSpec"]["mode"] == "dnsrr"
         assert service["taskSpec"]["containerSpec"]["env"]["DRIFT_WINDOW_ROWS"] == "500"
     without = render({**PINNED, "monitoring": None})
     assert not [name for name in without if "prometheus" in name or "metrics" in name]
-    assert "DRIFT_WINDOW_ROWS" not in without["cluster-serving-blue"].inputs["taskSpec"]["containerSpec"]["env"]
+    assert "DRIFT_WINDOW_ROWS" not in without[BLUE].inputs["taskSpec"]["containerSpec"]["env"]
 
 
 def test_declared_batching_reaches_each_slots_tasks(cluster):
-    batched = render({**PINNED, "serving": {"batching": {"max_batch_size": 64, "max_batch_time_ms": 1}}})
-    env = batched["cluster-serving-blue"].inputs["taskSpec"]["containerSpec"]["env"]
+    batched = render({"models": {MODEL: {"release": {"version": 3, "sha256": "a" * 64},
+                                         "batching": {"max_batch_size": 64, "max_batch_time_ms": 1}}}})
+    env = batched[BLUE].inputs["taskSpec"]["containerSpec"]["env"]
     assert (env["MAX_BATCH_SIZE"], env["MAX_BATCH_TIME_MS"]) == ("64", "1")
-    assert "MAX_BATCH_SIZE" not in cluster["cluster-serving-blue"].inputs["taskSpec"]["containerSpec"]["env"]
+    assert "MAX_BATCH_SIZE" not in cluster[BLUE].inputs["taskSpec"]["containerSpec"]["env"]
+    other = batched["cluster-serving-diabetes-regressor-blue"].inputs["taskSpec"]["containerSpec"]["env"]
+    assert "MAX_BATCH_SIZE" not in other, "each model batches as it declares"
 
 
 def test_every_node_pulls_workload_and_gateway_images_from_the_stage_registry(cluster):
     pushed = {name: r.inputs["imageName"] for name, r in cluster.items() if name.endswith("-push")}
     # The workloads' images are the model's (its project on the platform image, which only the builder keeps).
     assert {name: image.split("/")[0] for name, image in pushed.items()} == {
-        "cluster-serving-image-model-push": "10.0.0.10:5301", "cluster-serving-gateway-image-push": "10.0.0.10:5301",
-        "cluster-training-image-model-push": "10.0.0.10:5301", "cluster-monitoring-image-push": "10.0.0.10:5301"}
-    assert pushed["cluster-serving-image-model-push"].startswith("10.0.0.10:5301/cluster/iris-classifier-serving:")
-    assert "cluster-serving-image-model-push" in cluster["cluster-serving-blue"].dependencies
+        **{f"cluster-serving-{model}-image-push": "10.0.0.10:5301" for model in (MODEL, OTHER_MODEL)},
+        **{f"cluster-{model}-training-image-push": "10.0.0.10:5301" for model in (MODEL, OTHER_MODEL)},
+        "cluster-serving-gateway-image-push": "10.0.0.10:5301", "cluster-monitoring-image-push": "10.0.0.10:5301"}
+    for model in (MODEL, OTHER_MODEL):
+        assert pushed[f"cluster-serving-{model}-image-push"].startswith(f"10.0.0.10:5301/cluster/{model}-serving:")
+        assert pushed[f"cluster-{model}-training-image-push"].startswith(f"10.0.0.10:5301/cluster/{model}-training:")
+    assert f"cluster-serving-{MODEL}-image-push" in cluster[BLUE].dependencies
+    # The platform images under them are built once for the stage, whatever the number of models.
+    assert sorted(name for name in cluster if name.endswith("-platform")) == ["cluster-serving-oip-platform",
+                                                                               "cluster-training-platform"]
     assert "cluster-monitoring-image-push" in cluster["cluster-monitoring-prometheus"].dependencies
     assert "cluster-serving-gateway-image-push" in cluster["cluster-serving-gateway"].dependencies
 
@@ -246,7 +260,7 @@ def test_passwords_reach_services_only_as_secret_files():
     forbidden = (registry_password, mlflow_secret, derived_password(mlflow_secret, READER))
     expected_files = {"cluster-model-registry-server": ("MLOPS_MLFLOW_PASSWORD_FILE", "/run/secrets/mlflow-password"),
                       "cluster-image-registry-server": ("REGISTRY_HTPASSWD_ENTRY_FILE", "/run/secrets/registry-htpasswd"),
-                      "cluster-serving-blue": ("MLFLOW_TRACKING_PASSWORD_FILE", "/run/secrets/mlflow-reader-password")}
+                      BLUE: ("MLFLOW_TRACKING_PASSWORD_FILE", "/run/secrets/mlflow-reader-password")}
     for name, resource in rendered.items():
         if resource.type != SERVICE:
             continue
@@ -280,17 +294,18 @@ def test_a_new_password_gets_a_new_secret_name_so_services_roll_onto_it():
 
 def test_a_new_model_rolls_the_replicas_in_place_and_diff_and_plan_show_how(monkeypatch, capsys):
     before = plan.render("cluster", load_stage("cluster", overrides=PINNED))
-    newer = {"release": {"model": {"name": "iris-classifier", "version": 4, "sha256": "b" * 64}}, "serving": {"replicas": 4}}
+    newer = {"models": {MODEL: {"release": {"version": 4, "sha256": "b" * 64}, "replicas": 4}}}
     after = plan.render("cluster", load_stage("cluster", overrides=newer))
     changes, _ = compare(before, after, "cluster", "cluster")
-    [blue] = [change for change in changes if change.name == "cluster-serving-blue"]
+    [blue] = [change for change in changes if change.name == BLUE]
+    assert not [change for change in changes if OTHER_MODEL in change.name], "the other model is untouched"
     assert (blue.action, blue.replace_fields) == ("update", ())
     assert blue.update_policy.startswith("1 task at a time, start-first, each watched for 32s, any failure "
                                          "(max ratio 0.0) → rollback")
     code, out, _ = run_cli(monkeypatch, capsys, "plan", "cluster")
     assert code in (0, None)
     policies = [line for line in out.splitlines() if line.strip().startswith("update policy:")]
-    assert len(policies) == 5 and sum("start-first" in line for line in policies) == 1
+    assert len(policies) == 6 and sum("start-first" in line for line in policies) == 2
 
 
 def test_training_runs_as_a_one_shot_job_on_a_node_with_its_resources():
@@ -364,7 +379,7 @@ SWARM_ERRORS = {
                        "platform.arch|labels.NAME, then == or !=, then a value)"),
     "reservation above limit": (lambda env: replace(env / "cluster.yaml", "memory_mb: 256}", "memory_mb: 4096}"),
                                 "cluster.yaml:15: swarm.reservations.memory_mb: reserves more than "
-                                "serving.limits.memory_mb (512) allows"),
+                                "diabetes-regressor's replicas may use (memory_mb 512)"),
     "gpu without placement": (lambda env: gpu_without_placement(env / "cluster.yaml"),
                               "cluster.yaml:28: training.gpu: on a swarm, place GPU training with "
                               "swarm.training.generic_resources (e.g. {NVIDIA-GPU: 1}) or a node label in "
@@ -372,17 +387,17 @@ SWARM_ERRORS = {
     "spread": (lambda env: replace(env / "cluster.yaml", "spread_over: node.hostname", "spread_over: node.role"),
                "cluster.yaml:13: swarm.spread_over: 'node.role' cannot be spread over; use node.hostname or "
                "node.labels.NAME"),
-    "rollout": (lambda env: replace(env / "cluster.yaml", "  replicas: 3\n",
-                                    "  replicas: 3\n  green:\n    model: {name: iris-classifier, version: latest}\n"
-                                    "    rollout: {steps: [50, 100], bake_time_s: 600, max_error_rate_increase: 0.01, "
-                                    "max_p99_latency_ratio: 1.5}\n"),
-                "cluster.yaml:39: serving.green.rollout: not on a swarm stage: every edge node runs a gateway of its "
-                "own, and each would move green's weight and record the rollout on its own; move serving.traffic in "
-                "the stage file instead"),
-    "sampling": (lambda env: replace(env / "cluster.yaml", "serving:\n  build: images/serving",
-                                     "serving:\n  build: images/serving\n  sampling: {fraction: 0.1}"),
-                 "cluster.yaml:36: serving.sampling: not on a swarm stage: replicas run on many nodes and the samples "
-                 "volume is local to one; remove 'serving.sampling' or 'swarm'"),
+    "rollout": (lambda env: replace(env / "cluster.yaml", "    release: {version: latest}\n  diabetes",
+                                    "    release: {version: latest}\n    green:\n      version: latest\n"
+                                    "      rollout: {steps: [50, 100], bake_time_s: 600, max_error_rate_increase: 0.01, "
+                                    "max_p99_latency_ratio: 1.5}\n  diabetes"),
+                "cluster.yaml:44: models.iris-classifier.green.rollout: not on a swarm stage: every edge node runs a "
+                "gateway of its own, and each would move green's weight and record the rollout on its own; move the "
+                "model's traffic in the stage file instead"),
+    "sampling": (lambda env: replace(env / "cluster.yaml", "    release: {version: latest}\n  diabetes",
+                                     "    release: {version: latest}\n    sampling: {fraction: 0.1}\n  diabetes"),
+                 "cluster.yaml:42: models.iris-classifier.sampling: not on a swarm stage: replicas run on many nodes "
+                 "and the samples volume is local to one; remove the sampling or 'swarm'"),
     "unknown key": (lambda env: replace(env / "cluster.yaml", "  edge_label: mlops.edge", "  edge: mlops.edge"),
                     "cluster.yaml:12: swarm.edge: unknown key 'edge'; allowed here: constraints, edge_label, "
                     "registry_address, reservations, spread_over, stateful_label, training"),
