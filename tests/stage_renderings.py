@@ -1,5 +1,5 @@
 """Render every shipped stage, and the variants that exercise what the shipped files leave off (a promoted
-release, green with a rollout, sampling, an experiment), with the code of one source tree.
+release of iris-classifier, a green with a rollout, sampling, an experiment), with the code of one source tree.
 
 Run as `python tests/stage_renderings.py ROOT ENVIRONMENTS` it imports the components and the program from ROOT
 (another revision's checkout) and prints the renderings as JSON, so tests/test_no_move.py can compare the
@@ -23,30 +23,49 @@ import yaml
 SHIPPED = ("dev", "staging", "prod", "cluster")
 # Fixed secrets: a Swarm secret's name hashes its content, so both sides must render the same values.
 CONFIG = {"mlops:registryPassword": "registry-secret", "mlops:mlflowPassword": "mlflow-secret"}
-RELEASE = {"model": {"name": "iris-classifier", "version": 4, "sha256": "3" * 64},
-           "images": {"training": "localhost:{port}/{stage}/training@sha256:" + "1" * 64,
-                      "serving": "localhost:{port}/{stage}/serving@sha256:" + "2" * 64}}
-GREEN = {"model": {"name": "iris-classifier", "version": 5, "sha256": "5" * 64}}
+MODEL = "iris-classifier"
+PIN = {"version": 4, "sha256": "3" * 64}
+IMAGES = {"training": "localhost:{port}/{stage}/iris-classifier-training@sha256:" + "1" * 64,
+          "serving": "localhost:{port}/{stage}/iris-classifier-serving@sha256:" + "2" * 64}
+GREEN = {"version": 5, "sha256": "5" * 64}
 ROLLOUT = {"steps": [10, 50, 100], "bake_time_s": 60, "max_error_rate_increase": 0.01, "max_p99_latency_ratio": 1.5}
-Edit = Callable[[dict[str, Any]], None]
+Edit = Callable[[dict[str, Any], bool], None]
+"""Edits a stage file's data the same way in either shape of the spec: with `models` (a map of models, the
+second argument True) or before it (one `release` and `serving.green`)."""
+
+
+def _model(data: dict[str, Any]) -> dict[str, Any]:
+    return data.setdefault("models", {}).setdefault(MODEL, {})
 
 
 def released(stage: str, port: int) -> Edit:
-    def edit(data: dict[str, Any]) -> None:
-        data["release"] = json.loads(json.dumps(RELEASE).replace("{port}", str(port)).replace("{stage}", stage))
+    def edit(data: dict[str, Any], models: bool) -> None:
+        images = json.loads(json.dumps(IMAGES).replace("{port}", str(port)).replace("{stage}", stage))
+        if models:
+            _model(data)["release"] = {**PIN, "images": images}
+        else:
+            data["release"] = {"model": {"name": MODEL, **PIN}, "images": images}
     return edit
 
 
 def with_green(rollout: bool) -> Edit:
-    def edit(data: dict[str, Any]) -> None:
-        serving = data.setdefault("serving", {})
-        serving["green"] = {**copy.deepcopy(GREEN), **({"rollout": ROLLOUT} if rollout else {})}
-        serving["traffic"] = {"blue": 95, "green": 5} if rollout else {"blue": 50, "green": 50}
+    def edit(data: dict[str, Any], models: bool) -> None:
+        policy = {"rollout": copy.deepcopy(ROLLOUT)} if rollout else {}
+        traffic = {"blue": 95, "green": 5} if rollout else {"blue": 50, "green": 50}
+        if models:
+            _model(data).update(green={**GREEN, **policy}, traffic=traffic)
+        else:
+            data.setdefault("serving", {}).update(green={"model": {"name": MODEL, **GREEN}, **policy}, traffic=traffic)
     return edit
 
 
-def sampling(data: dict[str, Any]) -> None:
-    data.setdefault("serving", {}).update(replicas=2, sampling={"fraction": 0.25, "max_mb": 3})
+def sampling(data: dict[str, Any], models: bool) -> None:
+    data.setdefault("serving", {})["replicas"] = 2
+    kept = {"fraction": 0.25, "max_mb": 3}
+    if models:
+        _model(data)["sampling"] = kept
+    else:
+        data["serving"]["sampling"] = kept
 
 
 # name -> (stage file, edits of its YAML)
@@ -71,6 +90,9 @@ def render_all(root: Path, environments: Path) -> dict[str, list[dict[str, Any]]
     else:  # a revision from before the spec had a package of its own
         from mlops.spec import load_stages  # type: ignore[no-redef, import-not-found]
 
+    # Asked of ROOT's code, as above: whether its stages declare a map of models.
+    import mlops_spec.models
+    models_map = hasattr(mlops_spec.models, "ModelDeployment")
     renderings = {}
     with tempfile.TemporaryDirectory(prefix="stage-renderings-") as scratch:
         for variant, (stage, edits) in VARIANTS.items():
@@ -79,7 +101,7 @@ def render_all(root: Path, environments: Path) -> dict[str, list[dict[str, Any]]
             file = folder / f"{stage}.yaml"
             data = yaml.safe_load(file.read_text()) or {}
             for edit in edits:
-                edit(data)
+                edit(data, models_map)
             file.write_text(yaml.safe_dump(data, sort_keys=False))
             spec = load_stages([stage], folder)[0]
             renderings[variant] = plan.render(stage, spec, config=CONFIG, reveal_secrets=True)

@@ -1,13 +1,16 @@
-"""Nothing moves on a live stack: the code of this tree renders every shipped stage (and the variants in
-tests/stage_renderings.py) exactly as the code of BASE did, compared the way `mlops diff` compares two
-renderings. BASE is the commit before the workload contract (components/workload.py) replaced the mirrored
-single-host and Swarm component trees: an existing stack's `pulumi up` must replace, add or remove nothing.
+"""What moves on a live stack when this tree's code and stage files replace BASE's: the code of this tree renders
+every shipped stage (and the variants in tests/stage_renderings.py) and is compared with BASE's, the way
+`mlops diff` compares two renderings. BASE is the commit before stages declared a map of models (issue 17); the
+moves before it were checked against the commit before the workload contract (945247a) when they landed.
 
-A deliberate change of what a stage runs since BASE goes into INTENDED_CHANGES, by resource type and field
-path, so it is stated, reviewed, and checked to stay an in-place update."""
+Only each model's workloads may move: they carry the model's name now (`<stack>-<model>-<slot>-<n>`), so
+`pulumi up` replaces them once, and the platform images under the model images are built once per stage.
+Everything else keeps its URN and inputs (volumes, networks, MLflow, the registry, Prometheus, the gateway),
+but for the fields INTENDED_CHANGES lists."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,44 +22,31 @@ from mlops.plan import PlannedResource
 from mlops_spec.project import REPO_ROOT
 from tests.stage_renderings import EXPERIMENT, VARIANTS
 
-BASE = "945247a"
+BASE = "6e1c2c7"
 RENDERER = Path(__file__).with_name("stage_renderings.py")
-# The code, program and stage files of BASE; the build contexts stay the work tree's, so image content tags
-# compare the code and not the images.
-BASE_PATHS = ("components", "mlops", "environments", "__main__.py", "Pulumi.yaml", "pyproject.toml")
-REGISTRY_BCRYPT = ("the registry's htpasswd line at bcrypt cost 10, not 5 (issue 18): the registry container (its "
-                   "Swarm secret) is replaced once; its data volume is kept")
+# The code, program and stage files of BASE; the build contexts and model projects stay the work tree's, so image
+# content tags compare the code and not the images.
+BASE_PATHS = ("components", "mlops", "mlops_spec", "environments", "__main__.py", "Pulumi.yaml", "pyproject.toml")
+MODEL_WORKLOAD = re.compile(r"serving(-[a-z0-9-]+)?-(blue|green)(-\d+)?|serving(-[a-z0-9-]+)?(-green)?-image(-model)?"
+                            r"(-push)?|([a-z0-9-]+-)?training(-image(-model)?(-push)?)?|(serving-[a-z]+|training)-platform")
+"""Resources (names without the stack) of a model's workloads: its replicas, their images and its training
+image, before and after they carried the model's name."""
+ROUTES = ("the gateway routes to each model's replicas by their new names (issue 17)",
+          {"envs", "taskSpec.containerSpec.env"})
+TARGETS = ("Prometheus scrapes each model's replicas by their new names (issue 17)",
+           {"envs", "taskSpec.containerSpec.env"})
 INTENDED_CHANGES: dict[str, tuple[str, set[str]]] = {
-    "image-registry-server": (REGISTRY_BCRYPT, {"envs", "taskSpec.containerSpec.secrets", "taskSpec.containerSpec.mounts"}),
-    "image-registry-secret": (REGISTRY_BCRYPT, {"data", "name"}),
-    **{service: ("a service's /tmp at mode 0o777, the bits the provider reads back (issue 19): an in-place update, "
-                 "once", {"taskSpec.containerSpec.mounts"})
-       for service in ("serving-blue", "serving-green", "model-registry-server", "monitoring-prometheus")},
-    # The gateway's image changes with it, which replaces the gateway container (or updates the service) anyway.
-    "serving-gateway": ("the gateway routes by model (issue 17): one GATEWAY_MODELS variable lists each model's "
-                        "pools, weights and rollout in place of UPSTREAM_*/WEIGHT_*/ROLLOUT_POLICY/GREEN_RELEASE; and, "
-                        "as the other services, its /tmp at mode 0o777 (issue 19)",
-                        {"envs", "taskSpec.containerSpec.env", "taskSpec.containerSpec.mounts"}),
-}
+    "serving-gateway": ROUTES, "monitoring-prometheus": TARGETS}
 """resource name without its stack -> (why, field paths as `mlops diff` names them) that changed on purpose since
-BASE; only these may be replaced."""
-MODEL_IMAGES = "a building stage (dev, cluster) runs its model's images (issue 17, components/images.py)"
-MODEL_IMAGES_ADDED = {"training-image-model", "training-image-model-push", "serving-image-model",
-                      "serving-image-model-push"}
-"""Resources a building stage gained on purpose since BASE (MODEL_IMAGES): each platform image (`*-image`, unchanged)
-gets the model project's layer on top, built locally and pushed."""
-MODEL_IMAGES_REMOVED = {"training-image-push", "serving-image-push"}
-"""...and lost: the platform image is no longer pushed, its model layer is."""
-INTENDED_CHANGES |= {
-    **{f"serving-{slot}-{index}": (MODEL_IMAGES, {"image"}) for slot in ("blue", "green") for index in range(2)},
-    **{f"serving-{slot}": (f"{INTENDED_CHANGES[f'serving-{slot}'][0]}; {MODEL_IMAGES}",
-                           {*INTENDED_CHANGES[f"serving-{slot}"][1], "taskSpec.containerSpec.image"})
-       for slot in ("blue", "green")},
-}
+BASE in a resource that does not move."""
 
 
 def intended(change, stack: str) -> set[str]:
     return INTENDED_CHANGES.get(change.name.removeprefix(f"{stack}-"), ("", set()))[1]
+
+
+def is_model_workload(name: str, stack: str) -> bool:
+    return MODEL_WORKLOAD.fullmatch(name.removeprefix(f"{stack}-")) is not None
 
 
 def renderings(root: Path) -> dict[str, list[PlannedResource]]:
@@ -76,15 +66,16 @@ def before_and_after(tmp_path_factory) -> tuple[dict, dict]:
         pytest.fail(f"commit {BASE} is not in this clone's history (a shallow clone? `git fetch --unshallow`): "
                     f"{archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(base)], input=archive.stdout, check=True)
-    (base / "images").symlink_to(REPO_ROOT / "images")
+    for shared in ("images", "models"):
+        (base / shared).symlink_to(REPO_ROOT / shared)
     return renderings(base), renderings(REPO_ROOT)
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, EXPERIMENT])
-def test_every_resource_keeps_its_urn_inputs_and_dependencies(variant, before_and_after):
+def test_only_model_workloads_move_and_everything_else_keeps_its_urn_and_inputs(variant, before_and_after):
     stack = VARIANTS[variant][0] if variant in VARIANTS else EXPERIMENT
-    before = [r for r in before_and_after[0][variant] if r.name.removeprefix(f"{stack}-") not in MODEL_IMAGES_REMOVED]
-    after = [r for r in before_and_after[1][variant] if r.name.removeprefix(f"{stack}-") not in MODEL_IMAGES_ADDED]
+    before = [r for r in before_and_after[0][variant] if not is_model_workload(r.name, stack)]
+    after = [r for r in before_and_after[1][variant] if not is_model_workload(r.name, stack)]
     changes, unchanged = compare(before, after, stack, stack)
     moved = [(change.status, change.action, change.name, change.replace_fields) for change in changes
              if change.action in ("create", "delete") or (change.action == "replace"
@@ -96,7 +87,16 @@ def test_every_resource_keeps_its_urn_inputs_and_dependencies(variant, before_an
                              for path in intended(change, stack))]
     assert unintended == [], f"{variant}: inputs that changed since {BASE}"
     # The same parent chain (so the same URN) and the same order of creation.
-    # Workloads that depended on a platform image depend on its model layer now (MODEL_IMAGES).
-    assert [(r.type, r.name, r.parent, r.dependencies) for r in before] == \
-           [(r.type, r.name, r.parent, tuple(d.replace("-image-model", "-image") for d in r.dependencies)) for r in after]
+    assert [(r.type, r.name, r.parent) for r in before] == [(r.type, r.name, r.parent) for r in after]
     assert unchanged + len(changes) == len(after)
+
+
+@pytest.mark.parametrize("variant", ["dev", "prod-released", "cluster-green"])
+def test_a_models_workloads_are_renamed_by_the_model_and_every_container_is_replaced_once(variant, before_and_after):
+    stack = VARIANTS[variant][0]
+    physical = {side: {r.inputs["name"] for r in rendering[variant] if is_model_workload(r.name, stack)
+                       and r.type in ("docker:index/container:Container", "docker:index/service:Service")}
+                for side, rendering in zip(("before", "after"), before_and_after)}
+    renamed = {name.replace(f"{stack}-serving-", f"{stack}-iris-classifier-") for name in physical["before"]}
+    assert renamed <= physical["after"], "each replica of iris-classifier now carries the model's name"
+    assert not physical["before"] & physical["after"], "no replica keeps a name another could collide with"
