@@ -38,14 +38,15 @@ def http_json(url: str, body: dict | None = None, auth: BasicAuth | None = None)
 
 # What dev declares before its first training run: the model its images are built from, whose newest version it
 # serves once there is one (until then its replicas wait, unpinned).
-FOLLOW_THE_NEWEST = {"model": {"name": "iris-classifier", "version": "latest"}}
+MODEL = "iris-classifier"
+FOLLOW_THE_NEWEST = {"version": "latest"}
 
 
 def write_stage(environments, stage: str, ports: dict[str, int], release: dict | None) -> None:
     spec = private_copy_of_dev(stage, ports)
     spec["serving"]["replicas"] = 2
     if release is not None:
-        spec["release"] = release
+        spec["models"][MODEL]["release"] = release
     (environments / f"{stage}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
@@ -91,8 +92,9 @@ def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
     assert first["sha256"] == second["sha256"], "same inputs must give the same model bytes"
     assert (first["version"], second["version"]) == ("1", "2")
 
-    pin = {"name": second["name"], "version": int(second["version"]), "sha256": second["sha256"]}
-    engine = deploy(release={"model": pin})
+    assert second["name"] == MODEL
+    pin = {"name": MODEL, "version": int(second["version"]), "sha256": second["sha256"]}
+    engine = deploy(release={"version": pin["version"], "sha256": pin["sha256"]})
     gateway = f"http://127.0.0.1:{ports['gateway']}"
     rows = load_iris().data[::10]
     response = http_json(f"{gateway}/v2/models/{pin['name']}/infer", {"inputs": [
@@ -115,7 +117,7 @@ def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
         "mlops-base:bookworm", remove=True, user="0",
         command=["sh", "-c", f"printf x >> /data/artifacts/{model_path}/model.pkl"],
         volumes={f"{stage}-artifacts": {"bind": "/data/artifacts", "mode": "rw"}})
-    replica = engine.client.containers.get(f"{stage}-serving-blue-0")
+    replica = engine.client.containers.get(f"{stage}-{MODEL}-blue-0")
     replica.update(restart_policy={"Name": "no"})
     replica.restart()
     deadline = time.monotonic() + 120

@@ -1,6 +1,6 @@
 """Monitoring: what the program declares for a stage with `monitoring:`, and on a real engine one stage
 with Prometheus, blue and green, shared by every engine test here, including the retraining loop's data: the
-stage samples every infer row (`serving.sampling: {fraction: 1.0}`), whose export is labelled, added as a dataset
+stage samples every infer row (the model's `sampling: {fraction: 1.0}`), whose export is labelled, added as a dataset
 and trained on.
 
 The engine's stage is a private copy of dev (an `experiment:` block, free host ports) with one replica per slot,
@@ -88,10 +88,9 @@ def stage_file(name: str, ports: dict[str, int], release: dict | None) -> dict:
                        "evaluation_interval_s": 1, "drift_threshold": THRESHOLD, "drift_window_rows": WINDOW_ROWS},
     }
     spec["serving"]["replicas"] = 1
-    spec["serving"]["sampling"] = {"fraction": 1.0}
+    spec["models"] = {MODEL_NAME: {"sampling": {"fraction": 1.0}}}
     if release is not None:
-        spec["release"] = {"model": release}
-        spec["serving"]["green"] = {"model": release}
+        spec["models"][MODEL_NAME] |= {"release": release, "green": release}
     return spec
 
 
@@ -102,8 +101,8 @@ def declared_prometheus(spec) -> dict:
 
 
 def test_scrape_targets_follow_the_declared_replicas_of_both_slots():
-    green = {"model": {"name": "iris-classifier", "version": 2}}
-    spec = load_stage("dev", overrides={"serving": {"replicas": 2, "green": green},
+    spec = load_stage("dev", overrides={"serving": {"replicas": 2},
+                                        "models": {"iris-classifier": {"green": {"version": 2}}},
                                         "monitoring": {"port": {"host_port": 9390}, "drift_threshold": 0.3}})
     container = declared_prometheus(spec)
     env = dict(entry.split("=", 1) for entry in container["envs"])
@@ -111,9 +110,10 @@ def test_scrape_targets_follow_the_declared_replicas_of_both_slots():
     targets = {job["job_name"]: {target: config_entry["labels"] for config_entry in job["static_configs"]
                                  for target in config_entry["targets"]} for job in config["scrape_configs"]}
     assert targets == {
-        "serving": {f"dev-serving-{slot}-{index}:8082": {"slot": slot, "model": "iris-classifier",
-                                                        "model_version": version}
-                    for slot, version in (("blue", "latest"), ("green", "2")) for index in (0, 1)},
+        "serving": {f"dev-{model}-{slot}-{index}:8082": {"slot": slot, "model": model, "model_version": version}
+                    for model, slot, version in (("diabetes-regressor", "blue", "latest"),
+                                                 ("iris-classifier", "blue", "latest"),
+                                                 ("iris-classifier", "green", "2")) for index in (0, 1)},
         "gateway": {"dev-gateway:9102": {}},
     }
     assert env["DRIFT_THRESHOLD"] == "0.3"
@@ -187,8 +187,8 @@ def stage(docker_engine, tmp_path_factory):
     # the model's training image. Without Prometheus yet: the redeploy below replaces these replicas and the
     # Prometheus container (its configuration lists their labels), and a restarted Prometheus writes no staleness
     # markers, so the first replicas' series would stay in every query for its 5-minute lookback.
-    first = stage_file(name, ports, None) | {"release": {"model": {"name": MODEL_NAME, "version": "latest"}}}
-    del first["monitoring"]
+    first = stage_file(name, ports, {"version": "latest"})
+    del first["models"][MODEL_NAME]["green"], first["monitoring"]
     (environments / f"{name}.yaml").write_text(yaml.safe_dump(first, sort_keys=False))
     engine = StageOnEngine(stack=name, spec=load_stages([name], environments)[0], registry_password=uuid.uuid4().hex)
     variable = secret_variable(MLFLOW_PASSWORD, name)
@@ -196,11 +196,11 @@ def stage(docker_engine, tmp_path_factory):
     try:
         engine.deploy()
         registered = train(name, environments)
-        pin = {"name": registered["name"], "version": int(registered["version"]), "sha256": registered["sha256"]}
+        pin = {"version": int(registered["version"]), "sha256": registered["sha256"]}
         declare(pin)
         engine.deploy()
         yield MonitoredStage(name=name, engine=engine, gateway=f"http://127.0.0.1:{ports['gateway']}",
-                             prometheus=f"http://127.0.0.1:{ports['prometheus']}", model=pin["name"],
+                             prometheus=f"http://127.0.0.1:{ports['prometheus']}", model=registered["name"],
                              environments=environments)
     finally:
         os.environ.pop(variable, None)
@@ -398,7 +398,7 @@ def test_every_infer_row_is_sampled_with_its_prediction_and_exported_for_labelli
     assert [[float(value) for value in row[:4]] for row in new] == rows.tolist()
     assert [int(row[4]) for row in new] == predictions
     assert all(row[5] == "" for row in new), "the label is left to fill in"
-    blue = f"{stage.name}-serving-blue-0"
+    blue = f"{stage.name}-{MODEL_NAME}-blue-0"
     assert stage.value(f'mlops_samples_written_rows_total{{instance="{blue}:8082"}}') is not None
     assert stage.value('sum(mlops_samples_dropped_rows_total) or vector(0)') == 0
 

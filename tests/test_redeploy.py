@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
 from mlops.modelstore import BasicAuth
 from mlops_spec.contract import READER, TRAINER, derived_password
 from mlops_spec.loading import load_stage
 from tests.engine import IMAGE, StageOnEngine
-from tests.test_end_to_end import free_port, http_json, write_stage
+from tests.conftest import private_copy_of_dev
+from tests.test_end_to_end import free_port, http_json
 
 pytestmark = pytest.mark.docker
 
@@ -34,7 +36,7 @@ pytestmark = pytest.mark.docker
 CHANGES = {("container", "create"), ("container", "destroy"), ("image", "tag"), ("image", "push"),
            ("image", "pull"), ("image", "delete"), ("volume", "destroy"), ("network", "create"),
            ("network", "destroy")}
-DEV_FOLLOWING_LATEST = {"model": {"name": "iris-classifier", "version": "latest"}}
+MODEL, OTHER_MODEL = "iris-classifier", "diabetes-regressor"
 
 
 @dataclass
@@ -50,11 +52,14 @@ class Stage:
 
 @pytest.fixture
 def stage(docker_engine, environments) -> Iterator[Stage]:
-    """A private copy of dev on free host ports, serving two replicas that follow `latest` (they need no
-    model to be deployed, so nothing has to be trained)."""
+    """A private copy of dev on free host ports with both shipped models, each served by two replicas that follow
+    `latest` (they need no model to be deployed, so nothing has to be trained)."""
     name = f"t-redeploy-{uuid.uuid4().hex[:6]}"
     ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
-    write_stage(environments, name, ports, release=DEV_FOLLOWING_LATEST)
+    spec = private_copy_of_dev(name, ports, models=(MODEL, OTHER_MODEL))
+    spec["serving"]["replicas"] = 2
+    spec["models"] = {model: {"release": {"version": "latest"}} for model in (MODEL, OTHER_MODEL)}
+    (environments / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     engine = StageOnEngine(stack=name, spec=load_stage(name, environments), registry_password=uuid.uuid4().hex)
     yield Stage(engine, environments, ports["mlflow"])
     engine.teardown()
@@ -100,35 +105,39 @@ def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must
     runs = {name: container.attrs["Config"]["Image"] for name, container in deployed.items()}
     # The replica runs its local build of the model's serving image, whose ID is the image pushed to the stage's
     # registry.
-    pushed = engine.client.images.get(runs[f"{stack}-serving-blue-0"]).attrs["RepoDigests"]
-    model = engine.spec.release.model.name
-    assert any(re.fullmatch(rf"localhost:\d+/{stack}/{model}-serving@sha256:[0-9a-f]{{64}}", ref) for ref in pushed), pushed
+    for model in (MODEL, OTHER_MODEL):
+        pushed = engine.client.images.get(runs[f"{stack}-{model}-blue-0"]).attrs["RepoDigests"]
+        assert any(re.fullmatch(rf"localhost:\d+/{stack}/{model}-serving@sha256:[0-9a-f]{{64}}", ref)
+                   for ref in pushed), pushed
     assert all(re.fullmatch(r"(\S+@)?sha256:[0-9a-f]{64}", image) for image in runs.values()), runs
     trainer, reader = (BasicAuth(name, derived_password(engine.mlflow_password, name)) for name in (TRAINER, READER))
     http_json(f"{mlflow}/create", {"name": "kept-across-deploys"}, auth=trainer)
     first_containers, first_images = containers(engine), images(engine)
     assert set(first_containers) == {f"{stack}-model-registry", f"{stack}-image-registry", f"{stack}-gateway",
-                                     f"{stack}-serving-blue-0", f"{stack}-serving-blue-1"}
+                                     *(f"{stack}-{model}-blue-{index}" for model in (MODEL, OTHER_MODEL)
+                                       for index in (0, 1))}
 
     with changes_on_engine(engine) as changes:
         engine.deploy()
     assert changes == set()
     assert (containers(engine), images(engine)) == (first_containers, first_images)
 
-    # `cpus` is ForceNew in the provider too: the replicas are replaced, nothing else is touched.
-    stage.edit({"serving": {"limits": {"cpus": 0.5}}})
+    # `cpus` is ForceNew in the provider too: one model's replicas are replaced, nothing else is touched, the
+    # other model's replicas least of all.
+    stage.edit({"models": {MODEL: {"limits": {"cpus": 0.5, "memory_mb": 512}}}})
     with changes_on_engine(engine) as changes:
         engine.deploy()
-    replicas = {f"{stack}-serving-blue-0", f"{stack}-serving-blue-1"}
+    replicas = {f"{stack}-{MODEL}-blue-0", f"{stack}-{MODEL}-blue-1"}
     assert changes == {("container", action, replica) for action in ("destroy", "create") for replica in replicas}
     second_containers = containers(engine)
     assert {name for name in first_containers if second_containers[name] != first_containers[name]} == replicas
     assert images(engine) == first_images
-    assert engine.client.containers.get(f"{stack}-serving-blue-0").attrs["HostConfig"]["NanoCpus"] == 500_000_000
+    assert engine.client.containers.get(f"{stack}-{MODEL}-blue-0").attrs["HostConfig"]["NanoCpus"] == 500_000_000
+    assert engine.client.containers.get(f"{stack}-{OTHER_MODEL}-blue-0").attrs["HostConfig"]["NanoCpus"] == 1_000_000_000
 
     # Replacing MLflow's container keeps its volumes, so the registered model, the users and their grants
     # are still there.
-    stage.edit({"serving": {"limits": {"cpus": 0.5}}, "model_registry": {"limits": {"cpus": 1.5}}})
+    stage.edit({"models": {MODEL: {"limits": {"cpus": 0.5, "memory_mb": 512}}}, "model_registry": {"limits": {"cpus": 1.5}}})
     with changes_on_engine(engine) as changes:
         engine.deploy()
     mlflow_container = f"{stack}-model-registry"

@@ -52,12 +52,18 @@ def write_stage(environments, name: str, ports: dict[str, int], pins: dict[str, 
         "monitoring": {"port": {"host_port": ports["prometheus"]}, "scrape_interval_s": 1, "evaluation_interval_s": 1},
         "serving": {**spec["serving"], "port": {"host_port": ports["gateway"]}},
     }
-    spec.pop("release", None)
+    model: dict = {}
     if "blue" in pins:
-        spec["release"] = {"model": pins["blue"]}
+        model["release"] = version_pin(pins["blue"])
     if green is not None:
-        spec["serving"]["green"] = {"model": pins[green], "rollout": POLICY}
+        model["green"] = {**version_pin(pins[green]), "rollout": POLICY}
+    spec["models"] = {"iris-classifier": model}
     (environments / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+def version_pin(pin: dict) -> dict:
+    """A registered version as the stage file pins it under its model's name."""
+    return {"version": pin["version"], "sha256": pin["sha256"]}
 
 
 @dataclass
