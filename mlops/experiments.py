@@ -6,9 +6,11 @@ overrides, every host port left to Docker (experiments never collide with each o
 stage; endpoints come back as stack outputs), unprotected volumes (experiments are disposable), and
 the experiment's name, owner and expiry, which label everything it creates. Experiments are validated like stages; prod-only rules do not apply.
 
-Names: physical names are `exp-NAME<suffix>` and the longest suffix is the last green serving
-replica, `-serving-green-15` (16 replicas at most). Container names are also DNS hostnames on the
-stack network, so they must fit a DNS label of 63 characters: 63 - len("exp-") - 17 = 42.
+Names: physical names are `exp-NAME<suffix>`, and container names are also DNS hostnames on the stack
+network, so they must fit a DNS label of 63 characters. The longest suffixes are a model's replicas,
+`-<model>-green-15` (16 replicas at most), which the stage rules check for each model the experiment copies
+(mlops_spec/rules.py); a name leaves room for the longest fixed suffix of 17 characters:
+63 - len("exp-") - 17 = 42.
 """
 from __future__ import annotations
 

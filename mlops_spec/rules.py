@@ -74,8 +74,8 @@ def model_problems(spec: StageSpec, path: str, deployment: ModelDeployment) -> l
     name = path.rpartition(".")[2]
     longest = f"{serving_name(spec.stage, name, 'green')}-{MAX_REPLICAS - 1}"
     if len(longest) > MAX_DNS_LABEL:
-        broken.append((path, f"'{name}' makes replica names such as {longest} longer than {MAX_DNS_LABEL} characters "
-                             f"with stage '{spec.stage}'; use a shorter model name"))
+        broken.append((path, f"replica names such as {longest} would be longer than {MAX_DNS_LABEL} characters, "
+                             "a DNS label: use a shorter model or stage name"))
     if not spec.builds_workloads:
         if release is not None:
             if not release.is_pinned:
