@@ -7,6 +7,7 @@ import pulumi
 import pulumi_docker as docker
 
 from components.artifact_store import ArtifactStore
+from components.engine_facts import engine_of
 from components.image_registry import ImageRegistry
 from components.images import BuildSettings, PushTarget
 from components.model_registry import ModelRegistry
@@ -96,7 +97,8 @@ class MLOpsStack(pulumi.ComponentResource):
         # on the gateway's port, the stateful node on Prometheus': `published_host` names the manager, which is
         # where mlops reaches the stage.
         runtime: Runtime = (
-            SingleHost(stack=stack, labels=labels, identity=identity, builds=builds, network=network.name)
+            SingleHost(stack=stack, labels=labels, identity=identity, builds=builds, network=network.name,
+                       limits_swap=engine_of(spec).limits_swap())
             if swarm is None else
             Swarm(stack=stack, labels=labels, identity=identity, builds=builds, spec=swarm, network_id=network.id,
                   published_host=spec.docker.published_host or "127.0.0.1"))
