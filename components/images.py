@@ -8,9 +8,9 @@ files, and the platform is always explicit so a laptop of another architecture b
 host runs.
 
 Both hashes are independent of the machine. A clone's permission bits follow its umask (git stores only
-the executable bit), so the content tag hashes the executable bit alone, and `normalise_modes` gives every
-file of a context the mode git would under umask 022 (0644, or 0755 when executable) and every folder 0755
-before the provider hashes it: `hashContext` writes the mode string of each file into its digest, and the
+the executable bit), so the content tag hashes each file's mode as a clone under umask 022 has it (0644, or
+0755 when executable: the tags of such clones stay what they were), and `normalise_modes` gives every file
+of a context that mode, and every folder 0755, before the provider hashes it: `hashContext` writes the mode string of each file into its digest, and the
 build copies the modes into the image. The base image is a build input by identity: a base named by a
 mutable tag (`mlops-base:bookworm`) is resolved to its ID on the engine that builds
 (components/engine_facts.py), passed as the build argument BASE_IMAGE_ID (no Dockerfile reads it: it is
@@ -101,9 +101,10 @@ def context_files(context: Path) -> list[Path]:
                   if path.is_file() and not _ignored(path.relative_to(context).as_posix(), rules))
 
 
-def _executable(path: Path) -> bool:
-    """The one permission bit git records (its index keeps 100755 or 100644, by the owner's execute bit)."""
-    return bool(path.stat().st_mode & stat.S_IXUSR)
+def _normalised_mode(path: Path) -> int:
+    """The mode git gives a file under umask 022: 0755 or 0644, by the one permission bit it records (its index
+    keeps 100755 or 100644, by the owner's execute bit)."""
+    return 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644
 
 
 def normalise_modes(context: Path) -> None:
@@ -114,7 +115,7 @@ def normalise_modes(context: Path) -> None:
     for path in context_files(context):
         folders.update(parent for parent in path.parents if parent.is_relative_to(context))
         if not path.is_symlink():
-            _chmod(path, 0o755 if _executable(path) else 0o644)
+            _chmod(path, _normalised_mode(path))
     for folder in folders:
         if not folder.is_symlink():
             _chmod(folder, 0o755)
@@ -159,7 +160,7 @@ def content_tag(context: str, settings: BuildSettings, target: Optional[str] = N
     if layer is not None:
         digest.update(b"Dockerfile\0" + hashlib.sha256((project_root() / MODEL_DOCKERFILE).read_bytes()).digest())
     for path in context_files(root):
-        digest.update(f"{path.relative_to(root).as_posix()}\0{'x' if _executable(path) else '-'}\0".encode())
+        digest.update(f"{path.relative_to(root).as_posix()}\0{_normalised_mode(path):o}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
 
