@@ -10,8 +10,8 @@ host runs.
 Both hashes are independent of the machine. A clone's permission bits follow its umask (git stores only
 the executable bit), so the content tag hashes each file's mode as a clone under umask 022 has it (0644, or
 0755 when executable: the tags of such clones stay what they were), and `normalise_modes` gives every file
-of a context that mode, and every folder 0755, before the provider hashes it: `hashContext` writes the mode string of each file into its digest, and the
-build copies the modes into the image. The base image is a build input by identity: a base named by a
+of a context that mode, and every folder 0755, before the provider hashes it: `hashContext` writes the mode
+string of each file into its digest, and the build copies the modes into the image. The base image is a build input by identity: a base named by a
 mutable tag (`mlops-base:bookworm`) is resolved to its ID on the engine that builds
 (components/engine_facts.py), passed as the build argument BASE_IMAGE_ID (no Dockerfile reads it: it is
 there for the provider's diff of `build.args` and the content tag), so a rebuilt base rebuilds every image.
