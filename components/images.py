@@ -2,21 +2,31 @@
 
 The tag changes exactly when an input changes, so an unchanged context never rebuilds and containers
 that run the image's ID are replaced exactly when the image is. The provider decides whether to rebuild
-from its own hash of the build context (pulumi-docker v5 provider/provider.go `hashContext`: every file
-`.dockerignore` lets through, with its mode); the content tag hashes the same files, modes included, so
-the two agree, and the platform is always explicit so a laptop of another architecture builds the
-image the stage's host runs.
+from its own hash of the build context (pulumi-docker v5.1.0 provider/provider.go `hashContext`: every file
+`.dockerignore` lets through, by name, content and `fs.FileMode.String()`); the content tag hashes the same
+files, and the platform is always explicit so a laptop of another architecture builds the image the stage's
+host runs.
+
+Both hashes are independent of the machine. A clone's permission bits follow its umask (git stores only
+the executable bit), so the content tag hashes each file's mode as a clone under umask 022 has it (0644, or
+0755 when executable: the tags of such clones stay what they were), and `normalise_modes` gives every file
+of a context that mode, and every folder 0755, before the provider hashes it: `hashContext` writes the mode
+string of each file into its digest, and the build copies the modes into the image. The base image is a build input by identity: a base named by a
+mutable tag (`mlops-base:bookworm`) is resolved to its ID on the engine that builds
+(components/engine_facts.py), passed as the build argument BASE_IMAGE_ID (no Dockerfile reads it: it is
+there for the provider's diff of `build.args` and the content tag), so a rebuilt base rebuilds every image.
 
 A model's image is a platform image with the model project on top: images/model/Dockerfile, built with the
 project folder `models/<name>` as context and the platform image's content-tagged name as PLATFORM_IMAGE. The
-provider hashes a Dockerfile outside the context too (by its content, under the name `Dockerfile`), and so does
-the content tag; with the platform image's name among the build arguments, a model's tag changes exactly when its
-project or its platform image's inputs do.
+provider hashes a Dockerfile outside the context too (by its content, under the name `Dockerfile`, with mode 0),
+and so does the content tag; with the platform image's name among the build arguments, a model's tag changes
+exactly when its project or its platform image's inputs do.
 """
 from __future__ import annotations
 
 import hashlib
 import re
+import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +35,7 @@ from typing import Optional
 import pulumi
 import pulumi_docker as docker
 
+from components.engine_facts import engine_of
 from mlops_spec.models import ImageSource, StageSpec
 from mlops_spec.project import MODELS_FOLDER, project_root
 
@@ -37,14 +48,20 @@ class BuildSettings:
 
     base_image: str
     platform: str
+    base_image_id: str = ""
+    """The ID of `base_image` on the engine that builds, when that is a mutable tag the engine has."""
 
     @classmethod
     def of(cls, spec: StageSpec) -> "BuildSettings":
-        return cls(base_image=spec.training.base_image, platform=spec.docker.platform)
+        base_image = spec.training.base_image
+        # A digest already names the content; a tag names whatever the engine last built or pulled under it.
+        pinned = "@sha256:" in base_image
+        return cls(base_image=base_image, platform=spec.docker.platform,
+                   base_image_id="" if pinned else engine_of(spec).image_id(base_image))
 
     @property
     def build_args(self) -> dict[str, str]:
-        return {"BASE_IMAGE": self.base_image}
+        return {"BASE_IMAGE": self.base_image, **({"BASE_IMAGE_ID": self.base_image_id} if self.base_image_id else {})}
 
 
 @lru_cache(maxsize=None)
@@ -84,6 +101,31 @@ def context_files(context: Path) -> list[Path]:
                   if path.is_file() and not _ignored(path.relative_to(context).as_posix(), rules))
 
 
+def _normalised_mode(path: Path) -> int:
+    """The mode git gives a file under umask 022: 0755 or 0644, by the one permission bit it records (its index
+    keeps 100755 or 100644, by the owner's execute bit)."""
+    return 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644
+
+
+def normalise_modes(context: Path) -> None:
+    """Give the files of `context` that reach the build, and the folders holding them, the modes a clone under
+    umask 022 has: 0755 for folders and executables, 0644 for the rest. Symbolic links keep theirs (the
+    provider hashes a link's target path, not its mode bits)."""
+    folders = {context}
+    for path in context_files(context):
+        folders.update(parent for parent in path.parents if parent.is_relative_to(context))
+        if not path.is_symlink():
+            _chmod(path, _normalised_mode(path))
+    for folder in folders:
+        if not folder.is_symlink():
+            _chmod(folder, 0o755)
+
+
+def _chmod(path: Path, mode: int) -> None:
+    if stat.S_IMODE(path.stat().st_mode) != mode:
+        path.chmod(mode)
+
+
 @dataclass(frozen=True)
 class ModelLayer:
     """What makes a platform image a model's: that model's project, on top of the platform image named here."""
@@ -118,7 +160,7 @@ def content_tag(context: str, settings: BuildSettings, target: Optional[str] = N
     if layer is not None:
         digest.update(b"Dockerfile\0" + hashlib.sha256((project_root() / MODEL_DOCKERFILE).read_bytes()).digest())
     for path in context_files(root):
-        digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_mode & 0o777:o}\0".encode())
+        digest.update(f"{path.relative_to(root).as_posix()}\0{_normalised_mode(path):o}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:16]
 
@@ -179,6 +221,7 @@ class BuiltImage:
 def _image(resource_name: str, *, parent: pulumi.Resource, image_name: pulumi.Input[str], context: str,
            settings: BuildSettings, target: Optional[str], push: Optional[PushTarget],
            depends_on: Optional[list[pulumi.Resource]] = None, layer: Optional[ModelLayer] = None) -> docker.Image:
+    normalise_modes(project_root() / context)
     return docker.Image(
         resource_name,
         image_name=image_name,

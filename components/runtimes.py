@@ -4,11 +4,17 @@ as `docker.Secret` files. components/stack.py chooses one per stage; the compone
 
 Both render their inputs as terraform-provider-docker v4.5.0 reads them back, so a second `pulumi up` shows
 no diff: containers (resource_docker_container_funcs.go) with durations in Go's `time.Duration` form
-("1m30s"), the swap limit equal to memory, one nproc ulimit; services (resource_docker_service_structures.go)
-with durations in `shortDur` form ("1m", not "1m0s"), `max_failure_ratio` with one decimal ("0.0"), networks
-by ID (`flattenTaskNetworksAdvanced` writes back the target ID; a name would replace the service on every
-run), placement preferences as bare spread descriptors, and every field of the restart policy and the
+("1m30s"), the swap limit as the engine stores it (`memory_swap`), one nproc ulimit; services
+(resource_docker_service_structures.go) with durations in `shortDur` form ("1m", not "1m0s"), `max_failure_ratio`
+with one decimal ("0.0"), networks by ID (`flattenTaskNetworksAdvanced` writes back the target ID; a name would
+replace the service on every run), placement preferences as bare spread descriptors, the platform the stage
+runs as the one placement platform (`flattenPlacementPlatforms`), and every field of the restart policy and the
 reservations set (the provider sends the unset ones as zero and reads them back as "0s" and 0).
+
+A service's name is fixed and Swarm refuses a second service of that name, so a change of a field the provider
+marks ForceNew (resource_docker_service.go: `name`, `auth`, `mode` between global and replicated, container
+labels, `hosts`, `sysctl`, volume labels of mounts, and every field of `networks_advanced`; mlops/replacements.py
+lists them) replaces a service delete-before-replace: a replacement created first would fail on its own name.
 
 What a service spec cannot express of the hardening: no-new-privileges, `ipc: none` and the nproc ulimit
 (the provider has no such fields; ALL capabilities are dropped instead, so a setuid binary gains nothing) and
@@ -60,6 +66,8 @@ MIB = 1024 * 1024
 # directory's mode, so /tmp keeps the image's 1777; and a task runs as one uid, whose files the sticky bit would
 # only protect from itself.
 TMP_MODE = 0o777
+UNLIMITED_SWAP = -1
+"""The swap limit an engine without swap accounting stores whatever it is given (`docker info`: SwapLimit false)."""
 CONVERGE_POLL = "7s"
 SECRET_NAME_HASH_CHARS = 12
 TASK_NAME = "{{.Task.Name}}"
@@ -162,6 +170,8 @@ def go_duration(seconds: int) -> str:
 class SingleHost(Runtime):
     network: pulumi.Input[str]
     """The stage network's name."""
+    limits_swap: bool = True
+    """Whether the engine limits swap (components/engine_facts.py)."""
 
     def type_token(self, component: ComponentType) -> str:
         return component.single_host
@@ -195,9 +205,7 @@ class SingleHost(Runtime):
             # As the engine reads it back: one entry, soft equal to hard.
             ulimits=[docker.ContainerUlimitArgs(name="nproc", soft=PROCESS_LIMIT, hard=PROCESS_LIMIT)],
             memory=workload.limits.memory_mb,
-            # Docker doubles an unset swap limit and the provider reads that back, a diff on every run; equal
-            # to memory it also means no swap.
-            memory_swap=workload.limits.memory_mb,
+            memory_swap=self.memory_swap(workload.limits.memory_mb),
             cpus=provider_cpus(workload.limits.cpus),
             labels=[docker.ContainerLabelArgs(label=key, value=value) for key, value in component_labels(
                 {**self.labels, **workload.identity, **workload.labels}, workload.component)],
@@ -218,6 +226,15 @@ class SingleHost(Runtime):
                                                                     aliases=list(workload.aliases) or None)],
             opts=pulumi.ResourceOptions(parent=parent, depends_on=list(workload.depends_on) or None),
         )
+
+    def memory_swap(self, memory_mb: int) -> int:
+        """The swap limit as the engine stores it, which the provider reads back (resourceDockerContainerRead in
+        resource_docker_container_funcs.go: `memory_swap` is HostConfig.MemorySwap in MB when positive, else as
+        is; the schema's field is Optional, not Computed, so any other value, or none, is a diff on every run).
+        The engine doubles an unset limit (2 x memory), and one without swap accounting stores -1 whatever it is
+        given (dockerd's verifyPlatformContainerResources). Equal to memory, the limit also means no swap; where
+        the engine cannot limit swap, -1 declares what it does anyway."""
+        return memory_mb if self.limits_swap else UNLIMITED_SWAP
 
     @staticmethod
     def _variable(key: str, value: pulumi.Input[str] | SecretEnv) -> pulumi.Input[str]:
@@ -272,6 +289,17 @@ def converge_within_s(check: HealthCheck, replicas: int) -> int:
 
 def nano_cpus(cpus: float) -> int:
     return round(cpus * NANO)
+
+
+def placement_platform(platform: str) -> docker.ServiceTaskSpecPlacementPlatformArgs:
+    """`linux/amd64` as a service's placement platform. The provider creates a service with QueryRegistry, and
+    the Docker client then replaces the placement's platforms with those the registry lists for the image
+    (docker/docker v28.5.2 client/service_create.go, resolveContainerSpecImage and imageDigestAndPlatforms:
+    each platform's architecture and OS as the image's manifest or config names them, `amd64`, `arm64`);
+    Read returns them (flattenPlacementPlatforms). An image built for the stage's platform lists exactly this
+    one, so the second `pulumi up` sees no change; an update sends the declared platforms as they are."""
+    os_name, architecture = platform.split("/")
+    return docker.ServiceTaskSpecPlacementPlatformArgs(architecture=architecture, os=os_name)
 
 
 def secret_name(stack: str, purpose: str, content: str) -> str:
@@ -359,7 +387,8 @@ class Swarm(Runtime):
                         nano_cpus=nano_cpus(reservations.cpus), memory_bytes=reservations.memory_mb * MIB)),
                 placement=docker.ServiceTaskSpecPlacementArgs(
                     constraints=list(constraints) or None,
-                    prefs=[self.spec.spread_over] if role is Role.SPREAD and self.spec.spread_over else None),
+                    prefs=[self.spec.spread_over] if role is Role.SPREAD and self.spec.spread_over else None,
+                    platforms=[placement_platform(self.builds.platform)]),
                 restart_policy=docker.ServiceTaskSpecRestartPolicyArgs(condition="any", delay="5s", max_attempts=0,
                                                                        window="0s"),
                 networks_advanceds=[docker.ServiceTaskSpecNetworksAdvancedArgs(id=self.network_id)],
@@ -379,7 +408,8 @@ class Swarm(Runtime):
             converge_config=docker.ServiceConvergeConfigArgs(
                 delay=CONVERGE_POLL, timeout=swarm_duration(converge_within_s(check, replicas)))
             if workload.wait_healthy and replicas is not None else None,
-            opts=pulumi.ResourceOptions(parent=parent, depends_on=list(workload.depends_on) or None),
+            opts=pulumi.ResourceOptions(parent=parent, depends_on=list(workload.depends_on) or None,
+                                        delete_before_replace=True),
         )
         return Deployed(resources=[service], name=service.name,
                         host_port=None if publish is None else pulumi.Output.from_input(publish.on.host_port),

@@ -7,6 +7,7 @@ import pulumi
 import pulumi_docker as docker
 
 from components.artifact_store import ArtifactStore
+from components.engine_facts import engine_of
 from components.image_registry import ImageRegistry
 from components.images import BuildSettings, PlatformImages, PushTarget
 from components.model_registry import ModelRegistry
@@ -99,11 +100,10 @@ class MLOpsStack(pulumi.ComponentResource):
         platforms = PlatformImages(owner=self)
         runtime: Runtime = (
             SingleHost(stack=stack, labels=labels, identity=identity, builds=builds, platforms=platforms,
-                       network=network.name)
+                       network=network.name, limits_swap=engine_of(spec).limits_swap())
             if swarm is None else
             Swarm(stack=stack, labels=labels, identity=identity, builds=builds, platforms=platforms, spec=swarm,
-                  network_id=network.id,
-                  published_host=spec.docker.published_host or "127.0.0.1"))
+                  network_id=network.id, published_host=spec.docker.published_host or "127.0.0.1"))
         model_registry = ModelRegistry(f"{stack}-model-registry", {
             "runtime": runtime, "spec": spec.model_registry, "artifacts_volume": store.artifacts_volume,
             "mlflow_db_volume": store.mlflow_db_volume, "published_host": spec.docker.published_host,

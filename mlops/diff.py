@@ -7,7 +7,9 @@ or credentials, and secrets show only as `[secret]`: safe to post on a pull requ
 Each changed resource also says what the provider will do with it, by the tables of
 `mlops.replacements`: update it in place or replace it, and which fields force the replacement. A
 replaced or deleted data volume or protected resource is flagged, since replacing a Docker volume
-deletes its data.
+deletes its data; so is a replacement that would fail on its own name: one created before the old resource
+is deleted (not delete-before-replace, or a new URN) of a type whose names the engine keeps unique, under
+the same fixed name.
 """
 from __future__ import annotations
 
@@ -94,12 +96,15 @@ class ResourceChange:
     """Set when a data volume or a protected resource is replaced or deleted: what happens to it."""
     update_policy: Optional[str] = None
     """How Swarm rolls the change out (services only), per `mlops.plan.update_policy` of the new side."""
+    collision: Optional[str] = None
+    """Set when the replacement would be created while the old resource still holds its name: why it fails."""
 
     def to_json(self) -> dict[str, Any]:
         return {"status": self.status, "type": self.type, "name": self.name,
                 "fields": [change.to_json() for change in self.fields], "action": self.action,
                 "replace_fields": list(self.replace_fields), "delete_before_replace": self.delete_before_replace,
-                "notes": list(self.notes), "data_risk": self.data_risk, "update_policy": self.update_policy}
+                "notes": list(self.notes), "data_risk": self.data_risk, "update_policy": self.update_policy,
+                "collision": self.collision}
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,10 @@ class StackDiff:
         return [change for change in self.changes if change.data_risk]
 
     @property
+    def colliding(self) -> list[ResourceChange]:
+        return [change for change in self.changes if change.collision]
+
+    @property
     def differs(self) -> bool:
         return bool(self.changes)
 
@@ -135,6 +144,8 @@ class StackDiff:
         verdict = f"{actions['replace']} replace, {actions['update']} update in place"
         if actions["none"]:
             verdict += f", {actions['none']} no provider change"
+        if self.colliding:
+            verdict += f", {len(self.colliding)} would collide with itself: {', '.join(c.name for c in self.colliding)}"
         return f"{self.before} → {self.after}: {counts}, {self.unchanged} unchanged ({verdict})"
 
     def risk_summary(self) -> Optional[str]:
@@ -150,7 +161,9 @@ class StackDiff:
                 "unchanged": self.unchanged, "changes": [change.to_json() for change in self.changes],
                 "actions": self.actions, "warning": self.risk_summary(),
                 "data_at_risk": [{"name": change.name, "type": change.type, "status": change.status,
-                                  "action": change.action, "risk": change.data_risk} for change in self.at_risk]}
+                                  "action": change.action, "risk": change.data_risk} for change in self.at_risk],
+                "collisions": [{"name": change.name, "type": change.type, "collision": change.collision}
+                               for change in self.colliding]}
 
 
 def _stack_neutral(name: str, stack: str) -> str:
@@ -281,6 +294,20 @@ def _data_risk(resource_type: str, action: Action, old: PlannedResource, new: Op
     return f"{what}: DATA LOSS, Pulumi creates a new empty volume, then deletes the old one and its data"
 
 
+def _collision(rules: Optional[Rules], action: Action, old: PlannedResource, new: PlannedResource,
+               delete_first: bool) -> Optional[str]:
+    """Why a replacement fails on its own name, or None: it keeps a fixed name the engine holds unique, and Pulumi
+    creates it while the old one exists (create-before-delete, as for any replacement not delete-before-replace
+    and for a new URN)."""
+    name = new.inputs.get("name")
+    if action != "replace" or delete_first or rules is None or not rules.unique_name:
+        return None
+    if not isinstance(name, str) or name != old.inputs.get("name"):
+        return None
+    return (f"COLLIDES: Pulumi creates the replacement before it deletes the old one, and the engine refuses a "
+            f"second object named {name}: `pulumi up` fails; declare it delete_before_replace")
+
+
 def _delete_first_note(dependents: list[str]) -> str:
     # The engine replaces a delete-before-replace resource's dependents whose diff, with the inputs that
     # come from it unknown, asks for a replacement: the rendering knows the dependents, not which inputs.
@@ -316,12 +343,14 @@ def compare(before: list[PlannedResource], after: list[PlannedResource],
         delete_first = (verdict.action == "replace" and "opts.parent" not in verdict.replace_fields
                         and (resource.delete_before_replace or (rules is not None and rules.delete_before_replace)))
         dependents = [r.name for r in after if resource.name in r.dependencies]
-        notes = verdict.notes + ((_delete_first_note(dependents),) if delete_first and dependents else ())
+        collision = _collision(rules, verdict.action, previous, resource, delete_first)
+        notes = (verdict.notes + ((_delete_first_note(dependents),) if delete_first and dependents else ())
+                 + ((collision,) if collision else ()))
         changes.append(ResourceChange(
             "changed", resource.type, resource.name, fields, action=verdict.action,
             replace_fields=verdict.replace_fields, delete_before_replace=delete_first, notes=notes,
             data_risk=_data_risk(resource.type, verdict.action, previous, resource, delete_first),
-            update_policy=update_policy(resource)))
+            update_policy=update_policy(resource), collision=collision))
     for key, resource in old.items():
         if key not in new:
             changes.append(ResourceChange("removed", resource.type, resource.name,
@@ -376,7 +405,8 @@ def _markdown_cell(value: Any) -> str:
 def describe_action(change: ResourceChange) -> str:
     """`replace (delete-before-replace) forced by labels, cpus`, `update in place`, ..."""
     if change.action == "replace":
-        order = " (delete-before-replace)" if change.delete_before_replace else ""
+        order = (" (delete-before-replace)" if change.delete_before_replace else
+                 " (create-before-delete: COLLIDES on its name)" if change.collision else "")
         return f"replace{order} forced by {', '.join(change.replace_fields)}"
     return {"update": "update in place", "none": "no provider change"}.get(change.action, change.action)
 

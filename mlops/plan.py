@@ -1,7 +1,8 @@
 """`mlops plan`: the real Pulumi program run under the SDK's mock runtime, as a list of declared resources.
 
 No CLI, engine, credentials or state is involved, so anyone can see what a stage declares, and
-`mlops diff` can compare two renderings field by field.
+`mlops diff` can compare two renderings field by field. What the program would read from the stage's engine
+(components/engine_facts.py) is what `NO_ENGINE` answers, unless a caller that has the engine passes its reader.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pulumi.runtime import mocks as pulumi_mocks
 from pulumi.runtime import rpc
 from pulumi.runtime import settings as pulumi_settings
 
+from components.engine_facts import NO_ENGINE, EngineReader, reading_engines
 from mlops_spec.models import StageSpec
 
 SECRET_PLACEHOLDER = "[secret]"
@@ -172,8 +174,9 @@ def mock_runtime(stack: str, config: Optional[dict[str, str]] = None) -> _Record
 
 
 def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None,
-           reveal_secrets: bool = False) -> list[PlannedResource]:
-    """Run the Pulumi program for `stack` under mocks and return every resource it declares."""
+           reveal_secrets: bool = False, engines: EngineReader = lambda spec: NO_ENGINE) -> list[PlannedResource]:
+    """Run the Pulumi program for `stack` under mocks and return every resource it declares; it reads its
+    engine's facts with `engines`."""
     from mlops.program import declare_stack
 
     monitor = mock_runtime(stack, config)
@@ -183,7 +186,8 @@ def render(stack: str, spec: StageSpec, config: Optional[dict[str, str]] = None,
         return declare_stack(stack, spec).urn
 
     try:
-        program()
+        with reading_engines(engines):
+            program()
         return monitor.planned(reveal_secrets)
     finally:
         _close_event_loop()

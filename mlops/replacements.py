@@ -80,6 +80,10 @@ class Rules:
     notes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     # The provider asks Pulumi to delete the old resource before creating its replacement.
     delete_before_replace: bool = False
+    # The engine refuses to create a second object of a name that exists, so a replacement of the same `name`
+    # created before the old one is deleted fails `pulumi up` (Docker volumes are the exception: a create of
+    # an existing name hands back the existing volume; image tags just move).
+    unique_name: bool = False
 
     @property
     def inputs(self) -> frozenset[str]:
@@ -132,6 +136,7 @@ CONTAINER = Rules(
         init logs removeVolumes rm start tmpfs wait waitTimeout
     """)}),
     delete_before_replace=True,
+    unique_name=True,
 )
 
 # kreuzwerker/terraform-provider-docker v4.5.0 internal/provider/resource_docker_volume.go: its update
@@ -147,11 +152,13 @@ VOLUME = Rules(
 )
 
 # kreuzwerker/terraform-provider-docker v4.5.0 internal/provider/resource_docker_network.go: no update
-# function at all, so every input replaces.
+# function at all, so every input replaces. Its create sends no CheckDuplicate, and engines from API 1.44 on
+# refuse a duplicate name anyway: counted as unique.
 NETWORK = Rules(
     replace=_paths("attachable driver ingress internal ipamConfigs ipamDriver ipamOptions ipv6 labels name options"),
     update=frozenset(),
     keep_when_unset=_paths("driver internal ipamConfigs options"),
+    unique_name=True,
 )
 
 # kreuzwerker/terraform-provider-docker v4.5.0 internal/provider/resource_docker_image.go (`docker_image`,
@@ -195,8 +202,13 @@ PROVIDER = Rules(
     notes=MappingProxyType({"host": _RETARGETS, "context": _RETARGETS, "sshOpts": _RETARGETS}),
 )
 
-# kreuzwerker/terraform-provider-docker v4.5.0 internal/provider/resource_docker_service.go. `mode` is a
-# ForceNew list of one block, and ForceNew on a list covers its length and its direct elements' fields, not
+# kreuzwerker/terraform-provider-docker v4.5.0 internal/provider/resource_docker_service.go, whose ForceNew
+# fields are `auth` (and its three fields), `name`, `mode`, `task_spec.container_spec.labels` and the volume
+# labels of `mounts` (both `labelSchema`, helpers.go: ForceNew), `hosts`, `sysctl`, and every field of
+# `task_spec.networks_advanced`; `placement.platforms` is not, so declaring the stage's platform updates in
+# place. pulumi-docker v5.1.0 provider/resources.go sets no DeleteBeforeReplace for docker_service, and Swarm
+# refuses a second service of a name: the program asks for delete-before-replace itself (components/runtimes.py),
+# and `mlops diff` flags a replacement that would collide. `mode` is a ForceNew list of one block, and ForceNew on a list covers its length and its direct elements' fields, not
 # fields further down (terraform-plugin-sdk v2 schemaMap.diffList gives the count `mode.#` the list's
 # ForceNew and diffs each nested field by its own schema; pulumi-terraform-bridge v3.133.0
 # pkg/tfbridge/property_path.go `propertyPathTriggersReplacement` mirrors that): switching between global and
@@ -220,6 +232,7 @@ SERVICE = Rules(
         taskSpec.containerSpec.stopGracePeriod taskSpec.forceUpdate taskSpec.placement taskSpec.resources
         taskSpec.restartPolicy taskSpec.runtime
     """),
+    unique_name=True,
 )
 
 # kreuzwerker/terraform-provider-docker v4.5.0 internal/provider/resource_docker_secret.go: no update
@@ -227,6 +240,7 @@ SERVICE = Rules(
 SECRET = Rules(
     replace=_paths("data labels name"),
     update=frozenset(),
+    unique_name=True,
 )
 
 # kreuzwerker/terraform-provider-docker v4.5.0 internal/provider/resource_docker_config.go (`docker_config`,
@@ -234,6 +248,7 @@ SECRET = Rules(
 SERVICE_CONFIG = Rules(
     replace=_paths("data dataRaw labels name"),
     update=frozenset(),
+    unique_name=True,
 )
 
 RULES: Mapping[str, Rules] = MappingProxyType({

@@ -78,6 +78,20 @@ def docker_engine() -> None:
     pytest.skip(f"needs a Docker engine: {reason}")
 
 
+@pytest.fixture(autouse=True)
+def engine_facts_without_an_engine(request):
+    """A test without a Docker engine reads none: what the program reads from a stage's engine (a base image's ID,
+    swap accounting; components/engine_facts.py) is NO_ENGINE's answer everywhere in the test, in renderings and
+    in the content tags `mlops train` and `mlops promote` compute alike. Engine tests read the real engines."""
+    from components.engine_facts import NO_ENGINE, reading_engines
+
+    if request.node.get_closest_marker("docker") or "docker_engine" in request.fixturenames:
+        yield
+        return
+    with reading_engines(lambda spec: NO_ENGINE):
+        yield
+
+
 # Test-fixture digests only: shipped specs never carry a digest nobody built.
 FIXTURE_TRAINING_DIGEST = "sha256:" + "1" * 64
 FIXTURE_SERVING_DIGEST = "sha256:" + "2" * 64

@@ -27,7 +27,8 @@ bridged terraform-provider-docker would:
   template, mode, update and rollback config, dnsrr or VIP endpoints and ports, placement, secrets and
   mounts) and the provider's `registryAuth` for its image's registry as X-Registry-Auth, so the nodes pull
   with it; a changed Service is UPDATED in place (ServiceUpdate at the engine's version index), so Swarm
-  rolls its tasks by its update_config, and only a new `name` replaces it. With `convergeConfig` the deploy
+  rolls its tasks by its update_config, unless a field mlops/replacements.py lists as replace-forcing
+  changed: then it is replaced, deleted first as the program's `deleteBeforeReplace` asks. With `convergeConfig` the deploy
   waits as the provider's refresh functions do (slots running on nodes that are not down; on an update the
   UpdateStatus first, a rollback or pause failing it); a service that does not converge on create is
   deleted. Secrets and configs are immutable: any change creates the new one, moves the services over,
@@ -66,8 +67,10 @@ import docker
 import pulumi
 from docker.types import EndpointConfig, Ulimit
 
+from components.engine_facts import docker_cli
 from components.images import context_files
 from mlops import plan
+from mlops.diff import ABSENT, FieldChange, classify
 from mlops_spec.encoding import parse_cpus
 from mlops_spec.models import StageSpec
 from mlops_spec.project import REPO_ROOT
@@ -97,9 +100,9 @@ MODELLED_INPUTS = {
     SECRET: {"data", "labels", "name"},
     SERVICE_CONFIG: {"data", "name"},
 }
-# The provider's ForceNew fields (resource_docker_service.go, resource_docker_secret.go, resource_docker_config.go):
-# a change to any other service input is a ServiceUpdate, which is what makes Swarm roll the tasks.
-REPLACED_ON_CHANGE = {SERVICE: {"name"}, SECRET: {"data", "labels", "name"}, SERVICE_CONFIG: {"data", "name"}}
+# The types whose changes the provider may answer with a replacement rather than an update in place; which
+# changes replace comes from mlops/replacements.py, the one table of the provider's ForceNew fields.
+REPLACEABLE = {SERVICE, SECRET, SERVICE_CONFIG}
 GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
 GO_UNIT_NS = {"h": 3600e9, "m": 60e9, "s": 1e9, "ms": 1e6, "us": 1e3, "µs": 1e3, "ns": 1}
 LOG_LINES = 30
@@ -141,7 +144,7 @@ class StageOnEngine:
     def resources(self) -> list[plan.PlannedResource]:
         return plan.render(self.stack, self.spec, config={"mlops:registryPassword": self.registry_password,
                                                           "mlops:mlflowPassword": self.mlflow_password},
-                           reveal_secrets=True)
+                           reveal_secrets=True, engines=docker_cli)
 
     def deploy(self) -> dict[str, docker.models.containers.Container]:
         """Bring the engine to what the rendering declares; returns every declared container by name."""
@@ -207,12 +210,10 @@ class StageOnEngine:
         previous = self.state.get(resource.name)
         if previous is not None and previous.inputs == inputs:
             return
-        replaced = REPLACED_ON_CHANGE.get(resource.type, set())
-        if previous is not None and resource.type == SERVICE and all(
-                previous.inputs.get(key) == inputs.get(key) for key in replaced):
+        if previous is not None and resource.type == SERVICE and not _replaced(SERVICE, previous.inputs, inputs):
             self._update_service(resource.name, previous, inputs)
             return
-        if previous is not None and replaced and not resource.delete_before_replace:
+        if previous is not None and resource.type in REPLACEABLE and not resource.delete_before_replace:
             self._replaced.append(previous)
         elif previous is not None:
             self._delete(previous)
@@ -337,7 +338,7 @@ class StageOnEngine:
             tmpfs=inputs.get("tmpfs"), security_opt=inputs["securityOpts"],
             cap_drop=inputs["capabilities"].get("drops"), cap_add=inputs["capabilities"].get("adds"),
             ipc_mode=inputs.get("ipcMode"), ulimits=[Ulimit(**limit) for limit in inputs.get("ulimits", [])],
-            mem_limit=inputs["memory"] * MIB, memswap_limit=inputs["memorySwap"] * MIB,
+            mem_limit=inputs["memory"] * MIB, memswap_limit=_megabytes_or_unlimited(inputs["memorySwap"]),
             nano_cpus=parse_cpus(inputs["cpus"]), labels=_labels(inputs), environment=inputs.get("envs"),
             command=inputs.get("command"), restart_policy={"Name": inputs["restart"]},
             ports={f"{port['internal']}/{port.get('protocol', 'tcp')}": (port["ip"], port.get("external"))
@@ -372,7 +373,7 @@ class StageOnEngine:
         return Created(NETWORK, inputs, network.id)
 
     def _swarm_object(self, kind: str, inputs: dict[str, Any]) -> Created:
-        """A Swarm secret or config: immutable, so any change replaces it (REPLACED_ON_CHANGE). `data` is
+        """A Swarm secret or config: immutable, so any change replaces it (mlops/replacements.py). `data` is
         base64 in the rendering, as the engine API takes it."""
         endpoint = "/secrets/create" if kind == SECRET else "/configs/create"
         body = {"Name": inputs["name"], "Data": inputs["data"], "Labels": _labels(inputs)}
@@ -625,6 +626,21 @@ def _nanoseconds(duration: str) -> int:
     return round(sum(float(number) * GO_UNIT_NS[unit] for number, unit in parts))
 
 
+def _megabytes_or_unlimited(megabytes: int) -> int:
+    """A container's `memory_swap` as createContainer sends it (resource_docker_container_funcs.go): MB when
+    positive, -1 (unlimited) as is."""
+    return megabytes * MIB if megabytes > 0 else megabytes
+
+
+def _replaced(resource_type: str, before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Whether the provider replaces a resource whose inputs change from `before` to `after`, by the table of
+    mlops/replacements.py (`mlops diff` decides by it too)."""
+    old, new = plan.flatten(before), plan.flatten(after)
+    changes = tuple(FieldChange(path, old.get(path, ABSENT), new.get(path, ABSENT))
+                    for path in sorted({*old, *new}) if old.get(path, ABSENT) != new.get(path, ABSENT))
+    return classify(resource_type, changes, old, new).action == "replace"
+
+
 def _labels(inputs: dict[str, Any]) -> dict[str, str]:
     return {label["label"]: label["value"] for label in inputs.get("labels", [])}
 
@@ -673,7 +689,9 @@ def _service_spec(inputs: dict[str, Any]) -> dict[str, Any]:
             "Placement": _drop_none({
                 "Constraints": placement.get("constraints"),
                 "Preferences": [{"Spread": {"SpreadDescriptor": descriptor}} for descriptor in placement.get("prefs", [])],
-                "MaxReplicas": placement.get("maxReplicas")}),
+                "MaxReplicas": placement.get("maxReplicas"),
+                "Platforms": [{"Architecture": platform["architecture"], "OS": platform["os"]}
+                              for platform in placement.get("platforms", [])]}),
             "Networks": [_drop_none({"Target": network.get("id") or network["name"], "Aliases": network.get("aliases")})
                          for network in task.get("networksAdvanceds", [])],
             "ForceUpdate": task.get("forceUpdate", 0),

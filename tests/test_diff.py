@@ -2,6 +2,7 @@
 the provider does with it (update in place or replace), and the data-loss warning."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from mlops.plan import PlannedResource
 from mlops_spec.errors import SpecError
 from tests.conftest import FIXTURE_SERVING_IMAGE
 
+SECRET_TYPE = "docker:index/secret:Secret"
 NEW_SERVING_IMAGE = "localhost:5201/prod/serving@sha256:" + "4" * 64
 
 
@@ -256,3 +258,69 @@ def test_a_rendering_leaves_no_event_loop_open(committed):
     open_before = open_loops()
     render("prod", load_stage("prod", environments=committed))
     assert [loop for key, loop in open_loops().items() if key not in open_before] == []
+
+
+SERVICE = "docker:index/service:Service"
+
+
+def relabelled(service: PlannedResource, **options) -> PlannedResource:
+    """`service` with one more container label (ForceNew: `labelSchema` in resource_docker_service.go)."""
+    container = service.inputs["taskSpec"]["containerSpec"]
+    labels = [*container["labels"], {"label": "mlops.extra", "value": "x"}]
+    inputs = {**service.inputs, "taskSpec": {**service.inputs["taskSpec"], "containerSpec": {**container, "labels": labels}}}
+    return dataclasses.replace(service, inputs=inputs, **options)
+
+
+def test_a_services_replacement_deletes_it_first_so_it_never_collides_with_itself():
+    from mlops.plan import render
+    from mlops_spec.loading import load_stage
+
+    cluster = render("cluster", load_stage("cluster"))
+    services = [r for r in cluster if r.type == SERVICE]
+    assert len(services) == 5 and all(service.delete_before_replace for service in services)
+    blue = next(service for service in services if service.name == "cluster-serving-blue")
+    changes, _ = compare(cluster, [relabelled(r) if r is blue else r for r in cluster], "cluster", "cluster")
+    [change] = changes
+    assert (change.action, change.delete_before_replace, change.collision) == ("replace", True, None)
+    assert "taskSpec.containerSpec.labels.label" in change.replace_fields
+
+
+def test_a_replacement_created_first_under_the_same_name_is_flagged_in_every_format():
+    from rich.console import Console
+
+    from mlops.commands.diff import _print_text
+    from mlops.diff import StackDiff, describe_action
+
+    base = PlannedResource(SERVICE, "dev-serving-blue", None, {
+        "name": "dev-serving-blue", "taskSpec": {"containerSpec": {"image": "i", "labels": []}}}, False)
+    change = only_change([base], [relabelled(base)])
+    assert (change.action, change.delete_before_replace) == ("replace", False)
+    assert change.collision.startswith("COLLIDES: Pulumi creates the replacement before it deletes the old one, "
+                                       "and the engine refuses a second object named dev-serving-blue")
+    assert describe_action(change).startswith("replace (create-before-delete: COLLIDES on its name) forced by ")
+    result = StackDiff(before="dev@HEAD", after="dev", changes=[change])
+    assert "1 would collide with itself: dev-serving-blue" in result.summary()
+    output = result.to_json()
+    assert output["collisions"] == [{"name": "dev-serving-blue", "type": SERVICE, "collision": change.collision}]
+    assert output["changes"][0]["collision"] == change.collision
+    console = Console(record=True, width=400, highlight=False)
+    _print_text(result, console)
+    text = console.export_text()
+    assert "COLLIDES on its name" in text and f"note: {change.collision}" in text
+    assert change.collision in to_markdown(result)
+
+
+@pytest.mark.parametrize(("before", "after", "collides"), [
+    # A new name (a content-named secret's new content) never meets the old one.
+    (resource(SECRET_TYPE, "dev-secret"), dataclasses.replace(resource(SECRET_TYPE, "dev-secret"),
+                                                              inputs={"name": "dev-secret-2", "labels": []}), False),
+    (resource(SECRET_TYPE, "dev-secret"), resource(SECRET_TYPE, "dev-secret", labels=()), True),
+    (resource(SECRET_TYPE, "dev-secret", delete_before_replace=True),
+     resource(SECRET_TYPE, "dev-secret", labels=(), delete_before_replace=True), False),
+    # Docker hands back the existing volume of a name: no collision (its data risk is flagged instead).
+    (resource(), resource(labels=()), False),
+])
+def test_only_a_unique_name_kept_by_a_replacement_created_first_collides(before, after, collides):
+    change = only_change([before], [after])
+    assert change.action == "replace"
+    assert (change.collision is not None) is collides

@@ -40,6 +40,16 @@ INTENDED_CHANGES: dict[str, tuple[str, set[str]]] = {
 """resource name without its stack -> (why, field paths as `mlops diff` names them) that changed on purpose since
 BASE in a resource that does not move."""
 
+DAY_TWO = ("each service declares its stage's platform, which Swarm writes into the placement of a service it creates "
+           "and the provider reads back, and is replaced delete-before-replace, its name being fixed (issue 19): an "
+           "in-place update, once, and an option of Pulumi's")
+SERVICES = ("image-registry-server", "model-registry-server", "monitoring-prometheus", "serving-blue", "serving-green",
+            "serving-gateway")
+INTENDED_CHANGES |= {
+    service: ("; ".join(filter(None, (INTENDED_CHANGES.get(service, ("", set()))[0], DAY_TWO))),
+              {*INTENDED_CHANGES.get(service, ("", set()))[1], "taskSpec.placement.platforms", "opts.deleteBeforeReplace"})
+    for service in SERVICES}
+
 
 def intended(change, stack: str) -> set[str]:
     return INTENDED_CHANGES.get(change.name.removeprefix(f"{stack}-"), ("", set()))[1]

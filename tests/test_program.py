@@ -151,6 +151,25 @@ def test_container_inputs_are_rendered_as_the_provider_reads_them_back(stage, re
         assert {check["interval"], check["timeout"], check["startPeriod"]} <= {"3s", "5s", "20s"}, container.name
 
 
+def test_the_swap_limit_is_declared_as_the_engine_stores_it():
+    """The provider reads `memory_swap` back as the engine stores it and the field is not Computed
+    (resourceDockerContainerRead, resource_docker_container_funcs.go), so dropping it would not help: the engine
+    stores 2 x memory for an unset limit, and -1 whatever it is given when it has no swap accounting. Declared
+    as memory (no swap) where the engine limits swap, and as -1 where it cannot, the next read finds it."""
+    from components.engine_facts import NoEngine
+
+    class WithoutSwapAccounting(NoEngine):
+        def limits_swap(self) -> bool:
+            return False
+
+    spec = load_stages(["dev"])[0]
+    for engine, swap_of in ((NoEngine(), lambda memory: memory), (WithoutSwapAccounting(), lambda memory: -1)):
+        rendered = containers(plan.render("dev", spec, engines=lambda spec, engine=engine: engine))
+        assert len(rendered) >= 4
+        for container in rendered:
+            assert container.inputs["memorySwap"] == swap_of(container.inputs["memory"]), container.name
+
+
 def test_go_durations_and_provider_cpus_match_the_provider():
     from components.runtimes import go_duration
     from mlops_spec.encoding import provider_cpus
@@ -328,7 +347,7 @@ def test_content_tag_changes_exactly_when_inputs_change(tmp_path, monkeypatch):
     (context / "wheels" / "x.whl").write_text("derived from the lock")
     with_wheel = images.content_tag("ctx", amd64)
     assert with_wheel != first
-    # The provider's context hash includes file modes; so does the tag.
+    # The executable bit, the one mode bit a clone does not take from its umask, changes the tag.
     (context / "train.py").chmod(0o755)
     assert images.content_tag("ctx", amd64) != with_wheel
     (context / "train.py").chmod(0o644)

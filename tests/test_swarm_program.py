@@ -79,7 +79,8 @@ def test_serving_replicas_are_spread_limited_reserved_health_checked_and_hardene
     blue = cluster[BLUE].inputs
     task = blue["taskSpec"]
     assert blue["mode"] == {"replicated": {"replicas": spec.serving.replicas}}
-    assert task["placement"] == {"constraints": ["node.role != manager"], "prefs": ["node.hostname"]}
+    assert task["placement"] == {"constraints": ["node.role != manager"], "prefs": ["node.hostname"],
+                                 "platforms": [{"architecture": "amd64", "os": "linux"}]}
     assert task["resources"] == {
         "limits": {"nanoCpus": 1_000_000_000, "memoryBytes": 512 * runtimes.MIB},
         "reservation": {"nanoCpus": 250_000_000, "memoryBytes": 256 * runtimes.MIB}}
@@ -124,6 +125,20 @@ def test_every_tmpfs_mode_is_read_back_by_the_provider_as_declared():
                                            "cluster-monitoring-prometheus", BLUE, GREEN,
                                            "cluster-serving-diabetes-regressor-blue", "cluster-serving-gateway"}
     assert {key: oct(mode) for key, mode in modes.items() if mode & 0o777 != mode} == {}
+
+
+@pytest.mark.parametrize(("platform", "architecture"), [("linux/amd64", "amd64"), ("linux/arm64", "arm64")])
+def test_every_service_declares_the_one_platform_its_image_is_built_for(platform, architecture):
+    """The provider creates a service with QueryRegistry, and the Docker client writes the platforms the
+    registry lists for the image into the placement (docker/docker v28.5.2 client/service_create.go,
+    imageDigestAndPlatforms: OCI names, `amd64` not `x86_64`), which Read returns (flattenPlacementPlatforms in
+    resource_docker_service_structures.go). Declared as the one platform the stage builds for, the second
+    `pulumi up` finds what it declared."""
+    services = [resource for resource in render({**PINNED, "docker": {"platform": platform}}).values()
+                if resource.type == SERVICE]
+    assert len(services) == 5
+    for service in services:
+        assert service.inputs["taskSpec"]["placement"]["platforms"] == [{"architecture": architecture, "os": "linux"}]
 
 
 def test_durations_are_written_as_the_provider_reads_them_back():
@@ -173,7 +188,8 @@ def test_prometheus_runs_on_the_stateful_node_published_in_host_mode_like_the_si
     prometheus = cluster["cluster-monitoring-prometheus"].inputs
     task = prometheus["taskSpec"]
     assert prometheus["mode"] == {"replicated": {"replicas": 1}} and "convergeConfig" in prometheus
-    assert task["placement"] == {"constraints": ["node.labels.mlops.stateful == true"]}
+    assert task["placement"]["constraints"] == ["node.labels.mlops.stateful == true"]
+    assert "prefs" not in task["placement"]
     assert prometheus["endpointSpec"] == {"mode": "dnsrr", "ports": [
         {"targetPort": 9090, "publishedPort": 5390, "publishMode": "host", "protocol": "tcp"}]}
     # Its TSDB is locked by one Prometheus at a time.
