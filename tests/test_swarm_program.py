@@ -136,7 +136,7 @@ def test_every_service_declares_the_one_platform_its_image_is_built_for(platform
     `pulumi up` finds what it declared."""
     services = [resource for resource in render({**PINNED, "docker": {"platform": platform}}).values()
                 if resource.type == SERVICE]
-    assert len(services) == 5
+    assert len(services) == 6  # MLflow, the registry, Prometheus, the gateway, each model's blue
     for service in services:
         assert service.inputs["taskSpec"]["placement"]["platforms"] == [{"architecture": architecture, "os": "linux"}]
 
