@@ -90,7 +90,8 @@ def pinned_image(stage: str, role: str, digest: str) -> str:
 
 
 def fixture_release(stage: str) -> dict:
-    return {"model": {"name": "iris-classifier", "version": 4, "sha256": FIXTURE_MODEL_SHA256},
+    """iris-classifier's release as `mlops promote` writes it under models.iris-classifier."""
+    return {"version": 4, "sha256": FIXTURE_MODEL_SHA256,
             "images": {"training": pinned_image(stage, "training", FIXTURE_TRAINING_DIGEST),
                        "serving": pinned_image(stage, "serving", FIXTURE_SERVING_DIGEST)}}
 
@@ -119,7 +120,7 @@ def released_environments(environments):
     for stage in ("staging", "prod"):
         file = environments / f"{stage}.yaml"
         data = yaml.safe_load(file.read_text()) or {}
-        data["release"] = fixture_release(stage)
+        data.setdefault("models", {}).setdefault("iris-classifier", {})["release"] = fixture_release(stage)
         file.write_text(yaml.safe_dump(data, sort_keys=False))
     return environments
 

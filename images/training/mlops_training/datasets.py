@@ -153,7 +153,7 @@ def _checked_row(where: str, values: list[str], rules: RowRules) -> list[str]:
     return values
 
 
-def model_folder(project: Project, volume: Path = DATASETS_DIR) -> Path:
+def model_folder(project: Project, volume: Path) -> Path:
     """Where `project`'s datasets are on the datasets volume mounted at `volume`."""
     return volume / project.name
 
@@ -279,10 +279,11 @@ def main(argv: list[str]) -> int:
     try:
         if command == "add":
             project = load_project()
-            name, rows, new = add(sys.stdin.buffer.read(MAX_BYTES + 1), RowRules.of(project), model_folder(project))
+            name, rows, new = add(sys.stdin.buffer.read(MAX_BYTES + 1), RowRules.of(project),
+                                model_folder(project, DATASETS_DIR))
             print(f"{'ADDED' if new else 'EXISTS'} name={name} rows={rows}")
         elif command == "list":
-            for entry in listing(model_folder(load_project())):
+            for entry in listing(model_folder(load_project(), DATASETS_DIR)):
                 print(json.dumps(entry))
         elif command == "samples" and argv[1:]:
             export = export_samples(sys.stdout, load_project(), argv[1:], SAMPLES_DIR)
