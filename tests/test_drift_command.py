@@ -179,11 +179,11 @@ def test_the_retraining_workflow_trains_and_proposes_a_promotion_only_on_drift()
     assert workflow[True]["schedule"], "it runs on a schedule"  # PyYAML reads the key `on` as a boolean
     drift, retrain = workflow["jobs"]["drift"], workflow["jobs"]["retrain"]
     check = next(step for step in drift["steps"] if step.get("id") == "drift")["run"]
-    assert '.venv/bin/mlops drift --stage "$STAGE"' in check
+    assert '.venv/bin/mlops drift --stage "$STAGE" --model "$model"' in check
     assert 'if [ "$status" -ge 2 ]; then exit "$status"; fi' in check, "a check that cannot run fails the job"
     assert retrain["needs"] == "drift" and retrain["if"].startswith("needs.drift.outputs.drifted == 'true'")
     commands = "\n".join(step.get("run", "") for step in retrain["steps"])
-    assert '.venv/bin/mlops train --stage "$BUILDER"' in commands
+    assert '.venv/bin/mlops train --stage "$BUILDER" --model "$MODEL"' in commands
     assert '.venv/bin/mlops promote --from "$BUILDER" --to "$NEXT"' in commands
     assert "gh pr create --base main" in commands
     assert retrain["permissions"] == {"contents": "write", "pull-requests": "write"}
