@@ -15,7 +15,6 @@ from mlops_spec.project import REPO_ROOT
 from tests.conftest import free_port
 from tests.test_spec_errors import run_cli
 
-
 SELECTOR = re.compile(r'mlops:drift_psi:max(\{model="(?P<model>[a-z0-9-]+)"\})?')
 
 

@@ -54,7 +54,7 @@ def test_nothing_promoted_is_a_spec_error():
         training_image(load_stages(["staging"])[0], "iris-classifier", ENVIRONMENTS_DIR)
 
 
-def cli_error(monkeypatch, capsys, *arguments: str) -> tuple[int, str]:
+def cli_error(monkeypatch, capsys, *arguments: str) -> tuple[int | str | None, str]:
     """Exit code and stderr of `mlops ARGUMENTS`, with neither a secret nor a Pulumi CLI nor an engine to ask."""
     monkeypatch.delenv("MLOPS_MLFLOW_PASSWORD_DEV", raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")
