@@ -105,3 +105,18 @@ def test_the_first_step_must_be_above_the_declared_green_weight(environments, mo
     assert code == 2
     assert err == (f"error: {environments}/dev.yaml:16: models.iris-classifier.green.rollout.steps: the first step (10) must be above "
                    "the declared models.iris-classifier.traffic.green (20), where the rollout starts\n")
+
+
+def test_each_models_policy_is_its_own(environments, monkeypatch, capsys):
+    """A good policy on one model and a bad one on another: the error names the other model's field and line."""
+    with_policy(environments)
+    dev = environments / "dev.yaml"
+    regressor = "  diabetes-regressor:\n    release: {version: latest}\n"
+    content = dev.read_text()
+    assert regressor in content
+    dev.write_text(content.replace(regressor, regressor + GOOD_POLICY.replace("[10, 50, 100]", "[10, 50]")))
+    code, _, err = run_cli(monkeypatch, capsys, "validate", "dev", "--environments", str(environments))
+    line = next(number for number, text in enumerate(dev.read_text().splitlines(), start=1) if text == "        steps: [10, 50]")
+    assert code == 2
+    assert err == (f"error: {environments}/dev.yaml:{line}: models.diabetes-regressor.green.rollout.steps: the last step "
+                   "must be 100 (all traffic to green), got 50\n")
