@@ -65,6 +65,8 @@ DATASETS_MODULE = ("python3", "-m", "mlops_training.datasets")
 NOT_FRESH_EXIT = 1
 PREDICTION = "prediction"
 """The column `samples` exports beside the features, which `add` drops (mlops_training.datasets)."""
+MAX_HEADER_BYTES = 64 * 1024
+"""More than any schema's header: a file without line breaks is not read whole here to find its first line."""
 SLOTS = ("blue", "green")
 MODEL_OPTION = typer.Option(None, "--model", help="whose data: a model the stage declares; may be left out when "
                                                   "it declares one")
@@ -144,7 +146,7 @@ def check_header(file: Path, handle: IO[bytes], model: str) -> None:
     """The file's first line must be the model's schema, its features then its label (models/<model>/
     mlops-model.yaml), a `prediction` column aside: data of another model is refused before the engine is asked."""
     expected = load_model_project(model).input_schema.header
-    first = handle.readline().decode("utf-8-sig", errors="replace")
+    first = handle.readline(MAX_HEADER_BYTES).decode("utf-8-sig", errors="replace")
     handle.seek(0)
     header = [column.strip() for column in next(csv.reader(io.StringIO(first)), [])]
     if [column for column in header if column != PREDICTION] != expected:
