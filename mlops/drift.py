@@ -4,6 +4,7 @@ slot, model version and feature)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from mlops.rollout import Query
 
@@ -19,9 +20,11 @@ class DriftScore:
     psi: float
 
 
-def drift_scores(query: Query) -> list[DriftScore]:
-    """Every feature's score, highest first (a NaN score, from an empty window, is no score)."""
+def drift_scores(query: Query, model: Optional[str] = None) -> list[DriftScore]:
+    """Every feature's score, of `model` alone when given, highest first (a NaN score, from an empty window, is no
+    score). A model's name is a DNS label, so it is safe in a PromQL string as it is."""
+    selected = SCORES if model is None else f'{SCORES}{{model="{model}"}}'
     scores = [DriftScore(slot=labels.get("slot", "?"), model=labels.get("model", "?"),
                          model_version=labels.get("model_version", "?"), feature=labels.get("feature", "?"), psi=value)
-              for labels, value in query(SCORES) if value == value]
-    return sorted(scores, key=lambda score: (-score.psi, score.slot, score.feature))
+              for labels, value in query(selected) if value == value]
+    return sorted(scores, key=lambda score: (-score.psi, score.model, score.slot, score.feature))

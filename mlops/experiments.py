@@ -94,7 +94,7 @@ def is_expired(info: ExperimentInfo, now: datetime) -> bool:
 
 
 def _model_in(annotation: Any) -> Optional[type[BaseModel]]:
-    """The spec model an annotation holds (`Limits`, `Optional[CanaryRelease]`), if any."""
+    """The spec model an annotation holds (`Limits`, `Optional[GreenRelease]`), if any."""
     for candidate in get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate

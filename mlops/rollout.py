@@ -1,8 +1,8 @@
-"""The rollout of a green slot as the stack declares it and as a person watches it.
+"""The rollout of each model's green slot as the stack declares it and as a person watches it.
 
-The gateway image runs the rollout (images/gateway/canary.py: stdlib only, so it cannot import this
-package); this module renders what the gateway is given, reads back what it recorded, and puts both beside
-the stage's Prometheus numbers as the rows `mlops status` shows.
+The gateway image runs the rollouts (images/gateway/canary.py: stdlib only, so it cannot import this
+package), recording each model's in `rollout_folder(model)`; this module reads back what it recorded and puts
+it beside the stage's Prometheus numbers as the rows `mlops status` shows, one per model and slot.
 """
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import subprocess
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from mlops.reach import StageReach
 from mlops_spec.contract import gateway_name, release_id, rollout_folder
-from mlops_spec.models import StageSpec
+from mlops_spec.models import ModelPin, RolloutPolicy, ServedModel, StageSpec
 
 FINISHED = "finished"
 """The phase images/gateway/canary.py records once green baked at 100 % within the limits."""
@@ -49,13 +49,11 @@ def prometheus_url(spec: StageSpec, reach: StageReach) -> str:
     return f"http://{reach.address('Prometheus', spec.monitoring.port)}"
 
 
-def gateway_state(spec: StageSpec, stack: str) -> Optional[dict]:
-    """The rollout state the stage's gateway recorded for the stage's model, read through its Docker engine;
-    None without one."""
-    if spec.release is None:
-        return None
+def gateway_state(spec: StageSpec, stack: str, model: str) -> Optional[dict]:
+    """The rollout state the stage's gateway recorded for `model`, read through its Docker engine; None without
+    one."""
     result = subprocess.run(["docker", "--host", spec.docker.url, "exec", gateway_name(stack), "cat",
-                             f"{rollout_folder(spec.release.model.name)}/state.json"],
+                             f"{rollout_folder(model)}/state.json"],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return None
@@ -67,9 +65,10 @@ def gateway_state(spec: StageSpec, stack: str) -> Optional[dict]:
 
 @dataclass(frozen=True)
 class SlotRow:
-    slot: str
     model: str
+    slot: str
     version: str
+    replicas: int
     weight: int
     error_rate: Optional[float]
     p99_ms: Optional[float]
@@ -79,55 +78,70 @@ class SlotRow:
     def cells(self) -> list[str]:
         def shown(value: Optional[float], form: str) -> str:
             return "-" if value is None else format(value, form)
-        return [self.slot, self.model, self.version, f"{self.weight}%", shown(self.error_rate, ".2%"),
-                shown(self.p99_ms, ".1f"), shown(self.max_drift, ".3f"), self.rollout]
+        return [self.model, self.slot, self.version, str(self.replicas), f"{self.weight}%",
+                shown(self.error_rate, ".2%"), shown(self.p99_ms, ".1f"), shown(self.max_drift, ".3f"), self.rollout]
 
 
-COLUMNS = ["slot", "model", "version", "weight", "errors (1m)", "p99 ms (1m)", "max drift (PSI)", "rollout"]
+COLUMNS = ["model", "slot", "version", "replicas", "weight", "errors (1m)", "p99 ms (1m)", "max drift (PSI)", "rollout"]
 
 
-def _by_slot(query: Query, promql: str) -> dict[str, float]:
-    return {labels.get("slot", ""): value for labels, value in query(promql) if value == value}  # drops NaN
+def _by_model_and_slot(query: Query, promql: str) -> dict[tuple[str, str], float]:
+    return {(labels.get("model", ""), labels.get("slot", "")): value
+            for labels, value in query(promql) if value == value}  # drops NaN
 
 
-def _rollout_cell(spec: StageSpec, state: Optional[dict]) -> str:
-    green = spec.serving.green
-    if green is None or green.rollout is None:
+def rolling_out(model: ServedModel) -> Optional[tuple[ModelPin, RolloutPolicy]]:
+    """The model's green and the policy the gateway rolls it out by, when it declares one."""
+    green, pin = model.deployment.green, model.green_pin
+    if green is None or green.rollout is None or pin is None:
+        return None
+    return pin, green.rollout
+
+
+def _rollout_cell(model: ServedModel, state: Optional[dict]) -> str:
+    rollout = rolling_out(model)
+    if rollout is None:
         return "-"
-    if state is None or state.get("green_release") != release_id(green.model):
+    green, policy = rollout
+    if state is None or state.get("green_release") != release_id(green):
         return "not started"
-    steps = green.rollout.steps
-    where = f"step {state['step'] + 1}/{len(steps)}"
+    where = f"step {state['step'] + 1}/{len(policy.steps)}"
     verdict = (state.get("last_judgement") or {}).get("verdict")
     return f"{state['phase']}, {where}" + (f", last judgement: {verdict}" if verdict else "")
 
 
-def status_rows(spec: StageSpec, query: Query, state: Optional[dict]) -> list[SlotRow]:
-    """One row per slot: the pin, the weight in force (the controller's when it runs a rollout, else the
-    declared one), the gateway's error rate and p99 latency over the last minute, the highest drift score
-    of its replicas, and where the rollout is."""
-    if spec.release is None:
-        return []
-    model = f'{{model="{spec.release.model.name}"}}'
-    errors = _by_slot(query, f"mlops:gateway_errors:ratio_rate1m{model}")
-    p99 = _by_slot(query, f"mlops:gateway_latency_seconds:p99_1m{model}")
-    drift = _by_slot(query, f"max by (slot) (mlops:drift_psi:max{model})")
-    green_weight = spec.serving.traffic.green
-    if state is not None and spec.serving.green is not None and state.get("green_release") == release_id(spec.serving.green.model):
-        green_weight = state["green_weight"]
-    pins = {"blue": (spec.release.model, 100 - green_weight, "-")}
-    if spec.serving.green is not None:
-        pins["green"] = (spec.serving.green.model, green_weight, _rollout_cell(spec, state))
-    return [SlotRow(slot=slot, model=pin.name, version=str(pin.version), weight=weight, error_rate=errors.get(slot),
-                    p99_ms=p99[slot] * 1000 if slot in p99 else None, max_drift=drift.get(slot), rollout=rollout)
-            for slot, (pin, weight, rollout) in pins.items()]
+def status_rows(spec: StageSpec, query: Query, states: Mapping[str, Optional[dict]]) -> list[SlotRow]:
+    """One row per served model and slot: the pin, the replicas, the weight in force (the controller's when it
+    runs the model's rollout, else the declared one), the gateway's error rate and p99 latency over the last
+    minute, the highest drift score of its replicas, and where the rollout is. `states` holds the rollout state
+    the gateway recorded for each model, by name."""
+    errors = _by_model_and_slot(query, "mlops:gateway_errors:ratio_rate1m")
+    p99 = _by_model_and_slot(query, "mlops:gateway_latency_seconds:p99_1m")
+    drift = _by_model_and_slot(query, "max by (model, slot) (mlops:drift_psi:max)")
+    rows = []
+    for model in spec.served_models():
+        state, green = states.get(model.name), model.green_pin
+        green_weight = model.deployment.traffic.green
+        if state is not None and green is not None and state.get("green_release") == release_id(green):
+            green_weight = state["green_weight"]
+        pins = {"blue": (model.pin, 100 - green_weight, "-")}
+        if green is not None:
+            pins["green"] = (green, green_weight, _rollout_cell(model, state))
+        rows += [SlotRow(model=model.name, slot=slot, version=str(pin.version), replicas=model.replicas,
+                         weight=weight, error_rate=errors.get((model.name, slot)),
+                         p99_ms=p99[model.name, slot] * 1000 if (model.name, slot) in p99 else None,
+                         max_drift=drift.get((model.name, slot)), rollout=rollout)
+                 for slot, (pin, weight, rollout) in pins.items()]
+    return rows
 
 
 def stage_status(spec: StageSpec, stack: str) -> list[SlotRow]:
     """`status_rows` of a running stage: its Prometheus reached from here (no numbers without monitoring)
-    and the rollout state its gateway recorded. Raises `PrometheusUnreachable` or `Unreachable`."""
-    state = gateway_state(spec, stack)
+    and the rollout state its gateway recorded for each model it rolls out. Raises `PrometheusUnreachable` or
+    `Unreachable`."""
+    states = {model.name: gateway_state(spec, stack, model.name)
+              for model in spec.served_models() if rolling_out(model) is not None}
     if spec.monitoring is None:
-        return status_rows(spec, lambda promql: [], state)
+        return status_rows(spec, lambda promql: [], states)
     with StageReach(spec) as reach:
-        return status_rows(spec, prometheus_query(prometheus_url(spec, reach)), state)
+        return status_rows(spec, prometheus_query(prometheus_url(spec, reach)), states)

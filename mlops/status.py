@@ -9,9 +9,9 @@ Both are needed: the engine's userland port proxy (docker-proxy, one process per
 e.g. with "too many open files" above a few thousand connections, and leave a port dead while every
 container behind it stays healthy; and a container can be unhealthy behind a port that still answers.
 
-Each row comes from one function of `ROWS` taking the `Probe`. Under the endpoints, one row per serving
-slot (`mlops.rollout.status_rows`): its pin, the weight in force, error rate, p99 latency and drift from the
-stage's Prometheus, and where an automated rollout is.
+Each row comes from one function of `ROWS` taking the `Probe`. Under the endpoints, one row per served model
+and slot (`mlops.rollout.status_rows`): its pin, replicas, the weight in force, error rate, p99 latency and
+drift from the stage's Prometheus, and where an automated rollout is.
 """
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def _endpoint_row(probe: Probe, service: str, port: PublishedPort, path: str, ex
 
 def gateway(probe: Probe) -> Optional[Row]:
     """The serving gateway is ready only when a replica behind it is (Open Inference Protocol readiness)."""
-    if probe.spec.release is None:
+    if not probe.spec.served_models():
         return None  # nothing promoted yet: the stage serves nothing and publishes no gateway port
     return _endpoint_row(probe, "gateway", probe.spec.serving.port, "/v2/health/ready", {200},
                          ("serving-gateway", "model-serving"))
@@ -204,5 +204,5 @@ def stage_status(spec: StageSpec) -> StageStatus:
     try:
         slots, slots_problem = rollout.stage_status(spec, spec.stage), ""
     except (rollout.PrometheusUnreachable, Unreachable) as err:
-        slots, slots_problem = rollout.status_rows(spec, lambda promql: [], None), f"no numbers from Prometheus: {err}"
+        slots, slots_problem = rollout.status_rows(spec, lambda promql: [], {}), f"no numbers from Prometheus: {err}"
     return StageStatus(spec.stage, spec.docker.url, rows, probe.engine_problem, slots, slots_problem)

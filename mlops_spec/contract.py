@@ -80,6 +80,12 @@ def rollout_folder(model: str) -> str:
     return f"{ROLLOUT_DIR}/{model}"
 
 
+def datasets_folder(model: str) -> str:
+    """Where `model`'s datasets are on the datasets volume: a folder per model, which its training image alone
+    reads and writes (images/training/mlops_training/datasets.py's `model_folder`)."""
+    return f"{DATASETS_DIR}/{model}"
+
+
 class MlflowEnv:
     """What the model registry's container gets (images/mlflow/start.py)."""
     SECRET = "MLOPS_MLFLOW_PASSWORD"

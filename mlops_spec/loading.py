@@ -4,7 +4,7 @@ field path, the line and what is allowed."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -38,20 +38,21 @@ def _keys(model: type[BaseModel]) -> dict[str, Any]:
 
 def _allowed_keys(root: type[BaseModel], parent_loc: tuple) -> list[str]:
     model: Any = root
-    parts = iter(parent_loc)
-    for part in parts:
-        if isinstance(part, int):
+    names_a_key = False
+    for part in parent_loc:
+        # A list index, or a key of a mapping such as `models.<name>`, names an entry, not a field.
+        if isinstance(part, int) or names_a_key:
+            names_a_key = False
             continue
         field = _keys(model).get(part)
         if field is None:
             break
         annotation = field.annotation
+        names_a_key = get_origin(annotation) is dict
         for candidate in getattr(annotation, "__args__", (annotation,)):
             if isinstance(candidate, type) and issubclass(candidate, BaseModel):
                 model = candidate
                 break
-        if getattr(annotation, "__origin__", None) is dict:
-            next(parts, None)  # the entry's own key, e.g. a model's name under `models`
     return sorted(_keys(model))
 
 

@@ -81,14 +81,20 @@ def test_experiment_labels_carry_name_owner_and_expiry():
     assert not {"mlops.owner", "mlops.expires-at"} & set(labels_of(network))
 
 
-def test_longest_name_with_most_replicas_keeps_every_physical_name_within_docker_limits():
-    name = "x" * MAX_NAME_LENGTH
-    spec = experiment_spec(f"exp-{name}", settings(name, "serving.replicas=16", "serving.green.model.name=iris-classifier",
-                                                   "serving.green.model.version=latest"))
+def test_the_longest_name_the_models_allow_with_most_replicas_keeps_every_physical_name_within_docker_limits():
+    """Replica names are `<stack>-<model>-<slot>-<index>`: the longest model's green replicas bound the name."""
+    longest = max(load_stages(["dev"])[0].models, key=len)
+    name = "x" * (DOCKER_NAME_LIMIT - len(f"exp--{longest}-green-15"))
+    assert len(name) < MAX_NAME_LENGTH
+    spec = experiment_spec(f"exp-{name}", settings(name, f"models.{longest}.replicas=16",
+                                                   f"models.{longest}.green.version=latest"))
+    assert spec.models[longest].replicas == 16 and spec.models[longest].green.version == "latest"
     names = physical_names(plan.render(f"exp-{name}", spec))
-    assert f"exp-{name}-serving-green-15" in names
+    assert f"exp-{name}-{longest}-green-15" in names
     container_names = {n for n in names if ":" not in n}  # image names are references, not DNS labels
     assert max(map(len, container_names)) == DOCKER_NAME_LIMIT
+    with pytest.raises(SpecError, match=f"makes replica names such as exp-{name}x-{longest}-green-15 longer than 63"):
+        experiment_spec(f"exp-{name}x", settings(f"{name}x"))
 
 
 def test_program_loads_an_experiment_stack_from_its_config():
@@ -137,20 +143,31 @@ def test_bad_names_are_rejected_clearly(name):
 
 def test_overrides_use_yaml_scalar_semantics_and_apply():
     assert parse_overrides(["serving.replicas=2", "training.limits.cpus=1.5", "training.gpu=true",
-                            "release.model.version=latest", "serving.green=null"]) == {
+                            "models.iris-classifier.release.version=latest", "models.iris-classifier.green=null"]) == {
         "serving.replicas": 2, "training.limits.cpus": 1.5, "training.gpu": True,
-        "release.model.version": "latest", "serving.green": None}
-    spec = experiment_spec("exp-o", settings("o", "serving.replicas=2", "training.limits.cpus=1.5"))
+        "models.iris-classifier.release.version": "latest", "models.iris-classifier.green": None}
+    spec = experiment_spec("exp-o", settings("o", "serving.replicas=2", "training.limits.cpus=1.5",
+                                             "models.iris-classifier.replicas=3"))
     assert spec.serving.replicas == 2 and spec.training.limits.cpus == 1.5
+    assert {model.name: model.replicas for model in spec.served_models()} == {
+        "diabetes-regressor": 2, "iris-classifier": 3}, "a model's own replicas, else serving.replicas"
     assert spec.training.limits.memory_mb == 2048, "siblings of an override keep the source stage's value"
 
 
 @pytest.mark.parametrize("assignment, message", [
-    ("serving.replica=2", "--set serving.replica: unknown key 'replica' under serving; allowed: batching, build, gateway"),
-    ("nope=1", "--set nope: unknown key 'nope'; allowed: artifact_store, docker, gates"),
+    ("serving.replica=2", "--set serving.replica: unknown key 'replica' under serving; allowed: build, gateway"),
+    ("nope=1", "--set nope: unknown key 'nope'; allowed: artifact_store, docker, image_registry"),
+    ("models.iris-classifier.replica=2", "--set models.iris-classifier.replica: unknown key 'replica' under "
+                                         "models.iris-classifier; allowed: batching, gates, green, limits, release, "
+                                         "replicas, sampling, traffic"),
+    ("models.iris-classifier.replicas=0", "--set models.iris-classifier.replicas: Input should be greater than or "
+                                          "equal to 1"),
+    ("models.wine.replicas=2", "--set models.wine.replicas: models.wine: experiment stages build each model's images "
+                               "from its project, and models/wine/mlops-model.yaml does not exist"),
     ("serving.replicas=abc", "--set serving.replicas: Input should be a valid integer"),
     ("serving.replicas=0", "--set serving.replicas: Input should be greater than or equal to 1"),
-    ("serving.traffic.green=50", "--set serving.traffic.green: serving.traffic: blue (100) + green (50) must add up"),
+    ("models.iris-classifier.traffic.green=50", "--set models.iris-classifier.traffic.green: "
+                                                "models.iris-classifier.traffic: blue (100) + green (50) must add up"),
     ("serving.port.host_port=9000", "--set serving.port.host_port: not settable: experiments let Docker choose"),
     ("experiment.owner=x", "--set experiment.owner: not settable: stage, kind and experiment are set by"),
     ("artifact_store.protect=true", "--set artifact_store.protect: not settable: experiment volumes are never"),

@@ -41,6 +41,11 @@ ROW = [7.5, 3.0, 6.3, 2.1]
 BODY = json.dumps({"inputs": [{"name": "input-0", "datatype": "FP64", "shape": [1, 4], "data": [ROW]}]}).encode()
 
 
+def version_of(pin: dict) -> dict:
+    """A registered version as a model's release or green names it."""
+    return {"version": pin["version"], "sha256": pin["sha256"]}
+
+
 def write_stage(environments, name: str, ports: dict[str, int], pins: dict[str, dict], green: str | None) -> None:
     """A private copy of dev with monitoring, blue (once registered) and green under the rollout policy."""
     spec = yaml.safe_load((environments / "dev.yaml").read_text())
@@ -52,18 +57,14 @@ def write_stage(environments, name: str, ports: dict[str, int], pins: dict[str, 
         "monitoring": {"port": {"host_port": ports["prometheus"]}, "scrape_interval_s": 1, "evaluation_interval_s": 1},
         "serving": {**spec["serving"], "port": {"host_port": ports["gateway"]}},
     }
-    model: dict = {}
+    # iris-classifier alone is served: its blue once registered, and its green; the other model is not served.
+    iris: dict = {}
     if "blue" in pins:
-        model["release"] = version_pin(pins["blue"])
+        iris["release"] = version_of(pins["blue"])
     if green is not None:
-        model["green"] = {**version_pin(pins[green]), "rollout": POLICY}
-    spec["models"] = {"iris-classifier": model}
+        iris["green"] = {**version_of(pins[green]), "rollout": POLICY}
+    spec["models"] = {"iris-classifier": iris, "diabetes-regressor": {}}
     (environments / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-
-
-def version_pin(pin: dict) -> dict:
-    """A registered version as the stage file pins it under its model's name."""
-    return {"version": pin["version"], "sha256": pin["sha256"]}
 
 
 @dataclass
@@ -84,7 +85,7 @@ class Stage:
         return f"http://127.0.0.1:{self.ports['gateway']}"
 
     def state(self) -> dict | None:
-        return gateway_state(self.engine.spec, self.name)
+        return gateway_state(self.engine.spec, self.name, "iris-classifier")
 
     def events(self) -> list[dict]:
         gateway = self.engine.client.containers.get(f"{self.name}-gateway")

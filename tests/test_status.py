@@ -148,11 +148,11 @@ def test_on_a_swarm_the_manager_counts_every_task_running_on_any_node(monkeypatc
     on workers and one of which is still starting."""
     from mlops import status
 
-    answers = {"ls": "cluster-serving-blue 2/3\ncluster-gateway 1/1\ncluster-prometheus 1/1\n",
+    answers = {"ls": "cluster-iris-classifier-blue 2/3\ncluster-gateway 1/1\ncluster-prometheus 1/1\n",
                "inspect": json.dumps([{"ID": f"id{index}", "Spec": {"Name": name, "Labels": {"mlops.component": component}}}
                                       for index, (name, component) in enumerate([
-                                          ("cluster-serving-blue", "model-serving"), ("cluster-gateway", "serving-gateway"),
-                                          ("cluster-prometheus", "monitoring")])])}
+                                          ("cluster-iris-classifier-blue", "model-serving"),
+                                          ("cluster-gateway", "serving-gateway"), ("cluster-prometheus", "monitoring")])])}
     asked = []
 
     def docker(host, *args):
@@ -166,3 +166,36 @@ def test_on_a_swarm_the_manager_counts_every_task_running_on_any_node(monkeypatc
     assert status._summary(health["model-serving"] + health["serving-gateway"], problem) == (
         "3/4 healthy (not running)", False)
     assert status._summary(health["monitoring"], problem) == ("1/1 healthy", True)
+
+
+def test_the_table_has_one_row_per_served_model_and_slot(released_environments, monkeypatch):
+    """What `mlops status` prints under the endpoints, from the rows `mlops.rollout.status_rows` gives."""
+    from typer.testing import CliRunner
+
+    from mlops import rollout
+    from mlops import status as probing
+    from mlops.cli import app
+
+    slots = [rollout.SlotRow("diabetes-regressor", "blue", "2", 2, 100, None, None, None, "-"),
+             rollout.SlotRow("iris-classifier", "blue", "4", 3, 90, 0.001, 12.0, 0.04, "-"),
+             rollout.SlotRow("iris-classifier", "green", "5", 3, 10, 0.25, None, None, "baking, step 1/2")]
+    asked = []
+
+    def stage_status(spec):
+        asked.append(spec.stage)
+        return probing.StageStatus(spec.stage, spec.docker.url, [], "", slots, "")
+    monkeypatch.setattr(probing, "stage_status", stage_status)
+    result = CliRunner().invoke(app, ["status", "prod", "--environments", str(released_environments)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and asked == ["prod"], result.output
+    served = result.output.split("served models", 1)[1]
+    table = [[cell.strip() for cell in line.strip().strip("│┃").replace("┃", "│").split("│")]
+             for line in served.splitlines() if line.startswith(("│", "┃"))]
+    assert table[0] == ["model", "slot", "version", "replicas", "weight", "errors (1m)", "p99 ms (1m)",
+                        "max drift (PSI)", "rollout"]
+    assert table[1:] == [slot.cells() for slot in slots]
+    assert table[3] == ["iris-classifier", "green", "5", "3", "10%", "25.00%", "-", "-", "baking, step 1/2"]
+    as_json = json.loads(CliRunner().invoke(app, ["status", "prod", "--json", "--environments",
+                                                  str(released_environments)]).output)
+    assert [(slot["model"], slot["slot"], slot["replicas"]) for slot in as_json["slots"]] == [
+        ("diabetes-regressor", "blue", 2), ("iris-classifier", "blue", 3), ("iris-classifier", "green", 3)]

@@ -1,6 +1,8 @@
 """`mlops train` without a Docker engine: which image it runs, how it runs it, and its input errors."""
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 
 import pytest
@@ -10,7 +12,7 @@ from components.runtimes import docker_run_arguments, run_environment
 from mlops import cli
 from mlops import plan as planning
 from mlops.cli import app
-from mlops.commands.train import run_of, training_image
+from mlops.commands.train import run_of, stage_model, training_image
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stage, load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
@@ -25,40 +27,100 @@ def run_arguments(spec, image, digest, name, training_args, with_datasets=False)
     return arguments
 
 
-def test_dev_runs_the_training_image_the_program_builds():
+@pytest.mark.parametrize("model", ["iris-classifier", "diabetes-regressor"])
+def test_dev_runs_each_models_training_image_the_program_builds(model):
     spec = load_stages(["dev"])[0]
     built = [resource.inputs["imageName"] for resource in planning.render("dev", spec)
              if resource.type == "docker:index/image:Image"
-             and "/iris-classifier-training:" in resource.inputs["imageName"]]
+             and f"/{model}-training:" in resource.inputs["imageName"]]
     # The model's training image: the local build and the copy pushed to dev's registry, which train runs by
     # that name.
-    assert built[1] == training_image(spec, ENVIRONMENTS_DIR)
-    assert built[1].startswith("localhost:5001/dev/iris-classifier-training:")
+    assert built[1] == training_image(spec, model, ENVIRONMENTS_DIR)
+    assert built[1].startswith(f"localhost:5001/dev/{model}-training:")
     assert built[0].split(":")[-1] == built[1].split(":")[-1], "one content tag: the same build inputs"
 
 
-def test_promoted_stages_run_the_promoted_digest(released_environments):
+def test_promoted_stages_run_the_models_promoted_digest(released_environments):
     spec = load_stage("staging", released_environments)
-    assert training_image(spec, released_environments) == pinned_image("staging", "training", FIXTURE_TRAINING_DIGEST)
+    assert training_image(spec, "iris-classifier", released_environments) == pinned_image(
+        "staging", "training", FIXTURE_TRAINING_DIGEST)
+    with pytest.raises(SpecError, match="staging.yaml: models.diabetes-regressor.release.images.training: no training "
+                                        "image of diabetes-regressor is promoted to staging yet"):
+        training_image(spec, "diabetes-regressor", released_environments)
 
 
 def test_nothing_promoted_is_a_spec_error():
-    with pytest.raises(SpecError, match="no training image is promoted to staging yet"):
-        training_image(load_stages(["staging"])[0], ENVIRONMENTS_DIR)
+    with pytest.raises(SpecError, match="no training image of iris-classifier is promoted to staging yet"):
+        training_image(load_stages(["staging"])[0], "iris-classifier", ENVIRONMENTS_DIR)
 
 
-def test_a_building_stage_that_names_no_model_has_nothing_to_train(environments, monkeypatch, capsys):
-    """Refused before any secret or engine is asked for: the platform's image alone holds no project to run."""
-    dev = environments / "dev.yaml"
-    dev.write_text(dev.read_text().split("release:")[0])
-    monkeypatch.setattr(sys, "argv", ["mlops", "train", "--stage", "dev", "--environments", str(environments)])
+def cli_error(monkeypatch, capsys, *arguments: str) -> tuple[int | str | None, str]:
+    """Exit code and stderr of `mlops ARGUMENTS`, with neither a secret nor a Pulumi CLI nor an engine to ask."""
+    monkeypatch.delenv("MLOPS_MLFLOW_PASSWORD_DEV", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(sys, "argv", ["mlops", *arguments])
     with pytest.raises(SystemExit) as exited:
         cli.main()
-    assert exited.value.code == 2
-    error = capsys.readouterr().err.strip()
-    assert len(error.splitlines()) == 1 and error.endswith(
-        "dev.yaml: release.model: dev names no model to train: add release.model with the name of a project "
-        "under models/ and version: latest (docs/models.md)")
+    return exited.value.code, capsys.readouterr().err.strip()
+
+
+def test_a_stage_of_several_models_needs_model_before_any_secret_or_engine(monkeypatch, capsys):
+    code, error = cli_error(monkeypatch, capsys, "train", "--stage", "dev")
+    assert (code, error) == (2, "error: dev declares 2 models (diabetes-regressor, iris-classifier): name one with "
+                                "--model")
+
+
+def test_a_model_the_stage_does_not_declare_is_one_line_naming_the_stage_file(monkeypatch, capsys):
+    code, error = cli_error(monkeypatch, capsys, "train", "--stage", "dev", "--model", "wine-classifier")
+    assert code == 2 and len(error.splitlines()) == 1
+    assert error == (f"error: {ENVIRONMENTS_DIR}/dev.yaml: models: dev declares no model 'wine-classifier'; its "
+                     "models: diabetes-regressor, iris-classifier (add models.<name> for a project under models/, "
+                     "docs/models.md)")
+
+
+def test_the_one_model_of_a_stage_needs_no_model_option(environments):
+    base = environments / "base.yaml"
+    base.write_text(base.read_text().replace("  diabetes-regressor: {}\n", ""))
+    for stage in ("dev", "cluster", "prod", "staging"):
+        file = environments / f"{stage}.yaml"
+        file.write_text(re.sub(r"  diabetes-regressor:\n(    .*\n)+", "", file.read_text()))
+    spec = load_stage("dev", environments)
+    assert stage_model(spec, None, environments) == "iris-classifier"
+
+
+class Engine:
+    """An engine where the stack is up and each image is there: what `mlops train` asks before it runs."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, ...]] = []
+
+    def __call__(self, spec, *args: str, stdin=None) -> subprocess.CompletedProcess[str]:
+        self.asked.append(args)
+        answer = {"image": '[] sha256:' + "e" * 64, "container": "true"}.get(args[0], "")
+        return subprocess.CompletedProcess(["docker", *args], 0, answer, "")
+
+
+def test_the_run_trains_the_named_model_in_its_own_image(monkeypatch):
+    from mlops.commands import train as train_command
+
+    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_DEV", PASSWORD)
+    engine = Engine()
+    monkeypatch.setattr(train_command, "docker", engine)
+    runs = []
+
+    def stream_run(spec, run):
+        runs.append(run)
+        return 0, train_command.REGISTERED.match("REGISTERED name=diabetes-regressor version=3 sha256=" + "f" * 64)
+    monkeypatch.setattr(train_command, "stream_run", stream_run)
+    result = CliRunner().invoke(app, ["train", "--stage", "dev", "--model", "diabetes-regressor", "--data", "latest"])
+    assert result.exit_code == 0, result.output
+    [run] = runs
+    spec = load_stages(["dev"])[0]
+    assert run.image == training_image(spec, "diabetes-regressor", ENVIRONMENTS_DIR)
+    assert "/dev/diabetes-regressor-training:" in run.image
+    assert list(run.args) == ["--subset", "1.0", "--seed", "0", "--data", "latest", "--model-name", "diabetes-regressor"]
+    assert ("image", "inspect", "--format", "{{json .RepoDigests}} {{.Id}}", run.image) in engine.asked
+    assert result.output.splitlines()[-1] == "REGISTERED name=diabetes-regressor version=3 sha256=" + "f" * 64
 
 
 def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environments):
@@ -81,7 +143,7 @@ def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environme
 def test_a_missing_mlflow_secret_is_one_line_and_exit_1(monkeypatch, tmp_path):
     monkeypatch.delenv("MLOPS_MLFLOW_PASSWORD_DEV", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))  # no Pulumi CLI to read the stack's secret either
-    result = CliRunner().invoke(app, ["train", "--stage", "dev"])
+    result = CliRunner().invoke(app, ["train", "--stage", "dev", "--model", "iris-classifier"])
     assert result.exit_code == 1
     assert result.output.strip() == ("error: no password for dev's MLflow: set MLOPS_MLFLOW_PASSWORD_DEV, or run where "
                                      "the Pulumi CLI reads stack dev's secret mlops:mlflowPassword")
@@ -148,9 +210,9 @@ def test_a_data_run_has_no_network_and_only_its_volume():
 
 
 @pytest.mark.parametrize("arguments", [
-    ["train", "--stage", "cluster", "--data", "latest"],
-    ["data", "list", "--stage", "cluster"],
-    ["data", "add", "--stage", "cluster", "any.csv"],
+    ["train", "--stage", "cluster", "--model", "iris-classifier", "--data", "latest"],
+    ["data", "list", "--stage", "cluster", "--model", "iris-classifier"],
+    ["data", "add", "--stage", "cluster", "--model", "iris-classifier", "any.csv"],
 ])
 def test_datasets_are_refused_on_a_swarm_stage_in_one_line(arguments, monkeypatch):
     monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_CLUSTER", "x")
@@ -169,11 +231,12 @@ def test_a_data_name_that_names_no_dataset_is_one_line_and_exit_2(name):
                                      "or at least its first 8 hex characters (`mlops data list`)")
 
 
-def test_samples_of_a_stage_that_does_not_sample_are_refused(tmp_path):
-    result = CliRunner().invoke(app, ["data", "samples", "--stage", "dev", "--out", str(tmp_path / "s.csv")])
+def test_samples_of_a_model_the_stage_does_not_sample_are_refused(tmp_path):
+    result = CliRunner().invoke(app, ["data", "samples", "--stage", "dev", "--model", "iris-classifier",
+                                      "--out", str(tmp_path / "s.csv")])
     assert result.exit_code == 2
-    assert result.output.strip() == ("error: dev does not sample requests: declare serving.sampling "
-                                     "(docs/contracts.md says what it keeps)")
+    assert result.output.strip() == ("error: dev does not sample iris-classifier's requests: declare "
+                                     "models.iris-classifier.sampling (docs/contracts.md says what it keeps)")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -146,10 +146,11 @@ def test_a_dataset_is_stored_canonically_under_its_sha256_and_listed(tmp_path):
 def test_training_on_a_dataset_names_it_profiles_it_and_stays_deterministic(tmp_path):
     volume = tmp_path / "datasets"
     volume.mkdir()
+    folder = datasets.model_folder(IRIS, volume)
     rows = iris_csv().splitlines()
-    older, _, _ = datasets.add(b"\n".join(rows[:1] + rows[1:150:2]) + b"\n", RULES, volume)  # every other iris row
-    newest, _, _ = datasets.add(b"\n".join(rows[:1] + rows[2:151:2]) + b"\n", RULES, volume)
-    os.utime(volume / older, (1, 1))  # added long before
+    older, _, _ = datasets.add(b"\n".join(rows[:1] + rows[1:150:2]) + b"\n", RULES, folder)  # every other iris row
+    newest, _, _ = datasets.add(b"\n".join(rows[:1] + rows[2:151:2]) + b"\n", RULES, folder)
+    os.utime(folder / older, (1, 1))  # added long before
     first = train(TrainingRequest(seed=2, dataset="latest"), tmp_path / "first", volume)
     inputs = first.manifest["inputs"]
     assert (inputs["dataset"], inputs["dataset_sha256"]) == (newest, newest[:-4])
@@ -163,13 +164,24 @@ def test_training_on_a_dataset_names_it_profiles_it_and_stays_deterministic(tmp_
     assert built_in["dataset"] == "data/iris.csv" and "dataset_sha256" not in built_in
 
 
-def test_a_changed_or_missing_dataset_is_a_training_error(tmp_path):
-    with pytest.raises(TrainingError, match="no dataset on the datasets volume yet"):
+def test_a_run_trains_on_its_own_models_folder_only(tmp_path):
+    """Another model's dataset, even one that fits the schema, is not there for this model's run to name."""
+    other, _, _ = datasets.add(iris_csv(), RULES, tmp_path / "diabetes-regressor")
+    with pytest.raises(TrainingError, match="no dataset of iris-classifier on the datasets volume yet"):
         train(TrainingRequest(dataset="latest"), tmp_path / "out", tmp_path)
-    name, _, _ = datasets.add(iris_csv(), RULES, tmp_path)
+    with pytest.raises(TrainingError, match=f"--data '{other[:12]}' names no dataset on the datasets volume"):
+        train(TrainingRequest(dataset=other[:12]), tmp_path / "out", tmp_path)
+    assert datasets.listing(datasets.model_folder(IRIS, tmp_path)) == []
+
+
+def test_a_changed_or_missing_dataset_is_a_training_error(tmp_path):
+    with pytest.raises(TrainingError, match="no dataset of iris-classifier on the datasets volume yet"):
+        train(TrainingRequest(dataset="latest"), tmp_path / "out", tmp_path)
+    folder = datasets.model_folder(IRIS, tmp_path)
+    name, _, _ = datasets.add(iris_csv(), RULES, folder)
     with pytest.raises(TrainingError, match="--data 'abcdef0123' names no dataset on the datasets volume"):
         train(TrainingRequest(dataset="abcdef0123"), tmp_path / "out", tmp_path)
-    (tmp_path / name).write_bytes(iris_csv().replace(b",0\n", b",1\n", 1))
+    (folder / name).write_bytes(iris_csv().replace(b",0\n", b",1\n", 1))
     with pytest.raises(TrainingError, match=f"dataset {name} holds bytes of sha256 [0-9a-f]{{64}}: it was changed"):
         train(TrainingRequest(dataset="latest"), tmp_path / "out", tmp_path)
 
@@ -200,13 +212,25 @@ def test_a_bad_dataset_is_one_line_exit_2_and_nothing_written(payload, message, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_add_command_stores_in_the_images_models_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(datasets, "DATASETS_DIR", tmp_path)
+    monkeypatch.setenv("MODEL_PROJECT_DIR", str(IRIS.directory))
+    monkeypatch.setenv("MODEL_NAME", "iris-classifier")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(iris_csv())))
+    assert datasets.main(["add"]) == 0
+    [stored] = (tmp_path / "iris-classifier").iterdir()
+    assert capsys.readouterr().out == f"ADDED name={stored.name} rows=150\n"
+    assert [path.name for path in tmp_path.iterdir()] == ["iris-classifier"]
+
+
 def test_samples_export_as_csv_with_the_prediction_and_an_empty_label(tmp_path):
-    (tmp_path / "s-serving-blue-0.jsonl").write_text(
+    (tmp_path / "s-iris-classifier-blue-0.jsonl").write_text(
         json.dumps({"time": 1.0, "model": "m", "version": "2", "features": [5.1, 3.5, 1.4, 0.2], "prediction": 0}) + "\n"
         + json.dumps({"time": 2.0, "model": "m", "version": "2", "features": [6.7, 3.0, 5.2, 2.3], "prediction": 2})
         + "\n" + '{"time": 3.0, "mod')  # a line being written: left for the next export
     out = io.StringIO()
-    assert datasets.export_samples(out, IRIS, tmp_path) == datasets.SamplesExport(written=2, skipped=0, first_skipped="")
+    assert datasets.export_samples(out, IRIS, ["s-iris-classifier-blue"], tmp_path) == datasets.SamplesExport(
+        written=2, skipped=0, first_skipped="")
     header = ",".join(f'"{column}"' for column in [*FEATURE_NAMES, "prediction", "label"])
     assert out.getvalue() == f'{header}\n"5.1","3.5","1.4","0.2","0",""\n"6.7","3.0","5.2","2.3","2",""\n'
 
@@ -219,11 +243,11 @@ def test_a_prediction_a_spreadsheet_would_run_as_a_formula_is_exported_as_text_a
     lines = [json.dumps({"features": [5.1, 3.5, 1.4, 0.2], "prediction": prediction}) for prediction in predictions]
     bad = ["not json", json.dumps({"features": [1.0]}), json.dumps({"features": ["=1+1", 0, 0, 0], "prediction": 0}),
            json.dumps({"features": [1, 2, 3], "prediction": 0}), json.dumps({"features": [1e999, 2, 3, 4], "prediction": 0})]
-    (tmp_path / "a.jsonl").write_text("\n".join([lines[0], *bad, *lines[1:]]) + "\n")
+    (tmp_path / "a-0.jsonl").write_text("\n".join([lines[0], *bad, *lines[1:]]) + "\n")
     out = io.StringIO()
-    export = datasets.export_samples(out, IRIS, tmp_path)
+    export = datasets.export_samples(out, IRIS, ["a"], tmp_path)
     assert (export.written, export.skipped) == (len(predictions), len(bad))
-    assert export.first_skipped.startswith("a.jsonl:2: JSONDecodeError")
+    assert export.first_skipped.startswith("a-0.jsonl:2: JSONDecodeError")
     rows = list(csv.reader(io.StringIO(out.getvalue())))
     assert [row[4] for row in rows[1:]] == [f"'{prediction}" for prediction in predictions[:6]] + [
         'a "quoted", comma', "-1.5", "2"]
@@ -236,14 +260,23 @@ def test_a_prediction_a_spreadsheet_would_run_as_a_formula_is_exported_as_text_a
 
 
 def test_the_samples_command_says_how_many_lines_it_skipped(tmp_path, monkeypatch, capsys):
-    (tmp_path / "a.jsonl").write_text('{"features": [1, 2, 3, 4], "prediction": 0}\nnot json\n')
+    (tmp_path / "s-iris-classifier-green-1.jsonl").write_text('{"features": [1, 2, 3, 4], "prediction": 0}\nnot json\n')
     monkeypatch.setattr(datasets, "SAMPLES_DIR", tmp_path)
     monkeypatch.setenv("MODEL_PROJECT_DIR", str(IRIS.directory))
-    assert datasets.main(["samples"]) == 0
+    assert datasets.main(["samples", "s-iris-classifier-blue", "s-iris-classifier-green"]) == 0
     captured = capsys.readouterr()
     assert captured.out.count("\n") == 2
-    assert captured.err == "skipped 1 unreadable lines (first: a.jsonl:2: JSONDecodeError: Expecting value: line 1 " \
-                           "column 1 (char 0))\n"
+    assert captured.err == ("skipped 1 unreadable lines (first: s-iris-classifier-green-1.jsonl:2: JSONDecodeError: "
+                            "Expecting value: line 1 column 1 (char 0))\n")
+    assert datasets.main(["samples"]) == 2, "the pools to export are named"
+
+
+def test_samples_are_exported_from_the_named_pools_replicas_only(tmp_path):
+    """`s-iris` is no prefix of another model's pool: `s-iris-v2-blue-0` belongs to model iris-v2."""
+    for name in ("s-iris-blue-0", "s-iris-blue-12", "s-iris-green-0", "s-iris-v2-blue-0", "s-iris-blue-x", "s-iris-blue"):
+        (tmp_path / f"{name}.jsonl").write_text("")
+    assert [file.name for file in datasets.replica_files(tmp_path, ["s-iris-blue", "s-iris-green"])] == [
+        "s-iris-blue-0.jsonl", "s-iris-blue-12.jsonl", "s-iris-green-0.jsonl"]
 
 
 TOKENS = st.one_of(st.sampled_from(["0", "1", "2", "5.1", "-0.5e3", ".5", "1_0", "nan", "inf", "1e999", "", " 3 ",
@@ -271,7 +304,7 @@ def test_any_file_is_either_refused_in_one_line_or_stored_as_training_reads_it(r
 
 def test_the_command_line_says_which_dataset_it_trained_on(tmp_path, capsys):
     """retrain.yml names the dataset in its pull request from this line."""
-    name, _, _ = datasets.add(iris_csv(), RULES, tmp_path)
+    name, _, _ = datasets.add(iris_csv(), RULES, datasets.model_folder(IRIS, tmp_path))
     assert main(["--output-dir", str(tmp_path / "out"), "--data", "latest", "--datasets-dir", str(tmp_path)]) == 0
     assert f"[training] dataset: {name}" in capsys.readouterr().out.splitlines()
     assert main(["--output-dir", str(tmp_path / "iris")]) == 0

@@ -176,13 +176,52 @@ def test_retraining_trains_at_the_head_of_the_drifted_stages_chain_and_promotes_
     add_qa_and_prod_eu(environments)
     chain = run_step("retrain.yml", "drift", "chain")
     assert bash(chain, environments, STAGE="prod-eu").splitlines() == [
-        "builder=dev", "next=staging", "builder_key=DEV", "next_key=STAGING"]
-    assert bash(chain, environments, STAGE="dev").splitlines() == ["builder=dev", "next=", "builder_key=DEV",
-                                                                   "next_key="]
+        "builder=dev", "next=staging", "builder_key=DEV", "next_key=STAGING", "served=[]"]
+    assert bash(chain, environments, STAGE="dev").splitlines() == [
+        "builder=dev", "next=", "builder_key=DEV", "next_key=", 'served=["diabetes-regressor","iris-classifier"]']
     retrain = load("retrain.yml")["jobs"]["retrain"]
     assert retrain["if"] == "needs.drift.outputs.drifted == 'true' && needs.drift.outputs.next != ''"
     commands = "\n".join(step.get("run", "") for step in retrain["steps"])
-    assert '.venv/bin/mlops train --stage "$BUILDER" --data latest' in commands
+    assert '.venv/bin/mlops train --stage "$BUILDER" --model "$MODEL" --data latest' in commands
+    assert '.venv/bin/mlops data fresh --stage "$BUILDER" --serving "$STAGE" --model "$MODEL"' in commands
+
+
+def fake_mlops(tmp_path: Path, drift_exits: dict[str, int]) -> Path:
+    """An `mlops` whose `drift --stage S --model M` exits as `drift_exits` says for M, recording each call."""
+    shim = tmp_path / "mlops"
+    cases = "".join(f'  {model}) exit {code} ;;\n' for model, code in drift_exits.items())
+    shim.write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/calls\ncase "$5" in\n{cases}esac\n')
+    shim.chmod(0o755)
+    return shim
+
+
+def run_drift_step(tmp_path: Path, drift_exits: dict[str, int]) -> subprocess.CompletedProcess[str]:
+    import os
+
+    script = run_step("retrain.yml", "drift", "drift").replace(".venv/bin/mlops", str(fake_mlops(tmp_path, drift_exits)))
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "STAGE": "prod", "SERVED": json.dumps(sorted(drift_exits)),
+                               "GITHUB_OUTPUT": str(tmp_path / "output")})
+
+
+def test_each_served_model_is_checked_and_only_the_drifted_ones_are_retrained(tmp_path):
+    checked = run_drift_step(tmp_path, {"diabetes-regressor": 1, "iris-classifier": 0, "wine": 1})
+    assert checked.returncode == 0, checked.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        f"drift --stage prod --model {model}" for model in ("diabetes-regressor", "iris-classifier", "wine")]
+    assert (tmp_path / "output").read_text().splitlines() == ["drifted=true", 'models=["diabetes-regressor","wine"]']
+    retrain = load("retrain.yml")["jobs"]["retrain"]
+    assert retrain["strategy"]["matrix"]["model"] == "${{ fromJSON(needs.drift.outputs.models) }}"
+    assert retrain["env"]["MODEL"] == "${{ matrix.model }}"
+    assert "${{ matrix.model }}" in retrain["env"]["BRANCH"], "one branch and pull request per model"
+
+
+def test_no_drift_retrains_nothing_and_a_check_that_cannot_run_fails_the_job(tmp_path):
+    calm = run_drift_step(tmp_path, {"diabetes-regressor": 0, "iris-classifier": 0})
+    assert calm.returncode == 0 and (tmp_path / "output").read_text().splitlines() == ["drifted=false", "models=[]"]
+    (tmp_path / "output").unlink()
+    failed = run_drift_step(tmp_path, {"diabetes-regressor": 2, "iris-classifier": 1})
+    assert failed.returncode == 2 and not (tmp_path / "output").exists()
 
 
 def test_retraining_promotes_the_version_its_run_registered(tmp_path):

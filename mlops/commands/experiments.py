@@ -191,7 +191,8 @@ def up(
                                                           f"{DEFAULT_TTL} for a new experiment, an existing "
                                                           "one keeps its expiry unless given"),
     assignments: list[str] = typer.Option([], "--set", metavar="KEY.PATH=VALUE",
-                                          help="override a spec value, e.g. serving.replicas=2 (repeatable)"),
+                                          help="override a spec value, e.g. serving.replicas=2 or "
+                                               "models.iris-classifier.replicas=2 (repeatable)"),
     owner: Optional[str] = typer.Option(None, "--owner", help="defaults to $USER, else git config user.email"),
 ) -> None:
     """Create or update experiment NAME from a stage's spec, deploy it, and print its endpoints."""

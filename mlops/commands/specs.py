@@ -13,6 +13,7 @@ from rich.console import Console
 from mlops import plan as planning
 from mlops_spec.loading import load_all_stages, load_stages, stage_file
 from mlops_spec.model_project import load_model_project
+from mlops_spec.models import ModelPin, ServedModel
 from mlops_spec.project import environments_dir, project_of, working_on
 from mlops_spec.rules import promotion_order
 
@@ -41,6 +42,16 @@ def reads_specs(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def served_line(model: ServedModel) -> str:
+    """What a stage serves of one model: its version, replicas and green."""
+    def version(pin: ModelPin) -> str:
+        return "newest version" if pin.version == "latest" else f"version {pin.version}"
+    green = model.green_pin
+    traffic = model.deployment.traffic
+    return (f"{model.name}, {version(model.pin)}, {model.replicas} replica(s)"
+            + ("" if green is None else f"; green {version(green)} at {traffic.green}%"))
+
+
 @reads_specs
 def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to check; every stage when none"),
              environments: Path = ENVIRONMENTS_OPTION) -> None:
@@ -48,15 +59,12 @@ def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to 
     the model project of every stage that builds its model's images."""
     every = load_all_stages(environments)
     for spec in load_stages(stages, environments) if stages else [every[name] for name in promotion_order(every)]:
-        if spec.release is None:
-            serving = "nothing promoted yet: no serving"
-        else:
-            pin = spec.release.model
-            if spec.builds_workloads:
-                load_model_project(pin.name)
-            version = "newest version" if pin.version == "latest" else f"version {pin.version}"
-            serving = f"serving {pin.name}, {version}, {spec.serving.replicas} replica(s)"
-        console.print(f"[green]ok[/green] {spec.stage}: {serving}")
+        if spec.builds_workloads:
+            for model in sorted(spec.models):
+                load_model_project(model)
+        served = spec.served_models()
+        for line in [f"serving {served_line(model)}" for model in served] or ["nothing promoted yet: no serving"]:
+            console.print(f"[green]ok[/green] {spec.stage}: {line}", highlight=False)
 
 
 @reads_specs
@@ -65,7 +73,8 @@ def stages(output: OutputFormat = typer.Option(OutputFormat.text, "--format", he
                                                help="only the stages a release passes on its way to STAGE, from the "
                                                     "stage that builds it"),
            environments: Path = ENVIRONMENTS_OPTION) -> None:
-    """List the stages in promotion order, each after the stage it is promoted from: what workflows iterate over."""
+    """List the stages in promotion order, each after the stage it is promoted from: what workflows iterate over
+    (with --format json, each with the models it serves)."""
     every = load_all_stages(environments)
     order = promotion_order(every)
     if chain is not None:
@@ -75,7 +84,8 @@ def stages(output: OutputFormat = typer.Option(OutputFormat.text, "--format", he
             order.insert(0, source)
     if output is OutputFormat.json:
         typer.echo(json.dumps({"stages": [{"name": name, "kind": every[name].kind, "promote_from": every[name].promote_from,
-                                           "swarm": every[name].swarm is not None, "docker_url": every[name].docker.url}
+                                           "swarm": every[name].swarm is not None, "docker_url": every[name].docker.url,
+                                           "models": [model.name for model in every[name].served_models()]}
                                           for name in order],
                                "promotions": [[every[name].promote_from, name] for name in order
                                               if every[name].promote_from is not None]}))
@@ -97,9 +107,12 @@ def plan(stage: str = typer.Argument(..., help="a stage (see `mlops stages`)"),
     if output is OutputFormat.json:
         typer.echo(json.dumps({"stack": stage, "resources": [r.to_json() for r in resources]}, indent=2))
         return
-    if spec.release is None:
+    served = spec.served_models()
+    if not served:
         console.print(f"[yellow]{stage}: nothing promoted yet: network, stores and registries only, no serving "
                       f"(promote a release with `mlops promote --to {stage}`)[/yellow]")
+    for model in served:
+        console.print(f"{stage}: serving {served_line(model)}", highlight=False, markup=False)
     console.print(f"[bold]{stage}[/bold]: {len(resources)} resources")
     for resource in resources:
         options = [name for name, on in (("protected", resource.protect), ("retained on delete", resource.retain_on_delete),

@@ -28,7 +28,7 @@ def _table(status: probing.StageStatus) -> Table:
 
 
 def _slots_table(status: probing.StageStatus) -> Table:
-    table = Table(title="serving slots", title_justify="left")
+    table = Table(title="served models", title_justify="left")
     for column in rollout.COLUMNS:
         table.add_column(column)
     for slot in status.slots:
@@ -41,9 +41,10 @@ def status(stage: str = typer.Argument(..., help="dev, staging, prod or another 
            as_json: bool = typer.Option(False, "--json", help="one JSON document instead of the table"),
            environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Probe every endpoint STAGE publishes from this machine, as a user would, next to the health its engine
-    reports for the containers behind it; then each serving slot's pin, weight, error rate, p99 latency,
-    drift and rollout step (numbers from the stage's Prometheus, when it declares monitoring). Exit 1 when any endpoint does not answer as it should (a dead
-    published port with healthy containers included) or a container is not healthy; no credentials needed."""
+    reports for the containers behind it; then one row per served model and slot: its version, replicas, weight,
+    error rate, p99 latency, drift and rollout step (numbers from the stage's Prometheus, when it declares
+    monitoring). Exit 1 when any endpoint does not answer as it should (a dead published port with healthy
+    containers included) or a container is not healthy; no credentials needed."""
     result = probing.stage_status(load_stages([stage], environments)[0])
     if as_json:
         typer.echo(json.dumps(result.to_json(), indent=2))

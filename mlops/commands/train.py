@@ -1,8 +1,9 @@
-"""`mlops train`: one run of the stage's training image on the stage's network, registered in the stage's MLflow.
+"""`mlops train`: one run of a model's training image on the stage's network, registered in the stage's MLflow.
 
 The run is components/training_environment.py's `training_run`, rendered like every workload of the stack
 (components/workload.py, components/runtimes.py): the same hardening, the stage's training limits, and with
-`--data` the stage's datasets volume, read-only (one host only: see mlops/commands/data.py); it is removed when
+`--data` the stage's datasets volume, read-only, of which the image reads its model's folder only (one host
+only: see mlops/commands/data.py); it is removed when
 it ends, whatever the outcome. It logs in to MLflow as `trainer`, whose password reaches the `docker run`
 through its environment, never its command line. On a swarm stage the run is a one-shot Swarm job instead
 (mlops/commands/swarm_training.py).
@@ -41,7 +42,8 @@ from mlops_spec.contract import (
 )
 from mlops_spec.errors import SpecError, excerpt, one_line
 from mlops_spec.loading import load_stages, stage_file
-from mlops_spec.models import ModelRelease as Release, StageSpec
+from mlops_spec.models import StageSpec
+from mlops_spec.project import project_root
 
 console = Console()
 errors = Console(stderr=True)
@@ -107,27 +109,41 @@ def image_registry_server(spec: StageSpec) -> Optional[str]:
     return "localhost:" + published.stdout.splitlines()[0].rsplit(":", 1)[1]
 
 
-def model_to_train(spec: StageSpec, environments: Path) -> Release:
-    """The release naming the model a stage trains; a building stage without one has nothing to run (the
-    platform's image alone holds no model project)."""
-    if spec.release is None:
-        raise SpecError(file=stage_file(spec.stage, environments), field="release.model",
-                        message=f"{spec.stage} names no model to train: add release.model with the name of a "
-                                "project under models/ and version: latest (docs/models.md)")
-    return spec.release
+def spec_file(spec: StageSpec, environments: Path) -> Path:
+    """Where the stage is declared: its stage file, or an experiment's stack file."""
+    if spec.experiment is not None:
+        return project_root() / f"Pulumi.{spec.stage}.yaml"
+    return stage_file(spec.stage, environments)
 
 
-def training_image(spec: StageSpec, environments: Path) -> str:
+def stage_model(spec: StageSpec, model: Optional[str], environments: Path) -> str:
+    """The model `--model` names, which the stage must declare; without `--model`, the stage's one model. Asks
+    for no secret and no engine, so a wrong name is said before either."""
+    declared = sorted(spec.models)
+    if model is None:
+        if len(declared) == 1:
+            return declared[0]
+        raise fail(f"{spec.stage} declares {len(declared)} models ({', '.join(declared) or 'none'}): name one with "
+                   "--model", BAD_INPUT_EXIT)
+    if model not in spec.models:
+        raise SpecError(file=spec_file(spec, environments), field="models",
+                        message=f"{spec.stage} declares no model '{excerpt(model)}'; its models: "
+                                f"{', '.join(declared) or 'none'} (add models.<name> for a project under models/, "
+                                "docs/models.md)")
+    return model
+
+
+def training_image(spec: StageSpec, model: str, environments: Path) -> str:
     """The model's training image the stack built on `training.build`, or the digest promoted to the stage."""
     if spec.training.build is not None:
-        release = model_to_train(spec, environments)
-        return model_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec),
-                                release.model.name, image_registry_server(spec))
-    if spec.release is None or spec.release.images.training is None:
-        raise SpecError(file=stage_file(spec.stage, environments), field="release.images.training",
-                        message=f"no training image is promoted to {spec.stage} yet; "
+        return model_image_name(spec.stage, "training", spec.training.build, BuildSettings.of(spec), model,
+                                image_registry_server(spec))
+    release = spec.models[model].release
+    if release is None or release.images.training is None:
+        raise SpecError(file=spec_file(spec, environments), field=f"models.{model}.release.images.training",
+                        message=f"no training image of {model} is promoted to {spec.stage} yet; "
                                 f"promote a release with `mlops promote --to {spec.stage}`")
-    return spec.release.images.training
+    return release.images.training
 
 
 def image_digest(spec: StageSpec, image: str) -> str:
@@ -204,12 +220,14 @@ def train(
     param: Optional[list[str]] = typer.Option(None, "--param", help="overrides a parameter of the model's project "
                                                                     "file, key=value, repeatable"),
     seed: int = typer.Option(0, "--seed", help="the seed the model's entrypoint is given"),
-    data: Optional[str] = typer.Option(None, "--data", help="train on this dataset of the stage's datasets volume: "
-                                                            "'latest' or its sha256 (`mlops data list`); default: "
-                                                            "the model project's default data"),
+    model: Optional[str] = typer.Option(None, "--model", help="the model to train, one the stage declares; may be "
+                                                              "left out when it declares one"),
+    data: Optional[str] = typer.Option(None, "--data", help="train on this dataset of the model on the stage's "
+                                                            "datasets volume: 'latest' or its sha256 (`mlops data "
+                                                            "list`); default: the model project's default data"),
     environments: Path = ENVIRONMENTS_OPTION,
 ) -> None:
-    """Train in the stage's training image and register the model as a new version in the stage's MLflow."""
+    """Train a model in its training image of the stage and register it as a new version in the stage's MLflow."""
     params = param or []
     if not 0 < subset <= 1:
         raise fail(f"--subset must be a fraction in (0, 1], got {subset}", BAD_INPUT_EXIT)
@@ -218,8 +236,7 @@ def train(
         raise fail(f"--data '{excerpt(data)}' is no dataset name: give 'latest', or a dataset's sha256 or at least its "
                    "first 8 hex characters (`mlops data list`)", BAD_INPUT_EXIT)
     spec = stage_spec(stage, environments)
-    if spec.builds_workloads:
-        model_to_train(spec, environments)
+    model_name = stage_model(spec, model, environments)
     if data is not None and spec.swarm is not None:
         raise fail(f"{stage} is a swarm stage: its datasets volume would be local to one node, so `mlops train --data` "
                    "works on single-host stages only", BAD_INPUT_EXIT)
@@ -230,18 +247,16 @@ def train(
     except credentials.MissingSecret as err:
         raise fail(str(err)) from None
     check_engine(spec)
-    image = training_image(spec, environments)
+    image = training_image(spec, model_name, environments)
     digest = image_digest(spec, image)
     check_stack_is_up(spec)
     if data is not None:
         check_volume(spec, DATASETS_VOLUME)
 
     training_args = ["--subset", str(subset), "--seed", str(seed), *[f"--param={p}" for p in params],
-                     *(["--data", data] if data is not None else [])]
-    if spec.release is not None:
-        training_args += ["--model-name", spec.release.model.name]
+                     *(["--data", data] if data is not None else []), "--model-name", model_name]
     name = f"{spec.stage}-train-{uuid.uuid4().hex[:8]}"
-    console.print(f"[bold]{name}[/bold]: training in {image}", highlight=False, soft_wrap=True)
+    console.print(f"[bold]{name}[/bold]: training {model_name} in {escape(image)}", highlight=False, soft_wrap=True)
     if spec.swarm is not None:
         # Nodes pull the image by its digest.
         exit_code, lines = swarm_training.run_job(

@@ -4,15 +4,18 @@ A dataset is a CSV file named by the sha256 of its bytes (`<sha256>.csv`): the h
 features, then its label, mlops-model.yaml), then one row per example, every feature a finite number (a whole one
 for an `int` feature) and every label a class of the project's default data (classification) or a finite number
 (regression).
+Each model's datasets are in a folder of their own on the volume, `<volume>/<model>/` (`model_folder`): a model's
+training image adds to, lists and trains on its own model's folder only.
 `mlops data add` pipes a file to `add`, which checks it whole before anything is written, writes it in its
 canonical form (a `prediction` column, as `samples` exports, is dropped) to a temporary name on the volume
 and renames it, so a dataset is either complete under its name or absent. The file's modification time is
 when it was added; `latest` is the newest.
 
-Command line (run by `mlops data` in the training image; bad input: one `error:` line on stderr, exit 2):
+Command line (run by `mlops data` in the model's training image; bad input: one `error:` line on stderr, exit 2):
 `add` (the CSV on stdin; prints `ADDED name=... rows=...` or `EXISTS name=... rows=...`), `list` (one JSON
-object per dataset), `samples` (every sampled row of the samples volume as CSV with an empty label column; on
-stderr, `skipped N unreadable lines (first: FILE:LINE: why)` when some were).
+object per dataset), `samples POOL...` (every row sampled by the replicas of the pools named, `<pool>-<index>.jsonl`
+on the samples volume, as CSV with an empty label column; on stderr, `skipped N unreadable lines (first:
+FILE:LINE: why)` when some were).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Sequence, TextIO
 
 import numpy as np
 
@@ -150,13 +153,19 @@ def _checked_row(where: str, values: list[str], rules: RowRules) -> list[str]:
     return values
 
 
-def add(payload: bytes, rules: RowRules, directory: Path = DATASETS_DIR) -> tuple[str, int, bool]:
+def model_folder(project: Project, volume: Path) -> Path:
+    """Where `project`'s datasets are on the datasets volume mounted at `volume`."""
+    return volume / project.name
+
+
+def add(payload: bytes, rules: RowRules, directory: Path) -> tuple[str, int, bool]:
     """Check `payload` and store its canonical form as `<sha256>.csv`; its name, rows and whether it is new."""
     canonical, rows = canonical_dataset(payload, rules)
     name = f"{hashlib.sha256(canonical).hexdigest()}.csv"
     target = directory / name
     if target.exists():
         return name, rows, False
+    directory.mkdir(exist_ok=True)
     temporary = directory / f".{name}.{os.getpid()}.tmp"
     try:
         with open(temporary, "xb") as handle:
@@ -169,17 +178,17 @@ def add(payload: bytes, rules: RowRules, directory: Path = DATASETS_DIR) -> tupl
     return name, rows, True
 
 
-def stored(directory: Path = DATASETS_DIR) -> list[Path]:
+def stored(directory: Path) -> list[Path]:
     """Every dataset, oldest first (by when it was added, then name)."""
     return sorted(directory.glob("*.csv"), key=lambda path: (path.stat().st_mtime_ns, path.name))
 
 
-def resolve(name: str, directory: Path = DATASETS_DIR) -> Path:
+def resolve(name: str, directory: Path) -> Path:
     """The dataset `name` designates: `latest`, `<sha256>.csv`, or a unique prefix of a sha256."""
     datasets = stored(directory)
     if name == LATEST:
         if not datasets:
-            raise DatasetError("no dataset on the datasets volume yet; add one with `mlops data add`")
+            raise DatasetError(f"no dataset of {directory.name} on the datasets volume yet; add one with `mlops data add`")
         return datasets[-1]
     sha = name.removesuffix(".csv")
     matches = [path for path in datasets if path.stem.startswith(sha)] if len(sha) >= MIN_NAME_PREFIX else []
@@ -190,7 +199,7 @@ def resolve(name: str, directory: Path = DATASETS_DIR) -> Path:
     return matches[0]
 
 
-def load(name: str, rules: RowRules, directory: Path = DATASETS_DIR) -> Dataset:
+def load(name: str, rules: RowRules, directory: Path) -> Dataset:
     """Dataset `name` of the volume, after checking its bytes still match the sha256 it is named by."""
     path = resolve(name, directory)
     payload = path.read_bytes()
@@ -209,7 +218,7 @@ def read(path: Path, payload: bytes, rules: RowRules) -> Dataset:
                    labels=[row[-1] for row in rows])
 
 
-def listing(directory: Path = DATASETS_DIR) -> list[dict]:
+def listing(directory: Path) -> list[dict]:
     return [{"name": path.name, "sha256": path.stem, "rows": path.read_bytes().count(b"\n") - 1,
              "added": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(path.stat().st_mtime))}
             for path in stored(directory)]
@@ -236,14 +245,21 @@ def _sample_row(line: str, width: int) -> list[str]:
     return [*map(repr, features), spreadsheet_text(sample["prediction"]), ""]
 
 
-def export_samples(out: TextIO, project: Project, directory: Path = SAMPLES_DIR) -> SamplesExport:
-    """Every sampled row of every replica's file as CSV ready for labelling, every cell quoted; a line that is no
+def replica_files(directory: Path, pools: Sequence[str]) -> list[Path]:
+    """The samples files of the replicas of `pools`, `<pool>-<index>.jsonl`: a pool's own, never those of another
+    model whose pool name merely starts the same (`s-iris-blue` and `s-iris-v2-blue`)."""
+    return sorted(file for file in directory.glob("*.jsonl")
+                  if any(file.stem.startswith(f"{pool}-") and file.stem[len(pool) + 1:].isdecimal() for pool in pools))
+
+
+def export_samples(out: TextIO, project: Project, pools: Sequence[str], directory: Path = SAMPLES_DIR) -> SamplesExport:
+    """Every row the replicas of `pools` sampled, as CSV ready for labelling, every cell quoted; a line that is no
     sample (a replica's file damaged, or written by something else) is skipped and counted, not the export."""
     writer = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
     *features, label = project.header
     writer.writerow([*features, PREDICTION, label])
     written, skipped, first_skipped = 0, 0, ""
-    for file in sorted(directory.glob("*.jsonl")):
+    for file in replica_files(directory, pools):
         with open(file, encoding="utf-8", errors="replace") as lines:
             for number, line in enumerate(lines, start=1):
                 if not line.endswith("\n"):
@@ -262,17 +278,19 @@ def main(argv: list[str]) -> int:
     command = argv[0] if argv else ""
     try:
         if command == "add":
-            name, rows, new = add(sys.stdin.buffer.read(MAX_BYTES + 1), RowRules.of(load_project()))
+            project = load_project()
+            name, rows, new = add(sys.stdin.buffer.read(MAX_BYTES + 1), RowRules.of(project),
+                                model_folder(project, DATASETS_DIR))
             print(f"{'ADDED' if new else 'EXISTS'} name={name} rows={rows}")
         elif command == "list":
-            for entry in listing():
+            for entry in listing(model_folder(load_project(), DATASETS_DIR)):
                 print(json.dumps(entry))
-        elif command == "samples":
-            export = export_samples(sys.stdout, load_project(), SAMPLES_DIR)
+        elif command == "samples" and argv[1:]:
+            export = export_samples(sys.stdout, load_project(), argv[1:], SAMPLES_DIR)
             if export.skipped:
                 print(f"skipped {export.skipped} unreadable lines (first: {export.first_skipped})", file=sys.stderr)
         else:
-            print("error: give add, list or samples", file=sys.stderr)
+            print("error: give add, list or samples POOL...", file=sys.stderr)
             return BAD_INPUT_EXIT
     except (DatasetError, ProjectError) as err:
         print(f"error: {err}", file=sys.stderr)

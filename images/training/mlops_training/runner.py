@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from mlops_training.datasets import DATASETS_DIR, Dataset, DatasetError, RowRules, load, read
+from mlops_training.datasets import DATASETS_DIR, Dataset, DatasetError, RowRules, load, model_folder, read
 from mlops_training.profile import reference_profile
 from mlops_training.project import Project
 
@@ -84,13 +84,14 @@ def sha256_file(path: Path) -> str:
 
 
 def training_data(project: Project, request: TrainingRequest, datasets_dir: Path) -> tuple[Dataset, dict[str, str]]:
-    """The data checked against the project's schema, and how the manifest names it."""
+    """The data checked against the project's schema, and how the manifest names it: the project's default data,
+    or a dataset of the project's own folder of the datasets volume mounted at `datasets_dir`."""
     rules = RowRules.of(project)
     try:
         if request.dataset is None:
             data = read(project.default_data, project.default_data.read_bytes(), rules)
             return data, {"dataset": project.default_data.relative_to(project.directory).as_posix()}
-        data = load(request.dataset, rules, datasets_dir)
+        data = load(request.dataset, rules, model_folder(project, datasets_dir))
     except DatasetError as err:
         where = project.default_data.name if request.dataset is None else f"dataset {request.dataset}"
         raise TrainingError(f"{where}: {err}") from None
