@@ -49,13 +49,10 @@ def prometheus_url(spec: StageSpec, reach: StageReach) -> str:
     return f"http://{reach.address('Prometheus', spec.monitoring.port)}"
 
 
-def gateway_state(spec: StageSpec, stack: str) -> Optional[dict]:
-    """The rollout state the stage's gateway recorded for the stage's model, read through its Docker engine;
-    None without one."""
-    if spec.release is None:
-        return None
+def gateway_state(spec: StageSpec, stack: str, model: str) -> Optional[dict]:
+    """The rollout state the stage's gateway recorded for `model`, read through its Docker engine; None without one."""
     result = subprocess.run(["docker", "--host", spec.docker.url, "exec", gateway_name(stack), "cat",
-                             f"{rollout_folder(spec.release.model.name)}/state.json"],
+                             f"{rollout_folder(model)}/state.json"],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         return None
