@@ -213,14 +213,15 @@ def _mapping(parent: CommentedMap, key: str, position: int) -> CommentedMap:
 
 def pinned_text(original: str, model: str, release: dict) -> str:
     """`original` with `release` as `models.<model>.release`, every other line as it was: existing keys keep their
-    place, style and comments. A missing `models` block goes after `serving`, as in dev.yaml; a missing model at
-    the end of `models`; a missing `release` first in its model, above its gates and the like."""
+    place, style and comments. A missing `models` block goes last, as in the shipped stage files; a missing model
+    at the end of `models`; a missing `release` first in its model, above its gates and the like."""
     yaml = _yaml()
     document = yaml.load(original) or CommentedMap()
     if "models" not in document:
-        _mapping(document, "models", list(document).index("serving") + 1 if "serving" in document else len(document))
-        # Top-level blocks are separated by a blank line, which ruamel keeps as a comment before a key.
-        document.ca.items["models"] = [None, [CommentToken("\n", CommentMark(0))], None, None]
+        _mapping(document, "models", len(document))
+        if len(document) > 1:
+            # Top-level blocks are separated by a blank line, which ruamel keeps as a comment before a key.
+            document.ca.items["models"] = [None, [CommentToken("\n", CommentMark(0))], None, None]
     models = _mapping(document, "models", len(document))
     deployment = _mapping(models, model, len(models))
     if "release" not in deployment:
