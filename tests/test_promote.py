@@ -492,7 +492,6 @@ def test_a_missing_models_block_model_or_release_is_created_where_it_reads_well(
 
 
 BLUE_SHA256, GREEN_SHA256 = "b4" * 32, "a5" * 32  # hex with letters: all digits would read as a number
-GREEN_PIN = {"version": 5, "sha256": GREEN_SHA256}
 GREEN_IMAGE = model_image("prod", MODEL_NAME, "serving", "sha256:" + "6" * 64)
 BLUE = release_yaml(4, BLUE_SHA256, stage="prod")
 GREEN = (f"    traffic: {{blue: 95, green: 5}}\n    green:\n      version: 5\n      sha256: {GREEN_SHA256}\n"
@@ -525,8 +524,8 @@ def gateway_recorded(monkeypatch, state: dict | None) -> list[tuple[str, str]]:
 
 
 def green_state(phase: str) -> dict:
-    return {"green_release": release_id(ModelPin(name=MODEL_NAME, **GREEN_PIN)), "phase": phase, "step": 1,
-            "green_weight": 100}
+    return {"green_release": release_id(ModelPin(name=MODEL_NAME, version=5, sha256=GREEN_SHA256)), "phase": phase,
+            "step": 1, "green_weight": 100}
 
 
 def promote_green(environments: Path, *args: str):
