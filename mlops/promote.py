@@ -1,12 +1,12 @@
-"""`mlops promote --from SRC --to DST`: copy the pins that make a release into the target spec, or refuse.
+"""`mlops promote --from SRC --to DST --model M`: copy the pins that make M's release into the target spec, or refuse.
 
-A release is the model (name, version, sha256) and the training and serving image digests. Promotion
-checks everything before it changes anything: the target spec file is committed, the model's
-`model.pkl` is in the source registry with the pinned sha256, its metrics meet the target's gates, and
-both images are in the source stage's image registry under their digests. Then it copies the images
-into the target stage's own image registry byte for byte (same digests, verified there), copies the
-model into the target's model registry (verified by downloading it back), and edits the target spec in
-place, keeping its comments and key order, through an atomic rename: an interrupted promote leaves the
+A model's release is its version (number and sha256) and the digests of its training and serving images. Promotion
+checks everything before it changes anything: the target spec file is committed, the model's `model.pkl` is in
+the source registry with the pinned sha256, its metrics meet the target's gates of that model, and both images
+are in the source stage's image registry under their digests. Then it copies the images into the target stage's
+own image registry byte for byte (same digests, verified there), copies the model into the target's model
+registry (verified by downloading it back), and edits `models.M.release` of the target spec in place, keeping its
+comments, key order and every other model's pins, through an atomic rename: an interrupted promote leaves the
 old file or the new one, never a mix, and a pin never names anything that was not copied and verified.
 Each stage is reached on its own Docker host (`mlops.reach`): prod never depends on dev being up.
 """
@@ -33,9 +33,9 @@ from mlops.imagecopy import RegistryError, StageRegistry, copy_image, manifest_d
 from mlops.modelstore import BasicAuth, MlflowStore, ModelStore, ModelVersion, StoreError
 from mlops.reach import StageReach, Unreachable
 from mlops_spec.contract import PROMOTER, release_id
-from mlops_spec.errors import SpecError
+from mlops_spec.errors import SpecError, excerpt
 from mlops_spec.loading import load_stage, stage_file
-from mlops_spec.models import GreenRelease as CanaryRelease, ModelPin, ReleaseImages, StageSpec
+from mlops_spec.models import GreenRelease, ModelPin, ReleaseImages, StageSpec
 from mlops_spec.project import ENVIRONMENTS_DIR
 
 StoreFactory = Callable[[str, BasicAuth], ModelStore]
@@ -43,6 +43,10 @@ StoreFactory = Callable[[str, BasicAuth], ModelStore]
 
 class PromotionRefused(Exception):
     """Promotion would break a rule; nothing was changed."""
+
+
+class ModelNotNamed(PromotionRefused):
+    """`--model` was left out where the stage serves several models: the command line is incomplete."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,8 @@ class PromotedRelease:
     images: tuple[ImageCopy, ...]
 
     def as_spec(self) -> dict:
-        return {"model": {"name": self.model.name, "version": self.target_version, "sha256": self.model.sha256},
+        """`models.<name>.release` of the target spec."""
+        return {"version": self.target_version, "sha256": self.model.sha256,
                 "images": {image.role: image.pin for image in self.images}}
 
 
@@ -94,10 +99,11 @@ def spec_diff(file: Path, original: str, updated: str) -> str:
 
 @dataclass(frozen=True)
 class GreenPromotion:
-    """A stage's green, which finished its rollout, as the stage's new blue: one edit of its own spec file."""
+    """A model's green, which finished its rollout, as the model's new blue: one edit of the stage's own spec file."""
 
     spec: StageSpec
-    green: CanaryRelease
+    model: str
+    green: GreenRelease
     file: Path
     original: str
     updated: str
@@ -154,17 +160,35 @@ def _fetch_source_model(source: StageSpec, pin: ModelPin, store: ModelStore, wan
     return model
 
 
+def chosen_model(spec: StageSpec, model: str | None) -> str:
+    """`model`, or the one model `spec` serves when `--model` was left out."""
+    if model is not None:
+        return model
+    served = [served.name for served in spec.served_models()]
+    if not served:
+        raise PromotionRefused(f"{spec.stage} has no release to promote: nothing was promoted to it yet")
+    if len(served) > 1:
+        raise ModelNotNamed(f"{spec.stage} serves {', '.join(served)}: name the one to promote with --model")
+    return served[0]
+
+
+def _refuse_unless_declared(spec: StageSpec, file: Path, model: str) -> None:
+    if model not in spec.models:
+        raise PromotionRefused(f"{file.name} (with base.yaml) declares no model '{excerpt(model)}' under models:, only "
+                               f"{', '.join(sorted(spec.models)) or 'none'}; declare it there first")
+
+
 def _check_gates(model: ModelVersion, target: StageSpec) -> None:
     misses = []
-    for metric, threshold in sorted(target.gates.min_metrics.items()):
+    for metric, threshold in sorted(target.models[model.name].gates.min_metrics.items()):
         value = model.metrics.get(metric)
         if value is None:
             misses.append(f"{metric} is not recorded (needs >= {threshold})")
         elif value < threshold:
             misses.append(f"{metric} {value} < {threshold}")
     if misses:
-        raise PromotionRefused(f"model {model.name} v{model.version} misses {target.stage}'s gates.min_metrics: "
-                               + "; ".join(misses))
+        raise PromotionRefused(f"model {model.name} v{model.version} misses {target.stage}'s "
+                               f"models.{model.name}.gates.min_metrics: " + "; ".join(misses))
 
 
 def _yaml() -> YAML:
@@ -175,60 +199,88 @@ def _yaml() -> YAML:
     return yaml
 
 
-def pinned_text(original: str, release: dict) -> str:
-    """`original` with `release` pinned: existing keys keep their place and comments; a new `release`
-    block goes after `serving`, where dev.yaml declares it."""
+def _mapping(parent: CommentedMap, key: str, position: int) -> CommentedMap:
+    """`parent[key]`, a new block-style mapping at `position` (or in place of a `key:` left empty) where `parent` has
+    none."""
+    if not isinstance(parent.get(key), CommentedMap):
+        if key in parent:
+            position = list(parent).index(key)
+            del parent[key]
+        parent.insert(min(position, len(parent)), key, CommentedMap())
+        parent[key].fa.set_block_style()
+    return parent[key]
+
+
+def pinned_text(original: str, model: str, release: dict) -> str:
+    """`original` with `release` as `models.<model>.release`, every other line as it was: existing keys keep their
+    place, style and comments. A missing `models` block goes last, as in the shipped stage files; a missing model
+    at the end of `models`; a missing `release` first in its model, above its gates and the like."""
     yaml = _yaml()
     document = yaml.load(original) or CommentedMap()
-    if "release" not in document:
-        position = list(document).index("serving") + 1 if "serving" in document else len(document)
-        document.insert(position, "release", CommentedMap())
-        # Top-level blocks are separated by a blank line, which ruamel keeps as a comment before a key.
-        document.ca.items["release"] = [None, [CommentToken("\n", CommentMark(0))], None, None]
-    _assign(document["release"], release)
-    written = io.StringIO()
-    yaml.dump(document, written)
-    return written.getvalue()
+    if "models" not in document:
+        _mapping(document, "models", len(document))
+        if len(document) > 1:
+            # Top-level blocks are separated by a blank line, which ruamel keeps as a comment before a key.
+            document.ca.items["models"] = [None, [CommentToken("\n", CommentMark(0))], None, None]
+    models = _mapping(document, "models", len(document))
+    deployment = _mapping(models, model, len(models))
+    if "release" not in deployment:
+        # `{gates: …}` written on one line would take the whole release onto it.
+        deployment.fa.set_block_style()
+    _assign(_mapping(deployment, "release", 0), release)
+    return _dumped(yaml, document)
 
 
-def green_as_blue_text(original: str) -> str:
-    """`original` with its `serving.green` pins as the release and no green slot or traffic split left: blue
-    takes all traffic again, now serving what green served."""
+def green_as_blue_text(original: str, model: str) -> str:
+    """`original` with `models.<model>.green`'s pins as that model's release and no green slot or traffic split
+    left: blue takes all of the model's traffic again, now serving what green served."""
     yaml = _yaml()
     document = yaml.load(original)
-    green = document["serving"].pop("green")
-    document["serving"].pop("traffic", None)
-    release = {"model": dict(green["model"])}
+    deployment = document["models"][model]
+    green = deployment.pop("green")
+    deployment.pop("traffic", None)
+    release = deployment["release"]
+    for key in ("version", "sha256"):
+        if key in green:
+            release[key] = green[key]
+        else:  # a dev green that follows `latest`: blue's sha256 would refuse green's bytes
+            release.pop(key, None)
     if "serving_image" in green:
-        release["images"] = {"serving": green["serving_image"]}
-    _assign(document["release"], release)
+        _assign(release, {"images": {"serving": green["serving_image"]}})
+    return _dumped(yaml, document)
+
+
+def _dumped(yaml: YAML, document: CommentedMap) -> str:
     written = io.StringIO()
     yaml.dump(document, written)
     return written.getvalue()
 
 
-def prepare_green_promotion(stage: str, environments: Path, rollout_state: Callable[[StageSpec], dict | None]
-                            ) -> GreenPromotion:
-    """Every check, and `stage`'s spec text with green as the new blue; changes nothing. The green must have
-    finished its rollout: `rollout_state` answers what the stage's gateway recorded."""
+def prepare_green_promotion(stage: str, model: str | None, environments: Path,
+                            rollout_state: Callable[[StageSpec, str], dict | None]) -> GreenPromotion:
+    """Every check, and `stage`'s spec text with `model`'s green as its new blue; changes nothing. The green must
+    have finished its rollout: `rollout_state(spec, model)` answers what the stage's gateway recorded."""
     file = stage_file(stage, environments)
     spec = load_stage(stage, environments)
-    green = spec.serving.green
+    model = chosen_model(spec, model)
+    _refuse_unless_declared(spec, file, model)
+    green = spec.models[model].green
     original = file.read_text()
-    own = _yaml().load(original) or CommentedMap()
-    if green is None or "green" not in (own.get("serving") or {}) or "release" not in own:
-        raise PromotionRefused(f"{file.name} declares no serving.green and release of its own to swap")
+    own = ((_yaml().load(original) or CommentedMap()).get("models") or {}).get(model) or {}
+    if green is None or "green" not in own or "release" not in own:
+        raise PromotionRefused(f"{file.name} declares no models.{model}.green and models.{model}.release of its own "
+                               "to swap")
     if green.rollout is not None:
-        state = rollout_state(spec)
-        release = release_id(green.model)
+        state = rollout_state(spec, model)
+        release = release_id(green.of(model))
         if state is None or state.get("green_release") != release or state.get("phase") != rollout.FINISHED:
             seen = "no rollout state" if state is None else f"rollout of {state.get('green_release')} is {state.get('phase')}"
             raise PromotionRefused(f"{stage}'s green {release} has not finished its rollout ({seen}); promote it "
                                    "once the gateway has moved all traffic to it")
     _refuse_unless_committed(file)
-    updated = green_as_blue_text(original)
+    updated = green_as_blue_text(original, model)
     validate_updated(spec, file, updated)
-    return GreenPromotion(spec=spec, green=green, file=file, original=original, updated=updated)
+    return GreenPromotion(spec=spec, model=model, green=green, file=file, original=original, updated=updated)
 
 
 def _assign(mapping: CommentedMap, values: dict) -> None:
@@ -318,7 +370,7 @@ class Promoter:
     def _source_images(self, source: StageSpec, promoted: ReleaseImages, model: str,
                        target: StageSpec) -> tuple[ImageCopy, ...]:
         """Each image of the source's release (`promoted`) of `model`, with its digest as the source registry serves
-        it."""
+        it, and the repository it goes to in the target's: `<target>/<model>-<role>`, as a building stage names it."""
         registry = self.image_registry(source)
         # Only building stages (dev, experiments) have no server to pin under, and none is promoted into.
         assert target.image_registry_server is not None, target.stage
@@ -327,7 +379,7 @@ class Promoter:
         for role in ("training", "serving"):
             ref = getattr(promoted, role)
             if ref is not None:
-                repository, digest = _repository_of(source, f"release.images.{role}", ref)
+                repository, digest = _repository_of(source, f"models.{model}.release.images.{role}", ref)
                 manifest_digest(registry, repository, digest)
             else:  # a building stage (dev) promotes its model's images its build pushed, found by the content tag
                 context, build_target = built[role]
@@ -342,13 +394,15 @@ class Promoter:
                                            f"build context as it is now): {err}; run `pulumi up -s {source.stage}` so "
                                            f"it is built and pushed to {source.stage}'s image registry") from None
             copies.append(ImageCopy(role=role, source_repository=repository, digest=digest,
-                                    target_repository=f"{target.stage}/{role}",
+                                    target_repository=f"{target.stage}/{model}-{role}",
                                     target_server=target.image_registry_server))
         return tuple(copies)
 
-    def prepare(self, source_stage: str, target_stage: str, version: int | None = None) -> Promotion:
-        """Every check, and the updated target spec text; changes nothing anywhere. `version`: exactly this version
-        of the source's model, not whatever is newest when a stage that follows `latest` is promoted."""
+    def prepare(self, source_stage: str, target_stage: str, model: str | None = None,
+                version: int | None = None) -> Promotion:
+        """Every check, and the updated target spec text; changes nothing anywhere. `model`: the model whose release
+        is promoted, None for the one the source serves. `version`: exactly this version of it, not whatever is
+        newest when a stage that follows `latest` is promoted."""
         if source_stage == target_stage:
             raise PromotionRefused(f"--from and --to are both {source_stage}; promote from one stage to another, "
                                    "or its finished green to blue with --green")
@@ -361,25 +415,27 @@ class Promoter:
         if target.promote_from != source_stage:
             raise PromotionRefused(f"{target_stage} is promoted from {target.promote_from} "
                                    f"({target_file.name}: promote_from), not from {source_stage}")
-        promoted = source.release
+        name = chosen_model(source, model)
+        _refuse_unless_declared(target, target_file, name)
+        promoted = source.models[name].release if name in source.models else None
         if promoted is None:
-            raise PromotionRefused(f"{source_stage} has no release to promote: nothing was promoted to it yet")
+            raise PromotionRefused(f"{source_stage} has no release of {name} to promote: it does not serve that model")
         _refuse_unless_committed(target_file)
         try:
-            model = _fetch_source_model(source, promoted.model, self.model_store(source), version)
-            _check_gates(model, target)
-            images = self._source_images(source, promoted.images, promoted.model.name, target)
+            fetched = _fetch_source_model(source, promoted.of(name), self.model_store(source), version)
+            _check_gates(fetched, target)
+            images = self._source_images(source, promoted.images, name, target)
             self.image_registry(target)  # its address and password, before anything is copied
             target_store = self.model_store(target)
             try:
-                version = target_store.find_version(model.name, model.sha256) or target_store.next_version(model.name)
+                version = target_store.find_version(name, fetched.sha256) or target_store.next_version(name)
             except StoreError as err:
                 raise PromotionRefused(f"cannot reach {self._reach(target).where('model registry')}: {err}") from None
         except (Unreachable, RegistryError) as err:
             raise PromotionRefused(str(err)) from None
-        release = PromotedRelease(model=model, target_version=version, images=images)
+        release = PromotedRelease(model=fetched, target_version=version, images=images)
         original = target_file.read_text()
-        updated = pinned_text(original, release.as_spec())
+        updated = pinned_text(original, name, release.as_spec())
         validate_updated(target, target_file, updated)
         return Promotion(source=source, target=target, target_file=target_file, release=release,
                          original=original, updated=updated)
@@ -410,7 +466,7 @@ class Promoter:
         if version != promotion.release.target_version:
             # Someone registered a version meanwhile: pin the one this promote created.
             release = replace(promotion.release, target_version=version)
-            updated = pinned_text(promotion.original, release.as_spec())
+            updated = pinned_text(promotion.original, model.name, release.as_spec())
             validate_updated(promotion.target, promotion.target_file, updated)
             promotion = replace(promotion, release=release, updated=updated)
         if promotion.target_file.read_text() != promotion.original:

@@ -367,7 +367,7 @@ def test_prods_mlflow_dying_midway_leaves_prod_yaml_unchanged_and_a_rerun_comple
     port, kill, restart = prod_mlflow
     version, sha256 = register_source_model(registries, accuracy=0.97)
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=port,
-                             release=release_yaml(version, sha256))
+                             releases={MODEL_NAME: release_yaml(version, sha256)})
     prod_yaml = environments / "prod.yaml"
     before = prod_yaml.read_text()
     if moment == "images copied, model not yet":
@@ -390,7 +390,7 @@ def test_prods_mlflow_dying_midway_leaves_prod_yaml_unchanged_and_a_rerun_comple
     assert rerun.exit_code == 0, rerun.output
     print(f"\nprod's MLflow killed ({moment}): refused with {failed.output.strip()!r}; MLflow back {back_s:.1f} s "
           f"after its restart, the rerun took {time.monotonic() - restarted - back_s:.1f} s")
-    pinned = load_stage("prod", environments).release.model
+    pinned = load_stage("prod", environments).models[MODEL_NAME].release
     assert prod.fetch(MODEL_NAME, pinned.version).sha256 == pinned.sha256 == sha256
 
 
@@ -401,7 +401,8 @@ def test_the_target_image_registry_dying_between_the_image_copies_changes_nothin
     on_call(monkeypatch, promote, "copy_image", 2, lambda: docker("stop", registry))
     staging_yaml = environments / "staging.yaml"
     before = staging_yaml.read_text()
-    promote_dev = ["promote", "--from", "dev", "--to", "staging", "--environments", str(environments)]
+    promote_dev = ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME, "--environments",
+                   str(environments)]
 
     failed = CliRunner().invoke(app, promote_dev)
     assert failed.exit_code == 1, failed.output
@@ -422,9 +423,9 @@ def test_the_target_image_registry_dying_between_the_image_copies_changes_nothin
     assert rerun.exit_code == 0, rerun.output
     print(f"\nstaging's image registry stopped before the second image copy: refused with {failed.output.strip()!r}; "
           f"registry back {back_s:.1f} s after its start, the rerun took {time.monotonic() - restarted - back_s:.1f} s")
-    staging = load_stage("staging", environments)
+    release = load_stage("staging", environments).models[MODEL_NAME].release
     for role in ("training", "serving"):
         digest = pushed[role][1].split("@")[1]
-        assert getattr(staging.release.images, role) == f"localhost:{staging_port}/staging/{role}@{digest}"
-        assert manifest_digest(target, f"staging/{role}", digest) == digest
-    assert staging_mlflow.fetch(MODEL_NAME, staging.release.model.version).sha256 == sha256
+        assert getattr(release.images, role) == f"localhost:{staging_port}/staging/{MODEL_NAME}-{role}@{digest}"
+        assert manifest_digest(target, f"staging/{MODEL_NAME}-{role}", digest) == digest
+    assert staging_mlflow.fetch(MODEL_NAME, release.version).sha256 == sha256

@@ -21,7 +21,7 @@ from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
 from components.images import BuildSettings, model_image_repository
-from mlops import promote
+from mlops import promote, rollout
 from mlops.cli import app
 from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
 from mlops.modelstore import BasicAuth, MlflowStore, ModelVersion, StoreError
@@ -32,15 +32,15 @@ from mlops_spec.contract import (
     REGISTRY_PASSWORD,
     TRAINER,
     derived_password,
+    release_id,
     secret_variable,
 )
 from mlops_spec.loading import load_stage
+from mlops_spec.models import ModelPin
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import (
     FIXTURE_SERVING_DIGEST,
-    FIXTURE_SERVING_IMAGE,
     FIXTURE_TRAINING_DIGEST,
-    FIXTURE_TRAINING_IMAGE,
     REQUIRE_DOCKER,
     free_port,
     pinned_image,
@@ -48,33 +48,55 @@ from tests.conftest import (
 from tests.mlflow_servers import MLFLOW_SECRETS
 
 MODEL_NAME = "iris-classifier"
+OTHER_MODEL = "diabetes-regressor"
+MODELS = (MODEL_NAME, OTHER_MODEL)
+ROLE_DIGESTS = {"training": FIXTURE_TRAINING_DIGEST, "serving": FIXTURE_SERVING_DIGEST}
 
 
 def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout
 
 
-def make_repo(tmp_path: Path, *, staging_port: int = 5100, prod_port: int = 5200, release: str = "",
-              staging_image_port: int = 5101) -> Path:
-    """A git repo whose committed environments/ has staging's model registry on `staging_port` (and `release`),
-    its image registry on `staging_image_port`, prod's model registry on `prod_port`."""
+def commit(environments: Path, message: str) -> None:
+    git(environments.parent, "add", "environments")
+    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", message)
+
+
+def model_image(stage: str, model: str, role: str, digest: str | None = None) -> str:
+    """A model's image as a promoted stage pins it: `localhost:<own port>/<stage>/<model>-<role>@sha256:…`."""
+    return pinned_image(stage, f"{model}-{role}", digest or ROLE_DIGESTS[role])
+
+
+def release_yaml(version: int, sha256: str, model: str = MODEL_NAME, stage: str = "staging") -> str:
+    """`models.<model>.release` of `stage`, its images pinned in the stage's own registry: the lines that go under
+    `  <model>:` of the stage file."""
+    return (f"    release:\n      version: {version}\n      sha256: {sha256}\n      images:\n"
+            f"        training: {model_image(stage, model, 'training')}\n"
+            f"        serving: {model_image(stage, model, 'serving')}\n")
+
+
+def under_model(text: str, lines: dict[str, str]) -> str:
+    """A stage file's `text` with `lines[model]` first under each `  <model>:` of its `models` block."""
+    for model, added in lines.items():
+        assert text.count(f"\n  {model}:\n") == 1, model
+        text = text.replace(f"\n  {model}:\n", f"\n  {model}:\n{added}")
+    return text
+
+
+def make_repo(tmp_path: Path, *, staging_port: int = 5100, prod_port: int = 5200,
+              releases: dict[str, str] | None = None, staging_image_port: int = 5101) -> Path:
+    """A git repo whose committed environments/ has staging's model registry on `staging_port`, its image registry
+    on `staging_image_port`, and `releases` (model -> release_yaml) under staging's models; prod's model registry
+    on `prod_port`."""
     environments = tmp_path / "repo" / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     staging, prod = environments / "staging.yaml", environments / "prod.yaml"
-    staging.write_text(staging.read_text().replace("host_port: 5100", f"host_port: {staging_port}")
-                       .replace("host_port: 5101", f"host_port: {staging_image_port}") + release)
+    staging.write_text(under_model(staging.read_text().replace("host_port: 5100", f"host_port: {staging_port}")
+                                   .replace("host_port: 5101", f"host_port: {staging_image_port}"), releases or {}))
     prod.write_text(prod.read_text().replace("host_port: 5200", f"host_port: {prod_port}"))
     git(environments.parent, "init", "-q", "-b", "main")
-    git(environments.parent, "add", "environments")
-    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "stages")
+    commit(environments, "stages")
     return environments
-
-
-def release_yaml(version: int, sha256: str) -> str:
-    """staging's release: the model, and images pinned in staging's own registry."""
-    return (f"\nrelease:\n  model:\n    name: {MODEL_NAME}\n    version: {version}\n    sha256: {sha256}\n"
-            f"  images:\n    training: {pinned_image('staging', 'training', FIXTURE_TRAINING_DIGEST)}\n"
-            f"    serving: {pinned_image('staging', 'serving', FIXTURE_SERVING_DIGEST)}\n")
 
 
 class FakeImageRegistries:
@@ -124,23 +146,25 @@ def stage_secrets(monkeypatch):
 
 @pytest.fixture
 def image_registries(monkeypatch):
-    """Staging's registry (shipped port 5101) holds the images its release pins."""
+    """Staging's registry (shipped port 5101) holds the images its releases pin, of both models."""
     fake = FakeImageRegistries()
-    for digest, role in ((FIXTURE_TRAINING_DIGEST, "training"), (FIXTURE_SERVING_DIGEST, "serving")):
-        fake.images.add(("127.0.0.1:5101", f"staging/{role}", digest))
+    for model in MODELS:
+        for role, digest in ROLE_DIGESTS.items():
+            fake.images.add(("127.0.0.1:5101", f"staging/{model}-{role}", digest))
     monkeypatch.setattr(promote, "manifest_digest", fake.manifest_digest)
     monkeypatch.setattr(promote, "copy_image", fake.copy_image)
     return fake
 
 
-def register_source_model(registries: dict[str, int], *, accuracy: float,
-                          files: dict[str, bytes] | None = None) -> tuple[int, str]:
-    """Register a version in the source registry the way training does: files under model/, sha256 tag, metrics."""
+def register_source_model(registries: dict[str, int], *, model: str = MODEL_NAME, files: dict[str, bytes] | None = None,
+                          **metrics: float) -> tuple[int, str]:
+    """Register a version of `model` in the source registry the way training does: files under model/, sha256 tag,
+    metrics."""
     payload = os.urandom(64)  # a distinct model.pkl per test: the servers are shared by the whole session
-    model = ModelVersion(name=MODEL_NAME, version=0, files={"model.pkl": payload, "manifest.json": b'{"features": 4}'}
-                         if files is None else files, metrics={"accuracy": accuracy})
-    sha256 = model.sha256 if "model.pkl" in model.files else "e" * 64
-    return store(registries, "source", TRAINER).publish(model, {"sha256": sha256}), sha256
+    version = ModelVersion(name=model, version=0, files={"model.pkl": payload, "manifest.json": b'{"features": 4}'}
+                           if files is None else files, metrics=metrics)
+    sha256 = version.sha256 if "model.pkl" in version.files else "e" * 64
+    return store(registries, "source", TRAINER).publish(version, {"sha256": sha256}), sha256
 
 
 def promote_cli(environments: Path, *args: str):
@@ -150,20 +174,23 @@ def promote_cli(environments: Path, *args: str):
 
 @pytest.fixture
 def promotable(tmp_path, registries, image_registries):
+    """staging serves iris-classifier only, so promoting it needs no --model."""
     version, sha256 = register_source_model(registries, accuracy=0.97)
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
-                             release=release_yaml(version, sha256))
+                             releases={MODEL_NAME: release_yaml(version, sha256)})
     return environments, sha256
 
 
-def assert_refused(result, environments: Path, before: str, reason: str) -> None:
-    assert result.exit_code == 1, result.output
+def assert_refused(result, environments: Path, before: str, reason: str, code: int = 1) -> None:
+    assert result.exit_code == code, result.output
     assert reason in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
     assert (environments / "prod.yaml").read_text() == before
     assert sorted(p.name for p in environments.iterdir()) == sorted(p.name for p in ENVIRONMENTS_DIR.iterdir())
 
 
-def test_promote_pins_release_keeps_comments_and_copies_the_model(promotable, registries, image_registries):
+def test_promote_pins_the_models_release_keeps_comments_and_copies_the_model(promotable, registries,
+                                                                              image_registries):
     environments, sha256 = promotable
     prod = environments / "prod.yaml"
     before = prod.read_text()
@@ -176,25 +203,89 @@ def test_promote_pins_release_keeps_comments_and_copies_the_model(promotable, re
     after = prod.read_text()
     changes = [line for line in difflib.ndiff(before.splitlines(), after.splitlines()) if line[:1] in "+-?"]
     assert all(line.startswith("+ ") for line in changes), changes  # nothing removed or altered
-    assert [line[2:] for line in changes] == ["release:", "  model:", f"    name: {MODEL_NAME}",
-                                              f"    version: {expected_version}", f"    sha256: {sha256}",
-                                              "  images:", f"    training: {FIXTURE_TRAINING_IMAGE}",
-                                              f"    serving: {FIXTURE_SERVING_IMAGE}", ""]
-    # Both images were copied into prod's own registry, under their digests, before the spec was written.
-    assert sorted(image_registries.copies) == [("127.0.0.1:5201", "prod/serving", FIXTURE_SERVING_DIGEST),
-                                               ("127.0.0.1:5201", "prod/training", FIXTURE_TRAINING_DIGEST)]
-    keys = list(YAML().load(after))
-    assert keys == ["kind", "promote_from", "labels", "artifact_store", "model_registry", "image_registry", "serving", "release", "monitoring",
-                    "gates"]
-    assert "+release:" in result.output and "promoted iris-classifier" in result.output
+    assert [line[2:] for line in changes] == [
+        "    release:", f"      version: {expected_version}", f"      sha256: {sha256}", "      images:",
+        f"        training: {model_image('prod', MODEL_NAME, 'training')}",
+        f"        serving: {model_image('prod', MODEL_NAME, 'serving')}"]
+    assert after.index(f"  {MODEL_NAME}:\n    release:\n") < after.index("gates: {min_metrics: {accuracy: 0.9}}")
+    # Both images were copied into prod's own registry, into the model's repositories, under their digests.
+    assert sorted(image_registries.copies) == [
+        ("127.0.0.1:5201", f"prod/{MODEL_NAME}-serving", FIXTURE_SERVING_DIGEST),
+        ("127.0.0.1:5201", f"prod/{MODEL_NAME}-training", FIXTURE_TRAINING_DIGEST)]
+    assert list(YAML().load(after)) == list(YAML().load(before))
+    assert "+    release:" in result.output
+    assert result.output.splitlines()[-1].startswith(f"promoted {MODEL_NAME} v")
 
     spec = load_stage("prod", environments)
-    assert (spec.release.model.version, spec.release.model.sha256) == (expected_version, sha256)
+    release = spec.models[MODEL_NAME].release
+    assert (release.version, release.sha256) == (expected_version, sha256)
+    assert spec.models[OTHER_MODEL].release is None
     copied = target.fetch(MODEL_NAME, expected_version)
     assert copied.sha256 == sha256
     assert copied.metrics["accuracy"] == pytest.approx(0.97)
     assert copied.files["manifest.json"] == b'{"features": 4}'
     assert copied.tags["mlops.promoted_from"].startswith("staging v")
+
+
+@pytest.fixture
+def both_models(tmp_path, registries, image_registries):
+    """staging serves both models; prod serves both too: iris-classifier v1 and the regressor, whose pins are
+    written on one line with a comment."""
+    pins = {model: register_source_model(registries, model=model, accuracy=0.97, r2=0.5) for model in MODELS}
+    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
+                             releases={model: release_yaml(*pins[model], model=model) for model in MODELS})
+    other = (f"    release: {{version: 2, sha256: {'d' * 64}, images: {{training: "
+             f"{model_image('prod', OTHER_MODEL, 'training')}, serving: {model_image('prod', OTHER_MODEL, 'serving')}}}}}"
+             "   # promoted by hand, in review\n")
+    old_iris = release_yaml(1, "c" * 64, stage="prod").replace(FIXTURE_SERVING_DIGEST, "sha256:" + "9" * 64)
+    prod = environments / "prod.yaml"
+    prod.write_text(under_model(prod.read_text(), {MODEL_NAME: old_iris, OTHER_MODEL: other}))
+    commit(environments, "prod serves both models")
+    return environments, pins, old_iris
+
+
+def test_promoting_one_model_leaves_every_other_line_byte_identical(both_models, registries, image_registries):
+    environments, pins, old_iris = both_models
+    prod = environments / "prod.yaml"
+    before = prod.read_text()
+    other_before = load_stage("prod", environments).models[OTHER_MODEL]
+    expected_version = store(registries, "target").next_version(MODEL_NAME)
+
+    result = promote_cli(environments, "--model", MODEL_NAME)
+
+    assert result.exit_code == 0, result.output
+    sha256 = pins[MODEL_NAME][1]
+    # The one change is the promoted model's release: the regressor's pins, their style and comment, stay.
+    assert prod.read_text() == before.replace(old_iris, release_yaml(expected_version, sha256, stage="prod"))
+    assert load_stage("prod", environments).models[OTHER_MODEL] == other_before
+    assert {repository for _, repository, _ in image_registries.copies} == {f"prod/{MODEL_NAME}-training",
+                                                                          f"prod/{MODEL_NAME}-serving"}
+    assert store(registries, "target").find_version(OTHER_MODEL, pins[OTHER_MODEL][1]) is None
+    assert f"promoted {MODEL_NAME} v{pins[MODEL_NAME][0]} of staging as v{expected_version} of prod" in result.output
+
+
+def test_the_model_must_be_named_where_the_source_serves_several(tmp_path):
+    # Checked before any registry is asked: no server is needed to refuse.
+    environments = make_repo(tmp_path, releases={model: release_yaml(1, "a" * 64, model=model) for model in MODELS})
+    before = (environments / "prod.yaml").read_text()
+    result = promote_cli(environments)
+    assert_refused(result, environments, before, f"refused: staging serves {OTHER_MODEL}, {MODEL_NAME}: name the one "
+                                                 "to promote with --model", code=2)
+
+
+def test_a_model_the_target_does_not_declare_is_refused_naming_its_file(tmp_path):
+    environments = make_repo(tmp_path, releases={MODEL_NAME: release_yaml(1, "a" * 64)})
+    before = (environments / "prod.yaml").read_text()
+    result = promote_cli(environments, "--model", "churn-predictor")
+    assert_refused(result, environments, before, "prod.yaml (with base.yaml) declares no model 'churn-predictor' "
+                                                 f"under models:, only {OTHER_MODEL}, {MODEL_NAME}; declare it there first")
+
+
+def test_a_model_the_source_does_not_serve_is_refused(tmp_path):
+    environments = make_repo(tmp_path, releases={MODEL_NAME: release_yaml(1, "a" * 64)})
+    before = (environments / "prod.yaml").read_text()
+    assert_refused(promote_cli(environments, "--model", OTHER_MODEL), environments, before,
+                   f"staging has no release of {OTHER_MODEL} to promote: it does not serve that model")
 
 
 def test_promoting_again_reuses_the_copied_version(promotable, registries):
@@ -219,7 +310,8 @@ def test_dry_run_shows_the_diff_and_changes_nothing(promotable, registries, imag
     result = promote_cli(environments, "--dry-run")
 
     assert result.exit_code == 0, result.output
-    assert f"+    sha256: {sha256}" in result.output and "dry run" in result.output
+    assert f"+      sha256: {sha256}" in result.output
+    assert result.output.splitlines()[-1].startswith(f"dry run: would promote {MODEL_NAME} v")
     assert (environments / "prod.yaml").read_text() == before
     assert target.next_version(MODEL_NAME) == next_version
     assert target.find_version(MODEL_NAME, sha256) is None
@@ -229,11 +321,12 @@ def test_dry_run_shows_the_diff_and_changes_nothing(promotable, registries, imag
 def test_image_missing_in_the_source_registry_is_refused_and_nothing_is_copied(promotable, registries,
                                                                                image_registries):
     environments, sha256 = promotable
-    image_registries.images.discard(("127.0.0.1:5101", "staging/serving", FIXTURE_SERVING_DIGEST))
+    image_registries.images.discard(("127.0.0.1:5101", f"staging/{MODEL_NAME}-serving", FIXTURE_SERVING_DIGEST))
     before = (environments / "prod.yaml").read_text()
     result = promote_cli(environments)
-    assert_refused(result, environments, before, f"staging/serving@{FIXTURE_SERVING_DIGEST}: staging's image registry "
-                                                 "(Docker host unix:///var/run/docker.sock) at 127.0.0.1:5101 does not have it")
+    assert_refused(result, environments, before, f"staging/{MODEL_NAME}-serving@{FIXTURE_SERVING_DIGEST}: staging's "
+                                                 "image registry (Docker host unix:///var/run/docker.sock) at "
+                                                 "127.0.0.1:5101 does not have it")
     assert image_registries.copies == []
     assert store(registries, "target").find_version(MODEL_NAME, sha256) is None
 
@@ -259,20 +352,16 @@ def test_missing_mlflow_secret_is_one_clear_line(promotable, monkeypatch, no_pul
     environments, _ = promotable
     monkeypatch.delenv("MLOPS_MLFLOW_PASSWORD_PROD")
     before = (environments / "prod.yaml").read_text()
-    result = promote_cli(environments)
-    assert_refused(result, environments, before, "no password for prod's MLflow: set MLOPS_MLFLOW_PASSWORD_PROD, or "
-                                                 "run where the Pulumi CLI reads stack prod's secret mlops:mlflowPassword")
-    assert len(result.output.strip().splitlines()) == 1
+    assert_refused(promote_cli(environments), environments, before, "no password for prod's MLflow: set "
+                   "MLOPS_MLFLOW_PASSWORD_PROD, or run where the Pulumi CLI reads stack prod's secret mlops:mlflowPassword")
 
 
 def test_a_wrong_mlflow_secret_is_refused_by_the_registry_and_changes_nothing(promotable, registries, monkeypatch):
     environments, sha256 = promotable
     monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_PROD", "not-the-secret")
     before = (environments / "prod.yaml").read_text()
-    result = promote_cli(environments)
-    assert_refused(result, environments, before, "refused GET /api/2.0/mlflow/registered-models/get to user promoter "
-                                                 "(HTTP 401); check the stage's Pulumi config secret mlops:mlflowPassword")
-    assert len(result.output.strip().splitlines()) == 1
+    assert_refused(promote_cli(environments), environments, before, "refused GET /api/2.0/mlflow/registered-models/get "
+                   "to user promoter (HTTP 401); check the stage's Pulumi config secret mlops:mlflowPassword")
     assert store(registries, "target").find_version(MODEL_NAME, sha256) is None
 
 
@@ -283,20 +372,28 @@ def test_the_reader_cannot_publish_a_model(registries):
         store(registries, "target", READER).publish(model, {"sha256": model.sha256})
 
 
-def test_gate_miss_is_refused(tmp_path, registries, image_registries):
-    version, sha256 = register_source_model(registries, accuracy=0.6)
+@pytest.mark.parametrize("model, metrics, miss", [
+    (MODEL_NAME, {"accuracy": 0.6}, "accuracy 0.6 < 0.9"),
+    (OTHER_MODEL, {"r2": 0.2}, "r2 0.2 < 0.35"),
+    (OTHER_MODEL, {"accuracy": 0.99}, "r2 is not recorded (needs >= 0.35)"),
+])
+def test_a_miss_of_the_targets_gates_of_that_model_is_refused(tmp_path, registries, image_registries, model, metrics,
+                                                               miss):
+    version, sha256 = register_source_model(registries, model=model, **metrics)
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
-                             release=release_yaml(version, sha256))
+                             releases={model: release_yaml(version, sha256, model=model)})
     before = (environments / "prod.yaml").read_text()
-    result = promote_cli(environments)
-    assert_refused(result, environments, before, f"v{version} misses prod's gates.min_metrics: accuracy 0.6 < 0.9")
-    assert store(registries, "target").find_version(MODEL_NAME, sha256) is None
+    result = promote_cli(environments, "--model", model)
+    assert_refused(result, environments, before, f"model {model} v{version} misses prod's "
+                                                 f"models.{model}.gates.min_metrics: {miss}")
+    assert store(registries, "target").find_version(model, sha256) is None
+    assert image_registries.copies == []
 
 
 def test_missing_artifact_is_refused(tmp_path, registries, image_registries):
     version, _ = register_source_model(registries, accuracy=0.97, files={"manifest.json": b"{}"})
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
-                             release=release_yaml(version, "e" * 64))
+                             releases={MODEL_NAME: release_yaml(version, "e" * 64)})
     before = (environments / "prod.yaml").read_text()
     result = promote_cli(environments)
     assert_refused(result, environments, before, f"model {MODEL_NAME} v{version} has no artifact model/model.pkl")
@@ -306,7 +403,7 @@ def test_sha256_mismatch_is_refused(tmp_path, registries, image_registries):
     version, sha256 = register_source_model(registries, accuracy=0.97)
     wrong = "f" * 64
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
-                             release=release_yaml(version, wrong))
+                             releases={MODEL_NAME: release_yaml(version, wrong)})
     before = (environments / "prod.yaml").read_text()
     result = promote_cli(environments)
     assert_refused(result, environments, before, f"has sha256 {sha256}, but staging's pin says {wrong}")
@@ -314,7 +411,7 @@ def test_sha256_mismatch_is_refused(tmp_path, registries, image_registries):
 
 def test_uncommitted_target_file_is_refused(tmp_path):
     # Checked before any registry is asked: no server is needed to refuse.
-    environments = make_repo(tmp_path, release=release_yaml(1, "a" * 64))
+    environments = make_repo(tmp_path, releases={MODEL_NAME: release_yaml(1, "a" * 64)})
     prod = environments / "prod.yaml"
     prod.write_text(prod.read_text() + "# a reviewer's note, not committed yet\n")
     before = prod.read_text()
@@ -363,11 +460,148 @@ def test_promote_killed_before_the_rename_leaves_the_original_intact(tmp_path):
 def test_updated_spec_that_does_not_validate_is_never_written(tmp_path):
     environments = make_repo(tmp_path)
     target = load_stage("prod", environments)
-    broken = promote.pinned_text((environments / "prod.yaml").read_text(), {
-        "model": {"name": MODEL_NAME, "version": 1, "sha256": "a" * 64},
-        "images": {"training": "training:latest", "serving": FIXTURE_SERVING_IMAGE}})
-    with pytest.raises(promote.PromotionRefused, match="release.images.training: 'training:latest' is not pinned by digest"):
+    broken = promote.pinned_text((environments / "prod.yaml").read_text(), MODEL_NAME, {
+        "version": 1, "sha256": "a" * 64,
+        "images": {"training": "training:latest", "serving": model_image("prod", MODEL_NAME, "serving")}})
+    with pytest.raises(promote.PromotionRefused, match=f"models.{MODEL_NAME}.release.images.training: "
+                                                       "'training:latest' is not pinned by digest"):
         promote.validate_updated(target, environments / "prod.yaml", broken)
+
+
+PINS = {"version": 4, "sha256": "a" * 64, "images": {"training": "t@sha256:" + "1" * 64,
+                                                     "serving": "s@sha256:" + "2" * 64}}
+PINNED_RELEASE = (f"    release:\n      version: 4\n      sha256: {'a' * 64}\n      images:\n"
+                  f"        training: t@sha256:{'1' * 64}\n        serving: s@sha256:{'2' * 64}\n")
+
+
+@pytest.mark.parametrize("original, pinned", [
+    # No models block: one goes last, after a blank line, as in the shipped stage files.
+    ("kind: prod\nserving:\n  replicas: 3   # kept\n\nmonitoring:\n  port: {host_port: 9290}\n",
+     "kind: prod\nserving:\n  replicas: 3   # kept\n\nmonitoring:\n  port: {host_port: 9290}\n\nmodels:\n"
+     f"  {MODEL_NAME}:\n{PINNED_RELEASE}"),
+    # The model declared on one line: its release goes first, in block style, its gates stay as written.
+    (f"models:\n  {OTHER_MODEL}: {{}}   # not served here\n  {MODEL_NAME}: {{gates: {{min_metrics: {{accuracy: 0.9}}}}}}\n",
+     f"models:\n  {OTHER_MODEL}: {{}}   # not served here\n  {MODEL_NAME}:\n{PINNED_RELEASE}"
+     "    gates: {min_metrics: {accuracy: 0.9}}\n"),
+    # Another model only: this one goes at the end of models.
+    (f"models:\n  {OTHER_MODEL}:\n    release: {{version: 3}}\n",
+     f"models:\n  {OTHER_MODEL}:\n    release: {{version: 3}}\n  {MODEL_NAME}:\n{PINNED_RELEASE}"),
+])
+def test_a_missing_models_block_model_or_release_is_created_where_it_reads_well(original, pinned):
+    assert promote.pinned_text(original, MODEL_NAME, PINS) == pinned
+
+
+BLUE_SHA256, GREEN_SHA256 = "b4" * 32, "a5" * 32  # hex with letters: all digits would read as a number
+GREEN_IMAGE = model_image("prod", MODEL_NAME, "serving", "sha256:" + "6" * 64)
+BLUE = release_yaml(4, BLUE_SHA256, stage="prod")
+GREEN = (f"    traffic: {{blue: 95, green: 5}}\n    green:\n      version: 5\n      sha256: {GREEN_SHA256}\n"
+         f"      serving_image: {GREEN_IMAGE}   # built from the same project\n"
+         "      rollout: {steps: [10, 100], bake_time_s: 60, max_error_rate_increase: 0.01, max_p99_latency_ratio: 1.5}\n")
+OTHER_BLUE_AND_GREEN = (release_yaml(2, "d" * 64, model=OTHER_MODEL, stage="prod")
+                        + f"    traffic: {{blue: 50, green: 50}}\n    green: {{version: 3, sha256: {'e' * 64}}}\n")
+
+
+@pytest.fixture
+def prod_with_greens(tmp_path):
+    """Committed specs where prod serves both models, each as blue and a green: iris-classifier's under a rollout
+    policy."""
+    environments = make_repo(tmp_path)
+    prod = environments / "prod.yaml"
+    prod.write_text(under_model(prod.read_text(), {MODEL_NAME: BLUE + GREEN, OTHER_MODEL: OTHER_BLUE_AND_GREEN}))
+    commit(environments, "greens")
+    return environments
+
+
+def gateway_recorded(monkeypatch, state: dict | None) -> list[tuple[str, str]]:
+    """The state prod's gateway answers; returns the (stack, model) pairs asked."""
+    asked = []
+
+    def recorded(spec, stack, model):
+        asked.append((stack, model))
+        return state
+    monkeypatch.setattr(rollout, "gateway_state", recorded)
+    return asked
+
+
+def green_state(phase: str) -> dict:
+    return {"green_release": release_id(ModelPin(name=MODEL_NAME, version=5, sha256=GREEN_SHA256)), "phase": phase,
+            "step": 1, "green_weight": 100}
+
+
+def promote_green(environments: Path, *args: str):
+    return CliRunner().invoke(app, ["promote", "--to", "prod", "--green", "--environments", str(environments), *args],
+                              catch_exceptions=False)
+
+
+def test_a_finished_green_becomes_its_models_blue_and_the_other_model_stays(prod_with_greens, monkeypatch):
+    asked = gateway_recorded(monkeypatch, green_state("finished"))
+    prod = prod_with_greens / "prod.yaml"
+    before = prod.read_text()
+
+    result = promote_green(prod_with_greens, "--model", MODEL_NAME)
+
+    assert result.exit_code == 0, result.output
+    assert asked == [("prod", MODEL_NAME)]
+    swapped = BLUE.replace("version: 4", "version: 5").replace(BLUE_SHA256, GREEN_SHA256).replace(
+        model_image("prod", MODEL_NAME, "serving"), GREEN_IMAGE)
+    # Green's pins as the release, the green slot and traffic split gone; the regressor's lines as they were.
+    assert prod.read_text() == before.replace(BLUE + GREEN, swapped)
+    model = load_stage("prod", prod_with_greens).models[MODEL_NAME]
+    assert (model.release.version, model.release.sha256, model.release.images.serving) == (5, GREEN_SHA256, GREEN_IMAGE)
+    assert model.green is None and (model.traffic.blue, model.traffic.green) == (100, 0)
+    assert "-    green:" in result.output
+    assert result.output.splitlines()[-1] == (f"promoted prod's green {MODEL_NAME} v5 as its blue; commit prod.yaml "
+                                              "and open a pull request")
+
+
+@pytest.mark.parametrize("state, seen", [
+    (green_state("rolled back"), f"rollout of {MODEL_NAME}:5:" + GREEN_SHA256 + " is rolled back"),
+    (green_state("baking"), "is baking"),
+    (None, "no rollout state"),
+    ({**green_state("finished"), "green_release": f"{MODEL_NAME}:4:" + BLUE_SHA256}, f"rollout of {MODEL_NAME}:4:"),
+])
+def test_a_green_that_did_not_finish_its_rollout_is_refused(prod_with_greens, monkeypatch, state, seen):
+    gateway_recorded(monkeypatch, state)
+    before = (prod_with_greens / "prod.yaml").read_text()
+    result = promote_green(prod_with_greens, "--model", MODEL_NAME)
+    assert_refused(result, prod_with_greens, before, f"refused: prod's green {MODEL_NAME}:5:{GREEN_SHA256} has not "
+                                                     "finished its rollout (")
+    assert seen in result.output
+
+
+def test_a_green_without_a_rollout_is_promoted_without_asking_the_gateway(prod_with_greens, monkeypatch):
+    asked = gateway_recorded(monkeypatch, None)
+    result = promote_green(prod_with_greens, "--model", OTHER_MODEL, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert asked == []
+    assert result.output.splitlines()[-1] == (f"dry run: would promote prod's green {OTHER_MODEL} v3 as its blue; "
+                                              "nothing written")
+    assert f"+      sha256: {'e' * 64}" in result.output
+    assert (prod_with_greens / "prod.yaml").read_text() == under_model(
+        (ENVIRONMENTS_DIR / "prod.yaml").read_text(), {MODEL_NAME: BLUE + GREEN, OTHER_MODEL: OTHER_BLUE_AND_GREEN})
+
+
+def test_green_needs_the_model_where_the_stage_serves_several(prod_with_greens, monkeypatch):
+    gateway_recorded(monkeypatch, green_state("finished"))
+    before = (prod_with_greens / "prod.yaml").read_text()
+    assert_refused(promote_green(prod_with_greens), prod_with_greens, before,
+                   f"refused: prod serves {OTHER_MODEL}, {MODEL_NAME}: name the one to promote with --model", code=2)
+
+
+def test_green_of_a_model_without_one_is_refused(tmp_path, monkeypatch):
+    environments = make_repo(tmp_path)
+    prod = environments / "prod.yaml"
+    prod.write_text(under_model(prod.read_text(), {MODEL_NAME: BLUE}))
+    commit(environments, "iris in prod")
+    before = prod.read_text()
+    assert_refused(promote_green(environments), environments, before,
+                   f"prod.yaml declares no models.{MODEL_NAME}.green and models.{MODEL_NAME}.release of its own to swap")
+
+
+@pytest.mark.parametrize("args", [["--from", "staging", "--green"], []])
+def test_either_from_or_green(prod_with_greens, args):
+    result = CliRunner().invoke(app, ["promote", "--to", "prod", *args, "--environments", str(prod_with_greens)])
+    assert (result.exit_code, result.output) == (2, "refused: give either --from STAGE or --green\n")
 
 
 def dev_on(environments: Path, *, model_registry_port: int, image_registry_port: int) -> None:
@@ -375,7 +609,7 @@ def dev_on(environments: Path, *, model_registry_port: int, image_registry_port:
     dev = environments / "dev.yaml"
     dev.write_text(dev.read_text() + f"\nmodel_registry:\n  port: {{host_port: {model_registry_port}}}\n"
                                      f"image_registry:\n  port: {{host_port: {image_registry_port}}}\n")
-    git(environments.parent, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "dev ports")
+    commit(environments, "dev ports")
 
 
 def docker(*args: str, **kwargs) -> str:
@@ -456,18 +690,21 @@ def dev_and_staging(tmp_path, registries, image_registry, monkeypatch):
 @pytest.mark.docker
 def test_promote_from_dev_copies_the_images_into_staging_by_digest(dev_and_staging, registries):
     environments, pushed, (version, sha256), staging_port, staging_password = dev_and_staging
-    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--environments", str(environments)])
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME,
+                                      "--environments", str(environments)])
     assert result.exit_code == 0, result.output
     staging = load_stage("staging", environments)
+    release = staging.models[MODEL_NAME].release
     staging_registry = StageRegistry(where="staging's image registry", address=f"127.0.0.1:{staging_port}",
                                      username="mlops", password=staging_password)
     for role in ("training", "serving"):
         digest = pushed[role][1].split("@")[1]
         # Pinned in staging's own registry, under the digest dev pushed: the bytes were not rewritten.
-        assert getattr(staging.release.images, role) == f"localhost:{staging_port}/staging/{role}@{digest}"
-        assert manifest_digest(staging_registry, f"staging/{role}", digest) == digest
-    assert staging.release.model.sha256 == sha256
-    copied = store(registries, "target").fetch(MODEL_NAME, staging.release.model.version)
+        assert getattr(release.images, role) == f"localhost:{staging_port}/staging/{MODEL_NAME}-{role}@{digest}"
+        assert manifest_digest(staging_registry, f"staging/{MODEL_NAME}-{role}", digest) == digest
+    assert release.sha256 == sha256
+    assert staging.models[OTHER_MODEL].release is None, "dev's other model stays where it is"
+    copied = store(registries, "target").fetch(MODEL_NAME, release.version)
     assert copied.sha256 == sha256 and copied.tags["mlops.promoted_from"] == f"dev v{version}"
 
 
@@ -479,12 +716,12 @@ def test_version_promotes_exactly_the_version_trained_though_a_newer_one_was_reg
     environments, _, (trained, sha256), *_ = dev_and_staging
     newer, newer_sha256 = register_source_model(registries, accuracy=0.99)
     assert newer > trained and newer_sha256 != sha256
-    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--version", str(trained),
-                                      "--environments", str(environments)])
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME,
+                                      "--version", str(trained), "--environments", str(environments)])
     assert result.exit_code == 0, result.output
-    staging = load_stage("staging", environments)
-    assert staging.release.model.sha256 == sha256
-    copied = store(registries, "target").fetch(MODEL_NAME, staging.release.model.version)
+    release = load_stage("staging", environments).models[MODEL_NAME].release
+    assert release.sha256 == sha256
+    copied = store(registries, "target").fetch(MODEL_NAME, release.version)
     assert copied.tags["mlops.promoted_from"] == f"dev v{trained}"
 
 
@@ -492,7 +729,7 @@ def test_version_promotes_exactly_the_version_trained_though_a_newer_one_was_reg
 def test_a_version_other_than_the_pinned_one_is_refused(promotable):
     environments, _ = promotable
     before = (environments / "prod.yaml").read_text()
-    pinned = load_stage("staging", environments).release.model.version
+    pinned = load_stage("staging", environments).models[MODEL_NAME].release.version
     result = promote_cli(environments, "--version", str(pinned + 1))
     assert_refused(result, environments, before, f"staging runs {MODEL_NAME} v{pinned}, not v{pinned + 1}: --version "
                                                  "names the version staging pins")
@@ -503,7 +740,8 @@ def test_wrong_target_registry_password_is_one_line_and_changes_nothing(dev_and_
     environments, *_ = dev_and_staging
     monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_STAGING", "not-the-password")
     before = (environments / "staging.yaml").read_text()
-    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--environments", str(environments)])
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME,
+                                      "--environments", str(environments)])
     assert result.exit_code == 1
     assert "staging's image registry (Docker host unix:///var/run/docker.sock)" in result.output
     assert "refused user mlops's credentials (401)" in result.output
@@ -519,8 +757,8 @@ def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, ima
     monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_DEV", dev_password)
     environments = make_repo(tmp_path, staging_port=registries["target"])
     dev_on(environments, model_registry_port=registries["source"], image_registry_port=dev_port)
-    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--environments",
-                                      str(environments)])
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME,
+                                      "--environments", str(environments)])
     assert result.exit_code == 1
     assert f"dev has no pushed training image dev/{MODEL_NAME}-training:" in result.output
     assert "does not have it" in result.output

@@ -224,7 +224,7 @@ def test_no_drift_retrains_nothing_and_a_check_that_cannot_run_fails_the_job(tmp
     assert failed.returncode == 2 and not (tmp_path / "output").exists()
 
 
-def test_retraining_promotes_the_version_its_run_registered(tmp_path):
+def test_retraining_promotes_the_model_and_version_its_run_registered(tmp_path):
     import os
 
     recorded = tmp_path / "arguments"
@@ -232,7 +232,9 @@ def test_retraining_promotes_the_version_its_run_registered(tmp_path):
     shim.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {recorded}\n')
     shim.chmod(0o755)
     script = run_step("retrain.yml", "retrain", "promote").replace(".venv/bin/mlops", str(shim))
-    registered = "REGISTERED name=iris-classifier version=17 sha256=" + "a" * 64
-    subprocess.run(["bash", "-euo", "pipefail", "-c", script], check=True, cwd=REPO_ROOT,
-                   env={**os.environ, "BUILDER": "dev", "NEXT": "staging", "REGISTERED": registered})
-    assert recorded.read_text().splitlines() == ["promote", "--from", "dev", "--to", "staging", "--version", "17"]
+    for model, version in (("iris-classifier", "17"), ("diabetes-regressor", "3")):
+        registered = f"REGISTERED name={model} version={version} sha256=" + "a" * 64
+        subprocess.run(["bash", "-euo", "pipefail", "-c", script], check=True, cwd=REPO_ROOT,
+                       env={**os.environ, "BUILDER": "dev", "NEXT": "staging", "REGISTERED": registered})
+        assert recorded.read_text().splitlines() == ["promote", "--from", "dev", "--to", "staging", "--model", model,
+                                                     "--version", version]
