@@ -378,11 +378,13 @@ def exported_samples(stage: MonitoredStage, out: Path) -> list[list[str]]:
 
 
 def datasets_on_the_volume(stage: MonitoredStage) -> list[str]:
-    """Every file on the stage's datasets volume, temporary ones included, as the training image sees it."""
+    """Every file on the stage's datasets volume (each model's folder), temporary ones included, as the training
+    image sees it."""
+    every_file = ("import json, os; print(json.dumps(sorted(os.path.relpath(os.path.join(folder, name), "
+                  "'/data/datasets') for folder, _, names in os.walk('/data/datasets') for name in names)))")
     listed = subprocess.run(["docker", "run", "--rm", "--network", "none", "--user", "10001:10001", "--entrypoint",
                              "python3", "--volume", f"{stage.name}-datasets:/data/datasets:ro",
-                             training_image(stage.engine.spec, stage.environments), "-c",
-                             "import json, os; print(json.dumps(sorted(os.listdir('/data/datasets'))))"],
+                             training_image(stage.engine.spec, MODEL_NAME, stage.environments), "-c", every_file],
                             capture_output=True, text=True, timeout=120)
     assert listed.returncode == 0, listed.stderr
     return json.loads(listed.stdout)
@@ -437,8 +439,8 @@ def test_labelled_samples_become_a_dataset_that_a_training_run_names_and_profile
 
     iris = load_project(REPO_ROOT / "models" / "iris-classifier")
     local = tmp_path / "datasets"
-    local.mkdir()
-    assert datasets.add(labelled.read_bytes(), datasets.RowRules.of(iris), local)[0] == name[1]
+    datasets.model_folder(iris, local).mkdir(parents=True)
+    assert datasets.add(labelled.read_bytes(), datasets.RowRules.of(iris), datasets.model_folder(iris, local))[0] == name[1]
     expected = train_in_process(iris, TrainingRequest(dataset="latest"), tmp_path / "local-run", local).manifest
     assert manifest["reference_profile"] == expected["reference_profile"]
     assert manifest["reference_profile"]["rows"] == inputs["rows"]
@@ -451,8 +453,9 @@ def test_labelled_samples_become_a_dataset_that_a_training_run_names_and_profile
      "row 2 (line 3) has no label; label every row (or delete it) first"),
     ("sepal length (cm),sepal width (cm),petal length (cm),petal width (cm),label\n5.1,3.5,1.4,0.2,9\n",
      "row 1 (line 2): label '9' is not a known class (0, 1, 2)"),
-    ("petal,label\n1,0\n", "the header must be sepal length (cm),sepal width (cm),petal length (cm),petal width (cm),"
-                             "label (a 'prediction' column is allowed and dropped), got petal,label"),
+    ("petal,label\n1,0\n", "the header must be iris-classifier's features then its label, sepal length (cm),sepal "
+                             "width (cm),petal length (cm),petal width (cm),label (a 'prediction' column is allowed "
+                             "and dropped); got petal,label"),
 ], ids=["unlabelled row", "unknown class", "header"])
 def test_a_bad_dataset_is_one_line_exit_2_and_nothing_on_the_volume(stage, tmp_path, content, problem):
     before = datasets_on_the_volume(stage)

@@ -28,9 +28,13 @@ from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
 from mlops.modelstore import BasicAuth, MlflowStore
 from mlops_spec.contract import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, secret_variable
 from mlops_spec.loading import load_stage
+from mlops_spec.models import ModelRelease
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import free_port
 from tests.engine import StageOnEngine
+
+MODEL = "iris-classifier"
+"""The model trained in dev and promoted to staging and prod."""
 
 pytestmark = pytest.mark.docker
 
@@ -49,6 +53,13 @@ def edit_stage(environments: Path, stage: str, changes: dict) -> None:
     for key, value in changes.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def released(stage: str, environments: Path) -> ModelRelease:
+    """MODEL's release as promoted into `stage`."""
+    release = load_stage(stage, environments).models[MODEL].release
+    assert release is not None, f"nothing of {MODEL} was promoted to {stage}"
+    return release
 
 
 def mlops(*args: str) -> subprocess.CompletedProcess:
@@ -77,6 +88,10 @@ def stages(docker_hosts, tmp_path_factory):
         "model_registry": {"port": {"host_port": 5000, **PUBLISHED}},
         "image_registry": {"port": {"host_port": 5001, **PUBLISHED}},
         "serving": {"port": {"host_port": 8080, **PUBLISHED}}})
+    # dev builds and serves the one model promoted here (dev.yaml serves both shipped models).
+    dev = yaml.safe_load((environments / "dev.yaml").read_text())
+    dev["models"] = {MODEL: dev["models"][MODEL]}
+    (environments / "dev.yaml").write_text(yaml.safe_dump(dev, sort_keys=False))
     edit_stage(environments, "staging", {
         "model_registry": {"port": {"host_port": free_port()}},
         "image_registry": {"port": {"host_port": free_port()}},
@@ -122,7 +137,7 @@ def deploy(stages, stage: str, stack: str | None = None) -> StageOnEngine:
 
 
 def promote(environments: Path, source: str, target: str) -> None:
-    promoted = mlops("promote", "--from", source, "--to", target, "--environments", str(environments))
+    promoted = mlops("promote", "--from", source, "--to", target, "--model", MODEL, "--environments", str(environments))
     assert promoted.returncode == 0, promoted.stdout + promoted.stderr
     git(environments.parent, "commit", "-qam", f"promote {source} -> {target}")
 
@@ -132,7 +147,7 @@ def prod_without_dev(stages):
     """Train in dev, promote to staging and prod, switch dev's host off, then deploy prod."""
     environments, hosts, _, _ = stages
     deploy(stages, "dev")
-    trained = mlops("train", "--stage", "dev", "--subset", "0.5", "--environments", str(environments))
+    trained = mlops("train", "--stage", "dev", "--model", MODEL, "--subset", "0.5", "--environments", str(environments))
     assert trained.returncode == 0, trained.stdout + trained.stderr
     assert trained.stdout.strip().splitlines()[-1].startswith("REGISTERED ")
 
@@ -150,44 +165,47 @@ def prod_without_dev(stages):
 
 def test_promoted_stages_pin_the_same_digests_in_their_own_registries(stages, prod_without_dev):
     environments, hosts, passwords, _ = stages
-    staging, prod = load_stage("staging", environments), load_stage("prod", environments)
-    assert staging.release.model.sha256 == prod.release.model.sha256
+    staging, prod = released("staging", environments), released("prod", environments)
+    assert staging.sha256 == prod.sha256
     for role in ("training", "serving"):
-        staging_pin, prod_pin = getattr(staging.release.images, role), getattr(prod.release.images, role)
-        assert staging_pin.startswith(f"{staging.image_registry_server}/staging/{role}@sha256:")
-        assert prod_pin.startswith(f"localhost:5201/prod/{role}@sha256:")
+        staging_pin, prod_pin = getattr(staging.images, role), getattr(prod.images, role)
+        server = load_stage("staging", environments).image_registry_server
+        assert staging_pin.startswith(f"{server}/staging/{MODEL}-{role}@sha256:")
+        assert prod_pin.startswith(f"localhost:5201/prod/{MODEL}-{role}@sha256:")
         digest = prod_pin.split("@")[1]
         assert staging_pin.split("@")[1] == digest, "a copy by digest keeps the bytes, so the digest"
         registry = StageRegistry(where="prod's image registry", address=f"{hosts['prod'].ip}:5201", username="mlops",
                                  password=passwords["prod"])
-        assert manifest_digest(registry, f"prod/{role}", digest) == digest
+        assert manifest_digest(registry, f"prod/{MODEL}-{role}", digest) == digest
 
 
 def test_prod_serves_the_pinned_model_from_its_own_host_while_dev_is_down(stages, prod_without_dev):
     environments, hosts, _, _ = stages
     with pytest.raises(OSError):
         socket.create_connection((hosts["dev"].ip, 5000), timeout=3).close()
-    pin = load_stage("prod", environments).release
+    pin = released("prod", environments)
+    assert isinstance(pin.version, int)
     # Every serving replica runs the image prod pinned, pulled from prod's own registry.
     for index in range(3):
-        replica = prod_without_dev.client.containers.get(f"prod-serving-blue-{index}")
+        replica = prod_without_dev.client.containers.get(f"prod-{MODEL}-blue-{index}")
         assert pin.images.serving in replica.image.attrs["RepoDigests"]
     reader = BasicAuth(READER, mlflow_password("prod", READER))
-    model = MlflowStore(f"http://{hosts['prod'].ip}:5200", reader).fetch(pin.model.name, pin.model.version)
-    assert model.sha256 == pin.model.sha256
+    model = MlflowStore(f"http://{hosts['prod'].ip}:5200", reader).fetch(MODEL, pin.version)
+    assert model.sha256 == pin.sha256
     rows = load_iris().data[::7]
-    served = infer(f"http://{hosts['prod'].ip}:8280", pin.model.name, rows)
+    served = infer(f"http://{hosts['prod'].ip}:8280", MODEL, rows)
     assert served == pickle.loads(model.files["model.pkl"]).predict(rows).tolist()
 
 
 def test_a_tampered_image_in_prods_registry_is_refused_by_the_deploy(stages, prod_without_dev):
     environments, hosts, passwords, _ = stages
-    pin = load_stage("prod", environments).release.images.serving
+    pin = released("prod", environments).images.serving
+    assert pin is not None
     digest = pin.split("@")[1]
     client = hosts["prod"].client
     registry = StageRegistry(where="prod's image registry", address=f"{hosts['prod'].ip}:5201", username="mlops",
                              password=passwords["prod"])
-    manifest = json.loads(read_manifest(registry, "prod/serving", digest))
+    manifest = json.loads(read_manifest(registry, f"prod/{MODEL}-serving", digest))
     layer = manifest["layers"][-1]["digest"].removeprefix("sha256:")
     blob = f"/var/lib/registry/docker/registry/v2/blobs/sha256/{layer[:2]}/{layer}/data"
     # Overwritten in place: the registry serves a blob by its recorded length, so appended bytes never leave it.

@@ -43,7 +43,7 @@ STAGE = "cluster"
 MODEL = "iris-classifier"
 MLFLOW_PORT, REGISTRY_PORT, GATEWAY_PORT, PROMETHEUS_PORT = 5300, 5301, 8380, 5390
 SCRAPE_INTERVAL_S = 5
-SERVING = f"{STAGE}-serving-blue"
+SERVING = f"{STAGE}-{MODEL}-blue"
 ROWS = load_iris().data[::10]
 INFER_BODY = json.dumps({"inputs": [{"name": "input-0", "shape": list(ROWS.shape), "datatype": "FP64",
                                      "data": ROWS.ravel().tolist()}]}).encode()
@@ -106,8 +106,17 @@ def edit_stage(environments: Path, changes: dict) -> None:
     file.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def declare_model(environments: Path, deployment: dict) -> None:
+    """The stage file serving MODEL alone as `deployment` declares it (cluster.yaml serves both shipped models;
+    the other is left to the mock-runtime tests, which render it on the swarm too)."""
+    file = environments / f"{STAGE}.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["models"] = {MODEL: deployment}
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 def train(environments: Path, subset: str) -> dict[str, str]:
-    result = subprocess.run([sys.executable, "-m", "mlops", "train", "--stage", STAGE, "--subset", subset,
+    result = subprocess.run([sys.executable, "-m", "mlops", "train", "--stage", STAGE, "--model", MODEL, "--subset", subset,
                              "--environments", str(environments)], capture_output=True, text=True, timeout=900,
                             cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -128,6 +137,7 @@ def cluster_stage(swarm_cluster, tmp_path_factory):
                               "swarm": {"registry_address": f"{manager.ip}:{REGISTRY_PORT}"},
                               "monitoring": {"scrape_interval_s": SCRAPE_INTERVAL_S,
                                              "evaluation_interval_s": SCRAPE_INTERVAL_S}})
+    declare_model(environments, {"release": {"version": "latest"}})
     secrets = {secret_variable(REGISTRY_PASSWORD, STAGE): uuid.uuid4().hex,
                secret_variable(MLFLOW_PASSWORD, STAGE): uuid.uuid4().hex}
     saved = {variable: os.environ.get(variable) for variable in secrets}
@@ -152,7 +162,7 @@ def cluster_stage(swarm_cluster, tmp_path_factory):
 
 def pin(engine: StageOnEngine, environments: Path, version: int, sha256: str) -> None:
     """Pin a model in the stage file and deploy it, as `pulumi up` of the edited file would."""
-    edit_stage(environments, {"release": {"model": {"name": MODEL, "version": version, "sha256": sha256}}})
+    declare_model(environments, {"release": {"version": version, "sha256": sha256}})
     engine.spec = load_stage(STAGE, environments)
     try:
         engine.deploy()
@@ -187,8 +197,7 @@ def test_the_stage_deploys_from_the_rendering_and_serves_the_model_from_several_
     assert len(nodes) == engine.spec.serving.replicas and len(set(nodes)) >= 2, nodes
     # Every replica runs the model's serving image by digest from the stage's registry, pulled by its node.
     image = engine.client.api.inspect_service(SERVING)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
-    model = engine.spec.release.model.name
-    assert image.startswith(f"{swarm_cluster.manager.ip}:{REGISTRY_PORT}/{STAGE}/{model}-serving@sha256:"), image
+    assert image.startswith(f"{swarm_cluster.manager.ip}:{REGISTRY_PORT}/{STAGE}/{MODEL}-serving@sha256:"), image
     assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 1)
 
 
@@ -319,7 +328,9 @@ def test_prometheus_scrapes_the_replicas_swarm_rescheduled_and_forgets_the_lost_
     with the pin the stage file declares (the refused one the rollback test left: Prometheus' targets follow the
     declaration, the replicas run what Swarm rolled back to)."""
     engine, _, _, _ = cluster_stage
-    replicas = wait_scraped_where_running(swarm_cluster, version=engine.spec.release.model.version)
+    release = engine.spec.models[MODEL].release
+    assert release is not None
+    replicas = wait_scraped_where_running(swarm_cluster, version=release.version)
     assert len(replicas) == engine.spec.serving.replicas, replicas
 
 
@@ -339,12 +350,11 @@ def test_no_service_holds_a_password_in_its_environment(swarm_cluster, cluster_s
 
 def test_the_gateway_splits_traffic_between_blue_and_green_replicas_on_several_nodes(swarm_cluster, cluster_stage):
     engine, environments, versions, _ = cluster_stage
-    green = f"{STAGE}-serving-green"
+    green = f"{STAGE}-{MODEL}-green"
     # Blue back on the pin that serves (the rollback test left a refused one in the file), green on version 1.
-    edit_stage(environments, {
-        "release": {"model": {"name": MODEL, "version": 2, "sha256": versions[2]["sha256"]}},
-        "serving": {"green": {"model": {"name": MODEL, "version": 1, "sha256": versions[1]["sha256"]}},
-                    "traffic": {"blue": 50, "green": 50}}})
+    declare_model(environments, {"release": {"version": 2, "sha256": versions[2]["sha256"]},
+                                 "green": {"version": 1, "sha256": versions[1]["sha256"]},
+                                 "traffic": {"blue": 50, "green": 50}})
     engine.spec = load_stage(STAGE, environments)
     engine.deploy()
     swarm_cluster.wait_running(green, engine.spec.serving.replicas, timeout_s=300)
