@@ -32,7 +32,15 @@ from typing import Optional, Sequence
 import pulumi
 import pulumi_docker as docker
 
-from components.images import BuildSettings, ModelImage, PlatformImages, PushTarget, build_image, pullable_image, pulled_image
+from components.images import (
+    BuildSettings,
+    ModelImage,
+    PlatformImages,
+    PushTarget,
+    build_image,
+    pullable_image,
+    pulled_image,
+)
 from components.workload import (
     APP_GID,
     APP_UID,

@@ -3,9 +3,17 @@ from __future__ import annotations
 
 from typing import Optional
 
-from mlops_spec.errors import excerpt
 from mlops_spec.contract import serving_name
-from mlops_spec.models import DIGEST_REF, MAX_DNS_LABEL, MAX_REPLICAS, ImageSource, ModelDeployment, StageSpec, SwarmSpec
+from mlops_spec.errors import excerpt
+from mlops_spec.models import (
+    DIGEST_REF,
+    MAX_DNS_LABEL,
+    MAX_REPLICAS,
+    ImageSource,
+    ModelDeployment,
+    StageSpec,
+    SwarmSpec,
+)
 from mlops_spec.project import build_context_problem, model_project_file, project_root
 
 

@@ -170,8 +170,8 @@ def test_mlops_train_runs_the_image_the_program_builds_on_the_same_base():
     base_id = "sha256:" + "d" * 64
     names = [inputs["imageName"] for inputs in built(base_id).values() if "/iris-classifier-training:" in inputs["imageName"]]
     with reading_engines(lambda spec: BaseImageEngine(base_id)):
-        assert training_image(spec, ENVIRONMENTS_DIR) == names[1]
-    assert training_image(spec, ENVIRONMENTS_DIR) != names[1], "another base is another image"
+        assert training_image(spec, "iris-classifier", ENVIRONMENTS_DIR) == names[1]
+    assert training_image(spec, "iris-classifier", ENVIRONMENTS_DIR) != names[1], "another base is another image"
 
 
 @pytest.fixture

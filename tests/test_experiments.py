@@ -93,7 +93,7 @@ def test_the_longest_name_the_models_allow_with_most_replicas_keeps_every_physic
     assert f"exp-{name}-{longest}-green-15" in names
     container_names = {n for n in names if ":" not in n}  # image names are references, not DNS labels
     assert max(map(len, container_names)) == DOCKER_NAME_LIMIT
-    with pytest.raises(SpecError, match=f"makes replica names such as exp-{name}x-{longest}-green-15 longer than 63"):
+    with pytest.raises(SpecError, match=f"replica names such as exp-{name}x-{longest}-green-15 would be longer than 63"):
         experiment_spec(f"exp-{name}x", settings(f"{name}x"))
 
 

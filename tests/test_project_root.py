@@ -69,8 +69,8 @@ def test_validate_reads_the_specs_of_the_project_it_runs_in(two_projects):
     # From a subfolder too: the project is the nearest one upwards.
     bad = mlops(second / "images", "validate", "prod")
     assert bad.returncode == 2
-    assert bad.stderr == (f"error: {second}/environments/prod.yaml:19: serving.replicas: prod serves with at least "
-                          "2 replicas, got 1\n")
+    assert bad.stderr == (f"error: {second}/environments/prod.yaml:19: serving.replicas: prod serves each model "
+                          "with at least 2 replicas, got 1\n")
 
 
 def test_plan_reads_the_specs_and_build_contexts_of_the_project_it_runs_in(two_projects):

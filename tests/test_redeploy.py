@@ -24,8 +24,8 @@ import yaml
 from mlops.modelstore import BasicAuth
 from mlops_spec.contract import READER, TRAINER, derived_password
 from mlops_spec.loading import load_stage
-from tests.engine import IMAGE, StageOnEngine
 from tests.conftest import private_copy_of_dev
+from tests.engine import IMAGE, StageOnEngine
 from tests.test_end_to_end import free_port, http_json
 
 pytestmark = pytest.mark.docker

@@ -56,48 +56,6 @@ def green_state(phase: str) -> dict:
     return {"green_release": release_id(ModelPin.model_validate(GREEN_PIN)), "phase": phase, "step": 1, "green_weight": 100}
 
 
-def test_a_finished_green_becomes_the_new_blue_in_the_stage_file(prod_with_green, monkeypatch, capsys):
-    asked = gateway_recorded(monkeypatch, green_state("finished"))
-    code, out, err = run_cli(monkeypatch, capsys, "promote", "--to", "prod", "--green",
-                             "--environments", str(prod_with_green))
-    assert (code, err) == (0, ""), err
-    assert asked == ["prod"]
-    spec = load_stage("prod", prod_with_green)
-    assert spec.release.model.model_dump() == GREEN_PIN
-    assert spec.release.images.serving == GREEN_IMAGE
-    assert spec.serving.green is None and (spec.serving.traffic.blue, spec.serving.traffic.green) == (100, 0)
-    assert spec.release.images.training.endswith("1" * 64), "what green does not pin stays"
-    assert "-  green:" in out and f"+    sha256: '{'5' * 64}'" in out
-    assert out.splitlines()[-1].startswith("promoted prod's green iris-classifier v5 as its blue; commit prod.yaml")
-
-
-@pytest.mark.parametrize("state, seen", [
-    (green_state("rolled back"), "rollout of iris-classifier:5:" + "5" * 64 + " is rolled back"),
-    (green_state("baking"), "is baking"),
-    (None, "no rollout state"),
-    ({**green_state("finished"), "green_release": "iris-classifier:4:" + "4" * 64}, "rollout of iris-classifier:4:"),
-])
-def test_a_green_that_did_not_finish_its_rollout_is_refused(prod_with_green, monkeypatch, capsys, state, seen):
-    gateway_recorded(monkeypatch, state)
-    before = (prod_with_green / "prod.yaml").read_text()
-    code, out, err = run_cli(monkeypatch, capsys, "promote", "--to", "prod", "--green",
-                             "--environments", str(prod_with_green))
-    assert (code, out) == (1, "")
-    assert err.startswith("refused: prod's green iris-classifier:5:" + "5" * 64 + " has not finished its rollout (")
-    assert seen in err and len(err.splitlines()) == 1
-    assert (prod_with_green / "prod.yaml").read_text() == before
-
-
-def test_dry_run_shows_the_swap_and_writes_nothing(prod_with_green, monkeypatch, capsys):
-    gateway_recorded(monkeypatch, green_state("finished"))
-    before = (prod_with_green / "prod.yaml").read_text()
-    code, out, _ = run_cli(monkeypatch, capsys, "promote", "--to", "prod", "--green", "--dry-run",
-                           "--environments", str(prod_with_green))
-    assert code == 0 and "-  green:" in out
-    assert out.splitlines()[-1] == "dry run: would promote prod's green iris-classifier v5 as its blue; nothing written"
-    assert (prod_with_green / "prod.yaml").read_text() == before
-
-
 @pytest.mark.parametrize("args", [["--from", "staging", "--green"], []])
 def test_either_from_or_green(prod_with_green, monkeypatch, capsys, args):
     code, out, err = run_cli(monkeypatch, capsys, "promote", "--to", "prod", *args,

@@ -25,7 +25,7 @@ def test_a_proxy_command_in_a_stage_file_is_refused_before_anything_runs(environ
                             capture_output=True, text=True, timeout=120)
     assert (result.returncode, result.stdout) == (2, ""), result.stderr
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "dev.yaml:16: docker.ssh_opts: ssh option 'ProxyCommand' is not allowed in a stage file; allowed: " \
+    assert "dev.yaml:19: docker.ssh_opts: ssh option 'ProxyCommand' is not allowed in a stage file; allowed: " \
            "-i FILE, -p PORT, -l USER" in result.stderr
     assert not marker.exists()
 
@@ -66,17 +66,18 @@ def test_a_docker_url_is_only_user_host_and_port(environments, monkeypatch, caps
     ssh_stage(environments, url=url, opts=[])
     code, out, err = run_cli(monkeypatch, capsys, "validate", "dev", "--environments", str(environments))
     assert (code, out) == (2, "")
-    assert "dev.yaml:15: docker.url: " in err, err
+    assert "dev.yaml:18: docker.url: " in err, err
 
 
 @pytest.mark.parametrize("declared,where", [
-    ("serving:\n  build: images/serving\n  green:\n    model: {name: iris-classifier, version: latest}\n"
-     "    serving_image: --privileged", "11: serving.green.serving_image"),
+    ("models:\n  iris-classifier:\n    release: {version: latest}\n    green:\n      version: latest\n"
+     "      serving_image: --privileged", "17: models.iris-classifier.green.serving_image"),
     ("serving:\n  build: images/serving\n  gateway:\n    image: {ref: -v/:/host}", "10: serving.gateway.image.ref"),
     ("training:\n  build: images/training\n  base_image: -v/:/host", "6: training.base_image")])
 def test_an_image_reference_is_never_an_option(environments, monkeypatch, capsys, declared, where):
     section = declared.split(":")[0]
-    replace(environments / "dev.yaml", f"{section}:\n  build: images/{section}", declared)
+    replace(environments / "dev.yaml", "models:\n  iris-classifier:\n    release: {version: latest}"
+            if section == "models" else f"{section}:\n  build: images/{section}", declared)
     code, out, err = run_cli(monkeypatch, capsys, "validate", "dev", "--environments", str(environments))
     assert (code, out) == (2, "")
     assert f"dev.yaml:{where}: " in err and "is no image reference" in err, err

@@ -228,7 +228,8 @@ def test_promote_refuses_a_source_the_target_does_not_name(environments):
 def test_a_new_stage_is_promoted_into_without_code(tmp_path, registries, image_registries, monkeypatch):
     """staging -> qa, with qa declared only in YAML: the model is copied into qa's MLflow and qa.yaml is pinned."""
     version, sha256 = register_source_model(registries, accuracy=0.97)
-    environments = make_repo(tmp_path, staging_port=registries["source"], release=release_yaml(version, sha256))
+    environments = make_repo(tmp_path, staging_port=registries["source"],
+                             releases={MODEL_NAME: release_yaml(version, sha256)})
     add_qa_and_prod_eu(environments)
     replace(environments / "qa.yaml", "host_port: 5150", f"host_port: {registries['target']}")
     git(environments.parent, "add", "environments")
@@ -242,11 +243,11 @@ def test_a_new_stage_is_promoted_into_without_code(tmp_path, registries, image_r
                                       str(environments)], catch_exceptions=False)
 
     assert result.exit_code == 0, result.output
-    assert sorted(images.copies) == [("127.0.0.1:5151", "qa/serving", FIXTURE_SERVING_DIGEST),
-                                     ("127.0.0.1:5151", "qa/training", FIXTURE_TRAINING_DIGEST)]
-    qa = load_stage("qa", environments)
-    assert qa.release.model.sha256 == sha256
-    assert store(registries, "target").fetch(MODEL_NAME, qa.release.model.version).sha256 == sha256
+    assert sorted(images.copies) == [("127.0.0.1:5151", f"qa/{MODEL_NAME}-serving", FIXTURE_SERVING_DIGEST),
+                                     ("127.0.0.1:5151", f"qa/{MODEL_NAME}-training", FIXTURE_TRAINING_DIGEST)]
+    released = load_stage("qa", environments).models[MODEL_NAME].release
+    assert released is not None and released.sha256 == sha256 and isinstance(released.version, int)
+    assert store(registries, "target").fetch(MODEL_NAME, released.version).sha256 == sha256
     refused = CliRunner().invoke(app, ["promote", "--from", "staging", "--to", "prod", "--environments",
                                        str(environments)])
     assert refused.output.strip() == "refused: prod is promoted from qa (prod.yaml: promote_from), not from staging"

@@ -43,7 +43,7 @@ def test_dev_runs_each_models_training_image_the_program_builds(model):
 def test_promoted_stages_run_the_models_promoted_digest(released_environments):
     spec = load_stage("staging", released_environments)
     assert training_image(spec, "iris-classifier", released_environments) == pinned_image(
-        "staging", "training", FIXTURE_TRAINING_DIGEST)
+        "staging", "iris-classifier-training", FIXTURE_TRAINING_DIGEST)
     with pytest.raises(SpecError, match="staging.yaml: models.diabetes-regressor.release.images.training: no training "
                                         "image of diabetes-regressor is promoted to staging yet"):
         training_image(spec, "diabetes-regressor", released_environments)

@@ -62,9 +62,9 @@ def validate(stages: Optional[list[str]] = typer.Argument(None, help="stages to 
         if spec.builds_workloads:
             for model in sorted(spec.models):
                 load_model_project(model)
-        served = spec.served_models()
-        for line in [f"serving {served_line(model)}" for model in served] or ["nothing promoted yet: no serving"]:
-            console.print(f"[green]ok[/green] {spec.stage}: {line}", highlight=False)
+        served = "; ".join(served_line(model) for model in spec.served_models())
+        console.print(f"[green]ok[/green] {spec.stage}: {f'serving {served}' if served else 'nothing promoted yet: no serving'}",
+                      highlight=False, soft_wrap=True)
 
 
 @reads_specs
