@@ -45,6 +45,13 @@ def prod_batches(batching: str):
 PINNED = "version: 1, sha256: " + "a" * 64
 
 
+def mlserver_sampling(env) -> None:
+    """dev on the mlserver runtime, iris-classifier sampling."""
+    replace(env / "dev.yaml", "  build: images/serving\n\n", "  build: images/serving\n  runtime: mlserver\n\n")
+    replace(env / "dev.yaml", "    release: {version: latest}\n  diabetes",
+            "    release: {version: latest}\n    sampling: {fraction: 0.5}\n  diabetes")
+
+
 BROKEN_SPECS = {
     "malformed YAML": (lambda env: append(env / "prod.yaml", "extra: [1\n"),
                        "prod.yaml:36: not valid YAML: expected ',' or ']', but got '<stream end>'"),
@@ -119,9 +126,7 @@ BROKEN_SPECS = {
     "sampling cap of nothing": (prod_samples("{fraction: 0.1, max_mb: 0}"),
         "prod.yaml:32: models.iris-classifier.sampling.max_mb: Input should be greater than or equal to 1 (got 0)"),
     "sampling on the mlserver runtime": (
-        lambda env: (replace(env / "dev.yaml", "  build: images/serving", "  build: images/serving\n  runtime: mlserver"),
-                     replace(env / "dev.yaml", "    release: {version: latest}\n  diabetes",
-                             "    release: {version: latest}\n    sampling: {fraction: 0.5}\n  diabetes")),
+        mlserver_sampling,
         "dev.yaml:16: models.iris-classifier.sampling: the mlserver runtime does not sample requests; use "
         "serving.runtime oip, or remove sampling"),
     "batches of no rows": (prod_batches("{max_batch_size: 0, max_batch_time_ms: 2}"),
