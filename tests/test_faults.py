@@ -31,6 +31,7 @@ import urllib.request
 import uuid
 
 import pytest
+import yaml
 from sklearn.datasets import load_iris
 from sklearn.tree import DecisionTreeClassifier
 from typer.testing import CliRunner
@@ -112,6 +113,10 @@ def dev_on_its_host(docker_hosts, tmp_path_factory):
         "model_registry": {"port": {"host_port": 5000, **PUBLISHED}},
         "image_registry": {"port": {"host_port": 5001, **PUBLISHED}},
         "serving": {"port": {"host_port": 8080, **PUBLISHED}}})
+    # dev serving the one model trained here (dev.yaml serves both shipped models).
+    dev = yaml.safe_load((environments / "dev.yaml").read_text())
+    dev["models"] = {MODEL_NAME: dev["models"][MODEL_NAME]}
+    (environments / "dev.yaml").write_text(yaml.safe_dump(dev, sort_keys=False))
     registry_password, secret = uuid.uuid4().hex, uuid.uuid4().hex
     with pytest.MonkeyPatch.context() as environment:
         # As CI gives them to `mlops train`.
@@ -120,7 +125,8 @@ def dev_on_its_host(docker_hosts, tmp_path_factory):
         try:
             StageOnEngine(stack="dev", spec=load_stage("dev", environments), registry_password=registry_password,
                           mlflow_password=secret).deploy()
-            trained = mlops("train", "--stage", "dev", "--subset", "0.5", "--environments", str(environments))
+            trained = mlops("train", "--stage", "dev", "--model", MODEL_NAME, "--subset", "0.5", "--environments",
+                            str(environments))
             assert trained.returncode == 0, trained.stdout + trained.stderr
             yield host, registry_password
         finally:

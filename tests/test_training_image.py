@@ -78,7 +78,7 @@ def stage_environments(environments: Path, stack: str, model: str) -> Path:
         "image_registry": {"enabled": False, "port": {"host_port": None}},
         "serving": {"build": "images/serving", "port": {"host_port": None}},
         "training": {"build": "images/training", "base_image": BASE_IMAGE},
-        "release": {"model": {"name": model, "version": "latest"}},
+        "models": {model: {"release": {"version": "latest"}}},
         "experiment": {"name": stack, "owner": "tests", "source_stage": "dev",
                        "created_at": "2026-01-01T00:00:00Z", "expires_at": "2099-01-01T00:00:00Z"},
     }))
