@@ -62,7 +62,7 @@ def deployed(docker_engine, tmp_path_factory):
         version, sha256 = mlflow.register("iris-classifier", pickle.dumps(
             DecisionTreeClassifier(random_state=0).fit(*load_iris(return_X_y=True))))
         write_stage(environments, name, ports,
-                    release={"model": {"name": "iris-classifier", "version": int(version), "sha256": sha256}})
+                    release={"version": int(version), "sha256": sha256})
         engine.spec = load_stages([name], environments)[0]
         engine.deploy()
         yield Deployed(engine, environments, ports)
