@@ -12,7 +12,6 @@ import json
 import pickle
 import urllib.error
 import urllib.request
-
 from typing import Callable, Iterable
 
 from sklearn.datasets import load_diabetes, load_iris

@@ -116,14 +116,20 @@ class ModelSeeder(threading.Thread):
                 time.sleep(0.1)
 
 
+def check_payloads(spec: StageSpec, payloads: Mapping[str, bytes]) -> None:
+    """A payload for every model `spec` serves: a dev replica of a model without a registered version never turns
+    healthy, so the deploy would wait out its timeout instead."""
+    missing = sorted(set(served(spec)) - payloads.keys())
+    if missing:
+        raise ValueError(f"stage {spec.stage} serves {', '.join(missing)} too, and no replica of it turns healthy "
+                         "without a registered version: pass a payload for it")
+
+
 def deploy_with_models(stage: StageOnEngine, payloads: Mapping[str, bytes],
                        timeout_s: float = 300) -> tuple[dict, float]:
     """`stage.deploy()` with a version of each model it serves registered alongside (`payloads`, by model),
     until every container is healthy: the containers by name, and when (`time.time()`) MLflow first answered."""
-    missing = sorted(set(served(stage.spec)) - payloads.keys())
-    if missing:
-        raise ValueError(f"{stage.stack} serves {', '.join(missing)} too, and no replica of it turns healthy "
-                         "without a registered version: pass a payload for it")
+    check_payloads(stage.spec, payloads)
     seeder = ModelSeeder(stage, payloads, timeout_s)
     seeder.start()
     try:
