@@ -13,10 +13,10 @@ import tritonclient.http as triton
 
 from benchmarks import loadgen
 from benchmarks import stage as bench_stage
-from benchmarks.model import model_bytes, sample_rows
+from benchmarks.model import MODEL_NAME, sample_rows
 from benchmarks.report import Figure, alternate, median, number, rounds_text, spread
 from benchmarks.serving import SERVER_CPU, V2_INFER_PATH, container_address
-from tests.engine import StageOnEngine
+from mlops_spec.contract import gateway_name
 
 ROWS = (100, 10_000)
 # The gateway lets one client address have 4 bodies of 100 kB or more in flight (nginx.conf.template), and
@@ -49,17 +49,11 @@ def variants(rows: int) -> list[Variant]:
 
 @contextmanager
 def gateway_of_a_dev_stage() -> Iterator[str]:
-    """A dev stage (MLflow, one `oip` replica, its gateway) pinned to SERVER_CPU; the gateway's infer URL."""
-    stage = StageOnEngine(stack=bench_stage.unique_stack("binary"),
-                          spec=bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True),
-                          registry_password="unused")
-    try:
-        started, _ = bench_stage.deploy_with_model(stage, model_bytes())
-        for container in started.values():
-            container.update(cpuset_cpus=SERVER_CPU)
-        yield f"http://{container_address(started[f'{stage.stack}-gateway'])}:8080{V2_INFER_PATH}"
-    finally:
-        stage.teardown()
+    """dev serving iris alone (MLflow, one `oip` replica, its gateway) pinned to SERVER_CPU; the gateway's infer
+    URL."""
+    spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True, models=(MODEL_NAME,))
+    with bench_stage.deployed("binary", spec, cpus=SERVER_CPU) as (stage, started):
+        yield f"http://{container_address(started[gateway_name(stage.stack)])}:8080{V2_INFER_PATH}"
 
 
 def check_same_predictions(url: str, bodies: dict[int, list[Variant]]) -> None:
@@ -121,8 +115,9 @@ def table(bodies: dict[int, list[Variant]], samples: dict[tuple[int, str], list[
         "(100 binary, 100 JSON, 10,000 binary, 10,000 JSON). Latency percentiles are wrk's, medians over the rounds.",
         f"{CONNECTIONS} connections: the gateway lets one client address have 4 bodies of 100 kB or more in flight, "
         "and every request here comes from the one address of this machine on the stage network.",
-        f"A dev stage as shipped (created by `tests/engine.py` from the dev rendering), every container pinned to "
-        f"CPU {SERVER_CPU}: the gateway (0.5 CPU, 128 MB) and one `oip` replica (1 CPU, 512 MB) sharing it; "
+        f"The dev stage serving {MODEL_NAME} alone (created by `tests/engine.py` from the dev rendering), every "
+        f"container pinned to CPU {SERVER_CPU}: the gateway (0.5 CPU, 128 MB) and one `oip` replica (1 CPU, 512 MB) "
+        "sharing it; "
         "requests go to the gateway's address on the stage's bridge network.",
     ]
     return figure

@@ -15,7 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Mapping, Optional
 
 from mlops import plan
 from mlops_spec.models import StageSpec
@@ -24,6 +24,9 @@ from mlops_spec.project import REPO_ROOT
 STEP = re.compile(r"^Step \d+/\d+ : (?P<instruction>.*)$", re.MULTILINE)
 # Steps that create nothing: the base image and build arguments declared before it.
 NOT_BUILT = ("FROM ", "ARG ")
+# A model's images are built FROM a platform image the same stage builds, named by this build argument
+# (images/model/Dockerfile).
+PLATFORM_ARG = "PLATFORM_IMAGE"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class ImageBuild:
     context: Path
     args: dict[str, str]
     target: Optional[str] = None
+    dockerfile: Optional[Path] = None
+    """Default: the context's Dockerfile; a model's images use images/model/Dockerfile on its project folder."""
 
 
 def copied(image: ImageBuild, destination: Path) -> ImageBuild:
@@ -51,20 +56,43 @@ def copied(image: ImageBuild, destination: Path) -> ImageBuild:
     return dataclasses.replace(image, context=destination)
 
 
+def repository(image_name: str) -> str:
+    """`training` of `mlops-bench/training:<hash>` or `localhost:5000/bench/training:<hash>`."""
+    return image_name.rsplit("/", 1)[1].split(":")[0]
+
+
 def stage_builds(stack: str, spec: StageSpec) -> dict[str, ImageBuild]:
-    """The images the stage builds, keyed by their repository name (`training`, `serving`, `mlflow`, ...)."""
+    """The images the stage builds, keyed by their repository name (`training`, `serving`, `mlflow`,
+    `iris-classifier-serving`, ...)."""
     builds = {}
     for resource in plan.render(stack, spec):
         if resource.type == "docker:index/image:Image":
             build = resource.inputs["build"]
-            repository = resource.inputs["imageName"].rsplit("/", 1)[1].split(":")[0]
-            builds[repository] = ImageBuild(name=repository, context=REPO_ROOT / build["context"],
-                                            args=build.get("args", {}), target=build.get("target"))
+            name = repository(resource.inputs["imageName"])
+            builds[name] = ImageBuild(name=name, context=REPO_ROOT / build["context"], args=build.get("args", {}),
+                                      target=build.get("target"), dockerfile=REPO_ROOT / build["dockerfile"])
     return builds
 
 
+def build_all(images: Mapping[str, ImageBuild], tag: Callable[[str], str]) -> dict[str, Build]:
+    """Every image under `tag(its name)`: the platform images first, then each model image FROM its platform
+    image's tag (the stage's own name for it exists only once the stage built it)."""
+    built = {}
+    for image in sorted(images.values(), key=lambda image: PLATFORM_ARG in image.args):
+        built[image.name] = build(on_platform_tag(image, tag), tag(image.name))
+    return built
+
+
+def on_platform_tag(image: ImageBuild, tag: Callable[[str], str]) -> ImageBuild:
+    """`image`, built FROM `tag(<its platform image's name>)` if it is a model's image."""
+    if PLATFORM_ARG not in image.args:
+        return image
+    return dataclasses.replace(image, args={**image.args, PLATFORM_ARG: tag(repository(image.args[PLATFORM_ARG]))})
+
+
 def build(image: ImageBuild, tag: str, no_cache: bool = False) -> Build:
-    command = ["docker", "build", "--tag", tag, "--file", str(image.context / "Dockerfile")]
+    dockerfile = image.dockerfile or image.context / "Dockerfile"
+    command = ["docker", "build", "--tag", tag, "--file", str(dockerfile)]
     command += [argument for key, value in sorted(image.args.items()) for argument in ("--build-arg", f"{key}={value}")]
     command += ["--target", image.target] if image.target else []
     command += ["--no-cache"] if no_cache else []

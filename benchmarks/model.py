@@ -1,7 +1,9 @@
-"""The one model every server in figure 1 serves, and how it gets into a stage's MLflow registry.
+"""The models the benchmark stages serve, and how they get into a stage's MLflow registry.
 
-A scaled logistic regression on iris predicts in well under a millisecond, so the serving figure
-compares the servers rather than scikit-learn's prediction time.
+A scaled logistic regression on iris, the one model every server in figure 1 serves, predicts in well under a
+millisecond, so the serving figure compares the servers rather than scikit-learn's prediction time. dev also
+serves a regressor on scikit-learn's diabetes data; a plain scaled Ridge stands in for its project's pipeline
+(the replica needs a version to serve, not the project's own transformer).
 """
 from __future__ import annotations
 
@@ -10,15 +12,17 @@ import json
 import pickle
 import urllib.error
 import urllib.request
+from typing import Callable, Iterable
 
-from sklearn.datasets import load_iris
-from sklearn.linear_model import LogisticRegression
+from sklearn.datasets import load_diabetes, load_iris
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mlops.modelstore import BasicAuth
 
 MODEL_NAME = "iris-classifier"
+REGRESSOR_NAME = "diabetes-regressor"
 FEATURES = 4
 # The training contract (docs/contracts.md): a version's run holds model/model.pkl, tagged with its sha256.
 MODEL_ARTIFACT = "model/model.pkl"
@@ -29,6 +33,25 @@ def model_bytes() -> bytes:
     features, labels = load_iris(return_X_y=True)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(features, labels)
     return pickle.dumps(model, protocol=5)
+
+
+def regressor_bytes() -> bytes:
+    features, targets = load_diabetes(return_X_y=True)
+    model = make_pipeline(StandardScaler(), Ridge(alpha=1.0)).fit(features, targets)
+    return pickle.dumps(model, protocol=5)
+
+
+TRAINED: dict[str, Callable[[], bytes]] = {MODEL_NAME: model_bytes, REGRESSOR_NAME: regressor_bytes}
+"""What the harness registers for each model a benchmark stage may serve."""
+
+
+def payloads(models: Iterable[str]) -> dict[str, bytes]:
+    """A pickled model for each of `models`, by name."""
+    names = list(models)
+    unknown = sorted(set(names) - TRAINED.keys())
+    if unknown:
+        raise ValueError(f"benchmarks/model.py trains no payload for {', '.join(unknown)}; it knows {', '.join(TRAINED)}")
+    return {name: TRAINED[name]() for name in names}
 
 
 def sample_rows(count: int) -> list[list[float]]:

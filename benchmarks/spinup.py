@@ -1,4 +1,5 @@
-"""Figure 4: from nothing to every container of a dev stage healthy, and the sizes of the images."""
+"""Figure 4: from nothing to every container of a dev stage healthy, dev as shipped with both its models, and the
+sizes of the images."""
 from __future__ import annotations
 
 import secrets
@@ -9,7 +10,7 @@ from datetime import datetime
 
 from benchmarks import builds
 from benchmarks import stage as bench_stage
-from benchmarks.model import model_bytes
+from benchmarks.model import payloads
 from benchmarks.report import Figure, alternate, median, rounds_text, spread
 from tests.engine import StageOnEngine
 
@@ -30,11 +31,14 @@ PACKAGE_DESCRIPTIONS = {"training": "Python packages of its lock (site-packages)
 PACKAGES_IN_BASE = {"registry"}
 
 
+def spinup_tag(image: str) -> str:
+    return f"mlops-bench/{image}:spinup"
+
+
 def prebuild(images: dict[str, builds.ImageBuild]) -> None:
     """Build every image the stage builds under a tag of our own, so the stage's builds come from the cache
     and its teardown, which removes the images it tagged, leaves the cache in place for the next round."""
-    for image in images.values():
-        builds.build(image, f"mlops-bench/{image.name}:spinup")
+    builds.build_all(images, spinup_tag)
 
 
 def started_after(container, start: float) -> float:
@@ -51,19 +55,22 @@ class SpinUp:
     """Seconds from the start of the deploy until each milestone."""
     mlflow_answering: float
     serving_started: float
+    """Until the last model's first replica started."""
     all_healthy: float
 
 
-def spin_up_once(payload: bytes, image_registry: bool) -> SpinUp:
+def spin_up_once(trained: dict[str, bytes], image_registry: bool) -> SpinUp:
+    """dev as shipped, every model it serves registered (`trained`, by model) as soon as MLflow answers."""
     stack = bench_stage.unique_stack("spinup")
     stage = StageOnEngine(stack=stack, spec=bench_stage.dev_spec(image_registry=image_registry),
                           registry_password=secrets.token_hex(16))
     try:
         start = time.time()
-        started, mlflow_answered_at = bench_stage.deploy_with_model(stage, payload)
+        started, mlflow_answered_at = bench_stage.deploy_with_models(stage, trained)
         all_healthy = time.time() - start
+        replicas = [started[bench_stage.first_replica(stack, model)] for model in bench_stage.served(stage.spec)]
         return SpinUp(mlflow_answering=mlflow_answered_at - start,
-                      serving_started=started_after(started[f"{stack}-serving-blue-0"], start), all_healthy=all_healthy)
+                      serving_started=max(started_after(replica, start) for replica in replicas), all_healthy=all_healthy)
     finally:
         stage.teardown()
 
@@ -84,31 +91,37 @@ BEFORE_HEALTH_WAITS = {"as shipped": "42.8 (42.0–43.4)", "without registry": "
 
 
 def measure(rounds: int = 3) -> Figure:
-    images = builds.stage_builds("bench", bench_stage.dev_spec())
+    spec = bench_stage.dev_spec()
+    models = bench_stage.served(spec)
+    images = builds.stage_builds("bench", spec)
     prebuild(images)
-    payload = model_bytes()
+    trained = payloads(models)
     # The stage builds with BuildKit, whose cache the classic pre-build above does not fill: one untimed
     # spin-up makes every timed one start from built images, as the goal says.
-    spin_up_once(payload, image_registry=True)
+    spin_up_once(trained, image_registry=True)
     # The comparison isolates what pushing the workload images into the stage's own registry costs.
-    samples = alternate({"as shipped": lambda: spin_up_once(payload, image_registry=True),
-                         "without registry": lambda: spin_up_once(payload, image_registry=False)}, rounds)
+    samples = alternate({"as shipped": lambda: spin_up_once(trained, image_registry=True),
+                         "without registry": lambda: spin_up_once(trained, image_registry=False)}, rounds)
     shipped, local = samples["as shipped"], samples["without registry"]
     totals = [run.all_healthy for run in shipped]
+    model_list = " and ".join(f"`{model}`" for model in models)
     figure = Figure(
         title="Spin-up and image sizes",
-        goal=f"a dev stage goes from nothing to every container healthy in under {GOAL_S} s, images already built; "
-             "images no larger than `python:3.11-slim` plus the same packages.",
+        goal=f"a dev stage as shipped ({len(models)} models) goes from nothing to every container healthy in under "
+             f"{GOAL_S} s, images already built; images no larger than `python:3.11-slim` plus the same packages.",
         headers=["measurement", "value"],
-        rows=[["dev stage as shipped, nothing → every container healthy, s: median (min–max)", spread(totals)],
-              ["… the same before health waits and graph order (a2ae41d), s", BEFORE_HEALTH_WAITS["as shipped"]],
+        rows=[[f"dev stage as shipped ({len(models)} models: {model_list}, one replica each), nothing → every container "
+               "healthy, s: median (min–max)", spread(totals)],
+              ["… the same before health waits and graph order, with one model (a2ae41d), s",
+               BEFORE_HEALTH_WAITS["as shipped"]],
               ["… until MLflow first answered, s", spread([run.mlflow_answering for run in shipped])],
-              ["… until the serving replica started (from its cached local build, while the images are pushed), s",
+              ["… until every model's replica started (from its cached local build, while the images are pushed), s",
                spread([run.serving_started for run in shipped])],
               ["dev stage without its image registry (images used where they were built, nothing pushed), "
                "nothing → every container healthy, s", spread([run.all_healthy for run in local])],
-              ["… the same before health waits and graph order (a2ae41d), s", BEFORE_HEALTH_WAITS["without registry"]],
-              ["… until the serving replica started, s", spread([run.serving_started for run in local])]],
+              ["… the same before health waits and graph order, with one model (a2ae41d), s",
+               BEFORE_HEALTH_WAITS["without registry"]],
+              ["… until every model's replica started, s", spread([run.serving_started for run in local])]],
         notes=[f"Spin-up: goal {goal_verdict(shipped)} by dev as shipped, {goal_verdict(local)} without its image "
                f"registry. {rounds_text(rounds)} of each variant, alternating, after one untimed warm-up; each a "
                "new stack `bench-spinup-…` on free host ports, created by `tests/engine.py`'s `StageOnEngine.deploy` "
@@ -117,22 +130,31 @@ def measure(rounds: int = 3) -> Figure:
                "is healthy, and every container with `wait` waited for until healthy, as `pulumi up` now does; "
                "timed until Docker reports every container healthy (health checks every 5 s, so the figure is "
                "rounded up to the next check). Torn down after each round, untimed. The rows marked a2ae41d are "
-               "the figure before health waits, when the fixture ran in phases.",
-               "The dev replica serves the newest model version, so the harness registers one (as `mlops train` "
-               "would) through MLflow's REST API as soon as MLflow answers, concurrently with the deploy. Without "
-               "the image registry every container starts at once, and the replica retries (or is restarted) "
-               "until MLflow has the model."],
+               "the figure before health waits, when the fixture ran in phases and dev served one model.",
+               f"dev as shipped serves {model_list}, each with its own training and serving images (its project's "
+               "code and lock on the platform image) and its own replica. A dev replica serves its model's newest "
+               "version, so the harness registers one of each model (as `mlops train --model` would: the iris "
+               "pipeline of figure 1, and a scaled `Ridge` on scikit-learn's diabetes data) through MLflow's REST "
+               "API as soon as MLflow answers, concurrently with the deploy. Without the image registry every "
+               "container starts at once, and the replicas retry (or are restarted) until MLflow has their model."],
     )
     base_size = builds.image_size(BASE_IMAGE)
     figure.rows.append([f"base image `{BASE_IMAGE}` (Debian bookworm minbase, python3, nginx-light, docker-registry)",
                         f"{base_size / MIB:.0f} MiB"])
     for name, description in PACKAGE_DESCRIPTIONS.items():
-        tag = f"mlops-bench/{name}:spinup"
+        tag = spinup_tag(name)
         size, packages = builds.image_size(tag), package_size(tag, name)
         reference = base_size if name in PACKAGES_IN_BASE else base_size + packages
         figure.rows.append([f"`{name}` image" + (f" (target `{images[name].target}`)" if images[name].target else ""),
                             f"{size / MIB:.0f} MiB = base + {(size - base_size) / MIB:.0f} MiB; {description}: "
                             f"{packages / MIB:.0f} MiB; image − (base + packages) = {(size - reference) / MIB:+.0f} MiB"])
+    for image in images.values():
+        if builds.PLATFORM_ARG in image.args:
+            platform = builds.repository(image.args[builds.PLATFORM_ARG])
+            added = builds.image_size(spinup_tag(image.name)) - builds.image_size(spinup_tag(platform))
+            figure.rows.append([f"`{image.name}` image (FROM the `{platform}` image)",
+                                f"`{platform}` + {added / MIB:.1f} MiB: the project's code and the packages only its "
+                                "lock adds"])
     figure.notes.append(
         "`python:3.11-slim` cannot be pulled here (no image registry is reachable), so it was not measured. "
         "The images start FROM the local base instead; each row shows the image against that base plus the same "

@@ -14,9 +14,9 @@ from benchmarks import loadgen
 from benchmarks.model import MODEL_NAME, MlflowRegistry, model_bytes, sample_rows
 from benchmarks.report import Figure, median, ratio, rounds_text, spread
 from benchmarks.serving import v2_body
-from benchmarks.stage import wait_ready
+from benchmarks.stage import serving_only, wait_ready
 from mlops.modelstore import BasicAuth
-from mlops_spec.contract import TRAINER, derived_password
+from mlops_spec.contract import TRAINER, derived_password, serving_name
 from mlops_spec.loading import load_stage
 from tests import cluster
 from tests.engine import StageOnEngine
@@ -26,21 +26,21 @@ NODES = (1, 2, 3)
 CONNECTIONS = 8
 MLFLOW_CPUS = 0.5
 MLFLOW_PORT, REGISTRY_PORT, GATEWAY_PORT = 5300, 5301, 8380
-SERVING = f"{STAGE}-serving-blue"
+SERVING = serving_name(STAGE, MODEL_NAME, "blue")
 LABELS = {"node-1": {"mlops.stateful": "true", "mlops.edge": "true"}, "node-2": {}, "node-3": {}}
 
 
 def stage_on(swarm: cluster.Cluster, replicas: int) -> StageOnEngine:
-    """The cluster stage with `replicas` replicas allowed on every node (the shipped file keeps them off the
-    manager), one per node by the stage's spread over hostnames. MLflow gets half a CPU: with its shipped
-    one CPU, the registry's and the gateway's half, the manager's two CPUs are all reserved and no replica
-    fits there."""
+    """The cluster stage serving iris alone, with `replicas` replicas allowed on every node (the shipped file
+    keeps them off the manager), one per node by the stage's spread over hostnames. MLflow gets half a CPU: with
+    its shipped one CPU, the registry's and the gateway's half, the manager's two CPUs are all reserved and no
+    replica fits there."""
     spec = load_stage(STAGE, overrides={
         "docker": {"url": swarm.url},
         "swarm": {"registry_address": f"{swarm.manager.ip}:{REGISTRY_PORT}", "constraints": []},
         "model_registry": {"limits": {"cpus": MLFLOW_CPUS}},
         "serving": {"replicas": replicas}})
-    return StageOnEngine(stack=STAGE, spec=spec, registry_password=uuid.uuid4().hex)
+    return StageOnEngine(stack=STAGE, spec=serving_only(spec, (MODEL_NAME,)), registry_password=uuid.uuid4().hex)
 
 
 def scale_to(stage: StageOnEngine, swarm: cluster.Cluster, replicas: int) -> None:
@@ -92,7 +92,8 @@ def table(samples: dict[int, list[loadgen.LoadResult]], rounds: int, duration_s:
         "in containers of the same engine, sharing the same two cores (and the load generator's), so more "
         "nodes add overlay hops, DNS round-robin and scheduling, never CPUs.",
         "Cluster: three inner engines (tests/cluster.py) on one bridge network, node-1 the manager with the "
-        "gateway, MLflow and the registry; the cluster stage deployed from its rendering by tests/engine.py, "
+        f"gateway, MLflow and the registry; the cluster stage serving {MODEL_NAME} alone, deployed from its "
+        "rendering by tests/engine.py, "
         "serving replicas allowed on every node and spread over hostnames, one per node (1 CPU limit, 0.25 "
         f"reserved each), MLflow limited to {MLFLOW_CPUS} CPU instead of 1 so that a replica fits beside it on "
         "the manager; the nodes pulled the serving and gateway images from the stage's registry.",

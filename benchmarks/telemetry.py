@@ -26,7 +26,6 @@ from mlops.modelstore import BasicAuth
 from mlops_spec.contract import MLFLOW_PORT, TRAINER, derived_password, model_registry_name
 from mlops_spec.models import MonitoringSpec
 from mlops_spec.project import REPO_ROOT
-from tests.engine import StageOnEngine
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "training"))
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
@@ -42,7 +41,8 @@ VARIANTS = {"without drift scoring": None, f"with drift scoring (window {WINDOW_
 
 def iris_profile() -> dict:
     dataset = load_iris()
-    return reference_profile(dataset.data, dataset.target, list(dataset.feature_names))
+    return reference_profile(dataset.data, [str(label) for label in dataset.target], list(dataset.feature_names),
+                             "classification")
 
 
 def manifest(payload: bytes) -> bytes:
@@ -91,12 +91,9 @@ class Replica:
 def replicas() -> Iterator[dict[str, Replica]]:
     """A replica per variant, all of the same image and model version, pinned to SERVER_CPU."""
     payload = model_bytes()
-    stage = StageOnEngine(stack=bench_stage.unique_stack("telemetry"),
-                          spec=bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True),
-                          registry_password="unused")
-    try:
-        started, _ = bench_stage.deploy_with_model(stage, payload)
-        replica = started[f"{stage.stack}-serving-blue-0"]
+    spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True, models=(MODEL_NAME,))
+    with bench_stage.deployed("telemetry", spec) as (stage, started):
+        replica = started[bench_stage.first_replica(stage.stack, MODEL_NAME)]
         trainer = BasicAuth(TRAINER, derived_password(stage.mlflow_password, TRAINER))
         registry = f"http://127.0.0.1:{stage.host_port(model_registry_name(stage.stack), MLFLOW_PORT)}"
         version = MlflowRegistry(registry, trainer).register(MODEL_NAME, payload, manifest(payload))
@@ -111,8 +108,6 @@ def replicas() -> Iterator[dict[str, Replica]]:
             variants[label] = Replica(f"http://{container_address(sibling)}:8080{V2_INFER_PATH}", sibling)
         replica.stop()  # off the shared CPU while the variants are measured
         yield variants
-    finally:
-        stage.teardown()
 
 
 def measure(rounds: int = 9, duration_s: int = 3) -> Figure:
@@ -162,7 +157,7 @@ def measure(rounds: int = 9, duration_s: int = 3) -> Figure:
         f"Load generator: wrk as in figure 1 (one thread pinned to CPU 0), {CONNECTIONS} keep-alive connections "
         f"straight to each replica's address on the stage network, {duration_s} s per cell, {rounds_text(rounds)}, "
         "the two replicas back to back in each round, in turns first (A, B, B, A, …).",
-        f"Both replicas: the dev stage's serving image and limits (1 CPU, 512 MB), pinned to CPU {SERVER_CPU}, the "
+        f"Both replicas: the dev stage's {MODEL_NAME} serving image and limits (1 CPU, 512 MB), pinned to CPU {SERVER_CPU}, the "
         "same model version fetched from the stage's MLflow; the rows are iris rows, so the window always holds "
         "real data. Prometheus scraping (every 15 s by default, PSI computed per scrape) is not part of the load.",
         "Gateway metrics (one syslog datagram per proxied request, images/gateway/metrics.py) are on in every "

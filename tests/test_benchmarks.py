@@ -3,11 +3,14 @@ asserted: the numbers belong in BENCHMARKS.md (`make bench`), not in the test su
 from __future__ import annotations
 
 import http.server
+import pickle
 import threading
 
 import pytest
+from sklearn.datasets import load_diabetes
 
-from benchmarks import builds, loadgen, overhead, serving, stage
+from benchmarks import builds, loadgen, model, overhead, rebuilds, serving, stage
+from mlops import plan
 
 CLASSIC_BUILD_OUTPUT = """\
 Step 1/5 : ARG BASE_IMAGE=mlops-base:bookworm
@@ -39,6 +42,62 @@ def test_the_serving_stage_builds_what_dev_builds_and_publishes_nothing_fixed():
     images = builds.stage_builds("bench", spec)
     assert {"training", "serving", "mlflow", "gateway"} <= images.keys()
     assert images["serving"].target == spec.serving.runtime
+
+
+def test_dev_as_shipped_serves_both_models_and_a_stage_can_keep_one():
+    shipped = stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+    assert stage.served(shipped) == [model.REGRESSOR_NAME, model.MODEL_NAME]
+    alone = stage.dev_spec(image_registry=False, docker_chooses_ports=True, models=(model.MODEL_NAME,))
+    assert stage.served(alone) == [model.MODEL_NAME]
+    assert alone.models[model.MODEL_NAME] == shipped.models[model.MODEL_NAME]
+    rendered = {resource.inputs.get("name") for resource in plan.render("bench", alone)}
+    assert "bench-iris-classifier-blue-0" in rendered
+    assert not any(str(name).startswith(f"bench-{model.REGRESSOR_NAME}") for name in rendered)
+    with pytest.raises(ValueError, match="declares no model nope"):
+        stage.dev_spec(models=("nope",))
+
+
+def test_replica_names_are_the_containers_the_program_renders():
+    spec = stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+    containers = {resource.inputs["name"] for resource in plan.render("bench", spec)
+                  if resource.type == "docker:index/container:Container"}
+    assert {stage.first_replica("bench", name) for name in stage.served(spec)} <= containers
+
+
+def test_every_served_model_gets_a_payload_that_predicts_its_own_features():
+    spec = stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+    trained = model.payloads(stage.served(spec))
+    stage.check_payloads(spec, trained)
+    classifier, regressor = pickle.loads(trained[model.MODEL_NAME]), pickle.loads(trained[model.REGRESSOR_NAME])
+    assert set(classifier.predict(model.sample_rows(150))) == {0, 1, 2}
+    assert classifier.n_features_in_ == model.FEATURES and regressor.n_features_in_ == 10
+    features, targets = load_diabetes(return_X_y=True)
+    assert regressor.score(features, targets) > 0.4  # a fitted regressor (R²), not a constant
+    with pytest.raises(ValueError, match="serves iris-classifier too"):
+        stage.check_payloads(spec, {model.REGRESSOR_NAME: trained[model.REGRESSOR_NAME]})
+    with pytest.raises(ValueError, match="no payload for nope"):
+        model.payloads(["nope"])
+
+
+def test_model_images_build_from_the_platform_image_built_before_them(monkeypatch):
+    images = builds.stage_builds("bench", stage.dev_spec(image_registry=False, docker_chooses_ports=True))
+    model_image = images["iris-classifier-serving"]
+    assert model_image.dockerfile is not None and model_image.dockerfile.parts[-3:] == ("images", "model", "Dockerfile")
+    built: list[tuple[str, dict[str, str]]] = []
+    monkeypatch.setattr(builds, "build", lambda image, tag, no_cache=False: built.append((tag, image.args)))
+    builds.build_all(images, lambda name: f"mine/{name}:x")
+    order = [tag for tag, _ in built]
+    assert set(order) == {f"mine/{name}:x" for name in images}
+    for tag, args in built:
+        if builds.PLATFORM_ARG in args:
+            assert args[builds.PLATFORM_ARG] in order[:order.index(tag)]
+    assert dict(built)["mine/iris-classifier-serving:x"][builds.PLATFORM_ARG] == "mine/serving:x"
+
+
+def test_rebuilds_edit_files_the_images_copy():
+    images = builds.stage_builds("bench", stage.dev_spec(image_registry=False, docker_chooses_ports=True))
+    for name, code_file in rebuilds.CODE_FILES.items():
+        assert (images[name].context / code_file).is_file()
 
 
 def test_overhead_figure_runs_every_command():
@@ -91,3 +150,23 @@ def test_serving_table_compares_against_the_fastest_competitor():
     assert {row[2]: row[-2] for row in figure.rows[:4]} == {"gateway": "–", "direct": "4.0", "mlserver": "–",
                                                             "mlflow": "–"}
     assert "1 row(s): 2.00× mlflow (aim met)" in figure.notes[0]
+
+
+def test_serving_table_holds_the_two_model_gateway_against_the_single_model_one():
+    single = "gateway"
+    servers = [serving.Server(single, "http://unused", serving.v2_body, serving.v2_predictions, False),
+               serving.Server("gateway, two models", "http://unused", serving.v2_body, serving.v2_predictions, False,
+                              compared_with=single),
+               serving.Server("mlserver", "http://unused", serving.v2_body, serving.v2_predictions, True)]
+    rates = {"gateway": 300.0, "gateway, two models": 291.0, "mlserver": 100.0}
+    samples = {serving.Cell(label, rows, connections): [loadgen.LoadResult(rate, 1.0, 2.0)]
+               for label, rate in rates.items() for rows in serving.ROWS for connections in serving.CONCURRENCY}
+    figure = serving.table(servers, samples, rounds=1, duration_s=1)
+    assert [row[2] for row in figure.rows[:3]] == list(rates)
+    note = next(note for note in figure.notes if note.startswith("gateway, two models against gateway"))
+    assert note.count("0.97×") == len(serving.ROWS) * len(serving.CONCURRENCY)
+    assert note.endswith("Goal (at least 0.95× in every cell): met.")
+    samples[serving.Cell("gateway, two models", 100, 32)] = [loadgen.LoadResult(270.0, 1.0, 2.0)]
+    missed = serving.table(servers, samples, rounds=1, duration_s=1)
+    assert "100 row(s) at concurrency 32: 0.90×" in missed.notes[1] and missed.notes[1].endswith("missed.")
+    assert "0.95×" in missed.goal
