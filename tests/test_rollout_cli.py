@@ -13,6 +13,7 @@ from mlops_spec.contract import release_id
 from mlops_spec.loading import load_stage
 from mlops_spec.models import ModelPin
 from tests.conftest import pinned_image
+from tests.test_promote import gateway_recorded
 from tests.test_spec_errors import run_cli
 
 GREEN_PIN = {"name": "iris-classifier", "version": 5, "sha256": "5" * 64}
@@ -39,17 +40,6 @@ def prod_with_green(released_environments):
     git(repo, "add", "environments")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "stages")
     return released_environments
-
-
-def gateway_recorded(monkeypatch, state: dict | None) -> list[str]:
-    """The state the prod gateway answers for every model; returns the (stack, model) asked."""
-    asked = []
-
-    def recorded(spec, stack, model):
-        asked.append((stack, model))
-        return state
-    monkeypatch.setattr(rollout, "gateway_state", recorded)
-    return asked
 
 
 def green_state(phase: str) -> dict:
