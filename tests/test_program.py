@@ -41,46 +41,57 @@ def label_map(resource: plan.PlannedResource) -> dict[str, str]:
     return {label["label"]: label["value"] for label in resource.inputs["labels"]}
 
 
+SHIPPED_MODELS = ("diabetes-regressor", "iris-classifier")
+
+
 def test_dev_declares_the_whole_stack_and_builds_its_workloads():
     resources = render("dev")
     assert type_counts(resources) == Counter({
         "pulumi:pulumi:Stack": 1, "mlops:stack:MLOpsStack": 1, "pulumi:providers:docker": 1,
         "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 4,
         "mlops:model_registry:ModelRegistry": 1, "mlops:image_registry:ImageRegistry": 1,
-        "mlops:training_environment:TrainingEnvironment": 1, "mlops:model_serving:ModelServing": 1,
-        IMAGE: 9, CONTAINER: 4,
+        "mlops:training_environment:TrainingEnvironment": 2, "mlops:model_serving:ModelServing": 1,
+        # mlflow, registry, gateway; the two platform images; each model's training and serving image, pushed too
+        IMAGE: 3 + 2 + 2 * 4, CONTAINER: 3 + 2,
     })
     named = by_name(resources)
-    assert named["dev-training-image"].parent == "dev-training"
-    assert named["dev-serving-blue-0"].parent == "dev-serving"
     assert named["dev-serving-gateway"].parent == "dev-serving"
     assert named["dev-model-registry-server"].parent == "dev-model-registry"
     assert {r.parent for r in resources if r.type.startswith("mlops:") and r.type != "mlops:stack:MLOpsStack"} == {"dev"}
-    # The workload images are the model's: its project on the platform image, which stays local; the model's
-    # images are pushed to dev's own registry; the serving image is built for the chosen runtime.
-    assert "dev-training-image-push" not in named and "dev-serving-image-push" not in named
-    assert named["dev-training-image-model-push"].inputs["imageName"].startswith(
-        "localhost:5001/dev/iris-classifier-training:")
-    for role in ("training", "serving"):
-        platform, model = named[f"dev-{role}-image"], named[f"dev-{role}-image-model"]
-        assert model.inputs["build"]["context"] == "models/iris-classifier"
-        assert model.inputs["build"]["dockerfile"] == "images/model/Dockerfile"
-        assert model.inputs["build"]["args"] == {"PLATFORM_IMAGE": platform.inputs["imageName"],
-                                                 "MODEL_NAME": "iris-classifier"}
-        assert f"dev-{role}-image" in model.dependencies
-    # Containers run the local build of the same inputs and never wait for the push.
-    assert named["dev-training-image"].inputs["skipPush"] is True
-    assert named["dev-training-image-model"].inputs["skipPush"] is True
-    replica = named["dev-serving-blue-0"]
-    assert "dev-serving-image-model" in replica.dependencies
-    assert "dev-serving-image-model-push" not in replica.dependencies
-    assert named["dev-serving-image-model-push"].inputs["build"] == named["dev-serving-image-model"].inputs["build"]
-    assert "dev-image-registry-server" in named["dev-serving-image-model-push"].dependencies
-    assert named["dev-serving-image"].inputs["build"]["target"] == "oip"
-    assert named["dev-serving-image"].inputs["build"]["context"] == "images/serving"
-    assert label_map(named["dev-serving-blue-0"])["mlops.model-version"] == "latest"
-    blue_env = by_name(render("dev", reveal_secrets=True))["dev-serving-blue-0"].inputs["envs"]
-    assert "MODEL_VERSION=latest" in blue_env and "MLFLOW_TRACKING_URI=http://dev-model-registry:5000" in blue_env
+    # Each model's images are its project on the stage's platform image, which stays local; the model's images
+    # are pushed to dev's own registry; the serving platform is built for the chosen runtime.
+    assert "dev-training-platform-push" not in named and "dev-serving-oip-platform-push" not in named
+    assert named["dev-serving-oip-platform"].inputs["build"]["target"] == "oip"
+    assert named["dev-serving-oip-platform"].inputs["build"]["context"] == "images/serving"
+    assert named["dev-training-platform"].inputs["build"]["context"] == "images/training"
+    revealed = by_name(render("dev", reveal_secrets=True))
+    for model in SHIPPED_MODELS:
+        images = {"training": f"dev-{model}-training-image", "serving": f"dev-serving-{model}-image"}
+        assert named[images["training"]].parent == f"dev-{model}-training"
+        assert named[images["serving"]].parent == "dev-serving"
+        for role, platform in (("training", "dev-training-platform"), ("serving", "dev-serving-oip-platform")):
+            image, pushed = named[images[role]], named[f"{images[role]}-push"]
+            assert image.inputs["build"]["context"] == f"models/{model}"
+            assert image.inputs["build"]["dockerfile"] == "images/model/Dockerfile"
+            assert image.inputs["build"]["args"] == {"PLATFORM_IMAGE": named[platform].inputs["imageName"],
+                                                     "MODEL_NAME": model}
+            assert platform in image.dependencies
+            # Containers run the local build of the same inputs and never wait for the push.
+            assert image.inputs["skipPush"] is True
+            assert pushed.inputs["build"] == image.inputs["build"]
+            assert pushed.inputs["imageName"].startswith(f"localhost:5001/dev/{model}-{role}:")
+            assert "dev-image-registry-server" in pushed.dependencies
+        replica = named[f"dev-serving-{model}-blue-0"]
+        assert (replica.parent, replica.inputs["name"]) == ("dev-serving", f"dev-{model}-blue-0")
+        assert images["serving"] in replica.dependencies and f"{images['serving']}-push" not in replica.dependencies
+        assert {key: value for key, value in label_map(replica).items() if key.startswith("mlops.model")} \
+            == {"mlops.model": model, "mlops.model-version": "latest", "mlops.model-sha256": ""}
+        blue_env = revealed[f"dev-serving-{model}-blue-0"].inputs["envs"]
+        assert {f"MODEL_NAME={model}", "MODEL_VERSION=latest",
+                "MLFLOW_TRACKING_URI=http://dev-model-registry:5000"} <= set(blue_env)
+    assert sorted(gateway_models(named["dev-serving-gateway"]), key=lambda routed: routed["name"]) == [
+        {"name": model, "blue": [f"dev-{model}-blue-0:8080"], "green": [], "weights": {"blue": 100, "green": 0}}
+        for model in SHIPPED_MODELS]
 
 
 def test_staging_without_a_release_declares_no_serving_and_builds_nothing():
