@@ -108,18 +108,27 @@ def test_promoted_prod_runs_the_promoted_digests_with_three_replicas(released_en
     resources = render("prod", released_environments)
     named = by_name(resources)
     remote = {r.name: r.inputs["name"] for r in resources if r.type == REMOTE_IMAGE}
-    assert remote == {"prod-training-image": FIXTURE_TRAINING_IMAGE, "prod-serving-image": FIXTURE_SERVING_IMAGE}
-    assert not [r for r in resources if r.type == IMAGE and r.inputs["build"]["context"] in ("images/training", "images/serving")]
-    replicas = sorted(r.name for r in containers(resources) if r.parent == "prod-serving" and "blue" in r.name)
-    assert replicas == ["prod-serving-blue-0", "prod-serving-blue-1", "prod-serving-blue-2"]
-    env = by_name(render("prod", released_environments, reveal_secrets=True))["prod-serving-blue-1"].inputs["envs"]
-    assert f"MODEL_SHA256={FIXTURE_MODEL_SHA256}" in env and "MODEL_VERSION=4" in env
-    assert {key: value for key, value in label_map(named["prod-serving-blue-1"]).items() if key.startswith("mlops.model")} \
+    assert remote == {"prod-iris-classifier-training-image": FIXTURE_TRAINING_IMAGE,
+                      "prod-serving-iris-classifier-image": FIXTURE_SERVING_IMAGE}
+    assert not [r for r in resources if r.type == IMAGE and r.inputs["build"]["context"].startswith(
+        ("images/training", "images/serving", "models/"))]
+    # diabetes-regressor is declared (with its gates) but not promoted: nothing of it is deployed.
+    assert not [r.name for r in resources if "diabetes-regressor" in r.name]
+    assert [r.name for r in resources if r.type == "mlops:training_environment:TrainingEnvironment"] \
+        == ["prod-iris-classifier-training"]
+    replicas = sorted(r.name for r in containers(resources) if r.parent == "prod-serving" and r.name != "prod-serving-gateway")
+    assert replicas == [f"prod-serving-iris-classifier-blue-{index}" for index in range(3)]
+    env = by_name(render("prod", released_environments, reveal_secrets=True))["prod-serving-iris-classifier-blue-1"].inputs["envs"]
+    assert {f"MODEL_SHA256={FIXTURE_MODEL_SHA256}", "MODEL_VERSION=4", "MODEL_NAME=iris-classifier"} <= set(env)
+    assert {key: value for key, value in label_map(named["prod-serving-iris-classifier-blue-1"]).items()
+            if key.startswith("mlops.model")} \
         == {"mlops.model": "iris-classifier", "mlops.model-version": "4", "mlops.model-sha256": FIXTURE_MODEL_SHA256}
     # Containers run the image ID the RemoteImage resolved, never the mutable name.
-    assert named["prod-serving-blue-0"].inputs["image"].startswith("sha256:")
+    for index in range(3):
+        replica = named[f"prod-serving-iris-classifier-blue-{index}"]
+        assert replica.inputs["image"].startswith("sha256:") and "prod-serving-iris-classifier-image" in replica.dependencies
     assert gateway_models(named["prod-serving-gateway"]) == [{
-        "name": "iris-classifier", "blue": ["prod-serving-blue-0:8080", "prod-serving-blue-1:8080", "prod-serving-blue-2:8080"],
+        "name": "iris-classifier", "blue": [f"prod-iris-classifier-blue-{index}:8080" for index in range(3)],
         "green": [], "weights": {"blue": 100, "green": 0}}]
 
 
@@ -172,12 +181,16 @@ def test_go_durations_and_provider_cpus_match_the_provider():
 
 
 def test_pulumi_up_waits_for_health_except_for_dev_replicas_following_latest(released_environments):
+    followers = []
     for stage in ("dev", "prod"):
         for container in containers(render(stage, released_environments)):
-            follows_latest = stage == "dev" and "-serving-blue-" in container.name
+            follows_latest = stage == "dev" and label_map(container).get("mlops.model-version") == "latest"
             assert container.inputs.get("wait", False) is not follows_latest, container.name
-            if not follows_latest:
+            if follows_latest:
+                followers.append(container.name)
+            else:
                 assert container.inputs["waitTimeout"] >= 60, container.name
+    assert sorted(followers) == [f"dev-serving-{model}-blue-0" for model in SHIPPED_MODELS]
 
 
 def test_promoted_images_are_pulled_from_the_stages_own_registry_with_its_credentials(released_environments):
@@ -258,9 +271,14 @@ def test_the_stage_secrets_are_secret_everywhere(stage, released_environments):
     named = by_name(resources)
     assert named[f"{stage}-image-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
     assert named[f"{stage}-model-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
-    assert named[f"{stage}-serving-blue-0"].inputs["envs"] == plan.SECRET_PLACEHOLDER
-    if stage == "dev":
-        assert named["dev-training-image-model-push"].inputs["registry"] == plan.SECRET_PLACEHOLDER
+    replicas = [r for r in containers(resources) if label_map(r)["mlops.component"] == "model-serving"]
+    assert len(replicas) == (2 if stage == "dev" else 3)
+    for replica in replicas:
+        assert replica.inputs["envs"] == plan.SECRET_PLACEHOLDER, replica.name
+    pushed = [r for r in resources if r.type == IMAGE and r.name.endswith("-push")]
+    assert len(pushed) == (4 if stage == "dev" else 0)
+    for image in pushed:
+        assert image.inputs["registry"] == plan.SECRET_PLACEHOLDER, image.name
 
 
 def test_each_container_gets_only_the_mlflow_credential_it_needs(released_environments):
@@ -272,7 +290,7 @@ def test_each_container_gets_only_the_mlflow_credential_it_needs(released_enviro
     # The MLflow container derives every user's password from the stage's one secret ...
     assert "MLOPS_MLFLOW_PASSWORD=mlflow-secret" in named["prod-model-registry-server"].inputs["envs"]
     # ... and a replica gets only the reader's.
-    replica = named["prod-serving-blue-0"].inputs["envs"]
+    replica = named["prod-serving-iris-classifier-blue-0"].inputs["envs"]
     assert "MLFLOW_TRACKING_USERNAME=reader" in replica
     assert f"MLFLOW_TRACKING_PASSWORD={derived_password('mlflow-secret', READER)}" in replica
     assert not [env for env in replica if "mlflow-secret" in env]
