@@ -311,16 +311,22 @@ def test_secrets_never_reach_exports_and_derived_values_stay_secret():
     def check():
         stack = declare_stack("dev", spec)
         exports = stack.exports()
-        secret_flags = pulumi.Output.all(*[value.is_secret() for value in exports.values()])
-        values = pulumi.Output.all(*exports.values())
+        # `models` is a mapping of Outputs: resolve it whole, secret flags included.
+        outputs = {key: pulumi.Output.from_input(value) for key, value in exports.items()}
+        secret_flags = pulumi.Output.all(*[value.is_secret() for value in outputs.values()])
+        values = pulumi.Output.all(*outputs.values())
 
         def verify(args):
             flags, resolved = args
             assert not any(flags), f"{stack.urn}: no export is secret"
             for secret in secret_values(config):
                 assert secret not in json.dumps(resolved), "a secret leaked into an export"
-            assert set(exports) >= {"model_registry_url", "image_registry", "serving_endpoint",
-                                    "training_image_digest", "serving_image_digest"}
+            assert set(exports) >= {"network", "model_registry_url", "image_registry", "serving_endpoint", "models"}
+            models = dict(zip(outputs, resolved))["models"]
+            assert {model: sorted(digests) for model, digests in models.items()} == {
+                model: ["serving_image_digest", "training_image", "training_image_digest"] for model in SHIPPED_MODELS}
+            for model, digests in models.items():
+                assert f"/dev/{model}-training:" in digests["training_image"], digests
 
         return pulumi.Output.all(secret_flags, values).apply(verify)
 
