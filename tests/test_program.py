@@ -12,7 +12,7 @@ import pytest
 from mlops import plan
 from mlops_spec.contract import derived_password
 from mlops_spec.loading import load_stages
-from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE
+from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE, pinned_image
 
 CONTAINER = "docker:index/container:Container"
 IMAGE = "docker:index/image:Image"
@@ -372,20 +372,68 @@ def test_content_tag_changes_exactly_when_inputs_change(tmp_path, monkeypatch):
     assert images.content_tag("ctx", amd64) != with_wheel
 
 
-def test_green_release_gets_its_share_of_traffic(released_environments):
+def promote_diabetes_regressor(environments, stage: str) -> None:
+    """`stage` serves diabetes-regressor next to the fixture's iris-classifier."""
     import yaml
 
+    file = environments / f"{stage}.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["models"]["diabetes-regressor"]["release"] = {
+        "version": 2, "sha256": "5" * 64,
+        "images": {role: pinned_image(stage, f"diabetes-regressor-{role}", "sha256:" + digit * 64)
+                   for role, digit in (("training", "6"), ("serving", "7"))}}
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_green_release_gets_its_share_of_traffic_of_its_model_only(released_environments):
+    import yaml
+
+    promote_diabetes_regressor(released_environments, "staging")
     file = released_environments / "staging.yaml"
     data = yaml.safe_load(file.read_text())
-    data["serving"]["traffic"] = {"blue": 90, "green": 10}
-    data["serving"]["green"] = {"model": {"name": "iris-classifier", "version": 5, "sha256": "4" * 64}}
+    data["models"]["iris-classifier"] |= {"traffic": {"blue": 90, "green": 10},
+                                          "green": {"version": 5, "sha256": "4" * 64}}
     file.write_text(yaml.safe_dump(data))
-    named = by_name(render("staging", released_environments, reveal_secrets=True))
-    assert "MODEL_VERSION=5" in named["staging-serving-green-1"].inputs["envs"]
-    assert label_map(named["staging-serving-green-1"])["mlops.model-version"] == "5"
-    [routed] = gateway_models(named["staging-serving-gateway"])
-    assert routed["weights"] == {"blue": 90, "green": 10}
-    assert routed["green"] == ["staging-serving-green-0:8080", "staging-serving-green-1:8080"]
+    resources = render("staging", released_environments, reveal_secrets=True)
+    named = by_name(resources)
+    for index in (0, 1):
+        green = named[f"staging-serving-iris-classifier-green-{index}"]
+        assert green.inputs["name"] == f"staging-iris-classifier-green-{index}"
+        assert {"MODEL_NAME=iris-classifier", "MODEL_VERSION=5", f"MODEL_SHA256={'4' * 64}"} <= set(green.inputs["envs"])
+        assert label_map(green)["mlops.model-version"] == "5"
+        # Without a serving image of its own, green runs blue's.
+        assert green.inputs["image"] == named[f"staging-serving-iris-classifier-blue-{index}"].inputs["image"]
+    replicas = sorted(r.name for r in containers(resources) if label_map(r)["mlops.component"] == "model-serving")
+    assert replicas == ["staging-serving-diabetes-regressor-blue-0", "staging-serving-diabetes-regressor-blue-1",
+                        "staging-serving-iris-classifier-blue-0", "staging-serving-iris-classifier-blue-1",
+                        "staging-serving-iris-classifier-green-0", "staging-serving-iris-classifier-green-1"]
+    assert "MODEL_VERSION=2" in named["staging-serving-diabetes-regressor-blue-0"].inputs["envs"]
+    assert "staging-serving-iris-classifier-green-image" not in named
+    # The gateway routes each model to its own pools, by its own weights.
+    assert sorted(gateway_models(named["staging-serving-gateway"]), key=lambda routed: routed["name"]) == [
+        {"name": "diabetes-regressor", "blue": ["staging-diabetes-regressor-blue-0:8080",
+                                                "staging-diabetes-regressor-blue-1:8080"],
+         "green": [], "weights": {"blue": 100, "green": 0}},
+        {"name": "iris-classifier", "blue": ["staging-iris-classifier-blue-0:8080", "staging-iris-classifier-blue-1:8080"],
+         "green": ["staging-iris-classifier-green-0:8080", "staging-iris-classifier-green-1:8080"],
+         "weights": {"blue": 90, "green": 10}}]
+
+
+def test_a_green_serving_image_is_pulled_for_its_model_only(released_environments):
+    import yaml
+
+    promote_diabetes_regressor(released_environments, "staging")
+    green_image = pinned_image("staging", "iris-classifier-serving", "sha256:" + "8" * 64)
+    file = released_environments / "staging.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["models"]["iris-classifier"] |= {"traffic": {"blue": 50, "green": 50}, "green": {
+        "version": 5, "sha256": "4" * 64, "serving_image": green_image}}
+    file.write_text(yaml.safe_dump(data))
+    named = by_name(render("staging", released_environments))
+    assert named["staging-serving-iris-classifier-green-image"].inputs["name"] == green_image
+    assert "staging-serving-iris-classifier-green-image" in named["staging-serving-iris-classifier-green-0"].dependencies
+    assert "staging-serving-iris-classifier-green-image" not in named["staging-serving-iris-classifier-blue-0"].dependencies
+    assert not [name for name in named if "diabetes-regressor-green" in name]
 
 
 def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp_path, monkeypatch):
