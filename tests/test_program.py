@@ -436,7 +436,10 @@ def test_a_green_serving_image_is_pulled_for_its_model_only(released_environment
     assert not [name for name in named if "diabetes-regressor-green" in name]
 
 
-def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp_path, monkeypatch):
+@pytest.fixture
+def project_copy(tmp_path, monkeypatch):
+    """The build contexts and model projects copied to `tmp_path`, which is the project worked on: a test may
+    edit them."""
     import shutil
 
     from components import images
@@ -445,22 +448,81 @@ def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp
     for folder in ("images", "models"):
         shutil.copytree(REPO_ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("wheels"))
     monkeypatch.setattr(images, "project_root", lambda: tmp_path)
+    return tmp_path
 
-    def changed_by(edited: Path) -> list[str]:
-        before = {r.name: r.inputs for r in render("dev")}
-        assert before == {r.name: r.inputs for r in render("dev")}, "an unchanged context must change nothing"
-        edited.write_text(edited.read_text() + "\n# a change\n")
-        after = {r.name: r.inputs for r in render("dev")}
-        assert before["dev-serving-blue-0"]["image"] != after["dev-serving-blue-0"]["image"]
-        return sorted(name for name in before if before[name] != after[name])
 
-    # The platform's serving image, and the model's serving image on it.
-    assert changed_by(tmp_path / "images" / "serving" / "Dockerfile") == [
-        "dev-serving-blue-0", "dev-serving-image", "dev-serving-image-model", "dev-serving-image-model-push"]
-    # The model's project: both of its images, not the platform's.
-    assert changed_by(tmp_path / "models" / "iris-classifier" / "iris_model" / "train.py") == [
-        "dev-serving-blue-0", "dev-serving-image-model", "dev-serving-image-model-push",
-        "dev-training-image-model", "dev-training-image-model-push"]
+def inputs_changed_by(edited: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """dev's rendered inputs by resource before and after appending a line to `edited`."""
+    before = {r.name: r.inputs for r in render("dev")}
+    assert before == {r.name: r.inputs for r in render("dev")}, "an unchanged context must change nothing"
+    edited.write_text(edited.read_text() + "\n# a change\n")
+    return before, {r.name: r.inputs for r in render("dev")}
+
+
+def changed_names(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
+    assert before.keys() == after.keys()
+    changed = sorted(name for name in before if before[name] != after[name])
+    for name in changed:
+        if "-blue-" in name:  # a replica changes by the image it runs, nothing else
+            assert [key for key in before[name] if before[name][key] != after[name][key]] == ["image"], name
+    return changed
+
+
+def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(project_copy):
+    # The serving platform: every model's serving image stands on it.
+    assert changed_names(*inputs_changed_by(project_copy / "images" / "serving" / "Dockerfile")) == sorted([
+        "dev-serving-oip-platform", *(f"dev-serving-{model}-{suffix}" for model in SHIPPED_MODELS
+                                      for suffix in ("blue-0", "image", "image-push"))])
+    # The training platform: every model's training image, and no container.
+    assert changed_names(*inputs_changed_by(project_copy / "images" / "training" / "Dockerfile")) == sorted([
+        "dev-training-platform", *(f"dev-{model}-training-image{push}" for model in SHIPPED_MODELS
+                                   for push in ("", "-push"))])
+    # A model's project: both of its images, not the platforms'.
+    assert changed_names(*inputs_changed_by(project_copy / "models" / "iris-classifier" / "iris_model" / "train.py")) == [
+        "dev-iris-classifier-training-image", "dev-iris-classifier-training-image-push",
+        "dev-serving-iris-classifier-blue-0", "dev-serving-iris-classifier-image",
+        "dev-serving-iris-classifier-image-push"]
+
+
+def test_a_change_in_one_models_project_rebuilds_that_models_images_only(project_copy):
+    before, after = inputs_changed_by(project_copy / "models" / "diabetes-regressor" / "diabetes_model" / "train.py")
+    rebuilt = ["dev-diabetes-regressor-training-image", "dev-diabetes-regressor-training-image-push",
+               "dev-serving-diabetes-regressor-image", "dev-serving-diabetes-regressor-image-push"]
+    assert changed_names(before, after) == sorted([*rebuilt, "dev-serving-diabetes-regressor-blue-0"])
+    for name in rebuilt:
+        # A new content tag, in the same repository.
+        (old_repository, old_tag), (new_repository, new_tag) = (
+            inputs[name]["imageName"].rsplit(":", 1) for inputs in (before, after))
+        assert old_repository == new_repository and old_tag != new_tag, name
+        assert after[name]["build"]["context"] == "models/diabetes-regressor"
+    # iris-classifier's images and replicas are the same bytes: nothing of it is rebuilt or replaced.
+    untouched = [name for name in before if "iris-classifier" in name]
+    assert len(untouched) >= 6
+    assert {name: json.dumps(before[name], sort_keys=True) for name in untouched} \
+        == {name: json.dumps(after[name], sort_keys=True) for name in untouched}
+
+
+@pytest.mark.parametrize("models", [("iris-classifier",), SHIPPED_MODELS])
+def test_the_platform_images_are_built_once_per_stage_whatever_the_number_of_models(environments, models):
+    import yaml
+
+    file = environments / "dev.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["models"] = {model: {"release": {"version": "latest"}} for model in models}
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+    resources = render("dev", environments)
+    named = by_name(resources)
+    platforms = {r.name: r for r in resources if r.type == IMAGE and r.name.endswith("-platform")}
+    assert sorted(platforms) == ["dev-serving-oip-platform", "dev-training-platform"]
+    assert {r.parent for r in platforms.values()} == {"dev"}
+    model_images = [r for r in resources if r.type == IMAGE and r.inputs["build"]["context"].startswith("models/")]
+    assert sorted(r.name for r in model_images) == sorted(
+        f"{image}{push}" for model in models
+        for image in (f"dev-{model}-training-image", f"dev-serving-{model}-image") for push in ("", "-push"))
+    for image in model_images:
+        platform = "dev-training-platform" if "-training-image" in image.name else "dev-serving-oip-platform"
+        assert platform in image.dependencies, image.name
+        assert image.inputs["build"]["args"]["PLATFORM_IMAGE"] == named[platform].inputs["imageName"], image.name
 
 
 def test_the_pulumi_entry_point_declares_what_plan_renders():
