@@ -546,52 +546,81 @@ def test_the_pulumi_entry_point_reports_a_bad_spec_without_a_traceback(environme
     from mlops_spec import loading
     from mlops_spec.project import REPO_ROOT
 
-    (environments / "prod.yaml").write_text((environments / "prod.yaml").read_text().replace("replicas: 3", "replicas: 1"))
+    lines = (environments / "prod.yaml").read_text().splitlines()
+    line = lines.index("  replicas: 3") + 1
+    lines[line - 1] = "  replicas: 1"
+    (environments / "prod.yaml").write_text("\n".join(lines) + "\n")
     # The entry point reads the shipped environments/; point its default at the broken copy.
     monkeypatch.setattr(loading.load_stages, "__defaults__", (environments,))
     plan.mock_runtime("prod")
-    with pytest.raises(pulumi.RunError, match=r"prod.yaml:19: serving.replicas: prod serves with at least 2 replicas"):
+    with pytest.raises(pulumi.RunError, match=rf"prod.yaml:{line}: serving.replicas: prod serves each model with at "
+                                              r"least 2 replicas, got 1") as raised:
         runpy.run_path(str(REPO_ROOT / "__main__.py"))
+    assert "Traceback" not in str(raised.value)
+
+
+def declare_in_dev(environments, model: str, **settings) -> None:
+    """dev.yaml with `settings` (replicas, sampling, batching, ...) added to `model`'s declaration."""
+    import yaml
+
+    file = environments / "dev.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["models"][model] |= settings
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def serving_replicas(named: dict[str, plan.PlannedResource], model: str) -> list[plan.PlannedResource]:
+    return [named[name] for name in sorted(named) if name.startswith(f"dev-serving-{model}-blue-")]
 
 
 def test_the_datasets_volume_of_a_single_host_stage_and_the_samples_volume_when_sampling_is_declared(environments):
-    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text().replace(
-        "  build: images/serving", "  build: images/serving\n  replicas: 2\n  sampling: {fraction: 0.25, max_mb: 3}"))
+    declare_in_dev(environments, "iris-classifier", replicas=2, sampling={"fraction": 0.25, "max_mb": 3})
     named = by_name(render("dev", environments, reveal_secrets=True))
     for volume, physical in (("datasets", "dev-datasets"), ("samples", "dev-samples")):
         declared = named[f"dev-artifact-store-{volume}"]
         assert (declared.type, declared.inputs["name"], declared.parent) == (VOLUME, physical, "dev-artifact-store")
         assert declared.retain_on_delete and not declared.protect
         assert label_map(declared) == {"mlops.stack": "dev", "mlops.stage": "dev", "mlops.component": "artifact-store"}
-    for index in (0, 1):
-        replica = named[f"dev-serving-blue-{index}"].inputs
+    sampled = serving_replicas(named, "iris-classifier")
+    assert [replica.name for replica in sampled] == ["dev-serving-iris-classifier-blue-0",
+                                                     "dev-serving-iris-classifier-blue-1"]
+    for index, replica in enumerate(sampled):
+        inputs = replica.inputs
         # Mounted writable (no readOnly in the mount) on the read-only root: each replica appends to its own file.
-        assert replica["volumes"] == [{"volumeName": "dev-samples", "containerPath": "/data/samples"}]
-        assert (replica["readOnly"], replica["user"]) == (True, "10001:10001")
-        assert {"SAMPLE_FRACTION=0.25", f"SAMPLES_FILE=/data/samples/dev-serving-blue-{index}.jsonl",
-                f"SAMPLES_MAX_BYTES={3 * 1024 * 1024}"} <= set(replica["envs"])
+        assert inputs["volumes"] == [{"volumeName": "dev-samples", "containerPath": "/data/samples"}]
+        assert (inputs["readOnly"], inputs["user"]) == (True, "10001:10001")
+        assert {"SAMPLE_FRACTION=0.25", f"SAMPLES_FILE=/data/samples/dev-iris-classifier-blue-{index}.jsonl",
+                f"SAMPLES_MAX_BYTES={3 * 1024 * 1024}"} <= set(inputs["envs"])
+    # Sampling is the model's: the other model's replicas keep nothing, and the gateway mounts nothing.
+    [unsampled] = serving_replicas(named, "diabetes-regressor")
+    assert "volumes" not in unsampled.inputs
+    assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in unsampled.inputs["envs"])
     assert "volumes" not in named["dev-serving-gateway"].inputs
 
 
-def test_declared_batching_reaches_every_replica_and_only_then(environments):
-    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text().replace(
-        "  build: images/serving", "  build: images/serving\n  replicas: 2\n"
-                                   "  batching: {max_batch_size: 32, max_batch_time_ms: 2.5}"))
+def test_declared_batching_reaches_every_replica_of_its_model_and_only_then(environments):
+    declare_in_dev(environments, "diabetes-regressor", replicas=2,
+                   batching={"max_batch_size": 32, "max_batch_time_ms": 2.5})
     batched = by_name(render("dev", environments, reveal_secrets=True))
-    for index in (0, 1):
-        assert {"MAX_BATCH_SIZE=32", "MAX_BATCH_TIME_MS=2.5"} <= set(batched[f"dev-serving-blue-{index}"].inputs["envs"])
-    unbatched = by_name(render("dev", reveal_secrets=True))
-    assert not any(str(entry).startswith("MAX_BATCH") for entry in unbatched["dev-serving-blue-0"].inputs["envs"])
+    replicas = serving_replicas(batched, "diabetes-regressor")
+    assert len(replicas) == 2
+    for replica in replicas:
+        assert {"MAX_BATCH_SIZE=32", "MAX_BATCH_TIME_MS=2.5"} <= set(replica.inputs["envs"]), replica.name
+    for unbatched in (serving_replicas(batched, "iris-classifier")[0],
+                      by_name(render("dev", reveal_secrets=True))["dev-serving-diabetes-regressor-blue-0"]):
+        assert not any(str(entry).startswith("MAX_BATCH") for entry in unbatched.inputs["envs"]), unbatched.name
 
 
 @pytest.mark.parametrize("stage", ["dev", "staging", "prod"])
 def test_no_shipped_stage_samples_requests(stage, released_environments):
     spec = load_stages([stage], released_environments)[0]
-    assert spec.serving.sampling is None
+    assert spec.models and all(deployment.sampling is None for deployment in spec.models.values())
+    assert not spec.samples
     resources = render(stage, released_environments, reveal_secrets=True)
     assert not [r for r in resources if r.type == VOLUME and r.inputs["name"] == f"{stage}-samples"]
     assert [r.inputs["name"] for r in resources if r.type == VOLUME and r.name.endswith("-datasets")] == [f"{stage}-datasets"]
-    for replica in containers(resources):
-        if "-serving-" in replica.name:
-            assert "volumes" not in replica.inputs, replica.name
-            assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in replica.inputs["envs"])
+    replicas = [r for r in containers(resources) if label_map(r)["mlops.component"] == "model-serving"]
+    assert replicas
+    for replica in replicas:
+        assert "volumes" not in replica.inputs, replica.name
+        assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in replica.inputs["envs"])
