@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from mlops.cli import app
@@ -17,7 +18,7 @@ from mlops_spec.errors import SpecError
 from tests.conftest import FIXTURE_SERVING_IMAGE
 
 SECRET_TYPE = "docker:index/secret:Secret"
-NEW_SERVING_IMAGE = "localhost:5201/prod/serving@sha256:" + "4" * 64
+NEW_SERVING_IMAGE = "localhost:5201/prod/iris-classifier-serving@sha256:" + "4" * 64
 
 
 def git(repo, *args):
@@ -53,12 +54,12 @@ def test_changed_serving_image_shows_exactly_the_serving_resources(committed):
     change_serving_image(committed)
     result = diff_stages(StageRef.parse("prod@HEAD"), StageRef.parse("prod"), committed)
     assert {(c.status, c.name) for c in result.changes} == {
-        ("changed", "prod-serving-image"),
-        ("changed", "prod-serving-blue-0"), ("changed", "prod-serving-blue-1"), ("changed", "prod-serving-blue-2"),
+        ("changed", "prod-serving-iris-classifier-image"), ("changed", "prod-serving-iris-classifier-blue-0"),
+        ("changed", "prod-serving-iris-classifier-blue-1"), ("changed", "prod-serving-iris-classifier-blue-2"),
     }
-    pulled = next(c for c in result.changes if c.name == "prod-serving-image")
+    pulled = next(c for c in result.changes if c.name == "prod-serving-iris-classifier-image")
     assert [(f.path, f.before, f.after) for f in pulled.fields] == [("name", FIXTURE_SERVING_IMAGE, NEW_SERVING_IMAGE)]
-    replica = next(c for c in result.changes if c.name == "prod-serving-blue-0")
+    replica = next(c for c in result.changes if c.name == "prod-serving-iris-classifier-blue-0")
     assert [f.path for f in replica.fields] == ["image"]
 
     cli = invoke("prod@HEAD", "prod", "--environments", str(committed), "--format", "json")
@@ -78,10 +79,15 @@ def test_markdown_is_a_pr_comment(committed):
 
 def test_added_and_removed_resources_when_a_release_appears(committed):
     staging = committed / "staging.yaml"
-    staging.write_text(staging.read_text().split("release:")[0])  # staging as before anything was promoted
+    data = yaml.safe_load(staging.read_text())
+    del data["models"]["iris-classifier"]["release"]  # staging as before anything was promoted
+    staging.write_text(yaml.safe_dump(data, sort_keys=False))
     result = diff_stages(StageRef.parse("staging"), StageRef.parse("staging@HEAD"), committed)
     added = {c.name for c in result.changes if c.status == "added"}
-    assert {"staging-serving", "staging-serving-gateway", "staging-serving-blue-0", "staging-training"} <= added
+    assert {"staging-serving", "staging-serving-gateway", "staging-serving-iris-classifier-blue-0",
+            "staging-serving-iris-classifier-blue-1", "staging-serving-iris-classifier-image",
+            "staging-iris-classifier-training", "staging-iris-classifier-training-image"} <= added
+    assert not [name for name in added if "diabetes-regressor" in name]
     assert not [c for c in result.changes if c.status == "removed"]
     markdown = to_markdown(result)
     assert "#### + `staging-serving-gateway` (added, `docker:index/container:Container`)" in markdown
@@ -112,7 +118,7 @@ def test_bad_input_is_one_message_and_exit_2(committed, before, message):
 def test_different_stages_match_resources_by_stack_neutral_name(committed):
     result = diff_stages(StageRef.parse("staging"), StageRef.parse("prod"), committed)
     assert result.counts["added"] == 1 and result.counts["removed"] == 0  # prod's third serving replica
-    assert [c.name for c in result.changes if c.status == "added"] == ["prod-serving-blue-2"]
+    assert [c.name for c in result.changes if c.status == "added"] == ["prod-serving-iris-classifier-blue-2"]
     gateway = next(c for c in result.changes if c.name == "prod-serving-gateway")
     assert ("ports[0].external", 8180, 8280) in [(f.path, f.before, f.after) for f in gateway.fields]
     assert "opts.parent" not in [f.path for f in gateway.fields]  # staging-serving and prod-serving are the same parent
@@ -121,10 +127,10 @@ def test_different_stages_match_resources_by_stack_neutral_name(committed):
 def test_serving_replicas_are_replaced_delete_first_and_the_pulled_image_too(committed):
     change_serving_image(committed)
     result = diff_stages(StageRef.parse("prod@HEAD"), StageRef.parse("prod"), committed)
-    replica = next(c for c in result.changes if c.name == "prod-serving-blue-0")
+    replica = next(c for c in result.changes if c.name == "prod-serving-iris-classifier-blue-0")
     # `image` is ForceNew (resource_docker_container.go) and pulumi-docker deletes containers first.
     assert (replica.action, replica.replace_fields, replica.delete_before_replace) == ("replace", ("image",), True)
-    pulled = next(c for c in result.changes if c.name == "prod-serving-image")
+    pulled = next(c for c in result.changes if c.name == "prod-serving-iris-classifier-image")
     assert (pulled.action, pulled.replace_fields) == ("replace", ("name",))
     assert not result.at_risk and result.risk_summary() is None
 
@@ -136,7 +142,7 @@ def test_json_keeps_its_keys_and_adds_the_verdicts(committed):
     assert {"before", "after", "differs", "counts", "unchanged", "changes"} <= output.keys()
     assert output["actions"] == {"replace": 4, "update": 0, "none": 0}
     assert output["warning"] is None and output["data_at_risk"] == []
-    change = next(c for c in output["changes"] if c["name"] == "prod-serving-blue-0")
+    change = next(c for c in output["changes"] if c["name"] == "prod-serving-iris-classifier-blue-0")
     assert {"status", "type", "name", "fields"} <= change.keys()
     assert (change["action"], change["replace_fields"], change["delete_before_replace"]) == ("replace", ["image"], True)
 

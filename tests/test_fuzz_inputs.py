@@ -204,7 +204,8 @@ SPEC_KEYS = st.sampled_from([
     "serving", "replicas", "limits", "cpus", "memory_mb", "labels", "owner", "cost_centre", "release", "model",
     "name", "version", "sha256", "images", "training", "build", "docker", "url", "port", "host_port",
     "bind_address", "public", "image", "ref", "gates", "min_metrics", "parity", "may_differ", "traffic", "green",
-    "blue", "artifact_store", "protect", "<<", "? x", "1", "null", "true", "", "é", "k\u2028",
+    "blue", "artifact_store", "protect", "models", "iris-classifier", "sampling", "batching", "<<", "? x", "1",
+    "null", "true", "", "é", "k\u2028",
 ])
 
 
@@ -297,19 +298,28 @@ def test_stage_file_edited_anywhere(project, shipped, name, data):
 @fuzz("stage file: model names")
 @given(model_name=st.one_of(st.from_regex(r"[A-Za-z][A-Za-z0-9_.-]{0,70}", fullmatch=True), ARGUMENT_TEXT))
 @example(model_name="iris-classifier\n")
-@example(model_name="x" * 64)
+@example(model_name="x" * 40)
+@example(model_name="x" * 41)
+@example(model_name="Iris-classifier")
+@example(model_name="iris_classifier")
+@example(model_name="iris-classifier-")
+@example(model_name="1-classifier")
 @example(model_name="diabetes-regressor")
 def test_model_names(project, shipped, model_name):
     dev = yaml.safe_load(shipped["dev.yaml"])
-    dev["release"]["model"]["name"] = model_name
+    dev["models"] = {model_name: {"release": {"version": "latest"}}}
     write_stage_file(project, shipped, "dev.yaml", yaml.safe_dump(dev, allow_unicode=False).encode())
     outcome = run(project, "validate", "dev")
     assert_verdict(outcome, names=f"error: {project / 'environments'}/dev.yaml")
-    well_formed = re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,63}", model_name) is not None
+    # A model name is a DNS label of at most 40 characters (mlops_spec.models.ModelName): it names containers,
+    # services and images.
+    well_formed = re.fullmatch(r"[a-z]([a-z0-9-]{0,38}[a-z0-9])?", model_name) is not None
     # dev builds the model's images from its project, so a well-formed name must also name a project.
     has_project = well_formed and (project / "models" / model_name / "mlops-model.yaml").is_file()
     assert (outcome.code == 0) == has_project, outcome.err
-    if well_formed and not has_project:
+    if not well_formed:
+        assert "is not a model name" in outcome.err
+    elif not has_project:
         assert f"models/{model_name}/mlops-model.yaml does not exist" in outcome.err
 
 
@@ -317,7 +327,9 @@ def test_model_names(project, shipped, model_name):
 
 SET_PATHS = st.sampled_from([
     "serving.replicas", "serving.limits.cpus", "serving.limits", "training.gpu", "release.model.name",
-    "release.model.version", "serving.green", "gates.min_metrics.accuracy", "labels.owner", "docker.url",
+    "release.model.version", "serving.green", "gates.min_metrics.accuracy", "models.iris-classifier.release.version",
+    "models.iris-classifier.green", "models.iris-classifier.gates.min_metrics.accuracy", "models.Iris.replicas",
+    "models.iris-classifier.sampling.fraction", "labels.owner", "docker.url",
     "serving.port.host_port", "experiment.owner", "stage", "serving..replicas", ".", "", "serving.replicas.x",
 ])
 
@@ -332,6 +344,7 @@ SET_PATHS = st.sampled_from([
 @example(assignment="serving.replicas=" + "9" * 100_000)
 @example(assignment="serving.replicas=2001-12-14")
 @example(assignment="gates.min_metrics.accuracy=.nan")
+@example(assignment="models.iris-classifier.gates.min_metrics.accuracy=.nan")
 @example(assignment="serving.replicas=2")
 def test_set_overrides(project, assignment):
     outcome = run(project, "exp", "up", "--ttl=8h", f"--set={assignment}", "--", "fuzz")

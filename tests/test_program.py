@@ -12,7 +12,7 @@ import pytest
 from mlops import plan
 from mlops_spec.contract import derived_password
 from mlops_spec.loading import load_stages
-from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE
+from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE, pinned_image
 
 CONTAINER = "docker:index/container:Container"
 IMAGE = "docker:index/image:Image"
@@ -41,46 +41,57 @@ def label_map(resource: plan.PlannedResource) -> dict[str, str]:
     return {label["label"]: label["value"] for label in resource.inputs["labels"]}
 
 
+SHIPPED_MODELS = ("diabetes-regressor", "iris-classifier")
+
+
 def test_dev_declares_the_whole_stack_and_builds_its_workloads():
     resources = render("dev")
     assert type_counts(resources) == Counter({
         "pulumi:pulumi:Stack": 1, "mlops:stack:MLOpsStack": 1, "pulumi:providers:docker": 1,
         "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 4,
         "mlops:model_registry:ModelRegistry": 1, "mlops:image_registry:ImageRegistry": 1,
-        "mlops:training_environment:TrainingEnvironment": 1, "mlops:model_serving:ModelServing": 1,
-        IMAGE: 9, CONTAINER: 4,
+        "mlops:training_environment:TrainingEnvironment": 2, "mlops:model_serving:ModelServing": 1,
+        # mlflow, registry, gateway; the two platform images; each model's training and serving image, pushed too
+        IMAGE: 3 + 2 + 2 * 4, CONTAINER: 3 + 2,
     })
     named = by_name(resources)
-    assert named["dev-training-image"].parent == "dev-training"
-    assert named["dev-serving-blue-0"].parent == "dev-serving"
     assert named["dev-serving-gateway"].parent == "dev-serving"
     assert named["dev-model-registry-server"].parent == "dev-model-registry"
     assert {r.parent for r in resources if r.type.startswith("mlops:") and r.type != "mlops:stack:MLOpsStack"} == {"dev"}
-    # The workload images are the model's: its project on the platform image, which stays local; the model's
-    # images are pushed to dev's own registry; the serving image is built for the chosen runtime.
-    assert "dev-training-image-push" not in named and "dev-serving-image-push" not in named
-    assert named["dev-training-image-model-push"].inputs["imageName"].startswith(
-        "localhost:5001/dev/iris-classifier-training:")
-    for role in ("training", "serving"):
-        platform, model = named[f"dev-{role}-image"], named[f"dev-{role}-image-model"]
-        assert model.inputs["build"]["context"] == "models/iris-classifier"
-        assert model.inputs["build"]["dockerfile"] == "images/model/Dockerfile"
-        assert model.inputs["build"]["args"] == {"PLATFORM_IMAGE": platform.inputs["imageName"],
-                                                 "MODEL_NAME": "iris-classifier"}
-        assert f"dev-{role}-image" in model.dependencies
-    # Containers run the local build of the same inputs and never wait for the push.
-    assert named["dev-training-image"].inputs["skipPush"] is True
-    assert named["dev-training-image-model"].inputs["skipPush"] is True
-    replica = named["dev-serving-blue-0"]
-    assert "dev-serving-image-model" in replica.dependencies
-    assert "dev-serving-image-model-push" not in replica.dependencies
-    assert named["dev-serving-image-model-push"].inputs["build"] == named["dev-serving-image-model"].inputs["build"]
-    assert "dev-image-registry-server" in named["dev-serving-image-model-push"].dependencies
-    assert named["dev-serving-image"].inputs["build"]["target"] == "oip"
-    assert named["dev-serving-image"].inputs["build"]["context"] == "images/serving"
-    assert label_map(named["dev-serving-blue-0"])["mlops.model-version"] == "latest"
-    blue_env = by_name(render("dev", reveal_secrets=True))["dev-serving-blue-0"].inputs["envs"]
-    assert "MODEL_VERSION=latest" in blue_env and "MLFLOW_TRACKING_URI=http://dev-model-registry:5000" in blue_env
+    # Each model's images are its project on the stage's platform image, which stays local; the model's images
+    # are pushed to dev's own registry; the serving platform is built for the chosen runtime.
+    assert "dev-training-platform-push" not in named and "dev-serving-oip-platform-push" not in named
+    assert named["dev-serving-oip-platform"].inputs["build"]["target"] == "oip"
+    assert named["dev-serving-oip-platform"].inputs["build"]["context"] == "images/serving"
+    assert named["dev-training-platform"].inputs["build"]["context"] == "images/training"
+    revealed = by_name(render("dev", reveal_secrets=True))
+    for model in SHIPPED_MODELS:
+        images = {"training": f"dev-{model}-training-image", "serving": f"dev-serving-{model}-image"}
+        assert named[images["training"]].parent == f"dev-{model}-training"
+        assert named[images["serving"]].parent == "dev-serving"
+        for role, platform in (("training", "dev-training-platform"), ("serving", "dev-serving-oip-platform")):
+            image, pushed = named[images[role]], named[f"{images[role]}-push"]
+            assert image.inputs["build"]["context"] == f"models/{model}"
+            assert image.inputs["build"]["dockerfile"] == "images/model/Dockerfile"
+            assert image.inputs["build"]["args"] == {"PLATFORM_IMAGE": named[platform].inputs["imageName"],
+                                                     "MODEL_NAME": model}
+            assert platform in image.dependencies
+            # Containers run the local build of the same inputs and never wait for the push.
+            assert image.inputs["skipPush"] is True
+            assert pushed.inputs["build"] == image.inputs["build"]
+            assert pushed.inputs["imageName"].startswith(f"localhost:5001/dev/{model}-{role}:")
+            assert "dev-image-registry-server" in pushed.dependencies
+        replica = named[f"dev-serving-{model}-blue-0"]
+        assert (replica.parent, replica.inputs["name"]) == ("dev-serving", f"dev-{model}-blue-0")
+        assert images["serving"] in replica.dependencies and f"{images['serving']}-push" not in replica.dependencies
+        assert {key: value for key, value in label_map(replica).items() if key.startswith("mlops.model")} \
+            == {"mlops.model": model, "mlops.model-version": "latest", "mlops.model-sha256": ""}
+        blue_env = revealed[f"dev-serving-{model}-blue-0"].inputs["envs"]
+        assert {f"MODEL_NAME={model}", "MODEL_VERSION=latest",
+                "MLFLOW_TRACKING_URI=http://dev-model-registry:5000"} <= set(blue_env)
+    assert sorted(gateway_models(named["dev-serving-gateway"]), key=lambda routed: routed["name"]) == [
+        {"name": model, "blue": [f"dev-{model}-blue-0:8080"], "green": [], "weights": {"blue": 100, "green": 0}}
+        for model in SHIPPED_MODELS]
 
 
 def test_staging_without_a_release_declares_no_serving_and_builds_nothing():
@@ -97,18 +108,27 @@ def test_promoted_prod_runs_the_promoted_digests_with_three_replicas(released_en
     resources = render("prod", released_environments)
     named = by_name(resources)
     remote = {r.name: r.inputs["name"] for r in resources if r.type == REMOTE_IMAGE}
-    assert remote == {"prod-training-image": FIXTURE_TRAINING_IMAGE, "prod-serving-image": FIXTURE_SERVING_IMAGE}
-    assert not [r for r in resources if r.type == IMAGE and r.inputs["build"]["context"] in ("images/training", "images/serving")]
-    replicas = sorted(r.name for r in containers(resources) if r.parent == "prod-serving" and "blue" in r.name)
-    assert replicas == ["prod-serving-blue-0", "prod-serving-blue-1", "prod-serving-blue-2"]
-    env = by_name(render("prod", released_environments, reveal_secrets=True))["prod-serving-blue-1"].inputs["envs"]
-    assert f"MODEL_SHA256={FIXTURE_MODEL_SHA256}" in env and "MODEL_VERSION=4" in env
-    assert {key: value for key, value in label_map(named["prod-serving-blue-1"]).items() if key.startswith("mlops.model")} \
+    assert remote == {"prod-iris-classifier-training-image": FIXTURE_TRAINING_IMAGE,
+                      "prod-serving-iris-classifier-image": FIXTURE_SERVING_IMAGE}
+    assert not [r for r in resources if r.type == IMAGE and r.inputs["build"]["context"].startswith(
+        ("images/training", "images/serving", "models/"))]
+    # diabetes-regressor is declared (with its gates) but not promoted: nothing of it is deployed.
+    assert not [r.name for r in resources if "diabetes-regressor" in r.name]
+    assert [r.name for r in resources if r.type == "mlops:training_environment:TrainingEnvironment"] \
+        == ["prod-iris-classifier-training"]
+    replicas = sorted(r.name for r in containers(resources) if r.parent == "prod-serving" and r.name != "prod-serving-gateway")
+    assert replicas == [f"prod-serving-iris-classifier-blue-{index}" for index in range(3)]
+    env = by_name(render("prod", released_environments, reveal_secrets=True))["prod-serving-iris-classifier-blue-1"].inputs["envs"]
+    assert {f"MODEL_SHA256={FIXTURE_MODEL_SHA256}", "MODEL_VERSION=4", "MODEL_NAME=iris-classifier"} <= set(env)
+    assert {key: value for key, value in label_map(named["prod-serving-iris-classifier-blue-1"]).items()
+            if key.startswith("mlops.model")} \
         == {"mlops.model": "iris-classifier", "mlops.model-version": "4", "mlops.model-sha256": FIXTURE_MODEL_SHA256}
     # Containers run the image ID the RemoteImage resolved, never the mutable name.
-    assert named["prod-serving-blue-0"].inputs["image"].startswith("sha256:")
+    for index in range(3):
+        replica = named[f"prod-serving-iris-classifier-blue-{index}"]
+        assert replica.inputs["image"].startswith("sha256:") and "prod-serving-iris-classifier-image" in replica.dependencies
     assert gateway_models(named["prod-serving-gateway"]) == [{
-        "name": "iris-classifier", "blue": ["prod-serving-blue-0:8080", "prod-serving-blue-1:8080", "prod-serving-blue-2:8080"],
+        "name": "iris-classifier", "blue": [f"prod-iris-classifier-blue-{index}:8080" for index in range(3)],
         "green": [], "weights": {"blue": 100, "green": 0}}]
 
 
@@ -180,12 +200,16 @@ def test_go_durations_and_provider_cpus_match_the_provider():
 
 
 def test_pulumi_up_waits_for_health_except_for_dev_replicas_following_latest(released_environments):
+    followers = []
     for stage in ("dev", "prod"):
         for container in containers(render(stage, released_environments)):
-            follows_latest = stage == "dev" and "-serving-blue-" in container.name
+            follows_latest = stage == "dev" and label_map(container).get("mlops.model-version") == "latest"
             assert container.inputs.get("wait", False) is not follows_latest, container.name
-            if not follows_latest:
+            if follows_latest:
+                followers.append(container.name)
+            else:
                 assert container.inputs["waitTimeout"] >= 60, container.name
+    assert sorted(followers) == [f"dev-serving-{model}-blue-0" for model in SHIPPED_MODELS]
 
 
 def test_promoted_images_are_pulled_from_the_stages_own_registry_with_its_credentials(released_environments):
@@ -266,9 +290,14 @@ def test_the_stage_secrets_are_secret_everywhere(stage, released_environments):
     named = by_name(resources)
     assert named[f"{stage}-image-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
     assert named[f"{stage}-model-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
-    assert named[f"{stage}-serving-blue-0"].inputs["envs"] == plan.SECRET_PLACEHOLDER
-    if stage == "dev":
-        assert named["dev-training-image-model-push"].inputs["registry"] == plan.SECRET_PLACEHOLDER
+    replicas = [r for r in containers(resources) if label_map(r)["mlops.component"] == "model-serving"]
+    assert len(replicas) == (2 if stage == "dev" else 3)
+    for replica in replicas:
+        assert replica.inputs["envs"] == plan.SECRET_PLACEHOLDER, replica.name
+    pushed = [r for r in resources if r.type == IMAGE and r.name.endswith("-push")]
+    assert len(pushed) == (4 if stage == "dev" else 0)
+    for image in pushed:
+        assert image.inputs["registry"] == plan.SECRET_PLACEHOLDER, image.name
 
 
 def test_each_container_gets_only_the_mlflow_credential_it_needs(released_environments):
@@ -280,7 +309,7 @@ def test_each_container_gets_only_the_mlflow_credential_it_needs(released_enviro
     # The MLflow container derives every user's password from the stage's one secret ...
     assert "MLOPS_MLFLOW_PASSWORD=mlflow-secret" in named["prod-model-registry-server"].inputs["envs"]
     # ... and a replica gets only the reader's.
-    replica = named["prod-serving-blue-0"].inputs["envs"]
+    replica = named["prod-serving-iris-classifier-blue-0"].inputs["envs"]
     assert "MLFLOW_TRACKING_USERNAME=reader" in replica
     assert f"MLFLOW_TRACKING_PASSWORD={derived_password('mlflow-secret', READER)}" in replica
     assert not [env for env in replica if "mlflow-secret" in env]
@@ -301,16 +330,22 @@ def test_secrets_never_reach_exports_and_derived_values_stay_secret():
     def check():
         stack = declare_stack("dev", spec)
         exports = stack.exports()
-        secret_flags = pulumi.Output.all(*[value.is_secret() for value in exports.values()])
-        values = pulumi.Output.all(*exports.values())
+        # `models` is a mapping of Outputs: resolve it whole, secret flags included.
+        outputs = {key: pulumi.Output.from_input(value) for key, value in exports.items()}
+        secret_flags = pulumi.Output.all(*[value.is_secret() for value in outputs.values()])
+        values = pulumi.Output.all(*outputs.values())
 
         def verify(args):
             flags, resolved = args
             assert not any(flags), f"{stack.urn}: no export is secret"
             for secret in secret_values(config):
                 assert secret not in json.dumps(resolved), "a secret leaked into an export"
-            assert set(exports) >= {"model_registry_url", "image_registry", "serving_endpoint",
-                                    "training_image_digest", "serving_image_digest"}
+            assert set(exports) >= {"network", "model_registry_url", "image_registry", "serving_endpoint", "models"}
+            models = dict(zip(outputs, resolved))["models"]
+            assert {model: sorted(digests) for model, digests in models.items()} == {
+                model: ["serving_image_digest", "training_image", "training_image_digest"] for model in SHIPPED_MODELS}
+            for model, digests in models.items():
+                assert f"/dev/{model}-training:" in digests["training_image"], digests
 
         return pulumi.Output.all(secret_flags, values).apply(verify)
 
@@ -356,23 +391,74 @@ def test_content_tag_changes_exactly_when_inputs_change(tmp_path, monkeypatch):
     assert images.content_tag("ctx", amd64) != with_wheel
 
 
-def test_green_release_gets_its_share_of_traffic(released_environments):
+def promote_diabetes_regressor(environments, stage: str) -> None:
+    """`stage` serves diabetes-regressor next to the fixture's iris-classifier."""
     import yaml
 
+    file = environments / f"{stage}.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["models"]["diabetes-regressor"]["release"] = {
+        "version": 2, "sha256": "5" * 64,
+        "images": {role: pinned_image(stage, f"diabetes-regressor-{role}", "sha256:" + digit * 64)
+                   for role, digit in (("training", "6"), ("serving", "7"))}}
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def test_green_release_gets_its_share_of_traffic_of_its_model_only(released_environments):
+    import yaml
+
+    promote_diabetes_regressor(released_environments, "staging")
     file = released_environments / "staging.yaml"
     data = yaml.safe_load(file.read_text())
-    data["serving"]["traffic"] = {"blue": 90, "green": 10}
-    data["serving"]["green"] = {"model": {"name": "iris-classifier", "version": 5, "sha256": "4" * 64}}
+    data["models"]["iris-classifier"] |= {"traffic": {"blue": 90, "green": 10},
+                                          "green": {"version": 5, "sha256": "4" * 64}}
     file.write_text(yaml.safe_dump(data))
-    named = by_name(render("staging", released_environments, reveal_secrets=True))
-    assert "MODEL_VERSION=5" in named["staging-serving-green-1"].inputs["envs"]
-    assert label_map(named["staging-serving-green-1"])["mlops.model-version"] == "5"
-    [routed] = gateway_models(named["staging-serving-gateway"])
-    assert routed["weights"] == {"blue": 90, "green": 10}
-    assert routed["green"] == ["staging-serving-green-0:8080", "staging-serving-green-1:8080"]
+    resources = render("staging", released_environments, reveal_secrets=True)
+    named = by_name(resources)
+    for index in (0, 1):
+        green = named[f"staging-serving-iris-classifier-green-{index}"]
+        assert green.inputs["name"] == f"staging-iris-classifier-green-{index}"
+        assert {"MODEL_NAME=iris-classifier", "MODEL_VERSION=5", f"MODEL_SHA256={'4' * 64}"} <= set(green.inputs["envs"])
+        assert label_map(green)["mlops.model-version"] == "5"
+        # Without a serving image of its own, green runs blue's.
+        assert green.inputs["image"] == named[f"staging-serving-iris-classifier-blue-{index}"].inputs["image"]
+    replicas = sorted(r.name for r in containers(resources) if label_map(r)["mlops.component"] == "model-serving")
+    assert replicas == ["staging-serving-diabetes-regressor-blue-0", "staging-serving-diabetes-regressor-blue-1",
+                        "staging-serving-iris-classifier-blue-0", "staging-serving-iris-classifier-blue-1",
+                        "staging-serving-iris-classifier-green-0", "staging-serving-iris-classifier-green-1"]
+    assert "MODEL_VERSION=2" in named["staging-serving-diabetes-regressor-blue-0"].inputs["envs"]
+    assert "staging-serving-iris-classifier-green-image" not in named
+    # The gateway routes each model to its own pools, by its own weights.
+    assert sorted(gateway_models(named["staging-serving-gateway"]), key=lambda routed: routed["name"]) == [
+        {"name": "diabetes-regressor", "blue": ["staging-diabetes-regressor-blue-0:8080",
+                                                "staging-diabetes-regressor-blue-1:8080"],
+         "green": [], "weights": {"blue": 100, "green": 0}},
+        {"name": "iris-classifier", "blue": ["staging-iris-classifier-blue-0:8080", "staging-iris-classifier-blue-1:8080"],
+         "green": ["staging-iris-classifier-green-0:8080", "staging-iris-classifier-green-1:8080"],
+         "weights": {"blue": 90, "green": 10}}]
 
 
-def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp_path, monkeypatch):
+def test_a_green_serving_image_is_pulled_for_its_model_only(released_environments):
+    import yaml
+
+    promote_diabetes_regressor(released_environments, "staging")
+    green_image = pinned_image("staging", "iris-classifier-serving", "sha256:" + "8" * 64)
+    file = released_environments / "staging.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["models"]["iris-classifier"] |= {"traffic": {"blue": 50, "green": 50}, "green": {
+        "version": 5, "sha256": "4" * 64, "serving_image": green_image}}
+    file.write_text(yaml.safe_dump(data))
+    named = by_name(render("staging", released_environments))
+    assert named["staging-serving-iris-classifier-green-image"].inputs["name"] == green_image
+    assert "staging-serving-iris-classifier-green-image" in named["staging-serving-iris-classifier-green-0"].dependencies
+    assert "staging-serving-iris-classifier-green-image" not in named["staging-serving-iris-classifier-blue-0"].dependencies
+    assert not [name for name in named if "diabetes-regressor-green" in name]
+
+
+@pytest.fixture
+def project_copy(tmp_path, monkeypatch):
+    """The build contexts and model projects copied to `tmp_path`, which is the project worked on: a test may
+    edit them."""
     import shutil
 
     from components import images
@@ -381,22 +467,81 @@ def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(tmp
     for folder in ("images", "models"):
         shutil.copytree(REPO_ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("wheels"))
     monkeypatch.setattr(images, "project_root", lambda: tmp_path)
+    return tmp_path
 
-    def changed_by(edited: Path) -> list[str]:
-        before = {r.name: r.inputs for r in render("dev")}
-        assert before == {r.name: r.inputs for r in render("dev")}, "an unchanged context must change nothing"
-        edited.write_text(edited.read_text() + "\n# a change\n")
-        after = {r.name: r.inputs for r in render("dev")}
-        assert before["dev-serving-blue-0"]["image"] != after["dev-serving-blue-0"]["image"]
-        return sorted(name for name in before if before[name] != after[name])
 
-    # The platform's serving image, and the model's serving image on it.
-    assert changed_by(tmp_path / "images" / "serving" / "Dockerfile") == [
-        "dev-serving-blue-0", "dev-serving-image", "dev-serving-image-model", "dev-serving-image-model-push"]
-    # The model's project: both of its images, not the platform's.
-    assert changed_by(tmp_path / "models" / "iris-classifier" / "iris_model" / "train.py") == [
-        "dev-serving-blue-0", "dev-serving-image-model", "dev-serving-image-model-push",
-        "dev-training-image-model", "dev-training-image-model-push"]
+def inputs_changed_by(edited: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """dev's rendered inputs by resource before and after appending a line to `edited`."""
+    before = {r.name: r.inputs for r in render("dev")}
+    assert before == {r.name: r.inputs for r in render("dev")}, "an unchanged context must change nothing"
+    edited.write_text(edited.read_text() + "\n# a change\n")
+    return before, {r.name: r.inputs for r in render("dev")}
+
+
+def changed_names(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
+    assert before.keys() == after.keys()
+    changed = sorted(name for name in before if before[name] != after[name])
+    for name in changed:
+        if "-blue-" in name:  # a replica changes by the image it runs, nothing else
+            assert [key for key in before[name] if before[name][key] != after[name][key]] == ["image"], name
+    return changed
+
+
+def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(project_copy):
+    # The serving platform: every model's serving image stands on it.
+    assert changed_names(*inputs_changed_by(project_copy / "images" / "serving" / "Dockerfile")) == sorted([
+        "dev-serving-oip-platform", *(f"dev-serving-{model}-{suffix}" for model in SHIPPED_MODELS
+                                      for suffix in ("blue-0", "image", "image-push"))])
+    # The training platform: every model's training image, and no container.
+    assert changed_names(*inputs_changed_by(project_copy / "images" / "training" / "Dockerfile")) == sorted([
+        "dev-training-platform", *(f"dev-{model}-training-image{push}" for model in SHIPPED_MODELS
+                                   for push in ("", "-push"))])
+    # A model's project: both of its images, not the platforms'.
+    assert changed_names(*inputs_changed_by(project_copy / "models" / "iris-classifier" / "iris_model" / "train.py")) == [
+        "dev-iris-classifier-training-image", "dev-iris-classifier-training-image-push",
+        "dev-serving-iris-classifier-blue-0", "dev-serving-iris-classifier-image",
+        "dev-serving-iris-classifier-image-push"]
+
+
+def test_a_change_in_one_models_project_rebuilds_that_models_images_only(project_copy):
+    before, after = inputs_changed_by(project_copy / "models" / "diabetes-regressor" / "diabetes_model" / "train.py")
+    rebuilt = ["dev-diabetes-regressor-training-image", "dev-diabetes-regressor-training-image-push",
+               "dev-serving-diabetes-regressor-image", "dev-serving-diabetes-regressor-image-push"]
+    assert changed_names(before, after) == sorted([*rebuilt, "dev-serving-diabetes-regressor-blue-0"])
+    for name in rebuilt:
+        # A new content tag, in the same repository.
+        (old_repository, old_tag), (new_repository, new_tag) = (
+            inputs[name]["imageName"].rsplit(":", 1) for inputs in (before, after))
+        assert old_repository == new_repository and old_tag != new_tag, name
+        assert after[name]["build"]["context"] == "models/diabetes-regressor"
+    # iris-classifier's images and replicas are the same bytes: nothing of it is rebuilt or replaced.
+    untouched = [name for name in before if "iris-classifier" in name]
+    assert len(untouched) >= 6
+    assert {name: json.dumps(before[name], sort_keys=True) for name in untouched} \
+        == {name: json.dumps(after[name], sort_keys=True) for name in untouched}
+
+
+@pytest.mark.parametrize("models", [("iris-classifier",), SHIPPED_MODELS])
+def test_the_platform_images_are_built_once_per_stage_whatever_the_number_of_models(environments, models):
+    import yaml
+
+    file = environments / "dev.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["models"] = {model: {"release": {"version": "latest"}} for model in models}
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+    resources = render("dev", environments)
+    named = by_name(resources)
+    platforms = {r.name: r for r in resources if r.type == IMAGE and r.name.endswith("-platform")}
+    assert sorted(platforms) == ["dev-serving-oip-platform", "dev-training-platform"]
+    assert {r.parent for r in platforms.values()} == {"dev"}
+    model_images = [r for r in resources if r.type == IMAGE and r.inputs["build"]["context"].startswith("models/")]
+    assert sorted(r.name for r in model_images) == sorted(
+        f"{image}{push}" for model in models
+        for image in (f"dev-{model}-training-image", f"dev-serving-{model}-image") for push in ("", "-push"))
+    for image in model_images:
+        platform = "dev-training-platform" if "-training-image" in image.name else "dev-serving-oip-platform"
+        assert platform in image.dependencies, image.name
+        assert image.inputs["build"]["args"]["PLATFORM_IMAGE"] == named[platform].inputs["imageName"], image.name
 
 
 def test_the_pulumi_entry_point_declares_what_plan_renders():
@@ -420,52 +565,81 @@ def test_the_pulumi_entry_point_reports_a_bad_spec_without_a_traceback(environme
     from mlops_spec import loading
     from mlops_spec.project import REPO_ROOT
 
-    (environments / "prod.yaml").write_text((environments / "prod.yaml").read_text().replace("replicas: 3", "replicas: 1"))
+    lines = (environments / "prod.yaml").read_text().splitlines()
+    line = lines.index("  replicas: 3") + 1
+    lines[line - 1] = "  replicas: 1"
+    (environments / "prod.yaml").write_text("\n".join(lines) + "\n")
     # The entry point reads the shipped environments/; point its default at the broken copy.
     monkeypatch.setattr(loading.load_stages, "__defaults__", (environments,))
     plan.mock_runtime("prod")
-    with pytest.raises(pulumi.RunError, match=r"prod.yaml:19: serving.replicas: prod serves with at least 2 replicas"):
+    with pytest.raises(pulumi.RunError, match=rf"prod.yaml:{line}: serving.replicas: prod serves each model with at "
+                                              r"least 2 replicas, got 1") as raised:
         runpy.run_path(str(REPO_ROOT / "__main__.py"))
+    assert "Traceback" not in str(raised.value)
+
+
+def declare_in_dev(environments, model: str, **settings) -> None:
+    """dev.yaml with `settings` (replicas, sampling, batching, ...) added to `model`'s declaration."""
+    import yaml
+
+    file = environments / "dev.yaml"
+    data = yaml.safe_load(file.read_text())
+    data["models"][model] |= settings
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def serving_replicas(named: dict[str, plan.PlannedResource], model: str) -> list[plan.PlannedResource]:
+    return [named[name] for name in sorted(named) if name.startswith(f"dev-serving-{model}-blue-")]
 
 
 def test_the_datasets_volume_of_a_single_host_stage_and_the_samples_volume_when_sampling_is_declared(environments):
-    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text().replace(
-        "  build: images/serving", "  build: images/serving\n  replicas: 2\n  sampling: {fraction: 0.25, max_mb: 3}"))
+    declare_in_dev(environments, "iris-classifier", replicas=2, sampling={"fraction": 0.25, "max_mb": 3})
     named = by_name(render("dev", environments, reveal_secrets=True))
     for volume, physical in (("datasets", "dev-datasets"), ("samples", "dev-samples")):
         declared = named[f"dev-artifact-store-{volume}"]
         assert (declared.type, declared.inputs["name"], declared.parent) == (VOLUME, physical, "dev-artifact-store")
         assert declared.retain_on_delete and not declared.protect
         assert label_map(declared) == {"mlops.stack": "dev", "mlops.stage": "dev", "mlops.component": "artifact-store"}
-    for index in (0, 1):
-        replica = named[f"dev-serving-blue-{index}"].inputs
+    sampled = serving_replicas(named, "iris-classifier")
+    assert [replica.name for replica in sampled] == ["dev-serving-iris-classifier-blue-0",
+                                                     "dev-serving-iris-classifier-blue-1"]
+    for index, replica in enumerate(sampled):
+        inputs = replica.inputs
         # Mounted writable (no readOnly in the mount) on the read-only root: each replica appends to its own file.
-        assert replica["volumes"] == [{"volumeName": "dev-samples", "containerPath": "/data/samples"}]
-        assert (replica["readOnly"], replica["user"]) == (True, "10001:10001")
-        assert {"SAMPLE_FRACTION=0.25", f"SAMPLES_FILE=/data/samples/dev-serving-blue-{index}.jsonl",
-                f"SAMPLES_MAX_BYTES={3 * 1024 * 1024}"} <= set(replica["envs"])
+        assert inputs["volumes"] == [{"volumeName": "dev-samples", "containerPath": "/data/samples"}]
+        assert (inputs["readOnly"], inputs["user"]) == (True, "10001:10001")
+        assert {"SAMPLE_FRACTION=0.25", f"SAMPLES_FILE=/data/samples/dev-iris-classifier-blue-{index}.jsonl",
+                f"SAMPLES_MAX_BYTES={3 * 1024 * 1024}"} <= set(inputs["envs"])
+    # Sampling is the model's: the other model's replicas keep nothing, and the gateway mounts nothing.
+    [unsampled] = serving_replicas(named, "diabetes-regressor")
+    assert "volumes" not in unsampled.inputs
+    assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in unsampled.inputs["envs"])
     assert "volumes" not in named["dev-serving-gateway"].inputs
 
 
-def test_declared_batching_reaches_every_replica_and_only_then(environments):
-    (environments / "dev.yaml").write_text((environments / "dev.yaml").read_text().replace(
-        "  build: images/serving", "  build: images/serving\n  replicas: 2\n"
-                                   "  batching: {max_batch_size: 32, max_batch_time_ms: 2.5}"))
+def test_declared_batching_reaches_every_replica_of_its_model_and_only_then(environments):
+    declare_in_dev(environments, "diabetes-regressor", replicas=2,
+                   batching={"max_batch_size": 32, "max_batch_time_ms": 2.5})
     batched = by_name(render("dev", environments, reveal_secrets=True))
-    for index in (0, 1):
-        assert {"MAX_BATCH_SIZE=32", "MAX_BATCH_TIME_MS=2.5"} <= set(batched[f"dev-serving-blue-{index}"].inputs["envs"])
-    unbatched = by_name(render("dev", reveal_secrets=True))
-    assert not any(str(entry).startswith("MAX_BATCH") for entry in unbatched["dev-serving-blue-0"].inputs["envs"])
+    replicas = serving_replicas(batched, "diabetes-regressor")
+    assert len(replicas) == 2
+    for replica in replicas:
+        assert {"MAX_BATCH_SIZE=32", "MAX_BATCH_TIME_MS=2.5"} <= set(replica.inputs["envs"]), replica.name
+    for unbatched in (serving_replicas(batched, "iris-classifier")[0],
+                      by_name(render("dev", reveal_secrets=True))["dev-serving-diabetes-regressor-blue-0"]):
+        assert not any(str(entry).startswith("MAX_BATCH") for entry in unbatched.inputs["envs"]), unbatched.name
 
 
 @pytest.mark.parametrize("stage", ["dev", "staging", "prod"])
 def test_no_shipped_stage_samples_requests(stage, released_environments):
     spec = load_stages([stage], released_environments)[0]
-    assert spec.serving.sampling is None
+    assert spec.models and all(deployment.sampling is None for deployment in spec.models.values())
+    assert not spec.samples
     resources = render(stage, released_environments, reveal_secrets=True)
     assert not [r for r in resources if r.type == VOLUME and r.inputs["name"] == f"{stage}-samples"]
     assert [r.inputs["name"] for r in resources if r.type == VOLUME and r.name.endswith("-datasets")] == [f"{stage}-datasets"]
-    for replica in containers(resources):
-        if "-serving-" in replica.name:
-            assert "volumes" not in replica.inputs, replica.name
-            assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in replica.inputs["envs"])
+    replicas = [r for r in containers(resources) if label_map(r)["mlops.component"] == "model-serving"]
+    assert replicas
+    for replica in replicas:
+        assert "volumes" not in replica.inputs, replica.name
+        assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in replica.inputs["envs"])
