@@ -283,8 +283,8 @@ def test_a_services_replacement_deletes_it_first_so_it_never_collides_with_itsel
 
     cluster = render("cluster", load_stage("cluster"))
     services = [r for r in cluster if r.type == SERVICE]
-    assert len(services) == 5 and all(service.delete_before_replace for service in services)
-    blue = next(service for service in services if service.name == "cluster-serving-blue")
+    assert len(services) == 6 and all(service.delete_before_replace for service in services)
+    blue = next(service for service in services if service.name == "cluster-serving-iris-classifier-blue")
     changes, _ = compare(cluster, [relabelled(r) if r is blue else r for r in cluster], "cluster", "cluster")
     [change] = changes
     assert (change.action, change.delete_before_replace, change.collision) == ("replace", True, None)
