@@ -136,7 +136,7 @@ def test_a_bad_monitoring_value_is_one_line_naming_file_line_and_field(environme
                                            + "monitoring:\n  port: {host_port: 9390}\n  drift_threshold: high\n")
     with pytest.raises(SpecError) as raised:
         load_stage("dev", environments)
-    assert str(raised.value).endswith("dev.yaml:16: monitoring.drift_threshold: Input should be a valid number, "
+    assert str(raised.value).endswith("dev.yaml:19: monitoring.drift_threshold: Input should be a valid number, "
                                       "unable to parse string as a number (got 'high')")
 
 
