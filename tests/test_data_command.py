@@ -141,11 +141,13 @@ IRIS_HEADER = "sepal length (cm),sepal width (cm),petal length (cm),petal width 
 
 @pytest.fixture
 def added(monkeypatch):
-    """What `mlops data add` ran in the stage: (model, volume, mount, read_only, command, the bytes piped in)."""
+    """What `mlops data add` ran in the stage: (model, volume, mount, read_only, command, the bytes piped in, read
+    from the file's descriptor as the container's `docker run -i` reads them)."""
     runs = []
 
     def run_in_stage(spec, model, environments, volume, mount, read_only, command, stdin=None, refused=""):
-        runs.append((model, volume, mount, read_only, command, stdin.read()))
+        piped = subprocess.run(["cat"], stdin=stdin, capture_output=True, check=True).stdout
+        runs.append((model, volume, mount, read_only, command, piped))
         return subprocess.CompletedProcess([], 0, b"ADDED name=" + NEWEST.encode() + b".csv rows=1\n", b"")
     monkeypatch.setattr(data, "run_in_stage", run_in_stage)
     return runs

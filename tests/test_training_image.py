@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.engine_facts import DockerCli
 from components.images import MODEL_DOCKERFILE, BuildSettings, built_image_name, model_image_name, model_layer
 from components.workload import http_probe
 from mlops.modelstore import BasicAuth
@@ -56,13 +57,20 @@ def build(context: Path, tag: str, *options: str, build_args: dict[str, str] | N
     return uncached_steps(built.stdout + built.stderr)
 
 
+def local_build_settings() -> BuildSettings:
+    """What the program and `mlops train` build with on this engine: the base image by tag and by its ID here."""
+    return BuildSettings(base_image=BASE_IMAGE, platform="linux/amd64",
+                         base_image_id=DockerCli("tests", "unix:///var/run/docker.sock").image_id(BASE_IMAGE))
+
+
 def build_model_image(stack: str, model: str, image: str, target: str | None = None) -> tuple[str, str]:
     """Platform image `image` (at `target`) and model `model`'s layer on it, as the stack builds them
     (components/images.py): returns (platform image, model image), both by their content-tagged names."""
-    settings = BuildSettings(base_image=BASE_IMAGE, platform="linux/amd64")
+    settings = local_build_settings()
     context = f"images/{image}"
     layer = model_layer(stack, image, context, settings, model, target)
-    build(REPO_ROOT / context, layer.platform_image, *(["--target", target] if target else []))
+    build(REPO_ROOT / context, layer.platform_image, *(["--target", target] if target else []),
+          build_args=settings.build_args)
     model_image = model_image_name(stack, image, context, settings, model, target=target)
     build(REPO_ROOT / layer.context, model_image, "--file", str(REPO_ROOT / MODEL_DOCKERFILE),
           build_args=layer.build_args)
@@ -157,7 +165,7 @@ def training_stack(docker_engine, tmp_path_factory):
     """A test stage whose training image and hardened MLflow server run like the stack's, named t-train-*."""
     stack = f"t-train-{uuid.uuid4().hex[:6]}"
     environments = stage_environments(tmp_path_factory.mktemp("training") / "environments", stack, "iris-classifier")
-    settings = BuildSettings(base_image=BASE_IMAGE, platform="linux/amd64")
+    settings = local_build_settings()
     mlflow_image = built_image_name(stack, "mlflow", "images/mlflow", settings)
     images = [mlflow_image]
     labels = ["--label", f"mlops.stack={stack}"]

@@ -169,7 +169,9 @@ def add(file: Path = typer.Argument(..., help="a CSV file: the model's feature n
     spec = single_host_spec(stage, environments)
     model = stage_model(spec, model, environments)
     try:
-        handle = open(file, "rb")
+        # Unbuffered: the container reads the file from its descriptor, which is where this process's reads left
+        # it only without a buffer in between.
+        handle = open(file, "rb", buffering=0)
     except OSError as err:
         raise fail(f"{file}: {err.strerror}", BAD_INPUT_EXIT) from None
     with handle:
