@@ -44,7 +44,7 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
             if context is not None:
                 broken.append((path, f"{spec.kind} never builds workload images (build once, promote by digest); remove it"))
     for name, deployment in sorted(spec.models.items()):
-        broken.extend(model_problems(spec, f"models.{name}", deployment))
+        broken.extend(model_problems(spec, name, deployment))
     if spec.kind in ("staging", "prod"):
         for path, image in spec.images().items():
             ref = image.ref if isinstance(image, ImageSource) else image
@@ -75,11 +75,11 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
     return broken
 
 
-def model_problems(spec: StageSpec, path: str, deployment: ModelDeployment) -> list[tuple[str, str]]:
-    """Rules of one model of the stage; `path` is where the stage file declares it (models.<name>)."""
+def model_problems(spec: StageSpec, name: str, deployment: ModelDeployment) -> list[tuple[str, str]]:
+    """Rules of the stage's model `name`, which the stage file declares at models.<name>."""
     broken: list[tuple[str, str]] = []
+    path = f"models.{name}"
     release, green = deployment.release, deployment.green
-    name = path.rpartition(".")[2]
     longest = f"{serving_name(spec.stage, name, 'green')}-{MAX_REPLICAS - 1}"
     if len(longest) > MAX_DNS_LABEL:
         broken.append((path, f"replica names such as {longest} would be longer than {MAX_DNS_LABEL} characters, "
