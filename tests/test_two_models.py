@@ -36,6 +36,7 @@ from sklearn.preprocessing import FunctionTransformer
 from mlops.modelstore import BasicAuth, MlflowStore
 from mlops_spec.contract import MLFLOW_PASSWORD, READER, TRAINER, derived_password, rollout_folder, secret_variable
 from mlops_spec.loading import load_stages
+from mlops_spec.models import StageSpec
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
@@ -57,6 +58,16 @@ def infer_body(rows: np.ndarray) -> dict:
     return {"inputs": [{"name": "input-0", "shape": list(rows.shape), "datatype": "FP64", "data": rows.ravel().tolist()}]}
 
 
+def write_stage(environments: Path, name: str, ports: dict[str, int], models: dict[str, dict]) -> StageSpec:
+    """Stage `name`, a private copy of dev with monitoring and `models` (each model's entry), as loaded."""
+    spec = private_copy_of_dev(name, ports, models=(CLASSIFIER, REGRESSOR))
+    spec["monitoring"] = {"port": {"host_port": ports["prometheus"]}, "scrape_interval_s": 1,
+                          "evaluation_interval_s": 1, "drift_window_rows": 200}
+    spec["models"] = models
+    (environments / f"{name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return load_stages([name], environments)[0]
+
+
 @dataclass
 class TwoModelStage:
     name: str
@@ -72,12 +83,7 @@ class TwoModelStage:
 
     def declare(self, models: dict[str, dict]) -> None:
         """The stage file with `models` (each model's entry), deployed as `pulumi up` of the edited file would."""
-        spec = private_copy_of_dev(self.name, self.ports, models=(CLASSIFIER, REGRESSOR))
-        spec["monitoring"] = {"port": {"host_port": self.ports["prometheus"]}, "scrape_interval_s": 1,
-                              "evaluation_interval_s": 1, "drift_window_rows": 200}
-        spec["models"] = models
-        (self.environments / f"{self.name}.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-        self.engine.spec = load_stages([self.name], self.environments)[0]
+        self.engine.spec = write_stage(self.environments, self.name, self.ports, models)
         self.engine.deploy()
 
     def released(self, model: str) -> dict:
@@ -107,13 +113,15 @@ def stage(docker_engine, tmp_path_factory):
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     name = f"t-two-{uuid.uuid4().hex[:6]}"
     ports = {role: free_port() for role in ("mlflow", "registry", "gateway", "prometheus")}
-    engine = StageOnEngine(stack=name, spec=load_stages(["dev"], environments)[0], registry_password=uuid.uuid4().hex)
+    following_latest = {model: {"release": {"version": "latest"}} for model in (CLASSIFIER, REGRESSOR)}
+    engine = StageOnEngine(stack=name, spec=write_stage(environments, name, ports, following_latest),
+                           registry_password=uuid.uuid4().hex)
     # `mlops train` reads the stage's MLflow secret as CI provides it.
     variable = secret_variable(MLFLOW_PASSWORD, name)
     os.environ[variable] = engine.mlflow_password
     created = TwoModelStage(name, environments, ports, engine)
     try:
-        created.declare({model: {"release": {"version": "latest"}} for model in (CLASSIFIER, REGRESSOR)})
+        engine.deploy()
         for model in (CLASSIFIER, REGRESSOR):
             created.registered[model] = train(name, environments, "--model", model)
             assert created.registered[model]["name"] == model
