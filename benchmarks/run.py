@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from benchmarks import binary, machine, overhead, rebuilds, serving, spinup, swarm, telemetry
+from benchmarks import binary, gateway_hop, machine, overhead, rebuilds, serving, spinup, swarm, telemetry
 from benchmarks.report import Figure
 from mlops_spec.project import REPO_ROOT
 
@@ -26,9 +26,10 @@ FIGURES: dict[str, tuple[str, Callable[[], Figure]]] = {
     "binary": ("Binary tensor data against JSON", binary.measure),
     "telemetry": ("Telemetry: input drift scoring", telemetry.measure),
     "swarm": ("Swarm: requests/s on 1, 2 and 3 nodes", swarm.measure),
+    "hop": ("The gateway hop", gateway_hop.measure),
 }
 # Rebuilds first: its builds leave every image in the cache that spin-up and serving then build from.
-RUN_ORDER = ("overhead", "rebuilds", "spinup", "serving", "binary", "telemetry", "swarm")
+RUN_ORDER = ("overhead", "rebuilds", "spinup", "serving", "hop", "binary", "telemetry", "swarm")
 
 
 def git_revision() -> str:

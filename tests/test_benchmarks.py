@@ -9,7 +9,7 @@ import threading
 import pytest
 from sklearn.datasets import load_diabetes
 
-from benchmarks import builds, loadgen, model, overhead, rebuilds, serving, stage
+from benchmarks import builds, gateway_hop, loadgen, model, overhead, rebuilds, serving, stage
 from mlops import plan
 
 CLASSIC_BUILD_OUTPUT = """\
@@ -141,7 +141,7 @@ def test_serving_table_compares_against_the_fastest_competitor():
                for label, competitor in labels.items()]
     rates = {"gateway": 300.0, "direct": 400.0, "mlserver": 100.0, "mlflow": 150.0}
     samples = {serving.Cell(label, rows, connections): [loadgen.LoadResult(rate, 1.0, 2.0)] * 2
-               for label, rate in rates.items() for rows in serving.ROWS for connections in serving.CONCURRENCY}
+               for label, rate in rates.items() for rows, connections in serving.CELLS}
     rows_per_call = {cell: [1.0, 4.0, 9.0] for cell in samples if cell.server == "direct"}
     figure = serving.table(servers, samples, rounds=2, duration_s=1, rows_per_call=rows_per_call)
     assert len(figure.rows) == len(samples)
@@ -160,13 +160,87 @@ def test_serving_table_holds_the_two_model_gateway_against_the_single_model_one(
                serving.Server("mlserver", "http://unused", serving.v2_body, serving.v2_predictions, True)]
     rates = {"gateway": 300.0, "gateway, two models": 291.0, "mlserver": 100.0}
     samples = {serving.Cell(label, rows, connections): [loadgen.LoadResult(rate, 1.0, 2.0)]
-               for label, rate in rates.items() for rows in serving.ROWS for connections in serving.CONCURRENCY}
+               for label, rate in rates.items() for rows, connections in serving.CELLS}
     figure = serving.table(servers, samples, rounds=1, duration_s=1)
     assert [row[2] for row in figure.rows[:3]] == list(rates)
     note = next(note for note in figure.notes if note.startswith("gateway, two models against gateway"))
-    assert note.count("0.97×") == len(serving.ROWS) * len(serving.CONCURRENCY)
+    assert note.count("0.97×") == len(serving.CELLS)
     assert note.endswith("Goal (at least 0.95× in every cell): met.")
     samples[serving.Cell("gateway, two models", 100, 32)] = [loadgen.LoadResult(270.0, 1.0, 2.0)]
     missed = serving.table(servers, samples, rounds=1, duration_s=1)
     assert "100 row(s) at concurrency 32: 0.90×" in missed.notes[1] and missed.notes[1].endswith("missed.")
     assert "0.95×" in missed.goal
+
+
+def _servers_for_batching_goals(gateway_limit: int | None = None) -> list[serving.Server]:
+    def server(label: str, **fields) -> serving.Server:
+        return serving.Server(label, "http://unused", serving.v2_body, serving.v2_predictions,
+                              fields.pop("competitor", False), **fields)
+    return [server("gateway", max_connections=gateway_limit),
+            server("direct"),
+            server("direct, batching", batching_of="direct"),
+            server("stock", competitor=True, stock_mlserver=True),
+            server("stock, batching", competitor=True, stock_mlserver=True),
+            server("mlflow", competitor=True)]
+
+
+def test_gateway_rows_stop_at_its_limit_per_client_and_the_rest_are_measured_at_every_cell():
+    servers = _servers_for_batching_goals(gateway_limit=32)
+    samples = {serving.Cell(server.label, rows, connections): [loadgen.LoadResult(100.0, 1.0, 2.0)]
+               for server in servers for rows, connections in serving.CELLS if server.measured_at(connections)}
+    figure = serving.table(servers, samples, rounds=1, duration_s=1)
+    at_128 = [row[2] for row in figure.rows if row[1] == "128"]
+    assert at_128 == ["direct", "direct, batching", "stock", "stock, batching", "mlflow"]
+    assert [row[2] for row in figure.rows if row[1] == "32"].count("gateway") == 2  # 1 and 100 rows
+
+
+def test_batching_goals_are_judged_from_the_cells_they_name():
+    servers = _servers_for_batching_goals()
+    # p50 and p99 by server; requests/s by server and concurrency.
+    rate = {"gateway": 3000.0, "direct": 2500.0, "direct, batching": 8500.0, "stock": 1000.0,
+            "stock, batching": 1100.0, "mlflow": 800.0}
+    samples = {serving.Cell(label, rows, connections): [loadgen.LoadResult(value, 1.0, 10.0)]
+               for label, value in rate.items() for rows, connections in serving.CELLS}
+    samples[serving.Cell("direct, batching", 1, 1)] = [loadgen.LoadResult(2500.0, 1.05, 10.0 + serving.MAX_BATCH_TIME_MS)]
+    notes = serving.batching_verdicts(servers, samples)
+    assert notes[0].startswith("At concurrency 32, 1 row: gateway answers 2.73× the requests/s of the faster stock "
+                               "MLServer (stock, batching)") and notes[0].endswith("met.")
+    assert "8500 requests/s per CPU; goal > 8000: met." in notes[1]
+    assert notes[2].endswith("goal within 10 %: met.") and "1.05 ms with batching, 1.00 ms without" in notes[2]
+    assert notes[3].endswith("goal within it at every concurrency: met.")
+
+    samples[serving.Cell("stock, batching", 1, 32)] = [loadgen.LoadResult(1500.0, 1.0, 10.0)]
+    samples[serving.Cell("direct, batching", 1, 32)] = [loadgen.LoadResult(7900.0, 1.0, 12.5)]
+    samples[serving.Cell("direct, batching", 1, 1)] = [loadgen.LoadResult(2500.0, 1.2, 10.0)]
+    missed = serving.batching_verdicts(servers, samples)
+    assert [note.rsplit(" ", 1)[1] for note in missed] == ["missed."] * 4
+    assert "concurrency 32: 12.50 ms vs 12.00 ms" in missed[3]
+
+
+def test_hop_figure_counts_only_processes_that_ran_through_the_measurement():
+    before = {"gateway": {10: ("nginx", 100), 11: ("nginx", 5), 12: ("python3", 50), 13: ("python3", 7)},
+              "replica": {20: ("python", 1000)}}
+    # 13 (a health check) ended, 14 started meanwhile: neither is counted.
+    after = {"gateway": {10: ("nginx", 200), 11: ("nginx", 5), 12: ("python3", 70), 14: ("python3", 30)},
+             "replica": {20: ("python", 1400)}}
+    requests = 1000.0
+    spent = gateway_hop.cpu_per_request(before, after, requests)
+    per_tick_us = 1e6 / gateway_hop.CLOCK_TICKS / requests
+    assert spent == gateway_hop.CpuPerRequest(nginx_us=100 * per_tick_us, exporter_us=20 * per_tick_us,
+                                              replica_us=400 * per_tick_us)
+    direct_only = gateway_hop.cpu_per_request({"replica": before["replica"]}, {"replica": after["replica"]}, requests)
+    assert direct_only.nginx_us == direct_only.exporter_us == 0.0
+
+
+def test_hop_table_holds_each_gateway_path_against_the_replica_directly():
+    paths = [gateway_hop.HopPath("direct", None, None), gateway_hop.HopPath("gateway", None, object()),
+             gateway_hop.HopPath("gateway, own CPU", None, object())]
+    rates = {"direct": 2000.0, "gateway": 1500.0, "gateway, own CPU": 1900.0}
+    results = {(label, connections): [loadgen.LoadResult(rate, 1.0, 2.0)]
+               for label, rate in rates.items() for connections in gateway_hop.CONCURRENCY}
+    cpu = {key: [gateway_hop.CpuPerRequest(110.0, 20.0, 400.0)] for key in results}
+    figure = gateway_hop.table(paths, results, cpu, rounds=1, duration_s=1)
+    assert len(figure.rows) == len(results)
+    assert [row[5] for row in figure.rows[:3]] == ["1.00×", "0.75×", "0.95×"]
+    assert [row[6] for row in figure.rows[:3]] == ["–", "110", "110"]
+    assert figure.notes[0] == "Goal at concurrency 8: gateway: 0.75× (missed); gateway, own CPU: 0.95× (met)."

@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -167,6 +168,39 @@ def test_the_gateway_counts_its_access_log_by_model_slot_and_status_into_histogr
     assert samples[("mlops_gateway_request_duration_seconds_sum", iris_blue)] == pytest.approx(0.203)
     assert sum(value for (name, _), value in samples.items() if name == "mlops_gateway_requests_total") == 4, \
         "a line without its model is not counted"
+
+
+def test_the_gateway_exporter_counts_every_datagram_its_thread_receives_while_it_is_scraped():
+    """nginx's lines arrive as UDP datagrams on one thread while scrapes are answered on another: every line sent
+    is counted once, and a scrape taken meanwhile reads a consistent histogram (its count equals its +Inf bucket)."""
+    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
+    import metrics as gateway_metrics  # noqa: PLC0415 - the gateway image's module, on its own path
+
+    scrape_port, syslog_port = free_port(), free_port()
+    exporter = gateway_metrics.GatewayMetrics()
+    gateway_metrics.serve(exporter, port=scrape_port, syslog=("127.0.0.1", syslog_port))
+    sent = 3000
+    line = b'<190>Dec  6 10:00:00 gateway: {"model":"iris","slot":"blue","status":"200","seconds":"0.002"}'
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{scrape_port}/metrics", timeout=5) as answer:
+            return {sample.name + sample.labels.get("le", ""): sample.value
+                    for family in text_string_to_metric_families(answer.read().decode())
+                    for sample in family.samples}
+
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for number in range(sent):
+        sender.sendto(line, ("127.0.0.1", syslog_port))
+        if number % 500 == 0:
+            midway = scrape()
+            assert midway.get("mlops_gateway_request_duration_seconds_count", 0) == \
+                midway.get("mlops_gateway_request_duration_seconds_bucket+Inf", 0)
+    deadline = time.monotonic() + 10
+    while scrape().get("mlops_gateway_requests_total") != sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    final = scrape()
+    assert final["mlops_gateway_requests_total"] == sent
+    assert final["mlops_gateway_request_duration_seconds_bucket0.0025"] == sent
 
 
 @pytest.fixture(scope="module")

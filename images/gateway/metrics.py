@@ -5,8 +5,10 @@ read-only disk and a slow exporter never holds a request up); this module counts
 pool nginx chose) and status, times them in a histogram, and serves the text format on METRICS_PORT, which the
 gateway publishes nowhere and routes nothing to: Prometheus reaches it on the stage network.
 
-Both run on one event loop in one thread. A thread per scrape connection, with no timeout, let about 4,100
-idle connections use up RLIMIT_NPROC, which counts every uid-10001 task on the host (components/containers.py):
+The lines are read by a thread of their own, blocked in `recv`: an event loop's callbacks per datagram cost
+about 60 µs of the gateway's CPU per proxied request, a blocking `recv` about 20 (BENCHMARKS.md, the gateway
+hop). Scrapes are served on one event loop in another thread. A thread per scrape connection, with no timeout,
+let about 4,100 idle connections use up RLIMIT_NPROC, which counts every uid-10001 task on the host (components/containers.py):
 no container of any stage there could then start a thread or run a health check. Here a connection costs a
 file descriptor, never a thread, and idle ones cannot pile up: one that has not sent its request within
 REQUEST_TIMEOUT_S is closed, and past MAX_WAITING the connection that has waited longest is closed to admit
@@ -32,13 +34,15 @@ DURATION = "mlops_gateway_request_duration_seconds"
 REQUEST_TIMEOUT_S = 10.0
 MAX_WAITING = 64
 MAX_HEAD_BYTES = 8 * 1024
+# nginx sends a syslog message of at most 2 KiB (NGX_SYSLOG_MAX_STR); the lines here are far shorter.
+MAX_LINE_BYTES = 4096
 
 
-class GatewayMetrics(asyncio.DatagramProtocol):
-    """Counts (from the syslog datagrams nginx sends) and exports on one event loop, so nothing here is shared
-    between threads."""
+class GatewayMetrics:
+    """Counts from the syslog datagrams nginx sends; the reading thread records, the scrape thread exports."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.requests: dict[tuple[str, str, str], int] = {}
         # Per model and slot: a count per bucket (the last one is +Inf), the sum and the count.
         self.durations: dict[tuple[str, str], tuple[list[int], list[float]]] = {}
@@ -54,38 +58,36 @@ class GatewayMetrics(asyncio.DatagramProtocol):
         except (ValueError, KeyError, TypeError):
             log.warning("unreadable access-log line %r", line[:200])
             return
-        self.requests[(model, slot, status)] = self.requests.get((model, slot, status), 0) + 1
-        buckets, total = self.durations.setdefault((model, slot), ([0] * (len(BUCKETS) + 1), [0.0]))
-        buckets[bisect_left(BUCKETS, seconds)] += 1
-        total[0] += seconds
+        bucket = bisect_left(BUCKETS, seconds)
+        with self.lock:
+            self.requests[(model, slot, status)] = self.requests.get((model, slot, status), 0) + 1
+            buckets, total = self.durations.setdefault((model, slot), ([0] * (len(BUCKETS) + 1), [0.0]))
+            buckets[bucket] += 1
+            total[0] += seconds
 
     def exposition(self) -> str:
+        with self.lock:
+            requests = sorted(self.requests.items())
+            durations = sorted((key, (list(buckets), total[0])) for key, (buckets, total) in self.durations.items())
         lines = [f"# HELP {REQUESTS} Requests the gateway proxied, by model, slot and HTTP status",
                  f"# TYPE {REQUESTS} counter"]
-        for (model, slot, status), count in sorted(self.requests.items()):
+        for (model, slot, status), count in requests:
             lines.append(f'{REQUESTS}{{model="{model}",slot="{slot}",code="{status}"}} {count}')
         lines += [f"# HELP {DURATION} Time from the client's request to the gateway's response, by model and slot",
                   f"# TYPE {DURATION} histogram"]
-        for (model, slot), (buckets, total) in sorted(self.durations.items()):
+        for (model, slot), (buckets, seconds) in durations:
             labels = f'model="{model}",slot="{slot}"'
             cumulative = 0
             for bound, count in zip((*map(str, BUCKETS), "+Inf"), buckets):
                 cumulative += count
                 lines.append(f'{DURATION}_bucket{{{labels},le="{bound}"}} {cumulative}')
-            lines += [f'{DURATION}_sum{{{labels}}} {total[0]}', f'{DURATION}_count{{{labels}}} {cumulative}']
+            lines += [f'{DURATION}_sum{{{labels}}} {seconds}', f'{DURATION}_count{{{labels}}} {cumulative}']
         return "\n".join(lines) + "\n"
 
-    def datagram_received(self, data: bytes, _address: tuple[str, int]) -> None:
-        self.record(data.decode(errors="replace"))
 
-    def connection_made(self, _transport: asyncio.BaseTransport) -> None:
-        pass
-
-    def error_received(self, error: Exception) -> None:
-        log.warning("receiving access-log lines: %s", error)
-
-    def connection_lost(self, _error: Exception | None) -> None:
-        pass
+def read_access_log(metrics: GatewayMetrics, log_lines: socket.socket) -> None:
+    while True:
+        metrics.record(log_lines.recv(MAX_LINE_BYTES).decode(errors="replace"))
 
 
 class ScrapeServer:
@@ -127,19 +129,18 @@ class ScrapeServer:
         writer.close()
 
 
-async def listen(metrics: GatewayMetrics, syslog: socket.socket, scrapes: socket.socket) -> None:
-    await asyncio.get_running_loop().create_datagram_endpoint(lambda: metrics, sock=syslog)
+async def listen(metrics: GatewayMetrics, scrapes: socket.socket) -> None:
     server = await asyncio.start_server(ScrapeServer(metrics).answer, sock=scrapes, limit=MAX_HEAD_BYTES)
     await server.serve_forever()
 
 
 def serve(metrics: GatewayMetrics, port: int = METRICS_PORT, syslog: tuple[str, int] = SYSLOG_ADDRESS) -> None:
-    """Listen for nginx's log lines and for scrapes on one daemon thread. The ports are bound here, so a port
-    taken fails the gateway's start rather than leave it without metrics."""
+    """Read nginx's log lines on one daemon thread and answer scrapes on another. The ports are bound here, so a
+    port taken fails the gateway's start rather than leave it without metrics."""
     log_lines = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    # Bursts of requests arrive faster than the loop parses them: a large receive buffer keeps lines.
+    # Bursts of requests arrive faster than the thread parses them: a large receive buffer keeps lines.
     log_lines.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
     log_lines.bind(syslog)
     scrapes = socket.create_server(("0.0.0.0", port), backlog=128)
-    threading.Thread(target=asyncio.run, args=(listen(metrics, log_lines, scrapes),), name="metrics",
-                     daemon=True).start()
+    threading.Thread(target=read_access_log, args=(metrics, log_lines), name="access-log", daemon=True).start()
+    threading.Thread(target=asyncio.run, args=(listen(metrics, scrapes),), name="metrics", daemon=True).start()
