@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mlops.commands import data, diff, drift, experiments, parity, promote, specs, status, train
+from mlops.commands import data, diff, drift, experiments, parity, promote, settle, specs, status, train
 from mlops_spec.errors import NotInProject, SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -21,6 +21,7 @@ app.command()(promote.promote)
 app.command()(train.train)
 app.command()(drift.drift)
 app.command()(status.status)
+app.command()(settle.settle)
 app.add_typer(experiments.app, name="exp")
 app.add_typer(data.app, name="data")
 

@@ -9,7 +9,10 @@ node (and be scraped where Swarm moved the replicas), roll forward, roll back, s
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import http.client
+import itertools
 import json
 import os
 import pickle
@@ -24,13 +27,25 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from sklearn.datasets import load_iris
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
 
+from benchmarks.model import MlflowRegistry
 from mlops.modelstore import BasicAuth, MlflowStore
 from mlops.status import stage_status
-from mlops_spec.contract import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, derived_password, secret_variable
+from mlops_spec.contract import (
+    MLFLOW_PASSWORD,
+    READER,
+    REGISTRY_PASSWORD,
+    SERVING_PORT,
+    TRAINER,
+    derived_password,
+    secret_variable,
+)
 from mlops_spec.loading import load_stage
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.cluster import task_states
@@ -47,6 +62,8 @@ SERVING = f"{STAGE}-{MODEL}-blue"
 ROWS = load_iris().data[::10]
 INFER_BODY = json.dumps({"inputs": [{"name": "input-0", "shape": list(ROWS.shape), "datatype": "FP64",
                                      "data": ROWS.ravel().tolist()}]}).encode()
+INFER_BODY_ONE_ROW = json.dumps({"inputs": [{"name": "input-0", "shape": [1, ROWS.shape[1]], "datatype": "FP64",
+                                             "data": ROWS[0].tolist()}]}).encode()
 
 
 class SteadyLoad:
@@ -283,7 +300,9 @@ def test_a_rolling_update_to_a_new_model_version_loses_no_request(swarm_cluster,
     engine, environments, versions, reader = cluster_stage
     with SteadyLoad(swarm_cluster.manager.ip) as load:
         pin(engine, environments, version=2, sha256=versions[2]["sha256"])
-        wait_update_state(engine, "completed", timeout_s=600)
+        settled = settle(environments)
+    assert settled.returncode == 0, settled.stdout + settled.stderr
+    assert f"{SERVING}: update completed" in settled.stdout and "settled" in settled.stdout
     assert load.total >= 50 and load.lost == 0, load.outcomes
     assert serving_env(engine)["MODEL_VERSION"] == "2"
     swarm_cluster.wait_running(SERVING, engine.spec.serving.replicas, timeout_s=60)
@@ -299,6 +318,78 @@ def test_a_model_that_fails_its_sha256_pin_is_rolled_back_while_the_old_one_answ
             pin(engine, environments, version=1, sha256=versions[2]["sha256"])
         wait_update_state(engine, "rollback_completed", timeout_s=60)
     assert load.total >= 50 and load.lost == 0, load.outcomes
+    assert serving_env(engine)["MODEL_VERSION"] == "2"
+    assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 2)
+
+
+def settle(environments: Path) -> subprocess.CompletedProcess[str]:
+    """`mlops settle`, the deploy workflow's step after `pulumi up`."""
+    return subprocess.run([sys.executable, "-m", "mlops", "settle", STAGE, "--environments", str(environments)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+
+
+def late_failing(pipeline: bytes, predictions: int) -> bytes:
+    """`pipeline` behind a first step that hands it a row of zeros for its first `predictions` calls, whatever it
+    was asked, and a string after them: a model that loads, passes its test prediction and its first health checks,
+    then fails every prediction. Built from picklable parts the serving image has (itertools, scikit-learn)."""
+    answers = itertools.chain(itertools.repeat(np.zeros((1, ROWS.shape[1])), predictions), itertools.repeat("fails"))
+    step = FunctionTransformer(functools.partial(next, answers), validate=False)
+    step.n_features_in_ = ROWS.shape[1]
+    return pickle.dumps(Pipeline([("late", step), ("model", pickle.loads(pipeline))]))
+
+
+def healthy_task_container(swarm_cluster, service: str, model_version: str, timeout_s: float = 180):
+    """The container of a running task of `service` that serves `model_version`, once Docker reports it healthy."""
+    deadline = time.monotonic() + timeout_s
+    names = {node.id: node.attrs["Description"]["Hostname"] for node in swarm_cluster.client.nodes.list()}
+    while True:
+        for task in swarm_cluster.client.api.tasks(filters={"service": service, "desired-state": "running"}):
+            env = task["Spec"]["ContainerSpec"].get("Env", [])
+            if f"MODEL_VERSION={model_version}" in env and task["Status"]["State"] == "running":
+                node = swarm_cluster.node(names[task["NodeID"]])
+                container = node.client.containers.get(task["Status"]["ContainerStatus"]["ContainerID"])
+                if container.attrs["State"].get("Health", {}).get("Status") == "healthy":
+                    return container
+        assert time.monotonic() < deadline, (f"no healthy task of {service} serves version {model_version}: "
+                                             f"{task_states(swarm_cluster.client, service)}")
+        time.sleep(1)
+
+
+# Sends the body in argv[2] to the URL in argv[1] ten times, whatever the answers.
+TEN_REQUESTS = """
+import sys, urllib.request
+for _ in range(10):
+    try:
+        urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(),
+                                                      headers={"Content-Type": "application/json"}), timeout=10)
+    except Exception:
+        pass
+"""
+
+
+def test_a_release_that_fails_after_its_first_health_checks_is_rolled_back_after_the_deploy_and_settle_fails(
+        swarm_cluster, cluster_stage):
+    """The provider's converge returns once the service runs its replicas; Swarm watches the updated task for
+    another monitor window and rolls it back when it fails there. `mlops settle` (the step after `pulumi up`)
+    waits that out and fails naming the service, so the deploy does not end green on a spec the cluster dropped."""
+    engine, environments, versions, reader = cluster_stage
+    tracking_uri = f"http://{swarm_cluster.manager.ip}:{MLFLOW_PORT}"
+    payload = late_failing(MlflowStore(tracking_uri, reader).fetch(MODEL, 2).files["model.pkl"], predictions=5)
+    trainer = BasicAuth(TRAINER, derived_password(engine.mlflow_password, TRAINER))
+    version = MlflowRegistry(tracking_uri, trainer).register(MODEL, payload)
+    pin(engine, environments, version=int(version), sha256=hashlib.sha256(payload).hexdigest())
+    assert (engine.client.api.inspect_service(SERVING).get("UpdateStatus") or {}).get("State") == "updating", \
+        "the deploy returned while Swarm still watches the update"
+    replica = healthy_task_container(swarm_cluster, SERVING, version)
+    # A client's requests, sent inside the new task: after the first few its model fails every prediction, the
+    # replica turns unready and its health check fails within Swarm's monitor window.
+    replica.exec_run(["python3", "-c", TEN_REQUESTS, f"http://127.0.0.1:{SERVING_PORT}/v2/models/{MODEL}/infer",
+                      INFER_BODY_ONE_ROW.decode()])
+    settled = settle(environments)
+    assert settled.returncode == 1, settled.stdout + settled.stderr
+    assert f"Swarm rolled back or paused {SERVING} after pulumi up returned" in settled.stderr, settled.stderr
+    assert f"pulumi refresh --stack {STAGE}" in settled.stderr
+    assert f"{SERVING}: update rollback_completed" in settled.stdout, settled.stdout
     assert serving_env(engine)["MODEL_VERSION"] == "2"
     assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 2)
 

@@ -238,3 +238,29 @@ def test_retraining_promotes_the_model_and_version_its_run_registered(tmp_path):
                        env={**os.environ, "BUILDER": "dev", "NEXT": "staging", "REGISTERED": registered})
         assert recorded.read_text().splitlines() == ["promote", "--from", "dev", "--to", "staging", "--model", model,
                                                      "--version", version]
+
+
+def run_settle_step(tmp_path: Path, settle_exit: int) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """pulumi-up.yml's settle step with an `mlops` exiting `settle_exit` and a `pulumi` recording its calls."""
+    import os
+
+    calls = tmp_path / "calls"
+    for tool, exit_code in (("mlops", settle_exit), ("pulumi", 0)):
+        (tmp_path / tool).write_text(f'#!/bin/bash\necho "{tool} $@" >> {calls}\nexit {exit_code}\n')
+        (tmp_path / tool).chmod(0o755)
+    script = run_step("pulumi-up.yml", "up", "settle").replace(".venv/bin/mlops", str(tmp_path / "mlops"))
+    finished = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True,
+                              text=True, env={**os.environ, "STAGE": "cluster",
+                                              "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+    return finished, calls.read_text().splitlines()
+
+
+def test_a_deploy_ends_when_swarm_settled_and_a_late_rollback_fails_it_after_a_refresh(tmp_path):
+    steps = [step.get("id") or step.get("name") for step in load("pulumi-up.yml")["jobs"]["up"]["steps"]]
+    assert steps.index("settle") == steps.index("pulumi up") + 1
+    settled, calls = run_settle_step(tmp_path, settle_exit=0)
+    assert settled.returncode == 0 and calls == ["mlops settle cluster"]
+    (tmp_path / "calls").unlink()
+    rolled_back, calls = run_settle_step(tmp_path, settle_exit=1)
+    assert rolled_back.returncode == 1
+    assert calls == ["mlops settle cluster", "pulumi refresh --yes --non-interactive --stack cluster"]
