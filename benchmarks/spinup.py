@@ -127,7 +127,9 @@ def measure(rounds: int = 3) -> Figure:
                "new stack `bench-spinup-…` on free host ports, created by `tests/engine.py`'s `StageOnEngine.deploy` "
                "from the dev rendering as the provider would: every resource as soon as what it depends on is done "
                "(the SDK's dependency graph), BuildKit builds (all cached), pushes only once the registry container "
-               "is healthy, and every container with `wait` waited for until healthy, as `pulumi up` now does; "
+               "is healthy, each model's push after the previous model's on the same platform image (which "
+               "mounts the platform's layers rather than uploading them again), and every container with `wait` "
+               "waited for until healthy, as `pulumi up` now does; "
                "timed until Docker reports every container healthy (health checks every 5 s, so the figure is "
                "rounded up to the next check). Torn down after each round, untimed. The rows marked a2ae41d are "
                "the figure before health waits, when the fixture ran in phases and dev served one model.",

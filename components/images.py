@@ -30,7 +30,7 @@ import stat
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import pulumi
 import pulumi_docker as docker
@@ -216,6 +216,8 @@ class BuiltImage:
     """The name it goes by: in the stage's registry when pushed."""
     repo_digest: pulumi.Output[str]
     """`<registry>/<stack>/<image>@sha256:…` once pushed (what promotion copies), else the image ID."""
+    push: Optional[docker.Image] = None
+    """The resource that pushes it, when it is pushed."""
 
 
 def _image(resource_name: str, *, parent: pulumi.Resource, image_name: pulumi.Input[str], context: str,
@@ -243,13 +245,18 @@ class ModelImage:
     platforms: "PlatformImages"
 
 
+PlatformKey = tuple[str, str, Optional[str]]
+"""A platform image: its image name, context and target."""
+
+
 @dataclass
 class PlatformImages:
     """The platform images of a stage's model images: each built once, by the stack component (`owner`), however
-    many models stand on it."""
+    many models stand on it; and the last push of a model image on each, which the next one on it waits for."""
 
     owner: pulumi.Resource
-    built: dict[tuple[str, str, Optional[str]], docker.Image] = field(default_factory=dict)
+    built: dict[PlatformKey, docker.Image] = field(default_factory=dict)
+    last_push: dict[PlatformKey, docker.Image] = field(default_factory=dict)
 
     def build(self, stack: str, image: str, context: str, settings: BuildSettings, target: Optional[str],
               layer: ModelLayer) -> docker.Image:
@@ -259,6 +266,20 @@ class PlatformImages:
                                      image_name=layer.platform_image, context=context, settings=settings,
                                      target=target, push=None)
         return self.built[key]
+
+    def pushed_after(self, image: str, context: str, target: Optional[str],
+                     push: Callable[[list[pulumi.Resource]], BuiltImage]) -> BuiltImage:
+        """A model image on this platform image, its push (`push`, given what else it waits for) after the previous
+        model's push on it, if any. The engine uploads a layer once per repository, and each model has its own:
+        pushed at once, every model's push would compress and upload the platform's layers (hundreds of MB) again;
+        one after the other, the first uploads them and the rest mount them from its repository (a
+        cross-repository blob mount within the registry) and upload only their model's layer."""
+        key = (image, context, target)
+        previous = self.last_push.get(key)
+        built = push([previous] if previous is not None else [])
+        if built.push is not None:
+            self.last_push[key] = built.push
+        return built
 
 
 def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, image: str, context: str,
@@ -270,9 +291,10 @@ def build_image(resource_name: str, *, parent: pulumi.Resource, stack: str, imag
     if model is not None:
         layer = model_layer(stack, image, context, settings, model.name, target)
         platform = model.platforms.build(stack, image, context, settings, target, layer)
-        return _build(resource_name, parent=parent, stack=stack, image=f"{model.name}-{image}",
-                      context=layer.context, settings=settings, target=None, push=push, push_after=push_after,
-                      layer=layer, after=[platform])
+        return model.platforms.pushed_after(image, context, target, lambda previous: _build(
+            resource_name, parent=parent, stack=stack, image=f"{model.name}-{image}", context=layer.context,
+            settings=settings, target=None, push=push, push_after=[*(push_after or []), *previous], layer=layer,
+            after=[platform]))
     return _build(resource_name, parent=parent, stack=stack, image=image, context=context, settings=settings,
                   target=target, push=push, push_after=push_after)
 
@@ -294,7 +316,8 @@ def _build(resource_name: str, *, parent: pulumi.Resource, stack: str, image: st
                     push=push, depends_on=[*(push_after or []), *(after or [])] or None, layer=layer,
                     image_name=pulumi.Output.from_input(push.server).apply(
                         lambda server: built_image_name(stack, image, context, settings, server, target, layer)))
-    return BuiltImage(image_id=local.repo_digest, image_name=pushed.image_name, repo_digest=pushed.repo_digest)
+    return BuiltImage(image_id=local.repo_digest, image_name=pushed.image_name, repo_digest=pushed.repo_digest,
+                      push=pushed)
 
 
 def pulled_image(resource_name: str, *, parent: pulumi.Resource, ref: str, platform: str,

@@ -94,6 +94,23 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
         for model in SHIPPED_MODELS]
 
 
+def test_the_pushes_of_the_models_on_one_platform_image_follow_each_other():
+    """Each model's push waits for the previous model's push on the same platform image, so the platform's layers are
+    uploaded once and mounted after; pushes on different platform images run side by side."""
+    named = by_name(render("dev"))
+    pushes = {role: {f"dev-{model}-training-image-push" if role == "training" else f"dev-serving-{model}-image-push"
+                     for model in SHIPPED_MODELS} for role in ("training", "serving")}
+    every_push = set().union(*pushes.values())
+    for role, names in pushes.items():
+        waits = {name: [dependency for dependency in named[name].dependencies if dependency in every_push]
+                 for name in names}
+        chain = [name for name, waited_for in waits.items() if not waited_for]
+        assert len(chain) == 1, f"{role}: {waits}"
+        while following := [name for name, waited_for in waits.items() if waited_for == [chain[-1]]]:
+            chain += following
+        assert sorted(chain) == sorted(names), f"{role}: {waits}"
+
+
 def test_staging_without_a_release_declares_no_serving_and_builds_nothing():
     resources = render("staging")
     counts = type_counts(resources)
