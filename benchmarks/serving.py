@@ -180,13 +180,12 @@ def running_servers() -> Iterator[list[Server]]:
             bench_stage.wait_ready(f"http://{container_address(v2_server)}:8080/v2/health/ready", 180)
         bench_stage.wait_ready(f"http://{container_address(mlflow_serve)}:8080/health", 180)
 
-        def v2(label: str, container, competitor: bool, predicting=None, compared_with: str | None = None,
-               max_connections: int | None = None) -> Server:
-            """`predicting`: the `oip` replica whose predict calls this server's requests become."""
+        def v2(label: str, container, competitor: bool, predicting=None, **roles) -> Server:
+            """`predicting`: the `oip` replica whose predict calls this server's requests become; `roles`: the
+            server's other fields (what it is held against, its connection limit)."""
             metrics = None if predicting is None else f"http://{container_address(predicting)}:{SERVING_METRICS_PORT}/metrics"
             return Server(label, f"http://{container_address(container)}:8080{V2_INFER_PATH}", v2_body, v2_predictions,
-                          competitor=competitor, replica_metrics=metrics, compared_with=compared_with,
-                          max_connections=max_connections)
+                          competitor=competitor, replica_metrics=metrics, **roles)
 
         batching = f"{MAX_BATCH_SIZE} rows, {MAX_BATCH_TIME_MS} ms"
         single_gateway = "ours: gateway → oip replica"
@@ -198,12 +197,12 @@ def running_servers() -> Iterator[list[Server]]:
                predicting=two_started[bench_stage.first_replica(two_models.stack, MODEL_NAME)],
                compared_with=single_gateway, max_connections=GATEWAY_IN_FLIGHT_PER_CLIENT),
             v2("ours: oip replica directly", replica, competitor=False, predicting=replica),
-            dataclasses.replace(v2(f"ours: oip replica directly, batching ({batching})", batched, competitor=False,
-                                   predicting=batched), batching_of="ours: oip replica directly"),
-            dataclasses.replace(v2("MLServer as its users run it (`mlserver start`)", stock["one-call-per-request"],
-                                   competitor=True), stock_mlserver=True),
-            dataclasses.replace(v2(f"MLServer as its users run it, adaptive batching ({batching})",
-                                   stock["adaptive-batching"], competitor=True), stock_mlserver=True),
+            v2(f"ours: oip replica directly, batching ({batching})", batched, competitor=False, predicting=batched,
+               batching_of="ours: oip replica directly"),
+            v2("MLServer as its users run it (`mlserver start`)", stock["one-call-per-request"], competitor=True,
+               stock_mlserver=True),
+            v2(f"MLServer as its users run it, adaptive batching ({batching})", stock["adaptive-batching"],
+               competitor=True, stock_mlserver=True),
             v2("MLServer behind this project's layer (the serving image's `mlserver` target)", mlserver,
                competitor=False),
             Server("`mlflow models serve`", f"http://{container_address(mlflow_serve)}:8080/invocations",
