@@ -166,7 +166,7 @@ def table(paths: list[HopPath], results: dict[tuple[str, int], list[loadgen.Load
     figure.notes = [
         f"Goal at concurrency {HEADLINE_CONCURRENCY}: " + "; ".join(verdicts) + ".",
         "Where the hop went (measured while finding it, the same arrangement as figure 1): per proxied request "
-        "nginx spends about 110 µs (two reads and two writes on the client and replica sockets, a `sendto` of "
+        "nginx spends 110 to 150 µs (two reads and two writes on the client and replica sockets, a `sendto` of "
         "its access-log line; system time is most of it on this VM) and the exporter, until "
         f"{EXPORTER_BEFORE}, about 60 µs: each log datagram went through an asyncio datagram endpoint's callbacks. "
         "Its thread now blocks in `recv` and records the line directly (`images/gateway/metrics.py`). The stdout "
