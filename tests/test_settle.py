@@ -87,6 +87,8 @@ def test_the_default_wait_is_the_longest_rolling_update_the_provider_would_wait_
      f"Swarm rolled back or paused {BLUE} after pulumi up returned: the cluster runs their previous spec and the "
      "Pulumi state does not know it; run `pulumi refresh --stack cluster`, fix the release and deploy again"),
     ([state("updating")], 1, f"{BLUE} did not settle within 1 s"),
+    ([], 1, "no service of cluster runs on the swarm manager at tcp://10.0.0.10:2375: deploy it first "
+            "(`pulumi up --stack cluster`)"),
 ])
 def test_the_command_says_in_one_line_why_the_deploy_is_not_done(monkeypatch, reads, exit_code, says):
     monkeypatch.setattr(settling, "service_states", Manager(reads).read)

@@ -34,6 +34,9 @@ def settle(stage: str = typer.Argument(..., help="the stage `pulumi up` just dep
         settled = settling.settle(spec, limit_s)
     except DockerError as error:
         raise fail(f"{spec.stage}'s swarm manager at {spec.docker.url} did not answer: {error}") from None
+    if not settled.services:
+        raise fail(f"no service of {spec.stage} runs on the swarm manager at {spec.docker.url}: deploy it first "
+                   f"(`pulumi up --stack {spec.stage}`)")
     for state in settled.services:
         style = "red" if state.refused or state.in_progress else "green"
         console.print(f"[{style}]{escape(state.describe())}[/{style}]")
