@@ -10,6 +10,7 @@ import pulumi_docker as docker
 
 from mlops_spec.contract import (
     ARTIFACTS_VOLUME,
+    COMPONENT_LABEL,
     DATASETS_VOLUME,
     METRICS_VOLUME,
     MLFLOW_DB_VOLUME,
@@ -55,7 +56,7 @@ class ArtifactStore(pulumi.ComponentResource):
         protect = args["spec"].protect
         retain = args["retain_on_delete"] or protect
         labels = [docker.VolumeLabelArgs(label=key, value=value)
-                  for key, value in sorted({**args["labels"], "mlops.component": "artifact-store"}.items())]
+                  for key, value in sorted({**args["labels"], COMPONENT_LABEL: "artifact-store"}.items())]
         volumes = {
             volume: docker.Volume(
                 f"{name}-{volume}",

@@ -15,6 +15,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import pulumi
 
+from mlops_spec.contract import COMPONENT_LABEL
 from mlops_spec.models import HealthCheck, Limits, PublishedPort
 
 APP_USER = "10001:10001"
@@ -140,7 +141,7 @@ def healthy_within_s(check: HealthCheck) -> int:
 
 
 def component_labels(labels: Mapping[str, str], component: str) -> list[tuple[str, str]]:
-    return sorted({**labels, "mlops.component": component}.items())
+    return sorted({**labels, COMPONENT_LABEL: component}.items())
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 from components.runtimes import converge_within_s
 from mlops.orphans import _docker
+from mlops_spec.contract import COMPONENT_LABEL
 from mlops_spec.models import StageSpec
 
 # Swarm's UpdateStatus.State values (moby api/types/swarm/service.go).
@@ -27,6 +28,8 @@ POLL_S = 2.0
 @dataclass(frozen=True)
 class ServiceState:
     name: str
+    component: str
+    """Its `mlops.component` label."""
     update: str
     """Swarm's state of the service's last update, "" for a service never updated since it was created."""
     message: str
@@ -54,10 +57,11 @@ def service_states(spec: StageSpec) -> list[ServiceState]:
     states = []
     for service in json.loads(_docker(spec.docker.url, "service", "inspect", *tasks)) if tasks else []:
         name = service["Spec"]["Name"]
-        # `running/desired`, e.g. `2/3`, and for a service being updated `2/3 (max 1 per node)` or similar.
+        # `running/desired`, e.g. `2/3` (a global service: one desired per eligible node), maybe followed by more.
         running, desired = map(int, tasks[name].split()[0].split("/"))
         update = service.get("UpdateStatus") or {}
-        states.append(ServiceState(name=name, update=update.get("State", ""), message=update.get("Message", ""),
+        states.append(ServiceState(name=name, component=(service["Spec"].get("Labels") or {}).get(COMPONENT_LABEL, ""),
+                                   update=update.get("State", ""), message=update.get("Message", ""),
                                    running=running, desired=desired))
     return sorted(states, key=lambda state: state.name)
 

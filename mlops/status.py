@@ -24,12 +24,13 @@ from typing import Callable, Optional
 from mlops import rollout
 from mlops.orphans import DockerError, _docker
 from mlops.reach import StageReach, Unreachable
+from mlops.settle import service_states
+from mlops_spec.contract import COMPONENT_LABEL
 from mlops_spec.models import PublishedPort, StageSpec
 
 PROBE_TIMEOUT_S = 5.0
 HEALTHY = "healthy"
 NOT_RUNNING = "not running"
-COMPONENT_LABEL = "mlops.component"
 
 
 @dataclass(frozen=True)
@@ -108,18 +109,13 @@ def _tasks_health(spec: StageSpec) -> tuple[dict[str, list[str]], str]:
     """component -> one entry per task the stage's services should run (`healthy` for a running one), and why the
     manager could not say, if so."""
     try:
-        counts = dict(line.split(" ", 1) for line in _docker(
-            spec.docker.url, "service", "ls", "--filter", f"label=mlops.stack={spec.stage}",
-            "--format", "{{.Name}} {{.Replicas}}").splitlines())
-        inspected = json.loads(_docker(spec.docker.url, "service", "inspect", *counts)) if counts else []
+        services = service_states(spec)
     except DockerError as err:
         return {}, f"engine at {spec.docker.url} did not answer: {err}"
     health: dict[str, list[str]] = {}
-    for service in inspected:
-        # `running/desired`, e.g. `2/3` (a global service: one desired per eligible node).
-        running, desired = map(int, counts[service["Spec"]["Name"]].split()[0].split("/"))
-        component = (service["Spec"].get("Labels") or {}).get(COMPONENT_LABEL, "")
-        health.setdefault(component, []).extend([HEALTHY] * running + [NOT_RUNNING] * max(desired - running, 0))
+    for service in services:
+        health.setdefault(service.component, []).extend(
+            [HEALTHY] * service.running + [NOT_RUNNING] * max(service.desired - service.running, 0))
     return health, ""
 
 

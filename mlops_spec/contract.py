@@ -33,6 +33,10 @@ PROMOTER = "promoter"
 IDENTITIES = (READER, TRAINER, PROMOTER)
 """The identities the stack logs in as; the MLflow image creates each with its derived password."""
 
+# The label that names which part of the stack a container, service or volume is: the program writes it,
+# `mlops status` and `mlops settle` group by it.
+COMPONENT_LABEL = "mlops.component"
+
 REGISTRY_PASSWORD = "registryPassword"
 MLFLOW_PASSWORD = "mlflowPassword"
 """The stack's config secrets, `mlops:<key>`."""

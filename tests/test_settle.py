@@ -16,7 +16,8 @@ BLUE = "cluster-iris-classifier-blue"
 
 
 def state(update: str, running: int = 2, desired: int = 2, name: str = BLUE, message: str = "") -> settling.ServiceState:
-    return settling.ServiceState(name=name, update=update, message=message, running=running, desired=desired)
+    return settling.ServiceState(name=name, component="model-serving", update=update, message=message,
+                                 running=running, desired=desired)
 
 
 class Manager:

@@ -146,7 +146,7 @@ def test_an_unknown_stage_is_one_line_and_exit_2():
 def test_on_a_swarm_the_manager_counts_every_task_running_on_any_node(monkeypatch):
     """`docker service ls` and `service inspect` answers as the engine gives them, for a stage whose replicas run
     on workers and one of which is still starting."""
-    from mlops import status
+    from mlops import settle, status
 
     answers = {"ls": "cluster-iris-classifier-blue 2/3\ncluster-gateway 1/1\ncluster-prometheus 1/1\n",
                "inspect": json.dumps([{"ID": f"id{index}", "Spec": {"Name": name, "Labels": {"mlops.component": component}}}
@@ -159,7 +159,7 @@ def test_on_a_swarm_the_manager_counts_every_task_running_on_any_node(monkeypatc
         asked.append((host, args[:2]))
         return answers[args[1]]
 
-    monkeypatch.setattr(status, "_docker", docker)
+    monkeypatch.setattr(settle, "_docker", docker)  # status reads the services as `mlops settle` does
     spec = load_stages(["cluster"])[0]
     health, problem = status._tasks_health(spec)
     assert problem == "" and {host for host, _ in asked} == {spec.docker.url}
