@@ -17,7 +17,7 @@ from benchmarks import stage as bench_stage
 from benchmarks.loadgen import LOAD_CPU
 from benchmarks.model import MODEL_NAME, sample_rows
 from benchmarks.report import Figure, median, number, ratio, rounds_text, spread
-from benchmarks.serving import SERVER_CPU, V2_INFER_PATH, container_address, start_like, v2_body
+from benchmarks.serving import SERVER_CPU, V2_INFER_PATH, container_address, container_env, start_like, v2_body
 from mlops_spec.contract import gateway_name
 from mlops_spec.project import REPO_ROOT
 
@@ -97,8 +97,7 @@ def running_paths() -> Iterator[tuple[list[HopPath], Container]]:
         before_image = build_exporter_before(gateway_build, Path(scratch))
         replica = started[bench_stage.first_replica(stage.stack, MODEL_NAME)]
         gateway = started[gateway_name(stage.stack)]
-        gateway.reload()
-        environment = dict(item.split("=", 1) for item in gateway.attrs["Config"]["Env"])
+        environment = container_env(gateway)
         own_cpu = start_like(gateway, "gateway-own-cpu", gateway.image.id, environment, cpu=LOAD_CPU)
         before = start_like(gateway, "gateway-before", before_image, environment)
         try:

@@ -95,6 +95,12 @@ def mlflow_predictions(answer: dict) -> list:
     return answer["predictions"]
 
 
+def container_env(container) -> dict[str, str]:
+    """The environment `container` was started with."""
+    container.reload()
+    return dict(item.split("=", 1) for item in container.attrs["Config"]["Env"])
+
+
 def container_address(container) -> str:
     container.reload()
     return next(iter(container.attrs["NetworkSettings"]["Networks"].values()))["IPAddress"]
@@ -169,14 +175,12 @@ def running_servers() -> Iterator[list[Server]]:
                                                                             cpus=SERVER_CPU))
         replica = started[bench_stage.first_replica(stage.stack, MODEL_NAME)]
         gateway = started[gateway_name(stage.stack)]
-        replica.reload()
-        environment = dict(item.split("=", 1) for item in replica.attrs["Config"]["Env"])
+        environment = container_env(replica)
         batched = start_like(replica, "serving-batched", replica.image.id,
                              {**environment, "MAX_BATCH_SIZE": str(MAX_BATCH_SIZE), "MAX_BATCH_TIME_MS": str(MAX_BATCH_TIME_MS)})
         mlserver = start_like(replica, "mlserver", images["mlserver"], {**environment, "SERVING_RUNTIME": "mlserver"})
         # The stage's gateway again, routing to the batching replica.
-        gateway.reload()
-        gateway_environment = dict(item.split("=", 1) for item in gateway.attrs["Config"]["Env"])
+        gateway_environment = container_env(gateway)
         routes = json.loads(gateway_environment[GatewayEnv.MODELS])
         for route in routes:
             route["blue"] = [f"{batched.name}:{SERVING_PORT}"]

@@ -21,7 +21,7 @@ from benchmarks import loadgen
 from benchmarks import stage as bench_stage
 from benchmarks.model import MODEL_NAME, MlflowRegistry, model_bytes, sample_rows
 from benchmarks.report import Figure, median, rounds_text, spread
-from benchmarks.serving import SERVER_CPU, V2_INFER_PATH, container_address, start_like, v2_body
+from benchmarks.serving import SERVER_CPU, V2_INFER_PATH, container_address, container_env, start_like, v2_body
 from mlops.modelstore import BasicAuth
 from mlops_spec.contract import MLFLOW_PORT, TRAINER, derived_password, model_registry_name
 from mlops_spec.models import MonitoringSpec
@@ -97,9 +97,7 @@ def replicas() -> Iterator[dict[str, Replica]]:
         trainer = BasicAuth(TRAINER, derived_password(stage.mlflow_password, TRAINER))
         registry = f"http://127.0.0.1:{stage.host_port(model_registry_name(stage.stack), MLFLOW_PORT)}"
         version = MlflowRegistry(registry, trainer).register(MODEL_NAME, payload, manifest(payload))
-        replica.reload()
-        environment = dict(item.split("=", 1) for item in replica.attrs["Config"]["Env"])
-        environment |= {"MODEL_VERSION": version, "MODEL_SHA256": hashlib.sha256(payload).hexdigest()}
+        environment = container_env(replica) | {"MODEL_VERSION": version, "MODEL_SHA256": hashlib.sha256(payload).hexdigest()}
         variants = {}
         for index, (label, window) in enumerate(VARIANTS.items()):
             drift = {} if window is None else {"DRIFT_WINDOW_ROWS": str(window)}
