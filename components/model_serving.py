@@ -24,7 +24,8 @@ cluster tests and docs rely on it):
 - Secrets: `<stack>-mlflow-<hash>`, `<stack>-registry-<hash>`, `<stack>-mlflow-reader-<hash>`, mounted under
   /run/secrets and read through `*_FILE` variables; the hash changes with the content.
 - Rolling updates: one task at a time, start-first, monitored for (retries + 1) x (interval + timeout) of the
-  health check, `failure_action: rollback` with `max_failure_ratio: 0`.
+  health check, `failure_action: rollback` with `max_failure_ratio: 0`; the rollback itself runs to the end
+  (`failure_action: continue`).
 """
 from __future__ import annotations
 

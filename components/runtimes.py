@@ -408,9 +408,12 @@ class Swarm(Runtime):
             update_config=docker.ServiceUpdateConfigArgs(
                 parallelism=1, delay="0s", order=order, failure_action="rollback",
                 monitor=swarm_duration(monitor_s(check)), max_failure_ratio="0.0"),
-            # A rollback that fails too pauses (Swarm's only choices are pause and continue) for a human to look.
+            # A rollback goes back to the spec that ran before, so it runs to the end: a rollback task that fails
+            # or is cut short (Swarm's restart of the failed release's slot can race the rollback's own task there)
+            # is restarted by the restart policy, whereas `pause` would leave the failed release's other replicas
+            # serving until someone deploys again.
             rollback_config=docker.ServiceRollbackConfigArgs(
-                parallelism=1, delay="0s", order=order, failure_action="pause",
+                parallelism=1, delay="0s", order=order, failure_action="continue",
                 monitor=swarm_duration(monitor_s(check)), max_failure_ratio="0.0"),
             # Global services cannot converge in the provider.
             converge_config=docker.ServiceConvergeConfigArgs(

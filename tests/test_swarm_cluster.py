@@ -389,7 +389,8 @@ def test_a_release_that_fails_after_its_first_health_checks_is_rolled_back_after
     assert settled.returncode == 1, settled.stdout + settled.stderr
     assert f"Swarm rolled back or paused {SERVING} after pulumi up returned" in settled.stderr, settled.stderr
     assert f"pulumi refresh --stack {STAGE}" in settled.stderr
-    assert f"{SERVING}: update rollback_completed" in settled.stdout, settled.stdout
+    assert f"{SERVING}: update rollback_completed" in settled.stdout, \
+        f"{settled.stdout}{SERVING} tasks: {task_states(engine.client, SERVING)}"
     assert serving_env(engine)["MODEL_VERSION"] == "2"
     assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 2)
 
