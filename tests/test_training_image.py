@@ -32,7 +32,7 @@ from mlops_spec.contract import (
     derived_password,
     secret_variable,
 )
-from mlops_spec.models import HealthCheck
+from mlops_spec.models import DockerHost, HealthCheck
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs
 
