@@ -508,7 +508,7 @@ class StageOnEngine:
 def _provider_tls(provider: dict[str, Any], folder: Path) -> Optional[TLSConfig]:
     """docker-py's TLS settings from the provider's rendered materials, written into `folder` (docker-py reads
     files), as terraform-provider-docker's NewClient builds its client from them; None without materials."""
-    materials = {name: provider.get(name) for name in ("caMaterial", "certMaterial", "keyMaterial")}
+    materials: dict[str, str] = {name: provider.get(name) or "" for name in ("caMaterial", "certMaterial", "keyMaterial")}
     if not any(materials.values()):
         return None
     if not all(materials.values()):
