@@ -5,7 +5,6 @@ from mlops.program import declare_stack, load_stack_spec
 from mlops_spec.errors import SpecError
 
 try:
-    spec = load_stack_spec(pulumi.get_stack(), pulumi.Config("mlops"))
+    declare_stack(pulumi.get_stack(), load_stack_spec(pulumi.get_stack(), pulumi.Config("mlops")))
 except SpecError as err:
     raise pulumi.RunError(str(err)) from None
-declare_stack(pulumi.get_stack(), spec)

@@ -9,16 +9,16 @@ The Pulumi program, `mlops train` and `mlops promote` read the stage's engine wi
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Optional, Protocol
 
+from components.docker_tls import ClientTls, stage_tls
 from mlops_spec.errors import SpecError, excerpt
-from mlops_spec.models import StageSpec
+from mlops_spec.models import DockerHost, StageSpec
 
 
 class Engine(Protocol):
@@ -31,21 +31,24 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class DockerCli:
-    """The engine at `url`, asked through the `docker` CLI as `mlops train` asks it."""
+    """The engine of `host`, asked through the `docker` CLI as `mlops train` asks it; a TLS host with `tls`, the
+    stack's client material (components/docker_tls.py)."""
 
     stage: str
-    url: str
+    host: DockerHost
+    tls: Optional[ClientTls] = None
 
     def _docker(self, *args: str) -> subprocess.CompletedProcess[str]:
         try:
-            return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60,
-                                  env={**os.environ, "DOCKER_HOST": self.url})
+            with self.tls.cert_path() if self.tls else nullcontext(None) as cert_path:
+                return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60,
+                                      env=self.host.cli_environment(cert_path))
         except (OSError, subprocess.TimeoutExpired) as err:
             raise self._unreadable(args, str(err)) from None
 
     def _unreadable(self, args: tuple[str, ...], why: str) -> SpecError:
         return SpecError(file=f"stage {self.stage}", field="docker.url",
-                         message=f"could not read the engine at {self.url} (`docker {' '.join(args)}`: "
+                         message=f"could not read the engine at {self.host.url} (`docker {' '.join(args)}`: "
                                  f"{excerpt(why.strip().splitlines()[0] if why.strip() else 'no answer')}); "
                                  "builds and containers depend on what it answers (docs/day-two.md)")
 
@@ -83,7 +86,7 @@ EngineReader = Callable[[StageSpec], Engine]
 
 def docker_cli(spec: StageSpec) -> Engine:
     """The stage's engine at its `docker.url`: what the program reads unless told otherwise."""
-    return DockerCli(spec.stage, spec.docker.url)
+    return DockerCli(spec.stage, spec.docker, stage_tls(spec))
 
 
 _READER: ContextVar[EngineReader] = ContextVar("engine_reader", default=docker_cli)

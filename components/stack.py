@@ -7,6 +7,7 @@ import pulumi
 import pulumi_docker as docker
 
 from components.artifact_store import ArtifactStore
+from components.docker_tls import stage_tls
 from components.engine_facts import engine_of
 from components.image_registry import ImageRegistry
 from components.images import BuildSettings, PlatformImages, PushTarget
@@ -74,8 +75,13 @@ class MLOpsStack(pulumi.ComponentResource):
             registry_auth = [docker.ProviderRegistryAuthArgs(
                 address=spec.image_registry_server, username=spec.image_registry.username,
                 password=pulumi.Output.secret(password))]
-        provider = docker.Provider(f"{stack}-docker", host=spec.docker.url, ssh_opts=spec.docker.ssh_opts or None,
-                                   registry_auth=registry_auth, opts=pulumi.ResourceOptions(parent=self))
+        tls = stage_tls(spec)
+        provider = docker.Provider(
+            f"{stack}-docker", host=spec.docker.url, ssh_opts=spec.docker.ssh_opts or None, registry_auth=registry_auth,
+            ca_material=pulumi.Output.secret(tls.ca_cert) if tls else None,
+            cert_material=pulumi.Output.secret(tls.client_cert) if tls else None,
+            key_material=pulumi.Output.secret(tls.client_key) if tls else None,
+            opts=pulumi.ResourceOptions(parent=self))
         child = pulumi.ResourceOptions(parent=self, providers=[provider])
 
         swarm = spec.swarm

@@ -9,7 +9,9 @@ because an empty answer would make every labelled resource look orphaned.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -66,10 +68,10 @@ def stacks_in_file_backend(root: Path, project: str) -> Optional[set[str]]:
     return names
 
 
-def _docker(host: Optional[str], *args: str) -> str:
-    command = ["docker", *(["--host", host] if host else []), *args]
+def _docker(environment: Optional[Mapping[str, str]], *args: str) -> str:
+    """`docker ARGS` with `environment` (a stage's: `DockerHost.cli_environment`), or this process's when None."""
     try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        result = subprocess.run(["docker", *args], capture_output=True, text=True, check=False, env=environment)
     except FileNotFoundError:
         raise DockerError("the docker command is not installed") from None
     if result.returncode != 0:
@@ -78,14 +80,20 @@ def _docker(host: Optional[str], *args: str) -> str:
     return result.stdout
 
 
+def _at(host: Optional[str]) -> Optional[dict[str, str]]:
+    """The environment of `docker` at `host`, named by the operator with `--docker-host`: TLS, if the host speaks
+    it, is as the operator's own DOCKER_TLS_VERIFY and DOCKER_CERT_PATH say."""
+    return {**os.environ, "DOCKER_HOST": host} if host else None
+
+
 def labelled(kind: str, host: Optional[str] = None) -> list[Leftover]:
     """Resources of `kind` labelled with an experiment name and that experiment's stack as their stage."""
     listing = ["container", "ls", "--all"] if kind == "container" else [kind, "ls"]
-    refs = _docker(host, *listing, "--quiet", "--filter", f"label={EXPERIMENT_LABEL}").split()
+    refs = _docker(_at(host), *listing, "--quiet", "--filter", f"label={EXPERIMENT_LABEL}").split()
     if not refs:
         return []
     found = []
-    for item in json.loads(_docker(host, kind, "inspect", *refs)):
+    for item in json.loads(_docker(_at(host), kind, "inspect", *refs)):
         labels = (item["Config"]["Labels"] if kind == "container" else item["Labels"]) or {}
         experiment = labels.get(EXPERIMENT_LABEL, "")
         if not experiment or labels.get(STAGE_LABEL) != experiment_stack(experiment):
@@ -103,4 +111,4 @@ def find_orphans(existing_stacks: set[str], host: Optional[str] = None) -> list[
 
 def remove(leftover: Leftover, host: Optional[str] = None) -> None:
     # --force stops a running container first; networks and volumes have nothing to stop.
-    _docker(host, leftover.kind, "rm", *(["--force"] if leftover.kind == "container" else []), leftover.ref)
+    _docker(_at(host), leftover.kind, "rm", *(["--force"] if leftover.kind == "container" else []), leftover.ref)

@@ -18,13 +18,15 @@ from pulumi.runtime import rpc
 from pulumi.runtime import settings as pulumi_settings
 
 from components.engine_facts import NO_ENGINE, EngineReader, reading_engines
+from mlops_spec.contract import DOCKER_TLS_KEYS
 from mlops_spec.models import StageSpec
 
 SECRET_PLACEHOLDER = "[secret]"
 PROJECT = "mlops-stack"
 # Any value works for rendering: plans never show secrets, and mocks deploy nothing.
 PLAN_SECRETS = {"mlops:registryPassword": "plan-placeholder-password",
-                "mlops:mlflowPassword": "plan-placeholder-mlflow-password"}
+                "mlops:mlflowPassword": "plan-placeholder-mlflow-password",
+                **{f"mlops:{key}": f"plan-placeholder-{key}" for key in DOCKER_TLS_KEYS}}
 
 
 @dataclass(frozen=True)

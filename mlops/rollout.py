@@ -52,9 +52,8 @@ def prometheus_url(spec: StageSpec, reach: StageReach) -> str:
 def gateway_state(spec: StageSpec, stack: str, model: str) -> Optional[dict]:
     """The rollout state the stage's gateway recorded for `model`, read through its Docker engine; None without
     one."""
-    result = subprocess.run(["docker", "--host", spec.docker.url, "exec", gateway_name(stack), "cat",
-                             f"{rollout_folder(model)}/state.json"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(["docker", "exec", gateway_name(stack), "cat", f"{rollout_folder(model)}/state.json"],
+                            capture_output=True, text=True, check=False, env=spec.docker.cli_environment())
     if result.returncode != 0:
         return None
     try:

@@ -90,9 +90,9 @@ class Probe:
 def _containers_health(spec: StageSpec) -> tuple[dict[str, list[str]], str]:
     """component -> health of each of the stage's containers, and why the engine could not say, if so."""
     try:
-        ids = _docker(spec.docker.url, "container", "ls", "--all", "--quiet",
+        ids = _docker(spec.docker.cli_environment(), "container", "ls", "--all", "--quiet",
                       "--filter", f"label=mlops.stack={spec.stage}").split()
-        inspected = json.loads(_docker(spec.docker.url, "container", "inspect", *ids)) if ids else []
+        inspected = json.loads(_docker(spec.docker.cli_environment(), "container", "inspect", *ids)) if ids else []
     except DockerError as err:
         return {}, f"engine at {spec.docker.url} did not answer: {err}"
     health: dict[str, list[str]] = {}

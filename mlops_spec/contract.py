@@ -40,6 +40,12 @@ COMPONENT_LABEL = "mlops.component"
 REGISTRY_PASSWORD = "registryPassword"
 MLFLOW_PASSWORD = "mlflowPassword"
 """The stack's config secrets, `mlops:<key>`."""
+DOCKER_CA_CERT = "dockerCaCert"
+DOCKER_CLIENT_CERT = "dockerClientCert"
+DOCKER_CLIENT_KEY = "dockerClientKey"
+DOCKER_TLS_KEYS = (DOCKER_CA_CERT, DOCKER_CLIENT_CERT, DOCKER_CLIENT_KEY)
+"""The config secrets, PEM text, a stack whose Docker host is reached over TLS (`docker.uses_tls`) connects with:
+the CA that signed the host's certificate, and the client certificate and key the host trusts (`mlops:<key>`)."""
 
 # Ports the images listen on, inside the stage network; the stage files choose the host ports they are published on.
 MLFLOW_PORT = 5000

@@ -5,7 +5,9 @@ loading with file:line errors in `mlops_spec.loading`.
 """
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Literal, Optional
 from urllib.parse import urlsplit
@@ -17,6 +19,7 @@ from pydantic import (
     Field,
     StrictFloat,
     StrictInt,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -123,6 +126,9 @@ class DockerHost(StrictModel):
     address: Optional[str] = Field(
         default=None, description="where the host's published ports are reached from the machine running mlops; "
                                   "default: 127.0.0.1 for unix://, the URL's host for tcp://, an SSH tunnel for ssh://")
+    insecure: bool = Field(
+        default=False, description="reach a tcp:// host in plain text, without TLS: anyone on the network who reaches "
+                                   "its API port is root on it; only for dev hosts on a private network")
 
     @field_validator("url")
     @classmethod
@@ -154,9 +160,39 @@ class DockerHost(StrictModel):
             raise ValueError(problem)
         return opts
 
+    @field_validator("insecure")
+    @classmethod
+    def _insecure_only_over_tcp(cls, insecure: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("url")  # absent when the URL itself was refused
+        if insecure and url is not None and not url.startswith("tcp://"):
+            raise ValueError(f"only a tcp:// host may be insecure; '{excerpt(url)}' has no TLS to turn off "
+                             "(unix:// is local, ssh:// is encrypted by ssh): remove it")
+        return insecure
+
     @property
     def is_local(self) -> bool:
         return self.url.startswith("unix://")
+
+    @property
+    def uses_tls(self) -> bool:
+        """A tcp:// host is reached over TLS, both sides proving who they are, unless the stage says `insecure`."""
+        return self.url.startswith("tcp://") and not self.insecure
+
+    def cli_environment(self, cert_path: Optional[str] = None,
+                        environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+        """`environ` (default: this process's) as the `docker` CLI needs it to reach this host: DOCKER_HOST, and for a TLS host docker's own
+        DOCKER_TLS_VERIFY=1 with the client certificates (ca.pem, cert.pem, key.pem) in `cert_path`, else in the
+        caller's DOCKER_CERT_PATH, else in docker's default (~/.docker). For any other host the TLS variables are
+        dropped: the CLI would otherwise speak TLS to a host that has none."""
+        environ = os.environ if environ is None else environ
+        tls_variables = ("DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")
+        environment = {name: value for name, value in environ.items() if name not in tls_variables}
+        environment["DOCKER_HOST"] = self.url
+        if self.uses_tls:
+            environment["DOCKER_TLS_VERIFY"] = "1"
+            if cert_path or environ.get("DOCKER_CERT_PATH"):
+                environment["DOCKER_CERT_PATH"] = cert_path or environ["DOCKER_CERT_PATH"]
+        return environment
 
     @property
     def published_host(self) -> Optional[str]:

@@ -60,6 +60,9 @@ def check_invariants(spec: StageSpec) -> list[tuple[str, str]]:
                 broken.append((path, f"'{ref}' names another stage's registry; {spec.stage} pulls only from its own "
                                      f"({own}<image>@sha256:<digest>): promote with `mlops promote --to {spec.stage}`, "
                                      "which copies the image there"))
+    if spec.kind in ("staging", "prod") and spec.docker.insecure:
+        broken.append(("docker.insecure", f"{spec.kind} stages reach their Docker host over TLS only: remove insecure "
+                                          "and set up TLS on the host (docs/hosts-and-clusters.md)"))
     if spec.kind == "prod":
         declared = {"serving.replicas": spec.serving.replicas} | {
             f"models.{name}.replicas": deployment.replicas for name, deployment in sorted(spec.models.items())

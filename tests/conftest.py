@@ -145,11 +145,13 @@ def released_environments(environments):
 
 @pytest.fixture(scope="session")
 def docker_hosts(docker_engine):
-    """Separate Docker engines (tests/hosts.py): `docker_hosts("dev", "staging")` -> {name: DockerHost}.
+    """Separate Docker engines (tests/hosts.py): `docker_hosts("dev", "staging")` -> {name: DockerHost};
+    `docker_hosts("prod", tls=True)` for engines that answer over TLS only.
 
     A host starts on first request and serves the rest of the session, since each costs seconds and a copy of
     the base image: a test leaves the hosts it used empty (`DockerHost.reset()`), and asking again starts any
-    host a test stopped. Names carry this session's id, so parallel sessions never collide."""
+    host a test stopped. A name is a TLS host or a plain one for the whole session. Names carry this session's
+    id, so parallel sessions never collide."""
     import uuid
 
     from tests import hosts
@@ -157,11 +159,13 @@ def docker_hosts(docker_engine):
     session = uuid.uuid4().hex[:12]
     started: dict[str, hosts.DockerHost] = {}
 
-    def get(*names: str) -> dict[str, hosts.DockerHost]:
+    def get(*names: str, tls: bool = False) -> dict[str, hosts.DockerHost]:
         missing = [name for name in dict.fromkeys(names) if name not in started]
         if missing:
-            started.update(hosts.start_hosts(missing, network=f"mlops-hosts-{session}", session=session))
+            started.update(hosts.start_hosts(missing, network=f"mlops-hosts-{session}", session=session, tls=tls))
         for name in names:
+            if (started[name].tls is not None) != tls:
+                raise ValueError(f"host {name} was started {'with' if started[name].tls else 'without'} TLS this session")
             started[name].start()
         return {name: started[name] for name in names}
 

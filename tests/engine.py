@@ -42,10 +42,13 @@ services with `convergeConfig` (the provider fails those too), the provider's Re
 (inputs are kept as rendered), changes to volumes and networks (created when
 missing, never replaced or deleted, so no redeploy loses data), dependents replaced along with a
 delete-before-replace, refresh (drift on the engine goes unnoticed), a state file (the state lives and
-dies with the object), the provider's TLS and SSH options (engines are reached at `unix://` or plain
-`tcp://`), protect, and `pulumi destroy` (`teardown` removes the services, secrets and configs in the
-state, everything labelled with the stack and the
-images the fixture tagged or pulled).
+dies with the object), the provider's SSH options (engines are reached at `unix://` or `tcp://`), protect, and
+`pulumi destroy` (`teardown` removes the services, secrets and configs in the state, everything labelled with the
+stack and the images the fixture tagged or pulled).
+
+A `tcp://` engine is reached as the provider reaches it: over TLS with the rendered `caMaterial`, `certMaterial`
+and `keyMaterial` when the provider has them (the stack's config secrets, `docker_tls`), in plain text otherwise,
+so a stage whose provider lacks the material does not reach a TLS engine here either.
 """
 from __future__ import annotations
 
@@ -65,6 +68,7 @@ from typing import IO, Any, Callable, Iterator, Optional
 
 import docker
 import pulumi
+from docker.tls import TLSConfig
 from docker.types import EndpointConfig, Ulimit
 
 from components.engine_facts import docker_cli
@@ -74,6 +78,7 @@ from mlops.diff import ABSENT, FieldChange, classify
 from mlops_spec.encoding import parse_cpus
 from mlops_spec.models import StageSpec
 from mlops_spec.project import REPO_ROOT
+from tests.hosts import tls_client
 
 PROVIDER = "pulumi:providers:docker"
 IMAGE = "docker:index/image:Image"
@@ -132,18 +137,25 @@ class StageOnEngine:
     registry_password: str
     mlflow_password: str = field(default_factory=lambda: uuid.uuid4().hex)
     """The stage's MLflow secret (Pulumi config mlops:mlflowPassword); `train` and `promote` need it too."""
+    docker_tls: dict[str, str] = field(default_factory=dict)
+    """The stack's Docker TLS config secrets (`mlops:dockerCaCert`, ...) for a stage whose host speaks TLS."""
     state: dict[str, Created] = field(default_factory=dict)
     references: list[str] = field(default_factory=list)
     """Image references the fixture tagged, pushed or pulled, removed by `teardown`."""
 
     def __post_init__(self) -> None:
-        self.host = self._provider(self.resources())["host"]
-        self.client = docker.DockerClient(base_url=self.host, timeout=300)
+        provider = self._provider(self.resources())
+        self.host = provider["host"]
+        self._provider_tls = tempfile.TemporaryDirectory(prefix="mlops-provider-tls-")
+        tls = _provider_tls(provider, Path(self._provider_tls.name))
+        self.client = (tls_client(self.host, tls, timeout=300) if tls
+                       else docker.DockerClient(base_url=self.host, timeout=300))
         self._replaced: list[Created] = []
 
     def resources(self) -> list[plan.PlannedResource]:
         return plan.render(self.stack, self.spec, config={"mlops:registryPassword": self.registry_password,
-                                                          "mlops:mlflowPassword": self.mlflow_password},
+                                                          "mlops:mlflowPassword": self.mlflow_password,
+                                                          **self.docker_tls},
                            reveal_secrets=True, engines=docker_cli)
 
     def deploy(self) -> dict[str, docker.models.containers.Container]:
@@ -491,6 +503,21 @@ class StageOnEngine:
             except docker.errors.APIError:
                 pass  # gone already, or still used by another stack's container; the build cache keeps the layers
         self.state.clear()
+
+
+def _provider_tls(provider: dict[str, Any], folder: Path) -> Optional[TLSConfig]:
+    """docker-py's TLS settings from the provider's rendered materials, written into `folder` (docker-py reads
+    files), as terraform-provider-docker's NewClient builds its client from them; None without materials."""
+    materials: dict[str, str] = {name: provider.get(name) or "" for name in ("caMaterial", "certMaterial", "keyMaterial")}
+    if not any(materials.values()):
+        return None
+    if not all(materials.values()):
+        raise ValueError(f"the provider has only {sorted(name for name, value in materials.items() if value)}")
+    for name, value in materials.items():
+        (folder / f"{name}.pem").write_text(value)
+        (folder / f"{name}.pem").chmod(0o600)
+    return TLSConfig(client_cert=(str(folder / "certMaterial.pem"), str(folder / "keyMaterial.pem")),
+                     ca_cert=str(folder / "caMaterial.pem"), verify=True)
 
 
 def _mock_resource(resource: plan.PlannedResource) -> tuple[str, dict[str, Any]]:

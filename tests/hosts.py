@@ -1,13 +1,18 @@
 """Separate Docker hosts for the tests: each is a dockerd inside a container of the outer engine.
 
 The host containers sit on one user-defined bridge network of the outer engine, each at a fixed
-address, so its URL `tcp://<ip>:2375` stays the same across `stop()`/`start()` (the engine hands
+address, so its URL `tcp://<ip>:2375` (`tcp://<ip>:2376` for a TLS host) stays the same across `stop()`/`start()` (the engine hands
 freed addresses out again in start order otherwise, and two restarted hosts can swap addresses).
 Each host keeps its engine's state (/var/lib/docker) in a named volume, so stopping a host stops its
 engine and everything in it, and starting it brings both back, restart policies included.
 
 The host containers need most of what `--privileged` grants, but not `--privileged` itself: this
 machine's capability bounding set lacks SYS_RESOURCE, which `--privileged` asks for.
+
+A TLS host (`start_hosts(..., tls=True)`) answers on 2376 only, as a production engine is set up
+(docs/hosts-and-clusters.md): `dockerd --tlsverify` with a server certificate for its address, signed by a CA
+made for the session, which also signed the one client certificate it accepts (`TlsMaterial`, made with the
+`openssl` CLI). The plain port 2375 is not open on it.
 
 Everything created is labelled `mlops.test-hosts=<session>` and removed by `remove_hosts(session)`,
 except the host image: it is tagged by the hash of its inputs and shared by all sessions, like the base
@@ -16,23 +21,35 @@ image it is built FROM.
 from __future__ import annotations
 
 import hashlib
+import io
 import ipaddress
 import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import docker
 import requests
 import urllib3
+from docker.tls import TLSConfig
 from docker.types import EndpointConfig, IPAMConfig, IPAMPool
+
+from mlops_spec.contract import DOCKER_CA_CERT, DOCKER_CLIENT_CERT, DOCKER_CLIENT_KEY
 
 HOST_IMAGE_DIR = Path(__file__).parent / "hosts"
 HOST_IMAGE_REPOSITORY = "mlops-dockerd-host"
 BASE_IMAGE = "mlops-base:bookworm"
 LABEL = "mlops.test-hosts"
 API_PORT = 2375
+TLS_API_PORT = 2376
+SERVER_TLS_DIR = "/etc/docker-tls"
+"""Where a TLS host's engine finds ca.pem, cert.pem and key.pem: its CA and its own certificate."""
 HOST_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
 
 
@@ -54,14 +71,83 @@ class HostError(RuntimeError):
     pass
 
 
+def _openssl(*args: str) -> None:
+    done = subprocess.run(["openssl", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise HostError(f"openssl {args[0]} failed: {done.stderr.strip()}")
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """A CA and a client certificate it signed, in `folder` as the docker CLI's DOCKER_CERT_PATH wants them
+    (ca.pem, cert.pem, key.pem); `sign_server` adds a server certificate for an engine at an address."""
+
+    folder: Path
+
+    @classmethod
+    def create(cls, folder: Path, name: str = "mlops-test") -> TlsMaterial:
+        folder.mkdir(mode=0o700, parents=True)
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                 "-subj", f"/CN={name} CA", "-keyout", str(folder / "ca-key.pem"), "-out", str(folder / "ca.pem"))
+        material = cls(folder)
+        material._sign(folder, "cert.pem", "key.pem", f"/CN={name} client", "extendedKeyUsage=clientAuth")
+        return material
+
+    def sign_server(self, ip: str) -> Path:
+        """A folder with ca.pem and the server's cert.pem and key.pem for an engine that answers at `ip`."""
+        server = self.folder / f"server-{ip}"
+        server.mkdir(mode=0o700)
+        shutil.copy(self.folder / "ca.pem", server / "ca.pem")
+        self._sign(server, "cert.pem", "key.pem", f"/CN={ip}", f"subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth")
+        return server
+
+    def _sign(self, into: Path, cert: str, key: str, subject: str, extensions: str) -> None:
+        request, extension_file = into / f"{cert}.csr", into / f"{cert}.ext"
+        extension_file.write_text(extensions + "\n")
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", subject,
+                 "-keyout", str(into / key), "-out", str(request))
+        _openssl("x509", "-req", "-in", str(request), "-CA", str(self.folder / "ca.pem"),
+                 "-CAkey", str(self.folder / "ca-key.pem"), "-CAcreateserial", "-days", "2",
+                 "-extfile", str(extension_file), "-out", str(into / cert))
+
+    def tls_config(self) -> TLSConfig:
+        return TLSConfig(client_cert=(str(self.folder / "cert.pem"), str(self.folder / "key.pem")),
+                         ca_cert=str(self.folder / "ca.pem"), verify=True)
+
+    def stack_config(self) -> dict[str, str]:
+        """The Pulumi config secrets a stack whose host trusts this material reaches it with."""
+        return {f"mlops:{key}": (self.folder / file).read_text() for key, file in (
+            (DOCKER_CA_CERT, "ca.pem"), (DOCKER_CLIENT_CERT, "cert.pem"), (DOCKER_CLIENT_KEY, "key.pem"))}
+
+
+def tls_client(url: str, tls: TLSConfig, timeout: float | urllib3.Timeout) -> docker.DockerClient:
+    """A docker-py client of the TLS engine at `url` (tcp://) that trusts `tls`'s CA alone.
+
+    requests puts REQUESTS_CA_BUNDLE (set on some machines, for a proxy) in place of a session's own CA file
+    unless the session ignores the environment, and docker-py would ask the engine's API version while the
+    client is created, before that can be said: so the version is asked first, by a session that ignores it."""
+    assert isinstance(tls.ca_cert, str), "a TLS engine is verified with its CA"
+    session = requests.Session()
+    session.trust_env = False
+    with session:
+        answer = session.get(f"https://{url.removeprefix('tcp://')}/version", cert=tls.cert, verify=tls.ca_cert,
+                             timeout=10)
+        answer.raise_for_status()
+    client = docker.DockerClient(base_url=url, tls=tls, timeout=timeout, version=answer.json()["ApiVersion"])
+    client.api.trust_env = False
+    return client
+
+
 @dataclass
 class DockerHost:
-    """One separate Docker host: `url` for anything that takes a DOCKER_HOST, `client` for the tests."""
+    """One separate Docker host: `url` for anything that takes a DOCKER_HOST, `client` for the tests; a TLS host
+    has the `tls` material its engine trusts."""
 
     name: str
     ip: str
     container_name: str
     outer: docker.DockerClient
+    tls: Optional[TlsMaterial] = None
     _client: docker.DockerClient | None = None
 
     @property
@@ -73,7 +159,7 @@ class DockerHost:
 
     @property
     def url(self) -> str:
-        return f"tcp://{self.ip}:{API_PORT}"
+        return f"tcp://{self.ip}:{TLS_API_PORT if self.tls else API_PORT}"
 
     def stop(self, timeout: int = 0) -> None:
         """Takes the whole host down: with the default timeout 0 like a power cut; give a timeout for a clean
@@ -121,7 +207,9 @@ class DockerHost:
                                 f"{self._log_tail(container)}")
             try:
                 # The client negotiates the API version on creation, so it can only be made once the engine answers.
-                self._client = self._client or docker.DockerClient(base_url=self.url, timeout=CLIENT_TIMEOUT)
+                self._client = self._client or (
+                    tls_client(self.url, self.tls.tls_config(), CLIENT_TIMEOUT) if self.tls
+                    else docker.DockerClient(base_url=self.url, timeout=CLIENT_TIMEOUT))
                 self._client.ping()
                 return
             except (docker.errors.DockerException, requests.RequestException):
@@ -158,9 +246,20 @@ def host_image(outer: docker.DockerClient) -> str:
     return tag
 
 
+def _tls_folder(session: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"mlops-test-hosts-{session}-tls"
+
+
+def session_tls(session: str) -> TlsMaterial:
+    """The session's CA and client certificate, made on first use, removed by `remove_hosts`."""
+    folder = _tls_folder(session)
+    return TlsMaterial(folder) if (folder / "cert.pem").is_file() else TlsMaterial.create(folder)
+
+
 def start_hosts(names: list[str], *, network: str, session: str, outer: docker.DockerClient | None = None,
-                trust_registries_on_network: bool = False) -> dict[str, DockerHost]:
-    """Starts one host per name on `network` (created when missing), in parallel, each with BASE_IMAGE loaded.
+                trust_registries_on_network: bool = False, tls: bool = False) -> dict[str, DockerHost]:
+    """Starts one host per name on `network` (created when missing), in parallel, each with BASE_IMAGE loaded;
+    with `tls`, each engine answers over TLS only, trusting the session's client certificate (`session_tls`).
 
     Names become the hosts' hostnames (what `docker info` and a swarm call the node). With
     `trust_registries_on_network`, each engine pulls from and pushes to registries at addresses on
@@ -173,10 +272,14 @@ def start_hosts(names: list[str], *, network: str, session: str, outer: docker.D
     image = host_image(outer)
     bridge = _network(outer, network, session)
     addresses = _free_addresses(bridge, len(names))
-    hosts = [DockerHost(name, str(ip), f"mlops-host-{session}-{name}", outer) for name, ip in zip(names, addresses)]
+    material = session_tls(session) if tls else None
+    hosts = [DockerHost(name, str(ip), f"mlops-host-{session}-{name}", outer, material)
+             for name, ip in zip(names, addresses)]
     engine_flags = [f"--insecure-registry={bridge.attrs['IPAM']['Config'][0]['Subnet']}"] if trust_registries_on_network else []
     for host in hosts:
-        _create(host, image, bridge, session, engine_flags)
+        _create(host, image, bridge, session, engine_flags, _tls_entrypoint(outer, image) if host.tls else None)
+        if host.tls:
+            _put_server_certificate(host)
     with ThreadPoolExecutor(max_workers=len(hosts)) as pool:
         # list() re-raises the first failure; remove_hosts cleans up whatever did start.
         list(pool.map(_start_and_load, hosts))
@@ -185,6 +288,7 @@ def start_hosts(names: list[str], *, network: str, session: str, outer: docker.D
 
 def remove_hosts(session: str, outer: docker.DockerClient | None = None) -> None:
     outer = outer or docker.from_env()
+    shutil.rmtree(_tls_folder(session), ignore_errors=True)
     selector = {"label": f"{LABEL}={session}"}
     for container in outer.containers.list(all=True, filters=selector):
         container.remove(force=True)
@@ -194,17 +298,41 @@ def remove_hosts(session: str, outer: docker.DockerClient | None = None) -> None
         network.remove()
 
 
+def _tls_entrypoint(outer: docker.DockerClient, image: str) -> list[str]:
+    """The image's dockerd command with its plain-text API (TEST ONLY there: tests/hosts/Dockerfile) replaced by
+    dockerd's TLS-only one, which refuses any client without a certificate its CA signed."""
+    entrypoint = outer.images.get(image).attrs["Config"]["Entrypoint"]
+    plain = [f"--host=tcp://0.0.0.0:{API_PORT}", "--tls=false"]
+    if not set(plain) <= set(entrypoint):
+        raise HostError(f"{image}'s entrypoint {entrypoint} no longer has {plain} to replace")
+    return [flag for flag in entrypoint if flag not in plain] + [
+        f"--host=tcp://0.0.0.0:{TLS_API_PORT}", "--tlsverify", f"--tlscacert={SERVER_TLS_DIR}/ca.pem",
+        f"--tlscert={SERVER_TLS_DIR}/cert.pem", f"--tlskey={SERVER_TLS_DIR}/key.pem"]
+
+
+def _put_server_certificate(host: DockerHost) -> None:
+    """Copies the CA and a server certificate for the host's address into its created container."""
+    assert host.tls is not None
+    server = host.tls.sign_server(host.ip)
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        for name in ("ca.pem", "cert.pem", "key.pem"):
+            tar.add(server / name, arcname=f"{SERVER_TLS_DIR.lstrip('/')}/{name}")
+    host.outer.containers.get(host.container_name).put_archive("/", archive.getvalue())
+
+
 def _start_and_load(host: DockerHost) -> None:
     host.start()
     host.load_image(BASE_IMAGE)
 
 
-def _create(host: DockerHost, image: str, bridge, session: str, engine_flags: list[str]) -> None:
+def _create(host: DockerHost, image: str, bridge, session: str, engine_flags: list[str],
+            entrypoint: Optional[list[str]]) -> None:
     labels = {LABEL: session}
     volume = host.outer.volumes.create(f"{host.container_name}-engine", labels=labels)
     host.outer.containers.create(
-        # The command is appended to the image's dockerd ENTRYPOINT.
-        image, command=engine_flags, name=host.container_name, hostname=host.name, labels={**labels, f"{LABEL}.name": host.name},
+        # The command is appended to the image's dockerd ENTRYPOINT (or `entrypoint`, when given).
+        image, entrypoint=entrypoint, command=engine_flags, name=host.container_name, hostname=host.name, labels={**labels, f"{LABEL}.name": host.name},
         cap_add=["ALL"], cap_drop=["SYS_RESOURCE"],
         security_opt=["seccomp=unconfined", "apparmor=unconfined"],
         # The inner runc creates device nodes and sets cgroups for its containers.

@@ -18,6 +18,7 @@ from mlops import plan
 from mlops.commands.train import training_image
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stages
+from mlops_spec.models import DockerHost
 from mlops_spec.project import ENVIRONMENTS_DIR
 
 IMAGE = "docker:index/image:Image"
@@ -199,7 +200,7 @@ def fake_docker(tmp_path, monkeypatch):
 
 
 def test_the_docker_cli_reads_the_stages_engine(fake_docker):
-    engine = DockerCli("dev", "ssh://builder@host")
+    engine = DockerCli("dev", DockerHost(url="ssh://builder@host"))
     called = fake_docker(stdout="sha256:" + "e" * 64 + "\n")
     assert engine.image_id(BASE_IMAGE) == "sha256:" + "e" * 64
     assert called.read_text().strip() == "ssh://builder@host image inspect --format {{.Id}} mlops-base:bookworm"
@@ -213,7 +214,7 @@ def test_the_docker_cli_reads_the_stages_engine(fake_docker):
 def test_an_engine_that_does_not_answer_is_one_line(fake_docker):
     fake_docker(stderr="Cannot connect to the Docker daemon at tcp://10.0.0.10:2375.\nIs the daemon running?\n", rc=1)
     with pytest.raises(SpecError) as raised:
-        DockerCli("cluster", "tcp://10.0.0.10:2375").image_id(BASE_IMAGE)
+        DockerCli("cluster", DockerHost(url="tcp://10.0.0.10:2375", insecure=True)).image_id(BASE_IMAGE)
     message = str(raised.value)
     assert message.startswith("stage cluster: docker.url: could not read the engine at tcp://10.0.0.10:2375")
     assert "Cannot connect to the Docker daemon" in message and "\n" not in message
@@ -225,7 +226,7 @@ def test_renderings_without_an_engine_read_none():
 
 @pytest.mark.docker
 def test_the_docker_cli_reads_the_base_images_id_and_swap_accounting_from_the_engine(docker_engine):
-    engine = DockerCli("dev", os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
+    engine = DockerCli("dev", DockerHost(url=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")))
     inspected = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", BASE_IMAGE],
                                capture_output=True, text=True, check=True).stdout.strip()
     assert engine.image_id(BASE_IMAGE) == inspected

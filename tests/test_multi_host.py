@@ -4,7 +4,9 @@ and prod still deploys and serves the pinned model from the images in its own re
 dev and prod each run on an inner Docker engine (tests/hosts.py), staging on this machine's engine. Every
 stage is rendered by the real program (`tests/engine.py` creates what it declares) from a git repo of
 its own `environments/`, and `mlops promote` reaches each stage as it would reach a remote host: dev and
-prod over `tcp://` at their published addresses, staging on loopback.
+prod over `tcp://` at their published addresses, staging on loopback. prod's engine answers over TLS only: the
+program reaches it with the client material in prod's config secrets, `mlops` with the operator's certificates in
+DOCKER_CERT_PATH; dev's is a plain-text engine, which a dev stage may declare `insecure`.
 """
 from __future__ import annotations
 
@@ -62,9 +64,9 @@ def released(stage: str, environments: Path) -> ModelRelease:
     return release
 
 
-def mlops(*args: str) -> subprocess.CompletedProcess:
+def mlops(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mlops", *args], capture_output=True, text=True, timeout=900,
-                          cwd=REPO_ROOT)
+                          cwd=REPO_ROOT, env=env)
 
 
 def infer(url: str, model: str, rows) -> list:
@@ -80,11 +82,11 @@ def infer(url: str, model: str, rows) -> list:
 def stages(docker_hosts, tmp_path_factory):
     """A git repo whose stages live on three engines, each with its own registry password; yields the
     environments folder, the hosts and the passwords, and removes everything afterwards."""
-    hosts = docker_hosts("dev", "prod")
+    hosts = {**docker_hosts("dev"), **docker_hosts("prod", tls=True)}
     environments = tmp_path_factory.mktemp("multi-host") / "repo" / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     edit_stage(environments, "dev", {
-        "docker": {"url": hosts["dev"].url},
+        "docker": {"url": hosts["dev"].url, "insecure": True},
         "model_registry": {"port": {"host_port": 5000, **PUBLISHED}},
         "image_registry": {"port": {"host_port": 5001, **PUBLISHED}},
         "serving": {"port": {"host_port": 8080, **PUBLISHED}}})
@@ -127,10 +129,12 @@ def stages(docker_hosts, tmp_path_factory):
 
 
 def deploy(stages, stage: str, stack: str | None = None) -> StageOnEngine:
-    environments, _, passwords, deployed = stages
+    environments, hosts, passwords, deployed = stages
+    tls = hosts[stage].tls if stage in hosts else None
     on_engine = StageOnEngine(stack=stack or stage, spec=load_stage(stage, environments),
                               registry_password=passwords[stage],
-                              mlflow_password=os.environ[secret_variable(MLFLOW_PASSWORD, stage)])
+                              mlflow_password=os.environ[secret_variable(MLFLOW_PASSWORD, stage)],
+                              docker_tls=tls.stack_config() if tls else {})
     deployed.append(on_engine)
     on_engine.deploy()
     return on_engine
@@ -224,3 +228,17 @@ def test_a_tampered_image_in_prods_registry_is_refused_by_the_deploy(stages, pro
     assert digest.removeprefix("sha256:")[:12] in message or "verif" in message or "digest" in message, message
     assert not [c for c in client.containers.list(all=True, filters={"label": "mlops.stack=prod"})
                 if c.name.startswith("prod-serving-")], "no replica may run an image that failed verification"
+
+
+def test_mlops_reads_prods_tls_engine_with_the_operators_certificates_only(stages, prod_without_dev, tmp_path):
+    environments, hosts, _, _ = stages
+    tls = hosts["prod"].tls
+    assert tls is not None and hosts["prod"].url.endswith(":2376")
+    operator = {name: value for name, value in os.environ.items() if not name.startswith("DOCKER_")}
+    with_certificates = mlops("status", "prod", "--json", "--environments", str(environments),
+                              env={**operator, "DOCKER_CERT_PATH": str(tls.folder)})
+    assert json.loads(with_certificates.stdout)["engine_problem"] is None, with_certificates.stdout
+    # No DOCKER_CERT_PATH and nothing in docker's default ~/.docker: the engine refuses the CLI.
+    without = mlops("status", "prod", "--json", "--environments", str(environments),
+                    env={**operator, "HOME": str(tmp_path)})
+    assert "did not answer" in (json.loads(without.stdout)["engine_problem"] or ""), without.stdout

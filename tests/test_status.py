@@ -155,8 +155,8 @@ def test_on_a_swarm_the_manager_counts_every_task_running_on_any_node(monkeypatc
                                           ("cluster-gateway", "serving-gateway"), ("cluster-prometheus", "monitoring")])])}
     asked = []
 
-    def docker(host, *args):
-        asked.append((host, args[:2]))
+    def docker(environment, *args):
+        asked.append((environment["DOCKER_HOST"], args[:2]))
         return answers[args[1]]
 
     monkeypatch.setattr(settle, "_docker", docker)  # status reads the services as `mlops settle` does

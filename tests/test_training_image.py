@@ -32,7 +32,7 @@ from mlops_spec.contract import (
     derived_password,
     secret_variable,
 )
-from mlops_spec.models import HealthCheck
+from mlops_spec.models import DockerHost, HealthCheck
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs
 
@@ -60,7 +60,7 @@ def build(context: Path, tag: str, *options: str, build_args: dict[str, str] | N
 def local_build_settings() -> BuildSettings:
     """What the program and `mlops train` build with on this engine: the base image by tag and by its ID here."""
     return BuildSettings(base_image=BASE_IMAGE, platform="linux/amd64",
-                         base_image_id=DockerCli("tests", "unix:///var/run/docker.sock").image_id(BASE_IMAGE))
+                         base_image_id=DockerCli("tests", DockerHost()).image_id(BASE_IMAGE))
 
 
 def build_model_image(stack: str, model: str, image: str, target: str | None = None) -> tuple[str, str]:

@@ -33,7 +33,6 @@ from mlops.commands.train import (
     BAD_INPUT_EXIT,
     check_engine,
     check_volume,
-    docker_env,
     fail,
     image_digest,
     stage_model,
@@ -133,7 +132,7 @@ def run_in_stage(spec: StageSpec, model: str, environments: Path, volume: str, m
     image_digest(spec, image)  # says how to get the image when it is not on the host
     ran = subprocess.run(["docker", *data_run_arguments(spec, image, volume, mount, read_only, command)],
                          stdin=stdin if stdin is not None else subprocess.DEVNULL, capture_output=True,
-                         env=docker_env(spec))
+                         env=spec.docker.cli_environment())
     if ran.returncode != 0:
         problem = (ran.stderr.decode(errors="replace").strip().splitlines() or [f"exit code {ran.returncode}"])[-1]
         if ran.returncode == BAD_INPUT_EXIT and problem.startswith("error: "):

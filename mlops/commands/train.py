@@ -11,7 +11,6 @@ through its environment, never its command line. On a swarm stage the run is a o
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import uuid
@@ -87,11 +86,7 @@ def check_params(assignments: list[str]) -> None:
 
 
 def docker(spec: StageSpec, *args: str, stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["docker", *args], input=stdin, capture_output=True, text=True, env=docker_env(spec))
-
-
-def docker_env(spec: StageSpec) -> dict[str, str]:
-    return {**os.environ, "DOCKER_HOST": spec.docker.url}
+    return subprocess.run(["docker", *args], input=stdin, capture_output=True, text=True, env=spec.docker.cli_environment())
 
 
 def image_registry_server(spec: StageSpec) -> Optional[str]:
@@ -206,7 +201,7 @@ def report(lines: Iterable[str]) -> Optional[re.Match[str]]:
 def stream_run(spec: StageSpec, run: Run) -> tuple[int, Optional[re.Match[str]]]:
     """Print the run's output as it comes; return its exit code and `REGISTERED` line."""
     with subprocess.Popen(["docker", *docker_run_arguments(run)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1, env={**docker_env(spec), **run_environment(run)}) as process:
+                          text=True, bufsize=1, env={**spec.docker.cli_environment(), **run_environment(run)}) as process:
         assert process.stdout is not None
         registered = report(process.stdout)
     return process.returncode, registered
