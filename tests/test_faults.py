@@ -109,7 +109,7 @@ def dev_on_its_host(docker_hosts, tmp_path_factory):
     environments = tmp_path_factory.mktemp("faults") / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     edit_stage(environments, "dev", {
-        "docker": {"url": host.url},
+        "docker": {"url": host.url, "insecure": True},  # the inner host speaks plain text (tests/hosts.py)
         "model_registry": {"port": {"host_port": 5000, **PUBLISHED}},
         "image_registry": {"port": {"host_port": 5001, **PUBLISHED}},
         "serving": {"port": {"host_port": 8080, **PUBLISHED}}})
