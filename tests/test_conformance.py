@@ -33,6 +33,7 @@ from mlops_spec.project import REPO_ROOT
 from tests.test_gateway_failover import (
     Engine,
     docker,
+    eventually_answers,
     from_the_network,
     gateway_url,
     model_that_in_replica_is,
@@ -95,6 +96,10 @@ def deployed(docker_engine, iris):
         engine.wait_healthy(*(replicas[runtime, model] for runtime in RUNTIMES
                               for model in ("iris", "raising on 42", "batched")),
                             *gateways.values(), timeout_s=240)
+        # Healthy containers are not yet a ready path: a gateway that met its replica still starting routes around
+        # it for fail_timeout (5 s), which a loaded machine can stretch past the health wait. Up means ready there.
+        for gateway in gateways.values():
+            eventually_answers(f"{gateway_url(engine, gateway)}/v2/health/ready", 200, timeout_s=60)
         yield {runtime: Deployed(url=gateway_url(engine, gateways[runtime]), replica=replicas[runtime, "iris"],
                                  gateway=gateways[runtime], version=pins["iris"][0],
                                  raising_on_42=replicas[runtime, "raising on 42"],
