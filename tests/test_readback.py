@@ -8,14 +8,26 @@ import base64
 import pytest
 
 from components import runtimes
+from components.engine_facts import NO_ENGINE, Engine, NoEngine
 from mlops import plan
+from mlops_spec.encoding import parse_cpus
 from mlops_spec.loading import load_stage
 from mlops_spec.project import ENVIRONMENTS_DIR
 from tests import readback
-from tests.engine import CONTAINER, NETWORK, SECRET, SERVICE, SERVICE_CONFIG, VOLUME, _service_spec
+from tests.engine import (
+    CONTAINER,
+    MIB,
+    NETWORK,
+    SECRET,
+    SERVICE,
+    SERVICE_CONFIG,
+    VOLUME,
+    _megabytes_or_unlimited,
+    _nanoseconds,
+    _service_spec,
+)
 from tests.readback import Difference, go_duration, short_duration, stored
 
-MIB = 1024 * 1024
 SECOND = 1_000_000_000
 LABELS = [{"label": "mlops.stack", "value": "dev"}, {"label": "mlops.component", "value": "serving"}]
 
@@ -194,10 +206,50 @@ def test_volumes_networks_secrets_and_configs():
     assert differences(SERVICE_CONFIG, {"Spec": {"Name": "c", "Data": data}}, {"name": "c", "data": data}) == []
 
 
-def rendered_services(stack: str) -> list[plan.PlannedResource]:
+class EngineWithoutSwapAccounting(NoEngine):
+    def limits_swap(self) -> bool:
+        return False
+
+
+def rendered(stack: str, resource_type: str, engine: Engine = NO_ENGINE) -> list[plan.PlannedResource]:
     return [resource for resource in plan.render(stack, load_stage(stack, ENVIRONMENTS_DIR),
                                                  config={"mlops:registryPassword": "r", "mlops:mlflowPassword": "m"},
-                                                 reveal_secrets=True) if resource.type == SERVICE]
+                                                 reveal_secrets=True, engines=lambda spec: engine)
+            if resource.type == resource_type]
+
+
+def rendered_services(stack: str) -> list[plan.PlannedResource]:
+    return rendered(stack, SERVICE)
+
+
+def emulated_container(inputs: dict) -> dict:
+    """The engine's inspect answer for a container tests/engine.py creates from `inputs` (StageOnEngine._run), with
+    the emulator's own conversions of memory, swap, CPUs and durations."""
+    check = inputs["healthcheck"]
+    return {
+        "Name": "/" + inputs["name"], "Image": inputs["image"], "State": {"Running": True},
+        "Config": {"Image": inputs["image"], "User": inputs["user"], "Cmd": inputs.get("command"),
+                   "Healthcheck": {"Test": check["tests"], "Retries": check["retries"],
+                                   **{field: _nanoseconds(check[key]) for key, field in (
+                                       ("interval", "Interval"), ("timeout", "Timeout"), ("startPeriod", "StartPeriod"))}}},
+        "HostConfig": {"ReadonlyRootfs": inputs["readOnly"], "SecurityOpt": inputs["securityOpts"],
+                       "RestartPolicy": {"Name": inputs["restart"]}, "CapDrop": inputs["capabilities"].get("drops"),
+                       "CapAdd": inputs["capabilities"].get("adds"), "Tmpfs": inputs.get("tmpfs"),
+                       "IpcMode": inputs["ipcMode"], "Memory": inputs["memory"] * MIB,
+                       "MemorySwap": _megabytes_or_unlimited(inputs["memorySwap"]), "NanoCpus": parse_cpus(inputs["cpus"]),
+                       "Ulimits": [{"Name": limit["name"], "Soft": limit["soft"], "Hard": limit["hard"]}
+                                   for limit in inputs.get("ulimits", [])]},
+        "NetworkSettings": {"Ports": {f"{port['internal']}/tcp": [{"HostIp": port["ip"], "HostPort": str(port["external"])}]
+                                      for port in inputs.get("ports", [])}},
+    }
+
+
+@pytest.mark.parametrize("engine", [NO_ENGINE, EngineWithoutSwapAccounting()], ids=["swap-limited", "swap-unlimited"])
+def test_the_emulators_containers_read_back_as_the_dev_stage_renders_them(engine):
+    containers = rendered("dev", CONTAINER, engine)
+    assert containers and [difference for container in containers for difference in readback.compare(
+        CONTAINER, container.name, container.inputs,
+        stored(CONTAINER, emulated_container(container.inputs), container.inputs))] == []
 
 
 def emulated_read_back(resource: plan.PlannedResource) -> list[Difference]:
