@@ -53,8 +53,7 @@ FROM_STATE: Mapping[str, frozenset[str]] = {
     # `healthcheck` only when it has one, `ulimit` and `ports` only when the state has them.
     CONTAINER: frozenset({"envs", "labels", "volumes", "networksAdvanced", "wait", "waitTimeout",
                           "capabilities", "cpus", "healthcheck", "ulimits", "ports"}),
-    # resourceDockerServiceReadRefreshFunc sets no `converge_config` (a create and update option) and no `auth`;
-    # `update_config` and `rollback_config` are empty blocks when the engine has none.
+    # resourceDockerServiceReadRefreshFunc sets no `converge_config` (a create and update option) and no `auth`.
     SERVICE: frozenset({"convergeConfig", "auth"}),
     # resourceDockerSecretRead sets `name` only: "secret data is not exposed via the API", and labels are kept.
     SECRET: frozenset({"data", "labels"}),
@@ -185,8 +184,8 @@ def read_service(inspect: Mapping[str, Any], state: Mapping[str, Any]) -> dict[s
             for port in ports or []]},
     }
     for key, field in (("updateConfig", "UpdateConfig"), ("rollbackConfig", "RollbackConfig")):
-        if spec.get(field) is not None:
-            read[key] = _update_or_rollback(spec[field])
+        # An empty block when the engine has none.
+        read[key] = {} if spec.get(field) is None else _update_or_rollback(spec[field])
     return read
 
 
