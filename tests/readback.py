@@ -423,12 +423,10 @@ def _zero(value: Any) -> Any:
     return type(value)() if isinstance(value, (bool, int, float, str, list, dict)) else None
 
 
-def inspect(client, resource_type: str, object_id: str) -> dict[str, Any]:
-    """The engine's inspect answer for an object, as each Read asks it."""
-    api = client.api
-    return {CONTAINER: api.inspect_container, SERVICE: api.inspect_service, VOLUME: api.inspect_volume,
-            NETWORK: api.inspect_network, SECRET: api.inspect_secret, SERVICE_CONFIG: api.inspect_config,
-            }[resource_type](object_id)
+INSPECTS: Mapping[str, str] = {
+    CONTAINER: "inspect_container", SERVICE: "inspect_service", VOLUME: "inspect_volume", NETWORK: "inspect_network",
+    SECRET: "inspect_secret", SERVICE_CONFIG: "inspect_config"}
+"""The Docker SDK call that answers the engine's inspect of each type, as each Read asks it."""
 
 
 def differences(engine) -> list[Difference]:
@@ -437,6 +435,6 @@ def differences(engine) -> list[Difference]:
     found = []
     for name, entry in engine.state.items():
         if entry.type in READERS:
-            read = stored(entry.type, inspect(engine.client, entry.type, entry.id), entry.inputs)
+            read = stored(entry.type, getattr(engine.client.api, INSPECTS[entry.type])(entry.id), entry.inputs)
             found += compare(entry.type, name, entry.inputs, read)
     return found

@@ -269,3 +269,26 @@ def test_a_cluster_stage_rendering_the_sticky_tmpfs_mode_differs_on_every_servic
     services = rendered_services("cluster")
     assert {(difference.resource, difference.field) for service in services for difference in emulated_read_back(service)} \
         == {(service.name, "taskSpec.containerSpec.mounts") for service in services}
+
+
+class RecordedEngine:
+    """A StageOnEngine's state with an engine that answers inspects from recorded answers, by object ID."""
+
+    def __init__(self, state: dict, answers: dict[str, dict]) -> None:
+        self.state = state
+        self.client = self
+        self.api = self
+        self.inspect_container = self.inspect_service = self.inspect_volume = answers.__getitem__
+
+
+def test_differences_reads_each_object_in_the_state_by_its_id_and_compares_with_its_inputs():
+    from tests.engine import Created
+
+    engine = RecordedEngine(
+        {"dev-gateway": Created(CONTAINER, DECLARED_CONTAINER, "c1"),
+         "cluster-gateway": Created(SERVICE, declared_service(tmpfs_mode=0o1777), "s1"),
+         "dev-artifacts": Created(VOLUME, {"name": "dev-artifacts"}, "dev-artifacts"),
+         "dev-image": Created("docker:index/image:Image", {"imageName": "x"}, "sha256:" + "c" * 64)},
+        {"c1": container_inspect(MemorySwap=-1), "s1": service_inspect(), "dev-artifacts": {"Name": "dev-artifacts"}})
+    assert [(difference.resource, difference.field) for difference in readback.differences(engine)] == [
+        ("dev-gateway", "memorySwap"), ("cluster-gateway", "taskSpec.containerSpec.mounts")]
