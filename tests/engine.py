@@ -457,7 +457,7 @@ class StageOnEngine:
         not ask (resourceDockerServiceUpdate sets no QueryRegistry)."""
         container = spec["TaskTemplate"]["ContainerSpec"]
         try:
-            distribution = self.client.api.inspect_distribution(container["Image"], auth_config=self._image_auth(inputs) or None)
+            distribution = self.client.api.inspect_distribution(container["Image"], auth_config=self._image_auth(inputs))
         except docker.errors.APIError:
             return spec
         if "@" not in container["Image"]:
