@@ -42,12 +42,14 @@ BASE in a resource that does not move."""
 
 DAY_TWO = ("each service declares its stage's platform, which Swarm writes into the placement of a service it creates "
            "and the provider reads back, and is replaced delete-before-replace, its name being fixed (issue 19): an "
-           "in-place update, once, and an option of Pulumi's")
+           "in-place update, once, and an option of Pulumi's; a rollback runs to the end (rollback_config failure_action "
+           "continue, 4745317): an in-place update, once")
 SERVICES = ("image-registry-server", "model-registry-server", "monitoring-prometheus", "serving-blue", "serving-green",
             "serving-gateway")
 INTENDED_CHANGES |= {
     service: ("; ".join(filter(None, (INTENDED_CHANGES.get(service, ("", set()))[0], DAY_TWO))),
-              {*INTENDED_CHANGES.get(service, ("", set()))[1], "taskSpec.placement.platforms", "opts.deleteBeforeReplace"})
+              {*INTENDED_CHANGES.get(service, ("", set()))[1], "taskSpec.placement.platforms", "opts.deleteBeforeReplace",
+               "rollbackConfig.failureAction"})
     for service in SERVICES}
 
 
