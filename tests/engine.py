@@ -26,7 +26,7 @@ bridged terraform-provider-docker would:
   resource_docker_service*, _secret and _config do: a Service is created with its whole ServiceSpec (task
   template, mode, update and rollback config, dnsrr or VIP endpoints and ports, placement, secrets and
   mounts) and the provider's `registryAuth` for its image's registry as X-Registry-Auth, so the nodes pull
-  with it; a changed Service is UPDATED in place (ServiceUpdate at the engine's version index), so Swarm
+  with it, after the Docker client's QueryRegistry resolved the image's platforms; a changed Service is UPDATED in place (ServiceUpdate at the engine's version index), so Swarm
   rolls its tasks by its update_config, unless a field mlops/replacements.py lists as replace-forcing
   changed: then it is replaced, deleted first as the program's `deleteBeforeReplace` asks. With `convergeConfig` the deploy
   waits as the provider's refresh functions do (slots running on nodes that are not down; on an update the
@@ -39,8 +39,8 @@ bridged terraform-provider-docker would:
 It is not a deploy path (`pulumi up` is the only one) and does not model: in-place updates of containers
 (a change of memory, restart policy or labels replaces the container), a service's own `auth` block, global
 services with `convergeConfig` (the provider fails those too), the provider's Read after a create or update
-(inputs are kept as rendered), changes to volumes and networks (created when
-missing, never replaced or deleted, so no redeploy loses data), dependents replaced along with a
+(inputs are kept as rendered; tests/readback.py reads the live objects back as Read would and compares them with
+the inputs), changes to volumes and networks (created when missing, never replaced or deleted, so no redeploy loses data), dependents replaced along with a
 delete-before-replace, refresh (drift on the engine goes unnoticed), a state file (the state lives and
 dies with the object), the provider's SSH options (engines are reached at `unix://` or `tcp://`), protect, and
 `pulumi destroy` (`teardown` removes the services, secrets and configs in the state, everything labelled with the
@@ -397,12 +397,13 @@ class StageOnEngine:
         return Created(kind, inputs, created["ID"])
 
     def _create_service(self, name: str, inputs: dict[str, Any]) -> Created:
-        """ServiceCreate with the registry credentials for the image (`--with-registry-auth`), then, with a
-        `convergeConfig`, wait until every replica runs; a service that does not converge is deleted and the
-        create fails (resourceDockerServiceCreate)."""
+        """ServiceCreate with the registry credentials for the image (`--with-registry-auth`) and QueryRegistry, as
+        resourceDockerServiceCreate asks the Docker client; then, with a `convergeConfig`, wait until every replica
+        runs; a service that does not converge is deleted and the create fails."""
         api = self.client.api
+        spec = self._resolved_by_registry(_service_spec(inputs), inputs)
         try:
-            service_id = api._result(api._post_json(api._url("/services/create"), data=_service_spec(inputs),
+            service_id = api._result(api._post_json(api._url("/services/create"), data=spec,
                                                     headers=self._service_auth(inputs)), json=True)["ID"]
         except docker.errors.APIError as error:
             raise DeployFailed(f"creating service {inputs['name']} failed: {error.explanation or error}") from None
@@ -459,14 +460,38 @@ class StageOnEngine:
                 raise DeployFailed(f"service {service['Spec']['Name']} did not converge after {converge['timeout']}")
             time.sleep(1)
 
-    def _service_auth(self, inputs: dict[str, Any]) -> dict[str, str]:
-        """X-Registry-Auth: the provider's `registryAuth` entry for the registry the image names (fromRegistryAuth),
-        so the nodes pull with it; an empty auth config otherwise."""
+    def _resolved_by_registry(self, spec: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+        """The spec as the Docker client sends a create with QueryRegistry (docker/docker v28.5.2
+        client/service_create.go, resolveContainerSpecImage and imageDigestAndPlatforms): the engine's distribution
+        inspect of the image, then the image pinned to its digest unless it is by digest already, and the
+        placement's platforms replaced by every platform the image's manifest (list) names, an `arm` architecture
+        blanked. A registry that does not answer leaves the spec as given (the client only warns). An update does
+        not ask (resourceDockerServiceUpdate sets no QueryRegistry)."""
+        container = spec["TaskTemplate"]["ContainerSpec"]
+        try:
+            distribution = self.client.api.inspect_distribution(container["Image"], auth_config=self._image_auth(inputs))
+        except docker.errors.APIError:
+            return spec
+        if "@" not in container["Image"]:
+            container["Image"] = f"{container['Image']}@{distribution['Descriptor']['digest']}"
+        platforms = [{"Architecture": "" if platform.get("architecture", "").lower() == "arm" else platform.get("architecture", ""),
+                      "OS": platform.get("os", "")} for platform in distribution.get("Platforms") or []]
+        if platforms:
+            spec["TaskTemplate"].setdefault("Placement", {})["Platforms"] = platforms
+        return spec
+
+    def _image_auth(self, inputs: dict[str, Any]) -> dict[str, str]:
+        """The provider's `registryAuth` entry for the registry the service's image names (fromRegistryAuth); none
+        otherwise."""
         image = inputs["taskSpec"]["containerSpec"]["image"]
         registry = image.split("/", 1)[0] if "/" in image else None
-        auth = next(({"username": entry["username"], "password": entry["password"], "serveraddress": registry}
+        return next(({"username": entry["username"], "password": entry["password"], "serveraddress": registry}
                      for entry in self._registry_auth if entry["address"] == registry), {})
-        return {"X-Registry-Auth": base64.urlsafe_b64encode(json.dumps(auth).encode()).decode()}
+
+    def _service_auth(self, inputs: dict[str, Any]) -> dict[str, str]:
+        """X-Registry-Auth with the image's registry credentials, so the nodes pull with them; an empty auth config
+        otherwise."""
+        return {"X-Registry-Auth": base64.urlsafe_b64encode(json.dumps(self._image_auth(inputs)).encode()).decode()}
 
     def wait_healthy(self, containers: list, timeout_s: float) -> None:
         """Polls each container until healthy, as the provider's `wait` does (through unhealthy phases too)."""

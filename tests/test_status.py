@@ -1,5 +1,6 @@
 """`mlops status` on a real stage: every published endpoint answers from the host, and a published port whose
-engine proxy died is reported dead (exit 1) while the containers behind it stay healthy."""
+engine proxy died is reported dead (exit 1) while the containers behind it stay healthy. The same deployment of a
+dev copy, before any fault, is read back as the provider would read it (tests/readback.py)."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ from mlops_spec.loading import load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import free_port
 from tests.engine import StageOnEngine
+from tests.readback import differences
 from tests.test_end_to_end import write_stage
 from tests.test_gateway_failover import MlflowRest
 
@@ -86,6 +88,15 @@ def userland_proxies(host_port: int) -> list[int]:
 
 def rows(result: subprocess.CompletedProcess[str]) -> dict[str, dict]:
     return {row["service"]: row for row in json.loads(result.stdout)["rows"]}
+
+
+@pytest.mark.docker
+def test_the_provider_would_read_every_object_of_the_deployed_dev_stage_back_as_declared(deployed):
+    """After a deploy and an update, the provider's Read of each container, volume and network stores what the
+    rendering declares: the next `pulumi up` would change nothing."""
+    assert {entry.type for entry in deployed.engine.state.values()} >= {
+        "docker:index/container:Container", "docker:index/volume:Volume", "docker:index/network:Network"}
+    assert differences(deployed.engine) == []
 
 
 @pytest.mark.docker

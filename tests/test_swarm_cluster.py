@@ -51,6 +51,7 @@ from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.cluster import task_states
 from tests.conftest import fetch_build_inputs
 from tests.engine import SERVICE, DeployFailed, StageOnEngine
+from tests.readback import differences
 
 pytestmark = pytest.mark.docker
 
@@ -217,6 +218,15 @@ def test_the_stage_deploys_from_the_rendering_and_serves_the_model_from_several_
     assert image.startswith(f"{swarm_cluster.manager.ip}:{REGISTRY_PORT}/{STAGE}/{MODEL}-serving@sha256:"), image
     assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 1)
 
+
+
+def test_the_provider_would_read_every_service_secret_volume_and_network_back_as_declared(cluster_stage):
+    """After the deploy and the pin's rolling update, the provider's Read of each object stores what the rendering
+    declares (tests/readback.py): placement platforms as the Docker client resolved them at create, the tmpfs mode
+    as Mode.Perm(), durations as shortDur."""
+    engine = cluster_stage[0]
+    assert {entry.type for entry in engine.state.values()} >= {SERVICE, "docker:index/secret:Secret"}
+    assert differences(engine) == []
 
 def prometheus(manager_ip: str, path: str, **query: str) -> dict:
     url = f"http://{manager_ip}:{PROMETHEUS_PORT}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
