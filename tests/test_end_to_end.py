@@ -23,6 +23,7 @@ from mlops_spec.contract import MLFLOW_PASSWORD, READER, derived_password, secre
 from mlops_spec.loading import load_stages
 from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
+from tests.readback import differences
 
 pytestmark = pytest.mark.docker
 
@@ -95,6 +96,8 @@ def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
     assert second["name"] == MODEL
     pin = {"name": MODEL, "version": int(second["version"]), "sha256": second["sha256"]}
     engine = deploy(release={"version": pin["version"], "sha256": pin["sha256"]})
+    # The experiment stage, created and then updated to the pin, as the provider's Read would store it.
+    assert differences(engine) == []
     gateway = f"http://127.0.0.1:{ports['gateway']}"
     rows = load_iris().data[::10]
     response = http_json(f"{gateway}/v2/models/{pin['name']}/infer", {"inputs": [

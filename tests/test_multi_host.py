@@ -34,6 +34,7 @@ from mlops_spec.models import ModelRelease
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import free_port
 from tests.engine import StageOnEngine
+from tests.readback import differences
 
 MODEL = "iris-classifier"
 """The model trained in dev and promoted to staging and prod."""
@@ -165,6 +166,11 @@ def prod_without_dev(stages):
     prod.spec = load_stage("prod", environments)
     prod.deploy()
     return prod
+
+
+def test_the_provider_would_read_the_promoted_prod_back_as_declared(prod_without_dev):
+    """prod on its TLS host, deployed and then updated to the promoted pin: the next `pulumi up` changes nothing."""
+    assert differences(prod_without_dev) == []
 
 
 def test_promoted_stages_pin_the_same_digests_in_their_own_registries(stages, prod_without_dev):

@@ -26,6 +26,7 @@ from mlops_spec.contract import READER, TRAINER, derived_password
 from mlops_spec.loading import load_stage
 from tests.conftest import private_copy_of_dev
 from tests.engine import IMAGE, StageOnEngine
+from tests.readback import differences
 from tests.test_end_to_end import free_port, http_json
 
 pytestmark = pytest.mark.docker
@@ -120,6 +121,8 @@ def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must
     with changes_on_engine(engine) as changes:
         engine.deploy()
     assert changes == set()
+    # Nor would the provider: what its Read stores of each object is what the rendering declares.
+    assert differences(engine) == []
     assert (containers(engine), images(engine)) == (first_containers, first_images)
 
     # `cpus` is ForceNew in the provider too: one model's replicas are replaced, nothing else is touched, the
