@@ -51,11 +51,12 @@ class ServiceState:
 
 def service_states(spec: StageSpec) -> list[ServiceState]:
     """Every service of the stage's stack, read from its swarm manager with the `docker` CLI."""
+    environment = spec.docker.cli_environment()
     tasks = dict(line.split(" ", 1) for line in _docker(
-        spec.docker.cli_environment(), "service", "ls", "--filter", f"label=mlops.stack={spec.stage}",
+        environment, "service", "ls", "--filter", f"label=mlops.stack={spec.stage}",
         "--format", "{{.Name}} {{.Replicas}}").splitlines())
     states = []
-    for service in json.loads(_docker(spec.docker.cli_environment(), "service", "inspect", *tasks)) if tasks else []:
+    for service in json.loads(_docker(environment, "service", "inspect", *tasks)) if tasks else []:
         name = service["Spec"]["Name"]
         # `running/desired`, e.g. `2/3` (a global service: one desired per eligible node), maybe followed by more.
         running, desired = map(int, tasks[name].split()[0].split("/"))

@@ -89,10 +89,11 @@ class Probe:
 
 def _containers_health(spec: StageSpec) -> tuple[dict[str, list[str]], str]:
     """component -> health of each of the stage's containers, and why the engine could not say, if so."""
+    environment = spec.docker.cli_environment()
     try:
-        ids = _docker(spec.docker.cli_environment(), "container", "ls", "--all", "--quiet",
+        ids = _docker(environment, "container", "ls", "--all", "--quiet",
                       "--filter", f"label=mlops.stack={spec.stage}").split()
-        inspected = json.loads(_docker(spec.docker.cli_environment(), "container", "inspect", *ids)) if ids else []
+        inspected = json.loads(_docker(environment, "container", "inspect", *ids)) if ids else []
     except DockerError as err:
         return {}, f"engine at {spec.docker.url} did not answer: {err}"
     health: dict[str, list[str]] = {}
