@@ -312,8 +312,8 @@ def placement_platform(platform: str) -> docker.ServiceTaskSpecPlacementPlatform
 
 def secret_name(stack: str, purpose: str, content: str) -> str:
     """`<stack>-<purpose>-<hash>`: Swarm secrets are immutable and every field of the provider's Secret is
-    ForceNew, so a new content gets a new name, the replacement is created before the old one is deleted and
-    services move over in a rolling update. The hash is salted with the stack and purpose and cut to 48 bits:
+    ForceNew, so a new content gets a new name, the replacement is created before Pulumi lets go of the old one
+    and services move over in a rolling update. The hash is salted with the stack and purpose and cut to 48 bits:
     it tells versions apart and says nothing usable about the value."""
     digest = hashlib.sha256(f"mlops-swarm-secret\0{stack}\0{purpose}\0{content}".encode()).hexdigest()
     return f"{stack}-{purpose}-{digest[:SECRET_NAME_HASH_CHARS]}"
@@ -435,7 +435,11 @@ class Swarm(Runtime):
                 secret.resource_name,
                 name=pulumi.Output.unsecret(value.apply(lambda content: secret_name(self.stack, secret.purpose, content))),
                 data=value.apply(lambda content: base64.b64encode(content.encode()).decode()),
-                opts=pulumi.ResourceOptions(parent=parent))
+                labels=[docker.SecretLabelArgs(label=key, value=value) for key, value in self.identity.items()],
+                # The provider's converge returns before Swarm's monitor window ends, and a rollback after it
+                # goes back to a spec that mounts the secret this one replaced: Pulumi only forgets a replaced
+                # secret, and `mlops settle` removes it once no service's spec or previous spec mounts it.
+                opts=pulumi.ResourceOptions(parent=parent, retain_on_delete=True))
         created = self.created_secrets[secret.resource_name]
         return docker.ServiceTaskSpecContainerSpecSecretArgs(
             secret_id=created.id, secret_name=created.name, file_name=f"{SECRETS_DIR}/{secret.file}",

@@ -6,16 +6,22 @@ update in `updating` for one more `monitor` window and may still roll it back (k
 update Swarm rolled back runs the spec before the update, while the Pulumi state holds the new one, and the next
 `pulumi up` without `--refresh` sees no difference. `settle` waits until no service of the stage is updating and
 every one runs the tasks it declares, and reports every service Swarm rolled back or paused.
+
+The stack's secrets are content-named and replaced when a password changes; Pulumi lets go of a replaced one
+without deleting it (`retain_on_delete`), since a rollback after the deploy returns to a spec that mounts it.
+Once the services settled, `remove_unmounted_secrets` deletes the stack's secrets that neither a service's spec
+nor its previous spec (where `docker service rollback` and Swarm's own rollback go) mounts.
 """
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from components.runtimes import converge_within_s
-from mlops.orphans import _docker
+from mlops.orphans import DockerError, _docker
 from mlops_spec.contract import COMPONENT_LABEL
 from mlops_spec.models import StageSpec
 
@@ -99,3 +105,48 @@ def settle(spec: StageSpec, timeout_s: float, read: Optional[Callable[[StageSpec
         if clock() >= deadline:
             return Settled(states, timed_out=True)
         sleep(min(POLL_S, max(deadline - clock(), 0.0)))
+
+
+@dataclass(frozen=True)
+class SwarmSecret:
+    id: str
+    name: str
+
+
+def mounted_secret_ids(services: Iterable[Mapping[str, Any]]) -> set[str]:
+    """The secrets a service's spec or previous spec mounts, for every service given as `docker service inspect`
+    shows it. Swarm refuses to remove a secret the spec mounts, not one only the previous spec does."""
+    return {mounted["SecretID"] for service in services
+            for task_spec in (service.get("Spec") or {}, service.get("PreviousSpec") or {})
+            for mounted in (task_spec.get("TaskTemplate", {}).get("ContainerSpec", {}).get("Secrets") or [])}
+
+
+def unmounted(secrets: Iterable[SwarmSecret], services: Iterable[Mapping[str, Any]]) -> list[SwarmSecret]:
+    mounted = mounted_secret_ids(services)
+    return sorted((secret for secret in secrets if secret.id not in mounted), key=lambda secret: secret.name)
+
+
+@dataclass(frozen=True)
+class Removal:
+    secret: SwarmSecret
+    refused: str
+    """Why the manager kept it (a service mounted it meanwhile), "" when it is gone."""
+
+
+def remove_unmounted_secrets(spec: StageSpec) -> list[Removal]:
+    """Delete the stack's secrets that no service of the swarm mounts now or would roll back to. Every service
+    counts, not only the stack's: a secret is the stack's by its label, its users need not be."""
+    environment = spec.docker.cli_environment()
+    listed = _docker(environment, "secret", "ls", "--filter", f"label=mlops.stack={spec.stage}",
+                     "--format", "{{.ID}} {{.Name}}").split()
+    secrets = [SwarmSecret(id=secret_id, name=name) for secret_id, name in zip(listed[::2], listed[1::2])]
+    service_ids = _docker(environment, "service", "ls", "--quiet").split()
+    services = json.loads(_docker(environment, "service", "inspect", *service_ids)) if service_ids else []
+    removals = []
+    for secret in unmounted(secrets, services):
+        try:
+            _docker(environment, "secret", "rm", secret.id)
+            removals.append(Removal(secret, refused=""))
+        except DockerError as refusal:
+            removals.append(Removal(secret, refused=str(refusal)))
+    return removals

@@ -32,7 +32,8 @@ bridged terraform-provider-docker would:
   waits as the provider's refresh functions do (slots running on nodes that are not down; on an update the
   UpdateStatus first, a rollback or pause failing it); a service that does not converge on create is
   deleted. Secrets and configs are immutable: any change creates the new one, moves the services over,
-  and deletes the old one at the end (create-before-delete, unless `deleteBeforeReplace`). Mock IDs in a
+  and deletes the old one at the end (create-before-delete, unless `deleteBeforeReplace`), unless it is
+  `retainOnDelete`: then, as Pulumi does, the state forgets it and the engine keeps it. Mock IDs in a
   service's inputs (secrets, networks, image digests) are replaced by the real ones. Overlay networks are
   created like bridges (with `attachable`).
 
@@ -127,6 +128,8 @@ class Created:
     id: str
     outputs: dict[str, str] = field(default_factory=dict)
     """Images: the rendering's mock output values -> the real ones, for the containers that run them."""
+    retained: bool = False
+    """`retain_on_delete`: Pulumi drops it from the state and never asks the provider to delete it."""
 
 
 @dataclass
@@ -248,6 +251,7 @@ class StageOnEngine:
             created.outputs = {mock_outputs[key]: real for key, real in created.outputs.items()}
         else:
             created.outputs = {mock_id: created.id}
+        created.retained = resource.retain_on_delete
         self.state[resource.name] = created
 
     def _resolved(self, resource: plan.PlannedResource) -> dict[str, Any]:
@@ -266,6 +270,10 @@ class StageOnEngine:
         return real
 
     def _delete(self, entry: Created) -> None:
+        if not entry.retained:
+            self._remove(entry)
+
+    def _remove(self, entry: Created) -> None:
         # Images stay (Image deletes no tag, RemoteImage has keepLocally), and volumes and networks are never
         # deleted on a redeploy (see the module docstring).
         remove = {CONTAINER: lambda: self.client.containers.get(entry.id).remove(force=True, v=True),
@@ -515,7 +523,7 @@ class StageOnEngine:
         selector = {"label": f"mlops.stack={self.stack}"}
         for entry in sorted(self.state.values(), key=lambda entry: entry.type != SERVICE):
             if entry.type in (SERVICE, SECRET, SERVICE_CONFIG):
-                self._delete(entry)
+                self._remove(entry)
         for container in self.client.containers.list(all=True, filters=selector):
             container.remove(force=True, v=True)
         for network in self.client.networks.list(filters=selector):

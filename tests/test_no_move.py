@@ -51,6 +51,12 @@ INTENDED_CHANGES |= {
               {*INTENDED_CHANGES.get(service, ("", set()))[1], "taskSpec.placement.platforms", "opts.deleteBeforeReplace",
                "rollbackConfig.failureAction"})
     for service in SERVICES}
+SECRETS_RETAINED = ("a replaced secret is let go of, not deleted, since a rollback after the deploy returns to it, "
+                    "and `mlops settle` finds the unmounted ones by their stack's labels (issue 19): each secret is "
+                    "replaced once, its services roll onto the new one",
+                    {"labels", "opts.retainOnDelete"})
+INTENDED_CHANGES |= {secret: SECRETS_RETAINED
+                     for secret in ("image-registry-secret", "model-registry-secret", "serving-reader-secret")}
 
 
 def intended(change, stack: str) -> set[str]:

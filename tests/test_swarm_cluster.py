@@ -50,7 +50,7 @@ from mlops_spec.loading import load_stage
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.cluster import task_states
 from tests.conftest import fetch_build_inputs
-from tests.engine import SERVICE, DeployFailed, StageOnEngine
+from tests.engine import SECRET, SERVICE, DeployFailed, StageOnEngine
 from tests.readback import differences
 
 pytestmark = pytest.mark.docker
@@ -482,3 +482,43 @@ def test_the_gateway_splits_traffic_between_blue_and_green_replicas_on_several_n
         connection.close()
     assert set(answered) == {("blue", 200), ("green", 200)}, answered
     assert 60 <= answered[("green", 200)] <= 140, answered
+
+
+def test_settle_removes_the_stacks_unmounted_secrets_and_keeps_what_a_rollback_returns_to(swarm_cluster,
+                                                                                         cluster_stage):
+    """Pulumi lets go of a replaced secret without deleting it (retain_on_delete), since a rollback after the deploy
+    returns to the spec that mounts it; `mlops settle` removes the stack's secrets once neither a service's spec nor
+    its previous spec mounts them, and never another stack's. The probe service runs no task: its specs count."""
+    engine, environments, _, _ = cluster_stage
+
+    def docker_cli(*args: str) -> str:
+        return subprocess.run(["docker", "-H", swarm_cluster.url, *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    def secrets_on_the_swarm() -> set[str]:
+        return set(docker_cli("secret", "ls", "--format", "{{.Name}}").split())
+
+    probe, token = f"{STAGE}-secret-probe", uuid.uuid4().hex[:8]
+    planted = {role: f"{STAGE}-probe-{role}-{token}" for role in ("previous", "current", "unmounted")}
+    other_stacks = f"other-probe-{token}"
+    for name in planted.values():
+        docker_cli("secret", "create", "--label", f"mlops.stack={STAGE}", name, "/dev/null")
+    docker_cli("secret", "create", "--label", "mlops.stack=other", other_stacks, "/dev/null")
+    stacks_own = {entry.inputs["name"] for entry in engine.state.values() if entry.type == SECRET}
+    assert stacks_own <= secrets_on_the_swarm()
+    try:
+        docker_cli("service", "create", "--detach", "--no-resolve-image", "--replicas", "0", "--name", probe,
+                   "--secret", planted["previous"], "busybox")
+        docker_cli("service", "update", "--detach", "--no-resolve-image", "--secret-rm", planted["previous"],
+                   "--secret-add", planted["current"], probe)
+        settled = settle(environments)
+        assert settled.returncode == 0, settled.stdout + settled.stderr
+        assert (f"removed secret {planted['unmounted']}: no service mounts it or rolls back to it"
+                in " ".join(settled.stdout.split()))
+        remaining = secrets_on_the_swarm()
+        assert planted["unmounted"] not in remaining
+        assert {planted["previous"], planted["current"], other_stacks} | stacks_own <= remaining
+    finally:
+        subprocess.run(["docker", "-H", swarm_cluster.url, "service", "rm", probe], capture_output=True)
+        subprocess.run(["docker", "-H", swarm_cluster.url, "secret", "rm", *planted.values(), other_stacks],
+                       capture_output=True)

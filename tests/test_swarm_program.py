@@ -309,6 +309,18 @@ def test_a_new_password_gets_a_new_secret_name_so_services_roll_onto_it():
     assert runtimes.secret_name("s", "p", "x") == runtimes.secret_name("s", "p", "x") != runtimes.secret_name("s", "p", "y")
 
 
+def test_pulumi_lets_go_of_a_replaced_secret_without_deleting_it_and_labels_it_for_settle():
+    """A rollback Swarm starts after the provider returned goes back to a spec that mounts the replaced secret;
+    deleting it in the same `up` would leave the rolled-back tasks without it. `mlops settle` finds the stack's
+    secrets by label."""
+    secrets = [r for r in render(config=SECRETS).values() if r.type == SECRET]
+    assert secrets
+    for secret in secrets:
+        assert secret.retain_on_delete, f"{secret.name}: a replaced secret would be deleted by the same up"
+        assert {item["label"]: item["value"] for item in secret.inputs["labels"]} == {
+            "mlops.stage": "cluster", "mlops.stack": "cluster"}, secret.name
+
+
 def test_a_new_model_rolls_the_replicas_in_place_and_diff_and_plan_show_how(monkeypatch, capsys):
     before = plan.render("cluster", load_stage("cluster", overrides=PINNED))
     newer = {"models": {MODEL: {"release": {"version": 4, "sha256": "b" * 64}, "replicas": 4}}}

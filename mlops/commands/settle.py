@@ -22,8 +22,10 @@ def settle(stage: str = typer.Argument(..., help="the stage `pulumi up` just dep
            environments: Path = ENVIRONMENTS_OPTION) -> None:
     """Wait until no service of a swarm STAGE is updating and each runs the tasks it declares. Exit 1 when Swarm
     rolled back or paused an update after `pulumi up` returned (the Pulumi state then holds a spec the cluster does
-    not run: `pulumi refresh --stack STAGE` before anything else) or when it did not settle in time. A single-host
-    stage has nothing to settle: `pulumi up` waited for its containers."""
+    not run: `pulumi refresh --stack STAGE` before anything else) or when it did not settle in time. Then remove
+    the stage's secrets that no service mounts or would roll back to (Pulumi lets go of replaced ones, and
+    `pulumi destroy` of all of them, without deleting them). A single-host stage has nothing to settle: `pulumi up`
+    waited for its containers."""
     spec = load_stages([stage], environments)[0]
     console = Console(highlight=False, soft_wrap=True)
     if spec.swarm is None:
@@ -32,9 +34,20 @@ def settle(stage: str = typer.Argument(..., help="the stage `pulumi up` just dep
     limit_s = timeout or settling.longest_update_s(spec)
     try:
         settled = settling.settle(spec, limit_s)
+        # While an update is under way, a secret unmounted now may be the one a rollback returns to.
+        removals = [] if settled.timed_out else settling.remove_unmounted_secrets(spec)
     except DockerError as error:
         raise fail(f"{spec.stage}'s swarm manager at {spec.docker.url} did not answer: {error}") from None
+    for removal in removals:
+        if removal.refused:
+            console.print(f"[yellow]kept secret {escape(removal.secret.name)}: {escape(removal.refused)}[/yellow]")
+        else:
+            console.print(f"removed secret {escape(removal.secret.name)}: no service mounts it or rolls back to it")
     if not settled.services:
+        if removals:
+            console.print(f"nothing of {spec.stage} runs on the swarm manager at {spec.docker.url}; the secrets "
+                          f"`pulumi destroy` left are dealt with")
+            return
         raise fail(f"no service of {spec.stage} runs on the swarm manager at {spec.docker.url}: deploy it first "
                    f"(`pulumi up --stack {spec.stage}`)")
     for state in settled.services:
