@@ -2,7 +2,8 @@
 
 State lives in the backend of PULUMI_BACKEND_URL, by default the file backend `.pulumi-state/` of
 the project `mlops` is run in. Self-managed backends (file, s3, ...) encrypt stack secrets (the image registry
-password, the MLflow secret) with PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE, which must be set.
+password, the MLflow secret, a TLS host's client certificates) with PULUMI_CONFIG_PASSPHRASE or
+PULUMI_CONFIG_PASSPHRASE_FILE, which must be set.
 `exp up`, `exp list` and `exp down` need the Pulumi CLI; `exp gc` cleans orphaned Docker resources
 without it, for a file backend, by reading the backend's stack list from disk.
 """
