@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Optional
@@ -57,13 +57,23 @@ def stage_tls(spec: StageSpec) -> Optional[ClientTls]:
         return None
     config = pulumi.Config(CONFIG_NAMESPACE)
     values = {key: config.get(key) or "" for key in DOCKER_TLS_KEYS}
-    missing = [key for key, value in values.items() if not value.strip()]
+    missing = missing_tls_keys(values)
     if missing:
         stack = pulumi.get_stack()
-        commands = "; ".join(f"pulumi config set --secret {CONFIG_NAMESPACE}:{key} -s {stack} < {CERT_FILES[key]}"
-                             for key in missing)
         raise SpecError(file=f"Pulumi.{stack}.yaml", field=f"{CONFIG_NAMESPACE}:{missing[0]}",
                         message=f"stack {stack} reaches its Docker host {spec.docker.url} over TLS and its config "
-                                f"lacks {', '.join(missing)}: {commands} (docs/hosts-and-clusters.md)")
+                                f"lacks {', '.join(missing)}: {tls_set_commands(stack, missing)} "
+                                f"(docs/hosts-and-clusters.md)")
     return ClientTls(ca_cert=values[DOCKER_CA_CERT], client_cert=values[DOCKER_CLIENT_CERT],
                      client_key=values[DOCKER_CLIENT_KEY])
+
+
+def missing_tls_keys(values: Mapping[str, str]) -> list[str]:
+    """The keys of DOCKER_TLS_KEYS that `values` (by key, without the namespace) lacks or leaves blank."""
+    return [key for key in DOCKER_TLS_KEYS if not values.get(key, "").strip()]
+
+
+def tls_set_commands(stack: str, keys: list[str]) -> str:
+    """The commands that store `keys` in `stack`'s config from their PEM files, secret and never on a command line."""
+    return "; ".join(f"pulumi config set --secret {CONFIG_NAMESPACE}:{key} -s {stack} < {CERT_FILES[key]}"
+                     for key in keys)

@@ -307,6 +307,9 @@ class FakeWorkspace:
     def remove_stack(self, name: str) -> None:
         del self.stacks[name]
 
+    def get_all_config(self, stack_name: str) -> dict[str, auto.ConfigValue]:
+        return self.stacks[stack_name].get_all_config()
+
 
 @pytest.fixture
 def fake_pulumi(monkeypatch, tmp_path) -> FakeWorkspace:
@@ -420,6 +423,64 @@ def test_up_without_a_passphrase_fails_before_creating_a_stack(fake_pulumi, monk
     result = invoke("up", "demo")
     assert result.exit_code == 1 and "set PULUMI_CONFIG_PASSPHRASE" in result.output
     assert not fake_pulumi.stacks
+
+
+TLS_HOST = "docker.url=tcp://dev-host:2376"
+TLS_KEYS = ("mlops:dockerCaCert", "mlops:dockerClientCert", "mlops:dockerClientKey")
+
+
+def dev_stack(workspace: FakeWorkspace, **config: str) -> FakeStack:
+    """Stack dev in the backend, with the given config secrets."""
+    workspace.stacks["dev"] = FakeStack("dev", workspace)
+    workspace.stacks["dev"].config = {key: auto.ConfigValue(value, secret=True) for key, value in config.items()}
+    return workspace.stacks["dev"]
+
+
+def dev_tls(version: str) -> dict[str, str]:
+    return {key: f"-----BEGIN {key} {version}-----" for key in TLS_KEYS}
+
+
+def test_up_on_a_tls_host_copies_the_client_certificates_of_the_stage_it_starts_from(fake_pulumi):
+    dev_stack(fake_pulumi, **dev_tls("first"), **{"mlops:registryPassword": "dev-password"})
+    result = invoke("up", "demo", "--set", TLS_HOST)
+    assert result.exit_code == 0, result.output
+    stack = fake_pulumi.stacks["exp-demo"]
+    assert {key: (stack.config[key].value, stack.config[key].secret) for key in TLS_KEYS} == {
+        key: (value, True) for key, value in dev_tls("first").items()}
+    assert stack.config["mlops:registryPassword"].value != "dev-password", "the experiment's own secrets stay its own"
+    assert stack.deployed
+
+    dev_stack(fake_pulumi, **dev_tls("renewed"))
+    assert invoke("up", "demo", "--set", TLS_HOST).exit_code == 0
+    assert {key: stack.config[key].value for key in TLS_KEYS} == dev_tls("renewed"), "renewed certificates follow"
+
+
+@pytest.mark.parametrize("assignments", [[], ["--set", "docker.url=tcp://dev-host:2375", "--set", "docker.insecure=true"]],
+                         ids=["unix", "insecure-tcp"])
+def test_up_on_a_host_without_tls_copies_no_certificate(fake_pulumi, assignments):
+    dev_stack(fake_pulumi, **dev_tls("first"))
+    result = invoke("up", "demo", *assignments)
+    assert result.exit_code == 0, result.output
+    assert not set(TLS_KEYS) & set(fake_pulumi.stacks["exp-demo"].config)
+
+
+@pytest.mark.parametrize("dev_config, missing, create", [
+    ({"mlops:dockerCaCert": "-----BEGIN CA-----", "mlops:dockerClientKey": " "},
+     ("dockerClientCert", "dockerClientKey"), ""),
+    (None, ("dockerCaCert", "dockerClientCert", "dockerClientKey"), "pulumi stack init dev; "),
+], ids=["incomplete", "no-dev-stack"])
+def test_up_on_a_tls_host_whose_source_stack_lacks_certificates_says_what_to_set_and_creates_no_stack(
+        fake_pulumi, dev_config, missing, create):
+    if dev_config is not None:
+        dev_stack(fake_pulumi, **dev_config)
+    result = invoke("up", "demo", "--set", TLS_HOST)
+    assert result.exit_code == 1
+    files = {"dockerCaCert": "ca.pem", "dockerClientCert": "cert.pem", "dockerClientKey": "key.pem"}
+    commands = "; ".join(f"pulumi config set --secret mlops:{key} -s dev < {files[key]}" for key in missing)
+    assert result.output.splitlines() == [
+        f"error: exp-demo reaches its Docker host tcp://dev-host:2376 over TLS with the client certificates of stack "
+        f"dev, which lacks {', '.join(missing)}: {create}{commands} (docs/hosts-and-clusters.md)"]
+    assert "exp-demo" not in fake_pulumi.stacks
 
 
 # --- `exp gc` on a real Docker engine --------------------------------------------------------------------------

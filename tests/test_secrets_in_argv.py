@@ -1,8 +1,9 @@
 """No secret on a command line: every local user reads other processes' arguments (`ps`, /proc/*/cmdline).
 
 `make stack-secrets` (what `make up` and the idempotence workflow store their stacks' secrets with) and
-`mlops exp up` run against a stand-in `pulumi` on PATH that records its arguments and stdin and keeps the config
-it is given, while the test reads every process's command line as they run.
+`mlops exp up` (with the TLS client certificates it copies from stack dev) run against a stand-in `pulumi` on PATH
+that records its arguments and stdin and keeps the config it is given, while the test reads every process's command
+line as they run.
 """
 from __future__ import annotations
 
@@ -16,26 +17,27 @@ from pathlib import Path
 
 from mlops_spec.project import REPO_ROOT
 
-# A stand-in Pulumi CLI: answers what `make stack-secrets` and the Automation API ask, keeps config in
-# $FAKE_PULUMI_DIR/config.json and appends every call ({"argv", "stdin"}) to $FAKE_PULUMI_DIR/calls.jsonl. Each
-# call lives a little while, so the test's sampling of /proc sees every one.
+# A stand-in Pulumi CLI: answers what `make stack-secrets` and the Automation API ask, keeps each stack's config in
+# $FAKE_PULUMI_DIR/config.STACK.json (the stacks it lists) and appends every call ({"argv", "stdin"}) to
+# $FAKE_PULUMI_DIR/calls.jsonl. Each call lives a little while, so the test's sampling of /proc sees every one.
 FAKE_PULUMI = '''#!{python}
 import json, os, sys, time
 from pathlib import Path
 
 folder = Path(os.environ["FAKE_PULUMI_DIR"])
-config_file = folder / "config.json"
-config = json.loads(config_file.read_text()) if config_file.exists() else {{}}
 args = sys.argv[1:]
 TAKES_VALUE = {{"--stack", "-s", "--cwd", "-C", "--config-file", "--event-log", "--exec-kind", "--client"}}
-positional, skip = [], False
+positional, option, stack = [], None, None
 for arg in args:
-    if skip:
-        skip = False
+    if option is not None:
+        stack = arg if option in ("--stack", "-s") else stack
+        option = None
     elif arg in TAKES_VALUE:
-        skip = True
+        option = arg
     elif not arg.startswith("-"):
         positional.append(arg)
+config_file = folder / f"config.{{stack}}.json"
+config = json.loads(config_file.read_text()) if config_file.exists() else {{}}
 stdin = ""
 if positional[:2] == ["config", "set"] and len(positional) == 3:
     stdin = sys.stdin.read().removesuffix("\\n")
@@ -56,7 +58,7 @@ elif positional[:2] == ["config", "get"]:
 elif positional == ["config"]:
     print(json.dumps(config))
 elif positional[:2] == ["stack", "ls"]:
-    print("[]")
+    print(json.dumps([{{"name": file.name.split(".")[1], "current": False}} for file in folder.glob("config.*.json")]))
 elif positional[:2] == ["stack", "output"]:
     print("{{}}")
 elif positional[:2] == ["stack", "history"]:
@@ -84,8 +86,9 @@ def command_lines() -> set[str]:
     return seen
 
 
-def run_watched(command: list[str], tmp_path: Path, env: dict[str, str]) -> Run:
-    """Run `command` with the stand-in pulumi first on PATH, reading every process's command line meanwhile."""
+def run_watched(command: list[str], tmp_path: Path, env: dict[str, str], stack: str) -> Run:
+    """Run `command` with the stand-in pulumi first on PATH, reading every process's command line meanwhile; the
+    secrets are those the stand-in keeps for `stack`."""
     fake = tmp_path / "bin" / "pulumi"
     fake.parent.mkdir(exist_ok=True)
     fake.write_text(FAKE_PULUMI.format(python=sys.executable))
@@ -106,7 +109,7 @@ def run_watched(command: list[str], tmp_path: Path, env: dict[str, str]) -> Run:
         done.set()
         sampler.join()
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    config = json.loads((tmp_path / "config.json").read_text())
+    config = json.loads((tmp_path / f"config.{stack}.json").read_text())
     calls = [json.loads(line) for line in (tmp_path / "calls.jsonl").read_text().splitlines()]
     return Run([entry["value"] for entry in config.values() if entry["secret"]], calls, seen)
 
@@ -123,14 +126,27 @@ def assert_no_secret_in_any_argv(run: Run, keys: tuple[str, ...]) -> None:
 
 def test_make_stores_the_stack_secrets_without_putting_them_on_a_command_line(tmp_path):
     make = ["make", "--no-print-directory", "stack-secrets", "ENV=argv-test"]
-    run = run_watched(make, tmp_path, {})
+    run = run_watched(make, tmp_path, {}, "argv-test")
     assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword"))
-    again = run_watched(make, tmp_path, {})
+    again = run_watched(make, tmp_path, {}, "argv-test")
     assert again.secrets == run.secrets, "a stack's secrets are made once"
 
 
+EXP_UP = [sys.executable, "-m", "mlops", "exp", "up", "argv"]
+EXP_ENV = {"PULUMI_BACKEND_URL": "s3://experiments", "PULUMI_CONFIG_PASSPHRASE": "test", "USER": "alice"}
+
+
 def test_exp_up_stores_the_experiment_secrets_without_putting_them_on_a_command_line(tmp_path):
-    run = run_watched([sys.executable, "-m", "mlops", "exp", "up", "argv"], tmp_path,
-                      {"PULUMI_BACKEND_URL": "s3://experiments", "PULUMI_CONFIG_PASSPHRASE": "test", "USER": "alice"})
+    run = run_watched(EXP_UP, tmp_path, EXP_ENV, "exp-argv")
     assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword"))
     assert any("up" in call["argv"] for call in run.calls), "the experiment was deployed"
+
+
+def test_exp_up_on_a_tls_host_copies_the_client_certificates_without_putting_them_on_a_command_line(tmp_path):
+    tls = {f"mlops:{key}": f"-----BEGIN {key.upper()}-----\nMIIBszCCAVmgAwIBAgIU{key}\n-----END-----"
+           for key in ("dockerCaCert", "dockerClientCert", "dockerClientKey")}
+    (tmp_path / "config.dev.json").write_text(json.dumps({key: {"value": value, "secret": True}
+                                                          for key, value in tls.items()}))
+    run = run_watched([*EXP_UP, "--set", "docker.url=tcp://dev-host:2376"], tmp_path, EXP_ENV, "exp-argv")
+    assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword", *tls))
+    assert run.secrets[2:] == list(tls.values()), "the experiment holds stack dev's client certificates"

@@ -2,7 +2,8 @@
 
 State lives in the backend of PULUMI_BACKEND_URL, by default the file backend `.pulumi-state/` of
 the project `mlops` is run in. Self-managed backends (file, s3, ...) encrypt stack secrets (the image registry
-password, the MLflow secret) with PULUMI_CONFIG_PASSPHRASE or PULUMI_CONFIG_PASSPHRASE_FILE, which must be set.
+password, the MLflow secret, a TLS host's client certificates) with PULUMI_CONFIG_PASSPHRASE or
+PULUMI_CONFIG_PASSPHRASE_FILE, which must be set.
 `exp up`, `exp list` and `exp down` need the Pulumi CLI; `exp gc` cleans orphaned Docker resources
 without it, for a file backend, by reading the backend's stack list from disk.
 """
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from components.docker_tls import CONFIG_NAMESPACE, missing_tls_keys, tls_set_commands
 from mlops import orphans
 from mlops.experiments import (
     DEFAULT_SOURCE,
@@ -38,7 +40,9 @@ from mlops.experiments import (
     settings_from_json,
 )
 from mlops.plan import PROJECT
+from mlops_spec.contract import DOCKER_TLS_KEYS
 from mlops_spec.errors import SpecError
+from mlops_spec.models import StageSpec
 from mlops_spec.project import project_root
 
 app = typer.Typer(no_args_is_help=True, help="Short-lived experiment stacks exp-NAME with a time to live.")
@@ -169,6 +173,25 @@ def _default_owner() -> str:
     return owner
 
 
+def _source_tls(workspace: auto.LocalWorkspace, stacks: set[str], stack_name: str, spec: StageSpec,
+                source: str) -> dict[str, str]:
+    """The config secrets the experiment reaches its TLS Docker host with, by key: copied from the stack of the stage
+    it starts from, since the new stack has a config of its own; none for a host without TLS. A CommandFailed naming
+    the keys to set when that stack lacks any, before the experiment's stack exists."""
+    if not spec.docker.uses_tls:
+        return {}
+    configured = workspace.get_all_config(source) if source in stacks else {}
+    values = {key: configured[f"{CONFIG_NAMESPACE}:{key}"].value for key in DOCKER_TLS_KEYS
+              if f"{CONFIG_NAMESPACE}:{key}" in configured}
+    missing = missing_tls_keys(values)
+    if missing:
+        create = "" if source in stacks else f"pulumi stack init {source}; "
+        raise CommandFailed(f"{stack_name} reaches its Docker host {spec.docker.url} over TLS with the client "
+                            f"certificates of stack {source}, which lacks {', '.join(missing)}: "
+                            f"{create}{tls_set_commands(source, missing)} (docs/hosts-and-clusters.md)")
+    return {f"{CONFIG_NAMESPACE}:{key}": values[key] for key in DOCKER_TLS_KEYS}
+
+
 def _print_to_stderr(line: str) -> None:
     print(line, file=sys.stderr)
 
@@ -199,9 +222,11 @@ def up(
     now = datetime.now(timezone.utc)
     settings = ExperimentSettings.new(name, owner or _default_owner(), now, ttl or DEFAULT_TTL, source, assignments)
     stack_name = experiment_stack(name)
-    experiment_spec(stack_name, settings.to_config())
+    spec = experiment_spec(stack_name, settings.to_config())
     workspace = _workspace(create_backend=True)
-    is_new = stack_name not in _experiment_stacks(workspace)
+    stacks = _stack_names(workspace)
+    tls_secrets = _source_tls(workspace, stacks, stack_name, spec, settings.source)
+    is_new = stack_name not in stacks
     stack = (auto.Stack.create if is_new else auto.Stack.select)(stack_name, workspace)
     try:
         if not is_new:
@@ -216,6 +241,9 @@ def up(
         for key in SECRET_KEYS:
             if key not in configured:
                 set_secret_config(stack, key, secrets.token_urlsafe(24))
+        for key, value in tls_secrets.items():
+            if key not in configured or configured[key].value != value:
+                set_secret_config(stack, key, value)
     except BaseException:
         # Nothing half-created: a stack that never got its settings is removed again.
         if is_new:
