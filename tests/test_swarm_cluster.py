@@ -491,8 +491,8 @@ def test_settle_removes_the_stacks_unmounted_secrets_and_keeps_what_a_rollback_r
     its previous spec mounts them, and never another stack's. The probe service runs no task: its specs count."""
     engine, environments, _, _ = cluster_stage
 
-    def docker_cli(*args: str) -> str:
-        return subprocess.run(["docker", "-H", swarm_cluster.url, *args], capture_output=True, text=True,
+    def docker_cli(*args: str, given: str | None = None) -> str:
+        return subprocess.run(["docker", "-H", swarm_cluster.url, *args], input=given, capture_output=True, text=True,
                               check=True).stdout
 
     def secrets_on_the_swarm() -> set[str]:
@@ -502,8 +502,8 @@ def test_settle_removes_the_stacks_unmounted_secrets_and_keeps_what_a_rollback_r
     planted = {role: f"{STAGE}-probe-{role}-{token}" for role in ("previous", "current", "unmounted")}
     other_stacks = f"other-probe-{token}"
     for name in planted.values():
-        docker_cli("secret", "create", "--label", f"mlops.stack={STAGE}", name, "/dev/null")
-    docker_cli("secret", "create", "--label", "mlops.stack=other", other_stacks, "/dev/null")
+        docker_cli("secret", "create", "--label", f"mlops.stack={STAGE}", name, "-", given=token)
+    docker_cli("secret", "create", "--label", "mlops.stack=other", other_stacks, "-", given=token)
     stacks_own = {entry.inputs["name"] for entry in engine.state.values() if entry.type == SECRET}
     assert stacks_own <= secrets_on_the_swarm()
     try:
