@@ -231,6 +231,15 @@ def pinned_text(original: str, model: str, release: dict) -> str:
     return _dumped(yaml, document)
 
 
+def edited_text(original: str, values: dict) -> str:
+    """`original` with `values` assigned, a nested dict into the mapping of its key, every other line as it was:
+    existing keys keep their place, style and comments."""
+    yaml = _yaml()
+    document = yaml.load(original) or CommentedMap()
+    _assign(document, values)
+    return _dumped(yaml, document)
+
+
 def green_as_blue_text(original: str, model: str) -> str:
     """`original` with `models.<model>.green`'s pins as that model's release and no green slot or traffic split
     left: blue takes all of the model's traffic again, now serving what green served."""

@@ -14,17 +14,37 @@ The stage's image registry runs as a service on the cluster itself, so each node
 registries on the bridge network over plain HTTP (`trust_registries_on_network` in tests/hosts.py).
 
 Everything is labelled with the session like the hosts are, and `remove_cluster(session)` removes it.
+
+Run as a program, it does the same for a workflow (.github/workflows/idempotence.yml): `python -m tests.cluster up
+--session NAME` starts the nodes environments/cluster.yaml places by, points the stage file at the manager and its
+registry, and prints both as `url=…` and `registry_address=…` lines ($GITHUB_OUTPUT's format); `python -m
+tests.cluster down --session NAME` removes everything of the session.
 """
 from __future__ import annotations
 
+import argparse
+import re
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import docker
 
+from mlops.promote import edited_text, write_atomically
+from mlops_spec.errors import SpecError
+from mlops_spec.loading import load_stage, stage_file
+from mlops_spec.project import ENVIRONMENTS_DIR
 from tests import hosts
 
 SWARM_PORT = 2377
+STAGE_NODE_LABELS = {
+    "node-1": {"mlops.stateful": "true", "mlops.edge": "true"},
+    "node-2": {"mlops.train": "true"},
+    "node-3": {"mlops.train": "true"}}
+"""The nodes environments/cluster.yaml places by: node-1, the manager, is the stateful and edge node (MLflow, the
+registry, a gateway); node-2 and node-3 are workers that run serving replicas and training."""
+SESSION_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,39}")
 
 
 @dataclass
@@ -135,3 +155,67 @@ def start_cluster(session: str, labels: dict[str, dict[str, str]]) -> Cluster:
 
 def remove_cluster(session: str) -> None:
     hosts.remove_hosts(session)
+
+
+def point_stage(file: Path, url: str, registry_address: str) -> None:
+    """Points the swarm stage `file` at a cluster: `docker.url` at its manager and `swarm.registry_address` at
+    the registry it runs, every other line of the file as it was."""
+    write_atomically(file, edited_text(file.read_text(), {"docker": {"url": url},
+                                                          "swarm": {"registry_address": registry_address}}))
+
+
+def _session_name(text: str) -> str:
+    if not SESSION_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: use 1-40 lowercase letters, digits and '-', starting with a "
+                                         "letter or digit (it names the nodes' containers and network)")
+    return text
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster",
+                                     description="A swarm of inner engines for a swarm stage, outside the tests.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start the nodes and point the stage file at the manager and its registry")
+    down = commands.add_parser("down", help="remove the session's nodes, volumes and network")
+    for command in (up, down):
+        command.add_argument("--session", required=True, type=_session_name, help="labels everything it starts")
+    up.add_argument("--stage", default="cluster", help="the swarm stage to point at the cluster (default: cluster)")
+    up.add_argument("--environments", type=Path, default=ENVIRONMENTS_DIR, help="the stage files' folder")
+    return parser.parse_args(argv)
+
+
+def _up(session: str, stage: str, environments: Path) -> int:
+    try:
+        spec = load_stage(stage, environments)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    port = spec.image_registry.port.host_port
+    if spec.swarm is None or port is None:
+        print(f"error: {stage_file(stage, environments)}: stage {stage} declares no swarm with a fixed "
+              "image_registry.port.host_port: nothing to point at a cluster", file=sys.stderr)
+        return 1
+    try:
+        cluster = start_cluster(session, STAGE_NODE_LABELS)
+    except (hosts.HostError, docker.errors.DockerException) as error:
+        remove_cluster(session)
+        print(f"error: the cluster of session {session} did not start, nothing of it is left: {error}",
+              file=sys.stderr)
+        return 1
+    registry_address = f"{cluster.manager.ip}:{port}"
+    point_stage(stage_file(stage, environments), cluster.url, registry_address)
+    print(f"url={cluster.url}")
+    print(f"registry_address={registry_address}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = _arguments(argv)
+    if arguments.command == "down":
+        remove_cluster(arguments.session)
+        return 0
+    return _up(arguments.session, arguments.stage, arguments.environments)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -176,8 +176,7 @@ def docker_hosts(docker_engine):
 @pytest.fixture(scope="session")
 def swarm_cluster(docker_engine):
     """A three-node Docker Swarm of inner engines (tests/cluster.py), built once per session and removed at
-    its end: node-1 is the manager and the stateful and edge node (MLflow, the registry, the gateway), as
-    environments/cluster.yaml asks; node-2 and node-3 are workers that run serving replicas and training.
+    its end, labelled as environments/cluster.yaml asks (`cluster.STAGE_NODE_LABELS`): node-1 is the manager.
     Names carry this session's id, so parallel sessions never collide."""
     import uuid
 
@@ -185,9 +184,6 @@ def swarm_cluster(docker_engine):
 
     session = uuid.uuid4().hex[:12]
     try:
-        yield cluster.start_cluster(session, labels={
-            "node-1": {"mlops.stateful": "true", "mlops.edge": "true"},
-            "node-2": {"mlops.train": "true"},
-            "node-3": {"mlops.train": "true"}})
+        yield cluster.start_cluster(session, labels=cluster.STAGE_NODE_LABELS)
     finally:
         cluster.remove_cluster(session)

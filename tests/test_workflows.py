@@ -264,3 +264,139 @@ def test_a_deploy_ends_when_swarm_settled_and_a_late_rollback_fails_it_after_a_r
     rolled_back, calls = run_settle_step(tmp_path, settle_exit=1)
     assert rolled_back.returncode == 1
     assert calls == ["mlops settle cluster", "pulumi refresh --yes --non-interactive --stack cluster"]
+
+
+def idempotence_job() -> dict:
+    return load("idempotence.yml")["jobs"]["idempotence"]
+
+
+def runs_for(step: dict, stage: str, failed: bool = False) -> bool:
+    """Whether the step runs in the matrix job of `stage`, after an earlier step `failed` or not: the `if:`
+    expressions this workflow uses are `always()` and `matrix.stage == '…'`, joined by `&&`."""
+    condition = step.get("if")
+    if condition is None:
+        return not failed
+    terms = [term.strip() for term in condition.split("&&")]
+    holds = True
+    for term in terms:
+        if term != "always()":
+            assert term.startswith("matrix.stage == "), f"step {step.get('name')}: an `if:` this test cannot read"
+            holds = holds and term.removeprefix("matrix.stage == ").strip("'") == stage
+    return holds and ("always()" in terms or not failed)
+
+
+def step_ids(stage: str, failed: bool = False) -> list[str]:
+    return [step.get("id") or step.get("name") or step["uses"] for step in idempotence_job()["steps"]
+            if runs_for(step, stage, failed)]
+
+
+def run_of(step_id: str) -> str:
+    return run_step("idempotence.yml", "idempotence", step_id)
+
+
+def test_idempotence_runs_dev_and_the_cluster_each_on_a_stack_of_its_own():
+    job = idempotence_job()
+    assert job["strategy"]["matrix"]["stage"] == ["dev", "cluster"] and job["strategy"]["fail-fast"] is False
+    assert job["env"]["STAGE"] == "${{ matrix.stage }}"
+    assert 'pulumi stack init "$STAGE"' in run_of("stack") and '--stack "$STAGE"' in run_of("up")
+
+
+def test_the_cluster_starts_before_up_settles_after_it_and_then_previews_no_change():
+    ran = step_ids("cluster")
+    order = ["cluster", "stack", "up", "train", "settle", "no-change", "destroy", "remove-cluster"]
+    assert [step for step in ran if step in order] == order
+    assert ran.index("settle") == ran.index("up") + 2, "only the first models' training between up and settle"
+    assert '.venv/bin/mlops settle "$STAGE"' in run_of("settle")
+    assert '.venv/bin/mlops train --stage "$STAGE" --model "$model"' in run_of("train")
+    assert "pulumi preview --expect-no-changes --non-interactive --diff --stack \"$STAGE\"" in run_of("no-change")
+    # dev keeps its single-host run: no nodes, no training, no settle; the owner edit only there.
+    assert not {"cluster", "train", "settle", "remove-cluster"} & set(step_ids("dev"))
+    assert "Edit labels.owner" in step_ids("dev") and "Edit labels.owner" not in ran
+
+
+def test_whatever_failed_the_stacks_are_destroyed_and_the_nodes_removed():
+    assert step_ids("cluster", failed=True) == ["destroy", "remove-cluster"]
+    assert step_ids("dev", failed=True) == ["destroy"]
+    assert 'pulumi destroy --yes --non-interactive --stack "$STAGE"' in run_of("destroy")
+
+
+def cluster_arguments(command_line: str, session: str):
+    """`command_line`'s `python -m tests.cluster …` call as the entry point parses it, CLUSTER_SESSION=`session`."""
+    import os
+    import shlex
+
+    from tests import cluster
+
+    [call] = [line for line in command_line.splitlines() if "-m tests.cluster" in line]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CLUSTER_SESSION", session)
+        patch.setenv("STAGE", "cluster")
+        words = [os.path.expandvars(word) for word in shlex.split(call)]
+    assert words[:3] == [".venv/bin/python", "-m", "tests.cluster"]
+    return cluster._arguments(words[3:])
+
+
+def test_the_nodes_are_started_and_removed_under_one_session_the_entry_point_accepts():
+    session = idempotence_job()["env"]["CLUSTER_SESSION"].replace("${{ github.run_id }}", "12345678901").replace(
+        "${{ github.run_attempt }}", "2")
+    up = cluster_arguments(run_of("cluster"), session)
+    down = cluster_arguments(run_of("remove-cluster"), session)
+    assert (up.command, up.session, up.stage) == ("up", session, "cluster")
+    assert (down.command, down.session) == ("down", session)
+
+
+def test_no_secret_of_the_idempotence_run_is_on_a_command_line():
+    job = idempotence_job()
+    for step in job["steps"]:
+        run = step.get("run", "")
+        assert "secrets." not in run and "config set" not in run, f"step {step.get('name')}: a secret in its script"
+        assert "PASSPHRASE" not in run or step["name"] == "A passphrase for this run's secrets", step.get("name")
+    assert 'make stack-secrets ENV="$STAGE"' in run_of("stack")
+    assert yaml.safe_dump(job).count("secrets.") == 1, "the passphrase, in one step's environment only"
+
+
+def test_cluster_up_points_the_stage_at_the_manager_prints_both_and_keeps_every_comment(environments, monkeypatch,
+                                                                                       capsys):
+    from tests import cluster, hosts
+
+    started = []
+    manager = hosts.DockerHost("node-1", "172.30.0.2", "mlops-host-s-node-1", outer=None)
+
+    def start(session, labels):
+        started.append((session, labels))
+        return cluster.Cluster(manager, [])
+
+    monkeypatch.setattr(cluster, "start_cluster", start)
+    before = (environments / "cluster.yaml").read_text().splitlines()
+    assert cluster.main(["up", "--session", "run-7", "--environments", str(environments)]) == 0
+    assert started == [("run-7", cluster.STAGE_NODE_LABELS)]
+    assert capsys.readouterr().out.splitlines() == ["url=tcp://172.30.0.2:2375", "registry_address=172.30.0.2:5301"]
+    after = (environments / "cluster.yaml").read_text().splitlines()
+    changed = [(old, new) for old, new in zip(before, after) if old != new]
+    assert len(before) == len(after) and changed == [
+        ("  url: tcp://10.0.0.10:2375   # a swarm manager; it must be the node labelled mlops.stateful=true",
+         "  url: tcp://172.30.0.2:2375  # a swarm manager; it must be the node labelled mlops.stateful=true"),
+        ("  registry_address: 10.0.0.10:5301   # the stateful node and image_registry.port.host_port",
+         "  registry_address: 172.30.0.2:5301  # the stateful node and image_registry.port.host_port")]
+
+
+def test_cluster_up_that_fails_leaves_no_node_and_an_untouched_stage(environments, monkeypatch, capsys):
+    from tests import cluster, hosts
+
+    removed = []
+
+    def fail(session, labels):
+        raise hosts.HostError("node-2: no engine answers at tcp://172.30.0.3:2375 after 60s")
+
+    monkeypatch.setattr(cluster, "start_cluster", fail)
+    monkeypatch.setattr(cluster, "remove_cluster", removed.append)
+    before = (environments / "cluster.yaml").read_text()
+    assert cluster.main(["up", "--session", "run-7", "--environments", str(environments)]) == 1
+    assert removed == ["run-7"] and (environments / "cluster.yaml").read_text() == before
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: the cluster of session run-7 did not start, nothing of it is left: node-2: ")
+    assert cluster.main(["up", "--session", "run-7", "--stage", "dev", "--environments", str(environments)]) == 1
+    assert "stage dev declares no swarm" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        cluster.main(["up", "--session", "Run_7"])
+    assert refused.value.code == 2 and "--session: 'Run_7'" in capsys.readouterr().err
