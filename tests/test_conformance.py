@@ -1,12 +1,14 @@
-"""Open Inference Protocol conformance of both serving runtimes, with two independent real clients.
+"""Open Inference Protocol conformance of both serving runtimes, with three independent real clients.
 
-NVIDIA's `tritonclient[http]` (the binary tensor data extension by default, JSON on request) and the
-`open-inference-openapi` client, generated from the protocol's own OpenAPI spec, talk to an `oip` replica
+NVIDIA's `tritonclient[http]` (the binary tensor data extension by default, JSON on request), KServe's
+`InferenceRESTClient` (binary inputs by default) and the `open-inference-openapi` client, generated from the
+protocol's own OpenAPI spec, talk to an `oip` replica
 and an `mlserver` replica, each through its own gateway, on a real engine; replicas of models that raise
 show both runtimes' readiness and failure answers. Every test runs against both runtimes.
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import pickle
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from open_inference.openapi.client import OpenInferenceClient
 from open_inference.openapi.core.api_error import ApiError
 from open_inference.openapi.errors.bad_request_error import BadRequestError
@@ -165,6 +168,30 @@ def test_health_and_metadata_with_the_openapi_client(oip_client, version):
     metadata = oip_client.read_model_version_metadata(MODEL, version)
     assert metadata.name == MODEL and metadata.versions == [version]
     assert [(tensor.name, tensor.datatype, tensor.shape) for tensor in metadata.inputs] == [("input-0", "FP64", [-1, 4])]
+
+
+def test_health_and_inference_with_the_kserve_client(url, iris):
+    """KServe's REST client with its defaults but the protocol (its default is KServe's own V1): server and model
+    readiness, and an inference with its default binary input tensor, request id kept."""
+    model, features = iris
+    rows = features[::9]
+
+    async def session():
+        client = InferenceRESTClient(RESTConfig(protocol="v2"))
+        try:
+            tensor = InferInput("input-0", list(rows.shape), "FP64")
+            tensor.set_data_from_numpy(rows)
+            return (await client.is_server_live(url), await client.is_server_ready(url),
+                    await client.is_model_ready(url, MODEL), await client.is_model_ready(url, "no-such-model"),
+                    await client.infer(url, InferRequest(MODEL, [tensor], request_id="kserve-1"), model_name=MODEL))
+        finally:
+            await client.close()
+
+    live, ready, model_ready, unknown_model_ready, response = asyncio.run(session())
+    assert live and ready and model_ready and not unknown_model_ready
+    assert (response.id, response.model_name) == ("kserve-1", MODEL)
+    [output] = response.outputs
+    assert output.name == "predict" and output.as_numpy().ravel().tolist() == model.predict(rows).tolist()
 
 
 @pytest.mark.parametrize("binary_input, binary_output", [(True, None), (True, True), (True, False), (False, True),

@@ -30,6 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from open_inference.openapi.client import OpenInferenceClient
 from sklearn.datasets import load_iris
 from sklearn.pipeline import make_pipeline
@@ -419,6 +420,27 @@ def test_each_model_goes_to_its_own_replicas_and_an_unknown_model_is_a_404_at_th
     assert "iris-regressor" not in metrics, "requests for an unknown model make no series"
 
 
+KSERVE_ROWS = {"iris-classifier": [6.7, 3.0, 5.2, 2.3], SECOND_MODEL: [5.2, 2.3]}
+
+
+async def kserve_session(url: str) -> dict:
+    """Through KServe's REST client: the stage's health, then each model's readiness and its answer for one row
+    (binary input, the client's default); an unknown model's readiness."""
+    client = InferenceRESTClient(RESTConfig(protocol="v2"))
+    try:
+        seen: dict = {"live": await client.is_server_live(url), "ready": await client.is_server_ready(url)}
+        for model, row in KSERVE_ROWS.items():
+            tensor = InferInput("input-0", [1, len(row)], "FP64")
+            tensor.set_data_from_numpy(np.array([row]))
+            answer = await client.infer(url, InferRequest(model, [tensor]), model_name=model)
+            seen[model] = answer.outputs[0].as_numpy().ravel().tolist() if await client.is_model_ready(url, model) \
+                else None
+        seen["iris-regressor"] = await client.is_model_ready(url, "iris-regressor")
+        return seen
+    finally:
+        await client.close()
+
+
 def test_the_client_libraries_call_health_metadata_and_infer_through_the_gateway_with_their_defaults(two_models):
     client = triton.InferenceServerClient(two_models.url.removeprefix("http://"))
     try:
@@ -435,10 +457,13 @@ def test_the_client_libraries_call_health_metadata_and_infer_through_the_gateway
             client.get_model_metadata("iris-regressor")
     finally:
         client.close()
-    # KServe's InferenceRESTClient reads `live` and `ready` from the server's health bodies, and the status
-    # alone for a model's readiness.
-    assert call(f"{two_models.url}/v2/health/live")[2]["live"] is True
-    assert call(f"{two_models.url}/v2/health/ready")[2]["ready"] is True
+    # KServe's client reads `live` and `ready` from the server's health bodies, and the status alone for a model's
+    # readiness; its protocol must be named, its default being KServe's own V1.
+    answered_as_json = {model: call(f"{two_models.url}/v2/models/{model}/infer", json.dumps({"inputs": [
+        {"name": "input-0", "datatype": "FP64", "shape": [1, len(row)], "data": row}]}).encode())[2]["outputs"][0]["data"]
+        for model, row in KSERVE_ROWS.items()}
+    assert asyncio.run(kserve_session(two_models.url)) == {
+        "live": True, "ready": True, **answered_as_json, "iris-regressor": False}
     oip = OpenInferenceClient(base_url=two_models.url)
     oip.check_server_liveness()
     oip.check_server_readiness()
