@@ -94,12 +94,9 @@ def test_the_default_wait_is_the_longest_rolling_update_the_provider_would_wait_
             "(`pulumi up --stack cluster`)"),
 ])
 def test_the_command_says_in_one_line_why_the_deploy_is_not_done(monkeypatch, reads, exit_code, says):
-    monkeypatch.setattr(settling, "service_states", Manager(reads).read)
-    monkeypatch.setattr(settling, "remove_unmounted_secrets", lambda _spec: [])
-    monkeypatch.setattr(settling, "POLL_S", 0.1)
-    result = CliRunner().invoke(app, ["settle", "cluster", "--timeout", "1", "--environments", str(ENVIRONMENTS_DIR)])
+    result, said, _ = run_settle(monkeypatch, reads, removals=[])
     assert result.exit_code == exit_code, result.output
-    assert says in " ".join(result.output.split())
+    assert says in said
 
 
 def test_an_unreachable_manager_and_a_single_host_stage_each_get_one_line(monkeypatch):
@@ -165,7 +162,9 @@ def test_settle_lists_the_stacks_secrets_by_label_reads_every_service_and_remove
     assert kept.refused == "`secret rm` failed: secret s3 is in use"
 
 
-def run_settle(monkeypatch, reads, removals, timeout: str = "1"):
+def run_settle(monkeypatch, reads, removals):
+    """`mlops settle cluster --timeout 1` on a manager answering `reads`, removing `removals`: the result, its
+    output on one line, and the stages whose secrets it was asked to remove."""
     monkeypatch.setattr(settling, "service_states", Manager(reads).read)
     monkeypatch.setattr(settling, "POLL_S", 0.1)
     asked: list[str] = []
@@ -174,8 +173,7 @@ def run_settle(monkeypatch, reads, removals, timeout: str = "1"):
         asked.append(spec.stage)
         return removals
     monkeypatch.setattr(settling, "remove_unmounted_secrets", remove)
-    result = CliRunner().invoke(app, ["settle", "cluster", "--timeout", timeout,
-                                      "--environments", str(ENVIRONMENTS_DIR)])
+    result = CliRunner().invoke(app, ["settle", "cluster", "--timeout", "1", "--environments", str(ENVIRONMENTS_DIR)])
     return result, " ".join(result.output.split()), asked
 
 
