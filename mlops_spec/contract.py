@@ -46,6 +46,21 @@ DOCKER_CLIENT_KEY = "dockerClientKey"
 DOCKER_TLS_KEYS = (DOCKER_CA_CERT, DOCKER_CLIENT_CERT, DOCKER_CLIENT_KEY)
 """The config secrets, PEM text, a stack whose Docker host is reached over TLS (`docker.uses_tls`) connects with:
 the CA that signed the host's certificate, and the client certificate and key the host trusts (`mlops:<key>`)."""
+MODEL_SIGNING_KEY = "modelSigningKey"
+"""The config secret of a stage that trains: the Ed25519 private key (PEM) `mlops train` signs each new model
+version with, outside every container, so neither MLflow, a training run's code nor a replica ever holds it."""
+TRUSTED_MODEL_KEYS = "trustedModelKeys"
+"""Plain config (`mlops:<key>`, reviewed in `Pulumi.<stack>.yaml`): the Ed25519 public keys (PEM blocks, one or
+more) whose signatures the stage's replicas load and `mlops promote` into the stage accepts."""
+
+# How a model version vouches for its bytes: the training run tags the version with the sha256 of its two files,
+# `mlops train` signs the model's name and both hashes; MLflow's access rules (images/mlflow/access.py) let each
+# of these tags be set once and never changed, and a replica loads nothing whose signature no trusted key verifies.
+MODEL_HASH_TAG = "sha256"
+MANIFEST_HASH_TAG = "manifest_sha256"
+SIGNATURE_TAG = "signature"
+"""Base64 of the Ed25519 signature of `signed_message`."""
+WRITE_ONCE_TAGS = (MODEL_HASH_TAG, MANIFEST_HASH_TAG, SIGNATURE_TAG)
 
 # Ports the images listen on, inside the stage network; the stage files choose the host ports they are published on.
 MLFLOW_PORT = 5000
@@ -127,6 +142,8 @@ class ReplicaEnv:
     SAMPLES_MAX_BYTES = "SAMPLES_MAX_BYTES"
     MAX_BATCH_SIZE = "MAX_BATCH_SIZE"
     MAX_BATCH_TIME_MS = "MAX_BATCH_TIME_MS"
+    SIGNING_KEYS = "MODEL_SIGNING_KEYS"
+    """The stage's trusted public keys (TRUSTED_MODEL_KEYS), PEM: not a secret."""
 
 
 class TrainingEnv:
@@ -193,6 +210,12 @@ def secret_variable(key: str, stage: str) -> str:
     """`registryPassword`, `staging` -> `MLOPS_REGISTRY_PASSWORD_STAGING`: where CI hands a stage's secret over."""
     words = re.sub(r"(?<!^)(?=[A-Z])", "_", key).upper()
     return f"MLOPS_{words}_{stage.upper().replace('-', '_')}"
+
+
+def signed_message(model: str, model_sha256: str, manifest_sha256: str) -> bytes:
+    """What a model version's signature signs (images/serving/serving/registry.py keeps a copy): the name binds it
+    to its model, so one model's signed bytes never pass as another's."""
+    return f"mlops-model-v1\n{model}\n{model_sha256}\n{manifest_sha256}\n".encode()
 
 
 def release_id(pin: ModelPin) -> str:
