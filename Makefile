@@ -32,11 +32,21 @@ announce-up:
 	@echo "secrets for it if it has none, and its containers (pulumi up). The Pulumi CLI itself it does not install."
 
 # A secret goes to `pulumi config set` on stdin, never as an argument: every local user reads arguments in `ps`.
+# Models are signed with the key of the stage at the start of ENV's promotion chain (the one that trains them),
+# and ENV's replicas trust its public key (docs/security.md, "Signed models").
 stack-secrets:
 	for key in registryPassword mlflowPassword; do \
 	  pulumi config get --stack $(ENV) mlops:$$key >/dev/null 2>&1 || \
 	    openssl rand -hex 24 | pulumi config set --stack $(ENV) --secret mlops:$$key; \
 	done
+	set -e; chain=$$($(VENV)/bin/mlops stages --chain $(ENV)); signer=$${chain%% *}; \
+	if [ "$$signer" = "$(ENV)" ]; then \
+	  pulumi config get --stack $(ENV) mlops:modelSigningKey >/dev/null 2>&1 || \
+	    openssl genpkey -algorithm ed25519 | pulumi config set --stack $(ENV) --secret mlops:modelSigningKey; \
+	fi; \
+	pulumi config get --stack $(ENV) mlops:trustedModelKeys >/dev/null 2>&1 || \
+	  pulumi config get --stack $$signer mlops:modelSigningKey | openssl pkey -pubout | \
+	    pulumi config set --stack $(ENV) mlops:trustedModelKeys
 
 up: announce-up pulumi-cli venv
 	$(VENV)/bin/mlops validate $(ENV)

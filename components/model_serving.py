@@ -74,6 +74,8 @@ class ModelServingArgs(TypedDict):
     registry_url: pulumi.Input[str]
     reader_password: pulumi.Input[str]
     """The password of MLflow user `reader`, which replicas fetch the model as; a secret."""
+    trusted_model_keys: str
+    """The public keys (PEM) whose signature a model version must carry for a replica to load it."""
     drift_window_rows: Optional[int]
     """Rows each replica scores input drift over, when the stage is monitored; None: no drift scoring."""
     rollout: Optional[RolloutWiring]
@@ -82,9 +84,11 @@ class ModelServingArgs(TypedDict):
     """The artifact store's volume the replicas of a model with `sampling` append sampled rows to."""
 
 
-def model_settings(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str) -> dict[str, pulumi.Input[str]]:
-    """What a replica needs to fetch and serve its pinned model, but the password."""
+def model_settings(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str,
+                   trusted_model_keys: str) -> dict[str, pulumi.Input[str]]:
+    """What a replica needs to fetch, verify and serve its pinned model, but the password."""
     return {
+        ReplicaEnv.SIGNING_KEYS: trusted_model_keys,
         ReplicaEnv.MODEL_NAME: pin.name,
         ReplicaEnv.MODEL_VERSION: str(pin.version),
         ReplicaEnv.MODEL_SHA256: pin.sha256 or "",
@@ -199,7 +203,7 @@ class ModelServing(pulumi.ComponentResource):
                 # A replica that follows `latest` (dev) has nothing to serve until the first training run
                 # registers a version, and then turns ready by itself; a pinned one must be ready.
                 wait_healthy=pin.is_pinned,
-                env={**model_settings(pin, args["registry_url"], spec.runtime), TrackingEnv.PASSWORD: reader,
+                env={**model_settings(pin, args["registry_url"], spec.runtime, args["trusted_model_keys"]), TrackingEnv.PASSWORD: reader,
                      **drift_env, **sampling_env(sampling), **batching_settings(deployment.batching)},
                 # Writable: each replica appends to its own file; the image owns SAMPLES_DIR, so uid 10001 may.
                 volumes=([VolumeMount(samples_volume, SAMPLES_DIR)]

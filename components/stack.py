@@ -46,6 +46,8 @@ class MLOpsStackArgs(TypedDict):
     registry_password: Optional[pulumi.Input[str]]
     mlflow_password: pulumi.Input[str]
     """The stage's MLflow secret, from which every MLflow identity's password derives (mlops_spec/contract.py)."""
+    trusted_model_keys: Optional[str]
+    """The Ed25519 public keys (PEM) whose signatures the replicas accept; required where the stage serves a model."""
 
 
 class MLOpsStack(pulumi.ComponentResource):
@@ -142,12 +144,16 @@ class MLOpsStack(pulumi.ComponentResource):
         self.serving_image_digests = {}
         scrape_targets: list[ScrapeTarget] = []
         if served := spec.served_models():
+            trusted_keys = args["trusted_model_keys"]
+            if not trusted_keys:
+                raise ValueError("serving needs the Pulumi config mlops:trustedModelKeys")
             # Derived inside the secret, so the derived password is as secret in the state as the root one.
             reader_password = pulumi.Output.secret(args["mlflow_password"]).apply(
                 lambda secret: derived_password(secret, READER))
             serving = ModelServing(f"{stack}-serving", {
                 "runtime": runtime, "spec": spec.serving, "models": served,
                 "registry_url": model_registry.internal_url, "reader_password": reader_password,
+                "trusted_model_keys": trusted_keys,
                 "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
                 "samples_volume": store.samples_volume,
                 "rollout": None if spec.monitoring is None or store.rollout_volume is None else RolloutWiring(

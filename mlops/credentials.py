@@ -6,16 +6,23 @@ from __future__ import annotations
 import os
 import subprocess
 
-from mlops_spec.contract import MLFLOW_PASSWORD, REGISTRY_PASSWORD, derived_password, secret_variable
+from mlops_spec.contract import (
+    MLFLOW_PASSWORD,
+    MODEL_SIGNING_KEY,
+    REGISTRY_PASSWORD,
+    TRUSTED_MODEL_KEYS,
+    derived_password,
+    secret_variable,
+)
 
 
 class MissingSecret(Exception):
     """Neither the environment nor the Pulumi CLI gave the secret; the message says how to provide it."""
 
 
-def stack_secret(stage: str, key: str, purpose: str) -> str:
-    """Stack `stage`'s config secret `mlops:<key>`: from its `MLOPS_…_<STAGE>` variable where CI provides it,
-    else through the Pulumi CLI. Never printed; `purpose` names it in the error, e.g. "staging's image registry"."""
+def _stack_config(stage: str, key: str) -> str:
+    """Stack `stage`'s config `mlops:<key>`: from its `MLOPS_…_<STAGE>` variable where CI provides it, else through
+    the Pulumi CLI; empty when neither has it."""
     variable = secret_variable(key, stage)
     if os.environ.get(variable):
         return os.environ[variable]
@@ -23,11 +30,17 @@ def stack_secret(stage: str, key: str, purpose: str) -> str:
         read = subprocess.run(["pulumi", "config", "get", f"mlops:{key}", "--stack", stage],
                               capture_output=True, text=True, timeout=60)
     except (FileNotFoundError, subprocess.TimeoutExpired):
-        read = None
-    if read is None or read.returncode != 0 or not read.stdout.strip():
-        raise MissingSecret(f"no password for {purpose}: set {variable}, or run where the Pulumi CLI reads "
-                            f"stack {stage}'s secret mlops:{key}")
-    return read.stdout.strip()
+        return ""
+    return read.stdout.strip() if read.returncode == 0 else ""
+
+
+def stack_secret(stage: str, key: str, purpose: str) -> str:
+    """Stack `stage`'s config secret `mlops:<key>`. Never printed; `purpose` names it in the error, e.g.
+    "staging's image registry"."""
+    if not (value := _stack_config(stage, key)):
+        raise MissingSecret(f"no password for {purpose}: set {secret_variable(key, stage)}, or run where the Pulumi "
+                            f"CLI reads stack {stage}'s secret mlops:{key}")
+    return value
 
 
 def registry_password(stage: str) -> str:
@@ -37,3 +50,21 @@ def registry_password(stage: str) -> str:
 def mlflow_password(stage: str, identity: str) -> str:
     """The password `identity` logs in to `stage`'s MLflow with."""
     return derived_password(stack_secret(stage, MLFLOW_PASSWORD, f"{stage}'s MLflow"), identity)
+
+
+def model_signing_key(stage: str) -> str:
+    """The private key (PEM) `mlops train` signs `stage`'s new model versions with."""
+    if not (value := _stack_config(stage, MODEL_SIGNING_KEY)):
+        raise MissingSecret(f"no model signing key for {stage}: set {secret_variable(MODEL_SIGNING_KEY, stage)}, or run "
+                            f"where the Pulumi CLI reads stack {stage}'s secret mlops:{MODEL_SIGNING_KEY} (make one with "
+                            f"`openssl genpkey -algorithm ed25519 | pulumi config set --secret mlops:{MODEL_SIGNING_KEY} "
+                            f"--stack {stage}`)")
+    return value
+
+
+def trusted_model_keys(stage: str) -> str:
+    """The public keys (PEM) whose signatures `stage` accepts; not a secret, read the same way."""
+    if not (value := _stack_config(stage, TRUSTED_MODEL_KEYS)):
+        raise MissingSecret(f"no trusted model keys for {stage}: set {secret_variable(TRUSTED_MODEL_KEYS, stage)}, or "
+                            f"run where the Pulumi CLI reads stack {stage}'s config mlops:{TRUSTED_MODEL_KEYS}")
+    return value

@@ -79,6 +79,8 @@ class ModelStore(Protocol):
 
     def publish(self, model: ModelVersion, tags: dict[str, str]) -> int: ...
 
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None: ...
+
 
 class MlflowStore:
     def __init__(self, url: str, auth: Optional[BasicAuth] = None, timeout_s: float = 30.0) -> None:
@@ -118,6 +120,11 @@ class MlflowStore:
         return max((int(v["version"]) for v in versions), default=0) + 1
 
     # -- writing ---------------------------------------------------------------------------------------
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self._call("POST", "/api/2.0/mlflow/model-versions/set-tag",
+                   body={"name": name, "version": str(version), "key": key, "value": value},
+                   missing=f"model {name} has no version {version} in {self.url}")
+
     def publish(self, model: ModelVersion, tags: dict[str, str]) -> int:
         """Register a copy of `model` (same files, metrics and tags, plus `tags`); returns the new version."""
         experiment_id = self._experiment(PROMOTIONS_EXPERIMENT)

@@ -18,7 +18,7 @@ from pulumi.runtime import rpc
 from pulumi.runtime import settings as pulumi_settings
 
 from components.engine_facts import NO_ENGINE, EngineReader, reading_engines
-from mlops_spec.contract import DOCKER_TLS_KEYS
+from mlops_spec.contract import DOCKER_TLS_KEYS, TRUSTED_MODEL_KEYS
 from mlops_spec.models import StageSpec
 
 SECRET_PLACEHOLDER = "[secret]"
@@ -27,6 +27,12 @@ PROJECT = "mlops-stack"
 PLAN_SECRETS = {"mlops:registryPassword": "plan-placeholder-password",
                 "mlops:mlflowPassword": "plan-placeholder-mlflow-password",
                 **{f"mlops:{key}": f"plan-placeholder-{key}" for key in DOCKER_TLS_KEYS}}
+# Not a secret, but plans read no stack's config either: a well-formed Ed25519 public key whose private half
+# nobody kept.
+PLAN_TRUSTED_MODEL_KEYS = """-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEABfQsneozbv7jlstOoW+WUgGnfHRCJ22V2X4yfIjSTog=
+-----END PUBLIC KEY-----
+"""
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,8 @@ def mock_runtime(stack: str, config: Optional[dict[str, str]] = None) -> _Record
     # resources to a stack this monitor never saw; `mlops diff` renders twice per process.
     pulumi_settings.ROOT.set(None)
     pulumi.runtime.set_mocks(monitor.mocks, project=PROJECT, stack=stack, preview=False, monitor=monitor)
-    pulumi.runtime.set_all_config({**PLAN_SECRETS, **(config or {})}, secret_keys=list(PLAN_SECRETS))
+    pulumi.runtime.set_all_config({**PLAN_SECRETS, f"mlops:{TRUSTED_MODEL_KEYS}": PLAN_TRUSTED_MODEL_KEYS,
+                                   **(config or {})}, secret_keys=list(PLAN_SECRETS))
     return monitor
 
 

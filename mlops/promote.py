@@ -32,7 +32,8 @@ from mlops import credentials, gitrepo, rollout
 from mlops.imagecopy import RegistryError, StageRegistry, copy_image, manifest_digest
 from mlops.modelstore import BasicAuth, MlflowStore, ModelStore, ModelVersion, StoreError
 from mlops.reach import StageReach, Unreachable
-from mlops_spec.contract import PROMOTER, release_id
+from mlops.signing import SigningError, check_files, check_signed, public_keys
+from mlops_spec.contract import PROMOTER, TRUSTED_MODEL_KEYS, release_id
 from mlops_spec.errors import SpecError, excerpt
 from mlops_spec.loading import load_stage, stage_file
 from mlops_spec.models import GreenRelease, ModelPin, ReleaseImages, StageSpec
@@ -342,13 +343,16 @@ class Promoter:
     def __init__(self, environments: Path = ENVIRONMENTS_DIR, store_for: StoreFactory = MlflowStore,
                  password_for: Callable[[str], str] = credentials.registry_password,
                  mlflow_password_for: Callable[[str], str] = lambda stage: credentials.mlflow_password(
-                     stage, PROMOTER)) -> None:
+                     stage, PROMOTER),
+                 trusted_keys_for: Callable[[str], str] = credentials.trusted_model_keys) -> None:
         """`password_for(stage)` is the stage's image registry password, `mlflow_password_for(stage)` the
-        password of MLflow user `promoter` there: it reads the source stage and writes into the target."""
+        password of MLflow user `promoter` there: it reads the source stage and writes into the target.
+        `trusted_keys_for(stage)` the public keys whose model signatures the stage's replicas accept."""
         self.environments = environments
         self.store_for = store_for
         self.password_for = password_for
         self.mlflow_password_for = mlflow_password_for
+        self.trusted_keys_for = trusted_keys_for
         self._exits = ExitStack()
         self._reaches: dict[str, StageReach] = {}
 
@@ -366,6 +370,18 @@ class Promoter:
     def model_store(self, spec: StageSpec) -> ModelStore:
         auth = BasicAuth(PROMOTER, _secret(self.mlflow_password_for, spec.stage))
         return self.store_for(self._reach(spec).model_registry_url(), auth)
+
+    def _check_signed_for(self, target: StageSpec, model: ModelVersion) -> None:
+        """Refuse a version the target's replicas would refuse: its files must be what its tags say, and a key the
+        target trusts must have signed those tags. The signature is copied with the tags."""
+        where = f"{target.stage}'s mlops:{TRUSTED_MODEL_KEYS}"
+        try:
+            trusted = public_keys(_secret(self.trusted_keys_for, target.stage), where)
+            check_files(model)
+            check_signed(model.name, model.version, model.tags, trusted, where)
+        except SigningError as err:
+            raise PromotionRefused(f"refusing to promote {model.name} v{model.version} into {target.stage}: "
+                                   f"{err}") from None
 
     def image_registry(self, spec: StageSpec) -> StageRegistry:
         reach = self._reach(spec)
@@ -432,6 +448,7 @@ class Promoter:
         _refuse_unless_committed(target_file)
         try:
             fetched = _fetch_source_model(source, promoted.of(name), self.model_store(source), version)
+            self._check_signed_for(target, fetched)
             _check_gates(fetched, target)
             images = self._source_images(source, promoted.images, name, target)
             self.image_registry(target)  # its address and password, before anything is copied

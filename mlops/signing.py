@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from typing import Mapping
 
@@ -17,6 +18,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mlops.modelstore import ModelStore, ModelVersion
 from mlops_spec.contract import MANIFEST_HASH_TAG, MODEL_HASH_TAG, SIGNATURE_TAG, signed_message
 
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.DOTALL)
@@ -56,6 +58,15 @@ def public_keys(pem_text: str, where: str) -> list[Ed25519PublicKey]:
     return keys
 
 
+def new_signing_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.generate()
+
+
+def private_pem(key: Ed25519PrivateKey) -> str:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+
+
 def public_pem(key: Ed25519PrivateKey) -> str:
     return key.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode()
@@ -66,6 +77,29 @@ def signature(key: Ed25519PrivateKey, model: str, model_sha256: str, manifest_sh
     return base64.b64encode(key.sign(signed_message(model, model_sha256, manifest_sha256))).decode()
 
 
+def check_files(model: ModelVersion) -> None:
+    """Raise SigningError unless the version's two files, as downloaded, hash to what its tags say: a signature
+    vouches for the tags, these bytes must be what the tags name."""
+    for file, tag in (("model.pkl", MODEL_HASH_TAG), ("manifest.json", MANIFEST_HASH_TAG)):
+        actual = hashlib.sha256(model.files[file]).hexdigest()
+        if model.tags.get(tag) != actual:
+            raise SigningError(f"{model.name} v{model.version}: {file} has sha256 {actual}, but the version's {tag} "
+                               f"tag says {model.tags.get(tag) or 'nothing'}")
+
+
+def sign_registered(store: ModelStore, name: str, version: int, sha256: str, key: Ed25519PrivateKey) -> str:
+    """Sign version `version` of `name`, which a training run just registered and reported as `sha256`, once its
+    files in the store are checked against its tags and that report; returns the signature."""
+    registered = store.fetch(name, version)
+    if registered.tags.get(MODEL_HASH_TAG) != sha256:
+        raise SigningError(f"{name} v{version} is tagged sha256 {registered.tags.get(MODEL_HASH_TAG) or 'nothing'}, "
+                           f"but the training run registered {sha256}: not signing it")
+    check_files(registered)
+    signed = signature(key, name, sha256, registered.tags[MANIFEST_HASH_TAG])
+    store.set_version_tag(name, version, SIGNATURE_TAG, signed)
+    return signed
+
+
 def check_signed(model: str, version: int, tags: Mapping[str, str], trusted: list[Ed25519PublicKey],
                  trusted_by: str) -> None:
     """Raise SigningError unless the version's tags carry both hashes and a signature of them that one of the
@@ -73,7 +107,7 @@ def check_signed(model: str, version: int, tags: Mapping[str, str], trusted: lis
     missing = [tag for tag in (MODEL_HASH_TAG, MANIFEST_HASH_TAG, SIGNATURE_TAG) if not tags.get(tag)]
     if missing:
         raise SigningError(f"{model} v{version} has no {' or '.join(missing)} tag: only versions `mlops train` "
-                           "signed (or `mlops sign` vouched for) are served")
+                           "signed are served or promoted (a version from before signing: train it again)")
     try:
         raw = base64.b64decode(tags[SIGNATURE_TAG], validate=True)
     except binascii.Error:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 import tarfile
 import tempfile
@@ -76,10 +77,12 @@ from components.engine_facts import docker_cli
 from components.images import context_files
 from mlops import plan
 from mlops.diff import ABSENT, FieldChange, classify
+from mlops_spec.contract import MODEL_SIGNING_KEY, TRUSTED_MODEL_KEYS, secret_variable
 from mlops_spec.encoding import parse_cpus
 from mlops_spec.models import StageSpec
 from mlops_spec.project import REPO_ROOT
 from tests.hosts import tls_client
+from tests.model_signing import SIGNING_KEY_PEM, TRUSTED_KEYS_PEM
 
 PROVIDER = "pulumi:providers:docker"
 IMAGE = "docker:index/image:Image"
@@ -147,6 +150,9 @@ class StageOnEngine:
     """Image references the fixture tagged, pushed or pulled, removed by `teardown`."""
 
     def __post_init__(self) -> None:
+        # The stack's model-signing config as `mlops train` and `mlops promote` read it where CI runs them.
+        os.environ.setdefault(secret_variable(MODEL_SIGNING_KEY, self.stack), SIGNING_KEY_PEM)
+        os.environ.setdefault(secret_variable(TRUSTED_MODEL_KEYS, self.stack), TRUSTED_KEYS_PEM)
         provider = self._provider(self.resources())
         self.host = provider["host"]
         self._provider_tls = tempfile.TemporaryDirectory(prefix="mlops-provider-tls-")
@@ -158,6 +164,7 @@ class StageOnEngine:
     def resources(self) -> list[plan.PlannedResource]:
         return plan.render(self.stack, self.spec, config={"mlops:registryPassword": self.registry_password,
                                                           "mlops:mlflowPassword": self.mlflow_password,
+                                                          f"mlops:{TRUSTED_MODEL_KEYS}": TRUSTED_KEYS_PEM,
                                                           **self.docker_tls},
                            reveal_secrets=True, engines=docker_cli)
 

@@ -17,7 +17,7 @@ from components.docker_tls import ClientTls
 from components.engine_facts import DockerCli
 from mlops import plan
 from mlops_spec import loading
-from mlops_spec.contract import DOCKER_TLS_KEYS
+from mlops_spec.contract import DOCKER_TLS_KEYS, TRUSTED_MODEL_KEYS
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stages
 from mlops_spec.models import DockerHost
@@ -90,7 +90,8 @@ def test_a_tls_stack_without_its_material_is_one_line_naming_the_keys_to_set(rel
     plan.mock_runtime("prod")
     config = {key: value for key, value in {**plan.PLAN_SECRETS, **MATERIAL}.items()
               if key.removeprefix("mlops:") not in missing}
-    pulumi.runtime.set_all_config(config, secret_keys=list(config))
+    pulumi.runtime.set_all_config({**config, f"mlops:{TRUSTED_MODEL_KEYS}": plan.PLAN_TRUSTED_MODEL_KEYS},
+                                  secret_keys=list(config))
     with pytest.raises(pulumi.RunError) as raised:
         runpy.run_path(str(REPO_ROOT / "__main__.py"))
     commands = "; ".join(f"pulumi config set --secret mlops:{key} -s prod < {file}"

@@ -5,6 +5,7 @@ ports), so the test never touches a real dev, staging or prod stack on the same 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import subprocess
@@ -12,17 +13,28 @@ import sys
 import time
 import urllib.request
 import uuid
+from dataclasses import replace
 
+import docker
 import numpy as np
 import pytest
 import yaml
 from sklearn.datasets import load_iris
 
-from mlops.modelstore import BasicAuth
-from mlops_spec.contract import MLFLOW_PASSWORD, READER, derived_password, secret_variable
+from mlops.modelstore import BasicAuth, MlflowStore
+from mlops.signing import check_signed, new_signing_key, public_keys
+from mlops_spec.contract import (
+    MLFLOW_PASSWORD,
+    MODEL_HASH_TAG,
+    READER,
+    TRAINER,
+    derived_password,
+    secret_variable,
+)
 from mlops_spec.loading import load_stages
 from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
+from tests.model_signing import TRUSTED_KEYS_PEM, signed_tags
 from tests.readback import differences
 
 pytestmark = pytest.mark.docker
@@ -131,3 +143,66 @@ def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
         time.sleep(1)
     assert replica.status == "exited" and replica.attrs["State"]["ExitCode"] != 0
     assert f"does not match pinned {pin['sha256']}" in replica.logs().decode()
+
+
+class WritesAMarkerWhenUnpickled:
+    """A forged model: unpickling it runs code, which leaves MARKER behind."""
+    MARKER = "/tmp/a-forged-model-ran"
+
+    def __reduce__(self):
+        return (exec, (f"open({self.MARKER!r}, 'w').close()",))
+
+
+def wait_exited(container, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        container.reload()
+        if container.status == "exited":
+            return
+        time.sleep(1)
+    raise AssertionError(f"{container.name} still {container.status} after {timeout_s:.0f}s")
+
+
+def test_a_version_a_writer_registers_without_the_stages_signature_is_never_unpickled(stage_on_engine):
+    """A leaked writer password registers a new version, correctly tagged with its bytes' sha256 and signed with
+    another key. dev's replicas follow the newest version, yet keep serving the newest signed one; a replica started
+    pinned to the forged version refuses it and exits, and neither ever ran its code."""
+    stage, environments, ports, deploy, mlflow_password = stage_on_engine
+    engine = deploy(release=FOLLOW_THE_NEWEST)
+    signed = train(stage, environments, "--subset", "0.5")
+    store = MlflowStore(f"http://127.0.0.1:{ports['mlflow']}", BasicAuth(TRAINER, derived_password(mlflow_password, TRAINER)))
+    genuine = store.fetch(MODEL, int(signed["version"]))
+    check_signed(MODEL, genuine.version, genuine.tags, public_keys(TRUSTED_KEYS_PEM, "the session's"), "the session")
+
+    forged_model = pickle.dumps(WritesAMarkerWhenUnpickled())
+    manifest = json.loads(genuine.files["manifest.json"])
+    manifest["outputs"]["model_sha256"] = hashlib.sha256(forged_model).hexdigest()
+    forged_files = {"model.pkl": forged_model, "manifest.json": json.dumps(manifest).encode()}
+    forged_tags = signed_tags(MODEL, forged_files, key=new_signing_key())
+    forged_version = store.publish(replace(genuine, files=forged_files, tags={}), forged_tags)
+    assert forged_version == genuine.version + 1
+
+    replica = engine.client.containers.get(f"{stage}-{MODEL}-blue-0")
+    restarted_at = int(time.time())
+    replica.restart()
+    engine.wait_healthy([replica], timeout_s=120)
+    logs = replica.logs(since=restarted_at).decode()
+    assert f"serving model {MODEL} v{genuine.version} " in logs, logs
+    assert f"v{forged_version}" in logs, "the replica says which version it passed over, and why"
+    assert replica.exec_run(["test", "-e", WritesAMarkerWhenUnpickled.MARKER]).exit_code == 1
+
+    environment = [variable for variable in replica.attrs["Config"]["Env"]
+                   if not variable.startswith(("MODEL_VERSION=", "MODEL_SHA256="))]
+    pinned = engine.client.containers.run(
+        replica.attrs["Config"]["Image"], detach=True, user=replica.attrs["Config"]["User"],
+        network=replica.attrs["HostConfig"]["NetworkMode"], name=f"{stage}-forged-pin",
+        environment=[*environment, f"MODEL_VERSION={forged_version}", f"MODEL_SHA256={forged_tags[MODEL_HASH_TAG]}"])
+    try:
+        wait_exited(pinned)
+        log = pinned.logs().decode()
+        assert pinned.attrs["State"]["ExitCode"] != 0, log
+        assert f"v{forged_version}" in log and "signature" in log, log
+        with pytest.raises(docker.errors.NotFound):
+            pinned.get_archive(WritesAMarkerWhenUnpickled.MARKER)
+    finally:
+        pinned.remove(force=True)

@@ -28,6 +28,7 @@ from mlops.experiments import (
     parse_ttl,
 )
 from mlops.program import load_stack_spec
+from mlops.signing import private_key, public_keys
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stages
 from mlops_spec.project import REPO_ROOT
@@ -349,6 +350,18 @@ def test_up_stores_settings_and_a_secret_password_deploys_and_prints_endpoints(f
     assert stack.deployed
     assert "serving_endpoint: http://127.0.0.1:49153" in result.output
     assert "network" not in result.output.split("deploying exp-demo")[1]
+
+
+def test_up_gives_the_experiment_a_signing_key_of_its_own_that_it_alone_trusts_and_keeps_it(fake_pulumi):
+    invoke("up", "demo")
+    config = fake_pulumi.stacks["exp-demo"].config
+    key = config["mlops:modelSigningKey"]
+    assert key.secret and not config["mlops:trustedModelKeys"].secret
+    [trusted] = public_keys(config["mlops:trustedModelKeys"].value, "trusted")
+    assert trusted.public_bytes_raw() == private_key(key.value, "key").public_key().public_bytes_raw()
+
+    invoke("up", "demo", "--set", "serving.replicas=2")
+    assert fake_pulumi.stacks["exp-demo"].config["mlops:modelSigningKey"].value == key.value
 
 
 def test_up_again_keeps_creation_expiry_and_password_unless_a_ttl_is_given(fake_pulumi):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import runpy
 from collections import Counter
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import pulumi
 import pytest
 
 from mlops import plan
+from mlops_spec import loading
 from mlops_spec.contract import derived_password
 from mlops_spec.loading import load_stages
+from mlops_spec.project import REPO_ROOT
 from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE, pinned_image
+from tests.model_signing import SIGNING_KEY_PEM, TRUSTED_KEYS_PEM
 
 CONTAINER = "docker:index/container:Container"
 IMAGE = "docker:index/image:Image"
@@ -660,3 +664,42 @@ def test_no_shipped_stage_samples_requests(stage, released_environments):
     for replica in replicas:
         assert "volumes" not in replica.inputs, replica.name
         assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in replica.inputs["envs"])
+
+
+def test_every_replica_gets_the_stages_trusted_model_keys_and_nothing_to_sign_with(released_environments):
+    spec = load_stages(["prod"], released_environments)[0]
+    named = by_name(plan.render("prod", spec, config={"mlops:trustedModelKeys": TRUSTED_KEYS_PEM}, reveal_secrets=True))
+    replicas = [resource for name, resource in named.items() if "-serving-" in name and "-blue-" in name]
+    assert replicas
+    for replica in replicas:
+        assert f"MODEL_SIGNING_KEYS={TRUSTED_KEYS_PEM}" in replica.inputs["envs"], replica.name
+    assert not [resource.name for resource in named.values()
+                if SIGNING_KEY_PEM.splitlines()[1] in json.dumps(resource.inputs)], "no container holds the private key"
+
+
+RSA_PUBLIC_KEY = """-----BEGIN PUBLIC KEY-----
+MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQDrzLwthpSNmUHotVOA/svWxTp2
+Ii/CX5IwRW8hwi0eJMyy54Izq2BxB37GhRG8wC6/+FeAsIJ162qw1C407z0Gl0ih
+GYo0oTu4m9FmzXJ/RkEt+wtQczfOO3rdJ0fzqoA444RD94cPgpJqJlPjeii9Ierj
+CFGuaY/M0MUtXnPn/wIDAQAB
+-----END PUBLIC KEY-----
+"""
+
+
+@pytest.mark.parametrize("keys, message", [
+    (None, "a stage that serves a model needs the public keys its replicas accept model signatures from: "
+           "`openssl pkey -pubout < signing-key.pem | pulumi config set mlops:trustedModelKeys --stack prod`"),
+    ("not a key", "the value holds no PEM public key"),
+    (RSA_PUBLIC_KEY, "the value: PEM block 1 is not an Ed25519 public key"),
+])
+def test_a_serving_stage_without_usable_trusted_keys_fails_before_anything_is_declared(released_environments,
+                                                                                         monkeypatch, keys, message):
+    monkeypatch.setattr(loading.load_stages, "__defaults__", (released_environments,))
+    plan.mock_runtime("prod")
+    config = {key: value for key, value in plan.PLAN_SECRETS.items()}
+    pulumi.runtime.set_all_config({**config, **({"mlops:trustedModelKeys": keys} if keys else {})},
+                                  secret_keys=list(config))
+    with pytest.raises(pulumi.RunError) as raised:
+        runpy.run_path(str(REPO_ROOT / "__main__.py"))
+    assert str(raised.value).startswith(f"Pulumi.prod.yaml: mlops:trustedModelKeys: {message}"), str(raised.value)
+    assert "\n" not in str(raised.value)

@@ -24,13 +24,16 @@ from components.images import BuildSettings, model_image_repository
 from mlops import promote, rollout
 from mlops.cli import app
 from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
-from mlops.modelstore import BasicAuth, MlflowStore, ModelVersion, StoreError
+from mlops.modelstore import MODEL_FILES, BasicAuth, MlflowStore, ModelVersion, StoreError
+from mlops.signing import check_signed, new_signing_key, public_keys
 from mlops_spec.contract import (
     MLFLOW_PASSWORD,
     PROMOTER,
     READER,
     REGISTRY_PASSWORD,
+    SIGNATURE_TAG,
     TRAINER,
+    TRUSTED_MODEL_KEYS,
     derived_password,
     release_id,
     secret_variable,
@@ -46,6 +49,7 @@ from tests.conftest import (
     pinned_image,
 )
 from tests.mlflow_servers import MLFLOW_SECRETS
+from tests.model_signing import TRUSTED_KEYS_PEM, signed_tags
 
 MODEL_NAME = "iris-classifier"
 OTHER_MODEL = "diabetes-regressor"
@@ -136,6 +140,7 @@ def give_stage_secrets(monkeypatch) -> None:
     """dev and staging promote from the source server, into prod on the target server, unless a test says otherwise."""
     for stage in ("dev", "staging", "prod"):
         monkeypatch.setenv(secret_variable(REGISTRY_PASSWORD, stage), f"{stage}-password")
+        monkeypatch.setenv(secret_variable(TRUSTED_MODEL_KEYS, stage), TRUSTED_KEYS_PEM)
     mlflow_secrets_as(monkeypatch, dev="source", staging="source", prod="target")
 
 
@@ -163,8 +168,8 @@ def register_source_model(registries: dict[str, int], *, model: str = MODEL_NAME
     payload = os.urandom(64)  # a distinct model.pkl per test: the servers are shared by the whole session
     version = ModelVersion(name=model, version=0, files={"model.pkl": payload, "manifest.json": b'{"features": 4}'}
                            if files is None else files, metrics=metrics)
-    sha256 = version.sha256 if "model.pkl" in version.files else "e" * 64
-    return store(registries, "source", TRAINER).publish(version, {"sha256": sha256}), sha256
+    tags = signed_tags(model, version.files) if set(MODEL_FILES) <= set(version.files) else {"sha256": "e" * 64}
+    return store(registries, "source", TRAINER).publish(version, tags), tags["sha256"]
 
 
 def promote_cli(environments: Path, *args: str):
@@ -225,6 +230,32 @@ def test_promote_pins_the_models_release_keeps_comments_and_copies_the_model(pro
     assert copied.metrics["accuracy"] == pytest.approx(0.97)
     assert copied.files["manifest.json"] == b'{"features": 4}'
     assert copied.tags["mlops.promoted_from"].startswith("staging v")
+    check_signed(MODEL_NAME, expected_version, copied.tags, public_keys(TRUSTED_KEYS_PEM, "prod's"), "prod")
+
+
+@pytest.mark.parametrize("how, refusal", [
+    ("unsigned", "has no signature tag"),
+    ("another key", "its signature verifies with none of the 1 keys prod's mlops:trustedModelKeys trusts"),
+    ("another model's signature", "its signature verifies with none"),
+    ("manifest changed", "manifest.json has sha256"),
+])
+def test_a_version_the_targets_keys_do_not_vouch_for_is_refused_before_anything_is_copied(
+        tmp_path, registries, image_registries, how, refusal):
+    files = {"model.pkl": os.urandom(64), "manifest.json": b'{"features": 4}'}
+    tags = {"unsigned": {key: value for key, value in signed_tags(MODEL_NAME, files).items() if key != SIGNATURE_TAG},
+            "another key": signed_tags(MODEL_NAME, files, key=new_signing_key()),
+            "another model's signature": {**signed_tags(MODEL_NAME, files),
+                                          SIGNATURE_TAG: signed_tags(OTHER_MODEL, files)[SIGNATURE_TAG]},
+            "manifest changed": signed_tags(MODEL_NAME, {**files, "manifest.json": b'{"features": 5}'})}[how]
+    version = store(registries, "source", TRAINER).publish(
+        ModelVersion(name=MODEL_NAME, version=0, files=files, metrics={"accuracy": 0.97}), tags)
+    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
+                             releases={MODEL_NAME: release_yaml(version, tags["sha256"])})
+    before = (environments / "prod.yaml").read_text()
+    target_versions = store(registries, "target").next_version(MODEL_NAME)
+    assert_refused(promote_cli(environments), environments, before, refusal)
+    assert image_registries.copies == []
+    assert store(registries, "target").next_version(MODEL_NAME) == target_versions
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlops.signing import private_key, public_pem
 from mlops_spec.project import REPO_ROOT
 
 # A stand-in Pulumi CLI: answers what `make stack-secrets` and the Automation API ask, keeps each stack's config in
@@ -116,7 +117,8 @@ def run_watched(command: list[str], tmp_path: Path, env: dict[str, str], stack: 
 
 def assert_no_secret_in_any_argv(run: Run, keys: tuple[str, ...]) -> None:
     assert len(run.secrets) == len(keys) and all(len(secret) >= 24 for secret in run.secrets)
-    assert [call["stdin"] for call in run.calls if call["stdin"]] == run.secrets, "each secret went in on stdin"
+    assert [call["stdin"] for call in run.calls if call["stdin"] and "--secret" in call["argv"]] == run.secrets, \
+        "each secret went in on stdin"
     stored = [line for line in run.command_lines if "config set" in line and "--secret" in line]
     assert len(stored) >= len(keys), "the sampling saw pulumi storing each secret"
     for secret in run.secrets:
@@ -124,12 +126,30 @@ def assert_no_secret_in_any_argv(run: Run, keys: tuple[str, ...]) -> None:
         assert not [call["argv"] for call in run.calls if any(secret in arg for arg in call["argv"])]
 
 
+def stored_config(tmp_path: Path, stack: str) -> dict[str, dict]:
+    return json.loads((tmp_path / f"config.{stack}.json").read_text())
+
+
 def test_make_stores_the_stack_secrets_without_putting_them_on_a_command_line(tmp_path):
-    make = ["make", "--no-print-directory", "stack-secrets", "ENV=argv-test"]
-    run = run_watched(make, tmp_path, {}, "argv-test")
-    assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword"))
-    again = run_watched(make, tmp_path, {}, "argv-test")
+    make = ["make", "--no-print-directory", "stack-secrets", "ENV=dev"]
+    run = run_watched(make, tmp_path, {}, "dev")
+    assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword", "mlops:modelSigningKey"))
+    again = run_watched(make, tmp_path, {}, "dev")
     assert again.secrets == run.secrets, "a stack's secrets are made once"
+
+
+def test_make_gives_a_training_stage_a_signing_key_and_its_whole_chain_trust_in_its_public_half(tmp_path):
+    make = ["make", "--no-print-directory", "stack-secrets"]
+    run_watched([*make, "ENV=dev"], tmp_path, {}, "dev")
+    prod = run_watched([*make, "ENV=prod"], tmp_path, {}, "prod")
+    dev_config, prod_config = stored_config(tmp_path, "dev"), stored_config(tmp_path, "prod")
+    signing_key = private_key(dev_config["mlops:modelSigningKey"]["value"], "dev's signing key")
+    assert dev_config["mlops:trustedModelKeys"] == {"value": public_pem(signing_key).strip(), "secret": False}
+    assert "mlops:modelSigningKey" not in prod_config, "prod trains nothing, so it holds no signing key"
+    assert prod_config["mlops:trustedModelKeys"] == dev_config["mlops:trustedModelKeys"]
+    read_key = dev_config["mlops:modelSigningKey"]["value"].splitlines()[1]
+    for secret in (*prod.secrets, read_key):
+        assert not [line for line in prod.command_lines if secret in line], "prod read dev's key on stdin only"
 
 
 EXP_UP = [sys.executable, "-m", "mlops", "exp", "up", "argv"]
@@ -138,7 +158,7 @@ EXP_ENV = {"PULUMI_BACKEND_URL": "s3://experiments", "PULUMI_CONFIG_PASSPHRASE":
 
 def test_exp_up_stores_the_experiment_secrets_without_putting_them_on_a_command_line(tmp_path):
     run = run_watched(EXP_UP, tmp_path, EXP_ENV, "exp-argv")
-    assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword"))
+    assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword", "mlops:modelSigningKey"))
     assert any("up" in call["argv"] for call in run.calls), "the experiment was deployed"
 
 
@@ -148,5 +168,5 @@ def test_exp_up_on_a_tls_host_copies_the_client_certificates_without_putting_the
     (tmp_path / "config.dev.json").write_text(json.dumps({key: {"value": value, "secret": True}
                                                           for key, value in tls.items()}))
     run = run_watched([*EXP_UP, "--set", "docker.url=tcp://dev-host:2376"], tmp_path, EXP_ENV, "exp-argv")
-    assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword", *tls))
-    assert run.secrets[2:] == list(tls.values()), "the experiment holds stack dev's client certificates"
+    assert_no_secret_in_any_argv(run, ("mlops:registryPassword", "mlops:mlflowPassword", *tls, "mlops:modelSigningKey"))
+    assert run.secrets[2:5] == list(tls.values()), "the experiment holds stack dev's client certificates"

@@ -13,12 +13,13 @@ from typer.testing import CliRunner
 
 from mlops.cli import app
 from mlops.plan import render
-from mlops_spec.contract import REGISTRY_PASSWORD, secret_variable
+from mlops_spec.contract import REGISTRY_PASSWORD, TRUSTED_MODEL_KEYS, secret_variable
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_all_stages, load_stage, load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
 from mlops_spec.rules import promotion_order
 from tests.conftest import FIXTURE_SERVING_DIGEST, FIXTURE_TRAINING_DIGEST
+from tests.model_signing import TRUSTED_KEYS_PEM
 
 # image_registries is test_promote's fixture, imported so that pytest finds it here too.
 from tests.test_promote import (  # noqa: F401
@@ -237,6 +238,7 @@ def test_a_new_stage_is_promoted_into_without_code(tmp_path, registries, image_r
     mlflow_secrets_as(monkeypatch, staging="source", qa="target")
     for stage in ("staging", "qa"):
         monkeypatch.setenv(secret_variable(REGISTRY_PASSWORD, stage), f"{stage}-password")
+    monkeypatch.setenv(secret_variable(TRUSTED_MODEL_KEYS, "qa"), TRUSTED_KEYS_PEM)
     images = image_registries
 
     result = CliRunner().invoke(app, ["promote", "--from", "staging", "--to", "qa", "--environments",

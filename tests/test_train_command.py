@@ -1,6 +1,7 @@
 """`mlops train` without a Docker engine: which image it runs, how it runs it, and its input errors."""
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 import sys
@@ -13,10 +14,14 @@ from mlops import cli
 from mlops import plan as planning
 from mlops.cli import app
 from mlops.commands.train import run_of, stage_model, training_image
+from mlops.modelstore import ModelVersion
+from mlops.signing import check_signed, public_keys
+from mlops_spec.contract import SIGNATURE_TAG
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stage, load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
 from tests.conftest import FIXTURE_TRAINING_DIGEST, pinned_image
+from tests.model_signing import SIGNING_KEY_PEM, TRUSTED_KEYS_PEM, signed_tags
 
 PASSWORD = "the-trainer-password"
 
@@ -100,19 +105,49 @@ class Engine:
         return subprocess.CompletedProcess(["docker", *args], 0, answer, "")
 
 
-def test_the_run_trains_the_named_model_in_its_own_image(monkeypatch):
+REGISTERED_FILES = {"model.pkl": b"the model's bytes", "manifest.json": b'{"outputs": {}}'}
+REGISTERED_SHA256 = hashlib.sha256(REGISTERED_FILES["model.pkl"]).hexdigest()
+
+
+class RegisteredStore:
+    """dev's MLflow as `mlops train` finds it after the run: the version the run registered, tagged by the run."""
+
+    def __init__(self, url: str, auth, tags: dict[str, str]) -> None:
+        self.url, self.auth, self.tags = url, auth, tags
+        self.set_tags: list[tuple[str, int, str, str]] = []
+
+    def fetch(self, name: str, version: int) -> ModelVersion:
+        return ModelVersion(name=name, version=version, files=REGISTERED_FILES, tags=dict(self.tags))
+
+    def set_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        self.set_tags.append((name, version, key, value))
+
+
+def train_with_a_registered_version(monkeypatch, tags: dict[str, str]):
+    """`mlops train --model diabetes-regressor` whose run registers v3 of REGISTERED_FILES; returns the CLI's result,
+    the runs started, the engine and the stores `mlops train` opened."""
     from mlops.commands import train as train_command
 
     monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_DEV", PASSWORD)
+    monkeypatch.setenv("MLOPS_MODEL_SIGNING_KEY_DEV", SIGNING_KEY_PEM)
     engine = Engine()
     monkeypatch.setattr(train_command, "docker", engine)
-    runs = []
+    runs, stores = [], []
 
     def stream_run(spec, run):
         runs.append(run)
-        return 0, train_command.REGISTERED.match("REGISTERED name=diabetes-regressor version=3 sha256=" + "f" * 64)
+        return 0, train_command.REGISTERED.match(f"REGISTERED name=diabetes-regressor version=3 sha256={REGISTERED_SHA256}")
     monkeypatch.setattr(train_command, "stream_run", stream_run)
+    monkeypatch.setattr(train_command, "MlflowStore", lambda url, auth: stores.append(RegisteredStore(url, auth, tags))
+                        or stores[-1])
     result = CliRunner().invoke(app, ["train", "--stage", "dev", "--model", "diabetes-regressor", "--data", "latest"])
+    return result, runs, engine, stores
+
+
+def test_the_run_trains_the_named_model_in_its_own_image_and_signs_what_it_registered(monkeypatch):
+    tags = signed_tags("diabetes-regressor", REGISTERED_FILES)
+    result, runs, engine, [store] = train_with_a_registered_version(
+        monkeypatch, {key: value for key, value in tags.items() if key != SIGNATURE_TAG})
     assert result.exit_code == 0, result.output
     [run] = runs
     spec = load_stages(["dev"])[0]
@@ -120,7 +155,42 @@ def test_the_run_trains_the_named_model_in_its_own_image(monkeypatch):
     assert "/dev/diabetes-regressor-training:" in run.image
     assert list(run.args) == ["--subset", "1.0", "--seed", "0", "--data", "latest", "--model-name", "diabetes-regressor"]
     assert ("image", "inspect", "--format", "{{json .RepoDigests}} {{.Id}}", run.image) in engine.asked
-    assert result.output.splitlines()[-1] == "REGISTERED name=diabetes-regressor version=3 sha256=" + "f" * 64
+    assert result.output.splitlines()[-1] == f"REGISTERED name=diabetes-regressor version=3 sha256={REGISTERED_SHA256}"
+    # Signed from here, as trainer, at dev's published MLflow port: the key never went into the run.
+    assert (store.url, store.auth.username) == ("http://127.0.0.1:5000", "trainer")
+    [(name, version, key, value)] = store.set_tags
+    assert (name, version, key) == ("diabetes-regressor", 3, SIGNATURE_TAG)
+    check_signed(name, version, {**tags, SIGNATURE_TAG: value}, public_keys(TRUSTED_KEYS_PEM, "dev's"), "dev")
+    assert SIGNING_KEY_PEM.splitlines()[1] not in str([(run.args, run.env) for run in runs])
+
+
+@pytest.mark.parametrize("tags, why", [
+    ({"sha256": "f" * 64}, f"is tagged sha256 {'f' * 64}, but the training run registered {REGISTERED_SHA256}"),
+    ({"sha256": REGISTERED_SHA256, "manifest_sha256": "0" * 64}, "manifest.json has sha256"),
+])
+def test_a_registered_version_that_is_not_what_the_run_reported_is_not_signed(monkeypatch, tags, why):
+    result, _, _, [store] = train_with_a_registered_version(monkeypatch, tags)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith(
+        "error: diabetes-regressor v3 is registered but not signed, so no replica will load it:"), result.output
+    assert why in result.output
+    assert store.set_tags == []
+
+
+def test_a_stage_without_its_signing_key_is_one_line_before_anything_runs(monkeypatch):
+    from mlops.commands import train as train_command
+
+    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_DEV", PASSWORD)
+    monkeypatch.delenv("MLOPS_MODEL_SIGNING_KEY_DEV", raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    engine = Engine()
+    monkeypatch.setattr(train_command, "docker", engine)
+    result = CliRunner().invoke(app, ["train", "--stage", "dev", "--model", "diabetes-regressor"])
+    assert result.exit_code == 1 and engine.asked == [], "no engine was asked"
+    assert result.output.strip() == (
+        "error: no model signing key for dev: set MLOPS_MODEL_SIGNING_KEY_DEV, or run where the Pulumi CLI reads "
+        "stack dev's secret mlops:modelSigningKey (make one with `openssl genpkey -algorithm ed25519 | pulumi config "
+        "set --secret mlops:modelSigningKey --stack dev`)")
 
 
 def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environments):

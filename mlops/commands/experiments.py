@@ -40,7 +40,8 @@ from mlops.experiments import (
     settings_from_json,
 )
 from mlops.plan import PROJECT
-from mlops_spec.contract import DOCKER_TLS_KEYS
+from mlops.signing import new_signing_key, private_pem, public_pem
+from mlops_spec.contract import DOCKER_TLS_KEYS, MODEL_SIGNING_KEY, TRUSTED_MODEL_KEYS
 from mlops_spec.errors import SpecError
 from mlops_spec.models import StageSpec
 from mlops_spec.project import project_root
@@ -244,6 +245,11 @@ def up(
         for key, value in tls_secrets.items():
             if key not in configured or configured[key].value != value:
                 set_secret_config(stack, key, value)
+        if f"{CONFIG_NAMESPACE}:{MODEL_SIGNING_KEY}" not in configured:
+            # An experiment trains and serves its own models, never promoted: a key of its own, trusted by it alone.
+            signing_key = new_signing_key()
+            set_secret_config(stack, f"{CONFIG_NAMESPACE}:{MODEL_SIGNING_KEY}", private_pem(signing_key))
+            stack.set_config(f"{CONFIG_NAMESPACE}:{TRUSTED_MODEL_KEYS}", auto.ConfigValue(public_pem(signing_key)))
     except BaseException:
         # Nothing half-created: a stack that never got its settings is removed again.
         if is_new:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import typer
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from rich.console import Console
 from rich.markup import escape
 
@@ -30,9 +31,14 @@ from mlops import credentials
 from mlops.commands import swarm_training
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.experiments import EXPERIMENT_PREFIX, experiment_spec_from_stack_file
+from mlops.modelstore import BasicAuth, MlflowStore, StoreError
+from mlops.reach import StageReach, Unreachable
+from mlops.signing import SigningError, private_key, sign_registered
 from mlops_spec.contract import (
     DATASETS_VOLUME,
     IMAGE_REGISTRY_PORT,
+    MLFLOW_PORT,
+    MODEL_SIGNING_KEY,
     TRAINER,
     image_registry_name,
     model_registry_name,
@@ -97,11 +103,31 @@ def image_registry_server(spec: StageSpec) -> Optional[str]:
     if spec.image_registry_server is not None:
         return spec.image_registry_server
     # Docker chose the port (experiments): ask it.
-    registry = image_registry_name(spec.stage)
-    published = docker(spec, "port", registry, str(IMAGE_REGISTRY_PORT))
+    return f"localhost:{published_port(spec, image_registry_name(spec.stage), IMAGE_REGISTRY_PORT)}"
+
+
+def published_port(spec: StageSpec, container: str, port: int) -> int:
+    """The host port Docker chose for `container`'s `port`."""
+    published = docker(spec, "port", container, str(port))
     if published.returncode != 0 or not published.stdout.strip():
-        raise fail(f"image registry {registry} is not running; run `make up ENV={spec.stage}`")
-    return "localhost:" + published.stdout.splitlines()[0].rsplit(":", 1)[1]
+        raise fail(f"{container} is not running; run `make up ENV={spec.stage}`")
+    return int(published.stdout.splitlines()[0].rsplit(":", 1)[1])
+
+
+def sign(spec: StageSpec, registered: re.Match[str], password: str, key: Ed25519PrivateKey) -> None:
+    """Sign the version the run registered, from here: the key never enters a container. Until it is signed no
+    replica loads it (dev's replicas keep serving the newest signed version)."""
+    name, version = registered["name"], int(registered["version"])
+    port = spec.model_registry.port
+    try:
+        with StageReach(spec) as reach:
+            if port.host_port is None:
+                port = port.model_copy(update={"host_port": published_port(spec, model_registry_name(spec.stage),
+                                                                           MLFLOW_PORT)})
+            store = MlflowStore(f"http://{reach.address('model registry', port)}", BasicAuth(TRAINER, password))
+            sign_registered(store, name, version, registered["sha256"], key)
+    except (Unreachable, StoreError, SigningError) as err:
+        raise fail(f"{name} v{version} is registered but not signed, so no replica will load it: {err}") from None
 
 
 def spec_file(spec: StageSpec, environments: Path) -> Path:
@@ -237,9 +263,10 @@ def train(
                    "works on single-host stages only", BAD_INPUT_EXIT)
     try:
         password = credentials.mlflow_password(spec.stage, TRAINER)
+        signing_key = private_key(credentials.model_signing_key(spec.stage), f"{spec.stage}'s mlops:{MODEL_SIGNING_KEY}")
         # Nodes pull the training image from the stage's registry with the credentials the run sends along.
         registry_password = credentials.registry_password(spec.stage) if spec.swarm is not None else ""
-    except credentials.MissingSecret as err:
+    except (credentials.MissingSecret, SigningError) as err:
         raise fail(str(err)) from None
     check_engine(spec)
     image = training_image(spec, model_name, environments)
@@ -272,4 +299,5 @@ def train(
         raise fail(f"training run {name} failed with exit code {exit_code}{killed}")
     if registered is None:
         raise fail(f"training run {name} exited 0 without its REGISTERED line: nothing says which version it registered")
+    sign(spec, registered, password, signing_key)
     typer.echo(registered.group(0))
