@@ -138,8 +138,11 @@ def train_with_a_registered_version(monkeypatch, tags: dict[str, str]):
         runs.append(run)
         return 0, train_command.REGISTERED.match(f"REGISTERED name=diabetes-regressor version=3 sha256={REGISTERED_SHA256}")
     monkeypatch.setattr(train_command, "stream_run", stream_run)
-    monkeypatch.setattr(train_command, "MlflowStore", lambda url, auth: stores.append(RegisteredStore(url, auth, tags))
-                        or stores[-1])
+
+    def open_store(url: str, auth) -> RegisteredStore:
+        stores.append(RegisteredStore(url, auth, tags))
+        return stores[-1]
+    monkeypatch.setattr(train_command, "MlflowStore", open_store)
     result = CliRunner().invoke(app, ["train", "--stage", "dev", "--model", "diabetes-regressor", "--data", "latest"])
     return result, runs, engine, stores
 
