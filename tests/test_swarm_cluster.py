@@ -3,9 +3,12 @@
 The cluster (tests/cluster.py, the `swarm_cluster` session fixture) has node-1 as manager, stateful and
 edge node, node-2 and node-3 as workers. The stage is rendered by the real program and made to exist by
 tests/engine.py, which creates and updates services the way the provider does; the nodes pull the
-workload images from the stage's own registry, a service on node-1. The model comes from `mlops train`
-on the cluster. Tests run in file order on one deployment: serve, be scraped by the stage's Prometheus, lose a
-node (and be scraped where Swarm moved the replicas), roll forward, roll back, split between blue and green.
+workload images from the stage's own registry, a service on node-1. The stage serves both models cluster.yaml
+ships: the classifier (MODEL), which the tests pin, roll forward, roll back and split between blue and green, and
+the regressor following its newest version, whose replicas run as services of their own beside it; every version
+comes from `mlops train` on the cluster. Tests run in file order on one deployment: serve both models through the
+gateway, be scraped by the stage's Prometheus, roll forward, roll back, lose a node (and be scraped where Swarm
+moved the replicas), split between blue and green.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +56,7 @@ from tests.cluster import task_states
 from tests.conftest import fetch_build_inputs
 from tests.engine import SECRET, SERVICE, DeployFailed, StageOnEngine
 from tests.readback import differences
+from tests.test_two_models import REGRESSOR, check_each_model_answers_as_registered
 
 pytestmark = pytest.mark.docker
 
@@ -60,6 +65,7 @@ MODEL = "iris-classifier"
 MLFLOW_PORT, REGISTRY_PORT, GATEWAY_PORT, PROMETHEUS_PORT = 5300, 5301, 8380, 5390
 SCRAPE_INTERVAL_S = 5
 SERVING = f"{STAGE}-{MODEL}-blue"
+REGRESSOR_SERVING = f"{STAGE}-{REGRESSOR}-blue"
 ROWS = load_iris().data[::10]
 INFER_BODY = json.dumps({"inputs": [{"name": "input-0", "shape": list(ROWS.shape), "datatype": "FP64",
                                      "data": ROWS.ravel().tolist()}]}).encode()
@@ -125,16 +131,16 @@ def edit_stage(environments: Path, changes: dict) -> None:
 
 
 def declare_model(environments: Path, deployment: dict) -> None:
-    """The stage file serving MODEL alone as `deployment` declares it (cluster.yaml serves both shipped models;
-    the other is left to the mock-runtime tests, which render it on the swarm too)."""
+    """The stage file serving MODEL as `deployment` declares it, next to REGRESSOR as cluster.yaml declares it
+    (following its newest version): the tests change MODEL's entry only, so REGRESSOR's services stay as they are."""
     file = environments / f"{STAGE}.yaml"
     data = yaml.safe_load(file.read_text())
-    data["models"] = {MODEL: deployment}
+    data["models"] = {MODEL: deployment, REGRESSOR: data["models"][REGRESSOR]}
     file.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def train(environments: Path, subset: str) -> dict[str, str]:
-    result = subprocess.run([sys.executable, "-m", "mlops", "train", "--stage", STAGE, "--model", MODEL, "--subset", subset,
+def train(environments: Path, subset: str, model: str = MODEL) -> dict[str, str]:
+    result = subprocess.run([sys.executable, "-m", "mlops", "train", "--stage", STAGE, "--model", model, "--subset", subset,
                              "--environments", str(environments)], capture_output=True, text=True, timeout=900,
                             cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -145,8 +151,9 @@ def train(environments: Path, subset: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cluster_stage(swarm_cluster, tmp_path_factory):
-    """The cluster stage deployed on the swarm, with two model versions trained on it and version 1 pinned;
-    yields (engine, environments, {version: registered fields}, reader)."""
+    """The cluster stage deployed on the swarm, with two versions of MODEL trained on it and version 1 pinned, and
+    one of REGRESSOR, which its replicas serve as its newest; yields (engine, environments, {MODEL's version:
+    registered fields}, reader)."""
     fetch_build_inputs()
     environments = tmp_path_factory.mktemp("swarm") / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
@@ -165,10 +172,15 @@ def cluster_stage(swarm_cluster, tmp_path_factory):
                            mlflow_password=secrets[secret_variable(MLFLOW_PASSWORD, STAGE)])
     try:
         engine.deploy()
-        versions = {1: train(environments, "0.5"), 2: train(environments, "0.7")}
+        # The regressor's run on one training node beside the classifier's on the other.
+        with ThreadPoolExecutor(max_workers=1) as regressor_training:
+            regressor = regressor_training.submit(train, environments, "1.0", REGRESSOR)
+            versions = {1: train(environments, "0.5"), 2: train(environments, "0.7")}
+            assert regressor.result()["name"] == REGRESSOR
         assert versions[1]["sha256"] != versions[2]["sha256"]
         pin(engine, environments, version=1, sha256=versions[1]["sha256"])
-        swarm_cluster.wait_running(SERVING, engine.spec.serving.replicas, timeout_s=300)
+        for service in (SERVING, REGRESSOR_SERVING):
+            swarm_cluster.wait_running(service, engine.spec.serving.replicas, timeout_s=300)
         yield engine, environments, versions, BasicAuth(READER, derived_password(engine.mlflow_password, READER))
     finally:
         engine.teardown()
@@ -219,6 +231,26 @@ def test_the_stage_deploys_from_the_rendering_and_serves_the_model_from_several_
     assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 1)
 
 
+def test_both_models_answer_through_the_gateway_as_registered_and_the_regressor_runs_services_of_its_own(
+        swarm_cluster, cluster_stage):
+    engine, _, _, reader = cluster_stage
+    manager_ip = swarm_cluster.manager.ip
+    store = MlflowStore(f"http://{manager_ip}:{MLFLOW_PORT}", reader)
+    # The classifier as pinned; the regressor following its newest version, which its replicas serve.
+    check_each_model_answers_as_registered(f"http://{manager_ip}:{GATEWAY_PORT}", store,
+                                           {MODEL: 1, REGRESSOR: store.latest_version(REGRESSOR)})
+    regressor_services = {service.name for service in engine.client.services.list(
+        filters={"label": f"mlops.stack={STAGE}"}) if service.name.startswith(f"{STAGE}-{REGRESSOR}-")}
+    assert regressor_services == {REGRESSOR_SERVING}
+    nodes = swarm_cluster.nodes_running(REGRESSOR_SERVING)
+    assert len(nodes) == engine.spec.serving.replicas and len(set(nodes)) >= 2, nodes
+    assert swarm_cluster.manager.name not in nodes, "serving replicas run on the workers only"
+    # Its replicas run the regressor's own serving image, by digest from the stage's registry, and serve it alone.
+    container = engine.client.api.inspect_service(REGRESSOR_SERVING)["Spec"]["TaskTemplate"]["ContainerSpec"]
+    assert container["Image"].startswith(f"{manager_ip}:{REGISTRY_PORT}/{STAGE}/{REGRESSOR}-serving@sha256:"), \
+        container["Image"]
+    assert {"MODEL_NAME=" + REGRESSOR, "MODEL_VERSION=latest"} <= set(container["Env"]), container["Env"]
+
 
 def test_the_provider_would_read_every_service_secret_volume_and_network_back_as_declared(cluster_stage):
     """After the deploy and the pin's rolling update, the provider's Read of each object stores what the rendering
@@ -227,6 +259,7 @@ def test_the_provider_would_read_every_service_secret_volume_and_network_back_as
     engine = cluster_stage[0]
     assert {entry.type for entry in engine.state.values()} >= {SERVICE, "docker:index/secret:Secret"}
     assert differences(engine) == []
+
 
 def prometheus(manager_ip: str, path: str, **query: str) -> dict:
     url = f"http://{manager_ip}:{PROMETHEUS_PORT}{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
@@ -253,19 +286,23 @@ def task_addresses(swarm_cluster, service: str) -> dict[str, str]:
 
 def wait_scraped_where_running(swarm_cluster, version: int, timeout_s: float = 90) -> dict[str, str]:
     """Waits until Prometheus' serving and gateway targets are exactly the tasks that run now, all up, the
-    replicas labelled with their slot and pin; returns the replicas' addresses -> nodes."""
+    replicas labelled with their slot and pin (MODEL's `version`, REGRESSOR's `latest`); returns MODEL's replicas'
+    addresses -> nodes."""
     manager_ip = swarm_cluster.manager.ip
     deadline = time.monotonic() + timeout_s
     while True:
         replicas, gateways = task_addresses(swarm_cluster, SERVING), task_addresses(swarm_cluster, f"{STAGE}-gateway")
+        regressors = task_addresses(swarm_cluster, REGRESSOR_SERVING)
         serving, gateway = scraped(manager_ip, "serving"), scraped(manager_ip, "gateway")
         labelled = {address: (health, labels.get("slot"), labels.get("model"), labels.get("model_version"))
                     for address, (health, labels) in serving.items()}
-        if labelled == {address: ("up", "blue", MODEL, str(version)) for address in replicas} and replicas and \
+        expected = {**{address: ("up", "blue", MODEL, str(version)) for address in replicas},
+                    **{address: ("up", "blue", REGRESSOR, "latest") for address in regressors}}
+        if labelled == expected and replicas and regressors and \
                 {address: health for address, (health, _) in gateway.items()} == dict.fromkeys(gateways, "up") and gateways:
             return replicas
         assert time.monotonic() < deadline, f"Prometheus scrapes {labelled} and gateways {gateway}; running: " \
-                                             f"replicas {replicas}, gateways {gateways}"
+                                             f"replicas {replicas}, {REGRESSOR} {regressors}, gateways {gateways}"
         time.sleep(1)
 
 
@@ -274,8 +311,8 @@ def test_prometheus_scrapes_every_replica_and_the_gateway_where_swarm_runs_them(
     replicas = wait_scraped_where_running(swarm_cluster, version=1)
     assert len(replicas) == engine.spec.serving.replicas and len(set(replicas.values())) >= 2, replicas
     manager_ip = swarm_cluster.manager.ip
-    answered = {"gateway": 'sum(mlops_gateway_requests_total{slot="blue", code="200"}) or vector(0)',
-                "replicas": 'sum(oip_infer_requests_total{slot="blue", status="200"}) or vector(0)'}
+    answered = {"gateway": f'sum(mlops_gateway_requests_total{{model="{MODEL}", slot="blue", code="200"}}) or vector(0)',
+                "replicas": f'sum(oip_infer_requests_total{{model="{MODEL}", slot="blue", status="200"}}) or vector(0)'}
 
     def counted() -> dict[str, float]:
         return {where: float(prometheus(manager_ip, "/api/v1/query", query=promql)["result"][0]["value"][1])
@@ -296,9 +333,11 @@ def test_prometheus_scrapes_every_replica_and_the_gateway_where_swarm_runs_them(
     # `mlops status` sees every task behind each endpoint, on whichever node, and the slot's numbers.
     checked = stage_status(engine.spec)
     assert checked.ok and not checked.slots_problem, checked.to_json()
+    behind_the_gateway = sum(model.replicas for model in engine.spec.served_models()) + 1
     assert {row.service: row.containers for row in checked.rows}["gateway"] == \
-        f"{engine.spec.serving.replicas + 1}/{engine.spec.serving.replicas + 1} healthy"
-    assert [(slot.slot, slot.version) for slot in checked.slots] == [("blue", "1")]
+        f"{behind_the_gateway}/{behind_the_gateway} healthy"
+    assert {(slot.model, slot.slot, slot.version) for slot in checked.slots} == \
+        {(MODEL, "blue", "1"), (REGRESSOR, "blue", "latest")}
 
 
 # The updates run before the power cut, not after: right after a worker's power cut, Swarm's constraint enforcer

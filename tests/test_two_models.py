@@ -30,12 +30,13 @@ import pytest
 import yaml
 from sklearn.datasets import load_diabetes, load_iris
 from sklearn.linear_model import Ridge
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from mlops.modelstore import BasicAuth, MlflowStore
 from mlops_spec.contract import MLFLOW_PASSWORD, READER, TRAINER, derived_password, rollout_folder, secret_variable
 from mlops_spec.loading import load_stages
+from mlops_spec.model_project import load_model_project
 from mlops_spec.models import StageSpec
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
@@ -139,24 +140,45 @@ def regressor_rows(count: int, seed: int = 0) -> np.ndarray:
     return rows + np.random.default_rng(seed).normal(0, 1e-4, rows.shape)
 
 
-def test_each_model_answers_through_one_gateway_with_its_registered_predictions(stage):
-    sys.path.insert(0, str(REPO_ROOT / "models" / REGRESSOR))  # unpickling the regressor needs its project's code
+EXAMPLE_ROWS = {CLASSIFIER: load_iris().data[::10], REGRESSOR: load_diabetes().data[::40]}
+
+
+def registered_pipeline(store: MlflowStore, model: str, version: int) -> Pipeline:
+    """Version `version` of `model` as registered, unpickled with its project's code importable (the regressor's first
+    step is a class of its project's own)."""
+    project = str(REPO_ROOT / "models" / model)
+    sys.path.insert(0, project)
     try:
-        for model, rows in ((CLASSIFIER, load_iris().data[::10]), (REGRESSOR, load_diabetes().data[::40])):
-            registered = stage.reader().fetch(model, int(stage.registered[model]["version"]))
-            pipeline = pickle.loads(registered.files["model.pkl"])
-            served = http_json(f"{stage.gateway}/v2/models/{model}/infer", infer_body(rows))["outputs"][0]["data"]
-            assert np.allclose(served, pipeline.predict(rows)), model
-            metadata = http_json(f"{stage.gateway}/v2/models/{model}")
-            assert metadata["name"] == model
+        return pickle.loads(store.fetch(model, version).files["model.pkl"])
     finally:
-        sys.path.remove(str(REPO_ROOT / "models" / REGRESSOR))
+        sys.path.remove(project)
+
+
+def check_each_model_answers_as_registered(gateway: str, store: MlflowStore, versions: dict[str, int]) -> None:
+    """Through the gateway at `gateway` (`http://host:port`), for the classifier and the regressor at the versions
+    `versions` names: each answers its example rows with the predictions of that registered version, and its metadata
+    names the model and its project's features as inputs; a model the stage does not serve is a 404 naming it."""
+    assert set(versions) == {CLASSIFIER, REGRESSOR}
+    pipelines = {model: registered_pipeline(store, model, version) for model, version in versions.items()}
+    for model, pipeline in pipelines.items():
+        rows = EXAMPLE_ROWS[model]
+        served = http_json(f"{gateway}/v2/models/{model}/infer", infer_body(rows))["outputs"][0]["data"]
+        assert np.allclose(served, pipeline.predict(rows)), model
+        metadata = http_json(f"{gateway}/v2/models/{model}")
+        assert metadata["name"] == model
+        assert [tensor["name"] for tensor in metadata["inputs"]] == \
+            [feature.name for feature in load_model_project(model).input_schema.features], metadata
     # The regressor's first step is its project's own class, which the replica unpickled to answer.
-    assert type(pipeline.steps[0][1]).__module__.startswith("diabetes_model")
+    assert type(pipelines[REGRESSOR].steps[0][1]).__module__.startswith("diabetes_model")
     with pytest.raises(urllib.error.HTTPError) as unknown:
-        http_json(f"{stage.gateway}/v2/models/fraud-detector/infer", infer_body(load_iris().data[:1]))
+        http_json(f"{gateway}/v2/models/fraud-detector/infer", infer_body(EXAMPLE_ROWS[CLASSIFIER][:1]))
     assert unknown.value.code == 404
     assert "fraud-detector" in json.loads(unknown.value.read())["error"]
+
+
+def test_each_model_answers_through_one_gateway_with_its_registered_predictions(stage):
+    check_each_model_answers_as_registered(stage.gateway, stage.reader(), {
+        model: int(stage.registered[model]["version"]) for model in (CLASSIFIER, REGRESSOR)})
 
 
 def post_all(url: str, bodies: list[bytes], connections: int = 4) -> Counter:
