@@ -621,8 +621,8 @@ def test_latest_skips_newer_versions_no_trusted_key_signed(registry, caplog):
     fetched = MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "latest", ""))
     assert (fetched.version, fetched.payload) == ("10", payload)
     assert server.downloaded() == ["manifest.json", "model.pkl"], "only the served version's files are read"
-    assert "skipping: refusing model iris-classifier v12: its signature verifies with none of the 1 keys" in caplog.text
-    assert "skipping: refusing model iris-classifier v11: the version has no signature tag" in caplog.text
+    assert "not serving the newer version: refusing model iris-classifier v12: its signature verifies with none of the 1 keys" in caplog.text
+    assert "not serving the newer version: refusing model iris-classifier v11: the version has no signature tag" in caplog.text
 
 
 def test_latest_without_any_signed_version_is_refused(registry):

@@ -36,6 +36,10 @@ from mlops_spec.contract import (
 from mlops_spec.models import DockerHost, HealthCheck
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs
+from tests.model_signing import ModelSigner, manifest_of
+
+sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
+from serving.registry import MlflowRegistry, ModelPin, ModelRefused  # noqa: E402
 
 pytestmark = pytest.mark.docker
 
@@ -453,13 +457,16 @@ def test_models_are_write_once_and_writers_only_log_and_register(training_stack)
     trainer, promoter, reader, admin = (training_stack.user(identity) for identity in (TRAINER, PROMOTER, READER, "admin"))
     name = f"once-{uuid.uuid4().hex[:6]}"
     model, sha256 = b"the trained model", hashlib.sha256(b"the trained model").hexdigest()
-    hashes = [{"key": "sha256", "value": sha256}, {"key": "manifest_sha256", "value": "e" * 64}]
-    signature = base64.b64encode(b"s" * 64).decode()
+    signer, manifest = ModelSigner(), manifest_of(model)
+    signed = signer.tags(name, model, manifest)
+    signature = signed.pop("signature")
+    hashes = [{"key": key, "value": value} for key, value in signed.items()]
     experiment_id = answer(f"{api}/experiments/create", "POST", trainer, {"name": name})["experiment_id"]
     run = answer(f"{api}/runs/create", "POST", trainer, {"experiment_id": experiment_id})["run"]["info"]
     model_pkl = (f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/"
                  f"{run['artifact_uri'].removeprefix('mlflow-artifacts:').strip('/')}/model/model.pkl")
     answer(model_pkl, "PUT", trainer, model)
+    answer(model_pkl.replace("/model.pkl", "/manifest.json"), "PUT", trainer, manifest)
     answer(f"{api}/runs/log-batch", "POST", trainer, {"run_id": run["run_id"], "tags": hashes})
     answer(f"{api}/registered-models/create", "POST", trainer, {"name": name})
     answer(f"{api}/model-versions/create", "POST", trainer,
@@ -502,7 +509,16 @@ def test_models_are_write_once_and_writers_only_log_and_register(training_stack)
     assert get(model_pkl, reader) == model
     version = answer(f"{api}/model-versions/get?name={name}&version=1", "GET", reader, None)["model_version"]
     tags = {tag["key"]: tag["value"] for tag in version["tags"]}
-    assert (tags["sha256"], tags["manifest_sha256"], tags["signature"]) == (sha256, "e" * 64, signature)
+    assert {key: tags[key] for key in ("sha256", "manifest_sha256", "signature")} == {**signed, "signature": signature}
+    # A replica trusting the key serves the signed version, and skips a newer one a writer registered unsigned.
+    answer(f"{api}/model-versions/create", "POST", trainer,
+           {"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"], "tags": hashes})
+    replica = MlflowRegistry(training_stack.mlflow_url, trusted=signer.trusted, username=reader.username,
+                             password=reader.password, attempts=1)
+    fetched = replica.fetch(ModelPin(name, "latest", ""))
+    assert (fetched.version, fetched.payload, fetched.manifest) == ("1", model, json.loads(manifest))
+    with pytest.raises(ModelRefused, match=f"refusing model {name} v2: the version has no signature tag"):
+        replica.fetch(ModelPin(name, "2", ""))
     # MLflow's administrator, which nothing of the stack logs in as, may still repair a version.
     assert status(model_pkl, "PUT", admin, b"repaired bytes") == 200
     assert status(f"{api}/users/list", "GET", admin) == 200

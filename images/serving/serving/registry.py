@@ -87,9 +87,9 @@ def trusted_keys(pem_text: str) -> list[Ed25519PublicKey]:
 class ModelPin:
     name: str
     version: str
-    """An integer, or `latest` (dev only: the highest registered version)."""
+    """An integer, or `latest` (dev only: the newest version a trusted key signed)."""
     sha256: str
-    """Empty when unpinned (dev): the version's own sha256 tag is then the only check."""
+    """Empty when unpinned (dev): the version's signed sha256 tag is then the check."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "ModelPin":
@@ -163,7 +163,7 @@ class MlflowRegistry:
             try:
                 check_signature(pin.name, version["version"], version_tags(version), self.trusted)
             except ModelRefused as refusal:
-                log.warning("skipping: %s", refusal)
+                log.warning("not serving the newer version: %s", refusal)
                 continue
             return version
         raise ModelRefused(f"refusing model {pin.name} latest: none of its {len(versions)} versions is signed by a "
