@@ -201,3 +201,22 @@ def test_the_replicas_cap_what_they_read_from_the_registry_as_the_cli_does():
     replica = module_constants(IMAGES / "serving/serving/registry.py")
     assert (replica["MAX_MODEL_BYTES"], replica["MAX_MLFLOW_ANSWER_BYTES"]) == (contract.MAX_MODEL_BYTES,
                                                                             contract.MAX_MLFLOW_ANSWER_BYTES)
+
+
+def test_the_images_tag_check_and_sign_what_the_contract_names():
+    replica = module_constants(IMAGES / "serving/serving/registry.py")
+    training = module_constants(IMAGES / "training/mlops_training/registry.py")
+    for image in (replica, training):
+        assert (image["MODEL_HASH_TAG"], image["MANIFEST_HASH_TAG"]) == (contract.MODEL_HASH_TAG,
+                                                                        contract.MANIFEST_HASH_TAG)
+    assert replica["SIGNATURE_TAG"] == contract.SIGNATURE_TAG
+    assert replica["SIGNING_KEYS_VARIABLE"] == ReplicaEnv.SIGNING_KEYS
+    assert replica["TRUSTED_KEYS_CONFIG"] == f"mlops:{contract.TRUSTED_MODEL_KEYS}"
+    assert module_constants(IMAGES / "mlflow/access.py")["WRITE_ONCE_TAGS"] == contract.WRITE_ONCE_TAGS
+    sys.path.insert(0, str(IMAGES / "serving"))
+    from serving.registry import signed_message  # noqa: PLC0415 - the serving image's module, on its own path
+
+    for model, model_sha256, manifest_sha256 in (("iris-classifier", "a" * 64, "b" * 64), ("m", "", ""),
+                                                 ("x2-y", "0" * 64, "f" * 64)):
+        assert signed_message(model, model_sha256, manifest_sha256) == contract.signed_message(model, model_sha256,
+                                                                                               manifest_sha256)

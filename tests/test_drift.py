@@ -167,12 +167,8 @@ def test_the_scores_are_the_psi_of_exactly_the_last_window_rows(iris):
     assert drift.scores(drift.window()) == pytest.approx(expected)
 
 
-def test_a_replica_gets_the_manifest_of_its_own_model_only(registry):
-    server, _, sha256 = registry
-    pin = ModelPin("iris-classifier", "10", sha256)
-    assert MlflowRegistry(server.url).fetch(pin).manifest is None  # no manifest logged: no drift, still served
-    own = {"outputs": {"model_sha256": sha256}, "reference_profile": {"rows": 1}}
-    server.manifests["run10"] = json.dumps(own).encode()
-    assert MlflowRegistry(server.url).fetch(pin).manifest == own
-    server.manifests["run10"] = json.dumps({"outputs": {"model_sha256": "0" * 64}, "reference_profile": {}}).encode()
-    assert MlflowRegistry(server.url).fetch(pin).manifest is None
+def test_a_replica_reads_the_profile_from_the_manifest_signed_with_its_model(registry):
+    server, payload, sha256 = registry
+    server.register("11", payload, reference_profile={"rows": 1})
+    fetched = MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "11", sha256))
+    assert fetched.manifest == {"outputs": {"model_sha256": sha256}, "reference_profile": {"rows": 1}}

@@ -22,7 +22,7 @@ import yaml
 from sklearn.datasets import load_iris
 
 from mlops.modelstore import BasicAuth, MlflowStore
-from mlops.signing import check_signed, new_signing_key, public_keys
+from mlops.signing import check_signed, public_keys
 from mlops_spec.contract import (
     MLFLOW_PASSWORD,
     MODEL_HASH_TAG,
@@ -34,7 +34,7 @@ from mlops_spec.contract import (
 from mlops_spec.loading import load_stages
 from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
-from tests.model_signing import TRUSTED_KEYS_PEM, signed_tags
+from tests.model_signing import TRUSTED_KEYS_PEM, ModelSigner
 from tests.readback import differences
 
 pytestmark = pytest.mark.docker
@@ -178,7 +178,7 @@ def test_a_version_a_writer_registers_without_the_stages_signature_is_never_unpi
     manifest = json.loads(genuine.files["manifest.json"])
     manifest["outputs"]["model_sha256"] = hashlib.sha256(forged_model).hexdigest()
     forged_files = {"model.pkl": forged_model, "manifest.json": json.dumps(manifest).encode()}
-    forged_tags = signed_tags(MODEL, forged_files, key=new_signing_key())
+    forged_tags = ModelSigner().tags(MODEL, forged_files["model.pkl"], forged_files["manifest.json"])
     forged_version = store.publish(replace(genuine, files=forged_files, tags={}), forged_tags)
     assert forged_version == genuine.version + 1
 

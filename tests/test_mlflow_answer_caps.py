@@ -13,6 +13,7 @@ import pytest
 from mlops.modelstore import MlflowStore, StoreError
 from mlops_spec.contract import MAX_MLFLOW_ANSWER_BYTES, MAX_MODEL_BYTES
 from mlops_spec.project import REPO_ROOT
+from tests.model_signing import ModelSigner, manifest_of
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused  # noqa: E402
@@ -25,8 +26,11 @@ Answer = Callable[[BaseHTTPRequestHandler], None]
 
 
 def json_answer(body: dict) -> Answer:
+    return bytes_answer(json.dumps(body).encode())
+
+
+def bytes_answer(payload: bytes) -> Answer:
     def answer(handler: BaseHTTPRequestHandler) -> None:
-        payload = json.dumps(body).encode()
         handler.send_response(200)
         handler.send_header("Content-Length", str(len(payload)))
         handler.end_headers()
@@ -85,6 +89,7 @@ def registry() -> Iterator[Callable[[dict[str, Answer]], str]]:
 
 
 ARTIFACT = "/api/2.0/mlflow-artifacts/artifacts/0/r1/artifacts/model/model.pkl"
+MANIFEST = "/api/2.0/mlflow-artifacts/artifacts/0/r1/artifacts/model/manifest.json"
 
 
 @pytest.mark.parametrize("model_answer", [declares(MAX_MODEL_BYTES + 1), declares(2**40)],
@@ -107,19 +112,25 @@ def test_promote_stops_reading_an_endless_answer_at_the_cap(registry):
 def test_an_answer_within_the_cap_is_read_whole(registry):
     url = registry({"/api/2.0/mlflow/model-versions/get": json_answer(VERSION),
                     "/api/2.0/mlflow/runs/get": json_answer(RUN), ARTIFACT: streams(3 * len(CHUNK)),
-                    "/api/2.0/mlflow-artifacts/artifacts/0/r1/artifacts/model/manifest.json": json_answer({})})
+                    MANIFEST: json_answer({})})
     assert len(MlflowStore(url).fetch("m", 1).files["model.pkl"]) == 3 * len(CHUNK)
 
 
 def test_a_replica_refuses_a_model_larger_than_the_cap(registry):
-    url = registry({"/api/2.0/mlflow/model-versions/get": json_answer(VERSION),
-                    "/api/2.0/mlflow/runs/get": json_answer(RUN), ARTIFACT: declares(MAX_MODEL_BYTES + 1)})
+    # Signed, so the replica goes as far as reading the model.
+    signer, manifest = ModelSigner(), manifest_of(b"the model")
+    tags = [{"key": key, "value": value} for key, value in signer.tags("m", b"the model", manifest).items()]
+    url = registry({"/api/2.0/mlflow/model-versions/get": json_answer({"model_version": {**VERSION["model_version"],
+                                                                                         "tags": tags}}),
+                    "/api/2.0/mlflow/runs/get": json_answer(RUN), ARTIFACT: declares(MAX_MODEL_BYTES + 1),
+                    MANIFEST: bytes_answer(manifest)})
     with pytest.raises(ModelRefused) as refused:
-        MlflowRegistry(url, attempts=1).fetch(ModelPin(name="m", version="1", sha256=""))
-    assert str(refused.value) == f"{url}{ARTIFACT} answered more than 1024 MiB, the most this replica reads from the model registry"
+        MlflowRegistry(url, trusted=signer.trusted, attempts=1).fetch(ModelPin(name="m", version="1", sha256=""))
+    assert str(refused.value) == (f"refusing model m v1: model/model.pkl: {url}{ARTIFACT} answered more than 1024 MiB, "
+                                  "the most this replica reads from the model registry")
 
 
 def test_a_replica_stops_reading_an_endless_answer_at_the_cap(registry):
     url = registry({"/api/2.0/mlflow/model-versions/get": streams(MAX_MLFLOW_ANSWER_BYTES + len(CHUNK))})
     with pytest.raises(ModelRefused, match="model-versions/get answered more than 64 MiB"):
-        MlflowRegistry(url, attempts=1).fetch(ModelPin(name="m", version="1", sha256=""))
+        MlflowRegistry(url, trusted=ModelSigner().trusted, attempts=1).fetch(ModelPin(name="m", version="1", sha256=""))

@@ -25,7 +25,7 @@ from mlops import promote, rollout
 from mlops.cli import app
 from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
 from mlops.modelstore import MODEL_FILES, BasicAuth, MlflowStore, ModelVersion, StoreError
-from mlops.signing import check_signed, new_signing_key, public_keys
+from mlops.signing import check_signed, public_keys
 from mlops_spec.contract import (
     MLFLOW_PASSWORD,
     PROMOTER,
@@ -49,7 +49,7 @@ from tests.conftest import (
     pinned_image,
 )
 from tests.mlflow_servers import MLFLOW_SECRETS
-from tests.model_signing import TRUSTED_KEYS_PEM, signed_tags
+from tests.model_signing import SESSION_SIGNER, TRUSTED_KEYS_PEM, ModelSigner
 
 MODEL_NAME = "iris-classifier"
 OTHER_MODEL = "diabetes-regressor"
@@ -168,7 +168,8 @@ def register_source_model(registries: dict[str, int], *, model: str = MODEL_NAME
     payload = os.urandom(64)  # a distinct model.pkl per test: the servers are shared by the whole session
     version = ModelVersion(name=model, version=0, files={"model.pkl": payload, "manifest.json": b'{"features": 4}'}
                            if files is None else files, metrics=metrics)
-    tags = signed_tags(model, version.files) if set(MODEL_FILES) <= set(version.files) else {"sha256": "e" * 64}
+    tags = (SESSION_SIGNER.tags(model, version.files["model.pkl"], version.files["manifest.json"])
+            if set(MODEL_FILES) <= set(version.files) else {"sha256": "e" * 64})
     return store(registries, "source", TRAINER).publish(version, tags), tags["sha256"]
 
 
@@ -241,12 +242,14 @@ def test_promote_pins_the_models_release_keeps_comments_and_copies_the_model(pro
 ])
 def test_a_version_the_targets_keys_do_not_vouch_for_is_refused_before_anything_is_copied(
         tmp_path, registries, image_registries, how, refusal):
-    files = {"model.pkl": os.urandom(64), "manifest.json": b'{"features": 4}'}
-    tags = {"unsigned": {key: value for key, value in signed_tags(MODEL_NAME, files).items() if key != SIGNATURE_TAG},
-            "another key": signed_tags(MODEL_NAME, files, key=new_signing_key()),
-            "another model's signature": {**signed_tags(MODEL_NAME, files),
-                                          SIGNATURE_TAG: signed_tags(OTHER_MODEL, files)[SIGNATURE_TAG]},
-            "manifest changed": signed_tags(MODEL_NAME, {**files, "manifest.json": b'{"features": 5}'})}[how]
+    payload, manifest = os.urandom(64), b'{"features": 4}'
+    signed = SESSION_SIGNER.tags(MODEL_NAME, payload, manifest)
+    tags = {"unsigned": {key: value for key, value in signed.items() if key != SIGNATURE_TAG},
+            "another key": ModelSigner().tags(MODEL_NAME, payload, manifest),
+            "another model's signature": {**signed,
+                                          SIGNATURE_TAG: SESSION_SIGNER.tags(OTHER_MODEL, payload, manifest)[SIGNATURE_TAG]},
+            "manifest changed": SESSION_SIGNER.tags(MODEL_NAME, payload, b'{"features": 5}')}[how]
+    files = {"model.pkl": payload, "manifest.json": manifest}
     version = store(registries, "source", TRAINER).publish(
         ModelVersion(name=MODEL_NAME, version=0, files=files, metrics={"accuracy": 0.97}), tags)
     environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],

@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import http.server
 import json
+import os
 import pickle
 import socket
 import sys
@@ -20,20 +21,25 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 import tritonclient.http
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from prometheus_client import generate_latest
 from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from mlops_spec.contract import SIGNATURE_TAG
 from mlops_spec.project import REPO_ROOT
+from tests.model_signing import ModelSigner, manifest_of
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
+from serving import __main__ as oip_runtime  # noqa: E402
 from serving.app import OFF_LOOP_BYTES, InferenceApp  # noqa: E402
 from serving.batching import BatchingSettings  # noqa: E402
 from serving.protocol import MAX_BODY_BYTES  # noqa: E402
 from serving.readiness import FAILURES_BEFORE_UNREADY  # noqa: E402
-from serving.registry import MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable  # noqa: E402
+from serving.registry import MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable, trusted_keys  # noqa: E402
 from serving.sampling import RequestSampler  # noqa: E402
 from serving.startup import fetch_pinned_model  # noqa: E402
 
@@ -500,16 +506,27 @@ def test_a_batch_waits_for_a_request_on_its_way_in_at_most_the_declared_time(iri
     assert batch_sizes(app) == {**batch_sizes(app), "_count": 2, "_bucket1.0": 1, "_bucket2.0": 1, "_bucket4.0": 2}
 
 
-class FakeMlflow(http.server.ThreadingHTTPServer):
-    """The MLflow REST endpoints serving uses, over registered versions {version: (run_id, payload, tag)}."""
+@dataclass
+class FakeVersion:
+    """A registered version: its run's files (a run without a manifest answers 404 for it) and its tags."""
+    run_id: str
+    payload: bytes
+    manifest: bytes | None
+    tags: dict[str, str]
 
-    def __init__(self, name: str, versions: dict[str, tuple[str, bytes, str]]) -> None:
+
+class FakeMlflow(http.server.ThreadingHTTPServer):
+    """The MLflow REST endpoints serving uses, over the registered versions of one model."""
+
+    def __init__(self, name: str) -> None:
         self.name = name
-        self.versions = versions
+        self.signer = ModelSigner()
+        """The stage's signing key: the one its replicas trust."""
+        self.versions: dict[str, FakeVersion] = {}
         self.authorization: str | None = None
         """When set, the Authorization header every request must carry (else 401, as MLflow's basic-auth app)."""
-        self.manifests: dict[str, bytes] = {}
-        """manifest.json by run id; a run without one answers 404."""
+        self.requested: list[str] = []
+        """The path of every request, in order."""
         super().__init__(("127.0.0.1", 0), FakeMlflowHandler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -517,10 +534,22 @@ class FakeMlflow(http.server.ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
+    def register(self, version: str, payload: bytes, *, signer: ModelSigner | None = None,
+                 signed_as: str | None = None, **manifest_fields: object) -> FakeVersion:
+        """`payload` as `version`, with a manifest that describes it (and holds `manifest_fields`), signed by
+        `signer` (the stage's own key unless told) for the model `signed_as` (this one unless told)."""
+        manifest = manifest_of(payload, **manifest_fields)
+        tags = (signer or self.signer).tags(signed_as or self.name, payload, manifest)
+        self.versions[version] = FakeVersion(f"run{version}", payload, manifest, tags)
+        return self.versions[version]
+
     def version_json(self, version: str) -> dict:
-        run_id, _, tag = self.versions[version]
-        return {"name": self.name, "version": version, "run_id": run_id,
-                "tags": [{"key": "sha256", "value": tag}] if tag else []}
+        registered = self.versions[version]
+        return {"name": self.name, "version": version, "run_id": registered.run_id,
+                "tags": [{"key": key, "value": value} for key, value in registered.tags.items()]}
+
+    def downloaded(self) -> list[str]:
+        return [path.rsplit("/", 1)[-1] for path in self.requested if "/mlflow-artifacts/" in path]
 
 
 class FakeMlflowHandler(http.server.BaseHTTPRequestHandler):
@@ -531,26 +560,30 @@ class FakeMlflowHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(401)
             return
         url = urlsplit(self.path)
+        self.server.requested.append(url.path)
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
-        runs = {run_id: payload for run_id, payload, _ in self.server.versions.values()}
+        runs = {registered.run_id: registered for registered in self.server.versions.values()}
+        artifact = url.path.removeprefix("/api/2.0/mlflow-artifacts/artifacts/1/").split("/")
         if url.path == "/api/2.0/mlflow/model-versions/get" and query["version"] in self.server.versions:
-            self.answer(json.dumps({"model_version": self.server.version_json(query["version"])}).encode())
-        elif url.path == "/api/2.0/mlflow/registered-models/get-latest-versions":
-            self.answer(json.dumps({"model_versions": [self.server.version_json(v) for v in self.server.versions]}).encode())
+            self.answer({"model_version": self.server.version_json(query["version"])})
+        elif url.path == "/api/2.0/mlflow/model-versions/search":
+            named = query["filter"] == f"name='{self.server.name}'"
+            self.answer({"model_versions": [self.server.version_json(version) for version in self.server.versions
+                                            if named]})
         elif url.path == "/api/2.0/mlflow/runs/get":
-            self.answer(json.dumps({"run": {"info": {"artifact_uri": f"mlflow-artifacts:/1/{query['run_id']}/artifacts"}}}).encode())
-        elif url.path.startswith("/api/2.0/mlflow-artifacts/artifacts/1/") and url.path.endswith("/artifacts/model/model.pkl"):
-            self.answer(runs[url.path.split("/")[6]])
-        elif url.path.endswith("/artifacts/model/manifest.json") and url.path.split("/")[6] in self.server.manifests:
-            self.answer(self.server.manifests[url.path.split("/")[6]])
+            self.answer({"run": {"info": {"artifact_uri": f"mlflow-artifacts:/1/{query['run_id']}/artifacts"}}})
+        elif artifact[1:3] == ["artifacts", "model"] and artifact[0] in runs:
+            body = {"model.pkl": runs[artifact[0]].payload, "manifest.json": runs[artifact[0]].manifest}[artifact[3]]
+            self.answer(body) if body is not None else self.send_error(404)
         else:
             self.send_error(404)
 
-    def answer(self, body: bytes) -> None:
+    def answer(self, body: dict | bytes) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(data)
 
     def log_message(self, *args) -> None:
         pass
@@ -558,82 +591,214 @@ class FakeMlflowHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def registry(iris):
+    """A fake MLflow holding two signed versions of iris-classifier: 2 (some other bytes) and 10 (the model)."""
     payload = pickle.dumps(iris[0])
-    sha256 = hashlib.sha256(payload).hexdigest()
-    server = FakeMlflow("iris-classifier", {"2": ("run2", b"older model", ""), "10": ("run10", payload, sha256)})
-    yield server, payload, sha256
+    server = FakeMlflow("iris-classifier")
+    server.register("2", b"older model")
+    server.register("10", payload)
+    yield server, payload, hashlib.sha256(payload).hexdigest()
     server.shutdown()
     server.server_close()
 
 
-def test_fetch_verifies_the_pinned_sha256(registry):
+def test_fetch_serves_a_signed_pinned_version_with_its_manifest(registry):
     server, payload, sha256 = registry
-    fetched = MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "10", sha256))
+    fetched = MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "10", sha256))
     assert (fetched.version, fetched.sha256, fetched.payload) == ("10", sha256, payload)
+    assert fetched.manifest == json.loads(server.versions["10"].manifest or b"")
 
 
 def test_latest_is_the_highest_version_and_unpinned_fetches_skip_only_the_pin(registry):
     server, payload, _ = registry
-    assert MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "latest", "")).payload == payload
+    assert MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "latest", "")).payload == payload
+
+
+def test_latest_skips_newer_versions_no_trusted_key_signed(registry, caplog):
+    server, payload, _ = registry
+    unsigned = server.register("11", b"a writer's model")
+    del unsigned.tags[SIGNATURE_TAG]
+    server.register("12", b"another writer's model", signer=ModelSigner())
+    fetched = MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "latest", ""))
+    assert (fetched.version, fetched.payload) == ("10", payload)
+    assert server.downloaded() == ["manifest.json", "model.pkl"], "only the served version's files are read"
+    assert "not serving the newer version: refusing model iris-classifier v12: its signature verifies with none of the 1 keys" in caplog.text
+    assert "not serving the newer version: refusing model iris-classifier v11: the version has no signature tag" in caplog.text
+
+
+def test_latest_without_any_signed_version_is_refused(registry):
+    server, _, _ = registry
+    with pytest.raises(ModelRefused, match="refusing model iris-classifier latest: none of its 2 versions is signed "
+                                           "by a key in MODEL_SIGNING_KEYS"):
+        MlflowRegistry(server.url, trusted=ModelSigner().trusted).fetch(ModelPin("iris-classifier", "latest", ""))
+
+
+def unsigned(server: FakeMlflow, payload: bytes) -> None:
+    del server.register("11", payload).tags[SIGNATURE_TAG]
+
+
+def without_hashes(server: FakeMlflow, payload: bytes) -> None:
+    server.register("11", payload).tags.clear()
+
+
+def signed_by_another_key(server: FakeMlflow, payload: bytes) -> None:
+    server.register("11", payload, signer=ModelSigner())
+
+
+def signed_for_another_model(server: FakeMlflow, payload: bytes) -> None:
+    server.register("11", payload, signed_as="diabetes-regressor")
+
+
+def signature_not_base64(server: FakeMlflow, payload: bytes) -> None:
+    server.register("11", payload).tags[SIGNATURE_TAG] = "not base64!"
+
+
+def tampered_manifest(server: FakeMlflow, payload: bytes) -> None:
+    registered = server.register("11", payload)
+    registered.manifest = manifest_of(payload, reference_profile={"rows": 1})
+
+
+def no_manifest(server: FakeMlflow, payload: bytes) -> None:
+    server.register("11", payload).manifest = None
+
+
+def other_model_bytes(server: FakeMlflow, payload: bytes) -> None:
+    server.register("11", b"the signed model").payload = payload
+
+
+REFUSALS = {
+    unsigned: ("the version has no signature tag", []),
+    without_hashes: ("the version has no sha256 or manifest_sha256 or signature tag", []),
+    signed_by_another_key: ("its signature verifies with none of the 1 keys in MODEL_SIGNING_KEYS", []),
+    signed_for_another_model: ("its signature verifies with none of the 1 keys in MODEL_SIGNING_KEYS", []),
+    signature_not_base64: ("its signature tag is not base64", []),
+    tampered_manifest: ("model/manifest.json has sha256 [0-9a-f]{64}, not the signed manifest_sha256 tag",
+                        ["manifest.json"]),
+    no_manifest: ("model/manifest.json: model registry refused .*: HTTP 404", ["manifest.json"]),
+    other_model_bytes: ("sha256 [0-9a-f]{64} does not match the registry's signed sha256 tag",
+                        ["manifest.json", "model.pkl"]),
+}
+
+
+@pytest.mark.parametrize("make_version", REFUSALS, ids=lambda make_version: make_version.__name__)
+def test_a_version_not_exactly_as_signed_is_refused_and_what_no_key_signed_is_never_downloaded(registry, make_version):
+    server, payload, _ = registry
+    make_version(server, payload)
+    reason, downloaded = REFUSALS[make_version]
+    with pytest.raises(ModelRefused, match=f"^refusing model iris-classifier v11: {reason}"):
+        MlflowRegistry(server.url, trusted=server.signer.trusted, sleep=pytest.fail).fetch(
+            ModelPin("iris-classifier", "11", ""))
+    assert server.downloaded() == downloaded
+
+
+def test_a_manifest_that_describes_another_model_is_refused(registry):
+    server, payload, _ = registry
+    registered = server.versions["10"]
+    registered.manifest = manifest_of(b"another model")
+    registered.tags = server.signer.tags("iris-classifier", payload, registered.manifest)
+    with pytest.raises(ModelRefused, match="refusing model iris-classifier v10: model/manifest.json does not describe"):
+        MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "10", ""))
+
+
+def test_a_replica_trusts_every_key_of_its_stage(registry):
+    server, payload, sha256 = registry
+    rotated = ModelSigner()
+    server.register("11", payload, signer=rotated)
+    keys = trusted_keys(server.signer.public_pem + rotated.public_pem)
+    assert MlflowRegistry(server.url, trusted=keys).fetch(ModelPin("iris-classifier", "11", sha256)).payload == payload
 
 
 def test_sha256_mismatch_refuses(registry):
     server, _, sha256 = registry
     with pytest.raises(ModelRefused) as refusal:
-        MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "10", "0" * 64))
+        MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "10", "0" * 64))
     assert str(refusal.value) == f"refusing model iris-classifier v10: sha256 {sha256} does not match pinned {'0' * 64}"
-
-
-def test_a_version_whose_bytes_differ_from_its_sha256_tag_is_refused_even_unpinned(registry):
-    server, _, _ = registry
-    server.versions["11"] = ("run11", b"tampered", "f" * 64)
-    with pytest.raises(ModelRefused, match="does not match the registry's sha256 tag"):
-        MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "11", ""))
-
-
-@pytest.mark.parametrize("pinned", [True, False])
-def test_a_version_without_a_sha256_tag_is_refused_pinned_or_not(registry, pinned):
-    server, payload, sha256 = registry
-    server.versions["12"] = ("run12", payload, "")
-    with pytest.raises(ModelRefused, match="refusing model iris-classifier v12: the version has no sha256 tag"):
-        MlflowRegistry(server.url).fetch(ModelPin("iris-classifier", "latest" if not pinned else "12",
-                                                  sha256 if pinned else ""))
 
 
 def test_fetch_logs_in_as_the_given_user(registry):
     server, payload, sha256 = registry
     server.authorization = "Basic " + base64.b64encode(b"reader:r34d").decode()
     with pytest.raises(ModelRefused, match="HTTP 401"):
-        MlflowRegistry(server.url, sleep=pytest.fail).fetch(ModelPin("iris-classifier", "10", sha256))
-    fetched = MlflowRegistry(server.url, username="reader", password="r34d").fetch(ModelPin("iris-classifier", "10", sha256))
+        MlflowRegistry(server.url, trusted=server.signer.trusted,
+                       sleep=pytest.fail).fetch(ModelPin("iris-classifier", "10", sha256))
+    fetched = MlflowRegistry(server.url, trusted=server.signer.trusted, username="reader",
+                             password="r34d").fetch(ModelPin("iris-classifier", "10", sha256))
     assert fetched.payload == payload
 
 
 def test_unknown_version_is_refused_without_retrying(registry):
     server, _, _ = registry
     with pytest.raises(ModelRefused, match="HTTP 404"):
-        MlflowRegistry(server.url, sleep=pytest.fail).fetch(ModelPin("iris-classifier", "99", ""))
+        MlflowRegistry(server.url, trusted=server.signer.trusted,
+                       sleep=pytest.fail).fetch(ModelPin("iris-classifier", "99", ""))
 
 
 def test_unreachable_registry_is_retried_a_bounded_number_of_times(caplog):
     with socket_without_listener() as url:
         waits: list[float] = []
         with pytest.raises(RegistryUnreachable, match="not reachable after 3 attempts"):
-            MlflowRegistry(url, attempts=3, retry_delay_s=2, sleep=waits.append).fetch(ModelPin("m", "1", ""))
+            MlflowRegistry(url, trusted=[], attempts=3, retry_delay_s=2, sleep=waits.append).fetch(ModelPin("m", "1", ""))
     assert waits == [2, 2]
     assert "not reachable yet" in caplog.text and "retry 1/2 in 2s" in caplog.text
 
 
+def replica_env(monkeypatch, server: FakeMlflow, version: str, sha256: str = "") -> None:
+    for key, value in {"MODEL_NAME": "iris-classifier", "MODEL_VERSION": version, "MODEL_SHA256": sha256,
+                       "MLFLOW_TRACKING_URI": server.url, "MODEL_SIGNING_KEYS": server.signer.public_pem}.items():
+        monkeypatch.setenv(key, value)
+
+
 def test_startup_exits_non_zero_with_one_clear_line_on_mismatch(registry, monkeypatch, caplog):
     server, _, sha256 = registry
-    for key, value in {"MODEL_NAME": "iris-classifier", "MODEL_VERSION": "10", "MODEL_SHA256": "0" * 64,
-                       "MLFLOW_TRACKING_URI": server.url}.items():
-        monkeypatch.setenv(key, value)
+    replica_env(monkeypatch, server, "10", "0" * 64)
     with pytest.raises(SystemExit) as exit_:
         fetch_pinned_model("oip")
     assert exit_.value.code != 0
     assert f"refusing model iris-classifier v10: sha256 {sha256} does not match pinned {'0' * 64}" in caplog.text
 
+
+class WritesWhenUnpickled:
+    """A payload whose unpickling creates the folder `marker`: code a writer's password would run in a replica."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("make_version", [unsigned, signed_by_another_key, signed_for_another_model, tampered_manifest,
+                                          other_model_bytes], ids=lambda make_version: make_version.__name__)
+def test_the_oip_runtime_exits_before_unpickling_a_version_nobody_trusted_signed(registry, monkeypatch, caplog,
+                                                                                  tmp_path, make_version):
+    server, _, _ = registry
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(WritesWhenUnpickled(str(marker)))
+    make_version(server, payload)
+    replica_env(monkeypatch, server, "11")
+    with pytest.raises(SystemExit) as exit_:
+        oip_runtime.main()
+    assert exit_.value.code != 0
+    assert not marker.exists(), "the payload was unpickled"
+    [refusal] = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert refusal.startswith("refusing model iris-classifier v11: ")
+    pickle.loads(payload)
+    assert marker.is_dir(), "the payload runs code when unpickled"
+
+
+@pytest.mark.parametrize("keys", ["", "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",
+                                  rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+                                  .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()],
+                         ids=["none", "garbled", "rsa"])
+def test_a_replica_without_a_key_it_can_trust_refuses_to_start(registry, monkeypatch, caplog, keys):
+    server, _, sha256 = registry
+    replica_env(monkeypatch, server, "10", sha256)
+    monkeypatch.setenv("MODEL_SIGNING_KEYS", keys)
+    with pytest.raises(SystemExit) as exit_:
+        fetch_pinned_model("oip")
+    assert exit_.value.code != 0
+    [refusal] = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert "MODEL_SIGNING_KEYS" in refusal and "mlops:trustedModelKeys" in refusal
+    assert server.requested == [], "nothing is fetched without a key to check it by"
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stage, load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
 from tests.conftest import FIXTURE_TRAINING_DIGEST, pinned_image
-from tests.model_signing import SIGNING_KEY_PEM, TRUSTED_KEYS_PEM, signed_tags
+from tests.model_signing import SESSION_SIGNER, SIGNING_KEY_PEM, TRUSTED_KEYS_PEM
 
 PASSWORD = "the-trainer-password"
 
@@ -148,7 +148,7 @@ def train_with_a_registered_version(monkeypatch, tags: dict[str, str]):
 
 
 def test_the_run_trains_the_named_model_in_its_own_image_and_signs_what_it_registered(monkeypatch):
-    tags = signed_tags("diabetes-regressor", REGISTERED_FILES)
+    tags = SESSION_SIGNER.tags("diabetes-regressor", *REGISTERED_FILES.values())
     result, runs, engine, [store] = train_with_a_registered_version(
         monkeypatch, {key: value for key, value in tags.items() if key != SIGNATURE_TAG})
     assert result.exit_code == 0, result.output

@@ -2,6 +2,7 @@
 byte-identical models as consecutive versions in a hardened MLflow server."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -35,6 +36,10 @@ from mlops_spec.contract import (
 from mlops_spec.models import DockerHost, HealthCheck
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs
+from tests.model_signing import ModelSigner, manifest_of
+
+sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
+from serving.registry import MlflowRegistry, ModelPin, ModelRefused  # noqa: E402
 
 pytestmark = pytest.mark.docker
 
@@ -252,8 +257,15 @@ def test_train_registers_identical_models_as_consecutive_versions(training_stack
     artifact = version["source"].removeprefix("mlflow-artifacts:/")
     artifacts = f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/{artifact}"
     assert hashlib.sha256(get(f"{artifacts}/model.pkl", reader)).hexdigest() == sha256
-    manifest = json.loads(get(f"{artifacts}/manifest.json", reader))
+    manifest_bytes = get(f"{artifacts}/manifest.json", reader)
+    manifest = json.loads(manifest_bytes)
     assert manifest["environment"]["image_digest"] and len(manifest["environment"]["lock_sha256"]) == 64
+    # The hashes `mlops train` signs: the version's and its run's, the manifest's as logged.
+    run = json.loads(get(f"{training_stack.mlflow_url}/api/2.0/mlflow/runs/get?run_id={version['run_id']}",
+                         reader))["run"]
+    run_tags = {tag["key"]: tag["value"] for tag in run["data"]["tags"]}
+    assert tags["manifest_sha256"] == run_tags["manifest_sha256"] == hashlib.sha256(manifest_bytes).hexdigest()
+    assert run_tags["sha256"] == sha256
 
     leftovers = docker("ps", "--all", "--quiet", "--filter", f"label=mlops.stack={training_stack.name}",
                        "--filter", "label=mlops.component=training-run").stdout
@@ -439,21 +451,29 @@ def answer(url: str, method: str, auth: BasicAuth, body: dict | bytes | None) ->
 def test_models_are_write_once_and_writers_only_log_and_register(training_stack):
     """What a leaked writer password did to a version a stage serves: upload other bytes over its model.pkl,
     then move its sha256 tag to them, so replicas unpickled the writer's bytes. Both are refused to every
-    identity but MLflow's administrator, as is everything else logging and registering never needs."""
+    identity but MLflow's administrator, as is moving the manifest's hash or the signature (a version gets its
+    signature once, after the run registered it) and everything else logging and registering never needs."""
     api = f"{training_stack.mlflow_url}/api/2.0/mlflow"
     trainer, promoter, reader, admin = (training_stack.user(identity) for identity in (TRAINER, PROMOTER, READER, "admin"))
     name = f"once-{uuid.uuid4().hex[:6]}"
     model, sha256 = b"the trained model", hashlib.sha256(b"the trained model").hexdigest()
+    signer, manifest = ModelSigner(), manifest_of(model)
+    signed = signer.tags(name, model, manifest)
+    signature = signed.pop("signature")
+    hashes = [{"key": key, "value": value} for key, value in signed.items()]
     experiment_id = answer(f"{api}/experiments/create", "POST", trainer, {"name": name})["experiment_id"]
     run = answer(f"{api}/runs/create", "POST", trainer, {"experiment_id": experiment_id})["run"]["info"]
     model_pkl = (f"{training_stack.mlflow_url}/api/2.0/mlflow-artifacts/artifacts/"
                  f"{run['artifact_uri'].removeprefix('mlflow-artifacts:').strip('/')}/model/model.pkl")
     answer(model_pkl, "PUT", trainer, model)
-    answer(f"{api}/runs/log-batch", "POST", trainer, {"run_id": run["run_id"], "tags": [{"key": "sha256", "value": sha256}]})
+    answer(model_pkl.replace("/model.pkl", "/manifest.json"), "PUT", trainer, manifest)
+    answer(f"{api}/runs/log-batch", "POST", trainer, {"run_id": run["run_id"], "tags": hashes})
     answer(f"{api}/registered-models/create", "POST", trainer, {"name": name})
     answer(f"{api}/model-versions/create", "POST", trainer,
-           {"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"],
-            "tags": [{"key": "sha256", "value": sha256}]})
+           {"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"], "tags": hashes})
+    # `mlops train` signs the version once the run registered it.
+    assert status(f"{api}/model-versions/set-tag", "POST", trainer,
+                  {"name": name, "version": "1", "key": "signature", "value": signature}) == 200
     forged = "f" * 64
     refused = {
         "upload other bytes over model.pkl": (model_pkl, "PUT", b"forged bytes"),
@@ -462,6 +482,13 @@ def test_models_are_write_once_and_writers_only_log_and_register(training_stack)
         "move the run's sha256 tag": (f"{api}/runs/set-tag", "POST", {"run_id": run["run_id"], "key": "sha256", "value": forged}),
         "move it in a batch": (f"{api}/runs/log-batch", "POST",
                                {"run_id": run["run_id"], "tags": [{"key": "sha256", "value": forged}]}),
+        "move the version's manifest_sha256 tag": (f"{api}/model-versions/set-tag", "POST",
+                                                   {"name": name, "version": "1", "key": "manifest_sha256", "value": forged}),
+        "move the run's manifest_sha256 tag": (f"{api}/runs/set-tag", "POST",
+                                               {"run_id": run["run_id"], "key": "manifest_sha256", "value": forged}),
+        "re-sign the version": (f"{api}/model-versions/set-tag", "POST",
+                                {"name": name, "version": "1", "key": "signature",
+                                 "value": base64.b64encode(b"f" * 64).decode()}),
         "rename the experiment": (f"{api}/experiments/update", "POST", {"experiment_id": experiment_id, "new_name": f"{name}-x"}),
         "rename the run": (f"{api}/runs/update", "POST", {"run_id": run["run_id"], "run_name": "renamed"}),
         "tag the registered model": (f"{api}/registered-models/set-tag", "POST", {"name": name, "key": "k", "value": "v"}),
@@ -476,10 +503,22 @@ def test_models_are_write_once_and_writers_only_log_and_register(training_stack)
     # A client's retry is no change, and ending the run is logging.
     assert status(f"{api}/model-versions/set-tag", "POST", promoter,
                   {"name": name, "version": "1", "key": "sha256", "value": sha256}) == 200
+    assert status(f"{api}/model-versions/set-tag", "POST", trainer,
+                  {"name": name, "version": "1", "key": "signature", "value": signature}) == 200
     assert status(f"{api}/runs/update", "POST", trainer, {"run_id": run["run_id"], "status": "FINISHED"}) == 200
     assert get(model_pkl, reader) == model
     version = answer(f"{api}/model-versions/get?name={name}&version=1", "GET", reader, None)["model_version"]
-    assert {tag["key"]: tag["value"] for tag in version["tags"]}["sha256"] == sha256
+    tags = {tag["key"]: tag["value"] for tag in version["tags"]}
+    assert {key: tags[key] for key in ("sha256", "manifest_sha256", "signature")} == {**signed, "signature": signature}
+    # A replica trusting the key serves the signed version, and skips a newer one a writer registered unsigned.
+    answer(f"{api}/model-versions/create", "POST", trainer,
+           {"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"], "tags": hashes})
+    replica = MlflowRegistry(training_stack.mlflow_url, trusted=signer.trusted, username=reader.username,
+                             password=reader.password, attempts=1)
+    fetched = replica.fetch(ModelPin(name, "latest", ""))
+    assert (fetched.version, fetched.payload, fetched.manifest) == ("1", model, json.loads(manifest))
+    with pytest.raises(ModelRefused, match=f"refusing model {name} v2: the version has no signature tag"):
+        replica.fetch(ModelPin(name, "2", ""))
     # MLflow's administrator, which nothing of the stack logs in as, may still repair a version.
     assert status(model_pkl, "PUT", admin, b"repaired bytes") == 200
     assert status(f"{api}/users/list", "GET", admin) == 200

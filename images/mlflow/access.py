@@ -13,9 +13,11 @@ password) and then refuses, with 403, what the identity's role never needs:
   its model as a new version takes (WRITER_ENDPOINTS), nothing else, so neither can delete, rename,
   re-stage or re-alias anything, nor change users, roles or grants, their own password included.
 - Models are write-once for everyone but the administrator: a file already in the artifact store is never
-  uploaded over, and a run's or a model version's `sha256` tag, once set, never changes. Replicas load a
-  version only if its bytes hash to that tag, so a writer's password cannot swap the bytes of a version a
-  stage serves, nor point its tag at new ones.
+  uploaded over, and a run's or a model version's `sha256`, `manifest_sha256` and `signature` tags, once set,
+  never change (setting the same value again is a retry). A writer may still set one a version lacks: `mlops
+  train` signs the version after the run registered it. Replicas load a version only if a key their stage
+  trusts signed those hashes and the files hash to them, so a writer's password can neither swap the files of
+  a version a stage serves nor re-sign it; what it can register unsigned, no replica loads.
 - Users, roles and grants are an administrator's alone, reading them included.
 - MLflow's administrators: everything (nothing of the stack logs in as one).
 
@@ -54,7 +56,8 @@ WRITER_ENDPOINTS = frozenset({
 })
 ADMINISTERED = ("/mlflow/users/", "/mlflow/roles/", "/permissions/")
 SERVER_INFO = "/mlflow/server-info"
-MODEL_HASH_TAG = "sha256"
+# A copy of mlops_spec.contract's (tests/test_contract.py checks it): the model's, the manifest's sha256, the signature.
+WRITE_ONCE_TAGS = ("sha256", "manifest_sha256", "signature")
 
 
 def _endpoint(path: str) -> str:
@@ -107,15 +110,15 @@ def _current_tags(endpoint: str, body: dict) -> dict[str, str]:
         return {}
 
 
-def moves_model_hash(method: str, path: str, body: dict) -> bool:
-    """Whether the request changes a `sha256` tag that is already set (setting the same value again is a
+def moves_write_once_tag(method: str, path: str, body: dict) -> bool:
+    """Whether the request changes one of WRITE_ONCE_TAGS that is already set (setting the same value again is a
     retry, not a change)."""
     endpoint = _endpoint(path)
-    wanted = _tags_set(endpoint, body).get(MODEL_HASH_TAG) if method == "POST" else None
-    if wanted is None:
+    wanted = {tag: value for tag, value in _tags_set(endpoint, body).items() if tag in WRITE_ONCE_TAGS}
+    if method != "POST" or not wanted:
         return False
-    current = _current_tags(endpoint, body).get(MODEL_HASH_TAG)
-    return current is not None and current != wanted
+    current = _current_tags(endpoint, body)
+    return any(current.get(tag, value) != value for tag, value in wanted.items())
 
 
 def may(username: str, method: str, path: str, body: dict) -> bool:
@@ -127,7 +130,7 @@ def may(username: str, method: str, path: str, body: dict) -> bool:
     if is_read(method, path):
         return True
     return (username in WRITERS and writer_may(method, path, body)
-            and not overwrites_artifact(method, path) and not moves_model_hash(method, path, body))
+            and not overwrites_artifact(method, path) and not moves_write_once_tag(method, path, body))
 
 
 def _decide() -> Authorization | Response:

@@ -45,7 +45,7 @@ def drift_monitor(manifest: dict | None, schema: ModelSchema) -> DriftMonitor | 
 
 def main() -> None:
     fetched = fetch_pinned_model("oip")
-    # Unpickling runs code: only bytes whose sha256 was just verified get here.
+    # Unpickling runs code: only bytes a trusted key signed (registry.py checked) get here.
     model = pickle.loads(fetched.payload)
     schema = model_schema(fetched, model.n_features_in_)
     # The app refuses non-finite inputs itself, so the model need not check every request again.

@@ -78,7 +78,7 @@ def main() -> None:
     fetched = fetch_pinned_model("mlserver")
     batching = BatchingSettings.from_env()
     write_repository(REPOSITORY, fetched.name, fetched.version, fetched.payload, batching)
-    # Unpickling runs code: only bytes whose sha256 was just verified get here. The layer needs the schema
+    # Unpickling runs code: only bytes a trusted key signed (registry.py checked) get here. The layer needs the schema
     # (for the test prediction, to check requests and for the metadata) and the classes (for the metadata).
     model = pickle.loads(fetched.payload)
     schema = model_schema(fetched, model.n_features_in_)

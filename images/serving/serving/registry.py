@@ -1,23 +1,36 @@
-"""The pinned model, fetched from the MLflow registry over its REST API with nothing but the stdlib.
+"""The pinned model, fetched from the MLflow registry over its REST API, and checked before a byte of it is
+unpickled.
 
-Training contract: a model version's run holds `model/model.pkl` and `model/manifest.json`, and the
-version is tagged `sha256` (of `model.pkl`). Artifacts come through the tracking server's artifact
-proxy (`mlflow server --serve-artifacts`), so serving needs no storage credentials, only the read-only
-MLflow user it is given (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, MLflow's own names).
+Training contract (docs/contracts.md): a model version's run holds `model/model.pkl` and `model/manifest.json`;
+the version is tagged `sha256` (of model.pkl), `manifest_sha256` (of manifest.json) and `signature`, the Ed25519
+signature `mlops train` made of the model's name and both hashes with its stage's private key, which no container
+holds. A replica trusts the public keys in MODEL_SIGNING_KEYS alone: a version whose signature none of them
+verifies is never downloaded, and files that do not hash to the signed tags are never loaded, so neither a
+writer's MLflow password nor MLflow itself can make a replica run code nobody signed.
+
+Artifacts come through the tracking server's artifact proxy (`mlflow server --serve-artifacts`), so serving needs
+no storage credentials, only the read-only MLflow user it is given (MLFLOW_TRACKING_USERNAME and
+MLFLOW_TRACKING_PASSWORD, MLflow's own names).
 """
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 log = logging.getLogger("serving.registry")
 
@@ -28,6 +41,18 @@ PROXIED_ARTIFACTS_SCHEME = "mlflow-artifacts:"
 # fetch instead of filling the replica's memory.
 MAX_MODEL_BYTES = 1024 * 1024 * 1024
 MAX_MLFLOW_ANSWER_BYTES = 64 * 1024 * 1024
+# Copies of mlops_spec.contract's tag names and signed message (tests/test_contract.py checks them).
+MODEL_HASH_TAG = "sha256"
+MANIFEST_HASH_TAG = "manifest_sha256"
+SIGNATURE_TAG = "signature"
+SIGNING_KEYS_VARIABLE = "MODEL_SIGNING_KEYS"
+TRUSTED_KEYS_CONFIG = "mlops:trustedModelKeys"
+"""The Pulumi config the program sets SIGNING_KEYS_VARIABLE from."""
+PEM_PUBLIC_KEY = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
+
+
+def signed_message(model: str, model_sha256: str, manifest_sha256: str) -> bytes:
+    return f"mlops-model-v1\n{model}\n{model_sha256}\n{manifest_sha256}\n".encode()
 
 
 class ModelRefused(Exception):
@@ -38,13 +63,33 @@ class RegistryUnreachable(Exception):
     """The registry did not answer within the retry budget."""
 
 
+def trusted_keys(pem_text: str) -> list[Ed25519PublicKey]:
+    """The Ed25519 public keys of MODEL_SIGNING_KEYS (one PEM block each); ModelRefused unless there is at least
+    one and every block is one: a replica without a key it trusts would have nothing to check a model by."""
+    keys = []
+    for block in PEM_PUBLIC_KEY.findall(pem_text):
+        try:
+            key = load_pem_public_key(block.encode())
+        except ValueError:
+            key = None
+        if not isinstance(key, Ed25519PublicKey):
+            raise ModelRefused(f"{SIGNING_KEYS_VARIABLE} holds a PEM block that is no Ed25519 public key; set the "
+                               f"stage's Pulumi config {TRUSTED_KEYS_CONFIG} to the `openssl pkey -pubout` of its "
+                               "signing keys")
+        keys.append(key)
+    if not keys:
+        raise ModelRefused(f"{SIGNING_KEYS_VARIABLE} holds no public key (-----BEGIN PUBLIC KEY-----), so no model "
+                           f"can be trusted; set the stage's Pulumi config {TRUSTED_KEYS_CONFIG}")
+    return keys
+
+
 @dataclass(frozen=True)
 class ModelPin:
     name: str
     version: str
-    """An integer, or `latest` (dev only: the highest registered version)."""
+    """An integer, or `latest` (dev only: the newest version a trusted key signed)."""
     sha256: str
-    """Empty when unpinned (dev): the version's own sha256 tag is then the only check."""
+    """Empty when unpinned (dev): the version's signed sha256 tag is then the check."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "ModelPin":
@@ -63,17 +108,19 @@ class FetchedModel:
     version: str
     sha256: str
     payload: bytes
-    manifest: dict | None = None
-    """The training run's manifest.json, when the run logged one that names this model's sha256."""
+    manifest: dict
+    """The training run's manifest.json, signed with the model."""
 
 
 class MlflowRegistry:
-    """The few MLflow REST endpoints serving needs; connection failures and 5xx answers are retried."""
+    """The few MLflow REST endpoints serving needs; connection failures and 5xx answers are retried. A version is
+    fetched only when one of the `trusted` keys verifies its signature."""
 
-    def __init__(self, tracking_uri: str, *, username: str = "", password: str = "", attempts: int = 30,
-                 retry_delay_s: float = 2.0, timeout_s: float = 30.0,
+    def __init__(self, tracking_uri: str, *, trusted: Sequence[Ed25519PublicKey], username: str = "",
+                 password: str = "", attempts: int = 30, retry_delay_s: float = 2.0, timeout_s: float = 30.0,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.base = tracking_uri.rstrip("/")
+        self.trusted = list(trusted)
         self.headers = ({"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
                         if username else {})
         self.attempts = attempts
@@ -82,40 +129,45 @@ class MlflowRegistry:
         self.sleep = sleep
 
     def fetch(self, pin: ModelPin) -> FetchedModel:
-        """Download the pinned version's `model.pkl`; raise `ModelRefused` unless its sha256 checks out."""
-        version = self._model_version(pin)
-        run = self._get_json("/api/2.0/mlflow/runs/get", run_id=version["run_id"])["run"]
-        payload = self._get(self._artifact_download_path(run["info"]["artifact_uri"], MODEL_ARTIFACT),
-                            limit=MAX_MODEL_BYTES)
-        tags = {tag["key"]: tag["value"] for tag in version.get("tags", [])}
-        sha256 = verified_sha256(pin.name, version["version"], payload, pinned=pin.sha256, tagged=tags.get("sha256", ""))
-        return FetchedModel(name=pin.name, version=version["version"], sha256=sha256, payload=payload,
-                            manifest=self._manifest(run["info"]["artifact_uri"], sha256))
+        """The pinned version's `model.pkl` and `manifest.json`, downloaded once its tags are signed by a trusted
+        key; `ModelRefused` unless both files hash to the signed tags (and model.pkl to the pin, if any)."""
+        version = self._signed_version(pin)
+        name, number, tags = pin.name, version["version"], version_tags(version)
+        artifact_uri = self._get_json("/api/2.0/mlflow/runs/get", run_id=version["run_id"])["run"]["info"]["artifact_uri"]
+        manifest = verified_manifest(name, number, self._artifact(name, number, artifact_uri, MANIFEST_ARTIFACT),
+                                     signed=tags[MANIFEST_HASH_TAG], model_sha256=tags[MODEL_HASH_TAG])
+        payload = self._artifact(name, number, artifact_uri, MODEL_ARTIFACT, limit=MAX_MODEL_BYTES)
+        sha256 = verified_sha256(name, number, payload, pinned=pin.sha256, tagged=tags[MODEL_HASH_TAG])
+        return FetchedModel(name=name, version=number, sha256=sha256, payload=payload, manifest=manifest)
 
-    def _manifest(self, artifact_uri: str, sha256: str) -> dict | None:
-        """The run's manifest, which serving only reads (the schema, and drift's reference profile): a missing
-        or foreign one costs the drift scores and the named inputs, not the model."""
+    def _artifact(self, name: str, version: str, artifact_uri: str, artifact: str,
+                  limit: int = MAX_MLFLOW_ANSWER_BYTES) -> bytes:
         try:
-            manifest = json.loads(self._get(self._artifact_download_path(artifact_uri, MANIFEST_ARTIFACT)))
-        except (ModelRefused, ValueError) as error:
-            log.warning("no readable %s for this model (%s): no input drift scores, and requests send one "
-                        "[N, features] tensor", MANIFEST_ARTIFACT, error)
-            return None
-        if not isinstance(manifest, dict) or manifest.get("outputs", {}).get("model_sha256") != sha256:
-            log.warning("%s describes another model than sha256 %s: no input drift scores, and requests send one "
-                        "[N, features] tensor", MANIFEST_ARTIFACT, sha256)
-            return None
-        return manifest
+            return self._get(self._artifact_download_path(artifact_uri, artifact), limit=limit)
+        except ModelRefused as refusal:
+            raise ModelRefused(f"refusing model {name} v{version}: {artifact}: {refusal}") from None
 
-    def _model_version(self, pin: ModelPin) -> dict:
+    def _signed_version(self, pin: ModelPin) -> dict:
+        """The pinned version, or for `latest` the newest version signed by a trusted key: a writer who registers
+        an unsigned version in dev gets it skipped, not the replicas crash-looping."""
         if pin.version != "latest":
-            return self._get_json("/api/2.0/mlflow/model-versions/get", name=pin.name,
-                                  version=pin.version)["model_version"]
-        # get-latest-versions answers the newest version of each stage; the highest of them is the newest.
-        versions = self._get_json("/api/2.0/mlflow/registered-models/get-latest-versions", name=pin.name)
-        if not versions.get("model_versions"):
+            version = self._get_json("/api/2.0/mlflow/model-versions/get", name=pin.name,
+                                     version=pin.version)["model_version"]
+            check_signature(pin.name, version["version"], version_tags(version), self.trusted)
+            return version
+        versions = self._get_json("/api/2.0/mlflow/model-versions/search", filter=f"name='{pin.name}'",
+                                  max_results="10000").get("model_versions", [])
+        if not versions:
             raise ModelRefused(f"model {pin.name} has no registered version yet")
-        return max(versions["model_versions"], key=lambda version: int(version["version"]))
+        for version in sorted(versions, key=lambda version: int(version["version"]), reverse=True):
+            try:
+                check_signature(pin.name, version["version"], version_tags(version), self.trusted)
+            except ModelRefused as refusal:
+                log.warning("not serving the newer version: %s", refusal)
+                continue
+            return version
+        raise ModelRefused(f"refusing model {pin.name} latest: none of its {len(versions)} versions is signed by a "
+                           f"key in {SIGNING_KEYS_VARIABLE}")
 
     @staticmethod
     def _artifact_download_path(artifact_uri: str, artifact: str) -> str:
@@ -159,19 +211,62 @@ def capped_read(response: Any, limit: int, what: str) -> bytes:
     return body
 
 
+def version_tags(version: Mapping[str, Any]) -> dict[str, str]:
+    return {tag["key"]: tag["value"] for tag in version.get("tags", [])}
+
+
+def check_signature(name: str, version: str, tags: Mapping[str, str], trusted: Sequence[Ed25519PublicKey]) -> None:
+    """ModelRefused unless the version's tags carry both hashes and a signature of them, for this model's name,
+    that one of the `trusted` keys verifies."""
+    missing = [tag for tag in (MODEL_HASH_TAG, MANIFEST_HASH_TAG, SIGNATURE_TAG) if not tags.get(tag)]
+    if missing:
+        raise ModelRefused(f"refusing model {name} v{version}: the version has no {' or '.join(missing)} tag; only "
+                           "versions `mlops train` signed are served")
+    try:
+        signature = base64.b64decode(tags[SIGNATURE_TAG], validate=True)
+    except binascii.Error:
+        raise ModelRefused(f"refusing model {name} v{version}: its {SIGNATURE_TAG} tag is not base64") from None
+    message = signed_message(name, tags[MODEL_HASH_TAG], tags[MANIFEST_HASH_TAG])
+    if not any(_verifies(key, signature, message) for key in trusted):
+        raise ModelRefused(f"refusing model {name} v{version}: its signature verifies with none of the "
+                           f"{len(trusted)} keys in {SIGNING_KEYS_VARIABLE}")
+
+
+def _verifies(key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
+    try:
+        key.verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verified_manifest(name: str, version: str, manifest: bytes, *, signed: str, model_sha256: str) -> dict:
+    """The run's manifest.json (the schema, drift's reference profile) when its bytes hash to the signed tag and it
+    describes the signed model."""
+    actual = hashlib.sha256(manifest).hexdigest()
+    if actual != signed:
+        raise ModelRefused(f"refusing model {name} v{version}: {MANIFEST_ARTIFACT} has sha256 {actual}, not the "
+                           f"signed {MANIFEST_HASH_TAG} tag {signed}")
+    try:
+        described = json.loads(manifest)
+    except ValueError:
+        described = None
+    outputs = described.get("outputs") if isinstance(described, dict) else None
+    if not isinstance(outputs, dict) or outputs.get("model_sha256") != model_sha256:
+        raise ModelRefused(f"refusing model {name} v{version}: {MANIFEST_ARTIFACT} does not describe the model "
+                           f"of sha256 {model_sha256}")
+    return described
+
+
 def verified_sha256(name: str, version: str, payload: bytes, *, pinned: str, tagged: str) -> str:
-    """The payload's sha256 when it matches the pin (when there is one) and the sha256 the training run
-    tagged the version with. Unpickling runs code, so a version nobody vouched for by its sha256 is never
-    loaded: in dev, which pins none, the tag is the only check there is."""
+    """The payload's sha256 when it matches the pin (when there is one) and the signed sha256 tag: unpickling runs
+    code, so only the bytes the signature vouches for are ever loaded."""
     actual = hashlib.sha256(payload).hexdigest()
     if pinned and actual != pinned:
         raise ModelRefused(f"refusing model {name} v{version}: sha256 {actual} does not match pinned {pinned}")
-    if not tagged:
-        raise ModelRefused(f"refusing model {name} v{version}: the version has no sha256 tag; only versions "
-                           "registered by a training run or a promotion (tagged sha256) are served")
     if actual != tagged:
         raise ModelRefused(f"refusing model {name} v{version}: sha256 {actual} does not match "
-                           f"the registry's sha256 tag {tagged}")
+                           f"the registry's signed sha256 tag {tagged}")
     return actual
 
 

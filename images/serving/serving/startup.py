@@ -1,12 +1,20 @@
-"""What both runtimes do before serving: fetch and verify the pinned model and read its schema, or exit non-zero
-saying why."""
+"""What both runtimes do before serving: read the keys the stage trusts, fetch the pinned model once its signature
+and hashes check out, and read its schema, or exit non-zero saying why in one line."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
 
-from serving.registry import FetchedModel, MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable
+from serving.registry import (
+    SIGNING_KEYS_VARIABLE,
+    FetchedModel,
+    MlflowRegistry,
+    ModelPin,
+    ModelRefused,
+    RegistryUnreachable,
+    trusted_keys,
+)
 from serving.schema import ModelSchema, SchemaError
 
 log = logging.getLogger("serving")
@@ -23,8 +31,9 @@ def tracking_password() -> str:
 
 
 def fetch_pinned_model(runtime: str) -> FetchedModel:
-    """The model the environment pins, for this image's `runtime` (its build target); a refusal exits,
-    and the restart policy keeps the replica unready."""
+    """The model the environment pins, for this image's `runtime` (its build target), signed by a key of
+    MODEL_SIGNING_KEYS; a refusal exits before anything is unpickled, and the restart policy keeps the replica
+    unready."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:
         declared = os.environ.get("SERVING_RUNTIME", runtime)
@@ -32,15 +41,17 @@ def fetch_pinned_model(runtime: str) -> FetchedModel:
             raise ModelRefused(f"SERVING_RUNTIME is {declared} but this image is the {runtime} build target; "
                                f"build the serving image with --target {declared}")
         pin = ModelPin.from_env()
+        trusted = trusted_keys(os.environ.get(SIGNING_KEYS_VARIABLE, ""))
         if not os.environ.get("MLFLOW_TRACKING_URI"):
             raise ModelRefused("set MLFLOW_TRACKING_URI to the model registry, e.g. http://<stack>-model-registry:5000")
-        fetched = MlflowRegistry(os.environ["MLFLOW_TRACKING_URI"], username=os.environ.get("MLFLOW_TRACKING_USERNAME", ""),
+        fetched = MlflowRegistry(os.environ["MLFLOW_TRACKING_URI"], trusted=trusted,
+                                 username=os.environ.get("MLFLOW_TRACKING_USERNAME", ""),
                                  password=tracking_password()).fetch(pin)
     except (ModelRefused, RegistryUnreachable) as refusal:
         log.error("%s", refusal)
         sys.exit(1)
-    log.info("serving model %s v%s sha256 %s%s", fetched.name, fetched.version, fetched.sha256,
-             "" if pin.sha256 else " (unpinned: checked against the version's sha256 tag)")
+    log.info("serving model %s v%s sha256 %s, signed by a trusted key%s", fetched.name, fetched.version,
+             fetched.sha256, "" if pin.sha256 else " (no sha256 pinned: the signed tag is the check)")
     return fetched
 
 

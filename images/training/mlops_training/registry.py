@@ -9,9 +9,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 
-from mlops_training.runner import TrainingResult
+from mlops_training.runner import TrainingResult, sha256_file
 
 ARTIFACT_PATH = "model"
+# Copies of mlops_spec.contract's (tests/test_contract.py checks them): the tags `mlops train` signs, and that
+# MLflow (images/mlflow/access.py) lets no writer change once set.
+MODEL_HASH_TAG = "sha256"
+MANIFEST_HASH_TAG = "manifest_sha256"
 # MLflow's client retries a failing request 7 times with backoff factor 2: a server that keeps answering 500
 # (its artifact store full) held a training run for 279 s before it failed. 5 retries with factor 1 wait
 # about 31 s in all, longer than the stage's MLflow takes to restart (about 10 s), so a restart is still
@@ -27,12 +31,13 @@ class FilesNotStored(MlflowException):
 
 def register(result: TrainingResult, tracking_uri: str) -> int:
     """Log `model.pkl` and `manifest.json` under the run's `model/` folder, register that folder as a new
-    version and tag the version with the model's sha256 and metrics, so promotion reads them from the
-    version alone. Returns the version number."""
+    version and tag the version with the sha256 of both files (which `mlops train` then signs) and the metrics,
+    so promotion reads them from the version alone. Returns the version number."""
     for variable, value in RETRY_BUDGET.items():
         os.environ.setdefault(variable, value)
     manifest = result.manifest
     name = manifest["model_name"]
+    hashes = {MODEL_HASH_TAG: result.model_sha256, MANIFEST_HASH_TAG: sha256_file(result.manifest_path)}
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     mlflow.set_experiment(name)
@@ -41,7 +46,7 @@ def register(result: TrainingResult, tracking_uri: str) -> int:
                            "dataset": manifest["inputs"]["dataset"],
                            **manifest["inputs"]["params"]})
         mlflow.log_metrics(result.metrics)
-        mlflow.set_tags({"sha256": result.model_sha256, "code_version": manifest["inputs"]["code_version"]})
+        mlflow.set_tags({**hashes, "code_version": manifest["inputs"]["code_version"]})
         try:
             mlflow.log_artifact(str(result.model_path), ARTIFACT_PATH)
             mlflow.log_artifact(str(result.manifest_path), ARTIFACT_PATH)
@@ -60,6 +65,6 @@ def register(result: TrainingResult, tracking_uri: str) -> int:
             raise
     version = client.create_model_version(
         name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}", run_id=run.info.run_id,
-        tags={"sha256": result.model_sha256, **{key: str(value) for key, value in result.metrics.items()}})
+        tags={**hashes, **{key: str(value) for key, value in result.metrics.items()}})
     return int(version.version)
 
