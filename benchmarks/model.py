@@ -7,7 +7,6 @@ serves a regressor on scikit-learn's diabetes data; a plain scaled Ridge stands 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import pickle
 import urllib.error
@@ -20,6 +19,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from mlops.modelstore import BasicAuth
+from tests.model_signing import SESSION_SIGNER, manifest_of
 
 MODEL_NAME = "iris-classifier"
 REGRESSOR_NAME = "diabetes-regressor"
@@ -67,8 +67,9 @@ class MlflowRegistry:
         self.auth = auth
 
     def register(self, name: str, payload: bytes, manifest: bytes | None = None) -> str:
-        """Log `payload` as a run's model.pkl (and `manifest` as its manifest.json), register it as a new
-        version of `name`; returns the version."""
+        """Log `payload` as a run's model.pkl and `manifest` (else one naming only its hash) as its manifest.json,
+        register it as a new version of `name`, tagged and signed as `mlops train` leaves it; returns the version."""
+        manifest = manifest_of(payload) if manifest is None else manifest
         try:
             self._call("POST", "registered-models/create", {"name": name})
         except urllib.error.HTTPError as error:
@@ -78,13 +79,12 @@ class MlflowRegistry:
         location = run["artifact_uri"].split(":", 1)[1].strip("/")
         self._request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/{MODEL_ARTIFACT}", payload,
                       "application/octet-stream")
-        if manifest is not None:
-            self._request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/{MANIFEST_ARTIFACT}", manifest,
-                          "application/json")
+        self._request("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/{MANIFEST_ARTIFACT}", manifest,
+                      "application/json")
         version = self._call("POST", "model-versions/create", {
             "name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"]})["model_version"]["version"]
-        self._call("POST", "model-versions/set-tag", {
-            "name": name, "version": version, "key": "sha256", "value": hashlib.sha256(payload).hexdigest()})
+        for key, value in SESSION_SIGNER.tags(name, payload, manifest).items():
+            self._call("POST", "model-versions/set-tag", {"name": name, "version": version, "key": key, "value": value})
         return version
 
     def _call(self, method: str, endpoint: str, body: dict) -> dict:

@@ -44,6 +44,7 @@ from mlops.modelstore import BasicAuth
 from mlops_spec.contract import READER, TRAINER, GatewayRoute, derived_password, gateway_env
 from mlops_spec.models import TrafficSplit
 from mlops_spec.project import REPO_ROOT
+from tests.model_signing import SESSION_SIGNER, TRUSTED_KEYS_PEM
 
 pytestmark = pytest.mark.docker
 
@@ -139,7 +140,7 @@ def engine(docker_engine):
 class MlflowRest:
     """Registers model versions by the training contract over MLflow's REST API (the tests' venv has no
     MLflow client), as MLflow user `trainer`: `model/model.pkl` and `model/manifest.json` on the run, the
-    version tagged `sha256`."""
+    version tagged with both files' hashes and signed with the session's key, as `mlops train` leaves it."""
 
     def __init__(self, url: str, auth: BasicAuth) -> None:
         self.url = url
@@ -156,19 +157,20 @@ class MlflowRest:
         return self.call("POST", f"/api/2.0/mlflow/{path}", json.dumps(fields).encode())
 
     def register(self, name: str, payload: bytes, manifest: dict | None = None) -> tuple[str, str]:
-        """A new version of `name` holding `payload`, and with `manifest` its manifest (else one that describes
-        no model); returns (version, sha256)."""
+        """A new version of `name` holding `payload`, and with `manifest` its manifest (else one that names only the
+        model's hash: no schema, no reference profile); returns (version, sha256)."""
         sha256 = hashlib.sha256(payload).hexdigest()
-        described: dict[str, object] = ({"sha256": sha256} if manifest is None
-                                        else {**manifest, "outputs": {"model_sha256": sha256}})
+        described = {**(manifest or {}), "outputs": {"model_sha256": sha256}}
+        manifest_bytes = json.dumps(described).encode()
         run = self.post("runs/create", experiment_id="0")["run"]["info"]
         location = run["artifact_uri"].removeprefix("mlflow-artifacts:").strip("/")
-        for artifact, content in (("model.pkl", payload), ("manifest.json", json.dumps(described).encode())):
+        for artifact, content in (("model.pkl", payload), ("manifest.json", manifest_bytes)):
             self.call("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/model/{artifact}", content)
         self.post("runs/update", run_id=run["run_id"], status="FINISHED")
         version = self.post("model-versions/create", name=name, source=f"runs:/{run['run_id']}/model",
                             run_id=run["run_id"])["model_version"]["version"]
-        self.post("model-versions/set-tag", name=name, version=version, key="sha256", value=sha256)
+        for key, value in SESSION_SIGNER.tags(name, payload, manifest_bytes).items():
+            self.post("model-versions/set-tag", name=name, version=version, key=key, value=value)
         return version, sha256
 
 
@@ -215,6 +217,7 @@ def start_replica(engine: Engine, source: ModelSource, role: str, pin: tuple[str
         "-e", f"MODEL_NAME={model}", "-e", f"MODEL_VERSION={version}", "-e", f"MODEL_SHA256={sha256}",
         "-e", f"MLFLOW_TRACKING_URI={source.tracking_uri}", "-e", f"SERVING_RUNTIME={runtime}",
         "-e", f"MLFLOW_TRACKING_USERNAME={READER}", "-e", f"MLFLOW_TRACKING_PASSWORD={source.reader_password}",
+        "-e", f"MODEL_SIGNING_KEYS={TRUSTED_KEYS_PEM}",
         *(option for key, value in env.items() for option in ("-e", f"{key}={value}")),
         ready_path="/v2/health/ready", port=8080, health_retries=health_retries)
 
@@ -557,7 +560,8 @@ def test_a_replica_pinned_to_other_bytes_exits_with_one_clear_line(engine, servi
                          "-e", "MODEL_NAME=iris-classifier", "-e", f"MODEL_VERSION={version}",
                          "-e", f"MODEL_SHA256={'0' * 64}", "-e", f"MLFLOW_TRACKING_URI={source.tracking_uri}",
                          "-e", f"MLFLOW_TRACKING_USERNAME={READER}",
-                         "-e", f"MLFLOW_TRACKING_PASSWORD={source.reader_password}")
+                         "-e", f"MLFLOW_TRACKING_PASSWORD={source.reader_password}",
+                         "-e", f"MODEL_SIGNING_KEYS={TRUSTED_KEYS_PEM}")
     exit_code = docker("wait", replica, timeout=120).stdout.strip()
     logs = docker("logs", replica)
     assert exit_code != "0"
