@@ -19,7 +19,7 @@ import http.client
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 from mlops import rollout
 from mlops.orphans import DockerError, _docker
@@ -31,6 +31,11 @@ from mlops_spec.models import PublishedPort, StageSpec
 PROBE_TIMEOUT_S = 5.0
 HEALTHY = "healthy"
 NOT_RUNNING = "not running"
+SERVING_COMPONENT = "model-serving"
+# How a replica says why it will not serve its model (images/serving/serving/registry.py's ModelRefused), and how
+# much of its log is read for it.
+REFUSAL = "refusing model "
+REFUSAL_LOG_LINES = "20"
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,8 @@ class Probe:
     def __init__(self, spec: StageSpec, reach: StageReach) -> None:
         self.spec = spec
         self.reach = reach
-        self._health, self.engine_problem = _containers_health(spec) if spec.swarm is None else _tasks_health(spec)
+        self._health, self.engine_problem, self.refusals = (_containers_health(spec) if spec.swarm is None
+                                                            else _tasks_health(spec))
 
     def health(self, *components: str) -> list[str]:
         """Health of every container of `components`: `healthy`, `unhealthy`, `starting`, or the state of one
@@ -87,37 +93,51 @@ class Probe:
         return address, Answer(status, round((time.monotonic() - started) * 1000, 1))
 
 
-def _containers_health(spec: StageSpec) -> tuple[dict[str, list[str]], str]:
-    """component -> health of each of the stage's containers, and why the engine could not say, if so."""
+def _containers_health(spec: StageSpec) -> tuple[dict[str, list[str]], str, list[str]]:
+    """component -> health of each of the stage's containers, why the engine could not say, if so, and what each
+    replica that is not healthy last said refusing its model (`NAME: refusing model M vN: why`)."""
     environment = spec.docker.cli_environment()
     try:
         ids = _docker(environment, "container", "ls", "--all", "--quiet",
                       "--filter", f"label=mlops.stack={spec.stage}").split()
         inspected = json.loads(_docker(environment, "container", "inspect", *ids)) if ids else []
     except DockerError as err:
-        return {}, f"engine at {spec.docker.url} did not answer: {err}"
+        return {}, f"engine at {spec.docker.url} did not answer: {err}", []
     health: dict[str, list[str]] = {}
+    refusals = []
     for container in inspected:
         state = container["State"]
         component = (container["Config"]["Labels"] or {}).get(COMPONENT_LABEL, "")
         running = state["Status"] == "running"
-        health.setdefault(component, []).append(state["Health"]["Status"] if running and state.get("Health")
-                                                 else state["Status"])
-    return health, ""
+        status = state["Health"]["Status"] if running and state.get("Health") else state["Status"]
+        health.setdefault(component, []).append(status)
+        if component == SERVING_COMPONENT and status != HEALTHY and (refusal := _refusal(environment, container)):
+            refusals.append(f"{container['Name'].lstrip('/')}: {refusal}")
+    return health, "", refusals
 
 
-def _tasks_health(spec: StageSpec) -> tuple[dict[str, list[str]], str]:
+def _refusal(environment: Mapping[str, str], container: dict) -> str:
+    """The last refusal of its model in a replica's log, if it logged one."""
+    try:
+        logs = _docker(environment, "logs", "--tail", REFUSAL_LOG_LINES, container["Id"])
+    except DockerError:
+        return ""
+    refusals = [line[line.index(REFUSAL):] for line in logs.splitlines() if REFUSAL in line]
+    return refusals[-1] if refusals else ""
+
+
+def _tasks_health(spec: StageSpec) -> tuple[dict[str, list[str]], str, list[str]]:
     """component -> one entry per task the stage's services should run (`healthy` for a running one), and why the
-    manager could not say, if so."""
+    manager could not say, if so; a task's log is not read (Swarm reports why it failed as its exit code)."""
     try:
         services = service_states(spec)
     except DockerError as err:
-        return {}, f"engine at {spec.docker.url} did not answer: {err}"
+        return {}, f"engine at {spec.docker.url} did not answer: {err}", []
     health: dict[str, list[str]] = {}
     for service in services:
         health.setdefault(service.component, []).extend(
             [HEALTHY] * service.running + [NOT_RUNNING] * max(service.desired - service.running, 0))
-    return health, ""
+    return health, "", []
 
 
 def _summary(healths: list[str], engine_problem: str) -> tuple[str, bool]:
@@ -148,7 +168,7 @@ def gateway(probe: Probe) -> Optional[Row]:
     if not probe.spec.served_models():
         return None  # nothing promoted yet: the stage serves nothing and publishes no gateway port
     return _endpoint_row(probe, "gateway", probe.spec.serving.port, "/v2/health/ready", {200},
-                         ("serving-gateway", "model-serving"))
+                         ("serving-gateway", SERVING_COMPONENT))
 
 
 def model_registry(probe: Probe) -> Optional[Row]:
@@ -183,6 +203,8 @@ class StageStatus:
     slots: list[rollout.SlotRow]
     slots_problem: str
     """Why the slots' numbers are missing, if they are (the endpoint rows say whether that is a fault)."""
+    refusals: list[str]
+    """Each replica that is not healthy because it refused its model, with the reason it logged."""
 
     @property
     def ok(self) -> bool:
@@ -191,7 +213,8 @@ class StageStatus:
     def to_json(self) -> dict:
         return {"stage": self.stage, "docker_host": self.docker_host, "ok": self.ok,
                 "engine_problem": self.engine_problem or None, "rows": [asdict(row) for row in self.rows],
-                "slots": [asdict(slot) for slot in self.slots], "slots_problem": self.slots_problem or None}
+                "slots": [asdict(slot) for slot in self.slots], "slots_problem": self.slots_problem or None,
+                "refusals": self.refusals}
 
 
 def stage_status(spec: StageSpec) -> StageStatus:
@@ -202,4 +225,4 @@ def stage_status(spec: StageSpec) -> StageStatus:
         slots, slots_problem = rollout.stage_status(spec, spec.stage), ""
     except (rollout.PrometheusUnreachable, Unreachable) as err:
         slots, slots_problem = rollout.status_rows(spec, lambda promql: [], {}), f"no numbers from Prometheus: {err}"
-    return StageStatus(spec.stage, spec.docker.url, rows, probe.engine_problem, slots, slots_problem)
+    return StageStatus(spec.stage, spec.docker.url, rows, probe.engine_problem, slots, slots_problem, probe.refusals)

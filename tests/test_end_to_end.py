@@ -193,8 +193,10 @@ def test_a_version_a_writer_registers_without_the_stages_signature_is_never_unpi
 
     environment = [variable for variable in replica.attrs["Config"]["Env"]
                    if not variable.startswith(("MODEL_VERSION=", "MODEL_SHA256="))]
+    # A replica of the stage (its labels), started pinned to the forged version and left stopped once it refuses.
     pinned = engine.client.containers.run(
         replica.attrs["Config"]["Image"], detach=True, user=replica.attrs["Config"]["User"],
+        labels=replica.attrs["Config"]["Labels"],
         network=replica.attrs["HostConfig"]["NetworkMode"], name=f"{stage}-forged-pin",
         environment=[*environment, f"MODEL_VERSION={forged_version}", f"MODEL_SHA256={forged_tags[MODEL_HASH_TAG]}"])
     try:
@@ -204,5 +206,10 @@ def test_a_version_a_writer_registers_without_the_stages_signature_is_never_unpi
         assert f"v{forged_version}" in log and "signature" in log, log
         with pytest.raises(docker.errors.NotFound):
             pinned.get_archive(WritesAMarkerWhenUnpickled.MARKER)
+        status = subprocess.run([sys.executable, "-m", "mlops", "status", stage, "--json", "--environments",
+                                 str(environments)], capture_output=True, text=True, timeout=120)
+        assert status.returncode == 1, status.stdout + status.stderr
+        [refusal] = json.loads(status.stdout)["refusals"]
+        assert refusal.startswith(f"{stage}-forged-pin: refusing model {MODEL} v{forged_version}: "), refusal
     finally:
         pinned.remove(force=True)

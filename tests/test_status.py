@@ -172,11 +172,41 @@ def test_on_a_swarm_the_manager_counts_every_task_running_on_any_node(monkeypatc
 
     monkeypatch.setattr(settle, "_docker", docker)  # status reads the services as `mlops settle` does
     spec = load_stages(["cluster"])[0]
-    health, problem = status._tasks_health(spec)
-    assert problem == "" and {host for host, _ in asked} == {spec.docker.url}
+    health, problem, refusals = status._tasks_health(spec)
+    assert problem == "" and refusals == [] and {host for host, _ in asked} == {spec.docker.url}
     assert status._summary(health["model-serving"] + health["serving-gateway"], problem) == (
         "3/4 healthy (not running)", False)
     assert status._summary(health["monitoring"], problem) == ("1/1 healthy", True)
+
+
+def test_a_replica_that_refused_its_model_is_reported_with_the_reason_it_logged(monkeypatch):
+    from mlops import status
+
+    def container(name: str, status: str, health: str) -> dict:
+        return {"Id": f"id-{name}", "Name": f"/{name}", "Config": {"Labels": {"mlops.component": "model-serving"}},
+                "State": {"Status": status, "Health": {"Status": health}}}
+    inspected = [container("dev-iris-classifier-blue-0", "running", "healthy"),
+                 container("dev-iris-classifier-blue-1", "restarting", "unhealthy"),
+                 container("dev-iris-classifier-green-0", "running", "starting")]
+    logs = {"id-dev-iris-classifier-blue-1": "2026-12-06 19:00:00,000 ERROR serving: refusing model iris-classifier v3: "
+                                             "its signature verifies with none of the 1 keys in MODEL_SIGNING_KEYS\n",
+            "id-dev-iris-classifier-green-0": "2026-12-06 19:00:00,000 WARNING serving.registry: model registry not "
+                                              "reachable yet\n"}
+    read_logs = []
+
+    def docker(environment, *args):
+        if args[0] == "logs":
+            read_logs.append(args[-1])
+            return logs[args[-1]]
+        return {"ls": "id-a id-b id-c", "inspect": json.dumps(inspected)}[args[1]]
+
+    monkeypatch.setattr(status, "_docker", docker)
+    health, problem, refusals = status._containers_health(load_stages(["dev"])[0])
+    assert problem == "" and health["model-serving"] == ["healthy", "restarting", "starting"]
+    assert refusals == ["dev-iris-classifier-blue-1: refusing model iris-classifier v3: its signature verifies with "
+                        "none of the 1 keys in MODEL_SIGNING_KEYS"]
+    assert sorted(read_logs) == ["id-dev-iris-classifier-blue-1", "id-dev-iris-classifier-green-0"], \
+        "only the replicas that are not healthy are read"
 
 
 def test_the_table_has_one_row_per_served_model_and_slot(released_environments, monkeypatch):
@@ -194,7 +224,7 @@ def test_the_table_has_one_row_per_served_model_and_slot(released_environments, 
 
     def stage_status(spec):
         asked.append(spec.stage)
-        return probing.StageStatus(spec.stage, spec.docker.url, [], "", slots, "")
+        return probing.StageStatus(spec.stage, spec.docker.url, [], "", slots, "", [])
     monkeypatch.setattr(probing, "stage_status", stage_status)
     result = CliRunner().invoke(app, ["status", "prod", "--environments", str(released_environments)],
                                 env={"COLUMNS": "200"})

@@ -53,6 +53,8 @@ def status(stage: str = typer.Argument(..., help="dev, staging, prod or another 
         console.print(_table(result))
         if result.engine_problem:
             console.print(f"[red]{escape(result.engine_problem)}[/red]")
+        for refusal in result.refusals:
+            console.print(f"[red]{escape(refusal)}[/red]")
         if result.slots:
             console.print(_slots_table(result))
         if result.slots_problem:
