@@ -28,12 +28,20 @@ from sklearn.datasets import load_iris
 from mlops.credentials import mlflow_password
 from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
 from mlops.modelstore import BasicAuth, MlflowStore
-from mlops_spec.contract import MLFLOW_PASSWORD, READER, REGISTRY_PASSWORD, secret_variable
+from mlops_spec.contract import (
+    MLFLOW_PASSWORD,
+    MODEL_SIGNING_KEY,
+    READER,
+    REGISTRY_PASSWORD,
+    TRUSTED_MODEL_KEYS,
+    secret_variable,
+)
 from mlops_spec.loading import load_stage
 from mlops_spec.models import ModelRelease
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import free_port
 from tests.engine import StageOnEngine
+from tests.model_signing import SIGNING_KEY_PEM, TRUSTED_KEYS_PEM
 from tests.readback import differences
 
 MODEL = "iris-classifier"
@@ -107,9 +115,12 @@ def stages(docker_hosts, tmp_path_factory):
     git(environments.parent, "init", "-q", "-b", "main")
     git(environments.parent, "add", "environments")
     git(environments.parent, "commit", "-q", "-m", "three hosts")
-    # Each stage's two secrets, as CI provides them to `mlops train` and `mlops promote`.
-    secrets = {secret_variable(key, stage): uuid.uuid4().hex
-               for stage in ("dev", "staging", "prod") for key in (REGISTRY_PASSWORD, MLFLOW_PASSWORD)}
+    # Each stage's two secrets, dev's signing key and the keys each stage trusts, as CI provides them to `mlops train`
+    # and `mlops promote`.
+    secrets = {**{secret_variable(key, stage): uuid.uuid4().hex
+                  for stage in ("dev", "staging", "prod") for key in (REGISTRY_PASSWORD, MLFLOW_PASSWORD)},
+               secret_variable(MODEL_SIGNING_KEY, "dev"): SIGNING_KEY_PEM,
+               **{secret_variable(TRUSTED_MODEL_KEYS, stage): TRUSTED_KEYS_PEM for stage in ("dev", "staging", "prod")}}
     passwords = {stage: secrets[secret_variable(REGISTRY_PASSWORD, stage)] for stage in ("dev", "staging", "prod")}
     saved = {variable: os.environ.get(variable) for variable in secrets}
     os.environ.update(secrets)

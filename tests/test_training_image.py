@@ -27,6 +27,7 @@ from mlops.modelstore import BasicAuth
 from mlops_spec.contract import (
     MLFLOW_PASSWORD,
     MLFLOW_PORT,
+    MODEL_SIGNING_KEY,
     PROMOTER,
     READER,
     TRAINER,
@@ -36,7 +37,7 @@ from mlops_spec.contract import (
 from mlops_spec.models import DockerHost, HealthCheck
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs
-from tests.model_signing import ModelSigner, manifest_of
+from tests.model_signing import SIGNING_KEY_PEM, ModelSigner, manifest_of
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused  # noqa: E402
@@ -113,7 +114,8 @@ def mlops_train(stack: TrainingStack, *args: str, secret: str | None = None,
                 environments: Path | None = None) -> subprocess.CompletedProcess[str]:
     """`mlops train` given the stage's MLflow secret as CI gives it (`secret`, default the stage's own), with the
     stage's files in `environments` (default: the stack's, which train iris-classifier)."""
-    env = {**os.environ, secret_variable(MLFLOW_PASSWORD, stack.name): stack.mlflow_secret if secret is None else secret}
+    env = {**os.environ, secret_variable(MLFLOW_PASSWORD, stack.name): stack.mlflow_secret if secret is None else secret,
+           secret_variable(MODEL_SIGNING_KEY, stack.name): SIGNING_KEY_PEM}
     return subprocess.run([*MLOPS, "train", "--stage", stack.name,
                            "--environments", str(environments or stack.environments), *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT)
