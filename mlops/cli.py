@@ -7,7 +7,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mlops.commands import data, diff, drift, experiments, parity, promote, settle, specs, status, train
+from mlops.commands import data, diff, drift, experiments, parity, promote, settle, sign, specs, status, train
 from mlops_spec.errors import NotInProject, SpecError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
@@ -18,6 +18,7 @@ app.command()(specs.plan)
 app.command()(diff.diff)
 app.command()(parity.parity)
 app.command()(promote.promote)
+app.command()(sign.sign)
 app.command()(train.train)
 app.command()(drift.drift)
 app.command()(status.status)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
-from typing import Mapping
+from dataclasses import replace
+from typing import Mapping, Optional
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -87,17 +89,35 @@ def check_files(model: ModelVersion) -> None:
                                f"tag says {model.tags.get(tag) or 'nothing'}")
 
 
-def sign_registered(store: ModelStore, name: str, version: int, sha256: str, key: Ed25519PrivateKey) -> str:
-    """Sign version `version` of `name`, which a training run just registered and reported as `sha256`, once its
-    files in the store are checked against its tags and that report; returns the signature."""
-    registered = store.fetch(name, version)
-    if registered.tags.get(MODEL_HASH_TAG) != sha256:
-        raise SigningError(f"{name} v{version} is tagged sha256 {registered.tags.get(MODEL_HASH_TAG) or 'nothing'}, "
-                           f"but the training run registered {sha256}: not signing it")
-    check_files(registered)
-    signed = signature(key, name, sha256, registered.tags[MANIFEST_HASH_TAG])
-    store.set_version_tag(name, version, SIGNATURE_TAG, signed)
-    return signed
+def sign_version(store: ModelStore, name: str, version: int, key: Ed25519PrivateKey, *,
+                 expected_sha256: Optional[str] = None, expected_by: str = "") -> bool:
+    """Sign version `version` of `name` once its files in the store are what its tags and `expected_sha256` (when
+    given: what `expected_by` says, e.g. the training run's report or a stage's pin) name, and its manifest describes
+    that model, as a replica requires. A version registered before signing existed gets its `manifest_sha256` tag
+    here. False when `key` signed it already; a signature by another key is never replaced (the tag is write-once)."""
+    model = store.fetch(name, version)
+    tagged = model.tags.get(MODEL_HASH_TAG)
+    if not tagged or tagged != (expected_sha256 or tagged):
+        raise SigningError(f"{name} v{version} is tagged sha256 {tagged or 'nothing'}"
+                           + (f", but {expected_by} {expected_sha256}" if expected_sha256 else "") + ": not signing it")
+    expected_sha256 = tagged
+    manifest_sha256 = hashlib.sha256(model.files["manifest.json"]).hexdigest()
+    tags = {MANIFEST_HASH_TAG: manifest_sha256, **model.tags}
+    check_files(replace(model, tags=tags))
+    try:
+        described = json.loads(model.files["manifest.json"]).get("outputs", {}).get("model_sha256")
+    except (ValueError, AttributeError):
+        described = None
+    if described != expected_sha256:
+        raise SigningError(f"{name} v{version}: its manifest.json does not describe model sha256 {expected_sha256}, "
+                           "so no replica would load it: not signing it")
+    if SIGNATURE_TAG in tags:
+        check_signed(name, version, tags, [key.public_key()], "the signing stage")
+        return False
+    if MANIFEST_HASH_TAG not in model.tags:
+        store.set_version_tag(name, version, MANIFEST_HASH_TAG, manifest_sha256)
+    store.set_version_tag(name, version, SIGNATURE_TAG, signature(key, name, expected_sha256, manifest_sha256))
+    return True
 
 
 def check_signed(model: str, version: int, tags: Mapping[str, str], trusted: list[Ed25519PublicKey],
@@ -107,7 +127,7 @@ def check_signed(model: str, version: int, tags: Mapping[str, str], trusted: lis
     missing = [tag for tag in (MODEL_HASH_TAG, MANIFEST_HASH_TAG, SIGNATURE_TAG) if not tags.get(tag)]
     if missing:
         raise SigningError(f"{model} v{version} has no {' or '.join(missing)} tag: only versions `mlops train` "
-                           "signed are served or promoted (a version from before signing: train it again)")
+                           "signed are served or promoted (one registered before models were signed: `mlops sign` it)")
     try:
         raw = base64.b64decode(tags[SIGNATURE_TAG], validate=True)
     except binascii.Error:

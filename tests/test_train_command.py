@@ -21,7 +21,7 @@ from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_stage, load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
 from tests.conftest import FIXTURE_TRAINING_DIGEST, pinned_image
-from tests.model_signing import SESSION_SIGNER, SIGNING_KEY_PEM, TRUSTED_KEYS_PEM
+from tests.model_signing import SESSION_SIGNER, SIGNING_KEY_PEM, TRUSTED_KEYS_PEM, manifest_of
 
 PASSWORD = "the-trainer-password"
 
@@ -105,7 +105,7 @@ class Engine:
         return subprocess.CompletedProcess(["docker", *args], 0, answer, "")
 
 
-REGISTERED_FILES = {"model.pkl": b"the model's bytes", "manifest.json": b'{"outputs": {}}'}
+REGISTERED_FILES = {"model.pkl": b"the model's bytes", "manifest.json": manifest_of(b"the model's bytes")}
 REGISTERED_SHA256 = hashlib.sha256(REGISTERED_FILES["model.pkl"]).hexdigest()
 
 
@@ -170,6 +170,7 @@ def test_the_run_trains_the_named_model_in_its_own_image_and_signs_what_it_regis
 @pytest.mark.parametrize("tags, why", [
     ({"sha256": "f" * 64}, f"is tagged sha256 {'f' * 64}, but the training run registered {REGISTERED_SHA256}"),
     ({"sha256": REGISTERED_SHA256, "manifest_sha256": "0" * 64}, "manifest.json has sha256"),
+    ({"sha256": REGISTERED_SHA256, "signature": "c2lnbmVk"}, "its signature verifies with none of the 1 keys"),
 ])
 def test_a_registered_version_that_is_not_what_the_run_reported_is_not_signed(monkeypatch, tags, why):
     result, _, _, [store] = train_with_a_registered_version(monkeypatch, tags)

@@ -33,7 +33,7 @@ from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
 from mlops.experiments import EXPERIMENT_PREFIX, experiment_spec_from_stack_file
 from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops.reach import StageReach, Unreachable
-from mlops.signing import SigningError, private_key, sign_registered
+from mlops.signing import SigningError, private_key, sign_version
 from mlops_spec.contract import (
     DATASETS_VOLUME,
     IMAGE_REGISTRY_PORT,
@@ -125,7 +125,8 @@ def sign(spec: StageSpec, registered: re.Match[str], password: str, key: Ed25519
                 port = port.model_copy(update={"host_port": published_port(spec, model_registry_name(spec.stage),
                                                                            MLFLOW_PORT)})
             store = MlflowStore(f"http://{reach.address('model registry', port)}", BasicAuth(TRAINER, password))
-            sign_registered(store, name, version, registered["sha256"], key)
+            sign_version(store, name, version, key, expected_sha256=registered["sha256"],
+                         expected_by="the training run registered")
     except (Unreachable, StoreError, SigningError) as err:
         raise fail(f"{name} v{version} is registered but not signed, so no replica will load it: {err}") from None
 
