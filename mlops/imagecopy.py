@@ -21,6 +21,8 @@ from typing import Iterator
 
 COMMAND_TIMEOUT_S = 600
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+# An HTTP 401 as a word of its own: skopeo's messages also carry blob digests, whose hex may hold "401".
+UNAUTHORIZED = re.compile(r"unauthorized|authentication required|\b401\b")
 
 
 class RegistryError(Exception):
@@ -72,7 +74,7 @@ def _skopeo(args: list[str], registry: StageRegistry, what: str) -> bytes:
 def _reason(stderr: str, registry: StageRegistry) -> str:
     """skopeo's error chains are long; say which of the few cases a user can act on it is."""
     text = stderr.lower()
-    if "unauthorized" in text or "authentication required" in text or "401" in text:
+    if UNAUTHORIZED.search(text):
         return (f"{registry.where} at {registry.address} refused user {registry.username}'s credentials (401); "
                 "check the stage's Pulumi config secret mlops:registryPassword")
     if "manifest unknown" in text or "not found" in text or "name unknown" in text:

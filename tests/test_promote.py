@@ -797,3 +797,16 @@ def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, ima
     assert f"dev has no pushed training image dev/{MODEL_NAME}-training:" in result.output
     assert "does not have it" in result.output
     assert "run `pulumi up -s dev`" in result.output
+
+
+@pytest.mark.parametrize("stderr, reason", [
+    ('copying blob sha256:0a401f: Patch "http://127.0.0.1:5101/v2/staging/x/blobs/uploads/": dial tcp 127.0.0.1:5101: '
+     "connect: connection refused", "is unreachable"),
+    ("reading manifest sha256:4019ab: unauthorized: authentication required", "refused user mlops's credentials (401)"),
+    ("initializing source: received unexpected HTTP status: 401 Unauthorized", "refused user mlops's credentials (401)"),
+])
+def test_skopeo_failures_are_told_apart_by_their_words_not_by_digits_inside_a_digest(stderr, reason):
+    from mlops.imagecopy import _reason
+
+    registry = StageRegistry(where="staging's image registry", address="127.0.0.1:5101", username="mlops", password="p")
+    assert reason in _reason(stderr, registry)
