@@ -96,11 +96,12 @@ def sign_version(store: ModelStore, name: str, version: int, key: Ed25519Private
     that model, as a replica requires. A version registered before signing existed gets its `manifest_sha256` tag
     here. False when `key` signed it already; a signature by another key is never replaced (the tag is write-once)."""
     model = store.fetch(name, version)
-    tagged = model.tags.get(MODEL_HASH_TAG)
-    if not tagged or tagged != (expected_sha256 or tagged):
-        raise SigningError(f"{name} v{version} is tagged sha256 {tagged or 'nothing'}"
-                           + (f", but {expected_by} {expected_sha256}" if expected_sha256 else "") + ": not signing it")
-    expected_sha256 = tagged
+    sha256 = model.tags.get(MODEL_HASH_TAG)
+    if not sha256:
+        raise SigningError(f"{name} v{version} is tagged sha256 nothing: not signing it")
+    if expected_sha256 and sha256 != expected_sha256:
+        raise SigningError(f"{name} v{version} is tagged sha256 {sha256}, but {expected_by} {expected_sha256}: "
+                           "not signing it")
     manifest_sha256 = hashlib.sha256(model.files["manifest.json"]).hexdigest()
     tags = {MANIFEST_HASH_TAG: manifest_sha256, **model.tags}
     check_files(replace(model, tags=tags))
@@ -108,15 +109,15 @@ def sign_version(store: ModelStore, name: str, version: int, key: Ed25519Private
         described = json.loads(model.files["manifest.json"]).get("outputs", {}).get("model_sha256")
     except (ValueError, AttributeError):
         described = None
-    if described != expected_sha256:
-        raise SigningError(f"{name} v{version}: its manifest.json does not describe model sha256 {expected_sha256}, "
+    if described != sha256:
+        raise SigningError(f"{name} v{version}: its manifest.json does not describe model sha256 {sha256}, "
                            "so no replica would load it: not signing it")
     if SIGNATURE_TAG in tags:
         check_signed(name, version, tags, [key.public_key()], "the signing stage")
         return False
     if MANIFEST_HASH_TAG not in model.tags:
         store.set_version_tag(name, version, MANIFEST_HASH_TAG, manifest_sha256)
-    store.set_version_tag(name, version, SIGNATURE_TAG, signature(key, name, expected_sha256, manifest_sha256))
+    store.set_version_tag(name, version, SIGNATURE_TAG, signature(key, name, sha256, manifest_sha256))
     return True
 
 

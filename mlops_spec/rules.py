@@ -161,6 +161,14 @@ def swarm_problems(spec: StageSpec, swarm: SwarmSpec) -> list[tuple[str, str]]:
     return broken
 
 
+def promotion_chain(specs: dict[str, StageSpec], stage: str) -> list[str]:
+    """The stages a release passes on its way to `stage`, from the stage that builds (and signs) it to `stage`."""
+    chain = [stage]
+    while (source := specs[chain[0]].promote_from) is not None:
+        chain.insert(0, source)
+    return chain
+
+
 def promotion_order(specs: dict[str, StageSpec]) -> list[str]:
     """The stages so that each comes after the stage it is promoted from: chain after chain, the longest first
     (a deployment in this order meets dev -> staging -> prod before a lone example stage), stages promoted from

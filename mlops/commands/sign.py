@@ -22,6 +22,7 @@ from mlops.signing import SigningError, private_key, public_keys, sign_version
 from mlops_spec.contract import MODEL_SIGNING_KEY, PROMOTER, TRUSTED_MODEL_KEYS
 from mlops_spec.errors import excerpt, one_line
 from mlops_spec.loading import load_all_stages
+from mlops_spec.rules import promotion_chain
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -42,9 +43,7 @@ def sign(stage: str = typer.Option(..., "--stage", help="the stage whose MLflow 
     spec = every[stage]
     if model not in spec.models:
         raise _fail(f"{stage} declares no model '{excerpt(model)}', only {', '.join(sorted(spec.models))}", 2)
-    signer = stage
-    while (source := every[signer].promote_from) is not None:
-        signer = source
+    signer = promotion_chain(every, stage)[0]
     release = spec.models[model].release
     pinned = release.sha256 if release is not None and release.version == version else None
     try:

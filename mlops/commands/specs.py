@@ -15,7 +15,7 @@ from mlops_spec.loading import load_all_stages, load_stages, stage_file
 from mlops_spec.model_project import load_model_project
 from mlops_spec.models import ModelPin, ServedModel
 from mlops_spec.project import environments_dir, project_of, working_on
-from mlops_spec.rules import promotion_order
+from mlops_spec.rules import promotion_chain, promotion_order
 
 console = Console()
 
@@ -79,9 +79,7 @@ def stages(output: OutputFormat = typer.Option(OutputFormat.text, "--format", he
     order = promotion_order(every)
     if chain is not None:
         stage_file(chain, environments)
-        order = [chain]
-        while (source := every[order[0]].promote_from) is not None:
-            order.insert(0, source)
+        order = promotion_chain(every, chain)
     if output is OutputFormat.json:
         typer.echo(json.dumps({"stages": [{"name": name, "kind": every[name].kind, "promote_from": every[name].promote_from,
                                            "swarm": every[name].swarm is not None, "docker_url": every[name].docker.url,
