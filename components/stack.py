@@ -115,7 +115,7 @@ class MLOpsStack(pulumi.ComponentResource):
         model_registry = ModelRegistry(f"{stack}-model-registry", {
             "runtime": runtime, "spec": spec.model_registry, "artifacts_volume": store.artifacts_volume,
             "mlflow_db_volume": store.mlflow_db_volume, "published_host": spec.docker.published_host,
-            "mlflow_password": args["mlflow_password"]}, opts=child)
+            "mlflow_password": args["mlflow_password"], "trusted_model_keys": args["trusted_model_keys"]}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
             lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
 

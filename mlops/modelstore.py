@@ -218,8 +218,11 @@ class MlflowStore:
                 raise NotFound(missing or f"{self.url}{path.split('?')[0]}: not found {detail}".rstrip()) from None
             if err.code in (401, 403):
                 who = f"user {self.auth.username}" if self.auth else "a request without credentials"
+                remedy = ("check the stage's Pulumi config secret mlops:mlflowPassword" if err.code == 401 else
+                          "the identity may not make this change: a write its role never needs, a write-once file "
+                          "or tag, or a signature none of the stage's mlops:trustedModelKeys made (docs/security.md)")
                 raise StoreError(f"model registry {self.url} refused {method} {path.split('?')[0]} to {who} "
-                                 f"(HTTP {err.code}); check the stage's Pulumi config secret mlops:mlflowPassword")
+                                 f"(HTTP {err.code}); {remedy}")
             refused = f"model registry {self.url} refused {method} {path.split('?')[0]}: HTTP {err.code} {detail}".rstrip()
             if err.code >= 500:
                 raise ServerFailed(refused, err.code) from None

@@ -26,12 +26,13 @@ def load_stack_spec(stack: str, config: pulumi.Config) -> StageSpec:
 
 
 def trusted_model_keys(stack: str, spec: StageSpec, config: pulumi.Config) -> str | None:
-    """The public keys the stage's replicas accept model signatures from, checked here so that a stage serving a
-    model without them, or with a key that is not Ed25519, fails before anything is deployed."""
+    """The public keys the stage's replicas accept model signatures from (and its MLflow accepts signature tags by),
+    checked here so that a stage serving a model without them, or with a key that is not Ed25519, fails before
+    anything is deployed."""
     keys = config.get(TRUSTED_MODEL_KEYS)
     where = f"Pulumi.{stack}.yaml"
-    if not spec.served_models():
-        return keys
+    if not keys and not spec.served_models():
+        return None
     if not keys:
         raise SpecError(file=where, field=f"mlops:{TRUSTED_MODEL_KEYS}",
                         message="a stage that serves a model needs the public keys its replicas accept model "

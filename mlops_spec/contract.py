@@ -31,7 +31,8 @@ TRAINER = "trainer"
 PROMOTER = "promoter"
 """`mlops promote`: reads the source stage, writes into the target stage."""
 IDENTITIES = (READER, TRAINER, PROMOTER)
-"""The identities the stack logs in as; the MLflow image creates each with its derived password."""
+"""The identities the stack logs in as, each with its password derived from the stage's MLflow secret; the MLflow
+image creates each (and the admin) from the password hashes the program hands it."""
 
 # The label that names which part of the stack a container, service or volume is: the program writes it,
 # `mlops status` and `mlops settle` group by it.
@@ -112,10 +113,13 @@ def datasets_folder(model: str) -> str:
 
 
 class MlflowEnv:
-    """What the model registry's container gets (images/mlflow/start.py)."""
-    SECRET = "MLOPS_MLFLOW_PASSWORD"
-    """The stage's MLflow secret, from which the image derives every identity's password."""
+    """What the model registry's container gets (images/mlflow/start.py, access.py)."""
+    PASSWORD_HASHES = "MLOPS_MLFLOW_PASSWORD_HASHES"
+    """`identity:hash` per line for the admin and every identity (components/model_registry.py), so the container
+    never holds the stage's MLflow secret or a password."""
     PUBLISHED_HOST = "MLOPS_PUBLISHED_HOST"
+    TRUSTED_MODEL_KEYS = "MODEL_SIGNING_KEYS"
+    """The public keys the stage's replicas trust: a model version's signature must verify with one of them."""
 
 
 class RegistryEnv:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from components.model_registry import mlflow_password_hashes
 from mlops_spec.project import REPO_ROOT
 from tests.conftest import free_port
 
@@ -77,7 +78,7 @@ def start_server(executable: Path, folder: Path, secret: str, port: int | None =
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # Promotion needs no server-side jobs; their worker pool would only load the machine.
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
-             "MLOPS_MLFLOW_PASSWORD": secret, "PATH": f"{executable.parent}:{os.environ['PATH']}",
+             "MLOPS_MLFLOW_PASSWORD_HASHES": mlflow_password_hashes(secret, folder.name), "PATH": f"{executable.parent}:{os.environ['PATH']}",
              # As the image's PYTHONPATH: the server's workers import auth.ini's authorization function from there.
              "PYTHONPATH": str(MLFLOW_IMAGE)})
     return server, port

@@ -21,12 +21,13 @@ import pytest
 import yaml
 from sklearn.datasets import load_iris
 
-from mlops.modelstore import BasicAuth, MlflowStore
+from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops.signing import check_signed, public_keys
 from mlops_spec.contract import (
     MLFLOW_PASSWORD,
     MODEL_HASH_TAG,
     READER,
+    SIGNATURE_TAG,
     TRAINER,
     derived_password,
     secret_variable,
@@ -164,9 +165,10 @@ def wait_exited(container, timeout_s: float = 120) -> None:
 
 
 def test_a_version_a_writer_registers_without_the_stages_signature_is_never_unpickled(stage_on_engine):
-    """A leaked writer password registers a new version, correctly tagged with its bytes' sha256 and signed with
-    another key. dev's replicas follow the newest version, yet keep serving the newest signed one; a replica started
-    pinned to the forged version refuses it and exits, and neither ever ran its code."""
+    """A leaked writer password registers a new version, correctly tagged with its bytes' sha256; dev's MLflow
+    refuses it signed with another key, so it goes in unsigned. dev's replicas follow the newest version, yet keep
+    serving the newest signed one; a replica started pinned to the forged version refuses it and exits, and neither
+    ever ran its code."""
     stage, environments, ports, deploy, mlflow_password = stage_on_engine
     engine = deploy(release=FOLLOW_THE_NEWEST)
     signed = train(stage, environments, "--subset", "0.5")
@@ -179,6 +181,9 @@ def test_a_version_a_writer_registers_without_the_stages_signature_is_never_unpi
     manifest["outputs"]["model_sha256"] = hashlib.sha256(forged_model).hexdigest()
     forged_files = {"model.pkl": forged_model, "manifest.json": json.dumps(manifest).encode()}
     forged_tags = ModelSigner().tags(MODEL, forged_files["model.pkl"], forged_files["manifest.json"])
+    with pytest.raises(StoreError, match="403"):
+        store.publish(replace(genuine, files=forged_files, tags={}), forged_tags)
+    del forged_tags[SIGNATURE_TAG]
     forged_version = store.publish(replace(genuine, files=forged_files, tags={}), forged_tags)
     assert forged_version == genuine.version + 1
 

@@ -36,6 +36,7 @@ from sklearn.datasets import load_iris
 from sklearn.tree import DecisionTreeClassifier
 from typer.testing import CliRunner
 
+from components.model_registry import mlflow_password_hashes
 from mlops import promote
 from mlops.cli import app
 from mlops.credentials import mlflow_password
@@ -250,7 +251,7 @@ def full_artifact_store(engine, model_source):
     secret = os.urandom(16).hex()
     registry = engine.run("full-model-registry", engine.build("images/mlflow"), "--network", network,
                           "-v", f"{engine.volume('full-mlflow-db')}:/data/db", "-v", f"{artifacts}:/data/artifacts",
-                          "-e", f"MLOPS_MLFLOW_PASSWORD={secret}", ready_path="/health", port=5000)
+                          "-e", f"MLOPS_MLFLOW_PASSWORD_HASHES={mlflow_password_hashes(secret, engine.prefix)}", ready_path="/health", port=5000)
     engine.wait_healthy(registry)
 
     def fill(full: bool) -> None:

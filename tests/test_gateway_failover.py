@@ -39,6 +39,7 @@ from sklearn.tree import DecisionTreeClassifier
 from tritonclient.utils import InferenceServerException
 
 from components.image_registry import htpasswd_entry
+from components.model_registry import mlflow_password_hashes
 from components.workload import APP_USER, IPC_MODE, PROCESS_LIMIT, TMP_MB, TMP_OPTIONS
 from mlops.modelstore import BasicAuth
 from mlops_spec.contract import READER, TRAINER, GatewayRoute, derived_password, gateway_env
@@ -195,7 +196,7 @@ def start_model_source(engine: Engine) -> ModelSource:
     registry = engine.run("model-registry", engine.build("images/mlflow"), "--network", network,
                           "-v", f"{engine.volume('mlflow-db')}:/data/db",
                           "-v", f"{engine.volume('artifacts')}:/data/artifacts",
-                          "-e", f"MLOPS_MLFLOW_PASSWORD={secret}",
+                          "-e", f"MLOPS_MLFLOW_PASSWORD_HASHES={mlflow_password_hashes(secret, engine.prefix)}",
                           ready_path="/health", port=5000)
     engine.wait_healthy(registry)
     mlflow = MlflowRest(f"http://127.0.0.1:{engine.host_port(registry, 5000)}",

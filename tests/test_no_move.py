@@ -35,8 +35,11 @@ ROUTES = ("the gateway routes to each model's replicas by their new names (issue
           {"envs", "taskSpec.containerSpec.env"})
 TARGETS = ("Prometheus scrapes each model's replicas by their new names (issue 17)",
            {"envs", "taskSpec.containerSpec.env"})
+HASHES = ("MLflow gets its users' password hashes instead of the stage's secret, and the keys a model version's "
+          "signature must verify with (issue 18): replaced once, and on a swarm its secret too",
+          {"envs", "taskSpec.containerSpec.env", "taskSpec.containerSpec.secrets"})
 INTENDED_CHANGES: dict[str, tuple[str, set[str]]] = {
-    "serving-gateway": ROUTES, "monitoring-prometheus": TARGETS}
+    "serving-gateway": ROUTES, "monitoring-prometheus": TARGETS, "model-registry-server": HASHES}
 """resource name without its stack -> (why, field paths as `mlops diff` names them) that changed on purpose since
 BASE in a resource that does not move."""
 
@@ -57,6 +60,8 @@ SECRETS_RETAINED = ("a replaced secret is let go of, not deleted, since a rollba
                     {"labels", "opts.retainOnDelete"})
 INTENDED_CHANGES |= {secret: SECRETS_RETAINED
                      for secret in ("image-registry-secret", "model-registry-secret", "serving-reader-secret")}
+INTENDED_CHANGES["model-registry-secret"] = (f"{SECRETS_RETAINED[0]}; {HASHES[0]}",
+                                             {*SECRETS_RETAINED[1], "data", "name"})
 
 
 def intended(change, stack: str) -> set[str]:

@@ -10,9 +10,10 @@ import bcrypt
 import pulumi
 import pytest
 
+from components.model_registry import mlflow_password_hashes
 from mlops import plan
 from mlops_spec import loading
-from mlops_spec.contract import derived_password
+from mlops_spec.contract import ADMIN, IDENTITIES, READER, derived_password
 from mlops_spec.loading import load_stages
 from mlops_spec.project import REPO_ROOT
 from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE, pinned_image
@@ -296,10 +297,8 @@ def test_physical_names_carry_the_stack(stage, released_environments):
 
 def secret_values(config: dict[str, str]) -> list[str]:
     """The stage's secrets and every password derived from them."""
-    from images.mlflow.start import ADMIN, FLASK_SECRET_KEY_PURPOSE, IDENTITIES
-
     mlflow = config["mlops:mlflowPassword"]
-    return [*config.values(), *(derived_password(mlflow, name) for name in (ADMIN, FLASK_SECRET_KEY_PURPOSE, *IDENTITIES))]
+    return [*config.values(), *(derived_password(mlflow, name) for name in (ADMIN, *IDENTITIES))]
 
 
 @pytest.mark.parametrize("stage", ["dev", "prod"])
@@ -321,14 +320,31 @@ def test_the_stage_secrets_are_secret_everywhere(stage, released_environments):
         assert image.inputs["registry"] == plan.SECRET_PLACEHOLDER, image.name
 
 
+def test_the_mlflow_password_hashes_are_stable_per_stage_and_salted_per_stage_and_identity():
+    hashes = dict(line.split(":", 1) for line in mlflow_password_hashes("mlflow-secret", "prod").split("\n"))
+    assert list(hashes) == [ADMIN, *IDENTITIES]
+    # Werkzeug's `method$salt$hash`, which MLflow's auth store checks logins against.
+    assert all(value.startswith("scrypt:32768:8:1$") and len(value.split("$")) == 3 for value in hashes.values())
+    salts = [value.split("$")[1] for value in hashes.values()]
+    assert len(set(salts)) == len(salts)
+    # Rendered again, unchanged (the container is not replaced); another stage salts otherwise.
+    mlflow_password_hashes.cache_clear()
+    assert mlflow_password_hashes("mlflow-secret", "prod") == "\n".join(f"{k}:{v}" for k, v in hashes.items())
+    assert not set(salts) & {value.split("$")[1] for value in
+                             dict(line.split(":", 1) for line in mlflow_password_hashes("mlflow-secret", "staging")
+                                  .split("\n")).values()}
+
+
 def test_each_container_gets_only_the_mlflow_credential_it_needs(released_environments):
-    from mlops_spec.contract import READER
 
     config = {"mlops:registryPassword": "registry-secret", "mlops:mlflowPassword": "mlflow-secret"}
     spec = load_stages(["prod"], released_environments)[0]
     named = by_name(plan.render("prod", spec, config=config, reveal_secrets=True))
-    # The MLflow container derives every user's password from the stage's one secret ...
-    assert "MLOPS_MLFLOW_PASSWORD=mlflow-secret" in named["prod-model-registry-server"].inputs["envs"]
+    # The MLflow container gets every user's password hash, and neither the stage's secret nor a password ...
+    mlflow_env = named["prod-model-registry-server"].inputs["envs"]
+    assert f"MLOPS_MLFLOW_PASSWORD_HASHES={mlflow_password_hashes('mlflow-secret', 'prod')}" in mlflow_env
+    passwords = ["mlflow-secret", *(derived_password("mlflow-secret", identity) for identity in (ADMIN, *IDENTITIES))]
+    assert not [password for password in passwords if password in json.dumps(mlflow_env)]
     # ... and a replica gets only the reader's.
     replica = named["prod-serving-iris-classifier-blue-0"].inputs["envs"]
     assert "MLFLOW_TRACKING_USERNAME=reader" in replica
@@ -666,12 +682,13 @@ def test_no_shipped_stage_samples_requests(stage, released_environments):
         assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in replica.inputs["envs"])
 
 
-def test_every_replica_gets_the_stages_trusted_model_keys_and_nothing_to_sign_with(released_environments):
+def test_every_replica_and_mlflow_get_the_stages_trusted_model_keys_and_nothing_to_sign_with(released_environments):
     spec = load_stages(["prod"], released_environments)[0]
     named = by_name(plan.render("prod", spec, config={"mlops:trustedModelKeys": TRUSTED_KEYS_PEM}, reveal_secrets=True))
     replicas = [resource for name, resource in named.items() if "-serving-" in name and "-blue-" in name]
     assert replicas
-    for replica in replicas:
+    # MLflow takes a version's signature only if one of them made it.
+    for replica in [*replicas, named["prod-model-registry-server"]]:
         assert f"MODEL_SIGNING_KEYS={TRUSTED_KEYS_PEM}" in replica.inputs["envs"], replica.name
     assert not [resource.name for resource in named.values()
                 if SIGNING_KEY_PEM.splitlines()[1] in json.dumps(resource.inputs)], "no container holds the private key"

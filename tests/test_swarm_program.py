@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from components import runtimes
+from components.model_registry import mlflow_password_hashes
 from components.runtimes import service_job_arguments
 from components.training_environment import training_run
 from components.workload import http_probe
@@ -275,7 +276,8 @@ def test_passwords_reach_services_only_as_secret_files():
     rendered = render(config=SECRETS, reveal_secrets=True)
     registry_password, mlflow_secret = SECRETS["mlops:registryPassword"], SECRETS["mlops:mlflowPassword"]
     forbidden = (registry_password, mlflow_secret, derived_password(mlflow_secret, READER))
-    expected_files = {"cluster-model-registry-server": ("MLOPS_MLFLOW_PASSWORD_FILE", "/run/secrets/mlflow-password"),
+    expected_files = {"cluster-model-registry-server": ("MLOPS_MLFLOW_PASSWORD_HASHES_FILE",
+                                                        "/run/secrets/mlflow-password-hashes"),
                       "cluster-image-registry-server": ("REGISTRY_HTPASSWD_ENTRY_FILE", "/run/secrets/registry-htpasswd"),
                       BLUE: ("MLFLOW_TRACKING_PASSWORD_FILE", "/run/secrets/mlflow-reader-password")}
     for name, resource in rendered.items():
@@ -358,18 +360,20 @@ def test_training_runs_as_a_one_shot_job_on_a_node_with_its_resources():
 def test_the_images_read_their_secrets_from_files(tmp_path, monkeypatch):
     from images.mlflow import start
 
-    secret_file = tmp_path / "secret"
-    secret_file.write_text("from-the-file\n")
-    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_FILE", str(secret_file))
-    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD", "from-the-variable")
-    assert start.stage_secret() == "from-the-file"
-    assert "MLOPS_MLFLOW_PASSWORD_FILE" not in os.environ and "MLOPS_MLFLOW_PASSWORD" not in os.environ
+    hashes_file = tmp_path / "hashes"
+    hashes_file.write_text(mlflow_password_hashes("from-the-file", "cluster") + "\n")
+    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_HASHES_FILE", str(hashes_file))
+    monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_HASHES", mlflow_password_hashes("from-the-variable", "cluster"))
+    assert start.password_hashes() == dict(line.split(":", 1) for line in hashes_file.read_text().split())
+    assert "MLOPS_MLFLOW_PASSWORD_HASHES_FILE" not in os.environ and "MLOPS_MLFLOW_PASSWORD_HASHES" not in os.environ
 
     monkeypatch.syspath_prepend(str(REPO_ROOT / "images" / "serving"))
     from serving.startup import tracking_password
 
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-the-variable")
     assert tracking_password() == "from-the-variable"
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("from-the-file\n")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_FILE", str(secret_file))
     assert tracking_password() == "from-the-file"
 

@@ -22,9 +22,12 @@ import yaml
 
 from components.engine_facts import DockerCli
 from components.images import MODEL_DOCKERFILE, BuildSettings, built_image_name, model_image_name, model_layer
+from components.model_registry import mlflow_password_hashes
 from components.workload import http_probe
 from mlops.modelstore import BasicAuth
 from mlops_spec.contract import (
+    ADMIN,
+    IDENTITIES,
     MLFLOW_PASSWORD,
     MLFLOW_PORT,
     MODEL_SIGNING_KEY,
@@ -37,7 +40,7 @@ from mlops_spec.contract import (
 from mlops_spec.models import DockerHost, HealthCheck
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from tests.conftest import fetch_build_inputs
-from tests.model_signing import SIGNING_KEY_PEM, ModelSigner, manifest_of
+from tests.model_signing import SESSION_SIGNER, SIGNING_KEY_PEM, TRUSTED_KEYS_PEM, ModelSigner, manifest_of
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused  # noqa: E402
@@ -187,7 +190,9 @@ def training_stack(docker_engine, tmp_path_factory):
         docker("run", "--detach", "--name", f"{stack}-model-registry", "--network", f"{stack}-net", *labels,
                *HARDENED, "--memory", "1024m", "--publish", f"127.0.0.1::{MLFLOW_PORT}",
                "--volume", f"{stack}-mlflow-db:/data/db", "--volume", f"{stack}-artifacts:/data/artifacts",
-               "--env", "MLOPS_MLFLOW_PASSWORD", mlflow_image, env={**os.environ, "MLOPS_MLFLOW_PASSWORD": mlflow_secret})
+               "--env", "MLOPS_MLFLOW_PASSWORD_HASHES", "--env", "MODEL_SIGNING_KEYS", mlflow_image,
+               env={**os.environ, "MLOPS_MLFLOW_PASSWORD_HASHES": mlflow_password_hashes(mlflow_secret, stack),
+                    "MODEL_SIGNING_KEYS": TRUSTED_KEYS_PEM})
         host_port = docker("port", f"{stack}-model-registry", str(MLFLOW_PORT)).stdout.splitlines()[0].rsplit(":", 1)[1]
         mlflow_url = f"http://127.0.0.1:{host_port}"
         wait_for_health(f"{mlflow_url}/health")
@@ -347,6 +352,24 @@ def test_training_with_the_wrong_mlflow_secret_is_refused_in_one_line(training_s
     assert "Traceback" not in run.stdout + run.stderr
 
 
+def test_neither_the_mlflow_container_nor_its_processes_hold_the_stages_secret_or_a_password(training_stack):
+    """The container's configuration (`docker inspect`) and every process's environment (/proc/*/environ, the
+    server's included) hold only the hashes MLflow checks logins with: no secret, no password, no key derived
+    from them (the Flask key is new at every start)."""
+    container = f"{training_stack.name}-model-registry"
+    secret = training_stack.mlflow_secret
+    derived = [derived_password(secret, purpose) for purpose in (ADMIN, *IDENTITIES, "flask-secret-key")]
+    configured = docker("inspect", container).stdout
+    server = docker("exec", container, "cat", "/proc/1/environ").stdout.split("\0")
+    processes = docker("exec", container, "sh", "-c", "cat /proc/[0-9]*/environ 2>/dev/null; true").stdout
+    assert "MLOPS_MLFLOW_PASSWORD_HASHES=" in configured
+    assert [variable for variable in server if variable.startswith("MLFLOW_FLASK_SERVER_SECRET_KEY=")]
+    assert not [variable for variable in server if variable.startswith(("MLOPS_MLFLOW", "MLFLOW_AUTH_ADMIN"))]
+    assert not [value for value in (secret, *derived) if value in configured + processes]
+    assert status(f"{training_stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1", "GET",
+                  training_stack.user(ADMIN)) == 200
+
+
 def test_mlflow_lets_only_its_users_in_the_reader_only_read_and_the_writers_only_add(training_stack):
     """Every request but /health needs a user; `reader` writes nothing, not even something new; the writers
     add runs, models, versions and tags, and neither removes nor redirects anything, even what they created."""
@@ -454,12 +477,13 @@ def test_models_are_write_once_and_writers_only_log_and_register(training_stack)
     """What a leaked writer password did to a version a stage serves: upload other bytes over its model.pkl,
     then move its sha256 tag to them, so replicas unpickled the writer's bytes. Both are refused to every
     identity but MLflow's administrator, as is moving the manifest's hash or the signature (a version gets its
-    signature once, after the run registered it) and everything else logging and registering never needs."""
+    signature once, after the run registered it) and everything else logging and registering never needs. A
+    signature none of the stage's trusted keys made is refused before it could take a fresh version's one slot."""
     api = f"{training_stack.mlflow_url}/api/2.0/mlflow"
     trainer, promoter, reader, admin = (training_stack.user(identity) for identity in (TRAINER, PROMOTER, READER, "admin"))
     name = f"once-{uuid.uuid4().hex[:6]}"
     model, sha256 = b"the trained model", hashlib.sha256(b"the trained model").hexdigest()
-    signer, manifest = ModelSigner(), manifest_of(model)
+    signer, manifest = SESSION_SIGNER, manifest_of(model)
     signed = signer.tags(name, model, manifest)
     signature = signed.pop("signature")
     hashes = [{"key": key, "value": value} for key, value in signed.items()]
@@ -521,6 +545,16 @@ def test_models_are_write_once_and_writers_only_log_and_register(training_stack)
     assert (fetched.version, fetched.payload, fetched.manifest) == ("1", model, json.loads(manifest))
     with pytest.raises(ModelRefused, match=f"refusing model {name} v2: the version has no signature tag"):
         replica.fetch(ModelPin(name, "2", ""))
+    # Nobody signs that version first with a key of their own, nor registers one signed so: 403, and it stays unsigned.
+    foreign = ModelSigner().tags(name, model, manifest)["signature"]
+    for writer in (trainer, promoter):
+        assert status(f"{api}/model-versions/set-tag", "POST", writer,
+                      {"name": name, "version": "2", "key": "signature", "value": foreign}) == 403
+        assert status(f"{api}/model-versions/create", "POST", writer,
+                      {"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"],
+                       "tags": [*hashes, {"key": "signature", "value": foreign}]}) == 403
+    assert "signature" not in {tag["key"] for tag in answer(f"{api}/model-versions/get?name={name}&version=2", "GET",
+                                                            reader, None)["model_version"]["tags"]}
     # MLflow's administrator, which nothing of the stack logs in as, may still repair a version.
     assert status(model_pkl, "PUT", admin, b"repaired bytes") == 200
     assert status(f"{api}/users/list", "GET", admin) == 200

@@ -18,6 +18,10 @@ password) and then refuses, with 403, what the identity's role never needs:
   train` signs the version after the run registered it. Replicas load a version only if a key their stage
   trusts signed those hashes and the files hash to them, so a writer's password can neither swap the files of
   a version a stage serves nor re-sign it; what it can register unsigned, no replica loads.
+- A model version's signature must verify with one of the keys the stage's replicas trust (MODEL_SIGNING_KEYS,
+  public keys), so a writer's password cannot sign a fresh version first with a key of its own, which the
+  write-once rule would then keep and every replica refuse. Without keys (a stage that serves nothing) the
+  tag is only write-once.
 - Users, roles and grants are an administrator's alone, reading them included.
 - MLflow's administrators: everything (nothing of the stack logs in as one).
 
@@ -29,9 +33,15 @@ What is not refused here is then checked by MLflow's grants (start.py: READ by d
 """
 from __future__ import annotations
 
+import base64
+import binascii
+import os
 import posixpath
 import re
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from fastapi import FastAPI
 from flask import Response, g, request
 from mlflow.server import auth
@@ -56,8 +66,35 @@ WRITER_ENDPOINTS = frozenset({
 })
 ADMINISTERED = ("/mlflow/users/", "/mlflow/roles/", "/permissions/")
 SERVER_INFO = "/mlflow/server-info"
-# A copy of mlops_spec.contract's (tests/test_contract.py checks it): the model's, the manifest's sha256, the signature.
+# Copies of mlops_spec.contract's (tests/test_contract.py checks them): the model's, the manifest's sha256, the
+# signature; the variable the trusted keys come in; the signed message.
 WRITE_ONCE_TAGS = ("sha256", "manifest_sha256", "signature")
+MODEL_HASH_TAG, MANIFEST_HASH_TAG, SIGNATURE_TAG = WRITE_ONCE_TAGS
+TRUSTED_KEYS_VARIABLE = "MODEL_SIGNING_KEYS"
+PEM_PUBLIC_KEY = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
+VERSION_TAGGING = ("model-versions/create", "model-versions/set-tag")
+
+
+def signed_message(model: str, model_sha256: str, manifest_sha256: str) -> bytes:
+    return f"mlops-model-v1\n{model}\n{model_sha256}\n{manifest_sha256}\n".encode()
+
+
+def trusted_keys(pem_text: str) -> list[Ed25519PublicKey]:
+    """The Ed25519 public keys of `pem_text`, one PEM block each (the program checked them: a bad one is a
+    server that does not start, not one that trusts less)."""
+    keys = []
+    for block in PEM_PUBLIC_KEY.findall(pem_text):
+        try:
+            key = load_pem_public_key(block.encode())
+        except ValueError:
+            key = None
+        if not isinstance(key, Ed25519PublicKey):
+            raise SystemExit(f"error: {TRUSTED_KEYS_VARIABLE} holds a PEM block that is no Ed25519 public key")
+        keys.append(key)
+    return keys
+
+
+TRUSTED_KEYS = trusted_keys(os.environ.get(TRUSTED_KEYS_VARIABLE, ""))
 
 
 def _endpoint(path: str) -> str:
@@ -94,7 +131,7 @@ def overwrites_artifact(method: str, path: str) -> bool:
 def _tags_set(endpoint: str, body: dict) -> dict[str, str]:
     if endpoint in ("runs/set-tag", "model-versions/set-tag"):
         return {str(body.get("key")): str(body.get("value"))}
-    if endpoint == "runs/log-batch":
+    if endpoint in ("runs/log-batch", "runs/create", "model-versions/create"):
         return {str(tag.get("key")): str(tag.get("value")) for tag in body.get("tags") or () if isinstance(tag, dict)}
     return {}
 
@@ -121,6 +158,30 @@ def moves_write_once_tag(method: str, path: str, body: dict) -> bool:
     return any(current.get(tag, value) != value for tag, value in wanted.items())
 
 
+def signs_untrusted(method: str, path: str, body: dict, trusted: list[Ed25519PublicKey]) -> bool:
+    """Whether the request gives a model version a signature that none of `trusted` made of the version's name
+    and hashes (a version created with its tags names them in the request; one tagged later, in MLflow)."""
+    endpoint = _endpoint(path)
+    signature = _tags_set(endpoint, body).get(SIGNATURE_TAG)
+    if method != "POST" or endpoint not in VERSION_TAGGING or signature is None or not trusted:
+        return False
+    tags = {**(_current_tags(endpoint, body) if endpoint == "model-versions/set-tag" else {}), **_tags_set(endpoint, body)}
+    try:
+        raw = base64.b64decode(signature, validate=True)
+    except binascii.Error:
+        return True
+    message = signed_message(str(body.get("name")), tags.get(MODEL_HASH_TAG, ""), tags.get(MANIFEST_HASH_TAG, ""))
+    return not any(_verifies(key, raw, message) for key in trusted)
+
+
+def _verifies(key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
+    try:
+        key.verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
+
+
 def may(username: str, method: str, path: str, body: dict) -> bool:
     """Whether `username`'s role allows `method path` with `body` at all (MLflow's grants still apply afterwards)."""
     if store.get_user(username).is_admin:
@@ -130,7 +191,8 @@ def may(username: str, method: str, path: str, body: dict) -> bool:
     if is_read(method, path):
         return True
     return (username in WRITERS and writer_may(method, path, body)
-            and not overwrites_artifact(method, path) and not moves_write_once_tag(method, path, body))
+            and not overwrites_artifact(method, path) and not moves_write_once_tag(method, path, body)
+            and not signs_untrusted(method, path, body, TRUSTED_KEYS))
 
 
 def _decide() -> Authorization | Response:

@@ -1,8 +1,8 @@
 """Start MLflow with its basic-auth app, after making sure the stage's identities exist with their permissions.
 
-The stage's one MLflow secret arrives as MLOPS_MLFLOW_PASSWORD; each identity's password is derived from it
-(HMAC-SHA256 of the identity's name under the secret, hex), exactly as `mlops_spec.contract.derived_password`
-derives it where the identities log in, so nothing but the one secret has to be stored or handed around:
+Each identity's password derives from the stage's MLflow secret (`mlops_spec.contract.derived_password`), where
+the identities log in. This container gets neither: MLOPS_MLFLOW_PASSWORD_HASHES holds `identity:hash` lines,
+each password as MLflow's auth store keeps it (components/model_registry.py makes them), for:
 
 - `admin` is MLflow's administrator, which the server needs and nothing of the stack logs in as;
 - `reader` is what serving replicas fetch models as: MLflow's default permission (READ, auth.ini) and
@@ -14,15 +14,14 @@ derives it where the identities log in, so nothing but the one secret has to be 
 
 Users and grants go straight into the auth database before the server starts, so the server never
 answers anyone before the identities exist. Running it again changes nothing, except that every password
-is set to what the current secret derives, which is how the secret is rotated.
+hash is set to the one handed over, which is how the secret is rotated.
 
 Usage: start.py MLFLOW-SERVER-ARGUMENTS... (the CMD of the image passes them).
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
+import secrets
 import sys
 
 ADMIN = "admin"
@@ -30,55 +29,49 @@ IDENTITIES = ("reader", "trainer", "promoter")
 WRITERS = ("trainer", "promoter")
 WRITTEN_RESOURCES = ("experiment", "registered_model")
 WRITE_PERMISSION = "EDIT"
-SECRET_VARIABLE = "MLOPS_MLFLOW_PASSWORD"
-FLASK_SECRET_KEY_PURPOSE = "flask-secret-key"
+HASHES_VARIABLE = "MLOPS_MLFLOW_PASSWORD_HASHES"
 
 
-def derived_password(secret: str, identity: str) -> str:
-    return hmac.new(secret.encode(), identity.encode(), hashlib.sha256).hexdigest()
+def password_hashes() -> dict[str, str]:
+    """Each identity's password hash: from the file `<HASHES_VARIABLE>_FILE` names (a Swarm secret under
+    /run/secrets), else from the variable itself (one Docker host); either way they leave the environment."""
+    file = os.environ.pop(f"{HASHES_VARIABLE}_FILE", "")
+    text = os.environ.pop(HASHES_VARIABLE, "")
+    if file:
+        with open(file, encoding="utf-8") as handle:
+            text = handle.read()
+    hashes = dict(line.split(":", 1) for line in text.split() if ":" in line)
+    if missing := [identity for identity in (ADMIN, *IDENTITIES) if not hashes.get(identity)]:
+        sys.exit(f"error: {HASHES_VARIABLE} (or {HASHES_VARIABLE}_FILE) has no password hash for "
+                 f"{', '.join(missing)}: the stack derives them from its Pulumi config mlops:mlflowPassword")
+    return hashes
 
 
-def ensure_identities(secret: str) -> None:
-    # Imported here: `derived_password` is also imported by the tests, where MLflow is not installed.
+def ensure_identities(hashes: dict[str, str]) -> None:
+    # Imported here: the tests import this module where MLflow is not installed.
     from mlflow.server.auth.config import read_auth_config
+    from mlflow.server.auth.db.models import SqlUser
     from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
     config = read_auth_config()
     store = SqlAlchemyStore()
     store.init_db(config.database_uri)
     for identity in (ADMIN, *IDENTITIES):
-        password = derived_password(secret, identity)
         if not store.has_user(identity, use_primary=True):
-            store.create_user(identity, password, is_admin=identity == ADMIN)
-        elif not store.authenticate_user(identity, password, use_primary=True):
-            store.update_user(identity, password=password)
+            # The store creates a user only from a password; its hash is replaced below before anyone can log in.
+            store.create_user(identity, secrets.token_hex(32), is_admin=identity == ADMIN)
+        with store.ManagedSessionMaker(read_only=False) as session:
+            session.query(SqlUser).filter(SqlUser.username == identity).one().password_hash = hashes[identity]
     for identity in WRITERS:
         for resource in WRITTEN_RESOURCES:
             store.grant_user_permission(identity, resource, "*", WRITE_PERMISSION)
 
 
-def stage_secret() -> str:
-    """The stage's MLflow secret: from the file `<SECRET_VARIABLE>_FILE` names (a Swarm secret under
-    /run/secrets), else from the variable itself (one Docker host); either way it leaves the environment."""
-    file = os.environ.pop(f"{SECRET_VARIABLE}_FILE", "")
-    secret = os.environ.pop(SECRET_VARIABLE, "")
-    if file:
-        with open(file, encoding="utf-8") as handle:
-            return handle.read().strip()
-    return secret
-
-
 def main(server_arguments: list[str]) -> None:
-    secret = stage_secret()
-    if not secret:
-        sys.exit(f"error: set {SECRET_VARIABLE} (or {SECRET_VARIABLE}_FILE) to the stage's MLflow secret "
-                 "(Pulumi config mlops:mlflowPassword)")
-    ensure_identities(secret)
-    os.environ.update({
-        # CSRF tokens of the UI's sign-up form must verify in every worker, so the key is fixed per stage.
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": derived_password(secret, FLASK_SECRET_KEY_PURPOSE),
-        "MLFLOW_AUTH_ADMIN_PASSWORD": derived_password(secret, ADMIN),
-    })
+    ensure_identities(password_hashes())
+    # The admin exists by now, so the server needs no admin password. The Flask key is new at every start and
+    # inherited by every worker, so the UI's CSRF tokens verify in all of them and it derives from nothing.
+    os.environ["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
     if published_host := os.environ.get("MLOPS_PUBLISHED_HOST"):
         os.environ["MLFLOW_SERVER_ALLOWED_HOSTS"] += f",{published_host}"
     # MLflow's basic-auth app as access.py completes it (the entry point of mlops_mlflow_app-1.dist-info).
