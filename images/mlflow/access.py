@@ -162,10 +162,11 @@ def signs_untrusted(method: str, path: str, body: dict, trusted: list[Ed25519Pub
     """Whether the request gives a model version a signature that none of `trusted` made of the version's name
     and hashes (a version created with its tags names them in the request; one tagged later, in MLflow)."""
     endpoint = _endpoint(path)
-    signature = _tags_set(endpoint, body).get(SIGNATURE_TAG)
+    wanted = _tags_set(endpoint, body)
+    signature = wanted.get(SIGNATURE_TAG)
     if method != "POST" or endpoint not in VERSION_TAGGING or signature is None or not trusted:
         return False
-    tags = {**(_current_tags(endpoint, body) if endpoint == "model-versions/set-tag" else {}), **_tags_set(endpoint, body)}
+    tags = {**(_current_tags(endpoint, body) if endpoint == "model-versions/set-tag" else {}), **wanted}
     try:
         raw = base64.b64decode(signature, validate=True)
     except binascii.Error:
