@@ -31,9 +31,9 @@ def trusted_model_keys(stack: str, spec: StageSpec, config: pulumi.Config) -> st
     anything is deployed."""
     keys = config.get(TRUSTED_MODEL_KEYS)
     where = f"Pulumi.{stack}.yaml"
-    if not keys and not spec.served_models():
-        return None
     if not keys:
+        if not spec.served_models():
+            return None
         raise SpecError(file=where, field=f"mlops:{TRUSTED_MODEL_KEYS}",
                         message="a stage that serves a model needs the public keys its replicas accept model "
                                 "signatures from: `openssl pkey -pubout < signing-key.pem | pulumi config set "

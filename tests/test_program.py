@@ -321,7 +321,10 @@ def test_the_stage_secrets_are_secret_everywhere(stage, released_environments):
 
 
 def test_the_mlflow_password_hashes_are_stable_per_stage_and_salted_per_stage_and_identity():
-    hashes = dict(line.split(":", 1) for line in mlflow_password_hashes("mlflow-secret", "prod").split("\n"))
+    def by_identity(stack: str) -> dict[str, str]:
+        return dict(line.split(":", 1) for line in mlflow_password_hashes("mlflow-secret", stack).split("\n"))
+
+    hashes = by_identity("prod")
     assert list(hashes) == [ADMIN, *IDENTITIES]
     # Werkzeug's `method$salt$hash`, which MLflow's auth store checks logins against.
     assert all(value.startswith("scrypt:32768:8:1$") and len(value.split("$")) == 3 for value in hashes.values())
@@ -330,13 +333,10 @@ def test_the_mlflow_password_hashes_are_stable_per_stage_and_salted_per_stage_an
     # Rendered again, unchanged (the container is not replaced); another stage salts otherwise.
     mlflow_password_hashes.cache_clear()
     assert mlflow_password_hashes("mlflow-secret", "prod") == "\n".join(f"{k}:{v}" for k, v in hashes.items())
-    assert not set(salts) & {value.split("$")[1] for value in
-                             dict(line.split(":", 1) for line in mlflow_password_hashes("mlflow-secret", "staging")
-                                  .split("\n")).values()}
+    assert not set(salts) & {value.split("$")[1] for value in by_identity("staging").values()}
 
 
 def test_each_container_gets_only_the_mlflow_credential_it_needs(released_environments):
-
     config = {"mlops:registryPassword": "registry-secret", "mlops:mlflowPassword": "mlflow-secret"}
     spec = load_stages(["prod"], released_environments)[0]
     named = by_name(plan.render("prod", spec, config=config, reveal_secrets=True))
