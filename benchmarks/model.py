@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import ssl
 import urllib.error
 import urllib.request
 from typing import Callable, Iterable
@@ -62,9 +63,11 @@ def sample_rows(count: int) -> list[list[float]]:
 class MlflowRegistry:
     """The MLflow REST calls that register a model version the way `mlops train` does, as its user."""
 
-    def __init__(self, tracking_uri: str, auth: BasicAuth) -> None:
+    def __init__(self, tracking_uri: str, auth: BasicAuth, ca_certificate: str | None = None) -> None:
+        """`ca_certificate`: the stage's CA, where its MLflow speaks TLS."""
         self.base = tracking_uri.rstrip("/")
         self.auth = auth
+        self.tls = ssl.create_default_context(cadata=ca_certificate) if ca_certificate else None
 
     def register(self, name: str, payload: bytes, manifest: bytes | None = None) -> str:
         """Log `payload` as a run's model.pkl and `manifest` (else one naming only its hash) as its manifest.json,
@@ -94,5 +97,5 @@ class MlflowRegistry:
     def _request(self, method: str, path: str, body: bytes, content_type: str) -> bytes:
         request = urllib.request.Request(self.base + path, data=body, method=method,
                                          headers={"Content-Type": content_type, "Authorization": self.auth.header})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=self.tls) as response:
             return response.read()

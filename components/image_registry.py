@@ -1,18 +1,20 @@
 """A private image registry with htpasswd authentication; the password comes only from a Pulumi secret (on a
-swarm as a Swarm secret file)."""
+swarm as a Swarm secret file). Published off loopback, it speaks TLS with a certificate from a CA made from that
+secret (mlops_spec/service_tls.py)."""
 from __future__ import annotations
 
 import hashlib
-from typing import TypedDict
+from typing import Optional, TypedDict
 
 import bcrypt
 import pulumi
 
 from components.images import image_id
 from components.runtimes import ComponentType, Runtime
-from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload
+from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload, tls_env
 from mlops_spec.contract import IMAGE_REGISTRY_PORT, REGISTRY_DATA_DIR, RegistryEnv, image_registry_name
 from mlops_spec.models import ImageRegistrySpec
+from mlops_spec.service_tls import server_tls
 
 TYPE = ComponentType(single_host="mlops:image_registry:ImageRegistry",
                      swarm="mlops:swarm_image_registry:SwarmImageRegistry")
@@ -39,6 +41,9 @@ class ImageRegistryArgs(TypedDict):
     spec: ImageRegistrySpec
     data_volume: pulumi.Input[str]
     password: pulumi.Input[str]
+    published_hosts: tuple[str, ...]
+    """The names other machines reach it by (the tcp:// host, a swarm's registry address), which its certificate
+    names when it speaks TLS."""
 
 
 class ImageRegistry(pulumi.ComponentResource):
@@ -47,6 +52,8 @@ class ImageRegistry(pulumi.ComponentResource):
     which is the stateful node."""
 
     server: pulumi.Output[str]
+    ca_certificate: Optional[pulumi.Output[str]]
+    """PEM of the CA its certificate verifies with, where its port is published off loopback and it speaks TLS."""
 
     def __init__(self, name: str, args: ImageRegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         runtime = args["runtime"]
@@ -54,6 +61,9 @@ class ImageRegistry(pulumi.ComponentResource):
         spec = args["spec"]
         stack = runtime.stack
         entry = pulumi.Output.secret(args["password"]).apply(lambda password: htpasswd_entry(spec.username, password, stack))
+        tls = pulumi.Output.secret(args["password"]).apply(lambda password: server_tls(
+            password, stack, "image-registry", (image_registry_name(stack), "image-registry", *args["published_hosts"]))
+        ) if spec.port.off_loopback else None
         registry = runtime.deploy(Workload(
             resource_name=f"{name}-server",
             name=image_registry_name(stack),
@@ -61,13 +71,16 @@ class ImageRegistry(pulumi.ComponentResource):
             image=image_id(f"{name}-image", parent=self, stack=stack, image="registry", source=spec.image,
                            settings=runtime.builds),
             limits=spec.limits,
-            health=HttpHealth(IMAGE_REGISTRY_PORT, "/", spec.health_check),
+            health=HttpHealth(IMAGE_REGISTRY_PORT, "/", spec.health_check, tls=tls is not None),
             role=Role.STATEFUL,
             env={RegistryEnv.HTPASSWD_ENTRY: SecretEnv(entry, resource_name=f"{name}-secret", purpose="registry",
-                                                       file="registry-htpasswd")},
+                                                       file="registry-htpasswd"),
+                 **(tls_env(tls, name, "registry") if tls is not None else {})},
             publish=Publish(IMAGE_REGISTRY_PORT, spec.port),
             volumes=[VolumeMount(args["data_volume"], REGISTRY_DATA_DIR)],
             aliases=["image-registry"],
         ), parent=self)
         self.server = runtime.registry_server(registry)
-        self.register_outputs({"server": self.server})
+        self.ca_certificate = None if tls is None else pulumi.Output.unsecret(
+            tls.apply(lambda server_tls: server_tls.ca_certificate))
+        self.register_outputs({"server": self.server, "ca_certificate": self.ca_certificate})

@@ -1,6 +1,7 @@
 """An MLflow tracking and model registry server whose artifacts live in the stage's artifact store, open only
 to the users its image creates from the password hashes this component derives from the stage's MLflow secret
-(docs/contracts.md).
+(docs/contracts.md). Published off loopback, it speaks TLS with a certificate from a CA made from that secret
+(mlops_spec/service_tls.py), on the stage network too, so a swarm's replicas verify it across nodes.
 
 On a swarm it runs on the stateful node, where its database and artifact volumes live, by the image ID built
 there (nothing to pull); the hashes reach it as a Swarm secret file, never as a variable."""
@@ -14,7 +15,7 @@ import pulumi
 
 from components.images import image_id
 from components.runtimes import ComponentType, Runtime
-from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload
+from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload, tls_env
 from mlops_spec.contract import (
     ADMIN,
     ARTIFACTS_DIR,
@@ -24,8 +25,10 @@ from mlops_spec.contract import (
     MlflowEnv,
     derived_password,
     model_registry_name,
+    tracking_uri,
 )
 from mlops_spec.models import ModelRegistrySpec
+from mlops_spec.service_tls import server_tls
 
 TYPE = ComponentType(single_host="mlops:model_registry:ModelRegistry",
                      swarm="mlops:swarm_model_registry:SwarmModelRegistry")
@@ -70,6 +73,8 @@ class ModelRegistryArgs(TypedDict):
 class ModelRegistry(pulumi.ComponentResource):
     internal_url: pulumi.Output[str]
     host_port: pulumi.Output[Optional[int]]
+    ca_certificate: Optional[pulumi.Output[str]]
+    """PEM of the CA its certificate verifies with, where its port is published off loopback and it speaks TLS."""
 
     def __init__(self, name: str, args: ModelRegistryArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         runtime = args["runtime"]
@@ -77,6 +82,11 @@ class ModelRegistry(pulumi.ComponentResource):
         spec = args["spec"]
         stack = runtime.stack
         published_host = args["published_host"]
+        # Replicas and training runs verify it by its name on the stage network, mlops by the published host.
+        tls = pulumi.Output.secret(args["mlflow_password"]).apply(lambda secret: server_tls(
+            secret, stack, "model-registry",
+            (model_registry_name(stack), "model-registry", *([published_host] if published_host else [])))
+        ) if spec.port.off_loopback else None
         server = runtime.deploy(Workload(
             resource_name=f"{name}-server",
             name=model_registry_name(stack),
@@ -84,7 +94,7 @@ class ModelRegistry(pulumi.ComponentResource):
             image=image_id(f"{name}-image", parent=self, stack=stack, image="mlflow", source=spec.image,
                            settings=runtime.builds),
             limits=spec.limits,
-            health=HttpHealth(MLFLOW_PORT, "/health", spec.health_check),
+            health=HttpHealth(MLFLOW_PORT, "/health", spec.health_check, tls=tls is not None),
             # One SQLite database on one volume.
             role=Role.STATEFUL,
             env={MlflowEnv.PASSWORD_HASHES: SecretEnv(
@@ -93,14 +103,18 @@ class ModelRegistry(pulumi.ComponentResource):
                      resource_name=f"{name}-secret", purpose="mlflow", file="mlflow-password-hashes"),
                  **({MlflowEnv.PUBLISHED_HOST: f"{published_host}:{spec.port.host_port}"}
                     if published_host and spec.port.host_port else {}),
-                 **({MlflowEnv.TRUSTED_MODEL_KEYS: args["trusted_model_keys"]} if args["trusted_model_keys"] else {})},
+                 **({MlflowEnv.TRUSTED_MODEL_KEYS: args["trusted_model_keys"]} if args["trusted_model_keys"] else {}),
+                 **(tls_env(tls, name, "mlflow") if tls is not None else {})},
             publish=Publish(MLFLOW_PORT, spec.port),
             volumes=[VolumeMount(args["mlflow_db_volume"], MLFLOW_DB_DIR),
                      VolumeMount(args["artifacts_volume"], ARTIFACTS_DIR)],
             aliases=["model-registry"],
         ), parent=self)
         # Derived from the container or service, so replicas that fetch from it start only once it is healthy.
-        self.internal_url = pulumi.Output.concat("http://", server.name, f":{MLFLOW_PORT}")
+        self.internal_url = server.name.apply(lambda _: tracking_uri(stack, tls is not None))
         assert server.host_port is not None
         self.host_port = server.host_port
-        self.register_outputs({"internal_url": self.internal_url, "host_port": self.host_port})
+        self.ca_certificate = None if tls is None else pulumi.Output.unsecret(
+            tls.apply(lambda server_tls: server_tls.ca_certificate))
+        self.register_outputs({"internal_url": self.internal_url, "host_port": self.host_port,
+                               "ca_certificate": self.ca_certificate})

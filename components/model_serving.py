@@ -72,6 +72,8 @@ class ModelServingArgs(TypedDict):
     spec: ServingSpec
     models: list[ServedModel]
     registry_url: pulumi.Input[str]
+    registry_ca: Optional[pulumi.Input[str]]
+    """PEM of the CA MLflow's certificate verifies with, where MLflow speaks TLS."""
     reader_password: pulumi.Input[str]
     """The password of MLflow user `reader`, which replicas fetch the model as; a secret."""
     trusted_model_keys: str
@@ -84,10 +86,11 @@ class ModelServingArgs(TypedDict):
     """The artifact store's volume the replicas of a model with `sampling` append sampled rows to."""
 
 
-def model_settings(pin: ModelPin, registry_url: pulumi.Input[str], runtime: str,
-                   trusted_model_keys: str) -> dict[str, pulumi.Input[str]]:
+def model_settings(pin: ModelPin, registry_url: pulumi.Input[str], registry_ca: Optional[pulumi.Input[str]],
+                   runtime: str, trusted_model_keys: str) -> dict[str, pulumi.Input[str]]:
     """What a replica needs to fetch, verify and serve its pinned model, but the password."""
     return {
+        **({TrackingEnv.CA_CERTIFICATE: registry_ca} if registry_ca is not None else {}),
         ReplicaEnv.SIGNING_KEYS: trusted_model_keys,
         ReplicaEnv.MODEL_NAME: pin.name,
         ReplicaEnv.MODEL_VERSION: str(pin.version),
@@ -203,7 +206,9 @@ class ModelServing(pulumi.ComponentResource):
                 # A replica that follows `latest` (dev) has nothing to serve until the first training run
                 # registers a version, and then turns ready by itself; a pinned one must be ready.
                 wait_healthy=pin.is_pinned,
-                env={**model_settings(pin, args["registry_url"], spec.runtime, args["trusted_model_keys"]), TrackingEnv.PASSWORD: reader,
+                env={**model_settings(pin, args["registry_url"], args["registry_ca"], spec.runtime,
+                                      args["trusted_model_keys"]),
+                     TrackingEnv.PASSWORD: reader,
                      **drift_env, **sampling_env(sampling), **batching_settings(deployment.batching)},
                 # Writable: each replica appends to its own file; the image owns SAMPLES_DIR, so uid 10001 may.
                 volumes=([VolumeMount(samples_volume, SAMPLES_DIR)]

@@ -218,7 +218,7 @@ class SingleHost(Runtime):
             labels=[docker.ContainerLabelArgs(label=key, value=value) for key, value in component_labels(
                 {**self.labels, **workload.identity, **workload.labels}, workload.component)],
             healthcheck=docker.ContainerHealthcheckArgs(
-                tests=http_probe(workload.health.port, workload.health.path, check),
+                tests=http_probe(workload.health),
                 interval=go_duration(check.interval_s), timeout=go_duration(check.timeout_s),
                 retries=check.retries, start_period=go_duration(check.start_period_s)),
             wait=wait,
@@ -384,7 +384,7 @@ class Swarm(Runtime):
                     secrets=secrets or None,
                     mounts=mounts,
                     healthcheck=docker.ServiceTaskSpecContainerSpecHealthcheckArgs(
-                        tests=http_probe(workload.health.port, workload.health.path, check),
+                        tests=http_probe(workload.health),
                         interval=swarm_duration(check.interval_s), timeout=swarm_duration(check.timeout_s),
                         retries=check.retries, start_period=swarm_duration(check.start_period_s)),
                 ),

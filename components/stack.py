@@ -41,6 +41,14 @@ def stage_labels(spec: StageSpec, stack: str) -> dict[str, str]:
     return labels
 
 
+def published_hosts(spec: StageSpec) -> tuple[str, ...]:
+    """The names other machines reach the stage's published ports by: the tcp:// host, and a swarm's registry."""
+    names = [spec.docker.published_host]
+    if spec.swarm is not None:
+        names.append(spec.swarm.registry_address.rpartition(":")[0])
+    return tuple(dict.fromkeys(name for name in names if name))
+
+
 class MLOpsStackArgs(TypedDict):
     spec: StageSpec
     registry_password: Optional[pulumi.Input[str]]
@@ -53,7 +61,12 @@ class MLOpsStackArgs(TypedDict):
 class MLOpsStack(pulumi.ComponentResource):
     network: pulumi.Output[str]
     model_registry_url: pulumi.Output[str]
+    model_registry_ca: Optional[pulumi.Output[str]]
+    """PEM of the CA that MLflow's certificate verifies with, where it speaks TLS (published off loopback)."""
     image_registry_server: Optional[pulumi.Output[str]]
+    image_registry_ca: Optional[pulumi.Output[str]]
+    """PEM of the CA that the image registry's certificate verifies with: each engine that pulls from it over
+    the network trusts it (docs/hosts-and-clusters.md)."""
     serving_endpoint: Optional[pulumi.Output[str]]
     training_images: dict[str, pulumi.Output[str]]
     """What `mlops train` runs for each model, by model name."""
@@ -117,18 +130,21 @@ class MLOpsStack(pulumi.ComponentResource):
             "mlflow_db_volume": store.mlflow_db_volume, "published_host": spec.docker.published_host,
             "mlflow_password": args["mlflow_password"], "trusted_model_keys": args["trusted_model_keys"]}, opts=child)
         self.model_registry_url = model_registry.host_port.apply(
-            lambda port: f"http://{spec.model_registry.port.bind_address}:{port}")
+            lambda port: f"{'https' if spec.model_registry.port.off_loopback else 'http'}://"
+                         f"{spec.model_registry.port.bind_address}:{port}")
+        self.model_registry_ca = model_registry.ca_certificate
 
-        self.image_registry_server = None
+        self.image_registry_server = self.image_registry_ca = None
         if spec.image_registry.enabled:
             assert password is not None, "declare_stack passes the registry password whenever the registry is enabled"
             image_registry = ImageRegistry(f"{stack}-image-registry", {
                 "runtime": runtime, "spec": spec.image_registry, "data_volume": store.registry_data_volume,
-                "password": password}, opts=child)
+                "password": password, "published_hosts": published_hosts(spec)}, opts=child)
             runtime = runtime.with_registry(
                 PushTarget(server=image_registry.server, username=spec.image_registry.username,
                            password=pulumi.Output.secret(password)), [image_registry])
             self.image_registry_server = image_registry.server
+            self.image_registry_ca = image_registry.ca_certificate
 
         # Each model the stage declares gets its training image: built from its project where the stage builds,
         # the promoted digest where its release names one.
@@ -152,7 +168,8 @@ class MLOpsStack(pulumi.ComponentResource):
                 lambda secret: derived_password(secret, READER))
             serving = ModelServing(f"{stack}-serving", {
                 "runtime": runtime, "spec": spec.serving, "models": served,
-                "registry_url": model_registry.internal_url, "reader_password": reader_password,
+                "registry_url": model_registry.internal_url, "registry_ca": model_registry.ca_certificate,
+                "reader_password": reader_password,
                 "trusted_model_keys": trusted_keys,
                 "drift_window_rows": spec.monitoring.drift_window_rows if spec.monitoring else None,
                 "samples_volume": store.samples_volume,
@@ -177,7 +194,9 @@ class MLOpsStack(pulumi.ComponentResource):
         candidates: dict[str, object] = {
             "network": self.network,
             "model_registry_url": self.model_registry_url,
+            "model_registry_ca": self.model_registry_ca,
             "image_registry": self.image_registry_server,
+            "image_registry_ca": self.image_registry_ca,
             "serving_endpoint": self.serving_endpoint,
             "monitoring_url": self.monitoring_url,
         }

@@ -63,16 +63,17 @@ class TrainingEnvironment(pulumi.ComponentResource):
 
 
 def training_run(spec: StageSpec, *, name: str, image: str, digest: str, args: Sequence[str], password: str,
-                 labels: dict[str, str], with_datasets: bool = False) -> Run:
+                 mlflow_ca: Optional[str], labels: dict[str, str], with_datasets: bool = False) -> Run:
     """One training run on the stage's network as MLflow user `trainer`, within `training.limits`; with
     `with_datasets`, the stage's datasets volume read-only: nothing a run does can change what a later one
     trains on. On a swarm it is placed by `swarm.training`, and its password is the Swarm secret
-    `<name>-password`."""
+    `<name>-password`. `mlflow_ca` is the CA that MLflow's certificate verifies with, where it speaks TLS."""
     placement = spec.swarm.training if spec.swarm is not None else None
     return Run(
         component="training-run", name=name, image=image, entrypoint=TRAINING_ENTRYPOINT, args=args,
         limits=spec.training.limits, labels=labels, network=network_name(spec.stage),
-        env={TrackingEnv.URI: tracking_uri(spec.stage),
+        env={TrackingEnv.URI: tracking_uri(spec.stage, mlflow_ca is not None),
+             **({TrackingEnv.CA_CERTIFICATE: mlflow_ca} if mlflow_ca is not None else {}),
              TrackingEnv.USERNAME: TRAINER,
              TrackingEnv.PASSWORD: SecretEnv(password, resource_name=f"{name}-password",
                                              purpose="mlflow-trainer", file=PASSWORD_FILE),

@@ -15,8 +15,9 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 
 import pulumi
 
-from mlops_spec.contract import COMPONENT_LABEL
+from mlops_spec.contract import COMPONENT_LABEL, TlsEnv
 from mlops_spec.models import HealthCheck, Limits, PublishedPort
+from mlops_spec.service_tls import ServerTls
 
 APP_USER = "10001:10001"
 APP_UID, APP_GID = APP_USER.split(":")
@@ -73,6 +74,14 @@ PerReplica = Callable[[str], str]
 EnvValue = Union[pulumi.Input[str], SecretEnv, PerReplica]
 
 
+def tls_env(tls: pulumi.Output[ServerTls], name: str, purpose: str) -> dict[str, EnvValue]:
+    """The certificate and key a service speaks TLS with (images/mlflow/start.py, images/registry/entrypoint.sh):
+    the certificate is public, the key reaches the container as a secret."""
+    return {TlsEnv.CERTIFICATE: pulumi.Output.unsecret(tls.apply(lambda server: server.certificate)),
+            TlsEnv.KEY: SecretEnv(tls.apply(lambda server: server.key), resource_name=f"{name}-tls-key",
+                                  purpose=f"{purpose}-tls-key", file=f"{purpose}-tls-key")}
+
+
 @dataclass(frozen=True)
 class VolumeMount:
     volume: pulumi.Input[str]
@@ -87,6 +96,8 @@ class HttpHealth:
     port: int
     path: str
     check: HealthCheck
+    tls: bool = False
+    """The port speaks TLS (mlops_spec/service_tls.py)."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +136,20 @@ class Workload:
     depends_on: Sequence[pulumi.Resource] = ()
 
 
-def http_probe(port: int, path: str, check: HealthCheck) -> list[str]:
-    """An HTTP probe that needs nothing but the base image's python3; any answer below 500 is alive."""
-    probe = ("import sys,urllib.request,urllib.error\n"
-             "try: urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))\n"
-             "except urllib.error.HTTPError as e: sys.exit(e.code >= 500)\n"
-             "except Exception: sys.exit(1)")
-    return ["CMD", "python3", "-c", probe, f"http://127.0.0.1:{port}{path}", str(check.timeout_s)]
+def http_probe(health: HttpHealth) -> list[str]:
+    """An HTTP probe that needs nothing but the base image's python3; any answer below 500 is alive. Over TLS it
+    does not verify the certificate: it asks the container's own port, to learn whether the server answers."""
+    if health.tls:
+        probe = ("import ssl,sys,urllib.request,urllib.error\n"
+                 "try: urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]), "
+                 "context=ssl._create_unverified_context())\n")
+    else:
+        probe = ("import sys,urllib.request,urllib.error\n"
+                 "try: urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))\n")
+    probe += ("except urllib.error.HTTPError as e: sys.exit(e.code >= 500)\n"
+              "except Exception: sys.exit(1)")
+    return ["CMD", "python3", "-c", probe, f"{'https' if health.tls else 'http'}://127.0.0.1:{health.port}{health.path}",
+            str(health.check.timeout_s)]
 
 
 def healthy_within_s(check: HealthCheck) -> int:

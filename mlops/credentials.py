@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from typing import Optional
 
 from mlops_spec.contract import (
     MLFLOW_PASSWORD,
@@ -14,6 +15,8 @@ from mlops_spec.contract import (
     derived_password,
     secret_variable,
 )
+from mlops_spec.models import StageSpec
+from mlops_spec.service_tls import ca_certificate
 
 
 class MissingSecret(Exception):
@@ -50,6 +53,14 @@ def registry_password(stage: str) -> str:
 def mlflow_password(stage: str, identity: str) -> str:
     """The password `identity` logs in to `stage`'s MLflow with."""
     return derived_password(stack_secret(stage, MLFLOW_PASSWORD, f"{stage}'s MLflow"), identity)
+
+
+def model_registry_ca(spec: StageSpec) -> Optional[str]:
+    """PEM of the CA `spec`'s MLflow verifies with where it speaks TLS (published off loopback), else None."""
+    if not spec.model_registry.port.off_loopback:
+        return None
+    return ca_certificate(stack_secret(spec.stage, MLFLOW_PASSWORD, f"{spec.stage}'s MLflow"), spec.stage,
+                          "model-registry")
 
 
 def model_signing_key(stage: str) -> str:

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 COMMAND_TIMEOUT_S = 600
 DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -37,6 +37,9 @@ class StageRegistry:
     address: str  # host:port reachable from here
     username: str
     password: str
+    ca_certificate: Optional[str] = None
+    """PEM of the CA its certificate must verify with where it speaks TLS (published off loopback,
+    mlops_spec/service_tls.py); None: plain HTTP on loopback."""
 
     def reference(self, repository: str, digest_or_tag: str) -> str:
         return f"docker://{self.address}/{_name(repository, digest_or_tag)}"
@@ -55,6 +58,18 @@ def _auth_file(*registries: StageRegistry) -> Iterator[str]:
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as out:
             json.dump({"auths": auths}, out)
         yield path
+
+
+def _tls_options(registry: StageRegistry, auth: str, side: str = "") -> list[str]:
+    """skopeo's options for `registry`'s TLS (`side`: "src-" or "dest-" of a copy): its certificate verified with
+    its stage's CA, which goes beside the auth file; a registry on loopback speaks plain HTTP."""
+    if registry.ca_certificate is None:
+        return [f"--{side}tls-verify=false"]
+    folder = os.path.join(os.path.dirname(auth), f"{side}certs")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "ca.crt"), "w", encoding="utf-8") as out:
+        out.write(registry.ca_certificate)
+    return [f"--{side}tls-verify=true", f"--{side}cert-dir", folder]
 
 
 def _skopeo(args: list[str], registry: StageRegistry, what: str) -> bytes:
@@ -77,6 +92,11 @@ def _reason(stderr: str, registry: StageRegistry) -> str:
     if UNAUTHORIZED.search(text):
         return (f"{registry.where} at {registry.address} refused user {registry.username}'s credentials (401); "
                 "check the stage's Pulumi config secret mlops:registryPassword")
+    if "x509:" in text or "certificate" in text:
+        return (f"{registry.where} at {registry.address} presented a certificate that does not verify with the CA "
+                "the stage's Pulumi config secret mlops:registryPassword makes: is it the stage's registry?")
+    if "server gave http response to https client" in text:
+        return f"{registry.where} at {registry.address} speaks plain HTTP, where the stage's registry speaks TLS"
     if "manifest unknown" in text or "not found" in text or "name unknown" in text:
         return f"{registry.where} at {registry.address} does not have it"
     if "digest" in text and ("mismatch" in text or "does not match" in text):
@@ -92,7 +112,7 @@ def read_manifest(registry: StageRegistry, repository: str, digest_or_tag: str) 
     """The manifest bytes the registry serves for `repository` at a tag or digest, checked against the
     digest when one is asked for."""
     with _auth_file(registry) as auth:
-        manifest = _skopeo(["inspect", "--raw", "--authfile", auth, "--tls-verify=false",
+        manifest = _skopeo(["inspect", "--raw", "--authfile", auth, *_tls_options(registry, auth),
                             registry.reference(repository, digest_or_tag)],
                            registry, _name(repository, digest_or_tag))
     served = "sha256:" + hashlib.sha256(manifest).hexdigest()
@@ -117,7 +137,7 @@ def copy_image(source: StageRegistry, source_repository: str, digest: str,
     manifest_digest(source, source_repository, digest)
     with _auth_file(source, target) as auth:
         _skopeo(["copy", "--quiet", "--preserve-digests", "--retry-times", "2", "--authfile", auth,
-                 "--src-tls-verify=false", "--dest-tls-verify=false",
+                 *_tls_options(source, auth, "src-"), *_tls_options(target, auth, "dest-"),
                  source.reference(source_repository, digest),
                  target.reference(target_repository, "sha256-" + digest.removeprefix("sha256:"))],
                 target, f"copying {source_repository}@{digest} from {source.where} into {target_repository}")

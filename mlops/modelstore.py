@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -83,10 +84,14 @@ class ModelStore(Protocol):
 
 
 class MlflowStore:
-    def __init__(self, url: str, auth: Optional[BasicAuth] = None, timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, auth: Optional[BasicAuth] = None, timeout_s: float = 30.0,
+                 ca_certificate: Optional[str] = None) -> None:
+        """`ca_certificate`: PEM of the only CA an https:// `url`'s certificate may verify with (the stage's,
+        mlops_spec/service_tls.py); where it is None, the system's CAs."""
         self.url = url.rstrip("/")
         self.auth = auth
         self.timeout_s = timeout_s
+        self.tls = ssl.create_default_context(cadata=ca_certificate) if ca_certificate else None
 
     # -- reading ---------------------------------------------------------------------------------------
     def latest_version(self, name: str) -> int:
@@ -206,7 +211,7 @@ class MlflowStore:
             headers["Authorization"] = self.auth.header
         request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout_s, context=self.tls) as response:
                 declared = response.headers.get("Content-Length", "")
                 if (declared.isdigit() and int(declared) > limit) or len(body := response.read(limit + 1)) > limit:
                     raise StoreError(f"model registry {self.url} answered {method} {path.split('?')[0]} with more "
@@ -228,6 +233,9 @@ class MlflowStore:
                 raise ServerFailed(refused, err.code) from None
             raise StoreError(refused) from None
         except (urllib.error.URLError, OSError) as err:
+            if isinstance(getattr(err, "reason", err), ssl.SSLCertVerificationError):
+                raise StoreError(f"model registry {self.url} is not the stage's: its certificate does not verify with "
+                                 f"the CA the stage's mlops:mlflowPassword makes ({getattr(err, 'reason', err)})") from None
             raise StoreError(f"model registry {self.url} is not reachable "
                              f"({getattr(err, 'reason', err)}); is the stage up?") from None
 

@@ -20,7 +20,7 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, TypeVar
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
@@ -38,8 +38,10 @@ from mlops_spec.errors import SpecError, excerpt
 from mlops_spec.loading import load_stage, stage_file
 from mlops_spec.models import GreenRelease, ModelPin, ReleaseImages, StageSpec
 from mlops_spec.project import ENVIRONMENTS_DIR
+from mlops_spec.service_tls import ca_certificate
 
-StoreFactory = Callable[[str, BasicAuth], ModelStore]
+Stage = TypeVar("Stage", str, StageSpec)
+Secret = TypeVar("Secret")
 
 
 class PromotionRefused(Exception):
@@ -123,7 +125,7 @@ def _refuse_unless_committed(file: Path) -> None:
                                "is the only change in its diff")
 
 
-def _secret(read: Callable[[str], str], stage: str) -> str:
+def _secret(read: Callable[[Stage], Secret], stage: Stage) -> Secret:
     try:
         return read(stage)
     except credentials.MissingSecret as err:
@@ -340,16 +342,18 @@ class Promoter:
     """Promotes between the stages of one `environments/` folder, reaching each stage on its own Docker host.
     Use as a context manager: SSH tunnels to remote stages close on exit."""
 
-    def __init__(self, environments: Path = ENVIRONMENTS_DIR, store_for: StoreFactory = MlflowStore,
+    def __init__(self, environments: Path = ENVIRONMENTS_DIR,
                  password_for: Callable[[str], str] = credentials.registry_password,
                  mlflow_password_for: Callable[[str], str] = lambda stage: credentials.mlflow_password(
                      stage, PROMOTER),
-                 trusted_keys_for: Callable[[str], str] = credentials.trusted_model_keys) -> None:
+                 trusted_keys_for: Callable[[str], str] = credentials.trusted_model_keys,
+                 mlflow_ca_for: Callable[[StageSpec], Optional[str]] = credentials.model_registry_ca) -> None:
         """`password_for(stage)` is the stage's image registry password, `mlflow_password_for(stage)` the
         password of MLflow user `promoter` there: it reads the source stage and writes into the target.
-        `trusted_keys_for(stage)` the public keys whose model signatures the stage's replicas accept."""
+        `trusted_keys_for(stage)` the public keys whose model signatures the stage's replicas accept;
+        `mlflow_ca_for(spec)` the CA the stage's MLflow verifies with, where it speaks TLS."""
         self.environments = environments
-        self.store_for = store_for
+        self.mlflow_ca_for = mlflow_ca_for
         self.password_for = password_for
         self.mlflow_password_for = mlflow_password_for
         self.trusted_keys_for = trusted_keys_for
@@ -369,7 +373,8 @@ class Promoter:
 
     def model_store(self, spec: StageSpec) -> ModelStore:
         auth = BasicAuth(PROMOTER, _secret(self.mlflow_password_for, spec.stage))
-        return self.store_for(self._reach(spec).model_registry_url(), auth)
+        return MlflowStore(self._reach(spec).model_registry_url(), auth,
+                           ca_certificate=_secret(self.mlflow_ca_for, spec))
 
     def _check_signed_for(self, target: StageSpec, model: ModelVersion) -> None:
         """Refuse a version the target's replicas would refuse: its files must be what its tags say, and a key the
@@ -389,8 +394,11 @@ class Promoter:
         if address is None:
             raise PromotionRefused(f"{spec.stage} has no image registry (image_registry.enabled is false); "
                                    "promotion copies images into the target's own registry")
+        password = _secret(self.password_for, spec.stage)
         return StageRegistry(where=reach.where("image registry"), address=address,
-                             username=spec.image_registry.username, password=_secret(self.password_for, spec.stage))
+                             username=spec.image_registry.username, password=password,
+                             ca_certificate=ca_certificate(password, spec.stage, "image-registry")
+                             if spec.image_registry.port.off_loopback else None)
 
     def _source_images(self, source: StageSpec, promoted: ReleaseImages, model: str,
                        target: StageSpec) -> tuple[ImageCopy, ...]:

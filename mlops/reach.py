@@ -16,6 +16,8 @@ import time
 from typing import Optional
 from urllib.parse import urlsplit
 
+from mlops import credentials
+from mlops.modelstore import BasicAuth, MlflowStore
 from mlops_spec.models import PublishedPort, StageSpec
 
 TUNNEL_START_TIMEOUT_S = 15.0
@@ -106,7 +108,14 @@ class StageReach:
                           f"{TUNNEL_START_TIMEOUT_S:.0f}s")
 
     def model_registry_url(self) -> str:
-        return f"http://{self.address('model registry', self.spec.model_registry.port)}"
+        port = self.spec.model_registry.port
+        return f"{'https' if port.off_loopback else 'http'}://{self.address('model registry', port)}"
+
+    def model_store(self, identity: str) -> MlflowStore:
+        """The stage's MLflow as `identity`, its certificate verified with the stage's CA where it speaks TLS."""
+        stage = self.spec.stage
+        return MlflowStore(self.model_registry_url(), BasicAuth(identity, credentials.mlflow_password(stage, identity)),
+                           ca_certificate=credentials.model_registry_ca(self.spec))
 
     def image_registry_address(self) -> Optional[str]:
         if not self.spec.image_registry.enabled:

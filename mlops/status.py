@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Mapping, Optional
@@ -73,14 +74,18 @@ class Probe:
         without a health check (`running`, `exited`...)."""
         return [health for component in components for health in self._health.get(component, [])]
 
-    def get(self, service: str, port: PublishedPort, path: str) -> tuple[str, Answer]:
-        """(address, answer) of `GET path` on `service`'s published `port`, as a user's client sends it."""
+    def get(self, service: str, port: PublishedPort, path: str, tls: bool = False) -> tuple[str, Answer]:
+        """(address, answer) of `GET path` on `service`'s published `port`, as a user's client sends it; over TLS
+        where the service speaks it. The probe sends no credentials and reads no secret, so it does not verify the
+        certificate (the stage's CA derives from a secret): it asks whether the service answers, not who it is."""
         try:
             address = self.reach.address(service, port)
         except Unreachable as err:
             return "-", Answer(None, None, f"unreachable from here: {err}")
         host, _, number = address.rpartition(":")
-        connection = http.client.HTTPConnection(host, int(number), timeout=PROBE_TIMEOUT_S)
+        connection = (http.client.HTTPSConnection(host, int(number), timeout=PROBE_TIMEOUT_S,
+                                                  context=ssl._create_unverified_context()) if tls
+                      else http.client.HTTPConnection(host, int(number), timeout=PROBE_TIMEOUT_S))
         started = time.monotonic()
         try:
             connection.request("GET", path)
@@ -152,8 +157,8 @@ def _summary(healths: list[str], engine_problem: str) -> tuple[str, bool]:
 
 
 def _endpoint_row(probe: Probe, service: str, port: PublishedPort, path: str, expected: set[int],
-                  components: tuple[str, ...]) -> Row:
-    address, answer = probe.get(service, port, path)
+                  components: tuple[str, ...], tls: bool = False) -> Row:
+    address, answer = probe.get(service, port, path, tls)
     containers, healthy = _summary(probe.health(*components), probe.engine_problem)
     if answer.status is None:
         text, answered = answer.problem, False
@@ -173,16 +178,16 @@ def gateway(probe: Probe) -> Optional[Row]:
 
 def model_registry(probe: Probe) -> Optional[Row]:
     # /health is MLflow's one path that needs no user, so the probe needs no secret.
-    return _endpoint_row(probe, "model registry", probe.spec.model_registry.port, "/health", {200},
-                         ("model-registry",))
+    port = probe.spec.model_registry.port
+    return _endpoint_row(probe, "model registry", port, "/health", {200}, ("model-registry",), tls=port.off_loopback)
 
 
 def image_registry(probe: Probe) -> Optional[Row]:
     if not probe.spec.image_registry.enabled:
         return None
     # The distribution API's base endpoint: 401 is its answer to a client without credentials.
-    return _endpoint_row(probe, "image registry", probe.spec.image_registry.port, "/v2/", {200, 401},
-                         ("image-registry",))
+    port = probe.spec.image_registry.port
+    return _endpoint_row(probe, "image registry", port, "/v2/", {200, 401}, ("image-registry",), tls=port.off_loopback)
 
 
 def monitoring(probe: Probe) -> Optional[Row]:

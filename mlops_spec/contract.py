@@ -127,11 +127,22 @@ class RegistryEnv:
     HTPASSWD_ENTRY = "REGISTRY_HTPASSWD_ENTRY"
 
 
+class TlsEnv:
+    """What MLflow's and the image registry's containers get when their port is published off loopback
+    (mlops_spec/service_tls.py); without them they speak plain HTTP."""
+    CERTIFICATE = "MLOPS_TLS_CERTIFICATE"
+    """PEM of the server's certificate and its CA's."""
+    KEY = "MLOPS_TLS_KEY"
+    """PEM of the server's private key (on a swarm the file `MLOPS_TLS_KEY_FILE` names)."""
+
+
 class TrackingEnv:
     """How a serving replica and a training run reach MLflow: MLflow's own client variables."""
     URI = "MLFLOW_TRACKING_URI"
     USERNAME = "MLFLOW_TRACKING_USERNAME"
     PASSWORD = "MLFLOW_TRACKING_PASSWORD"
+    CA_CERTIFICATE = "MLOPS_MLFLOW_CA_CERTIFICATE"
+    """PEM of the CA MLflow's certificate must verify with, where MLflow speaks TLS (mlops_spec/service_tls.py)."""
 
 
 class ReplicaEnv:
@@ -201,9 +212,9 @@ def prometheus_name(stack: str) -> str:
     return f"{stack}-prometheus"
 
 
-def tracking_uri(stack: str) -> str:
+def tracking_uri(stack: str, tls: bool) -> str:
     """MLflow as the stage's containers reach it on the stage network."""
-    return f"http://{model_registry_name(stack)}:{MLFLOW_PORT}"
+    return f"{'https' if tls else 'http'}://{model_registry_name(stack)}:{MLFLOW_PORT}"
 
 
 def derived_password(secret: str, identity: str) -> str:

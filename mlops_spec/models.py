@@ -251,6 +251,11 @@ class PublishedPort(StrictModel):
             raise ValueError(f"bind_address {self.bind_address} needs 'public: true'; only 127.0.0.1 is allowed otherwise")
         return self
 
+    @property
+    def off_loopback(self) -> bool:
+        """Other machines reach it: MLflow and the image registry speak TLS there (mlops_spec/service_tls.py)."""
+        return self.bind_address != "127.0.0.1"
+
 
 class HealthCheck(StrictModel):
     interval_s: int = Field(default=5, ge=1, le=300)
@@ -537,8 +542,8 @@ class SwarmSpec(StrictModel):
     """A stage on a Docker Swarm: `docker.url` is a manager, and the stack runs as services over its nodes."""
 
     registry_address: str = Field(description="host:port every node pulls the stage's images from: the stateful "
-                                              "node's address and image_registry.port.host_port, listed in every "
-                                              "engine's insecure-registries")
+                                              "node's address and image_registry.port.host_port, whose TLS every "
+                                              "engine verifies with the stack's image_registry_ca")
     stateful_label: str = Field(default="mlops.stateful", pattern=f"^{NODE_LABEL}$",
                                 description="nodes labelled <label>=true run MLflow and the image registry (their "
                                             "volumes are local to that node)")

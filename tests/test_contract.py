@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from mlops_spec import contract
-from mlops_spec.contract import GatewayEnv, MlflowEnv, PrometheusEnv, RegistryEnv, ReplicaEnv, TrackingEnv, TrainingEnv
+from mlops_spec.contract import (
+    GatewayEnv,
+    MlflowEnv,
+    PrometheusEnv,
+    RegistryEnv,
+    ReplicaEnv,
+    TlsEnv,
+    TrackingEnv,
+    TrainingEnv,
+)
 from mlops_spec.models import MAX_MODEL_NAME, ModelPin, RolloutPolicy, TrafficSplit
 from mlops_spec.project import REPO_ROOT
 
@@ -172,19 +181,24 @@ def test_each_image_reads_the_variables_the_components_set_on_it():
     reads = {
         "serving": env_names(ReplicaEnv, TrackingEnv),
         # The password and username reach MLflow's client library, which reads them itself.
-        "training": {TrackingEnv.URI, TrainingEnv.IMAGE_DIGEST},
-        "mlflow": env_names(MlflowEnv),
+        "training": {TrackingEnv.URI, TrackingEnv.CA_CERTIFICATE, TrainingEnv.IMAGE_DIGEST},
+        "mlflow": env_names(MlflowEnv, TlsEnv),
         "prometheus": env_names(PrometheusEnv),
         "gateway": env_names(GatewayEnv),
     }
     for image, variables in reads.items():
         missing = variables - string_constants(IMAGES / image)
         assert not missing, f"images/{image} never reads {sorted(missing)}"
-    assert RegistryEnv.HTPASSWD_ENTRY in (IMAGES / "registry/entrypoint.sh").read_text()
-    assert module_constants(IMAGES / "mlflow/start.py")["HASHES_VARIABLE"] == MlflowEnv.PASSWORD_HASHES
+    registry_entrypoint = (IMAGES / "registry/entrypoint.sh").read_text()
+    assert all(variable in registry_entrypoint for variable in env_names(RegistryEnv, TlsEnv))
+    start = module_constants(IMAGES / "mlflow/start.py")
+    assert start["HASHES_VARIABLE"] == MlflowEnv.PASSWORD_HASHES
+    assert (start["TLS_CERTIFICATE_VARIABLE"], start["TLS_KEY_VARIABLE"]) == (TlsEnv.CERTIFICATE, TlsEnv.KEY)
+    for image in ("serving/serving/registry.py", "training/mlops_training/registry.py"):
+        assert module_constants(IMAGES / image)["CA_CERTIFICATE_VARIABLE"] == TrackingEnv.CA_CERTIFICATE, image
     # Every variable of the contract is checked against the image that reads it.
     checked = set().union(*reads.values(), env_names(RegistryEnv, GatewayEnv))
-    assert checked == env_names(MlflowEnv, RegistryEnv, TrackingEnv, ReplicaEnv, TrainingEnv, GatewayEnv,
+    assert checked == env_names(MlflowEnv, RegistryEnv, TlsEnv, TrackingEnv, ReplicaEnv, TrainingEnv, GatewayEnv,
                                 PrometheusEnv)
 
 
@@ -192,7 +206,8 @@ def test_each_image_reads_the_variables_the_components_set_on_it():
 def test_mlflow_accepts_the_host_name_the_stage_network_reaches_it_by():
     allowed = only(r"MLFLOW_SERVER_ALLOWED_HOSTS=(\S+)", (IMAGES / "mlflow/Dockerfile").read_text()).split(",")
     assert f"{contract.model_registry_name('*')}:{contract.MLFLOW_PORT}" in allowed
-    assert contract.tracking_uri("staging") == f"http://{contract.model_registry_name('staging')}:{contract.MLFLOW_PORT}"
+    assert contract.tracking_uri("staging", tls=False) == f"http://{contract.model_registry_name('staging')}:{contract.MLFLOW_PORT}"
+    assert contract.tracking_uri("staging", tls=True) == f"https://{contract.model_registry_name('staging')}:{contract.MLFLOW_PORT}"
 
 
 def test_the_replicas_cap_what_they_read_from_the_registry_as_the_cli_does():

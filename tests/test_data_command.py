@@ -10,6 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from mlops import reach
 from mlops.cli import app
 from mlops.commands import data
 from mlops.modelstore import ModelVersion
@@ -29,7 +30,7 @@ class DevMlflow:
     dataset_sha256: str | None = None
     asked: list[tuple] = []
 
-    def __init__(self, url: str, auth) -> None:
+    def __init__(self, url: str, auth, ca_certificate: str | None = None) -> None:
         self.auth = auth
 
     def latest_version(self, name: str) -> int:
@@ -50,7 +51,7 @@ class DevMlflow:
 @pytest.fixture
 def dev_mlflow(monkeypatch):
     monkeypatch.setenv("MLOPS_MLFLOW_PASSWORD_DEV", "secret")
-    monkeypatch.setattr(data, "MlflowStore", DevMlflow)
+    monkeypatch.setattr(reach, "MlflowStore", DevMlflow)  # the client `StageReach.model_store` opens
     monkeypatch.setattr(data, "stored_datasets", lambda spec, model, environments: list(LISTED))
     DevMlflow.asked = []
     return DevMlflow

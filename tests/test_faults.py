@@ -25,6 +25,7 @@ import os
 import pickle
 import shutil
 import signal
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,7 @@ from mlops_spec.contract import (
 )
 from mlops_spec.loading import load_stage
 from mlops_spec.project import ENVIRONMENTS_DIR
+from mlops_spec.service_tls import ca_certificate
 from tests.conftest import fetch_build_inputs
 from tests.engine import StageOnEngine
 from tests.mlflow_servers import MLFLOW_SECRETS, start_server, wait_healthy
@@ -138,10 +140,13 @@ def dev_on_its_host(docker_hosts, tmp_path_factory):
 def registry_holdings(registry: StageRegistry) -> dict[str, str]:
     """Every `repository:tag` the registry lists, with its manifest digest; fails unless every blob and child
     manifest it names is there too."""
+    tls = ssl.create_default_context(cadata=registry.ca_certificate) if registry.ca_certificate else None
+
     def get(path: str, method: str = "GET") -> bytes:
-        request = urllib.request.Request(f"http://{registry.address}/v2/{path}", method=method, headers={
-            "Authorization": "Basic " + base64.b64encode(f"{registry.username}:{registry.password}".encode()).decode()})
-        with urllib.request.urlopen(request, timeout=30) as response:
+        request = urllib.request.Request(f"{'https' if tls else 'http'}://{registry.address}/v2/{path}", method=method,
+                                         headers={"Authorization": "Basic " + base64.b64encode(
+                                             f"{registry.username}:{registry.password}".encode()).decode()})
+        with urllib.request.urlopen(request, timeout=30, context=tls) as response:
             return response.read()
 
     def check_complete(repository: str, reference: str) -> str:
@@ -176,9 +181,13 @@ def stage_health(client) -> dict[str, str]:
 def test_an_engine_power_cut_loses_nothing_and_the_stage_serves_again(dev_on_its_host):
     host, registry_password = dev_on_its_host
     serving = f"http://{host.ip}:8080"
-    reader = MlflowStore(f"http://{host.ip}:5000", BasicAuth(READER, mlflow_password("dev", READER)))
+    # Published off loopback, both speak TLS, verified with the CAs the stage's secrets make.
+    reader = MlflowStore(f"https://{host.ip}:5000", BasicAuth(READER, mlflow_password("dev", READER)),
+                         ca_certificate=ca_certificate(os.environ[secret_variable(MLFLOW_PASSWORD, "dev")], "dev",
+                                                       "model-registry"))
     registry = StageRegistry(where="dev's image registry", address=f"{host.ip}:5001", username="mlops",
-                             password=registry_password)
+                             password=registry_password,
+                             ca_certificate=ca_certificate(registry_password, "dev", "image-registry"))
     rows = load_iris().data[::7]
     wait_until(lambda: set(stage_health(host.client).values()) == {"healthy"}, 300, "every container healthy")
     containers, models, images = stage_health(host.client), models_held(reader), registry_holdings(registry)

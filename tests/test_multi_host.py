@@ -25,9 +25,9 @@ import pytest
 import yaml
 from sklearn.datasets import load_iris
 
-from mlops.credentials import mlflow_password
+from mlops.credentials import mlflow_password, model_registry_ca
 from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
-from mlops.modelstore import BasicAuth, MlflowStore
+from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops_spec.contract import (
     MLFLOW_PASSWORD,
     MODEL_SIGNING_KEY,
@@ -39,6 +39,7 @@ from mlops_spec.contract import (
 from mlops_spec.loading import load_stage
 from mlops_spec.models import ModelRelease
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
+from mlops_spec.service_tls import ca_certificate
 from tests.conftest import free_port
 from tests.engine import StageOnEngine
 from tests.model_signing import SIGNING_KEY_PEM, TRUSTED_KEYS_PEM
@@ -179,6 +180,12 @@ def prod_without_dev(stages):
     return prod
 
 
+def prods_registry(hosts, passwords) -> StageRegistry:
+    """prod's image registry as mlops reaches it: published off loopback, so over TLS that prod's CA verifies."""
+    return StageRegistry(where="prod's image registry", address=f"{hosts['prod'].ip}:5201", username="mlops",
+                         password=passwords["prod"], ca_certificate=ca_certificate(passwords["prod"], "prod", "image-registry"))
+
+
 def test_the_provider_would_read_the_promoted_prod_back_as_declared(prod_without_dev):
     """prod on its TLS host, deployed and then updated to the promoted pin: the next `pulumi up` changes nothing."""
     assert differences(prod_without_dev) == []
@@ -195,9 +202,7 @@ def test_promoted_stages_pin_the_same_digests_in_their_own_registries(stages, pr
         assert prod_pin.startswith(f"localhost:5201/prod/{MODEL}-{role}@sha256:")
         digest = prod_pin.split("@")[1]
         assert staging_pin.split("@")[1] == digest, "a copy by digest keeps the bytes, so the digest"
-        registry = StageRegistry(where="prod's image registry", address=f"{hosts['prod'].ip}:5201", username="mlops",
-                                 password=passwords["prod"])
-        assert manifest_digest(registry, f"prod/{MODEL}-{role}", digest) == digest
+        assert manifest_digest(prods_registry(hosts, passwords), f"prod/{MODEL}-{role}", digest) == digest
 
 
 def test_prod_serves_the_pinned_model_from_its_own_host_while_dev_is_down(stages, prod_without_dev):
@@ -211,7 +216,12 @@ def test_prod_serves_the_pinned_model_from_its_own_host_while_dev_is_down(stages
         replica = prod_without_dev.client.containers.get(f"prod-{MODEL}-blue-{index}")
         assert pin.images.serving in replica.image.attrs["RepoDigests"]
     reader = BasicAuth(READER, mlflow_password("prod", READER))
-    model = MlflowStore(f"http://{hosts['prod'].ip}:5200", reader).fetch(MODEL, pin.version)
+    # Published off loopback, prod's MLflow speaks TLS, which its replicas verified with prod's CA to fetch this.
+    prods_ca = model_registry_ca(load_stage("prod", environments))
+    assert prods_ca is not None
+    model = MlflowStore(f"https://{hosts['prod'].ip}:5200", reader, ca_certificate=prods_ca).fetch(MODEL, pin.version)
+    with pytest.raises(StoreError, match="not reachable"):
+        MlflowStore(f"http://{hosts['prod'].ip}:5200", reader).fetch(MODEL, pin.version)
     assert model.sha256 == pin.sha256
     rows = load_iris().data[::7]
     served = infer(f"http://{hosts['prod'].ip}:8280", MODEL, rows)
@@ -224,9 +234,7 @@ def test_a_tampered_image_in_prods_registry_is_refused_by_the_deploy(stages, pro
     assert pin is not None
     digest = pin.split("@")[1]
     client = hosts["prod"].client
-    registry = StageRegistry(where="prod's image registry", address=f"{hosts['prod'].ip}:5201", username="mlops",
-                             password=passwords["prod"])
-    manifest = json.loads(read_manifest(registry, f"prod/{MODEL}-serving", digest))
+    manifest = json.loads(read_manifest(prods_registry(hosts, passwords), f"prod/{MODEL}-serving", digest))
     layer = manifest["layers"][-1]["digest"].removeprefix("sha256:")
     blob = f"/var/lib/registry/docker/registry/v2/blobs/sha256/{layer[:2]}/{layer}/data"
     # Overwritten in place: the registry serves a blob by its recorded length, so appended bytes never leave it.

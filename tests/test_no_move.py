@@ -62,6 +62,13 @@ INTENDED_CHANGES |= {secret: SECRETS_RETAINED
                      for secret in ("image-registry-secret", "model-registry-secret", "serving-reader-secret")}
 INTENDED_CHANGES["model-registry-secret"] = (f"{SECRETS_RETAINED[0]}; {HASHES[0]}",
                                              {*SECRETS_RETAINED[1], "data", "name"})
+TLS = ("MLflow and the image registry speak TLS where they are published off loopback (issue 18): their "
+       "certificate, key and a health check over TLS, on a swarm the key as a Swarm secret of its own",
+       {"taskSpec.containerSpec.env", "taskSpec.containerSpec.secrets", "taskSpec.containerSpec.healthcheck"})
+for service in ("model-registry-server", "image-registry-server"):
+    INTENDED_CHANGES[service] = (f"{INTENDED_CHANGES[service][0]}; {TLS[0]}", INTENDED_CHANGES[service][1] | TLS[1])
+NEW_RESOURCES = {"model-registry-tls-key": TLS[0], "image-registry-tls-key": TLS[0]}
+"""resource name without its stack -> why it is new since BASE."""
 
 
 def intended(change, stack: str) -> set[str]:
@@ -98,7 +105,8 @@ def before_and_after(tmp_path_factory) -> tuple[dict, dict]:
 def test_only_model_workloads_move_and_everything_else_keeps_its_urn_and_inputs(variant, before_and_after):
     stack = VARIANTS[variant][0] if variant in VARIANTS else EXPERIMENT
     before = [r for r in before_and_after[0][variant] if not is_model_workload(r.name, stack)]
-    after = [r for r in before_and_after[1][variant] if not is_model_workload(r.name, stack)]
+    after = [r for r in before_and_after[1][variant]
+             if not is_model_workload(r.name, stack) and r.name.removeprefix(f"{stack}-") not in NEW_RESOURCES]
     changes, unchanged = compare(before, after, stack, stack)
     moved = [(change.status, change.action, change.name, change.replace_fields) for change in changes
              if change.action in ("create", "delete") or (change.action == "replace"

@@ -16,6 +16,7 @@ from mlops_spec import loading
 from mlops_spec.contract import ADMIN, IDENTITIES, READER, derived_password
 from mlops_spec.loading import load_stages
 from mlops_spec.project import REPO_ROOT
+from mlops_spec.service_tls import ca_certificate
 from tests.conftest import FIXTURE_MODEL_SHA256, FIXTURE_SERVING_IMAGE, FIXTURE_TRAINING_IMAGE, pinned_image
 from tests.model_signing import SIGNING_KEY_PEM, TRUSTED_KEYS_PEM
 
@@ -392,6 +393,36 @@ def test_secrets_never_reach_exports_and_derived_values_stay_secret():
     assert entry.startswith("mlops:$2b$10$") and password not in entry, "bcrypt at cost 10 at least"
     assert bcrypt.checkpw(password.encode(), entry.split(":", 1)[1].encode())
     assert htpasswd_entry("mlops", password, "prod") != entry, "each stack salts its own"
+
+
+def test_only_ports_published_off_loopback_speak_tls_and_the_stack_exports_their_cas():
+    from mlops.program import declare_stack
+
+    config = {"mlops:registryPassword": "registry-secret", "mlops:mlflowPassword": "mlflow-secret",
+              "mlops:trustedModelKeys": TRUSTED_KEYS_PEM}
+    exported = {}
+    for stage in ("dev", "cluster"):
+        plan.mock_runtime(stage, config)
+
+        @pulumi.runtime.test
+        def check(stage=stage):
+            exports = declare_stack(stage, load_stages([stage])[0]).exports()
+            keys = list(exports)
+            return pulumi.Output.all(*exports.values()).apply(lambda values: exported.update({stage: dict(zip(keys, values))}))
+
+        check()
+    assert exported["dev"]["model_registry_url"].startswith("http://127.0.0.1:")
+    assert "model_registry_ca" not in exported["dev"] and "image_registry_ca" not in exported["dev"], "loopback: plain"
+    cluster = exported["cluster"]
+    assert cluster["model_registry_url"] == "https://0.0.0.0:5300"
+    assert cluster["model_registry_ca"] == ca_certificate("mlflow-secret", "cluster", "model-registry")
+    assert cluster["image_registry_ca"] == ca_certificate("registry-secret", "cluster", "image-registry")
+    dev = by_name(render("dev", reveal_secrets=True))
+    for server in ("dev-model-registry-server", "dev-image-registry-server"):
+        assert not any(variable.startswith("MLOPS_TLS_") for variable in dev[server].inputs["envs"]), server
+        assert dev[server].inputs["healthcheck"]["tests"][-2].startswith("http://127.0.0.1:5000/")
+    assert all("MLOPS_MLFLOW_CA_CERTIFICATE" not in " ".join(replica.inputs["envs"])
+               for replica in serving_replicas(dev, "iris-classifier"))
 
 
 def test_content_tag_changes_exactly_when_inputs_change(tmp_path, monkeypatch):

@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import bcrypt
@@ -21,12 +23,14 @@ from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
 from components.images import BuildSettings, model_image_repository
+from components.workload import HttpHealth, http_probe
 from mlops import promote, rollout
 from mlops.cli import app
 from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
 from mlops.modelstore import MODEL_FILES, BasicAuth, MlflowStore, ModelVersion, StoreError
 from mlops.signing import check_signed, public_keys
 from mlops_spec.contract import (
+    IMAGE_REGISTRY_PORT,
     MLFLOW_PASSWORD,
     PROMOTER,
     READER,
@@ -39,8 +43,9 @@ from mlops_spec.contract import (
     secret_variable,
 )
 from mlops_spec.loading import load_stage
-from mlops_spec.models import ModelPin
+from mlops_spec.models import HealthCheck, ModelPin
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
+from mlops_spec.service_tls import ServerTls, server_tls
 from tests.conftest import (
     FIXTURE_SERVING_DIGEST,
     FIXTURE_TRAINING_DIGEST,
@@ -663,12 +668,16 @@ def image_registry(docker_engine, tmp_path):
     docker("build", "-q", "-t", image, "--build-arg", "BASE_IMAGE=mlops-base:bookworm", str(REPO_ROOT / "images" / "registry"))
     started = []
 
-    def start() -> tuple[int, dict, str]:
+    def start(tls: ServerTls | None = None) -> tuple[int, dict, str]:
+        """`tls`: the certificate and key it speaks TLS with, as the stack hands them over off loopback."""
         name = f"{image}-{len(started)}"
         password = os.urandom(12).hex()
         entry = f"mlops:{bcrypt.hashpw(password.encode(), bcrypt.gensalt()).decode()}"
         port = free_port()
-        docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5000", "-e", f"REGISTRY_HTPASSWD_ENTRY={entry}", image)
+        tls_env = ["-e", "MLOPS_TLS_CERTIFICATE", "-e", "MLOPS_TLS_KEY"] if tls else []
+        docker("run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:5000", "-e", f"REGISTRY_HTPASSWD_ENTRY={entry}",
+               *tls_env, image, env={**os.environ, **({"MLOPS_TLS_CERTIFICATE": tls.certificate,
+                                                        "MLOPS_TLS_KEY": tls.key} if tls else {})})
         started.append(name)
         config = {**os.environ, "DOCKER_CONFIG": str(tmp_path / f"docker-config-{name}")}
         deadline = time.monotonic() + 60
@@ -804,9 +813,68 @@ def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, ima
      "connect: connection refused", "is unreachable"),
     ("reading manifest sha256:4019ab: unauthorized: authentication required", "refused user mlops's credentials (401)"),
     ("initializing source: received unexpected HTTP status: 401 Unauthorized", "refused user mlops's credentials (401)"),
+    ('pinging container registry 10.0.0.10:5301: Get "https://10.0.0.10:5301/v2/": tls: failed to verify certificate: '
+     "x509: certificate signed by unknown authority", "presented a certificate that does not verify with the CA"),
+    ('pinging container registry 10.0.0.10:5301: Get "https://10.0.0.10:5301/v2/": http: server gave HTTP response '
+     "to HTTPS client", "speaks plain HTTP, where the stage's registry speaks TLS"),
 ])
 def test_skopeo_failures_are_told_apart_by_their_words_not_by_digits_inside_a_digest(stderr, reason):
     from mlops.imagecopy import _reason
 
     registry = StageRegistry(where="staging's image registry", address="127.0.0.1:5101", username="mlops", password="p")
     assert reason in _reason(stderr, registry)
+
+
+def test_skopeo_verifies_a_registry_published_off_loopback_with_its_stages_ca_alone(tmp_path, monkeypatch):
+    from mlops import imagecopy
+
+    asked, trusted = [], []
+
+    def skopeo(command, **_options):
+        asked.append(command)
+        folders = {command[index + 1] for index, argument in enumerate(command) if argument.endswith("cert-dir")}
+        trusted.append({folder: (Path(folder) / "ca.crt").read_text() for folder in folders})
+        return subprocess.CompletedProcess(command, 0, stdout=json.dumps(trusted[-1]).encode(), stderr=b"")
+    monkeypatch.setattr(imagecopy.subprocess, "run", skopeo)
+    monkeypatch.setattr(imagecopy, "manifest_digest", lambda registry, repository, digest: digest)
+    source = StageRegistry(where="dev's image registry", address="127.0.0.1:5001", username="mlops", password="p")
+    target = StageRegistry(where="prod's image registry", address="10.0.0.10:5201", username="mlops", password="q",
+                           ca_certificate="prod's CA")
+    imagecopy.copy_image(source, "dev/m-serving", "sha256:" + "a" * 64, target, "prod/m-serving")
+    [copy] = asked
+    assert "--src-tls-verify=false" in copy, "a registry on loopback speaks plain HTTP"
+    assert "--dest-tls-verify=true" in copy and "--dest-tls-verify=false" not in copy
+    assert list(trusted[0].values()) == ["prod's CA"] and copy[copy.index("--dest-cert-dir") + 1] in trusted[0]
+    asked.clear()
+    assert json.loads(imagecopy._skopeo(["inspect", "--authfile", "a", *imagecopy._tls_options(target, str(tmp_path / "auth.json"))],
+                                        target, "reading")) == {str(tmp_path / "certs"): "prod's CA"}
+    assert "--tls-verify=true" in asked[0] and "--tls-verify=false" not in asked[0]
+
+
+@pytest.mark.docker
+def test_a_registry_speaking_tls_is_read_and_copied_only_with_its_stages_ca(image_registry, tmp_path):
+    from mlops.imagecopy import copy_image, read_manifest
+
+    tls = {stage: server_tls(f"{stage}-secret", stage, "image-registry", ("image-registry",)) for stage in ("dev", "prod")}
+    (dev_port, dev_config, dev_password), (prod_port, _, prod_password) = image_registry(tls["dev"]), image_registry(tls["prod"])
+    _, pushed = push_stand_in(f"localhost:{dev_port}/dev/stand-in:1", dev_config, tmp_path / "stand-in")
+    digest = pushed.split("@")[1]
+    dev = StageRegistry(where="dev's image registry", address=f"127.0.0.1:{dev_port}", username="mlops",
+                        password=dev_password, ca_certificate=tls["dev"].ca_certificate)
+    prod = StageRegistry(where="prod's image registry", address=f"127.0.0.1:{prod_port}", username="mlops",
+                         password=prod_password, ca_certificate=tls["prod"].ca_certificate)
+    assert copy_image(dev, "dev/stand-in", digest, prod, "prod/stand-in") == f"prod/stand-in@{digest}"
+    assert manifest_digest(prod, "prod/stand-in", digest) == digest
+    impostor = StageRegistry(**{**prod.__dict__, "ca_certificate": tls["dev"].ca_certificate})
+    with pytest.raises(RegistryError, match="presented a certificate that does not verify with the CA"):
+        read_manifest(impostor, "prod/stand-in", digest)
+    with pytest.raises(RegistryError, match="presented a certificate that does not verify with the CA"):
+        copy_image(dev, "dev/stand-in", digest, impostor, "prod/again")
+    with pytest.raises(RegistryError, match="does not have it"):
+        read_manifest(prod, "prod/again", digest)
+    with pytest.raises(urllib.error.HTTPError) as plain:
+        urllib.request.urlopen(f"http://127.0.0.1:{prod_port}/v2/", timeout=10)
+    assert plain.value.code == 400, "TLS only: plain HTTP gets the TLS server's refusal"
+    container = docker("ps", "-q", "--filter", f"publish={prod_port}")
+    docker("exec", container, *http_probe(HttpHealth(IMAGE_REGISTRY_PORT, "/", HealthCheck(), tls=True))[1:])
+    docker("rmi", pushed.split("@")[0] + ":1")

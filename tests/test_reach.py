@@ -38,7 +38,7 @@ def test_a_tcp_host_is_reached_at_its_published_address(environments):
     spec = stage_on(environments, "tcp://10.1.2.3:2375",
                     model_registry_port={"bind_address": "0.0.0.0", "public": True})
     with StageReach(spec) as reach:
-        assert reach.model_registry_url() == "http://10.1.2.3:5200"
+        assert reach.model_registry_url() == "https://10.1.2.3:5200", "published off loopback: TLS"
 
 
 def test_a_tcp_host_with_loopback_ports_is_refused_naming_stage_service_and_host(environments):

@@ -240,3 +240,51 @@ def test_the_table_has_one_row_per_served_model_and_slot(released_environments, 
                                                   str(released_environments)]).output)
     assert [(slot["model"], slot["slot"], slot["replicas"]) for slot in as_json["slots"]] == [
         ("diabetes-regressor", "blue", 2), ("iris-classifier", "blue", 3), ("iris-classifier", "green", 3)]
+
+
+def test_mlflow_published_off_loopback_is_probed_over_tls_reading_no_secret(monkeypatch, tmp_path):
+    """The row of a service that speaks TLS asks it over TLS, and `mlops status` still reads no secret (the
+    stage's CA derives from one), so the probe does not verify the certificate: it sends nothing to steal."""
+    import http.server
+    import ssl
+    import threading
+
+    from mlops import status
+    from mlops.reach import StageReach
+    from mlops_spec.service_tls import server_tls
+
+    tls = server_tls("a secret mlops status never reads", "dev", "model-registry", ())
+    (tmp_path / "certificate.pem").write_text(tls.certificate)
+    (tmp_path / "key.pem").write_text(tls.key)
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "certificate.pem", tmp_path / "key.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(status, "_containers_health", lambda spec: ({"model-registry": ["healthy"]}, "", []))
+    monkeypatch.delenv("MLOPS_MLFLOW_PASSWORD_DEV", raising=False)
+    dev = load_stages(["dev"])[0]
+
+    def row_published_on(bind_address: str) -> status.Row:
+        port = dev.model_registry.port.model_validate(
+            {"host_port": server.server_address[1], "bind_address": bind_address, "public": True})
+        spec = dev.model_copy(update={"model_registry": dev.model_registry.model_copy(update={"port": port})})
+        with StageReach(spec) as reach:
+            row = status.model_registry(status.Probe(spec, reach))
+        assert row is not None, "every stage has a model registry row"
+        return row
+    try:
+        row = row_published_on("0.0.0.0")
+        assert (row.ok, row.answer) == (True, "GET /health: 200")
+        assert not row_published_on("127.0.0.1").ok, "on loopback the probe speaks plain HTTP, which a TLS port refuses"
+    finally:
+        server.shutdown()

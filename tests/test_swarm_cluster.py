@@ -52,6 +52,7 @@ from mlops_spec.contract import (
 )
 from mlops_spec.loading import load_stage
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
+from mlops_spec.service_tls import ca_certificate
 from tests.cluster import task_states
 from tests.conftest import fetch_build_inputs
 from tests.engine import SECRET, SERVICE, DeployFailed, StageOnEngine
@@ -201,8 +202,18 @@ def pin(engine: StageOnEngine, environments: Path, version: int, sha256: str) ->
         raise DeployFailed(f"{failure}; {SERVING} tasks: {task_states(engine.client, SERVING)}") from None
 
 
+def stage_ca() -> str:
+    """The CA the stage's MLflow is verified with: it is published off loopback, so it speaks TLS."""
+    return ca_certificate(os.environ[secret_variable(MLFLOW_PASSWORD, STAGE)], STAGE, "model-registry")
+
+
+def mlflow_at(manager_ip: str, auth: BasicAuth) -> MlflowStore:
+    """The stage's MLflow as mlops reaches it, at the manager's address."""
+    return MlflowStore(f"https://{manager_ip}:{MLFLOW_PORT}", auth, ca_certificate=stage_ca())
+
+
 def predictions_of(reader: BasicAuth, manager_ip: str, version: int) -> list:
-    model = MlflowStore(f"http://{manager_ip}:{MLFLOW_PORT}", reader).fetch(MODEL, version)
+    model = mlflow_at(manager_ip, reader).fetch(MODEL, version)
     return pickle.loads(model.files["model.pkl"]).predict(ROWS).tolist()
 
 
@@ -235,7 +246,7 @@ def test_both_models_answer_through_the_gateway_as_registered_and_the_regressor_
         swarm_cluster, cluster_stage):
     engine, _, _, reader = cluster_stage
     manager_ip = swarm_cluster.manager.ip
-    store = MlflowStore(f"http://{manager_ip}:{MLFLOW_PORT}", reader)
+    store = mlflow_at(manager_ip, reader)
     # The classifier as pinned; the regressor following its newest version, which its replicas serve.
     check_each_model_answers_as_registered(f"http://{manager_ip}:{GATEWAY_PORT}", store,
                                            {MODEL: 1, REGRESSOR: store.latest_version(REGRESSOR)})
@@ -423,10 +434,10 @@ def test_a_release_that_fails_after_its_first_health_checks_is_rolled_back_after
     another monitor window and rolls it back when it fails there. `mlops settle` (the step after `pulumi up`)
     waits that out and fails naming the service, so the deploy does not end green on a spec the cluster dropped."""
     engine, environments, versions, reader = cluster_stage
-    tracking_uri = f"http://{swarm_cluster.manager.ip}:{MLFLOW_PORT}"
-    payload = late_failing(MlflowStore(tracking_uri, reader).fetch(MODEL, 2).files["model.pkl"], predictions=5)
+    store = mlflow_at(swarm_cluster.manager.ip, reader)
+    payload = late_failing(store.fetch(MODEL, 2).files["model.pkl"], predictions=5)
     trainer = BasicAuth(TRAINER, derived_password(engine.mlflow_password, TRAINER))
-    version = MlflowRegistry(tracking_uri, trainer).register(MODEL, payload)
+    version = MlflowRegistry(store.url, trainer, ca_certificate=stage_ca()).register(MODEL, payload)
     pin(engine, environments, version=int(version), sha256=hashlib.sha256(payload).hexdigest())
     assert (engine.client.api.inspect_service(SERVING).get("UpdateStatus") or {}).get("State") == "updating", \
         "the deploy returned while Swarm still watches the update"

@@ -8,20 +8,24 @@ import os
 import re
 import subprocess
 from collections import Counter
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from components import runtimes
 from components.model_registry import mlflow_password_hashes
 from components.runtimes import service_job_arguments
 from components.training_environment import training_run
-from components.workload import http_probe
+from components.workload import HttpHealth, http_probe
 from mlops import plan
 from mlops.commands import swarm_training
 from mlops.diff import compare
 from mlops_spec.contract import READER, derived_password
 from mlops_spec.loading import load_stage
 from mlops_spec.project import REPO_ROOT
+from mlops_spec.service_tls import ca_certificate, server_tls
 from tests.test_spec_errors import replace, run_cli
 
 SERVICE = "docker:index/service:Service"
@@ -87,13 +91,14 @@ def test_serving_replicas_are_spread_limited_reserved_health_checked_and_hardene
         "reservation": {"nanoCpus": 250_000_000, "memoryBytes": 256 * runtimes.MIB}}
     container = task["containerSpec"]
     assert (container["user"], container["readOnly"], container["capDrops"]) == ("10001:10001", True, ["ALL"])
-    single_host = http_probe(8080, "/v2/health/ready", spec.serving.health_check)
+    single_host = http_probe(HttpHealth(8080, "/v2/health/ready", spec.serving.health_check))
     assert container["healthcheck"]["tests"] == single_host
     assert container["healthcheck"]["retries"] == spec.serving.health_check.retries
     assert {mount["target"]: mount["type"] for mount in container["mounts"]} == {"/tmp": "tmpfs"}
     env = container["env"]
     assert (env["MODEL_VERSION"], env["MODEL_SHA256"]) == ("3", "a" * 64)
-    assert env["MLFLOW_TRACKING_URI"] == "http://cluster-model-registry:5000"
+    assert env["MLFLOW_TRACKING_URI"] == "https://cluster-model-registry:5000", "MLflow is published off loopback"
+    assert env["MLOPS_MLFLOW_CA_CERTIFICATE"].startswith("-----BEGIN CERTIFICATE-----")
     # The pin shows on the service, whose labels update in place; container labels are ForceNew.
     assert {"label": "mlops.model-version", "value": "3"} in blue["labels"]
     assert {label["label"] for label in container["labels"]} == {"mlops.component", "mlops.slot", "mlops.stack",
@@ -200,7 +205,7 @@ def test_prometheus_runs_on_the_stateful_node_published_in_host_mode_like_the_si
     assert task["resources"] == {"limits": limits, "reservation": limits}
     container = task["containerSpec"]
     assert (container["user"], container["readOnly"], container["capDrops"]) == ("10001:10001", True, ["ALL"])
-    assert container["healthcheck"]["tests"] == http_probe(9090, "/-/ready", spec.monitoring.health_check)
+    assert container["healthcheck"]["tests"] == http_probe(HttpHealth(9090, "/-/ready", spec.monitoring.health_check))
     assert (container["env"]["DRIFT_THRESHOLD"], container["env"]["RETENTION_DAYS"]) == ("0.2", "15")
     assert "secrets" not in container
 
@@ -276,26 +281,31 @@ def test_passwords_reach_services_only_as_secret_files():
     rendered = render(config=SECRETS, reveal_secrets=True)
     registry_password, mlflow_secret = SECRETS["mlops:registryPassword"], SECRETS["mlops:mlflowPassword"]
     forbidden = (registry_password, mlflow_secret, derived_password(mlflow_secret, READER))
-    expected_files = {"cluster-model-registry-server": ("MLOPS_MLFLOW_PASSWORD_HASHES_FILE",
-                                                        "/run/secrets/mlflow-password-hashes"),
-                      "cluster-image-registry-server": ("REGISTRY_HTPASSWD_ENTRY_FILE", "/run/secrets/registry-htpasswd"),
-                      BLUE: ("MLFLOW_TRACKING_PASSWORD_FILE", "/run/secrets/mlflow-reader-password")}
+    tls_keys = [server_tls(secret, "cluster", service, ()).key.split("\n")[1]  # a line of each key's base64
+                for secret, service in ((mlflow_secret, "model-registry"), (registry_password, "image-registry"))]
+    expected_files = {"cluster-model-registry-server": [("MLOPS_MLFLOW_PASSWORD_HASHES_FILE",
+                                                         "/run/secrets/mlflow-password-hashes"),
+                                                        ("MLOPS_TLS_KEY_FILE", "/run/secrets/mlflow-tls-key")],
+                      "cluster-image-registry-server": [("REGISTRY_HTPASSWD_ENTRY_FILE", "/run/secrets/registry-htpasswd"),
+                                                        ("MLOPS_TLS_KEY_FILE", "/run/secrets/registry-tls-key")],
+                      BLUE: [("MLFLOW_TRACKING_PASSWORD_FILE", "/run/secrets/mlflow-reader-password")]}
     for name, resource in rendered.items():
         if resource.type != SERVICE:
             continue
         container = resource.inputs["taskSpec"]["containerSpec"]
         env = json.dumps(container.get("env", {}))
         assert not any(secret in env for secret in forbidden), name
-        assert not any(key.endswith("PASSWORD") for key in container.get("env", {})), name
+        assert not any(key.endswith(("PASSWORD", "KEY")) for key in container.get("env", {})), name
         if name in expected_files:
-            variable, path = expected_files[name]
-            assert container["env"][variable] == path
-            [mounted] = container["secrets"]
-            assert (mounted["fileName"], mounted["fileUid"], mounted["fileGid"], mounted["fileMode"]) == (
-                path, "10001", "10001", 0o400)
-            assert rendered[mounted["secretId"].removesuffix("-id")].inputs["name"] == mounted["secretName"]
+            mounted = sorted(container["secrets"], key=lambda secret: secret["fileName"])
+            assert [(variable, container["env"][variable]) for variable, _ in expected_files[name]] == expected_files[name]
+            assert [(secret["fileName"], secret["fileUid"], secret["fileGid"], secret["fileMode"]) for secret in mounted] == [
+                (path, "10001", "10001", 0o400) for path in sorted(path for _, path in expected_files[name])]
+            for secret in mounted:
+                assert rendered[secret["secretId"].removesuffix("-id")].inputs["name"] == secret["secretName"]
     secrets = [r for r in rendered.values() if r.type == SECRET]
-    assert len(secrets) == 3
+    assert len(secrets) == 5
+    assert not any(key_line in json.dumps(r.inputs) for r in rendered.values() if r.type == SERVICE for key_line in tls_keys)
     for secret in secrets:
         assert not any(value in secret.inputs["name"] for value in forbidden)
     assert all(r.inputs["data"] == plan.SECRET_PLACEHOLDER for r in render(config=SECRETS).values() if r.type == SECRET)
@@ -345,12 +355,14 @@ def test_training_runs_as_a_one_shot_job_on_a_node_with_its_resources():
     image = "10.0.0.10:5301/cluster/training@sha256:" + "d" * 64
     arguments = service_job_arguments(training_run(spec, name="cluster-train-1", image=image, digest=image,
                                                    args=["--seed", "3"], password="the-password",
-                                                   labels={"mlops.stage": "cluster"}))
+                                                   mlflow_ca="the stage's CA", labels={"mlops.stage": "cluster"}))
     pairs = set(zip(arguments, arguments[1:]))
     assert {("--mode", "replicated-job"), ("--restart-condition", "none"), ("--generic-resource", "NVIDIA-GPU=1"),
             ("--constraint", "node.labels.mlops.train == true"), ("--reserve-cpu", "1.0"), ("--limit-memory", "1024M"),
             ("--network", "cluster-net"), ("--user", "10001:10001"), ("--cap-drop", "ALL"),
-            ("--env", "MLFLOW_TRACKING_USERNAME=trainer")} <= pairs
+            ("--env", "MLFLOW_TRACKING_USERNAME=trainer"),
+            ("--env", "MLFLOW_TRACKING_URI=https://cluster-model-registry:5000"),
+            ("--env", "MLOPS_MLFLOW_CA_CERTIFICATE=the stage's CA")} <= pairs, "MLflow speaks TLS off loopback"
     assert ("--secret", "source=cluster-train-1-password,target=mlflow-trainer-password,uid=10001,gid=10001,mode=0400") in pairs
     assert not any("PASSWORD=" in argument and "$(cat" not in argument for argument in arguments)
     assert arguments[arguments.index(image) + 1:][-2:] == ["--seed", "3"]
@@ -390,6 +402,43 @@ def test_the_registry_image_reads_its_htpasswd_line_from_a_file(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "htpasswd").read_text() == "mlops:$2b$05$hash\n"
     assert result.stdout.strip() == "0", "the line must not stay in the registry's environment"
+
+
+def test_mlflow_and_the_registry_speak_tls_with_what_the_stack_hands_over_and_keep_the_key_out_of_the_environment(
+        tmp_path, monkeypatch):
+    from images.mlflow import start
+
+    tls = server_tls("the-secret", "cluster", "model-registry", ())
+    key_file = tmp_path / "key"
+    key_file.write_text(tls.key)
+    monkeypatch.setattr(start, "TLS_FOLDER", str(tmp_path / "tls"))
+    monkeypatch.setenv("MLOPS_TLS_CERTIFICATE", tls.certificate)
+    monkeypatch.setenv("MLOPS_TLS_KEY_FILE", str(key_file))
+    assert start.tls_arguments() == ["--uvicorn-opts", f"--ssl-certfile {tmp_path}/tls/certificate.pem "
+                                                       f"--ssl-keyfile {tmp_path}/tls/key.pem"]
+    assert (tmp_path / "tls" / "key.pem").read_text() == tls.key
+    assert oct((tmp_path / "tls" / "key.pem").stat().st_mode & 0o777) == "0o600"
+    assert not [variable for variable in os.environ if variable.startswith("MLOPS_TLS_")]
+    assert start.tls_arguments() == [], "without them: plain HTTP, on loopback"
+    monkeypatch.setenv("MLOPS_TLS_CERTIFICATE", tls.certificate)
+    with pytest.raises(SystemExit, match="MLOPS_TLS_CERTIFICATE and MLOPS_TLS_KEY .* go together"):
+        start.tls_arguments()
+
+    script = (REPO_ROOT / "images" / "registry" / "entrypoint.sh").read_text()
+    script = script.replace("/tmp/", f"{tmp_path}/registry-").replace(
+        "exec docker-registry serve /etc/mlops-registry/config.yml",
+        'echo "$REGISTRY_HTTP_TLS_CERTIFICATE $REGISTRY_HTTP_TLS_KEY"; env | grep -c MLOPS_TLS_ || true')
+    result = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "REGISTRY_HTPASSWD_ENTRY": "mlops:$2b$05$hash",
+                                 "MLOPS_TLS_CERTIFICATE": tls.certificate, "MLOPS_TLS_KEY_FILE": str(key_file)})
+    assert result.returncode == 0, result.stderr
+    certificate, key, left = result.stdout.split()
+    assert (Path(certificate).read_text().strip(), Path(key).read_text().strip()) == (tls.certificate.strip(), tls.key.strip())
+    assert left == "1", "only MLOPS_TLS_KEY_FILE, the name of a file, stays in the registry's environment"
+    half = subprocess.run(["sh", "-c", script], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"], "REGISTRY_HTPASSWD_ENTRY": "mlops:$2b$05$hash",
+                               "MLOPS_TLS_CERTIFICATE": tls.certificate})
+    assert half.returncode == 2 and half.stderr.count("\n") == 1 and "go together" in half.stderr
 
 
 def gpu_without_placement(file) -> None:
@@ -473,3 +522,26 @@ def test_a_swarm_stage_declares_no_datasets_volume_which_mlops_data_refuses_ther
     volumes = {resource.inputs["name"] for resource in cluster.values() if resource.type == "docker:index/volume:Volume"}
     assert volumes == {"cluster-artifacts", "cluster-mlflow-db", "cluster-registry-data", "cluster-metrics",
                        "cluster-rollout"}
+
+
+def test_mlflow_and_the_image_registry_speak_tls_with_a_ca_made_from_their_own_secret():
+    rendered = render(config=SECRETS, reveal_secrets=True)
+    mlflow_secret, registry_password = SECRETS["mlops:mlflowPassword"], SECRETS["mlops:registryPassword"]
+    for server, secret, service, names in (
+            ("cluster-model-registry-server", mlflow_secret, "model-registry", ["cluster-model-registry", "model-registry"]),
+            ("cluster-image-registry-server", registry_password, "image-registry", ["cluster-image-registry", "image-registry"])):
+        container = rendered[server].inputs["taskSpec"]["containerSpec"]
+        leaf, ca = x509.load_pem_x509_certificates(container["env"]["MLOPS_TLS_CERTIFICATE"].encode())
+        assert ca.public_bytes(Encoding.PEM).decode() == ca_certificate(secret, "cluster", service)
+        leaf.verify_directly_issued_by(ca)
+        subject = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert subject.get_values_for_type(x509.DNSName)[:2] == names, "the replicas reach it on the overlay by name"
+        assert "10.0.0.10" in [str(ip) for ip in subject.get_values_for_type(x509.IPAddress)], \
+            "mlops and every node's engine reach it at the manager's address, which is the registry address's host"
+        assert container["healthcheck"]["tests"][-2].startswith("https://127.0.0.1:5000/")
+    for replica in (BLUE, "cluster-serving-diabetes-regressor-blue"):
+        env = rendered[replica].inputs["taskSpec"]["containerSpec"]["env"]
+        assert env["MLOPS_MLFLOW_CA_CERTIFICATE"] == ca_certificate(mlflow_secret, "cluster", "model-registry")
+    rotated = render(config={**SECRETS, "mlops:registryPassword": "rotated"}, reveal_secrets=True)
+    certificate = rotated["cluster-image-registry-server"].inputs["taskSpec"]["containerSpec"]["env"]["MLOPS_TLS_CERTIFICATE"]
+    assert ca_certificate("rotated", "cluster", "image-registry") in certificate, "a rotated secret rotates the CA"

@@ -27,7 +27,7 @@ PASSWORD = "the-trainer-password"
 
 
 def run_arguments(spec, image, digest, name, training_args, with_datasets=False):
-    arguments = docker_run_arguments(run_of(spec, image, digest, name, PASSWORD, training_args, with_datasets))
+    arguments = docker_run_arguments(run_of(spec, image, digest, name, PASSWORD, None, training_args, with_datasets))
     assert not any(PASSWORD in argument for argument in arguments), "the password is no argument"
     return arguments
 
@@ -139,7 +139,7 @@ def train_with_a_registered_version(monkeypatch, tags: dict[str, str]):
         return 0, train_command.REGISTERED.match(f"REGISTERED name=diabetes-regressor version=3 sha256={REGISTERED_SHA256}")
     monkeypatch.setattr(train_command, "stream_run", stream_run)
 
-    def open_store(url: str, auth) -> RegisteredStore:
+    def open_store(url: str, auth, ca_certificate=None) -> RegisteredStore:
         stores.append(RegisteredStore(url, auth, tags))
         return stores[-1]
     monkeypatch.setattr(train_command, "MlflowStore", open_store)
@@ -210,7 +210,7 @@ def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environme
             ("--env", "MLFLOW_TRACKING_USERNAME=trainer"),
             ("--env", "MLFLOW_TRACKING_PASSWORD")} <= pairs, "the password comes from the environment, not the arguments"
     assert "--read-only" in arguments and arguments[-5:] == ["image:tag", "-m", "mlops_training", "--seed", "3"]
-    assert run_environment(run_of(spec, "image:tag", "sha256:abc", "dev-train-1", PASSWORD, [])) == {
+    assert run_environment(run_of(spec, "image:tag", "sha256:abc", "dev-train-1", PASSWORD, None, [])) == {
         "MLFLOW_TRACKING_PASSWORD": PASSWORD}, "docker passes it on from its own environment"
 
 

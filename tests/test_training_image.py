@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -23,8 +24,8 @@ import yaml
 from components.engine_facts import DockerCli
 from components.images import MODEL_DOCKERFILE, BuildSettings, built_image_name, model_image_name, model_layer
 from components.model_registry import mlflow_password_hashes
-from components.workload import http_probe
-from mlops.modelstore import BasicAuth
+from components.workload import HttpHealth, http_probe
+from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops_spec.contract import (
     ADMIN,
     IDENTITIES,
@@ -39,6 +40,7 @@ from mlops_spec.contract import (
 )
 from mlops_spec.models import DockerHost, HealthCheck
 from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
+from mlops_spec.service_tls import server_tls
 from tests.conftest import fetch_build_inputs
 from tests.model_signing import SESSION_SIGNER, SIGNING_KEY_PEM, TRUSTED_KEYS_PEM, ModelSigner, manifest_of
 
@@ -124,9 +126,9 @@ def mlops_train(stack: TrainingStack, *args: str, secret: str | None = None,
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO_ROOT)
 
 
-def get(url: str, auth: BasicAuth | None = None) -> bytes:
+def get(url: str, auth: BasicAuth | None = None, tls: ssl.SSLContext | None = None) -> bytes:
     request = urllib.request.Request(url, headers={"Authorization": auth.header} if auth else {})
-    with urllib.request.urlopen(request, timeout=10) as response:
+    with urllib.request.urlopen(request, timeout=10, context=tls) as response:
         return response.read()
 
 
@@ -143,11 +145,11 @@ def status(url: str, method: str, auth: BasicAuth | None, body: dict | bytes | N
         return error.code
 
 
-def wait_for_health(url: str, timeout_s: float = 180) -> None:
+def wait_for_health(url: str, timeout_s: float = 180, tls: ssl.SSLContext | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            get(url)
+            get(url, tls=tls)
             return
         except (urllib.error.URLError, ConnectionError):
             if time.monotonic() > deadline:
@@ -225,7 +227,7 @@ def test_code_change_rebuilds_only_the_code_layer(training_stack, tmp_path):
 
 
 def test_mlflow_health_check_passes_inside_the_container(training_stack):
-    probe = http_probe(MLFLOW_PORT, "/health", HealthCheck())[1:]
+    probe = http_probe(HttpHealth(MLFLOW_PORT, "/health", HealthCheck()))[1:]
     docker("exec", f"{training_stack.name}-model-registry", *probe)
 
 
@@ -368,6 +370,59 @@ def test_neither_the_mlflow_container_nor_its_processes_hold_the_stages_secret_o
     assert not [value for value in (secret, *derived) if value in configured + processes]
     assert status(f"{training_stack.mlflow_url}/api/2.0/mlflow/experiments/search?max_results=1", "GET",
                   training_stack.user(ADMIN)) == 200
+
+
+SERVER_ENVIRONMENTS = """
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        status = open(f"/proc/{pid}/status").read()
+        if pid == "1" or "\\nPPid:\\t0\\n" not in status:
+            print(open(f"/proc/{pid}/environ").read())
+    except OSError:
+        pass
+"""
+
+
+def test_mlflow_published_off_loopback_speaks_tls_that_only_its_stages_ca_verifies(training_stack):
+    """The MLflow image as the stack runs it off loopback: its users log in over TLS, mlops and the replicas verify
+    it with the stage's CA and refuse another at once, plain HTTP gets nowhere, and the key stays out of every
+    process's environment."""
+    stack = training_stack
+    container = f"{stack.name}-tls-model-registry"
+    tls = server_tls(stack.mlflow_secret, stack.name, "model-registry", (f"{stack.name}-model-registry",))
+    foreign = server_tls("another-secret", stack.name, "model-registry", ()).ca_certificate
+    docker("run", "--detach", "--name", container, "--label", f"mlops.stack={stack.name}", *HARDENED, "--memory", "1024m",
+           "--publish", f"127.0.0.1::{MLFLOW_PORT}", "--env", "MLOPS_MLFLOW_PASSWORD_HASHES",
+           *[option for folder in ("/data/db", "/data/artifacts") for option in ("--tmpfs", f"{folder}:uid=10001,gid=10001")],
+           "--env", "MLOPS_TLS_CERTIFICATE", "--env", "MLOPS_TLS_KEY", stack.images[0],
+           env={**os.environ, "MLOPS_MLFLOW_PASSWORD_HASHES": mlflow_password_hashes(stack.mlflow_secret, stack.name),
+                "MLOPS_TLS_CERTIFICATE": tls.certificate, "MLOPS_TLS_KEY": tls.key})
+    try:
+        port = docker("port", container, str(MLFLOW_PORT)).stdout.splitlines()[0].rsplit(":", 1)[1]
+        url = f"https://127.0.0.1:{port}"
+        wait_for_health(f"{url}/health", tls=ssl.create_default_context(cadata=tls.ca_certificate))
+        with pytest.raises(StoreError, match="has no registered version"):  # logged in: a refusal would be a 401
+            MlflowStore(url, stack.user(TRAINER), ca_certificate=tls.ca_certificate).latest_version("nothing-yet")
+        with pytest.raises(StoreError, match="is not the stage's: its certificate does not verify"):
+            MlflowStore(url, stack.user(TRAINER), ca_certificate=foreign).latest_version("nothing-yet")
+        replica = MlflowRegistry(url, trusted=[], username=READER, password=derived_password(stack.mlflow_secret, READER),
+                                 ca_certificate=tls.ca_certificate, attempts=1)
+        with pytest.raises(ModelRefused, match="has no registered version yet"):
+            replica.fetch(ModelPin(name="nothing-yet", version="latest", sha256=""))
+        with pytest.raises(ModelRefused, match="is not the stage's"):
+            MlflowRegistry(url, trusted=[], ca_certificate=foreign, attempts=30).fetch(
+                ModelPin(name="nothing-yet", version="latest", sha256=""))  # at once: 30 tries would take a minute
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            get(url.replace("https://", "http://") + "/health")
+        docker("exec", container, *http_probe(HttpHealth(MLFLOW_PORT, "/health", HealthCheck(), tls=True))[1:])
+        # The server's processes: PID 1 and what it started. What `docker exec` starts has no parent in the container
+        # (PPid 0) and gets the container's configured environment, which on one host holds the key.
+        servers = docker("exec", container, "python3", "-c", SERVER_ENVIRONMENTS).stdout
+        assert "MLFLOW_FLASK_SERVER_SECRET_KEY=" in servers
+        assert "PRIVATE KEY" not in servers and "MLOPS_TLS_" not in servers
+    finally:
+        docker("rm", "--force", container, check=False)
 
 
 def test_mlflow_lets_only_its_users_in_the_reader_only_read_and_the_writers_only_add(training_stack):

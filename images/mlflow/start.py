@@ -16,6 +16,9 @@ Users and grants go straight into the auth database before the server starts, so
 answers anyone before the identities exist. Running it again changes nothing, except that every password
 hash is set to the one handed over, which is how the secret is rotated.
 
+Where the stack publishes MLflow off loopback, it hands over a certificate and key, and the server speaks TLS
+(mlops_spec/service_tls.py).
+
 Usage: start.py MLFLOW-SERVER-ARGUMENTS... (the CMD of the image passes them).
 """
 from __future__ import annotations
@@ -30,6 +33,9 @@ WRITERS = ("trainer", "promoter")
 WRITTEN_RESOURCES = ("experiment", "registered_model")
 WRITE_PERMISSION = "EDIT"
 HASHES_VARIABLE = "MLOPS_MLFLOW_PASSWORD_HASHES"
+TLS_CERTIFICATE_VARIABLE = "MLOPS_TLS_CERTIFICATE"
+TLS_KEY_VARIABLE = "MLOPS_TLS_KEY"
+TLS_FOLDER = "/tmp/tls"
 
 
 def password_hashes() -> dict[str, str]:
@@ -67,7 +73,31 @@ def ensure_identities(hashes: dict[str, str]) -> None:
             store.grant_user_permission(identity, resource, "*", WRITE_PERMISSION)
 
 
+def tls_arguments() -> list[str]:
+    """uvicorn's options to speak TLS with the certificate and key the stack made (TLS_CERTIFICATE_VARIABLE, and
+    TLS_KEY_VARIABLE or its _FILE), written where only this user reads them; none: plain HTTP. The key leaves
+    the environment."""
+    certificate = os.environ.pop(TLS_CERTIFICATE_VARIABLE, "")
+    key = os.environ.pop(TLS_KEY_VARIABLE, "")
+    if key_file := os.environ.pop(f"{TLS_KEY_VARIABLE}_FILE", ""):
+        with open(key_file, encoding="utf-8") as handle:
+            key = handle.read()
+    if not certificate and not key:
+        return []
+    if not (certificate and key):
+        sys.exit(f"error: {TLS_CERTIFICATE_VARIABLE} and {TLS_KEY_VARIABLE} (or {TLS_KEY_VARIABLE}_FILE) go together: "
+                 "the stack sets both where MLflow's port is published off loopback")
+    os.makedirs(TLS_FOLDER, mode=0o700, exist_ok=True)
+    paths = {}
+    for name, pem in (("certificate", certificate), ("key", key)):
+        paths[name] = os.path.join(TLS_FOLDER, f"{name}.pem")
+        with os.fdopen(os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(pem)
+    return ["--uvicorn-opts", f"--ssl-certfile {paths['certificate']} --ssl-keyfile {paths['key']}"]
+
+
 def main(server_arguments: list[str]) -> None:
+    tls = tls_arguments()
     ensure_identities(password_hashes())
     # The admin exists by now, so the server needs no admin password. The Flask key is new at every start and
     # inherited by every worker, so the UI's CSRF tokens verify in all of them and it derives from nothing.
@@ -75,7 +105,7 @@ def main(server_arguments: list[str]) -> None:
     if published_host := os.environ.get("MLOPS_PUBLISHED_HOST"):
         os.environ["MLFLOW_SERVER_ALLOWED_HOSTS"] += f",{published_host}"
     # MLflow's basic-auth app as access.py completes it (the entry point of mlops_mlflow_app-1.dist-info).
-    os.execvp("mlflow", ["mlflow", "server", "--app-name", "mlops-basic-auth", *server_arguments])
+    os.execvp("mlflow", ["mlflow", "server", "--app-name", "mlops-basic-auth", *server_arguments, *tls])
 
 
 if __name__ == "__main__":

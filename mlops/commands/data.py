@@ -39,7 +39,7 @@ from mlops.commands.train import (
     stage_spec,
     training_image,
 )
-from mlops.modelstore import BasicAuth, MlflowStore, StoreError
+from mlops.modelstore import StoreError
 from mlops.reach import StageReach, Unreachable
 from mlops_spec.contract import (
     DATASETS_DIR,
@@ -94,9 +94,8 @@ def trained_on(spec: StageSpec, served: StageSpec, model: str) -> Optional[str]:
         return None
     pin = release.of(model)
     try:
-        password = credentials.mlflow_password(spec.stage, READER)
         with StageReach(spec) as reach:
-            store = MlflowStore(reach.model_registry_url(), BasicAuth(READER, password))
+            store = reach.model_store(READER)
             if pin.version == "latest":
                 version: Optional[int] = store.latest_version(pin.name)
             elif pin.sha256 is None:  # only dev pins a bare version, of a model it trained into its own MLflow

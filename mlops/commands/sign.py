@@ -16,7 +16,7 @@ from rich.markup import escape
 
 from mlops import credentials
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
-from mlops.modelstore import BasicAuth, MlflowStore, StoreError
+from mlops.modelstore import StoreError
 from mlops.reach import StageReach, Unreachable
 from mlops.signing import SigningError, private_key, public_keys, sign_version
 from mlops_spec.contract import MODEL_SIGNING_KEY, PROMOTER, TRUSTED_MODEL_KEYS
@@ -52,9 +52,8 @@ def sign(stage: str = typer.Option(..., "--stage", help="the stage whose MLflow 
         if not any(public.public_bytes_raw() == key.public_key().public_bytes_raw() for public in trusted):
             raise SigningError(f"{stage}'s mlops:{TRUSTED_MODEL_KEYS} does not hold {signer}'s public key, so its "
                                "replicas would refuse what this signs; add it first")
-        password = credentials.mlflow_password(stage, PROMOTER)
         with StageReach(spec) as reach:
-            store = MlflowStore(reach.model_registry_url(), BasicAuth(PROMOTER, password))
+            store = reach.model_store(PROMOTER)
             signed = sign_version(store, model, version, key, expected_sha256=pinned,
                                   expected_by=f"{stage}'s pin says")
     except (credentials.MissingSecret, SigningError, StoreError, Unreachable) as err:

@@ -114,7 +114,8 @@ def published_port(spec: StageSpec, container: str, port: int) -> int:
     return int(published.stdout.splitlines()[0].rsplit(":", 1)[1])
 
 
-def sign(spec: StageSpec, registered: re.Match[str], password: str, key: Ed25519PrivateKey) -> None:
+def sign(spec: StageSpec, registered: re.Match[str], password: str, mlflow_ca: Optional[str],
+         key: Ed25519PrivateKey) -> None:
     """Sign the version the run registered, from here: the key never enters a container. Until it is signed no
     replica loads it (dev's replicas keep serving the newest signed version)."""
     name, version = registered["name"], int(registered["version"])
@@ -124,7 +125,8 @@ def sign(spec: StageSpec, registered: re.Match[str], password: str, key: Ed25519
             if port.host_port is None:
                 port = port.model_copy(update={"host_port": published_port(spec, model_registry_name(spec.stage),
                                                                            MLFLOW_PORT)})
-            store = MlflowStore(f"http://{reach.address('model registry', port)}", BasicAuth(TRAINER, password))
+            store = MlflowStore(f"{'https' if mlflow_ca else 'http'}://{reach.address('model registry', port)}",
+                                BasicAuth(TRAINER, password), ca_certificate=mlflow_ca)
             sign_version(store, name, version, key, expected_sha256=registered["sha256"],
                          expected_by="the training run registered")
     except (Unreachable, StoreError, SigningError) as err:
@@ -205,10 +207,10 @@ def check_stack_is_up(spec: StageSpec) -> None:
         raise fail(f"model registry {registry} is not running; run `make up ENV={spec.stage}`")
 
 
-def run_of(spec: StageSpec, image: str, digest: str, name: str, password: str, training_args: list[str],
-           with_datasets: bool = False) -> Run:
+def run_of(spec: StageSpec, image: str, digest: str, name: str, password: str, mlflow_ca: Optional[str],
+           training_args: list[str], with_datasets: bool = False) -> Run:
     return training_run(spec, name=name, image=image, digest=digest, args=training_args, password=password,
-                        labels=stage_labels(spec, spec.stage), with_datasets=with_datasets)
+                        mlflow_ca=mlflow_ca, labels=stage_labels(spec, spec.stage), with_datasets=with_datasets)
 
 
 def report(lines: Iterable[str]) -> Optional[re.Match[str]]:
@@ -264,6 +266,7 @@ def train(
                    "works on single-host stages only", BAD_INPUT_EXIT)
     try:
         password = credentials.mlflow_password(spec.stage, TRAINER)
+        mlflow_ca = credentials.model_registry_ca(spec)
         signing_key = private_key(credentials.model_signing_key(spec.stage), f"{spec.stage}'s mlops:{MODEL_SIGNING_KEY}")
         # Nodes pull the training image from the stage's registry with the credentials the run sends along.
         registry_password = credentials.registry_password(spec.stage) if spec.swarm is not None else ""
@@ -283,13 +286,14 @@ def train(
     if spec.swarm is not None:
         # Nodes pull the image by its digest.
         exit_code, lines = swarm_training.run_job(
-            docker, spec, run_of(spec, digest, digest, name, password, training_args), registry_password,
+            docker, spec, run_of(spec, digest, digest, name, password, mlflow_ca, training_args), registry_password,
             waiting=lambda why: console.print(f"{name} waits to be scheduled: {why}", markup=False, highlight=False))
         registered = report(lines)
     else:
         try:
             exit_code, registered = stream_run(
-                spec, run_of(spec, image, digest, name, password, training_args, with_datasets=data is not None))
+                spec, run_of(spec, image, digest, name, password, mlflow_ca, training_args,
+                             with_datasets=data is not None))
         finally:
             # `--rm` removes it when it ends; this, when the CLI is interrupted first.
             docker(spec, "rm", "--force", name)
@@ -300,5 +304,5 @@ def train(
         raise fail(f"training run {name} failed with exit code {exit_code}{killed}")
     if registered is None:
         raise fail(f"training run {name} exited 0 without its REGISTERED line: nothing says which version it registered")
-    sign(spec, registered, password, signing_key)
+    sign(spec, registered, password, mlflow_ca, signing_key)
     typer.echo(registered.group(0))

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -46,6 +47,7 @@ MODEL_HASH_TAG = "sha256"
 MANIFEST_HASH_TAG = "manifest_sha256"
 SIGNATURE_TAG = "signature"
 SIGNING_KEYS_VARIABLE = "MODEL_SIGNING_KEYS"
+CA_CERTIFICATE_VARIABLE = "MLOPS_MLFLOW_CA_CERTIFICATE"
 TRUSTED_KEYS_CONFIG = "mlops:trustedModelKeys"
 """The Pulumi config the program sets SIGNING_KEYS_VARIABLE from."""
 PEM_PUBLIC_KEY = re.compile(r"-----BEGIN PUBLIC KEY-----.+?-----END PUBLIC KEY-----", re.DOTALL)
@@ -117,9 +119,11 @@ class MlflowRegistry:
     fetched only when one of the `trusted` keys verifies its signature."""
 
     def __init__(self, tracking_uri: str, *, trusted: Sequence[Ed25519PublicKey], username: str = "",
-                 password: str = "", attempts: int = 30, retry_delay_s: float = 2.0, timeout_s: float = 30.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 password: str = "", ca_certificate: str = "", attempts: int = 30, retry_delay_s: float = 2.0,
+                 timeout_s: float = 30.0, sleep: Callable[[float], None] = time.sleep) -> None:
+        """`ca_certificate`: PEM of the only CA an https:// MLflow's certificate may verify with (the stage's)."""
         self.base = tracking_uri.rstrip("/")
+        self.tls = ssl.create_default_context(cadata=ca_certificate) if ca_certificate else None
         self.trusted = list(trusted)
         self.headers = ({"Authorization": "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()}
                         if username else {})
@@ -186,7 +190,7 @@ class MlflowRegistry:
         for attempt in range(1, self.attempts + 1):
             try:
                 with urllib.request.urlopen(urllib.request.Request(url, headers=self.headers),
-                                            timeout=self.timeout_s) as response:
+                                            timeout=self.timeout_s, context=self.tls) as response:
                     return capped_read(response, limit, f"{self.base}{path.split('?')[0]}")
             except urllib.error.HTTPError as error:
                 if error.code < 500:
@@ -194,6 +198,10 @@ class MlflowRegistry:
                                        f"{_mlflow_message(error)}") from None
                 reason = f"HTTP {error.code}"
             except (urllib.error.URLError, OSError) as error:
+                if isinstance(getattr(error, "reason", error), ssl.SSLCertVerificationError):
+                    raise ModelRefused(f"model registry {self.base} is not the stage's: its certificate does not "
+                                       f"verify with {CA_CERTIFICATE_VARIABLE} ({getattr(error, 'reason', error)})"
+                                       ) from None
                 reason = str(getattr(error, "reason", error))
             if attempt < self.attempts:
                 log.warning("model registry %s not reachable yet (%s); retry %d/%d in %.0fs",

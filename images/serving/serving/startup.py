@@ -7,6 +7,7 @@ import os
 import sys
 
 from serving.registry import (
+    CA_CERTIFICATE_VARIABLE,
     SIGNING_KEYS_VARIABLE,
     FetchedModel,
     MlflowRegistry,
@@ -46,7 +47,8 @@ def fetch_pinned_model(runtime: str) -> FetchedModel:
             raise ModelRefused("set MLFLOW_TRACKING_URI to the model registry, e.g. http://<stack>-model-registry:5000")
         fetched = MlflowRegistry(os.environ["MLFLOW_TRACKING_URI"], trusted=trusted,
                                  username=os.environ.get("MLFLOW_TRACKING_USERNAME", ""),
-                                 password=tracking_password()).fetch(pin)
+                                 password=tracking_password(),
+                                 ca_certificate=os.environ.get(CA_CERTIFICATE_VARIABLE, "")).fetch(pin)
     except (ModelRefused, RegistryUnreachable) as refusal:
         log.error("%s", refusal)
         sys.exit(1)

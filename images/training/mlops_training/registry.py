@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -16,6 +17,8 @@ ARTIFACT_PATH = "model"
 # MLflow (images/mlflow/access.py) lets no writer change once set.
 MODEL_HASH_TAG = "sha256"
 MANIFEST_HASH_TAG = "manifest_sha256"
+CA_CERTIFICATE_VARIABLE = "MLOPS_MLFLOW_CA_CERTIFICATE"
+CA_PATH_VARIABLE = "MLFLOW_TRACKING_SERVER_CERT_PATH"
 # MLflow's client retries a failing request 7 times with backoff factor 2: a server that keeps answering 500
 # (its artifact store full) held a training run for 279 s before it failed. 5 retries with factor 1 wait
 # about 31 s in all, longer than the stage's MLflow takes to restart (about 10 s), so a restart is still
@@ -29,12 +32,23 @@ class FilesNotStored(MlflowException):
     """MLflow did not store the model's files; nothing was registered."""
 
 
+def trust_stage_ca() -> None:
+    """Where the stage's MLflow speaks TLS, MLflow's client verifies it with the stage's CA alone: the PEM the run
+    gets goes to the file MLflow's own variable names."""
+    if ca_certificate := os.environ.get(CA_CERTIFICATE_VARIABLE):
+        descriptor, path = tempfile.mkstemp(prefix="mlflow-ca-", suffix=".pem")
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            out.write(ca_certificate)
+        os.environ[CA_PATH_VARIABLE] = path
+
+
 def register(result: TrainingResult, tracking_uri: str) -> int:
     """Log `model.pkl` and `manifest.json` under the run's `model/` folder, register that folder as a new
     version and tag the version with the sha256 of both files (which `mlops train` then signs) and the metrics,
     so promotion reads them from the version alone. Returns the version number."""
     for variable, value in RETRY_BUDGET.items():
         os.environ.setdefault(variable, value)
+    trust_stage_ca()
     manifest = result.manifest
     name = manifest["model_name"]
     hashes = {MODEL_HASH_TAG: result.model_sha256, MANIFEST_HASH_TAG: sha256_file(result.manifest_path)}
