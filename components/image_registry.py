@@ -11,10 +11,9 @@ import pulumi
 
 from components.images import image_id
 from components.runtimes import ComponentType, Runtime
-from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload, tls_env
+from components.workload import HttpHealth, Publish, Role, SecretEnv, ServiceTls, VolumeMount, Workload
 from mlops_spec.contract import IMAGE_REGISTRY_PORT, REGISTRY_DATA_DIR, RegistryEnv, image_registry_name
 from mlops_spec.models import ImageRegistrySpec
-from mlops_spec.service_tls import server_tls
 
 TYPE = ComponentType(single_host="mlops:image_registry:ImageRegistry",
                      swarm="mlops:swarm_image_registry:SwarmImageRegistry")
@@ -61,9 +60,8 @@ class ImageRegistry(pulumi.ComponentResource):
         spec = args["spec"]
         stack = runtime.stack
         entry = pulumi.Output.secret(args["password"]).apply(lambda password: htpasswd_entry(spec.username, password, stack))
-        tls = pulumi.Output.secret(args["password"]).apply(lambda password: server_tls(
-            password, stack, "image-registry", (image_registry_name(stack), "image-registry", *args["published_hosts"]))
-        ) if spec.port.off_loopback else None
+        tls = ServiceTls.off_loopback(spec.port, args["password"], stack, "image-registry",
+                                      (image_registry_name(stack), "image-registry", *args["published_hosts"]))
         registry = runtime.deploy(Workload(
             resource_name=f"{name}-server",
             name=image_registry_name(stack),
@@ -75,12 +73,11 @@ class ImageRegistry(pulumi.ComponentResource):
             role=Role.STATEFUL,
             env={RegistryEnv.HTPASSWD_ENTRY: SecretEnv(entry, resource_name=f"{name}-secret", purpose="registry",
                                                        file="registry-htpasswd"),
-                 **(tls_env(tls, name, "registry") if tls is not None else {})},
+                 **(tls.env(name, "registry") if tls is not None else {})},
             publish=Publish(IMAGE_REGISTRY_PORT, spec.port),
             volumes=[VolumeMount(args["data_volume"], REGISTRY_DATA_DIR)],
             aliases=["image-registry"],
         ), parent=self)
         self.server = runtime.registry_server(registry)
-        self.ca_certificate = None if tls is None else pulumi.Output.unsecret(
-            tls.apply(lambda server_tls: server_tls.ca_certificate))
+        self.ca_certificate = None if tls is None else tls.ca_certificate
         self.register_outputs({"server": self.server, "ca_certificate": self.ca_certificate})

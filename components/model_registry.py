@@ -15,7 +15,7 @@ import pulumi
 
 from components.images import image_id
 from components.runtimes import ComponentType, Runtime
-from components.workload import HttpHealth, Publish, Role, SecretEnv, VolumeMount, Workload, tls_env
+from components.workload import HttpHealth, Publish, Role, SecretEnv, ServiceTls, VolumeMount, Workload
 from mlops_spec.contract import (
     ADMIN,
     ARTIFACTS_DIR,
@@ -28,7 +28,6 @@ from mlops_spec.contract import (
     tracking_uri,
 )
 from mlops_spec.models import ModelRegistrySpec
-from mlops_spec.service_tls import server_tls
 
 TYPE = ComponentType(single_host="mlops:model_registry:ModelRegistry",
                      swarm="mlops:swarm_model_registry:SwarmModelRegistry")
@@ -83,10 +82,9 @@ class ModelRegistry(pulumi.ComponentResource):
         stack = runtime.stack
         published_host = args["published_host"]
         # Replicas and training runs verify it by its name on the stage network, mlops by the published host.
-        tls = pulumi.Output.secret(args["mlflow_password"]).apply(lambda secret: server_tls(
-            secret, stack, "model-registry",
-            (model_registry_name(stack), "model-registry", *([published_host] if published_host else [])))
-        ) if spec.port.off_loopback else None
+        tls = ServiceTls.off_loopback(spec.port, args["mlflow_password"], stack, "model-registry",
+                                      (model_registry_name(stack), "model-registry",
+                                       *([published_host] if published_host else [])))
         server = runtime.deploy(Workload(
             resource_name=f"{name}-server",
             name=model_registry_name(stack),
@@ -104,7 +102,7 @@ class ModelRegistry(pulumi.ComponentResource):
                  **({MlflowEnv.PUBLISHED_HOST: f"{published_host}:{spec.port.host_port}"}
                     if published_host and spec.port.host_port else {}),
                  **({MlflowEnv.TRUSTED_MODEL_KEYS: args["trusted_model_keys"]} if args["trusted_model_keys"] else {}),
-                 **(tls_env(tls, name, "mlflow") if tls is not None else {})},
+                 **(tls.env(name, "mlflow") if tls is not None else {})},
             publish=Publish(MLFLOW_PORT, spec.port),
             volumes=[VolumeMount(args["mlflow_db_volume"], MLFLOW_DB_DIR),
                      VolumeMount(args["artifacts_volume"], ARTIFACTS_DIR)],
@@ -114,7 +112,6 @@ class ModelRegistry(pulumi.ComponentResource):
         self.internal_url = server.name.apply(lambda _: tracking_uri(stack, tls is not None))
         assert server.host_port is not None
         self.host_port = server.host_port
-        self.ca_certificate = None if tls is None else pulumi.Output.unsecret(
-            tls.apply(lambda server_tls: server_tls.ca_certificate))
+        self.ca_certificate = None if tls is None else tls.ca_certificate
         self.register_outputs({"internal_url": self.internal_url, "host_port": self.host_port,
                                "ca_certificate": self.ca_certificate})

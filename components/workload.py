@@ -17,7 +17,7 @@ import pulumi
 
 from mlops_spec.contract import COMPONENT_LABEL, TlsEnv
 from mlops_spec.models import HealthCheck, Limits, PublishedPort
-from mlops_spec.service_tls import ServerTls
+from mlops_spec.service_tls import ServerTls, server_tls
 
 APP_USER = "10001:10001"
 APP_UID, APP_GID = APP_USER.split(":")
@@ -74,12 +74,31 @@ PerReplica = Callable[[str], str]
 EnvValue = Union[pulumi.Input[str], SecretEnv, PerReplica]
 
 
-def tls_env(tls: pulumi.Output[ServerTls], name: str, purpose: str) -> dict[str, EnvValue]:
-    """The certificate and key a service speaks TLS with (images/mlflow/start.py, images/registry/entrypoint.sh):
-    the certificate is public, the key reaches the container as a secret."""
-    return {TlsEnv.CERTIFICATE: pulumi.Output.unsecret(tls.apply(lambda server: server.certificate)),
-            TlsEnv.KEY: SecretEnv(tls.apply(lambda server: server.key), resource_name=f"{name}-tls-key",
-                                  purpose=f"{purpose}-tls-key", file=f"{purpose}-tls-key")}
+@dataclass(frozen=True)
+class ServiceTls:
+    """What a service published off loopback speaks TLS with (mlops_spec/service_tls.py), derived inside its
+    secret: the certificate and its CA are public, the key stays a secret."""
+
+    server: pulumi.Output[ServerTls]
+
+    @classmethod
+    def off_loopback(cls, port: PublishedPort, secret: pulumi.Input[str], stack: str, service: str,
+                     names: Sequence[str]) -> Optional["ServiceTls"]:
+        """The TLS of `service`, named `names` (and loopback), where `port` is published off loopback; None on
+        loopback, where it speaks plain HTTP."""
+        if not port.off_loopback:
+            return None
+        return cls(pulumi.Output.secret(secret).apply(lambda value: server_tls(value, stack, service, tuple(names))))
+
+    def env(self, name: str, purpose: str) -> dict[str, EnvValue]:
+        """The certificate and key for the service's container (images/mlflow/start.py, images/registry/entrypoint.sh)."""
+        return {TlsEnv.CERTIFICATE: pulumi.Output.unsecret(self.server.apply(lambda server: server.certificate)),
+                TlsEnv.KEY: SecretEnv(self.server.apply(lambda server: server.key), resource_name=f"{name}-tls-key",
+                                      purpose=f"{purpose}-tls-key", file=f"{purpose}-tls-key")}
+
+    @property
+    def ca_certificate(self) -> pulumi.Output[str]:
+        return pulumi.Output.unsecret(self.server.apply(lambda server: server.ca_certificate))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import dataclass
 from typing import Optional
 
 from mlops_spec.contract import (
@@ -16,7 +17,7 @@ from mlops_spec.contract import (
     secret_variable,
 )
 from mlops_spec.models import StageSpec
-from mlops_spec.service_tls import ca_certificate
+from mlops_spec.service_tls import client_ca
 
 
 class MissingSecret(Exception):
@@ -50,17 +51,19 @@ def registry_password(stage: str) -> str:
     return stack_secret(stage, REGISTRY_PASSWORD, f"{stage}'s image registry")
 
 
-def mlflow_password(stage: str, identity: str) -> str:
-    """The password `identity` logs in to `stage`'s MLflow with."""
-    return derived_password(stack_secret(stage, MLFLOW_PASSWORD, f"{stage}'s MLflow"), identity)
+@dataclass(frozen=True)
+class MlflowLogin:
+    password: str
+    """The password the identity logs in with."""
+    ca_certificate: Optional[str]
+    """PEM of the CA the stage's MLflow verifies with where it speaks TLS (published off loopback), else None."""
 
 
-def model_registry_ca(spec: StageSpec) -> Optional[str]:
-    """PEM of the CA `spec`'s MLflow verifies with where it speaks TLS (published off loopback), else None."""
-    if not spec.model_registry.port.off_loopback:
-        return None
-    return ca_certificate(stack_secret(spec.stage, MLFLOW_PASSWORD, f"{spec.stage}'s MLflow"), spec.stage,
-                          "model-registry")
+def mlflow_login(spec: StageSpec, identity: str) -> MlflowLogin:
+    """How `identity` logs in to `spec`'s MLflow: both derive from the stage's MLflow secret, read once."""
+    secret = stack_secret(spec.stage, MLFLOW_PASSWORD, f"{spec.stage}'s MLflow")
+    return MlflowLogin(password=derived_password(secret, identity),
+                       ca_certificate=client_ca(spec.model_registry.port, secret, spec.stage, "model-registry"))
 
 
 def model_signing_key(stage: str) -> str:

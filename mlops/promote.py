@@ -20,7 +20,7 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, TypeVar
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
@@ -30,7 +30,7 @@ from ruamel.yaml.tokens import CommentToken
 from components.images import BuildSettings, model_image_repository
 from mlops import credentials, gitrepo, rollout
 from mlops.imagecopy import RegistryError, StageRegistry, copy_image, manifest_digest
-from mlops.modelstore import BasicAuth, MlflowStore, ModelStore, ModelVersion, StoreError
+from mlops.modelstore import ModelStore, ModelVersion, StoreError
 from mlops.reach import StageReach, Unreachable
 from mlops.signing import SigningError, check_files, check_signed, public_keys
 from mlops_spec.contract import PROMOTER, TRUSTED_MODEL_KEYS, release_id
@@ -38,9 +38,8 @@ from mlops_spec.errors import SpecError, excerpt
 from mlops_spec.loading import load_stage, stage_file
 from mlops_spec.models import GreenRelease, ModelPin, ReleaseImages, StageSpec
 from mlops_spec.project import ENVIRONMENTS_DIR
-from mlops_spec.service_tls import ca_certificate
+from mlops_spec.service_tls import client_ca
 
-Stage = TypeVar("Stage", str, StageSpec)
 Secret = TypeVar("Secret")
 
 
@@ -125,9 +124,10 @@ def _refuse_unless_committed(file: Path) -> None:
                                "is the only change in its diff")
 
 
-def _secret(read: Callable[[Stage], Secret], stage: Stage) -> Secret:
+def _secret(read: Callable[[str], Secret], key: str) -> Secret:
+    """What `read(key)` reads with a stage's secret; a missing secret refuses the promotion."""
     try:
-        return read(stage)
+        return read(key)
     except credentials.MissingSecret as err:
         raise PromotionRefused(str(err)) from None
 
@@ -344,18 +344,12 @@ class Promoter:
 
     def __init__(self, environments: Path = ENVIRONMENTS_DIR,
                  password_for: Callable[[str], str] = credentials.registry_password,
-                 mlflow_password_for: Callable[[str], str] = lambda stage: credentials.mlflow_password(
-                     stage, PROMOTER),
-                 trusted_keys_for: Callable[[str], str] = credentials.trusted_model_keys,
-                 mlflow_ca_for: Callable[[StageSpec], Optional[str]] = credentials.model_registry_ca) -> None:
-        """`password_for(stage)` is the stage's image registry password, `mlflow_password_for(stage)` the
-        password of MLflow user `promoter` there: it reads the source stage and writes into the target.
-        `trusted_keys_for(stage)` the public keys whose model signatures the stage's replicas accept;
-        `mlflow_ca_for(spec)` the CA the stage's MLflow verifies with, where it speaks TLS."""
+                 trusted_keys_for: Callable[[str], str] = credentials.trusted_model_keys) -> None:
+        """`password_for(stage)` is the stage's image registry password, `trusted_keys_for(stage)` the public
+        keys whose model signatures the stage's replicas accept. Each stage's MLflow is reached as `promoter`: it
+        reads the source stage and writes into the target."""
         self.environments = environments
-        self.mlflow_ca_for = mlflow_ca_for
         self.password_for = password_for
-        self.mlflow_password_for = mlflow_password_for
         self.trusted_keys_for = trusted_keys_for
         self._exits = ExitStack()
         self._reaches: dict[str, StageReach] = {}
@@ -372,9 +366,7 @@ class Promoter:
         return self._reaches[spec.stage]
 
     def model_store(self, spec: StageSpec) -> ModelStore:
-        auth = BasicAuth(PROMOTER, _secret(self.mlflow_password_for, spec.stage))
-        return MlflowStore(self._reach(spec).model_registry_url(), auth,
-                           ca_certificate=_secret(self.mlflow_ca_for, spec))
+        return _secret(self._reach(spec).model_store, PROMOTER)
 
     def _check_signed_for(self, target: StageSpec, model: ModelVersion) -> None:
         """Refuse a version the target's replicas would refuse: its files must be what its tags say, and a key the
@@ -397,8 +389,7 @@ class Promoter:
         password = _secret(self.password_for, spec.stage)
         return StageRegistry(where=reach.where("image registry"), address=address,
                              username=spec.image_registry.username, password=password,
-                             ca_certificate=ca_certificate(password, spec.stage, "image-registry")
-                             if spec.image_registry.port.off_loopback else None)
+                             ca_certificate=client_ca(spec.image_registry.port, password, spec.stage, "image-registry"))
 
     def _source_images(self, source: StageSpec, promoted: ReleaseImages, model: str,
                        target: StageSpec) -> tuple[ImageCopy, ...]:

@@ -113,9 +113,9 @@ class StageReach:
 
     def model_store(self, identity: str) -> MlflowStore:
         """The stage's MLflow as `identity`, its certificate verified with the stage's CA where it speaks TLS."""
-        stage = self.spec.stage
-        return MlflowStore(self.model_registry_url(), BasicAuth(identity, credentials.mlflow_password(stage, identity)),
-                           ca_certificate=credentials.model_registry_ca(self.spec))
+        login = credentials.mlflow_login(self.spec, identity)
+        return MlflowStore(self.model_registry_url(), BasicAuth(identity, login.password),
+                           ca_certificate=login.ca_certificate)
 
     def image_registry_address(self) -> Optional[str]:
         if not self.spec.image_registry.enabled:

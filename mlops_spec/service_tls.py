@@ -18,11 +18,14 @@ import hashlib
 import hmac
 import ipaddress
 from dataclasses import dataclass
+from typing import Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mlops_spec.models import PublishedPort
 
 # Fixed, so the certificates are the same bytes at every render; the secret's rotation is what renews them.
 NOT_BEFORE = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
@@ -111,3 +114,9 @@ def server_tls(secret: str, stack: str, service: str, names: tuple[str, ...]) ->
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption()).decode()
     return ServerTls(ca_certificate=_pem(ca), certificate=_pem(certificate) + _pem(ca), key=key_pem)
+
+
+def client_ca(port: PublishedPort, secret: str, stack: str, service: str) -> Optional[str]:
+    """PEM of the CA a client verifies `service` of `stack` with where it is published as `port`; None where it
+    is on loopback and speaks plain HTTP."""
+    return ca_certificate(secret, stack, service) if port.off_loopback else None

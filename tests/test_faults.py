@@ -40,7 +40,6 @@ from typer.testing import CliRunner
 from components.model_registry import mlflow_password_hashes
 from mlops import promote
 from mlops.cli import app
-from mlops.credentials import mlflow_password
 from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
 from mlops.modelstore import BasicAuth, MlflowStore, ModelVersion, StoreError
 from mlops_spec.contract import (
@@ -182,9 +181,9 @@ def test_an_engine_power_cut_loses_nothing_and_the_stage_serves_again(dev_on_its
     host, registry_password = dev_on_its_host
     serving = f"http://{host.ip}:8080"
     # Published off loopback, both speak TLS, verified with the CAs the stage's secrets make.
-    reader = MlflowStore(f"https://{host.ip}:5000", BasicAuth(READER, mlflow_password("dev", READER)),
-                         ca_certificate=ca_certificate(os.environ[secret_variable(MLFLOW_PASSWORD, "dev")], "dev",
-                                                       "model-registry"))
+    secret = os.environ[secret_variable(MLFLOW_PASSWORD, "dev")]
+    reader = MlflowStore(f"https://{host.ip}:5000", BasicAuth(READER, derived_password(secret, READER)),
+                         ca_certificate=ca_certificate(secret, "dev", "model-registry"))
     registry = StageRegistry(where="dev's image registry", address=f"{host.ip}:5001", username="mlops",
                              password=registry_password,
                              ca_certificate=ca_certificate(registry_password, "dev", "image-registry"))

@@ -25,7 +25,7 @@ import pytest
 import yaml
 from sklearn.datasets import load_iris
 
-from mlops.credentials import mlflow_password, model_registry_ca
+from mlops.credentials import mlflow_login
 from mlops.imagecopy import StageRegistry, manifest_digest, read_manifest
 from mlops.modelstore import BasicAuth, MlflowStore, StoreError
 from mlops_spec.contract import (
@@ -215,11 +215,12 @@ def test_prod_serves_the_pinned_model_from_its_own_host_while_dev_is_down(stages
     for index in range(3):
         replica = prod_without_dev.client.containers.get(f"prod-{MODEL}-blue-{index}")
         assert pin.images.serving in replica.image.attrs["RepoDigests"]
-    reader = BasicAuth(READER, mlflow_password("prod", READER))
+    login = mlflow_login(load_stage("prod", environments), READER)
+    reader = BasicAuth(READER, login.password)
     # Published off loopback, prod's MLflow speaks TLS, which its replicas verified with prod's CA to fetch this.
-    prods_ca = model_registry_ca(load_stage("prod", environments))
-    assert prods_ca is not None
-    model = MlflowStore(f"https://{hosts['prod'].ip}:5200", reader, ca_certificate=prods_ca).fetch(MODEL, pin.version)
+    assert login.ca_certificate is not None
+    model = MlflowStore(f"https://{hosts['prod'].ip}:5200", reader,
+                        ca_certificate=login.ca_certificate).fetch(MODEL, pin.version)
     with pytest.raises(StoreError, match="not reachable"):
         MlflowStore(f"http://{hosts['prod'].ip}:5200", reader).fetch(MODEL, pin.version)
     assert model.sha256 == pin.sha256

@@ -265,8 +265,8 @@ def train(
         raise fail(f"{stage} is a swarm stage: its datasets volume would be local to one node, so `mlops train --data` "
                    "works on single-host stages only", BAD_INPUT_EXIT)
     try:
-        password = credentials.mlflow_password(spec.stage, TRAINER)
-        mlflow_ca = credentials.model_registry_ca(spec)
+        login = credentials.mlflow_login(spec, TRAINER)
+        password, mlflow_ca = login.password, login.ca_certificate
         signing_key = private_key(credentials.model_signing_key(spec.stage), f"{spec.stage}'s mlops:{MODEL_SIGNING_KEY}")
         # Nodes pull the training image from the stage's registry with the credentials the run sends along.
         registry_password = credentials.registry_password(spec.stage) if spec.swarm is not None else ""
