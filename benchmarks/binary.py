@@ -51,7 +51,7 @@ def variants(rows: int) -> list[Variant]:
 def gateway_of_a_dev_stage() -> Iterator[str]:
     """dev serving iris alone (MLflow, one `oip` replica, its gateway) pinned to SERVER_CPU; the gateway's infer
     URL."""
-    spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True, models=(MODEL_NAME,))
+    spec = bench_stage.dev_spec(docker_chooses_ports=True, models=(MODEL_NAME,))
     with bench_stage.deployed("binary", spec, cpus=SERVER_CPU) as (stage, started):
         yield f"http://{container_address(started[gateway_name(stage.stack)])}:8080{V2_INFER_PATH}"
 

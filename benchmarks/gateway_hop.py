@@ -90,7 +90,7 @@ def build_exporter_before(gateway_build: builds.ImageBuild, scratch: Path) -> st
 def running_paths() -> Iterator[tuple[list[HopPath], Container]]:
     """The stage serving iris alone, pinned to SERVER_CPU like figure 1, and two more gateways beside its own:
     one of the same image on the load generator's CPU, and one of EXPORTER_BEFORE's image on SERVER_CPU."""
-    spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True, models=(MODEL_NAME,))
+    spec = bench_stage.dev_spec(docker_chooses_ports=True, models=(MODEL_NAME,))
     gateway_build = builds.stage_builds("bench", spec)["gateway"]
     with tempfile.TemporaryDirectory(prefix="bench-hop-") as scratch, \
             bench_stage.deployed("hop", spec, cpus=SERVER_CPU) as (stage, started):

@@ -163,11 +163,11 @@ def running_servers() -> Iterator[list[Server]]:
     too (one replica each), a replica batching and a gateway in front of it, MLServer stock (with and without
     adaptive batching) and behind the layer, and `mlflow models serve`, all pinned to SERVER_CPU."""
     payload = model_bytes()
-    spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True, models=(MODEL_NAME,))
+    spec = bench_stage.dev_spec(docker_chooses_ports=True, models=(MODEL_NAME,))
     images = build_competitor_images(spec, payload)
     with ExitStack() as stages:
         stage, started = stages.enter_context(bench_stage.deployed("serving", spec, cpus=SERVER_CPU))
-        two_models_spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+        two_models_spec = bench_stage.dev_spec(docker_chooses_ports=True)
         if set(bench_stage.served(two_models_spec)) != {MODEL_NAME, REGRESSOR_NAME}:
             raise RuntimeError(f"dev should serve {MODEL_NAME} and {REGRESSOR_NAME}, "
                                f"not {bench_stage.served(two_models_spec)}")

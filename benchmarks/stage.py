@@ -48,10 +48,11 @@ def serving_only(spec: StageSpec, models: Sequence[str]) -> StageSpec:
     return spec.model_copy(update={"models": {name: spec.models[name] for name in models}})
 
 
-def dev_spec(image_registry: bool = True, docker_chooses_ports: bool = False,
+def dev_spec(image_registry: bool = False, docker_chooses_ports: bool = False,
              models: Optional[Sequence[str]] = None) -> StageSpec:
-    """dev as shipped, on free host ports (or Docker's choice: only possible without the image registry,
-    whose port is part of the pushed images' names); `models`: serve only these of dev's models."""
+    """dev as shipped, on free host ports (or Docker's choice); `image_registry`: with an image registry that dev
+    pushes its images into, as a dev on a swarm has (its port is then part of the pushed images' names, so Docker
+    may not choose it); `models`: serve only these of dev's models."""
     ports = [None] * len(PUBLISHED) if docker_chooses_ports else free_ports(len(PUBLISHED))
     overrides: dict = {part: {"port": {"host_port": port}} for part, port in zip(PUBLISHED, ports)}
     overrides["image_registry"]["enabled"] = image_registry

@@ -91,7 +91,7 @@ class Replica:
 def replicas() -> Iterator[dict[str, Replica]]:
     """A replica per variant, all of the same image and model version, pinned to SERVER_CPU."""
     payload = model_bytes()
-    spec = bench_stage.dev_spec(image_registry=False, docker_chooses_ports=True, models=(MODEL_NAME,))
+    spec = bench_stage.dev_spec(docker_chooses_ports=True, models=(MODEL_NAME,))
     with bench_stage.deployed("telemetry", spec) as (stage, started):
         replica = started[bench_stage.first_replica(stage.stack, MODEL_NAME)]
         trainer = BasicAuth(TRAINER, derived_password(stage.mlflow_password, TRAINER))

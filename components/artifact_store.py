@@ -21,7 +21,7 @@ from mlops_spec.contract import (
 )
 from mlops_spec.models import ArtifactStoreSpec
 
-VOLUMES = (ARTIFACTS_VOLUME, MLFLOW_DB_VOLUME, REGISTRY_DATA_VOLUME)
+VOLUMES = (ARTIFACTS_VOLUME, MLFLOW_DB_VOLUME)
 
 
 class ArtifactStoreArgs(TypedDict):
@@ -32,6 +32,8 @@ class ArtifactStoreArgs(TypedDict):
     retain_on_delete: bool
     """Keep the Docker volumes when Pulumi deletes the resources (every stage but throw-away experiments,
     whose volumes `mlops exp gc` removes by label)."""
+    registry: bool
+    """Also hold the image registry's storage (stages with an image registry)."""
     metrics: bool
     """Also hold Prometheus's time series and the rollout controller's event log (stages that declare
     `monitoring`)."""
@@ -45,7 +47,7 @@ class ArtifactStoreArgs(TypedDict):
 class ArtifactStore(pulumi.ComponentResource):
     artifacts_volume: pulumi.Output[str]
     mlflow_db_volume: pulumi.Output[str]
-    registry_data_volume: pulumi.Output[str]
+    registry_data_volume: Optional[pulumi.Output[str]]
     metrics_volume: Optional[pulumi.Output[str]]
     rollout_volume: Optional[pulumi.Output[str]]
     datasets_volume: Optional[pulumi.Output[str]]
@@ -68,13 +70,14 @@ class ArtifactStore(pulumi.ComponentResource):
                 # Protect (prod) makes Pulumi refuse the delete outright.
                 opts=pulumi.ResourceOptions(parent=self, protect=protect, retain_on_delete=retain),
             ).name
-            for volume in VOLUMES + ((DATASETS_VOLUME,) if args["datasets"] else ())
+            for volume in VOLUMES + ((REGISTRY_DATA_VOLUME,) if args["registry"] else ())
+            + ((DATASETS_VOLUME,) if args["datasets"] else ())
             + ((METRICS_VOLUME, ROLLOUT_VOLUME) if args["metrics"] else ())
             + ((SAMPLES_VOLUME,) if args["samples"] else ())
         }
         self.artifacts_volume = volumes[ARTIFACTS_VOLUME]
         self.mlflow_db_volume = volumes[MLFLOW_DB_VOLUME]
-        self.registry_data_volume = volumes[REGISTRY_DATA_VOLUME]
+        self.registry_data_volume = volumes.get(REGISTRY_DATA_VOLUME)
         self.metrics_volume = volumes.get(METRICS_VOLUME)
         self.rollout_volume = volumes.get(ROLLOUT_VOLUME)
         self.datasets_volume = volumes.get(DATASETS_VOLUME)
@@ -82,7 +85,7 @@ class ArtifactStore(pulumi.ComponentResource):
         self.register_outputs({
             "artifacts_volume": self.artifacts_volume,
             "mlflow_db_volume": self.mlflow_db_volume,
-            "registry_data_volume": self.registry_data_volume,
+            **({"registry_data_volume": self.registry_data_volume} if self.registry_data_volume is not None else {}),
             **({"metrics_volume": self.metrics_volume} if self.metrics_volume is not None else {}),
             **({"rollout_volume": self.rollout_volume} if self.rollout_volume is not None else {}),
             **({"datasets_volume": self.datasets_volume} if self.datasets_volume is not None else {}),

@@ -111,7 +111,8 @@ class MLOpsStack(pulumi.ComponentResource):
         self.network = network.name
         store = ArtifactStore(f"{stack}-artifact-store",
                               {"stack": stack, "spec": spec.artifact_store, "labels": identity,
-                               "retain_on_delete": spec.kind != "experiment", "metrics": spec.monitoring is not None,
+                               "retain_on_delete": spec.kind != "experiment", "registry": spec.image_registry.enabled,
+                               "metrics": spec.monitoring is not None,
                                "datasets": spec.swarm is None, "samples": spec.samples},
                               opts=child)
         # The one place that tells a single host from a swarm: every component renders its workloads through
@@ -137,6 +138,7 @@ class MLOpsStack(pulumi.ComponentResource):
         self.image_registry_server = self.image_registry_ca = None
         if spec.image_registry.enabled:
             assert password is not None, "declare_stack passes the registry password whenever the registry is enabled"
+            assert store.registry_data_volume is not None
             image_registry = ImageRegistry(f"{stack}-image-registry", {
                 "runtime": runtime, "spec": spec.image_registry, "data_volume": store.registry_data_volume,
                 "password": password, "published_hosts": published_hosts(spec)}, opts=child)

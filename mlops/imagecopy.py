@@ -5,6 +5,11 @@ and blobs travel unchanged, so the digest in the target is the digest in the sou
 push through a Docker engine could re-compress layers or rewrite the manifest and change it. Every
 digest is computed here from the manifest bytes the registry serves, never taken from its word.
 Credentials reach skopeo through a private auth file, never the command line.
+
+A building stage without an image registry (dev on one host) keeps its images on its Docker engine only.
+Promotion takes such an image from there once (`take_from_engine`): `docker save`, then compressed by skopeo
+into a private local folder whose manifest is the one the target will serve, so the digest the promotion
+shows is the digest it pins and `copy_taken` verifies in the target.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -72,17 +78,21 @@ def _tls_options(registry: StageRegistry, auth: str, side: str = "") -> list[str
     return [f"--{side}tls-verify=true", f"--{side}cert-dir", folder]
 
 
-def _skopeo(args: list[str], registry: StageRegistry, what: str) -> bytes:
+def _skopeo(args: list[str], registry: Optional[StageRegistry], what: str) -> bytes:
+    """Run skopeo for `what`; `registry`: the one it talks to, which its failures are explained by (None: it
+    only converts local files)."""
     try:
         done = subprocess.run(["skopeo", "--command-timeout", f"{COMMAND_TIMEOUT_S}s", *args], capture_output=True,
                               timeout=COMMAND_TIMEOUT_S + 30)
     except FileNotFoundError:
         raise RegistryError("copying images needs skopeo (Debian's package `skopeo`), which is not installed") from None
     except subprocess.TimeoutExpired:
-        raise RegistryError(f"{what}: {registry.where} at {registry.address} did not answer within "
-                            f"{COMMAND_TIMEOUT_S}s") from None
+        where = f"{registry.where} at {registry.address} did not answer" if registry else "skopeo did not finish"
+        raise RegistryError(f"{what}: {where} within {COMMAND_TIMEOUT_S}s") from None
     if done.returncode != 0:
-        raise RegistryError(f"{what}: {_reason(done.stderr.decode(errors='replace'), registry)}")
+        stderr = done.stderr.decode(errors="replace")
+        reason = _reason(stderr, registry) if registry else (stderr.strip().splitlines() or ["skopeo failed"])[-1]
+        raise RegistryError(f"{what}: {reason}")
     return done.stdout
 
 
@@ -135,11 +145,72 @@ def copy_image(source: StageRegistry, source_repository: str, digest: str,
         raise RegistryError(f"{source_repository}: '{digest}' is not a sha256 digest")
     # Verify the source first: a tampered source is refused before anything is written to the target.
     manifest_digest(source, source_repository, digest)
-    with _auth_file(source, target) as auth:
+    return _copy_into(target, target_repository, digest, source.reference(source_repository, digest),
+                      f"copying {source_repository}@{digest} from {source.where} into {target_repository}", source)
+
+
+def _copy_into(target: StageRegistry, target_repository: str, digest: str, source_reference: str, what: str,
+               source: Optional[StageRegistry] = None) -> str:
+    """skopeo's copy of `source_reference` (in registry `source`, or a local layout) into the target, tagged
+    `sha256-<hex>` so the registry keeps it, then verified there by digest."""
+    with _auth_file(*(source, target) if source else (target,)) as auth:
         _skopeo(["copy", "--quiet", "--preserve-digests", "--retry-times", "2", "--authfile", auth,
-                 *_tls_options(source, auth, "src-"), *_tls_options(target, auth, "dest-"),
-                 source.reference(source_repository, digest),
-                 target.reference(target_repository, "sha256-" + digest.removeprefix("sha256:"))],
-                target, f"copying {source_repository}@{digest} from {source.where} into {target_repository}")
+                 *(_tls_options(source, auth, "src-") if source else []), *_tls_options(target, auth, "dest-"),
+                 source_reference, target.reference(target_repository, "sha256-" + digest.removeprefix("sha256:"))],
+                target, what)
     manifest_digest(target, target_repository, digest)
     return f"{target_repository}@{digest}"
+
+
+@dataclass(frozen=True)
+class EngineImage:
+    """An image taken from a Docker engine into a local folder (skopeo's `dir:` layout, layers compressed), ready
+    to copy into a registry under `digest`, the sha256 of the manifest in that folder."""
+
+    where: str  # e.g. "dev's Docker engine (unix:///var/run/docker.sock)"
+    name: str  # what the engine calls it, e.g. mlops-dev/iris-classifier-serving:<content tag>
+    folder: str
+    digest: str
+
+
+def _engine_reason(stderr: str, where: str) -> str:
+    text = stderr.lower()
+    if "no such image" in text or "reference does not exist" in text:
+        return f"{where} does not have it"
+    if "cannot connect to the docker daemon" in text or "connection refused" in text or "no such host" in text:
+        return f"{where} is unreachable"
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else "docker save failed"
+    return f"{where}: {last}"
+
+
+def take_from_engine(name: str, where: str, environment: Mapping[str, str], folder: str) -> EngineImage:
+    """Save image `name` from the engine the `docker` CLI reaches with `environment` and compress it into `folder`
+    (created here, private to this user) once, so the digest shown before a copy is the digest copied."""
+    os.makedirs(folder, mode=0o700)
+    archive = os.path.join(folder, "saved.tar")
+    layout = os.path.join(folder, "image")
+    try:
+        saved = subprocess.run(["docker", "save", "--output", archive, name], capture_output=True, text=True,
+                               env=dict(environment), timeout=COMMAND_TIMEOUT_S)
+    except FileNotFoundError:
+        raise RegistryError(f"{name}: taking it from {where} needs the docker CLI, which is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise RegistryError(f"{name}: {where} did not hand it over within {COMMAND_TIMEOUT_S}s") from None
+    if saved.returncode != 0:
+        raise RegistryError(f"{name}: {_engine_reason(saved.stderr, where)}")
+    try:
+        # v2s2 with gzip layers: the manifest and blobs as a registry stores them, which --preserve-digests keeps.
+        _skopeo(["copy", "--quiet", "--format", "v2s2", "--dest-compress", f"docker-archive:{archive}", f"dir:{layout}"],
+                None, f"compressing {name} from {where}")
+    finally:
+        os.unlink(archive)
+    with open(os.path.join(layout, "manifest.json"), "rb") as manifest:
+        digest = "sha256:" + hashlib.sha256(manifest.read()).hexdigest()
+    return EngineImage(where=where, name=name, folder=layout, digest=digest)
+
+
+def copy_taken(image: EngineImage, target: StageRegistry, target_repository: str) -> str:
+    """Copy an image taken from an engine into the target registry unchanged, tagged `sha256-<hex>` so the registry
+    keeps it, and verify it there by digest; returns the target reference by digest."""
+    return _copy_into(target, target_repository, image.digest, f"dir:{image.folder}",
+                      f"copying {image.name} from {image.where} into {target_repository}")

@@ -3,8 +3,9 @@
 A model's release is its version (number and sha256) and the digests of its training and serving images. Promotion
 checks everything before it changes anything: the target spec file is committed, the model's `model.pkl` is in
 the source registry with the pinned sha256, its metrics meet the target's gates of that model, and both images
-are in the source stage's image registry under their digests. Then it copies the images into the target stage's
-own image registry byte for byte (same digests, verified there), copies the model into the target's model
+are in the source stage's image registry under their digests (a building stage without a registry, dev on one host,
+hands them over from its Docker engine, each compressed once into a local folder). Then it copies the images into the
+target stage's own image registry byte for byte (same digests, verified there), copies the model into the target's model
 registry (verified by downloading it back), and edits `models.M.release` of the target spec in place, keeping its
 comments, key order and every other model's pins, through an atomic rename: an interrupted promote leaves the
 old file or the new one, never a mix, and a pin never names anything that was not copied and verified.
@@ -20,16 +21,24 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import CommentMark
 from ruamel.yaml.tokens import CommentToken
 
-from components.images import BuildSettings, model_image_repository
+from components.images import BuildSettings, model_image_name, model_image_repository
 from mlops import credentials, gitrepo, rollout
-from mlops.imagecopy import RegistryError, StageRegistry, copy_image, manifest_digest
+from mlops.imagecopy import (
+    EngineImage,
+    RegistryError,
+    StageRegistry,
+    copy_image,
+    copy_taken,
+    manifest_digest,
+    take_from_engine,
+)
 from mlops.modelstore import ModelStore, ModelVersion, StoreError
 from mlops.reach import StageReach, Unreachable
 from mlops.signing import SigningError, check_files, check_signed, public_keys
@@ -60,6 +69,8 @@ class ImageCopy:
     digest: str
     target_repository: str
     target_server: str
+    taken: Optional[EngineImage] = None
+    """The image as taken from the source's Docker engine, where the source has no image registry."""
 
     @property
     def pin(self) -> str:
@@ -353,6 +364,7 @@ class Promoter:
         self.trusted_keys_for = trusted_keys_for
         self._exits = ExitStack()
         self._reaches: dict[str, StageReach] = {}
+        self._scratch: Optional[str] = None
 
     def __enter__(self) -> "Promoter":
         return self
@@ -391,35 +403,53 @@ class Promoter:
                              username=spec.image_registry.username, password=password,
                              ca_certificate=client_ca(spec.image_registry.port, password, spec.stage, "image-registry"))
 
+    def _taken_folder(self, name: str) -> str:
+        """A folder for an image taken from an engine, inside one private folder removed when the promoter closes."""
+        if self._scratch is None:
+            self._scratch = self._exits.enter_context(tempfile.TemporaryDirectory(prefix="mlops-promote-"))
+        return os.path.join(self._scratch, name)
+
     def _source_images(self, source: StageSpec, promoted: ReleaseImages, model: str,
                        target: StageSpec) -> tuple[ImageCopy, ...]:
         """Each image of the source's release (`promoted`) of `model`, with its digest as the source registry serves
-        it, and the repository it goes to in the target's: `<target>/<model>-<role>`, as a building stage names it."""
-        registry = self.image_registry(source)
+        it (or as taken from a building stage's engine where it has no registry), and the repository it goes to in
+        the target's: `<target>/<model>-<role>`, as a building stage names it."""
+        registry = self.image_registry(source) if source.image_registry.enabled else None
         # Only building stages (dev, experiments) have no server to pin under, and none is promoted into.
         assert target.image_registry_server is not None, target.stage
         built = {"training": (source.training.build, None), "serving": (source.serving.build, source.serving.runtime)}
         copies = []
         for role in ("training", "serving"):
             ref = getattr(promoted, role)
+            taken = None
             if ref is not None:
+                # The stage rules give every stage that pins images a registry to pin them in.
+                assert registry is not None, source.stage
                 repository, digest = _repository_of(source, f"models.{model}.release.images.{role}", ref)
                 manifest_digest(registry, repository, digest)
-            else:  # a building stage (dev) promotes its model's images its build pushed, found by the content tag
+            else:  # a building stage (dev) promotes its model's images as built, found by the content tag
                 context, build_target = built[role]
                 # The stage rules pin promoted stages' images by digest, so a source without one builds them.
                 assert context is not None, (source.stage, role)
-                repository, tag = model_image_repository(source.stage, role, context, BuildSettings.of(source),
-                                                         model, build_target)
+                settings = BuildSettings.of(source)
+                repository, tag = model_image_repository(source.stage, role, context, settings, model, build_target)
+                wanted = (f"{repository}:{tag}" if registry else
+                          model_image_name(source.stage, role, context, settings, model, target=build_target))
                 try:
-                    digest = manifest_digest(registry, repository, tag)
+                    if registry is None:
+                        taken = take_from_engine(wanted, f"{source.stage}'s Docker engine ({source.docker.url})",
+                                                 source.docker.cli_environment(), self._taken_folder(role))
+                        repository, digest = taken.name, taken.digest
+                    else:
+                        digest = manifest_digest(registry, repository, tag)
                 except RegistryError as err:
-                    raise PromotionRefused(f"{source.stage} has no pushed {role} image {repository}:{tag} (the {role} "
-                                           f"build context as it is now): {err}; run `pulumi up -s {source.stage}` so "
-                                           f"it is built and pushed to {source.stage}'s image registry") from None
+                    where = "image registry" if registry else "Docker engine"
+                    raise PromotionRefused(f"{source.stage} has no built {role} image {wanted} (the {role} build "
+                                           f"context as it is now): {err}; run `pulumi up -s {source.stage}` so it is "
+                                           f"built into {source.stage}'s {where}") from None
             copies.append(ImageCopy(role=role, source_repository=repository, digest=digest,
                                     target_repository=f"{target.stage}/{model}-{role}",
-                                    target_server=target.image_registry_server))
+                                    target_server=target.image_registry_server, taken=taken))
         return tuple(copies)
 
     def prepare(self, source_stage: str, target_stage: str, model: str | None = None,
@@ -469,11 +499,16 @@ class Promoter:
         """Copy the images, then the model, verifying each in the target; only then write the target spec."""
         unchanged = f"{promotion.target_file.name} is unchanged"
         try:
-            source_registry = self.image_registry(promotion.source)
             target_registry = self.image_registry(promotion.target)
+            from_registry = any(image.taken is None for image in promotion.release.images)
+            source_registry = self.image_registry(promotion.source) if from_registry else None
             for image in promotion.release.images:
-                copy_image(source_registry, image.source_repository, image.digest,
-                           target_registry, image.target_repository)
+                if image.taken is not None:
+                    copy_taken(image.taken, target_registry, image.target_repository)
+                else:
+                    assert source_registry is not None
+                    copy_image(source_registry, image.source_repository, image.digest,
+                               target_registry, image.target_repository)
             store = self.model_store(promotion.target)
         except (Unreachable, RegistryError) as err:
             raise PromotionRefused(f"{err}; {unchanged}") from None

@@ -22,9 +22,10 @@ def free_port() -> int:
 
 
 def private_copy_of_dev(name: str, ports: dict[str, int], models: tuple[str, ...] = ("iris-classifier",)) -> dict:
-    """dev.yaml as stage file of a throw-away experiment `name`, on free host `ports` (`mlflow`, `registry`,
-    `gateway`), declaring `models` (dev's) without a release: a test's own stage never touches a real one on the
-    same engine, and builds the images of the models it trains only."""
+    """dev.yaml as stage file of a throw-away experiment `name`, on free host `ports` (`mlflow`, `gateway`, and
+    `registry` for an image registry, which dev as shipped has not), declaring `models` (dev's) without a release: a
+    test's own stage never touches a real one on the same engine, and builds the images of the models it trains
+    only."""
     import yaml
 
     from mlops_spec.project import ENVIRONMENTS_DIR
@@ -35,7 +36,8 @@ def private_copy_of_dev(name: str, ports: dict[str, int], models: tuple[str, ...
         "experiment": {"name": name, "owner": "tests", "source_stage": "dev",
                        "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T01:00:00Z"},
         "model_registry": {"port": {"host_port": ports["mlflow"]}},
-        "image_registry": {"port": {"host_port": ports["registry"]}},
+        "image_registry": {"enabled": True, "port": {"host_port": ports["registry"]}} if "registry" in ports
+        else spec["image_registry"],
         "serving": {**spec["serving"], "port": {"host_port": ports["gateway"]}},
         "models": {model: {} for model in models},
     }

@@ -37,7 +37,7 @@ def test_build_steps_are_classified_as_cached_or_executed():
 
 
 def test_the_serving_stage_builds_what_dev_builds_and_publishes_nothing_fixed():
-    spec = stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+    spec = stage.dev_spec(docker_chooses_ports=True)
     assert spec.serving.port.host_port is None and spec.model_registry.port.host_port is None
     images = builds.stage_builds("bench", spec)
     assert {"training", "serving", "mlflow", "gateway"} <= images.keys()
@@ -45,9 +45,9 @@ def test_the_serving_stage_builds_what_dev_builds_and_publishes_nothing_fixed():
 
 
 def test_dev_as_shipped_serves_both_models_and_a_stage_can_keep_one():
-    shipped = stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+    shipped = stage.dev_spec(docker_chooses_ports=True)
     assert stage.served(shipped) == [model.REGRESSOR_NAME, model.MODEL_NAME]
-    alone = stage.dev_spec(image_registry=False, docker_chooses_ports=True, models=(model.MODEL_NAME,))
+    alone = stage.dev_spec(docker_chooses_ports=True, models=(model.MODEL_NAME,))
     assert stage.served(alone) == [model.MODEL_NAME]
     assert alone.models[model.MODEL_NAME] == shipped.models[model.MODEL_NAME]
     rendered = {resource.inputs.get("name") for resource in plan.render("bench", alone)}
@@ -58,14 +58,14 @@ def test_dev_as_shipped_serves_both_models_and_a_stage_can_keep_one():
 
 
 def test_replica_names_are_the_containers_the_program_renders():
-    spec = stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+    spec = stage.dev_spec(docker_chooses_ports=True)
     containers = {resource.inputs["name"] for resource in plan.render("bench", spec)
                   if resource.type == "docker:index/container:Container"}
     assert {stage.first_replica("bench", name) for name in stage.served(spec)} <= containers
 
 
 def test_every_served_model_gets_a_payload_that_predicts_its_own_features():
-    spec = stage.dev_spec(image_registry=False, docker_chooses_ports=True)
+    spec = stage.dev_spec(docker_chooses_ports=True)
     trained = model.payloads(stage.served(spec))
     stage.check_payloads(spec, trained)
     classifier, regressor = pickle.loads(trained[model.MODEL_NAME]), pickle.loads(trained[model.REGRESSOR_NAME])
@@ -80,7 +80,7 @@ def test_every_served_model_gets_a_payload_that_predicts_its_own_features():
 
 
 def test_model_images_build_from_the_platform_image_built_before_them(monkeypatch):
-    images = builds.stage_builds("bench", stage.dev_spec(image_registry=False, docker_chooses_ports=True))
+    images = builds.stage_builds("bench", stage.dev_spec(docker_chooses_ports=True))
     model_image = images["iris-classifier-serving"]
     assert model_image.dockerfile is not None and model_image.dockerfile.parts[-3:] == ("images", "model", "Dockerfile")
     built: list[tuple[str, dict[str, str]]] = []
@@ -95,7 +95,7 @@ def test_model_images_build_from_the_platform_image_built_before_them(monkeypatc
 
 
 def test_rebuilds_edit_files_the_images_copy():
-    images = builds.stage_builds("bench", stage.dev_spec(image_registry=False, docker_chooses_ports=True))
+    images = builds.stage_builds("bench", stage.dev_spec(docker_chooses_ports=True))
     for name, code_file in rebuilds.CODE_FILES.items():
         assert (images[name].context / code_file).is_file()
 

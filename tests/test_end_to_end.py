@@ -68,7 +68,7 @@ def write_stage(environments, stage: str, ports: dict[str, int], release: dict |
 def stage_on_engine(docker_engine, environments, monkeypatch):
     fetch_build_inputs()
     stage = f"t-e2e-{uuid.uuid4().hex[:6]}"
-    ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
+    ports = {"mlflow": free_port(), "gateway": free_port()}
     write_stage(environments, stage, ports, release=FOLLOW_THE_NEWEST)
     engine = StageOnEngine(stack=stage, spec=load_stages([stage], environments)[0],
                            registry_password=uuid.uuid4().hex)

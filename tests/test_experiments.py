@@ -62,7 +62,7 @@ def test_experiments_and_dev_share_no_physical_name_and_experiments_fix_no_host_
     assert all(names), "every rendering declares physical names"
     assert not names[0] & names[1] and not names[0] & names[2] and not names[1] & names[2]
     assert host_ports(first) == [] and host_ports(second) == []
-    assert sorted(host_ports(dev)) == [5000, 5001, 8080]
+    assert sorted(host_ports(dev)) == [5000, 8080]
 
 
 def test_experiment_labels_carry_name_owner_and_expiry():

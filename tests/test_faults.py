@@ -113,7 +113,8 @@ def dev_on_its_host(docker_hosts, tmp_path_factory):
     edit_stage(environments, "dev", {
         "docker": {"url": host.url, "insecure": True},  # the inner host speaks plain text (tests/hosts.py)
         "model_registry": {"port": {"host_port": 5000, **PUBLISHED}},
-        "image_registry": {"port": {"host_port": 5001, **PUBLISHED}},
+        # A dev with a registry of its own, as on a swarm: the power cut must lose none of its images.
+        "image_registry": {"enabled": True, "port": {"host_port": 5001, **PUBLISHED}},
         "serving": {"port": {"host_port": 8080, **PUBLISHED}}})
     # dev serving the one model trained here (dev.yaml serves both shipped models).
     dev = yaml.safe_load((environments / "dev.yaml").read_text())

@@ -211,7 +211,7 @@ def stage(docker_engine, tmp_path_factory):
     for file in ENVIRONMENTS_DIR.glob("*.yaml"):
         (environments / file.name).write_text(file.read_text())
     name = f"t-mon-{uuid.uuid4().hex[:6]}"
-    ports = {role: free_port() for role in ("mlflow", "registry", "gateway", "prometheus")}
+    ports = {role: free_port() for role in ("mlflow", "gateway", "prometheus")}
 
     def declare(release: dict | None) -> None:
         (environments / f"{name}.yaml").write_text(yaml.safe_dump(stage_file(name, ports, release), sort_keys=False))

@@ -98,7 +98,6 @@ def stages(docker_hosts, tmp_path_factory):
     edit_stage(environments, "dev", {
         "docker": {"url": hosts["dev"].url, "insecure": True},
         "model_registry": {"port": {"host_port": 5000, **PUBLISHED}},
-        "image_registry": {"port": {"host_port": 5001, **PUBLISHED}},
         "serving": {"port": {"host_port": 8080, **PUBLISHED}}})
     # dev builds and serves the one model promoted here (dev.yaml serves both shipped models).
     dev = yaml.safe_load((environments / "dev.yaml").read_text())

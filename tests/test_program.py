@@ -31,6 +31,11 @@ def render(stage: str, environments=None, reveal_secrets: bool = False) -> list[
     return plan.render(stage, spec, reveal_secrets=reveal_secrets)
 
 
+def render_dev_with_a_registry() -> list[plan.PlannedResource]:
+    """dev with an image registry of its own, as a dev on a swarm has: it pushes what it builds."""
+    return plan.render("dev", loading.load_stage("dev", overrides={"image_registry": {"enabled": True}}))
+
+
 def by_name(resources: list[plan.PlannedResource]) -> dict[str, plan.PlannedResource]:
     return {resource.name: resource for resource in resources}
 
@@ -54,18 +59,18 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
     resources = render("dev")
     assert type_counts(resources) == Counter({
         "pulumi:pulumi:Stack": 1, "mlops:stack:MLOpsStack": 1, "pulumi:providers:docker": 1,
-        "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 4,
-        "mlops:model_registry:ModelRegistry": 1, "mlops:image_registry:ImageRegistry": 1,
+        "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 3,
+        "mlops:model_registry:ModelRegistry": 1,
         "mlops:training_environment:TrainingEnvironment": 2, "mlops:model_serving:ModelServing": 1,
-        # mlflow, registry, gateway; the two platform images; each model's training and serving image, pushed too
-        IMAGE: 3 + 2 + 2 * 4, CONTAINER: 3 + 2,
+        # mlflow, gateway; the two platform images; each model's training and serving image, pushed nowhere
+        IMAGE: 2 + 2 + 2 * 2, CONTAINER: 2 + 2,
     })
     named = by_name(resources)
     assert named["dev-serving-gateway"].parent == "dev-serving"
     assert named["dev-model-registry-server"].parent == "dev-model-registry"
     assert {r.parent for r in resources if r.type.startswith("mlops:") and r.type != "mlops:stack:MLOpsStack"} == {"dev"}
-    # Each model's images are its project on the stage's platform image, which stays local; the model's images
-    # are pushed to dev's own registry; the serving platform is built for the chosen runtime.
+    # Each model's images are its project on the stage's platform image; dev keeps every image on its engine,
+    # where `mlops promote` takes them from; the serving platform is built for the chosen runtime.
     assert "dev-training-platform-push" not in named and "dev-serving-oip-platform-push" not in named
     assert named["dev-serving-oip-platform"].inputs["build"]["target"] == "oip"
     assert named["dev-serving-oip-platform"].inputs["build"]["context"] == "images/serving"
@@ -76,20 +81,17 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
         assert named[images["training"]].parent == f"dev-{model}-training"
         assert named[images["serving"]].parent == "dev-serving"
         for role, platform in (("training", "dev-training-platform"), ("serving", "dev-serving-oip-platform")):
-            image, pushed = named[images[role]], named[f"{images[role]}-push"]
+            image = named[images[role]]
             assert image.inputs["build"]["context"] == f"models/{model}"
             assert image.inputs["build"]["dockerfile"] == "images/model/Dockerfile"
             assert image.inputs["build"]["args"] == {"PLATFORM_IMAGE": named[platform].inputs["imageName"],
                                                      "MODEL_NAME": model}
             assert platform in image.dependencies
-            # Containers run the local build of the same inputs and never wait for the push.
-            assert image.inputs["skipPush"] is True
-            assert pushed.inputs["build"] == image.inputs["build"]
-            assert pushed.inputs["imageName"].startswith(f"localhost:5001/dev/{model}-{role}:")
-            assert "dev-image-registry-server" in pushed.dependencies
+            assert image.inputs["skipPush"] is True and f"{images[role]}-push" not in named
+            assert image.inputs["imageName"].startswith(f"mlops-dev/{model}-{role}:")
         replica = named[f"dev-serving-{model}-blue-0"]
         assert (replica.parent, replica.inputs["name"]) == ("dev-serving", f"dev-{model}-blue-0")
-        assert images["serving"] in replica.dependencies and f"{images['serving']}-push" not in replica.dependencies
+        assert images["serving"] in replica.dependencies
         assert {key: value for key, value in label_map(replica).items() if key.startswith("mlops.model")} \
             == {"mlops.model": model, "mlops.model-version": "latest", "mlops.model-sha256": ""}
         blue_env = revealed[f"dev-serving-{model}-blue-0"].inputs["envs"]
@@ -100,10 +102,25 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
         for model in SHIPPED_MODELS]
 
 
+def test_a_dev_with_a_registry_pushes_each_models_images_and_its_containers_never_wait_for_a_push():
+    named = by_name(render_dev_with_a_registry())
+    for model in SHIPPED_MODELS:
+        for image in (f"dev-{model}-training-image", f"dev-serving-{model}-image"):
+            local, pushed = named[image], named[f"{image}-push"]
+            # Containers run the local build of the same inputs.
+            assert local.inputs["skipPush"] is True and pushed.inputs["build"] == local.inputs["build"]
+            role = "training" if "training" in image else "serving"
+            assert pushed.inputs["imageName"].startswith(f"localhost:5001/dev/{model}-{role}:")
+            assert "dev-image-registry-server" in pushed.dependencies
+        replica = named[f"dev-serving-{model}-blue-0"]
+        assert f"dev-serving-{model}-image" in replica.dependencies
+        assert f"dev-serving-{model}-image-push" not in replica.dependencies
+
+
 def test_the_pushes_of_the_models_on_one_platform_image_follow_each_other():
     """Each model's push waits for the previous model's push on the same platform image, so the platform's layers are
     uploaded once and mounted after; pushes on different platform images run side by side."""
-    named = by_name(render("dev"))
+    named = by_name(render_dev_with_a_registry())
     pushes = {role: {f"dev-{model}-training-image-push" if role == "training" else f"dev-serving-{model}-image-push"
                      for model in SHIPPED_MODELS} for role in ("training", "serving")}
     every_push = set().union(*pushes.values())
@@ -257,7 +274,7 @@ def test_every_build_names_its_platform_and_builds_with_buildkit():
 
 
 @pytest.mark.parametrize("stage, ports", [
-    ("dev", {"dev-model-registry-server": 5000, "dev-image-registry-server": 5001, "dev-serving-gateway": 8080}),
+    ("dev", {"dev-model-registry-server": 5000, "dev-serving-gateway": 8080}),
     ("prod", {"prod-model-registry-server": 5200, "prod-image-registry-server": 5201, "prod-serving-gateway": 8280,
               "prod-monitoring-prometheus": 5290}),
 ])
@@ -304,7 +321,8 @@ def secret_values(config: dict[str, str]) -> list[str]:
 
 @pytest.mark.parametrize("stage", ["dev", "prod"])
 def test_the_stage_secrets_are_secret_everywhere(stage, released_environments):
-    resources = render(stage, released_environments)
+    """dev with a registry of its own, which it pushes into with the registry's password; prod as shipped."""
+    resources = render_dev_with_a_registry() if stage == "dev" else render(stage, released_environments)
     rendered = json.dumps([r.to_json() for r in resources])
     for secret in secret_values(plan.PLAN_SECRETS):
         assert secret not in rendered
@@ -359,7 +377,8 @@ def test_secrets_never_reach_exports_and_derived_values_stay_secret():
     from components.image_registry import htpasswd_entry
     from mlops.program import declare_stack
 
-    spec = load_stages(["dev"])[0]
+    # dev with a registry of its own, so the registry's password is in the program too.
+    spec = loading.load_stage("dev", overrides={"image_registry": {"enabled": True}})
     password = "correct horse battery staple"
     config = {"mlops:registryPassword": password, "mlops:mlflowPassword": "tr0ub4dor&3"}
     plan.mock_runtime("dev", config)
@@ -418,9 +437,9 @@ def test_only_ports_published_off_loopback_speak_tls_and_the_stack_exports_their
     assert cluster["model_registry_ca"] == ca_certificate("mlflow-secret", "cluster", "model-registry")
     assert cluster["image_registry_ca"] == ca_certificate("registry-secret", "cluster", "image-registry")
     dev = by_name(render("dev", reveal_secrets=True))
-    for server in ("dev-model-registry-server", "dev-image-registry-server"):
-        assert not any(variable.startswith("MLOPS_TLS_") for variable in dev[server].inputs["envs"]), server
-        assert dev[server].inputs["healthcheck"]["tests"][-2].startswith("http://127.0.0.1:5000/")
+    mlflow = dev["dev-model-registry-server"].inputs
+    assert not any(variable.startswith("MLOPS_TLS_") for variable in mlflow["envs"])
+    assert mlflow["healthcheck"]["tests"][-2].startswith("http://127.0.0.1:5000/")
     assert all("MLOPS_MLFLOW_CA_CERTIFICATE" not in " ".join(replica.inputs["envs"])
                for replica in serving_replicas(dev, "iris-classifier"))
 
@@ -559,22 +578,18 @@ def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(pro
     # The serving platform: every model's serving image stands on it.
     assert changed_names(*inputs_changed_by(project_copy / "images" / "serving" / "Dockerfile")) == sorted([
         "dev-serving-oip-platform", *(f"dev-serving-{model}-{suffix}" for model in SHIPPED_MODELS
-                                      for suffix in ("blue-0", "image", "image-push"))])
+                                      for suffix in ("blue-0", "image"))])
     # The training platform: every model's training image, and no container.
     assert changed_names(*inputs_changed_by(project_copy / "images" / "training" / "Dockerfile")) == sorted([
-        "dev-training-platform", *(f"dev-{model}-training-image{push}" for model in SHIPPED_MODELS
-                                   for push in ("", "-push"))])
+        "dev-training-platform", *(f"dev-{model}-training-image" for model in SHIPPED_MODELS)])
     # A model's project: both of its images, not the platforms'.
     assert changed_names(*inputs_changed_by(project_copy / "models" / "iris-classifier" / "iris_model" / "train.py")) == [
-        "dev-iris-classifier-training-image", "dev-iris-classifier-training-image-push",
-        "dev-serving-iris-classifier-blue-0", "dev-serving-iris-classifier-image",
-        "dev-serving-iris-classifier-image-push"]
+        "dev-iris-classifier-training-image", "dev-serving-iris-classifier-blue-0", "dev-serving-iris-classifier-image"]
 
 
 def test_a_change_in_one_models_project_rebuilds_that_models_images_only(project_copy):
     before, after = inputs_changed_by(project_copy / "models" / "diabetes-regressor" / "diabetes_model" / "train.py")
-    rebuilt = ["dev-diabetes-regressor-training-image", "dev-diabetes-regressor-training-image-push",
-               "dev-serving-diabetes-regressor-image", "dev-serving-diabetes-regressor-image-push"]
+    rebuilt = ["dev-diabetes-regressor-training-image", "dev-serving-diabetes-regressor-image"]
     assert changed_names(before, after) == sorted([*rebuilt, "dev-serving-diabetes-regressor-blue-0"])
     for name in rebuilt:
         # A new content tag, in the same repository.
@@ -584,7 +599,7 @@ def test_a_change_in_one_models_project_rebuilds_that_models_images_only(project
         assert after[name]["build"]["context"] == "models/diabetes-regressor"
     # iris-classifier's images and replicas are the same bytes: nothing of it is rebuilt or replaced.
     untouched = [name for name in before if "iris-classifier" in name]
-    assert len(untouched) >= 6
+    assert len(untouched) == 4  # its training environment, its two images, its replica
     assert {name: json.dumps(before[name], sort_keys=True) for name in untouched} \
         == {name: json.dumps(after[name], sort_keys=True) for name in untouched}
 
@@ -604,8 +619,7 @@ def test_the_platform_images_are_built_once_per_stage_whatever_the_number_of_mod
     assert {r.parent for r in platforms.values()} == {"dev"}
     model_images = [r for r in resources if r.type == IMAGE and r.inputs["build"]["context"].startswith("models/")]
     assert sorted(r.name for r in model_images) == sorted(
-        f"{image}{push}" for model in models
-        for image in (f"dev-{model}-training-image", f"dev-serving-{model}-image") for push in ("", "-push"))
+        image for model in models for image in (f"dev-{model}-training-image", f"dev-serving-{model}-image"))
     for image in model_images:
         platform = "dev-training-platform" if "-training-image" in image.name else "dev-serving-oip-platform"
         assert platform in image.dependencies, image.name

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -22,11 +23,11 @@ import pytest
 from ruamel.yaml import YAML
 from typer.testing import CliRunner
 
-from components.images import BuildSettings, model_image_repository
+from components.images import BuildSettings, model_image_name, model_image_repository
 from components.workload import HttpHealth, http_probe
 from mlops import promote, rollout
 from mlops.cli import app
-from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest
+from mlops.imagecopy import RegistryError, StageRegistry, manifest_digest, read_manifest
 from mlops.modelstore import MODEL_FILES, BasicAuth, MlflowStore, ModelVersion, StoreError
 from mlops.signing import check_signed, public_keys
 from mlops_spec.contract import (
@@ -643,11 +644,16 @@ def test_either_from_or_green(prod_with_greens, args):
     assert (result.exit_code, result.output) == (2, "refused: give either --from STAGE or --green\n")
 
 
-def dev_on(environments: Path, *, model_registry_port: int, image_registry_port: int) -> None:
-    """Point dev's registries at the test's servers and commit it."""
+def dev_on(environments: Path, *, model_registry_port: int, image_registry_port: int | None = None) -> None:
+    """Point dev's model registry at the test's server and commit it; with `image_registry_port`, give dev an image
+    registry there (as a dev on a swarm has), else dev keeps its images on its engine as shipped."""
     dev = environments / "dev.yaml"
-    dev.write_text(dev.read_text() + f"\nmodel_registry:\n  port: {{host_port: {model_registry_port}}}\n"
-                                     f"image_registry:\n  port: {{host_port: {image_registry_port}}}\n")
+    shipped = "image_registry: {enabled: false}"
+    text = dev.read_text()
+    assert shipped in text
+    if image_registry_port:
+        text = text.replace(shipped, f"image_registry: {{enabled: true, port: {{host_port: {image_registry_port}}}}}")
+    dev.write_text(text + f"\nmodel_registry:\n  port: {{host_port: {model_registry_port}}}\n")
     commit(environments, "dev ports")
 
 
@@ -695,12 +701,18 @@ def image_registry(docker_engine, tmp_path):
         subprocess.run(["docker", "rmi", image], capture_output=True)
 
 
-def push_stand_in(name: str, config: dict, context: Path) -> tuple[str, str]:
-    """Build a small image as `name`, push it; returns the name and its registry digest reference."""
+def build_stand_in(name: str, context: Path) -> str:
+    """Build a small image as `name` on the local engine only; returns its image ID."""
     context.mkdir()
     (context / "marker").write_text(os.urandom(16).hex())
     (context / "Dockerfile").write_text("FROM scratch\nCOPY marker /marker\n")
     docker("build", "-q", "-t", name, str(context))
+    return docker("image", "inspect", "--format", "{{.Id}}", name)
+
+
+def push_stand_in(name: str, config: dict, context: Path) -> tuple[str, str]:
+    """Build a small image as `name`, push it; returns the name and its registry digest reference."""
+    build_stand_in(name, context)
     docker("push", "-q", name, env=config)
     repository = name.rsplit(":", 1)[0]
     digests = json.loads(docker("image", "inspect", "--format", "{{json .RepoDigests}}", name))
@@ -803,9 +815,72 @@ def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, ima
     result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME,
                                       "--environments", str(environments)])
     assert result.exit_code == 1
-    assert f"dev has no pushed training image dev/{MODEL_NAME}-training:" in result.output
+    assert f"dev has no built training image dev/{MODEL_NAME}-training:" in result.output
     assert "does not have it" in result.output
     assert "run `pulumi up -s dev`" in result.output
+
+
+@pytest.mark.docker
+def test_promote_from_dev_without_a_registry_takes_its_images_from_its_engine(tmp_path, registries, image_registry,
+                                                                             monkeypatch):
+    """dev as shipped pushes nowhere: promotion saves each image from dev's engine, compresses it once, shows the
+    digest that staging's registry then serves, and pins exactly that; the image is the one dev built."""
+    version, sha256 = register_source_model(registries, accuracy=0.97)
+    staging_port, _, staging_password = image_registry()
+    monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_STAGING", staging_password)
+    mlflow_secrets_as(monkeypatch, staging="target")
+    environments = make_repo(tmp_path, staging_port=registries["target"], prod_port=free_port(),
+                             staging_image_port=staging_port)
+    dev_on(environments, model_registry_port=registries["source"])
+    dev = load_stage("dev", environments)
+    assert not dev.image_registry.enabled
+    built = {role: model_image_name("dev", role, f"images/{role}", BuildSettings.of(dev), MODEL_NAME, target=target)
+             for role, target in (("training", None), ("serving", dev.serving.runtime))}
+    image_ids = {role: build_stand_in(name, tmp_path / role) for role, name in built.items()}
+    scratch_before = set(Path(tempfile.gettempdir()).glob("mlops-promote-*"))
+    try:
+        promote_args = ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME,
+                        "--environments", str(environments)]
+        before = (environments / "staging.yaml").read_text()
+        shown = CliRunner().invoke(app, [*promote_args, "--dry-run"])
+        assert shown.exit_code == 0, shown.output
+        assert (environments / "staging.yaml").read_text() == before
+        result = CliRunner().invoke(app, promote_args)
+        assert result.exit_code == 0, result.output
+    finally:
+        for name in built.values():
+            subprocess.run(["docker", "rmi", name], capture_output=True)
+    release = load_stage("staging", environments).models[MODEL_NAME].release
+    staging_registry = StageRegistry(where="staging's image registry", address=f"127.0.0.1:{staging_port}",
+                                     username="mlops", password=staging_password)
+    for role in ("training", "serving"):
+        pin = getattr(release.images, role)
+        repository, digest = pin.split("@")
+        assert repository == f"localhost:{staging_port}/staging/{MODEL_NAME}-{role}"
+        assert f"@{digest}" in shown.output, "the dry run shows the digest that is pinned"
+        served = json.loads(read_manifest(staging_registry, f"staging/{MODEL_NAME}-{role}", digest))
+        assert served["config"]["digest"] == image_ids[role], "the image dev's engine built, not another"
+    assert release.sha256 == sha256
+    assert store(registries, "target").fetch(MODEL_NAME, release.version).tags["mlops.promoted_from"] == f"dev v{version}"
+    assert set(Path(tempfile.gettempdir()).glob("mlops-promote-*")) <= scratch_before, "the taken images are removed"
+
+
+@pytest.mark.docker
+def test_dev_images_never_built_on_its_engine_are_refused(tmp_path, registries, image_registry, monkeypatch):
+    register_source_model(registries, accuracy=0.97)
+    staging_port, _, staging_password = image_registry()
+    monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_STAGING", staging_password)
+    environments = make_repo(tmp_path, staging_port=registries["target"], staging_image_port=staging_port)
+    dev_on(environments, model_registry_port=registries["source"])
+    before = (environments / "staging.yaml").read_text()
+    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME,
+                                      "--environments", str(environments)])
+    assert result.exit_code == 1
+    assert f"dev has no built training image mlops-dev/{MODEL_NAME}-training:" in result.output
+    assert "dev's Docker engine (unix:///var/run/docker.sock) does not have it" in result.output
+    assert "run `pulumi up -s dev` so it is built into dev's Docker engine" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert (environments / "staging.yaml").read_text() == before
 
 
 @pytest.mark.parametrize("stderr, reason", [
@@ -853,7 +928,7 @@ def test_skopeo_verifies_a_registry_published_off_loopback_with_its_stages_ca_al
 
 @pytest.mark.docker
 def test_a_registry_speaking_tls_is_read_and_copied_only_with_its_stages_ca(image_registry, tmp_path):
-    from mlops.imagecopy import copy_image, read_manifest
+    from mlops.imagecopy import copy_image
 
     tls = {stage: server_tls(f"{stage}-secret", stage, "image-registry", ("image-registry",)) for stage in ("dev", "prod")}
     (dev_port, dev_config, dev_password), (prod_port, _, prod_password) = image_registry(tls["dev"]), image_registry(tls["prod"])

@@ -56,7 +56,7 @@ def stage(docker_engine, environments) -> Iterator[Stage]:
     """A private copy of dev on free host ports with both shipped models, each served by two replicas that follow
     `latest` (they need no model to be deployed, so nothing has to be trained)."""
     name = f"t-redeploy-{uuid.uuid4().hex[:6]}"
-    ports = {"mlflow": free_port(), "registry": free_port(), "gateway": free_port()}
+    ports = {"mlflow": free_port(), "gateway": free_port()}
     spec = private_copy_of_dev(name, ports, models=(MODEL, OTHER_MODEL))
     spec["serving"]["replicas"] = 2
     spec["models"] = {model: {"release": {"version": "latest"}} for model in (MODEL, OTHER_MODEL)}
@@ -104,17 +104,16 @@ def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must
     mlflow = f"http://127.0.0.1:{stage.mlflow_port}/api/2.0/mlflow/registered-models"
     deployed = engine.deploy()
     runs = {name: container.attrs["Config"]["Image"] for name, container in deployed.items()}
-    # The replica runs its local build of the model's serving image, whose ID is the image pushed to the stage's
-    # registry.
+    # The replica runs its local build of the model's serving image, which dev keeps on its engine, pushed nowhere.
     for model in (MODEL, OTHER_MODEL):
-        pushed = engine.client.images.get(runs[f"{stack}-{model}-blue-0"]).attrs["RepoDigests"]
-        assert any(re.fullmatch(rf"localhost:\d+/{stack}/{model}-serving@sha256:[0-9a-f]{{64}}", ref)
-                   for ref in pushed), pushed
+        built = engine.client.images.get(runs[f"{stack}-{model}-blue-0"])
+        assert any(re.fullmatch(rf"mlops-{stack}/{model}-serving:[0-9a-f]{{16}}", tag) for tag in built.tags), built.tags
+        assert built.attrs["RepoDigests"] == [], "dev pushes nothing"
     assert all(re.fullmatch(r"(\S+@)?sha256:[0-9a-f]{64}", image) for image in runs.values()), runs
     trainer, reader = (BasicAuth(name, derived_password(engine.mlflow_password, name)) for name in (TRAINER, READER))
     http_json(f"{mlflow}/create", {"name": "kept-across-deploys"}, auth=trainer)
     first_containers, first_images = containers(engine), images(engine)
-    assert set(first_containers) == {f"{stack}-model-registry", f"{stack}-image-registry", f"{stack}-gateway",
+    assert set(first_containers) == {f"{stack}-model-registry", f"{stack}-gateway",
                                      *(f"{stack}-{model}-blue-{index}" for model in (MODEL, OTHER_MODEL)
                                        for index in (0, 1))}
 

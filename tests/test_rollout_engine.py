@@ -53,7 +53,6 @@ def write_stage(environments, name: str, ports: dict[str, int], pins: dict[str, 
         "experiment": {"name": name, "owner": "tests", "source_stage": "dev",
                        "created_at": "2026-01-01T00:00:00Z", "expires_at": "2026-01-01T01:00:00Z"},
         "model_registry": {"port": {"host_port": ports["mlflow"]}},
-        "image_registry": {"port": {"host_port": ports["registry"]}},
         "monitoring": {"port": {"host_port": ports["prometheus"]}, "scrape_interval_s": 1, "evaluation_interval_s": 1},
         "serving": {**spec["serving"], "port": {"host_port": ports["gateway"]}},
     }
@@ -99,7 +98,7 @@ def stage(docker_engine, tmp_path_factory):
     environments = tmp_path_factory.mktemp("rollout") / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     name = f"t-roll-{uuid.uuid4().hex[:6]}"
-    ports = {role: free_port() for role in ("mlflow", "registry", "gateway", "prometheus")}
+    ports = {role: free_port() for role in ("mlflow", "gateway", "prometheus")}
     write_stage(environments, name, ports, {}, green=None)
     engine = StageOnEngine(stack=name, spec=load_stages([name], environments)[0], registry_password=uuid.uuid4().hex)
     created = Stage(name, environments, ports, engine)

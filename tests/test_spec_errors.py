@@ -47,7 +47,7 @@ PINNED = "version: 1, sha256: " + "a" * 64
 
 def mlserver_sampling(env) -> None:
     """dev on the mlserver runtime, iris-classifier sampling."""
-    replace(env / "dev.yaml", "  build: images/serving\n\n", "  build: images/serving\n  runtime: mlserver\n\n")
+    replace(env / "dev.yaml", "  build: images/serving\n", "  build: images/serving\n  runtime: mlserver\n")
     replace(env / "dev.yaml", "    release: {version: latest}\n  diabetes",
             "    release: {version: latest}\n    sampling: {fraction: 0.5}\n  diabetes")
 

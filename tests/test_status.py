@@ -46,7 +46,8 @@ class Deployed:
 
 @pytest.fixture(scope="module")
 def deployed(docker_engine, tmp_path_factory):
-    """A private dev-like stage on free host ports, serving a registered model with two replicas."""
+    """A private dev-like stage on free host ports, with an image registry (which dev as shipped has not) so every
+    kind of endpoint is probed, serving a registered model with two replicas."""
     for lock in sorted(REPO_ROOT.glob("images/*/requirements.lock")):
         subprocess.run([str(REPO_ROOT / "scripts" / "fetch-wheels.sh"), str(lock.parent.relative_to(REPO_ROOT))],
                        cwd=REPO_ROOT, check=True, capture_output=True)

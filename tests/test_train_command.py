@@ -38,11 +38,9 @@ def test_dev_runs_each_models_training_image_the_program_builds(model):
     built = [resource.inputs["imageName"] for resource in planning.render("dev", spec)
              if resource.type == "docker:index/image:Image"
              and f"/{model}-training:" in resource.inputs["imageName"]]
-    # The model's training image: the local build and the copy pushed to dev's registry, which train runs by
-    # that name.
-    assert built[1] == training_image(spec, model, ENVIRONMENTS_DIR)
-    assert built[1].startswith(f"localhost:5001/dev/{model}-training:")
-    assert built[0].split(":")[-1] == built[1].split(":")[-1], "one content tag: the same build inputs"
+    # The model's training image as dev built it on its engine, which train runs by that name.
+    assert built == [training_image(spec, model, ENVIRONMENTS_DIR)]
+    assert built[0].startswith(f"mlops-dev/{model}-training:")
 
 
 def test_promoted_stages_run_the_models_promoted_digest(released_environments):
@@ -155,7 +153,7 @@ def test_the_run_trains_the_named_model_in_its_own_image_and_signs_what_it_regis
     [run] = runs
     spec = load_stages(["dev"])[0]
     assert run.image == training_image(spec, "diabetes-regressor", ENVIRONMENTS_DIR)
-    assert "/dev/diabetes-regressor-training:" in run.image
+    assert run.image.startswith("mlops-dev/diabetes-regressor-training:")
     assert list(run.args) == ["--subset", "1.0", "--seed", "0", "--data", "latest", "--model-name", "diabetes-regressor"]
     assert ("image", "inspect", "--format", "{{json .RepoDigests}} {{.Id}}", run.image) in engine.asked
     assert result.output.splitlines()[-1] == f"REGISTERED name=diabetes-regressor version=3 sha256={REGISTERED_SHA256}"

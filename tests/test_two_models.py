@@ -113,7 +113,7 @@ def stage(docker_engine, tmp_path_factory):
     environments = tmp_path_factory.mktemp("two-models") / "environments"
     shutil.copytree(ENVIRONMENTS_DIR, environments)
     name = f"t-two-{uuid.uuid4().hex[:6]}"
-    ports = {role: free_port() for role in ("mlflow", "registry", "gateway", "prometheus")}
+    ports = {role: free_port() for role in ("mlflow", "gateway", "prometheus")}
     following_latest = {model: {"release": {"version": "latest"}} for model in (CLASSIFIER, REGRESSOR)}
     engine = StageOnEngine(stack=name, spec=write_stage(environments, name, ports, following_latest),
                            registry_password=uuid.uuid4().hex)
