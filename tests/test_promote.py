@@ -806,21 +806,6 @@ def test_wrong_target_registry_password_is_one_line_and_changes_nothing(dev_and_
 
 
 @pytest.mark.docker
-def test_dev_images_that_were_never_pushed_are_refused(tmp_path, registries, image_registry, monkeypatch):
-    register_source_model(registries, accuracy=0.97)
-    dev_port, _, dev_password = image_registry()
-    monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_DEV", dev_password)
-    environments = make_repo(tmp_path, staging_port=registries["target"])
-    dev_on(environments, model_registry_port=registries["source"], image_registry_port=dev_port)
-    result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME,
-                                      "--environments", str(environments)])
-    assert result.exit_code == 1
-    assert f"dev has no built training image dev/{MODEL_NAME}-training:" in result.output
-    assert "does not have it" in result.output
-    assert "run `pulumi up -s dev`" in result.output
-
-
-@pytest.mark.docker
 def test_promote_from_dev_without_a_registry_takes_its_images_from_its_engine(tmp_path, registries, image_registry,
                                                                              monkeypatch):
     """dev as shipped pushes nowhere: promotion saves each image from dev's engine, compresses it once, shows the
@@ -866,19 +851,32 @@ def test_promote_from_dev_without_a_registry_takes_its_images_from_its_engine(tm
 
 
 @pytest.mark.docker
-def test_dev_images_never_built_on_its_engine_are_refused(tmp_path, registries, image_registry, monkeypatch):
+@pytest.mark.parametrize("dev_has_a_registry", [True, False], ids=["in its registry", "on its engine"])
+def test_dev_images_never_built_are_refused_in_one_line(dev_has_a_registry, tmp_path, registries, image_registry,
+                                                        monkeypatch):
+    """Nothing under the content tag of the build context as it is now: the promotion names the image and where it
+    looked, and changes nothing."""
     register_source_model(registries, accuracy=0.97)
     staging_port, _, staging_password = image_registry()
     monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_STAGING", staging_password)
     environments = make_repo(tmp_path, staging_port=registries["target"], staging_image_port=staging_port)
-    dev_on(environments, model_registry_port=registries["source"])
+    dev_port = None
+    if dev_has_a_registry:
+        dev_port, _, dev_password = image_registry()
+        monkeypatch.setenv("MLOPS_REGISTRY_PASSWORD_DEV", dev_password)
+    dev_on(environments, model_registry_port=registries["source"], image_registry_port=dev_port)
     before = (environments / "staging.yaml").read_text()
     result = CliRunner().invoke(app, ["promote", "--from", "dev", "--to", "staging", "--model", MODEL_NAME,
                                       "--environments", str(environments)])
     assert result.exit_code == 1
-    assert f"dev has no built training image mlops-dev/{MODEL_NAME}-training:" in result.output
-    assert "dev's Docker engine (unix:///var/run/docker.sock) does not have it" in result.output
-    assert "run `pulumi up -s dev` so it is built into dev's Docker engine" in result.output
+    host = "unix:///var/run/docker.sock"
+    image, where, built_into = (
+        (f"dev/{MODEL_NAME}-training:", f"dev's image registry (Docker host {host}) at 127.0.0.1:{dev_port}",
+         "image registry") if dev_has_a_registry else
+        (f"mlops-dev/{MODEL_NAME}-training:", f"dev's Docker engine ({host})", "Docker engine"))
+    assert f"dev has no built training image {image}" in result.output
+    assert f"{where} does not have it" in result.output
+    assert f"run `pulumi up -s dev` so it is built into dev's {built_into}" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert (environments / "staging.yaml").read_text() == before
 
