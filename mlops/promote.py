@@ -479,8 +479,9 @@ class Promoter:
             fetched = _fetch_source_model(source, promoted.of(name), self.model_store(source), version)
             self._check_signed_for(target, fetched)
             _check_gates(fetched, target)
+            # The target's address and password first: taking images from a source's engine compresses them.
+            self.image_registry(target)
             images = self._source_images(source, promoted.images, name, target)
-            self.image_registry(target)  # its address and password, before anything is copied
             target_store = self.model_store(target)
             try:
                 version = target_store.find_version(name, fetched.sha256) or target_store.next_version(name)
