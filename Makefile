@@ -7,7 +7,7 @@ LOCKED_IMAGES := $(patsubst %/requirements.lock,%,$(wildcard images/*/requiremen
 PACKAGED_IMAGES := $(patsubst %/packages.lock,%,$(wildcard images/*/packages.lock))
 export PULUMI_BACKEND_URL ?= file://$(CURDIR)/.pulumi-state
 
-.PHONY: venv wheels base-image pulumi-cli announce-up stack-secrets up test test-unit lint bench validate
+.PHONY: venv wheels base-image pulumi-cli announce-up stack-secrets docker-tls-secrets up test test-unit lint bench validate
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -47,6 +47,15 @@ stack-secrets:
 	pulumi config get --stack $(ENV) mlops:trustedModelKeys >/dev/null 2>&1 || \
 	  pulumi config get --stack $$signer mlops:modelSigningKey | openssl pkey -pubout | \
 	    pulumi config set --stack $(ENV) mlops:trustedModelKeys
+
+# A stage on a TLS Docker host reaches its engine with a client certificate that engine's CA signed: CERTS names the
+# folder that holds it as DOCKER_CERT_PATH does (ca.pem, cert.pem, key.pem), stored as the stack's secrets on stdin.
+docker-tls-secrets:
+	@test -n "$(CERTS)" || { echo "make docker-tls-secrets ENV=$(ENV) CERTS=FOLDER: FOLDER holds the client certificate (ca.pem, cert.pem, key.pem)"; exit 2; }
+	@for file in ca.pem cert.pem key.pem; do test -r "$(CERTS)/$$file" || { echo "$(CERTS)/$$file: missing or unreadable; CERTS holds ca.pem, cert.pem and key.pem"; exit 2; }; done
+	pulumi config set --stack $(ENV) --secret mlops:dockerCaCert < "$(CERTS)/ca.pem"
+	pulumi config set --stack $(ENV) --secret mlops:dockerClientCert < "$(CERTS)/cert.pem"
+	pulumi config set --stack $(ENV) --secret mlops:dockerClientKey < "$(CERTS)/key.pem"
 
 up: announce-up pulumi-cli venv
 	$(VENV)/bin/mlops validate $(ENV)

@@ -3,7 +3,8 @@ a base image named by a mutable tag (components/images.py puts it into the build
 engine limits swap (components/runtimes.py declares a container's swap limit as the engine will store it).
 
 The Pulumi program, `mlops train` and `mlops promote` read the stage's engine with the `docker` CLI at its
-`docker.url`, so all three compute the same content tags. A rendering that involves no engine (`mlops plan`,
+`docker.url`, so all three compute the same content tags: the program with the stack's TLS client material,
+`mlops` with the operator's (`operators_docker_cli`). A rendering that involves no engine (`mlops plan`,
 `mlops diff`, the mock-runtime tests) reads `NO_ENGINE`, and a caller puts any reader in place with
 `reading_engines` (docs/day-two.md).
 """
@@ -87,6 +88,13 @@ EngineReader = Callable[[StageSpec], Engine]
 def docker_cli(spec: StageSpec) -> Engine:
     """The stage's engine at its `docker.url`: what the program reads unless told otherwise."""
     return DockerCli(spec.stage, spec.docker, stage_tls(spec))
+
+
+def operators_docker_cli(spec: StageSpec) -> Engine:
+    """The stage's engine as `mlops` reaches it from an operator's machine: a TLS host with docker's own
+    DOCKER_CERT_PATH (`DockerHost.cli_environment`), as its every other `docker` call does, since only a Pulumi
+    program has the stack's config."""
+    return DockerCli(spec.stage, spec.docker)
 
 
 _READER: ContextVar[EngineReader] = ContextVar("engine_reader", default=docker_cli)

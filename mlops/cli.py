@@ -7,6 +7,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from components.engine_facts import operators_docker_cli, reading_engines
 from mlops.commands import data, diff, drift, experiments, parity, promote, settle, sign, specs, status, train
 from mlops_spec.errors import NotInProject, SpecError
 
@@ -29,7 +30,8 @@ app.add_typer(data.app, name="data")
 
 def main() -> None:
     try:
-        app()
+        with reading_engines(operators_docker_cli):
+            app()
     except (SpecError, NotInProject) as err:
         # Messages quote input, which must never be read as markup or emoji codes.
         Console(stderr=True).print(f"[red]error:[/red] {escape(str(err))}", highlight=False, soft_wrap=True,

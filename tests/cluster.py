@@ -10,15 +10,18 @@ ingress routing mesh. Services use endpoint mode `dnsrr` and publish ports in `h
 that runs the task, which allows one such task per node: with a node down, a task that publishes a port
 the other nodes already use stays pending ("no suitable node (host-mode port already in use)").
 
-The stage's image registry runs as a service on the cluster itself, so each node's engine trusts
-registries on the bridge network over plain HTTP (`trust_registries_on_network` in tests/hosts.py).
+Each node's engine answers over TLS only, as environments/cluster.yaml's manager must (`tls` in tests/hosts.py):
+the tests, the program's provider and `mlops` reach it with the session's client certificate. The stage's image
+registry runs as a service on the cluster itself, so each node's engine trusts registries on the bridge network
+over plain HTTP (`trust_registries_on_network` in tests/hosts.py).
 
 Everything is labelled with the session like the hosts are, and `remove_cluster(session)` removes it.
 
 Run as a program, it does the same for a workflow (.github/workflows/idempotence.yml): `python -m tests.cluster up
 --session NAME` starts the nodes environments/cluster.yaml places by, points the stage file at the manager and its
-registry, and prints both as `url=…` and `registry_address=…` lines ($GITHUB_OUTPUT's format); `python -m
-tests.cluster down --session NAME` removes everything of the session.
+registry, and prints both as `url=…` and `registry_address=…` lines ($GITHUB_OUTPUT's format), with `cert_path=…`, the
+folder of the client certificate the manager trusts (DOCKER_CERT_PATH's layout: ca.pem, cert.pem, key.pem); `python -m
+tests.cluster down --session NAME` removes everything of the session, that folder included.
 """
 from __future__ import annotations
 
@@ -138,7 +141,7 @@ def start_cluster(session: str, labels: dict[str, dict[str, str]]) -> Cluster:
     rest workers; each node gets its labels (what the stage's placement constraints ask for)."""
     names = list(labels)
     nodes = hosts.start_hosts(names, network=f"mlops-swarm-{session}", session=session,
-                              trust_registries_on_network=True)
+                              trust_registries_on_network=True, tls=True)
     manager, *workers = (nodes[name] for name in names)
     manager.client.swarm.init(advertise_addr=manager.ip, listen_addr=f"{manager.ip}:{SWARM_PORT}")
     token = manager.client.swarm.attrs["JoinTokens"]["Worker"]
@@ -204,8 +207,10 @@ def _up(session: str, stage: str, environments: Path) -> int:
         return 1
     registry_address = f"{cluster.manager.ip}:{port}"
     point_stage(stage_file(stage, environments), cluster.url, registry_address)
+    assert cluster.manager.tls is not None
     print(f"url={cluster.url}")
     print(f"registry_address={registry_address}")
+    print(f"cert_path={cluster.manager.tls.folder}")
     return 0
 
 

@@ -185,6 +185,7 @@ def fake_docker(tmp_path, monkeypatch):
         import os, pathlib, sys
         here = pathlib.Path(sys.argv[0]).parent
         (here / "called").write_text(" ".join([os.environ["DOCKER_HOST"], *sys.argv[1:]]))
+        (here / "tls").write_text(" ".join(f"{key}={os.environ.get(key)}" for key in ("DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH")))
         sys.stdout.write((here / "stdout").read_text())
         sys.stderr.write((here / "stderr").read_text())
         sys.exit(int((here / "rc").read_text()))
@@ -219,6 +220,26 @@ def test_an_engine_that_does_not_answer_is_one_line(fake_docker):
     message = str(raised.value)
     assert message.startswith("stage cluster: docker.url: could not read the engine at tcp://10.0.0.10:2375")
     assert "Cannot connect to the Docker daemon" in message and "\n" not in message
+
+
+def test_mlops_reads_a_tls_stages_engine_with_the_operators_certificates_not_the_stacks_config(fake_docker,
+                                                                                               monkeypatch, tmp_path):
+    """A stage that builds on a TLS host (the cluster stage): `mlops train` computes the training image's content tag
+    from the base image's ID on that engine, with docker's DOCKER_CERT_PATH, as its other `docker` calls; outside a
+    Pulumi program there is no stack config to take client material from."""
+    from mlops import cli
+
+    [spec] = load_stages(["cluster"], ENVIRONMENTS_DIR)
+    assert spec.docker.uses_tls
+    monkeypatch.setenv("DOCKER_CERT_PATH", str(tmp_path / "operator"))
+    called = fake_docker(stdout="sha256:" + "c" * 64 + "\n")
+    named = []
+    monkeypatch.setattr(cli, "app", lambda: named.append(training_image(spec, "iris-classifier", ENVIRONMENTS_DIR)))
+    cli.main()
+    assert named and named[0].startswith("10.0.0.10:5301/cluster/iris-classifier-training:"), named
+    assert called.read_text() == "tcp://10.0.0.10:2376 image inspect --format {{.Id}} mlops-base:bookworm"
+    # The operator's folder, not one the program's reader writes from the stack's config (mlops-docker-tls-*).
+    assert called.with_name("tls").read_text() == f"DOCKER_TLS_VERIFY=1 DOCKER_CERT_PATH={tmp_path / 'operator'}"
 
 
 def test_renderings_without_an_engine_read_none():

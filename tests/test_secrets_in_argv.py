@@ -15,6 +15,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from mlops.signing import private_key, public_pem
 from mlops_spec.project import REPO_ROOT
 
@@ -150,6 +152,45 @@ def test_make_gives_a_training_stage_a_signing_key_and_its_whole_chain_trust_in_
     read_key = dev_config["mlops:modelSigningKey"]["value"].splitlines()[1]
     for secret in (*prod.secrets, read_key):
         assert not [line for line in prod.command_lines if secret in line], "prod read dev's key on stdin only"
+
+
+TLS_FILES = {"mlops:dockerCaCert": "ca.pem", "mlops:dockerClientCert": "cert.pem", "mlops:dockerClientKey": "key.pem"}
+
+
+def certificate_folder(folder: Path, files: tuple[str, ...] = tuple(TLS_FILES.values())) -> dict[str, str]:
+    """DOCKER_CERT_PATH's layout with stand-in PEM texts; returns each file's text."""
+    folder.mkdir()
+    texts = {name: f"-----BEGIN {name}-----\nMIIBszCCAVmgAwIBAgIU{name}\n-----END {name}-----" for name in files}
+    for name, text in texts.items():
+        (folder / name).write_text(text + "\n")
+    return texts
+
+
+def test_make_stores_a_tls_hosts_client_certificate_from_its_folder_without_putting_it_on_a_command_line(tmp_path):
+    texts = certificate_folder(tmp_path / "certs")
+    make = ["make", "--no-print-directory", "docker-tls-secrets", "ENV=cluster", f"CERTS={tmp_path / 'certs'}"]
+    run = run_watched(make, tmp_path, {}, "cluster")
+    assert_no_secret_in_any_argv(run, tuple(TLS_FILES))
+    assert stored_config(tmp_path, "cluster") == {key: {"value": texts[name], "secret": True}
+                                                   for key, name in TLS_FILES.items()}
+
+
+@pytest.mark.parametrize("files, certs, said", [
+    (("ca.pem", "cert.pem"), "certs", "{certs}/key.pem: missing or unreadable; CERTS holds ca.pem, cert.pem and key.pem"),
+    ((), "", "make docker-tls-secrets ENV=cluster CERTS=FOLDER: FOLDER holds the client certificate (ca.pem, cert.pem, "
+             "key.pem)")])
+def test_make_refuses_an_incomplete_certificate_folder_in_one_line_and_stores_nothing(tmp_path, files, certs, said):
+    certificate_folder(tmp_path / "certs", files)
+    folder = str(tmp_path / certs) if certs else ""
+    fake = tmp_path / "bin" / "pulumi"
+    fake.parent.mkdir()
+    fake.write_text(FAKE_PULUMI.format(python=sys.executable))
+    fake.chmod(0o755)
+    ran = subprocess.run(["make", "--no-print-directory", "docker-tls-secrets", "ENV=cluster", f"CERTS={folder}"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "FAKE_PULUMI_DIR": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+    assert ran.returncode == 2 and ran.stdout.splitlines() == [said.format(certs=folder)], ran.stdout + ran.stderr
+    assert not (tmp_path / "calls.jsonl").exists(), "pulumi was never called"
 
 
 EXP_UP = [sys.executable, "-m", "mlops", "exp", "up", "argv"]

@@ -90,7 +90,7 @@ def test_the_default_wait_is_the_longest_rolling_update_the_provider_would_wait_
      f"Swarm rolled back or paused {BLUE} after pulumi up returned: the cluster runs their previous spec and the "
      "Pulumi state does not know it; run `pulumi refresh --stack cluster`, fix the release and deploy again"),
     ([state("updating")], 1, f"{BLUE} did not settle within 1 s"),
-    ([], 1, "no service of cluster runs on the swarm manager at tcp://10.0.0.10:2375: deploy it first "
+    ([], 1, "no service of cluster runs on the swarm manager at tcp://10.0.0.10:2376: deploy it first "
             "(`pulumi up --stack cluster`)"),
 ])
 def test_the_command_says_in_one_line_why_the_deploy_is_not_done(monkeypatch, reads, exit_code, says):
@@ -105,7 +105,7 @@ def test_an_unreachable_manager_and_a_single_host_stage_each_get_one_line(monkey
     monkeypatch.setattr(settling, "service_states", unreachable)
     result = CliRunner().invoke(app, ["settle", "cluster", "--environments", str(ENVIRONMENTS_DIR)])
     assert result.exit_code == 1
-    assert " ".join(result.output.split()) == ("error: cluster's swarm manager at tcp://10.0.0.10:2375 did not answer: "
+    assert " ".join(result.output.split()) == ("error: cluster's swarm manager at tcp://10.0.0.10:2376 did not answer: "
                                                "`service ls` failed: Cannot connect to the Docker daemon")
     single = CliRunner().invoke(app, ["settle", "dev", "--environments", str(ENVIRONMENTS_DIR)])
     assert single.exit_code == 0 and "runs on a single host" in single.output
@@ -195,5 +195,5 @@ def test_after_pulumi_destroy_settle_removes_the_secrets_it_left(monkeypatch):
     gone = settling.Removal(settling.SwarmSecret("s3", "cluster-registry-ccc"), refused="")
     result, said, _ = run_settle(monkeypatch, [], [gone])
     assert result.exit_code == 0, said
-    assert said.endswith("nothing of cluster runs on the swarm manager at tcp://10.0.0.10:2375; the secrets "
+    assert said.endswith("nothing of cluster runs on the swarm manager at tcp://10.0.0.10:2376; the secrets "
                          "`pulumi destroy` left are dealt with")

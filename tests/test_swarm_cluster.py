@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from docker.tls import TLSConfig
 from sklearn.datasets import load_iris
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
@@ -57,6 +59,7 @@ from tests.cluster import task_states
 from tests.conftest import fetch_build_inputs
 from tests.engine import SECRET, SERVICE, DeployFailed, StageOnEngine
 from tests.readback import differences
+from tests.test_tls_host import answers
 from tests.test_two_models import REGRESSOR, check_each_model_answers_as_registered
 
 pytestmark = pytest.mark.docker
@@ -166,11 +169,16 @@ def cluster_stage(swarm_cluster, tmp_path_factory):
     declare_model(environments, {"release": {"version": "latest"}})
     secrets = {secret_variable(REGISTRY_PASSWORD, STAGE): uuid.uuid4().hex,
                secret_variable(MLFLOW_PASSWORD, STAGE): uuid.uuid4().hex}
-    saved = {variable: os.environ.get(variable) for variable in secrets}
-    os.environ.update(secrets)
+    # The manager's engine speaks TLS only: the provider reaches it with the stack's secrets, mlops and the tests'
+    # docker CLI with the operator's certificate folder.
+    assert manager.tls is not None and manager.url.endswith(":2376")
+    operator = {"DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": str(manager.tls.folder)}
+    saved = {variable: os.environ.get(variable) for variable in {**secrets, **operator}}
+    os.environ.update({**secrets, **operator})
     engine = StageOnEngine(stack=STAGE, spec=load_stage(STAGE, environments),
                            registry_password=secrets[secret_variable(REGISTRY_PASSWORD, STAGE)],
-                           mlflow_password=secrets[secret_variable(MLFLOW_PASSWORD, STAGE)])
+                           mlflow_password=secrets[secret_variable(MLFLOW_PASSWORD, STAGE)],
+                           docker_tls=manager.tls.stack_config())
     try:
         engine.deploy()
         # The regressor's run on one training node beside the classifier's on the other.
@@ -240,6 +248,20 @@ def test_the_stage_deploys_from_the_rendering_and_serves_the_model_from_several_
     image = engine.client.api.inspect_service(SERVING)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
     assert image.startswith(f"{swarm_cluster.manager.ip}:{REGISTRY_PORT}/{STAGE}/{MODEL}-serving@sha256:"), image
     assert infer(swarm_cluster.manager.ip) == predictions_of(reader, swarm_cluster.manager.ip, 1)
+
+
+def test_every_nodes_engine_answers_only_over_tls_to_the_certificate_the_stage_reaches_it_with(swarm_cluster,
+                                                                                               cluster_stage):
+    """The stage was deployed, trained and pinned through the manager's TLS engine; no node has a plain-text API,
+    and the manager refuses a client without a certificate its CA signed."""
+    engine, _, _, _ = cluster_stage
+    assert engine.client.api.base_url == f"https://{swarm_cluster.manager.ip}:2376"
+    for node in swarm_cluster.nodes:
+        with pytest.raises(OSError):
+            socket.create_connection((node.ip, 2375), timeout=3).close()
+    manager = swarm_cluster.manager
+    assert manager.tls is not None and answers(manager.url, manager.tls.tls_config())
+    assert not answers(manager.url, TLSConfig(ca_cert=str(manager.tls.folder / "ca.pem"), verify=True))
 
 
 def test_both_models_answer_through_the_gateway_as_registered_and_the_regressor_runs_services_of_its_own(

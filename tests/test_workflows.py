@@ -303,15 +303,31 @@ def test_idempotence_runs_dev_and_the_cluster_each_on_a_stack_of_its_own():
 
 def test_the_cluster_starts_before_up_settles_after_it_and_then_previews_no_change():
     ran = step_ids("cluster")
-    order = ["cluster", "stack", "up", "train", "settle", "no-change", "destroy", "remove-cluster"]
+    order = ["cluster", "stack", "docker-tls", "up", "train", "settle", "no-change", "destroy", "remove-cluster"]
     assert [step for step in ran if step in order] == order
     assert ran.index("settle") == ran.index("up") + 2, "only the first models' training between up and settle"
     assert '.venv/bin/mlops settle "$STAGE"' in run_of("settle")
     assert '.venv/bin/mlops train --stage "$STAGE" --model "$model"' in run_of("train")
     assert "pulumi preview --expect-no-changes --non-interactive --diff --stack \"$STAGE\"" in run_of("no-change")
     # dev keeps its single-host run: no nodes, no training, no settle; the owner edit only there.
-    assert not {"cluster", "train", "settle", "remove-cluster"} & set(step_ids("dev"))
+    assert not {"cluster", "docker-tls", "train", "settle", "remove-cluster"} & set(step_ids("dev"))
     assert "Edit labels.owner" in step_ids("dev") and "Edit labels.owner" not in ran
+
+
+def test_the_cluster_is_reached_over_tls_with_the_client_certificate_its_nodes_were_started_with():
+    """`tests.cluster up` prints the certificate's folder into the step's outputs; the stack stores it as its
+    secrets before `pulumi up`, and only mlops's steps get it as DOCKER_CERT_PATH (the provider would take that
+    beside the stack's and refuse both)."""
+    steps = {step["id"]: step for step in idempotence_job()["steps"] if "id" in step}
+    assert steps["cluster"]["shell"] == "bash", "pipefail: a failed start fails the step through tee"
+    assert run_of("cluster").splitlines()[0].endswith('| tee -a "$GITHUB_OUTPUT"')
+    certificate = "${{ steps.cluster.outputs.cert_path }}"
+    assert run_of("docker-tls") == f'make docker-tls-secrets ENV="$STAGE" CERTS="{certificate}"'
+    for step in ("train", "settle"):
+        assert steps[step]["env"] == {"DOCKER_CERT_PATH": certificate}, step
+    for step in ("stack", "docker-tls", "up", "no-change", "destroy"):
+        assert "DOCKER_CERT_PATH" not in yaml.safe_dump(steps[step]), step
+    assert "DOCKER_CERT_PATH" not in idempotence_job()["env"]
 
 
 def test_whatever_failed_the_stacks_are_destroyed_and_the_nodes_removed():
@@ -331,7 +347,7 @@ def cluster_arguments(command_line: str, session: str):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CLUSTER_SESSION", session)
         patch.setenv("STAGE", "cluster")
-        words = [os.path.expandvars(word) for word in shlex.split(call)]
+        words = [os.path.expandvars(word) for word in shlex.split(call.split(" | ")[0])]
     assert words[:3] == [".venv/bin/python", "-m", "tests.cluster"]
     return cluster._arguments(words[3:])
 
@@ -360,7 +376,8 @@ def test_cluster_up_points_the_stage_at_the_manager_prints_both_and_keeps_every_
     from tests import cluster, hosts
 
     started = []
-    manager = hosts.DockerHost("node-1", "172.30.0.2", "mlops-host-s-node-1", outer=None)
+    manager = hosts.DockerHost("node-1", "172.30.0.2", "mlops-host-s-node-1", outer=None,
+                               tls=hosts.TlsMaterial(Path("/tmp/mlops-test-hosts-run-7-tls")))
 
     def start(session, labels):
         started.append((session, labels))
@@ -370,12 +387,13 @@ def test_cluster_up_points_the_stage_at_the_manager_prints_both_and_keeps_every_
     before = (environments / "cluster.yaml").read_text().splitlines()
     assert cluster.main(["up", "--session", "run-7", "--environments", str(environments)]) == 0
     assert started == [("run-7", cluster.STAGE_NODE_LABELS)]
-    assert capsys.readouterr().out.splitlines() == ["url=tcp://172.30.0.2:2375", "registry_address=172.30.0.2:5301"]
+    assert capsys.readouterr().out.splitlines() == ["url=tcp://172.30.0.2:2376", "registry_address=172.30.0.2:5301",
+                                                    "cert_path=/tmp/mlops-test-hosts-run-7-tls"]
     after = (environments / "cluster.yaml").read_text().splitlines()
     changed = [(old, new) for old, new in zip(before, after) if old != new]
     assert len(before) == len(after) and changed == [
-        ("  url: tcp://10.0.0.10:2375   # a swarm manager; it must be the node labelled mlops.stateful=true",
-         "  url: tcp://172.30.0.2:2375  # a swarm manager; it must be the node labelled mlops.stateful=true"),
+        ("  url: tcp://10.0.0.10:2376   # a swarm manager; it must be the node labelled mlops.stateful=true",
+         "  url: tcp://172.30.0.2:2376  # a swarm manager; it must be the node labelled mlops.stateful=true"),
         ("  registry_address: 10.0.0.10:5301   # the stateful node and image_registry.port.host_port",
          "  registry_address: 172.30.0.2:5301  # the stateful node and image_registry.port.host_port")]
 
