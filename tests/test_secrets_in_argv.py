@@ -89,14 +89,19 @@ def command_lines() -> set[str]:
     return seen
 
 
-def run_watched(command: list[str], tmp_path: Path, env: dict[str, str], stack: str) -> Run:
-    """Run `command` with the stand-in pulumi first on PATH, reading every process's command line meanwhile; the
-    secrets are those the stand-in keeps for `stack`."""
+def with_stand_in_pulumi(tmp_path: Path, env: dict[str, str]) -> dict[str, str]:
+    """This process's environment and `env`, with the stand-in pulumi first on PATH, keeping its files in tmp_path."""
     fake = tmp_path / "bin" / "pulumi"
     fake.parent.mkdir(exist_ok=True)
     fake.write_text(FAKE_PULUMI.format(python=sys.executable))
     fake.chmod(0o755)
-    env = {**os.environ, **env, "FAKE_PULUMI_DIR": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    return {**os.environ, **env, "FAKE_PULUMI_DIR": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+
+
+def run_watched(command: list[str], tmp_path: Path, env: dict[str, str], stack: str) -> Run:
+    """Run `command` with the stand-in pulumi first on PATH, reading every process's command line meanwhile; the
+    secrets are those the stand-in keeps for `stack`."""
+    env = with_stand_in_pulumi(tmp_path, env)
     seen: set[str] = set()
     done = threading.Event()
 
@@ -182,13 +187,8 @@ def test_make_stores_a_tls_hosts_client_certificate_from_its_folder_without_putt
 def test_make_refuses_an_incomplete_certificate_folder_in_one_line_and_stores_nothing(tmp_path, files, certs, said):
     certificate_folder(tmp_path / "certs", files)
     folder = str(tmp_path / certs) if certs else ""
-    fake = tmp_path / "bin" / "pulumi"
-    fake.parent.mkdir()
-    fake.write_text(FAKE_PULUMI.format(python=sys.executable))
-    fake.chmod(0o755)
     ran = subprocess.run(["make", "--no-print-directory", "docker-tls-secrets", "ENV=cluster", f"CERTS={folder}"],
-                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "FAKE_PULUMI_DIR": str(tmp_path), "PATH": f"{fake.parent}:{os.environ['PATH']}"})
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=with_stand_in_pulumi(tmp_path, {}))
     assert ran.returncode == 2 and ran.stdout.splitlines() == [said.format(certs=folder)], ran.stdout + ran.stderr
     assert not (tmp_path / "calls.jsonl").exists(), "pulumi was never called"
 
