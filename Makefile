@@ -49,13 +49,15 @@ stack-secrets:
 	    pulumi config set --stack $(ENV) mlops:trustedModelKeys
 
 # A stage on a TLS Docker host reaches its engine with a client certificate that engine's CA signed: CERTS names the
-# folder that holds it as DOCKER_CERT_PATH does (ca.pem, cert.pem, key.pem), stored as the stack's secrets on stdin.
+# folder that holds it as DOCKER_CERT_PATH does, stored as the stack's secrets on stdin, each config key from its file
+# (components/docker_tls.py's CERT_FILES). Every file is checked before any is stored.
+DOCKER_TLS_FILES := dockerCaCert:ca.pem dockerClientCert:cert.pem dockerClientKey:key.pem
 docker-tls-secrets:
 	@test -n "$(CERTS)" || { echo "make docker-tls-secrets ENV=$(ENV) CERTS=FOLDER: FOLDER holds the client certificate (ca.pem, cert.pem, key.pem)"; exit 2; }
-	@for file in ca.pem cert.pem key.pem; do test -r "$(CERTS)/$$file" || { echo "$(CERTS)/$$file: missing or unreadable; CERTS holds ca.pem, cert.pem and key.pem"; exit 2; }; done
-	pulumi config set --stack $(ENV) --secret mlops:dockerCaCert < "$(CERTS)/ca.pem"
-	pulumi config set --stack $(ENV) --secret mlops:dockerClientCert < "$(CERTS)/cert.pem"
-	pulumi config set --stack $(ENV) --secret mlops:dockerClientKey < "$(CERTS)/key.pem"
+	@for pair in $(DOCKER_TLS_FILES); do file="$(CERTS)/$${pair#*:}"; test -r "$$file" || { echo "$$file: missing or unreadable; CERTS holds ca.pem, cert.pem and key.pem"; exit 2; }; done
+	for pair in $(DOCKER_TLS_FILES); do \
+	  pulumi config set --stack $(ENV) --secret "mlops:$${pair%%:*}" < "$(CERTS)/$${pair#*:}" || exit 1; \
+	done
 
 up: announce-up pulumi-cli venv
 	$(VENV)/bin/mlops validate $(ENV)

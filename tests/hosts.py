@@ -40,7 +40,7 @@ import urllib3
 from docker.tls import TLSConfig
 from docker.types import EndpointConfig, IPAMConfig, IPAMPool
 
-from mlops_spec.contract import DOCKER_CA_CERT, DOCKER_CLIENT_CERT, DOCKER_CLIENT_KEY
+from components.docker_tls import CERT_FILES
 
 HOST_IMAGE_DIR = Path(__file__).parent / "hosts"
 HOST_IMAGE_REPOSITORY = "mlops-dockerd-host"
@@ -116,8 +116,7 @@ class TlsMaterial:
 
     def stack_config(self) -> dict[str, str]:
         """The Pulumi config secrets a stack whose host trusts this material reaches it with."""
-        return {f"mlops:{key}": (self.folder / file).read_text() for key, file in (
-            (DOCKER_CA_CERT, "ca.pem"), (DOCKER_CLIENT_CERT, "cert.pem"), (DOCKER_CLIENT_KEY, "key.pem"))}
+        return {f"mlops:{key}": (self.folder / file).read_text() for key, file in CERT_FILES.items()}
 
 
 def tls_client(url: str, tls: TLSConfig, timeout: float | urllib3.Timeout) -> docker.DockerClient:

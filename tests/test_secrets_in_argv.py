@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from components.docker_tls import CERT_FILES
 from mlops.signing import private_key, public_pem
 from mlops_spec.project import REPO_ROOT
 
@@ -159,7 +160,8 @@ def test_make_gives_a_training_stage_a_signing_key_and_its_whole_chain_trust_in_
         assert not [line for line in prod.command_lines if secret in line], "prod read dev's key on stdin only"
 
 
-TLS_FILES = {"mlops:dockerCaCert": "ca.pem", "mlops:dockerClientCert": "cert.pem", "mlops:dockerClientKey": "key.pem"}
+TLS_FILES = {f"mlops:{key}": name for key, name in CERT_FILES.items()}
+"""Each of a TLS host's config secrets and its file, as the program names them: the Makefile must agree."""
 
 
 def certificate_folder(folder: Path, files: tuple[str, ...] = tuple(TLS_FILES.values())) -> dict[str, str]:
