@@ -3,8 +3,8 @@
 `ModelStore` is the interface; `MlflowStore` speaks the MLflow REST API of a stage's tracking server
 (`mlflow server --serve-artifacts`, so artifacts go through the server and no storage credentials are
 needed) with nothing but the stdlib, as one of the server's basic-auth users where it requires one. Training contract (docs/contracts.md): a version's run holds
-`model/model.pkl` and `model/manifest.json`, the version is tagged `sha256` of `model.pkl`, and metrics
-are logged on the run.
+`model/model.pkl` and `model/manifest.json` (and `model/model.skops` where the manifest describes one), the version
+is tagged `sha256` of `model.pkl`, and metrics are logged on the run.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
-from mlops_spec.contract import MAX_MLFLOW_ANSWER_BYTES, MAX_MODEL_BYTES
+from mlops_spec.contract import MAX_MLFLOW_ANSWER_BYTES, MAX_MODEL_BYTES, SKOPS_FILE, SKOPS_OUTPUT
 
 MODEL_FILES = ("model.pkl", "manifest.json")
 MODEL_ARTIFACT_DIR = "model"
@@ -55,6 +55,15 @@ class ModelVersion:
     def sha256(self) -> str:
         """The sha256 of `model.pkl` as downloaded, whatever the registry's tag claims."""
         return hashlib.sha256(self.files["model.pkl"]).hexdigest()
+
+
+def skops_sha256(manifest: bytes) -> Optional[str]:
+    """The sha256 the manifest gives the model's skops form, or None where it has none (or is no manifest)."""
+    try:
+        offered = json.loads(manifest).get("outputs", {}).get(SKOPS_OUTPUT)
+    except (ValueError, AttributeError):
+        return None
+    return str(offered.get("sha256")) if isinstance(offered, dict) else None
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,9 @@ class MlflowStore:
                          missing=f"the run of model {name} v{version} is gone from {self.url}")["run"]
         files = {file: self._download(run["info"]["artifact_uri"], f"{MODEL_ARTIFACT_DIR}/{file}", name, version)
                  for file in MODEL_FILES}
+        if skops_sha256(files["manifest.json"]) is not None:
+            files[SKOPS_FILE] = self._download(run["info"]["artifact_uri"], f"{MODEL_ARTIFACT_DIR}/{SKOPS_FILE}",
+                                               name, version)
         tags = {tag["key"]: tag["value"] for tag in record.get("tags", [])}
         metrics = {key: float(value) for key, value in tags.items() if _is_number(value)}
         metrics |= {metric["key"]: float(metric["value"]) for metric in run.get("data", {}).get("metrics", [])}
@@ -183,7 +195,8 @@ class MlflowStore:
     def _download(self, artifact_uri: str, artifact: str, name: str, version: int) -> bytes:
         return self._request("GET", self._artifact_path(artifact_uri, artifact),
                              missing=f"model {name} v{version} has no artifact {artifact} in {self.url}",
-                             limit=MAX_MODEL_BYTES if artifact.endswith("model.pkl") else MAX_MLFLOW_ANSWER_BYTES)
+                             limit=MAX_MODEL_BYTES if artifact.endswith(("model.pkl", SKOPS_FILE))
+                             else MAX_MLFLOW_ANSWER_BYTES)
 
     def _upload(self, artifact_uri: str, artifact: str, payload: bytes) -> None:
         try:

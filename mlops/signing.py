@@ -20,8 +20,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from mlops.modelstore import ModelStore, ModelVersion
-from mlops_spec.contract import MANIFEST_HASH_TAG, MODEL_HASH_TAG, SIGNATURE_TAG, signed_message
+from mlops.modelstore import ModelStore, ModelVersion, skops_sha256
+from mlops_spec.contract import MANIFEST_HASH_TAG, MODEL_HASH_TAG, SIGNATURE_TAG, SKOPS_FILE, signed_message
 
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.DOTALL)
 
@@ -80,13 +80,19 @@ def signature(key: Ed25519PrivateKey, model: str, model_sha256: str, manifest_sh
 
 
 def check_files(model: ModelVersion) -> None:
-    """Raise SigningError unless the version's two files, as downloaded, hash to what its tags say: a signature
-    vouches for the tags, these bytes must be what the tags name."""
+    """Raise SigningError unless the version's files, as downloaded, hash to what its tags say (and its skops form
+    to what its manifest says): a signature vouches for the tags, these bytes must be what the tags name."""
     for file, tag in (("model.pkl", MODEL_HASH_TAG), ("manifest.json", MANIFEST_HASH_TAG)):
         actual = hashlib.sha256(model.files[file]).hexdigest()
         if model.tags.get(tag) != actual:
             raise SigningError(f"{model.name} v{model.version}: {file} has sha256 {actual}, but the version's {tag} "
                                f"tag says {model.tags.get(tag) or 'nothing'}")
+    described = skops_sha256(model.files["manifest.json"])
+    if described is not None:
+        actual = hashlib.sha256(model.files.get(SKOPS_FILE, b"")).hexdigest()
+        if actual != described:
+            raise SigningError(f"{model.name} v{model.version}: {SKOPS_FILE} has sha256 {actual}, but its manifest "
+                               f"says {described}")
 
 
 def sign_version(store: ModelStore, name: str, version: int, key: Ed25519PrivateKey, *,

@@ -27,6 +27,7 @@ COMPILE_HINT = ("compile it against the platform's locks: uv pip compile require
                 "--python-version 3.11 --python-platform x86_64-manylinux_2_28 "
                 + " ".join(f"-c {lock}" for lock in PLATFORM_LOCKS))
 MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+QUALIFIED_TYPE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+")
 # A column name is written into CSV headers and metric labels as it is: printable, no separator or quote.
 COLUMN_NAME = re.compile(r"[^\s,\"'][^,\"'\x00-\x1f]{0,126}[^\s,\"']|[^\s,\"']")
 DATA_PATH = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
@@ -69,6 +70,20 @@ class InputSchema(ProjectModel):
         return [*(column.name for column in self.features), self.label.name]
 
 
+class SkopsLoading(ProjectModel):
+    """The model is served from skops's format, never unpickled by a replica (docs/contracts.md)."""
+    trusted_types: list[Annotated[str, Field(pattern=QUALIFIED_TYPE.pattern)]] = Field(
+        default_factory=list, description="types beyond skops's defaults the model holds, each reviewed, as "
+                                          "skops.io.get_untrusted_types names them (module.Type)")
+
+    @model_validator(mode="after")
+    def _distinct_types(self) -> "SkopsLoading":
+        repeated = sorted({name for name in self.trusted_types if self.trusted_types.count(name) > 1})
+        if repeated:
+            raise ValueError(f"trusted types must be distinct: {', '.join(repeated)} repeated")
+        return self
+
+
 class ModelProject(ProjectModel):
     task: Literal["classification", "regression"]
     entrypoint: str = Field(pattern=MODULE.pattern, description="a module of the project, run as python -m")
@@ -76,6 +91,7 @@ class ModelProject(ProjectModel):
         default_factory=dict, description="default parameters; `mlops train --param k=v` overrides")
     default_data: str = Field(pattern=DATA_PATH.pattern, description="CSV in the project, header = features + label")
     input_schema: InputSchema = Field(alias="schema")
+    skops: Optional[SkopsLoading] = Field(default=None, description="absent: replicas unpickle model.pkl")
 
     @model_validator(mode="after")
     def _label_fits_the_task(self) -> "ModelProject":

@@ -12,9 +12,11 @@ from mlops import signing
 from mlops_spec.contract import MANIFEST_HASH_TAG, MODEL_HASH_TAG, SIGNATURE_TAG
 
 
-def manifest_of(payload: bytes, **fields: object) -> bytes:
-    """A manifest.json that describes `payload` (and carries `fields`), as a training run writes it."""
-    return json.dumps({"outputs": {"model_sha256": hashlib.sha256(payload).hexdigest()}, **fields}).encode()
+def manifest_of(payload: bytes, *, skops: dict | None = None, **fields: object) -> bytes:
+    """A manifest.json that describes `payload` (and its `skops` form, where given), and carries `fields`, as a
+    training run writes it."""
+    outputs = {"model_sha256": hashlib.sha256(payload).hexdigest(), **({"skops": skops} if skops else {})}
+    return json.dumps({"outputs": outputs, **fields}).encode()
 
 
 @dataclass

@@ -223,6 +223,9 @@ def test_the_images_tag_check_and_sign_what_the_contract_names():
         assert (image["MODEL_HASH_TAG"], image["MANIFEST_HASH_TAG"]) == (contract.MODEL_HASH_TAG,
                                                                         contract.MANIFEST_HASH_TAG)
     assert replica["SIGNATURE_TAG"] == contract.SIGNATURE_TAG
+    runner = module_constants(IMAGES / "training/mlops_training/runner.py")
+    assert (runner["SKOPS_FILE"], runner["SKOPS_OUTPUT"]) == (contract.SKOPS_FILE, contract.SKOPS_OUTPUT)
+    assert (replica["SKOPS_ARTIFACT"], replica["SKOPS_OUTPUT"]) == (f"model/{contract.SKOPS_FILE}", contract.SKOPS_OUTPUT)
     assert replica["SIGNING_KEYS_VARIABLE"] == ReplicaEnv.SIGNING_KEYS
     assert replica["TRUSTED_KEYS_CONFIG"] == f"mlops:{contract.TRUSTED_MODEL_KEYS}"
     access = module_constants(IMAGES / "mlflow/access.py")

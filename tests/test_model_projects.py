@@ -74,11 +74,19 @@ def test_the_shipped_projects_load():
      "default_data: the header of data/diabetes.csv must be the schema's features then its label: "
      "age,sex,bmi,bp,s1,s2,s3,s4,s5,s6,progression; got age,sex,bmi,bp,s1,s2,s3,s4,s5,s6,target"),
     ("mlops-model.yaml", "params: {alpha: 1.0}", "params: {alpha: 1.0}\nowner: me",
-     "mlops-model.yaml:6: owner: unknown key 'owner'; allowed here: default_data, entrypoint, params, schema, task"),
+     "mlops-model.yaml:6: owner: unknown key 'owner'; allowed here: default_data, entrypoint, params, schema, skops, "
+     "task"),
+    ("mlops-model.yaml", "params: {alpha: 1.0}", "params: {alpha: 1.0}\nskops: {trusted_types: [Tree]}",
+     "mlops-model.yaml:6: skops.trusted_types.0: String should match pattern"),
+    ("mlops-model.yaml", "params: {alpha: 1.0}", "params: {alpha: 1.0}\nskops: {trusted_types: [a.B, a.B]}",
+     "mlops-model.yaml:6: skops: trusted types must be distinct: a.B repeated"),
+    ("mlops-model.yaml", "params: {alpha: 1.0}", "params: {alpha: 1.0}\nskops: {trusted: [a.B]}",
+     "mlops-model.yaml:6: skops.trusted: unknown key 'trusted'; allowed here: trusted_types"),
     ("requirements.lock", "numpy==2.4.6", "numpy==2.3.0",
      "models/diabetes-regressor/requirements.lock:{line}: pins numpy==2.3.0 but images/training/requirements.lock "
      "pins numpy==2.4.6, and both are installed into one venv; compile it against the platform's locks"),
-], ids=["task", "type", "feature type", "label type", "entrypoint", "no data", "header", "unknown key", "pin"])
+], ids=["task", "type", "feature type", "label type", "entrypoint", "no data", "header", "unknown key",
+        "skops type name", "skops type repeated", "skops unknown key", "pin"])
 def test_a_bad_project_is_one_line_naming_its_file(root, file, old, new, expected):
     edit(root, file, old, new)
     lines = (root / "models" / PROJECT / "requirements.lock").read_text().splitlines()

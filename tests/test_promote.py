@@ -6,6 +6,7 @@ stage's identities, each server with a secret of its own, so promotion logs in a
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ from tests.conftest import (
     pinned_image,
 )
 from tests.mlflow_servers import MLFLOW_SECRETS
-from tests.model_signing import SESSION_SIGNER, TRUSTED_KEYS_PEM, ModelSigner
+from tests.model_signing import SESSION_SIGNER, TRUSTED_KEYS_PEM, ModelSigner, manifest_of
 
 MODEL_NAME = "iris-classifier"
 OTHER_MODEL = "diabetes-regressor"
@@ -447,6 +448,40 @@ def test_sha256_mismatch_is_refused(tmp_path, registries, image_registries):
     before = (environments / "prod.yaml").read_text()
     result = promote_cli(environments)
     assert_refused(result, environments, before, f"has sha256 {sha256}, but staging's pin says {wrong}")
+
+
+def skops_model_files(skops_bytes: bytes, described: bytes) -> dict[str, bytes]:
+    """A model whose project asked for skops: its pickle, its skops form, and a manifest that describes `described`
+    as that form."""
+    payload = os.urandom(64)
+    skops = {"sha256": hashlib.sha256(described).hexdigest(), "trusted_types": ["sklearn.tree._tree.Tree"]}
+    return {"model.pkl": payload, "model.skops": skops_bytes, "manifest.json": manifest_of(payload, skops=skops)}
+
+
+def test_a_skops_form_is_promoted_with_its_model(tmp_path, registries, image_registries):
+    skops_bytes = os.urandom(32)
+    version, sha256 = register_source_model(registries, accuracy=0.97,
+                                            files=skops_model_files(skops_bytes, described=skops_bytes))
+    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
+                             releases={MODEL_NAME: release_yaml(version, sha256)})
+    result = promote_cli(environments)
+    assert result.exit_code == 0, result.output
+    promoted = load_stage("prod", environments).models[MODEL_NAME].release
+    assert store(registries, "target").fetch(MODEL_NAME, promoted.version).files["model.skops"] == skops_bytes
+
+
+def test_a_skops_form_other_than_its_manifest_describes_is_refused(tmp_path, registries, image_registries):
+    skops_bytes = os.urandom(32)
+    version, sha256 = register_source_model(registries, accuracy=0.97,
+                                            files=skops_model_files(skops_bytes, described=b"other bytes"))
+    environments = make_repo(tmp_path, staging_port=registries["source"], prod_port=registries["target"],
+                             releases={MODEL_NAME: release_yaml(version, sha256)})
+    before = (environments / "prod.yaml").read_text()
+    result = promote_cli(environments)
+    assert_refused(result, environments, before, f"{MODEL_NAME} v{version}: model.skops has sha256 "
+                   f"{hashlib.sha256(skops_bytes).hexdigest()}, but its manifest says "
+                   f"{hashlib.sha256(b'other bytes').hexdigest()}")
+    assert image_registries.copies == []
 
 
 def test_uncommitted_target_file_is_refused(tmp_path):

@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
+import skops.io
 import tritonclient.http
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -28,6 +29,7 @@ from sklearn.datasets import load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.tree import DecisionTreeClassifier
 
 from mlops_spec.contract import SIGNATURE_TAG
 from mlops_spec.project import REPO_ROOT
@@ -42,6 +44,9 @@ from serving.readiness import FAILURES_BEFORE_UNREADY  # noqa: E402
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable, trusted_keys  # noqa: E402
 from serving.sampling import RequestSampler  # noqa: E402
 from serving.startup import fetch_pinned_model  # noqa: E402
+
+TREE = "sklearn.tree._tree.Tree"
+"""The one type of a tree model skops leaves to review."""
 
 
 @pytest.fixture(scope="module")
@@ -513,6 +518,7 @@ class FakeVersion:
     payload: bytes
     manifest: bytes | None
     tags: dict[str, str]
+    skops: bytes | None = None
 
 
 class FakeMlflow(http.server.ThreadingHTTPServer):
@@ -535,12 +541,15 @@ class FakeMlflow(http.server.ThreadingHTTPServer):
         return f"http://127.0.0.1:{self.server_address[1]}"
 
     def register(self, version: str, payload: bytes, *, signer: ModelSigner | None = None,
-                 signed_as: str | None = None, **manifest_fields: object) -> FakeVersion:
-        """`payload` as `version`, with a manifest that describes it (and holds `manifest_fields`), signed by
-        `signer` (the stage's own key unless told) for the model `signed_as` (this one unless told)."""
-        manifest = manifest_of(payload, **manifest_fields)
+                 signed_as: str | None = None, skops: tuple[bytes, list[str]] | None = None,
+                 **manifest_fields: object) -> FakeVersion:
+        """`payload` as `version`, with a manifest that describes it (and its `skops` form: the file and its
+        trusted types, where given) and holds `manifest_fields`, signed by `signer` (the stage's own key unless
+        told) for the model `signed_as` (this one unless told)."""
+        described = {"sha256": hashlib.sha256(skops[0]).hexdigest(), "trusted_types": skops[1]} if skops else None
+        manifest = manifest_of(payload, skops=described, **manifest_fields)
         tags = (signer or self.signer).tags(signed_as or self.name, payload, manifest)
-        self.versions[version] = FakeVersion(f"run{version}", payload, manifest, tags)
+        self.versions[version] = FakeVersion(f"run{version}", payload, manifest, tags, skops[0] if skops else None)
         return self.versions[version]
 
     def version_json(self, version: str) -> dict:
@@ -573,7 +582,9 @@ class FakeMlflowHandler(http.server.BaseHTTPRequestHandler):
         elif url.path == "/api/2.0/mlflow/runs/get":
             self.answer({"run": {"info": {"artifact_uri": f"mlflow-artifacts:/1/{query['run_id']}/artifacts"}}})
         elif artifact[1:3] == ["artifacts", "model"] and artifact[0] in runs:
-            body = {"model.pkl": runs[artifact[0]].payload, "manifest.json": runs[artifact[0]].manifest}[artifact[3]]
+            registered = runs[artifact[0]]
+            body = {"model.pkl": registered.payload, "manifest.json": registered.manifest,
+                    "model.skops": registered.skops}[artifact[3]]
             self.answer(body) if body is not None else self.send_error(404)
         else:
             self.send_error(404)
@@ -783,6 +794,91 @@ def test_the_oip_runtime_exits_before_unpickling_a_version_nobody_trusted_signed
     assert refusal.startswith("refusing model iris-classifier v11: ")
     pickle.loads(payload)
     assert marker.is_dir(), "the payload runs code when unpickled"
+
+
+@pytest.fixture(scope="module")
+def tree_skops(iris):
+    """A model skops leaves one type of to review (its trees' `Tree`), in skops's format, and the rows it takes."""
+    features = iris[1]
+    tree = DecisionTreeClassifier(random_state=0).fit(features, load_iris().target)
+    return tree, skops.io.dumps(tree), features
+
+
+def skops_version(server: FakeMlflow, tree_skops, marker, trusted_types=(TREE,)) -> None:
+    """Version 11: a pickle that runs code when unpickled, offered as a skops form too, all of it signed."""
+    server.register("11", pickle.dumps(WritesWhenUnpickled(str(marker))), skops=(tree_skops[1], list(trusted_types)))
+
+
+def test_the_oip_runtime_loads_the_signed_skops_form_and_never_fetches_the_pickle(registry, monkeypatch, tmp_path,
+                                                                                  tree_skops, caplog):
+    server, _, _ = registry
+    skops_version(server, tree_skops, tmp_path / "ran")
+    replica_env(monkeypatch, server, "11", server.versions["11"].tags["sha256"])
+    caplog.set_level("INFO")
+    fetched = fetch_pinned_model("oip", loads_skops=True)
+    model = oip_runtime.loaded_model(fetched)
+    assert np.array_equal(model.predict(tree_skops[2]), tree_skops[0].predict(tree_skops[2]))
+    assert (fetched.sha256, fetched.skops_trusted_types) == (server.versions["11"].tags["sha256"], (TREE,))
+    assert "model.pkl" not in server.downloaded() and not (tmp_path / "ran").exists()
+    assert "from model.skops, loaded without pickle" in caplog.text
+
+
+def test_the_mlserver_runtime_fetches_the_pickle_where_a_skops_form_exists(registry, tree_skops):
+    server, payload, sha256 = registry
+    server.register("11", payload, skops=(tree_skops[1], [TREE]))
+    fetched = MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "11", sha256))
+    assert (fetched.payload, fetched.skops_trusted_types) == (payload, None)
+    assert "model.skops" not in server.downloaded()
+
+
+def skops_replaced(server: FakeMlflow, skops_bytes: bytes) -> None:
+    server.versions["11"].skops = skops_bytes + b"\0"
+
+
+def skops_garbled_in_manifest(server: FakeMlflow, skops_bytes: bytes) -> None:
+    payload = server.versions["11"].payload
+    manifest = manifest_of(payload, skops={"sha256": "not a sha256", "trusted_types": [TREE]})
+    server.versions["11"] = FakeVersion("run11", payload, manifest, server.signer.tags("iris-classifier", payload,
+                                                                                      manifest), skops_bytes)
+
+
+def skops_of_another_pin(server: FakeMlflow, skops_bytes: bytes) -> None:
+    server.versions["11"].tags["pinned"] = "0" * 64
+
+
+@pytest.mark.parametrize(("make_version", "refusal"), [
+    (skops_replaced, "model/model.skops has sha256 {actual}, not the {signed} the signed manifest gives it"),
+    (skops_garbled_in_manifest, "model/manifest.json's outputs.skops is not {{sha256, trusted_types}}"),
+    (skops_of_another_pin, "sha256 {tag} does not match pinned {pinned}"),
+], ids=lambda value: getattr(value, "__name__", "message"))
+def test_a_skops_form_not_exactly_as_signed_and_pinned_is_refused(registry, tree_skops, tmp_path, make_version,
+                                                                 refusal):
+    server, _, _ = registry
+    skops_version(server, tree_skops, tmp_path / "ran")
+    make_version(server, tree_skops[1])
+    version = server.versions["11"]
+    pinned = version.tags.pop("pinned", version.tags["sha256"])
+    with pytest.raises(ModelRefused) as refused:
+        MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "11", pinned),
+                                                                        loads_skops=True)
+    assert str(refused.value) == "refusing model iris-classifier v11: " + refusal.format(
+        actual=hashlib.sha256(version.skops or b"").hexdigest(), signed=hashlib.sha256(tree_skops[1]).hexdigest(),
+        tag=version.tags["sha256"], pinned=pinned)
+    assert "model.pkl" not in server.downloaded() and not (tmp_path / "ran").exists()
+
+
+def test_a_skops_form_holding_a_type_its_signed_manifest_does_not_trust_exits_before_it_is_built(
+        registry, monkeypatch, tmp_path, tree_skops, caplog):
+    server, _, _ = registry
+    skops_version(server, tree_skops, tmp_path / "ran", trusted_types=())
+    replica_env(monkeypatch, server, "11")
+    with pytest.raises(SystemExit) as exit_:
+        oip_runtime.main()
+    assert exit_.value.code != 0
+    [refusal] = [record.getMessage() for record in caplog.records if record.levelname == "ERROR"]
+    assert refusal == (f"refusing model iris-classifier v11: model.skops holds types neither skops nor its signed "
+                       f"manifest trusts: {TREE}")
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.parametrize("keys", ["", "-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n",

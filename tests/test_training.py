@@ -7,10 +7,14 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import re
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import skops.io
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -48,7 +52,52 @@ def model_sha256(request: TrainingRequest, output_dir) -> str:
 def test_same_inputs_give_a_byte_identical_model(tmp_path):
     request = TrainingRequest(seed=7, subset=0.8, params={"n_estimators": 20})
     assert model_sha256(request, tmp_path / "first") == model_sha256(request, tmp_path / "second")
-    assert (tmp_path / "first" / "model.pkl").read_bytes() == (tmp_path / "second" / "model.pkl").read_bytes()
+    for file in ("model.pkl", "model.skops"):
+        assert (tmp_path / "first" / file).read_bytes() == (tmp_path / "second" / file).read_bytes(), file
+
+
+def test_the_skops_form_is_byte_identical_where_skops_alone_writes_different_bytes(tmp_path):
+    first, second = (train(TrainingRequest(seed=7), tmp_path / run) for run in ("first", "second"))
+    models = [pickle.loads(result.model_path.read_bytes()) for result in (first, second)]
+    # Both alive at once, so no array of one shares an id() with the other's, which skops names its files after.
+    assert skops.io.dumps(models[0]) != skops.io.dumps(models[1])
+    skops_file = first.model_path.with_name("model.skops")
+    assert skops_file.read_bytes() == second.model_path.with_name("model.skops").read_bytes()
+    assert first.manifest["outputs"]["skops"] == {"sha256": hashlib.sha256(skops_file.read_bytes()).hexdigest(),
+                                                  "trusted_types": ["sklearn.tree._tree.Tree"]}
+    assert first.files == [first.model_path, skops_file, first.manifest_path]
+
+
+def test_the_skops_form_loads_trusting_only_the_declared_types_and_predicts_as_the_pickle(tmp_path):
+    result = train(TrainingRequest(seed=7), tmp_path)
+    data = result.model_path.with_name("model.skops").read_bytes()
+    with pytest.raises(skops.io.exceptions.UntrustedTypesFoundException, match="sklearn.tree._tree.Tree"):
+        skops.io.loads(data)
+    loaded = skops.io.loads(data, trusted=result.manifest["outputs"]["skops"]["trusted_types"])
+    features = np.loadtxt(IRIS.default_data, delimiter=",", skiprows=1)[:, :-1]
+    pickled = pickle.loads(result.model_path.read_bytes())
+    assert np.array_equal(loaded.predict_proba(features), pickled.predict_proba(features))
+
+
+@pytest.mark.parametrize(("trusted_types", "message"), [
+    ((), "model.skops: the model holds types skops does not trust by default: sklearn.tree._tree.Tree; list the ones "
+         "you reviewed under skops.trusted_types in mlops-model.yaml"),
+    (("sklearn.tree._tree.Tree", "sklearn.pipeline.Pipeline"),
+     "model.skops: skops.trusted_types in mlops-model.yaml lists sklearn.pipeline.Pipeline, which the model does not "
+     "hold or skops trusts already: remove it"),
+], ids=["type not declared", "type declared but not held"])
+def test_a_skops_project_whose_trusted_types_are_not_exactly_the_models_registers_nothing(tmp_path, trusted_types,
+                                                                                         message):
+    with pytest.raises(TrainingError, match=re.escape(message)) as refused:
+        runner.train(replace(IRIS, skops_trusted_types=trusted_types), TrainingRequest(), tmp_path)
+    assert "nothing was registered" in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "model.skops").exists()
+
+
+def test_a_project_without_skops_gets_no_skops_form(tmp_path):
+    result = runner.train(replace(IRIS, skops_trusted_types=None), TrainingRequest(), tmp_path)
+    assert "skops" not in result.manifest["outputs"] and not (tmp_path / "model.skops").exists()
+    assert result.files == [result.model_path, result.manifest_path]
 
 
 @pytest.mark.parametrize("changed", [{"seed": 8}, {"params": {"n_estimators": 21}}, {"subset": 0.7}],

@@ -9,6 +9,7 @@ the classifier loses no request; and a new release of one model replaces only th
 """
 from __future__ import annotations
 
+import hashlib
 import http.client
 import json
 import os
@@ -179,6 +180,26 @@ def check_each_model_answers_as_registered(gateway: str, store: MlflowStore, ver
 def test_each_model_answers_through_one_gateway_with_its_registered_predictions(stage):
     check_each_model_answers_as_registered(stage.gateway, stage.reader(), {
         model: int(stage.registered[model]["version"]) for model in (CLASSIFIER, REGRESSOR)})
+
+
+def test_the_classifier_is_served_from_its_signed_skops_form_and_the_regressor_from_its_pickle(stage):
+    """The classifier's project asks for skops, so its replicas build it from model.skops and never unpickle; the
+    regressor's first step is a class of its project's own, which its project leaves to pickle."""
+    store = stage.reader()
+    classifier = store.fetch(CLASSIFIER, int(stage.registered[CLASSIFIER]["version"]))
+    skops_form = json.loads(classifier.files["manifest.json"])["outputs"]["skops"]
+    assert skops_form == {"sha256": hashlib.sha256(classifier.files["model.skops"]).hexdigest(),
+                          "trusted_types": ["sklearn.tree._tree.Tree"]}
+    assert "model.skops" not in store.fetch(REGRESSOR, int(stage.registered[REGRESSOR]["version"])).files
+    for model, source in ((CLASSIFIER, "model.skops, loaded without pickle"), (REGRESSOR, "model.pkl")):
+        registered = stage.registered[model]
+        replicas = [container for name, container in stage.model_containers().items()
+                    if name.startswith(f"{stage.name}-{model}-")]
+        assert replicas, model
+        for container in replicas:
+            log = stage.engine.client.containers.get(container).logs().decode()
+            assert (f"serving model {model} v{registered['version']} sha256 {registered['sha256']}, signed by a "
+                    f"trusted key, from {source}") in log, log[-2000:]
 
 
 def post_all(url: str, bodies: list[bytes], connections: int = 4) -> Counter:

@@ -1,12 +1,14 @@
 """The pinned model, fetched from the MLflow registry over its REST API, and checked before a byte of it is
-unpickled.
+loaded.
 
 Training contract (docs/contracts.md): a model version's run holds `model/model.pkl` and `model/manifest.json`;
 the version is tagged `sha256` (of model.pkl), `manifest_sha256` (of manifest.json) and `signature`, the Ed25519
 signature `mlops train` made of the model's name and both hashes with its stage's private key, which no container
 holds. A replica trusts the public keys in MODEL_SIGNING_KEYS alone: a version whose signature none of them
 verifies is never downloaded, and files that do not hash to the signed tags are never loaded, so neither a
-writer's MLflow password nor MLflow itself can make a replica run code nobody signed.
+writer's MLflow password nor MLflow itself can make a replica run code nobody signed. Where the signed manifest
+offers `model/model.skops` (its project asked for skops) and the runtime loads skops, that file is fetched instead
+of the pickle and checked against the sha256 the manifest gives it.
 
 Artifacts come through the tracking server's artifact proxy (`mlflow server --serve-artifacts`), so serving needs
 no storage credentials, only the read-only MLflow user it is given (MLFLOW_TRACKING_USERNAME and
@@ -37,6 +39,9 @@ log = logging.getLogger("serving.registry")
 
 MODEL_ARTIFACT = "model/model.pkl"
 MANIFEST_ARTIFACT = "model/manifest.json"
+# Copies of mlops_spec.contract's (tests/test_contract.py checks them).
+SKOPS_ARTIFACT = "model/model.skops"
+SKOPS_OUTPUT = "skops"
 PROXIED_ARTIFACTS_SCHEME = "mlflow-artifacts:"
 # Copies of mlops_spec.contract's caps (tests/test_contract.py): a registry that answers without end fails the
 # fetch instead of filling the replica's memory.
@@ -112,6 +117,8 @@ class FetchedModel:
     payload: bytes
     manifest: dict
     """The training run's manifest.json, signed with the model."""
+    skops_trusted_types: tuple[str, ...] | None = None
+    """None: `payload` is model.pkl; else it is model.skops, to load trusting skops's defaults and these types."""
 
 
 class MlflowRegistry:
@@ -132,14 +139,23 @@ class MlflowRegistry:
         self.timeout_s = timeout_s
         self.sleep = sleep
 
-    def fetch(self, pin: ModelPin) -> FetchedModel:
-        """The pinned version's `model.pkl` and `manifest.json`, downloaded once its tags are signed by a trusted
-        key; `ModelRefused` unless both files hash to the signed tags (and model.pkl to the pin, if any)."""
+    def fetch(self, pin: ModelPin, *, loads_skops: bool = False) -> FetchedModel:
+        """The pinned version's `model.pkl` (or, where the runtime `loads_skops` and the manifest offers it,
+        `model.skops`) and `manifest.json`, downloaded once its tags are signed by a trusted key; `ModelRefused`
+        unless every file hashes to what the signature vouches for (and the model's sha256 to the pin, if any)."""
         version = self._signed_version(pin)
         name, number, tags = pin.name, version["version"], version_tags(version)
         artifact_uri = self._get_json("/api/2.0/mlflow/runs/get", run_id=version["run_id"])["run"]["info"]["artifact_uri"]
         manifest = verified_manifest(name, number, self._artifact(name, number, artifact_uri, MANIFEST_ARTIFACT),
                                      signed=tags[MANIFEST_HASH_TAG], model_sha256=tags[MODEL_HASH_TAG])
+        offered = skops_offer(name, number, manifest) if loads_skops else None
+        if offered is not None:
+            # The signed manifest describes the model of the signed tag, and names the skops file's own sha256.
+            sha256 = checked_pin(name, number, tags[MODEL_HASH_TAG], pinned=pin.sha256)
+            payload = self._artifact(name, number, artifact_uri, SKOPS_ARTIFACT, limit=MAX_MODEL_BYTES)
+            verified_skops(name, number, payload, offered["sha256"])
+            return FetchedModel(name=name, version=number, sha256=sha256, payload=payload, manifest=manifest,
+                                skops_trusted_types=tuple(offered["trusted_types"]))
         payload = self._artifact(name, number, artifact_uri, MODEL_ARTIFACT, limit=MAX_MODEL_BYTES)
         sha256 = verified_sha256(name, number, payload, pinned=pin.sha256, tagged=tags[MODEL_HASH_TAG])
         return FetchedModel(name=name, version=number, sha256=sha256, payload=payload, manifest=manifest)
@@ -269,13 +285,38 @@ def verified_manifest(name: str, version: str, manifest: bytes, *, signed: str, 
 def verified_sha256(name: str, version: str, payload: bytes, *, pinned: str, tagged: str) -> str:
     """The payload's sha256 when it matches the pin (when there is one) and the signed sha256 tag: unpickling runs
     code, so only the bytes the signature vouches for are ever loaded."""
-    actual = hashlib.sha256(payload).hexdigest()
-    if pinned and actual != pinned:
-        raise ModelRefused(f"refusing model {name} v{version}: sha256 {actual} does not match pinned {pinned}")
+    actual = checked_pin(name, version, hashlib.sha256(payload).hexdigest(), pinned=pinned)
     if actual != tagged:
         raise ModelRefused(f"refusing model {name} v{version}: sha256 {actual} does not match "
                            f"the registry's signed sha256 tag {tagged}")
     return actual
+
+
+def checked_pin(name: str, version: str, sha256: str, *, pinned: str) -> str:
+    if pinned and sha256 != pinned:
+        raise ModelRefused(f"refusing model {name} v{version}: sha256 {sha256} does not match pinned {pinned}")
+    return sha256
+
+
+def skops_offer(name: str, version: str, manifest: dict) -> dict | None:
+    """The signed manifest's description of model.skops ({"sha256", "trusted_types"}), or None where the model's
+    project did not ask for skops."""
+    offered = manifest["outputs"].get(SKOPS_OUTPUT)
+    if offered is None:
+        return None
+    types = offered.get("trusted_types") if isinstance(offered, dict) else None
+    if (not isinstance(offered, dict) or not re.fullmatch(r"[0-9a-f]{64}", str(offered.get("sha256")))
+            or not isinstance(types, list) or not all(isinstance(entry, str) for entry in types)):
+        raise ModelRefused(f"refusing model {name} v{version}: {MANIFEST_ARTIFACT}'s outputs.{SKOPS_OUTPUT} is not "
+                           "{sha256, trusted_types}")
+    return offered
+
+
+def verified_skops(name: str, version: str, payload: bytes, signed: str) -> None:
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != signed:
+        raise ModelRefused(f"refusing model {name} v{version}: {SKOPS_ARTIFACT} has sha256 {actual}, not the "
+                           f"{signed} the signed manifest gives it")
 
 
 def _mlflow_message(error: urllib.error.HTTPError) -> str:

@@ -31,10 +31,10 @@ def tracking_password() -> str:
     return os.environ.get("MLFLOW_TRACKING_PASSWORD", "")
 
 
-def fetch_pinned_model(runtime: str) -> FetchedModel:
+def fetch_pinned_model(runtime: str, *, loads_skops: bool = False) -> FetchedModel:
     """The model the environment pins, for this image's `runtime` (its build target), signed by a key of
-    MODEL_SIGNING_KEYS; a refusal exits before anything is unpickled, and the restart policy keeps the replica
-    unready."""
+    MODEL_SIGNING_KEYS (its skops form where the runtime `loads_skops` and the model has one); a refusal exits
+    before anything is loaded, and the restart policy keeps the replica unready."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
     try:
         declared = os.environ.get("SERVING_RUNTIME", runtime)
@@ -48,12 +48,14 @@ def fetch_pinned_model(runtime: str) -> FetchedModel:
         fetched = MlflowRegistry(os.environ["MLFLOW_TRACKING_URI"], trusted=trusted,
                                  username=os.environ.get("MLFLOW_TRACKING_USERNAME", ""),
                                  password=tracking_password(),
-                                 ca_certificate=os.environ.get(CA_CERTIFICATE_VARIABLE, "")).fetch(pin)
+                                 ca_certificate=os.environ.get(CA_CERTIFICATE_VARIABLE, "")
+                                 ).fetch(pin, loads_skops=loads_skops)
     except (ModelRefused, RegistryUnreachable) as refusal:
         log.error("%s", refusal)
         sys.exit(1)
-    log.info("serving model %s v%s sha256 %s, signed by a trusted key%s", fetched.name, fetched.version,
-             fetched.sha256, "" if pin.sha256 else " (no sha256 pinned: the signed tag is the check)")
+    log.info("serving model %s v%s sha256 %s, signed by a trusted key%s, from %s", fetched.name, fetched.version,
+             fetched.sha256, "" if pin.sha256 else " (no sha256 pinned: the signed tag is the check)",
+             "model.pkl" if fetched.skops_trusted_types is None else "model.skops, loaded without pickle")
     return fetched
 
 

@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", help="registered model name (default: the project's, $MODEL_NAME)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
                         help="MLflow server to log and register in (default: $MLFLOW_TRACKING_URI)")
-    parser.add_argument("--output-dir", type=Path, help="keep model.pkl and manifest.json here")
+    parser.add_argument("--output-dir", type=Path, help="keep model.pkl, manifest.json (and model.skops) here")
     return parser
 
 

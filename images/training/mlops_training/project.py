@@ -39,6 +39,8 @@ class Project:
     features: tuple[Column, ...]
     label: Column
     params: dict[str, Any] = field(default_factory=dict)
+    skops_trusted_types: tuple[str, ...] | None = None
+    """None: replicas load the pickle; else they load model.skops, trusting skops's defaults and these types."""
 
     @property
     def header(self) -> list[str]:
@@ -70,6 +72,15 @@ def _column(entry: Any, where: str) -> Column:
     return Column(entry["name"], entry["type"])
 
 
+def _skops_trusted_types(section: Any) -> tuple[str, ...] | None:
+    if section is None:
+        return None
+    types = section.get("trusted_types", []) if isinstance(section, dict) else None
+    if not isinstance(types, list) or not all(isinstance(name, str) for name in types):
+        raise ProjectError(f"{PROJECT_FILE}: skops.trusted_types must be a list of type names")
+    return tuple(types)
+
+
 def load_project(directory: Path | None = None, name: str | None = None) -> Project:
     """The project in `directory` (default: $MODEL_PROJECT_DIR), named `name` (default: $MODEL_NAME, else the
     folder's name)."""
@@ -91,6 +102,7 @@ def load_project(directory: Path | None = None, name: str | None = None) -> Proj
         return Project(directory=directory, name=name or os.environ.get(MODEL_NAME_VARIABLE) or directory.name,
                        task=str(data["task"]), entrypoint=str(data["entrypoint"]),
                        default_data=directory / str(data["default_data"]), features=features,
-                       label=_column(schema["label"], "schema.label"), params=dict(data.get("params") or {}))
+                       label=_column(schema["label"], "schema.label"), params=dict(data.get("params") or {}),
+                       skops_trusted_types=_skops_trusted_types(data.get("skops")))
     except (KeyError, TypeError) as err:
         raise ProjectError(f"{file} lacks {err} (mlops validate checks the whole file)") from None

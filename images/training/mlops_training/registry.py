@@ -43,9 +43,10 @@ def trust_stage_ca() -> None:
 
 
 def register(result: TrainingResult, tracking_uri: str) -> int:
-    """Log `model.pkl` and `manifest.json` under the run's `model/` folder, register that folder as a new
-    version and tag the version with the sha256 of both files (which `mlops train` then signs) and the metrics,
-    so promotion reads them from the version alone. Returns the version number."""
+    """Log `model.pkl` and `manifest.json` (and `model.skops`, which the manifest hashes) under the run's `model/`
+    folder, register that folder as a new version and tag the version with the sha256 of the model and the manifest
+    (which `mlops train` then signs) and the metrics, so promotion reads them from the version alone. Returns the
+    version number."""
     for variable, value in RETRY_BUDGET.items():
         os.environ.setdefault(variable, value)
     trust_stage_ca()
@@ -62,8 +63,8 @@ def register(result: TrainingResult, tracking_uri: str) -> int:
         mlflow.log_metrics(result.metrics)
         mlflow.set_tags({**hashes, "code_version": manifest["inputs"]["code_version"]})
         try:
-            mlflow.log_artifact(str(result.model_path), ARTIFACT_PATH)
-            mlflow.log_artifact(str(result.manifest_path), ARTIFACT_PATH)
+            for file in result.files:
+                mlflow.log_artifact(str(file), ARTIFACT_PATH)
         except MlflowException as err:
             # The server's answer is a bare 500; only its log has the reason, typically a full volume.
             failed = SERVER_FAILED_EVERY_TRY.search(err.message)

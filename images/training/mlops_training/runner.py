@@ -4,7 +4,8 @@ It resolves the data (the project's default data, or a dataset of the datasets v
 project's schema; runs the project's entrypoint as
 `python -m <entrypoint> --data CSV --output-dir DIR --seed N --subset F --params JSON`; checks what it wrote
 (`model.pkl` unpickles to something whose `predict` takes one row of the schema's width, `metrics.json` is a flat
-object of finite numbers); then hashes the model and writes the manifest. Every failure is a `TrainingError`, one
+object of finite numbers); where the project asks for skops, writes `model.skops` from it (skops_model.py); then
+hashes the model and writes the manifest. Every failure is a `TrainingError`, one
 line; nothing is registered after one.
 """
 from __future__ import annotations
@@ -25,10 +26,14 @@ import numpy as np
 from mlops_training.datasets import DATASETS_DIR, Dataset, DatasetError, RowRules, load, model_folder, read
 from mlops_training.profile import reference_profile
 from mlops_training.project import Project
+from mlops_training.skops_model import SkopsRefused, skops_bytes
 
 MODEL_FILE = "model.pkl"
 METRICS_FILE = "metrics.json"
 MANIFEST_FILE = "manifest.json"
+# Copies of mlops_spec.contract's (tests/test_contract.py checks them).
+SKOPS_FILE = "model.skops"
+SKOPS_OUTPUT = "skops"
 
 
 class TrainingError(ValueError):
@@ -65,6 +70,12 @@ class TrainingResult:
     @property
     def metrics(self) -> dict[str, float]:
         return self.manifest["outputs"]["metrics"]
+
+    @property
+    def files(self) -> list[Path]:
+        """What the run registers: the model, its skops form where the project asked for one, the manifest."""
+        skops = [self.model_path.with_name(SKOPS_FILE)] if SKOPS_OUTPUT in self.manifest["outputs"] else []
+        return [self.model_path, *skops, self.manifest_path]
 
 
 def parse_param(assignment: str) -> tuple[str, Any]:
@@ -111,7 +122,7 @@ def run_entrypoint(project: Project, data: Path, output_dir: Path, request: Trai
         raise TrainingError(f"{project.entrypoint} exited with code {completed.returncode}; nothing was registered")
 
 
-def checked_model(project: Project, model_path: Path, example: np.ndarray) -> None:
+def checked_model(project: Project, model_path: Path, example: np.ndarray) -> Any:
     """`model.pkl` is a fitted model the serving replica can use: it unpickles (with the project importable, as
     in the serving image), and its `predict` takes one row of the schema's width."""
     if not model_path.is_file():
@@ -138,6 +149,20 @@ def checked_model(project: Project, model_path: Path, example: np.ndarray) -> No
     if predicted.shape[:1] != (1,):
         raise TrainingError(f"{MODEL_FILE} predicted {predicted.shape} for one row, not one value; nothing was "
                             "registered")
+    return model
+
+
+def written_skops(project: Project, model: Any, rows: np.ndarray, output_dir: Path) -> dict[str, Any] | None:
+    """Where the project asks for skops: `model.skops` written next to the pickle, and how the manifest describes
+    it (its sha256 and the types beyond skops's defaults a replica must trust to load it)."""
+    if project.skops_trusted_types is None:
+        return None
+    try:
+        data = skops_bytes(model, list(project.skops_trusted_types), rows)
+    except SkopsRefused as refusal:
+        raise TrainingError(f"{SKOPS_FILE}: {refusal}; nothing was registered") from None
+    (output_dir / SKOPS_FILE).write_bytes(data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "trusted_types": sorted(project.skops_trusted_types)}
 
 
 def checked_metrics(path: Path) -> dict[str, float]:
@@ -170,14 +195,15 @@ def environment(project: Project) -> dict[str, str | None]:
 def train(project: Project, request: TrainingRequest, output_dir: Path,
           datasets_dir: Path = DATASETS_DIR) -> TrainingResult:
     """Run the project's entrypoint on the resolved data, check its outputs, then write `manifest.json` (inputs,
-    environment, outputs, schema, reference profile) next to `model.pkl` in `output_dir`."""
+    environment, outputs, schema, reference profile) next to `model.pkl` (and `model.skops`) in `output_dir`."""
     data, named = training_data(project, request, datasets_dir)
     params = {**project.params, **request.params}
     output_dir.mkdir(parents=True, exist_ok=True)
     run_entrypoint(project, data.path, output_dir, request, params)
     model_path = output_dir / MODEL_FILE
-    checked_model(project, model_path, data.features[:1])
+    model = checked_model(project, model_path, data.features[:1])
     metrics = checked_metrics(output_dir / METRICS_FILE)
+    skops = written_skops(project, model, data.features, output_dir)
     manifest = {
         "model_name": project.name,
         "task": project.task,
@@ -193,7 +219,8 @@ def train(project: Project, request: TrainingRequest, output_dir: Path,
             "rows": len(data.labels),
         },
         "environment": environment(project),
-        "outputs": {"model_sha256": sha256_file(model_path), "metrics": metrics},
+        "outputs": {"model_sha256": sha256_file(model_path), "metrics": metrics,
+                    **({SKOPS_OUTPUT: skops} if skops else {})},
         # The data the run was given, which serving replicas score live inputs (and predictions) against.
         "reference_profile": reference_profile(data.features, data.labels,
                                                [column.name for column in project.features], project.task),
