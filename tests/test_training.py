@@ -94,6 +94,19 @@ def test_a_skops_project_whose_trusted_types_are_not_exactly_the_models_register
     assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "model.skops").exists()
 
 
+class PredictsZero:
+    def predict(self, rows):
+        return np.zeros(len(rows), dtype=int)
+
+
+def test_a_skops_form_that_predicts_otherwise_than_the_pickle_registers_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(skops.io, "loads", lambda data, trusted: PredictsZero())
+    with pytest.raises(TrainingError, match="model.skops: the model loaded from skops predicts differently from the "
+                                            "pickled one on the training rows"):
+        train(TrainingRequest(), tmp_path)
+    assert not (tmp_path / "manifest.json").exists() and not (tmp_path / "model.skops").exists()
+
+
 def test_a_project_without_skops_gets_no_skops_form(tmp_path):
     result = runner.train(replace(IRIS, skops_trusted_types=None), TrainingRequest(), tmp_path)
     assert "skops" not in result.manifest["outputs"] and not (tmp_path / "model.skops").exists()
