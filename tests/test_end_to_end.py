@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 import subprocess
 import sys
 import time
@@ -128,10 +129,11 @@ def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
     assert served == model.predict(rows).tolist()
     assert np.asarray(served).shape == (len(rows),)
 
-    # Tamper with the stored artifact, then restart a replica: it must refuse and never become ready.
+    # Tamper with the stored file the replicas load (the model's project asks for skops: its model.skops, which
+    # the signed manifest hashes), then restart a replica: it must refuse and never become ready.
     engine.client.containers.run(
         "mlops-base:bookworm", remove=True, user="0",
-        command=["sh", "-c", f"printf x >> /data/artifacts/{model_path}/model.pkl"],
+        command=["sh", "-c", f"printf x >> /data/artifacts/{model_path}/model.skops"],
         volumes={f"{stage}-artifacts": {"bind": "/data/artifacts", "mode": "rw"}})
     replica = engine.client.containers.get(f"{stage}-{MODEL}-blue-0")
     replica.update(restart_policy={"Name": "no"})
@@ -143,7 +145,12 @@ def test_train_register_serve_and_refuse_a_tampered_model(stage_on_engine):
             break
         time.sleep(1)
     assert replica.status == "exited" and replica.attrs["State"]["ExitCode"] != 0
-    assert f"does not match pinned {pin['sha256']}" in replica.logs().decode()
+    refusal = re.search(r"refusing model (\S+) v(\d+): model/model.skops has sha256 [0-9a-f]{64}, not the "
+                        r"([0-9a-f]{64}) the signed manifest gives it", replica.logs().decode())
+    assert refusal is not None, replica.logs().decode()[-2000:]
+    manifest = http_json(f"http://127.0.0.1:{ports['mlflow']}/api/2.0/mlflow-artifacts/artifacts/{model_path}/"
+                         "manifest.json", auth=reader)
+    assert refusal.groups() == (MODEL, str(pin["version"]), manifest["outputs"]["skops"]["sha256"])
 
 
 class WritesAMarkerWhenUnpickled:
