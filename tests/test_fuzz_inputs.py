@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from mlops import cli
 from mlops_spec.errors import excerpt, one_line
+from mlops_spec.loading import load_stages
 from mlops_spec.yamlsource import MAX_FILE_BYTES
 
 CHECKOUT = Path(__file__).resolve().parent.parent
@@ -55,6 +56,8 @@ FUZZ = settings(deadline=None, database=None, suppress_health_check=[
     HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 SHIPPED = ("base.yaml", "dev.yaml", "staging.yaml", "prod.yaml")
 # What a valid `mlops exp up`/`exp down` meets next without a Pulumi CLI or passphrase: one line, exit 1.
+DEV_MODELS = tuple(load_stages(["dev"])[0].models)
+"""The models of dev, the stage experiments copy, as shipped."""
 PULUMI_STEP = re.compile(r"error: (the Pulumi CLI is not installed|set PULUMI_CONFIG_PASSPHRASE)")
 
 # Command-line arguments as a process receives them: any character but NUL, and undecodable bytes as the
@@ -374,11 +377,19 @@ def test_stage_names(project, stage):
 @given(name=st.one_of(ARGUMENT_TEXT, st.from_regex(r"[a-z][a-z0-9-]{0,50}", fullmatch=True)))
 @example(name="my-idea\n")
 @example(name="../../tmp/x")
+@example(name="a" + "0" * 31)  # of the right form, but the longer model's replica names would not fit
 def test_experiment_names(project, name):
     valid = len(name) <= 42 and re.fullmatch(r"[a-z]([a-z0-9-]*[a-z0-9])?", name) is not None
+    # A name of the right form still leaves too little room for the replica names of a long model name of dev,
+    # the stage an experiment copies: `exp up` refuses it naming that model, `exp down` needs no spec.
+    too_long = [model for model in DEV_MODELS if len(f"exp-{name}-{model}-green-15") > 63]
     for command in (["exp", "up", "--", name], ["exp", "down", "--", name]):
         outcome = run(project, *command)
-        if valid:
+        if valid and too_long and command[1] == "up":
+            assert_verdict(outcome, names=re.compile(
+                rf"error: {re.escape(str(project))}/environments/dev\.yaml:\d+: models\.({'|'.join(too_long)}): "
+                r"replica names such as \S+ would be longer than 63 characters"))
+        elif valid:
             assert outcome.code == 1 and PULUMI_STEP.match(outcome.err) and outcome.err.count("\n") == 1, outcome
         else:
             assert_verdict(outcome, names="error: experiment name: ")
