@@ -59,11 +59,13 @@ from components.workload import (
     Role,
     Run,
     SecretEnv,
+    VolumeMount,
     Workload,
     component_labels,
     healthy_within_s,
     http_probe,
 )
+from mlops_spec.contract import SECRET_FILES_SUFFIX
 from mlops_spec.encoding import NANO, provider_cpus
 from mlops_spec.models import HealthCheck, ImageSource, SwarmSpec
 
@@ -80,6 +82,11 @@ CONVERGE_POLL = "7s"
 SECRET_NAME_HASH_CHARS = 12
 TASK_NAME = "{{.Task.Name}}"
 """Swarm expands this Go template in a task's environment to the task's own name."""
+SECRETS_VERSION_LABEL = "mlops.secrets"
+"""On one host, the version of a container's secret files: a new content replaces the containers that read it."""
+SECRET_UPLOAD_MODE = 0o444
+"""Of a secret file on one host: the engine writes it as root (the provider's tar names no owner), and the
+workload reads it as the app user."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +181,16 @@ def go_duration(seconds: int) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
+@dataclass(frozen=True)
+class SecretFiles:
+    """A workload's secrets on one host: the volume holding them and the container that wrote them there."""
+
+    volume: docker.Volume
+    writer: docker.Container
+    version: pulumi.Output[str]
+    """Changes with any of the contents (content_hash), and says nothing usable about them."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class SingleHost(Runtime):
     network: pulumi.Input[str]
@@ -188,18 +205,30 @@ class SingleHost(Runtime):
         replicas = ([(workload.resource_name, workload.name)] if workload.role is not Role.SPREAD else
                     [(f"{workload.resource_name}-{index}", f"{workload.name}-{index}")
                      for index in range(workload.replicas)])
-        containers = [self._container(resource_name, name, workload, parent) for resource_name, name in replicas]
+        secrets = self._secret_files(workload, parent)
+        containers = [self._container(resource_name, name, workload, parent, secrets)
+                      for resource_name, name in replicas]
         return Deployed(resources=list(containers), name=containers[0].name,
                         host_port=containers[0].ports.apply(lambda ports: ports[0].external if ports else None)
                         if workload.publish else None,
                         hosts=[name for _, name in replicas], every_task=False)
 
-    def _container(self, resource_name: str, name: str, workload: Workload, parent: pulumi.Resource) -> docker.Container:
+    def _container(self, resource_name: str, name: str, workload: Workload, parent: pulumi.Resource,
+                   secrets: Optional[SecretFiles]) -> docker.Container:
         """A non-root, read-only, capability-free container with limits, labels, a health check and restarts.
-        With `wait_healthy`, `pulumi up` fails unless it turns healthy in time."""
+        With `wait_healthy`, `pulumi up` fails unless it turns healthy in time. Its secrets are files in
+        `secrets`, mounted read-only, and a label carries their version, so new contents replace it."""
         check = workload.health.check
         wait = workload.wait_healthy
         publish = workload.publish
+        volumes = list(workload.volumes)
+        labels = [docker.ContainerLabelArgs(label=key, value=value) for key, value in component_labels(
+            {**self.labels, **workload.identity, **workload.labels}, workload.component)]
+        depends_on = list(workload.depends_on)
+        if secrets is not None:
+            volumes.append(VolumeMount(secrets.volume.name, SECRETS_DIR, read_only=True))
+            labels.append(docker.ContainerLabelArgs(label=SECRETS_VERSION_LABEL, value=secrets.version))
+            depends_on.append(secrets.writer)
         return docker.Container(
             resource_name,
             name=name,
@@ -215,8 +244,7 @@ class SingleHost(Runtime):
             memory=workload.limits.memory_mb,
             memory_swap=self.memory_swap(workload.limits.memory_mb),
             cpus=provider_cpus(workload.limits.cpus),
-            labels=[docker.ContainerLabelArgs(label=key, value=value) for key, value in component_labels(
-                {**self.labels, **workload.identity, **workload.labels}, workload.component)],
+            labels=labels,
             healthcheck=docker.ContainerHealthcheckArgs(
                 tests=http_probe(workload.health),
                 interval=go_duration(check.interval_s), timeout=go_duration(check.timeout_s),
@@ -229,11 +257,52 @@ class SingleHost(Runtime):
                 docker.ContainerPortArgs(internal=publish.port, external=publish.on.host_port, ip=publish.on.bind_address)],
             volumes=[docker.ContainerVolumeArgs(volume_name=mount.volume, container_path=mount.target,
                                                 read_only=mount.read_only or None)
-                     for mount in workload.volumes] or None,
+                     for mount in volumes] or None,
             networks_advanced=[docker.ContainerNetworksAdvancedArgs(name=self.network,
                                                                     aliases=list(workload.aliases) or None)],
-            opts=pulumi.ResourceOptions(parent=parent, depends_on=list(workload.depends_on) or None),
+            opts=pulumi.ResourceOptions(parent=parent, depends_on=depends_on or None),
         )
+
+    def _secret_files(self, workload: Workload, parent: pulumi.Resource) -> Optional[SecretFiles]:
+        """The workload's secrets as files `/run/secrets/<file>` in a volume of its own, so that no secret is in
+        a container's configuration (`docker inspect`) or a process's environment (`/proc/<pid>/environ`).
+
+        The provider's `upload` is the one way it writes a file into a container, and it extracts at `/` before
+        the container starts (resource_docker_container_funcs.go), which the engine refuses for a read-only root
+        unless the path is in a volume (daemon/archive.go, checkIfPathIsInAVolume: `/` never is). So a container
+        that is created and never started (`start: false`, `must_run: false`, so Read leaves it alone) takes
+        the uploads into the volume it mounts at /run/secrets, and the workload's own containers mount that
+        volume read-only. The upload is `ForceNew`: new contents replace the writer, which writes them over
+        the old files. The engine extracts as root, as the provider's tar header leaves the owner unset, so
+        the files are readable by every uid (SECRET_UPLOAD_MODE); only this workload's containers mount the
+        volume, and the volume's directory on the host is root's alone."""
+        secrets = [(key, value) for key, value in workload.env.items() if isinstance(value, SecretEnv)]
+        if not secrets:
+            return None
+        volume = docker.Volume(f"{workload.resource_name}{SECRET_FILES_SUFFIX}", name=f"{workload.name}{SECRET_FILES_SUFFIX}",
+                               labels=[docker.VolumeLabelArgs(label=key, value=value)
+                                       for key, value in component_labels(self.identity, workload.component)],
+                               opts=pulumi.ResourceOptions(parent=parent))
+        writer = docker.Container(
+            f"{workload.resource_name}{SECRET_FILES_SUFFIX}-writer",
+            name=f"{workload.name}{SECRET_FILES_SUFFIX}",
+            # It never runs, so any image would do; the workload's own is the one sure to be on the engine.
+            image=workload.image,
+            start=False,
+            must_run=False,
+            network_mode="none",
+            labels=[docker.ContainerLabelArgs(label=key, value=value)
+                    for key, value in component_labels({**self.labels, **workload.identity}, workload.component)],
+            volumes=[docker.ContainerVolumeArgs(volume_name=volume.name, container_path=SECRETS_DIR)],
+            uploads=[docker.ContainerUploadArgs(file=f"{SECRETS_DIR}/{secret.file}",
+                                                content=pulumi.Output.secret(secret.value),
+                                                permissions=f"{SECRET_UPLOAD_MODE:04o}")
+                     for _, secret in secrets],
+            opts=pulumi.ResourceOptions(parent=parent),
+        )
+        version = pulumi.Output.unsecret(pulumi.Output.all(*(secret.value for _, secret in secrets)).apply(
+            lambda values: content_hash(self.stack, workload.name, "\0".join(values))))
+        return SecretFiles(volume=volume, writer=writer, version=version)
 
     def memory_swap(self, memory_mb: int) -> int:
         """The swap limit as the engine stores it, which the provider reads back (resourceDockerContainerRead in
@@ -247,7 +316,7 @@ class SingleHost(Runtime):
     @staticmethod
     def _variable(key: str, value: pulumi.Input[str] | SecretEnv) -> pulumi.Input[str]:
         if isinstance(value, SecretEnv):
-            return pulumi.Output.concat(f"{key}=", pulumi.Output.secret(value.value))
+            return f"{key}_FILE={SECRETS_DIR}/{value.file}"
         if isinstance(value, pulumi.Output):
             return pulumi.Output.concat(f"{key}=", value)
         return f"{key}={value}"
@@ -310,13 +379,19 @@ def placement_platform(platform: str) -> docker.ServiceTaskSpecPlacementPlatform
     return docker.ServiceTaskSpecPlacementPlatformArgs(architecture=architecture, os=os_name)
 
 
+def content_hash(stack: str, purpose: str, content: str) -> str:
+    """A secret's version: salted with the stack and purpose and cut to 48 bits, it tells versions apart and
+    says nothing usable about the value. The salt's text is what Swarm secrets were first named with, so their
+    names stay."""
+    digest = hashlib.sha256(f"mlops-swarm-secret\0{stack}\0{purpose}\0{content}".encode()).hexdigest()
+    return digest[:SECRET_NAME_HASH_CHARS]
+
+
 def secret_name(stack: str, purpose: str, content: str) -> str:
     """`<stack>-<purpose>-<hash>`: Swarm secrets are immutable and every field of the provider's Secret is
     ForceNew, so a new content gets a new name, the replacement is created before Pulumi lets go of the old one
-    and services move over in a rolling update. The hash is salted with the stack and purpose and cut to 48 bits:
-    it tells versions apart and says nothing usable about the value."""
-    digest = hashlib.sha256(f"mlops-swarm-secret\0{stack}\0{purpose}\0{content}".encode()).hexdigest()
-    return f"{stack}-{purpose}-{digest[:SECRET_NAME_HASH_CHARS]}"
+    and services move over in a rolling update."""
+    return f"{stack}-{purpose}-{content_hash(stack, purpose, content)}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -58,8 +58,9 @@ class Role(enum.Enum):
 
 @dataclass(frozen=True)
 class SecretEnv:
-    """A secret the workload reads from an environment variable: the value itself on one host; on a swarm, a
-    Swarm secret mounted as `/run/secrets/<file>`, named by `<VARIABLE>_FILE` (the images read either)."""
+    """A secret the workload reads from the file `/run/secrets/<file>` that the variable `<VARIABLE>_FILE`
+    names: on a swarm a Swarm secret, on one host a file in a volume of the workload's own (the images read the
+    variable itself too, which only a one-off run's `docker run` sets)."""
 
     value: pulumi.Input[str]
     resource_name: str

@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional
 from mlops import gitrepo
 from mlops.plan import PlannedResource, flatten, render, update_policy
 from mlops.replacements import RULES, VOLUME_TYPE, Rules, prefixes, schema_path
+from mlops_spec.contract import SECRET_FILES_SUFFIX
 from mlops_spec.errors import SpecError, excerpt
 from mlops_spec.loading import check_stage_name, load_stage
 from mlops_spec.project import environments_dir
@@ -274,7 +275,7 @@ def _data_risk(resource_type: str, action: Action, old: PlannedResource, new: Op
     create-before-delete unless delete-before-replace: the new Docker volume of the same name is the old
     one (Docker's volume create returns an existing volume), and the old resource's delete then removes it.
     """
-    volume = resource_type == VOLUME_TYPE
+    volume = resource_type == VOLUME_TYPE and not str(old.inputs.get("name", "")).endswith(SECRET_FILES_SUFFIX)
     if action not in ("replace", "delete") or not (volume or old.protect or (new is not None and new.protect)):
         return None
     what = f"{'data volume' if volume else 'protected resource'} {'replaced' if action == 'replace' else 'deleted'}"

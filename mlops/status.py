@@ -26,7 +26,7 @@ from mlops import rollout
 from mlops.orphans import DockerError, _docker
 from mlops.reach import StageReach, Unreachable
 from mlops.settle import service_states
-from mlops_spec.contract import COMPONENT_LABEL
+from mlops_spec.contract import COMPONENT_LABEL, SECRET_FILES_SUFFIX
 from mlops_spec.models import PublishedPort, StageSpec
 
 PROBE_TIMEOUT_S = 5.0
@@ -111,6 +111,8 @@ def _containers_health(spec: StageSpec) -> tuple[dict[str, list[str]], str, list
     health: dict[str, list[str]] = {}
     refusals = []
     for container in inspected:
+        if container["Name"].endswith(SECRET_FILES_SUFFIX):
+            continue  # created to write a workload's secret files, and never started
         state = container["State"]
         component = (container["Config"]["Labels"] or {}).get(COMPONENT_LABEL, "")
         running = state["Status"] == "running"

@@ -37,6 +37,9 @@ image creates each (and the admin) from the password hashes the program hands it
 # The label that names which part of the stack a container, service or volume is: the program writes it,
 # `mlops status` and `mlops settle` group by it.
 COMPONENT_LABEL = "mlops.component"
+SECRET_FILES_SUFFIX = "-secrets"
+"""Names a workload's secret files on one host: the volume `<workload>-secrets` and the container that writes them
+into it, again whenever it is created; so the volume holds no data (`mlops diff`)."""
 
 REGISTRY_PASSWORD = "registryPassword"
 MLFLOW_PASSWORD = "mlflowPassword"

@@ -14,7 +14,8 @@ bridged terraform-provider-docker would:
   fails verification) fails the deploy with the engine's message. Like the provider, an image the
   engine already has under that reference is not pulled: the registry is not asked at all;
 - containers run the real `repoDigest` or image ID their image resource produced, never a tag, and
-  with `wait` the deploy waits up to `waitTimeout` for them to turn healthy;
+  with `wait` the deploy waits up to `waitTimeout` for them to turn healthy; one with `start: false` is
+  only created, and takes its `uploads` as the provider's create extracts them (at `/`, mode as declared);
 - each resource is created as soon as the resources it depends on (`PlannedResource.dependencies`, the
   SDK's own graph) are done, in parallel like `pulumi up`;
 - `state` (resource name -> the inputs it was created with and the engine object's ID) plays the part
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import re
@@ -101,8 +103,8 @@ MODELLED_INPUTS = {
     IMAGE: {"build", "buildOnPreview", "imageName", "registry", "skipPush"},
     REMOTE_IMAGE: {"keepLocally", "name", "platform"},
     CONTAINER: {"capabilities", "command", "cpus", "envs", "healthcheck", "image", "ipcMode", "labels", "memory",
-                "memorySwap", "name", "networksAdvanced", "ports", "readOnly", "restart", "securityOpts", "tmpfs",
-                "ulimits", "user", "volumes", "wait", "waitTimeout"},
+                "memorySwap", "mustRun", "name", "networkMode", "networksAdvanced", "ports", "readOnly", "restart",
+                "securityOpts", "start", "tmpfs", "ulimits", "uploads", "user", "volumes", "wait", "waitTimeout"},
     VOLUME: {"labels", "name"},
     NETWORK: {"attachable", "driver", "labels", "name"},
     SERVICE: {"convergeConfig", "endpointSpec", "labels", "mode", "name", "rollbackConfig", "taskSpec", "updateConfig"},
@@ -358,6 +360,8 @@ class StageOnEngine:
         return Created(REMOTE_IMAGE, inputs, image_id, {"repoDigest": name, "imageId": image_id})
 
     def _run(self, name: str, inputs: dict[str, Any]) -> Created:
+        if not inputs.get("start", True):
+            return self._created_with_uploads(inputs)
         check = inputs["healthcheck"]
         [network] = inputs["networksAdvanced"]
         container = self.client.containers.create(
@@ -384,6 +388,23 @@ class StageOnEngine:
         container.start()
         if inputs["wait"]:
             self.wait_healthy([container], inputs["waitTimeout"])
+        return Created(CONTAINER, inputs, container.id)
+
+    def _created_with_uploads(self, inputs: dict[str, Any]) -> Created:
+        """A container created and never started (`start: false`) that takes `uploads`, as the provider's create
+        does: each file a tar of its own, extracted at `/` with the declared mode and the owner left unset."""
+        container = self.client.containers.create(
+            inputs["image"], name=inputs["name"], labels=_labels(inputs), network_mode=inputs.get("networkMode"),
+            volumes={volume["volumeName"]: {"bind": volume["containerPath"], "mode": "ro" if volume.get("readOnly") else "rw"}
+                     for volume in inputs.get("volumes", [])})
+        for upload in inputs.get("uploads", []):
+            content = upload["content"].encode()
+            archive = io.BytesIO()
+            with tarfile.open(fileobj=archive, mode="w") as tar:
+                entry = tarfile.TarInfo(upload["file"])
+                entry.size, entry.mode, entry.mtime = len(content), int(upload.get("permissions", "0644"), 8), time.time()
+                tar.addfile(entry, io.BytesIO(content))
+            container.put_archive("/", archive.getvalue())
         return Created(CONTAINER, inputs, container.id)
 
     def _volume(self, inputs: dict[str, Any]) -> Created:

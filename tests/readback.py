@@ -50,9 +50,10 @@ FROM_STATE: Mapping[str, frozenset[str]] = {
     # resourceDockerContainerRead: "We decided not to set the environment variables and labels"; `volumes` is never
     # set, `networks_advanced` only when the state has none (an import); `wait` and `wait_timeout` are create
     # options. `capabilities` is set only when the container adds or drops one, `cpus` only when it has a CPU limit,
-    # `healthcheck` only when it has one, `ulimit` and `ports` only when the state has them.
+    # `healthcheck` only when it has one, `ulimit` and `ports` only when the state has them. "upload can't be
+    # imported", nor can `start`; `must_run` is set (to false) only for a stopped container declared with true.
     CONTAINER: frozenset({"envs", "labels", "volumes", "networksAdvanced", "wait", "waitTimeout",
-                          "capabilities", "cpus", "healthcheck", "ulimits", "ports"}),
+                          "capabilities", "cpus", "healthcheck", "ulimits", "ports", "uploads", "start", "mustRun"}),
     # resourceDockerServiceReadRefreshFunc sets no `converge_config` (a create and update option) and no `auth`.
     SERVICE: frozenset({"convergeConfig", "auth"}),
     # resourceDockerSecretRead sets `name` only: "secret data is not exposed via the API", and labels are kept.
@@ -130,6 +131,7 @@ def read_container(inspect: Mapping[str, Any], state: Mapping[str, Any]) -> dict
         "restart": (host.get("RestartPolicy") or {}).get("Name", ""),
         "tmpfs": host.get("Tmpfs") or {},
         "ipcMode": host.get("IpcMode", ""),
+        "networkMode": host.get("NetworkMode", ""),
         # memory: HostConfig.Memory/1024/1024; memory_swap: in MB when positive, else as is (-1: unlimited, which an
         # engine without swap accounting stores whatever it was given).
         "memory": host.get("Memory", 0) // MIB,
@@ -154,6 +156,8 @@ def read_container(inspect: Mapping[str, Any], state: Mapping[str, Any]) -> dict
                          for port, protocol in sorted((int(key.split("/")[0]), key.split("/")[1])
                                                       for key in bindings if bindings[key])
                          for binding in bindings[f"{port}/{protocol}"]]
+    if not inspect["State"].get("Running") and state.get("mustRun", True):
+        read["mustRun"] = False
     # healthcheck: its durations as Go's Duration.String() writes them.
     check = config.get("Healthcheck")
     if check is not None:

@@ -56,6 +56,8 @@ def test_changed_serving_image_shows_exactly_the_serving_resources(committed):
     assert {(c.status, c.name) for c in result.changes} == {
         ("changed", "prod-serving-iris-classifier-image"), ("changed", "prod-serving-iris-classifier-blue-0"),
         ("changed", "prod-serving-iris-classifier-blue-1"), ("changed", "prod-serving-iris-classifier-blue-2"),
+        # The writer of the replicas' secret files is created from their image, and writes the same files again.
+        ("changed", "prod-serving-iris-classifier-blue-secrets-writer"),
     }
     pulled = next(c for c in result.changes if c.name == "prod-serving-iris-classifier-image")
     assert [(f.path, f.before, f.after) for f in pulled.fields] == [("name", FIXTURE_SERVING_IMAGE, NEW_SERVING_IMAGE)]
@@ -64,7 +66,7 @@ def test_changed_serving_image_shows_exactly_the_serving_resources(committed):
 
     cli = invoke("prod@HEAD", "prod", "--environments", str(committed), "--format", "json")
     assert cli.exit_code == 1
-    assert json.loads(cli.output)["counts"] == {"changed": 4, "added": 0, "removed": 0}
+    assert json.loads(cli.output)["counts"] == {"changed": 5, "added": 0, "removed": 0}
 
 
 def test_markdown_is_a_pr_comment(committed):
@@ -73,7 +75,7 @@ def test_markdown_is_a_pr_comment(committed):
     assert result.exit_code == 1
     lines = result.output.splitlines()
     assert lines[0] == "### `mlops diff prod@HEAD prod`"
-    assert "**prod@HEAD → prod: 4 changed, 0 added, 0 removed," in result.output
+    assert "**prod@HEAD → prod: 5 changed, 0 added, 0 removed," in result.output
     assert f"| `name` | `{FIXTURE_SERVING_IMAGE}` | `{NEW_SERVING_IMAGE}` |" in lines
 
 
@@ -140,7 +142,7 @@ def test_json_keeps_its_keys_and_adds_the_verdicts(committed):
     cli = invoke("prod@HEAD", "prod", "--environments", str(committed), "--format", "json")
     output = json.loads(cli.output)
     assert {"before", "after", "differs", "counts", "unchanged", "changes"} <= output.keys()
-    assert output["actions"] == {"replace": 4, "update": 0, "none": 0}
+    assert output["actions"] == {"replace": 5, "update": 0, "none": 0}
     assert output["warning"] is None and output["data_at_risk"] == []
     change = next(c for c in output["changes"] if c["name"] == "prod-serving-iris-classifier-blue-0")
     assert {"status", "type", "name", "fields"} <= change.keys()

@@ -210,6 +210,7 @@ def test_a_version_a_writer_registers_without_the_stages_signature_is_never_unpi
         replica.attrs["Config"]["Image"], detach=True, user=replica.attrs["Config"]["User"],
         labels=replica.attrs["Config"]["Labels"],
         network=replica.attrs["HostConfig"]["NetworkMode"], name=f"{stage}-forged-pin",
+        volumes={mount["Name"]: {"bind": mount["Destination"], "mode": "ro"} for mount in replica.attrs["Mounts"]},
         environment=[*environment, f"MODEL_VERSION={forged_version}", f"MODEL_SHA256={forged_tags[MODEL_HASH_TAG]}"])
     try:
         wait_exited(pinned)

@@ -27,7 +27,7 @@ RENDERER = Path(__file__).with_name("stage_renderings.py")
 # The code, program and stage files of BASE; the build contexts and model projects stay the work tree's, so image
 # content tags compare the code and not the images.
 BASE_PATHS = ("components", "mlops", "mlops_spec", "environments", "__main__.py", "Pulumi.yaml", "pyproject.toml")
-MODEL_WORKLOAD = re.compile(r"serving(-[a-z0-9-]+)?-(blue|green)(-\d+)?|serving(-[a-z0-9-]+)?(-green)?-image(-model)?"
+MODEL_WORKLOAD = re.compile(r"serving(-[a-z0-9-]+)?-(blue|green)(-\d+|-secrets(-writer)?)?|serving(-[a-z0-9-]+)?(-green)?-image(-model)?"
                             r"(-push)?|([a-z0-9-]+-)?training(-image(-model)?(-push)?)?|(serving-[a-z]+|training)-platform")
 """Resources (names without the stack) of a model's workloads: its replicas, their images and its training
 image, before and after they carried the model's name."""
@@ -67,7 +67,16 @@ TLS = ("MLflow and the image registry speak TLS where they are published off loo
        {"taskSpec.containerSpec.env", "taskSpec.containerSpec.secrets", "taskSpec.containerSpec.healthcheck"})
 for service in ("model-registry-server", "image-registry-server"):
     INTENDED_CHANGES[service] = (f"{INTENDED_CHANGES[service][0]}; {TLS[0]}", INTENDED_CHANGES[service][1] | TLS[1])
-NEW_RESOURCES = {"model-registry-tls-key": TLS[0], "image-registry-tls-key": TLS[0]}
+SECRET_FILES = ("on one host a workload's secrets are files in a volume of its own, which a container that is "
+                "created and never started writes, instead of variables in its configuration (issue 18): its "
+                "container is replaced once",
+                {"envs", "labels", "volumes"})
+for container in ("model-registry-server", "image-registry-server"):
+    INTENDED_CHANGES[container] = (f"{INTENDED_CHANGES[container][0]}; {SECRET_FILES[0]}",
+                                   INTENDED_CHANGES[container][1] | SECRET_FILES[1])
+NEW_RESOURCES = {"model-registry-tls-key": TLS[0], "image-registry-tls-key": TLS[0],
+                 **{f"{workload}-secrets{writer}": SECRET_FILES[0]
+                    for workload in ("model-registry-server", "image-registry-server") for writer in ("", "-writer")}}
 """resource name without its stack -> why it is new since BASE."""
 UNPUSHED = ("dev keeps its images on its engine and pushes none (issue 17: half its spin-up went to the pushes), so "
             "it has no image registry; `mlops promote --from dev` takes the images from its engine. The registry's "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import runpy
 from collections import Counter
 from pathlib import Path
@@ -45,7 +46,13 @@ def type_counts(resources: list[plan.PlannedResource]) -> Counter:
 
 
 def containers(resources):
-    return [resource for resource in resources if resource.type == CONTAINER]
+    """The containers that run: each workload's, without the ones that only hold its secret files."""
+    return [resource for resource in resources if resource.type == CONTAINER and resource.inputs.get("start", True)]
+
+
+def secret_writers(resources):
+    """The containers created, never started, to write a workload's secrets into its volume."""
+    return [resource for resource in resources if resource.type == CONTAINER and not resource.inputs.get("start", True)]
 
 
 def label_map(resource: plan.PlannedResource) -> dict[str, str]:
@@ -59,11 +66,15 @@ def test_dev_declares_the_whole_stack_and_builds_its_workloads():
     resources = render("dev")
     assert type_counts(resources) == Counter({
         "pulumi:pulumi:Stack": 1, "mlops:stack:MLOpsStack": 1, "pulumi:providers:docker": 1,
-        "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1, VOLUME: 3,
+        "docker:index/network:Network": 1, "mlops:artifact_store:ArtifactStore": 1,
         "mlops:model_registry:ModelRegistry": 1,
         "mlops:training_environment:TrainingEnvironment": 2, "mlops:model_serving:ModelServing": 1,
         # mlflow, gateway; the two platform images; each model's training and serving image, pushed nowhere
-        IMAGE: 2 + 2 + 2 * 2, CONTAINER: 2 + 2,
+        IMAGE: 2 + 2 + 2 * 2,
+        # mlflow-db, artifacts, datasets; the secret files of MLflow and of each model's replicas
+        VOLUME: 3 + 1 + 2,
+        # mlflow, gateway, each model's replica; the writers of those secret files
+        CONTAINER: 2 + 2 + 1 + 2,
     })
     named = by_name(resources)
     assert named["dev-serving-gateway"].parent == "dev-serving"
@@ -137,7 +148,9 @@ def test_the_pushes_of_the_models_on_one_platform_image_follow_each_other():
 def test_staging_without_a_release_declares_no_serving_and_builds_nothing():
     resources = render("staging")
     counts = type_counts(resources)
-    assert counts[CONTAINER] == 3  # model registry, image registry and Prometheus only
+    # model registry, image registry and Prometheus only
+    assert sorted(c.inputs["name"] for c in containers(resources)) == [
+        "staging-image-registry", "staging-model-registry", "staging-prometheus"]
     assert "mlops:model_serving:ModelServing" not in counts
     assert "mlops:training_environment:TrainingEnvironment" not in counts
     built = [r.inputs["build"]["context"] for r in resources if r.type == IMAGE]
@@ -195,7 +208,10 @@ def test_data_volumes_and_the_network_survive_routine_edits(stage, released_envi
     for resource in [*volumes, network]:
         assert set(label_map(resource)) <= {"mlops.stack", "mlops.stage", "mlops.component", "mlops.experiment"}, \
             resource.name
-    assert all(volume.retain_on_delete for volume in volumes)
+    secret_files = [volume for volume in volumes if volume.inputs["name"].endswith("-secrets")]
+    assert secret_files, "every stage has workloads with secrets"
+    # Data outlives its resource; a workload's secret files do not outlive the workload.
+    assert all(volume.retain_on_delete != (volume in secret_files) for volume in volumes)
     assert network.delete_before_replace
     for container in containers(resources):
         assert {"mlops.owner", "mlops.cost-centre"} <= set(label_map(container)), container.name
@@ -326,13 +342,18 @@ def test_the_stage_secrets_are_secret_everywhere(stage, released_environments):
     rendered = json.dumps([r.to_json() for r in resources])
     for secret in secret_values(plan.PLAN_SECRETS):
         assert secret not in rendered
-    named = by_name(resources)
-    assert named[f"{stage}-image-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
-    assert named[f"{stage}-model-registry-server"].inputs["envs"] == plan.SECRET_PLACEHOLDER
+    # No container's configuration holds a secret: each workload's secrets are uploads of its writer.
+    for container in containers(resources):
+        assert container.inputs.get("envs") != plan.SECRET_PLACEHOLDER, container.name
     replicas = [r for r in containers(resources) if label_map(r)["mlops.component"] == "model-serving"]
     assert len(replicas) == (2 if stage == "dev" else 3)
-    for replica in replicas:
-        assert replica.inputs["envs"] == plan.SECRET_PLACEHOLDER, replica.name
+    slots = {replica.name.rsplit("-", 1)[0] for replica in replicas}
+    writers = secret_writers(resources)
+    assert sorted(writer.name for writer in writers) == sorted(
+        f"{workload}-secrets-writer" for workload in (f"{stage}-image-registry-server", f"{stage}-model-registry-server",
+                                                      *slots))
+    for writer in writers:
+        assert writer.inputs["uploads"] == plan.SECRET_PLACEHOLDER, writer.name
     pushed = [r for r in resources if r.type == IMAGE and r.name.endswith("-push")]
     assert len(pushed) == (4 if stage == "dev" else 0)
     for image in pushed:
@@ -360,15 +381,25 @@ def test_each_container_gets_only_the_mlflow_credential_it_needs(released_enviro
     spec = load_stages(["prod"], released_environments)[0]
     named = by_name(plan.render("prod", spec, config=config, reveal_secrets=True))
     # The MLflow container gets every user's password hash, and neither the stage's secret nor a password ...
-    mlflow_env = named["prod-model-registry-server"].inputs["envs"]
-    assert f"MLOPS_MLFLOW_PASSWORD_HASHES={mlflow_password_hashes('mlflow-secret', 'prod')}" in mlflow_env
+    mlflow = named["prod-model-registry-server"].inputs
+    assert "MLOPS_MLFLOW_PASSWORD_HASHES_FILE=/run/secrets/mlflow-password-hashes" in mlflow["envs"]
+    assert named["prod-model-registry-server-secrets-writer"].inputs["uploads"] == [
+        {"file": "/run/secrets/mlflow-password-hashes", "content": mlflow_password_hashes("mlflow-secret", "prod"),
+         "permissions": "0444"}]
     passwords = ["mlflow-secret", *(derived_password("mlflow-secret", identity) for identity in (ADMIN, *IDENTITIES))]
-    assert not [password for password in passwords if password in json.dumps(mlflow_env)]
-    # ... and a replica gets only the reader's.
-    replica = named["prod-serving-iris-classifier-blue-0"].inputs["envs"]
-    assert "MLFLOW_TRACKING_USERNAME=reader" in replica
-    assert f"MLFLOW_TRACKING_PASSWORD={derived_password('mlflow-secret', READER)}" in replica
-    assert not [env for env in replica if "mlflow-secret" in env]
+    assert not [password for password in passwords if password in json.dumps(mlflow)]
+    assert not [password for password in passwords
+                if password in json.dumps(named["prod-model-registry-server-secrets-writer"].inputs)]
+    # ... and a replica gets only the reader's, as a file.
+    replica = named["prod-serving-iris-classifier-blue-0"].inputs
+    assert {"MLFLOW_TRACKING_USERNAME=reader", "MLFLOW_TRACKING_PASSWORD_FILE=/run/secrets/mlflow-reader-password"} \
+        <= set(replica["envs"])
+    assert {"volumeName": "prod-iris-classifier-blue-secrets", "containerPath": "/run/secrets", "readOnly": True} \
+        in replica["volumes"]
+    assert named["prod-serving-iris-classifier-blue-secrets-writer"].inputs["uploads"] == [
+        {"file": "/run/secrets/mlflow-reader-password", "content": derived_password("mlflow-secret", READER),
+         "permissions": "0444"}]
+    assert not [password for password in passwords if password in json.dumps(replica)]
     for name in ("prod-image-registry-server", "prod-serving-gateway"):
         assert not [env for env in named[name].inputs.get("envs", []) if env.startswith(("MLOPS_MLFLOW", "MLFLOW_TRACKING_P"))]
 
@@ -578,19 +609,21 @@ def test_a_changed_build_context_replaces_exactly_the_containers_that_run_it(pro
     # The serving platform: every model's serving image stands on it.
     assert changed_names(*inputs_changed_by(project_copy / "images" / "serving" / "Dockerfile")) == sorted([
         "dev-serving-oip-platform", *(f"dev-serving-{model}-{suffix}" for model in SHIPPED_MODELS
-                                      for suffix in ("blue-0", "image"))])
+                                      for suffix in ("blue-0", "blue-secrets-writer", "image"))])
     # The training platform: every model's training image, and no container.
     assert changed_names(*inputs_changed_by(project_copy / "images" / "training" / "Dockerfile")) == sorted([
         "dev-training-platform", *(f"dev-{model}-training-image" for model in SHIPPED_MODELS)])
     # A model's project: both of its images, not the platforms'.
     assert changed_names(*inputs_changed_by(project_copy / "models" / "iris-classifier" / "iris_model" / "train.py")) == [
-        "dev-iris-classifier-training-image", "dev-serving-iris-classifier-blue-0", "dev-serving-iris-classifier-image"]
+        "dev-iris-classifier-training-image", "dev-serving-iris-classifier-blue-0",
+        "dev-serving-iris-classifier-blue-secrets-writer", "dev-serving-iris-classifier-image"]
 
 
 def test_a_change_in_one_models_project_rebuilds_that_models_images_only(project_copy):
     before, after = inputs_changed_by(project_copy / "models" / "diabetes-regressor" / "diabetes_model" / "train.py")
     rebuilt = ["dev-diabetes-regressor-training-image", "dev-serving-diabetes-regressor-image"]
-    assert changed_names(before, after) == sorted([*rebuilt, "dev-serving-diabetes-regressor-blue-0"])
+    assert changed_names(before, after) == sorted([*rebuilt, "dev-serving-diabetes-regressor-blue-0",
+                                                   "dev-serving-diabetes-regressor-blue-secrets-writer"])
     for name in rebuilt:
         # A new content tag, in the same repository.
         (old_repository, old_tag), (new_repository, new_tag) = (
@@ -599,7 +632,7 @@ def test_a_change_in_one_models_project_rebuilds_that_models_images_only(project
         assert after[name]["build"]["context"] == "models/diabetes-regressor"
     # iris-classifier's images and replicas are the same bytes: nothing of it is rebuilt or replaced.
     untouched = [name for name in before if "iris-classifier" in name]
-    assert len(untouched) == 4  # its training environment, its two images, its replica
+    assert len(untouched) == 6  # its training environment, its two images, its replica, its secret files' volume and writer
     assert {name: json.dumps(before[name], sort_keys=True) for name in untouched} \
         == {name: json.dumps(after[name], sort_keys=True) for name in untouched}
 
@@ -670,8 +703,13 @@ def declare_in_dev(environments, model: str, **settings) -> None:
     file.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
+def data_mounts(inputs: dict) -> list[dict]:
+    """A container's volumes but the one its secret files are in."""
+    return [mount for mount in inputs.get("volumes", []) if mount["containerPath"] != "/run/secrets"]
+
+
 def serving_replicas(named: dict[str, plan.PlannedResource], model: str) -> list[plan.PlannedResource]:
-    return [named[name] for name in sorted(named) if name.startswith(f"dev-serving-{model}-blue-")]
+    return [named[name] for name in sorted(named) if re.fullmatch(rf"dev-serving-{model}-blue-\d+", name)]
 
 
 def test_the_datasets_volume_of_a_single_host_stage_and_the_samples_volume_when_sampling_is_declared(environments):
@@ -688,13 +726,13 @@ def test_the_datasets_volume_of_a_single_host_stage_and_the_samples_volume_when_
     for index, replica in enumerate(sampled):
         inputs = replica.inputs
         # Mounted writable (no readOnly in the mount) on the read-only root: each replica appends to its own file.
-        assert inputs["volumes"] == [{"volumeName": "dev-samples", "containerPath": "/data/samples"}]
+        assert data_mounts(inputs) == [{"volumeName": "dev-samples", "containerPath": "/data/samples"}]
         assert (inputs["readOnly"], inputs["user"]) == (True, "10001:10001")
         assert {"SAMPLE_FRACTION=0.25", f"SAMPLES_FILE=/data/samples/dev-iris-classifier-blue-{index}.jsonl",
                 f"SAMPLES_MAX_BYTES={3 * 1024 * 1024}"} <= set(inputs["envs"])
     # Sampling is the model's: the other model's replicas keep nothing, and the gateway mounts nothing.
     [unsampled] = serving_replicas(named, "diabetes-regressor")
-    assert "volumes" not in unsampled.inputs
+    assert data_mounts(unsampled.inputs) == []
     assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in unsampled.inputs["envs"])
     assert "volumes" not in named["dev-serving-gateway"].inputs
 
@@ -723,14 +761,14 @@ def test_no_shipped_stage_samples_requests(stage, released_environments):
     replicas = [r for r in containers(resources) if label_map(r)["mlops.component"] == "model-serving"]
     assert replicas
     for replica in replicas:
-        assert "volumes" not in replica.inputs, replica.name
+        assert data_mounts(replica.inputs) == [], replica.name
         assert not any(str(entry).startswith(("SAMPLE_FRACTION", "SAMPLES_")) for entry in replica.inputs["envs"])
 
 
 def test_every_replica_and_mlflow_get_the_stages_trusted_model_keys_and_nothing_to_sign_with(released_environments):
     spec = load_stages(["prod"], released_environments)[0]
     named = by_name(plan.render("prod", spec, config={"mlops:trustedModelKeys": TRUSTED_KEYS_PEM}, reveal_secrets=True))
-    replicas = [resource for name, resource in named.items() if "-serving-" in name and "-blue-" in name]
+    replicas = [resource for name, resource in named.items() if re.fullmatch(r"prod-serving-.+-blue-\d+", name)]
     assert replicas
     # MLflow takes a version's signature only if one of them made it.
     for replica in [*replicas, named["prod-model-registry-server"]]:

@@ -225,6 +225,12 @@ def rendered_services(stack: str) -> list[plan.PlannedResource]:
 def emulated_container(inputs: dict) -> dict:
     """The engine's inspect answer for a container tests/engine.py creates from `inputs` (StageOnEngine._run), with
     the emulator's own conversions of memory, swap, CPUs and durations."""
+    if not inputs.get("start", True):
+        # Created, never started: the engine's defaults but for what the writer of secret files declares.
+        return {"Name": "/" + inputs["name"], "Image": inputs["image"], "State": {"Running": False, "ExitCode": 0},
+                "Config": {"Image": inputs["image"], "User": "", "Cmd": None},
+                "HostConfig": {"ReadonlyRootfs": False, "NetworkMode": inputs["networkMode"],
+                               "RestartPolicy": {"Name": "no"}, "Memory": 0, "MemorySwap": 0}}
     check = inputs["healthcheck"]
     return {
         "Name": "/" + inputs["name"], "Image": inputs["image"], "State": {"Running": True},

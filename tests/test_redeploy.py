@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from mlops.modelstore import BasicAuth
-from mlops_spec.contract import READER, TRAINER, derived_password
+from mlops_spec.contract import ADMIN, IDENTITIES, READER, TRAINER, derived_password
 from mlops_spec.loading import load_stage
 from tests.conftest import private_copy_of_dev
 from tests.engine import IMAGE, StageOnEngine
@@ -113,9 +113,12 @@ def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must
     trainer, reader = (BasicAuth(name, derived_password(engine.mlflow_password, name)) for name in (TRAINER, READER))
     http_json(f"{mlflow}/create", {"name": "kept-across-deploys"}, auth=trainer)
     first_containers, first_images = containers(engine), images(engine)
-    assert set(first_containers) == {f"{stack}-model-registry", f"{stack}-gateway",
+    # Each workload with secrets has a container, created and never started, that wrote them into its volume.
+    writers = {f"{stack}-model-registry-secrets", *(f"{stack}-{model}-blue-secrets" for model in (MODEL, OTHER_MODEL))}
+    assert set(first_containers) == {f"{stack}-model-registry", f"{stack}-gateway", *writers,
                                      *(f"{stack}-{model}-blue-{index}" for model in (MODEL, OTHER_MODEL)
                                        for index in (0, 1))}
+    assert not [name for name in writers if engine.client.containers.get(name).attrs["State"]["StartedAt"][:4] != "0001"]
 
     with changes_on_engine(engine) as changes:
         engine.deploy()
@@ -148,3 +151,25 @@ def test_a_second_deploy_changes_nothing_and_a_change_replaces_only_what_it_must
     assert {name for name in second_containers if third_containers[name] != second_containers[name]} == {mlflow_container}
     registered = http_json(f"{mlflow}/search", auth=reader)["registered_models"]
     assert [model["name"] for model in registered] == ["kept-across-deploys"]
+
+    # A new MLflow secret: the writers write the new files, and only the containers that read them are replaced.
+    old_secret, engine.mlflow_password = engine.mlflow_password, uuid.uuid4().hex
+    with changes_on_engine(engine) as changes:
+        engine.deploy()
+    readers = {mlflow_container, *replicas, f"{stack}-{OTHER_MODEL}-blue-0", f"{stack}-{OTHER_MODEL}-blue-1"}
+    assert changes == {("container", action, name) for action in ("destroy", "create") for name in readers | writers}
+    assert differences(engine) == []
+    reader = BasicAuth(READER, derived_password(engine.mlflow_password, READER))
+    assert [model["name"] for model in http_json(f"{mlflow}/search", auth=reader)["registered_models"]] == [
+        "kept-across-deploys"]
+    replica = engine.client.containers.get(f"{stack}-{MODEL}-blue-0")
+    read = replica.exec_run(["sh", "-c", 'cat "$MLFLOW_TRACKING_PASSWORD_FILE"'], user="10001:10001")
+    assert (read.exit_code, read.output.decode()) == (0, reader.password)
+    # No secret, old or new, is in any container's configuration or its first process's environment.
+    secrets = [secret for value in (old_secret, engine.mlflow_password)
+               for secret in (value, *(derived_password(value, identity) for identity in (ADMIN, *IDENTITIES)))]
+    for name in containers(engine):
+        container = engine.client.containers.get(name)
+        environment = (container.exec_run(["cat", "/proc/1/environ"]).output.decode(errors="replace")
+                       if container.status == "running" else "")
+        assert not [secret for secret in secrets if secret in json.dumps(container.attrs) + environment], name

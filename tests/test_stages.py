@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mlops.cli import app
 from mlops.plan import render
-from mlops_spec.contract import REGISTRY_PASSWORD, TRUSTED_MODEL_KEYS, secret_variable
+from mlops_spec.contract import REGISTRY_PASSWORD, SECRET_FILES_SUFFIX, TRUSTED_MODEL_KEYS, secret_variable
 from mlops_spec.errors import SpecError
 from mlops_spec.loading import load_all_stages, load_stage, load_stages
 from mlops_spec.project import ENVIRONMENTS_DIR
@@ -128,7 +128,8 @@ def test_adding_qa_and_prod_eu_needs_only_yaml(environments):
     assert (specs["qa"].kind, specs["prod-eu"].kind, specs["prod-eu"].docker.url) == (
         "staging", "prod", "ssh://deploy@prod-eu.example.com")
     # prod-eu gets prod's rules by its kind: protected volumes, retained on delete.
-    volumes = [r for r in render("prod-eu", specs["prod-eu"]) if r.type == "docker:index/volume:Volume"]
+    volumes = [r for r in render("prod-eu", specs["prod-eu"]) if r.type == "docker:index/volume:Volume"
+               and not r.inputs["name"].endswith(SECRET_FILES_SUFFIX)]
     assert volumes and all(r.protect and r.retain_on_delete for r in volumes)
     assert all(r.name.startswith("prod-eu-") for r in volumes)
 

@@ -35,7 +35,15 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import FunctionTransformer
 
 from mlops.modelstore import BasicAuth, MlflowStore
-from mlops_spec.contract import MLFLOW_PASSWORD, READER, TRAINER, derived_password, rollout_folder, secret_variable
+from mlops_spec.contract import (
+    MLFLOW_PASSWORD,
+    READER,
+    SECRET_FILES_SUFFIX,
+    TRAINER,
+    derived_password,
+    rollout_folder,
+    secret_variable,
+)
 from mlops_spec.loading import load_stages
 from mlops_spec.model_project import load_model_project
 from mlops_spec.models import StageSpec
@@ -102,10 +110,11 @@ class TwoModelStage:
         return answer["data"]["result"]
 
     def model_containers(self) -> dict[str, str]:
-        """Each serving container's name -> ID."""
+        """Each serving container's name -> ID (not the writers of their secret files, which never run)."""
         listed = self.engine.client.containers.list(all=True, filters={"label": f"mlops.stack={self.name}"})
         return {container.name: container.id for container in listed if container.name.startswith(
-            (f"{self.name}-{CLASSIFIER}-", f"{self.name}-{REGRESSOR}-"))}
+            (f"{self.name}-{CLASSIFIER}-", f"{self.name}-{REGRESSOR}-"))
+            and not container.name.endswith(SECRET_FILES_SUFFIX)}
 
 
 @pytest.fixture(scope="module")
