@@ -290,6 +290,11 @@ class SingleHost(Runtime):
             image=workload.image,
             start=False,
             must_run=False,
+            # Hardened as a workload should someone start it, but for the read-only root, which `uploads` needs.
+            user=APP_USER,
+            security_opts=list(SECURITY_OPTIONS),
+            capabilities=docker.ContainerCapabilitiesArgs(drops=list(DROPPED_CAPABILITIES)),
+            ipc_mode=IPC_MODE,
             network_mode="none",
             labels=[docker.ContainerLabelArgs(label=key, value=value)
                     for key, value in component_labels({**self.labels, **workload.identity}, workload.component)],

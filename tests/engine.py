@@ -395,6 +395,8 @@ class StageOnEngine:
         does: each file a tar of its own, extracted at `/` with the declared mode and the owner left unset."""
         container = self.client.containers.create(
             inputs["image"], name=inputs["name"], labels=_labels(inputs), network_mode=inputs.get("networkMode"),
+            user=inputs.get("user"), security_opt=inputs.get("securityOpts"), ipc_mode=inputs.get("ipcMode"),
+            cap_drop=inputs.get("capabilities", {}).get("drops"),
             volumes={volume["volumeName"]: {"bind": volume["containerPath"], "mode": "ro" if volume.get("readOnly") else "rw"}
                      for volume in inputs.get("volumes", [])})
         for upload in inputs.get("uploads", []):

@@ -317,6 +317,15 @@ def test_every_container_is_hardened_limited_and_labelled(stage, released_enviro
         labels = label_map(container)
         assert labels["mlops.stage"] == stage and labels["mlops.stack"] == stage, container.name
         assert labels["mlops.component"], container.name
+    # The writers of secret files never start; should someone start one, it is as bare, but for the writable
+    # root that the provider's uploads need, and it reaches no network.
+    assert secret_writers(resources)
+    for writer in secret_writers(resources):
+        inputs = writer.inputs
+        assert (inputs["start"], inputs["mustRun"], inputs["networkMode"]) == (False, False, "none"), writer.name
+        assert (inputs["user"], inputs["securityOpts"], inputs["capabilities"], inputs["ipcMode"]) == (
+            "10001:10001", ["no-new-privileges:true"], {"drops": ["ALL"]}, "none"), writer.name
+        assert "readOnly" not in inputs, writer.name
 
 
 @pytest.mark.parametrize("stage", ["dev", "staging", "prod"])

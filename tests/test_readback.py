@@ -228,9 +228,11 @@ def emulated_container(inputs: dict) -> dict:
     if not inputs.get("start", True):
         # Created, never started: the engine's defaults but for what the writer of secret files declares.
         return {"Name": "/" + inputs["name"], "Image": inputs["image"], "State": {"Running": False, "ExitCode": 0},
-                "Config": {"Image": inputs["image"], "User": "", "Cmd": None},
+                "Config": {"Image": inputs["image"], "User": inputs["user"], "Cmd": None},
                 "HostConfig": {"ReadonlyRootfs": False, "NetworkMode": inputs["networkMode"],
-                               "RestartPolicy": {"Name": "no"}, "Memory": 0, "MemorySwap": 0}}
+                               "SecurityOpt": inputs["securityOpts"], "CapDrop": inputs["capabilities"]["drops"],
+                               "IpcMode": inputs["ipcMode"], "RestartPolicy": {"Name": "no"}, "Memory": 0,
+                               "MemorySwap": 0}}
     check = inputs["healthcheck"]
     return {
         "Name": "/" + inputs["name"], "Image": inputs["image"], "State": {"Running": True},
