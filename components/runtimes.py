@@ -27,7 +27,7 @@ import base64
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import pulumi
 import pulumi_docker as docker
@@ -171,6 +171,12 @@ class Runtime(abc.ABC):
         return [(key, value(replica) if callable(value) else value) for key, value in workload.env.items()]
 
 
+def unprivileged() -> dict[str, Any]:
+    """A container's user, security options, capabilities and IPC mode, as every one the stack creates has them."""
+    return {"user": APP_USER, "security_opts": list(SECURITY_OPTIONS),
+            "capabilities": docker.ContainerCapabilitiesArgs(drops=list(DROPPED_CAPABILITIES)), "ipc_mode": IPC_MODE}
+
+
 def go_duration(seconds: int) -> str:
     """A duration as Go's time.Duration.String() writes it (90 -> "1m30s"), as the provider reads a
     container's health-check durations back."""
@@ -233,12 +239,9 @@ class SingleHost(Runtime):
             resource_name,
             name=name,
             image=workload.image,
-            user=APP_USER,
+            **unprivileged(),
             read_only=READ_ONLY_ROOT,
             tmpfs={TMP_PATH: f"{TMP_OPTIONS},size={workload.tmp_mb}m"},
-            security_opts=list(SECURITY_OPTIONS),
-            capabilities=docker.ContainerCapabilitiesArgs(drops=list(DROPPED_CAPABILITIES)),
-            ipc_mode=IPC_MODE,
             # As the engine reads it back: one entry, soft equal to hard.
             ulimits=[docker.ContainerUlimitArgs(name="nproc", soft=PROCESS_LIMIT, hard=PROCESS_LIMIT)],
             memory=workload.limits.memory_mb,
@@ -276,7 +279,7 @@ class SingleHost(Runtime):
         the old files. The engine extracts as root, as the provider's tar header leaves the owner unset, so
         the files are readable by every uid (SECRET_UPLOAD_MODE); only this workload's containers mount the
         volume, and the volume's directory on the host is root's alone."""
-        secrets = [(key, value) for key, value in workload.env.items() if isinstance(value, SecretEnv)]
+        secrets = [value for value in workload.env.values() if isinstance(value, SecretEnv)]
         if not secrets:
             return None
         volume = docker.Volume(f"{workload.resource_name}{SECRET_FILES_SUFFIX}", name=f"{workload.name}{SECRET_FILES_SUFFIX}",
@@ -291,10 +294,7 @@ class SingleHost(Runtime):
             start=False,
             must_run=False,
             # Hardened as a workload should someone start it, but for the read-only root, which `uploads` needs.
-            user=APP_USER,
-            security_opts=list(SECURITY_OPTIONS),
-            capabilities=docker.ContainerCapabilitiesArgs(drops=list(DROPPED_CAPABILITIES)),
-            ipc_mode=IPC_MODE,
+            **unprivileged(),
             network_mode="none",
             labels=[docker.ContainerLabelArgs(label=key, value=value)
                     for key, value in component_labels({**self.labels, **workload.identity}, workload.component)],
@@ -302,10 +302,10 @@ class SingleHost(Runtime):
             uploads=[docker.ContainerUploadArgs(file=f"{SECRETS_DIR}/{secret.file}",
                                                 content=pulumi.Output.secret(secret.value),
                                                 permissions=f"{SECRET_UPLOAD_MODE:04o}")
-                     for _, secret in secrets],
+                     for secret in secrets],
             opts=pulumi.ResourceOptions(parent=parent),
         )
-        version = pulumi.Output.unsecret(pulumi.Output.all(*(secret.value for _, secret in secrets)).apply(
+        version = pulumi.Output.unsecret(pulumi.Output.all(*(secret.value for secret in secrets)).apply(
             lambda values: content_hash(self.stack, workload.name, "\0".join(values))))
         return SecretFiles(volume=volume, writer=writer, version=version)
 
