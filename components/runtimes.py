@@ -26,6 +26,8 @@ import abc
 import base64
 import dataclasses
 import hashlib
+import io
+import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -321,7 +323,7 @@ class SingleHost(Runtime):
     @staticmethod
     def _variable(key: str, value: pulumi.Input[str] | SecretEnv) -> pulumi.Input[str]:
         if isinstance(value, SecretEnv):
-            return f"{key}_FILE={SECRETS_DIR}/{value.file}"
+            return "=".join(value.file_variable(key))
         if isinstance(value, pulumi.Output):
             return pulumi.Output.concat(f"{key}=", value)
         return f"{key}={value}"
@@ -431,7 +433,8 @@ class Swarm(Runtime):
         secrets = []
         for key, value in self._env_values(workload, TASK_NAME):
             if isinstance(value, SecretEnv):
-                env[f"{key}_FILE"] = f"{SECRETS_DIR}/{value.file}"
+                variable, path = value.file_variable(key)
+                env[variable] = path
                 secrets.append(self._secret_file(value, parent))
             else:
                 env[key] = value
@@ -558,36 +561,63 @@ def _run_options(run: Run) -> list[str]:
 
 
 def docker_run_arguments(run: Run) -> list[str]:
-    """`docker run` arguments of `run`. A secret is named without its value, which `docker` then takes from
-    its own environment (`run_environment`), so it shows in no process list."""
+    """`docker run` arguments of `run`, which has no secret: one that has is created, given its secret files,
+    then started (`docker_create_arguments`)."""
+    if run.secrets():
+        raise ValueError(f"{run.component} has secrets: create it with docker_create_arguments")
+    return ["run", *_one_host_run_options(run)]
+
+
+def docker_create_arguments(run: Run) -> list[str]:
+    """`docker create` arguments of `run`. Each secret is the file that `<VARIABLE>_FILE` names, in an anonymous
+    volume at /run/secrets that goes with the run: `docker cp - <name>:/run/secrets` extracts
+    `secret_files_archive` there from its standard input (the engine lets an archive into a volume of a
+    container whose root is read-only, and keeps the owner its headers name), then `docker start --attach`
+    runs it. So no secret is in a process's arguments, in the run's configuration (`docker inspect`) or in a
+    process's environment."""
+    return ["create", "--volume", SECRETS_DIR, *_one_host_run_options(run)]
+
+
+def secret_files_archive(run: Run) -> bytes:
+    """The tar of `run`'s secret files, owned by the app user and readable by it alone, as on a swarm."""
+    archive_bytes = io.BytesIO()
+    with tarfile.open(fileobj=archive_bytes, mode="w") as archive:
+        for secret in run.secrets().values():
+            content = str(secret.value).encode()
+            entry = tarfile.TarInfo(secret.file)
+            entry.size, entry.mode, entry.uid, entry.gid = len(content), SECRET_FILE_MODE, int(APP_UID), int(APP_GID)
+            archive.addfile(entry, io.BytesIO(content))
+    return archive_bytes.getvalue()
+
+
+def _one_host_run_options(run: Run) -> list[str]:
+    """What `docker run` and `docker create` share: removed when it ends, hardened, limited, and given its
+    variables, a secret's by the path of its file."""
     memory = f"{run.limits.memory_mb}m"
     return [
-        "run", "--rm", *(["--interactive"] if run.interactive else []), *_run_options(run),
+        "--rm", *(["--interactive"] if run.interactive else []), *_run_options(run),
         "--tmpfs", f"{TMP_PATH}:{TMP_OPTIONS},size={TMP_MB}m", *_repeated("--security-opt", SECURITY_OPTIONS),
         "--ipc", IPC_MODE, "--ulimit", f"nproc={PROCESS_LIMIT}:{PROCESS_LIMIT}",
         "--cpus", str(run.limits.cpus), "--memory", memory, "--memory-swap", memory,
         *(["--gpus", "all"] if run.gpus else []),
         *_repeated("--volume", [f"{mount.volume}:{mount.target}{':ro' if mount.read_only else ''}"
                                 for mount in run.volumes]),
-        *_repeated("--env", [key if isinstance(value, SecretEnv) else f"{key}={value}"
-                             for key, value in run.env.items()]),
+        *_run_variables(run),
         "--entrypoint", run.entrypoint[0], run.image, *run.entrypoint[1:], *run.args,
     ]
 
 
-def run_environment(run: Run) -> dict[str, str]:
-    """The variables `docker run` passes on by name: the run's secrets."""
-    return {key: str(secret.value) for key, secret in run.secrets().items()}
+def _run_variables(run: Run) -> list[str]:
+    return _repeated("--env", ["=".join(value.file_variable(key)) if isinstance(value, SecretEnv) else f"{key}={value}"
+                               for key, value in run.env.items()])
 
 
 def service_job_arguments(run: Run) -> list[str]:
     """`docker service create` arguments of `run` as a one-shot job (`replicated-job`, never restarted),
     reserved as much as limited so it lands only where its resources are free. Each secret is the Swarm
-    secret `resource_name`, mounted as a file the run's shell exports into the variable before it `exec`s
-    the entrypoint: the images read the variable, and the value never is an option of the service."""
+    secret `resource_name`, mounted as the file that `<VARIABLE>_FILE` names: the value never is an option of
+    the service."""
     cpus, memory = str(run.limits.cpus), f"{run.limits.memory_mb}M"
-    secrets = run.secrets()
-    exports = " ".join(f'{key}="$(cat {SECRETS_DIR}/{secret.file})"' for key, secret in secrets.items())
     return [
         "service", "create", "--detach", "--with-registry-auth", *_run_options(run),
         "--mode", "replicated-job", "--restart-condition", "none",
@@ -598,8 +628,7 @@ def service_job_arguments(run: Run) -> list[str]:
         *_repeated("--mount", [f"type=volume,source={mount.volume},destination={mount.target}"
                                f"{',readonly' if mount.read_only else ''}" for mount in run.volumes]),
         *_repeated("--secret", [f"source={secret.resource_name},target={secret.file},uid={APP_UID},gid={APP_GID},"
-                                f"mode={SECRET_FILE_MODE:04o}" for secret in secrets.values()]),
-        *_repeated("--env", [f"{key}={value}" for key, value in run.env.items() if not isinstance(value, SecretEnv)]),
-        "--entrypoint", "sh", run.image, "-c", f'{exports} exec "$@"'.lstrip(), run.component,
-        *run.entrypoint, *run.args,
+                                f"mode={SECRET_FILE_MODE:04o}" for secret in run.secrets().values()]),
+        *_run_variables(run),
+        "--entrypoint", run.entrypoint[0], run.image, *run.entrypoint[1:], *run.args,
     ]

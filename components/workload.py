@@ -59,8 +59,8 @@ class Role(enum.Enum):
 @dataclass(frozen=True)
 class SecretEnv:
     """A secret the workload reads from the file `/run/secrets/<file>` that the variable `<VARIABLE>_FILE`
-    names: on a swarm a Swarm secret, on one host a file in a volume of the workload's own (the images read the
-    variable itself too, which only a one-off run's `docker run` sets)."""
+    names: on a swarm a Swarm secret, on one host a file in a volume of the workload's own (or of the one-off
+    run's). The images read the variable itself too, for whoever runs them by hand."""
 
     value: pulumi.Input[str]
     resource_name: str
@@ -68,6 +68,10 @@ class SecretEnv:
     purpose: str
     """Names the Swarm secret, `<stack>-<purpose>-<hash>`."""
     file: str
+
+    def file_variable(self, key: str) -> tuple[str, str]:
+        """The variable the workload gets in place of `key`, and the path it names."""
+        return f"{key}_FILE", f"{SECRETS_DIR}/{self.file}"
 
 
 PerReplica = Callable[[str], str]
@@ -190,7 +194,7 @@ class Run:
     component: str
     image: str
     entrypoint: Sequence[str]
-    """What runs, in place of the image's ENTRYPOINT (on a swarm, after the secrets are read from files)."""
+    """What runs, in place of the image's ENTRYPOINT."""
     args: Sequence[str]
     limits: Limits
     labels: Mapping[str, str]

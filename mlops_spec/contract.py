@@ -68,7 +68,7 @@ WRITE_ONCE_TAGS = (MODEL_HASH_TAG, MANIFEST_HASH_TAG, SIGNATURE_TAG)
 SKOPS_FILE = "model.skops"
 SKOPS_OUTPUT = "skops"
 """Where a model's project asks for skops (docs/contracts.md), its run also holds `model/<SKOPS_FILE>`, which the
-signed manifest describes as `outputs.<SKOPS_OUTPUT>: {sha256, trusted_types}`; `oip` replicas load that file,
+signed manifest describes as `outputs.<SKOPS_OUTPUT>: {sha256, trusted_types}`; replicas (both runtimes) load that file,
 never the pickle, trusting skops's defaults and those types alone."""
 
 # Ports the images listen on, inside the stage network; the stage files choose the host ports they are published on.

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import skops.io
 import tritonclient.http as triton
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 from open_inference.openapi.client import OpenInferenceClient
@@ -85,8 +86,8 @@ def deployed(docker_engine, iris):
     engine = Engine()
     try:
         source = start_model_source(engine)
-        pins = {model: source.mlflow.register(MODEL, payload) for model, payload in (
-            ("iris", pickle.dumps(iris[0])),
+        pins = {"iris": source.mlflow.register(MODEL, pickle.dumps(iris[0]), skops_form=skops.io.dumps(iris[0]))}
+        pins |= {model: source.mlflow.register(MODEL, payload) for model, payload in (
             ("raising on 42", model_that_in_replica_is("lambda features: 1 / 0 if (features[:, 0] == 42).any() else features")),
             ("never predicting", model_that_in_replica_is("lambda features: 1 / 0")),
             ("batched", model_that_in_replica_is("lambda features: __import__('time').sleep(0.05) or "
@@ -256,6 +257,23 @@ def test_a_replica_serves_nothing_but_the_v2_api_inside_the_network_either(deplo
     grpc = docker("exec", gateway, "python3", "-c", "import socket,sys; socket.create_connection((sys.argv[1], 8081), 5)",
                   replica, check=False)
     assert "Connection refused" in grpc.stderr, "no gRPC server answers past the V2 layer"
+
+
+def test_both_runtimes_build_a_model_with_a_skops_form_from_it_and_never_get_its_pickle(deployed, runtime):
+    """The iris model has a skops form: the replica builds it with skops, and MLServer gets model.skops for
+    serving.mlserver_skops's runtime, with no pickle beside it. The models without one (the other replicas) are
+    unpickled, by MLServer's own runtime on `mlserver`."""
+    replica = deployed[runtime].replica
+    shown = docker("logs", replica)
+    assert "from model.skops, loaded without pickle" in shown.stdout + shown.stderr
+    if runtime == "mlserver":
+        folder = "/tmp/mlserver/iris-classifier"
+        settings = json.loads(docker("exec", replica, "cat", f"{folder}/model-settings.json").stdout)
+        assert (settings["implementation"], settings["parameters"]["uri"]) == (
+            "serving.mlserver_skops.SkopsModel", "./model.skops")
+        assert docker("exec", replica, "ls", folder).stdout.split() == ["model-settings.json", "model.skops"]
+        other = docker("exec", deployed[runtime].raising_on_42, "cat", f"{folder}/model-settings.json").stdout
+        assert json.loads(other)["implementation"] == "mlserver_sklearn.SKLearnModel"
 
 
 def test_inputs_that_make_the_model_raise_get_422_and_the_replica_stays_ready(deployed, runtime):

@@ -157,15 +157,21 @@ class MlflowRest:
     def post(self, path: str, **fields) -> dict:
         return self.call("POST", f"/api/2.0/mlflow/{path}", json.dumps(fields).encode())
 
-    def register(self, name: str, payload: bytes, manifest: dict | None = None) -> tuple[str, str]:
+    def register(self, name: str, payload: bytes, manifest: dict | None = None,
+                 skops_form: bytes | None = None) -> tuple[str, str]:
         """A new version of `name` holding `payload`, and with `manifest` its manifest (else one that names only the
-        model's hash: no schema, no reference profile); returns (version, sha256)."""
+        model's hash: no schema, no reference profile), and `skops_form` as its model.skops (of types skops trusts by
+        default); returns (version, sha256)."""
         sha256 = hashlib.sha256(payload).hexdigest()
-        described = {**(manifest or {}), "outputs": {"model_sha256": sha256}}
+        skops_output = {} if skops_form is None else {
+            "skops": {"sha256": hashlib.sha256(skops_form).hexdigest(), "trusted_types": []}}
+        described = {**(manifest or {}), "outputs": {"model_sha256": sha256, **skops_output}}
         manifest_bytes = json.dumps(described).encode()
         run = self.post("runs/create", experiment_id="0")["run"]["info"]
         location = run["artifact_uri"].removeprefix("mlflow-artifacts:").strip("/")
-        for artifact, content in (("model.pkl", payload), ("manifest.json", manifest_bytes)):
+        artifacts = {"model.pkl": payload, "manifest.json": manifest_bytes,
+                     **({} if skops_form is None else {"model.skops": skops_form})}
+        for artifact, content in artifacts.items():
             self.call("PUT", f"/api/2.0/mlflow-artifacts/artifacts/{location}/model/{artifact}", content)
         self.post("runs/update", run_id=run["run_id"], status="FINISHED")
         version = self.post("model-versions/create", name=name, source=f"runs:/{run['run_id']}/model",

@@ -43,7 +43,7 @@ from serving.protocol import MAX_BODY_BYTES  # noqa: E402
 from serving.readiness import FAILURES_BEFORE_UNREADY  # noqa: E402
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused, RegistryUnreachable, trusted_keys  # noqa: E402
 from serving.sampling import RequestSampler  # noqa: E402
-from serving.startup import fetch_pinned_model  # noqa: E402
+from serving.startup import fetch_pinned_model, loaded_model  # noqa: E402
 
 TREE = "sklearn.tree._tree.Tree"
 """The one type of a tree model skops leaves to review."""
@@ -809,26 +809,18 @@ def skops_version(server: FakeMlflow, tree_skops, marker, trusted_types=(TREE,))
     server.register("11", pickle.dumps(WritesWhenUnpickled(str(marker))), skops=(tree_skops[1], list(trusted_types)))
 
 
-def test_the_oip_runtime_loads_the_signed_skops_form_and_never_fetches_the_pickle(registry, monkeypatch, tmp_path,
-                                                                                  tree_skops, caplog):
+def test_a_replica_loads_the_signed_skops_form_and_never_fetches_the_pickle(registry, monkeypatch, tmp_path,
+                                                                           tree_skops, caplog):
     server, _, _ = registry
     skops_version(server, tree_skops, tmp_path / "ran")
     replica_env(monkeypatch, server, "11", server.versions["11"].tags["sha256"])
     caplog.set_level("INFO")
-    fetched = fetch_pinned_model("oip", loads_skops=True)
-    model = oip_runtime.loaded_model(fetched)
+    fetched = fetch_pinned_model("oip")
+    model = loaded_model(fetched)
     assert np.array_equal(model.predict(tree_skops[2]), tree_skops[0].predict(tree_skops[2]))
     assert (fetched.sha256, fetched.skops_trusted_types) == (server.versions["11"].tags["sha256"], (TREE,))
     assert "model.pkl" not in server.downloaded() and not (tmp_path / "ran").exists()
     assert "from model.skops, loaded without pickle" in caplog.text
-
-
-def test_the_mlserver_runtime_fetches_the_pickle_where_a_skops_form_exists(registry, tree_skops):
-    server, payload, sha256 = registry
-    server.register("11", payload, skops=(tree_skops[1], [TREE]))
-    fetched = MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "11", sha256))
-    assert (fetched.payload, fetched.skops_trusted_types) == (payload, None)
-    assert "model.skops" not in server.downloaded()
 
 
 def skops_replaced(server: FakeMlflow, skops_bytes: bytes) -> None:
@@ -859,8 +851,7 @@ def test_a_skops_form_not_exactly_as_signed_and_pinned_is_refused(registry, tree
     version = server.versions["11"]
     pinned = version.tags.pop("pinned", version.tags["sha256"])
     with pytest.raises(ModelRefused) as refused:
-        MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "11", pinned),
-                                                                        loads_skops=True)
+        MlflowRegistry(server.url, trusted=server.signer.trusted).fetch(ModelPin("iris-classifier", "11", pinned))
     assert str(refused.value) == "refusing model iris-classifier v11: " + refusal.format(
         actual=hashlib.sha256(version.skops or b"").hexdigest(), signed=hashlib.sha256(tree_skops[1]).hexdigest(),
         tag=version.tags["sha256"], pinned=pinned)

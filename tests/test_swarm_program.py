@@ -364,8 +364,9 @@ def test_training_runs_as_a_one_shot_job_on_a_node_with_its_resources():
             ("--env", "MLFLOW_TRACKING_URI=https://cluster-model-registry:5000"),
             ("--env", "MLOPS_MLFLOW_CA_CERTIFICATE=the stage's CA")} <= pairs, "MLflow speaks TLS off loopback"
     assert ("--secret", "source=cluster-train-1-password,target=mlflow-trainer-password,uid=10001,gid=10001,mode=0400") in pairs
-    assert not any("PASSWORD=" in argument and "$(cat" not in argument for argument in arguments)
-    assert arguments[arguments.index(image) + 1:][-2:] == ["--seed", "3"]
+    assert ("--env", "MLFLOW_TRACKING_PASSWORD_FILE=/run/secrets/mlflow-trainer-password") in pairs
+    assert not any("the-password" in argument for argument in arguments)
+    assert arguments[arguments.index("--entrypoint") + 1:] == ["python3", image, "-m", "mlops_training", "--seed", "3"]
     assert swarm_training.task_running("Running 3 minutes ago\n") and not swarm_training.task_running("Shutdown 1s ago\n")
 
 

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import subprocess
 import sys
+import tarfile
 
 import pytest
 from typer.testing import CliRunner
 
-from components.runtimes import docker_run_arguments, run_environment
+from components.runtimes import docker_create_arguments, docker_run_arguments, secret_files_archive
 from mlops import cli
 from mlops import plan as planning
 from mlops.cli import app
@@ -27,7 +29,7 @@ PASSWORD = "the-trainer-password"
 
 
 def run_arguments(spec, image, digest, name, training_args, with_datasets=False):
-    arguments = docker_run_arguments(run_of(spec, image, digest, name, PASSWORD, None, training_args, with_datasets))
+    arguments = docker_create_arguments(run_of(spec, image, digest, name, PASSWORD, None, training_args, with_datasets))
     assert not any(PASSWORD in argument for argument in arguments), "the password is no argument"
     return arguments
 
@@ -205,11 +207,22 @@ def test_the_run_is_hardened_limited_labelled_and_on_the_stage_network(environme
             ("--label", "mlops.component=training-run"), ("--label", "mlops.stage=dev"),
             ("--label", "mlops.stack=dev"), ("--env", "MLFLOW_TRACKING_URI=http://dev-model-registry:5000"),
             ("--env", "TRAINING_IMAGE_DIGEST=sha256:abc"), ("--ipc", "none"), ("--ulimit", "nproc=4096:4096"),
-            ("--env", "MLFLOW_TRACKING_USERNAME=trainer"),
-            ("--env", "MLFLOW_TRACKING_PASSWORD")} <= pairs, "the password comes from the environment, not the arguments"
-    assert "--read-only" in arguments and arguments[-5:] == ["image:tag", "-m", "mlops_training", "--seed", "3"]
-    assert run_environment(run_of(spec, "image:tag", "sha256:abc", "dev-train-1", PASSWORD, None, [])) == {
-        "MLFLOW_TRACKING_PASSWORD": PASSWORD}, "docker passes it on from its own environment"
+            ("--env", "MLFLOW_TRACKING_USERNAME=trainer"), ("--volume", "/run/secrets"),
+            ("--env", "MLFLOW_TRACKING_PASSWORD_FILE=/run/secrets/mlflow-trainer-password")} <= pairs
+    assert "--rm" in arguments and "--read-only" in arguments
+    assert arguments[0] == "create" and arguments[-5:] == ["image:tag", "-m", "mlops_training", "--seed", "3"]
+
+
+def test_the_runs_password_is_a_file_only_the_app_user_reads_and_never_a_variable():
+    run = run_of(load_stages(["dev"])[0], "image:tag", "sha256:abc", "dev-train-1", PASSWORD, None, [])
+    with tarfile.open(fileobj=io.BytesIO(secret_files_archive(run))) as archive:
+        [entry] = archive.getmembers()
+        assert (entry.name, entry.uid, entry.gid, entry.mode) == ("mlflow-trainer-password", 10001, 10001, 0o400)
+        assert archive.extractfile(entry).read() == PASSWORD.encode()
+    assert not any(key.endswith("PASSWORD") for key in docker_create_arguments(run)), "only the file's path is given"
+    # `docker run` could only pass it as a variable: a run with a secret is created, given its file, then started.
+    with pytest.raises(ValueError, match="training-run has secrets"):
+        docker_run_arguments(run)
 
 
 def test_a_missing_mlflow_secret_is_one_line_and_exit_1(monkeypatch, tmp_path):
@@ -266,7 +279,8 @@ def test_with_data_the_run_mounts_the_datasets_volume_read_only():
     arguments = run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", ["--data", "latest"], with_datasets=True)
     assert ("--volume", "dev-datasets:/data/datasets:ro") in set(zip(arguments, arguments[1:]))
     assert arguments[-5:] == ["image:tag", "-m", "mlops_training", "--data", "latest"]
-    assert "--volume" not in run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", [])
+    without = run_arguments(spec, "image:tag", "sha256:abc", "dev-train-1", [])
+    assert [value for option, value in zip(without, without[1:]) if option == "--volume"] == ["/run/secrets"]
 
 
 def test_a_data_run_has_no_network_and_only_its_volume():

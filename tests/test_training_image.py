@@ -382,6 +382,47 @@ def test_neither_the_mlflow_container_nor_its_processes_hold_the_stages_secret_o
                   training_stack.user(ADMIN)) == 200
 
 
+def test_the_runs_password_is_a_file_that_no_configuration_environment_or_command_line_holds(training_stack):
+    """Caught while it trains (a forest big enough to take seconds): the run's password is a file of the app user's
+    alone, and neither the run's configuration (`docker inspect`), nor any of its processes' environments, nor any
+    command line on this host holds it. The run still registers, so its image read the file."""
+    password = training_stack.user(TRAINER).password
+    env = {**os.environ, secret_variable(MLFLOW_PASSWORD, training_stack.name): training_stack.mlflow_secret,
+           secret_variable(MODEL_SIGNING_KEY, training_stack.name): SIGNING_KEY_PEM}
+    command_lines = []
+    with subprocess.Popen([*MLOPS, "train", "--stage", training_stack.name, "--environments",
+                           str(training_stack.environments), "--param", "n_estimators=2000"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT) as train:
+        running = ""
+        while not running and train.poll() is None:
+            command_lines.append(host_command_lines())
+            running = docker("ps", "--quiet", "--filter", f"label=mlops.stack={training_stack.name}",
+                             "--filter", "label=mlops.component=training-run", "--filter", "status=running").stdout.strip()
+        assert running, "the run ended before it was seen running"
+        configured = docker("inspect", running).stdout
+        processes = docker("exec", running, "sh", "-c", "cat /proc/[0-9]*/environ 2>/dev/null; true").stdout
+        secret_file = docker("exec", running, "stat", "--format", "%u:%g %a", "/run/secrets/mlflow-trainer-password")
+        output, _ = train.communicate(timeout=600)
+    assert train.returncode == 0 and output.splitlines()[-1].startswith("REGISTERED name=iris-classifier"), output
+    assert "MLFLOW_TRACKING_PASSWORD_FILE=/run/secrets/mlflow-trainer-password" in configured
+    assert "MLFLOW_TRACKING_PASSWORD_FILE=/run/secrets/mlflow-trainer-password" in processes, "the run's were read"
+    assert secret_file.stdout.split() == ["10001:10001", "400"]
+    for where, text in (("docker inspect", configured), ("/proc/*/environ", processes),
+                        ("a command line", "\n".join(command_lines))):
+        assert password not in text and training_stack.mlflow_secret not in text, f"the password is in {where}"
+
+
+def host_command_lines() -> str:
+    """Every process's command line on this host, as `ps` shows them to any user."""
+    lines = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return "\n".join(lines)
+
+
 SERVER_ENVIRONMENTS = """
 import os
 for pid in filter(str.isdigit, os.listdir("/proc")):

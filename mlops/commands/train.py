@@ -3,10 +3,10 @@
 The run is components/training_environment.py's `training_run`, rendered like every workload of the stack
 (components/workload.py, components/runtimes.py): the same hardening, the stage's training limits, and with
 `--data` the stage's datasets volume, read-only, of which the image reads its model's folder only (one host
-only: see mlops/commands/data.py); it is removed when
-it ends, whatever the outcome. It logs in to MLflow as `trainer`, whose password reaches the `docker run`
-through its environment, never its command line. On a swarm stage the run is a one-shot Swarm job instead
-(mlops/commands/swarm_training.py).
+only: see mlops/commands/data.py); it is removed when it ends, whatever the outcome. It logs in to MLflow as
+`trainer`, whose password the run reads from a file that `docker cp` wrote from its standard input: it is in no
+command line, no environment and not in the run's configuration. On a swarm stage the run is a one-shot Swarm
+job instead (mlops/commands/swarm_training.py).
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from components.images import BuildSettings, model_image_name
-from components.runtimes import docker_run_arguments, run_environment
+from components.runtimes import docker_create_arguments, secret_files_archive
 from components.stack import stage_labels
 from components.training_environment import training_run
-from components.workload import Run
+from components.workload import SECRETS_DIR, Run
 from mlops import credentials
 from mlops.commands import swarm_training
 from mlops.commands.specs import ENVIRONMENTS_OPTION, reads_specs
@@ -228,9 +228,18 @@ def report(lines: Iterable[str]) -> Optional[re.Match[str]]:
 
 
 def stream_run(spec: StageSpec, run: Run) -> tuple[int, Optional[re.Match[str]]]:
-    """Print the run's output as it comes; return its exit code and `REGISTERED` line."""
-    with subprocess.Popen(["docker", *docker_run_arguments(run)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, bufsize=1, env={**spec.docker.cli_environment(), **run_environment(run)}) as process:
+    """Create the run, give it its secret files through `docker cp`'s standard input, then start it and print its
+    output as it comes; return its exit code and `REGISTERED` line."""
+    assert run.name is not None
+    created = docker(spec, *docker_create_arguments(run))
+    if created.returncode != 0:
+        raise fail(f"could not create training run {run.name} on {spec.docker.url}: {created.stderr}")
+    copied = subprocess.run(["docker", "cp", "-", f"{run.name}:{SECRETS_DIR}"],
+                            input=secret_files_archive(run), capture_output=True, env=spec.docker.cli_environment())
+    if copied.returncode != 0:
+        raise fail(f"could not give training run {run.name} its secret files: {copied.stderr.decode(errors='replace')}")
+    with subprocess.Popen(["docker", "start", "--attach", run.name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, bufsize=1, env=spec.docker.cli_environment()) as process:
         assert process.stdout is not None
         registered = report(process.stdout)
     return process.returncode, registered
@@ -295,8 +304,9 @@ def train(
                 spec, run_of(spec, image, digest, name, password, mlflow_ca, training_args,
                              with_datasets=data is not None))
         finally:
-            # `--rm` removes it when it ends; this, when the CLI is interrupted first.
-            docker(spec, "rm", "--force", name)
+            # `--rm` removes it and its secrets' volume when it ends; this, when it never started or the CLI
+            # is interrupted first.
+            docker(spec, "rm", "--force", "--volumes", name)
     if exit_code == BAD_INPUT_EXIT:
         raise typer.Exit(BAD_INPUT_EXIT)
     if exit_code != 0:

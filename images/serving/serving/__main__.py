@@ -1,12 +1,8 @@
 """The `oip` runtime: this package's own V2 server under uvicorn."""
 import logging
 import os
-import pickle
-import sys
-from typing import Any
 
 import sklearn
-import skops.io
 import uvicorn
 import uvloop
 from prometheus_client import generate_latest
@@ -15,10 +11,9 @@ from serving.app import InferenceApp
 from serving.batching import BatchingSettings
 from serving.drift import DriftMonitor, ProfileError
 from serving.metrics_server import MetricsServer
-from serving.registry import FetchedModel
 from serving.sampling import RequestSampler
 from serving.schema import ModelSchema
-from serving.startup import fetch_pinned_model, model_schema
+from serving.startup import fetch_pinned_model, loaded_model, model_schema
 
 PORT = 8080
 # Prometheus scrapes the replica on a port of its own, inside the stage network: the gateway routes only
@@ -47,25 +42,8 @@ def drift_monitor(manifest: dict | None, schema: ModelSchema) -> DriftMonitor | 
         return None
 
 
-def loaded_model(fetched: FetchedModel) -> Any:
-    """The fitted model: built by skops from model.skops, trusting its defaults and only the types the signed
-    manifest lists, where the model has that form; else unpickled. A file holding any other type exits, as a
-    refused model does, before any of it is built."""
-    if fetched.skops_trusted_types is None:
-        # Unpickling runs code: only bytes a trusted key signed (registry.py checked) get here.
-        return pickle.loads(fetched.payload)
-    trusted = list(fetched.skops_trusted_types)
-    untrusted = sorted(set(skops.io.get_untrusted_types(data=fetched.payload)) - set(trusted))
-    if untrusted:
-        logging.getLogger("serving").error("refusing model %s v%s: model.skops holds types neither skops nor its "
-                                           "signed manifest trusts: %s", fetched.name, fetched.version,
-                                           ", ".join(untrusted))
-        sys.exit(1)
-    return skops.io.loads(fetched.payload, trusted=trusted)
-
-
 def main() -> None:
-    fetched = fetch_pinned_model("oip", loads_skops=True)
+    fetched = fetch_pinned_model("oip")
     model = loaded_model(fetched)
     schema = model_schema(fetched, model.n_features_in_)
     # The app refuses non-finite inputs itself, so the model need not check every request again.

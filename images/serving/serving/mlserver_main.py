@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,9 @@ from mlserver.utils import install_uvloop_event_loop
 
 from serving.batching import BatchingSettings
 from serving.mlserver_layer import ConformanceLayer
-from serving.startup import fetch_pinned_model, model_schema
+from serving.mlserver_skops import TRUSTED_TYPES
+from serving.registry import FetchedModel
+from serving.startup import fetch_pinned_model, loaded_model, model_schema
 
 REPOSITORY = Path("/tmp/mlserver")
 SERVER_SETTINGS = {
@@ -31,14 +32,21 @@ SERVER_SETTINGS = {
 }
 
 
-def write_repository(repository: Path, name: str, version: str, payload: bytes, batching: BatchingSettings) -> None:
-    model_dir = repository / name
+def write_repository(repository: Path, fetched: FetchedModel, batching: BatchingSettings) -> None:
+    """The model's folder: model.skops for serving.mlserver_skops where the model has that form, else model.pkl for
+    MLServer's own scikit-learn runtime, which unpickles it."""
+    model_dir = repository / fetched.name
     model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir / "model.pkl").write_bytes(payload)
+    if fetched.skops_trusted_types is None:
+        file, implementation, extra = "model.pkl", "mlserver_sklearn.SKLearnModel", {}
+    else:
+        file, implementation = "model.skops", "serving.mlserver_skops.SkopsModel"
+        extra = {"extra": {TRUSTED_TYPES: list(fetched.skops_trusted_types)}}
+    (model_dir / file).write_bytes(fetched.payload)
     (model_dir / "model-settings.json").write_text(json.dumps({
-        "name": name,
-        "implementation": "mlserver_sklearn.SKLearnModel",
-        "parameters": {"uri": "./model.pkl", "version": version},
+        "name": fetched.name,
+        "implementation": implementation,
+        "parameters": {"uri": f"./{file}", "version": fetched.version, **extra},
         **adaptive_batching(batching),
     }))
     (repository / "settings.json").write_text(json.dumps(SERVER_SETTINGS))
@@ -76,11 +84,11 @@ async def serve(layer_for: Any) -> None:
 
 def main() -> None:
     fetched = fetch_pinned_model("mlserver")
+    # The layer needs the schema (for the test prediction, to check requests and for the metadata) and the classes
+    # (for the metadata); a skops form with types its manifest does not list exits here, before MLServer starts.
+    model = loaded_model(fetched)
     batching = BatchingSettings.from_env()
-    write_repository(REPOSITORY, fetched.name, fetched.version, fetched.payload, batching)
-    # Unpickling runs code: only bytes a trusted key signed (registry.py checked) get here. The layer needs the schema
-    # (for the test prediction, to check requests and for the metadata) and the classes (for the metadata).
-    model = pickle.loads(fetched.payload)
+    write_repository(REPOSITORY, fetched, batching)
     schema = model_schema(fetched, model.n_features_in_)
     os.chdir(REPOSITORY)
     configure_logger()

@@ -7,8 +7,8 @@ signature `mlops train` made of the model's name and both hashes with its stage'
 holds. A replica trusts the public keys in MODEL_SIGNING_KEYS alone: a version whose signature none of them
 verifies is never downloaded, and files that do not hash to the signed tags are never loaded, so neither a
 writer's MLflow password nor MLflow itself can make a replica run code nobody signed. Where the signed manifest
-offers `model/model.skops` (its project asked for skops) and the runtime loads skops, that file is fetched instead
-of the pickle and checked against the sha256 the manifest gives it.
+offers `model/model.skops` (its project asked for skops), that file is fetched instead of the pickle and checked
+against the sha256 the manifest gives it.
 
 Artifacts come through the tracking server's artifact proxy (`mlflow server --serve-artifacts`), so serving needs
 no storage credentials, only the read-only MLflow user it is given (MLFLOW_TRACKING_USERNAME and
@@ -139,16 +139,15 @@ class MlflowRegistry:
         self.timeout_s = timeout_s
         self.sleep = sleep
 
-    def fetch(self, pin: ModelPin, *, loads_skops: bool = False) -> FetchedModel:
-        """The pinned version's `model.pkl` (or, where the runtime `loads_skops` and the manifest offers it,
-        `model.skops`) and `manifest.json`, downloaded once its tags are signed by a trusted key; `ModelRefused`
+    def fetch(self, pin: ModelPin) -> FetchedModel:
+        """The pinned version's `model.pkl` (or, where the manifest offers it, `model.skops`) and `manifest.json`, downloaded once its tags are signed by a trusted key; `ModelRefused`
         unless every file hashes to what the signature vouches for (and the model's sha256 to the pin, if any)."""
         version = self._signed_version(pin)
         name, number, tags = pin.name, version["version"], version_tags(version)
         artifact_uri = self._get_json("/api/2.0/mlflow/runs/get", run_id=version["run_id"])["run"]["info"]["artifact_uri"]
         manifest = verified_manifest(name, number, self._artifact(name, number, artifact_uri, MANIFEST_ARTIFACT),
                                      signed=tags[MANIFEST_HASH_TAG], model_sha256=tags[MODEL_HASH_TAG])
-        offered = skops_offer(name, number, manifest) if loads_skops else None
+        offered = skops_offer(name, number, manifest)
         if offered is not None:
             # The signed manifest describes the model of the signed tag, and names the skops file's own sha256.
             sha256 = checked_pin(name, number, tags[MODEL_HASH_TAG], pinned=pin.sha256)

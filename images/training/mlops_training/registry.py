@@ -19,6 +19,7 @@ MODEL_HASH_TAG = "sha256"
 MANIFEST_HASH_TAG = "manifest_sha256"
 CA_CERTIFICATE_VARIABLE = "MLOPS_MLFLOW_CA_CERTIFICATE"
 CA_PATH_VARIABLE = "MLFLOW_TRACKING_SERVER_CERT_PATH"
+PASSWORD_VARIABLE = "MLFLOW_TRACKING_PASSWORD"
 # MLflow's client retries a failing request 7 times with backoff factor 2: a server that keeps answering 500
 # (its artifact store full) held a training run for 279 s before it failed. 5 retries with factor 1 wait
 # about 31 s in all, longer than the stage's MLflow takes to restart (about 10 s), so a restart is still
@@ -42,6 +43,15 @@ def trust_stage_ca() -> None:
         os.environ[CA_PATH_VARIABLE] = path
 
 
+def password_from_file() -> None:
+    """`mlops train` gives the run MLflow's password as the file `MLFLOW_TRACKING_PASSWORD_FILE` names, never in
+    its configuration; MLflow's client reads its own variable, which is set here, in this process alone, once
+    the project's entrypoint is done."""
+    if file := os.environ.get(f"{PASSWORD_VARIABLE}_FILE"):
+        with open(file, encoding="utf-8") as handle:
+            os.environ[PASSWORD_VARIABLE] = handle.read().strip()
+
+
 def register(result: TrainingResult, tracking_uri: str) -> int:
     """Log `model.pkl` and `manifest.json` (and `model.skops`, which the manifest hashes) under the run's `model/`
     folder, register that folder as a new version and tag the version with the sha256 of the model and the manifest
@@ -49,6 +59,7 @@ def register(result: TrainingResult, tracking_uri: str) -> int:
     version number."""
     for variable, value in RETRY_BUDGET.items():
         os.environ.setdefault(variable, value)
+    password_from_file()
     trust_stage_ca()
     manifest = result.manifest
     name = manifest["model_name"]
