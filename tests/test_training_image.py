@@ -43,6 +43,7 @@ from mlops_spec.project import ENVIRONMENTS_DIR, REPO_ROOT
 from mlops_spec.service_tls import server_tls
 from tests.conftest import fetch_build_inputs
 from tests.model_signing import SESSION_SIGNER, SIGNING_KEY_PEM, TRUSTED_KEYS_PEM, ModelSigner, manifest_of
+from tests.test_secrets_in_argv import command_lines
 
 sys.path.insert(0, str(REPO_ROOT / "images" / "serving"))
 from serving.registry import MlflowRegistry, ModelPin, ModelRefused  # noqa: E402
@@ -389,13 +390,13 @@ def test_the_runs_password_is_a_file_that_no_configuration_environment_or_comman
     password = training_stack.user(TRAINER).password
     env = {**os.environ, secret_variable(MLFLOW_PASSWORD, training_stack.name): training_stack.mlflow_secret,
            secret_variable(MODEL_SIGNING_KEY, training_stack.name): SIGNING_KEY_PEM}
-    command_lines = []
+    seen: set[str] = set()
     with subprocess.Popen([*MLOPS, "train", "--stage", training_stack.name, "--environments",
                            str(training_stack.environments), "--param", "n_estimators=2000"],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT) as train:
         running = ""
         while not running and train.poll() is None:
-            command_lines.append(host_command_lines())
+            seen.update(command_lines())
             running = docker("ps", "--quiet", "--filter", f"label=mlops.stack={training_stack.name}",
                              "--filter", "label=mlops.component=training-run", "--filter", "status=running").stdout.strip()
         assert running, "the run ended before it was seen running"
@@ -408,19 +409,8 @@ def test_the_runs_password_is_a_file_that_no_configuration_environment_or_comman
     assert "MLFLOW_TRACKING_PASSWORD_FILE=/run/secrets/mlflow-trainer-password" in processes, "the run's were read"
     assert secret_file.stdout.split() == ["10001:10001", "400"]
     for where, text in (("docker inspect", configured), ("/proc/*/environ", processes),
-                        ("a command line", "\n".join(command_lines))):
+                        ("a command line", "\n".join(seen))):
         assert password not in text and training_stack.mlflow_secret not in text, f"the password is in {where}"
-
-
-def host_command_lines() -> str:
-    """Every process's command line on this host, as `ps` shows them to any user."""
-    lines = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
-        except OSError:
-            pass
-    return "\n".join(lines)
 
 
 SERVER_ENVIRONMENTS = """

@@ -140,8 +140,9 @@ class MlflowRegistry:
         self.sleep = sleep
 
     def fetch(self, pin: ModelPin) -> FetchedModel:
-        """The pinned version's `model.pkl` (or, where the manifest offers it, `model.skops`) and `manifest.json`, downloaded once its tags are signed by a trusted key; `ModelRefused`
-        unless every file hashes to what the signature vouches for (and the model's sha256 to the pin, if any)."""
+        """The pinned version's `model.pkl` (or, where the manifest offers it, `model.skops`) and `manifest.json`,
+        downloaded once its tags are signed by a trusted key; `ModelRefused` unless every file hashes to what the
+        signature vouches for (and the model's sha256 to the pin, if any)."""
         version = self._signed_version(pin)
         name, number, tags = pin.name, version["version"], version_tags(version)
         artifact_uri = self._get_json("/api/2.0/mlflow/runs/get", run_id=version["run_id"])["run"]["info"]["artifact_uri"]
