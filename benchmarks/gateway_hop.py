@@ -24,8 +24,8 @@ from mlops_spec.project import REPO_ROOT
 CONCURRENCY = (1, 8, 32)
 HEADLINE_CONCURRENCY = 8
 GOAL = 0.85
-# The last revision whose exporter read nginx's access-log datagrams through an event loop's callbacks.
-EXPORTER_BEFORE = "2c5b6ac"
+# The last revision whose exporter's thread was woken for every access-log datagram nginx sent it.
+EXPORTER_BEFORE = "7709c4b"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -107,7 +107,7 @@ def running_paths() -> Iterator[tuple[list[HopPath], Container]]:
                 HopPath("oip replica directly", replica, None),
                 HopPath(f"gateway → replica, sharing the replica's CPU {SERVER_CPU} (figure 1's arrangement)", gateway,
                       gateway),
-                HopPath(f"the same, the exporter as at {EXPORTER_BEFORE} (an event loop callback per log line)",
+                HopPath(f"the same, the exporter as at {EXPORTER_BEFORE} (its thread woken per log line)",
                       before, before),
                 HopPath(f"gateway → replica, the gateway on CPU {LOAD_CPU} beside the load generator (a CPU of its own, "
                       "as the stage's gateway limit gives it)", own_cpu, own_cpu),
@@ -166,11 +166,13 @@ def table(paths: list[HopPath], results: dict[tuple[str, int], list[loadgen.Load
         f"Goal at concurrency {HEADLINE_CONCURRENCY}: " + "; ".join(verdicts) + ".",
         "Where the hop went (measured while finding it, the same arrangement as figure 1): per proxied request "
         "nginx spends 110 to 150 µs (two reads and two writes on the client and replica sockets, a `sendto` of "
-        "its access-log line; system time is most of it on this VM) and the exporter, until "
-        f"{EXPORTER_BEFORE}, about 60 µs: each log datagram went through an asyncio datagram endpoint's callbacks. "
-        "Its thread now blocks in `recv` and records the line directly (`images/gateway/metrics.py`). The stdout "
-        "access log costs about 7 µs (dockerd's log copy) and the connection limits, request ids and splits "
-        "nothing measurable, so they stay.",
+        "its access-log line; system time is most of it on this VM) and the exporter, until 2c5b6ac, about 60 "
+        "µs: each log datagram went through an asyncio datagram endpoint's callbacks. From then until "
+        f"{EXPORTER_BEFORE} its thread blocked in `recv` for every line, about 25 µs: two context switches per "
+        "request on the CPU it shares with the replica. Now the first line wakes it, the lines behind it gather "
+        "for 20 ms and it takes them all without blocking (`images/gateway/metrics.py`). The stdout access log "
+        "costs about 7 µs (dockerd's log copy) and the connection limits, request ids and splits nothing "
+        "measurable, so they stay.",
         f"When the gateway shares the replica's one CPU, every microsecond it spends is one the replica loses, so "
         f"the hop's CPU shows as lost requests/s. The stage gives the gateway a CPU limit of its own "
         f"(`serving.gateway.limits`, 0.5 CPU): the last row of each concurrency gives it CPU {LOAD_CPU}, which it "

@@ -126,6 +126,12 @@ def check_payloads(spec: StageSpec, payloads: Mapping[str, bytes]) -> None:
                          "without a registered version: pass a payload for it")
 
 
+def started(containers: Mapping[str, docker.models.containers.Container]) -> list[docker.models.containers.Container]:
+    """The containers a deploy started: all but the workloads' secrets writers, created and never started (`start:
+    false`), which never turn healthy."""
+    return [container for container in containers.values() if container.status != "created"]
+
+
 def deploy_with_models(stage: StageOnEngine, payloads: Mapping[str, bytes],
                        timeout_s: float = 300) -> tuple[dict, float]:
     """`stage.deploy()` with a version of each model it serves registered alongside (`payloads`, by model),
@@ -136,7 +142,7 @@ def deploy_with_models(stage: StageOnEngine, payloads: Mapping[str, bytes],
     try:
         containers = stage.deploy()
         # Like `pulumi up`, the deploy does not wait for dev's replicas (they follow `latest`, `wait: false`).
-        stage.wait_healthy(list(containers.values()), timeout_s)
+        stage.wait_healthy(started(containers), timeout_s)
     finally:
         seeder.join(timeout_s)
         if seeder.error is not None:

@@ -64,6 +64,20 @@ def test_replica_names_are_the_containers_the_program_renders():
     assert {stage.first_replica("bench", name) for name in stage.served(spec)} <= containers
 
 
+def test_the_deploy_waits_for_every_container_it_started_and_for_no_secrets_writer():
+    class Deployed:
+        def __init__(self, status: str) -> None:
+            self.status = status
+
+    spec = stage.dev_spec(docker_chooses_ports=True)
+    containers = {resource.inputs["name"]: Deployed("running" if resource.inputs.get("start", True) else "created")
+                  for resource in plan.render("bench", spec) if resource.type == "docker:index/container:Container"}
+    writers = {name for name, container in containers.items() if container.status == "created"}
+    assert "bench-model-registry-secrets" in writers
+    waited = stage.started(containers)
+    assert {name for name, container in containers.items() if container in waited} == containers.keys() - writers
+
+
 def test_every_served_model_gets_a_payload_that_predicts_its_own_features():
     spec = stage.dev_spec(docker_chooses_ports=True)
     trained = model.payloads(stage.served(spec))
