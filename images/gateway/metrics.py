@@ -7,15 +7,16 @@ gateway publishes nowhere and routes nothing to: Prometheus reaches it on the st
 
 The lines are read by a thread of their own, in gulps: the first line of a gulp wakes it, it lets the lines that
 follow gather for GATHER_S, then takes every one waiting without blocking. Per proxied request an event loop's
-callbacks per datagram cost about 60 µs of the CPU the gateway shares with a replica, a thread woken per datagram
-about 25 (two context switches each), a gulp about 5 (BENCHMARKS.md, the gateway hop); a count reaches the
-exposition at most GATHER_S late. Scrapes are served on one event loop in another thread. A thread per scrape connection, with no timeout,
-let about 4,100 idle connections use up RLIMIT_NPROC, which counts every uid-10001 task on the host (components/containers.py):
-no container of any stage there could then start a thread or run a health check. Here a connection costs a
-file descriptor, never a thread, and idle ones cannot pile up: one that has not sent its request within
-REQUEST_TIMEOUT_S is closed, and past MAX_WAITING the connection that has waited longest is closed to admit
-the newcomer. Prometheus sends its request as soon as it connects, so it is never the one waiting longest.
-(The replicas' serving/metrics_server.py serves the same way: each image builds from its own folder only.)
+callbacks per datagram cost about 60 µs of the CPU the gateway shares with a replica, a thread woken per
+datagram about 25 (two context switches each), a gulp under 10 (BENCHMARKS.md, the gateway hop); a count reaches
+the exposition at most GATHER_S late. Scrapes are served on one event loop in another thread. A thread per
+scrape connection, with no timeout, let about 4,100 idle connections use up RLIMIT_NPROC, which counts every
+uid-10001 task on the host (components/containers.py): no container of any stage there could then start a thread
+or run a health check. Here a connection costs a file descriptor, never a thread, and idle ones cannot pile up:
+one that has not sent its request within REQUEST_TIMEOUT_S is closed, and past MAX_WAITING the connection that
+has waited longest is closed to admit the newcomer. Prometheus sends its request as soon as it connects, so it
+is never the one waiting longest. (The replicas' serving/metrics_server.py serves the same way: each image
+builds from its own folder only.)
 """
 from __future__ import annotations
 
