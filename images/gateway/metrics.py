@@ -41,8 +41,8 @@ MAX_HEAD_BYTES = 8 * 1024
 # nginx sends a syslog message of at most 2 KiB (NGX_SYSLOG_MAX_STR); the lines here are far shorter.
 MAX_LINE_BYTES = 4096
 # What a gulp may hold: a loopback datagram of one line takes 832 bytes of the receive buffer, which the kernel
-# caps at twice net.core.rmem_max (208 KiB by default): 512 lines, 25,000 requests/s at this gather time, more
-# than twice what nginx proxies on a whole CPU.
+# caps at twice net.core.rmem_max (208 KiB by default): 512 lines, 25,000 requests/s at this gather time, nearly
+# four times what nginx proxies within the gateway's 0.5 CPU at about 77 µs a request (BENCHMARKS.md, figure 8).
 GATHER_S = 0.02
 
 
