@@ -42,6 +42,11 @@ from tests.conftest import fetch_build_inputs, free_port, private_copy_of_dev
 from tests.engine import StageOnEngine
 from tests.test_end_to_end import http_json, train
 
+# The gateway image's modules, on its own path.
+sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
+import metrics as gateway_metrics  # noqa: E402
+from canary import sample_slots  # noqa: E402
+
 WINDOW_ROWS = 400
 THRESHOLD = 0.25
 ROWS_PER_REQUEST = 50
@@ -142,10 +147,7 @@ def test_a_bad_monitoring_value_is_one_line_naming_file_line_and_field(environme
 
 
 def test_the_gateway_counts_its_access_log_by_model_slot_and_status_into_histograms():
-    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
-    from metrics import GatewayMetrics  # noqa: PLC0415 - the gateway image's module, on its own path
-
-    metrics = GatewayMetrics()
+    metrics = gateway_metrics.GatewayMetrics()
     for model, slot, status, seconds in (("iris", "blue", 200, 0.003), ("iris", "blue", 200, 0.2),
                                          ("iris", "green", 502, 0.0004), ("diabetes", "blue", 200, 0.02)):
         metrics.record(f'<190>Nov 27 20:00:00 gateway: {{"model":"{model}","slot":"{slot}","status":"{status}",'
@@ -173,9 +175,6 @@ def test_the_gateway_counts_its_access_log_by_model_slot_and_status_into_histogr
 def test_the_gateway_exporter_counts_every_datagram_its_thread_receives_while_it_is_scraped():
     """nginx's lines arrive as UDP datagrams on one thread while scrapes are answered on another: every line sent
     is counted once, and a scrape taken meanwhile reads a consistent histogram (its count equals its +Inf bucket)."""
-    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
-    import metrics as gateway_metrics  # noqa: PLC0415 - the gateway image's module, on its own path
-
     scrape_port, syslog_port = free_port(), free_port()
     exporter = gateway_metrics.GatewayMetrics()
     gateway_metrics.serve(exporter, port=scrape_port, syslog=("127.0.0.1", syslog_port))
@@ -208,9 +207,6 @@ def test_the_gateway_exporter_counts_every_datagram_its_thread_receives_while_it
 def test_the_gateway_exporter_is_woken_once_for_the_lines_that_gathered_and_takes_them_all():
     """A thread woken per line cost the CPU the gateway shares with a replica two context switches per request:
     the reader blocks for the first line only, and takes the ones that gathered behind it without blocking."""
-    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
-    import metrics as gateway_metrics  # noqa: PLC0415 - the gateway image's module, on its own path
-
     class AllRead(Exception):
         """Where the reading thread would block until the next gulp's first line."""
 
@@ -305,9 +301,6 @@ def test_the_canary_counts_only_the_gateways_series_of_its_model_whatever_else_e
     """A replica's metrics port serves what its code registers: series named like the gateway's, with many
     successes and failures of green, must not move the rollout's judgement of green. The canary's own queries,
     evaluated by the stage's Prometheus (promtool) over such series."""
-    sys.path.insert(0, str(REPO_ROOT / "images" / "gateway"))
-    from canary import sample_slots  # noqa: PLC0415 - the gateway image's module, on its own path
-
     queries: list[str] = []
     sample_slots(lambda promql: queries.append(promql) or {}, "iris", window_s=60, scrape_interval_s=15)
     requests, failed, _p99 = queries
